@@ -1,0 +1,384 @@
+//! The agent control channel: one WebSocket per agent, dialed by the agent.
+//!
+//! Per connection: hello → version negotiation → welcome, then heartbeats (each acked),
+//! commands out and acks back. Liveness is explicit: a channel that delivers no frame for
+//! `dead_after` is closed (TCP alone never notices a half-open link). A newer connection of
+//! the same agent replaces an older one, so an agent never has two live channels in this
+//! replica, and storage records which connection holds it (`connection_id`), so a late close
+//! of the old one cannot mark the agent offline.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use axum::Extension;
+use proto::{AgentMessage, Command, CommandResult, ErrorCode, ServerMessage, WireError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth;
+use crate::http::AuthAgent;
+use crate::state::AppState;
+use crate::storage::AgentRow;
+
+/// Commands waiting to be written to one channel.
+const COMMANDS_QUEUED_MAX: usize = 64;
+/// Commands written and not yet acked on one channel.
+const COMMANDS_IN_FLIGHT_MAX: usize = 64;
+/// Undecodable frames tolerated on one connection before it is closed.
+const MALFORMED_FRAMES_MAX: u32 = 16;
+
+type Reply = oneshot::Sender<Result<CommandResult, WireError>>;
+
+struct Outbound {
+    command: Command,
+    reply: Reply,
+}
+
+struct ChannelHandle {
+    connection_id: String,
+    commands: mpsc::Sender<Outbound>,
+    cancel: CancellationToken,
+}
+
+/// Live agent channels held by this replica.
+#[derive(Clone, Default)]
+pub struct Channels {
+    inner: Arc<Mutex<BTreeMap<String, ChannelHandle>>>,
+    next_command_id: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("agent is not connected to this control plane")]
+    NotConnected,
+    #[error("agent has too many commands queued")]
+    Busy,
+    #[error("agent channel closed before the command was answered")]
+    Closed,
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("agent refused the command: {}", .0.message)]
+    Refused(WireError),
+}
+
+impl Channels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ChannelHandle>> {
+        // The map holds no invariant a panicking holder could break halfway.
+        match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Install `handle` for `agent_id`, cancelling the connection it replaces.
+    fn register(&self, agent_id: &str, handle: ChannelHandle) {
+        if let Some(old) = self.lock().insert(agent_id.to_string(), handle) {
+            tracing::info!(agent_id, old_connection = %old.connection_id, "channel replaced by a newer connection");
+            old.cancel.cancel();
+        }
+    }
+
+    fn unregister(&self, agent_id: &str, connection_id: &str) {
+        let mut map = self.lock();
+        if map.get(agent_id).is_some_and(|h| h.connection_id == connection_id) {
+            map.remove(agent_id);
+        }
+    }
+
+    /// Agent ids with a live channel on this replica, in order.
+    pub fn connected(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Send `command` to the agent and wait for its ack.
+    pub async fn send_command(
+        &self,
+        agent_id: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, CommandError> {
+        let sender = self
+            .lock()
+            .get(agent_id)
+            .map(|h| h.commands.clone())
+            .ok_or(CommandError::NotConnected)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .try_send(Outbound { command, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
+                mpsc::error::TrySendError::Closed(_) => CommandError::Closed,
+            })?;
+        match tokio::time::timeout(timeout, answer).await {
+            Err(_) => Err(CommandError::Timeout(timeout)),
+            Ok(Err(_)) => Err(CommandError::Closed),
+            Ok(Ok(Err(wire))) => Err(CommandError::Refused(wire)),
+            Ok(Ok(Ok(result))) => Ok(result),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_command_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Extension(AuthAgent(agent)): Extension<AuthAgent>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let span = tracing::info_span!("channel", agent_id = %agent.id);
+    ws.max_message_size(proto::FRAME_BYTES_MAX)
+        .max_frame_size(proto::FRAME_BYTES_MAX)
+        .on_upgrade(move |socket| run(state, agent, socket).instrument(span))
+}
+
+/// Why a channel ended (logged once, here).
+enum End {
+    Shutdown,
+    Replaced,
+    Dead,
+    ClosedByAgent,
+    Transport(String),
+    Protocol(String),
+    Storage(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Shutdown => f.write_str("control plane shutting down"),
+            End::Replaced => f.write_str("replaced by a newer connection"),
+            End::Dead => f.write_str("no frame within the dead deadline"),
+            End::ClosedByAgent => f.write_str("closed by the agent"),
+            End::Transport(e) => write!(f, "transport error: {e}"),
+            End::Protocol(e) => write!(f, "protocol error: {e}"),
+            End::Storage(e) => write!(f, "storage error: {e}"),
+        }
+    }
+}
+
+struct Conn {
+    socket: WebSocket,
+    send_timeout: Duration,
+}
+
+impl Conn {
+    async fn send(&mut self, msg: &ServerMessage) -> Result<(), End> {
+        let text = serde_json::to_string(msg).map_err(|e| End::Protocol(e.to_string()))?;
+        match tokio::time::timeout(self.send_timeout, self.socket.send(Message::Text(text.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Transport(e.to_string())),
+            Err(_) => Err(End::Dead),
+        }
+    }
+
+    async fn close(&mut self, reason: &str) {
+        let frame = CloseFrame {
+            code: 1000,
+            reason: reason.to_string().into(),
+        };
+        let _ = tokio::time::timeout(self.send_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+async fn run(state: AppState, agent: AgentRow, socket: WebSocket) {
+    let dead_after = state.settings.dead_after;
+    let mut conn = Conn {
+        socket,
+        send_timeout: dead_after,
+    };
+    let (version, hostname) = match await_hello(&mut conn, dead_after).await {
+        Ok(v) => v,
+        Err(end) => {
+            tracing::info!(%end, "channel refused before welcome");
+            conn.close("handshake failed").await;
+            return;
+        }
+    };
+    let connection_id = auth::new_id(&state.world, "conn");
+    let cancel = state.shutdown.child_token();
+    let (commands, mut queue) = mpsc::channel(COMMANDS_QUEUED_MAX);
+    state.channels.register(
+        &agent.id,
+        ChannelHandle {
+            connection_id: connection_id.clone(),
+            commands,
+            cancel: cancel.clone(),
+        },
+    );
+    let now_ms = state.world.now_unix_ms();
+    let end = match state.storage.agent_connected(&agent.id, &connection_id, now_ms).await {
+        Err(e) => End::Storage(e.to_string()),
+        Ok(()) => {
+            tracing::info!(connection_id = %connection_id, version, hostname = %hostname, "agent connected");
+            serve_connection(&state, &agent, &connection_id, version, &cancel, &mut conn, &mut queue).await
+        }
+    };
+    match &end {
+        End::Replaced => {
+            let msg = ServerMessage::Error(WireError::new(ErrorCode::Replaced, "a newer connection of this agent took over"));
+            let _ = conn.send(&msg).await;
+            conn.close("replaced").await;
+        }
+        End::Shutdown => conn.close("control plane shutting down").await,
+        End::Dead | End::ClosedByAgent | End::Transport(_) => {}
+        End::Protocol(_) | End::Storage(_) => conn.close("error").await,
+    }
+    state.channels.unregister(&agent.id, &connection_id);
+    let now_ms = state.world.now_unix_ms();
+    if let Err(error) = state.storage.agent_disconnected(&agent.id, &connection_id, now_ms).await {
+        tracing::warn!(%error, "record agent disconnect");
+    }
+    tracing::info!(connection_id = %connection_id, %end, "agent disconnected");
+}
+
+async fn next_text(conn: &mut Conn) -> Result<String, End> {
+    loop {
+        match conn.socket.recv().await {
+            None => return Err(End::ClosedByAgent),
+            Some(Err(e)) => return Err(End::Transport(e.to_string())),
+            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(Message::Close(_))) => return Err(End::ClosedByAgent),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String), End> {
+    let text = tokio::time::timeout(deadline, next_text(conn))
+        .await
+        .map_err(|_| End::Dead)??;
+    match serde_json::from_str::<AgentMessage>(&text) {
+        Ok(AgentMessage::Hello {
+            protocol_min,
+            protocol_max,
+            hostname,
+            ..
+        }) => match proto::negotiate((proto::PROTOCOL_MIN, proto::PROTOCOL_MAX), (protocol_min, protocol_max)) {
+            Some(version) => Ok((version, hostname)),
+            None => {
+                let msg = format!(
+                    "agent speaks protocol {protocol_min}..={protocol_max}, control plane {}..={}; upgrade the older side",
+                    proto::PROTOCOL_MIN,
+                    proto::PROTOCOL_MAX
+                );
+                conn.send(&ServerMessage::Error(WireError::new(ErrorCode::UnsupportedVersion, msg.clone())))
+                    .await?;
+                Err(End::Protocol(msg))
+            }
+        },
+        _ => {
+            let msg = "the first frame must be a hello";
+            conn.send(&ServerMessage::Error(WireError::new(ErrorCode::ProtocolViolation, msg)))
+                .await?;
+            Err(End::Protocol(msg.into()))
+        }
+    }
+}
+
+async fn serve_connection(
+    state: &AppState,
+    agent: &AgentRow,
+    connection_id: &str,
+    version: u32,
+    cancel: &CancellationToken,
+    conn: &mut Conn,
+    queue: &mut mpsc::Receiver<Outbound>,
+) -> End {
+    let settings = &state.settings;
+    let welcome = ServerMessage::Welcome {
+        protocol_version: version,
+        agent_id: agent.id.clone(),
+        heartbeat_interval_ms: u64::try_from(settings.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+        dead_after_ms: u64::try_from(settings.dead_after.as_millis()).unwrap_or(u64::MAX),
+    };
+    if let Err(end) = conn.send(&welcome).await {
+        return end;
+    }
+    let mut last_heard = Instant::now();
+    let mut in_flight: BTreeMap<u64, Reply> = BTreeMap::new();
+    let mut malformed = 0u32;
+    loop {
+        let deadline = last_heard + settings.dead_after;
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                return if state.shutdown.is_cancelled() { End::Shutdown } else { End::Replaced };
+            }
+            _ = tokio::time::sleep_until(deadline) => return End::Dead,
+            Some(out) = queue.recv() => {
+                if in_flight.len() >= COMMANDS_IN_FLIGHT_MAX {
+                    let _ = out.reply.send(Err(WireError::new(ErrorCode::Other, "too many commands in flight")));
+                    continue;
+                }
+                let id = state.channels.next_id();
+                in_flight.insert(id, out.reply);
+                if let Err(end) = conn.send(&ServerMessage::Command { id, command: out.command }).await {
+                    return end;
+                }
+            }
+            frame = conn.socket.recv() => {
+                let text = match frame {
+                    None => return End::ClosedByAgent,
+                    Some(Err(e)) => return End::Transport(e.to_string()),
+                    Some(Ok(Message::Close(_))) => return End::ClosedByAgent,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(_)) => { last_heard = Instant::now(); continue; }
+                };
+                last_heard = Instant::now();
+                let reply = match serde_json::from_str::<AgentMessage>(&text) {
+                    Err(e) => {
+                        malformed += 1;
+                        if malformed > MALFORMED_FRAMES_MAX {
+                            return End::Protocol(format!("more than {MALFORMED_FRAMES_MAX} malformed frames"));
+                        }
+                        Some(ServerMessage::Error(WireError::new(ErrorCode::Malformed, e.to_string())))
+                    }
+                    Ok(AgentMessage::Heartbeat { seq, .. }) => {
+                        let now_ms = state.world.now_unix_ms();
+                        match state.storage.agent_seen(&agent.id, connection_id, now_ms).await {
+                            Ok(true) => Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms }),
+                            // Another replica's connection took over in storage.
+                            Ok(false) => return End::Replaced,
+                            Err(e) => return End::Storage(e.to_string()),
+                        }
+                    }
+                    Ok(AgentMessage::CommandAck { id, ok, result, error }) => {
+                        if let Some(reply) = in_flight.remove(&id) {
+                            let answer = match (ok, result) {
+                                (true, Some(result)) => Ok(result),
+                                _ => Err(error.unwrap_or_else(|| WireError::new(ErrorCode::Other, "command failed"))),
+                            };
+                            let _ = reply.send(answer);
+                        }
+                        None
+                    }
+                    Ok(AgentMessage::Error(error)) => {
+                        tracing::warn!(code = ?error.code, message = %error.message, "agent reported an error");
+                        None
+                    }
+                    Ok(AgentMessage::Hello { .. }) => Some(ServerMessage::Error(WireError::new(
+                        ErrorCode::ProtocolViolation,
+                        "hello may only be sent once per connection",
+                    ))),
+                    Ok(AgentMessage::Unknown) => Some(ServerMessage::Error(WireError::new(
+                        ErrorCode::UnknownMessage,
+                        "unknown message type; ignored",
+                    ))),
+                };
+                if let Some(reply) = reply {
+                    if let Err(end) = conn.send(&reply).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `outpost serve` configuration: a TOML file, `OUTPOST_*` variables and flags (flags and
+//! variables win over the file), validated into [`ServeConfig`] at start-up. All defaults
+//! live here.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::state::Settings;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./outpost-data";
+
+/// As read from the file or the command line; every field optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServeConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    /// humantime, default 5s.
+    pub heartbeat_interval: Option<String>,
+    /// humantime, default 15s; must be at least twice the heartbeat interval.
+    pub dead_after: Option<String>,
+    /// humantime, default 12h.
+    pub session_ttl: Option<String>,
+}
+
+impl RawServeConfig {
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: RawServeConfig) -> RawServeConfig {
+        RawServeConfig {
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            database_url: self.database_url.or(file.database_url),
+            redis_url: self.redis_url.or(file.redis_url),
+            heartbeat_interval: self.heartbeat_interval.or(file.heartbeat_interval),
+            dead_after: self.dead_after.or(file.dead_after),
+            session_ttl: self.session_ttl.or(file.session_ttl),
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub settings: Settings,
+}
+
+pub fn read_file(path: &Path) -> anyhow::Result<RawServeConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}
+
+fn duration(field: &str, value: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("{field}: {v:?} is not a duration (examples: 5s, 15m, 12h)")),
+    }
+}
+
+pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
+    let defaults = Settings::default();
+    let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    if listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        bail!("listen: {listen:?} must be HOST:PORT, e.g. 127.0.0.1:8080");
+    }
+    if let Some(url) = &raw.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("database_url: must start with postgres:// (omit it to use SQLite in the data dir)");
+        }
+    }
+    if let Some(url) = &raw.redis_url {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            bail!("redis_url: must start with redis:// or rediss://");
+        }
+    }
+    let settings = Settings {
+        heartbeat_interval: duration("heartbeat_interval", raw.heartbeat_interval.as_deref(), defaults.heartbeat_interval)?,
+        dead_after: duration("dead_after", raw.dead_after.as_deref(), defaults.dead_after)?,
+        session_ttl: duration("session_ttl", raw.session_ttl.as_deref(), defaults.session_ttl)?,
+    };
+    if settings.heartbeat_interval < Duration::from_millis(100) {
+        bail!("heartbeat_interval: must be at least 100ms");
+    }
+    if settings.dead_after < settings.heartbeat_interval * 2 {
+        bail!("dead_after: must be at least twice heartbeat_interval, or a single lost heartbeat drops the link");
+    }
+    if settings.session_ttl < Duration::from_secs(60) {
+        bail!("session_ttl: must be at least 60s");
+    }
+    Ok(ServeConfig {
+        listen,
+        data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        database_url: raw.database_url,
+        redis_url: raw.redis_url,
+        settings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RawServeConfig, validate};
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = validate(RawServeConfig::default()).expect("defaults validate");
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert!(c.database_url.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (RawServeConfig { listen: Some("nowhere".into()), ..Default::default() }, "listen"),
+            (RawServeConfig { database_url: Some("mysql://x".into()), ..Default::default() }, "database_url"),
+            (RawServeConfig { redis_url: Some("http://x".into()), ..Default::default() }, "redis_url"),
+            (RawServeConfig { dead_after: Some("soon".into()), ..Default::default() }, "dead_after"),
+            (
+                RawServeConfig { heartbeat_interval: Some("10s".into()), dead_after: Some("15s".into()), ..Default::default() },
+                "dead_after",
+            ),
+        ];
+        for (raw, field) in cases {
+            let err = format!("{:#}", validate(raw).expect_err("must be refused"));
+            assert!(err.starts_with(field), "{err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: RawServeConfig = toml::from_str("listen = \"0.0.0.0:9000\"\ndata_dir = \"/a\"").expect("parses");
+        let flags = RawServeConfig { listen: Some("127.0.0.1:1".into()), ..Default::default() };
+        let merged = flags.over(file);
+        assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(merged.data_dir.as_deref(), Some(std::path::Path::new("/a")));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<RawServeConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! Agent enrollment and the fleet list.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Serialize;
+
+use super::ApiError;
+use crate::auth::{self, SecretKind};
+use crate::state::AppState;
+use crate::storage::{EnrollAttempt, EnrollRefusal, Enrollment};
+
+const NAME_BYTES_MAX: usize = 128;
+const ENROLLMENT_ID_BYTES_MAX: usize = 128;
+
+pub async fn enroll(
+    State(state): State<AppState>,
+    Json(request): Json<proto::EnrollRequest>,
+) -> Result<Json<proto::EnrollResponse>, ApiError> {
+    let name = request.name.trim();
+    if name.is_empty() || name.len() > NAME_BYTES_MAX || name.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("agent name must be 1 to {NAME_BYTES_MAX} printable bytes"),
+        ));
+    }
+    if request.enrollment_id.is_empty() || request.enrollment_id.len() > ENROLLMENT_ID_BYTES_MAX {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "enrollment_id is missing or too long"));
+    }
+    let credential = auth::new_secret(&state.world, SecretKind::AgentCredential);
+    let attempt = EnrollAttempt {
+        token_hash: auth::secret_hash(&request.token),
+        enrollment_id: request.enrollment_id.clone(),
+        name: name.to_string(),
+        new_agent_id: auth::new_id(&state.world, "agt"),
+        credential_hash: auth::secret_hash(&credential),
+        now_ms: state.world.now_unix_ms(),
+    };
+    match state.storage.enroll_agent(attempt).await.map_err(ApiError::internal)? {
+        Enrollment::Enrolled { agent_id } => {
+            tracing::info!(agent_id = %agent_id, name = %name, "agent enrolled");
+            Ok(Json(proto::EnrollResponse {
+                agent_id,
+                credential,
+            }))
+        }
+        Enrollment::Refused(reason) => {
+            let message = match reason {
+                EnrollRefusal::UnknownToken => "unknown enrollment token",
+                EnrollRefusal::Expired => "enrollment token expired; create a new one with `outpost admin enroll-token`",
+                EnrollRefusal::AlreadyUsed => "enrollment token already used; create a new one with `outpost admin enroll-token`",
+            };
+            tracing::info!(?reason, name = %name, "enrollment refused");
+            Err(ApiError::unauthorized(message))
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AgentView {
+    id: String,
+    name: String,
+    status: &'static str,
+    last_seen: Option<String>,
+    /// Buffer health, once the agent reports it (metrics buffer); `null` until then.
+    buffer: Option<serde_json::Value>,
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let rows = state.storage.list_agents().await.map_err(ApiError::internal)?;
+    let now_ms = state.world.now_unix_ms();
+    let views = rows
+        .into_iter()
+        .map(|row| AgentView {
+            status: if state.is_online(&row, now_ms) { "online" } else { "offline" },
+            last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
+            id: row.id,
+            name: row.name,
+            buffer: None,
+        })
+        .collect();
+    Ok(Json(views))
+}

@@ -1,0 +1,77 @@
+//! `POST /api/v1/sessions`: log in with a user name and password, get an API token (also set
+//! as an HttpOnly, SameSite=Strict session cookie).
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, SESSION_COOKIE};
+use crate::auth::{self, SecretKind};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+struct LoginResponse {
+    token: String,
+    expires_at: String,
+}
+
+const USERNAME_BYTES_MAX: usize = 128;
+
+pub async fn login(
+    State(state): State<AppState>,
+    Json(body): Json<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let refused = || ApiError::unauthorized("invalid user name or password");
+    if body.username.len() > USERNAME_BYTES_MAX || body.password.len() > auth::PASSWORD_BYTES_MAX {
+        return Err(refused());
+    }
+    let user = state
+        .storage
+        .user_by_name(&body.username)
+        .await
+        .map_err(ApiError::internal)?;
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| auth::DUMMY_PASSWORD_HASH.to_string());
+    let password = body.password;
+    let verified = state
+        .world
+        .blocking(move || auth::verify_password(&hash, &password))
+        .await
+        .map_err(ApiError::internal)?;
+    let Some(user) = user.filter(|_| verified) else {
+        tracing::info!(user = %body.username, "login refused");
+        return Err(refused());
+    };
+    let token = auth::new_secret(&state.world, SecretKind::ApiToken);
+    let now_ms = state.world.now_unix_ms();
+    let ttl = state.settings.session_ttl;
+    let expires_at_ms = now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+    if let Err(error) = state.storage.purge_expired(now_ms).await {
+        tracing::warn!(%error, "purge expired tokens");
+    }
+    state
+        .storage
+        .create_api_token(&auth::secret_hash(&token), &user.id, now_ms, expires_at_ms)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(user = %user.name, role = user.role.as_str(), "login");
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        ttl.as_secs()
+    );
+    let body = LoginResponse {
+        token,
+        expires_at: crate::time::rfc3339_ms(expires_at_ms),
+    };
+    Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], Json(body)).into_response())
+}

@@ -1,0 +1,14 @@
+//! Outpost control plane: the only public entry point of the appliance.
+//!
+//! Code map: [`config`] (validated configuration), [`server`] (start-up and serve loop),
+//! [`http`] (routes, access levels, handlers), [`channel`] (agent control channels),
+//! [`storage`] (SQLite and Postgres behind one interface), [`auth`] (roles and secrets).
+
+pub mod auth;
+pub mod channel;
+pub mod config;
+pub mod http;
+pub mod server;
+pub mod state;
+pub mod storage;
+pub mod time;

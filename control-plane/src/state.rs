@@ -1,0 +1,62 @@
+//! Shared state of one control-plane process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use world::World;
+
+use crate::channel::Channels;
+use crate::storage::{AgentRow, Storage};
+
+/// Run-time settings derived from the validated configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often agents send a heartbeat (told to them in `welcome`).
+    pub heartbeat_interval: Duration,
+    /// Silence after which either side declares the channel dead.
+    pub dead_after: Duration,
+    /// Lifetime of a login session / API token.
+    pub session_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            heartbeat_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+            session_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub world: World,
+    pub storage: Storage,
+    pub channels: Channels,
+    pub settings: Arc<Settings>,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(world: World, storage: Storage, settings: Settings, shutdown: CancellationToken) -> AppState {
+        AppState {
+            world,
+            storage,
+            channels: Channels::default(),
+            settings: Arc::new(settings),
+            shutdown,
+        }
+    }
+
+    /// Online = some replica holds the agent's channel *and* heard from it within the dead
+    /// deadline. The second half covers a replica that died without clearing `connected`.
+    pub fn is_online(&self, row: &AgentRow, now_ms: i64) -> bool {
+        let dead_after_ms = i64::try_from(self.settings.dead_after.as_millis()).unwrap_or(i64::MAX);
+        row.connected
+            && row
+                .last_seen_ms
+                .is_some_and(|seen| now_ms.saturating_sub(seen) <= dead_after_ms)
+    }
+}

@@ -1,0 +1,70 @@
+//! Versioned schema migrations. A migration is never edited once released: add a new one.
+//! Index `i` of each list brings the schema from version `i` to `i + 1`.
+
+pub const SQLITE: &[&str] = &[r#"
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE api_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE INDEX api_tokens_expiry ON api_tokens(expires_at_ms);
+CREATE TABLE enroll_tokens (
+    token_hash TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER,
+    enrollment_id TEXT,
+    agent_id TEXT
+);
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    credential_hash TEXT NOT NULL UNIQUE,
+    created_at_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER,
+    connection_id TEXT,
+    connected INTEGER NOT NULL DEFAULT 0
+);
+"#];
+
+pub const POSTGRES: &[&str] = &[r#"
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE TABLE api_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+CREATE INDEX api_tokens_expiry ON api_tokens(expires_at_ms);
+CREATE TABLE enroll_tokens (
+    token_hash TEXT PRIMARY KEY,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    used_at_ms BIGINT,
+    enrollment_id TEXT,
+    agent_id TEXT
+);
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    credential_hash TEXT NOT NULL UNIQUE,
+    created_at_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT,
+    connection_id TEXT,
+    connected BOOLEAN NOT NULL DEFAULT FALSE
+);
+"#];

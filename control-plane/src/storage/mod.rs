@@ -1,0 +1,189 @@
+//! Control-plane storage: one interface ([`Storage`]), two real backends.
+//!
+//! * [`SqliteStore`]: a file in the data dir, the embedded default (single replica).
+//! * [`PostgresStore`]: `--database-url postgres://…`, for production and scale-out.
+//!
+//! Both run the same versioned migrations (`migrations.rs`) and pass the same test suite
+//! (`tests/it/storage.rs`). All timestamps are milliseconds since the Unix epoch taken from the
+//! `world` clock by the caller; the database's own `now()` is never used.
+
+mod migrations;
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::auth::Role;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRow {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub password_hash: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRow {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    /// Set while some replica holds a control channel for this agent (cleared on close).
+    pub connected: bool,
+}
+
+/// A new enrollment, as decided by the HTTP edge (ids and secrets already generated).
+#[derive(Clone, Debug)]
+pub struct EnrollAttempt {
+    pub token_hash: String,
+    pub enrollment_id: String,
+    pub name: String,
+    /// Used when this attempt claims the token; a retry keeps the id it got the first time.
+    pub new_agent_id: String,
+    pub credential_hash: String,
+    pub now_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    UnknownToken,
+    Expired,
+    AlreadyUsed,
+}
+
+/// Outcome of [`Storage::enroll_agent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrollment {
+    Enrolled { agent_id: String },
+    Refused(EnrollRefusal),
+}
+
+/// The storage interface the rest of the control plane uses.
+#[derive(Clone)]
+pub enum Storage {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Storage::Sqlite(s) => s.$method($($arg),*).await,
+            Storage::Postgres(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Storage {
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Storage::Sqlite(_) => "sqlite",
+            Storage::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Bring the schema to the newest version; returns the version reached.
+    pub async fn migrate(&self) -> Result<u32, StorageError> {
+        dispatch!(self.migrate())
+    }
+
+    pub async fn create_user(&self, user: UserRow) -> Result<(), StorageError> {
+        dispatch!(self.create_user(user))
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<UserRow>, StorageError> {
+        dispatch!(self.user_by_name(name))
+    }
+
+    pub async fn create_api_token(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.create_api_token(token_hash, user_id, now_ms, expires_at_ms))
+    }
+
+    /// The user an unexpired API token belongs to.
+    pub async fn user_by_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<UserRow>, StorageError> {
+        dispatch!(self.user_by_token(token_hash, now_ms))
+    }
+
+    /// Delete expired API tokens and enrollment tokens; returns how many rows went.
+    pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
+        dispatch!(self.purge_expired(now_ms))
+    }
+
+    pub async fn create_enroll_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.create_enroll_token(token_hash, now_ms, expires_at_ms))
+    }
+
+    /// Claim a single-use enrollment token and create (or, for a retry of the same
+    /// enrollment, re-key) the agent. Crash-safe without a transaction: the claim records the
+    /// agent id, and the agent row is an upsert, so a retry completes a half-done enrollment.
+    pub async fn enroll_agent(&self, attempt: EnrollAttempt) -> Result<Enrollment, StorageError> {
+        dispatch!(self.enroll_agent(attempt))
+    }
+
+    pub async fn agent_by_credential(
+        &self,
+        credential_hash: &str,
+    ) -> Result<Option<AgentRow>, StorageError> {
+        dispatch!(self.agent_by_credential(credential_hash))
+    }
+
+    /// Record that `connection_id` now holds the agent's channel (it replaces any other).
+    pub async fn agent_connected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.agent_connected(agent_id, connection_id, now_ms))
+    }
+
+    /// Refresh `last_seen` if `connection_id` still holds the channel; false if it does not.
+    pub async fn agent_seen(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.agent_seen(agent_id, connection_id, now_ms))
+    }
+
+    /// Mark the agent disconnected, unless another connection took over meanwhile.
+    pub async fn agent_disconnected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.agent_disconnected(agent_id, connection_id, now_ms))
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StorageError> {
+        dispatch!(self.list_agents())
+    }
+}

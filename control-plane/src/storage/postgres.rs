@@ -1,0 +1,398 @@
+//! PostgreSQL backend over `tokio-postgres`, connected through `world` streams. One shared
+//! client (queries pipeline over it); a closed client is replaced on the next call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Config, NoTls, Row};
+use world::World;
+
+use super::migrations;
+use super::{AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, StorageError, UserRow};
+use crate::auth::Role;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Arbitrary constant shared by all replicas: serializes concurrent migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x6f75_7470_6f73_74;
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    world: World,
+    config: Arc<Config>,
+    client: Arc<Mutex<Option<Connected>>>,
+}
+
+#[derive(Clone)]
+struct Connected {
+    client: Arc<Client>,
+    _driver: Arc<AbortOnDrop>,
+}
+
+/// Owns the connection's driver task: it stops when the last clone of the client goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+fn conflict_or_backend(e: tokio_postgres::Error, what: &str) -> StorageError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        StorageError::Conflict(what.to_string())
+    } else {
+        backend(e)
+    }
+}
+
+fn user_from_row(row: &Row) -> UserRow {
+    let role: String = row.get(2);
+    UserRow {
+        id: row.get(0),
+        name: row.get(1),
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        password_hash: row.get(3),
+        created_at_ms: row.get(4),
+    }
+}
+
+fn agent_from_row(row: &Row) -> AgentRow {
+    AgentRow {
+        id: row.get(0),
+        name: row.get(1),
+        created_at_ms: row.get(2),
+        last_seen_ms: row.get(3),
+        connected: row.get(4),
+    }
+}
+
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected";
+
+impl PostgresStore {
+    /// Parse `url` and connect once, so a wrong URL fails at start-up with a clear error.
+    pub async fn connect(world: &World, url: &str) -> Result<PostgresStore, StorageError> {
+        let config: Config = url
+            .parse()
+            .map_err(|e| StorageError::Backend(format!("invalid database URL: {e}")))?;
+        let store = PostgresStore {
+            world: world.clone(),
+            config: Arc::new(config),
+            client: Arc::new(Mutex::new(None)),
+        };
+        store.client().await?;
+        Ok(store)
+    }
+
+    async fn open_client(&self) -> Result<(Client, AbortOnDrop), StorageError> {
+        let host = self
+            .config
+            .get_hosts()
+            .first()
+            .cloned()
+            .unwrap_or(Host::Tcp("localhost".into()));
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let net = self.world.net();
+        let dial = async {
+            let stream = match &host {
+                Host::Tcp(name) => net.connect(&format!("{name}:{port}")).await,
+                Host::Unix(dir) => {
+                    net.connect_unix(&dir.join(format!(".s.PGSQL.{port}")))
+                        .await
+                }
+            }
+            .map_err(|e| StorageError::Backend(format!("connect to postgres: {e}")))?;
+            self.config
+                .connect_raw(stream, NoTls)
+                .await
+                .map_err(|e| StorageError::Backend(format!("postgres handshake: {e}")))
+        };
+        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+            .await
+            .map_err(|_| StorageError::Backend("connect to postgres: timed out".into()))??;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "postgres connection closed");
+            }
+        });
+        Ok((client, AbortOnDrop(driver)))
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, StorageError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.client.is_closed() {
+                return Ok(Arc::clone(&c.client));
+            }
+        }
+        let (client, driver) = self.open_client().await?;
+        let connected = Connected {
+            client: Arc::new(client),
+            _driver: Arc::new(driver),
+        };
+        let client = Arc::clone(&connected.client);
+        *slot = Some(connected);
+        Ok(client)
+    }
+
+    pub async fn migrate(&self) -> Result<u32, StorageError> {
+        // A dedicated connection: a transaction needs exclusive use of its client.
+        let (mut client, _driver) = self.open_client().await?;
+        let tx = client.transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(backend)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(backend)?;
+        let current: i32 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .await
+            .map_err(backend)?
+            .get(0);
+        let target = i32::try_from(migrations::POSTGRES.len()).map_err(backend)?;
+        if current > target {
+            return Err(StorageError::Backend(format!(
+                "database schema version {current} is newer than this build ({target}); upgrade outpost"
+            )));
+        }
+        let now_ms = self.world.now_unix_ms();
+        for (index, step) in migrations::POSTGRES.iter().enumerate().skip(current as usize) {
+            tx.batch_execute(step).await.map_err(backend)?;
+            let version = i32::try_from(index + 1).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+                &[&version, &now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        u32::try_from(target).map_err(backend)
+    }
+
+    pub async fn create_user(&self, user: UserRow) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO users (id, name, role, password_hash, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+                &[&user.id, &user.name, &user.role.as_str(), &user.password_hash, &user.created_at_ms],
+            )
+            .await
+            .map_err(|e| conflict_or_backend(e, &format!("user {}", user.name)))?;
+        Ok(())
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<UserRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, name, role, password_hash, created_at_ms FROM users WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(user_from_row))
+    }
+
+    pub async fn create_api_token(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO api_tokens (token_hash, user_id, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4)",
+                &[&token_hash, &user_id, &now_ms, &expires_at_ms],
+            )
+            .await
+            .map_err(|e| conflict_or_backend(e, "api token"))?;
+        Ok(())
+    }
+
+    pub async fn user_by_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<UserRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT u.id, u.name, u.role, u.password_hash, u.created_at_ms FROM api_tokens t \
+                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1 AND t.expires_at_ms > $2",
+                &[&token_hash, &now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(user_from_row))
+    }
+
+    pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let a = client
+            .execute("DELETE FROM api_tokens WHERE expires_at_ms <= $1", &[&now_ms])
+            .await
+            .map_err(backend)?;
+        let b = client
+            .execute("DELETE FROM enroll_tokens WHERE expires_at_ms <= $1", &[&now_ms])
+            .await
+            .map_err(backend)?;
+        Ok(a + b)
+    }
+
+    pub async fn create_enroll_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO enroll_tokens (token_hash, created_at_ms, expires_at_ms) VALUES ($1, $2, $3)",
+                &[&token_hash, &now_ms, &expires_at_ms],
+            )
+            .await
+            .map_err(|e| conflict_or_backend(e, "enrollment token"))?;
+        Ok(())
+    }
+
+    pub async fn enroll_agent(&self, a: EnrollAttempt) -> Result<Enrollment, StorageError> {
+        let client = self.client().await?;
+        let claimed = client
+            .query_opt(
+                "UPDATE enroll_tokens SET used_at_ms = $1, enrollment_id = $2, agent_id = $3 \
+                 WHERE token_hash = $4 AND used_at_ms IS NULL AND expires_at_ms > $1 RETURNING agent_id",
+                &[&a.now_ms, &a.enrollment_id, &a.new_agent_id, &a.token_hash],
+            )
+            .await
+            .map_err(backend)?;
+        let agent_id: String = match claimed {
+            Some(row) => row.get(0),
+            None => {
+                let row = client
+                    .query_opt(
+                        "SELECT expires_at_ms, enrollment_id, agent_id FROM enroll_tokens WHERE token_hash = $1",
+                        &[&a.token_hash],
+                    )
+                    .await
+                    .map_err(backend)?;
+                let Some(row) = row else {
+                    return Ok(Enrollment::Refused(EnrollRefusal::UnknownToken));
+                };
+                let expires: i64 = row.get(0);
+                let eid: Option<String> = row.get(1);
+                let agent_id: Option<String> = row.get(2);
+                if expires <= a.now_ms {
+                    return Ok(Enrollment::Refused(EnrollRefusal::Expired));
+                }
+                match (eid, agent_id) {
+                    (Some(eid), Some(agent_id)) if eid == a.enrollment_id => agent_id,
+                    _ => return Ok(Enrollment::Refused(EnrollRefusal::AlreadyUsed)),
+                }
+            }
+        };
+        client
+            .execute(
+                "INSERT INTO agents (id, name, credential_hash, created_at_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET credential_hash = EXCLUDED.credential_hash, name = EXCLUDED.name",
+                &[&agent_id, &a.name, &a.credential_hash, &a.now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(Enrollment::Enrolled { agent_id })
+    }
+
+    pub async fn agent_by_credential(
+        &self,
+        credential_hash: &str,
+    ) -> Result<Option<AgentRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE credential_hash = $1"),
+                &[&credential_hash],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(agent_from_row))
+    }
+
+    pub async fn agent_connected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE agents SET connection_id = $1, connected = TRUE, last_seen_ms = $2 WHERE id = $3",
+                &[&connection_id, &now_ms, &agent_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn agent_seen(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE agents SET last_seen_ms = $1 WHERE id = $2 AND connection_id = $3",
+                &[&now_ms, &agent_id, &connection_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    pub async fn agent_disconnected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE agents SET connected = FALSE, last_seen_ms = $1 WHERE id = $2 AND connection_id = $3",
+                &[&now_ms, &agent_id, &connection_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name, id"),
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(agent_from_row).collect())
+    }
+}

@@ -1,0 +1,348 @@
+//! SQLite backend: one file in the data dir, WAL mode, `synchronous=FULL` (a write is
+//! acknowledged only once it is on disk). Every call runs on `world`'s blocking executor.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use world::World;
+
+use super::migrations;
+use super::{AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, StorageError, UserRow};
+use crate::auth::Role;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    world: World,
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+fn conflict_or_backend(e: rusqlite::Error, what: &str) -> StorageError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StorageError::Conflict(what.to_string())
+        }
+        _ => backend(e),
+    }
+}
+
+const USER_COLUMNS: &str = "id, name, role, password_hash, created_at_ms";
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected";
+
+fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    let role: String = row.get(2)?;
+    Ok(UserRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        password_hash: row.get(3)?,
+        created_at_ms: row.get(4)?,
+    })
+}
+
+fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
+    Ok(AgentRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        created_at_ms: row.get(2)?,
+        last_seen_ms: row.get(3)?,
+        connected: row.get::<_, i64>(4)? != 0,
+    })
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database file at `path`.
+    pub async fn open(world: &World, path: &Path) -> Result<SqliteStore, StorageError> {
+        let path = path.to_path_buf();
+        let conn = world
+            .blocking(move || -> Result<Connection, rusqlite::Error> {
+                let conn = Connection::open(&path)?;
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn.pragma_update(None, "synchronous", "FULL")?;
+                conn.pragma_update(None, "foreign_keys", "ON")?;
+                Ok(conn)
+            })
+            .await
+            .map_err(backend)?
+            .map_err(backend)?;
+        Ok(SqliteStore {
+            world: world.clone(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        self.world
+            .blocking(move || {
+                let mut guard = conn
+                    .lock()
+                    .map_err(|_| StorageError::Backend("sqlite connection lock poisoned".into()))?;
+                f(&mut guard)
+            })
+            .await
+            .map_err(backend)?
+    }
+
+    pub async fn migrate(&self) -> Result<u32, StorageError> {
+        self.run(|conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let current: u32 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(backend)?;
+            let target = u32::try_from(migrations::SQLITE.len()).map_err(backend)?;
+            if current > target {
+                return Err(StorageError::Backend(format!(
+                    "database schema version {current} is newer than this build ({target}); upgrade outpost"
+                )));
+            }
+            for step in &migrations::SQLITE[current as usize..] {
+                tx.execute_batch(step).map_err(backend)?;
+            }
+            tx.pragma_update(None, "user_version", target)
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(target)
+        })
+        .await
+    }
+
+    pub async fn create_user(&self, user: UserRow) -> Result<(), StorageError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO users (id, name, role, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![user.id, user.name, user.role.as_str(), user.password_hash, user.created_at_ms],
+            )
+            .map_err(|e| conflict_or_backend(e, &format!("user {}", user.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<UserRow>, StorageError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
+                params![name],
+                user_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn create_api_token(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let (token_hash, user_id) = (token_hash.to_string(), user_id.to_string());
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO api_tokens (token_hash, user_id, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![token_hash, user_id, now_ms, expires_at_ms],
+            )
+            .map_err(|e| conflict_or_backend(e, "api token"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn user_by_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<UserRow>, StorageError> {
+        let token_hash = token_hash.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                "SELECT u.id, u.name, u.role, u.password_hash, u.created_at_ms FROM api_tokens t \
+                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1 AND t.expires_at_ms > ?2",
+                params![token_hash, now_ms],
+                user_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
+        self.run(move |conn| {
+            let a = conn
+                .execute("DELETE FROM api_tokens WHERE expires_at_ms <= ?1", params![now_ms])
+                .map_err(backend)?;
+            let b = conn
+                .execute(
+                    "DELETE FROM enroll_tokens WHERE expires_at_ms <= ?1",
+                    params![now_ms],
+                )
+                .map_err(backend)?;
+            Ok((a + b) as u64)
+        })
+        .await
+    }
+
+    pub async fn create_enroll_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
+        let token_hash = token_hash.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO enroll_tokens (token_hash, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3)",
+                params![token_hash, now_ms, expires_at_ms],
+            )
+            .map_err(|e| conflict_or_backend(e, "enrollment token"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn enroll_agent(&self, a: EnrollAttempt) -> Result<Enrollment, StorageError> {
+        self.run(move |conn| {
+            let claimed: Option<String> = conn
+                .query_row(
+                    "UPDATE enroll_tokens SET used_at_ms = ?1, enrollment_id = ?2, agent_id = ?3 \
+                     WHERE token_hash = ?4 AND used_at_ms IS NULL AND expires_at_ms > ?1 RETURNING agent_id",
+                    params![a.now_ms, a.enrollment_id, a.new_agent_id, a.token_hash],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            let agent_id = match claimed {
+                Some(id) => id,
+                None => {
+                    let row: Option<(i64, Option<String>, Option<String>)> = conn
+                        .query_row(
+                            "SELECT expires_at_ms, enrollment_id, agent_id FROM enroll_tokens WHERE token_hash = ?1",
+                            params![a.token_hash],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                        )
+                        .optional()
+                        .map_err(backend)?;
+                    match row {
+                        None => return Ok(Enrollment::Refused(EnrollRefusal::UnknownToken)),
+                        Some((expires, _, _)) if expires <= a.now_ms => {
+                            return Ok(Enrollment::Refused(EnrollRefusal::Expired));
+                        }
+                        Some((_, Some(eid), Some(agent_id))) if eid == a.enrollment_id => agent_id,
+                        Some(_) => return Ok(Enrollment::Refused(EnrollRefusal::AlreadyUsed)),
+                    }
+                }
+            };
+            conn.execute(
+                "INSERT INTO agents (id, name, credential_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (id) DO UPDATE SET credential_hash = excluded.credential_hash, name = excluded.name",
+                params![agent_id, a.name, a.credential_hash, a.now_ms],
+            )
+            .map_err(backend)?;
+            Ok(Enrollment::Enrolled { agent_id })
+        })
+        .await
+    }
+
+    pub async fn agent_by_credential(
+        &self,
+        credential_hash: &str,
+    ) -> Result<Option<AgentRow>, StorageError> {
+        let credential_hash = credential_hash.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE credential_hash = ?1"),
+                params![credential_hash],
+                agent_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn agent_connected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let (agent_id, connection_id) = (agent_id.to_string(), connection_id.to_string());
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE agents SET connection_id = ?1, connected = 1, last_seen_ms = ?2 WHERE id = ?3",
+                params![connection_id, now_ms, agent_id],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn agent_seen(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let (agent_id, connection_id) = (agent_id.to_string(), connection_id.to_string());
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE agents SET last_seen_ms = ?1 WHERE id = ?2 AND connection_id = ?3",
+                    params![now_ms, agent_id, connection_id],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn agent_disconnected(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let (agent_id, connection_id) = (agent_id.to_string(), connection_id.to_string());
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE agents SET connected = 0, last_seen_ms = ?1 WHERE id = ?2 AND connection_id = ?3",
+                params![now_ms, agent_id, connection_id],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StorageError> {
+        self.run(|conn| {
+            let mut stmt = conn
+                .prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name, id"))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], agent_from_row)
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+}

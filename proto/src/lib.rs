@@ -1,0 +1,238 @@
+//! Wire types between the Outpost agent and the control plane.
+//!
+//! # Compatibility rule
+//! * **Unknown fields are ignored.** No type here denies unknown fields, so a newer peer may
+//!   add optional fields freely. New fields are always `#[serde(default)]`.
+//! * **Unknown message kinds are answered, not fatal.** Every message enum has an `Unknown`
+//!   variant (`#[serde(other)]`); a receiver that decodes one replies with
+//!   [`ErrorCode::UnknownMessage`] and keeps the channel open. Unknown commands are acked with
+//!   `ok: false` and [`ErrorCode::UnknownCommand`].
+//! * **The version is negotiated at hello.** The agent sends the range it speaks
+//!   (`protocol_min..=protocol_max`); the control plane picks the highest version both speak
+//!   ([`negotiate`]) and names it in [`ServerMessage::Welcome`], or answers
+//!   [`ErrorCode::UnsupportedVersion`] and closes. A message whose meaning changes gets a new
+//!   protocol version; removing a message kind or a required field needs a new version too.
+//!
+//! Frames are JSON text frames, one message per frame, at most [`FRAME_BYTES_MAX`] bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_MIN: u32 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_MAX: u32 = 1;
+/// Largest control-channel frame either side accepts.
+pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
+
+/// Path of the agent control channel (WebSocket, `Authorization: Bearer <agent credential>`).
+pub const CHANNEL_PATH: &str = "/api/v1/agent/channel";
+/// Path of agent enrollment (HTTP POST, JSON [`EnrollRequest`]).
+pub const ENROLL_PATH: &str = "/api/v1/agents/enroll";
+
+/// The highest version in both ranges, or `None` when they do not overlap.
+pub fn negotiate(
+    ours: (u32, u32),
+    theirs: (u32, u32),
+) -> Option<u32> {
+    let low = ours.0.max(theirs.0);
+    let high = ours.1.min(theirs.1);
+    (low <= high).then_some(high)
+}
+
+/// `POST /api/v1/agents/enroll`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollRequest {
+    /// The one-time enrollment token an admin created.
+    pub token: String,
+    /// Display name of the agent (host name by default).
+    pub name: String,
+    /// Chosen by the agent once and reused on retries: a retry of the same enrollment (its
+    /// answer was lost) gets the same agent id and a fresh credential instead of a refusal.
+    pub enrollment_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollResponse {
+    pub agent_id: String,
+    /// Secret the agent presents as a bearer token; the control plane keeps only its hash.
+    pub credential: String,
+}
+
+/// Error body of every refused HTTP request: `{"error": "..."}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Agent → control plane.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First frame on every connection.
+    Hello {
+        protocol_min: u32,
+        protocol_max: u32,
+        agent_version: String,
+        #[serde(default)]
+        hostname: String,
+    },
+    /// Sent every heartbeat interval; answered by [`ServerMessage::HeartbeatAck`].
+    Heartbeat { seq: u64, sent_at_ms: i64 },
+    /// Answer to [`ServerMessage::Command`].
+    CommandAck {
+        id: u64,
+        ok: bool,
+        #[serde(default)]
+        result: Option<CommandResult>,
+        #[serde(default)]
+        error: Option<WireError>,
+    },
+    Error(WireError),
+    #[serde(other)]
+    Unknown,
+}
+
+/// Control plane → agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to hello: the agreed version and the liveness deadlines both sides apply.
+    Welcome {
+        protocol_version: u32,
+        agent_id: String,
+        heartbeat_interval_ms: u64,
+        /// A side that hears nothing for this long declares the link dead.
+        dead_after_ms: u64,
+    },
+    HeartbeatAck { seq: u64, server_time_ms: i64 },
+    /// A request the agent must answer with [`AgentMessage::CommandAck`] carrying `id`.
+    Command { id: u64, command: Command },
+    Error(WireError),
+    #[serde(other)]
+    Unknown,
+}
+
+/// Commands the control plane sends over the channel.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Report what the agent is and how long it has run.
+    Describe,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Results of commands, tagged like [`Command`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandResult {
+    Describe {
+        agent_version: String,
+        hostname: String,
+        protocol_version: u32,
+        uptime_s: u64,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    UnsupportedVersion,
+    UnknownMessage,
+    UnknownCommand,
+    Malformed,
+    /// The first frame was not a hello, or a hello came twice.
+    ProtocolViolation,
+    /// Another connection of the same agent took over; this one is closed.
+    Replaced,
+    #[serde(other)]
+    Other,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AgentMessage, Command, ErrorCode, ServerMessage, negotiate};
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        assert_eq!(negotiate((1, 3), (2, 5)), Some(3));
+        assert_eq!(negotiate((1, 1), (1, 1)), Some(1));
+        assert_eq!(negotiate((1, 2), (3, 4)), None);
+        assert_eq!(negotiate((3, 4), (1, 2)), None);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let msg: AgentMessage = serde_json::from_str(
+            r#"{"type":"heartbeat","seq":4,"sent_at_ms":10,"cpu":"new field"}"#,
+        )
+        .expect("extra field must not break decoding");
+        assert_eq!(
+            msg,
+            AgentMessage::Heartbeat {
+                seq: 4,
+                sent_at_ms: 10
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_decode_to_unknown() {
+        let msg: ServerMessage =
+            serde_json::from_str(r#"{"type":"teleport","to":"mars"}"#).expect("decodes");
+        assert_eq!(msg, ServerMessage::Unknown);
+        let msg: ServerMessage =
+            serde_json::from_str(r#"{"type":"command","id":9,"command":{"kind":"fly"}}"#)
+                .expect("decodes");
+        assert_eq!(
+            msg,
+            ServerMessage::Command {
+                id: 9,
+                command: Command::Unknown
+            }
+        );
+        let code: ErrorCode = serde_json::from_str(r#""brand_new""#).expect("decodes");
+        assert_eq!(code, ErrorCode::Other);
+    }
+
+    #[test]
+    fn hello_without_optional_fields_decodes() {
+        let msg: AgentMessage = serde_json::from_str(
+            r#"{"type":"hello","protocol_min":1,"protocol_max":1,"agent_version":"0.1.0"}"#,
+        )
+        .expect("decodes");
+        assert!(matches!(msg, AgentMessage::Hello { hostname, .. } if hostname.is_empty()));
+    }
+
+    #[test]
+    fn wire_shape_is_stable() {
+        let json = serde_json::to_string(&ServerMessage::Welcome {
+            protocol_version: 1,
+            agent_id: "a1".into(),
+            heartbeat_interval_ms: 5000,
+            dead_after_ms: 15000,
+        })
+        .expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"type":"welcome","protocol_version":1,"agent_id":"a1","heartbeat_interval_ms":5000,"dead_after_ms":15000}"#
+        );
+    }
+}
