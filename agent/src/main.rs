@@ -1,1 +1,155 @@
-fn main() {}
+//! `outpost-agent`: the daemon on each database host.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agent::config::{self, RawAgentConfig};
+use agent::identity;
+use agent::link::LinkStatus;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use world::World;
+
+/// Outpost agent: keeps a control channel to the Outpost control plane and runs on every
+/// database host. Enroll once with `outpost-agent enroll`, then run `outpost-agent run`
+/// (usually from systemd).
+#[derive(Parser)]
+#[command(name = "outpost-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the agent daemon until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Enroll this host with a control plane using a one-time token.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file (see the README); flags and OUTPOST_* variables override it.
+    #[arg(long, env = "OUTPOST_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory [default: /var/lib/outpost-agent].
+    #[arg(long, env = "OUTPOST_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Local API socket [default: DATA_DIR/agent.sock].
+    #[arg(long, env = "OUTPOST_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Control plane URL; overrides the one stored at enrollment.
+    #[arg(long, env = "OUTPOST_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// Postgres connection string for metrics collection and maintenance tasks.
+    #[arg(long, env = "OUTPOST_POSTGRES")]
+    postgres: Option<String>,
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    /// Control plane URL, e.g. http://cp.example:8080
+    #[arg(long, env = "OUTPOST_CONTROL_PLANE")]
+    control_plane: String,
+    /// Enrollment token from `outpost admin enroll-token`.
+    #[arg(long, env = "OUTPOST_ENROLL_TOKEN")]
+    token: String,
+    /// Name shown in the fleet [default: this host's name].
+    #[arg(long)]
+    name: Option<String>,
+    /// State directory [default: /var/lib/outpost-agent].
+    #[arg(long, env = "OUTPOST_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Enroll again even if this data dir already holds an identity.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Commands::Run(args) => run(args).await,
+            Commands::Enroll(args) => enroll(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::read_file(path)?,
+        None => RawAgentConfig::default(),
+    };
+    let flags = RawAgentConfig {
+        data_dir: args.data_dir,
+        control_plane: args.control_plane,
+        postgres: args.postgres,
+        socket: args.socket,
+        ..RawAgentConfig::default()
+    };
+    let config = config::validate(flags.over(file))?;
+    let shutdown = CancellationToken::new();
+    let signals = {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            token.cancel();
+        })
+    };
+    let (status, _) = watch::channel(LinkStatus::Connecting { attempt: 0 });
+    let result = agent::run::run(World::real(), config, status, shutdown).await;
+    signals.abort();
+    result
+}
+
+async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+    config::control_plane_url("--control-plane", &args.control_plane)?;
+    if !args.force {
+        if let Some(existing) = identity::load(&data_dir)? {
+            anyhow::bail!(
+                "{} already holds agent {} ({}); pass --force to enroll again",
+                data_dir.display(),
+                existing.agent_id,
+                existing.name
+            );
+        }
+    }
+    let name = args.name.unwrap_or_else(identity::hostname);
+    let world = World::real();
+    let id = identity::enroll(&world, &data_dir, &args.control_plane, &args.token, &name)
+        .await
+        .context("enroll")?;
+    println!("agent_id: {}", id.agent_id);
+    println!("name: {}", id.name);
+    println!("identity: {}", identity::identity_path(&data_dir).display());
+    Ok(())
+}
