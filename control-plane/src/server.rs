@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use world::World;
 
 use crate::config::ServeConfig;
-use crate::state::{AppState, Settings};
+use crate::state::AppState;
 use crate::storage::{PostgresStore, SqliteStore, Storage};
 
 /// File name of the embedded SQLite database inside the data dir.
@@ -42,16 +42,10 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("create data dir {}", dir.display()))
 }
 
-/// Serve the API on `listener` until `shutdown` fires, then stop accepting, tell every agent
-/// channel to close and wait for in-flight requests.
-pub async fn run(
-    world: World,
-    storage: Storage,
-    settings: Settings,
-    listener: world::Listener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let state = AppState::new(world, storage, settings, shutdown.clone());
+/// Serve the API on `listener` until `state.shutdown` fires, then stop accepting, tell every
+/// agent channel to close and wait for in-flight requests.
+pub async fn run(state: AppState, listener: world::Listener) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
     let app = crate::http::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -75,5 +69,5 @@ pub async fn serve(world: World, config: ServeConfig, shutdown: CancellationToke
         storage = storage.backend_name(),
         "outpost control plane listening"
     );
-    run(world, storage, config.settings, listener, shutdown).await
+    run(AppState::new(world, storage, config.settings, shutdown), listener).await
 }

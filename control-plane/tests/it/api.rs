@@ -1,0 +1,128 @@
+//! The HTTP API: authentication on every route, login, limits.
+
+use control_plane::auth::Role;
+use control_plane::http::{Access, route_specs};
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::harness::Server;
+
+/// Fill `{param}` segments with a placeholder value.
+fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tokio::test]
+async fn every_route_but_login_health_and_enrollment_requires_credentials() {
+    let server = Server::start().await;
+    let public: Vec<_> = route_specs()
+        .into_iter()
+        .filter(|r| r.access == Access::Public)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        public,
+        vec!["GET /healthz", "POST /api/v1/sessions", "POST /api/v1/agents/enroll"],
+        "adding a public route is a security decision: update this list deliberately"
+    );
+    let mut checked = 0;
+    for spec in route_specs().into_iter().filter(|r| r.access != Access::Public) {
+        let path = concrete(spec.path);
+        for bearer in [None, Some("opt_not-a-real-token")] {
+            let r = server.request(spec.method.clone(), &path, bearer, "{}").await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{} {path} with {bearer:?}", spec.method);
+            let body: proto::ErrorBody = serde_json::from_slice(&r.body).expect("JSON error body");
+            assert!(!body.error.is_empty());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "the router has protected routes to check");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn agent_credentials_do_not_open_user_routes_and_user_tokens_do_not_open_agent_routes() {
+    let server = Server::start().await;
+    let (_, credential) = server.enroll("db1").await;
+    let user_token = server.token_for("ops", Role::Admin).await;
+    let r = server.request(Method::GET, "/api/v1/agents", Some(&credential), "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = server.request(Method::GET, proto::CHANNEL_PATH, Some(&user_token), "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn login_issues_a_token_and_an_httponly_cookie_that_both_work() {
+    let server = Server::start().await;
+    let token = server.token_for("viewer1", Role::Viewer).await;
+    assert!(token.starts_with("opt_"));
+    let r = server
+        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"viewer1","password":"a-long-enough-password"}"#)
+        .await;
+    let cookie = r.headers.get(http::header::SET_COOKIE).expect("cookie").to_str().expect("ascii").to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let pair = cookie.split(';').next().expect("pair").to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::COOKIE, pair.parse().expect("header"));
+    let r = server.request_with(Method::GET, "/api/v1/agents", headers, "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(server.agents(&token).await, serde_json::json!([]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_user_get_the_same_answer() {
+    let server = Server::start().await;
+    server.token_for("alice", Role::Operator).await;
+    let wrong = server
+        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"alice","password":"nope-nope-nope"}"#)
+        .await;
+    let unknown = server
+        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"mallory","password":"nope-nope-nope"}"#)
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.status, unknown.status);
+    assert_eq!(wrong.body, unknown.body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_bodies_are_refused() {
+    let server = Server::start().await;
+    let huge = format!(r#"{{"username":"a","password":"{}"}}"#, "x".repeat(100 * 1024));
+    let r = server.request(Method::POST, "/api/v1/sessions", None, huge).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = server.request(Method::POST, "/api/v1/sessions", None, "{not json").await;
+    assert!(r.status.is_client_error(), "{}", r.status);
+    let r = server.request(Method::GET, "/no/such/route", None, "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn enrollment_validates_input_and_refuses_reused_tokens() {
+    let server = Server::start().await;
+    let token = server.enroll_token().await;
+    let req = |name: &str, eid: &str| {
+        serde_json::to_vec(&proto::EnrollRequest {
+            token: token.clone(),
+            name: name.into(),
+            enrollment_id: eid.into(),
+        })
+        .expect("json")
+    };
+    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("", "e1")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db\u{7}", "e1")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db1", "e1")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db2", "e2")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let body: proto::ErrorBody = serde_json::from_slice(&r.body).expect("json");
+    assert!(body.error.contains("already used"), "{}", body.error);
+    server.stop().await;
+}

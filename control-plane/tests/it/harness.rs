@@ -1,0 +1,145 @@
+//! A control plane running in-process on 127.0.0.1 with its own SQLite data dir.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use control_plane::auth::{self, Role, SecretKind};
+use control_plane::state::{AppState, Settings};
+use control_plane::storage::{Storage, UserRow};
+use http::{HeaderMap, Method};
+use tokio_util::sync::CancellationToken;
+use world::{HttpResponse, World};
+
+pub struct Server {
+    pub world: World,
+    pub storage: Storage,
+    pub state: AppState,
+    pub base: url::Url,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn fast_settings() -> Settings {
+    Settings {
+        heartbeat_interval: Duration::from_millis(200),
+        dead_after: Duration::from_millis(1000),
+        session_ttl: Duration::from_secs(3600),
+    }
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Server::start_with(fast_settings()).await
+    }
+
+    pub async fn start_with(settings: Settings) -> Server {
+        let world = World::real();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = control_plane::server::open_storage(&world, dir.path(), None)
+            .await
+            .expect("open storage");
+        let listener = world.net().bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let base = url::Url::parse(&format!("http://{addr}")).expect("url");
+        let shutdown = CancellationToken::new();
+        let state = AppState::new(world.clone(), storage.clone(), settings, shutdown.clone());
+        let task = tokio::spawn(control_plane::server::run(state.clone(), listener));
+        Server {
+            world,
+            storage,
+            state,
+            base,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Create a user with `role` and return an API token for it.
+    pub async fn token_for(&self, name: &str, role: Role) -> String {
+        let hash = auth::hash_password([1; 16], "a-long-enough-password").expect("hash");
+        self.storage
+            .create_user(UserRow {
+                id: auth::new_id(&self.world, "usr"),
+                name: name.to_string(),
+                role,
+                password_hash: hash,
+                created_at_ms: self.world.now_unix_ms(),
+            })
+            .await
+            .expect("create user");
+        let response = self
+            .request(
+                Method::POST,
+                "/api/v1/sessions",
+                None,
+                format!(r#"{{"username":"{name}","password":"a-long-enough-password"}}"#),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{:?}", response.body);
+        let v: serde_json::Value = serde_json::from_slice(&response.body).expect("json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    pub async fn enroll_token(&self) -> String {
+        let token = auth::new_secret(&self.world, SecretKind::EnrollToken);
+        let now = self.world.now_unix_ms();
+        self.storage
+            .create_enroll_token(&auth::secret_hash(&token), now, now + 3_600_000)
+            .await
+            .expect("store enroll token");
+        token
+    }
+
+    pub async fn request(&self, method: Method, path: &str, bearer: Option<&str>, body: impl Into<Bytes>) -> HttpResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        if let Some(token) = bearer {
+            headers.insert(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+            );
+        }
+        self.request_with(method, path, headers, body).await
+    }
+
+    pub async fn request_with(&self, method: Method, path: &str, headers: HeaderMap, body: impl Into<Bytes>) -> HttpResponse {
+        let url = self.base.join(path).expect("url");
+        world::http_request(&self.world, method, &url, headers, body.into(), Duration::from_secs(10), 1 << 20)
+            .await
+            .expect("request")
+    }
+
+    /// Enroll an agent over HTTP; returns (agent_id, credential).
+    pub async fn enroll(&self, name: &str) -> (String, String) {
+        let token = self.enroll_token().await;
+        let body = serde_json::to_vec(&proto::EnrollRequest {
+            token,
+            name: name.to_string(),
+            enrollment_id: format!("enr_{name}"),
+        })
+        .expect("json");
+        let r = self.request(Method::POST, proto::ENROLL_PATH, None, body).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let answer: proto::EnrollResponse = serde_json::from_slice(&r.body).expect("json");
+        (answer.agent_id, answer.credential)
+    }
+
+    pub async fn agents(&self, token: &str) -> serde_json::Value {
+        let r = self.request(Method::GET, "/api/v1/agents", Some(token), "").await;
+        assert_eq!(r.status, 200);
+        serde_json::from_slice(&r.body).expect("json")
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .expect("join")
+                .expect("serve");
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Control-plane integration tests: real storage backends, a real server on a loopback port.
+
+mod api;
+mod channel;
+mod harness;
+mod storage;
