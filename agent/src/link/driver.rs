@@ -74,10 +74,8 @@ pub async fn run_link(world: World, config: LinkConfig, status: watch::Sender<Li
     loop {
         attempt += 1;
         status.send_replace(LinkStatus::Connecting { attempt });
-        let end = tokio::select! {
-            _ = shutdown.cancelled() => End::Shutdown,
-            end = connect_and_serve(&world, &config, &channel_url, &status, &mut backoff, started, &shutdown) => end,
-        };
+        // The session watches `shutdown` itself, so it can say goodbye with a close frame.
+        let end = connect_and_serve(&world, &config, &channel_url, &status, &mut backoff, started, &shutdown).await;
         let error = match end {
             End::Shutdown => break,
             End::Failed(error) => error,
@@ -131,14 +129,35 @@ async fn connect_and_serve(
     started: Instant,
     shutdown: &CancellationToken,
 ) -> End {
+    let established = tokio::select! {
+        _ = shutdown.cancelled() => return End::Shutdown,
+        established = establish(world, config, url) => established,
+    };
+    let (session, agent_id, version, heartbeat_interval, dead_after) = match established {
+        Ok(e) => e,
+        Err(end) => return end,
+    };
+    backoff.reset();
+    tracing::info!(agent_id = %agent_id, protocol_version = version, "control channel online");
+    status.send_replace(LinkStatus::Online {
+        agent_id,
+        protocol_version: version,
+    });
+    serve(world, config, session, version, heartbeat_interval, dead_after, started, shutdown).await
+}
+
+type Established = (Session, String, u32, Duration, Duration);
+
+/// Dial, hello, welcome.
+async fn establish(world: &World, config: &LinkConfig, url: &url::Url) -> Result<Established, End> {
     let ws = match world::ws_connect(world, url, Some(&config.credential), config.connect_timeout, proto::FRAME_BYTES_MAX).await {
         Ok(ws) => ws,
         Err(e) if e.http_status() == Some(401) => {
-            return End::Failed(
+            return Err(End::Failed(
                 "the control plane rejected this agent's credential; run `outpost-agent enroll` again".into(),
-            );
+            ));
         }
-        Err(e) => return End::Failed(e.to_string()),
+        Err(e) => return Err(End::Failed(e.to_string())),
     };
     let mut session = Session {
         ws,
@@ -150,13 +169,11 @@ async fn connect_and_serve(
         agent_version: crate::AGENT_VERSION.to_string(),
         hostname: config.hostname.clone(),
     };
-    if let Err(e) = session.send(&hello).await {
-        return End::Failed(e);
-    }
+    session.send(&hello).await.map_err(End::Failed)?;
     let welcome = match tokio::time::timeout(config.welcome_timeout, session.recv()).await {
-        Err(_) => return End::Failed("no welcome from the control plane".into()),
-        Ok(Err(e)) => return End::Failed(e),
-        Ok(Ok(None)) => return End::Failed("closed before welcome".into()),
+        Err(_) => return Err(End::Failed("no welcome from the control plane".into())),
+        Ok(Err(e)) => return Err(End::Failed(e)),
+        Ok(Ok(None)) => return Err(End::Failed("closed before welcome".into())),
         Ok(Ok(Some(text))) => serde_json::from_str::<ServerMessage>(&text),
     };
     let (agent_id, version, heartbeat_interval, dead_after) = match welcome {
@@ -171,17 +188,26 @@ async fn connect_and_serve(
             Duration::from_millis(heartbeat_interval_ms.max(100)),
             Duration::from_millis(dead_after_ms.max(300)),
         ),
-        Ok(ServerMessage::Error(e)) => return End::Failed(format!("refused: {}", e.message)),
-        Ok(other) => return End::Failed(format!("expected welcome, got {other:?}")),
-        Err(e) => return End::Failed(format!("unreadable welcome: {e}")),
+        Ok(ServerMessage::Error(e)) => return Err(End::Failed(format!("refused: {}", e.message))),
+        Ok(other) => return Err(End::Failed(format!("expected welcome, got {other:?}"))),
+        Err(e) => return Err(End::Failed(format!("unreadable welcome: {e}"))),
     };
-    backoff.reset();
     session.send_timeout = dead_after;
-    tracing::info!(agent_id = %agent_id, protocol_version = version, "control channel online");
-    status.send_replace(LinkStatus::Online {
-        agent_id,
-        protocol_version: version,
-    });
+    Ok((session, agent_id, version, heartbeat_interval, dead_after))
+}
+
+/// Steady state: heartbeats out, acks and commands in, until the link dies or shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    world: &World,
+    config: &LinkConfig,
+    mut session: Session,
+    version: u32,
+    heartbeat_interval: Duration,
+    dead_after: Duration,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> End {
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;

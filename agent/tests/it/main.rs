@@ -1,0 +1,5 @@
+//! The real binaries, end to end: `outpost serve`, `outpost admin`, `outpost-agent enroll|run`.
+
+mod cli;
+mod harness;
+mod link;
