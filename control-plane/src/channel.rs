@@ -214,14 +214,8 @@ async fn run(state: AppState, agent: AgentRow, socket: WebSocket) {
             cancel: cancel.clone(),
         },
     );
-    let now_ms = state.world.now_unix_ms();
-    let end = match state.storage.agent_connected(&agent.id, &connection_id, now_ms).await {
-        Err(e) => End::Storage(e.to_string()),
-        Ok(()) => {
-            tracing::info!(connection_id = %connection_id, version, hostname = %hostname, "agent connected");
-            serve_connection(&state, &agent, &connection_id, version, &cancel, &mut conn, &mut queue).await
-        }
-    };
+    tracing::info!(connection_id = %connection_id, version, hostname = %hostname, "agent connected");
+    let end = serve_connection(&state, &agent, &connection_id, version, &cancel, &mut conn, &mut queue).await;
     match &end {
         End::Replaced => {
             let msg = ServerMessage::Error(WireError::new(ErrorCode::Replaced, "a newer connection of this agent took over"));
@@ -304,6 +298,9 @@ async fn serve_connection(
         return end;
     }
     let mut last_heard = Instant::now();
+    // Storage learns of the connection at the first heartbeat: the agent sends it only after
+    // it has the welcome, so "online" is never shown for a handshake that did not complete.
+    let mut recorded = false;
     let mut in_flight: BTreeMap<u64, Reply> = BTreeMap::new();
     let mut malformed = 0u32;
     loop {
@@ -343,8 +340,16 @@ async fn serve_connection(
                     }
                     Ok(AgentMessage::Heartbeat { seq, .. }) => {
                         let now_ms = state.world.now_unix_ms();
-                        match state.storage.agent_seen(&agent.id, connection_id, now_ms).await {
-                            Ok(true) => Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms }),
+                        let stored = if recorded {
+                            state.storage.agent_seen(&agent.id, connection_id, now_ms).await
+                        } else {
+                            state.storage.agent_connected(&agent.id, connection_id, now_ms).await.map(|()| true)
+                        };
+                        match stored {
+                            Ok(true) => {
+                                recorded = true;
+                                Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms })
+                            }
                             // Another replica's connection took over in storage.
                             Ok(false) => return End::Replaced,
                             Err(e) => return End::Storage(e.to_string()),

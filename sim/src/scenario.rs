@@ -1,0 +1,146 @@
+//! Fault schedules, drawn from the seed.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scenario {
+    /// Partition one agent from the control plane, then heal.
+    Partition,
+    /// Hold the link (half-open: everything stalls silently, nothing errors), then release.
+    Hold,
+    /// Bounce the control plane (restart), or crash it and bring it back later.
+    Bounce,
+    /// All of the above on three agents, plus agent restarts, starting during enrollment.
+    Mixed,
+}
+
+pub const ALL: [Scenario; 4] = [Scenario::Partition, Scenario::Hold, Scenario::Bounce, Scenario::Mixed];
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Partition => "partition",
+            Scenario::Hold => "hold",
+            Scenario::Bounce => "bounce",
+            Scenario::Mixed => "mixed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        ALL.into_iter().find(|c| c.name() == s)
+    }
+
+    pub fn agents(self) -> usize {
+        match self {
+            Scenario::Mixed => 3,
+            _ => 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Partition { agent: usize },
+    Repair { agent: usize },
+    Hold { agent: usize },
+    Release { agent: usize },
+    BounceCp,
+    CrashCp,
+    StartCp,
+    BounceAgent { agent: usize },
+}
+
+/// When the faults happen. Every fault is healed before `quiet_from`, so liveness after heal
+/// is checked at the end of every run.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub events: Vec<(Duration, Fault)>,
+    pub quiet_from: Duration,
+    pub run_for: Duration,
+}
+
+fn secs(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(rng.random_range(lo * 1000..=hi * 1000))
+}
+
+pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_fa17);
+    let agents = scenario.agents();
+    let faults_until = Duration::from_secs(200);
+    let mut t = match scenario {
+        Scenario::Mixed => secs(&mut rng, 0, 5),
+        _ => secs(&mut rng, 20, 30),
+    };
+    let mut events = Vec::new();
+    while t < faults_until {
+        let agent = rng.random_range(0..agents);
+        let length = match rng.random_range(0..3) {
+            0 => secs(&mut rng, 1, 10),  // shorter than the dead deadline: the link may survive
+            1 => secs(&mut rng, 10, 20), // around the deadline
+            _ => secs(&mut rng, 20, 60), // well past it
+        };
+        let kind = match scenario {
+            Scenario::Partition => 0,
+            Scenario::Hold => 1,
+            Scenario::Bounce => 2 + rng.random_range(0..2),
+            Scenario::Mixed => rng.random_range(0..5),
+        };
+        match kind {
+            0 => {
+                events.push((t, Fault::Partition { agent }));
+                events.push((t + length, Fault::Repair { agent }));
+            }
+            1 => {
+                events.push((t, Fault::Hold { agent }));
+                events.push((t + length, Fault::Release { agent }));
+            }
+            2 => events.push((t, Fault::BounceCp)),
+            3 => {
+                events.push((t, Fault::CrashCp));
+                events.push((t + length / 2, Fault::StartCp));
+            }
+            _ => events.push((t, Fault::BounceAgent { agent })),
+        }
+        // Faults in the mixed scenario overlap; elsewhere one at a time.
+        t += match scenario {
+            Scenario::Mixed => secs(&mut rng, 1, 30),
+            _ => length + secs(&mut rng, 5, 40),
+        };
+    }
+    events.sort_by_key(|(at, _)| *at);
+    let last = events.last().map(|(at, _)| *at).unwrap_or_default();
+    let quiet_from = last.max(Duration::from_secs(30));
+    Schedule {
+        events,
+        quiet_from,
+        run_for: quiet_from + Duration::from_secs(60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ALL, Fault, schedule};
+
+    #[test]
+    fn schedules_follow_the_seed_and_heal_everything() {
+        for scenario in ALL {
+            for seed in 0..50 {
+                let a = schedule(scenario, seed);
+                assert_eq!(a.events, schedule(scenario, seed).events);
+                let mut open = std::collections::BTreeMap::new();
+                for (_, f) in &a.events {
+                    match f {
+                        Fault::Partition { agent } | Fault::Hold { agent } => *open.entry(*agent).or_insert(0) += 1,
+                        Fault::Repair { agent } | Fault::Release { agent } => *open.entry(*agent).or_insert(0) -= 1,
+                        _ => {}
+                    }
+                }
+                assert!(open.values().all(|n| *n == 0), "{scenario:?}/{seed}: unhealed fault");
+                assert!(a.run_for >= a.quiet_from + std::time::Duration::from_secs(60));
+            }
+        }
+    }
+}
