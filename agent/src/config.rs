@@ -46,31 +46,40 @@ pub struct AgentConfig {
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
 }
 
 /// Parse and check a control-plane URL (`http://host:port`).
 pub fn control_plane_url(field: &str, value: &str) -> anyhow::Result<url::Url> {
-    let url = url::Url::parse(value).with_context(|| format!("{field}: {value:?} is not a URL (example: http://cp.example:8080)"))?;
+    let url = url::Url::parse(value).with_context(|| {
+        format!("{field}: {value:?} is not a URL (example: http://cp.example:8080)")
+    })?;
     match url.scheme() {
         "http" => Ok(url),
-        "https" => bail!("{field}: https is not supported by this build; put the control plane behind http on a trusted network or a TLS-terminating tunnel"),
+        "https" => bail!(
+            "{field}: https is not supported by this build; put the control plane behind http on a trusted network or a TLS-terminating tunnel"
+        ),
         other => bail!("{field}: scheme {other:?} must be http"),
     }
 }
 
 pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
-    let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let data_dir = raw
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let control_plane = raw
         .control_plane
         .as_deref()
         .map(|v| control_plane_url("control_plane", v))
         .transpose()?;
-    if let Some(dsn) = &raw.postgres {
-        if !(dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") || dsn.contains('=')) {
-            bail!("postgres: {dsn:?} must be a postgres:// URL or a key=value connection string");
-        }
+    if let Some(dsn) = &raw.postgres
+        && !(dsn.starts_with("postgres://")
+            || dsn.starts_with("postgresql://")
+            || dsn.contains('='))
+    {
+        bail!("postgres: {dsn:?} must be a postgres:// URL or a key=value connection string");
     }
     let socket = raw.socket.unwrap_or_else(|| data_dir.join(SOCKET_FILE));
     Ok(AgentConfig {
@@ -102,16 +111,40 @@ reconnect_window = "60s"
 "#;
         let raw: RawAgentConfig = toml::from_str(text).expect("parses");
         let c = validate(raw).expect("validates");
-        assert_eq!(c.socket, std::path::Path::new("/var/lib/outpost-agent/agent.sock"));
-        assert_eq!(c.control_plane.expect("set").as_str(), "http://cp.example:8443/");
+        assert_eq!(
+            c.socket,
+            std::path::Path::new("/var/lib/outpost-agent/agent.sock")
+        );
+        assert_eq!(
+            c.control_plane.expect("set").as_str(),
+            "http://cp.example:8443/"
+        );
     }
 
     #[test]
     fn bad_values_name_their_field() {
         for (raw, field) in [
-            (RawAgentConfig { control_plane: Some("cp:80".into()), ..Default::default() }, "control_plane"),
-            (RawAgentConfig { control_plane: Some("ftp://cp".into()), ..Default::default() }, "control_plane"),
-            (RawAgentConfig { postgres: Some("nonsense".into()), ..Default::default() }, "postgres"),
+            (
+                RawAgentConfig {
+                    control_plane: Some("cp:80".into()),
+                    ..Default::default()
+                },
+                "control_plane",
+            ),
+            (
+                RawAgentConfig {
+                    control_plane: Some("ftp://cp".into()),
+                    ..Default::default()
+                },
+                "control_plane",
+            ),
+            (
+                RawAgentConfig {
+                    postgres: Some("nonsense".into()),
+                    ..Default::default()
+                },
+                "postgres",
+            ),
         ] {
             let err = format!("{:#}", validate(raw).expect_err("refused"));
             assert!(err.starts_with(field), "{err}");

@@ -92,14 +92,17 @@ fn create_private_dir(dir: &Path) -> Result<(), EnrollError> {
         .map_err(|e| io("create data dir", dir, e))
 }
 
-fn pending_enrollment_id(world: &World, data_dir: &Path, control_plane: &str) -> Result<String, EnrollError> {
+fn pending_enrollment_id(
+    world: &World,
+    data_dir: &Path,
+    control_plane: &str,
+) -> Result<String, EnrollError> {
     let path = data_dir.join(PENDING_FILE);
-    if let Ok(bytes) = std::fs::read(&path) {
-        if let Ok(p) = serde_json::from_slice::<Pending>(&bytes) {
-            if p.control_plane == control_plane {
-                return Ok(p.enrollment_id);
-            }
-        }
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(p) = serde_json::from_slice::<Pending>(&bytes)
+        && p.control_plane == control_plane
+    {
+        return Ok(p.enrollment_id);
     }
     let pending = Pending {
         enrollment_id: format!("enr_{}", hex_lower(&world.random_bytes::<16>())),
@@ -122,7 +125,8 @@ pub async fn enroll(
     token: &str,
     name: &str,
 ) -> Result<Identity, EnrollError> {
-    let base = url::Url::parse(control_plane).map_err(|_| EnrollError::BadUrl(control_plane.to_string()))?;
+    let base = url::Url::parse(control_plane)
+        .map_err(|_| EnrollError::BadUrl(control_plane.to_string()))?;
     let url = base
         .join(proto::ENROLL_PATH)
         .map_err(|_| EnrollError::BadUrl(control_plane.to_string()))?;
@@ -135,7 +139,10 @@ pub async fn enroll(
     };
     let body = serde_json::to_vec(&request).map_err(|e| EnrollError::Io(e.to_string()))?;
     let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     let response = world::http_request(
         world,
         http::Method::POST,

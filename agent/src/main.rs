@@ -72,8 +72,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -113,7 +119,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let token = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers; stop with SIGKILL");
                 return;
             };
@@ -131,17 +140,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
     config::control_plane_url("--control-plane", &args.control_plane)?;
-    if !args.force {
-        if let Some(existing) = identity::load(&data_dir)? {
-            anyhow::bail!(
-                "{} already holds agent {} ({}); pass --force to enroll again",
-                data_dir.display(),
-                existing.agent_id,
-                existing.name
-            );
-        }
+    if !args.force
+        && let Some(existing) = identity::load(&data_dir)?
+    {
+        anyhow::bail!(
+            "{} already holds agent {} ({}); pass --force to enroll again",
+            data_dir.display(),
+            existing.agent_id,
+            existing.name
+        );
     }
     let name = args.name.unwrap_or_else(identity::hostname);
     let world = World::real();

@@ -28,7 +28,10 @@ pub async fn run(
     };
     let control_plane = match config.control_plane {
         Some(url) => url,
-        None => crate::config::control_plane_url("control_plane (from identity.json)", &identity.control_plane)?,
+        None => crate::config::control_plane_url(
+            "control_plane (from identity.json)",
+            &identity.control_plane,
+        )?,
     };
     tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
     let link = LinkConfig::new(control_plane, identity.credential, identity.name);

@@ -2,8 +2,8 @@
 //! tokens, agent credentials, enrollment tokens) carry 256 bits of entropy and are stored as
 //! SHA-256 digests, so the database never holds anything a reader could present.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use sha2::{Digest, Sha256};
 use world::World;
 
@@ -57,7 +57,11 @@ impl SecretKind {
 }
 
 pub fn new_secret(world: &World, kind: SecretKind) -> String {
-    format!("{}{}", kind.prefix(), hex::encode(world.random_bytes::<32>()))
+    format!(
+        "{}{}",
+        kind.prefix(),
+        hex::encode(world.random_bytes::<32>())
+    )
 }
 
 /// A short random id with a prefix, e.g. `agt_3f2a…`.

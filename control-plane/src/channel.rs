@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::response::Response;
 use axum::Extension;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
 use proto::{AgentMessage, Command, CommandResult, ErrorCode, ServerMessage, WireError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -87,7 +87,10 @@ impl Channels {
 
     fn unregister(&self, agent_id: &str, connection_id: &str) {
         let mut map = self.lock();
-        if map.get(agent_id).is_some_and(|h| h.connection_id == connection_id) {
+        if map
+            .get(agent_id)
+            .is_some_and(|h| h.connection_id == connection_id)
+        {
             map.remove(agent_id);
         }
     }
@@ -173,7 +176,12 @@ struct Conn {
 impl Conn {
     async fn send(&mut self, msg: &ServerMessage) -> Result<(), End> {
         let text = serde_json::to_string(msg).map_err(|e| End::Protocol(e.to_string()))?;
-        match tokio::time::timeout(self.send_timeout, self.socket.send(Message::Text(text.into()))).await {
+        match tokio::time::timeout(
+            self.send_timeout,
+            self.socket.send(Message::Text(text.into())),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(End::Transport(e.to_string())),
             Err(_) => Err(End::Dead),
@@ -185,7 +193,11 @@ impl Conn {
             code: 1000,
             reason: reason.to_string().into(),
         };
-        let _ = tokio::time::timeout(self.send_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+        let _ = tokio::time::timeout(
+            self.send_timeout,
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
     }
 }
 
@@ -215,10 +227,22 @@ async fn run(state: AppState, agent: AgentRow, socket: WebSocket) {
         },
     );
     tracing::info!(connection_id = %connection_id, version, hostname = %hostname, "agent connected");
-    let end = serve_connection(&state, &agent, &connection_id, version, &cancel, &mut conn, &mut queue).await;
+    let end = serve_connection(
+        &state,
+        &agent,
+        &connection_id,
+        version,
+        &cancel,
+        &mut conn,
+        &mut queue,
+    )
+    .await;
     match &end {
         End::Replaced => {
-            let msg = ServerMessage::Error(WireError::new(ErrorCode::Replaced, "a newer connection of this agent took over"));
+            let msg = ServerMessage::Error(WireError::new(
+                ErrorCode::Replaced,
+                "a newer connection of this agent took over",
+            ));
             let _ = conn.send(&msg).await;
             conn.close("replaced").await;
         }
@@ -228,7 +252,11 @@ async fn run(state: AppState, agent: AgentRow, socket: WebSocket) {
     }
     state.channels.unregister(&agent.id, &connection_id);
     let now_ms = state.world.now_unix_ms();
-    if let Err(error) = state.storage.agent_disconnected(&agent.id, &connection_id, now_ms).await {
+    if let Err(error) = state
+        .storage
+        .agent_disconnected(&agent.id, &connection_id, now_ms)
+        .await
+    {
         tracing::warn!(%error, "record agent disconnect");
     }
     tracing::info!(connection_id = %connection_id, %end, "agent disconnected");
@@ -256,7 +284,10 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
             protocol_max,
             hostname,
             ..
-        }) => match proto::negotiate((proto::PROTOCOL_MIN, proto::PROTOCOL_MAX), (protocol_min, protocol_max)) {
+        }) => match proto::negotiate(
+            (proto::PROTOCOL_MIN, proto::PROTOCOL_MAX),
+            (protocol_min, protocol_max),
+        ) {
             Some(version) => Ok((version, hostname)),
             None => {
                 let msg = format!(
@@ -264,15 +295,21 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
                     proto::PROTOCOL_MIN,
                     proto::PROTOCOL_MAX
                 );
-                conn.send(&ServerMessage::Error(WireError::new(ErrorCode::UnsupportedVersion, msg.clone())))
-                    .await?;
+                conn.send(&ServerMessage::Error(WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    msg.clone(),
+                )))
+                .await?;
                 Err(End::Protocol(msg))
             }
         },
         _ => {
             let msg = "the first frame must be a hello";
-            conn.send(&ServerMessage::Error(WireError::new(ErrorCode::ProtocolViolation, msg)))
-                .await?;
+            conn.send(&ServerMessage::Error(WireError::new(
+                ErrorCode::ProtocolViolation,
+                msg,
+            )))
+            .await?;
             Err(End::Protocol(msg.into()))
         }
     }
@@ -291,7 +328,8 @@ async fn serve_connection(
     let welcome = ServerMessage::Welcome {
         protocol_version: version,
         agent_id: agent.id.clone(),
-        heartbeat_interval_ms: u64::try_from(settings.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+        heartbeat_interval_ms: u64::try_from(settings.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
         dead_after_ms: u64::try_from(settings.dead_after.as_millis()).unwrap_or(u64::MAX),
     };
     if let Err(end) = conn.send(&welcome).await {
@@ -378,10 +416,10 @@ async fn serve_connection(
                         "unknown message type; ignored",
                     ))),
                 };
-                if let Some(reply) = reply {
-                    if let Err(end) = conn.send(&reply).await {
-                        return end;
-                    }
+                if let Some(reply) = reply
+                    && let Err(end) = conn.send(&reply).await
+                {
+                    return end;
                 }
             }
         }

@@ -55,7 +55,8 @@ pub struct ServeConfig {
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawServeConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
 }
 
@@ -70,36 +71,52 @@ fn duration(field: &str, value: Option<&str>, default: Duration) -> anyhow::Resu
 pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     let defaults = Settings::default();
     let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    if listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+    if listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
         bail!("listen: {listen:?} must be HOST:PORT, e.g. 127.0.0.1:8080");
     }
-    if let Some(url) = &raw.database_url {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            bail!("database_url: must start with postgres:// (omit it to use SQLite in the data dir)");
-        }
+    if let Some(url) = &raw.database_url
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        bail!("database_url: must start with postgres:// (omit it to use SQLite in the data dir)");
     }
-    if let Some(url) = &raw.redis_url {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            bail!("redis_url: must start with redis:// or rediss://");
-        }
+    if let Some(url) = &raw.redis_url
+        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+    {
+        bail!("redis_url: must start with redis:// or rediss://");
     }
     let settings = Settings {
-        heartbeat_interval: duration("heartbeat_interval", raw.heartbeat_interval.as_deref(), defaults.heartbeat_interval)?,
+        heartbeat_interval: duration(
+            "heartbeat_interval",
+            raw.heartbeat_interval.as_deref(),
+            defaults.heartbeat_interval,
+        )?,
         dead_after: duration("dead_after", raw.dead_after.as_deref(), defaults.dead_after)?,
-        session_ttl: duration("session_ttl", raw.session_ttl.as_deref(), defaults.session_ttl)?,
+        session_ttl: duration(
+            "session_ttl",
+            raw.session_ttl.as_deref(),
+            defaults.session_ttl,
+        )?,
     };
     if settings.heartbeat_interval < Duration::from_millis(100) {
         bail!("heartbeat_interval: must be at least 100ms");
     }
     if settings.dead_after < settings.heartbeat_interval * 2 {
-        bail!("dead_after: must be at least twice heartbeat_interval, or a single lost heartbeat drops the link");
+        bail!(
+            "dead_after: must be at least twice heartbeat_interval, or a single lost heartbeat drops the link"
+        );
     }
     if settings.session_ttl < Duration::from_secs(60) {
         bail!("session_ttl: must be at least 60s");
     }
     Ok(ServeConfig {
         listen,
-        data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        data_dir: raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         database_url: raw.database_url,
         redis_url: raw.redis_url,
         settings,
@@ -120,12 +137,40 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let cases = [
-            (RawServeConfig { listen: Some("nowhere".into()), ..Default::default() }, "listen"),
-            (RawServeConfig { database_url: Some("mysql://x".into()), ..Default::default() }, "database_url"),
-            (RawServeConfig { redis_url: Some("http://x".into()), ..Default::default() }, "redis_url"),
-            (RawServeConfig { dead_after: Some("soon".into()), ..Default::default() }, "dead_after"),
             (
-                RawServeConfig { heartbeat_interval: Some("10s".into()), dead_after: Some("15s".into()), ..Default::default() },
+                RawServeConfig {
+                    listen: Some("nowhere".into()),
+                    ..Default::default()
+                },
+                "listen",
+            ),
+            (
+                RawServeConfig {
+                    database_url: Some("mysql://x".into()),
+                    ..Default::default()
+                },
+                "database_url",
+            ),
+            (
+                RawServeConfig {
+                    redis_url: Some("http://x".into()),
+                    ..Default::default()
+                },
+                "redis_url",
+            ),
+            (
+                RawServeConfig {
+                    dead_after: Some("soon".into()),
+                    ..Default::default()
+                },
+                "dead_after",
+            ),
+            (
+                RawServeConfig {
+                    heartbeat_interval: Some("10s".into()),
+                    dead_after: Some("15s".into()),
+                    ..Default::default()
+                },
                 "dead_after",
             ),
         ];
@@ -137,8 +182,12 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let file: RawServeConfig = toml::from_str("listen = \"0.0.0.0:9000\"\ndata_dir = \"/a\"").expect("parses");
-        let flags = RawServeConfig { listen: Some("127.0.0.1:1".into()), ..Default::default() };
+        let file: RawServeConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\ndata_dir = \"/a\"").expect("parses");
+        let flags = RawServeConfig {
+            listen: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
         let merged = flags.over(file);
         assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(merged.data_dir.as_deref(), Some(std::path::Path::new("/a")));

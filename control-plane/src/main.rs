@@ -87,7 +87,10 @@ enum AdminCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -144,7 +147,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn shutdown_on_signal(token: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return;
         };
@@ -157,13 +163,17 @@ fn shutdown_on_signal(token: CancellationToken) -> tokio::task::JoinHandle<()> {
 }
 
 async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::storage::Storage> {
-    let data_dir = store.data_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+    let data_dir = store
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
     server::open_storage(world, &data_dir, store.database_url.as_deref()).await
 }
 
 fn valid_user_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
@@ -181,12 +191,17 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             let role = Role::parse(&role).context("role must be viewer, operator or admin")?;
             let (password, generated) = if password_stdin {
                 let mut line = String::new();
-                std::io::stdin().lock().read_line(&mut line).context("read password from stdin")?;
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .context("read password from stdin")?;
                 (line.trim_end_matches(['\n', '\r']).to_string(), false)
             } else {
                 (generate_password(&world), true)
             };
-            if password.chars().count() < auth::PASSWORD_CHARS_MIN || password.len() > auth::PASSWORD_BYTES_MAX {
+            if password.chars().count() < auth::PASSWORD_CHARS_MIN
+                || password.len() > auth::PASSWORD_BYTES_MAX
+            {
                 bail!(
                     "password must be {} to {} bytes long",
                     auth::PASSWORD_CHARS_MIN,
@@ -219,14 +234,16 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::EnrollToken { ttl, store } => {
-            let ttl = humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?} is not a duration (e.g. 30m, 1h)"))?;
+            let ttl = humantime::parse_duration(&ttl)
+                .with_context(|| format!("--ttl {ttl:?} is not a duration (e.g. 30m, 1h)"))?;
             if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
                 bail!("--ttl must be between 1s and 7d");
             }
             let storage = open(&world, store).await?;
             let token = auth::new_secret(&world, SecretKind::EnrollToken);
             let now_ms = world.now_unix_ms();
-            let expires_at_ms = now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            let expires_at_ms =
+                now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
             storage
                 .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
                 .await

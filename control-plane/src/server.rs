@@ -15,9 +15,17 @@ pub const SQLITE_FILE: &str = "outpost.db";
 
 /// Open the configured backend (Postgres when a URL is given, else SQLite in `data_dir`) and
 /// bring its schema up to date.
-pub async fn open_storage(world: &World, data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Storage> {
+pub async fn open_storage(
+    world: &World,
+    data_dir: &Path,
+    database_url: Option<&str>,
+) -> anyhow::Result<Storage> {
     let storage = match database_url {
-        Some(url) => Storage::Postgres(PostgresStore::connect(world, url).await.context("connect to the database")?),
+        Some(url) => Storage::Postgres(
+            PostgresStore::connect(world, url)
+                .await
+                .context("connect to the database")?,
+        ),
         None => {
             create_private_dir(data_dir)?;
             let path = data_dir.join(SQLITE_FILE);
@@ -28,7 +36,10 @@ pub async fn open_storage(world: &World, data_dir: &Path, database_url: Option<&
             )
         }
     };
-    let version = storage.migrate().await.context("migrate the database schema")?;
+    let version = storage
+        .migrate()
+        .await
+        .context("migrate the database schema")?;
     tracing::debug!(backend = storage.backend_name(), version, "storage ready");
     Ok(storage)
 }
@@ -54,7 +65,11 @@ pub async fn run(state: AppState, listener: world::Listener) -> anyhow::Result<(
 }
 
 /// Everything `outpost serve` does after parsing its configuration.
-pub async fn serve(world: World, config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    world: World,
+    config: ServeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let storage = open_storage(&world, &config.data_dir, config.database_url.as_deref()).await?;
     let listener = world
         .net()
@@ -62,12 +77,18 @@ pub async fn serve(world: World, config: ServeConfig, shutdown: CancellationToke
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     if config.redis_url.is_some() {
-        tracing::info!("redis_url is set; it carries terminal streams once the terminal is enabled");
+        tracing::info!(
+            "redis_url is set; it carries terminal streams once the terminal is enabled"
+        );
     }
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         storage = storage.backend_name(),
         "outpost control plane listening"
     );
-    run(AppState::new(world, storage, config.settings, shutdown), listener).await
+    run(
+        AppState::new(world, storage, config.settings, shutdown),
+        listener,
+    )
+    .await
 }

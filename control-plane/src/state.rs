@@ -40,7 +40,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(world: World, storage: Storage, settings: Settings, shutdown: CancellationToken) -> AppState {
+    pub fn new(
+        world: World,
+        storage: Storage,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> AppState {
         AppState {
             world,
             storage,

@@ -12,7 +12,10 @@ pub fn rfc3339_ms(unix_ms: i64) -> String {
 mod tests {
     #[test]
     fn formats_utc_with_millis() {
-        assert_eq!(super::rfc3339_ms(1_795_341_873_120), "2026-11-22T10:04:33.120Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_341_873_120),
+            "2026-11-22T10:04:33.120Z"
+        );
         assert_eq!(super::rfc3339_ms(-5), "1970-01-01T00:00:00.000Z");
     }
 }

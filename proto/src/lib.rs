@@ -30,10 +30,7 @@ pub const CHANNEL_PATH: &str = "/api/v1/agent/channel";
 pub const ENROLL_PATH: &str = "/api/v1/agents/enroll";
 
 /// The highest version in both ranges, or `None` when they do not overlap.
-pub fn negotiate(
-    ours: (u32, u32),
-    theirs: (u32, u32),
-) -> Option<u32> {
+pub fn negotiate(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
     let low = ours.0.max(theirs.0);
     let high = ours.1.min(theirs.1);
     (low <= high).then_some(high)
@@ -77,7 +74,10 @@ pub enum AgentMessage {
         hostname: String,
     },
     /// Sent every heartbeat interval; answered by [`ServerMessage::HeartbeatAck`].
-    Heartbeat { seq: u64, sent_at_ms: i64 },
+    Heartbeat {
+        seq: u64,
+        sent_at_ms: i64,
+    },
     /// Answer to [`ServerMessage::Command`].
     CommandAck {
         id: u64,
@@ -104,9 +104,15 @@ pub enum ServerMessage {
         /// A side that hears nothing for this long declares the link dead.
         dead_after_ms: u64,
     },
-    HeartbeatAck { seq: u64, server_time_ms: i64 },
+    HeartbeatAck {
+        seq: u64,
+        server_time_ms: i64,
+    },
     /// A request the agent must answer with [`AgentMessage::CommandAck`] carrying `id`.
-    Command { id: u64, command: Command },
+    Command {
+        id: u64,
+        command: Command,
+    },
     Error(WireError),
     #[serde(other)]
     Unknown,

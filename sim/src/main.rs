@@ -70,28 +70,46 @@ fn main() -> ExitCode {
         .with(sim::trace::TraceLayer)
         .init();
     let cli = Cli::parse();
-    if let Cmd::One { seed, scenario, verbose } = &cli.command {
+    if let Cmd::One {
+        seed,
+        scenario,
+        verbose,
+    } = &cli.command
+    {
         let Some(scenario) = Scenario::parse(scenario) else {
             eprintln!("error: unknown scenario {scenario:?}");
             return ExitCode::from(2);
         };
         let outcome = run_seed(*seed, scenario, *verbose);
         report(&outcome);
-        return if outcome.failure.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        return if outcome.failure.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let runs: Vec<(u64, Scenario)> = match &cli.command {
-        Cmd::Run { seed, scenario, seeds, .. } => {
+        Cmd::Run {
+            seed,
+            scenario,
+            seeds,
+            ..
+        } => {
             let scenarios = match scenario.as_deref() {
                 None => ALL.to_vec(),
                 Some(name) => match Scenario::parse(name) {
                     Some(s) => vec![s],
                     None => {
-                        eprintln!("error: unknown scenario {name:?}; use one of: partition, hold, bounce, mixed");
+                        eprintln!(
+                            "error: unknown scenario {name:?}; use one of: partition, hold, bounce, mixed"
+                        );
                         return ExitCode::from(2);
                     }
                 },
             };
-            (*seed..seed.saturating_add(*seeds)).flat_map(|s| scenarios.iter().map(move |c| (s, *c))).collect()
+            (*seed..seed.saturating_add(*seeds))
+                .flat_map(|s| scenarios.iter().map(move |c| (s, *c)))
+                .collect()
         }
         Cmd::Regressions { dir, .. } => match read_regressions(dir) {
             Ok(runs) => runs,
@@ -103,22 +121,39 @@ fn main() -> ExitCode {
         Cmd::One { .. } => Vec::new(),
     };
     let (check, verbose, jobs) = match &cli.command {
-        Cmd::Run { check_determinism, verbose, jobs, .. } => (*check_determinism, *verbose, *jobs),
-        Cmd::Regressions { check_determinism, jobs, .. } => (*check_determinism, false, *jobs),
+        Cmd::Run {
+            check_determinism,
+            verbose,
+            jobs,
+            ..
+        } => (*check_determinism, *verbose, *jobs),
+        Cmd::Regressions {
+            check_determinism,
+            jobs,
+            ..
+        } => (*check_determinism, false, *jobs),
         Cmd::One { .. } => (false, false, 1),
     };
     let wall = std::time::Instant::now();
     let results = run_all(&runs, check, verbose, jobs.max(1));
     let wall_s = wall.elapsed().as_secs_f64();
     let runs_each = if check { 2.0 } else { 1.0 };
-    let simulated_s: f64 = runs.iter().map(|(seed, c)| schedule(*c, *seed).run_for.as_secs_f64()).sum::<f64>() * runs_each;
+    let simulated_s: f64 = runs
+        .iter()
+        .map(|(seed, c)| schedule(*c, *seed).run_for.as_secs_f64())
+        .sum::<f64>()
+        * runs_each;
     let failed = results.iter().filter(|ok| !**ok).count();
     eprintln!(
         "simulated {simulated_s:.0} s in {wall_s:.1} s wall on {jobs} jobs: {:.0}x real time per job",
         simulated_s / (wall_s * jobs.max(1) as f64)
     );
     println!("{} passed, {failed} failed", results.len() - failed);
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Run every seed in a fresh child process (`jobs` at a time) and print its verdict line.
@@ -131,32 +166,36 @@ fn run_all(runs: &[(u64, Scenario)], check: bool, verbose: bool, jobs: usize) ->
     let print = std::sync::Mutex::new(());
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(runs.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((seed, scenario)) = runs.get(i).copied() else { break };
-                let first = child(seed, scenario, verbose);
-                let mut line = first.line.clone();
-                let mut details = first.stderr.clone();
-                let mut ok = first.ok;
-                if check && ok {
-                    let second = child(seed, scenario, false);
-                    if second.trace != first.trace {
-                        ok = false;
-                        line = line.replace("result=ok", "result=FAIL");
-                        details.push_str(&format!(
-                            "--- FAIL: nondeterministic: the same seed gave trace {} then {}\n",
-                            first.trace, second.trace
-                        ));
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((seed, scenario)) = runs.get(i).copied() else {
+                        break;
+                    };
+                    let first = child(seed, scenario, verbose);
+                    let mut line = first.line.clone();
+                    let mut details = first.stderr.clone();
+                    let mut ok = first.ok;
+                    if check && ok {
+                        let second = child(seed, scenario, false);
+                        if second.trace != first.trace {
+                            ok = false;
+                            line = line.replace("result=ok", "result=FAIL");
+                            details.push_str(&format!(
+                                "--- FAIL: nondeterministic: the same seed gave trace {} then {}\n",
+                                first.trace, second.trace
+                            ));
+                        }
                     }
-                }
-                let _guard = print.lock();
-                eprint!("{details}");
-                if verbose {
-                    print!("{}", first.stdout_rest);
-                }
-                println!("{line}");
-                if let Ok(mut r) = results.lock() {
-                    r[i] = ok;
+                    let _guard = print.lock();
+                    eprint!("{details}");
+                    if verbose {
+                        print!("{}", first.stdout_rest);
+                    }
+                    println!("{line}");
+                    if let Ok(mut r) = results.lock() {
+                        r[i] = ok;
+                    }
                 }
             });
         }
@@ -175,7 +214,10 @@ struct ChildRun {
 fn child(seed: u64, scenario: Scenario, verbose: bool) -> ChildRun {
     let failed = |why: String| ChildRun {
         ok: false,
-        line: format!("seed={seed} scenario={} result=FAIL trace=none", scenario.name()),
+        line: format!(
+            "seed={seed} scenario={} result=FAIL trace=none",
+            scenario.name()
+        ),
         trace: String::new(),
         stderr: format!("--- FAIL: {why}\n"),
         stdout_rest: String::new(),
@@ -185,7 +227,13 @@ fn child(seed: u64, scenario: Scenario, verbose: bool) -> ChildRun {
         Err(e) => return failed(format!("locate the sim binary: {e}")),
     };
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["one", "--seed", &seed.to_string(), "--scenario", scenario.name()]);
+    cmd.args([
+        "one",
+        "--seed",
+        &seed.to_string(),
+        "--scenario",
+        scenario.name(),
+    ]);
     if verbose {
         cmd.arg("--verbose");
     }
@@ -195,10 +243,18 @@ fn child(seed: u64, scenario: Scenario, verbose: bool) -> ChildRun {
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let Some(line) = stdout.lines().rev().find(|l| l.starts_with("seed=")) else {
-        return failed(format!("the seed's process printed no verdict ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        return failed(format!(
+            "the seed's process printed no verdict ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     };
     let trace = line.rsplit("trace=").next().unwrap_or_default().to_string();
-    let rest: String = stdout.lines().filter(|l| !l.starts_with("seed=")).map(|l| format!("{l}\n")).collect();
+    let rest: String = stdout
+        .lines()
+        .filter(|l| !l.starts_with("seed="))
+        .map(|l| format!("{l}\n"))
+        .collect();
     ChildRun {
         ok: out.status.success() && line.contains("result=ok"),
         line: line.to_string(),
@@ -211,12 +267,20 @@ fn child(seed: u64, scenario: Scenario, verbose: bool) -> ChildRun {
 fn report(outcome: &Outcome) {
     let failure = outcome.failure.as_deref();
     if let Some(reason) = failure {
-        eprintln!("--- last trace events of seed {} ({}) ---", outcome.seed, outcome.scenario.name());
+        eprintln!(
+            "--- last trace events of seed {} ({}) ---",
+            outcome.seed,
+            outcome.scenario.name()
+        );
         for line in &outcome.tail {
             eprintln!("{line}");
         }
         eprintln!("--- FAIL: {reason}");
-        eprintln!("replay: cargo run -p sim -- run --seed {} --scenario {} --verbose", outcome.seed, outcome.scenario.name());
+        eprintln!(
+            "replay: cargo run -p sim -- run --seed {} --scenario {} --verbose",
+            outcome.seed,
+            outcome.scenario.name()
+        );
     }
     println!(
         "seed={} scenario={} result={} trace={}",
@@ -238,7 +302,8 @@ fn read_regressions(dir: &std::path::Path) -> anyhow::Result<Vec<(u64, Scenario)
     files.sort();
     let mut runs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -255,7 +320,11 @@ fn read_regressions(dir: &std::path::Path) -> anyhow::Result<Vec<(u64, Scenario)
             }
             match (seed, scenario) {
                 (Some(s), Some(c)) => runs.push((s, c)),
-                _ => anyhow::bail!("{}:{}: expected `seed=N scenario=NAME`", file.display(), n + 1),
+                _ => anyhow::bail!(
+                    "{}:{}: expected `seed=N scenario=NAME`",
+                    file.display(),
+                    n + 1
+                ),
             }
         }
     }

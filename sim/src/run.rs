@@ -9,6 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use agent::link::{LinkConfig, LinkStatus, run_link};
 use control_plane::auth::{self, SecretKind};
 use control_plane::state::{AppState, Settings};
+use control_plane::storage::AgentRow;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use world::World;
@@ -63,14 +64,21 @@ fn agent_host(i: usize) -> String {
 }
 
 fn host_seed(seed: u64, host: &str) -> u64 {
-    host.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    host.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Create the control plane's database with one enrollment token per agent (before the
 /// simulation starts, as an operator would).
 fn prepare(dir: &Path, agents: usize, seed: u64) -> anyhow::Result<Vec<String>> {
-    let world = World::simulated(host_seed(seed, "operator"), UNIX_EPOCH + Duration::from_secs(EPOCH_S));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let world = World::simulated(
+        host_seed(seed, "operator"),
+        UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
         let now = world.now_unix_ms();
@@ -114,7 +122,10 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     );
     let bounds = Bounds {
         detect: settings.dead_after + Duration::from_secs(1),
-        recover: settings.dead_after + link_defaults.connect_timeout + link_defaults.backoff_max + Duration::from_secs(3),
+        recover: settings.dead_after
+            + link_defaults.connect_timeout
+            + link_defaults.backoff_max
+            + Duration::from_secs(3),
         dead_after: settings.dead_after,
     };
     let shared: Shared = Arc::default();
@@ -128,12 +139,20 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
 
     // The control plane.
     {
-        let world = World::simulated(host_seed(seed, "cp"), UNIX_EPOCH + Duration::from_secs(EPOCH_S));
+        let world = World::simulated(
+            host_seed(seed, "cp"),
+            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+        );
         let data_dir = dir.path().join("cp");
         let shared = shared.clone();
         let settings = settings.clone();
         sim.host("cp", move || {
-            let (world, data_dir, shared, settings) = (world.clone(), data_dir.clone(), shared.clone(), settings.clone());
+            let (world, data_dir, shared, settings) = (
+                world.clone(),
+                data_dir.clone(),
+                shared.clone(),
+                settings.clone(),
+            );
             async move {
                 let storage = control_plane::server::open_storage(&world, &data_dir, None)
                     .await
@@ -141,7 +160,9 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
                 let listener = world.net().bind(&format!("0.0.0.0:{CP_PORT}")).await?;
                 let state = AppState::new(world, storage, settings, CancellationToken::new());
                 lock(&shared).cp = Some(state.clone());
-                control_plane::server::run(state, listener).await.map_err(|e| e.to_string())?;
+                control_plane::server::run(state, listener)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(())
             }
         });
@@ -149,13 +170,21 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     // The agents: enroll (retrying, with a stable enrollment id) then keep the link up.
     for (i, token) in tokens.into_iter().enumerate() {
         let name = agent_host(i);
-        let world = World::simulated(host_seed(seed, &name), UNIX_EPOCH + Duration::from_secs(EPOCH_S));
+        let world = World::simulated(
+            host_seed(seed, &name),
+            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+        );
         let data_dir = dir.path().join(&name);
         let shared = shared.clone();
         let link_defaults = link_defaults.clone();
         sim.host(agent_host(i).as_str(), move || {
-            let (world, data_dir, shared, token, name) =
-                (world.clone(), data_dir.clone(), shared.clone(), token.clone(), name.clone());
+            let (world, data_dir, shared, token, name) = (
+                world.clone(),
+                data_dir.clone(),
+                shared.clone(),
+                token.clone(),
+                name.clone(),
+            );
             let mut link = link_defaults.clone();
             async move {
                 let (status, receiver) = watch::channel(LinkStatus::Connecting { attempt: 0 });
@@ -169,7 +198,13 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
         });
     }
 
-    let mut checker = Checker::new(agents, bounds, dir.path().join("cp").join(control_plane::server::SQLITE_FILE));
+    let mut checker = Checker::new(
+        agents,
+        bounds,
+        dir.path()
+            .join("cp")
+            .join(control_plane::server::SQLITE_FILE),
+    );
     let mut pending = plan.events.iter().peekable();
     let mut next_check = Duration::ZERO;
     let mut cp_up = true;
@@ -186,7 +221,8 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
             apply(&mut sim, fault, &mut checker, &shared, &mut cp_up, now);
             pending.next();
         }
-        sim.step().map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
         if now >= next_check {
             next_check = now + CHECK_EVERY;
             let since_epoch = sim.since_epoch();
@@ -197,7 +233,13 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     Ok(())
 }
 
-async fn enroll_until_done(world: &World, data_dir: &Path, token: &str, name: &str, link: &LinkConfig) -> agent::identity::Identity {
+async fn enroll_until_done(
+    world: &World,
+    data_dir: &Path,
+    token: &str,
+    name: &str,
+    link: &LinkConfig,
+) -> agent::identity::Identity {
     let mut backoff = agent::link::Backoff::new(link.backoff_base, link.backoff_max);
     loop {
         match agent::identity::load(data_dir) {
@@ -205,7 +247,9 @@ async fn enroll_until_done(world: &World, data_dir: &Path, token: &str, name: &s
             Ok(None) => {}
             Err(e) => tracing::warn!(target: "agent::sim", error = %e, "identity unreadable"),
         }
-        match agent::identity::enroll(world, data_dir, link.control_plane.as_str(), token, name).await {
+        match agent::identity::enroll(world, data_dir, link.control_plane.as_str(), token, name)
+            .await
+        {
             Ok(identity) => return identity,
             Err(e) => {
                 tracing::info!(target: "agent::sim", error = %e, "enrollment failed; retrying");
@@ -215,7 +259,14 @@ async fn enroll_until_done(world: &World, data_dir: &Path, token: &str, name: &s
     }
 }
 
-fn apply(sim: &mut turmoil::Sim<'_>, fault: &Fault, checker: &mut Checker, shared: &Shared, cp_up: &mut bool, now: Duration) {
+fn apply(
+    sim: &mut turmoil::Sim<'_>,
+    fault: &Fault,
+    checker: &mut Checker,
+    shared: &Shared,
+    cp_up: &mut bool,
+    now: Duration,
+) {
     trace::record(format!("fault {fault:?}"));
     match fault {
         Fault::Partition { agent } => checker.link_fault(sim, *agent, 0, 1, now),
@@ -280,7 +331,14 @@ impl Checker {
     /// Count a fault of `kind` (0 partition, 1 hold) on `agent`'s link and set the link to
     /// what the counts say. turmoil keeps one state per link, so overlapping faults are
     /// resolved here: any partition wins over a hold; healthy only when both counts are 0.
-    fn link_fault(&mut self, sim: &mut turmoil::Sim<'_>, agent: usize, kind: usize, delta: i32, now: Duration) {
+    fn link_fault(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        agent: usize,
+        kind: usize,
+        delta: i32,
+        now: Duration,
+    ) {
         self.faults[agent][kind] = (self.faults[agent][kind] + delta).max(0);
         let [partitions, holds] = self.faults[agent];
         let host = agent_host(agent);
@@ -312,8 +370,8 @@ impl Checker {
         self.last_disturbance = now;
     }
 
-    /// (agent_id per agent host name, connected, last_seen_ms) from the control plane's DB.
-    fn stored_agents(&mut self) -> anyhow::Result<Vec<(String, String, bool, Option<i64>)>> {
+    /// The agents table as the control plane stored it.
+    fn stored_agents(&mut self) -> anyhow::Result<Vec<AgentRow>> {
         if self.conn.is_none() {
             self.conn = Some(rusqlite::Connection::open_with_flags(
                 &self.db,
@@ -321,19 +379,39 @@ impl Checker {
             )?);
         }
         let conn = self.conn.as_ref().ok_or_else(|| anyhow::anyhow!("no db"))?;
-        let mut stmt = conn.prepare("SELECT id, name, connected, last_seen_ms FROM agents ORDER BY id")?;
+        let mut stmt =
+            conn.prepare("SELECT id, name, connected, last_seen_ms FROM agents ORDER BY id")?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0, r.get(3)?)))?
+            .query_map([], |r| {
+                Ok(AgentRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at_ms: 0,
+                    connected: r.get::<_, i64>(2)? != 0,
+                    last_seen_ms: r.get(3)?,
+                })
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
-    fn check(&mut self, shared: &Shared, now: Duration, since_epoch: Duration, cp_up: bool, quiet_from: Duration) -> anyhow::Result<()> {
+    fn check(
+        &mut self,
+        shared: &Shared,
+        now: Duration,
+        since_epoch: Duration,
+        cp_up: bool,
+        quiet_from: Duration,
+    ) -> anyhow::Result<()> {
         let observed = lock(shared);
         let statuses: Vec<Option<LinkStatus>> = (0..self.faults.len())
             .map(|i| observed.agents.get(&i).map(|r| r.borrow().clone()))
             .collect();
-        let connected: Vec<String> = observed.cp.as_ref().map(|s| s.channels.connected()).unwrap_or_default();
+        let connected: Vec<String> = observed
+            .cp
+            .as_ref()
+            .map(|s| s.channels.connected())
+            .unwrap_or_default();
         drop(observed);
         let now_ms = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
 
@@ -347,38 +425,55 @@ impl Checker {
                 self.last_online[i] = Some(now);
             }
             // Half-open / partition: both sides notice within the detection bound.
-            if let Some(since) = self.broken_since[i] {
-                if now.saturating_sub(since) > self.bounds.detect {
-                    if online {
-                        anyhow::bail!("{name}: still online {:?} into a broken link (bound {:?})", now - since, self.bounds.detect);
-                    }
-                    if let Some(LinkStatus::Online { agent_id, .. }) = status {
-                        if connected.contains(agent_id) {
-                            anyhow::bail!("{name}: control plane still holds the channel of a broken link");
-                        }
-                    }
+            if let Some(since) = self.broken_since[i]
+                && now.saturating_sub(since) > self.bounds.detect
+            {
+                if online {
+                    anyhow::bail!(
+                        "{name}: still online {:?} into a broken link (bound {:?})",
+                        now - since,
+                        self.bounds.detect
+                    );
+                }
+                if let Some(LinkStatus::Online { agent_id, .. }) = status
+                    && connected.contains(agent_id)
+                {
+                    anyhow::bail!("{name}: control plane still holds the channel of a broken link");
                 }
             }
         }
 
-        if now.as_millis() % 1000 == 0 || now >= quiet_from {
-            let dead_after_ms = i64::try_from(self.bounds.dead_after.as_millis()).unwrap_or(i64::MAX);
-            let stored = if cp_up || self.conn.is_some() { self.stored_agents()? } else { Vec::new() };
+        if now.as_millis().is_multiple_of(1000) || now >= quiet_from {
+            let dead_after_ms =
+                i64::try_from(self.bounds.dead_after.as_millis()).unwrap_or(i64::MAX);
+            let stored = if cp_up || self.conn.is_some() {
+                self.stored_agents()?
+            } else {
+                Vec::new()
+            };
             // No duplicate identity: at most one row per agent host, whatever was retried.
             let mut names = BTreeMap::new();
-            for (id, name, connected_flag, last_seen) in &stored {
-                if let Some(other) = names.insert(name.clone(), id.clone()) {
-                    anyhow::bail!("duplicate identity for {name}: {other} and {id}");
+            for row in &stored {
+                let name = &row.name;
+                if let Some(other) = names.insert(name.clone(), row.id.clone()) {
+                    anyhow::bail!("duplicate identity for {name}: {other} and {}", row.id);
                 }
                 // Status correctness: shown online only if the agent was really online recently.
-                let shown_online = *connected_flag && last_seen.is_some_and(|s| now_ms - s <= dead_after_ms);
+                let shown_online = row.connected
+                    && row
+                        .last_seen_ms
+                        .is_some_and(|s| now_ms - s <= dead_after_ms);
                 if shown_online {
                     let index = (0..self.faults.len()).find(|i| agent_host(*i) == *name);
                     if let Some(i) = index {
-                        let recently = self.last_online[i]
-                            .is_some_and(|t| now.saturating_sub(t) <= self.bounds.dead_after + Duration::from_secs(1));
+                        let recently = self.last_online[i].is_some_and(|t| {
+                            now.saturating_sub(t) <= self.bounds.dead_after + Duration::from_secs(1)
+                        });
                         if !recently {
-                            anyhow::bail!("{name} shown online but the agent has not been online for more than {:?}", self.bounds.dead_after);
+                            anyhow::bail!(
+                                "{name} shown online but the agent has not been online for more than {:?}",
+                                self.bounds.dead_after
+                            );
                         }
                     }
                 }
@@ -391,10 +486,15 @@ impl Checker {
             for (i, status) in statuses.iter().enumerate() {
                 let name = agent_host(i);
                 let Some(LinkStatus::Online { agent_id, .. }) = status else {
-                    anyhow::bail!("{name}: not back online {:?} after the last fault healed (now {status:?})", now - self.last_disturbance);
+                    anyhow::bail!(
+                        "{name}: not back online {:?} after the last fault healed (now {status:?})",
+                        now - self.last_disturbance
+                    );
                 };
                 if !connected.contains(agent_id) {
-                    anyhow::bail!("{name}: online in its own view but the control plane holds no channel");
+                    anyhow::bail!(
+                        "{name}: online in its own view but the control plane holds no channel"
+                    );
                 }
             }
         }
@@ -405,26 +505,25 @@ impl Checker {
         let agents = self.faults.len();
         let stored = self.stored_agents()?;
         if stored.len() != agents {
-            anyhow::bail!("{} agent identities stored for {agents} hosts", stored.len());
+            anyhow::bail!(
+                "{} agent identities stored for {agents} hosts",
+                stored.len()
+            );
         }
         let now_ms = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
         let observed = lock(shared);
         let Some(cp) = observed.cp.as_ref() else {
             anyhow::bail!("control plane not running at the end");
         };
-        for (id, name, connected, last_seen) in &stored {
-            let row = control_plane::storage::AgentRow {
-                id: id.clone(),
-                name: name.clone(),
-                created_at_ms: 0,
-                last_seen_ms: *last_seen,
-                connected: *connected,
-            };
-            if !cp.is_online(&row, now_ms) {
-                anyhow::bail!("{name} ({id}) not online in the API at the end");
+        for row in &stored {
+            if !cp.is_online(row, now_ms) {
+                anyhow::bail!("{} ({}) not online in the API at the end", row.name, row.id);
             }
         }
-        trace::record(format!("final: {agents} agents online, {} identities", stored.len()));
+        trace::record(format!(
+            "final: {agents} agents online, {} identities",
+            stored.len()
+        ));
         Ok(())
     }
 }

@@ -17,7 +17,12 @@ pub enum Scenario {
     Mixed,
 }
 
-pub const ALL: [Scenario; 4] = [Scenario::Partition, Scenario::Hold, Scenario::Bounce, Scenario::Mixed];
+pub const ALL: [Scenario; 4] = [
+    Scenario::Partition,
+    Scenario::Hold,
+    Scenario::Bounce,
+    Scenario::Mixed,
+];
 
 impl Scenario {
     pub fn name(self) -> &'static str {
@@ -78,7 +83,7 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     while t < faults_until {
         let agent = rng.random_range(0..agents);
         let length = match rng.random_range(0..3) {
-            0 => secs(&mut rng, 1, 10),  // shorter than the dead deadline: the link may survive
+            0 => secs(&mut rng, 1, 10), // shorter than the dead deadline: the link may survive
             1 => secs(&mut rng, 10, 20), // around the deadline
             _ => secs(&mut rng, 20, 60), // well past it
         };
@@ -133,12 +138,19 @@ mod tests {
                 let mut open = std::collections::BTreeMap::new();
                 for (_, f) in &a.events {
                     match f {
-                        Fault::Partition { agent } | Fault::Hold { agent } => *open.entry(*agent).or_insert(0) += 1,
-                        Fault::Repair { agent } | Fault::Release { agent } => *open.entry(*agent).or_insert(0) -= 1,
+                        Fault::Partition { agent } | Fault::Hold { agent } => {
+                            *open.entry(*agent).or_insert(0) += 1
+                        }
+                        Fault::Repair { agent } | Fault::Release { agent } => {
+                            *open.entry(*agent).or_insert(0) -= 1
+                        }
                         _ => {}
                     }
                 }
-                assert!(open.values().all(|n| *n == 0), "{scenario:?}/{seed}: unhealed fault");
+                assert!(
+                    open.values().all(|n| *n == 0),
+                    "{scenario:?}/{seed}: unhealed fault"
+                );
                 assert!(a.run_for >= a.quiet_from + std::time::Duration::from_secs(60));
             }
         }

@@ -83,7 +83,11 @@ fn push(line: String) {
 /// (hash hex, event count, last lines).
 pub fn finish() -> (String, u64, Vec<String>) {
     with_state(|s| match s.take() {
-        Some(s) => (hex::encode(&s.hasher.finalize()[..8]), s.events, s.tail.into_iter().collect()),
+        Some(s) => (
+            hex::encode(&s.hasher.finalize()[..8]),
+            s.events,
+            s.tail.into_iter().collect(),
+        ),
         None => (String::new(), 0, Vec::new()),
     })
 }
@@ -103,13 +107,24 @@ impl<S: tracing::Subscriber> Layer<S> for TraceLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
         let target = meta.target();
-        if !(target.starts_with("agent") || target.starts_with("control_plane") || target.starts_with("world")) {
+        if !(target.starts_with("agent")
+            || target.starts_with("control_plane")
+            || target.starts_with("world"))
+        {
             return;
         }
         let host = turmoil::sim_elapsed().is_some();
-        let elapsed = if host { turmoil_elapsed_ms() } else { driver_elapsed_ms() };
+        let elapsed = if host {
+            turmoil_elapsed_ms()
+        } else {
+            driver_elapsed_ms()
+        };
         let mut fields = Fields(String::new());
         event.record(&mut fields);
-        push(format!("{elapsed:>9} {} {target}{}", meta.level(), fields.0));
+        push(format!(
+            "{elapsed:>9} {} {target}{}",
+            meta.level(),
+            fields.0
+        ));
     }
 }

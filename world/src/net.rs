@@ -98,10 +98,7 @@ impl Net {
 }
 
 fn unsupported_in_simulation() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Unsupported,
-        "unix sockets are not simulated",
-    )
+    io::Error::new(io::ErrorKind::Unsupported, "unix sockets are not simulated")
 }
 
 impl Listener {

@@ -53,16 +53,21 @@ pub async fn ws_connect(
 ) -> Result<WsStream, WsError> {
     let addr = authority(url)?;
     let mut ws_url = url.clone();
-    let scheme = if url.scheme() == "http" { "ws" } else { url.scheme() };
+    let scheme = if url.scheme() == "http" {
+        "ws"
+    } else {
+        url.scheme()
+    };
     // Only fails for cannot-be-a-base URLs, which `authority` already refused.
     let _ = ws_url.set_scheme(scheme);
-    let mut request = ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|source| WsError::Handshake {
-            addr: addr.clone(),
-            source: Box::new(source),
-        })?;
+    let mut request =
+        ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|source| WsError::Handshake {
+                addr: addr.clone(),
+                source: Box::new(source),
+            })?;
     if let Some(token) = bearer {
         let value = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| {
             WsError::Url(HttpError::BadUrl {

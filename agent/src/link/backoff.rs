@@ -15,7 +15,9 @@ impl Backoff {
         let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX).max(1);
         Backoff {
             base_ms,
-            max_ms: u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(base_ms),
+            max_ms: u64::try_from(max.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(base_ms),
             failures: 0,
         }
     }
@@ -62,7 +64,10 @@ mod tests {
         let mut b = Backoff::new(ms(100), ms(1000));
         // random = u64::MAX % (spread+1) varies; use 0 for the lower edge, huge for near-upper.
         let lows: Vec<_> = (0..6).map(|_| b.next_delay(0)).collect();
-        assert_eq!(lows, vec![ms(50), ms(100), ms(200), ms(400), ms(500), ms(500)]);
+        assert_eq!(
+            lows,
+            vec![ms(50), ms(100), ms(200), ms(400), ms(500), ms(500)]
+        );
         b.reset();
         assert_eq!(b.failures(), 0);
         assert_eq!(b.next_delay(50), ms(100));

@@ -45,9 +45,17 @@ impl LinkConfig {
 /// What the link is doing now (published on a `watch` channel).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkStatus {
-    Connecting { attempt: u64 },
-    Online { agent_id: String, protocol_version: u32 },
-    Waiting { retry_in_ms: u64, last_error: String },
+    Connecting {
+        attempt: u64,
+    },
+    Online {
+        agent_id: String,
+        protocol_version: u32,
+    },
+    Waiting {
+        retry_in_ms: u64,
+        last_error: String,
+    },
     Stopped,
 }
 
@@ -58,7 +66,12 @@ enum End {
 }
 
 /// Run the link until `shutdown` fires.
-pub async fn run_link(world: World, config: LinkConfig, status: watch::Sender<LinkStatus>, shutdown: CancellationToken) {
+pub async fn run_link(
+    world: World,
+    config: LinkConfig,
+    status: watch::Sender<LinkStatus>,
+    shutdown: CancellationToken,
+) {
     let started = Instant::now();
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     let mut attempt = 0u64;
@@ -75,7 +88,16 @@ pub async fn run_link(world: World, config: LinkConfig, status: watch::Sender<Li
         attempt += 1;
         status.send_replace(LinkStatus::Connecting { attempt });
         // The session watches `shutdown` itself, so it can say goodbye with a close frame.
-        let end = connect_and_serve(&world, &config, &channel_url, &status, &mut backoff, started, &shutdown).await;
+        let end = connect_and_serve(
+            &world,
+            &config,
+            &channel_url,
+            &status,
+            &mut backoff,
+            started,
+            &shutdown,
+        )
+        .await;
         let error = match end {
             End::Shutdown => break,
             End::Failed(error) => error,
@@ -83,7 +105,10 @@ pub async fn run_link(world: World, config: LinkConfig, status: watch::Sender<Li
         let delay = backoff.next_delay(world.random_u64());
         let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::warn!(%error, retry_in_ms, failures = backoff.failures(), "control channel down");
-        status.send_replace(LinkStatus::Waiting { retry_in_ms, last_error: error });
+        status.send_replace(LinkStatus::Waiting {
+            retry_in_ms,
+            last_error: error,
+        });
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
@@ -100,7 +125,9 @@ struct Session {
 impl Session {
     async fn send(&mut self, msg: &AgentMessage) -> Result<(), String> {
         let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(self.send_timeout, self.ws.send(Message::Text(text.into()))).await {
+        match tokio::time::timeout(self.send_timeout, self.ws.send(Message::Text(text.into())))
+            .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("send: {e}")),
             Err(_) => Err("send did not complete: link is dead".into()),
@@ -143,14 +170,32 @@ async fn connect_and_serve(
         agent_id,
         protocol_version: version,
     });
-    serve(world, config, session, version, heartbeat_interval, dead_after, started, shutdown).await
+    serve(
+        world,
+        config,
+        session,
+        version,
+        heartbeat_interval,
+        dead_after,
+        started,
+        shutdown,
+    )
+    .await
 }
 
 type Established = (Session, String, u32, Duration, Duration);
 
 /// Dial, hello, welcome.
 async fn establish(world: &World, config: &LinkConfig, url: &url::Url) -> Result<Established, End> {
-    let ws = match world::ws_connect(world, url, Some(&config.credential), config.connect_timeout, proto::FRAME_BYTES_MAX).await {
+    let ws = match world::ws_connect(
+        world,
+        url,
+        Some(&config.credential),
+        config.connect_timeout,
+        proto::FRAME_BYTES_MAX,
+    )
+    .await
+    {
         Ok(ws) => ws,
         Err(e) if e.http_status() == Some(401) => {
             return Err(End::Failed(
@@ -255,17 +300,23 @@ async fn serve(
                         "unknown message type; ignored",
                     ))),
                 };
-                if let Some(reply) = reply {
-                    if let Err(e) = session.send(&reply).await {
-                        return End::Failed(e);
-                    }
+                if let Some(reply) = reply
+                    && let Err(e) = session.send(&reply).await
+                {
+                    return End::Failed(e);
                 }
             }
         }
     }
 }
 
-fn answer(id: u64, command: Command, config: &LinkConfig, version: u32, started: Instant) -> AgentMessage {
+fn answer(
+    id: u64,
+    command: Command,
+    config: &LinkConfig,
+    version: u32,
+    started: Instant,
+) -> AgentMessage {
     match command {
         Command::Describe => AgentMessage::CommandAck {
             id,
@@ -282,7 +333,10 @@ fn answer(id: u64, command: Command, config: &LinkConfig, version: u32, started:
             id,
             ok: false,
             result: None,
-            error: Some(WireError::new(ErrorCode::UnknownCommand, "this agent does not know that command")),
+            error: Some(WireError::new(
+                ErrorCode::UnknownCommand,
+                "this agent does not know that command",
+            )),
         },
     }
 }

@@ -13,16 +13,28 @@ pub fn agent_bin() -> PathBuf {
 /// `outpost` is built into the same directory as `outpost-agent` by a workspace build.
 pub fn outpost_bin() -> PathBuf {
     let path = agent_bin().with_file_name("outpost");
-    assert!(path.is_file(), "{} missing: build the workspace (cargo build --workspace --bins)", path.display());
+    assert!(
+        path.is_file(),
+        "{} missing: build the workspace (cargo build --workspace --bins)",
+        path.display()
+    );
     path
 }
 
 pub fn run(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env("OUTPOST_LOG", "warn").output().expect("run binary")
+    Command::new(bin)
+        .args(args)
+        .env("OUTPOST_LOG", "warn")
+        .output()
+        .expect("run binary")
 }
 
 pub fn stdout(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -47,7 +59,11 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.0.id().to_string()]).status().expect("kill").success();
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
         assert!(ok, "kill {sig}");
     }
 
@@ -72,7 +88,11 @@ impl Drop for Proc {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A control plane started from the binary, with an admin token for the API.
@@ -90,7 +110,16 @@ impl ControlPlane {
         let data = dir.path().join("cp");
         let data_s = data.to_str().expect("utf8");
         let mut create = Command::new(outpost_bin())
-            .args(["admin", "create-user", "admin", "--role", "admin", "--password-stdin", "--data-dir", data_s])
+            .args([
+                "admin",
+                "create-user",
+                "admin",
+                "--role",
+                "admin",
+                "--password-stdin",
+                "--data-dir",
+                data_s,
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,7 +128,9 @@ impl ControlPlane {
         {
             use std::io::Write;
             let mut stdin = create.stdin.take().expect("stdin");
-            stdin.write_all(b"admin-password-1234\n").expect("write password");
+            stdin
+                .write_all(b"admin-password-1234\n")
+                .expect("write password");
         }
         let out = create.wait_with_output().expect("create-user");
         assert!(stdout(&out).contains("user: admin"));
@@ -129,14 +160,30 @@ impl ControlPlane {
         let log = self.dir.path().join("cp.log");
         let proc = Proc::spawn(
             &outpost_bin(),
-            &["serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8")],
+            &[
+                "serve",
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().expect("utf8"),
+            ],
             &log,
         );
         self.proc = Some(proc);
     }
 
     pub fn enroll_token(&self) -> String {
-        let out = run(&outpost_bin(), &["admin", "enroll-token", "--ttl", "10m", "--data-dir", self.data_dir().to_str().expect("utf8")]);
+        let out = run(
+            &outpost_bin(),
+            &[
+                "admin",
+                "enroll-token",
+                "--ttl",
+                "10m",
+                "--data-dir",
+                self.data_dir().to_str().expect("utf8"),
+            ],
+        );
         stdout(&out).trim().to_string()
     }
 
@@ -145,16 +192,31 @@ impl ControlPlane {
         let url = url::Url::parse(&format!("{}{path}", self.url())).expect("url");
         let mut headers = http::HeaderMap::new();
         if let Some(t) = token {
-            headers.insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse().expect("header"));
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().expect("header"),
+            );
         }
-        world::http_request(&world, http::Method::GET, &url, headers, bytes::Bytes::new(), Duration::from_secs(2), 1 << 20)
-            .await
-            .ok()
+        world::http_request(
+            &world,
+            http::Method::GET,
+            &url,
+            headers,
+            bytes::Bytes::new(),
+            Duration::from_secs(2),
+            1 << 20,
+        )
+        .await
+        .ok()
     }
 
     pub async fn wait_healthy(&self) {
         for _ in 0..200 {
-            if self.get("/healthz", None).await.is_some_and(|r| r.status == 200) {
+            if self
+                .get("/healthz", None)
+                .await
+                .is_some_and(|r| r.status == 200)
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -166,11 +228,22 @@ impl ControlPlane {
         let world = World::real();
         let url = url::Url::parse(&format!("{}/api/v1/sessions", self.url())).expect("url");
         let mut headers = http::HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, "application/json".parse().expect("header"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().expect("header"),
+        );
         let body = r#"{"username":"admin","password":"admin-password-1234"}"#;
-        let r = world::http_request(&world, http::Method::POST, &url, headers, body.into(), Duration::from_secs(5), 1 << 20)
-            .await
-            .expect("login");
+        let r = world::http_request(
+            &world,
+            http::Method::POST,
+            &url,
+            headers,
+            body.into(),
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .await
+        .expect("login");
         assert_eq!(r.status, 200);
         let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
         v["token"].as_str().expect("token").to_string()
@@ -181,25 +254,41 @@ impl ControlPlane {
         let r = self.get("/api/v1/agents", Some(&self.token)).await?;
         let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
         let agents = v.as_array()?;
-        assert!(agents.iter().filter(|a| a["name"] == name).count() <= 1, "duplicate identity: {v}");
+        assert!(
+            agents.iter().filter(|a| a["name"] == name).count() <= 1,
+            "duplicate identity: {v}"
+        );
         let agent = agents.iter().find(|a| a["name"] == name)?;
-        let seen = agent["last_seen"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok());
+        let seen = agent["last_seen"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok());
         Some((agent["status"].as_str().unwrap_or("").to_string(), seen))
     }
 
     /// Poll until `name` shows `want` with `last_seen` at or after `since` (so a stale row
     /// left by a killed control plane does not count); returns how long it took.
-    pub async fn wait_status_since(&self, name: &str, want: &str, since: SystemTime, limit: Duration) -> Duration {
+    pub async fn wait_status_since(
+        &self,
+        name: &str,
+        want: &str,
+        since: SystemTime,
+        limit: Duration,
+    ) -> Duration {
         let start = tokio::time::Instant::now();
         while start.elapsed() < limit {
-            if let Some((status, seen)) = self.status(name).await {
-                if status == want && seen.is_some_and(|s| s >= since) {
-                    return start.elapsed();
-                }
+            if let Some((status, seen)) = self.status(name).await
+                && status == want
+                && seen.is_some_and(|s| s >= since)
+            {
+                return start.elapsed();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("{name} not {want} since {since:?} within {limit:?}; now {:?}\n{}", self.status(name).await, self.log());
+        panic!(
+            "{name} not {want} since {since:?} within {limit:?}; now {:?}\n{}",
+            self.status(name).await,
+            self.log()
+        );
     }
 
     pub async fn wait_status(&self, name: &str, want: &str, limit: Duration) -> Duration {

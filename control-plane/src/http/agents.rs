@@ -1,8 +1,8 @@
 //! Agent enrollment and the fleet list.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use serde::Serialize;
 
 use super::ApiError;
@@ -25,7 +25,10 @@ pub async fn enroll(
         ));
     }
     if request.enrollment_id.is_empty() || request.enrollment_id.len() > ENROLLMENT_ID_BYTES_MAX {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "enrollment_id is missing or too long"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "enrollment_id is missing or too long",
+        ));
     }
     let credential = auth::new_secret(&state.world, SecretKind::AgentCredential);
     let attempt = EnrollAttempt {
@@ -36,7 +39,12 @@ pub async fn enroll(
         credential_hash: auth::secret_hash(&credential),
         now_ms: state.world.now_unix_ms(),
     };
-    match state.storage.enroll_agent(attempt).await.map_err(ApiError::internal)? {
+    match state
+        .storage
+        .enroll_agent(attempt)
+        .await
+        .map_err(ApiError::internal)?
+    {
         Enrollment::Enrolled { agent_id } => {
             tracing::info!(agent_id = %agent_id, name = %name, "agent enrolled");
             Ok(Json(proto::EnrollResponse {
@@ -47,8 +55,12 @@ pub async fn enroll(
         Enrollment::Refused(reason) => {
             let message = match reason {
                 EnrollRefusal::UnknownToken => "unknown enrollment token",
-                EnrollRefusal::Expired => "enrollment token expired; create a new one with `outpost admin enroll-token`",
-                EnrollRefusal::AlreadyUsed => "enrollment token already used; create a new one with `outpost admin enroll-token`",
+                EnrollRefusal::Expired => {
+                    "enrollment token expired; create a new one with `outpost admin enroll-token`"
+                }
+                EnrollRefusal::AlreadyUsed => {
+                    "enrollment token already used; create a new one with `outpost admin enroll-token`"
+                }
             };
             tracing::info!(?reason, name = %name, "enrollment refused");
             Err(ApiError::unauthorized(message))
@@ -67,12 +79,20 @@ pub struct AgentView {
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    let rows = state.storage.list_agents().await.map_err(ApiError::internal)?;
+    let rows = state
+        .storage
+        .list_agents()
+        .await
+        .map_err(ApiError::internal)?;
     let now_ms = state.world.now_unix_ms();
     let views = rows
         .into_iter()
         .map(|row| AgentView {
-            status: if state.is_online(&row, now_ms) { "online" } else { "offline" },
+            status: if state.is_online(&row, now_ms) {
+                "online"
+            } else {
+                "offline"
+            },
             last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
             id: row.id,
             name: row.name,

@@ -54,10 +54,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         access,
     };
     vec![
-        (
-            spec(Method::GET, "/healthz", Access::Public),
-            get(healthz),
-        ),
+        (spec(Method::GET, "/healthz", Access::Public), get(healthz)),
         (
             spec(Method::POST, "/api/v1/sessions", Access::Public),
             post(sessions::login),
@@ -122,7 +119,10 @@ impl ApiError {
     pub fn internal(error: impl std::fmt::Display) -> ApiError {
         // Logged here, where it is handled; the caller gets no internals.
         tracing::error!(%error, "request failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server log")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server log",
+        )
     }
 }
 
@@ -147,7 +147,11 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 fn bearer_token(request: &Request) -> Option<String> {
-    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let token = value.strip_prefix("Bearer ")?.trim();
     (!token.is_empty()).then(|| token.to_string())
 }
@@ -174,17 +178,26 @@ async fn authenticate(
         Access::Public => {}
         Access::User(required) => {
             let Some(token) = bearer_token(&request).or_else(|| cookie_token(&request)) else {
-                return ApiError::unauthorized("log in first: POST /api/v1/sessions").into_response();
+                return ApiError::unauthorized("log in first: POST /api/v1/sessions")
+                    .into_response();
             };
             let now_ms = state.world.now_unix_ms();
-            match state.storage.user_by_token(&secret_hash(&token), now_ms).await {
+            match state
+                .storage
+                .user_by_token(&secret_hash(&token), now_ms)
+                .await
+            {
                 Ok(Some(user)) if user.role.allows(required) => {
                     request.extensions_mut().insert(AuthUser(user));
                 }
                 Ok(Some(user)) => {
                     return ApiError::new(
                         StatusCode::FORBIDDEN,
-                        format!("role {} may not do this; {} required", user.role.as_str(), required.as_str()),
+                        format!(
+                            "role {} may not do this; {} required",
+                            user.role.as_str(),
+                            required.as_str()
+                        ),
                     )
                     .into_response();
                 }
@@ -199,7 +212,11 @@ async fn authenticate(
             let Some(token) = bearer_token(&request) else {
                 return ApiError::unauthorized("agent credential required").into_response();
             };
-            match state.storage.agent_by_credential(&secret_hash(&token)).await {
+            match state
+                .storage
+                .agent_by_credential(&secret_hash(&token))
+                .await
+            {
                 Ok(Some(agent)) => {
                     request.extensions_mut().insert(AuthAgent(agent));
                 }

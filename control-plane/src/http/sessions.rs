@@ -1,10 +1,10 @@
 //! `POST /api/v1/sessions`: log in with a user name and password, get an API token (also set
 //! as an HttpOnly, SameSite=Strict session cookie).
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, SESSION_COOKIE};

@@ -15,7 +15,7 @@ use crate::auth::Role;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Arbitrary constant shared by all replicas: serializes concurrent migrations.
-const MIGRATION_LOCK_KEY: i64 = 0x6f75_7470_6f73_74;
+const MIGRATION_LOCK_KEY: i64 = 0x006f_7574_706f_7374;
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -125,10 +125,10 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<Arc<Client>, StorageError> {
         let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if !c.client.is_closed() {
-                return Ok(Arc::clone(&c.client));
-            }
+        if let Some(c) = slot.as_ref()
+            && !c.client.is_closed()
+        {
+            return Ok(Arc::clone(&c.client));
         }
         let (client, driver) = self.open_client().await?;
         let connected = Connected {
@@ -153,7 +153,10 @@ impl PostgresStore {
         .await
         .map_err(backend)?;
         let current: i32 = tx
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
             .await
             .map_err(backend)?
             .get(0);
@@ -164,7 +167,11 @@ impl PostgresStore {
             )));
         }
         let now_ms = self.world.now_unix_ms();
-        for (index, step) in migrations::POSTGRES.iter().enumerate().skip(current as usize) {
+        for (index, step) in migrations::POSTGRES
+            .iter()
+            .enumerate()
+            .skip(current as usize)
+        {
             tx.batch_execute(step).await.map_err(backend)?;
             let version = i32::try_from(index + 1).map_err(backend)?;
             tx.execute(
@@ -242,11 +249,17 @@ impl PostgresStore {
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         let client = self.client().await?;
         let a = client
-            .execute("DELETE FROM api_tokens WHERE expires_at_ms <= $1", &[&now_ms])
+            .execute(
+                "DELETE FROM api_tokens WHERE expires_at_ms <= $1",
+                &[&now_ms],
+            )
             .await
             .map_err(backend)?;
         let b = client
-            .execute("DELETE FROM enroll_tokens WHERE expires_at_ms <= $1", &[&now_ms])
+            .execute(
+                "DELETE FROM enroll_tokens WHERE expires_at_ms <= $1",
+                &[&now_ms],
+            )
             .await
             .map_err(backend)?;
         Ok(a + b)

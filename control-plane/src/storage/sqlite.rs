@@ -185,7 +185,10 @@ impl SqliteStore {
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         self.run(move |conn| {
             let a = conn
-                .execute("DELETE FROM api_tokens WHERE expires_at_ms <= ?1", params![now_ms])
+                .execute(
+                    "DELETE FROM api_tokens WHERE expires_at_ms <= ?1",
+                    params![now_ms],
+                )
                 .map_err(backend)?;
             let b = conn
                 .execute(
@@ -334,7 +337,9 @@ impl SqliteStore {
     pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StorageError> {
         self.run(|conn| {
             let mut stmt = conn
-                .prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name, id"))
+                .prepare(&format!(
+                    "SELECT {AGENT_COLUMNS} FROM agents ORDER BY name, id"
+                ))
                 .map_err(backend)?;
             let rows = stmt
                 .query_map([], agent_from_row)

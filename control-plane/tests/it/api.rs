@@ -24,15 +24,29 @@ async fn every_route_but_login_health_and_enrollment_requires_credentials() {
         .collect();
     assert_eq!(
         public,
-        vec!["GET /healthz", "POST /api/v1/sessions", "POST /api/v1/agents/enroll"],
+        vec![
+            "GET /healthz",
+            "POST /api/v1/sessions",
+            "POST /api/v1/agents/enroll"
+        ],
         "adding a public route is a security decision: update this list deliberately"
     );
     let mut checked = 0;
-    for spec in route_specs().into_iter().filter(|r| r.access != Access::Public) {
+    for spec in route_specs()
+        .into_iter()
+        .filter(|r| r.access != Access::Public)
+    {
         let path = concrete(spec.path);
         for bearer in [None, Some("opt_not-a-real-token")] {
-            let r = server.request(spec.method.clone(), &path, bearer, "{}").await;
-            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{} {path} with {bearer:?}", spec.method);
+            let r = server
+                .request(spec.method.clone(), &path, bearer, "{}")
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{} {path} with {bearer:?}",
+                spec.method
+            );
             let body: proto::ErrorBody = serde_json::from_slice(&r.body).expect("JSON error body");
             assert!(!body.error.is_empty());
             checked += 1;
@@ -47,9 +61,13 @@ async fn agent_credentials_do_not_open_user_routes_and_user_tokens_do_not_open_a
     let server = Server::start().await;
     let (_, credential) = server.enroll("db1").await;
     let user_token = server.token_for("ops", Role::Admin).await;
-    let r = server.request(Method::GET, "/api/v1/agents", Some(&credential), "").await;
+    let r = server
+        .request(Method::GET, "/api/v1/agents", Some(&credential), "")
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let r = server.request(Method::GET, proto::CHANNEL_PATH, Some(&user_token), "").await;
+    let r = server
+        .request(Method::GET, proto::CHANNEL_PATH, Some(&user_token), "")
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }
@@ -60,14 +78,30 @@ async fn login_issues_a_token_and_an_httponly_cookie_that_both_work() {
     let token = server.token_for("viewer1", Role::Viewer).await;
     assert!(token.starts_with("opt_"));
     let r = server
-        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"viewer1","password":"a-long-enough-password"}"#)
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            r#"{"username":"viewer1","password":"a-long-enough-password"}"#,
+        )
         .await;
-    let cookie = r.headers.get(http::header::SET_COOKIE).expect("cookie").to_str().expect("ascii").to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let cookie = r
+        .headers
+        .get(http::header::SET_COOKIE)
+        .expect("cookie")
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     let pair = cookie.split(';').next().expect("pair").to_string();
     let mut headers = HeaderMap::new();
     headers.insert(http::header::COOKIE, pair.parse().expect("header"));
-    let r = server.request_with(Method::GET, "/api/v1/agents", headers, "").await;
+    let r = server
+        .request_with(Method::GET, "/api/v1/agents", headers, "")
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(server.agents(&token).await, serde_json::json!([]));
     server.stop().await;
@@ -78,10 +112,20 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
     let server = Server::start().await;
     server.token_for("alice", Role::Operator).await;
     let wrong = server
-        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"alice","password":"nope-nope-nope"}"#)
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            r#"{"username":"alice","password":"nope-nope-nope"}"#,
+        )
         .await;
     let unknown = server
-        .request(Method::POST, "/api/v1/sessions", None, r#"{"username":"mallory","password":"nope-nope-nope"}"#)
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            r#"{"username":"mallory","password":"nope-nope-nope"}"#,
+        )
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert_eq!(wrong.status, unknown.status);
@@ -92,12 +136,21 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
 #[tokio::test]
 async fn oversized_and_malformed_bodies_are_refused() {
     let server = Server::start().await;
-    let huge = format!(r#"{{"username":"a","password":"{}"}}"#, "x".repeat(100 * 1024));
-    let r = server.request(Method::POST, "/api/v1/sessions", None, huge).await;
+    let huge = format!(
+        r#"{{"username":"a","password":"{}"}}"#,
+        "x".repeat(100 * 1024)
+    );
+    let r = server
+        .request(Method::POST, "/api/v1/sessions", None, huge)
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let r = server.request(Method::POST, "/api/v1/sessions", None, "{not json").await;
+    let r = server
+        .request(Method::POST, "/api/v1/sessions", None, "{not json")
+        .await;
     assert!(r.status.is_client_error(), "{}", r.status);
-    let r = server.request(Method::GET, "/no/such/route", None, "").await;
+    let r = server
+        .request(Method::GET, "/no/such/route", None, "")
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
@@ -114,13 +167,21 @@ async fn enrollment_validates_input_and_refuses_reused_tokens() {
         })
         .expect("json")
     };
-    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("", "e1")).await;
+    let r = server
+        .request(Method::POST, proto::ENROLL_PATH, None, req("", "e1"))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db\u{7}", "e1")).await;
+    let r = server
+        .request(Method::POST, proto::ENROLL_PATH, None, req("db\u{7}", "e1"))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db1", "e1")).await;
+    let r = server
+        .request(Method::POST, proto::ENROLL_PATH, None, req("db1", "e1"))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = server.request(Method::POST, proto::ENROLL_PATH, None, req("db2", "e2")).await;
+    let r = server
+        .request(Method::POST, proto::ENROLL_PATH, None, req("db2", "e2"))
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let body: proto::ErrorBody = serde_json::from_slice(&r.body).expect("json");
     assert!(body.error.contains("already used"), "{}", body.error);

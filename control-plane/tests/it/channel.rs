@@ -11,23 +11,37 @@ use crate::harness::Server;
 
 async fn dial(server: &Server, credential: &str) -> WsStream {
     let url = server.base.join(proto::CHANNEL_PATH).expect("url");
-    world::ws_connect(&server.world, &url, Some(credential), Duration::from_secs(5), proto::FRAME_BYTES_MAX)
-        .await
-        .expect("dial channel")
+    world::ws_connect(
+        &server.world,
+        &url,
+        Some(credential),
+        Duration::from_secs(5),
+        proto::FRAME_BYTES_MAX,
+    )
+    .await
+    .expect("dial channel")
 }
 
 async fn send(ws: &mut WsStream, msg: &AgentMessage) {
-    ws.send(Message::Text(serde_json::to_string(msg).expect("json").into())).await.expect("send");
+    ws.send(Message::Text(
+        serde_json::to_string(msg).expect("json").into(),
+    ))
+    .await
+    .expect("send");
 }
 
 async fn send_raw(ws: &mut WsStream, text: &str) {
-    ws.send(Message::Text(text.to_string().into())).await.expect("send");
+    ws.send(Message::Text(text.to_string().into()))
+        .await
+        .expect("send");
 }
 
 /// Next server message, skipping heartbeat acks; `None` when the server closed.
 async fn recv(ws: &mut WsStream) -> Option<ServerMessage> {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("server answers within 5 s");
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("server answers within 5 s");
         match frame {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
             Some(Ok(Message::Text(t))) => {
@@ -54,7 +68,9 @@ async fn welcomed(server: &Server, credential: &str) -> WsStream {
     let mut ws = dial(server, credential).await;
     send(&mut ws, &hello(proto::PROTOCOL_MIN, proto::PROTOCOL_MAX)).await;
     match recv(&mut ws).await {
-        Some(ServerMessage::Welcome { protocol_version, .. }) => assert_eq!(protocol_version, proto::PROTOCOL_MAX),
+        Some(ServerMessage::Welcome {
+            protocol_version, ..
+        }) => assert_eq!(protocol_version, proto::PROTOCOL_MAX),
         other => panic!("expected welcome, got {other:?}"),
     }
     ws
@@ -62,7 +78,12 @@ async fn welcomed(server: &Server, credential: &str) -> WsStream {
 
 async fn status_of(server: &Server, token: &str, agent_id: &str) -> String {
     let agents = server.agents(token).await;
-    let agent = agents.as_array().expect("array").iter().find(|a| a["id"] == agent_id).expect("listed");
+    let agent = agents
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|a| a["id"] == agent_id)
+        .expect("listed");
     agent["status"].as_str().expect("status").to_string()
 }
 
@@ -71,7 +92,11 @@ async fn version_ranges_that_do_not_overlap_are_refused_with_a_reason() {
     let server = Server::start().await;
     let (_, cred) = server.enroll("db1").await;
     let mut ws = dial(&server, &cred).await;
-    send(&mut ws, &hello(proto::PROTOCOL_MAX + 1, proto::PROTOCOL_MAX + 5)).await;
+    send(
+        &mut ws,
+        &hello(proto::PROTOCOL_MAX + 1, proto::PROTOCOL_MAX + 5),
+    )
+    .await;
     match recv(&mut ws).await {
         Some(ServerMessage::Error(e)) => {
             assert_eq!(e.code, ErrorCode::UnsupportedVersion);
@@ -79,7 +104,11 @@ async fn version_ranges_that_do_not_overlap_are_refused_with_a_reason() {
         }
         other => panic!("expected unsupported_version, got {other:?}"),
     }
-    assert_eq!(recv(&mut ws).await, None, "the server closes after refusing");
+    assert_eq!(
+        recv(&mut ws).await,
+        None,
+        "the server closes after refusing"
+    );
     server.stop().await;
 }
 
@@ -88,7 +117,14 @@ async fn the_first_frame_must_be_hello() {
     let server = Server::start().await;
     let (_, cred) = server.enroll("db1").await;
     let mut ws = dial(&server, &cred).await;
-    send(&mut ws, &AgentMessage::Heartbeat { seq: 1, sent_at_ms: 0 }).await;
+    send(
+        &mut ws,
+        &AgentMessage::Heartbeat {
+            seq: 1,
+            sent_at_ms: 0,
+        },
+    )
+    .await;
     match recv(&mut ws).await {
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::ProtocolViolation),
         other => panic!("expected protocol_violation, got {other:?}"),
@@ -100,7 +136,9 @@ async fn the_first_frame_must_be_hello() {
 async fn unknown_and_malformed_messages_are_answered_and_the_channel_stays_up() {
     let server = Server::start().await;
     let (agent_id, cred) = server.enroll("db1").await;
-    let token = server.token_for("viewer", control_plane::auth::Role::Viewer).await;
+    let token = server
+        .token_for("viewer", control_plane::auth::Role::Viewer)
+        .await;
     let mut ws = welcomed(&server, &cred).await;
     send_raw(&mut ws, r#"{"type":"from_the_future","x":1}"#).await;
     match recv(&mut ws).await {
@@ -112,10 +150,24 @@ async fn unknown_and_malformed_messages_are_answered_and_the_channel_stays_up() 
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::Malformed),
         other => panic!("expected malformed, got {other:?}"),
     }
-    send(&mut ws, &AgentMessage::Heartbeat { seq: 7, sent_at_ms: 0 }).await;
-    let frame = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("ack").expect("frame").expect("ok");
+    send(
+        &mut ws,
+        &AgentMessage::Heartbeat {
+            seq: 7,
+            sent_at_ms: 0,
+        },
+    )
+    .await;
+    let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("ack")
+        .expect("frame")
+        .expect("ok");
     let ack: ServerMessage = serde_json::from_str(frame.to_text().expect("text")).expect("json");
-    assert!(matches!(ack, ServerMessage::HeartbeatAck { seq: 7, .. }), "{ack:?}");
+    assert!(
+        matches!(ack, ServerMessage::HeartbeatAck { seq: 7, .. }),
+        "{ack:?}"
+    );
     assert_eq!(status_of(&server, &token, &agent_id).await, "online");
     server.stop().await;
 }
@@ -124,7 +176,9 @@ async fn unknown_and_malformed_messages_are_answered_and_the_channel_stays_up() 
 async fn a_second_connection_replaces_the_first_and_the_agent_stays_online() {
     let server = Server::start().await;
     let (agent_id, cred) = server.enroll("db1").await;
-    let token = server.token_for("viewer", control_plane::auth::Role::Viewer).await;
+    let token = server
+        .token_for("viewer", control_plane::auth::Role::Viewer)
+        .await;
     let mut first = welcomed(&server, &cred).await;
     let mut second = welcomed(&server, &cred).await;
     match recv(&mut first).await {
@@ -133,7 +187,14 @@ async fn a_second_connection_replaces_the_first_and_the_agent_stays_online() {
     }
     assert_eq!(recv(&mut first).await, None);
     assert_eq!(server.state.channels.connected(), vec![agent_id.clone()]);
-    send(&mut second, &AgentMessage::Heartbeat { seq: 1, sent_at_ms: 0 }).await;
+    send(
+        &mut second,
+        &AgentMessage::Heartbeat {
+            seq: 1,
+            sent_at_ms: 0,
+        },
+    )
+    .await;
     assert_eq!(status_of(&server, &token, &agent_id).await, "online");
     server.stop().await;
 }
@@ -142,7 +203,9 @@ async fn a_second_connection_replaces_the_first_and_the_agent_stays_online() {
 async fn a_silent_agent_is_dropped_after_the_dead_deadline() {
     let server = Server::start().await;
     let (agent_id, cred) = server.enroll("db1").await;
-    let token = server.token_for("viewer", control_plane::auth::Role::Viewer).await;
+    let token = server
+        .token_for("viewer", control_plane::auth::Role::Viewer)
+        .await;
     let mut ws = welcomed(&server, &cred).await;
     // Say nothing: the server must give up after dead_after (1 s in these tests).
     let end = tokio::time::timeout(Duration::from_secs(5), async {
@@ -167,7 +230,11 @@ async fn commands_are_acked_and_unknown_commands_fail_cleanly() {
     let mut ws = welcomed(&server, &cred).await;
     let channels = server.state.channels.clone();
     let id = agent_id.clone();
-    let pending = tokio::spawn(async move { channels.send_command(&id, Command::Describe, Duration::from_secs(5)).await });
+    let pending = tokio::spawn(async move {
+        channels
+            .send_command(&id, Command::Describe, Duration::from_secs(5))
+            .await
+    });
     let (cmd_id, command) = match recv(&mut ws).await {
         Some(ServerMessage::Command { id, command }) => (id, command),
         other => panic!("expected a command, got {other:?}"),
@@ -179,7 +246,16 @@ async fn commands_are_acked_and_unknown_commands_fail_cleanly() {
         protocol_version: 1,
         uptime_s: 3,
     };
-    send(&mut ws, &AgentMessage::CommandAck { id: cmd_id, ok: true, result: Some(result.clone()), error: None }).await;
+    send(
+        &mut ws,
+        &AgentMessage::CommandAck {
+            id: cmd_id,
+            ok: true,
+            result: Some(result.clone()),
+            error: None,
+        },
+    )
+    .await;
     assert_eq!(pending.await.expect("join").expect("answered"), result);
 
     let err = server
@@ -188,6 +264,9 @@ async fn commands_are_acked_and_unknown_commands_fail_cleanly() {
         .send_command("agt_nobody", Command::Describe, Duration::from_secs(1))
         .await
         .expect_err("not connected");
-    assert!(matches!(err, control_plane::channel::CommandError::NotConnected));
+    assert!(matches!(
+        err,
+        control_plane::channel::CommandError::NotConnected
+    ));
     server.stop().await;
 }

@@ -92,9 +92,18 @@ impl Server {
         token
     }
 
-    pub async fn request(&self, method: Method, path: &str, bearer: Option<&str>, body: impl Into<Bytes>) -> HttpResponse {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> HttpResponse {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         if let Some(token) = bearer {
             headers.insert(
                 http::header::AUTHORIZATION,
@@ -104,11 +113,25 @@ impl Server {
         self.request_with(method, path, headers, body).await
     }
 
-    pub async fn request_with(&self, method: Method, path: &str, headers: HeaderMap, body: impl Into<Bytes>) -> HttpResponse {
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: impl Into<Bytes>,
+    ) -> HttpResponse {
         let url = self.base.join(path).expect("url");
-        world::http_request(&self.world, method, &url, headers, body.into(), Duration::from_secs(10), 1 << 20)
-            .await
-            .expect("request")
+        world::http_request(
+            &self.world,
+            method,
+            &url,
+            headers,
+            body.into(),
+            Duration::from_secs(10),
+            1 << 20,
+        )
+        .await
+        .expect("request")
     }
 
     /// Enroll an agent over HTTP; returns (agent_id, credential).
@@ -120,14 +143,18 @@ impl Server {
             enrollment_id: format!("enr_{name}"),
         })
         .expect("json");
-        let r = self.request(Method::POST, proto::ENROLL_PATH, None, body).await;
+        let r = self
+            .request(Method::POST, proto::ENROLL_PATH, None, body)
+            .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         let answer: proto::EnrollResponse = serde_json::from_slice(&r.body).expect("json");
         (answer.agent_id, answer.credential)
     }
 
     pub async fn agents(&self, token: &str) -> serde_json::Value {
-        let r = self.request(Method::GET, "/api/v1/agents", Some(token), "").await;
+        let r = self
+            .request(Method::GET, "/api/v1/agents", Some(token), "")
+            .await;
         assert_eq!(r.status, 200);
         serde_json::from_slice(&r.body).expect("json")
     }

@@ -1,7 +1,9 @@
 //! One storage suite, run against both backends.
 
 use control_plane::auth::Role;
-use control_plane::storage::{EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError, UserRow};
+use control_plane::storage::{
+    EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError, UserRow,
+};
 use world::World;
 
 fn user(name: &str) -> UserRow {
@@ -14,7 +16,13 @@ fn user(name: &str) -> UserRow {
     }
 }
 
-fn attempt(token: &str, enrollment_id: &str, agent_id: &str, credential: &str, now_ms: i64) -> EnrollAttempt {
+fn attempt(
+    token: &str,
+    enrollment_id: &str,
+    agent_id: &str,
+    credential: &str,
+    now_ms: i64,
+) -> EnrollAttempt {
     EnrollAttempt {
         token_hash: token.to_string(),
         enrollment_id: enrollment_id.to_string(),
@@ -27,54 +35,139 @@ fn attempt(token: &str, enrollment_id: &str, agent_id: &str, credential: &str, n
 
 async fn check(s: Storage) {
     let v = s.migrate().await.expect("migrate");
-    assert_eq!(s.migrate().await.expect("migrate again"), v, "migrations are idempotent");
+    assert_eq!(
+        s.migrate().await.expect("migrate again"),
+        v,
+        "migrations are idempotent"
+    );
 
     // Users.
     s.create_user(user("alice")).await.expect("create user");
-    assert!(matches!(s.create_user(user("alice")).await, Err(StorageError::Conflict(_))));
-    let alice = s.user_by_name("alice").await.expect("query").expect("alice exists");
+    assert!(matches!(
+        s.create_user(user("alice")).await,
+        Err(StorageError::Conflict(_))
+    ));
+    let alice = s
+        .user_by_name("alice")
+        .await
+        .expect("query")
+        .expect("alice exists");
     assert_eq!(alice, user("alice"));
     assert_eq!(s.user_by_name("bob").await.expect("query"), None);
 
     // API tokens expire.
-    s.create_api_token("tok1", &alice.id, 1_000, 5_000).await.expect("token");
-    assert_eq!(s.user_by_token("tok1", 4_999).await.expect("q").map(|u| u.name), Some("alice".into()));
+    s.create_api_token("tok1", &alice.id, 1_000, 5_000)
+        .await
+        .expect("token");
+    assert_eq!(
+        s.user_by_token("tok1", 4_999)
+            .await
+            .expect("q")
+            .map(|u| u.name),
+        Some("alice".into())
+    );
     assert_eq!(s.user_by_token("tok1", 5_000).await.expect("q"), None);
     assert_eq!(s.user_by_token("nope", 1_000).await.expect("q"), None);
 
     // Enrollment: single use, retry-safe for the same enrollment id, expiry.
-    s.create_enroll_token("et1", 1_000, 10_000).await.expect("enroll token");
-    let first = s.enroll_agent(attempt("et1", "enr_a", "agt_1", "cred_1", 2_000)).await.expect("enroll");
-    assert_eq!(first, Enrollment::Enrolled { agent_id: "agt_1".into() });
-    let retry = s.enroll_agent(attempt("et1", "enr_a", "agt_2", "cred_2", 3_000)).await.expect("retry");
-    assert_eq!(retry, Enrollment::Enrolled { agent_id: "agt_1".into() }, "a retry keeps the agent id");
-    assert_eq!(s.agent_by_credential("cred_1").await.expect("q"), None, "the retry re-keyed the agent");
-    assert_eq!(s.agent_by_credential("cred_2").await.expect("q").map(|a| a.id), Some("agt_1".into()));
-    let other = s.enroll_agent(attempt("et1", "enr_b", "agt_3", "cred_3", 3_000)).await.expect("other");
+    s.create_enroll_token("et1", 1_000, 10_000)
+        .await
+        .expect("enroll token");
+    let first = s
+        .enroll_agent(attempt("et1", "enr_a", "agt_1", "cred_1", 2_000))
+        .await
+        .expect("enroll");
+    assert_eq!(
+        first,
+        Enrollment::Enrolled {
+            agent_id: "agt_1".into()
+        }
+    );
+    let retry = s
+        .enroll_agent(attempt("et1", "enr_a", "agt_2", "cred_2", 3_000))
+        .await
+        .expect("retry");
+    assert_eq!(
+        retry,
+        Enrollment::Enrolled {
+            agent_id: "agt_1".into()
+        },
+        "a retry keeps the agent id"
+    );
+    assert_eq!(
+        s.agent_by_credential("cred_1").await.expect("q"),
+        None,
+        "the retry re-keyed the agent"
+    );
+    assert_eq!(
+        s.agent_by_credential("cred_2")
+            .await
+            .expect("q")
+            .map(|a| a.id),
+        Some("agt_1".into())
+    );
+    let other = s
+        .enroll_agent(attempt("et1", "enr_b", "agt_3", "cred_3", 3_000))
+        .await
+        .expect("other");
     assert_eq!(other, Enrollment::Refused(EnrollRefusal::AlreadyUsed));
-    let late = s.enroll_agent(attempt("et1", "enr_a", "agt_4", "cred_4", 10_000)).await.expect("late");
+    let late = s
+        .enroll_agent(attempt("et1", "enr_a", "agt_4", "cred_4", 10_000))
+        .await
+        .expect("late");
     assert_eq!(late, Enrollment::Refused(EnrollRefusal::Expired));
-    let unknown = s.enroll_agent(attempt("nope", "enr_a", "agt_5", "cred_5", 3_000)).await.expect("unknown");
+    let unknown = s
+        .enroll_agent(attempt("nope", "enr_a", "agt_5", "cred_5", 3_000))
+        .await
+        .expect("unknown");
     assert_eq!(unknown, Enrollment::Refused(EnrollRefusal::UnknownToken));
-    s.create_enroll_token("et2", 1_000, 2_000).await.expect("enroll token");
-    let expired = s.enroll_agent(attempt("et2", "enr_c", "agt_6", "cred_6", 2_000)).await.expect("expired");
+    s.create_enroll_token("et2", 1_000, 2_000)
+        .await
+        .expect("enroll token");
+    let expired = s
+        .enroll_agent(attempt("et2", "enr_c", "agt_6", "cred_6", 2_000))
+        .await
+        .expect("expired");
     assert_eq!(expired, Enrollment::Refused(EnrollRefusal::Expired));
-    assert!(matches!(s.create_enroll_token("et2", 1, 2).await, Err(StorageError::Conflict(_))));
+    assert!(matches!(
+        s.create_enroll_token("et2", 1, 2).await,
+        Err(StorageError::Conflict(_))
+    ));
 
     let agents = s.list_agents().await.expect("list");
-    assert_eq!(agents.len(), 1, "one identity however often enrollment was retried");
+    assert_eq!(
+        agents.len(),
+        1,
+        "one identity however often enrollment was retried"
+    );
     assert!(!agents[0].connected);
 
     // Connection ownership: a stale connection cannot mark a newer one offline.
-    s.agent_connected("agt_1", "conn_a", 4_000).await.expect("connected");
+    s.agent_connected("agt_1", "conn_a", 4_000)
+        .await
+        .expect("connected");
     assert!(s.agent_seen("agt_1", "conn_a", 4_500).await.expect("seen"));
-    s.agent_connected("agt_1", "conn_b", 5_000).await.expect("replaced");
-    assert!(!s.agent_seen("agt_1", "conn_a", 5_100).await.expect("stale seen"), "old connection lost ownership");
-    s.agent_disconnected("agt_1", "conn_a", 5_200).await.expect("stale disconnect");
+    s.agent_connected("agt_1", "conn_b", 5_000)
+        .await
+        .expect("replaced");
+    assert!(
+        !s.agent_seen("agt_1", "conn_a", 5_100)
+            .await
+            .expect("stale seen"),
+        "old connection lost ownership"
+    );
+    s.agent_disconnected("agt_1", "conn_a", 5_200)
+        .await
+        .expect("stale disconnect");
     let a = &s.list_agents().await.expect("list")[0];
-    assert!(a.connected, "stale disconnect must not mark the agent offline");
+    assert!(
+        a.connected,
+        "stale disconnect must not mark the agent offline"
+    );
     assert_eq!(a.last_seen_ms, Some(5_000));
-    s.agent_disconnected("agt_1", "conn_b", 6_000).await.expect("disconnect");
+    s.agent_disconnected("agt_1", "conn_b", 6_000)
+        .await
+        .expect("disconnect");
     let a = &s.list_agents().await.expect("list")[0];
     assert!(!a.connected);
     assert_eq!(a.last_seen_ms, Some(6_000));
@@ -87,18 +180,28 @@ async fn check(s: Storage) {
 async fn sqlite_backend_passes_the_storage_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let world = World::real();
-    let s = control_plane::server::open_storage(&world, dir.path(), None).await.expect("open");
+    let s = control_plane::server::open_storage(&world, dir.path(), None)
+        .await
+        .expect("open");
     check(s).await;
 }
 
 #[tokio::test]
 async fn postgres_backend_passes_the_storage_suite() {
-    let pg = fixtures::Postgres::start().await.expect("start postgres fixture");
-    let url = pg.create_database("storage_suite").expect("create database");
-    let world = World::real();
-    let s = control_plane::server::open_storage(&world, std::path::Path::new("/nonexistent"), Some(&url))
+    let pg = fixtures::Postgres::start()
         .await
-        .expect("open");
+        .expect("start postgres fixture");
+    let url = pg
+        .create_database("storage_suite")
+        .expect("create database");
+    let world = World::real();
+    let s = control_plane::server::open_storage(
+        &world,
+        std::path::Path::new("/nonexistent"),
+        Some(&url),
+    )
+    .await
+    .expect("open");
     check(s).await;
 }
 
@@ -106,11 +209,20 @@ async fn postgres_backend_passes_the_storage_suite() {
 async fn a_newer_schema_is_refused_not_downgraded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let world = World::real();
-    let s = control_plane::server::open_storage(&world, dir.path(), None).await.expect("open");
+    let s = control_plane::server::open_storage(&world, dir.path(), None)
+        .await
+        .expect("open");
     drop(s);
     let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).expect("open raw");
-    conn.pragma_update(None, "user_version", 99).expect("bump version");
+    conn.pragma_update(None, "user_version", 99)
+        .expect("bump version");
     drop(conn);
-    let err = control_plane::server::open_storage(&world, dir.path(), None).await.err().expect("refused");
-    assert!(format!("{err:#}").contains("newer than this build"), "{err:#}");
+    let err = control_plane::server::open_storage(&world, dir.path(), None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("newer than this build"),
+        "{err:#}"
+    );
 }
