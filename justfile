@@ -1,0 +1,81 @@
+# Outpost: the front door. `just` lists the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Fixed seed set run by `just test` (every scenario for each seed, each seed twice).
+sim_seeds := "25"
+
+default:
+    @just --list
+
+# Run the control plane on embedded defaults (SQLite) with one local agent enrolled and connected.
+demo listen="127.0.0.1:8080":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --bins
+    bin=target/debug
+    dir=$(mktemp -d -t outpost-demo-XXXXXX)
+    pids=()
+    cleanup() {
+        trap - EXIT INT TERM
+        for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+        wait 2>/dev/null || true
+        rm -rf "$dir"
+        echo "demo stopped; removed $dir"
+    }
+    trap cleanup EXIT
+    trap 'cleanup; exit 0' INT TERM
+    password=$("$bin/outpost" admin create-user admin --role admin --data-dir "$dir/cp" | sed -n 's/^password: //p')
+    token=$("$bin/outpost" admin enroll-token --ttl 10m --data-dir "$dir/cp")
+    "$bin/outpost" serve --listen "{{listen}}" --data-dir "$dir/cp" 2> "$dir/control-plane.log" &
+    pids+=($!)
+    for _ in $(seq 1 100); do curl -fsS "http://{{listen}}/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    "$bin/outpost-agent" enroll --control-plane "http://{{listen}}" --token "$token" --name demo-agent --data-dir "$dir/agent" >/dev/null
+    "$bin/outpost-agent" run --data-dir "$dir/agent" 2> "$dir/agent.log" &
+    pids+=($!)
+    echo "url: http://{{listen}}"
+    echo "user: admin"
+    echo "password: $password"
+    echo "logs: $dir/control-plane.log $dir/agent.log"
+    echo "try:  TOKEN=\$(curl -s -d '{\"username\":\"admin\",\"password\":\"$password\"}' -H 'content-type: application/json' http://{{listen}}/api/v1/sessions | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')"
+    echo "      curl -s -H \"authorization: Bearer \$TOKEN\" http://{{listen}}/api/v1/agents"
+    echo "Ctrl+C stops everything."
+    wait
+
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd), fixed sim seeds and regressions.
+test: fmt-check lint
+    cargo build --workspace --bins
+    cargo nextest run --workspace --profile ci
+    just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
+    just sim regressions --check-determinism
+
+# Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
+sim *args:
+    cargo run -q -p sim -- {{args}}
+
+# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim.
+bench area="sim":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{area}}" in
+      sim)
+        cargo build -q -p sim
+        echo "target (DESIGN §6): simulated time >= 500x wall time; 200 seeds in CI in <= 5 min"
+        start=$(date +%s%N)
+        ./target/debug/sim run --seed 1000 --seeds 50 2>&1 | tail -2
+        end=$(date +%s%N)
+        echo "200 seed runs (50 seeds x 4 scenarios) took $(( (end - start) / 1000000 )) ms wall"
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim" >&2; exit 2 ;;
+    esac
+
+fmt:
+    cargo fmt --all
+
+fmt-check:
+    cargo fmt --all -- --check
+
+# Clippy with warnings as errors; clippy.toml enforces the world seam.
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p fixtures --features docker --all-targets -- -D warnings
