@@ -137,29 +137,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = config::validate(flags.over(file))?;
     let shutdown = CancellationToken::new();
-    let signals = shutdown_on_signal(shutdown.clone());
+    let signals = {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            world::shutdown_signal().await;
+            token.cancel();
+        })
+    };
     let result = server::serve(World::real(), config, shutdown.clone()).await;
     signals.abort();
     result
-}
-
-/// Cancel `token` on SIGTERM or SIGINT.
-fn shutdown_on_signal(token: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        token.cancel();
-    })
 }
 
 async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::storage::Storage> {

@@ -12,6 +12,7 @@
 
 mod http_client;
 mod net;
+mod signal;
 mod ws;
 
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use rand::{Rng, SeedableRng};
 
 pub use http_client::{HttpError, HttpResponse, http_request};
 pub use net::{Listener, Net, PeerAddr, Stream};
+pub use signal::shutdown_signal;
 pub use ws::{WsError, WsStream, ws_connect};
 
 /// Handle to the outside world. Cheap to clone; clones share one RNG.
