@@ -48,6 +48,9 @@ pub struct Outcome {
 struct Observed {
     cp: Option<AppState>,
     agents: BTreeMap<usize, watch::Receiver<LinkStatus>>,
+    /// Exact simulated time each agent last was online (recorded on every status change, so
+    /// an online spell shorter than the check interval is not missed).
+    last_online: BTreeMap<usize, Duration>,
 }
 
 type Shared = Arc<Mutex<Observed>>;
@@ -188,7 +191,9 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
             let mut link = link_defaults.clone();
             async move {
                 let (status, receiver) = watch::channel(LinkStatus::Connecting { attempt: 0 });
-                lock(&shared).agents.insert(i, receiver);
+                lock(&shared).agents.insert(i, receiver.clone());
+                // Ends when the link (the sender) goes away with the host.
+                tokio::spawn(record_online_spells(i, receiver, shared.clone()));
                 let identity = enroll_until_done(&world, &data_dir, &token, &name, &link).await;
                 link.credential = identity.credential;
                 link.hostname = name;
@@ -231,6 +236,26 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     }
     checker.final_check(&shared, sim.since_epoch())?;
     Ok(())
+}
+
+async fn record_online_spells(
+    agent: usize,
+    mut status: watch::Receiver<LinkStatus>,
+    shared: Shared,
+) {
+    let mut was_online = false;
+    loop {
+        let online = matches!(*status.borrow_and_update(), LinkStatus::Online { .. });
+        if (online || was_online)
+            && let Some(now) = turmoil::sim_elapsed()
+        {
+            lock(&shared).last_online.insert(agent, now);
+        }
+        was_online = online;
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn enroll_until_done(
@@ -412,6 +437,11 @@ impl Checker {
             .as_ref()
             .map(|s| s.channels.connected())
             .unwrap_or_default();
+        for (i, at) in &observed.last_online {
+            if let Some(slot) = self.last_online.get_mut(*i) {
+                *slot = (*slot).max(Some(*at));
+            }
+        }
         drop(observed);
         let now_ms = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
 
@@ -471,8 +501,11 @@ impl Checker {
                         });
                         if !recently {
                             anyhow::bail!(
-                                "{name} shown online but the agent has not been online for more than {:?}",
-                                self.bounds.dead_after
+                                "{name} shown online but the agent has not been online for more than {:?} \
+                                 (now {now_ms} ms, last_seen {:?} ms, agent last online at {:?})",
+                                self.bounds.dead_after,
+                                row.last_seen_ms,
+                                self.last_online[i].map(|t| EPOCH_S * 1000 + t.as_millis() as u64),
                             );
                         }
                     }
