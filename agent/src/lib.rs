@@ -8,6 +8,7 @@ pub mod config;
 pub mod identity;
 pub mod link;
 pub mod run;
+pub mod tasks;
 
 /// Version reported in hello and `describe`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

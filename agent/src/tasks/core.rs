@@ -1,0 +1,428 @@
+//! The scheduler as a plain state machine: it takes `now` and an input, changes its state,
+//! and returns the effects the driver must carry out (persist, dispatch, kill). It never
+//! touches a disk, a clock or a process, so it is tested without a runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::cron::Cron;
+use super::model::{RunOutcome, Schedule, TaskSpec, status};
+
+/// What to do with a run that fell due while the agent was down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissedRuns {
+    /// Run it once at start-up (however many slots were missed).
+    RunOnce,
+    /// Skip to the next slot; a one-off task that was missed ends `aborted`.
+    Skip,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub concurrency_max: usize,
+    pub retries_max: u32,
+    pub retry_base_ms: i64,
+    pub missed: MissedRuns,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            concurrency_max: 4,
+            retries_max: 3,
+            retry_base_ms: 10_000,
+            missed: MissedRuns::RunOnce,
+        }
+    }
+}
+
+/// A task as the scheduler holds it (and as it is persisted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskState {
+    pub id: String,
+    pub spec: TaskSpec,
+    pub status: u32,
+    pub next_run_ms: Option<i64>,
+    /// Failed attempts of the current run (for retries of idempotent kinds).
+    pub attempt: u32,
+    pub created_ms: i64,
+    /// Cancellation was asked while a run was in flight.
+    pub cancel_requested: bool,
+}
+
+/// A run to start in the worker pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub task_id: String,
+    pub run_id: i64,
+    pub spec: TaskSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Persist this task state (insert or replace).
+    SaveTask(TaskState),
+    /// Record a new run as queued.
+    RunQueued {
+        task_id: String,
+        run_id: i64,
+        queued_ms: i64,
+    },
+    /// Hand the run to the worker pool (after the effects before it are durable).
+    Dispatch(Job),
+    /// Stop a run in flight (cancellation).
+    Kill { task_id: String, run_id: i64 },
+    /// Record how a run ended.
+    RunEnded {
+        task_id: String,
+        run_id: i64,
+        finished_ms: i64,
+        outcome: RunOutcome,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error(
+        "task {id} with the same signature already exists ({status}); cancel it or use another --key"
+    )]
+    Duplicate { id: String, status: &'static str },
+    #[error("invalid schedule: {0}")]
+    Schedule(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CancelError {
+    #[error("no task {0}")]
+    Unknown(String),
+    #[error("task {id} already ended ({status})")]
+    Finished { id: String, status: &'static str },
+}
+
+pub struct Scheduler {
+    config: Config,
+    tasks: BTreeMap<String, TaskState>,
+    /// Scheduled tasks by due time.
+    due: BTreeSet<(i64, String)>,
+    /// Runs handed to the pool and not yet ended: run id → task id.
+    running: BTreeMap<i64, String>,
+    next_run_id: i64,
+}
+
+/// The next time `schedule` fires strictly after `after_ms`.
+pub fn next_slot(schedule: &Schedule, after_ms: i64) -> Result<Option<i64>, String> {
+    match schedule {
+        Schedule::Once { .. } => Ok(None),
+        Schedule::Every {
+            interval_ms,
+            first_ms,
+        } => {
+            if *interval_ms <= 0 {
+                return Err("interval must be positive".into());
+            }
+            if after_ms < *first_ms {
+                return Ok(Some(*first_ms));
+            }
+            let k = (after_ms - first_ms) / interval_ms + 1;
+            Ok(Some(first_ms + k * interval_ms))
+        }
+        Schedule::Cron { expr, tz } => {
+            let cron = Cron::parse(expr, tz).map_err(|e| e.to_string())?;
+            Ok(cron.next_after_ms(after_ms))
+        }
+    }
+}
+
+/// When a new task first runs.
+pub fn first_run(schedule: &Schedule, now_ms: i64) -> Result<Option<i64>, String> {
+    match schedule {
+        Schedule::Once { at_ms } => Ok(Some(*at_ms)),
+        Schedule::Every { first_ms, .. } => Ok(Some(*first_ms)),
+        Schedule::Cron { .. } => next_slot(schedule, now_ms),
+    }
+}
+
+impl Scheduler {
+    pub fn new(config: Config) -> Scheduler {
+        Scheduler {
+            config,
+            tasks: BTreeMap::new(),
+            due: BTreeSet::new(),
+            running: BTreeMap::new(),
+            next_run_id: 1,
+        }
+    }
+
+    pub fn task(&self, id: &str) -> Option<&TaskState> {
+        self.tasks.get(id)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    fn index(&mut self, task: &TaskState) {
+        if task.status == status::SCHEDULED
+            && let Some(at) = task.next_run_ms
+        {
+            self.due.insert((at, task.id.clone()));
+        }
+    }
+
+    fn unindex(&mut self, task: &TaskState) {
+        if let Some(at) = task.next_run_ms {
+            self.due.remove(&(at, task.id.clone()));
+        }
+    }
+
+    fn replace(&mut self, task: TaskState) -> Effect {
+        if let Some(old) = self.tasks.get(&task.id).cloned() {
+            self.unindex(&old);
+        }
+        self.index(&task);
+        self.tasks.insert(task.id.clone(), task.clone());
+        Effect::SaveTask(task)
+    }
+
+    /// Load persisted state at start-up and recover: every task caught `queued` or `doing`
+    /// (`status & IN_FLIGHT`) had its run interrupted. `interrupted` lists those runs
+    /// (run id, task id); the driver has already made sure their processes are gone.
+    pub fn recover(
+        &mut self,
+        now_ms: i64,
+        tasks: Vec<TaskState>,
+        interrupted: Vec<(i64, String)>,
+        max_run_id: i64,
+    ) -> Vec<Effect> {
+        self.next_run_id = max_run_id + 1;
+        let mut effects = Vec::new();
+        for (run_id, task_id) in interrupted {
+            effects.push(Effect::RunEnded {
+                task_id,
+                run_id,
+                finished_ms: now_ms,
+                outcome: RunOutcome {
+                    status: status::ABORTED,
+                    exit_code: None,
+                    error: Some("the agent stopped while this run was in flight".into()),
+                    output: Vec::new(),
+                    output_dropped_bytes: 0,
+                },
+            });
+        }
+        for mut task in tasks {
+            if task.status & status::IN_FLIGHT != 0 {
+                task = self.after_run(now_ms, task, status::ABORTED);
+                effects.push(Effect::SaveTask(task.clone()));
+            } else if task.status == status::SCHEDULED
+                && task.next_run_ms.is_some_and(|at| at < now_ms)
+                && self.config.missed == MissedRuns::Skip
+            {
+                task = match next_slot(&task.spec.schedule, now_ms) {
+                    Ok(Some(next)) => TaskState {
+                        next_run_ms: Some(next),
+                        ..task
+                    },
+                    _ => TaskState {
+                        status: status::ABORTED,
+                        next_run_ms: None,
+                        ..task
+                    },
+                };
+                effects.push(Effect::SaveTask(task.clone()));
+            }
+            self.index(&task);
+            self.tasks.insert(task.id.clone(), task);
+        }
+        effects
+    }
+
+    pub fn submit(
+        &mut self,
+        now_ms: i64,
+        id: String,
+        spec: TaskSpec,
+    ) -> Result<Vec<Effect>, SubmitError> {
+        if let Some(existing) = self.tasks.get(&id) {
+            return Err(SubmitError::Duplicate {
+                id,
+                status: status::name(existing.status),
+            });
+        }
+        let next = first_run(&spec.schedule, now_ms).map_err(SubmitError::Schedule)?;
+        let Some(next) = next else {
+            return Err(SubmitError::Schedule("it never fires".into()));
+        };
+        let task = TaskState {
+            id,
+            spec,
+            status: status::SCHEDULED,
+            next_run_ms: Some(next),
+            attempt: 0,
+            created_ms: now_ms,
+            cancel_requested: false,
+        };
+        Ok(vec![self.replace(task)])
+    }
+
+    pub fn cancel(&mut self, id: &str) -> Result<Vec<Effect>, CancelError> {
+        let task = self
+            .tasks
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CancelError::Unknown(id.to_string()))?;
+        if task.status & status::TERMINAL != 0 {
+            return Err(CancelError::Finished {
+                id: id.to_string(),
+                status: status::name(task.status),
+            });
+        }
+        if task.status & status::IN_FLIGHT != 0 {
+            let run_id = self.running.iter().find(|(_, t)| *t == id).map(|(r, _)| *r);
+            let task = TaskState {
+                cancel_requested: true,
+                ..task
+            };
+            let mut effects = vec![self.replace(task)];
+            if let Some(run_id) = run_id {
+                effects.push(Effect::Kill {
+                    task_id: id.to_string(),
+                    run_id,
+                });
+            }
+            return Ok(effects);
+        }
+        let task = TaskState {
+            status: status::CANCELED,
+            next_run_ms: None,
+            ..task
+        };
+        Ok(vec![self.replace(task)])
+    }
+
+    /// Start every due task there is room for: earliest first.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        while self.running.len() < self.config.concurrency_max {
+            let Some((at, id)) = self.due.first().cloned() else {
+                break;
+            };
+            if at > now_ms {
+                break;
+            }
+            self.due.remove(&(at, id.clone()));
+            let Some(task) = self.tasks.get(&id).cloned() else {
+                continue;
+            };
+            let run_id = self.next_run_id;
+            self.next_run_id += 1;
+            self.running.insert(run_id, id.clone());
+            let queued = TaskState {
+                status: status::QUEUED,
+                ..task
+            };
+            let spec = queued.spec.clone();
+            effects.push(self.replace(queued));
+            effects.push(Effect::RunQueued {
+                task_id: id.clone(),
+                run_id,
+                queued_ms: now_ms,
+            });
+            effects.push(Effect::Dispatch(Job {
+                task_id: id,
+                run_id,
+                spec,
+            }));
+        }
+        effects
+    }
+
+    /// The pool started the run's process.
+    pub fn started(&mut self, task_id: &str, run_id: i64) -> Vec<Effect> {
+        if !self.running.contains_key(&run_id) {
+            return Vec::new();
+        }
+        match self.tasks.get(task_id).cloned() {
+            Some(task) if task.status == status::QUEUED => vec![self.replace(TaskState {
+                status: status::DOING,
+                ..task
+            })],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The pool reports a run's end.
+    pub fn finished(
+        &mut self,
+        now_ms: i64,
+        task_id: &str,
+        run_id: i64,
+        outcome: RunOutcome,
+    ) -> Vec<Effect> {
+        if self.running.remove(&run_id).is_none() {
+            return Vec::new();
+        }
+        let Some(task) = self.tasks.get(task_id).cloned() else {
+            return Vec::new();
+        };
+        let run_status = if task.cancel_requested {
+            status::CANCELED
+        } else {
+            outcome.status
+        };
+        let mut effects = vec![Effect::RunEnded {
+            task_id: task_id.to_string(),
+            run_id,
+            finished_ms: now_ms,
+            outcome: RunOutcome {
+                status: run_status,
+                ..outcome
+            },
+        }];
+        let next = self.after_run(now_ms, task, run_status);
+        effects.push(self.replace(next));
+        effects.extend(self.tick(now_ms));
+        effects
+    }
+
+    /// Where a task goes after a run ended with `run_status`.
+    fn after_run(&self, now_ms: i64, task: TaskState, run_status: u32) -> TaskState {
+        if task.cancel_requested || run_status == status::CANCELED {
+            return TaskState {
+                status: status::CANCELED,
+                next_run_ms: None,
+                cancel_requested: false,
+                ..task
+            };
+        }
+        let failed = run_status & (status::FAILED | status::ABORTED) != 0;
+        if failed && task.spec.kind.idempotent() && task.attempt < self.config.retries_max {
+            let backoff = self
+                .config
+                .retry_base_ms
+                .saturating_mul(1 << task.attempt.min(16));
+            return TaskState {
+                status: status::SCHEDULED,
+                next_run_ms: Some(now_ms.saturating_add(backoff)),
+                attempt: task.attempt + 1,
+                ..task
+            };
+        }
+        match next_slot(&task.spec.schedule, now_ms) {
+            Ok(Some(next)) => TaskState {
+                status: status::SCHEDULED,
+                next_run_ms: Some(next),
+                attempt: 0,
+                ..task
+            },
+            _ => TaskState {
+                status: run_status,
+                next_run_ms: None,
+                ..task
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,381 @@
+use std::collections::BTreeMap;
+
+use super::{CancelError, Config, Effect, MissedRuns, Scheduler, SubmitError, TaskState};
+use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
+
+const S: i64 = 1000;
+
+fn spec(kind: Kind, schedule: Schedule) -> TaskSpec {
+    TaskSpec {
+        kind,
+        params: BTreeMap::new(),
+        argv: vec!["true".into()],
+        schedule,
+        timeout_ms: 60 * S,
+        key: "k".into(),
+    }
+}
+
+fn outcome(st: u32) -> RunOutcome {
+    RunOutcome {
+        status: st,
+        exit_code: Some(if st == status::DONE { 0 } else { 1 }),
+        error: None,
+        output: Vec::new(),
+        output_dropped_bytes: 0,
+    }
+}
+
+fn dispatched(effects: &[Effect]) -> Vec<(String, i64)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(job) => Some((job.task_id.clone(), job.run_id)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn status_of(s: &Scheduler, id: &str) -> &'static str {
+    status::name(s.task(id).expect("task").status)
+}
+
+#[test]
+fn a_one_off_task_runs_once_when_due() {
+    let mut s = Scheduler::new(Config::default());
+    s.submit(
+        0,
+        "t1".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 5 * S }),
+    )
+    .expect("submit");
+    assert_eq!(status_of(&s, "t1"), "scheduled");
+    assert!(
+        dispatched(&s.tick(4 * S)).is_empty(),
+        "not before it is due"
+    );
+    let effects = s.tick(5 * S);
+    assert_eq!(dispatched(&effects), vec![("t1".to_string(), 1)]);
+    assert!(
+        matches!(effects[0], Effect::SaveTask(ref t) if t.status == status::QUEUED),
+        "persisted before dispatch"
+    );
+    assert_eq!(status_of(&s, "t1"), "queued");
+    s.started("t1", 1);
+    assert_eq!(status_of(&s, "t1"), "doing");
+    let effects = s.finished(6 * S, "t1", 1, outcome(status::DONE));
+    assert!(matches!(&effects[0], Effect::RunEnded { run_id: 1, .. }));
+    assert_eq!(status_of(&s, "t1"), "done");
+    assert!(dispatched(&s.tick(100 * S)).is_empty(), "never again");
+}
+
+#[test]
+fn a_duplicate_signature_is_refused_and_named() {
+    let mut s = Scheduler::new(Config::default());
+    s.submit(
+        0,
+        "vac".into(),
+        spec(Kind::Vacuum, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("submit");
+    let err = s
+        .submit(
+            0,
+            "vac".into(),
+            spec(Kind::Vacuum, Schedule::Once { at_ms: 0 }),
+        )
+        .expect_err("dup");
+    assert_eq!(
+        err,
+        SubmitError::Duplicate {
+            id: "vac".into(),
+            status: "scheduled"
+        }
+    );
+    assert!(err.to_string().contains("vac"));
+}
+
+#[test]
+fn a_periodic_task_never_overlaps_itself() {
+    let mut s = Scheduler::new(Config::default());
+    s.submit(
+        0,
+        "hc".into(),
+        spec(
+            Kind::HealthCheck,
+            Schedule::Every {
+                interval_ms: 10 * S,
+                first_ms: 0,
+            },
+        ),
+    )
+    .expect("submit");
+    assert_eq!(dispatched(&s.tick(0)).len(), 1);
+    s.started("hc", 1);
+    for t in [10, 20] {
+        assert!(
+            dispatched(&s.tick(t * S)).is_empty(),
+            "still running at {t}s: no second run"
+        );
+    }
+    s.finished(25 * S, "hc", 1, outcome(status::DONE));
+    let task = s.task("hc").expect("task").clone();
+    assert_eq!(task.status, status::SCHEDULED);
+    assert_eq!(
+        task.next_run_ms,
+        Some(30 * S),
+        "next slot after the run, missed slots collapse"
+    );
+    assert_eq!(dispatched(&s.tick(30 * S)), vec![("hc".to_string(), 2)]);
+}
+
+#[test]
+fn concurrency_is_capped_and_freed_slots_are_reused() {
+    let mut s = Scheduler::new(Config {
+        concurrency_max: 2,
+        ..Config::default()
+    });
+    for i in 0..5 {
+        s.submit(
+            0,
+            format!("t{i}"),
+            spec(Kind::Command, Schedule::Once { at_ms: i }),
+        )
+        .expect("submit");
+    }
+    let first = dispatched(&s.tick(10));
+    assert_eq!(
+        first.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        vec!["t0", "t1"],
+        "earliest first"
+    );
+    let next = dispatched(&s.finished(20, "t0", first[0].1, outcome(status::DONE)));
+    assert_eq!(
+        next.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        vec!["t2"]
+    );
+    assert_eq!(s.running(), 2);
+}
+
+#[test]
+fn cancellation_of_scheduled_running_and_finished_tasks() {
+    let mut s = Scheduler::new(Config::default());
+    s.submit(
+        0,
+        "a".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 100 * S }),
+    )
+    .expect("submit");
+    s.cancel("a").expect("cancel scheduled");
+    assert_eq!(status_of(&s, "a"), "canceled");
+    assert!(dispatched(&s.tick(200 * S)).is_empty());
+
+    s.submit(
+        0,
+        "b".into(),
+        spec(Kind::Vacuum, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("submit");
+    let run = dispatched(&s.tick(0))[0].1;
+    s.started("b", run);
+    let effects = s.cancel("b").expect("cancel running");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Kill { run_id, .. } if *run_id == run))
+    );
+    // The pool reports the killed run as failed; cancellation wins, and no retry happens.
+    let effects = s.finished(S, "b", run, outcome(status::FAILED));
+    assert!(effects.iter().any(
+        |e| matches!(e, Effect::RunEnded { outcome, .. } if outcome.status == status::CANCELED)
+    ));
+    assert_eq!(status_of(&s, "b"), "canceled");
+    assert_eq!(
+        s.cancel("b"),
+        Err(CancelError::Finished {
+            id: "b".into(),
+            status: "canceled"
+        })
+    );
+    assert_eq!(s.cancel("zzz"), Err(CancelError::Unknown("zzz".into())));
+}
+
+#[test]
+fn only_idempotent_kinds_retry_and_retries_are_capped() {
+    let mut s = Scheduler::new(Config {
+        retries_max: 2,
+        retry_base_ms: S,
+        ..Config::default()
+    });
+    s.submit(
+        0,
+        "v".into(),
+        spec(Kind::Vacuum, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("submit");
+    s.submit(
+        0,
+        "c".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("submit");
+    let runs = dispatched(&s.tick(0));
+    for (task, run) in &runs {
+        s.finished(10 * S, task, *run, outcome(status::FAILED));
+    }
+    assert_eq!(
+        status_of(&s, "c"),
+        "failed",
+        "a command is not idempotent: no retry"
+    );
+    assert_eq!(
+        s.task("v").expect("v").next_run_ms,
+        Some(11 * S),
+        "first retry after 1 s"
+    );
+    let r = dispatched(&s.tick(11 * S))[0].1;
+    s.finished(12 * S, "v", r, outcome(status::FAILED));
+    assert_eq!(
+        s.task("v").expect("v").next_run_ms,
+        Some(14 * S),
+        "backoff doubles"
+    );
+    let r = dispatched(&s.tick(14 * S))[0].1;
+    s.finished(15 * S, "v", r, outcome(status::FAILED));
+    assert_eq!(status_of(&s, "v"), "failed", "capped at retries_max");
+}
+
+fn persisted(id: &str, kind: Kind, schedule: Schedule, st: u32, next: Option<i64>) -> TaskState {
+    TaskState {
+        id: id.into(),
+        spec: spec(kind, schedule),
+        status: st,
+        next_run_ms: next,
+        attempt: 0,
+        created_ms: 0,
+        cancel_requested: false,
+    }
+}
+
+#[test]
+fn recovery_aborts_interrupted_runs_and_keeps_future_tasks() {
+    let mut s = Scheduler::new(Config::default());
+    let tasks = vec![
+        persisted(
+            "cmd",
+            Kind::Command,
+            Schedule::Once { at_ms: 0 },
+            status::DOING,
+            Some(0),
+        ),
+        persisted(
+            "vac",
+            Kind::Vacuum,
+            Schedule::Once { at_ms: 0 },
+            status::QUEUED,
+            Some(0),
+        ),
+        persisted(
+            "every",
+            Kind::Command,
+            Schedule::Every {
+                interval_ms: 60 * S,
+                first_ms: 0,
+            },
+            status::DOING,
+            Some(0),
+        ),
+        persisted(
+            "future",
+            Kind::Command,
+            Schedule::Once {
+                at_ms: 3 * 3600 * S,
+            },
+            status::SCHEDULED,
+            Some(3 * 3600 * S),
+        ),
+    ];
+    let effects = s.recover(
+        100 * S,
+        tasks,
+        vec![(7, "cmd".into()), (8, "every".into())],
+        9,
+    );
+    let aborted: Vec<i64> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::RunEnded {
+                run_id, outcome, ..
+            } if outcome.status == status::ABORTED => Some(*run_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(aborted, vec![7, 8], "interrupted runs are recorded aborted");
+    assert_eq!(status_of(&s, "cmd"), "aborted", "a command is not retried");
+    assert_eq!(
+        status_of(&s, "vac"),
+        "scheduled",
+        "an idempotent kind retries"
+    );
+    assert_eq!(
+        s.task("every").expect("t").next_run_ms,
+        Some(120 * S),
+        "a periodic task keeps its schedule"
+    );
+    assert_eq!(status_of(&s, "future"), "scheduled");
+    assert_eq!(
+        s.task("future").expect("t").next_run_ms,
+        Some(3 * 3600 * S),
+        "future tasks stay intact"
+    );
+    // New run ids continue after the persisted ones.
+    s.submit(
+        100 * S,
+        "n".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("submit");
+    let runs = dispatched(&s.tick(100 * S));
+    assert!(runs.iter().all(|(_, r)| *r >= 10), "{runs:?}");
+}
+
+#[test]
+fn missed_runs_follow_the_policy() {
+    let tasks = || {
+        vec![
+            persisted(
+                "every",
+                Kind::HealthCheck,
+                Schedule::Every {
+                    interval_ms: 60 * S,
+                    first_ms: 0,
+                },
+                status::SCHEDULED,
+                Some(60 * S),
+            ),
+            persisted(
+                "once",
+                Kind::Command,
+                Schedule::Once { at_ms: 60 * S },
+                status::SCHEDULED,
+                Some(60 * S),
+            ),
+        ]
+    };
+    let mut run_once = Scheduler::new(Config::default());
+    run_once.recover(1000 * S, tasks(), Vec::new(), 0);
+    assert_eq!(
+        dispatched(&run_once.tick(1000 * S)).len(),
+        2,
+        "each missed task runs once"
+    );
+
+    let mut skip = Scheduler::new(Config {
+        missed: MissedRuns::Skip,
+        ..Config::default()
+    });
+    skip.recover(1000 * S, tasks(), Vec::new(), 0);
+    assert!(dispatched(&skip.tick(1000 * S)).is_empty());
+    assert_eq!(skip.task("every").expect("t").next_run_ms, Some(1020 * S));
+    assert_eq!(status_of(&skip, "once"), "aborted");
+}
