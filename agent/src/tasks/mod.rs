@@ -4,3 +4,4 @@
 pub mod core;
 pub mod cron;
 pub mod model;
+pub mod store;

@@ -1,0 +1,411 @@
+//! Task persistence: SQLite in WAL mode with `synchronous=FULL`, so a creation, cancellation
+//! or outcome is on disk before anyone is told about it. The driver applies every effect of
+//! one loop iteration in one transaction (group commit). Timestamps come from the caller
+//! (the `world` clock), never from SQLite.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::core::{Effect, TaskState};
+use super::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    next_run_ms INTEGER,
+    attempt INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    queued_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    exit_code INTEGER,
+    error TEXT,
+    pid INTEGER,
+    pid_start_ticks INTEGER,
+    output BLOB,
+    output_dropped_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_task ON runs(task_id);
+"#;
+
+#[derive(Debug, thiserror::Error)]
+#[error("task store: {0}")]
+pub struct StoreError(String);
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// A run row as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRow {
+    pub run_id: i64,
+    pub status: u32,
+    pub queued_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub output_bytes: i64,
+    pub output_dropped_bytes: i64,
+}
+
+/// A run that was in flight when the agent stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interrupted {
+    pub run_id: i64,
+    pub task_id: String,
+    pub pid: Option<i32>,
+    pub pid_start_ticks: Option<u64>,
+}
+
+pub struct Loaded {
+    pub tasks: Vec<TaskState>,
+    pub interrupted: Vec<Interrupted>,
+    pub max_run_id: i64,
+}
+
+/// Extra persistence the core does not produce: the pool's start report.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub run_id: i64,
+    pub started_ms: i64,
+    pub pid: i32,
+    pub pid_start_ticks: Option<u64>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn encode_schedule(s: &Schedule) -> String {
+    match s {
+        Schedule::Once { at_ms } => format!("once {at_ms}"),
+        Schedule::Every { interval_ms, first_ms } => format!("every {interval_ms} {first_ms}"),
+        Schedule::Cron { expr, tz } => format!("cron {tz} {expr}"),
+    }
+}
+
+fn decode_schedule(s: &str) -> Option<Schedule> {
+    let mut parts = s.splitn(3, ' ');
+    match parts.next()? {
+        "once" => Some(Schedule::Once { at_ms: parts.next()?.parse().ok()? }),
+        "every" => Some(Schedule::Every {
+            interval_ms: parts.next()?.parse().ok()?,
+            first_ms: parts.next()?.parse().ok()?,
+        }),
+        "cron" => {
+            let tz = parts.next()?.to_string();
+            Some(Schedule::Cron { expr: parts.next()?.to_string(), tz })
+        }
+        _ => None,
+    }
+}
+
+fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>> {
+    let kind: String = row.get(2)?;
+    let params: String = row.get(3)?;
+    let argv: String = row.get(4)?;
+    let schedule: String = row.get(5)?;
+    let (Some(kind), Ok(params), Ok(argv), Some(schedule)) = (
+        Kind::parse(&kind),
+        serde_json::from_str::<BTreeMap<String, String>>(&params),
+        serde_json::from_str::<Vec<String>>(&argv),
+        decode_schedule(&schedule),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(TaskState {
+        id: row.get(0)?,
+        spec: TaskSpec {
+            kind,
+            params,
+            argv,
+            schedule,
+            timeout_ms: row.get(6)?,
+            key: row.get(1)?,
+        },
+        status: row.get(7)?,
+        next_run_ms: row.get(8)?,
+        attempt: row.get(9)?,
+        created_ms: row.get(10)?,
+        cancel_requested: row.get::<_, i64>(11)? != 0,
+    }))
+}
+
+const TASK_COLUMNS: &str =
+    "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Store { conn })
+    }
+
+    /// Everything the scheduler needs at start-up: live tasks (terminal ones stay on disk for
+    /// history only) and the runs a stop interrupted.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE status & ?1 = 0"))
+            .map_err(err)?;
+        let tasks = stmt
+            .query_map(params![status::TERMINAL], task_from_row)
+            .map_err(err)?
+            .filter_map(|r| r.ok().flatten())
+            .collect();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT run_id, task_id, pid, pid_start_ticks FROM runs WHERE status & ?1 != 0 ORDER BY run_id")
+            .map_err(err)?;
+        let interrupted = stmt
+            .query_map(params![status::IN_FLIGHT], |r| {
+                Ok(Interrupted {
+                    run_id: r.get(0)?,
+                    task_id: r.get(1)?,
+                    pid: r.get(2)?,
+                    pid_start_ticks: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
+                })
+            })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let max_run_id: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(run_id), 0) FROM runs", [], |r| r.get(0))
+            .map_err(err)?;
+        Ok(Loaded {
+            tasks,
+            interrupted,
+            max_run_id,
+        })
+    }
+
+    /// Apply effects and start reports in one transaction; returns once it is on disk.
+    pub fn apply(&mut self, now_ms: i64, effects: &[Effect], started: &[Started]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(err)?;
+        for effect in effects {
+            match effect {
+                Effect::SaveTask(t) => {
+                    tx.execute(
+                        "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, \
+                         attempt = excluded.attempt, cancel_requested = excluded.cancel_requested, updated_ms = excluded.updated_ms",
+                        params![
+                            t.id,
+                            t.spec.key,
+                            t.spec.kind.name(),
+                            serde_json::to_string(&t.spec.params).map_err(err)?,
+                            serde_json::to_string(&t.spec.argv).map_err(err)?,
+                            encode_schedule(&t.spec.schedule),
+                            t.spec.timeout_ms,
+                            t.status,
+                            t.next_run_ms,
+                            t.attempt,
+                            t.created_ms,
+                            i64::from(t.cancel_requested),
+                            now_ms,
+                        ],
+                    )
+                    .map_err(err)?;
+                }
+                Effect::RunQueued { task_id, run_id, queued_ms } => {
+                    tx.execute(
+                        "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
+                        params![run_id, task_id, status::QUEUED, queued_ms],
+                    )
+                    .map_err(err)?;
+                }
+                Effect::RunEnded { run_id, finished_ms, outcome, .. } => {
+                    let RunOutcome { status: st, exit_code, error, output, output_dropped_bytes } = outcome;
+                    tx.execute(
+                        "UPDATE runs SET status = ?1, finished_ms = ?2, exit_code = ?3, error = ?4, output = ?5, output_dropped_bytes = ?6 WHERE run_id = ?7",
+                        params![st, finished_ms, exit_code, error, output, *output_dropped_bytes as i64, run_id],
+                    )
+                    .map_err(err)?;
+                }
+                Effect::Dispatch(_) | Effect::Kill { .. } => {}
+            }
+        }
+        for s in started {
+            tx.execute(
+                "UPDATE runs SET status = ?1, started_ms = ?2, pid = ?3, pid_start_ticks = ?4 WHERE run_id = ?5 AND status = ?6",
+                params![status::DOING, s.started_ms, s.pid, s.pid_start_ticks.map(|t| t as i64), s.run_id, status::QUEUED],
+            )
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    pub fn list(&self, limit: usize) -> Result<Vec<TaskState>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_ms DESC, id LIMIT ?1"))
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![limit as i64], task_from_row)
+            .map_err(err)?
+            .filter_map(|r| r.ok().flatten())
+            .collect();
+        Ok(rows)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<TaskState>, StoreError> {
+        self.conn
+            .query_row(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"), params![id], task_from_row)
+            .optional()
+            .map(Option::flatten)
+            .map_err(err)
+    }
+
+    pub fn runs(&self, task_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT run_id, status, queued_ms, started_ms, finished_ms, exit_code, error, COALESCE(length(output), 0), output_dropped_bytes \
+                 FROM runs WHERE task_id = ?1 ORDER BY run_id",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![task_id], |r| {
+                Ok(RunRow {
+                    run_id: r.get(0)?,
+                    status: r.get(1)?,
+                    queued_ms: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    finished_ms: r.get(4)?,
+                    exit_code: r.get(5)?,
+                    error: r.get(6)?,
+                    output_bytes: r.get(7)?,
+                    output_dropped_bytes: r.get(8)?,
+                })
+            })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        Ok(rows)
+    }
+
+    /// Captured output of a run, and how many bytes were dropped from it.
+    pub fn output(&self, run_id: i64) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(output, x''), output_dropped_bytes FROM runs WHERE run_id = ?1",
+                params![run_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)
+    }
+
+    /// Delete ended tasks last updated before `before_ms`, and their runs. Returns tasks deleted.
+    pub fn purge(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "DELETE FROM runs WHERE task_id IN (SELECT id FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2)",
+            params![status::TERMINAL, before_ms],
+        )
+        .map_err(err)?;
+        let n = tx
+            .execute("DELETE FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2", params![status::TERMINAL, before_ms])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Started, Store};
+    use crate::tasks::core::{Config, Effect, Scheduler};
+    use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
+
+    fn spec(schedule: Schedule) -> TaskSpec {
+        TaskSpec {
+            kind: Kind::Command,
+            params: [("a".to_string(), "b".to_string())].into(),
+            argv: vec!["echo".into(), "hi there".into()],
+            schedule,
+            timeout_ms: 1000,
+            key: "sig".into(),
+        }
+    }
+
+    #[test]
+    fn state_survives_a_reopen_and_recovery_finds_interrupted_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tasks.db");
+        {
+            let mut store = Store::open(&path).expect("open");
+            let mut s = Scheduler::new(Config::default());
+            let mut effects = s.submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 })).expect("submit");
+            effects.extend(s.submit(0, "t2".into(), spec(Schedule::Every { interval_ms: 60_000, first_ms: 3_600_000 })).expect("submit"));
+            effects.extend(s.tick(10));
+            store.apply(10, &effects, &[]).expect("apply");
+            store
+                .apply(20, &s.started("t1", 1), &[Started { run_id: 1, started_ms: 20, pid: 4242, pid_start_ticks: Some(77) }])
+                .expect("started");
+        }
+        let store = Store::open(&path).expect("reopen");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.tasks.len(), 2);
+        assert_eq!(loaded.max_run_id, 1);
+        assert_eq!(loaded.interrupted.len(), 1);
+        assert_eq!(loaded.interrupted[0].pid, Some(4242));
+        assert_eq!(loaded.interrupted[0].pid_start_ticks, Some(77));
+        let t2 = loaded.tasks.iter().find(|t| t.id == "t2").expect("t2");
+        assert_eq!(t2.spec, spec(Schedule::Every { interval_ms: 60_000, first_ms: 3_600_000 }));
+        assert_eq!(t2.status, status::SCHEDULED);
+    }
+
+    #[test]
+    fn outcomes_history_and_purge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("tasks.db")).expect("open");
+        let mut s = Scheduler::new(Config::default());
+        let mut effects = s.submit(0, "t".into(), spec(Schedule::Once { at_ms: 0 })).expect("submit");
+        effects.extend(s.tick(0));
+        store.apply(0, &effects, &[]).expect("apply");
+        let outcome = RunOutcome {
+            status: status::DONE,
+            exit_code: Some(0),
+            error: None,
+            output: b"hello".to_vec(),
+            output_dropped_bytes: 12,
+        };
+        let effects = s.finished(50, "t", 1, outcome);
+        assert!(effects.iter().any(|e| matches!(e, Effect::RunEnded { .. })));
+        store.apply(50, &effects, &[]).expect("apply");
+        let runs = store.runs("t").expect("runs");
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].status, runs[0].exit_code, runs[0].output_bytes, runs[0].output_dropped_bytes), (status::DONE, Some(0), 5, 12));
+        assert_eq!(store.output(1).expect("output"), Some((b"hello".to_vec(), 12)));
+        assert_eq!(store.get("t").expect("get").expect("t").status, status::DONE);
+        assert!(store.load().expect("load").tasks.is_empty(), "ended tasks are history, not live state");
+        assert_eq!(store.purge(40).expect("purge"), 0, "not old enough");
+        assert_eq!(store.purge(51).expect("purge"), 1);
+        assert!(store.runs("t").expect("runs").is_empty());
+    }
+}
