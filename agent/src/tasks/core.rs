@@ -350,8 +350,21 @@ impl Scheduler {
         }
     }
 
-    /// The pool reports a run's end.
+    /// The pool reports a run's end; freed slots are filled at once.
     pub fn finished(
+        &mut self,
+        now_ms: i64,
+        task_id: &str,
+        run_id: i64,
+        outcome: RunOutcome,
+    ) -> Vec<Effect> {
+        let mut effects = self.finish_one(now_ms, task_id, run_id, outcome);
+        effects.extend(self.tick(now_ms));
+        effects
+    }
+
+    /// Record a run's end without starting anything new.
+    pub fn finish_one(
         &mut self,
         now_ms: i64,
         task_id: &str,
@@ -380,7 +393,23 @@ impl Scheduler {
         }];
         let next = self.after_run(now_ms, task, run_status);
         effects.push(self.replace(next));
-        effects.extend(self.tick(now_ms));
+        effects
+    }
+
+    /// End every run in flight as aborted (the pool that ran them is gone).
+    pub fn abort_running(&mut self, now_ms: i64, reason: &str) -> Vec<Effect> {
+        let runs: Vec<(i64, String)> = self.running.iter().map(|(r, t)| (*r, t.clone())).collect();
+        let mut effects = Vec::new();
+        for (run_id, task_id) in runs {
+            let outcome = RunOutcome {
+                status: status::ABORTED,
+                exit_code: None,
+                error: Some(reason.to_string()),
+                output: Vec::new(),
+                output_dropped_bytes: 0,
+            };
+            effects.extend(self.finish_one(now_ms, &task_id, run_id, outcome));
+        }
         effects
     }
 

@@ -3,5 +3,7 @@
 
 pub mod core;
 pub mod cron;
+pub mod driver;
 pub mod model;
+pub mod pool;
 pub mod store;

@@ -98,7 +98,10 @@ pub struct Store {
 fn encode_schedule(s: &Schedule) -> String {
     match s {
         Schedule::Once { at_ms } => format!("once {at_ms}"),
-        Schedule::Every { interval_ms, first_ms } => format!("every {interval_ms} {first_ms}"),
+        Schedule::Every {
+            interval_ms,
+            first_ms,
+        } => format!("every {interval_ms} {first_ms}"),
         Schedule::Cron { expr, tz } => format!("cron {tz} {expr}"),
     }
 }
@@ -106,14 +109,19 @@ fn encode_schedule(s: &Schedule) -> String {
 fn decode_schedule(s: &str) -> Option<Schedule> {
     let mut parts = s.splitn(3, ' ');
     match parts.next()? {
-        "once" => Some(Schedule::Once { at_ms: parts.next()?.parse().ok()? }),
+        "once" => Some(Schedule::Once {
+            at_ms: parts.next()?.parse().ok()?,
+        }),
         "every" => Some(Schedule::Every {
             interval_ms: parts.next()?.parse().ok()?,
             first_ms: parts.next()?.parse().ok()?,
         }),
         "cron" => {
             let tz = parts.next()?.to_string();
-            Some(Schedule::Cron { expr: parts.next()?.to_string(), tz })
+            Some(Schedule::Cron {
+                expr: parts.next()?.to_string(),
+                tz,
+            })
         }
         _ => None,
     }
@@ -150,15 +158,17 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>>
     }))
 }
 
-const TASK_COLUMNS: &str =
-    "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested";
+const TASK_COLUMNS: &str = "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Store { conn })
     }
@@ -168,7 +178,9 @@ impl Store {
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let mut stmt = self
             .conn
-            .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE status & ?1 = 0"))
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE status & ?1 = 0"
+            ))
             .map_err(err)?;
         let tasks = stmt
             .query_map(params![status::TERMINAL], task_from_row)
@@ -193,7 +205,9 @@ impl Store {
             .map_err(err)?;
         let max_run_id: i64 = self
             .conn
-            .query_row("SELECT COALESCE(MAX(run_id), 0) FROM runs", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(MAX(run_id), 0) FROM runs", [], |r| {
+                r.get(0)
+            })
             .map_err(err)?;
         Ok(Loaded {
             tasks,
@@ -203,7 +217,12 @@ impl Store {
     }
 
     /// Apply effects and start reports in one transaction; returns once it is on disk.
-    pub fn apply(&mut self, now_ms: i64, effects: &[Effect], started: &[Started]) -> Result<(), StoreError> {
+    pub fn apply(
+        &mut self,
+        now_ms: i64,
+        effects: &[Effect],
+        started: &[Started],
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(err)?;
         for effect in effects {
             match effect {
@@ -231,15 +250,30 @@ impl Store {
                     )
                     .map_err(err)?;
                 }
-                Effect::RunQueued { task_id, run_id, queued_ms } => {
+                Effect::RunQueued {
+                    task_id,
+                    run_id,
+                    queued_ms,
+                } => {
                     tx.execute(
                         "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
                         params![run_id, task_id, status::QUEUED, queued_ms],
                     )
                     .map_err(err)?;
                 }
-                Effect::RunEnded { run_id, finished_ms, outcome, .. } => {
-                    let RunOutcome { status: st, exit_code, error, output, output_dropped_bytes } = outcome;
+                Effect::RunEnded {
+                    run_id,
+                    finished_ms,
+                    outcome,
+                    ..
+                } => {
+                    let RunOutcome {
+                        status: st,
+                        exit_code,
+                        error,
+                        output,
+                        output_dropped_bytes,
+                    } = outcome;
                     tx.execute(
                         "UPDATE runs SET status = ?1, finished_ms = ?2, exit_code = ?3, error = ?4, output = ?5, output_dropped_bytes = ?6 WHERE run_id = ?7",
                         params![st, finished_ms, exit_code, error, output, *output_dropped_bytes as i64, run_id],
@@ -262,7 +296,9 @@ impl Store {
     pub fn list(&self, limit: usize) -> Result<Vec<TaskState>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_ms DESC, id LIMIT ?1"))
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_ms DESC, id LIMIT ?1"
+            ))
             .map_err(err)?;
         let rows = stmt
             .query_map(params![limit as i64], task_from_row)
@@ -274,7 +310,11 @@ impl Store {
 
     pub fn get(&self, id: &str) -> Result<Option<TaskState>, StoreError> {
         self.conn
-            .query_row(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"), params![id], task_from_row)
+            .query_row(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"),
+                params![id],
+                task_from_row,
+            )
             .optional()
             .map(Option::flatten)
             .map_err(err)
@@ -329,7 +369,10 @@ impl Store {
         )
         .map_err(err)?;
         let n = tx
-            .execute("DELETE FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2", params![status::TERMINAL, before_ms])
+            .execute(
+                "DELETE FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2",
+                params![status::TERMINAL, before_ms],
+            )
             .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(n)
@@ -360,12 +403,33 @@ mod tests {
         {
             let mut store = Store::open(&path).expect("open");
             let mut s = Scheduler::new(Config::default());
-            let mut effects = s.submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 })).expect("submit");
-            effects.extend(s.submit(0, "t2".into(), spec(Schedule::Every { interval_ms: 60_000, first_ms: 3_600_000 })).expect("submit"));
+            let mut effects = s
+                .submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 }))
+                .expect("submit");
+            effects.extend(
+                s.submit(
+                    0,
+                    "t2".into(),
+                    spec(Schedule::Every {
+                        interval_ms: 60_000,
+                        first_ms: 3_600_000,
+                    }),
+                )
+                .expect("submit"),
+            );
             effects.extend(s.tick(10));
             store.apply(10, &effects, &[]).expect("apply");
             store
-                .apply(20, &s.started("t1", 1), &[Started { run_id: 1, started_ms: 20, pid: 4242, pid_start_ticks: Some(77) }])
+                .apply(
+                    20,
+                    &s.started("t1", 1),
+                    &[Started {
+                        run_id: 1,
+                        started_ms: 20,
+                        pid: 4242,
+                        pid_start_ticks: Some(77),
+                    }],
+                )
                 .expect("started");
         }
         let store = Store::open(&path).expect("reopen");
@@ -376,7 +440,13 @@ mod tests {
         assert_eq!(loaded.interrupted[0].pid, Some(4242));
         assert_eq!(loaded.interrupted[0].pid_start_ticks, Some(77));
         let t2 = loaded.tasks.iter().find(|t| t.id == "t2").expect("t2");
-        assert_eq!(t2.spec, spec(Schedule::Every { interval_ms: 60_000, first_ms: 3_600_000 }));
+        assert_eq!(
+            t2.spec,
+            spec(Schedule::Every {
+                interval_ms: 60_000,
+                first_ms: 3_600_000
+            })
+        );
         assert_eq!(t2.status, status::SCHEDULED);
     }
 
@@ -385,7 +455,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = Store::open(&dir.path().join("tasks.db")).expect("open");
         let mut s = Scheduler::new(Config::default());
-        let mut effects = s.submit(0, "t".into(), spec(Schedule::Once { at_ms: 0 })).expect("submit");
+        let mut effects = s
+            .submit(0, "t".into(), spec(Schedule::Once { at_ms: 0 }))
+            .expect("submit");
         effects.extend(s.tick(0));
         store.apply(0, &effects, &[]).expect("apply");
         let outcome = RunOutcome {
@@ -400,10 +472,27 @@ mod tests {
         store.apply(50, &effects, &[]).expect("apply");
         let runs = store.runs("t").expect("runs");
         assert_eq!(runs.len(), 1);
-        assert_eq!((runs[0].status, runs[0].exit_code, runs[0].output_bytes, runs[0].output_dropped_bytes), (status::DONE, Some(0), 5, 12));
-        assert_eq!(store.output(1).expect("output"), Some((b"hello".to_vec(), 12)));
-        assert_eq!(store.get("t").expect("get").expect("t").status, status::DONE);
-        assert!(store.load().expect("load").tasks.is_empty(), "ended tasks are history, not live state");
+        assert_eq!(
+            (
+                runs[0].status,
+                runs[0].exit_code,
+                runs[0].output_bytes,
+                runs[0].output_dropped_bytes
+            ),
+            (status::DONE, Some(0), 5, 12)
+        );
+        assert_eq!(
+            store.output(1).expect("output"),
+            Some((b"hello".to_vec(), 12))
+        );
+        assert_eq!(
+            store.get("t").expect("get").expect("t").status,
+            status::DONE
+        );
+        assert!(
+            store.load().expect("load").tasks.is_empty(),
+            "ended tasks are history, not live state"
+        );
         assert_eq!(store.purge(40).expect("purge"), 0, "not old enough");
         assert_eq!(store.purge(51).expect("purge"), 1);
         assert!(store.runs("t").expect("runs").is_empty());
