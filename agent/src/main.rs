@@ -28,6 +28,9 @@ enum Commands {
     Run(RunArgs),
     /// Enroll this host with a control plane using a one-time token.
     Enroll(EnrollArgs),
+    /// Scheduled maintenance on this host (talks to the running agent's socket).
+    #[command(subcommand)]
+    Tasks(agent::tasks::cli::TasksCommand),
 }
 
 #[derive(Args)]
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         match cli.command {
             Commands::Run(args) => run(args).await,
             Commands::Enroll(args) => enroll(args).await,
+            Commands::Tasks(command) => agent::tasks::cli::run(command).await,
         }
     });
     match result {

@@ -1,13 +1,42 @@
-//! The daemon's top level: load the identity, keep the control channel up, stop on shutdown.
+//! The daemon's top level: the task runtime and its local API always run; the control
+//! channel runs when the agent is enrolled. Everything stops on shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
 use crate::config::AgentConfig;
 use crate::identity;
 use crate::link::{LinkConfig, LinkStatus, run_link};
+use crate::tasks::driver::{self, Reader, RuntimeConfig};
+use crate::tasks::pool::PoolConfig;
+use crate::tasks::store::Store;
+use crate::tasks::{api, core};
+
+/// File name of the task store inside the data dir.
+pub const TASKS_FILE: &str = "tasks.db";
+
+fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
+    RuntimeConfig {
+        db_path: config.data_dir.join(TASKS_FILE),
+        core: core::Config::default(),
+        pool: PoolConfig {
+            grace: Duration::from_secs(5),
+            output_bytes_max: 64 * 1024,
+            postgres: config.postgres.clone(),
+            psql: "psql".into(),
+            pg_dump: "pg_dump".into(),
+            agent_exe: std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into()),
+            data_dir: config.data_dir.clone(),
+        },
+        history_retention: Duration::from_secs(30 * 24 * 3600),
+    }
+}
 
 /// Run the agent until `shutdown` fires, publishing the link's state on `status`.
 pub async fn run(
@@ -16,26 +45,94 @@ pub async fn run(
     status: watch::Sender<LinkStatus>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    }
     let identity = identity::load(&config.data_dir).context("load agent identity")?;
-    let Some(identity) = identity else {
-        tracing::warn!(
-            data_dir = %config.data_dir.display(),
-            "not enrolled: running without a control plane; enroll with `outpost-agent enroll --control-plane URL --token TOKEN`"
-        );
-        status.send_replace(LinkStatus::Stopped);
-        shutdown.cancelled().await;
-        return Ok(());
+    let stop = shutdown.child_token();
+    let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+
+    // The task runtime and its API: they work with or without a control plane.
+    let runtime = runtime_config(&config);
+    let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
+    {
+        let (world, stop) = (world.clone(), stop.clone());
+        let runtime = runtime.clone();
+        parts.spawn(async move {
+            (
+                "task runtime",
+                driver::run(world, runtime, requests_rx, stop).await,
+            )
+        });
+    }
+    let db = runtime.db_path.clone();
+    let reader_store = world
+        .blocking(move || Store::open(&db))
+        .await?
+        .context("open the task store for reading")?;
+    let reader = Reader {
+        world: world.clone(),
+        store: Arc::new(Mutex::new(reader_store)),
     };
-    let control_plane = match config.control_plane {
-        Some(url) => url,
-        None => crate::config::control_plane_url(
-            "control_plane (from identity.json)",
-            &identity.control_plane,
-        )?,
-    };
-    tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
-    let link = LinkConfig::new(control_plane, identity.credential, identity.name);
-    run_link(world, link, status, shutdown).await;
+    let app = api::router(
+        reader,
+        requests,
+        api::own_ids(&config.data_dir),
+        config.postgres.is_some(),
+    );
+    {
+        let (world, stop, socket) = (world.clone(), stop.clone(), config.socket.clone());
+        parts.spawn(async move { ("task API", api::serve(&world, &socket, app, stop).await) });
+    }
+
+    match identity {
+        None => {
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "not enrolled: running without a control plane; enroll with `outpost-agent enroll --control-plane URL --token TOKEN`"
+            );
+            status.send_replace(LinkStatus::Stopped);
+        }
+        Some(identity) => {
+            let control_plane = match config.control_plane.clone() {
+                Some(url) => url,
+                None => crate::config::control_plane_url(
+                    "control_plane (from identity.json)",
+                    &identity.control_plane,
+                )?,
+            };
+            tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
+            let link = LinkConfig::new(control_plane, identity.credential, identity.name);
+            let (world, stop) = (world.clone(), stop.clone());
+            parts.spawn(async move {
+                run_link(world, link, status, stop).await;
+                ("control channel", Ok(()))
+            });
+        }
+    }
+
+    // The first part to end (shutdown or failure) stops the others.
+    let mut failure = None;
+    while let Some(joined) = parts.join_next().await {
+        stop.cancel();
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((part, Err(e))) => {
+                failure.get_or_insert(e.context(format!("{part} failed")));
+            }
+            Err(e) => {
+                failure.get_or_insert(anyhow::anyhow!("agent part panicked: {e}"));
+            }
+        }
+    }
     tracing::info!("agent stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

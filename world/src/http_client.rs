@@ -54,6 +54,18 @@ pub(crate) fn authority(url: &url::Url) -> Result<String, HttpError> {
     Ok(format!("{host}:{port}"))
 }
 
+/// Where an HTTP request goes.
+#[derive(Clone, Debug)]
+pub enum Target<'a> {
+    /// `http://host:port/…`
+    Url(&'a url::Url),
+    /// A Unix socket and the path (with query) to request on it.
+    Unix {
+        socket: &'a std::path::Path,
+        path: &'a str,
+    },
+}
+
 /// Send one request and read the whole response (at most `body_bytes_max` bytes), all within
 /// `timeout`.
 pub async fn http_request(
@@ -65,10 +77,69 @@ pub async fn http_request(
     timeout: Duration,
     body_bytes_max: usize,
 ) -> Result<HttpResponse, HttpError> {
-    let addr = authority(url)?;
-    let path = match url.query() {
-        Some(q) => format!("{}?{}", url.path(), q),
-        None => url.path().to_string(),
+    request(
+        world,
+        Target::Url(url),
+        method,
+        headers,
+        body,
+        timeout,
+        body_bytes_max,
+    )
+    .await
+}
+
+/// [`http_request`] to any [`Target`], e.g. an agent's local API socket.
+pub async fn request(
+    world: &World,
+    target: Target<'_>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+    body_bytes_max: usize,
+) -> Result<HttpResponse, HttpError> {
+    let (addr, path, socket) = match target {
+        Target::Url(url) => {
+            let addr = authority(url)?;
+            let path = match url.query() {
+                Some(q) => format!("{}?{}", url.path(), q),
+                None => url.path().to_string(),
+            };
+            (addr, path, None)
+        }
+        Target::Unix { socket, path } => ("localhost".to_string(), path.to_string(), Some(socket)),
+    };
+    exchange(
+        world,
+        addr,
+        path,
+        socket,
+        method,
+        headers,
+        body,
+        timeout,
+        body_bytes_max,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    world: &World,
+    addr: String,
+    path: String,
+    socket: Option<&std::path::Path>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+    body_bytes_max: usize,
+) -> Result<HttpResponse, HttpError> {
+    let url = format!("http://{addr}{path}");
+    let shown = match socket {
+        Some(s) => s.display().to_string(),
+        None => addr.clone(),
     };
     let mut builder = Request::builder()
         .method(method)
@@ -80,20 +151,19 @@ pub async fn http_request(
     let request = builder
         .body(Full::new(body))
         .map_err(|e| HttpError::BadUrl {
-            url: url.to_string(),
+            url: url.clone(),
             reason: e.to_string(),
         })?;
-
     let exchange = async {
-        let addr = &addr;
-        let stream = world
-            .net()
-            .connect(addr)
-            .await
-            .map_err(|source| HttpError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let addr = &shown;
+        let stream = match socket {
+            Some(s) => world.net().connect_unix(s).await,
+            None => world.net().connect(addr).await,
+        }
+        .map_err(|source| HttpError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         let protocol = |e: hyper::Error| HttpError::Protocol {
             addr: addr.clone(),
             reason: e.to_string(),
@@ -134,7 +204,7 @@ pub async fn http_request(
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(HttpError::Timeout {
-            addr: authority(url)?,
+            addr: shown,
             timeout_ms: timeout.as_millis(),
         }),
     }

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub use http_client::{HttpError, HttpResponse, http_request};
+pub use http_client::{HttpError, HttpResponse, Target, http_request, request};
 pub use net::{Listener, Net, PeerAddr, Stream};
 pub use signal::shutdown_signal;
 pub use ws::{WsError, WsStream, ws_connect};

@@ -42,14 +42,21 @@ impl std::fmt::Debug for Listener {
 #[derive(Clone, Debug)]
 pub enum PeerAddr {
     Tcp(std::net::SocketAddr),
-    Unix,
+    /// A Unix-socket peer with its credentials (`SO_PEERCRED`), when the OS told them.
+    Unix {
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
 }
 
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PeerAddr::Tcp(addr) => write!(f, "{addr}"),
-            PeerAddr::Unix => f.write_str("unix"),
+            PeerAddr::Unix { uid, .. } => match uid {
+                Some(uid) => write!(f, "unix(uid={uid})"),
+                None => f.write_str("unix"),
+            },
         }
     }
 }
@@ -111,7 +118,12 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Stream::Unix(s), PeerAddr::Unix))
+                let cred = s.peer_cred().ok();
+                let peer = PeerAddr::Unix {
+                    uid: cred.map(|c| c.uid()),
+                    gid: cred.map(|c| c.gid()),
+                };
+                Ok((Stream::Unix(s), peer))
             }
             Listener::Sim(l) => {
                 let (s, addr) = l.accept().await?;
@@ -123,7 +135,10 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<PeerAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr().map(PeerAddr::Tcp),
-            Listener::Unix(_) => Ok(PeerAddr::Unix),
+            Listener::Unix(_) => Ok(PeerAddr::Unix {
+                uid: None,
+                gid: None,
+            }),
             Listener::Sim(l) => l.local_addr().map(PeerAddr::Tcp),
         }
     }
@@ -148,6 +163,14 @@ impl axum::serve::Listener for Listener {
 
     fn local_addr(&self) -> io::Result<PeerAddr> {
         Listener::local_addr(self)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> PeerAddr {
+        stream.remote_addr().clone()
     }
 }
 

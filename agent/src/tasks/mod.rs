@@ -1,6 +1,8 @@
 //! The durable task runtime: a scheduler (durable state machine over SQLite) and a worker
 //! pool (subprocess supervisor) that share no memory and talk through bounded queues.
 
+pub mod api;
+pub mod cli;
 pub mod core;
 pub mod cron;
 pub mod driver;

@@ -322,7 +322,7 @@ async fn run_job(
             _ = tokio::time::sleep(timeout) => Stop::TimedOut,
             _ = kill.cancelled() => Stop::Killed,
         };
-        let stop = match stop {
+        match stop {
             Stop::TimedOut | Stop::Killed => {
                 terminate_group(pid, config.grace, || {
                     matches!(child.try_wait(), Ok(Some(_)))
@@ -336,8 +336,7 @@ async fn run_job(
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 other
             }
-        };
-        stop
+        }
     };
     let (stop, ()) = tokio::join!(supervise, readers);
     let (kept, dropped) = match capture.lock() {

@@ -224,6 +224,14 @@ impl Store {
         started: &[Started],
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(err)?;
+        // Start reports first: a run that started and ended within one batch keeps both.
+        for s in started {
+            tx.execute(
+                "UPDATE runs SET status = ?1, started_ms = ?2, pid = ?3, pid_start_ticks = ?4 WHERE run_id = ?5 AND status = ?6",
+                params![status::DOING, s.started_ms, s.pid, s.pid_start_ticks.map(|t| t as i64), s.run_id, status::QUEUED],
+            )
+            .map_err(err)?;
+        }
         for effect in effects {
             match effect {
                 Effect::SaveTask(t) => {
@@ -282,13 +290,6 @@ impl Store {
                 }
                 Effect::Dispatch(_) | Effect::Kill { .. } => {}
             }
-        }
-        for s in started {
-            tx.execute(
-                "UPDATE runs SET status = ?1, started_ms = ?2, pid = ?3, pid_start_ticks = ?4 WHERE run_id = ?5 AND status = ?6",
-                params![status::DOING, s.started_ms, s.pid, s.pid_start_ticks.map(|t| t as i64), s.run_id, status::QUEUED],
-            )
-            .map_err(err)?;
         }
         tx.commit().map_err(err)
     }

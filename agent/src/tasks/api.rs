@@ -1,0 +1,512 @@
+//! The local task API: HTTP/JSON on a Unix socket (`<data_dir>/agent.sock`, mode 0660).
+//! Peers are checked by their credentials: root, the agent's own user or its group.
+//! `curl --unix-socket` works; `outpost-agent tasks …` uses it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use world::{PeerAddr, World};
+
+use super::core::{CancelError, SubmitError, TaskState};
+use super::cron::Cron;
+use super::driver::{Reader, Request as SchedulerRequest};
+use super::model::{KINDS, Kind, Schedule, TaskSpec, status};
+
+pub const REQUEST_BYTES_MAX: usize = 256 * 1024;
+const PARAM_BYTES_MAX: usize = 4096;
+const KEY_BYTES_MAX: usize = 256;
+const ARGV_ITEMS_MAX: usize = 256;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+const TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+const LIST_MAX: usize = 1000;
+
+#[derive(Clone)]
+struct Api {
+    reader: Reader,
+    requests: mpsc::Sender<SchedulerRequest>,
+    /// Uid and gid allowed besides root.
+    owner: (u32, u32),
+    has_postgres: bool,
+}
+
+/// `POST /v1/tasks`: the same fields as `outpost-agent tasks add`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// RFC 3339.
+    pub at: Option<String>,
+    /// humantime, from now.
+    #[serde(rename = "in")]
+    pub in_: Option<String>,
+    pub every: Option<String>,
+    pub cron: Option<String>,
+    /// IANA time zone for `cron` (default UTC).
+    pub tz: Option<String>,
+    pub timeout: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RunView {
+    pub run_id: i64,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub output_bytes: i64,
+    pub output_dropped_bytes: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TaskView {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+    pub schedule: String,
+    pub key: String,
+    pub created_at: String,
+    pub next_run_at: Option<String>,
+    pub runs: Vec<RunView>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("{t:.3}"))
+        .unwrap_or_default()
+}
+
+fn parse_duration(field: &str, v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v)
+        .map_err(|_| format!("{field}: {v:?} is not a duration (examples: 30s, 10m, 6h)"))
+}
+
+/// Validate a request into a spec; every refusal names what is wrong.
+pub fn spec_from_request(
+    req: AddRequest,
+    now_ms: i64,
+    has_postgres: bool,
+) -> Result<TaskSpec, String> {
+    let kind = Kind::parse(&req.kind).ok_or_else(|| {
+        let known: Vec<&str> = KINDS.iter().map(|k| k.name()).collect();
+        format!(
+            "unknown kind {:?}; use one of: {}",
+            req.kind,
+            known.join(", ")
+        )
+    })?;
+    let (required, accepted) = kind.params();
+    for name in required {
+        if !req.params.contains_key(*name) {
+            return Err(format!("{} needs --param {name}=…", kind.name()));
+        }
+    }
+    for (name, value) in &req.params {
+        if !accepted.contains(&name.as_str()) {
+            return Err(format!(
+                "{} does not take parameter {name:?} (it takes: {})",
+                kind.name(),
+                accepted.join(", ")
+            ));
+        }
+        if value.len() > PARAM_BYTES_MAX {
+            return Err(format!(
+                "parameter {name} is longer than {PARAM_BYTES_MAX} bytes"
+            ));
+        }
+    }
+    if kind == Kind::Command {
+        if req.argv.is_empty() {
+            return Err("command needs the program and its arguments after --".into());
+        }
+        if req.argv.len() > ARGV_ITEMS_MAX || req.argv.iter().any(|a| a.len() > PARAM_BYTES_MAX) {
+            return Err(format!(
+                "argv is limited to {ARGV_ITEMS_MAX} arguments of {PARAM_BYTES_MAX} bytes"
+            ));
+        }
+    } else if !req.argv.is_empty() {
+        return Err(format!("{} takes no argv; only command does", kind.name()));
+    }
+    if matches!(
+        kind,
+        Kind::Vacuum | Kind::Analyze | Kind::HealthCheck | Kind::PgDump | Kind::Sql
+    ) && !has_postgres
+    {
+        return Err(format!(
+            "{} needs a Postgres connection: start the agent with --postgres",
+            kind.name()
+        ));
+    }
+    if let Some(v) = req.params.get("older_than") {
+        parse_duration("older_than", v)?;
+    }
+    let chosen = [
+        req.at.is_some(),
+        req.in_.is_some(),
+        req.every.is_some(),
+        req.cron.is_some(),
+    ];
+    if chosen.iter().filter(|c| **c).count() > 1 {
+        return Err("give at most one of --at, --in, --every, --cron".into());
+    }
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let schedule = if let Some(at) = &req.at {
+        let t: jiff::Timestamp = at.parse().map_err(|_| {
+            format!("--at: {at:?} is not an RFC 3339 time (example: 2026-11-22T03:00:00Z)")
+        })?;
+        Schedule::Once {
+            at_ms: t.as_millisecond(),
+        }
+    } else if let Some(d) = &req.in_ {
+        Schedule::Once {
+            at_ms: now_ms.saturating_add(ms(parse_duration("--in", d)?)),
+        }
+    } else if let Some(d) = &req.every {
+        let interval = parse_duration("--every", d)?;
+        if interval < Duration::from_secs(1) {
+            return Err("--every must be at least 1s".into());
+        }
+        Schedule::Every {
+            interval_ms: ms(interval),
+            first_ms: now_ms,
+        }
+    } else if let Some(expr) = &req.cron {
+        let tz = req.tz.clone().unwrap_or_else(|| "UTC".to_string());
+        Cron::parse(expr, &tz).map_err(|e| format!("--cron: {e}"))?;
+        Schedule::Cron {
+            expr: expr.clone(),
+            tz,
+        }
+    } else {
+        Schedule::Once { at_ms: now_ms }
+    };
+    if req.tz.is_some() && req.cron.is_none() {
+        return Err("--tz goes with --cron".into());
+    }
+    let timeout = match &req.timeout {
+        Some(t) => parse_duration("--timeout", t)?,
+        None => DEFAULT_TIMEOUT,
+    };
+    if timeout.is_zero() || timeout > TIMEOUT_MAX {
+        return Err("--timeout must be between 1s and 7d".into());
+    }
+    let key = req.key.unwrap_or_default();
+    if key.len() > KEY_BYTES_MAX {
+        return Err(format!("--key is longer than {KEY_BYTES_MAX} bytes"));
+    }
+    Ok(TaskSpec {
+        kind,
+        params: req.params,
+        argv: req.argv,
+        schedule,
+        timeout_ms: ms(timeout),
+        key,
+    })
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "task API request failed");
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; see the agent log".into(),
+    )
+}
+
+async fn view(reader: &Reader, task: TaskState) -> Result<TaskView, ApiError> {
+    let store = reader.store.clone();
+    let id = task.id.clone();
+    let runs = reader
+        .world
+        .blocking(move || {
+            store
+                .lock()
+                .map_err(|_| "store lock poisoned".to_string())?
+                .runs(&id)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(TaskView {
+        id: task.id,
+        kind: task.spec.kind.name().into(),
+        status: status::name(task.status).into(),
+        schedule: task.spec.schedule.describe(),
+        key: task.spec.key,
+        created_at: rfc3339(task.created_ms),
+        next_run_at: task.next_run_ms.map(rfc3339),
+        runs: runs
+            .into_iter()
+            .map(|r| RunView {
+                run_id: r.run_id,
+                started_at: r.started_ms.map(rfc3339),
+                finished_at: r.finished_ms.map(rfc3339),
+                status: status::name(r.status).into(),
+                exit_code: r.exit_code,
+                error: r.error,
+                output_bytes: r.output_bytes,
+                output_dropped_bytes: r.output_dropped_bytes,
+            })
+            .collect(),
+    })
+}
+
+async fn add(
+    State(api): State<Api>,
+    Json(req): Json<AddRequest>,
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    let now_ms = api.reader.world.now_unix_ms();
+    let spec = spec_from_request(req, now_ms, api.has_postgres)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let (reply, answer) = oneshot::channel();
+    api.requests
+        .send(SchedulerRequest::Submit { spec, reply })
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the task scheduler is not running".into(),
+            )
+        })?;
+    match answer.await {
+        Ok(Ok(task)) => Ok((StatusCode::CREATED, Json(view(&api.reader, task).await?))),
+        Ok(Err(e @ SubmitError::Duplicate { .. })) => {
+            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+        }
+        Ok(Err(e)) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(_) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the task scheduler stopped before answering".into(),
+        )),
+    }
+}
+
+async fn cancel(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    api.requests
+        .send(SchedulerRequest::Cancel { id, reply })
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the task scheduler is not running".into(),
+            )
+        })?;
+    match answer.await {
+        Ok(Ok(task)) => Ok(Json(view(&api.reader, task).await?)),
+        Ok(Err(e @ CancelError::Unknown(_))) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Ok(Err(e)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        Err(_) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the task scheduler stopped before answering".into(),
+        )),
+    }
+}
+
+async fn list(State(api): State<Api>) -> Result<Json<Vec<TaskView>>, ApiError> {
+    let store = api.reader.store.clone();
+    let tasks = api
+        .reader
+        .world
+        .blocking(move || {
+            store
+                .lock()
+                .map_err(|_| "store lock poisoned".to_string())?
+                .list(LIST_MAX)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let mut views = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        views.push(view(&api.reader, t).await?);
+    }
+    Ok(Json(views))
+}
+
+async fn load(api: &Api, id: String) -> Result<TaskState, ApiError> {
+    let store = api.reader.store.clone();
+    let shown = id.clone();
+    api.reader
+        .world
+        .blocking(move || {
+            store
+                .lock()
+                .map_err(|_| "store lock poisoned".to_string())?
+                .get(&id)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no task {shown}")))
+}
+
+async fn show(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = load(&api, id).await?;
+    Ok(Json(view(&api.reader, task).await?))
+}
+
+/// Captured output of the latest run, with a trailer saying how much was dropped.
+async fn logs(State(api): State<Api>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let task = load(&api, id.clone()).await?;
+    let view = view(&api.reader, task).await?;
+    let Some(run) = view.runs.last() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("task {id} has not run yet"),
+        ));
+    };
+    let store = api.reader.store.clone();
+    let run_id = run.run_id;
+    let (mut output, dropped) = api
+        .reader
+        .world
+        .blocking(move || {
+            store
+                .lock()
+                .map_err(|_| "store lock poisoned".to_string())?
+                .output(run_id)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?
+        .unwrap_or_default();
+    if dropped > 0 {
+        output.extend_from_slice(
+            format!("\n[outpost: {dropped} more bytes of output were dropped (per-run limit)]\n")
+                .as_bytes(),
+        );
+    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        output,
+    )
+        .into_response())
+}
+
+async fn check_peer(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let allowed = match peer {
+        PeerAddr::Unix {
+            uid: Some(uid),
+            gid,
+        } => uid == 0 || uid == api.owner.0 || gid == Some(api.owner.1),
+        _ => false,
+    };
+    if !allowed {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("peer {peer} may not use the agent API (root, the agent's user or group only)"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+pub fn router(
+    reader: Reader,
+    requests: mpsc::Sender<SchedulerRequest>,
+    owner: (u32, u32),
+    has_postgres: bool,
+) -> Router {
+    let api = Api {
+        reader,
+        requests,
+        owner,
+        has_postgres,
+    };
+    Router::new()
+        .route("/v1/tasks", post(add).get(list))
+        .route("/v1/tasks/{id}", get(show))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/tasks/{id}/logs", get(logs))
+        .layer(middleware::from_fn_with_state(api.clone(), check_peer))
+        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+        .with_state(api)
+}
+
+/// This process's effective uid and gid (owner of the data dir's files).
+pub fn own_ids(data_dir: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self") {
+        Ok(m) => (m.uid(), m.gid()),
+        Err(_) => std::fs::metadata(data_dir)
+            .map(|m| (m.uid(), m.gid()))
+            .unwrap_or((0, 0)),
+    }
+}
+
+/// Serve the API on `socket` (mode 0660) until `shutdown`.
+pub async fn serve(
+    world: &World,
+    socket: &Path,
+    app: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if socket.exists() {
+        // A live agent answers on it; a stale file from a killed one does not.
+        if world.net().connect_unix(socket).await.is_ok() {
+            anyhow::bail!(
+                "{} is in use: is another agent running on this data dir?",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("remove stale socket {}", socket.display()))?;
+    }
+    let listener = world
+        .net()
+        .bind_unix(socket)
+        .await
+        .with_context(|| format!("listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "task API listening");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("serve the task API")?;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! `outpost-agent tasks …`: a client of the local task API.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use world::{Target, World};
+
+use super::api::{AddRequest, TaskView};
+use super::store::Store;
+
+#[derive(Args, Clone)]
+pub struct Where {
+    /// Agent API socket [default: DATA_DIR/agent.sock].
+    #[arg(long, env = "OUTPOST_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Agent state directory [default: /var/lib/outpost-agent].
+    #[arg(long, env = "OUTPOST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Where {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join(crate::config::SOCKET_FILE))
+    }
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum TasksCommand {
+    /// Schedule a task. Kinds: vacuum, analyze, health_check, retention_cleanup, pg_dump, sql,
+    /// command (argv after --). Without --at/--in/--every/--cron it runs now.
+    ///
+    /// Examples:
+    ///   outpost-agent tasks add vacuum --param database=app --param table=orders --cron '0 3 * * *' --tz Europe/Berlin
+    ///   outpost-agent tasks add health_check --every 5m
+    ///   outpost-agent tasks add command --in 10m --timeout 30s -- /usr/local/bin/rotate-logs --keep 7
+    Add {
+        kind: String,
+        /// Task parameter, repeatable: --param database=app
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        /// Run once at this RFC 3339 time.
+        #[arg(long)]
+        at: Option<String>,
+        /// Run once after this delay (30s, 10m, 2h).
+        #[arg(long = "in", value_name = "D")]
+        in_: Option<String>,
+        /// Run every D, starting now; never overlapping itself.
+        #[arg(long)]
+        every: Option<String>,
+        /// Five-field cron expression.
+        #[arg(long)]
+        cron: Option<String>,
+        /// IANA time zone for --cron [default: UTC].
+        #[arg(long)]
+        tz: Option<String>,
+        /// Kill the run's process group after this long [default: 1h].
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Operation signature the task id derives from [default: kind, params, argv, hour].
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at_where: Where,
+        /// The command and its arguments (kind `command`).
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at_where: Where,
+    },
+    /// A task and its runs.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at_where: Where,
+    },
+    /// Cancel a scheduled task, or stop a running one.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at_where: Where,
+    },
+    /// Output of a task's latest run.
+    Logs {
+        id: String,
+        #[command(flatten)]
+        at_where: Where,
+    },
+    /// Delete ended tasks older than D from the history (what retention_cleanup runs).
+    Purge {
+        #[arg(long, default_value = "30d")]
+        older_than: String,
+        #[command(flatten)]
+        at_where: Where,
+    },
+}
+
+const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+async fn call(
+    world: &World,
+    at: &Where,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Vec<u8>> {
+    let socket = at.socket();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let response = world::request(
+        world,
+        Target::Unix { socket: &socket, path },
+        method,
+        headers,
+        body.unwrap_or_default().into(),
+        Duration::from_secs(30),
+        RESPONSE_BYTES_MAX,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: is the agent running (`outpost-agent run`)? use --socket or --data-dir to point at it"))?;
+    if !response.status.is_success() {
+        let reason = serde_json::from_slice::<serde_json::Value>(&response.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("HTTP {}", response.status));
+        bail!("{reason}");
+    }
+    Ok(response.body.to_vec())
+}
+
+fn print_task(t: &TaskView) {
+    println!("id:          {}", t.id);
+    println!("kind:        {}", t.kind);
+    println!("status:      {}", t.status);
+    println!("schedule:    {}", t.schedule);
+    println!("key:         {}", t.key);
+    println!("created_at:  {}", t.created_at);
+    println!("next_run_at: {}", t.next_run_at.as_deref().unwrap_or("-"));
+    for r in &t.runs {
+        let dropped = if r.output_dropped_bytes > 0 {
+            format!(" ({} bytes dropped)", r.output_dropped_bytes)
+        } else {
+            String::new()
+        };
+        println!(
+            "run {:>6}  {:<9} exit={:<4} {} → {}  output {} bytes{dropped}{}",
+            r.run_id,
+            r.status,
+            r.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.started_at.as_deref().unwrap_or("-"),
+            r.finished_at.as_deref().unwrap_or("-"),
+            r.output_bytes,
+            r.error
+                .as_deref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
+}
+
+pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
+    let world = World::real();
+    match command {
+        TasksCommand::Add {
+            kind,
+            params,
+            at,
+            in_,
+            every,
+            cron,
+            tz,
+            timeout,
+            key,
+            json,
+            at_where,
+            argv,
+        } => {
+            let mut map = std::collections::BTreeMap::new();
+            for p in params {
+                let Some((k, v)) = p.split_once('=') else {
+                    bail!("--param {p:?} must be K=V");
+                };
+                map.insert(k.to_string(), v.to_string());
+            }
+            let request = AddRequest {
+                kind,
+                params: map,
+                argv,
+                at,
+                in_,
+                every,
+                cron,
+                tz,
+                timeout,
+                key,
+            };
+            let body = serde_json::to_vec(&request)?;
+            let out = call(
+                &world,
+                &at_where,
+                http::Method::POST,
+                "/v1/tasks",
+                Some(body),
+            )
+            .await?;
+            let task: TaskView = serde_json::from_slice(&out).context("read the agent's answer")?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                println!("{}", task.id);
+            }
+        }
+        TasksCommand::List { json, at_where } => {
+            let out = call(&world, &at_where, http::Method::GET, "/v1/tasks", None).await?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                let tasks: Vec<TaskView> =
+                    serde_json::from_slice(&out).context("read the agent's answer")?;
+                println!(
+                    "{:<20} {:<18} {:<10} {:<25} SCHEDULE",
+                    "ID", "KIND", "STATUS", "NEXT RUN"
+                );
+                for t in tasks {
+                    println!(
+                        "{:<20} {:<18} {:<10} {:<25} {}",
+                        t.id,
+                        t.kind,
+                        t.status,
+                        t.next_run_at.as_deref().unwrap_or("-"),
+                        t.schedule
+                    );
+                }
+            }
+        }
+        TasksCommand::Show { id, json, at_where } => {
+            let out = call(
+                &world,
+                &at_where,
+                http::Method::GET,
+                &format!("/v1/tasks/{}", encode(&id)),
+                None,
+            )
+            .await?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                print_task(&serde_json::from_slice(&out).context("read the agent's answer")?);
+            }
+        }
+        TasksCommand::Cancel { id, json, at_where } => {
+            let out = call(
+                &world,
+                &at_where,
+                http::Method::POST,
+                &format!("/v1/tasks/{}/cancel", encode(&id)),
+                None,
+            )
+            .await?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                let t: TaskView =
+                    serde_json::from_slice(&out).context("read the agent's answer")?;
+                println!("{} {}", t.id, t.status);
+            }
+        }
+        TasksCommand::Logs { id, at_where } => {
+            let out = call(
+                &world,
+                &at_where,
+                http::Method::GET,
+                &format!("/v1/tasks/{}/logs", encode(&id)),
+                None,
+            )
+            .await?;
+            std::io::stdout().write_all(&out)?;
+        }
+        TasksCommand::Purge {
+            older_than,
+            at_where,
+        } => {
+            let age = humantime::parse_duration(&older_than)
+                .with_context(|| format!("--older-than {older_than:?} is not a duration"))?;
+            let before = world.now_unix_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            let path = at_where.data_dir().join(crate::run::TASKS_FILE);
+            let n = world
+                .blocking(move || Store::open(&path).and_then(|mut s| s.purge(before)))
+                .await??;
+            println!("purged {n} ended tasks older than {older_than}");
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encode a path segment (task ids are plain, but input is input).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
