@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use world::World;
@@ -60,15 +60,21 @@ pub async fn run(
     // The task runtime and its API: they work with or without a control plane.
     let runtime = runtime_config(&config);
     let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
+    let (ready, recovered) = oneshot::channel();
     {
         let (world, stop) = (world.clone(), stop.clone());
         let runtime = runtime.clone();
         parts.spawn(async move {
-            (
-                "task runtime",
-                driver::run(world, runtime, requests_rx, stop).await,
-            )
+            let result = driver::run(world, runtime, requests_rx, ready, stop).await;
+            ("task runtime", result)
         });
+    }
+    // The API answers from the store: serve it only once recovery has rewritten it.
+    if recovered.await.is_err() {
+        if let Some(Ok((part, Err(e)))) = parts.join_next().await {
+            return Err(e.context(format!("{part} failed")));
+        }
+        anyhow::bail!("the task runtime stopped during recovery");
     }
     let db = runtime.db_path.clone();
     let reader_store = world

@@ -86,6 +86,7 @@ pub async fn run(
     world: World,
     config: RuntimeConfig,
     mut requests: mpsc::Receiver<Request>,
+    ready: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let path = config.db_path.clone();
@@ -96,6 +97,7 @@ pub async fn run(
     let store = Arc::new(Mutex::new(store));
     let mut scheduler = Scheduler::new(config.core.clone());
     recover(&world, &config, &store, &mut scheduler).await?;
+    let _ = ready.send(());
 
     let pool_shutdown = CancellationToken::new();
     let (mut pool_tx, mut events, mut pool) = start_pool(&config, &pool_shutdown);

@@ -1,0 +1,351 @@
+//! The task runtime through the real binary: `outpost-agent run` and `outpost-agent tasks …`
+//! over its Unix socket, including kill -9 in the middle of a run.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use crate::harness::{Proc, agent_bin, run};
+
+struct Agent {
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    async fn start(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut agent = Agent {
+            dir,
+            proc: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.launch().await;
+        agent
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    async fn launch(&mut self) {
+        let data = self.data();
+        let mut args = vec![
+            "run".to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ];
+        args.extend(self.extra.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", self.proc.is_some() as u8));
+        self.proc = Some(Proc::spawn(&agent_bin(), &args, &log));
+        for _ in 0..200 {
+            if self.tasks(&["list"]).status.success() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "agent API did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn tasks(&self, args: &[&str]) -> Output {
+        let data = self.data();
+        let mut all = vec!["tasks"];
+        let (before, after) = match args.iter().position(|a| *a == "--") {
+            Some(i) => (&args[..i], &args[i..]),
+            None => (args, &[][..]),
+        };
+        all.extend_from_slice(before);
+        let d = data.display().to_string();
+        all.extend(["--data-dir", d.as_str()]);
+        all.extend_from_slice(after);
+        run(&agent_bin(), &all)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.tasks(args);
+        assert!(
+            out.status.success(),
+            "tasks {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn show(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["show", id, "--json"])).expect("json")
+    }
+
+    /// Poll until the task's status is `want`.
+    async fn wait_status(&self, id: &str, want: &str) -> serde_json::Value {
+        for _ in 0..300 {
+            let t = self.show(id);
+            if t["status"] == want {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("task {id} not {want}: {}", self.show(id));
+    }
+}
+
+fn alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_and_its_outcome_output_and_json_shape_are_recorded() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert!(id.starts_with("t_"), "{id}");
+    let task = agent.wait_status(&id, "failed").await;
+    for key in [
+        "id",
+        "kind",
+        "status",
+        "schedule",
+        "key",
+        "created_at",
+        "next_run_at",
+        "runs",
+    ] {
+        assert!(task.get(key).is_some(), "task JSON lacks {key}: {task}");
+    }
+    let run = &task["runs"][0];
+    for key in ["started_at", "finished_at", "status", "exit_code", "error"] {
+        assert!(run.get(key).is_some(), "run JSON lacks {key}: {run}");
+    }
+    assert_eq!(run["exit_code"], 3);
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["started_at"].is_string() && run["finished_at"].is_string(),
+        "{run}"
+    );
+    let logs = agent.ok(&["logs", &id]);
+    assert!(logs.contains("out") && logs.contains("err"), "{logs}");
+    let listed = agent.ok(&["list"]);
+    assert!(listed.contains(&id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_refused_by_name_and_bad_input_gets_one_line_reasons() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "nightly", "--", "true",
+    ]);
+    let dup = agent.tasks(&[
+        "add", "command", "--in", "1h", "--key", "nightly", "--", "true",
+    ]);
+    assert!(!dup.status.success());
+    let err = String::from_utf8_lossy(&dup.stderr);
+    assert!(err.contains(&id) && err.contains("already exists"), "{err}");
+    for (args, needle) in [
+        (vec!["add", "bogus"], "unknown kind"),
+        (
+            vec!["add", "command", "--cron", "61 * * * *", "--", "true"],
+            "minute",
+        ),
+        (vec!["add", "command", "--in", "soon", "--", "true"], "--in"),
+        (
+            vec![
+                "add", "command", "--every", "1s", "--in", "1m", "--", "true",
+            ],
+            "at most one",
+        ),
+        (vec!["add", "command"], "after --"),
+        (vec!["add", "vacuum", "--param", "database=x"], "--postgres"),
+        (vec!["add", "analyze", "--param", "colour=red"], "database"),
+        (
+            vec!["add", "command", "--timeout", "30d", "--", "true"],
+            "timeout",
+        ),
+        (vec!["show", "t_nope"], "no task"),
+    ] {
+        let out = agent.tasks(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line please: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_cancellation_kill_the_whole_process_group() {
+    let agent = Agent::start(&[]).await;
+    let pidfile = agent.dir.path().join("grandchild.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let task = agent.wait_status(&id, "failed").await;
+    assert!(
+        task["runs"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{task}"
+    );
+    let grandchild = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .to_string();
+    assert!(
+        !alive(&grandchild),
+        "the grandchild {grandchild} survived the timeout"
+    );
+
+    let id = agent.ok(&["add", "command", "--key", "long", "--", "sleep", "300"]);
+    agent.wait_status(&id, "doing").await;
+    agent.ok(&["cancel", &id]);
+    let task = agent.wait_status(&id, "canceled").await;
+    assert_eq!(task["runs"][0]["status"], "canceled");
+    let again = agent.tasks(&["cancel", &id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_beyond_the_limit_is_counted_not_silently_cut() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "head -c 200000 /dev/zero | tr '\\0' x",
+    ]);
+    let task = agent.wait_status(&id, "done").await;
+    let run = &task["runs"][0];
+    assert_eq!(run["output_bytes"], 65536);
+    assert_eq!(run["output_dropped_bytes"], 200000 - 65536);
+    let logs = agent.ok(&["logs", &id]);
+    assert!(
+        logs.contains("134464 more bytes of output were dropped"),
+        "{}",
+        &logs[logs.len() - 120..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_aborts_the_run_terminates_its_processes_and_keeps_future_tasks() {
+    let mut agent = Agent::start(&[]).await;
+    let pidfile = agent.dir.path().join("victim.pid");
+    let script = format!("echo $$ > {}; sleep 300", pidfile.display());
+    let running = agent.ok(&[
+        "add", "command", "--key", "victim", "--", "sh", "-c", &script,
+    ]);
+    let future = agent.ok(&[
+        "add", "command", "--in", "3s", "--key", "later", "--", "true",
+    ]);
+    agent.wait_status(&running, "doing").await;
+    let victim = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .to_string();
+    agent
+        .proc
+        .take()
+        .expect("running")
+        .0
+        .kill()
+        .expect("kill -9");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        alive(&victim),
+        "the run's process outlives a kill -9 of the agent"
+    );
+
+    agent.launch().await;
+    let task = agent.show(&running);
+    assert_eq!(task["status"], "aborted", "{task}");
+    assert_eq!(task["runs"][0]["status"], "aborted");
+    assert!(
+        !alive(&victim),
+        "the restarted agent must terminate the leftover run"
+    );
+    let later = agent.wait_status(&future, "done").await;
+    assert_eq!(
+        later["runs"].as_array().map(Vec::len),
+        Some(1),
+        "the future task ran once: {later}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kinds_run_through_the_configured_server() {
+    let pg = fixtures::Postgres::start().await.expect("postgres fixture");
+    let url = pg.create_database("tasks_kinds").expect("database");
+    let agent = Agent::start(&["--postgres", &url]).await;
+    let sql = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=CREATE TABLE \"Odd \"\"name\" (id int)",
+    ]);
+    agent.wait_status(&sql, "done").await;
+    let vacuum = agent.ok(&[
+        "add",
+        "vacuum",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "table=Odd \"name",
+    ]);
+    agent.wait_status(&vacuum, "done").await;
+    let analyze = agent.ok(&["add", "analyze", "--param", "database=tasks_kinds"]);
+    agent.wait_status(&analyze, "done").await;
+    let health = agent.ok(&["add", "health_check"]);
+    agent.wait_status(&health, "done").await;
+    let dump_path = agent.dir.path().join("dump.sql");
+    let dump = agent.ok(&[
+        "add",
+        "pg_dump",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        &format!("path={}", dump_path.display()),
+    ]);
+    agent.wait_status(&dump, "done").await;
+    let dumped = std::fs::read_to_string(&dump_path).expect("dump written");
+    assert!(dumped.contains("Odd \"\"name"), "the dump holds the table");
+    let bad = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=SELECT nope",
+    ]);
+    let task = agent.wait_status(&bad, "failed").await;
+    assert!(agent.ok(&["logs", &bad]).contains("nope"), "{task}");
+}
