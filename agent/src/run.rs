@@ -85,12 +85,12 @@ pub async fn run(
         world: world.clone(),
         store: Arc::new(Mutex::new(reader_store)),
     };
-    let app = api::router(
+    let bridge = api::Bridge {
         reader,
         requests,
-        api::own_ids(&config.data_dir),
-        config.postgres.is_some(),
-    );
+        has_postgres: config.postgres.is_some(),
+    };
+    let app = api::router(bridge.clone(), api::own_ids(&config.data_dir));
     {
         let (world, stop, socket) = (world.clone(), stop.clone(), config.socket.clone());
         parts.spawn(async move { ("task API", api::serve(&world, &socket, app, stop).await) });
@@ -113,7 +113,8 @@ pub async fn run(
                 )?,
             };
             tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
-            let link = LinkConfig::new(control_plane, identity.credential, identity.name);
+            let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
+            link.tasks = Some(bridge);
             let (world, stop) = (world.clone(), stop.clone());
             parts.spawn(async move {
                 run_link(world, link, status, stop).await;

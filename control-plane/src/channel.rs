@@ -403,6 +403,22 @@ async fn serve_connection(
                         }
                         None
                     }
+                    Ok(AgentMessage::TaskEvents { events }) => {
+                        // Durable before the ack: the agent forgets what it sees acked.
+                        let Some(upto_seq) = events.iter().map(|e| e.seq).max() else { continue };
+                        let mut rows = Vec::with_capacity(events.len());
+                        for event in events {
+                            match serde_json::to_string(&event.task) {
+                                Ok(json) => rows.push((event.task.id, json)),
+                                Err(e) => return End::Protocol(e.to_string()),
+                            }
+                        }
+                        let now_ms = state.world.now_unix_ms();
+                        match state.storage.upsert_agent_tasks(&agent.id, rows, now_ms).await {
+                            Ok(()) => Some(ServerMessage::TaskEventsAck { upto_seq }),
+                            Err(e) => return End::Storage(e.to_string()),
+                        }
+                    }
                     Ok(AgentMessage::Error(error)) => {
                         tracing::warn!(code = ?error.code, message = %error.message, "agent reported an error");
                         None

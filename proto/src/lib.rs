@@ -87,6 +87,10 @@ pub enum AgentMessage {
         #[serde(default)]
         error: Option<WireError>,
     },
+    /// Task state changes, oldest first, resent until acked by [`ServerMessage::TaskEventsAck`].
+    TaskEvents {
+        events: Vec<TaskEvent>,
+    },
     Error(WireError),
     #[serde(other)]
     Unknown,
@@ -113,6 +117,10 @@ pub enum ServerMessage {
         id: u64,
         command: Command,
     },
+    /// Every task event with `seq <= upto_seq` is stored; the agent may forget them.
+    TaskEventsAck {
+        upto_seq: i64,
+    },
     Error(WireError),
     #[serde(other)]
     Unknown,
@@ -124,8 +132,74 @@ pub enum ServerMessage {
 pub enum Command {
     /// Report what the agent is and how long it has run.
     Describe,
+    /// Schedule a task (the body mirrors `outpost-agent tasks add`).
+    TaskAdd { task: Box<TaskRequest> },
+    /// Cancel a task.
+    TaskCancel { task_id: String },
     #[serde(other)]
     Unknown,
+}
+
+/// A task to schedule, as `outpost-agent tasks add` and `POST …/tasks` take it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub at: Option<String>,
+    /// humantime delay from now.
+    #[serde(default, rename = "in")]
+    pub in_: Option<String>,
+    #[serde(default)]
+    pub every: Option<String>,
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// IANA time zone for `cron` (default UTC).
+    #[serde(default)]
+    pub tz: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// A task as every interface shows it (local API, control plane API, task events).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskSnapshot {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+    pub schedule: String,
+    pub key: String,
+    pub created_at: String,
+    pub next_run_at: Option<String>,
+    pub runs: Vec<RunSnapshot>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunSnapshot {
+    pub run_id: i64,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    #[serde(default)]
+    pub output_bytes: i64,
+    #[serde(default)]
+    pub output_dropped_bytes: i64,
+}
+
+/// One change of a task, numbered by the agent's durable outbox.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskEvent {
+    pub seq: i64,
+    pub task: TaskSnapshot,
 }
 
 /// Results of commands, tagged like [`Command`].
@@ -137,6 +211,9 @@ pub enum CommandResult {
         hostname: String,
         protocol_version: u32,
         uptime_s: u64,
+    },
+    Task {
+        task: TaskSnapshot,
     },
     #[serde(other)]
     Unknown,
@@ -159,6 +236,10 @@ pub enum ErrorCode {
     ProtocolViolation,
     /// Another connection of the same agent took over; this one is closed.
     Replaced,
+    /// The request was understood and refused (bad input, duplicate, unknown task).
+    Refused,
+    /// The agent cannot do it now (its task runtime is not running).
+    Unavailable,
     #[serde(other)]
     Other,
 }

@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
 use super::Backoff;
+use crate::tasks::api::{Bridge, BridgeError};
+
+/// Task events per frame.
+const TASK_EVENTS_PER_FRAME: usize = 100;
 
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
@@ -26,6 +30,8 @@ pub struct LinkConfig {
     pub welcome_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// The task runtime, for task commands and task events; `None` where it does not run.
+    pub tasks: Option<Bridge>,
 }
 
 impl LinkConfig {
@@ -38,6 +44,7 @@ impl LinkConfig {
             welcome_timeout: Duration::from_secs(15),
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(5),
+            tasks: None,
         }
     }
 }
@@ -257,6 +264,7 @@ async fn serve(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_heard = Instant::now();
+    let mut events_in_flight: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -272,6 +280,15 @@ async fn serve(
                 if let Err(e) = session.send(&msg).await {
                     return End::Failed(e);
                 }
+                // An unacknowledged batch is resent after the dead deadline.
+                if events_in_flight.is_some_and(|since: Instant| since.elapsed() > dead_after) {
+                    events_in_flight = None;
+                }
+                if let Some(msg) = next_task_events(config, &mut events_in_flight).await
+                    && let Err(e) = session.send(&msg).await
+                {
+                    return End::Failed(e);
+                }
             }
             frame = session.recv() => {
                 let text = match frame {
@@ -283,7 +300,16 @@ async fn serve(
                 let reply = match serde_json::from_str::<ServerMessage>(&text) {
                     Err(e) => Some(AgentMessage::Error(WireError::new(ErrorCode::Malformed, e.to_string()))),
                     Ok(ServerMessage::HeartbeatAck { .. }) => None,
-                    Ok(ServerMessage::Command { id, command }) => Some(answer(id, command, config, version, started)),
+                    Ok(ServerMessage::Command { id, command }) => Some(answer(id, command, config, version, started).await),
+                    Ok(ServerMessage::TaskEventsAck { upto_seq }) => {
+                        if let Some(bridge) = &config.tasks
+                            && let Err(error) = bridge.ack(upto_seq).await
+                        {
+                            tracing::warn!(%error, "forget acknowledged task events");
+                        }
+                        events_in_flight = None;
+                        next_task_events(config, &mut events_in_flight).await
+                    }
                     Ok(ServerMessage::Error(e)) if e.code == ErrorCode::Replaced => {
                         return End::Failed("replaced by a newer connection of this agent".into());
                     }
@@ -310,13 +336,31 @@ async fn serve(
     }
 }
 
-fn answer(
+async fn answer(
     id: u64,
     command: Command,
     config: &LinkConfig,
     version: u32,
     started: Instant,
 ) -> AgentMessage {
+    let refused = |code, message: String| AgentMessage::CommandAck {
+        id,
+        ok: false,
+        result: None,
+        error: Some(WireError::new(code, message)),
+    };
+    let task_result = |r: Result<proto::TaskSnapshot, BridgeError>| match r {
+        Ok(task) => AgentMessage::CommandAck {
+            id,
+            ok: true,
+            result: Some(CommandResult::Task { task }),
+            error: None,
+        },
+        Err(e @ (BridgeError::Unavailable(_) | BridgeError::Internal(_))) => {
+            refused(ErrorCode::Unavailable, e.to_string())
+        }
+        Err(e) => refused(ErrorCode::Refused, e.to_string()),
+    };
     match command {
         Command::Describe => AgentMessage::CommandAck {
             id,
@@ -329,14 +373,45 @@ fn answer(
             }),
             error: None,
         },
-        Command::Unknown => AgentMessage::CommandAck {
-            id,
-            ok: false,
-            result: None,
-            error: Some(WireError::new(
-                ErrorCode::UnknownCommand,
-                "this agent does not know that command",
-            )),
+        Command::TaskAdd { task } => match &config.tasks {
+            Some(bridge) => task_result(bridge.add(*task).await),
+            None => refused(
+                ErrorCode::Unavailable,
+                "this agent runs no task runtime".into(),
+            ),
         },
+        Command::TaskCancel { task_id } => match &config.tasks {
+            Some(bridge) => task_result(bridge.cancel(task_id).await),
+            None => refused(
+                ErrorCode::Unavailable,
+                "this agent runs no task runtime".into(),
+            ),
+        },
+        Command::Unknown => refused(
+            ErrorCode::UnknownCommand,
+            "this agent does not know that command".into(),
+        ),
+    }
+}
+
+/// The next batch of task events, if the outbox has any and no batch is in flight.
+async fn next_task_events(
+    config: &LinkConfig,
+    in_flight: &mut Option<Instant>,
+) -> Option<AgentMessage> {
+    let bridge = config.tasks.as_ref()?;
+    if in_flight.is_some() {
+        return None;
+    }
+    match bridge.pending_events(TASK_EVENTS_PER_FRAME).await {
+        Ok(events) if !events.is_empty() => {
+            *in_flight = Some(Instant::now());
+            Some(AgentMessage::TaskEvents { events })
+        }
+        Ok(_) => None,
+        Err(error) => {
+            tracing::warn!(%error, "read pending task events");
+            None
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! Peers are checked by their credentials: root, the agent's own user or its group.
 //! `curl --unix-socket` works; `outpost-agent tasks …` uses it.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use world::{PeerAddr, World};
@@ -39,51 +37,7 @@ struct Api {
     has_postgres: bool,
 }
 
-/// `POST /v1/tasks`: the same fields as `outpost-agent tasks add`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AddRequest {
-    pub kind: String,
-    #[serde(default)]
-    pub params: BTreeMap<String, String>,
-    #[serde(default)]
-    pub argv: Vec<String>,
-    /// RFC 3339.
-    pub at: Option<String>,
-    /// humantime, from now.
-    #[serde(rename = "in")]
-    pub in_: Option<String>,
-    pub every: Option<String>,
-    pub cron: Option<String>,
-    /// IANA time zone for `cron` (default UTC).
-    pub tz: Option<String>,
-    pub timeout: Option<String>,
-    pub key: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct RunView {
-    pub run_id: i64,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub status: String,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    pub output_bytes: i64,
-    pub output_dropped_bytes: i64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct TaskView {
-    pub id: String,
-    pub kind: String,
-    pub status: String,
-    pub schedule: String,
-    pub key: String,
-    pub created_at: String,
-    pub next_run_at: Option<String>,
-    pub runs: Vec<RunView>,
-}
+pub use proto::{RunSnapshot as RunView, TaskRequest as AddRequest, TaskSnapshot as TaskView};
 
 fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
@@ -236,6 +190,11 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 async fn view(reader: &Reader, task: TaskState) -> Result<TaskView, ApiError> {
+    snapshot(reader, task).await.map_err(internal)
+}
+
+/// A task with its runs, as every interface shows it.
+pub(crate) async fn snapshot(reader: &Reader, task: TaskState) -> Result<TaskView, String> {
     let store = reader.store.clone();
     let id = task.id.clone();
     let runs = reader
@@ -248,8 +207,7 @@ async fn view(reader: &Reader, task: TaskState) -> Result<TaskView, ApiError> {
                 .map_err(|e| e.to_string())
         })
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(|e| e.to_string())??;
     Ok(TaskView {
         id: task.id,
         kind: task.spec.kind.name().into(),
@@ -278,29 +236,9 @@ async fn add(
     State(api): State<Api>,
     Json(req): Json<AddRequest>,
 ) -> Result<(StatusCode, Json<TaskView>), ApiError> {
-    let now_ms = api.reader.world.now_unix_ms();
-    let spec = spec_from_request(req, now_ms, api.has_postgres)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let (reply, answer) = oneshot::channel();
-    api.requests
-        .send(SchedulerRequest::Submit { spec, reply })
-        .await
-        .map_err(|_| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the task scheduler is not running".into(),
-            )
-        })?;
-    match answer.await {
-        Ok(Ok(task)) => Ok((StatusCode::CREATED, Json(view(&api.reader, task).await?))),
-        Ok(Err(e @ SubmitError::Duplicate { .. })) => {
-            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
-        }
-        Ok(Err(e)) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
-        Err(_) => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the task scheduler stopped before answering".into(),
-        )),
+    match api.bridge().add(req).await {
+        Ok(task) => Ok((StatusCode::CREATED, Json(task))),
+        Err(e) => Err(refusal(e)),
     }
 }
 
@@ -308,25 +246,18 @@ async fn cancel(
     State(api): State<Api>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let (reply, answer) = oneshot::channel();
-    api.requests
-        .send(SchedulerRequest::Cancel { id, reply })
-        .await
-        .map_err(|_| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the task scheduler is not running".into(),
-            )
-        })?;
-    match answer.await {
-        Ok(Ok(task)) => Ok(Json(view(&api.reader, task).await?)),
-        Ok(Err(e @ CancelError::Unknown(_))) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
-        Ok(Err(e)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
-        Err(_) => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the task scheduler stopped before answering".into(),
-        )),
-    }
+    api.bridge().cancel(id).await.map(Json).map_err(refusal)
+}
+
+fn refusal(e: BridgeError) -> ApiError {
+    let code = match e {
+        BridgeError::Invalid(_) => StatusCode::BAD_REQUEST,
+        BridgeError::Duplicate(_) | BridgeError::Finished(_) => StatusCode::CONFLICT,
+        BridgeError::Unknown(_) => StatusCode::NOT_FOUND,
+        BridgeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        BridgeError::Internal(ref m) => return internal(m),
+    };
+    ApiError(code, e.to_string())
 }
 
 async fn list(State(api): State<Api>) -> Result<Json<Vec<TaskView>>, ApiError> {
@@ -439,17 +370,12 @@ async fn check_peer(
     next.run(request).await
 }
 
-pub fn router(
-    reader: Reader,
-    requests: mpsc::Sender<SchedulerRequest>,
-    owner: (u32, u32),
-    has_postgres: bool,
-) -> Router {
+pub fn router(bridge: Bridge, owner: (u32, u32)) -> Router {
     let api = Api {
-        reader,
-        requests,
+        reader: bridge.reader,
+        requests: bridge.requests,
         owner,
-        has_postgres,
+        has_postgres: bridge.has_postgres,
     };
     Router::new()
         .route("/v1/tasks", post(add).get(list))
@@ -509,4 +435,137 @@ pub async fn serve(
     .context("serve the task API")?;
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+impl Api {
+    fn bridge(&self) -> Bridge {
+        Bridge {
+            reader: self.reader.clone(),
+            requests: self.requests.clone(),
+            has_postgres: self.has_postgres,
+        }
+    }
+}
+
+/// Why a task request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("{0}")]
+    Unknown(String),
+    #[error("{0}")]
+    Finished(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Adds and cancels tasks for every caller (the local API and the control channel), and
+/// reads the durable outbox of task changes for the control plane.
+#[derive(Clone)]
+pub struct Bridge {
+    pub reader: Reader,
+    pub requests: mpsc::Sender<SchedulerRequest>,
+    pub has_postgres: bool,
+}
+
+impl Bridge {
+    pub async fn add(&self, req: AddRequest) -> Result<TaskView, BridgeError> {
+        let now_ms = self.reader.world.now_unix_ms();
+        let spec =
+            spec_from_request(req, now_ms, self.has_postgres).map_err(BridgeError::Invalid)?;
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(SchedulerRequest::Submit { spec, reply })
+            .await
+            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
+        match answer.await {
+            Ok(Ok(task)) => snapshot(&self.reader, task)
+                .await
+                .map_err(BridgeError::Internal),
+            Ok(Err(e @ SubmitError::Duplicate { .. })) => {
+                Err(BridgeError::Duplicate(e.to_string()))
+            }
+            Ok(Err(e)) => Err(BridgeError::Invalid(e.to_string())),
+            Err(_) => Err(BridgeError::Unavailable(
+                "the task scheduler stopped before answering".into(),
+            )),
+        }
+    }
+
+    pub async fn cancel(&self, id: String) -> Result<TaskView, BridgeError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(SchedulerRequest::Cancel { id, reply })
+            .await
+            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
+        match answer.await {
+            Ok(Ok(task)) => snapshot(&self.reader, task)
+                .await
+                .map_err(BridgeError::Internal),
+            Ok(Err(e @ CancelError::Unknown(_))) => Err(BridgeError::Unknown(e.to_string())),
+            Ok(Err(e)) => Err(BridgeError::Finished(e.to_string())),
+            Err(_) => Err(BridgeError::Unavailable(
+                "the task scheduler stopped before answering".into(),
+            )),
+        }
+    }
+
+    /// Up to `limit` unacknowledged task changes, oldest first, each as the task's state now.
+    pub async fn pending_events(&self, limit: usize) -> Result<Vec<proto::TaskEvent>, String> {
+        let store = self.reader.store.clone();
+        let pending = self
+            .reader
+            .world
+            .blocking(move || -> Result<Vec<(i64, Option<TaskState>)>, String> {
+                let store = store
+                    .lock()
+                    .map_err(|_| "store lock poisoned".to_string())?;
+                let rows = store.outbox(limit).map_err(|e| e.to_string())?;
+                rows.into_iter()
+                    .map(|(seq, id)| Ok((seq, store.get(&id).map_err(|e| e.to_string())?)))
+                    .collect()
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        let mut events = Vec::with_capacity(pending.len());
+        for (seq, task) in pending {
+            // A task purged since it changed has nothing left to report; the ack clears it.
+            if let Some(task) = task {
+                events.push(proto::TaskEvent {
+                    seq,
+                    task: snapshot(&self.reader, task).await?,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// The control plane stored every change up to `upto_seq`.
+    pub async fn ack(&self, upto_seq: i64) -> Result<(), String> {
+        let store = self.reader.store.clone();
+        self.reader
+            .world
+            .blocking(move || {
+                store
+                    .lock()
+                    .map_err(|_| "store lock poisoned".to_string())?
+                    .ack_outbox(upto_seq)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("has_postgres", &self.has_postgres)
+            .finish_non_exhaustive()
+    }
 }

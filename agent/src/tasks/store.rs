@@ -43,6 +43,16 @@ CREATE TABLE IF NOT EXISTS runs (
     output_dropped_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_task ON runs(task_id);
+-- Tasks whose latest change the control plane has not acknowledged (one row per task, so
+-- the outbox never outgrows the task table).
+CREATE TABLE IF NOT EXISTS outbox (
+    task_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +242,28 @@ impl Store {
             )
             .map_err(err)?;
         }
+        let mut seq: i64 = tx
+            .query_row(
+                "SELECT COALESCE((SELECT value FROM counters WHERE name = 'outbox'), 0)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let seq_before = seq;
         for effect in effects {
+            let changed = match effect {
+                Effect::SaveTask(t) => Some(&t.id),
+                Effect::RunEnded { task_id, .. } => Some(task_id),
+                _ => None,
+            };
+            if let Some(task_id) = changed {
+                seq += 1;
+                tx.execute(
+                    "INSERT INTO outbox (task_id, seq) VALUES (?1, ?2) ON CONFLICT (task_id) DO UPDATE SET seq = excluded.seq",
+                    params![task_id, seq],
+                )
+                .map_err(err)?;
+            }
             match effect {
                 Effect::SaveTask(t) => {
                     tx.execute(
@@ -290,6 +321,13 @@ impl Store {
                 }
                 Effect::Dispatch(_) | Effect::Kill { .. } => {}
             }
+        }
+        if seq != seq_before {
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES ('outbox', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![seq],
+            )
+            .map_err(err)?;
         }
         tx.commit().map_err(err)
     }
@@ -359,6 +397,28 @@ impl Store {
             )
             .optional()
             .map_err(err)
+    }
+
+    /// Oldest unacknowledged task changes: (seq, task id).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, task_id FROM outbox ORDER BY seq LIMIT ?1")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        Ok(rows)
+    }
+
+    /// Forget changes the control plane stored.
+    pub fn ack_outbox(&mut self, upto_seq: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM outbox WHERE seq <= ?1", params![upto_seq])
+            .map_err(err)?;
+        Ok(())
     }
 
     /// Delete ended tasks last updated before `before_ms`, and their runs. Returns tasks deleted.

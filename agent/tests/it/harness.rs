@@ -187,6 +187,38 @@ impl ControlPlane {
         stdout(&out).trim().to_string()
     }
 
+    /// A request with the admin token; `None` if the control plane is unreachable.
+    pub async fn api(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Option<world::HttpResponse> {
+        let world = World::real();
+        let url = url::Url::parse(&format!("{}{path}", self.url())).expect("url");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", self.token).parse().expect("header"),
+        );
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().expect("header"),
+        );
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        world::http_request(
+            &world,
+            method,
+            &url,
+            headers,
+            body.into(),
+            Duration::from_secs(20),
+            1 << 20,
+        )
+        .await
+        .ok()
+    }
+
     async fn get(&self, path: &str, token: Option<&str>) -> Option<world::HttpResponse> {
         let world = World::real();
         let url = url::Url::parse(&format!("{}{path}", self.url())).expect("url");

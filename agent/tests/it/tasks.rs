@@ -349,3 +349,132 @@ async fn postgres_kinds_run_through_the_configured_server() {
     let task = agent.wait_status(&bad, "failed").await;
     assert!(agent.ok(&["logs", &bad]).contains("nope"), "{task}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down() {
+    use crate::harness::{ControlPlane, stdout};
+    use http::Method;
+    let mut cp = ControlPlane::start().await;
+    let token = cp.enroll_token();
+    let mut agent = Agent {
+        dir: tempfile::tempdir().expect("tempdir"),
+        proc: None,
+        extra: Vec::new(),
+    };
+    let data = agent.data();
+    stdout(&run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            &cp.url(),
+            "--token",
+            &token,
+            "--name",
+            "db1",
+            "--data-dir",
+            &data.display().to_string(),
+        ],
+    ));
+    agent.launch().await;
+    cp.wait_status("db1", "online", Duration::from_secs(10))
+        .await;
+    let agents: serde_json::Value = serde_json::from_slice(
+        &cp.api(Method::GET, "/api/v1/agents", None)
+            .await
+            .expect("list")
+            .body,
+    )
+    .expect("json");
+    let agent_id = agents[0]["id"].as_str().expect("id").to_string();
+    let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
+
+    // Through the control plane: created on the agent, refused with the agent's reason.
+    let created = cp
+        .api(Method::POST, &tasks_path, Some(serde_json::json!({"kind": "command", "argv": ["sh", "-c", "echo remote"], "in": "3s", "key": "remote-1"})))
+        .await
+        .expect("create");
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let task: serde_json::Value = serde_json::from_slice(&created.body).expect("json");
+    let task_id = task["id"].as_str().expect("id").to_string();
+    assert_eq!(task["status"], "scheduled");
+    let refused = cp
+        .api(
+            Method::POST,
+            &tasks_path,
+            Some(serde_json::json!({"kind": "bogus"})),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 400);
+    assert!(String::from_utf8_lossy(&refused.body).contains("unknown kind"));
+    let dup = cp
+        .api(
+            Method::POST,
+            &tasks_path,
+            Some(serde_json::json!({"kind": "command", "argv": ["true"], "key": "remote-1"})),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(dup.status, 400, "{}", String::from_utf8_lossy(&dup.body));
+    assert!(String::from_utf8_lossy(&dup.body).contains(&task_id));
+
+    // The run happens while the control plane is dead.
+    cp.proc.take().expect("running").0.kill().expect("kill -9");
+    agent.wait_status(&task_id, "done").await;
+    cp.launch();
+    cp.wait_healthy().await;
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        let r = cp.api(Method::GET, &tasks_path, None).await.expect("list");
+        seen = serde_json::from_slice(&r.body).expect("json");
+        if seen
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
+            .is_some_and(|t| t["status"] == "done")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = seen
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
+        .cloned()
+        .expect("task listed");
+    assert_eq!(stored["status"], "done", "{seen}");
+    assert_eq!(stored["runs"][0]["exit_code"], 0);
+
+    // Cancel through the control plane.
+    let later = cp
+        .api(Method::POST, &tasks_path, Some(serde_json::json!({"kind": "command", "argv": ["true"], "in": "1h", "key": "remote-2"})))
+        .await
+        .expect("create");
+    let later: serde_json::Value = serde_json::from_slice(&later.body).expect("json");
+    let cancel = cp
+        .api(
+            Method::POST,
+            &format!("{tasks_path}/{}/cancel", later["id"].as_str().expect("id")),
+            None,
+        )
+        .await
+        .expect("cancel");
+    assert_eq!(
+        cancel.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    let canceled: serde_json::Value = serde_json::from_slice(&cancel.body).expect("json");
+    assert_eq!(canceled["status"], "canceled");
+    let unknown = cp
+        .api(Method::GET, "/api/v1/agents/agt_nobody/tasks", None)
+        .await
+        .expect("answer");
+    assert_eq!(unknown.status, 404);
+}

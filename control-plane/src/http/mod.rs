@@ -5,6 +5,7 @@
 
 mod agents;
 mod sessions;
+mod tasks;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
@@ -66,6 +67,30 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
             get(agents::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/agents/{id}/tasks",
+                Access::User(Role::Viewer),
+            ),
+            get(tasks::list),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/agents/{id}/tasks",
+                Access::User(Role::Operator),
+            ),
+            post(tasks::create),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/agents/{id}/tasks/{task_id}/cancel",
+                Access::User(Role::Operator),
+            ),
+            post(tasks::cancel),
         ),
         (
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),

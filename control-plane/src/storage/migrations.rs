@@ -1,7 +1,8 @@
 //! Versioned schema migrations. A migration is never edited once released: add a new one.
 //! Index `i` of each list brings the schema from version `i` to `i + 1`.
 
-pub const SQLITE: &[&str] = &[r#"
+pub const SQLITE: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -33,9 +34,21 @@ CREATE TABLE agents (
     connection_id TEXT,
     connected INTEGER NOT NULL DEFAULT 0
 );
-"#];
+"#,
+    r#"
+CREATE TABLE agent_tasks (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    task_id TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, task_id)
+);
+CREATE INDEX agent_tasks_recent ON agent_tasks(agent_id, updated_ms);
+"#,
+];
 
-pub const POSTGRES: &[&str] = &[r#"
+pub const POSTGRES: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -67,4 +80,15 @@ CREATE TABLE agents (
     connection_id TEXT,
     connected BOOLEAN NOT NULL DEFAULT FALSE
 );
-"#];
+"#,
+    r#"
+CREATE TABLE agent_tasks (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    task_id TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, task_id)
+);
+CREATE INDEX agent_tasks_recent ON agent_tasks(agent_id, updated_ms);
+"#,
+];

@@ -186,4 +186,27 @@ impl Storage {
     pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StorageError> {
         dispatch!(self.list_agents())
     }
+
+    pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
+        dispatch!(self.agent(agent_id))
+    }
+
+    /// Store the latest snapshot of each task (idempotent: replaying a batch changes nothing).
+    pub async fn upsert_agent_tasks(
+        &self,
+        agent_id: &str,
+        tasks: Vec<(String, String)>,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.upsert_agent_tasks(agent_id, tasks, now_ms))
+    }
+
+    /// Task snapshots (JSON) of an agent, most recently changed first.
+    pub async fn agent_tasks(
+        &self,
+        agent_id: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StorageError> {
+        dispatch!(self.agent_tasks(agent_id, limit))
+    }
 }

@@ -408,4 +408,58 @@ impl PostgresStore {
             .map_err(backend)?;
         Ok(rows.iter().map(agent_from_row).collect())
     }
+
+    pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"),
+                &[&agent_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(agent_from_row))
+    }
+
+    pub async fn upsert_agent_tasks(
+        &self,
+        agent_id: &str,
+        tasks: Vec<(String, String)>,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let (ids, snapshots): (Vec<String>, Vec<String>) = tasks.into_iter().unzip();
+        // One statement for the batch: durable as a whole before the ack goes out.
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms) \
+                 SELECT $1, t.id, t.snapshot, $4 FROM unnest($2::text[], $3::text[]) AS t(id, snapshot) \
+                 ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_ms = EXCLUDED.updated_ms",
+                &[&agent_id, &ids, &snapshots, &now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn agent_tasks(
+        &self,
+        agent_id: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT snapshot FROM agent_tasks WHERE agent_id = $1 ORDER BY updated_ms DESC, task_id LIMIT $2",
+                &[&agent_id, &limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
 }

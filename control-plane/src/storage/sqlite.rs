@@ -350,4 +350,60 @@ impl SqliteStore {
         })
         .await
     }
+
+    pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
+        let agent_id = agent_id.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
+                params![agent_id],
+                agent_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn upsert_agent_tasks(
+        &self,
+        agent_id: &str,
+        tasks: Vec<(String, String)>,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let agent_id = agent_id.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            for (task_id, snapshot) in tasks {
+                tx.execute(
+                    "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = excluded.snapshot, updated_ms = excluded.updated_ms",
+                    params![agent_id, task_id, snapshot, now_ms],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn agent_tasks(
+        &self,
+        agent_id: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StorageError> {
+        let agent_id = agent_id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT snapshot FROM agent_tasks WHERE agent_id = ?1 ORDER BY updated_ms DESC, task_id LIMIT ?2")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![agent_id, limit], |r| r.get(0))
+                .map_err(backend)?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
 }

@@ -1,0 +1,132 @@
+//! Tasks of one agent: history from storage (so it is there while the agent is offline),
+//! creation and cancellation through the agent's control channel.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use proto::{Command, CommandResult, ErrorCode, TaskRequest, TaskSnapshot};
+
+use super::ApiError;
+use crate::channel::CommandError;
+use crate::state::AppState;
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+const LIST_MAX: i64 = 1000;
+
+async fn known_agent(state: &AppState, agent_id: &str) -> Result<(), ApiError> {
+    match state
+        .storage
+        .agent(agent_id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(_) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent {agent_id}"),
+        )),
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+) -> Result<Json<Vec<TaskSnapshot>>, ApiError> {
+    known_agent(&state, &agent_id).await?;
+    let rows = state
+        .storage
+        .agent_tasks(&agent_id, LIST_MAX)
+        .await
+        .map_err(ApiError::internal)?;
+    let tasks = rows
+        .iter()
+        .filter_map(|json| serde_json::from_str(json).ok())
+        .collect();
+    Ok(Json(tasks))
+}
+
+async fn command(
+    state: &AppState,
+    agent_id: &str,
+    command: Command,
+) -> Result<TaskSnapshot, ApiError> {
+    known_agent(state, agent_id).await?;
+    let result = state
+        .channels
+        .send_command(agent_id, command, COMMAND_TIMEOUT)
+        .await;
+    let task = match result {
+        Ok(CommandResult::Task { task }) => task,
+        Ok(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "the agent answered with something else",
+            ));
+        }
+        Err(CommandError::NotConnected) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "agent {agent_id} is not connected to this control plane; try again when it is online"
+                ),
+            ));
+        }
+        Err(CommandError::Refused(e)) => {
+            let status = match e.code {
+                ErrorCode::Refused => StatusCode::BAD_REQUEST,
+                ErrorCode::UnknownCommand => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return Err(ApiError::new(status, e.message));
+        }
+        Err(e @ (CommandError::Busy | CommandError::Closed)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+            ));
+        }
+        Err(e @ CommandError::Timeout(_)) => {
+            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()));
+        }
+    };
+    // Shown at once; the agent's task events keep it current from here on.
+    let json = serde_json::to_string(&task).map_err(ApiError::internal)?;
+    state
+        .storage
+        .upsert_agent_tasks(
+            agent_id,
+            vec![(task.id.clone(), json)],
+            state.world.now_unix_ms(),
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(task)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    Json(task): Json<TaskRequest>,
+) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
+    let task = command(
+        &state,
+        &agent_id,
+        Command::TaskAdd {
+            task: Box::new(task),
+        },
+    )
+    .await?;
+    tracing::info!(agent_id = %agent_id, task_id = %task.id, kind = %task.kind, "task created");
+    Ok((StatusCode::CREATED, Json(task)))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path((agent_id, task_id)): Path<(String, String)>,
+) -> Result<Json<TaskSnapshot>, ApiError> {
+    let task = command(&state, &agent_id, Command::TaskCancel { task_id }).await?;
+    tracing::info!(agent_id = %agent_id, task_id = %task.id, "task canceled");
+    Ok(Json(task))
+}
