@@ -21,6 +21,93 @@ pub struct RawAgentConfig {
     /// accepts the sections so one config file serves every version.
     pub metrics: Option<toml::Table>,
     pub terminal: Option<toml::Table>,
+    pub tasks: Option<RawTasksConfig>,
+}
+
+/// `[tasks]`: the task runtime.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTasksConfig {
+    /// Runs at the same time (default 4).
+    pub concurrency_max: Option<usize>,
+    /// `run_once` (default) or `skip`: what happens to runs that fell due while the agent was down.
+    pub missed_runs: Option<String>,
+    /// Output kept per run (default 64KiB); the rest is counted.
+    pub output_bytes_max: Option<String>,
+    /// Ended tasks are purged after this long (default 30d).
+    pub history_retention: Option<String>,
+    /// Automatic retries of idempotent kinds (default 3).
+    pub retries_max: Option<u32>,
+    pub psql: Option<PathBuf>,
+    pub pg_dump: Option<PathBuf>,
+}
+
+/// Validated `[tasks]`.
+#[derive(Clone, Debug)]
+pub struct TasksConfig {
+    pub concurrency_max: usize,
+    pub missed: crate::tasks::core::MissedRuns,
+    pub output_bytes_max: usize,
+    pub history_retention: std::time::Duration,
+    pub retries_max: u32,
+    pub psql: PathBuf,
+    pub pg_dump: PathBuf,
+}
+
+/// Parse `128MiB`, `64KiB`, `1000` (bytes).
+pub fn parse_size(field: &str, v: &str) -> anyhow::Result<usize> {
+    let v = v.trim();
+    let (digits, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: usize = digits
+        .parse()
+        .with_context(|| format!("{field}: {v:?} is not a size (examples: 64KiB, 128MiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => bail!("{field}: unknown unit {other:?} (use B, KiB, MiB or GiB)"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("{field}: {v:?} is too large"))
+}
+
+fn validate_tasks(raw: RawTasksConfig) -> anyhow::Result<TasksConfig> {
+    use crate::tasks::core::MissedRuns;
+    let concurrency_max = raw.concurrency_max.unwrap_or(4);
+    if !(1..=256).contains(&concurrency_max) {
+        bail!("tasks.concurrency_max: must be 1 to 256");
+    }
+    let missed = match raw.missed_runs.as_deref() {
+        None | Some("run_once") => MissedRuns::RunOnce,
+        Some("skip") => MissedRuns::Skip,
+        Some(other) => bail!("tasks.missed_runs: {other:?} must be run_once or skip"),
+    };
+    let output_bytes_max = match &raw.output_bytes_max {
+        Some(v) => parse_size("tasks.output_bytes_max", v)?,
+        None => 64 * 1024,
+    };
+    if output_bytes_max > 64 << 20 {
+        bail!("tasks.output_bytes_max: at most 64MiB");
+    }
+    let history_retention = match &raw.history_retention {
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("tasks.history_retention: {v:?} is not a duration"))?,
+        None => std::time::Duration::from_secs(30 * 24 * 3600),
+    };
+    let retries_max = raw.retries_max.unwrap_or(3);
+    if retries_max > 20 {
+        bail!("tasks.retries_max: at most 20");
+    }
+    Ok(TasksConfig {
+        concurrency_max,
+        missed,
+        output_bytes_max,
+        history_retention,
+        retries_max,
+        psql: raw.psql.unwrap_or_else(|| "psql".into()),
+        pg_dump: raw.pg_dump.unwrap_or_else(|| "pg_dump".into()),
+    })
 }
 
 impl RawAgentConfig {
@@ -32,6 +119,7 @@ impl RawAgentConfig {
             socket: self.socket.or(file.socket),
             metrics: self.metrics.or(file.metrics),
             terminal: self.terminal.or(file.terminal),
+            tasks: self.tasks.or(file.tasks),
         }
     }
 }
@@ -43,6 +131,7 @@ pub struct AgentConfig {
     pub control_plane: Option<url::Url>,
     pub postgres: Option<String>,
     pub socket: PathBuf,
+    pub tasks: TasksConfig,
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
@@ -87,6 +176,7 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         control_plane,
         postgres: raw.postgres,
         socket,
+        tasks: validate_tasks(raw.tasks.unwrap_or_default())?,
     })
 }
 
@@ -144,6 +234,26 @@ reconnect_window = "60s"
                     ..Default::default()
                 },
                 "postgres",
+            ),
+            (
+                RawAgentConfig {
+                    tasks: Some(super::RawTasksConfig {
+                        missed_runs: Some("later".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "tasks.missed_runs",
+            ),
+            (
+                RawAgentConfig {
+                    tasks: Some(super::RawTasksConfig {
+                        output_bytes_max: Some("12 parsecs".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "tasks.output_bytes_max",
             ),
         ] {
             let err = format!("{:#}", validate(raw).expect_err("refused"));

@@ -22,19 +22,25 @@ use crate::tasks::{api, core};
 pub const TASKS_FILE: &str = "tasks.db";
 
 fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
+    let tasks = &config.tasks;
     RuntimeConfig {
         db_path: config.data_dir.join(TASKS_FILE),
-        core: core::Config::default(),
+        core: core::Config {
+            concurrency_max: tasks.concurrency_max,
+            retries_max: tasks.retries_max,
+            missed: tasks.missed,
+            ..core::Config::default()
+        },
         pool: PoolConfig {
             grace: Duration::from_secs(5),
-            output_bytes_max: 64 * 1024,
+            output_bytes_max: tasks.output_bytes_max,
             postgres: config.postgres.clone(),
-            psql: "psql".into(),
-            pg_dump: "pg_dump".into(),
+            psql: tasks.psql.clone(),
+            pg_dump: tasks.pg_dump.clone(),
             agent_exe: std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into()),
             data_dir: config.data_dir.clone(),
         },
-        history_retention: Duration::from_secs(30 * 24 * 3600),
+        history_retention: tasks.history_retention,
     }
 }
 
