@@ -53,7 +53,7 @@ test: fmt-check lint
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim.
+# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -66,7 +66,11 @@ bench area="sim":
         end=$(date +%s%N)
         echo "200 seed runs (50 seeds x 4 scenarios) took $(( (end - start) / 1000000 )) ms wall"
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim" >&2; exit 2 ;;
+      tasks)
+        python3 -m pip install --quiet huey >/dev/null 2>&1 || echo "could not install huey (pip): the SqliteHuey column stays empty" >&2
+        cargo bench -q -p agent --bench tasks
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks" >&2; exit 2 ;;
     esac
 
 fmt:

@@ -160,6 +160,14 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// When the earliest scheduled task is due, if any can start (a free slot).
+    pub fn next_due_ms(&self) -> Option<i64> {
+        if self.running.len() >= self.config.concurrency_max {
+            return None;
+        }
+        self.due.first().map(|(at, _)| *at)
+    }
+
     fn index(&mut self, task: &TaskState) {
         if task.status == status::SCHEDULED
             && let Some(at) = task.next_run_ms

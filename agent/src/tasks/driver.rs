@@ -23,6 +23,8 @@ const BATCH_MAX: usize = 4096;
 /// Requests waiting for the scheduler at most (callers wait beyond that: back-pressure).
 pub const REQUESTS_QUEUED_MAX: usize = 8192;
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// Longest sleep of an idle scheduler.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
@@ -105,6 +107,11 @@ pub async fn run(
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
+        // Sleep until the next task is due (capped, so wall-clock jumps are noticed).
+        let wake_in = match scheduler.next_due_ms() {
+            Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0)).min(IDLE_WAKE),
+            None => IDLE_WAKE,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             request = requests.recv() => match request {
@@ -133,7 +140,7 @@ pub async fn run(
                 commit(&world, &store, now_ms, effects, Vec::new()).await?;
                 (pool_tx, events, pool) = start_pool(&config, &pool_shutdown);
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(wake_in) => {}
         }
         let now_ms = world.now_unix_ms();
         let mut effects = Vec::new();

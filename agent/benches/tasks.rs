@@ -1,0 +1,215 @@
+//! `just bench tasks`: the task runtime against DESIGN §6, next to SqliteHuey on the same
+//! machine, in the same run, with the same workload.
+//!
+//! * durable enqueue over the socket API (64 concurrent clients, `synchronous=FULL`)
+//! * subprocess tasks drained (`true`, 4 workers)
+//! * dispatch lag p50/p99 (tasks due every 20 ms, nothing queued behind the limit)
+//! * start-up recovery of a 100k-task store
+#![allow(clippy::disallowed_methods)] // a benchmark measures wall time
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent::tasks::core::{Config, Scheduler};
+use agent::tasks::model::{Kind, Schedule, TaskSpec};
+use agent::tasks::store::Store;
+use world::{Target, World};
+
+const ENQUEUE_N: usize = 20_000;
+const CLIENTS: usize = 64;
+const DRAIN_N: usize = 2_000;
+const WORKERS: usize = 4;
+const LAG_N: usize = 200;
+const RECOVERY_N: usize = 100_000;
+
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_agent(dir: &Path, concurrency: usize) -> AgentProc {
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, format!("[tasks]\nconcurrency_max = {concurrency}\n")).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_outpost-agent"))
+        .args(["run", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env("OUTPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start outpost-agent");
+    let proc = AgentProc(child);
+    let world = World::real();
+    for _ in 0..200 {
+        if post(&world, dir, r#"{"kind":"command","argv":["true"],"in":"1h","key":"probe"}"#).await.is_ok() {
+            return proc;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("agent did not start");
+}
+
+async fn post(world: &World, dir: &Path, body: &str) -> Result<(), String> {
+    let socket = dir.join("data").join("agent.sock");
+    let r = world::request(
+        world,
+        Target::Unix { socket: &socket, path: "/v1/tasks" },
+        http::Method::POST,
+        http::HeaderMap::new(),
+        body.to_string().into(),
+        Duration::from_secs(30),
+        1 << 20,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if r.status.is_success() { Ok(()) } else { Err(format!("HTTP {}", r.status)) }
+}
+
+fn db(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(dir.join("data").join("tasks.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db")
+}
+
+async fn enqueue_rate() -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _agent = start_agent(dir.path(), WORKERS).await;
+    let world = World::real();
+    let start = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (world, dir) = (world.clone(), dir.path().to_path_buf());
+        clients.spawn(async move {
+            for i in (c..ENQUEUE_N).step_by(CLIENTS) {
+                post(&world, &dir, &format!(r#"{{"kind":"command","argv":["true"],"in":"1h","key":"e{i}"}}"#))
+                    .await
+                    .expect("enqueue");
+            }
+        });
+    }
+    while clients.join_next().await.is_some() {}
+    ENQUEUE_N as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn drain_rate() -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _agent = start_agent(dir.path(), WORKERS).await;
+    let world = World::real();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (world, dir) = (world.clone(), dir.path().to_path_buf());
+        clients.spawn(async move {
+            for i in (c..DRAIN_N).step_by(CLIENTS) {
+                post(&world, &dir, &format!(r#"{{"kind":"command","argv":["true"],"key":"d{i}"}}"#)).await.expect("enqueue");
+            }
+        });
+    }
+    while clients.join_next().await.is_some() {}
+    let conn = db(dir.path());
+    for _ in 0..6000 {
+        let done: i64 = conn
+            .query_row("SELECT count(*) FROM runs WHERE finished_ms IS NOT NULL", [], |r| r.get(0))
+            .expect("count");
+        if done as usize >= DRAIN_N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (first, last): (i64, i64) = conn
+        .query_row("SELECT min(started_ms), max(finished_ms) FROM runs WHERE finished_ms IS NOT NULL", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("span");
+    DRAIN_N as f64 / ((last - first).max(1) as f64 / 1000.0)
+}
+
+async fn dispatch_lag() -> (i64, i64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _agent = start_agent(dir.path(), WORKERS).await;
+    let world = World::real();
+    let base = world.now_unix_ms() + 2000;
+    for i in 0..LAG_N {
+        let at = jiff::Timestamp::from_millisecond(base + (i as i64) * 20).expect("time");
+        post(&world, dir.path(), &format!(r#"{{"kind":"command","argv":["true"],"at":"{at}","key":"l{i}"}}"#)).await.expect("enqueue");
+    }
+    tokio::time::sleep(Duration::from_millis(2000 + 20 * LAG_N as u64 + 1000)).await;
+    let conn = db(dir.path());
+    let mut stmt = conn
+        .prepare("SELECT r.started_ms - CAST(substr(t.schedule, 6) AS INTEGER) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.key LIKE 'l%' AND r.started_ms IS NOT NULL")
+        .expect("query");
+    let mut lags: Vec<i64> = stmt.query_map([], |r| r.get(0)).expect("rows").filter_map(Result::ok).collect();
+    lags.sort_unstable();
+    let pick = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(-1);
+    (pick(0.5), pick(0.99))
+}
+
+fn recovery_time() -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tasks.db");
+    {
+        let mut store = Store::open(&path).expect("open");
+        let mut s = Scheduler::new(Config::default());
+        let mut effects = Vec::new();
+        for i in 0..RECOVERY_N {
+            let spec = TaskSpec {
+                kind: Kind::Command,
+                params: Default::default(),
+                argv: vec!["true".into()],
+                schedule: Schedule::Once { at_ms: 4_000_000_000_000 + i as i64 },
+                timeout_ms: 60_000,
+                key: format!("r{i}"),
+            };
+            effects.extend(s.submit(0, format!("t{i}"), spec).expect("submit"));
+            if effects.len() >= 10_000 {
+                store.apply(0, &effects, &[]).expect("apply");
+                effects.clear();
+            }
+        }
+        store.apply(0, &effects, &[]).expect("apply");
+    }
+    let start = Instant::now();
+    let mut store = Store::open(&path).expect("open");
+    let loaded = store.load().expect("load");
+    let mut s = Scheduler::new(Config::default());
+    let interrupted = loaded.interrupted.iter().map(|r| (r.run_id, r.task_id.clone())).collect();
+    let effects = s.recover(1, loaded.tasks, interrupted, loaded.max_run_id);
+    store.apply(1, &effects, &[]).expect("apply");
+    start.elapsed()
+}
+
+fn huey(python: &Path) -> Option<(f64, f64)> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/huey_tasks.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([ENQUEUE_N.to_string(), DRAIN_N.to_string(), WORKERS.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("SqliteHuey run failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["enqueue_per_s"].as_f64()?, v["drain_per_s"].as_f64()?))
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let enqueue = rt.block_on(enqueue_rate());
+    let drain = rt.block_on(drain_rate());
+    let (p50, p99) = rt.block_on(dispatch_lag());
+    let recovery = recovery_time();
+    let peer = huey(Path::new(&std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())));
+    let (h_enq, h_drain) = match peer {
+        Some((e, d)) => (format!("{e:>10.0}/s"), format!("{d:>10.0}/s")),
+        None => ("   (not run)".into(), "   (not run)".into()),
+    };
+    println!("tasks benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("{:<46} {:>12} {:>13} {:>14}", "workload", "outpost", "SqliteHuey", "target");
+    println!("{:<46} {:>10.0}/s {:>13} {:>14}", format!("durable enqueue, socket API, {CLIENTS} clients"), enqueue, h_enq, ">= 10,000/s");
+    println!("{:<46} {:>10.0}/s {:>13} {:>14}", format!("subprocess tasks drained ({WORKERS} workers)"), drain, h_drain, ">= 1,000/s");
+    println!("{:<46} {:>12} {:>13} {:>14}", "dispatch lag p50 / p99", format!("{p50} / {p99} ms"), "-", "-");
+    println!("{:<46} {:>10.3} s {:>13} {:>14}", "start-up recovery, 100k-task store", recovery.as_secs_f64(), "-", "< 0.5 s");
+}
