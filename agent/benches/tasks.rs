@@ -34,7 +34,11 @@ impl Drop for AgentProc {
 
 async fn start_agent(dir: &Path, concurrency: usize) -> AgentProc {
     let config = dir.join("agent.toml");
-    std::fs::write(&config, format!("[tasks]\nconcurrency_max = {concurrency}\n")).expect("config");
+    std::fs::write(
+        &config,
+        format!("[tasks]\nconcurrency_max = {concurrency}\n"),
+    )
+    .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_outpost-agent"))
         .args(["run", "--data-dir"])
         .arg(dir.join("data"))
@@ -48,7 +52,14 @@ async fn start_agent(dir: &Path, concurrency: usize) -> AgentProc {
     let proc = AgentProc(child);
     let world = World::real();
     for _ in 0..200 {
-        if post(&world, dir, r#"{"kind":"command","argv":["true"],"in":"1h","key":"probe"}"#).await.is_ok() {
+        if post(
+            &world,
+            dir,
+            r#"{"kind":"command","argv":["true"],"in":"1h","key":"probe"}"#,
+        )
+        .await
+        .is_ok()
+        {
             return proc;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -60,7 +71,10 @@ async fn post(world: &World, dir: &Path, body: &str) -> Result<(), String> {
     let socket = dir.join("data").join("agent.sock");
     let r = world::request(
         world,
-        Target::Unix { socket: &socket, path: "/v1/tasks" },
+        Target::Unix {
+            socket: &socket,
+            path: "/v1/tasks",
+        },
         http::Method::POST,
         http::HeaderMap::new(),
         body.to_string().into(),
@@ -69,11 +83,19 @@ async fn post(world: &World, dir: &Path, body: &str) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    if r.status.is_success() { Ok(()) } else { Err(format!("HTTP {}", r.status)) }
+    if r.status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", r.status))
+    }
 }
 
 fn db(dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(dir.join("data").join("tasks.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db")
+    rusqlite::Connection::open_with_flags(
+        dir.join("data").join("tasks.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open db")
 }
 
 async fn enqueue_rate() -> f64 {
@@ -86,9 +108,13 @@ async fn enqueue_rate() -> f64 {
         let (world, dir) = (world.clone(), dir.path().to_path_buf());
         clients.spawn(async move {
             for i in (c..ENQUEUE_N).step_by(CLIENTS) {
-                post(&world, &dir, &format!(r#"{{"kind":"command","argv":["true"],"in":"1h","key":"e{i}"}}"#))
-                    .await
-                    .expect("enqueue");
+                post(
+                    &world,
+                    &dir,
+                    &format!(r#"{{"kind":"command","argv":["true"],"in":"1h","key":"e{i}"}}"#),
+                )
+                .await
+                .expect("enqueue");
             }
         });
     }
@@ -105,7 +131,13 @@ async fn drain_rate() -> f64 {
         let (world, dir) = (world.clone(), dir.path().to_path_buf());
         clients.spawn(async move {
             for i in (c..DRAIN_N).step_by(CLIENTS) {
-                post(&world, &dir, &format!(r#"{{"kind":"command","argv":["true"],"key":"d{i}"}}"#)).await.expect("enqueue");
+                post(
+                    &world,
+                    &dir,
+                    &format!(r#"{{"kind":"command","argv":["true"],"key":"d{i}"}}"#),
+                )
+                .await
+                .expect("enqueue");
             }
         });
     }
@@ -113,7 +145,11 @@ async fn drain_rate() -> f64 {
     let conn = db(dir.path());
     for _ in 0..6000 {
         let done: i64 = conn
-            .query_row("SELECT count(*) FROM runs WHERE finished_ms IS NOT NULL", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM runs WHERE finished_ms IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
             .expect("count");
         if done as usize >= DRAIN_N {
             break;
@@ -121,7 +157,11 @@ async fn drain_rate() -> f64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (first, last): (i64, i64) = conn
-        .query_row("SELECT min(started_ms), max(finished_ms) FROM runs WHERE finished_ms IS NOT NULL", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT min(started_ms), max(finished_ms) FROM runs WHERE finished_ms IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .expect("span");
     DRAIN_N as f64 / ((last - first).max(1) as f64 / 1000.0)
 }
@@ -133,16 +173,30 @@ async fn dispatch_lag() -> (i64, i64) {
     let base = world.now_unix_ms() + 2000;
     for i in 0..LAG_N {
         let at = jiff::Timestamp::from_millisecond(base + (i as i64) * 20).expect("time");
-        post(&world, dir.path(), &format!(r#"{{"kind":"command","argv":["true"],"at":"{at}","key":"l{i}"}}"#)).await.expect("enqueue");
+        post(
+            &world,
+            dir.path(),
+            &format!(r#"{{"kind":"command","argv":["true"],"at":"{at}","key":"l{i}"}}"#),
+        )
+        .await
+        .expect("enqueue");
     }
     tokio::time::sleep(Duration::from_millis(2000 + 20 * LAG_N as u64 + 1000)).await;
     let conn = db(dir.path());
     let mut stmt = conn
         .prepare("SELECT r.started_ms - CAST(substr(t.schedule, 6) AS INTEGER) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.key LIKE 'l%' AND r.started_ms IS NOT NULL")
         .expect("query");
-    let mut lags: Vec<i64> = stmt.query_map([], |r| r.get(0)).expect("rows").filter_map(Result::ok).collect();
+    let mut lags: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .filter_map(Result::ok)
+        .collect();
     lags.sort_unstable();
-    let pick = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(-1);
+    let pick = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(-1)
+    };
     (pick(0.5), pick(0.99))
 }
 
@@ -158,7 +212,9 @@ fn recovery_time() -> Duration {
                 kind: Kind::Command,
                 params: Default::default(),
                 argv: vec!["true".into()],
-                schedule: Schedule::Once { at_ms: 4_000_000_000_000 + i as i64 },
+                schedule: Schedule::Once {
+                    at_ms: 4_000_000_000_000 + i as i64,
+                },
                 timeout_ms: 60_000,
                 key: format!("r{i}"),
             };
@@ -174,7 +230,11 @@ fn recovery_time() -> Duration {
     let mut store = Store::open(&path).expect("open");
     let loaded = store.load().expect("load");
     let mut s = Scheduler::new(Config::default());
-    let interrupted = loaded.interrupted.iter().map(|r| (r.run_id, r.task_id.clone())).collect();
+    let interrupted = loaded
+        .interrupted
+        .iter()
+        .map(|r| (r.run_id, r.task_id.clone()))
+        .collect();
     let effects = s.recover(1, loaded.tasks, interrupted, loaded.max_run_id);
     store.apply(1, &effects, &[]).expect("apply");
     start.elapsed()
@@ -184,11 +244,18 @@ fn huey(python: &Path) -> Option<(f64, f64)> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/huey_tasks.py");
     let out = Command::new(python)
         .arg(script)
-        .args([ENQUEUE_N.to_string(), DRAIN_N.to_string(), WORKERS.to_string()])
+        .args([
+            ENQUEUE_N.to_string(),
+            DRAIN_N.to_string(),
+            WORKERS.to_string(),
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
-        eprintln!("SqliteHuey run failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "SqliteHuey run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -196,20 +263,57 @@ fn huey(python: &Path) -> Option<(f64, f64)> {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let enqueue = rt.block_on(enqueue_rate());
     let drain = rt.block_on(drain_rate());
     let (p50, p99) = rt.block_on(dispatch_lag());
     let recovery = recovery_time();
-    let peer = huey(Path::new(&std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())));
+    let peer = huey(Path::new(
+        &std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
+    ));
     let (h_enq, h_drain) = match peer {
         Some((e, d)) => (format!("{e:>10.0}/s"), format!("{d:>10.0}/s")),
         None => ("   (not run)".into(), "   (not run)".into()),
     };
-    println!("tasks benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("{:<46} {:>12} {:>13} {:>14}", "workload", "outpost", "SqliteHuey", "target");
-    println!("{:<46} {:>10.0}/s {:>13} {:>14}", format!("durable enqueue, socket API, {CLIENTS} clients"), enqueue, h_enq, ">= 10,000/s");
-    println!("{:<46} {:>10.0}/s {:>13} {:>14}", format!("subprocess tasks drained ({WORKERS} workers)"), drain, h_drain, ">= 1,000/s");
-    println!("{:<46} {:>12} {:>13} {:>14}", "dispatch lag p50 / p99", format!("{p50} / {p99} ms"), "-", "-");
-    println!("{:<46} {:>10.3} s {:>13} {:>14}", "start-up recovery, 100k-task store", recovery.as_secs_f64(), "-", "< 0.5 s");
+    println!(
+        "tasks benchmark ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<46} {:>12} {:>13} {:>14}",
+        "workload", "outpost", "SqliteHuey", "target"
+    );
+    println!(
+        "{:<46} {:>10.0}/s {:>13} {:>14}",
+        format!("durable enqueue, socket API, {CLIENTS} clients"),
+        enqueue,
+        h_enq,
+        ">= 10,000/s"
+    );
+    println!(
+        "{:<46} {:>10.0}/s {:>13} {:>14}",
+        format!("subprocess tasks drained ({WORKERS} workers)"),
+        drain,
+        h_drain,
+        ">= 1,000/s"
+    );
+    println!(
+        "{:<46} {:>12} {:>13} {:>14}",
+        "dispatch lag p50 / p99",
+        format!("{p50} / {p99} ms"),
+        "-",
+        "-"
+    );
+    println!(
+        "{:<46} {:>10.3} s {:>13} {:>14}",
+        "start-up recovery, 100k-task store",
+        recovery.as_secs_f64(),
+        "-",
+        "< 0.5 s"
+    );
 }

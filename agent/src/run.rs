@@ -39,6 +39,7 @@ fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
             pg_dump: tasks.pg_dump.clone(),
             agent_exe: std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into()),
             data_dir: config.data_dir.clone(),
+            processes: std::sync::Arc::new(crate::tasks::pool::OsProcesses),
         },
         history_retention: tasks.history_retention,
     }

@@ -5,6 +5,8 @@
 //! DESIGN §5 are checked every simulated 100 ms; every event is hashed into a trace so the
 //! same seed is proven to replay identically.
 
+pub mod processes;
 pub mod run;
 pub mod scenario;
+pub mod tasks;
 pub mod trace;

@@ -66,7 +66,7 @@ fn agent_host(i: usize) -> String {
     format!("agent{}", i + 1)
 }
 
-fn host_seed(seed: u64, host: &str) -> u64 {
+pub fn host_seed(seed: u64, host: &str) -> u64 {
     host.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
@@ -100,7 +100,10 @@ fn prepare(dir: &Path, agents: usize, seed: u64) -> anyhow::Result<Vec<String>> 
 pub fn run_seed(seed: u64, scenario: Scenario, echo: bool) -> Outcome {
     trace::reset(echo);
     let plan = schedule(scenario, seed);
-    let result = simulate(seed, scenario, &plan);
+    let result = match scenario {
+        Scenario::Tasks => crate::tasks::simulate_tasks(seed, &plan),
+        _ => simulate(seed, scenario, &plan),
+    };
     let (trace_hash, events, tail) = trace::finish();
     Outcome {
         seed,
@@ -319,7 +322,9 @@ fn apply(
                 checker.cp_restarted(now);
             }
         }
-        Fault::BounceAgent { agent } => {
+        Fault::BounceAgent { agent }
+        | Fault::CrashAgent { agent }
+        | Fault::StartAgent { agent } => {
             sim.bounce(agent_host(*agent));
             checker.agent_restarted(*agent, now);
         }

@@ -15,13 +15,17 @@ pub enum Scenario {
     Bounce,
     /// All of the above on three agents, plus agent restarts, starting during enrollment.
     Mixed,
+    /// The task runtime: an agent killed and restarted at random points while runs are in
+    /// flight, over simulated processes.
+    Tasks,
 }
 
-pub const ALL: [Scenario; 4] = [
+pub const ALL: [Scenario; 5] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
     Scenario::Mixed,
+    Scenario::Tasks,
 ];
 
 impl Scenario {
@@ -31,6 +35,7 @@ impl Scenario {
             Scenario::Hold => "hold",
             Scenario::Bounce => "bounce",
             Scenario::Mixed => "mixed",
+            Scenario::Tasks => "tasks",
         }
     }
 
@@ -41,6 +46,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed => 3,
+            Scenario::Tasks => 1,
             _ => 2,
         }
     }
@@ -56,6 +62,8 @@ pub enum Fault {
     CrashCp,
     StartCp,
     BounceAgent { agent: usize },
+    CrashAgent { agent: usize },
+    StartAgent { agent: usize },
 }
 
 /// When the faults happen. Every fault is healed before `quiet_from`, so liveness after heal
@@ -73,6 +81,9 @@ fn secs(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
 
 pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_fa17);
+    if scenario == Scenario::Tasks {
+        return task_schedule(&mut rng);
+    }
     let agents = scenario.agents();
     let faults_until = Duration::from_secs(200);
     let mut t = match scenario {
@@ -91,7 +102,7 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
             Scenario::Partition => 0,
             Scenario::Hold => 1,
             Scenario::Bounce => 2 + rng.random_range(0..2),
-            Scenario::Mixed => rng.random_range(0..5),
+            Scenario::Mixed | Scenario::Tasks => rng.random_range(0..5),
         };
         match kind {
             0 => {
@@ -122,6 +133,29 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
         events,
         quiet_from,
         run_for: quiet_from + Duration::from_secs(60),
+    }
+}
+
+/// Agent restarts (instant, like a supervisor's) and crashes with downtime, at random points.
+fn task_schedule(rng: &mut StdRng) -> Schedule {
+    let mut events = Vec::new();
+    let mut t = secs(rng, 1, 15);
+    while t < Duration::from_secs(180) {
+        if rng.random_range(0..2) == 0 {
+            events.push((t, Fault::BounceAgent { agent: 0 }));
+            t += secs(rng, 1, 25);
+        } else {
+            let down = secs(rng, 1, 40);
+            events.push((t, Fault::CrashAgent { agent: 0 }));
+            events.push((t + down, Fault::StartAgent { agent: 0 }));
+            t += down + secs(rng, 1, 25);
+        }
+    }
+    let quiet_from = events.last().map(|(at, _)| *at).unwrap_or_default();
+    Schedule {
+        events,
+        quiet_from,
+        run_for: quiet_from + Duration::from_secs(180),
     }
 }
 

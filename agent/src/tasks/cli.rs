@@ -314,7 +314,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
             let n = world
                 .blocking(move || Store::open(&path).and_then(|mut s| s.purge(before)))
                 .await??;
-            println!("purged {n} ended tasks older than {older_than}");
+            println!("purged {} ended tasks older than {older_than}", n.len());
         }
     }
     Ok(())

@@ -105,6 +105,9 @@ pub struct Scheduler {
     due: BTreeSet<(i64, String)>,
     /// Runs handed to the pool and not yet ended: run id → task id.
     running: BTreeMap<i64, String>,
+    /// Tasks that ended before this start-up (still in the history): id → status. Their
+    /// signatures stay taken until the history is purged.
+    ended: BTreeMap<String, u32>,
     next_run_id: i64,
 }
 
@@ -148,6 +151,7 @@ impl Scheduler {
             tasks: BTreeMap::new(),
             due: BTreeSet::new(),
             running: BTreeMap::new(),
+            ended: BTreeMap::new(),
             next_run_id: 1,
         }
     }
@@ -189,6 +193,25 @@ impl Scheduler {
         self.index(&task);
         self.tasks.insert(task.id.clone(), task.clone());
         Effect::SaveTask(task)
+    }
+
+    /// Remember tasks that ended before this start-up, so their signatures stay taken.
+    pub fn remember_ended(&mut self, ended: Vec<(String, u32)>) {
+        self.ended.extend(ended);
+    }
+
+    /// The history of these tasks was purged: their signatures may be used again.
+    pub fn forget(&mut self, ids: &[String]) {
+        for id in ids {
+            self.ended.remove(id);
+            if self
+                .tasks
+                .get(id)
+                .is_some_and(|t| t.status & status::TERMINAL != 0)
+            {
+                self.tasks.remove(id);
+            }
+        }
     }
 
     /// Load persisted state at start-up and recover: every task caught `queued` or `doing`
@@ -250,10 +273,15 @@ impl Scheduler {
         id: String,
         spec: TaskSpec,
     ) -> Result<Vec<Effect>, SubmitError> {
-        if let Some(existing) = self.tasks.get(&id) {
+        let existing = self
+            .tasks
+            .get(&id)
+            .map(|t| t.status)
+            .or_else(|| self.ended.get(&id).copied());
+        if let Some(st) = existing {
             return Err(SubmitError::Duplicate {
                 id,
-                status: status::name(existing.status),
+                status: status::name(st),
             });
         }
         let next = first_run(&spec.schedule, now_ms).map_err(SubmitError::Schedule)?;
@@ -273,6 +301,12 @@ impl Scheduler {
     }
 
     pub fn cancel(&mut self, id: &str) -> Result<Vec<Effect>, CancelError> {
+        if let Some(st) = self.ended.get(id) {
+            return Err(CancelError::Finished {
+                id: id.to_string(),
+                status: status::name(*st),
+            });
+        }
         let task = self
             .tasks
             .get(id)

@@ -379,3 +379,38 @@ fn missed_runs_follow_the_policy() {
     assert_eq!(skip.task("every").expect("t").next_run_ms, Some(1020 * S));
     assert_eq!(status_of(&skip, "once"), "aborted");
 }
+
+#[test]
+fn signatures_of_ended_tasks_stay_taken_across_a_restart_until_purged() {
+    let mut s = Scheduler::new(Config::default());
+    s.remember_ended(vec![("old".into(), status::DONE)]);
+    s.recover(0, Vec::new(), Vec::new(), 0);
+    let err = s
+        .submit(
+            0,
+            "old".into(),
+            spec(Kind::Command, Schedule::Once { at_ms: 0 }),
+        )
+        .expect_err("taken");
+    assert_eq!(
+        err,
+        SubmitError::Duplicate {
+            id: "old".into(),
+            status: "done"
+        }
+    );
+    assert_eq!(
+        s.cancel("old"),
+        Err(CancelError::Finished {
+            id: "old".into(),
+            status: "done"
+        })
+    );
+    s.forget(&["old".to_string()]);
+    s.submit(
+        0,
+        "old".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 0 }),
+    )
+    .expect("free again after purge");
+}

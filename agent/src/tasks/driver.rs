@@ -104,17 +104,19 @@ pub async fn run(
     let pool_shutdown = CancellationToken::new();
     let (mut pool_tx, mut events, mut pool) = start_pool(&config, &pool_shutdown);
     let mut last_purge = tokio::time::Instant::now();
+    let mut callers_remain = true;
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
         // Sleep until the next task is due (capped, so wall-clock jumps are noticed).
         let wake_in = match scheduler.next_due_ms() {
-            Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0)).min(IDLE_WAKE),
+            Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0))
+                .min(IDLE_WAKE),
             None => IDLE_WAKE,
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            request = requests.recv() => match request {
+            request = requests.recv(), if callers_remain => match request {
                 Some(r) => {
                     batch.push(r);
                     while batch.len() < BATCH_MAX {
@@ -124,7 +126,8 @@ pub async fn run(
                         }
                     }
                 }
-                None => break,
+                // Nobody can submit any more; scheduled tasks still run.
+                None => callers_remain = false,
             },
             Some(event) = events.recv() => {
                 pool_events.push(event);
@@ -248,7 +251,10 @@ pub async fn run(
                 })
                 .await?
             {
-                Ok(n) if n > 0 => tracing::info!(tasks = n, "purged task history"),
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::info!(tasks = ids.len(), "purged task history");
+                    scheduler.forget(&ids);
+                }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "purge task history"),
             }
@@ -331,11 +337,14 @@ async fn recover(
         .await??;
     for run in &loaded.interrupted {
         if let Some(pid) = run.pid
-            && pool::alive(pid, run.pid_start_ticks)
+            && config.pool.processes.alive(pid, run.pid_start_ticks)
         {
             tracing::warn!(task_id = %run.task_id, run_id = run.run_id, pid, "a run from before the restart is still running; terminating its process group");
-            let ticks = run.pid_start_ticks;
-            pool::terminate_group(pid, config.pool.grace, || !pool::alive(pid, ticks)).await;
+            config
+                .pool
+                .processes
+                .terminate(pid, run.pid_start_ticks, config.pool.grace)
+                .await;
         }
     }
     let now_ms = world.now_unix_ms();
@@ -345,6 +354,7 @@ async fn recover(
         .map(|r| (r.run_id, r.task_id.clone()))
         .collect();
     let live = loaded.tasks.len();
+    scheduler.remember_ended(loaded.ended);
     let effects = scheduler.recover(now_ms, loaded.tasks, interrupted, loaded.max_run_id);
     let aborted = effects
         .iter()

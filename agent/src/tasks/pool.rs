@@ -33,6 +33,52 @@ pub struct PoolConfig {
     /// This agent binary, for `retention_cleanup` (`outpost-agent tasks purge`).
     pub agent_exe: PathBuf,
     pub data_dir: PathBuf,
+    /// Where runs execute.
+    pub processes: Arc<dyn Processes>,
+}
+
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// Where runs execute: real OS processes ([`OsProcesses`]) or a simulation's.
+pub trait Processes: Send + Sync + std::fmt::Debug + 'static {
+    /// Run to the end: send [`PoolEvent::Started`] once it runs, then [`PoolEvent::Finished`].
+    fn run(&self, run: ProcessRun) -> BoxFuture<()>;
+    /// Whether the process `pid` (started at `ticks`) a previous agent left is still alive.
+    fn alive(&self, pid: i32, ticks: Option<u64>) -> bool;
+    /// Stop a leftover process group: SIGTERM, up to `grace`, SIGKILL.
+    fn terminate(&self, pid: i32, ticks: Option<u64>, grace: Duration) -> BoxFuture<()>;
+}
+
+/// One run for [`Processes::run`].
+pub struct ProcessRun {
+    pub task_id: String,
+    pub run_id: i64,
+    pub argv: Vec<String>,
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub output_bytes_max: usize,
+    /// Fires on cancellation, and on shutdown (then `shutdown` is cancelled too).
+    pub kill: CancellationToken,
+    pub shutdown: CancellationToken,
+    pub events: mpsc::Sender<PoolEvent>,
+}
+
+/// Runs as child processes of this agent, each in its own process group.
+#[derive(Debug, Default)]
+pub struct OsProcesses;
+
+impl Processes for OsProcesses {
+    fn run(&self, run: ProcessRun) -> BoxFuture<()> {
+        Box::pin(run_os_process(run))
+    }
+
+    fn alive(&self, pid: i32, ticks: Option<u64>) -> bool {
+        alive(pid, ticks)
+    }
+
+    fn terminate(&self, pid: i32, ticks: Option<u64>, grace: Duration) -> BoxFuture<()> {
+        Box::pin(async move { terminate_group(pid, grace, || !alive(pid, ticks)).await })
+    }
 }
 
 pub enum PoolCommand {
@@ -253,17 +299,49 @@ async fn run_job(
         run_id,
         spec,
     } = job;
+    let argv = match argv_for(&spec, &config) {
+        Ok(argv) => argv,
+        Err(e) => {
+            let _ = events
+                .send(PoolEvent::Finished {
+                    task_id,
+                    run_id,
+                    outcome: failed(e),
+                })
+                .await;
+            return;
+        }
+    };
+    let run = ProcessRun {
+        task_id,
+        run_id,
+        argv,
+        timeout: Duration::from_millis(u64::try_from(spec.timeout_ms).unwrap_or(0)),
+        grace: config.grace,
+        output_bytes_max: config.output_bytes_max,
+        kill,
+        shutdown,
+        events,
+    };
+    config.processes.run(run).await;
+}
+
+async fn run_os_process(run: ProcessRun) {
+    let ProcessRun {
+        task_id,
+        run_id,
+        argv,
+        timeout,
+        grace,
+        output_bytes_max,
+        kill,
+        shutdown,
+        events,
+    } = run;
     let finish = |outcome| PoolEvent::Finished {
         task_id: task_id.clone(),
         run_id,
         outcome,
-    };
-    let argv = match argv_for(&spec, &config) {
-        Ok(argv) => argv,
-        Err(e) => {
-            let _ = events.send(finish(failed(e))).await;
-            return;
-        }
     };
     let mut command = tokio::process::Command::new(&argv[0]);
     command
@@ -293,7 +371,7 @@ async fn run_job(
     let capture = Arc::new(Mutex::new(Capture {
         kept: Vec::new(),
         dropped: 0,
-        limit: config.output_bytes_max,
+        limit: output_bytes_max,
     }));
     let readers = {
         let (out, err) = (child.stdout.take(), child.stderr.take());
@@ -312,7 +390,6 @@ async fn run_job(
             tokio::join!(a, b);
         }
     };
-    let timeout = Duration::from_millis(u64::try_from(spec.timeout_ms).unwrap_or(0));
     let supervise = async {
         let stop = tokio::select! {
             r = child.wait() => match r {
@@ -324,10 +401,7 @@ async fn run_job(
         };
         match stop {
             Stop::TimedOut | Stop::Killed => {
-                terminate_group(pid, config.grace, || {
-                    matches!(child.try_wait(), Ok(Some(_)))
-                })
-                .await;
+                terminate_group(pid, grace, || matches!(child.try_wait(), Ok(Some(_)))).await;
                 let _ = child.wait().await;
                 stop
             }

@@ -88,6 +88,8 @@ pub struct Interrupted {
 
 pub struct Loaded {
     pub tasks: Vec<TaskState>,
+    /// Ended tasks still in the history: (id, status).
+    pub ended: Vec<(String, u32)>,
     pub interrupted: Vec<Interrupted>,
     pub max_run_id: i64,
 }
@@ -213,6 +215,15 @@ impl Store {
             .map_err(err)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, status FROM tasks WHERE status & ?1 != 0")
+            .map_err(err)?;
+        let ended = stmt
+            .query_map(params![status::TERMINAL], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
         let max_run_id: i64 = self
             .conn
             .query_row("SELECT COALESCE(MAX(run_id), 0) FROM runs", [], |r| {
@@ -221,6 +232,7 @@ impl Store {
             .map_err(err)?;
         Ok(Loaded {
             tasks,
+            ended,
             interrupted,
             max_run_id,
         })
@@ -421,22 +433,30 @@ impl Store {
         Ok(())
     }
 
-    /// Delete ended tasks last updated before `before_ms`, and their runs. Returns tasks deleted.
-    pub fn purge(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+    /// Delete ended tasks last updated before `before_ms`, and their runs. Returns their ids.
+    pub fn purge(&mut self, before_ms: i64) -> Result<Vec<String>, StoreError> {
         let tx = self.conn.transaction().map_err(err)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx
+                .prepare("SELECT id FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2")
+                .map_err(err)?;
+            stmt.query_map(params![status::TERMINAL, before_ms], |r| r.get(0))
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?
+        };
         tx.execute(
             "DELETE FROM runs WHERE task_id IN (SELECT id FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2)",
             params![status::TERMINAL, before_ms],
         )
         .map_err(err)?;
-        let n = tx
-            .execute(
-                "DELETE FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2",
-                params![status::TERMINAL, before_ms],
-            )
-            .map_err(err)?;
+        tx.execute(
+            "DELETE FROM tasks WHERE status & ?1 != 0 AND updated_ms < ?2",
+            params![status::TERMINAL, before_ms],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(n)
+        Ok(ids)
     }
 }
 
@@ -554,8 +574,8 @@ mod tests {
             store.load().expect("load").tasks.is_empty(),
             "ended tasks are history, not live state"
         );
-        assert_eq!(store.purge(40).expect("purge"), 0, "not old enough");
-        assert_eq!(store.purge(51).expect("purge"), 1);
+        assert!(store.purge(40).expect("purge").is_empty(), "not old enough");
+        assert_eq!(store.purge(51).expect("purge"), vec!["t".to_string()]);
         assert!(store.runs("t").expect("runs").is_empty());
     }
 }

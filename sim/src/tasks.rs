@@ -1,0 +1,317 @@
+//! The `tasks` scenario: one agent running the real scheduler, store and worker pool over
+//! simulated processes, killed (bounced or crashed with downtime) at random points while runs
+//! are in flight. Checked: a task never has two live runs at once; nothing stays `doing`
+//! without a live process; every due one-off task ends in a recorded terminal state and was
+//! run (no run lost by a restart); periodic tasks keep running; future tasks survive.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use agent::tasks::core::{Config, MissedRuns};
+use agent::tasks::driver::{self, Request, RuntimeConfig};
+use agent::tasks::model::{Kind, Schedule, TaskSpec, status};
+use agent::tasks::pool::PoolConfig;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use world::World;
+
+use crate::processes::SimProcesses;
+use crate::run::{EPOCH_S, host_seed};
+use crate::scenario::{Fault, Schedule as Plan};
+use crate::trace;
+
+const TICK: Duration = Duration::from_millis(10);
+const TASKS: usize = 24;
+/// How long a due task may legitimately still be busy: up to 3 attempts (retries of an
+/// idempotent kind) of at most 15 s plus a 2 s kill grace each, retry backoff, and waiting
+/// for one of 3 slots shared by 24 tasks.
+const SETTLE_MS: i64 = 150_000;
+
+/// The tasks the operator submits at every boot (duplicates after the first are refused).
+fn workload(seed: u64) -> Vec<TaskSpec> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7a5c);
+    let epoch_ms = (EPOCH_S * 1000) as i64;
+    (0..TASKS)
+        .map(|i| {
+            let kind = if rng.random_range(0..2) == 0 {
+                Kind::Command
+            } else {
+                Kind::RetentionCleanup
+            };
+            let schedule = if i % 4 == 0 {
+                Schedule::Every {
+                    interval_ms: rng.random_range(5_000..30_000),
+                    first_ms: epoch_ms + rng.random_range(0..20_000),
+                }
+            } else {
+                Schedule::Once {
+                    at_ms: epoch_ms + rng.random_range(0..200_000),
+                }
+            };
+            TaskSpec {
+                kind,
+                params: Default::default(),
+                argv: if kind == Kind::Command {
+                    vec!["work".into()]
+                } else {
+                    Vec::new()
+                },
+                schedule,
+                timeout_ms: rng.random_range(5_000..15_000),
+                key: format!("task-{i}"),
+            }
+        })
+        .collect()
+}
+
+fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
+    RuntimeConfig {
+        db_path: dir.join("tasks.db"),
+        core: Config {
+            concurrency_max: 3,
+            retries_max: 2,
+            retry_base_ms: 1_000,
+            missed: MissedRuns::RunOnce,
+        },
+        pool: PoolConfig {
+            grace: Duration::from_secs(2),
+            output_bytes_max: 1024,
+            postgres: None,
+            psql: "psql".into(),
+            pg_dump: "pg_dump".into(),
+            agent_exe: "outpost-agent".into(),
+            data_dir: dir.to_path_buf(),
+            processes: Arc::new(processes.clone()),
+        },
+        history_retention: Duration::from_secs(30 * 24 * 3600),
+    }
+}
+
+async fn submit_all(
+    requests: mpsc::Sender<Request>,
+    ready: oneshot::Receiver<()>,
+    specs: Vec<TaskSpec>,
+) {
+    if ready.await.is_err() {
+        return;
+    }
+    let mut fresh = 0;
+    for spec in specs {
+        let (reply, answer) = oneshot::channel();
+        if requests
+            .send(Request::Submit { spec, reply })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if let Ok(Ok(_)) = answer.await {
+            fresh += 1;
+        }
+    }
+    tracing::info!(target: "agent::sim", fresh, "workload submitted (the rest already existed)");
+}
+
+pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("outpost-sim-tasks-")
+        .tempdir()?;
+    let data = dir.path().join("agent1");
+    std::fs::create_dir_all(&data)?;
+    let processes = SimProcesses::new(seed);
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
+        .simulation_duration(plan.run_for + Duration::from_secs(10))
+        .tick_duration(TICK)
+        .build();
+    {
+        let world = World::simulated(
+            host_seed(seed, "agent1"),
+            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+        );
+        let (data, processes) = (data.clone(), processes.clone());
+        sim.host("agent1", move || {
+            let (world, config, specs) = (
+                world.clone(),
+                runtime_config(&data, &processes),
+                workload(seed),
+            );
+            async move {
+                let (requests, requests_rx) = mpsc::channel(1024);
+                let (ready, recovered) = oneshot::channel();
+                // Owned by the host: it ends with the host, like the process it stands for.
+                tokio::spawn(submit_all(requests, recovered, specs));
+                driver::run(world, config, requests_rx, ready, CancellationToken::new())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        });
+    }
+    let mut pending = plan.events.iter().peekable();
+    let mut up = true;
+    loop {
+        let now = sim.elapsed();
+        trace::set_driver_elapsed(now);
+        if now >= plan.run_for {
+            break;
+        }
+        while let Some((at, fault)) = pending.peek() {
+            if *at > now {
+                break;
+            }
+            trace::record(format!("fault {fault:?}"));
+            match fault {
+                Fault::BounceAgent { .. } => {
+                    sim.bounce("agent1");
+                    up = true;
+                }
+                Fault::CrashAgent { .. } if up => {
+                    sim.crash("agent1");
+                    up = false;
+                }
+                Fault::StartAgent { .. } if !up => {
+                    sim.bounce("agent1");
+                    up = true;
+                }
+                _ => {}
+            }
+            pending.next();
+        }
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
+        if let Some(v) = processes.violations().first() {
+            anyhow::bail!("{v}");
+        }
+    }
+    final_check(
+        &data.join("tasks.db"),
+        &processes,
+        plan,
+        seed,
+        sim.elapsed(),
+    )
+}
+
+fn final_check(
+    db: &Path,
+    processes: &SimProcesses,
+    plan: &Plan,
+    seed: u64,
+    now: Duration,
+) -> anyhow::Result<()> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let live = processes.live_tasks(now);
+    let end_ms = (EPOCH_S * 1000) as i64 + i64::try_from(plan.run_for.as_millis())?;
+    let specs = workload(seed);
+    let mut terminal = 0;
+    for spec in &specs {
+        let id = driver::task_id(&spec.key);
+        let row: Option<(u32, Option<i64>)> = conn
+            .query_row(
+                "SELECT status, next_run_ms FROM tasks WHERE id = ?1",
+                [&id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ok();
+        let Some((st, _next)) = row else {
+            anyhow::bail!(
+                "task {} ({id}) was submitted but is not in the store",
+                spec.key
+            );
+        };
+        let runs: i64 =
+            conn.query_row("SELECT count(*) FROM runs WHERE task_id = ?1", [&id], |r| {
+                r.get(0)
+            })?;
+        let live_runs = live.get(&id).copied().unwrap_or(0);
+        if live_runs > 1 {
+            anyhow::bail!("task {id} has {live_runs} live processes");
+        }
+        if st == status::DOING && live_runs == 0 {
+            anyhow::bail!(
+                "task {id} is doing but no process of it is alive; runs: {:?}",
+                history(&conn, &id, end_ms)?
+            );
+        }
+        let stuck: i64 = conn.query_row(
+            "SELECT count(*) FROM runs WHERE task_id = ?1 AND status & ?2 != 0",
+            rusqlite::params![&id, status::IN_FLIGHT],
+            |r| r.get(0),
+        )?;
+        if stuck > 1 {
+            anyhow::bail!("task {id} has {stuck} runs in flight");
+        }
+        match &spec.schedule {
+            Schedule::Once { at_ms } if *at_ms < end_ms - SETTLE_MS => {
+                if st & status::TERMINAL == 0 {
+                    anyhow::bail!(
+                        "one-off task {id} due {} s before the end is still {} (next {:?}); runs: {:?}",
+                        (end_ms - at_ms) / 1000,
+                        status::name(st),
+                        _next.map(|n| n - end_ms),
+                        history(&conn, &id, end_ms)?
+                    );
+                }
+                if runs == 0 {
+                    anyhow::bail!(
+                        "one-off task {id} ended {} without ever running",
+                        status::name(st)
+                    );
+                }
+                terminal += 1;
+            }
+            Schedule::Every { interval_ms, .. } => {
+                let last: Option<i64> = conn.query_row(
+                    "SELECT max(queued_ms) FROM runs WHERE task_id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )?;
+                let bound = interval_ms + SETTLE_MS;
+                if last.is_none_or(|l| end_ms - l > bound) {
+                    let history = history(&conn, &id, end_ms)?;
+                    anyhow::bail!(
+                        "periodic task {id} (every {} s) last queued {:?} ms before the end; now {} next {:?}; runs: {history:?}",
+                        interval_ms / 1000,
+                        last.map(|l| end_ms - l),
+                        status::name(st),
+                        _next.map(|n| n - end_ms)
+                    );
+                }
+                if st & status::TERMINAL != 0 {
+                    anyhow::bail!("periodic task {id} ended ({})", status::name(st));
+                }
+            }
+            Schedule::Once { .. } | Schedule::Cron { .. } => {}
+        }
+    }
+    trace::record(format!(
+        "final: {terminal} one-off tasks ended, {} processes started",
+        processes.started()
+    ));
+    Ok(())
+}
+
+/// A task's runs, times relative to the end of the run, for failure messages.
+fn history(conn: &rusqlite::Connection, id: &str, end_ms: i64) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT run_id, status, queued_ms, started_ms, finished_ms, error FROM runs WHERE task_id = ?1 ORDER BY run_id")?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(format!(
+                "run {} {} queued {} started {:?} finished {:?} {:?}",
+                r.get::<_, i64>(0)?,
+                status::name(r.get(1)?),
+                r.get::<_, i64>(2)? - end_ms,
+                r.get::<_, Option<i64>>(3)?.map(|f| f - end_ms),
+                r.get::<_, Option<i64>>(4)?.map(|f| f - end_ms),
+                r.get::<_, Option<String>>(5)?
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
