@@ -67,6 +67,15 @@ async fn start_agent(dir: &Path, concurrency: usize) -> AgentProc {
     panic!("agent did not start");
 }
 
+fn json_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
 async fn post(world: &World, dir: &Path, body: &str) -> Result<(), String> {
     let socket = dir.join("data").join("agent.sock");
     let r = world::request(
@@ -76,7 +85,7 @@ async fn post(world: &World, dir: &Path, body: &str) -> Result<(), String> {
             path: "/v1/tasks",
         },
         http::Method::POST,
-        http::HeaderMap::new(),
+        json_headers(),
         body.to_string().into(),
         Duration::from_secs(30),
         1 << 20,

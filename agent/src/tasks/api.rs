@@ -208,7 +208,12 @@ pub(crate) async fn snapshot(reader: &Reader, task: TaskState) -> Result<TaskVie
         })
         .await
         .map_err(|e| e.to_string())??;
-    Ok(TaskView {
+    Ok(task_view(task, runs))
+}
+
+/// A task and the given runs in the shape every interface shows.
+fn task_view(task: TaskState, runs: Vec<super::store::RunRow>) -> TaskView {
+    TaskView {
         id: task.id,
         kind: task.spec.kind.name().into(),
         status: status::name(task.status).into(),
@@ -229,7 +234,7 @@ pub(crate) async fn snapshot(reader: &Reader, task: TaskState) -> Result<TaskVie
                 output_dropped_bytes: r.output_dropped_bytes,
             })
             .collect(),
-    })
+    }
 }
 
 async fn add(
@@ -484,9 +489,8 @@ impl Bridge {
             .await
             .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
         match answer.await {
-            Ok(Ok(task)) => snapshot(&self.reader, task)
-                .await
-                .map_err(BridgeError::Internal),
+            // A task that was just created has no runs yet: nothing to read.
+            Ok(Ok(task)) => Ok(task_view(task, Vec::new())),
             Ok(Err(e @ SubmitError::Duplicate { .. })) => {
                 Err(BridgeError::Duplicate(e.to_string()))
             }
