@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use world::{PeerAddr, World};
 
-use super::core::{CancelError, SubmitError, TaskState};
+use super::core::{CancelError, RescheduleError, SubmitError, TaskState};
 use super::cron::Cron;
 use super::driver::{Reader, Request as SchedulerRequest};
 use super::model::{KINDS, Kind, Schedule, TaskSpec, status};
@@ -48,6 +48,54 @@ fn rfc3339(ms: i64) -> String {
 fn parse_duration(field: &str, v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v)
         .map_err(|_| format!("{field}: {v:?} is not a duration (examples: 30s, 10m, 6h)"))
+}
+
+/// The schedule fields of a request (`at`, `in`, `every`, `cron` + `tz`); none means now.
+pub fn schedule_from(req: &AddRequest, now_ms: i64) -> Result<Schedule, String> {
+    let chosen = [
+        req.at.is_some(),
+        req.in_.is_some(),
+        req.every.is_some(),
+        req.cron.is_some(),
+    ];
+    if chosen.iter().filter(|c| **c).count() > 1 {
+        return Err("give at most one of --at, --in, --every, --cron".into());
+    }
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let schedule = if let Some(at) = &req.at {
+        let t: jiff::Timestamp = at.parse().map_err(|_| {
+            format!("--at: {at:?} is not an RFC 3339 time (example: 2026-11-22T03:00:00Z)")
+        })?;
+        Schedule::Once {
+            at_ms: t.as_millisecond(),
+        }
+    } else if let Some(d) = &req.in_ {
+        Schedule::Once {
+            at_ms: now_ms.saturating_add(ms(parse_duration("--in", d)?)),
+        }
+    } else if let Some(d) = &req.every {
+        let interval = parse_duration("--every", d)?;
+        if interval < Duration::from_secs(1) {
+            return Err("--every must be at least 1s".into());
+        }
+        Schedule::Every {
+            interval_ms: ms(interval),
+            first_ms: now_ms,
+        }
+    } else if let Some(expr) = &req.cron {
+        let tz = req.tz.clone().unwrap_or_else(|| "UTC".to_string());
+        Cron::parse(expr, &tz).map_err(|e| format!("--cron: {e}"))?;
+        Schedule::Cron {
+            expr: expr.clone(),
+            tz,
+        }
+    } else {
+        Schedule::Once { at_ms: now_ms }
+    };
+    if req.tz.is_some() && req.cron.is_none() {
+        return Err("--tz goes with --cron".into());
+    }
+    Ok(schedule)
 }
 
 /// Validate a request into a spec; every refusal names what is wrong.
@@ -109,49 +157,8 @@ pub fn spec_from_request(
     if let Some(v) = req.params.get("older_than") {
         parse_duration("older_than", v)?;
     }
-    let chosen = [
-        req.at.is_some(),
-        req.in_.is_some(),
-        req.every.is_some(),
-        req.cron.is_some(),
-    ];
-    if chosen.iter().filter(|c| **c).count() > 1 {
-        return Err("give at most one of --at, --in, --every, --cron".into());
-    }
+    let schedule = schedule_from(&req, now_ms)?;
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    let schedule = if let Some(at) = &req.at {
-        let t: jiff::Timestamp = at.parse().map_err(|_| {
-            format!("--at: {at:?} is not an RFC 3339 time (example: 2026-11-22T03:00:00Z)")
-        })?;
-        Schedule::Once {
-            at_ms: t.as_millisecond(),
-        }
-    } else if let Some(d) = &req.in_ {
-        Schedule::Once {
-            at_ms: now_ms.saturating_add(ms(parse_duration("--in", d)?)),
-        }
-    } else if let Some(d) = &req.every {
-        let interval = parse_duration("--every", d)?;
-        if interval < Duration::from_secs(1) {
-            return Err("--every must be at least 1s".into());
-        }
-        Schedule::Every {
-            interval_ms: ms(interval),
-            first_ms: now_ms,
-        }
-    } else if let Some(expr) = &req.cron {
-        let tz = req.tz.clone().unwrap_or_else(|| "UTC".to_string());
-        Cron::parse(expr, &tz).map_err(|e| format!("--cron: {e}"))?;
-        Schedule::Cron {
-            expr: expr.clone(),
-            tz,
-        }
-    } else {
-        Schedule::Once { at_ms: now_ms }
-    };
-    if req.tz.is_some() && req.cron.is_none() {
-        return Err("--tz goes with --cron".into());
-    }
     let timeout = match &req.timeout {
         Some(t) => parse_duration("--timeout", t)?,
         None => DEFAULT_TIMEOUT,
@@ -252,6 +259,40 @@ async fn cancel(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     api.bridge().cancel(id).await.map(Json).map_err(refusal)
+}
+
+/// `POST /v1/tasks/{id}/reschedule` with a body of schedule fields (`at`, `in`, `every`,
+/// `cron`, `tz`), as `tasks add` takes them.
+async fn reschedule(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<RescheduleRequest>,
+) -> Result<Json<TaskView>, ApiError> {
+    let req = AddRequest {
+        at: req.at,
+        in_: req.in_,
+        every: req.every,
+        cron: req.cron,
+        tz: req.tz,
+        ..AddRequest::default()
+    };
+    api.bridge()
+        .reschedule(id, req)
+        .await
+        .map(Json)
+        .map_err(refusal)
+}
+
+/// The schedule fields of `tasks add`.
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RescheduleRequest {
+    pub at: Option<String>,
+    #[serde(rename = "in")]
+    pub in_: Option<String>,
+    pub every: Option<String>,
+    pub cron: Option<String>,
+    pub tz: Option<String>,
 }
 
 fn refusal(e: BridgeError) -> ApiError {
@@ -386,6 +427,7 @@ pub fn router(bridge: Bridge, owner: (u32, u32)) -> Router {
         .route("/v1/tasks", post(add).get(list))
         .route("/v1/tasks/{id}", get(show))
         .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/tasks/{id}/reschedule", post(reschedule))
         .route("/v1/tasks/{id}/logs", get(logs))
         .layer(middleware::from_fn_with_state(api.clone(), check_peer))
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BYTES_MAX))
@@ -513,6 +555,34 @@ impl Bridge {
                 .map_err(BridgeError::Internal),
             Ok(Err(e @ CancelError::Unknown(_))) => Err(BridgeError::Unknown(e.to_string())),
             Ok(Err(e)) => Err(BridgeError::Finished(e.to_string())),
+            Err(_) => Err(BridgeError::Unavailable(
+                "the task scheduler stopped before answering".into(),
+            )),
+        }
+    }
+
+    /// Give a task a new schedule (`at`, `in`, `every` or `cron` + `tz` of `req`).
+    pub async fn reschedule(&self, id: String, req: AddRequest) -> Result<TaskView, BridgeError> {
+        let now_ms = self.reader.world.now_unix_ms();
+        let schedule = schedule_from(&req, now_ms).map_err(BridgeError::Invalid)?;
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(SchedulerRequest::Reschedule {
+                id,
+                schedule,
+                reply,
+            })
+            .await
+            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
+        match answer.await {
+            Ok(Ok(task)) => snapshot(&self.reader, task)
+                .await
+                .map_err(BridgeError::Internal),
+            Ok(Err(e @ RescheduleError::Unknown(_))) => Err(BridgeError::Unknown(e.to_string())),
+            Ok(Err(e @ RescheduleError::Finished { .. })) => {
+                Err(BridgeError::Finished(e.to_string()))
+            }
+            Ok(Err(e)) => Err(BridgeError::Invalid(e.to_string())),
             Err(_) => Err(BridgeError::Unavailable(
                 "the task scheduler stopped before answering".into(),
             )),

@@ -102,6 +102,24 @@ pub enum TasksCommand {
         #[command(flatten)]
         at_where: Where,
     },
+    /// Give a task a new schedule (a run in flight finishes first).
+    Reschedule {
+        id: String,
+        #[arg(long)]
+        at: Option<String>,
+        #[arg(long = "in", value_name = "D")]
+        in_: Option<String>,
+        #[arg(long)]
+        every: Option<String>,
+        #[arg(long)]
+        cron: Option<String>,
+        #[arg(long)]
+        tz: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at_where: Where,
+    },
     /// Output of a task's latest run.
     Logs {
         id: String,
@@ -290,6 +308,47 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 let t: TaskView =
                     serde_json::from_slice(&out).context("read the agent's answer")?;
                 println!("{} {}", t.id, t.status);
+            }
+        }
+        TasksCommand::Reschedule {
+            id,
+            at,
+            in_,
+            every,
+            cron,
+            tz,
+            json,
+            at_where,
+        } => {
+            if [&at, &in_, &every, &cron].iter().all(|v| v.is_none()) {
+                bail!("give the new schedule: --at, --in, --every or --cron");
+            }
+            let body = serde_json::to_vec(&super::api::RescheduleRequest {
+                at,
+                in_,
+                every,
+                cron,
+                tz,
+            })?;
+            let out = call(
+                &world,
+                &at_where,
+                http::Method::POST,
+                &format!("/v1/tasks/{}/reschedule", encode(&id)),
+                Some(body),
+            )
+            .await?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                let t: TaskView =
+                    serde_json::from_slice(&out).context("read the agent's answer")?;
+                println!(
+                    "{} {} next {}",
+                    t.id,
+                    t.schedule,
+                    t.next_run_at.as_deref().unwrap_or("-")
+                );
             }
         }
         TasksCommand::Logs { id, at_where } => {

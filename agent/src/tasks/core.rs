@@ -91,6 +91,16 @@ pub enum SubmitError {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RescheduleError {
+    #[error("no task {0}")]
+    Unknown(String),
+    #[error("task {id} already ended ({status}); submit a new one")]
+    Finished { id: String, status: &'static str },
+    #[error("invalid schedule: {0}")]
+    Schedule(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CancelError {
     #[error("no task {0}")]
     Unknown(String),
@@ -337,6 +347,49 @@ impl Scheduler {
             status: status::CANCELED,
             next_run_ms: None,
             ..task
+        };
+        Ok(vec![self.replace(task)])
+    }
+
+    /// Give a task a new schedule. A run in flight finishes first; the next run follows the
+    /// new schedule.
+    pub fn reschedule(
+        &mut self,
+        now_ms: i64,
+        id: &str,
+        schedule: Schedule,
+    ) -> Result<Vec<Effect>, RescheduleError> {
+        if let Some(st) = self.ended.get(id) {
+            return Err(RescheduleError::Finished {
+                id: id.to_string(),
+                status: status::name(*st),
+            });
+        }
+        let task = self
+            .tasks
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RescheduleError::Unknown(id.to_string()))?;
+        if task.status & status::TERMINAL != 0 {
+            return Err(RescheduleError::Finished {
+                id: id.to_string(),
+                status: status::name(task.status),
+            });
+        }
+        let next = first_run(&schedule, now_ms)
+            .map_err(RescheduleError::Schedule)?
+            .ok_or_else(|| RescheduleError::Schedule("it never fires".into()))?;
+        let mut spec = task.spec.clone();
+        spec.schedule = schedule;
+        let task = if task.status == status::SCHEDULED {
+            TaskState {
+                spec,
+                next_run_ms: Some(next),
+                attempt: 0,
+                ..task
+            }
+        } else {
+            TaskState { spec, ..task }
         };
         Ok(vec![self.replace(task)])
     }

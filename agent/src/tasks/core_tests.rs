@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 
-use super::{CancelError, Config, Effect, MissedRuns, Scheduler, SubmitError, TaskState};
+use super::{
+    CancelError, Config, Effect, MissedRuns, RescheduleError, Scheduler, SubmitError, TaskState,
+};
 use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
 
 const S: i64 = 1000;
@@ -413,4 +415,44 @@ fn signatures_of_ended_tasks_stay_taken_across_a_restart_until_purged() {
         spec(Kind::Command, Schedule::Once { at_ms: 0 }),
     )
     .expect("free again after purge");
+}
+
+#[test]
+fn rescheduling_moves_the_next_run_and_a_running_task_keeps_its_run() {
+    let mut s = Scheduler::new(Config::default());
+    s.submit(
+        0,
+        "a".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 100 * S }),
+    )
+    .expect("submit");
+    s.reschedule(0, "a", Schedule::Once { at_ms: 10 * S })
+        .expect("reschedule");
+    assert_eq!(s.task("a").expect("a").next_run_ms, Some(10 * S));
+    assert!(dispatched(&s.tick(9 * S)).is_empty());
+    let run = dispatched(&s.tick(10 * S))[0].1;
+    s.started("a", run);
+    // While it runs it becomes periodic: this run finishes, then the new schedule applies.
+    s.reschedule(
+        11 * S,
+        "a",
+        Schedule::Every {
+            interval_ms: 60 * S,
+            first_ms: 11 * S,
+        },
+    )
+    .expect("reschedule running");
+    assert_eq!(status_of(&s, "a"), "doing");
+    s.finished(20 * S, "a", run, outcome(status::DONE));
+    assert_eq!(status_of(&s, "a"), "scheduled");
+    assert_eq!(s.task("a").expect("a").next_run_ms, Some(71 * S));
+    s.cancel("a").expect("cancel");
+    assert!(matches!(
+        s.reschedule(0, "a", Schedule::Once { at_ms: 0 }),
+        Err(RescheduleError::Finished { .. })
+    ));
+    assert!(matches!(
+        s.reschedule(0, "zz", Schedule::Once { at_ms: 0 }),
+        Err(RescheduleError::Unknown(_))
+    ));
 }

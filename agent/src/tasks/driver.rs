@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use super::core::{self, CancelError, Effect, Scheduler, SubmitError, TaskState};
+use super::core::{self, CancelError, Effect, RescheduleError, Scheduler, SubmitError, TaskState};
 use super::model::{Schedule, TaskSpec};
 use super::pool::{self, PoolCommand, PoolConfig, PoolEvent};
 use super::store::{Started, Store};
@@ -43,6 +43,11 @@ pub enum Request {
     Cancel {
         id: String,
         reply: oneshot::Sender<Result<TaskState, CancelError>>,
+    },
+    Reschedule {
+        id: String,
+        schedule: Schedule,
+        reply: oneshot::Sender<Result<TaskState, RescheduleError>>,
     },
 }
 
@@ -196,6 +201,24 @@ pub async fn run(
                         }
                     }
                 }
+                Request::Reschedule {
+                    id,
+                    schedule,
+                    reply,
+                } => match scheduler.reschedule(now_ms, &id, schedule) {
+                    Ok(e) => {
+                        effects.extend(e);
+                        let task = scheduler.task(&id).cloned();
+                        replies.push(Box::new(move || {
+                            if let Some(task) = task {
+                                let _ = reply.send(Ok(task));
+                            }
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
                 Request::Cancel { id, reply } => match scheduler.cancel(&id) {
                     Ok(e) => {
                         effects.extend(e);

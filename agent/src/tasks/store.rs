@@ -281,7 +281,7 @@ impl Store {
                     tx.execute(
                         "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, \
+                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, schedule = excluded.schedule, \
                          attempt = excluded.attempt, cancel_requested = excluded.cancel_requested, updated_ms = excluded.updated_ms",
                         params![
                             t.id,

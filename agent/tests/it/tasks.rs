@@ -478,3 +478,59 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
         .expect("answer");
     assert_eq!(unknown.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_can_be_rescheduled_and_bad_reschedules_are_refused() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "moved", "--", "true",
+    ]);
+    let before = agent.show(&id);
+    let out = agent.ok(&["reschedule", &id, "--in", "1s", "--json"]);
+    let after: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        after["next_run_at"].as_str() < before["next_run_at"].as_str(),
+        "{before} → {after}"
+    );
+    agent.wait_status(&id, "done").await;
+    for (args, needle) in [
+        (
+            vec!["reschedule", id.as_str(), "--in", "1m"],
+            "already ended",
+        ),
+        (vec!["reschedule", "t_nope", "--in", "1m"], "no task"),
+        (vec!["reschedule", id.as_str()], "give the new schedule"),
+        (
+            vec!["reschedule", id.as_str(), "--cron", "nonsense"],
+            "--cron",
+        ),
+    ] {
+        let out = agent.tasks(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let periodic = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "to-cron", "--", "true",
+    ]);
+    let task: serde_json::Value = serde_json::from_str(&agent.ok(&[
+        "reschedule",
+        &periodic,
+        "--cron",
+        "0 3 * * *",
+        "--tz",
+        "Europe/Berlin",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(task["schedule"], "cron 0 3 * * * Europe/Berlin");
+    assert!(
+        task["next_run_at"]
+            .as_str()
+            .is_some_and(|t| t.contains("T02:00:00") || t.contains("T01:00:00")),
+        "{task}"
+    );
+}
