@@ -110,6 +110,9 @@ pub async fn run(
     let (mut pool_tx, mut events, mut pool) = start_pool(&config, &pool_shutdown);
     let mut last_purge = tokio::time::Instant::now();
     let mut callers_remain = true;
+    // Processes of the runs in flight, to stop them if the pool that owns them dies.
+    let mut pids: std::collections::BTreeMap<i64, (i32, Option<u64>)> =
+        std::collections::BTreeMap::new();
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
@@ -143,6 +146,13 @@ pub async fn run(
             _ = &mut pool => {
                 // The pool died: the scheduler carries on, ends what it was running, restarts it.
                 tracing::error!("worker pool stopped unexpectedly; restarting it");
+                // Its children outlive it: stop them before recording their runs aborted.
+                for (run_id, (pid, ticks)) in std::mem::take(&mut pids) {
+                    if config.pool.processes.alive(pid, ticks) {
+                        tracing::warn!(run_id, pid, "terminating a run of the dead worker pool");
+                        config.pool.processes.terminate(pid, ticks, config.pool.grace).await;
+                    }
+                }
                 let now_ms = world.now_unix_ms();
                 let effects = scheduler.abort_running(now_ms, "the worker pool stopped; run aborted");
                 commit(&world, &store, now_ms, effects, Vec::new()).await?;
@@ -161,6 +171,7 @@ pub async fn run(
                     pid,
                     pid_start_ticks,
                 } => {
+                    pids.insert(run_id, (pid, pid_start_ticks));
                     effects.extend(scheduler.started(&task_id, run_id));
                     started.push(Started {
                         run_id,
@@ -174,6 +185,7 @@ pub async fn run(
                     run_id,
                     outcome,
                 } => {
+                    pids.remove(&run_id);
                     effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
                 }
             }
