@@ -65,6 +65,10 @@ impl Agent {
         all.extend_from_slice(before);
         let d = data.display().to_string();
         all.extend(["--data-dir", d.as_str()]);
+        // An agent started with --socket is reached there.
+        if let Some(i) = self.extra.iter().position(|a| a == "--socket") {
+            all.extend(["--socket", self.extra[i + 1].as_str()]);
+        }
         all.extend_from_slice(after);
         run(&agent_bin(), &all)
     }
@@ -533,4 +537,51 @@ async fn a_task_can_be_rescheduled_and_bad_reschedules_are_refused() {
             .is_some_and(|t| t.contains("T02:00:00") || t.contains("T01:00:00")),
         "{task}"
     );
+}
+
+/// Tests run as root (here and in CI); the check needs another user to connect as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_refuses_other_users_by_mode_and_by_peer_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let open_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let socket = open_dir.path().join("agent.sock");
+    let socket_arg = socket.display().to_string();
+    let agent = Agent::start(&["--socket", &socket_arg]).await;
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    let as_nobody = || {
+        std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(agent_bin())
+            .args(["tasks", "list", "--socket", &socket_arg])
+            .output()
+            .expect("runuser (util-linux)")
+    };
+    let out = as_nobody();
+    assert!(
+        !out.status.success(),
+        "nobody listed tasks through a 0660 socket"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Even when an operator opens the socket up, the peer-credential check refuses.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod socket");
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not use the agent API"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = agent.ok(&["list"]);
 }

@@ -187,3 +187,64 @@ async fn enrollment_validates_input_and_refuses_reused_tokens() {
     assert!(body.error.contains("already used"), "{}", body.error);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn task_routes_enforce_roles_and_name_unknown_or_offline_agents() {
+    let server = Server::start().await;
+    let (agent_id, _) = server.enroll("db1").await;
+    let viewer = server.token_for("viewer1", Role::Viewer).await;
+    let operator = server.token_for("operator1", Role::Operator).await;
+    let tasks = format!("/api/v1/agents/{agent_id}/tasks");
+    let body = r#"{"kind":"command","argv":["true"]}"#;
+    let r = server
+        .request(Method::POST, &tasks, Some(&viewer), body)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "a viewer may not create tasks"
+    );
+    let r = server
+        .request(
+            Method::POST,
+            &format!("{tasks}/t_x/cancel"),
+            Some(&viewer),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = server.request(Method::GET, &tasks, Some(&viewer), "").await;
+    assert_eq!(r.status, StatusCode::OK, "a viewer reads task history");
+    let r = server
+        .request(Method::POST, &tasks, Some(&operator), body)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "the agent is enrolled but not connected"
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("not connected"));
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/agents/agt_nobody/tasks",
+            Some(&operator),
+            body,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = server
+        .request(
+            Method::POST,
+            &tasks,
+            Some(&operator),
+            r#"{"kind":"command","shell":"rm -rf /"}"#,
+        )
+        .await;
+    assert!(
+        r.status.is_client_error(),
+        "unknown fields are refused: {}",
+        r.status
+    );
+    server.stop().await;
+}
