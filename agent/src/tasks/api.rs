@@ -202,19 +202,8 @@ async fn view(reader: &Reader, task: TaskState) -> Result<TaskView, ApiError> {
 
 /// A task with its runs, as every interface shows it.
 pub(crate) async fn snapshot(reader: &Reader, task: TaskState) -> Result<TaskView, String> {
-    let store = reader.store.clone();
     let id = task.id.clone();
-    let runs = reader
-        .world
-        .blocking(move || {
-            store
-                .lock()
-                .map_err(|_| "store lock poisoned".to_string())?
-                .runs(&id)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+    let runs = reader.with(move |store| store.runs(&id)).await?;
     Ok(task_view(task, runs))
 }
 
@@ -307,19 +296,10 @@ fn refusal(e: BridgeError) -> ApiError {
 }
 
 async fn list(State(api): State<Api>) -> Result<Json<Vec<TaskView>>, ApiError> {
-    let store = api.reader.store.clone();
     let tasks = api
         .reader
-        .world
-        .blocking(move || {
-            store
-                .lock()
-                .map_err(|_| "store lock poisoned".to_string())?
-                .list(LIST_MAX)
-                .map_err(|e| e.to_string())
-        })
+        .with(move |store| store.list(LIST_MAX))
         .await
-        .map_err(internal)?
         .map_err(internal)?;
     let mut views = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -329,19 +309,10 @@ async fn list(State(api): State<Api>) -> Result<Json<Vec<TaskView>>, ApiError> {
 }
 
 async fn load(api: &Api, id: String) -> Result<TaskState, ApiError> {
-    let store = api.reader.store.clone();
     let shown = id.clone();
     api.reader
-        .world
-        .blocking(move || {
-            store
-                .lock()
-                .map_err(|_| "store lock poisoned".to_string())?
-                .get(&id)
-                .map_err(|e| e.to_string())
-        })
+        .with(move |store| store.get(&id))
         .await
-        .map_err(internal)?
         .map_err(internal)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no task {shown}")))
 }
@@ -364,20 +335,11 @@ async fn logs(State(api): State<Api>, UrlPath(id): UrlPath<String>) -> Result<Re
             format!("task {id} has not run yet"),
         ));
     };
-    let store = api.reader.store.clone();
     let run_id = run.run_id;
     let (mut output, dropped) = api
         .reader
-        .world
-        .blocking(move || {
-            store
-                .lock()
-                .map_err(|_| "store lock poisoned".to_string())?
-                .output(run_id)
-                .map_err(|e| e.to_string())
-        })
+        .with(move |store| store.output(run_id))
         .await
-        .map_err(internal)?
         .map_err(internal)?
         .unwrap_or_default();
     if dropped > 0 {
@@ -521,43 +483,46 @@ pub struct Bridge {
 }
 
 impl Bridge {
+    /// Send a request to the scheduler and wait for its answer.
+    async fn ask<E>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<TaskState, E>>) -> SchedulerRequest,
+    ) -> Result<Result<TaskState, E>, BridgeError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(request(reply))
+            .await
+            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
+        answer.await.map_err(|_| {
+            BridgeError::Unavailable("the task scheduler stopped before answering".into())
+        })
+    }
+
     pub async fn add(&self, req: AddRequest) -> Result<TaskView, BridgeError> {
         let now_ms = self.reader.world.now_unix_ms();
         let spec =
             spec_from_request(req, now_ms, self.has_postgres).map_err(BridgeError::Invalid)?;
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(SchedulerRequest::Submit { spec, reply })
-            .await
-            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
-        match answer.await {
+        match self
+            .ask(|reply| SchedulerRequest::Submit { spec, reply })
+            .await?
+        {
             // A task that was just created has no runs yet: nothing to read.
-            Ok(Ok(task)) => Ok(task_view(task, Vec::new())),
-            Ok(Err(e @ SubmitError::Duplicate { .. })) => {
-                Err(BridgeError::Duplicate(e.to_string()))
-            }
-            Ok(Err(e)) => Err(BridgeError::Invalid(e.to_string())),
-            Err(_) => Err(BridgeError::Unavailable(
-                "the task scheduler stopped before answering".into(),
-            )),
+            Ok(task) => Ok(task_view(task, Vec::new())),
+            Err(e @ SubmitError::Duplicate { .. }) => Err(BridgeError::Duplicate(e.to_string())),
+            Err(e) => Err(BridgeError::Invalid(e.to_string())),
         }
     }
 
     pub async fn cancel(&self, id: String) -> Result<TaskView, BridgeError> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(SchedulerRequest::Cancel { id, reply })
-            .await
-            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
-        match answer.await {
-            Ok(Ok(task)) => snapshot(&self.reader, task)
+        match self
+            .ask(|reply| SchedulerRequest::Cancel { id, reply })
+            .await?
+        {
+            Ok(task) => snapshot(&self.reader, task)
                 .await
                 .map_err(BridgeError::Internal),
-            Ok(Err(e @ CancelError::Unknown(_))) => Err(BridgeError::Unknown(e.to_string())),
-            Ok(Err(e)) => Err(BridgeError::Finished(e.to_string())),
-            Err(_) => Err(BridgeError::Unavailable(
-                "the task scheduler stopped before answering".into(),
-            )),
+            Err(e @ CancelError::Unknown(_)) => Err(BridgeError::Unknown(e.to_string())),
+            Err(e) => Err(BridgeError::Finished(e.to_string())),
         }
     }
 
@@ -565,47 +530,34 @@ impl Bridge {
     pub async fn reschedule(&self, id: String, req: AddRequest) -> Result<TaskView, BridgeError> {
         let now_ms = self.reader.world.now_unix_ms();
         let schedule = schedule_from(&req, now_ms).map_err(BridgeError::Invalid)?;
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(SchedulerRequest::Reschedule {
+        match self
+            .ask(|reply| SchedulerRequest::Reschedule {
                 id,
                 schedule,
                 reply,
             })
-            .await
-            .map_err(|_| BridgeError::Unavailable("the task scheduler is not running".into()))?;
-        match answer.await {
-            Ok(Ok(task)) => snapshot(&self.reader, task)
+            .await?
+        {
+            Ok(task) => snapshot(&self.reader, task)
                 .await
                 .map_err(BridgeError::Internal),
-            Ok(Err(e @ RescheduleError::Unknown(_))) => Err(BridgeError::Unknown(e.to_string())),
-            Ok(Err(e @ RescheduleError::Finished { .. })) => {
-                Err(BridgeError::Finished(e.to_string()))
-            }
-            Ok(Err(e)) => Err(BridgeError::Invalid(e.to_string())),
-            Err(_) => Err(BridgeError::Unavailable(
-                "the task scheduler stopped before answering".into(),
-            )),
+            Err(e @ RescheduleError::Unknown(_)) => Err(BridgeError::Unknown(e.to_string())),
+            Err(e @ RescheduleError::Finished { .. }) => Err(BridgeError::Finished(e.to_string())),
+            Err(e) => Err(BridgeError::Invalid(e.to_string())),
         }
     }
 
     /// Up to `limit` unacknowledged task changes, oldest first, each as the task's state now.
     pub async fn pending_events(&self, limit: usize) -> Result<Vec<proto::TaskEvent>, String> {
-        let store = self.reader.store.clone();
         let pending = self
             .reader
-            .world
-            .blocking(move || -> Result<Vec<(i64, Option<TaskState>)>, String> {
-                let store = store
-                    .lock()
-                    .map_err(|_| "store lock poisoned".to_string())?;
-                let rows = store.outbox(limit).map_err(|e| e.to_string())?;
+            .with(move |store| {
+                let rows = store.outbox(limit)?;
                 rows.into_iter()
-                    .map(|(seq, id)| Ok((seq, store.get(&id).map_err(|e| e.to_string())?)))
-                    .collect()
+                    .map(|(seq, id)| Ok((seq, store.get(&id)?)))
+                    .collect::<Result<Vec<_>, _>>()
             })
-            .await
-            .map_err(|e| e.to_string())??;
+            .await?;
         let mut events = Vec::with_capacity(pending.len());
         for (seq, task) in pending {
             // A task purged since it changed has nothing left to report; the ack clears it.
@@ -621,18 +573,9 @@ impl Bridge {
 
     /// The control plane stored every change up to `upto_seq`.
     pub async fn ack(&self, upto_seq: i64) -> Result<(), String> {
-        let store = self.reader.store.clone();
         self.reader
-            .world
-            .blocking(move || {
-                store
-                    .lock()
-                    .map_err(|_| "store lock poisoned".to_string())?
-                    .ack_outbox(upto_seq)
-                    .map_err(|e| e.to_string())
-            })
+            .with(move |store| store.ack_outbox(upto_seq))
             .await
-            .map_err(|e| e.to_string())?
     }
 }
 

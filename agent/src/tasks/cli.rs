@@ -35,6 +35,26 @@ impl Where {
     }
 }
 
+/// When a task runs; none of them means now.
+#[derive(Args, Clone, Default)]
+pub struct ScheduleArgs {
+    /// Run once at this RFC 3339 time.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Run once after this delay (30s, 10m, 2h).
+    #[arg(long = "in", value_name = "D")]
+    pub in_: Option<String>,
+    /// Run every D, starting now; never overlapping itself.
+    #[arg(long)]
+    pub every: Option<String>,
+    /// Five-field cron expression.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// IANA time zone for --cron [default: UTC].
+    #[arg(long)]
+    pub tz: Option<String>,
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum TasksCommand {
@@ -45,26 +65,15 @@ pub enum TasksCommand {
     ///   outpost-agent tasks add vacuum --param database=app --param table=orders --cron '0 3 * * *' --tz Europe/Berlin
     ///   outpost-agent tasks add health_check --every 5m
     ///   outpost-agent tasks add command --in 10m --timeout 30s -- /usr/local/bin/rotate-logs --keep 7
+    #[command(verbatim_doc_comment)]
     Add {
+        /// vacuum | analyze | health_check | retention_cleanup | pg_dump | sql | command
         kind: String,
         /// Task parameter, repeatable: --param database=app
         #[arg(long = "param", value_name = "K=V")]
         params: Vec<String>,
-        /// Run once at this RFC 3339 time.
-        #[arg(long)]
-        at: Option<String>,
-        /// Run once after this delay (30s, 10m, 2h).
-        #[arg(long = "in", value_name = "D")]
-        in_: Option<String>,
-        /// Run every D, starting now; never overlapping itself.
-        #[arg(long)]
-        every: Option<String>,
-        /// Five-field cron expression.
-        #[arg(long)]
-        cron: Option<String>,
-        /// IANA time zone for --cron [default: UTC].
-        #[arg(long)]
-        tz: Option<String>,
+        #[command(flatten)]
+        schedule: ScheduleArgs,
         /// Kill the run's process group after this long [default: 1h].
         #[arg(long)]
         timeout: Option<String>,
@@ -105,16 +114,8 @@ pub enum TasksCommand {
     /// Give a task a new schedule (a run in flight finishes first).
     Reschedule {
         id: String,
-        #[arg(long)]
-        at: Option<String>,
-        #[arg(long = "in", value_name = "D")]
-        in_: Option<String>,
-        #[arg(long)]
-        every: Option<String>,
-        #[arg(long)]
-        cron: Option<String>,
-        #[arg(long)]
-        tz: Option<String>,
+        #[command(flatten)]
+        schedule: ScheduleArgs,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -209,11 +210,14 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
         TasksCommand::Add {
             kind,
             params,
-            at,
-            in_,
-            every,
-            cron,
-            tz,
+            schedule:
+                ScheduleArgs {
+                    at,
+                    in_,
+                    every,
+                    cron,
+                    tz,
+                },
             timeout,
             key,
             json,
@@ -312,11 +316,14 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
         }
         TasksCommand::Reschedule {
             id,
-            at,
-            in_,
-            every,
-            cron,
-            tz,
+            schedule:
+                ScheduleArgs {
+                    at,
+                    in_,
+                    every,
+                    cron,
+                    tz,
+                },
             json,
             at_where,
         } => {

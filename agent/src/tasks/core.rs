@@ -108,6 +108,12 @@ pub enum CancelError {
     Finished { id: String, status: &'static str },
 }
 
+/// Why [`Scheduler::live`] found no live task.
+enum Lookup {
+    Unknown,
+    Ended(u32),
+}
+
 pub struct Scheduler {
     config: Config,
     tasks: BTreeMap<String, TaskState>,
@@ -311,23 +317,13 @@ impl Scheduler {
     }
 
     pub fn cancel(&mut self, id: &str) -> Result<Vec<Effect>, CancelError> {
-        if let Some(st) = self.ended.get(id) {
-            return Err(CancelError::Finished {
+        let task = self.live(id).map_err(|lookup| match lookup {
+            Lookup::Unknown => CancelError::Unknown(id.to_string()),
+            Lookup::Ended(st) => CancelError::Finished {
                 id: id.to_string(),
-                status: status::name(*st),
-            });
-        }
-        let task = self
-            .tasks
-            .get(id)
-            .cloned()
-            .ok_or_else(|| CancelError::Unknown(id.to_string()))?;
-        if task.status & status::TERMINAL != 0 {
-            return Err(CancelError::Finished {
-                id: id.to_string(),
-                status: status::name(task.status),
-            });
-        }
+                status: status::name(st),
+            },
+        })?;
         if task.status & status::IN_FLIGHT != 0 {
             let run_id = self.running.iter().find(|(_, t)| *t == id).map(|(r, _)| *r);
             let task = TaskState {
@@ -351,6 +347,18 @@ impl Scheduler {
         Ok(vec![self.replace(task)])
     }
 
+    /// A task that has not ended.
+    fn live(&self, id: &str) -> Result<TaskState, Lookup> {
+        if let Some(st) = self.ended.get(id) {
+            return Err(Lookup::Ended(*st));
+        }
+        match self.tasks.get(id) {
+            None => Err(Lookup::Unknown),
+            Some(t) if t.status & status::TERMINAL != 0 => Err(Lookup::Ended(t.status)),
+            Some(t) => Ok(t.clone()),
+        }
+    }
+
     /// Give a task a new schedule. A run in flight finishes first; the next run follows the
     /// new schedule.
     pub fn reschedule(
@@ -359,23 +367,13 @@ impl Scheduler {
         id: &str,
         schedule: Schedule,
     ) -> Result<Vec<Effect>, RescheduleError> {
-        if let Some(st) = self.ended.get(id) {
-            return Err(RescheduleError::Finished {
+        let task = self.live(id).map_err(|lookup| match lookup {
+            Lookup::Unknown => RescheduleError::Unknown(id.to_string()),
+            Lookup::Ended(st) => RescheduleError::Finished {
                 id: id.to_string(),
-                status: status::name(*st),
-            });
-        }
-        let task = self
-            .tasks
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RescheduleError::Unknown(id.to_string()))?;
-        if task.status & status::TERMINAL != 0 {
-            return Err(RescheduleError::Finished {
-                id: id.to_string(),
-                status: status::name(task.status),
-            });
-        }
+                status: status::name(st),
+            },
+        })?;
         let next = first_run(&schedule, now_ms)
             .map_err(RescheduleError::Schedule)?
             .ok_or_else(|| RescheduleError::Schedule("it never fires".into()))?;

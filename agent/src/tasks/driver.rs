@@ -87,6 +87,25 @@ pub struct Reader {
     pub store: Arc<Mutex<Store>>,
 }
 
+impl Reader {
+    /// Run `f` on the store on the blocking executor.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, super::store::StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let store = self.store.clone();
+        self.world
+            .blocking(move || {
+                let mut store = store
+                    .lock()
+                    .map_err(|_| "task store lock poisoned".to_string())?;
+                f(&mut store).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}
+
 /// Run the task runtime until `shutdown`: recovery, then the scheduling loop, then a
 /// shutdown that terminates running groups and records them.
 pub async fn run(
@@ -198,53 +217,21 @@ pub async fn run(
                         spec.key = signature(&spec, now_ms);
                     }
                     let id = task_id(&spec.key);
-                    match scheduler.submit(now_ms, id.clone(), spec) {
-                        Ok(e) => {
-                            effects.extend(e);
-                            let task = scheduler.task(&id).cloned();
-                            replies.push(Box::new(move || {
-                                if let Some(task) = task {
-                                    let _ = reply.send(Ok(task));
-                                }
-                            }));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    let result = scheduler.submit(now_ms, id.clone(), spec);
+                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
                 }
                 Request::Reschedule {
                     id,
                     schedule,
                     reply,
-                } => match scheduler.reschedule(now_ms, &id, schedule) {
-                    Ok(e) => {
-                        effects.extend(e);
-                        let task = scheduler.task(&id).cloned();
-                        replies.push(Box::new(move || {
-                            if let Some(task) = task {
-                                let _ = reply.send(Ok(task));
-                            }
-                        }));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Request::Cancel { id, reply } => match scheduler.cancel(&id) {
-                    Ok(e) => {
-                        effects.extend(e);
-                        let task = scheduler.task(&id).cloned();
-                        replies.push(Box::new(move || {
-                            if let Some(task) = task {
-                                let _ = reply.send(Ok(task));
-                            }
-                        }));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
+                } => {
+                    let result = scheduler.reschedule(now_ms, &id, schedule);
+                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
+                }
+                Request::Cancel { id, reply } => {
+                    let result = scheduler.cancel(&id);
+                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
+                }
             }
         }
         effects.extend(scheduler.tick(now_ms));
@@ -313,6 +300,31 @@ pub async fn run(
     let _ = pool.await;
     commit(&world, &store, now_ms, effects, Vec::new()).await?;
     Ok(())
+}
+
+/// A refusal is answered at once (nothing to persist); a success is answered after the
+/// batch's commit, with the task as it then is.
+fn settle<E: Send + 'static>(
+    scheduler: &Scheduler,
+    id: &str,
+    result: Result<Vec<Effect>, E>,
+    reply: oneshot::Sender<Result<TaskState, E>>,
+    effects: &mut Vec<Effect>,
+    replies: &mut Vec<Box<dyn FnOnce() + Send>>,
+) {
+    match result {
+        Ok(e) => {
+            effects.extend(e);
+            if let Some(task) = scheduler.task(id).cloned() {
+                replies.push(Box::new(move || {
+                    let _ = reply.send(Ok(task));
+                }));
+            }
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    }
 }
 
 fn start_pool(
