@@ -19,9 +19,73 @@ pub struct RawAgentConfig {
     pub socket: Option<PathBuf>,
     /// `[metrics]` and `[terminal]` are read by the capabilities that use them; this build
     /// accepts the sections so one config file serves every version.
-    pub metrics: Option<toml::Table>,
+    pub metrics: Option<RawMetricsConfig>,
     pub terminal: Option<toml::Table>,
     pub tasks: Option<RawTasksConfig>,
+}
+
+/// `[metrics]`: collection and the offline buffer.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetricsConfig {
+    /// Collection interval (default 15s; 10s to 30s).
+    pub interval: Option<String>,
+    /// Buffer file size limit (default 128MiB).
+    pub buffer_bytes_max: Option<String>,
+    /// Older records are discarded (default 6h).
+    pub record_age_max: Option<String>,
+    /// Records per delivery batch (default 500).
+    pub batch_rows_max: Option<usize>,
+}
+
+/// Validated `[metrics]`.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub interval: std::time::Duration,
+    pub buffer: crate::buffer::Limits,
+    pub batch_rows_max: usize,
+}
+
+fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
+    let duration =
+        |field: &str, v: &Option<String>, default: u64| -> anyhow::Result<std::time::Duration> {
+            match v {
+                None => Ok(std::time::Duration::from_secs(default)),
+                Some(v) => humantime::parse_duration(v).with_context(|| {
+                    format!("{field}: {v:?} is not a duration (examples: 15s, 6h)")
+                }),
+            }
+        };
+    let interval = duration("metrics.interval", &raw.interval, 15)?;
+    if !(std::time::Duration::from_secs(10)..=std::time::Duration::from_secs(30))
+        .contains(&interval)
+    {
+        bail!("metrics.interval: must be between 10s and 30s");
+    }
+    let record_age_max = duration("metrics.record_age_max", &raw.record_age_max, 6 * 3600)?;
+    if record_age_max < std::time::Duration::from_secs(60) {
+        bail!("metrics.record_age_max: must be at least 1m");
+    }
+    let bytes_max = match &raw.buffer_bytes_max {
+        Some(v) => parse_size("metrics.buffer_bytes_max", v)? as u64,
+        None => 128 << 20,
+    };
+    if bytes_max < 1 << 20 {
+        bail!("metrics.buffer_bytes_max: must be at least 1MiB");
+    }
+    let batch_rows_max = raw.batch_rows_max.unwrap_or(500);
+    if !(1..=10_000).contains(&batch_rows_max) {
+        bail!("metrics.batch_rows_max: must be 1 to 10000");
+    }
+    Ok(MetricsConfig {
+        interval,
+        buffer: crate::buffer::Limits {
+            bytes_max,
+            age_max_ms: i64::try_from(record_age_max.as_millis()).unwrap_or(i64::MAX),
+            quarantined_max: 3,
+        },
+        batch_rows_max,
+    })
 }
 
 /// `[tasks]`: the task runtime.
@@ -132,6 +196,7 @@ pub struct AgentConfig {
     pub postgres: Option<String>,
     pub socket: PathBuf,
     pub tasks: TasksConfig,
+    pub metrics: MetricsConfig,
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
@@ -177,6 +242,7 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         postgres: raw.postgres,
         socket,
         tasks: validate_tasks(raw.tasks.unwrap_or_default())?,
+        metrics: validate_metrics(raw.metrics.unwrap_or_default())?,
     })
 }
 
@@ -214,6 +280,26 @@ reconnect_window = "60s"
     #[test]
     fn bad_values_name_their_field() {
         for (raw, field) in [
+            (
+                RawAgentConfig {
+                    metrics: Some(super::RawMetricsConfig {
+                        interval: Some("2s".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "metrics.interval",
+            ),
+            (
+                RawAgentConfig {
+                    metrics: Some(super::RawMetricsConfig {
+                        buffer_bytes_max: Some("12XB".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "metrics.buffer_bytes_max",
+            ),
             (
                 RawAgentConfig {
                     control_plane: Some("cp:80".into()),

@@ -4,6 +4,7 @@
 //! credential), [`link`] (the control channel to the control plane: backoff core and driver),
 //! [`run`] (the daemon's top level).
 
+pub mod buffer;
 pub mod config;
 pub mod identity;
 pub mod link;

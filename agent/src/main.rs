@@ -31,6 +31,9 @@ enum Commands {
     /// Scheduled maintenance on this host (talks to the running agent's socket).
     #[command(subcommand)]
     Tasks(agent::tasks::cli::TasksCommand),
+    /// The offline metrics buffer on this host.
+    #[command(subcommand)]
+    Buffer(agent::buffer::cli::BufferCommand),
 }
 
 #[derive(Args)]
@@ -94,6 +97,9 @@ fn main() -> ExitCode {
             Commands::Run(args) => run(args).await,
             Commands::Enroll(args) => enroll(args).await,
             Commands::Tasks(command) => agent::tasks::cli::run(command).await,
+            Commands::Buffer(command) => {
+                agent::buffer::cli::run(command, agent::buffer::Limits::default()).await
+            }
         }
     });
     match result {

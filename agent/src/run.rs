@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
+use crate::buffer::{Buffer, OpenReport};
 use crate::config::AgentConfig;
 use crate::identity;
 use crate::link::{LinkConfig, LinkStatus, run_link};
@@ -45,6 +46,38 @@ fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
     }
 }
 
+async fn open_buffer(world: &World, config: &AgentConfig) -> anyhow::Result<Buffer> {
+    let path = config.data_dir.join(crate::buffer::cli::BUFFER_FILE);
+    let epoch = format!("ep_{:016x}", world.random_u64());
+    let (limits, now_ms) = (config.metrics.buffer, world.now_unix_ms());
+    let shown = path.display().to_string();
+    let (buffer, report) = world
+        .blocking(move || Buffer::open(&path, limits, &epoch, now_ms))
+        .await?
+        .with_context(|| format!("open metrics buffer {shown}"))?;
+    match report {
+        OpenReport::Quarantined {
+            moved_to,
+            reason,
+            rows_lost,
+        } => tracing::error!(
+            buffer = %shown,
+            quarantined = %moved_to.display(),
+            %reason,
+            rows_lost,
+            epoch = buffer.epoch(),
+            "metrics buffer failed its integrity check: quarantined, new epoch started"
+        ),
+        OpenReport::Created => {
+            tracing::info!(buffer = %shown, epoch = buffer.epoch(), "metrics buffer created")
+        }
+        OpenReport::Opened => {
+            tracing::debug!(buffer = %shown, epoch = buffer.epoch(), "metrics buffer opened")
+        }
+    }
+    Ok(buffer)
+}
+
 /// Run the agent until `shutdown` fires, publishing the link's state on `status`.
 pub async fn run(
     world: World,
@@ -61,6 +94,8 @@ pub async fn run(
             .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     }
     let identity = identity::load(&config.data_dir).context("load agent identity")?;
+    // Corruption never blocks start-up: a bad buffer is moved aside and a new epoch begins.
+    let _buffer = open_buffer(&world, &config).await?;
     let stop = shutdown.child_token();
     let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 

@@ -1,0 +1,412 @@
+//! The buffer file. One writer (this struct); `synchronous=NORMAL` in WAL mode: a kill -9 loses
+//! nothing, a power loss may lose the last unsynced seconds of collection (the accepted
+//! trade-off, DESIGN §2.2).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, params};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
+"#;
+
+/// Reasons a record is dropped instead of delivered.
+pub const DROP_REASONS: [&str; 3] = ["age", "size", "quarantine"];
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// New records are dropped (counted as `size`) while the file is this large.
+    pub bytes_max: u64,
+    /// Records older than this are discarded (counted as `age`): an outage shows as a gap.
+    pub age_max_ms: i64,
+    /// Quarantined files kept beside the buffer; older ones are deleted.
+    pub quarantined_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            bytes_max: 128 << 20,
+            age_max_ms: 6 * 3600 * 1000,
+            quarantined_max: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub kind: String,
+    /// JSON payload.
+    pub data: String,
+}
+
+/// `outpost-agent buffer stats` and every heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub epoch: String,
+    pub rows: i64,
+    pub size_bytes: u64,
+    pub oldest_record_age_s: i64,
+    pub utilization: f64,
+    pub delivery_failures: i64,
+    pub dropped_total: BTreeMap<String, i64>,
+}
+
+/// What happened when the buffer was opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpenReport {
+    Opened,
+    Created,
+    /// The old file failed its check and was moved aside; a new epoch began.
+    Quarantined {
+        moved_to: PathBuf,
+        reason: String,
+        rows_lost: i64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics buffer: {0}")]
+pub struct BufferError(String);
+
+fn err(e: impl std::fmt::Display) -> BufferError {
+    BufferError(e.to_string())
+}
+
+pub struct Buffer {
+    conn: Connection,
+    path: PathBuf,
+    limits: Limits,
+    epoch: String,
+    next_seq: i64,
+}
+
+fn file_size(path: &Path) -> u64 {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+        + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Integrity check of an existing file without changing it: `Ok(rows)` or the reason it failed.
+pub fn check(path: &Path) -> Result<i64, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if verdict != "ok" {
+        return Err(verdict);
+    }
+    let epoch: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| format!("no buffer metadata: {e}"))?;
+    if epoch.is_none_or(|e| e.is_empty()) {
+        return Err("no epoch recorded".into());
+    }
+    conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .map_err(|e| e.to_string())
+}
+
+impl Buffer {
+    /// Open the buffer at `path`, creating it (with `new_epoch`) if missing and quarantining it
+    /// if it fails its integrity check. `now_ms` names the quarantined file.
+    pub fn open(
+        path: &Path,
+        limits: Limits,
+        new_epoch: &str,
+        now_ms: i64,
+    ) -> Result<(Buffer, OpenReport), BufferError> {
+        let mut report = if path.exists() {
+            OpenReport::Opened
+        } else {
+            OpenReport::Created
+        };
+        if path.exists()
+            && let Err(reason) = check(path)
+        {
+            let rows_lost = rows_if_readable(path);
+            let moved_to = quarantine(path, now_ms, limits.quarantined_max).map_err(err)?;
+            report = OpenReport::Quarantined {
+                moved_to,
+                reason,
+                rows_lost,
+            };
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+            params![new_epoch],
+        )
+        .map_err(err)?;
+        let epoch: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        let stored_next: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get(0)
+            })
+            .ok();
+        let max_seq: i64 = conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        // `next_seq` is persisted with every append, so seq never repeats even after deletes.
+        let next_seq = stored_next
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(1)
+            .max(max_seq + 1);
+        let mut buffer = Buffer {
+            conn,
+            path: path.to_path_buf(),
+            limits,
+            epoch,
+            next_seq,
+        };
+        if let OpenReport::Quarantined { rows_lost, .. } = &report {
+            buffer.count_drop("quarantine", (*rows_lost).max(0))?;
+        }
+        Ok((buffer, report))
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        file_size(&self.path)
+    }
+
+    /// Whether the size limit is reached (collection pauses until delivery drains it).
+    pub fn is_full(&self) -> bool {
+        self.size_bytes() >= self.limits.bytes_max
+    }
+
+    fn count_drop(&mut self, reason: &str, n: i64) -> Result<(), BufferError> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?2",
+                params![format!("dropped_{reason}"), n],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Append records stamped `ts_ms`; while the buffer is full they are dropped and counted.
+    /// Returns how many were stored.
+    pub fn append(
+        &mut self,
+        ts_ms: i64,
+        records: &[(String, String)],
+    ) -> Result<usize, BufferError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        if self.is_full() {
+            self.count_drop("size", records.len() as i64)?;
+            return Ok(0);
+        }
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut seq = self.next_seq;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO records (seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for (kind, data) in records {
+                stmt.execute(params![seq, ts_ms, kind, data]).map_err(err)?;
+                seq += 1;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![seq.to_string()],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        self.next_seq = seq;
+        Ok(records.len())
+    }
+
+    /// Discard records older than the age limit; returns how many went.
+    pub fn expire(&mut self, now_ms: i64) -> Result<i64, BufferError> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM records WHERE ts_ms < ?1",
+                params![now_ms - self.limits.age_max_ms],
+            )
+            .map_err(err)? as i64;
+        self.count_drop("age", n)?;
+        Ok(n)
+    }
+
+    /// The oldest `limit` records.
+    pub fn oldest(&self, limit: usize) -> Result<Vec<Record>, BufferError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, ts_ms, kind, data FROM records ORDER BY seq LIMIT ?1")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| {
+                Ok(Record {
+                    seq: r.get(0)?,
+                    ts_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    data: r.get(3)?,
+                })
+            })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        Ok(rows)
+    }
+
+    /// The control plane stored everything through `seq`: forget it.
+    pub fn delete_through(&mut self, seq: i64) -> Result<usize, BufferError> {
+        self.conn
+            .execute("DELETE FROM records WHERE seq <= ?1", params![seq])
+            .map_err(err)
+    }
+
+    /// Record the outcome of a delivery attempt (consecutive failures are reported).
+    pub fn delivery_result(&mut self, ok: bool) -> Result<(), BufferError> {
+        let sql = if ok {
+            "INSERT INTO meta (key, value) VALUES ('delivery_failures', 0) ON CONFLICT (key) DO UPDATE SET value = 0"
+        } else {
+            "INSERT INTO meta (key, value) VALUES ('delivery_failures', 1) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        };
+        self.conn.execute(sql, []).map_err(err)?;
+        Ok(())
+    }
+
+    pub fn stats(&self, now_ms: i64) -> Result<Stats, BufferError> {
+        stats_of(&self.conn, &self.path, self.limits, now_ms)
+    }
+}
+
+fn stats_of(
+    conn: &Connection,
+    path: &Path,
+    limits: Limits,
+    now_ms: i64,
+) -> Result<Stats, BufferError> {
+    let meta = |key: &str| -> Option<String> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+            r.get(0)
+        })
+        .ok()
+    };
+    let (rows, oldest): (i64, Option<i64>) = conn
+        .query_row("SELECT count(*), MIN(ts_ms) FROM records", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(err)?;
+    let size_bytes = file_size(path);
+    let dropped_total = DROP_REASONS
+        .iter()
+        .map(|r| {
+            (
+                r.to_string(),
+                meta(&format!("dropped_{r}"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok(Stats {
+        epoch: meta("epoch").unwrap_or_default(),
+        rows,
+        size_bytes,
+        oldest_record_age_s: oldest.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
+        utilization: size_bytes as f64 / limits.bytes_max.max(1) as f64,
+        delivery_failures: meta("delivery_failures")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        dropped_total,
+    })
+}
+
+/// Stats of the buffer file at `path` without taking it over (for `buffer stats` while the
+/// agent runs).
+pub fn stats_at(path: &Path, limits: Limits, now_ms: i64) -> Result<Stats, BufferError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+    stats_of(&conn, path, limits, now_ms)
+}
+
+fn rows_if_readable(path: &Path) -> i64 {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("SELECT count(*) FROM records", [], |r| r.get(0)))
+        .unwrap_or(0)
+}
+
+/// Move `path` (and its WAL and shm files) aside as `<path>.corrupt-<now_ms>`, keeping at
+/// most `keep` quarantined files.
+fn quarantine(path: &Path, now_ms: i64, keep: usize) -> std::io::Result<PathBuf> {
+    let moved_to = PathBuf::from(format!("{}.corrupt-{now_ms}", path.display()));
+    std::fs::rename(path, &moved_to)?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{suffix}", moved_to.display()));
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let prefix = format!(
+        "{}.corrupt-",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("buffer.db")
+    );
+    let mut kept: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&prefix) && !n.ends_with("-wal") && !n.ends_with("-shm")
+            })
+        })
+        .collect();
+    // Names end in the time: lexical order is age order for equal-length timestamps.
+    kept.sort();
+    while kept.len() > keep {
+        let old = kept.remove(0);
+        let _ = std::fs::remove_file(&old);
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", old.display()));
+        }
+    }
+    Ok(moved_to)
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
