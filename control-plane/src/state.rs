@@ -37,7 +37,12 @@ pub struct AppState {
     pub channels: Channels,
     pub settings: Arc<Settings>,
     pub shutdown: CancellationToken,
+    /// Metrics batches being stored at once; beyond it ingest answers 429 (load shedding).
+    pub ingest: Arc<tokio::sync::Semaphore>,
 }
+
+/// Metrics batches stored concurrently before ingest sheds load.
+pub const INGEST_CONCURRENCY_MAX: usize = 8;
 
 impl AppState {
     pub fn new(
@@ -52,6 +57,7 @@ impl AppState {
             channels: Channels::default(),
             settings: Arc::new(settings),
             shutdown,
+            ingest: Arc::new(tokio::sync::Semaphore::new(INGEST_CONCURRENCY_MAX)),
         }
     }
 

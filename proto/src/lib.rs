@@ -36,6 +36,36 @@ pub fn negotiate(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
     (low <= high).then_some(high)
 }
 
+/// Path of metrics delivery (HTTP POST, JSON [`MetricsBatch`], agent credential).
+pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
+/// Records per delivered batch at most.
+pub const METRICS_BATCH_ROWS_MAX: usize = 10_000;
+
+/// A batch of buffered metric records, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MetricsBatch {
+    /// The buffer's epoch: `(agent, epoch, seq)` identifies a record for good.
+    pub epoch: String,
+    pub records: Vec<MetricRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MetricRecord {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub kind: String,
+    pub data: serde_json::Value,
+}
+
+/// The batch is durably stored (duplicates of earlier deliveries included): the agent may
+/// delete everything through `stored_through`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MetricsAck {
+    pub stored_through: i64,
+    /// Records that were new (the rest had been delivered before).
+    pub new_records: u64,
+}
+
 /// `POST /api/v1/agents/enroll`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EnrollRequest {

@@ -4,6 +4,7 @@
 //! every non-public route answers 401 without credentials.
 
 mod agents;
+mod metrics;
 mod sessions;
 mod tasks;
 
@@ -91,6 +92,18 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
                 Access::User(Role::Operator),
             ),
             post(tasks::cancel),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/agents/{id}/metrics",
+                Access::User(Role::Viewer),
+            ),
+            get(metrics::read),
+        ),
+        (
+            spec(Method::POST, proto::METRICS_PATH, Access::Agent),
+            post(metrics::ingest).layer(DefaultBodyLimit::max(metrics::BATCH_BYTES_MAX)),
         ),
         (
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),

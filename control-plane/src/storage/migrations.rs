@@ -45,6 +45,18 @@ CREATE TABLE agent_tasks (
 );
 CREATE INDEX agent_tasks_recent ON agent_tasks(agent_id, updated_ms);
 "#,
+    r#"
+CREATE TABLE metrics (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+);
+CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -90,5 +102,17 @@ CREATE TABLE agent_tasks (
     PRIMARY KEY (agent_id, task_id)
 );
 CREATE INDEX agent_tasks_recent ON agent_tasks(agent_id, updated_ms);
+"#,
+    r#"
+CREATE TABLE metrics (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    epoch TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+);
+CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
 "#,
 ];

@@ -69,6 +69,30 @@ pub enum Enrollment {
     Refused(EnrollRefusal),
 }
 
+/// A metric row as an agent delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricRow {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub kind: String,
+    pub data: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMetric {
+    pub epoch: String,
+    pub row: MetricRow,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricQuery {
+    pub agent_id: String,
+    pub kind: Option<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub limit: i64,
+}
+
 /// The storage interface the rest of the control plane uses.
 #[derive(Clone)]
 pub enum Storage {
@@ -199,6 +223,22 @@ impl Storage {
         now_ms: i64,
     ) -> Result<(), StorageError> {
         dispatch!(self.upsert_agent_tasks(agent_id, tasks, now_ms))
+    }
+
+    /// Store metric rows; a row already stored (same agent, epoch, seq) is skipped. Returns how
+    /// many were new. Durable when it returns.
+    pub async fn insert_metrics(
+        &self,
+        agent_id: &str,
+        epoch: &str,
+        rows: Vec<MetricRow>,
+    ) -> Result<u64, StorageError> {
+        dispatch!(self.insert_metrics(agent_id, epoch, rows))
+    }
+
+    /// Metric rows of an agent in `[from_ms, to_ms)`, optionally of one kind, oldest first.
+    pub async fn metrics(&self, query: MetricQuery) -> Result<Vec<StoredMetric>, StorageError> {
+        dispatch!(self.metrics(query))
     }
 
     /// Task snapshots (JSON) of an agent, most recently changed first.

@@ -10,7 +10,10 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 use world::World;
 
 use super::migrations;
-use super::{AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, StorageError, UserRow};
+use super::{
+    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, StorageError,
+    StoredMetric, UserRow,
+};
 use crate::auth::Role;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -461,5 +464,62 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn insert_metrics(
+        &self,
+        agent_id: &str,
+        epoch: &str,
+        rows: Vec<MetricRow>,
+    ) -> Result<u64, StorageError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut ts = Vec::with_capacity(rows.len());
+        let mut kinds = Vec::with_capacity(rows.len());
+        let mut data = Vec::with_capacity(rows.len());
+        for r in rows {
+            seqs.push(r.seq);
+            ts.push(r.ts_ms);
+            kinds.push(r.kind);
+            data.push(r.data);
+        }
+        // One statement: the batch commits (durably) as a whole before the ack.
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO metrics (agent_id, epoch, seq, ts_ms, kind, data) \
+                 SELECT $1, $2, t.seq, t.ts, t.kind, t.data FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::text[]) AS t(seq, ts, kind, data) \
+                 ON CONFLICT DO NOTHING",
+                &[&agent_id, &epoch, &seqs, &ts, &kinds, &data],
+            )
+            .await
+            .map_err(backend)
+    }
+
+    pub async fn metrics(&self, q: MetricQuery) -> Result<Vec<StoredMetric>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT epoch, seq, ts_ms, kind, data FROM metrics WHERE agent_id = $1 AND ($2::text IS NULL OR kind = $2) \
+                 AND ts_ms >= $3 AND ts_ms < $4 ORDER BY ts_ms, epoch, seq LIMIT $5",
+                &[&q.agent_id, &q.kind, &q.from_ms, &q.to_ms, &q.limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredMetric {
+                epoch: r.get(0),
+                row: MetricRow {
+                    seq: r.get(1),
+                    ts_ms: r.get(2),
+                    kind: r.get(3),
+                    data: r.get(4),
+                },
+            })
+            .collect())
     }
 }

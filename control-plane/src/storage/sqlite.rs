@@ -8,7 +8,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use world::World;
 
 use super::migrations;
-use super::{AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, StorageError, UserRow};
+use super::{
+    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, StorageError,
+    StoredMetric, UserRow,
+};
 use crate::auth::Role;
 
 #[derive(Clone)]
@@ -401,6 +404,50 @@ impl SqliteStore {
                 .query_map(params![agent_id, limit], |r| r.get(0))
                 .map_err(backend)?
                 .collect::<Result<Vec<String>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn insert_metrics(
+        &self,
+        agent_id: &str,
+        epoch: &str,
+        rows: Vec<MetricRow>,
+    ) -> Result<u64, StorageError> {
+        let (agent_id, epoch) = (agent_id.to_string(), epoch.to_string());
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let mut new = 0u64;
+            {
+                let mut stmt = tx
+                    .prepare_cached("INSERT INTO metrics (agent_id, epoch, seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING")
+                    .map_err(backend)?;
+                for r in rows {
+                    new += stmt.execute(params![agent_id, epoch, r.seq, r.ts_ms, r.kind, r.data]).map_err(backend)? as u64;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(new)
+        })
+        .await
+    }
+
+    pub async fn metrics(&self, q: MetricQuery) -> Result<Vec<StoredMetric>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT epoch, seq, ts_ms, kind, data FROM metrics WHERE agent_id = ?1 AND (?2 IS NULL OR kind = ?2) \
+                     AND ts_ms >= ?3 AND ts_ms < ?4 ORDER BY ts_ms, epoch, seq LIMIT ?5",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![q.agent_id, q.kind, q.from_ms, q.to_ms, q.limit], |r| {
+                    Ok(StoredMetric { epoch: r.get(0)?, row: MetricRow { seq: r.get(1)?, ts_ms: r.get(2)?, kind: r.get(3)?, data: r.get(4)? } })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(backend)?;
             Ok(rows)
         })

@@ -172,6 +172,60 @@ async fn check(s: Storage) {
     assert!(!a.connected);
     assert_eq!(a.last_seen_ms, Some(6_000));
 
+    // Metrics: stored once per (agent, epoch, seq), whatever is replayed.
+    let row = |seq: i64, ts_ms: i64| control_plane::storage::MetricRow {
+        seq,
+        ts_ms,
+        kind: "db".into(),
+        data: format!("{{\"n\":{seq}}}"),
+    };
+    assert_eq!(
+        s.insert_metrics("agt_1", "ep1", vec![row(1, 100), row(2, 200)])
+            .await
+            .expect("insert"),
+        2
+    );
+    assert_eq!(
+        s.insert_metrics("agt_1", "ep1", vec![row(2, 200), row(3, 300)])
+            .await
+            .expect("replay"),
+        1
+    );
+    assert_eq!(
+        s.insert_metrics("agt_1", "ep2", vec![row(1, 400)])
+            .await
+            .expect("new epoch"),
+        1,
+        "a new epoch reuses seq"
+    );
+    let q = |kind: Option<&str>, from_ms, to_ms| control_plane::storage::MetricQuery {
+        agent_id: "agt_1".into(),
+        kind: kind.map(str::to_string),
+        from_ms,
+        to_ms,
+        limit: 100,
+    };
+    let all = s.metrics(q(None, 0, 1000)).await.expect("read");
+    assert_eq!(
+        all.iter()
+            .map(|m| (m.epoch.as_str(), m.row.seq))
+            .collect::<Vec<_>>(),
+        vec![("ep1", 1), ("ep1", 2), ("ep1", 3), ("ep2", 1)]
+    );
+    assert_eq!(
+        s.metrics(q(Some("db"), 150, 350))
+            .await
+            .expect("window")
+            .len(),
+        2
+    );
+    assert!(
+        s.metrics(q(Some("other"), 0, 1000))
+            .await
+            .expect("kind")
+            .is_empty()
+    );
+
     // Purge removes expired tokens of both kinds.
     assert_eq!(s.purge_expired(20_000).await.expect("purge"), 3);
 }

@@ -1,0 +1,174 @@
+//! Metrics ingest (agents) and reads (users).
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AuthAgent};
+use crate::state::AppState;
+use crate::storage::{MetricQuery, MetricRow};
+
+/// Largest metrics batch body.
+pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+const EPOCH_BYTES_MAX: usize = 64;
+const KIND_BYTES_MAX: usize = 64;
+const READ_ROWS_MAX: i64 = 10_000;
+/// Seconds an agent is told to wait when ingest sheds load.
+const RETRY_AFTER_S: u64 = 1;
+
+/// `POST /api/v1/agent/metrics`: durable before the ack, idempotent on (agent, epoch, seq).
+pub async fn ingest(
+    State(state): State<AppState>,
+    Extension(AuthAgent(agent)): Extension<AuthAgent>,
+    Json(batch): Json<proto::MetricsBatch>,
+) -> Result<Response, ApiError> {
+    let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
+        tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, RETRY_AFTER_S.to_string())],
+            Json(proto::ErrorBody {
+                error: "ingest at capacity; retry after the Retry-After delay".into(),
+            }),
+        )
+            .into_response());
+    };
+    if batch.epoch.is_empty() || batch.epoch.len() > EPOCH_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "epoch is missing or too long",
+        ));
+    }
+    if batch.records.len() > proto::METRICS_BATCH_ROWS_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "at most {} records per batch",
+                proto::METRICS_BATCH_ROWS_MAX
+            ),
+        ));
+    }
+    let Some(stored_through) = batch.records.iter().map(|r| r.seq).max() else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty batch"));
+    };
+    let mut rows = Vec::with_capacity(batch.records.len());
+    for r in batch.records {
+        if r.seq <= 0 || r.kind.is_empty() || r.kind.len() > KIND_BYTES_MAX {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "record {}: seq must be positive and kind 1-{KIND_BYTES_MAX} bytes",
+                    r.seq
+                ),
+            ));
+        }
+        rows.push(MetricRow {
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            kind: r.kind,
+            data: r.data.to_string(),
+        });
+    }
+    let offered = rows.len();
+    let new_records = state
+        .storage
+        .insert_metrics(&agent.id, &batch.epoch, rows)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::debug!(agent_id = %agent.id, epoch = %batch.epoch, offered, new_records, stored_through, "metrics stored");
+    Ok(Json(proto::MetricsAck {
+        stored_through,
+        new_records,
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ReadQuery {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// RFC 3339 or Unix milliseconds; default an hour ago.
+    from: Option<String>,
+    /// RFC 3339 or Unix milliseconds; default now.
+    to: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct MetricView {
+    epoch: String,
+    seq: i64,
+    ts: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: serde_json::Value,
+}
+
+fn parse_ts(field: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{field}: {v:?} is not an RFC 3339 time or Unix milliseconds"),
+            )
+        })
+}
+
+/// `GET /api/v1/agents/{id}/metrics?type=T&from=TS&to=TS`
+pub async fn read(
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Vec<MetricView>>, ApiError> {
+    if state
+        .storage
+        .agent(&agent_id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent {agent_id}"),
+        ));
+    }
+    let now_ms = state.world.now_unix_ms();
+    let to_ms = match &q.to {
+        Some(v) => parse_ts("to", v)?,
+        None => now_ms + 1,
+    };
+    let from_ms = match &q.from {
+        Some(v) => parse_ts("from", v)?,
+        None => to_ms - 3_600_000,
+    };
+    let rows = state
+        .storage
+        .metrics(MetricQuery {
+            agent_id,
+            kind: q.kind,
+            from_ms,
+            to_ms,
+            limit: READ_ROWS_MAX,
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|m| MetricView {
+                epoch: m.epoch,
+                seq: m.row.seq,
+                ts: crate::time::rfc3339_ms(m.row.ts_ms),
+                kind: m.row.kind,
+                data: serde_json::from_str(&m.row.data).unwrap_or(serde_json::Value::Null),
+            })
+            .collect(),
+    ))
+}
