@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
+use crate::buffer::delivery::{DeliveryConfig, run_delivery};
 use crate::buffer::{Buffer, OpenReport};
 use crate::config::AgentConfig;
 use crate::identity;
@@ -95,7 +96,7 @@ pub async fn run(
     }
     let identity = identity::load(&config.data_dir).context("load agent identity")?;
     // Corruption never blocks start-up: a bad buffer is moved aside and a new epoch begins.
-    let _buffer = open_buffer(&world, &config).await?;
+    let buffer = Arc::new(Mutex::new(open_buffer(&world, &config).await?));
     let stop = shutdown.child_token();
     let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
@@ -138,6 +139,23 @@ pub async fn run(
         parts.spawn(async move { ("task API", api::serve(&world, &socket, app, stop).await) });
     }
 
+    // Collection never depends on the control plane: it only appends to the buffer.
+    match config.postgres.clone() {
+        Some(dsn) => {
+            let (world, stop, buffer, interval) = (
+                world.clone(),
+                stop.clone(),
+                buffer.clone(),
+                config.metrics.interval,
+            );
+            parts.spawn(async move {
+                crate::buffer::collector::run_collector(world, dsn, interval, buffer, stop).await;
+                ("metrics collector", Ok(()))
+            });
+        }
+        None => tracing::info!("no --postgres: metrics collection is off (tasks still run)"),
+    }
+
     match identity {
         None => {
             tracing::warn!(
@@ -155,6 +173,22 @@ pub async fn run(
                 )?,
             };
             tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
+            let delivery = DeliveryConfig {
+                url: control_plane
+                    .join(proto::METRICS_PATH)
+                    .context("metrics delivery URL")?,
+                credential: identity.credential.clone(),
+                batch_rows_max: config.metrics.batch_rows_max,
+                idle_poll: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(30),
+            };
+            {
+                let (world, stop, buffer) = (world.clone(), stop.clone(), buffer.clone());
+                parts.spawn(async move {
+                    run_delivery(world, buffer, delivery, stop).await;
+                    ("metrics delivery", Ok(()))
+                });
+            }
             let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
             link.tasks = Some(bridge);
             let (world, stop) = (world.clone(), stop.clone());

@@ -5,6 +5,8 @@
 //! corruption never blocks start-up. `seq` never repeats within an epoch.
 
 pub mod cli;
+pub mod collector;
+pub mod delivery;
 pub mod store;
 
 pub use store::{Buffer, Limits, OpenReport, Record, Stats};

@@ -102,3 +102,171 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
     let log = std::fs::read_to_string(dir.path().join("agent-2.log")).unwrap_or_default();
     assert!(log.contains("quarantined"), "the event is reported: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_once() {
+    use crate::harness::{ControlPlane, stdout};
+    use http::Method;
+    let pg = fixtures::Postgres::start().await.expect("postgres fixture");
+    let mut cp = ControlPlane::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("agent").display().to_string();
+    let token = cp.enroll_token();
+    stdout(&run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            &cp.url(),
+            "--token",
+            &token,
+            "--name",
+            "db1",
+            "--data-dir",
+            &d,
+        ],
+    ));
+    let url = pg.url();
+    let start = |n: u32| {
+        Proc::spawn(
+            &agent_bin(),
+            &["run", "--data-dir", &d, "--postgres", &url],
+            &dir.path().join(format!("agent-{n}.log")),
+        )
+    };
+    let buffered = || -> i64 {
+        let out = run(
+            &agent_bin(),
+            &["buffer", "stats", "--json", "--data-dir", &d],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v["rows"].as_i64().unwrap_or(-1))
+            .unwrap_or(-1)
+    };
+    let stored = |cp: &ControlPlane| {
+        let cp_url = cp.url();
+        let token = cp.token.clone();
+        async move {
+            let world = world::World::real();
+            let agents_url = url::Url::parse(&format!("{cp_url}/api/v1/agents")).expect("url");
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            let r = world::http_request(
+                &world,
+                Method::GET,
+                &agents_url,
+                headers.clone(),
+                bytes::Bytes::new(),
+                Duration::from_secs(5),
+                1 << 20,
+            )
+            .await
+            .ok()?;
+            let agents: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            let id = agents[0]["id"].as_str()?.to_string();
+            let m = url::Url::parse(&format!("{cp_url}/api/v1/agents/{id}/metrics?from=0"))
+                .expect("url");
+            let r = world::http_request(
+                &world,
+                Method::GET,
+                &m,
+                headers,
+                bytes::Bytes::new(),
+                Duration::from_secs(5),
+                64 << 20,
+            )
+            .await
+            .ok()?;
+            serde_json::from_slice::<Vec<serde_json::Value>>(&r.body).ok()
+        }
+    };
+
+    let mut agent = start(1);
+    let mut first = Vec::new();
+    for _ in 0..200 {
+        first = stored(&cp).await.unwrap_or_default();
+        if !first.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kinds: std::collections::BTreeSet<String> = first
+        .iter()
+        .filter_map(|m| m["type"].as_str().map(str::to_string))
+        .collect();
+    for kind in [
+        "pg_stat_database",
+        "bgwriter",
+        "activity",
+        "locks",
+        "database_size",
+        "xid_age",
+    ] {
+        assert!(kinds.contains(kind), "{kind} missing from {kinds:?}");
+    }
+
+    // Outage: the control plane dies, then the agent dies twice; each start collects once.
+    cp.proc
+        .take()
+        .expect("running")
+        .0
+        .kill()
+        .expect("kill -9 control plane");
+    for round in 2..4 {
+        let before = buffered();
+        agent.0.kill().expect("kill -9 agent");
+        let _ = agent.0.wait();
+        agent = start(round);
+        for _ in 0..200 {
+            if buffered() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            buffered() > before,
+            "round {round}: the restarted agent buffers while the control plane is down"
+        );
+    }
+    let held = buffered();
+
+    cp.launch();
+    cp.wait_healthy().await;
+    for _ in 0..300 {
+        if buffered() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        buffered(),
+        0,
+        "the backlog drains once the control plane is back"
+    );
+    let all = stored(&cp).await.expect("metrics");
+    assert!(
+        all.len() as i64 >= first.len() as i64 + held,
+        "{} stored, {} before + {held} held",
+        all.len(),
+        first.len()
+    );
+    let mut by_epoch: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for m in &all {
+        by_epoch
+            .entry(m["epoch"].as_str().unwrap_or("").to_string())
+            .or_default()
+            .push(m["seq"].as_i64().unwrap_or(0));
+    }
+    assert_eq!(by_epoch.len(), 1, "one buffer, one epoch");
+    for seqs in by_epoch.values_mut() {
+        seqs.sort_unstable();
+        let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
+        assert_eq!(
+            *seqs, expected,
+            "contiguous seq, nothing twice, nothing lost"
+        );
+    }
+}
