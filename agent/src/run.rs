@@ -191,6 +191,7 @@ pub async fn run(
             }
             let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
             link.tasks = Some(bridge);
+            link.buffer = Some(crate::buffer::SharedBuffer(buffer.clone()));
             let (world, stop) = (world.clone(), stop.clone());
             parts.spawn(async move {
                 run_link(world, link, status, stop).await;

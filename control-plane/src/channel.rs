@@ -376,10 +376,11 @@ async fn serve_connection(
                         }
                         Some(ServerMessage::Error(WireError::new(ErrorCode::Malformed, e.to_string())))
                     }
-                    Ok(AgentMessage::Heartbeat { seq, .. }) => {
+                    Ok(AgentMessage::Heartbeat { seq, buffer, .. }) => {
+                        let buffer = buffer.and_then(|b| serde_json::to_string(&b).ok());
                         let now_ms = state.world.now_unix_ms();
                         let stored = if recorded {
-                            state.storage.agent_seen(&agent.id, connection_id, now_ms).await
+                            state.storage.agent_seen(&agent.id, connection_id, now_ms, buffer).await
                         } else {
                             state.storage.agent_connected(&agent.id, connection_id, now_ms).await.map(|()| true)
                         };

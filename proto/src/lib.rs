@@ -107,6 +107,9 @@ pub enum AgentMessage {
     Heartbeat {
         seq: u64,
         sent_at_ms: i64,
+        /// The metrics buffer's health, when the agent has one.
+        #[serde(default)]
+        buffer: Option<BufferStats>,
     },
     /// Answer to [`ServerMessage::Command`].
     CommandAck {
@@ -225,6 +228,18 @@ pub struct RunSnapshot {
     pub output_dropped_bytes: i64,
 }
 
+/// Health of an agent's metrics buffer (the `buffer stats --json` shape).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BufferStats {
+    pub epoch: String,
+    pub rows: i64,
+    pub size_bytes: u64,
+    pub oldest_record_age_s: i64,
+    pub utilization: f64,
+    pub delivery_failures: i64,
+    pub dropped_total: std::collections::BTreeMap<String, i64>,
+}
+
 /// One change of a task, numbered by the agent's durable outbox.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskEvent {
@@ -305,7 +320,8 @@ mod tests {
             msg,
             AgentMessage::Heartbeat {
                 seq: 4,
-                sent_at_ms: 10
+                sent_at_ms: 10,
+                buffer: None
             }
         );
     }

@@ -419,6 +419,7 @@ impl Checker {
                     created_at_ms: 0,
                     connected: r.get::<_, i64>(2)? != 0,
                     last_seen_ms: r.get(3)?,
+                    buffer: None,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

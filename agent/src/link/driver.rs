@@ -32,6 +32,8 @@ pub struct LinkConfig {
     pub backoff_max: Duration,
     /// The task runtime, for task commands and task events; `None` where it does not run.
     pub tasks: Option<Bridge>,
+    /// The metrics buffer whose figures every heartbeat carries.
+    pub buffer: Option<crate::buffer::SharedBuffer>,
 }
 
 impl LinkConfig {
@@ -45,6 +47,7 @@ impl LinkConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(5),
             tasks: None,
+            buffer: None,
         }
     }
 }
@@ -276,7 +279,11 @@ async fn serve(
             }
             _ = heartbeat.tick() => {
                 seq += 1;
-                let msg = AgentMessage::Heartbeat { seq, sent_at_ms: world.now_unix_ms() };
+                let buffer = match &config.buffer {
+                    Some(b) => b.wire_stats(world).await,
+                    None => None,
+                };
+                let msg = AgentMessage::Heartbeat { seq, sent_at_ms: world.now_unix_ms(), buffer };
                 if let Err(e) = session.send(&msg).await {
                     return End::Failed(e);
                 }

@@ -261,6 +261,33 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
             .push(m["seq"].as_i64().unwrap_or(0));
     }
     assert_eq!(by_epoch.len(), 1, "one buffer, one epoch");
+    // Every heartbeat carries the buffer's figures; the fleet list shows them.
+    let epoch = by_epoch.keys().next().cloned().unwrap_or_default();
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..150 {
+        if let Some(r) = cp.api(Method::GET, "/api/v1/agents", None).await {
+            shown = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .map(|v| v[0]["buffer"].clone())
+                .unwrap_or_default();
+            if shown["epoch"] == epoch.as_str() && shown["rows"] == 0 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(shown["epoch"], epoch.as_str(), "{shown}");
+    for key in [
+        "size_bytes",
+        "oldest_record_age_s",
+        "utilization",
+        "delivery_failures",
+        "dropped_total",
+    ] {
+        assert!(
+            shown.get(key).is_some(),
+            "buffer figures lack {key}: {shown}"
+        );
+    }
     for seqs in by_epoch.values_mut() {
         seqs.sort_unstable();
         let expected: Vec<i64> = (1..=seqs.len() as i64).collect();

@@ -96,7 +96,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>,
             last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
             id: row.id,
             name: row.name,
-            buffer: None,
+            buffer: row
+                .buffer
+                .as_deref()
+                .and_then(|b| serde_json::from_str(b).ok()),
         })
         .collect();
     Ok(Json(views))

@@ -57,6 +57,9 @@ CREATE TABLE metrics (
 );
 CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
 "#,
+    r#"
+ALTER TABLE agents ADD COLUMN buffer TEXT;
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -114,5 +117,8 @@ CREATE TABLE metrics (
     PRIMARY KEY (agent_id, epoch, seq)
 );
 CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
+"#,
+    r#"
+ALTER TABLE agents ADD COLUMN buffer TEXT;
 "#,
 ];

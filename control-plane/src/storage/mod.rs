@@ -41,6 +41,8 @@ pub struct AgentRow {
     pub last_seen_ms: Option<i64>,
     /// Set while some replica holds a control channel for this agent (cleared on close).
     pub connected: bool,
+    /// The agent's last reported metrics-buffer health (JSON), if any.
+    pub buffer: Option<String>,
 }
 
 /// A new enrollment, as decided by the HTTP edge (ids and secrets already generated).
@@ -187,14 +189,16 @@ impl Storage {
         dispatch!(self.agent_connected(agent_id, connection_id, now_ms))
     }
 
-    /// Refresh `last_seen` if `connection_id` still holds the channel; false if it does not.
+    /// Refresh `last_seen` (and the buffer health, when reported) if `connection_id` still
+    /// holds the channel; false if it does not.
     pub async fn agent_seen(
         &self,
         agent_id: &str,
         connection_id: &str,
         now_ms: i64,
+        buffer: Option<String>,
     ) -> Result<bool, StorageError> {
-        dispatch!(self.agent_seen(agent_id, connection_id, now_ms))
+        dispatch!(self.agent_seen(agent_id, connection_id, now_ms, buffer))
     }
 
     /// Mark the agent disconnected, unless another connection took over meanwhile.

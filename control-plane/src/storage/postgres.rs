@@ -72,10 +72,11 @@ fn agent_from_row(row: &Row) -> AgentRow {
         created_at_ms: row.get(2),
         last_seen_ms: row.get(3),
         connected: row.get(4),
+        buffer: row.get(5),
     }
 }
 
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected";
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer";
 
 impl PostgresStore {
     /// Parse `url` and connect once, so a wrong URL fails at start-up with a clear error.
@@ -369,13 +370,14 @@ impl PostgresStore {
         agent_id: &str,
         connection_id: &str,
         now_ms: i64,
+        buffer: Option<String>,
     ) -> Result<bool, StorageError> {
         let n = self
             .client()
             .await?
             .execute(
-                "UPDATE agents SET last_seen_ms = $1 WHERE id = $2 AND connection_id = $3",
-                &[&now_ms, &agent_id, &connection_id],
+                "UPDATE agents SET last_seen_ms = $1, buffer = COALESCE($4, buffer) WHERE id = $2 AND connection_id = $3",
+                &[&now_ms, &agent_id, &connection_id, &buffer],
             )
             .await
             .map_err(backend)?;

@@ -36,7 +36,7 @@ fn conflict_or_backend(e: rusqlite::Error, what: &str) -> StorageError {
 }
 
 const USER_COLUMNS: &str = "id, name, role, password_hash, created_at_ms";
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected";
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer";
 
 fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     let role: String = row.get(2)?;
@@ -56,6 +56,7 @@ fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         created_at_ms: row.get(2)?,
         last_seen_ms: row.get(3)?,
         connected: row.get::<_, i64>(4)? != 0,
+        buffer: row.get(5)?,
     })
 }
 
@@ -305,13 +306,14 @@ impl SqliteStore {
         agent_id: &str,
         connection_id: &str,
         now_ms: i64,
+        buffer: Option<String>,
     ) -> Result<bool, StorageError> {
         let (agent_id, connection_id) = (agent_id.to_string(), connection_id.to_string());
         self.run(move |conn| {
             let n = conn
                 .execute(
-                    "UPDATE agents SET last_seen_ms = ?1 WHERE id = ?2 AND connection_id = ?3",
-                    params![now_ms, agent_id, connection_id],
+                    "UPDATE agents SET last_seen_ms = ?1, buffer = COALESCE(?4, buffer) WHERE id = ?2 AND connection_id = ?3",
+                    params![now_ms, agent_id, connection_id, buffer],
                 )
                 .map_err(backend)?;
             Ok(n == 1)

@@ -122,6 +122,7 @@ async fn the_first_frame_must_be_hello() {
         &AgentMessage::Heartbeat {
             seq: 1,
             sent_at_ms: 0,
+            buffer: None,
         },
     )
     .await;
@@ -155,6 +156,7 @@ async fn unknown_and_malformed_messages_are_answered_and_the_channel_stays_up() 
         &AgentMessage::Heartbeat {
             seq: 7,
             sent_at_ms: 0,
+            buffer: None,
         },
     )
     .await;
@@ -192,6 +194,7 @@ async fn a_second_connection_replaces_the_first_and_the_agent_stays_online() {
         &AgentMessage::Heartbeat {
             seq: 1,
             sent_at_ms: 0,
+            buffer: None,
         },
     )
     .await;

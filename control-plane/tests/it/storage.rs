@@ -146,12 +146,16 @@ async fn check(s: Storage) {
     s.agent_connected("agt_1", "conn_a", 4_000)
         .await
         .expect("connected");
-    assert!(s.agent_seen("agt_1", "conn_a", 4_500).await.expect("seen"));
+    assert!(
+        s.agent_seen("agt_1", "conn_a", 4_500, None)
+            .await
+            .expect("seen")
+    );
     s.agent_connected("agt_1", "conn_b", 5_000)
         .await
         .expect("replaced");
     assert!(
-        !s.agent_seen("agt_1", "conn_a", 5_100)
+        !s.agent_seen("agt_1", "conn_a", 5_100, None)
             .await
             .expect("stale seen"),
         "old connection lost ownership"
