@@ -53,7 +53,7 @@ test: fmt-check lint
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks.
+# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -70,7 +70,10 @@ bench area="sim":
         python3 -m pip install --quiet huey >/dev/null 2>&1 || echo "could not install huey (pip): the SqliteHuey column stays empty" >&2
         cargo bench -q -p agent --bench tasks
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim, tasks" >&2; exit 2 ;;
+      buffer)
+        cargo bench -q -p agent --bench buffer
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer" >&2; exit 2 ;;
     esac
 
 fmt:

@@ -42,19 +42,20 @@ pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
 pub const METRICS_BATCH_ROWS_MAX: usize = 10_000;
 
 /// A batch of buffered metric records, oldest first.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MetricsBatch {
     /// The buffer's epoch: `(agent, epoch, seq)` identifies a record for good.
     pub epoch: String,
     pub records: Vec<MetricRecord>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MetricRecord {
     pub seq: i64,
     pub ts_ms: i64,
     pub kind: String,
-    pub data: serde_json::Value,
+    /// The record's JSON payload, passed through without being parsed.
+    pub data: Box<serde_json::value::RawValue>,
 }
 
 /// The batch is durably stored (duplicates of earlier deliveries included): the agent may

@@ -66,15 +66,22 @@ async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryCo
     if rows.is_empty() {
         return Attempt::Empty;
     }
-    let records = rows
-        .into_iter()
-        .map(|r| proto::MetricRecord {
-            seq: r.seq,
-            ts_ms: r.ts_ms,
-            kind: r.kind,
-            data: serde_json::from_str(&r.data).unwrap_or(serde_json::Value::Null),
-        })
-        .collect();
+    let mut records = Vec::with_capacity(rows.len());
+    for r in rows {
+        // Stored by the collector as JSON; a row that is not (a damaged file) goes as null
+        // rather than block delivery forever.
+        let data = serde_json::value::RawValue::from_string(r.data)
+            .or_else(|_| serde_json::value::RawValue::from_string("null".into()));
+        match data {
+            Ok(data) => records.push(proto::MetricRecord {
+                seq: r.seq,
+                ts_ms: r.ts_ms,
+                kind: r.kind,
+                data,
+            }),
+            Err(e) => return Attempt::Failed(e.to_string()),
+        }
+    }
     let body = match serde_json::to_vec(&proto::MetricsBatch { epoch, records }) {
         Ok(b) => b,
         Err(e) => return Attempt::Failed(e.to_string()),

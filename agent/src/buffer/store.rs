@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
+DROP INDEX IF EXISTS records_ts;
 "#;
 
 /// Reasons a record is dropped instead of delivered.
@@ -256,15 +256,28 @@ impl Buffer {
         Ok(records.len())
     }
 
-    /// Discard records older than the age limit; returns how many went.
+    /// Discard records older than the age limit; returns how many went. Records are appended
+    /// in time order, so the stale ones are a prefix by `seq`: the cut is found by walking from
+    /// the oldest row (no index on time, which would cost every append a second B-tree insert).
+    /// A row stamped earlier than its predecessor (the clock stepped back) goes with the rows
+    /// after it, never sooner.
     pub fn expire(&mut self, now_ms: i64) -> Result<i64, BufferError> {
-        let n = self
+        let cutoff = now_ms - self.limits.age_max_ms;
+        let first_fresh: Option<i64> = self
             .conn
-            .execute(
-                "DELETE FROM records WHERE ts_ms < ?1",
-                params![now_ms - self.limits.age_max_ms],
+            .query_row(
+                "SELECT seq FROM records WHERE ts_ms >= ?1 ORDER BY seq LIMIT 1",
+                params![cutoff],
+                |r| r.get(0),
             )
-            .map_err(err)? as i64;
+            .ok();
+        let n = match first_fresh {
+            Some(seq) => self
+                .conn
+                .execute("DELETE FROM records WHERE seq < ?1", params![seq]),
+            None => self.conn.execute("DELETE FROM records", []),
+        }
+        .map_err(err)? as i64;
         self.count_drop("age", n)?;
         Ok(n)
     }

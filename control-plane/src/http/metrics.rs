@@ -69,7 +69,7 @@ pub async fn ingest(
             seq: r.seq,
             ts_ms: r.ts_ms,
             kind: r.kind,
-            data: r.data.to_string(),
+            data: r.data.get().to_string(),
         });
     }
     let offered = rows.len();
