@@ -12,6 +12,7 @@
 
 mod http_client;
 mod net;
+mod postgres;
 mod signal;
 mod ws;
 
@@ -23,6 +24,7 @@ use rand::{Rng, SeedableRng};
 
 pub use http_client::{HttpError, HttpResponse, Target, http_request, request};
 pub use net::{Listener, Net, PeerAddr, Stream};
+pub use postgres::postgres_connect;
 pub use signal::shutdown_signal;
 pub use ws::{WsError, WsStream, ws_connect};
 

@@ -6,8 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 use world::World;
 
@@ -88,42 +87,6 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-async fn connect(
-    world: &World,
-    config: &Config,
-) -> Result<(Client, tokio::task::JoinHandle<()>), String> {
-    let host = config
-        .get_hosts()
-        .first()
-        .cloned()
-        .unwrap_or(Host::Tcp("localhost".into()));
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let net = world.net();
-    let dial = async {
-        let stream = match &host {
-            Host::Tcp(name) => net.connect(&format!("{name}:{port}")).await,
-            Host::Unix(dir) => {
-                net.connect_unix(&dir.join(format!(".s.PGSQL.{port}")))
-                    .await
-            }
-        }
-        .map_err(|e| format!("connect to postgres: {e}"))?;
-        config
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| format!("postgres handshake: {e}"))
-    };
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, dial)
-        .await
-        .map_err(|_| "connect to postgres: timed out".to_string())??;
-    let driver = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::warn!(%error, "postgres connection closed");
-        }
-    });
-    Ok((client, driver))
-}
-
 /// One collection cycle: `(kind, json)` per metric the server has.
 async fn collect(client: &Client, version: i32) -> Vec<(String, String)> {
     let mut rows = Vec::new();
@@ -173,7 +136,7 @@ pub async fn run_collector(
             session = None;
         }
         if session.is_none() {
-            match connect(&world, &config).await {
+            match world::postgres_connect(&world, &config, CONNECT_TIMEOUT).await {
                 Ok((client, driver)) => {
                     let version = match client
                         .query_one("SELECT current_setting('server_version_num')::int", &[])

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls, Row};
+use tokio_postgres::{Client, Config, Row};
 use world::World;
 
 use super::migrations;
@@ -94,36 +93,9 @@ impl PostgresStore {
     }
 
     async fn open_client(&self) -> Result<(Client, AbortOnDrop), StorageError> {
-        let host = self
-            .config
-            .get_hosts()
-            .first()
-            .cloned()
-            .unwrap_or(Host::Tcp("localhost".into()));
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        let net = self.world.net();
-        let dial = async {
-            let stream = match &host {
-                Host::Tcp(name) => net.connect(&format!("{name}:{port}")).await,
-                Host::Unix(dir) => {
-                    net.connect_unix(&dir.join(format!(".s.PGSQL.{port}")))
-                        .await
-                }
-            }
-            .map_err(|e| StorageError::Backend(format!("connect to postgres: {e}")))?;
-            self.config
-                .connect_raw(stream, NoTls)
-                .await
-                .map_err(|e| StorageError::Backend(format!("postgres handshake: {e}")))
-        };
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+        let (client, driver) = world::postgres_connect(&self.world, &self.config, CONNECT_TIMEOUT)
             .await
-            .map_err(|_| StorageError::Backend("connect to postgres: timed out".into()))??;
-        let driver = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "postgres connection closed");
-            }
-        });
+            .map_err(StorageError::Backend)?;
         Ok((client, AbortOnDrop(driver)))
     }
 
