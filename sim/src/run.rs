@@ -66,6 +66,25 @@ fn agent_host(i: usize) -> String {
     format!("agent{}", i + 1)
 }
 
+/// The simulation every scenario runs in: seeded, at the fixed epoch, a little longer than
+/// the plan so the driver, not turmoil, decides when it ends.
+pub fn new_sim<'a>(seed: u64, plan: &Schedule) -> turmoil::Sim<'a> {
+    turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
+        .simulation_duration(plan.run_for + Duration::from_secs(10))
+        .tick_duration(TICK)
+        .build()
+}
+
+/// The world of simulated host `host`: its randomness follows the seed and the host's name.
+pub fn host_world(seed: u64, host: &str) -> World {
+    World::simulated(
+        host_seed(seed, host),
+        UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+    )
+}
+
 pub fn host_seed(seed: u64, host: &str) -> u64 {
     host.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -75,10 +94,7 @@ pub fn host_seed(seed: u64, host: &str) -> u64 {
 /// Create the control plane's database with one enrollment token per agent (before the
 /// simulation starts, as an operator would).
 fn prepare(dir: &Path, agents: usize, seed: u64) -> anyhow::Result<Vec<String>> {
-    let world = World::simulated(
-        host_seed(seed, "operator"),
-        UNIX_EPOCH + Duration::from_secs(EPOCH_S),
-    );
+    let world = host_world(seed, "operator");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -136,19 +152,11 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     };
     let shared: Shared = Arc::default();
 
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
-        .simulation_duration(plan.run_for + Duration::from_secs(10))
-        .tick_duration(TICK)
-        .build();
+    let mut sim = new_sim(seed, plan);
 
     // The control plane.
     {
-        let world = World::simulated(
-            host_seed(seed, "cp"),
-            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
-        );
+        let world = host_world(seed, "cp");
         let data_dir = dir.path().join("cp");
         let shared = shared.clone();
         let settings = settings.clone();
@@ -176,10 +184,7 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
     // The agents: enroll (retrying, with a stable enrollment id) then keep the link up.
     for (i, token) in tokens.into_iter().enumerate() {
         let name = agent_host(i);
-        let world = World::simulated(
-            host_seed(seed, &name),
-            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
-        );
+        let world = host_world(seed, &name);
         let data_dir = dir.path().join(&name);
         let shared = shared.clone();
         let link_defaults = link_defaults.clone();

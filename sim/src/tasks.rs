@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use agent::tasks::core::{Config, MissedRuns};
 use agent::tasks::driver::{self, Request, RuntimeConfig};
@@ -16,14 +16,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use world::World;
 
 use crate::processes::SimProcesses;
-use crate::run::{EPOCH_S, host_seed};
+use crate::run::{EPOCH_S, host_world, new_sim};
 use crate::scenario::{Fault, Schedule as Plan};
 use crate::trace;
 
-const TICK: Duration = Duration::from_millis(10);
 const TASKS: usize = 24;
 /// How long a due task may legitimately still be busy: up to 3 attempts (retries of an
 /// idempotent kind) of at most 15 s plus a 2 s kill grace each, retry backoff, and waiting
@@ -122,17 +120,9 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
     let data = dir.path().join("agent1");
     std::fs::create_dir_all(&data)?;
     let processes = SimProcesses::new(seed);
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
-        .simulation_duration(plan.run_for + Duration::from_secs(10))
-        .tick_duration(TICK)
-        .build();
+    let mut sim = new_sim(seed, plan);
     {
-        let world = World::simulated(
-            host_seed(seed, "agent1"),
-            UNIX_EPOCH + Duration::from_secs(EPOCH_S),
-        );
+        let world = host_world(seed, "agent1");
         let (data, processes) = (data.clone(), processes.clone());
         sim.host("agent1", move || {
             let (world, config, specs) = (
