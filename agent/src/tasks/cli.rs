@@ -172,6 +172,20 @@ async fn call(
     Ok(response.body.to_vec())
 }
 
+/// Print the agent's answer: as it came with `--json`, else read and shown by `human`.
+fn answer<T: serde::de::DeserializeOwned>(
+    out: &[u8],
+    json: bool,
+    human: impl FnOnce(T),
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", String::from_utf8_lossy(out));
+    } else {
+        human(serde_json::from_slice(out).context("read the agent's answer")?);
+    }
+    Ok(())
+}
+
 fn print_task(t: &TaskView) {
     println!("id:          {}", t.id);
     println!("kind:        {}", t.kind);
@@ -261,11 +275,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
         }
         TasksCommand::List { json, at_where } => {
             let out = call(&world, &at_where, http::Method::GET, "/v1/tasks", None).await?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                let tasks: Vec<TaskView> =
-                    serde_json::from_slice(&out).context("read the agent's answer")?;
+            answer(&out, json, |tasks: Vec<TaskView>| {
                 println!(
                     "{:<20} {:<18} {:<10} {:<25} SCHEDULE",
                     "ID", "KIND", "STATUS", "NEXT RUN"
@@ -280,7 +290,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                         t.schedule
                     );
                 }
-            }
+            })?;
         }
         TasksCommand::Show { id, json, at_where } => {
             let out = call(
@@ -291,11 +301,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 None,
             )
             .await?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                print_task(&serde_json::from_slice(&out).context("read the agent's answer")?);
-            }
+            answer(&out, json, |t: TaskView| print_task(&t))?;
         }
         TasksCommand::Cancel { id, json, at_where } => {
             let out = call(
@@ -306,13 +312,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 None,
             )
             .await?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                let t: TaskView =
-                    serde_json::from_slice(&out).context("read the agent's answer")?;
-                println!("{} {}", t.id, t.status);
-            }
+            answer(&out, json, |t: TaskView| println!("{} {}", t.id, t.status))?;
         }
         TasksCommand::Reschedule {
             id,
@@ -345,18 +345,14 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 Some(body),
             )
             .await?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                let t: TaskView =
-                    serde_json::from_slice(&out).context("read the agent's answer")?;
+            answer(&out, json, |t: TaskView| {
                 println!(
                     "{} {} next {}",
                     t.id,
                     t.schedule,
                     t.next_run_at.as_deref().unwrap_or("-")
-                );
-            }
+                )
+            })?;
         }
         TasksCommand::Logs { id, at_where } => {
             let out = call(
