@@ -105,27 +105,13 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_once() {
-    use crate::harness::{ControlPlane, stdout};
+    use crate::harness::ControlPlane;
     use http::Method;
     let pg = fixtures::Postgres::start().await.expect("postgres fixture");
     let mut cp = ControlPlane::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("agent").display().to_string();
-    let token = cp.enroll_token();
-    stdout(&run(
-        &agent_bin(),
-        &[
-            "enroll",
-            "--control-plane",
-            &cp.url(),
-            "--token",
-            &token,
-            "--name",
-            "db1",
-            "--data-dir",
-            &d,
-        ],
-    ));
+    cp.enroll_agent("db1", &d);
     let url = pg.url();
     let start = |n: u32| {
         Proc::spawn(

@@ -172,6 +172,25 @@ impl ControlPlane {
         self.proc = Some(proc);
     }
 
+    /// Enroll an agent data dir with `outpost-agent enroll` and a fresh token; returns its output.
+    pub fn enroll_agent(&self, name: &str, data_dir: &str) -> String {
+        let token = self.enroll_token();
+        stdout(&run(
+            &agent_bin(),
+            &[
+                "enroll",
+                "--control-plane",
+                &self.url(),
+                "--token",
+                &token,
+                "--name",
+                name,
+                "--data-dir",
+                data_dir,
+            ],
+        ))
+    }
+
     pub fn enroll_token(&self) -> String {
         let out = run(
             &outpost_bin(),

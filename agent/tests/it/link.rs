@@ -7,24 +7,10 @@ use crate::harness::{ControlPlane, Proc, agent_bin, run, stdout};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_comes_back_online_by_itself_after_the_control_plane_is_killed() {
     let mut cp = ControlPlane::start().await;
-    let token = cp.enroll_token();
     let agent_dir = cp.dir.path().join("agent");
     let agent_dir_s = agent_dir.to_str().expect("utf8").to_string();
-    let out = run(
-        &agent_bin(),
-        &[
-            "enroll",
-            "--control-plane",
-            &cp.url(),
-            "--token",
-            &token,
-            "--name",
-            "db1",
-            "--data-dir",
-            &agent_dir_s,
-        ],
-    );
-    assert!(stdout(&out).contains("agent_id: agt_"));
+    let out = cp.enroll_agent("db1", &agent_dir_s);
+    assert!(out.contains("agent_id: agt_"));
     let mut agent = Proc::spawn(
         &agent_bin(),
         &["run", "--data-dir", &agent_dir_s],

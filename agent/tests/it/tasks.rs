@@ -356,30 +356,16 @@ async fn postgres_kinds_run_through_the_configured_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down() {
-    use crate::harness::{ControlPlane, stdout};
+    use crate::harness::ControlPlane;
     use http::Method;
     let mut cp = ControlPlane::start().await;
-    let token = cp.enroll_token();
     let mut agent = Agent {
         dir: tempfile::tempdir().expect("tempdir"),
         proc: None,
         extra: Vec::new(),
     };
     let data = agent.data();
-    stdout(&run(
-        &agent_bin(),
-        &[
-            "enroll",
-            "--control-plane",
-            &cp.url(),
-            "--token",
-            &token,
-            "--name",
-            "db1",
-            "--data-dir",
-            &data.display().to_string(),
-        ],
-    ));
+    cp.enroll_agent("db1", &data.display().to_string());
     agent.launch().await;
     cp.wait_status("db1", "online", Duration::from_secs(10))
         .await;
