@@ -27,6 +27,8 @@ pub struct RawServeConfig {
     pub dead_after: Option<String>,
     /// humantime, default 12h.
     pub session_ttl: Option<String>,
+    /// humantime, default 30d; at least 1d.
+    pub metrics_retention: Option<String>,
 }
 
 impl RawServeConfig {
@@ -40,6 +42,7 @@ impl RawServeConfig {
             heartbeat_interval: self.heartbeat_interval.or(file.heartbeat_interval),
             dead_after: self.dead_after.or(file.dead_after),
             session_ttl: self.session_ttl.or(file.session_ttl),
+            metrics_retention: self.metrics_retention.or(file.metrics_retention),
         }
     }
 }
@@ -100,6 +103,11 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             raw.session_ttl.as_deref(),
             defaults.session_ttl,
         )?,
+        metrics_retention: duration(
+            "metrics_retention",
+            raw.metrics_retention.as_deref(),
+            defaults.metrics_retention,
+        )?,
     };
     if settings.heartbeat_interval < Duration::from_millis(100) {
         bail!("heartbeat_interval: must be at least 100ms");
@@ -111,6 +119,11 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     }
     if settings.session_ttl < Duration::from_secs(60) {
         bail!("session_ttl: must be at least 60s");
+    }
+    if settings.metrics_retention < Duration::from_secs(86_400) {
+        bail!(
+            "metrics_retention: must be at least 1d (Postgres keeps metrics in daily partitions)"
+        );
     }
     Ok(ServeConfig {
         listen,

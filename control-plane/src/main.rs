@@ -37,7 +37,7 @@ enum Commands {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
-    /// dead_after, session_ttl. Flags and OUTPOST_* variables override it.
+    /// dead_after, session_ttl, metrics_retention. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -48,6 +48,10 @@ struct ServeArgs {
     /// Redis for terminal streams (required with more than one replica).
     #[arg(long, env = "OUTPOST_REDIS_URL")]
     redis_url: Option<String>,
+    /// How long stored metrics are kept, e.g. 30d or 2w [default: 30d]. Postgres drops whole
+    /// days; SQLite deletes rows. Checked hourly.
+    #[arg(long, env = "OUTPOST_METRICS_RETENTION")]
+    metrics_retention: Option<String>,
 }
 
 #[derive(Args)]
@@ -133,6 +137,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.store.data_dir,
         database_url: args.store.database_url,
         redis_url: args.redis_url,
+        metrics_retention: args.metrics_retention,
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;

@@ -86,9 +86,47 @@ pub async fn serve(
         storage = storage.backend_name(),
         "outpost control plane listening"
     );
-    run(
+    let retention = tokio::spawn(prune_metrics_forever(
+        world.clone(),
+        storage.clone(),
+        config.settings.metrics_retention,
+        shutdown.clone(),
+    ));
+    let result = run(
         AppState::new(world, storage, config.settings, shutdown),
         listener,
     )
-    .await
+    .await;
+    retention.abort();
+    result
+}
+
+/// How often stored metrics are checked against the retention period.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Remove metrics older than `retention` now and then every [`RETENTION_EVERY`].
+async fn prune_metrics_forever(
+    world: World,
+    storage: Storage,
+    retention: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let before_ms = world.now_unix_ms().saturating_sub(retention_ms);
+        match storage.prune_metrics(before_ms).await {
+            Ok(p) if p.rows > 0 || p.partitions > 0 => tracing::info!(
+                rows = p.rows,
+                partitions = p.partitions,
+                before = %crate::time::rfc3339_ms(before_ms),
+                "metrics retention removed old metrics"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "metrics retention pass failed; retrying later"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RETENTION_EVERY) => {}
+        }
+    }
 }

@@ -18,6 +18,8 @@ pub struct Settings {
     pub dead_after: Duration,
     /// Lifetime of a login session / API token.
     pub session_ttl: Duration,
+    /// Stored metrics older than this are removed (whole days in Postgres) and not accepted.
+    pub metrics_retention: Duration,
 }
 
 impl Default for Settings {
@@ -26,6 +28,7 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(5),
             dead_after: Duration::from_secs(15),
             session_ttl: Duration::from_secs(12 * 3600),
+            metrics_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }

@@ -82,14 +82,22 @@ async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryCo
             Err(e) => return Attempt::Failed(e.to_string()),
         }
     }
-    let body = match serde_json::to_vec(&proto::MetricsBatch { epoch, records }) {
-        Ok(b) => b,
+    let encoded = world
+        .blocking(move || encode(&proto::MetricsBatch { epoch, records }))
+        .await;
+    let body = match encoded {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Attempt::Failed(format!("encode a batch: {e}")),
         Err(e) => return Attempt::Failed(e.to_string()),
     };
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CONTENT_ENCODING,
+        http::HeaderValue::from_static("gzip"),
     );
     if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {}", config.credential)) {
         headers.insert(http::header::AUTHORIZATION, v);
@@ -140,6 +148,16 @@ async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryCo
         Ok(()) => Attempt::Delivered,
         Err(e) => Attempt::Failed(format!("forget delivered rows: {e}")),
     }
+}
+
+/// A batch as gzip-compressed JSON. The fastest level: metric JSON is repetitive, so level 1
+/// already shrinks it several times while costing a fraction of the drain rate.
+pub fn encode(batch: &proto::MetricsBatch) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    serde_json::to_writer(&mut gz, batch)?;
+    gz.flush()?;
+    gz.finish()
 }
 
 /// Deliver until `shutdown`.

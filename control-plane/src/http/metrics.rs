@@ -2,8 +2,9 @@
 
 use axum::Extension;
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,8 @@ pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 const EPOCH_BYTES_MAX: usize = 64;
 const KIND_BYTES_MAX: usize = 64;
 const READ_ROWS_MAX: i64 = 10_000;
+/// How far ahead of this clock a record may be stamped.
+const FUTURE_MS_MAX: i64 = crate::time::DAY_MS;
 /// Seconds an agent is told to wait when ingest sheds load.
 const RETRY_AFTER_S: u64 = 1;
 
@@ -23,7 +26,8 @@ const RETRY_AFTER_S: u64 = 1;
 pub async fn ingest(
     State(state): State<AppState>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
-    Json(batch): Json<proto::MetricsBatch>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
@@ -36,6 +40,21 @@ pub async fn ingest(
         )
             .into_response());
     };
+    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
+        None | Some(Ok("identity")) => false,
+        Some(Ok("gzip")) => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("content-encoding {other:?} is not supported; send gzip or identity"),
+            ));
+        }
+    };
+    let batch = state
+        .world
+        .blocking(move || decode(&body, gzip))
+        .await
+        .map_err(ApiError::internal)??;
     if batch.epoch.is_empty() || batch.epoch.len() > EPOCH_BYTES_MAX {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -54,6 +73,11 @@ pub async fn ingest(
     let Some(stored_through) = batch.records.iter().map(|r| r.seq).max() else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty batch"));
     };
+    let now_ms = state.world.now_unix_ms();
+    let retention_ms =
+        i64::try_from(state.settings.metrics_retention.as_millis()).unwrap_or(i64::MAX);
+    let horizon_ms = now_ms.saturating_sub(retention_ms);
+    let mut expired = 0usize;
     let mut rows = Vec::with_capacity(batch.records.len());
     for r in batch.records {
         if r.seq <= 0 || r.kind.is_empty() || r.kind.len() > KIND_BYTES_MAX {
@@ -64,6 +88,21 @@ pub async fn ingest(
                     r.seq
                 ),
             ));
+        }
+        if r.ts_ms > now_ms + FUTURE_MS_MAX {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "record {} is stamped {}, more than a day ahead of the control plane's clock; fix the agent host's clock",
+                    r.seq,
+                    crate::time::rfc3339_ms(r.ts_ms)
+                ),
+            ));
+        }
+        if r.ts_ms < horizon_ms {
+            // Older than retention would keep it: acknowledged, not stored.
+            expired += 1;
+            continue;
         }
         rows.push(MetricRow {
             seq: r.seq,
@@ -78,12 +117,40 @@ pub async fn ingest(
         .insert_metrics(&agent.id, &batch.epoch, rows)
         .await
         .map_err(ApiError::internal)?;
+    if expired > 0 {
+        tracing::info!(agent_id = %agent.id, expired, "metric records older than the retention period were not stored");
+    }
     tracing::debug!(agent_id = %agent.id, epoch = %batch.epoch, offered, new_records, stored_through, "metrics stored");
     Ok(Json(proto::MetricsAck {
         stored_through,
         new_records,
     })
     .into_response())
+}
+
+/// A batch body, gunzipped when `gzip`, never inflated beyond [`BATCH_BYTES_MAX`].
+fn decode(body: &[u8], gzip: bool) -> Result<proto::MetricsBatch, ApiError> {
+    use std::io::Read;
+    let inflated;
+    let json = if gzip {
+        let mut out = Vec::with_capacity(body.len() * 4);
+        flate2::read::GzDecoder::new(body)
+            .take(BATCH_BYTES_MAX as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")))?;
+        if out.len() > BATCH_BYTES_MAX {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a batch inflates to at most {BATCH_BYTES_MAX} bytes"),
+            ));
+        }
+        inflated = out;
+        &inflated[..]
+    } else {
+        body
+    };
+    serde_json::from_slice(json)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad metrics batch: {e}")))
 }
 
 #[derive(Deserialize)]

@@ -121,4 +121,32 @@ CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
     r#"
 ALTER TABLE agents ADD COLUMN buffer TEXT;
 "#,
+    // Metrics move into a table partitioned by day, so retention drops whole partitions.
+    // `ts_ms` joins the key (a partitioned table's unique key must hold the partition key);
+    // a record's timestamp never changes between deliveries, so the key still deduplicates.
+    r#"
+ALTER TABLE metrics RENAME TO metrics_unpartitioned;
+ALTER INDEX metrics_by_time RENAME TO metrics_unpartitioned_by_time;
+CREATE TABLE metrics (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    epoch TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq, ts_ms)
+) PARTITION BY RANGE (ts_ms);
+CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
+DO $$
+DECLARE d BIGINT;
+BEGIN
+    FOR d IN SELECT DISTINCT floor(ts_ms / 86400000.0)::bigint FROM metrics_unpartitioned LOOP
+        EXECUTE format('CREATE TABLE %I PARTITION OF metrics FOR VALUES FROM (%s) TO (%s)',
+            'metrics_p' || to_char(to_timestamp(d * 86400) AT TIME ZONE 'UTC', 'YYYYMMDD'),
+            d * 86400000, (d + 1) * 86400000);
+    END LOOP;
+END $$;
+INSERT INTO metrics SELECT agent_id, epoch, seq, ts_ms, kind, data FROM metrics_unpartitioned;
+DROP TABLE metrics_unpartitioned;
+"#,
 ];

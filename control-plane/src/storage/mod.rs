@@ -7,7 +7,7 @@
 //! (`tests/it/storage.rs`). All timestamps are milliseconds since the Unix epoch taken from the
 //! `world` clock by the caller; the database's own `now()` is never used.
 
-mod migrations;
+pub mod migrations;
 mod postgres;
 mod sqlite;
 
@@ -84,6 +84,14 @@ pub struct MetricRow {
 pub struct StoredMetric {
     pub epoch: String,
     pub row: MetricRow,
+}
+
+/// What a retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    /// Daily partitions dropped (Postgres only).
+    pub partitions: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +246,12 @@ impl Storage {
         rows: Vec<MetricRow>,
     ) -> Result<u64, StorageError> {
         dispatch!(self.insert_metrics(agent_id, epoch, rows))
+    }
+
+    /// Remove stored metrics older than `before_ms`. SQLite deletes the rows; Postgres drops
+    /// the daily partitions that end at or before it (so up to a day more is kept).
+    pub async fn prune_metrics(&self, before_ms: i64) -> Result<Pruned, StorageError> {
+        dispatch!(self.prune_metrics(before_ms))
     }
 
     /// Metric rows of an agent in `[from_ms, to_ms)`, optionally of one kind, oldest first.

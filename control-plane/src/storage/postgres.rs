@@ -1,6 +1,7 @@
 //! PostgreSQL backend over `tokio-postgres`, connected through `world` streams. One shared
 //! client (queries pipeline over it); a closed client is replaced on the next call.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +11,8 @@ use world::World;
 
 use super::migrations;
 use super::{
-    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, StorageError,
-    StoredMetric, UserRow,
+    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, Pruned,
+    StorageError, StoredMetric, UserRow,
 };
 use crate::auth::Role;
 
@@ -24,6 +25,27 @@ pub struct PostgresStore {
     world: World,
     config: Arc<Config>,
     client: Arc<Mutex<Option<Connected>>>,
+    /// Daily `metrics` partitions known to exist (day numbers since 1970-01-01, UTC).
+    partitions: Arc<std::sync::Mutex<BTreeSet<i64>>>,
+}
+
+/// `metrics_pYYYYMMDD` for a day number.
+fn partition_name(day: i64) -> String {
+    let (y, m, d) = crate::time::civil_from_days(day);
+    format!("metrics_p{y:04}{m:02}{d:02}")
+}
+
+/// The day number of a partition we named, or `None` for any other table.
+fn partition_day(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("metrics_p")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y = digits[0..4].parse().ok()?;
+    let m = digits[4..6].parse().ok()?;
+    let d = digits[6..8].parse().ok()?;
+    let day = crate::time::days_from_civil(y, m, d);
+    (partition_name(day) == name).then_some(day)
 }
 
 #[derive(Clone)]
@@ -87,6 +109,7 @@ impl PostgresStore {
             world: world.clone(),
             config: Arc::new(config),
             client: Arc::new(Mutex::new(None)),
+            partitions: Arc::default(),
         };
         store.client().await?;
         Ok(store)
@@ -449,6 +472,11 @@ impl PostgresStore {
         if rows.is_empty() {
             return Ok(0);
         }
+        let days: BTreeSet<i64> = rows
+            .iter()
+            .map(|r| r.ts_ms.div_euclid(crate::time::DAY_MS))
+            .collect();
+        self.ensure_partitions(&days).await?;
         let mut seqs = Vec::with_capacity(rows.len());
         let mut ts = Vec::with_capacity(rows.len());
         let mut kinds = Vec::with_capacity(rows.len());
@@ -460,16 +488,105 @@ impl PostgresStore {
             data.push(r.data);
         }
         // One statement: the batch commits (durably) as a whole before the ack.
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO metrics (agent_id, epoch, seq, ts_ms, kind, data) \
-                 SELECT $1, $2, t.seq, t.ts, t.kind, t.data FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::text[]) AS t(seq, ts, kind, data) \
-                 ON CONFLICT DO NOTHING",
-                &[&agent_id, &epoch, &seqs, &ts, &kinds, &data],
+        let client = self.client().await?;
+        let insert = "INSERT INTO metrics (agent_id, epoch, seq, ts_ms, kind, data) \
+             SELECT $1, $2, t.seq, t.ts, t.kind, t.data FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::text[]) AS t(seq, ts, kind, data) \
+             ON CONFLICT DO NOTHING";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&agent_id, &epoch, &seqs, &ts, &kinds, &data];
+        match client.execute(insert, &params).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+                // "no partition found": another replica's retention dropped a partition this
+                // one still had cached. Forget the cache and try once more.
+                self.partitions
+                    .lock()
+                    .map_err(|_| backend("partition cache poisoned"))?
+                    .clear();
+                self.ensure_partitions(&days).await?;
+                client.execute(insert, &params).await.map_err(backend)
+            }
+            other => other.map_err(backend),
+        }
+    }
+
+    /// Create the daily partitions `days` need, unless known to exist. Safe against other
+    /// replicas doing the same at the same moment.
+    async fn ensure_partitions(&self, days: &BTreeSet<i64>) -> Result<(), StorageError> {
+        let missing: Vec<i64> = {
+            let known = self
+                .partitions
+                .lock()
+                .map_err(|_| backend("partition cache poisoned"))?;
+            days.iter()
+                .filter(|d| !known.contains(d))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        for day in missing {
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF metrics FOR VALUES FROM ({}) TO ({})",
+                partition_name(day),
+                day * crate::time::DAY_MS,
+                (day + 1) * crate::time::DAY_MS
+            );
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                // Two creators raced: the table exists, which is all we wanted.
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE)
+                        || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                }
+                Err(e) => return Err(backend(e)),
+            }
+            self.partitions
+                .lock()
+                .map_err(|_| backend("partition cache poisoned"))?
+                .insert(day);
+        }
+        Ok(())
+    }
+
+    pub async fn prune_metrics(&self, before_ms: i64) -> Result<Pruned, StorageError> {
+        let client = self.client().await?;
+        let children = client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'metrics'::regclass",
+                &[],
             )
             .await
-            .map_err(backend)
+            .map_err(backend)?;
+        let mut pruned = Pruned::default();
+        for row in children {
+            let name: String = row.get(0);
+            let Some(day) = partition_day(&name) else {
+                continue;
+            };
+            if (day + 1) * crate::time::DAY_MS > before_ms {
+                continue;
+            }
+            // The name is one we generated (checked by `partition_day`), so it is safe to splice.
+            let rows: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                .await
+                .map_err(backend)?
+                .get(0);
+            client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                .await
+                .map_err(backend)?;
+            self.partitions
+                .lock()
+                .map_err(|_| backend("partition cache poisoned"))?
+                .remove(&day);
+            pruned.rows += rows as u64;
+            pruned.partitions += 1;
+        }
+        Ok(pruned)
     }
 
     pub async fn metrics(&self, q: MetricQuery) -> Result<Vec<StoredMetric>, StorageError> {

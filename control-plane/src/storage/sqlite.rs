@@ -9,8 +9,8 @@ use world::World;
 
 use super::migrations;
 use super::{
-    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, StorageError,
-    StoredMetric, UserRow,
+    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, Pruned,
+    StorageError, StoredMetric, UserRow,
 };
 use crate::auth::Role;
 
@@ -434,6 +434,31 @@ impl SqliteStore {
             Ok(new)
         })
         .await
+    }
+
+    pub async fn prune_metrics(&self, before_ms: i64) -> Result<Pruned, StorageError> {
+        // In chunks, so ingest is not locked out for the whole pass. Old rows sit early in
+        // rowid order, so each chunk's scan stops soon; only the last one reads the table.
+        const CHUNK: i64 = 5_000;
+        let mut rows = 0u64;
+        loop {
+            let deleted = self
+                .run(move |conn| {
+                    conn.execute(
+                        "DELETE FROM metrics WHERE rowid IN (SELECT rowid FROM metrics WHERE ts_ms < ?1 LIMIT ?2)",
+                        params![before_ms, CHUNK],
+                    )
+                    .map_err(backend)
+                })
+                .await?;
+            rows += deleted as u64;
+            if (deleted as i64) < CHUNK {
+                return Ok(Pruned {
+                    rows,
+                    partitions: 0,
+                });
+            }
+        }
     }
 
     pub async fn metrics(&self, q: MetricQuery) -> Result<Vec<StoredMetric>, StorageError> {

@@ -2,7 +2,7 @@
 
 use control_plane::auth::Role;
 use control_plane::http::{Access, route_specs};
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::harness::Server;
 
@@ -246,5 +246,130 @@ async fn task_routes_enforce_roles_and_name_unknown_or_offline_agents() {
         "unknown fields are refused: {}",
         r.status
     );
+    server.stop().await;
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).expect("gzip");
+    gz.finish().expect("gzip")
+}
+
+#[tokio::test]
+async fn metrics_ingest_takes_gzip_and_refuses_unknown_encodings_and_inflation_bombs() {
+    let server = Server::start().await;
+    let (_, credential) = server.enroll("db1").await;
+    let headers = |encoding: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {credential}")).expect("header"),
+        );
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_str(encoding).expect("header"),
+        );
+        h
+    };
+    let now = server.world.now_unix_ms();
+    let batch_in = |epoch: &str, ts: [i64; 2]| {
+        format!(
+            r#"{{"epoch":"{epoch}","records":[{{"seq":1,"ts_ms":{},"kind":"db","data":{{"x":1}}}},{{"seq":2,"ts_ms":{},"kind":"db","data":{{"x":2}}}}]}}"#,
+            ts[0],
+            ts[1]
+        )
+        .into_bytes()
+    };
+    let batch = &batch_in("ep1", [now - 1000, now])[..];
+
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("gzip"),
+            gzip(batch),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let ack: proto::MetricsAck = serde_json::from_slice(&r.body).expect("ack");
+    assert_eq!(
+        ack,
+        proto::MetricsAck {
+            stored_through: 2,
+            new_records: 2
+        }
+    );
+    // The same rows again, uncompressed: acknowledged, nothing new stored.
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("identity"),
+            batch.to_vec(),
+        )
+        .await;
+    let ack: proto::MetricsAck = serde_json::from_slice(&r.body).expect("ack");
+    assert_eq!(
+        ack,
+        proto::MetricsAck {
+            stored_through: 2,
+            new_records: 0
+        }
+    );
+
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("br"),
+            batch.to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("gzip"),
+            batch.to_vec(),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "plain JSON labelled gzip"
+    );
+    // 64 MiB of zeros compress to ~64 KiB; inflating stops at the batch limit.
+    let bomb = gzip(&vec![b' '; 64 << 20]);
+    assert!(bomb.len() < 1 << 20);
+    let r = server
+        .request_with(Method::POST, proto::METRICS_PATH, headers("gzip"), bomb)
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A host clock two days ahead is refused by name; records older than the retention
+    // period are acknowledged but not stored.
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("identity"),
+            batch_in("ep2", [now, now + 2 * 86_400_000]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&r.body).contains("clock"));
+    let old = now - 31 * 86_400_000;
+    let r = server
+        .request_with(
+            Method::POST,
+            proto::METRICS_PATH,
+            headers("identity"),
+            batch_in("ep3", [old, old]),
+        )
+        .await;
+    let ack: proto::MetricsAck = serde_json::from_slice(&r.body).expect("ack");
+    assert_eq!(ack.new_records, 0);
     server.stop().await;
 }

@@ -25,6 +25,7 @@ pub fn fast_settings() -> Settings {
         heartbeat_interval: Duration::from_millis(200),
         dead_after: Duration::from_millis(1000),
         session_ttl: Duration::from_secs(3600),
+        ..Settings::default()
     }
 }
 

@@ -230,6 +230,24 @@ async fn check(s: Storage) {
             .is_empty()
     );
 
+    // Retention: whole days before the cut go; a later day stays.
+    const DAY_MS: i64 = control_plane::time::DAY_MS;
+    s.insert_metrics("agt_1", "ep2", vec![row(2, 2 * DAY_MS + 5)])
+        .await
+        .expect("insert day 2");
+    let pruned = s.prune_metrics(2 * DAY_MS).await.expect("prune");
+    assert_eq!(pruned.rows, 4, "{pruned:?}");
+    let left = s.metrics(q(None, 0, 3 * DAY_MS)).await.expect("read");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].row.ts_ms, 2 * DAY_MS + 5);
+    // A pruned day takes new rows again (its partition is recreated).
+    assert_eq!(
+        s.insert_metrics("agt_1", "ep3", vec![row(1, 100)])
+            .await
+            .expect("insert into a pruned day"),
+        1
+    );
+
     // Purge removes expired tokens of both kinds.
     assert_eq!(s.purge_expired(20_000).await.expect("purge"), 3);
 }
@@ -261,6 +279,88 @@ async fn postgres_backend_passes_the_storage_suite() {
     .await
     .expect("open");
     check(s).await;
+}
+
+#[tokio::test]
+async fn postgres_metrics_move_into_daily_partitions_on_upgrade() {
+    let pg = fixtures::Postgres::start()
+        .await
+        .expect("start postgres fixture");
+    let url = pg.create_database("upgrade").expect("create database");
+    let world = World::real();
+    // A database at schema 4 (metrics unpartitioned) with rows on two days.
+    let config: tokio_postgres::Config = url.parse().expect("url");
+    let (client, driver) =
+        world::postgres_connect(&world, &config, std::time::Duration::from_secs(10))
+            .await
+            .expect("connect");
+    client
+        .batch_execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)")
+        .await
+        .expect("schema table");
+    for (i, step) in control_plane::storage::migrations::POSTGRES[..4]
+        .iter()
+        .enumerate()
+    {
+        client.batch_execute(step).await.expect("old migration");
+        client
+            .execute(
+                "INSERT INTO schema_migrations VALUES ($1, 0)",
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .expect("record");
+    }
+    client
+        .batch_execute(
+            "INSERT INTO agents (id, name, credential_hash, created_at_ms) VALUES ('agt_1', 'db1', 'h', 0);
+             INSERT INTO metrics VALUES ('agt_1', 'ep', 1, 1795341873120, 'db', '{}'), ('agt_1', 'ep', 2, 1795400000000, 'db', '{}');",
+        )
+        .await
+        .expect("old rows");
+    drop(client);
+    driver.abort();
+
+    let s = control_plane::server::open_storage(
+        &world,
+        std::path::Path::new("/nonexistent"),
+        Some(&url),
+    )
+    .await
+    .expect("upgrade");
+    let rows = s
+        .metrics(control_plane::storage::MetricQuery {
+            agent_id: "agt_1".into(),
+            kind: None,
+            from_ms: 0,
+            to_ms: i64::MAX,
+            limit: 10,
+        })
+        .await
+        .expect("read");
+    assert_eq!(
+        rows.iter().map(|r| r.row.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    // Replays still deduplicate in the partitioned table.
+    let replay = control_plane::storage::MetricRow {
+        seq: 2,
+        ts_ms: 1_795_400_000_000,
+        kind: "db".into(),
+        data: "{}".into(),
+    };
+    assert_eq!(
+        s.insert_metrics("agt_1", "ep", vec![replay])
+            .await
+            .expect("replay"),
+        0
+    );
+    let pruned = s.prune_metrics(1_795_400_000_000).await.expect("prune");
+    assert_eq!(
+        (pruned.rows, pruned.partitions),
+        (1, 1),
+        "2026-11-22 goes, 2026-11-23 stays"
+    );
 }
 
 #[tokio::test]
