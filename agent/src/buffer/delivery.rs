@@ -28,10 +28,17 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 
 enum Attempt {
-    Delivered,
+    /// Stored through `stored_through`.
+    Delivered { stored_through: i64 },
     Empty,
     Shed(Duration),
     Failed(String),
+}
+
+/// A batch read from the buffer and encoded, ready to send.
+struct Prepared {
+    last_seq: i64,
+    body: Vec<u8>,
 }
 
 async fn with_buffer<T: Send + 'static>(
@@ -51,45 +58,52 @@ async fn with_buffer<T: Send + 'static>(
         .map_err(|e| e.to_string())?
 }
 
-async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryConfig) -> Attempt {
+/// Read and encode the oldest rows above `after`. With `expire`, stale rows are discarded
+/// (and counted) first; that is only done while no batch is in flight, so a row is never both
+/// delivered and counted as dropped.
+async fn prepare(
+    world: &World,
+    buffer: &Arc<Mutex<Buffer>>,
+    after: i64,
+    limit: usize,
+    expire: bool,
+) -> Result<Option<Prepared>, String> {
     let now_ms = world.now_unix_ms();
-    let limit = config.batch_rows_max;
-    let batch = with_buffer(world, buffer, move |b| {
-        b.expire(now_ms)?;
-        Ok((b.epoch().to_string(), b.oldest(limit)?))
-    })
-    .await;
-    let (epoch, rows) = match batch {
-        Ok(b) => b,
-        Err(e) => return Attempt::Failed(format!("read the buffer: {e}")),
-    };
-    if rows.is_empty() {
-        return Attempt::Empty;
-    }
-    let mut records = Vec::with_capacity(rows.len());
-    for r in rows {
-        // Stored by the collector as JSON; a row that is not (a damaged file) goes as null
-        // rather than block delivery forever.
-        let data = serde_json::value::RawValue::from_string(r.data)
-            .or_else(|_| serde_json::value::RawValue::from_string("null".into()));
-        match data {
-            Ok(data) => records.push(proto::MetricRecord {
-                seq: r.seq,
-                ts_ms: r.ts_ms,
-                kind: r.kind,
-                data,
-            }),
-            Err(e) => return Attempt::Failed(e.to_string()),
+    let (epoch, rows) = with_buffer(world, buffer, move |b| {
+        if expire {
+            b.expire(now_ms)?;
         }
-    }
-    let encoded = world
-        .blocking(move || encode(&proto::MetricsBatch { epoch, records }))
-        .await;
-    let body = match encoded {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return Attempt::Failed(format!("encode a batch: {e}")),
-        Err(e) => return Attempt::Failed(e.to_string()),
+        Ok((b.epoch().to_string(), b.after(after, limit)?))
+    })
+    .await
+    .map_err(|e| format!("read the buffer: {e}"))?;
+    let Some(last_seq) = rows.last().map(|r| r.seq) else {
+        return Ok(None);
     };
+    let encoded = world
+        .blocking(move || {
+            let mut records = Vec::with_capacity(rows.len());
+            for r in rows {
+                // Stored by the collector as JSON; a row that is not (a damaged file) goes as
+                // null rather than block delivery forever.
+                let data = serde_json::value::RawValue::from_string(r.data)
+                    .or_else(|_| serde_json::value::RawValue::from_string("null".into()))?;
+                records.push(proto::MetricRecord {
+                    seq: r.seq,
+                    ts_ms: r.ts_ms,
+                    kind: r.kind,
+                    data,
+                });
+            }
+            encode(&proto::MetricsBatch { epoch, records }).map_err(serde_json::Error::io)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = encoded.map_err(|e| format!("encode a batch: {e}"))?;
+    Ok(Some(Prepared { last_seq, body }))
+}
+
+async fn send(world: &World, config: &DeliveryConfig, batch: &Prepared) -> Attempt {
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -107,7 +121,7 @@ async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryCo
         http::Method::POST,
         &config.url,
         headers,
-        body.into(),
+        batch.body.clone().into(),
         config.request_timeout,
         RESPONSE_BYTES_MAX,
     )
@@ -133,20 +147,22 @@ async fn attempt(world: &World, buffer: &Arc<Mutex<Buffer>>, config: &DeliveryCo
                 "the control plane rejected this agent's credential; enroll again".into(),
             );
         }
-        code => return Attempt::Failed(format!("control plane answered HTTP {code}")),
+        code => {
+            let detail = serde_json::from_slice::<proto::ErrorBody>(&response.body)
+                .map(|b| format!(": {}", b.error))
+                .unwrap_or_default();
+            return Attempt::Failed(format!("control plane answered HTTP {code}{detail}"));
+        }
     }
-    let ack: proto::MetricsAck = match serde_json::from_slice(&response.body) {
-        Ok(a) => a,
-        Err(e) => return Attempt::Failed(format!("unreadable acknowledgement: {e}")),
-    };
-    match with_buffer(world, buffer, move |b| {
-        b.delete_through(ack.stored_through)?;
-        b.delivery_result(true)
-    })
-    .await
-    {
-        Ok(()) => Attempt::Delivered,
-        Err(e) => Attempt::Failed(format!("forget delivered rows: {e}")),
+    match serde_json::from_slice::<proto::MetricsAck>(&response.body) {
+        Ok(ack) if ack.stored_through >= batch.last_seq => Attempt::Delivered {
+            stored_through: ack.stored_through,
+        },
+        Ok(ack) => Attempt::Failed(format!(
+            "acknowledgement through {} does not cover the batch (through {})",
+            ack.stored_through, batch.last_seq
+        )),
+        Err(e) => Attempt::Failed(format!("unreadable acknowledgement: {e}")),
     }
 }
 
@@ -160,7 +176,8 @@ pub fn encode(batch: &proto::MetricsBatch) -> std::io::Result<Vec<u8>> {
     gz.finish()
 }
 
-/// Deliver until `shutdown`.
+/// Deliver until `shutdown`. While a batch is in flight the next one is read and encoded, so
+/// the agent's work overlaps the control plane's; only one request is ever on the wire.
 pub async fn run_delivery(
     world: World,
     buffer: Arc<Mutex<Buffer>>,
@@ -168,9 +185,42 @@ pub async fn run_delivery(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let limit = config.batch_rows_max;
+    let mut next: Option<Prepared> = None;
     loop {
-        let wait = match attempt(&world, &buffer, &config).await {
-            Attempt::Delivered => {
+        let current = match next.take() {
+            Some(p) => Ok(Some(p)),
+            None => prepare(&world, &buffer, i64::MIN, limit, true).await,
+        };
+        let outcome = match current {
+            Err(e) => Attempt::Failed(e),
+            Ok(None) => Attempt::Empty,
+            Ok(Some(batch)) => {
+                let (sent, prefetched) = tokio::join!(
+                    send(&world, &config, &batch),
+                    prepare(&world, &buffer, batch.last_seq, limit, false)
+                );
+                match sent {
+                    Attempt::Delivered { stored_through } => {
+                        match with_buffer(&world, &buffer, move |b| {
+                            b.delete_through(stored_through)?;
+                            b.delivery_result(true)
+                        })
+                        .await
+                        {
+                            Ok(()) => {
+                                next = prefetched.ok().flatten();
+                                Attempt::Delivered { stored_through }
+                            }
+                            Err(e) => Attempt::Failed(format!("forget delivered rows: {e}")),
+                        }
+                    }
+                    other => other,
+                }
+            }
+        };
+        let wait = match outcome {
+            Attempt::Delivered { .. } => {
                 backoff.reset();
                 Duration::ZERO
             }
@@ -191,6 +241,12 @@ pub async fn run_delivery(
                 delay
             }
         };
+        if wait.is_zero() {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            continue;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}

@@ -284,12 +284,19 @@ impl Buffer {
 
     /// The oldest `limit` records.
     pub fn oldest(&self, limit: usize) -> Result<Vec<Record>, BufferError> {
+        self.after(i64::MIN, limit)
+    }
+
+    /// The oldest `limit` records with a `seq` above `seq`.
+    pub fn after(&self, seq: i64, limit: usize) -> Result<Vec<Record>, BufferError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, ts_ms, kind, data FROM records ORDER BY seq LIMIT ?1")
+            .prepare_cached(
+                "SELECT seq, ts_ms, kind, data FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
             .map_err(err)?;
         let rows = stmt
-            .query_map(params![limit as i64], |r| {
+            .query_map(params![seq, limit as i64], |r| {
                 Ok(Record {
                     seq: r.get(0)?,
                     ts_ms: r.get(1)?,
