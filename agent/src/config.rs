@@ -63,8 +63,8 @@ fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
         bail!("metrics.interval: must be between 10s and 30s");
     }
     let record_age_max = duration("metrics.record_age_max", &raw.record_age_max, 6 * 3600)?;
-    if record_age_max < std::time::Duration::from_secs(60) {
-        bail!("metrics.record_age_max: must be at least 1m");
+    if record_age_max < std::time::Duration::from_secs(1) {
+        bail!("metrics.record_age_max: must be at least 1s");
     }
     let bytes_max = match &raw.buffer_bytes_max {
         Some(v) => parse_size("metrics.buffer_bytes_max", v)? as u64,

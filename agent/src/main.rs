@@ -97,9 +97,7 @@ fn main() -> ExitCode {
             Commands::Run(args) => run(args).await,
             Commands::Enroll(args) => enroll(args).await,
             Commands::Tasks(command) => agent::tasks::cli::run(command).await,
-            Commands::Buffer(command) => {
-                agent::buffer::cli::run(command, agent::buffer::Limits::default()).await
-            }
+            Commands::Buffer(command) => agent::buffer::cli::run(command).await,
         }
     });
     match result {

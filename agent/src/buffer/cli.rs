@@ -68,14 +68,14 @@ fn buffer_path(data_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-pub async fn run(command: BufferCommand, limits: store::Limits) -> anyhow::Result<()> {
+pub async fn run(command: BufferCommand) -> anyhow::Result<()> {
     let world = World::real();
     match command {
         BufferCommand::Stats { json, data_dir } => {
             let path = buffer_path(data_dir)?;
             let now_ms = world.now_unix_ms();
             let stats = world
-                .blocking(move || store::stats_at(&path, limits, now_ms))
+                .blocking(move || store::stats_at(&path, now_ms))
                 .await?
                 .context("read buffer stats")?;
             if json {

@@ -29,7 +29,9 @@ const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 
 enum Attempt {
     /// Stored through `stored_through`.
-    Delivered { stored_through: i64 },
+    Delivered {
+        stored_through: i64,
+    },
     Empty,
     Shed(Duration),
     Failed(String),

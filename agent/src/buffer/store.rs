@@ -160,6 +160,13 @@ impl Buffer {
             params![new_epoch],
         )
         .map_err(err)?;
+        // The size limit in force, so `buffer stats` (another process) reports utilization
+        // against the agent's configuration rather than a default.
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('bytes_max', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![limits.bytes_max.to_string()],
+        )
+        .map_err(err)?;
         let epoch: String = conn
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
@@ -329,16 +336,11 @@ impl Buffer {
     }
 
     pub fn stats(&self, now_ms: i64) -> Result<Stats, BufferError> {
-        stats_of(&self.conn, &self.path, self.limits, now_ms)
+        stats_of(&self.conn, &self.path, now_ms)
     }
 }
 
-fn stats_of(
-    conn: &Connection,
-    path: &Path,
-    limits: Limits,
-    now_ms: i64,
-) -> Result<Stats, BufferError> {
+fn stats_of(conn: &Connection, path: &Path, now_ms: i64) -> Result<Stats, BufferError> {
     let meta = |key: &str| -> Option<String> {
         conn.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
             r.get(0)
@@ -367,7 +369,11 @@ fn stats_of(
         rows,
         size_bytes,
         oldest_record_age_s: oldest.map(|t| (now_ms - t).max(0) / 1000).unwrap_or(0),
-        utilization: size_bytes as f64 / limits.bytes_max.max(1) as f64,
+        utilization: size_bytes as f64
+            / meta("bytes_max")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(Limits::default().bytes_max)
+                .max(1) as f64,
         delivery_failures: meta("delivery_failures")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
@@ -377,9 +383,9 @@ fn stats_of(
 
 /// Stats of the buffer file at `path` without taking it over (for `buffer stats` while the
 /// agent runs).
-pub fn stats_at(path: &Path, limits: Limits, now_ms: i64) -> Result<Stats, BufferError> {
+pub fn stats_at(path: &Path, now_ms: i64) -> Result<Stats, BufferError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
-    stats_of(&conn, path, limits, now_ms)
+    stats_of(&conn, path, now_ms)
 }
 
 fn rows_if_readable(path: &Path) -> i64 {

@@ -124,7 +124,7 @@ fn garbage_is_quarantined_a_new_epoch_begins_and_old_files_are_bounded() {
         })
         .count();
     assert_eq!(quarantined, 3, "at most quarantined_max files are kept");
-    let s = stats_at(&path, Limits::default(), 10).expect("stats");
+    let s = stats_at(&path, 10).expect("stats");
     assert_eq!(s.epoch, "new4");
     assert_eq!(check(&path).expect("healthy"), 1);
 }

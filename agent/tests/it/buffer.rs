@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Proc, agent_bin, run};
+use crate::harness::{ControlPlane, Proc, agent_bin, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_epoch() {
@@ -105,7 +105,6 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_once() {
-    use crate::harness::ControlPlane;
     use http::Method;
     let pg = fixtures::Postgres::start().await.expect("postgres fixture");
     let mut cp = ControlPlane::start().await;
@@ -129,51 +128,10 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
             .map(|v| v["rows"].as_i64().unwrap_or(-1))
             .unwrap_or(-1)
     };
-    let stored = |cp: &ControlPlane| {
-        let cp_url = cp.url();
-        let token = cp.token.clone();
-        async move {
-            let world = world::World::real();
-            let agents_url = url::Url::parse(&format!("{cp_url}/api/v1/agents")).expect("url");
-            let mut headers = http::HeaderMap::new();
-            headers.insert(
-                http::header::AUTHORIZATION,
-                format!("Bearer {token}").parse().expect("header"),
-            );
-            let r = world::http_request(
-                &world,
-                Method::GET,
-                &agents_url,
-                headers.clone(),
-                bytes::Bytes::new(),
-                Duration::from_secs(5),
-                1 << 20,
-            )
-            .await
-            .ok()?;
-            let agents: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-            let id = agents[0]["id"].as_str()?.to_string();
-            let m = url::Url::parse(&format!("{cp_url}/api/v1/agents/{id}/metrics?from=0"))
-                .expect("url");
-            let r = world::http_request(
-                &world,
-                Method::GET,
-                &m,
-                headers,
-                bytes::Bytes::new(),
-                Duration::from_secs(5),
-                64 << 20,
-            )
-            .await
-            .ok()?;
-            serde_json::from_slice::<Vec<serde_json::Value>>(&r.body).ok()
-        }
-    };
-
     let mut agent = start(1);
     let mut first = Vec::new();
     for _ in 0..200 {
-        first = stored(&cp).await.unwrap_or_default();
+        first = cp.metrics("from=0").await.unwrap_or_default();
         if !first.is_empty() {
             break;
         }
@@ -232,7 +190,7 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
         0,
         "the backlog drains once the control plane is back"
     );
-    let all = stored(&cp).await.expect("metrics");
+    let all = cp.metrics("from=0").await.expect("metrics");
     assert!(
         all.len() as i64 >= first.len() as i64 + held,
         "{} stored, {} before + {held} held",
@@ -282,4 +240,108 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
             "contiguous seq, nothing twice, nothing lost"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_record_age_max_drops_and_counts_what_an_outage_made_stale() {
+    let pg = fixtures::Postgres::start().await.expect("postgres fixture");
+    let mut cp = ControlPlane::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("agent").display().to_string();
+    cp.enroll_agent("db1", &d);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[metrics]\nrecord_age_max = \"3s\"\nbuffer_bytes_max = \"2MiB\"\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let url = pg.url();
+    let start = |n: u32| {
+        Proc::spawn(
+            &agent_bin(),
+            &[
+                "run",
+                "--config",
+                &config,
+                "--data-dir",
+                &d,
+                "--postgres",
+                &url,
+            ],
+            &dir.path().join(format!("agent-{n}.log")),
+        )
+    };
+    let stats = || -> serde_json::Value {
+        let out = run(
+            &agent_bin(),
+            &["buffer", "stats", "--json", "--data-dir", &d],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let world = world::World::real();
+
+    let mut agent = start(1);
+    let mut delivered = 0;
+    for _ in 0..200 {
+        delivered = cp.metrics("from=0").await.map(|m| m.len()).unwrap_or(0);
+        if delivered > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered > 0, "metrics flow before the outage");
+    let utilization = stats()["utilization"].as_f64().unwrap_or(0.0);
+    assert!(
+        utilization > 0.0,
+        "utilization is measured against the configured 2MiB"
+    );
+
+    // Outage: the control plane dies; a restarted agent collects into its buffer.
+    cp.proc
+        .take()
+        .expect("running")
+        .0
+        .kill()
+        .expect("kill -9 control plane");
+    let outage_from = world.now_unix_ms();
+    agent.0.kill().expect("kill -9 agent");
+    let _ = agent.0.wait();
+    agent = start(2);
+    let mut held = 0;
+    for _ in 0..200 {
+        held = stats()["rows"].as_i64().unwrap_or(0);
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held > 0, "the agent buffers during the outage");
+    // Longer than record_age_max.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stale_before = world.now_unix_ms() - 3_000;
+    cp.launch();
+    cp.wait_healthy().await;
+    let mut s = stats();
+    for _ in 0..300 {
+        s = stats();
+        if s["rows"] == 0 && s["dropped_total"]["age"].as_i64().unwrap_or(0) >= held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s["rows"], 0, "the buffer empties: {s}");
+    assert!(
+        s["dropped_total"]["age"].as_i64().unwrap_or(0) >= held,
+        "the {held} stale rows are counted as dropped by age: {s}"
+    );
+    let in_gap = cp
+        .metrics(&format!("from={outage_from}&to={stale_before}"))
+        .await
+        .expect("metrics");
+    assert!(
+        in_gap.is_empty(),
+        "nothing collected during the outage was stored; the outage is a gap: {in_gap:?}"
+    );
+    drop(agent);
 }

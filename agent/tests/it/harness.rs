@@ -232,10 +232,25 @@ impl ControlPlane {
             headers,
             body.into(),
             Duration::from_secs(20),
-            1 << 20,
+            64 << 20,
         )
         .await
         .ok()
+    }
+
+    /// Stored metrics of the first enrolled agent; `query` is the query string, e.g. `from=0`.
+    pub async fn metrics(&self, query: &str) -> Option<Vec<serde_json::Value>> {
+        let r = self.api(http::Method::GET, "/api/v1/agents", None).await?;
+        let agents: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let id = agents[0]["id"].as_str()?;
+        let r = self
+            .api(
+                http::Method::GET,
+                &format!("/api/v1/agents/{id}/metrics?{query}"),
+                None,
+            )
+            .await?;
+        serde_json::from_slice(&r.body).ok()
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> Option<world::HttpResponse> {
