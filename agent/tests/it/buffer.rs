@@ -291,10 +291,11 @@ async fn a_short_record_age_max_drops_and_counts_what_an_outage_made_stale() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(delivered > 0, "metrics flow before the outage");
-    let utilization = stats()["utilization"].as_f64().unwrap_or(0.0);
+    let s = stats();
+    let expected = s["size_bytes"].as_f64().unwrap_or(0.0) / (2u64 << 20) as f64;
     assert!(
-        utilization > 0.0,
-        "utilization is measured against the configured 2MiB"
+        expected > 0.0 && (s["utilization"].as_f64().unwrap_or(0.0) - expected).abs() < 1e-9,
+        "`buffer stats` measures utilization against the configured 2MiB: {s}"
     );
 
     // Outage: the control plane dies; a restarted agent collects into its buffer.
