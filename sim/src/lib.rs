@@ -10,3 +10,4 @@ pub mod run;
 pub mod scenario;
 pub mod tasks;
 pub mod trace;
+pub mod vfs;
