@@ -5,6 +5,7 @@
 //! DESIGN §5 are checked every simulated 100 ms; every event is hashed into a trace so the
 //! same seed is proven to replay identically.
 
+pub mod metrics;
 pub mod processes;
 pub mod run;
 pub mod scenario;

@@ -118,6 +118,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, echo: bool) -> Outcome {
     let plan = schedule(scenario, seed);
     let result = match scenario {
         Scenario::Tasks => crate::tasks::simulate_tasks(seed, &plan),
+        Scenario::Metrics => crate::metrics::simulate_metrics(seed, &plan),
         _ => simulate(seed, scenario, &plan),
     };
     let (trace_hash, events, tail) = trace::finish();
@@ -333,6 +334,8 @@ fn apply(
             sim.bounce(agent_host(*agent));
             checker.agent_restarted(*agent, now);
         }
+        // Only the metrics scenario injects disk crashes.
+        Fault::DiskCrash { .. } => {}
     }
 }
 

@@ -18,14 +18,18 @@ pub enum Scenario {
     /// The task runtime: an agent killed and restarted at random points while runs are in
     /// flight, over simulated processes.
     Tasks,
+    /// The metrics buffer: partitions, holds (slow or lost acks), control-plane bounces, agent
+    /// kills, and agent crashes inside a SQLite write with unsynced bytes lost or torn.
+    Metrics,
 }
 
-pub const ALL: [Scenario; 5] = [
+pub const ALL: [Scenario; 6] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
     Scenario::Mixed,
     Scenario::Tasks,
+    Scenario::Metrics,
 ];
 
 impl Scenario {
@@ -36,6 +40,7 @@ impl Scenario {
             Scenario::Bounce => "bounce",
             Scenario::Mixed => "mixed",
             Scenario::Tasks => "tasks",
+            Scenario::Metrics => "metrics",
         }
     }
 
@@ -46,7 +51,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed => 3,
-            Scenario::Tasks => 1,
+            Scenario::Tasks | Scenario::Metrics => 1,
             _ => 2,
         }
     }
@@ -54,16 +59,38 @@ impl Scenario {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
-    Partition { agent: usize },
-    Repair { agent: usize },
-    Hold { agent: usize },
-    Release { agent: usize },
+    Partition {
+        agent: usize,
+    },
+    Repair {
+        agent: usize,
+    },
+    Hold {
+        agent: usize,
+    },
+    Release {
+        agent: usize,
+    },
     BounceCp,
     CrashCp,
     StartCp,
-    BounceAgent { agent: usize },
-    CrashAgent { agent: usize },
-    StartAgent { agent: usize },
+    BounceAgent {
+        agent: usize,
+    },
+    CrashAgent {
+        agent: usize,
+    },
+    StartAgent {
+        agent: usize,
+    },
+    /// The agent's disk fails at its `after_ops`-th write, truncate or sync from now and the
+    /// host dies there; the disk then keeps what `rollback` says of unsynced bytes
+    /// (0 all, 1 none, 2 torn).
+    DiskCrash {
+        agent: usize,
+        after_ops: u64,
+        rollback: u8,
+    },
 }
 
 /// When the faults happen. Every fault is healed before `quiet_from`, so liveness after heal
@@ -84,6 +111,9 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     if scenario == Scenario::Tasks {
         return task_schedule(&mut rng);
     }
+    if scenario == Scenario::Metrics {
+        return metrics_schedule(&mut rng);
+    }
     let agents = scenario.agents();
     let faults_until = Duration::from_secs(200);
     let mut t = match scenario {
@@ -102,7 +132,7 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
             Scenario::Partition => 0,
             Scenario::Hold => 1,
             Scenario::Bounce => 2 + rng.random_range(0..2),
-            Scenario::Mixed | Scenario::Tasks => rng.random_range(0..5),
+            Scenario::Mixed | Scenario::Tasks | Scenario::Metrics => rng.random_range(0..5),
         };
         match kind {
             0 => {
@@ -129,6 +159,49 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     events.sort_by_key(|(at, _)| *at);
     let last = events.last().map(|(at, _)| *at).unwrap_or_default();
     let quiet_from = last.max(Duration::from_secs(30));
+    Schedule {
+        events,
+        quiet_from,
+        run_for: quiet_from + Duration::from_secs(60),
+    }
+}
+
+/// One fault at a time for 200 s, then a quiet minute for the backlog to drain.
+fn metrics_schedule(rng: &mut StdRng) -> Schedule {
+    let mut events = Vec::new();
+    let mut t = secs(rng, 2, 10);
+    while t < Duration::from_secs(200) {
+        let length = secs(rng, 1, 30);
+        match rng.random_range(0..6) {
+            0 => {
+                events.push((t, Fault::Partition { agent: 0 }));
+                events.push((t + length, Fault::Repair { agent: 0 }));
+            }
+            1 => {
+                // Short holds stall a batch past the agent's request timeout: the ack is lost
+                // after the rows were stored, and the batch goes again.
+                let length = secs(rng, 1, 4);
+                events.push((t, Fault::Hold { agent: 0 }));
+                events.push((t + length, Fault::Release { agent: 0 }));
+            }
+            2 => events.push((t, Fault::BounceCp)),
+            3 => {
+                events.push((t, Fault::CrashCp));
+                events.push((t + length, Fault::StartCp));
+            }
+            4 => events.push((t, Fault::BounceAgent { agent: 0 })),
+            _ => events.push((
+                t,
+                Fault::DiskCrash {
+                    agent: 0,
+                    after_ops: rng.random_range(1..150),
+                    rollback: rng.random_range(0..3),
+                },
+            )),
+        }
+        t += length + secs(rng, 1, 15);
+    }
+    let quiet_from = events.last().map(|(at, _)| *at).unwrap_or_default() + Duration::from_secs(31);
     Schedule {
         events,
         quiet_from,

@@ -75,7 +75,11 @@ async fn prepare(
         if expire {
             b.expire(now_ms)?;
         }
-        Ok((b.epoch().to_string(), b.after(after, limit)?))
+        let rows = b.after(after, limit)?;
+        if let Some(last) = rows.last() {
+            b.make_durable_through(last.seq)?;
+        }
+        Ok((b.epoch().to_string(), rows))
     })
     .await
     .map_err(|e| format!("read the buffer: {e}"))?;

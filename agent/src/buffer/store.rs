@@ -92,6 +92,8 @@ pub struct Buffer {
     limits: Limits,
     epoch: String,
     next_seq: i64,
+    /// Records through this `seq` are known to be synced to disk.
+    durable_through: i64,
 }
 
 fn file_size(path: &Path) -> u64 {
@@ -131,6 +133,18 @@ impl Buffer {
         new_epoch: &str,
         now_ms: i64,
     ) -> Result<(Buffer, OpenReport), BufferError> {
+        Buffer::open_with_vfs(path, limits, new_epoch, now_ms, None)
+    }
+
+    /// [`Buffer::open`] through the SQLite VFS named `vfs` (the simulator's crash-injecting
+    /// one); `None` is the default.
+    pub fn open_with_vfs(
+        path: &Path,
+        limits: Limits,
+        new_epoch: &str,
+        now_ms: i64,
+        vfs: Option<&str>,
+    ) -> Result<(Buffer, OpenReport), BufferError> {
         let mut report = if path.exists() {
             OpenReport::Opened
         } else {
@@ -147,7 +161,11 @@ impl Buffer {
                 rows_lost,
             };
         }
-        let conn = Connection::open(path).map_err(err)?;
+        let conn = match vfs {
+            Some(vfs) => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
+            None => Connection::open(path),
+        }
+        .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -193,6 +211,9 @@ impl Buffer {
             limits,
             epoch,
             next_seq,
+            // Nothing is assumed synced after an open: a killed process leaves its last
+            // commits in the page cache only.
+            durable_through: 0,
         };
         if let OpenReport::Quarantined { rows_lost, .. } = &report {
             buffer.count_drop("quarantine", (*rows_lost).max(0))?;
@@ -315,6 +336,30 @@ impl Buffer {
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
         Ok(rows)
+    }
+
+    /// Make every record through `seq` durable before it leaves the host. Appends commit
+    /// under `synchronous=NORMAL`, so a power loss may roll back the last of them; if such a
+    /// record had been delivered, its `seq` would be handed out again after the restart and
+    /// the control plane would discard the new record as a duplicate. One commit under
+    /// `synchronous=FULL` syncs the whole WAL, so this costs one fsync per batch.
+    pub fn make_durable_through(&mut self, seq: i64) -> Result<(), BufferError> {
+        if seq <= self.durable_through {
+            return Ok(());
+        }
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        let synced = self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('durable_through', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![seq.to_string()],
+        );
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        synced.map_err(err)?;
+        self.durable_through = seq;
+        Ok(())
     }
 
     /// The control plane stored everything through `seq`: forget it.
