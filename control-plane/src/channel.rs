@@ -18,7 +18,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use proto::{AgentMessage, Command, CommandResult, ErrorCode, ServerMessage, WireError};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -335,7 +334,7 @@ async fn serve_connection(
     if let Err(end) = conn.send(&welcome).await {
         return end;
     }
-    let mut last_heard = Instant::now();
+    let mut last_heard = tokio::time::Instant::now();
     // Storage learns of the connection at the first heartbeat: the agent sends it only after
     // it has the welcome, so "online" is never shown for a handshake that did not complete.
     let mut recorded = false;
@@ -365,9 +364,9 @@ async fn serve_connection(
                     Some(Err(e)) => return End::Transport(e.to_string()),
                     Some(Ok(Message::Close(_))) => return End::ClosedByAgent,
                     Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => { last_heard = Instant::now(); continue; }
+                    Some(Ok(_)) => { last_heard = tokio::time::Instant::now(); continue; }
                 };
-                last_heard = Instant::now();
+                last_heard = tokio::time::Instant::now();
                 let reply = match serde_json::from_str::<AgentMessage>(&text) {
                     Err(e) => {
                         malformed += 1;

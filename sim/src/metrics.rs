@@ -206,7 +206,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     }
 
     let mut rng = StdRng::seed_from_u64(seed ^ 0xd15c);
-    let mut pending = plan.events.iter().peekable();
+    let mut due = plan.due();
     let mut rollback = Rollback::KeepAll;
     let mut crashes = 0;
     let mut cp_up = true;
@@ -220,10 +220,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         if now >= plan.quiet_from {
             crash.state.arm(None);
         }
-        while let Some((at, fault)) = pending.peek() {
-            if *at > now {
-                break;
-            }
+        for fault in due.take(now) {
             trace::record(format!("fault {fault:?}"));
             match fault {
                 Fault::Partition { .. } => links[0] += 1,
@@ -268,7 +265,6 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             } else {
                 sim.repair("agent1", "cp");
             }
-            pending.next();
         }
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;

@@ -219,7 +219,7 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
             .join("cp")
             .join(control_plane::server::SQLITE_FILE),
     );
-    let mut pending = plan.events.iter().peekable();
+    let mut due = plan.due();
     let mut next_check = Duration::ZERO;
     let mut cp_up = true;
     loop {
@@ -228,12 +228,8 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
         if now >= plan.run_for {
             break;
         }
-        while let Some((at, fault)) = pending.peek() {
-            if *at > now {
-                break;
-            }
+        for fault in due.take(now) {
             apply(&mut sim, fault, &mut checker, &shared, &mut cp_up, now);
-            pending.next();
         }
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;

@@ -102,6 +102,32 @@ pub struct Schedule {
     pub run_for: Duration,
 }
 
+/// Hands out a schedule's faults in time order as simulated time passes.
+pub struct Due<'a> {
+    events: &'a [(Duration, Fault)],
+    next: usize,
+}
+
+impl Schedule {
+    pub fn due(&self) -> Due<'_> {
+        Due {
+            events: &self.events,
+            next: 0,
+        }
+    }
+}
+
+impl<'a> Due<'a> {
+    /// The faults due by `now` that were not handed out yet, in order.
+    pub fn take(&mut self, now: Duration) -> impl Iterator<Item = &'a Fault> + use<'a> {
+        let from = self.next;
+        while self.events.get(self.next).is_some_and(|(at, _)| *at <= now) {
+            self.next += 1;
+        }
+        self.events[from..self.next].iter().map(|(_, f)| f)
+    }
+}
+
 fn secs(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rng.random_range(lo * 1000..=hi * 1000))
 }

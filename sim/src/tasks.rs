@@ -142,7 +142,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
             }
         });
     }
-    let mut pending = plan.events.iter().peekable();
+    let mut due = plan.due();
     let mut up = true;
     loop {
         let now = sim.elapsed();
@@ -150,10 +150,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         if now >= plan.run_for {
             break;
         }
-        while let Some((at, fault)) = pending.peek() {
-            if *at > now {
-                break;
-            }
+        for fault in due.take(now) {
             trace::record(format!("fault {fault:?}"));
             match fault {
                 Fault::BounceAgent { .. } => {
@@ -170,7 +167,6 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
                 }
                 _ => {}
             }
-            pending.next();
         }
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;

@@ -82,7 +82,7 @@ pub async fn run_link(
     status: watch::Sender<LinkStatus>,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     let mut attempt = 0u64;
     let channel_url = match config.control_plane.join(proto::CHANNEL_PATH) {
@@ -266,7 +266,7 @@ async fn serve(
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    let mut last_heard = Instant::now();
+    let mut last_heard = tokio::time::Instant::now();
     let mut events_in_flight: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -303,7 +303,7 @@ async fn serve(
                     Ok(None) => return End::Failed("control plane closed the channel".into()),
                     Err(e) => return End::Failed(e),
                 };
-                last_heard = Instant::now();
+                last_heard = tokio::time::Instant::now();
                 let reply = match serde_json::from_str::<ServerMessage>(&text) {
                     Err(e) => Some(AgentMessage::Error(WireError::new(ErrorCode::Malformed, e.to_string()))),
                     Ok(ServerMessage::HeartbeatAck { .. }) => None,
@@ -412,7 +412,7 @@ async fn next_task_events(
     }
     match bridge.pending_events(TASK_EVENTS_PER_FRAME).await {
         Ok(events) if !events.is_empty() => {
-            *in_flight = Some(Instant::now());
+            *in_flight = Some(tokio::time::Instant::now());
             Some(AgentMessage::TaskEvents { events })
         }
         Ok(_) => None,

@@ -498,10 +498,7 @@ impl PostgresStore {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
                 // "no partition found": another replica's retention dropped a partition this
                 // one still had cached. Forget the cache and try once more.
-                self.partitions
-                    .lock()
-                    .map_err(|_| backend("partition cache poisoned"))?
-                    .clear();
+                self.known_partitions()?.clear();
                 self.ensure_partitions(&days).await?;
                 client.execute(insert, &params).await.map_err(backend)
             }
@@ -509,14 +506,17 @@ impl PostgresStore {
         }
     }
 
+    fn known_partitions(&self) -> Result<std::sync::MutexGuard<'_, BTreeSet<i64>>, StorageError> {
+        self.partitions
+            .lock()
+            .map_err(|_| backend("partition cache poisoned"))
+    }
+
     /// Create the daily partitions `days` need, unless known to exist. Safe against other
     /// replicas doing the same at the same moment.
     async fn ensure_partitions(&self, days: &BTreeSet<i64>) -> Result<(), StorageError> {
         let missing: Vec<i64> = {
-            let known = self
-                .partitions
-                .lock()
-                .map_err(|_| backend("partition cache poisoned"))?;
+            let known = self.known_partitions()?;
             days.iter()
                 .filter(|d| !known.contains(d))
                 .copied()
@@ -542,10 +542,7 @@ impl PostgresStore {
                 }
                 Err(e) => return Err(backend(e)),
             }
-            self.partitions
-                .lock()
-                .map_err(|_| backend("partition cache poisoned"))?
-                .insert(day);
+            self.known_partitions()?.insert(day);
         }
         Ok(())
     }
@@ -579,10 +576,7 @@ impl PostgresStore {
                 .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
                 .await
                 .map_err(backend)?;
-            self.partitions
-                .lock()
-                .map_err(|_| backend("partition cache poisoned"))?
-                .remove(&day);
+            self.known_partitions()?.remove(&day);
             pruned.rows += rows as u64;
             pruned.partitions += 1;
         }
