@@ -2,11 +2,13 @@
 //!
 //! Code map: [`config`] (validated configuration), [`server`] (start-up and serve loop),
 //! [`http`] (routes, access levels, handlers), [`channel`] (agent control channels),
-//! [`storage`] (SQLite and Postgres behind one interface), [`auth`] (roles and secrets).
+//! [`storage`] (SQLite and Postgres behind one interface), [`auth`] (roles and secrets),
+//! [`exec`] (`outpost exec`: fleet commands over supervised SSH).
 
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod exec;
 pub mod http;
 pub mod server;
 pub mod state;

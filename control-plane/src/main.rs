@@ -32,6 +32,121 @@ enum Commands {
     /// Administrative commands that work on the storage directly.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Run one command on many hosts over SSH, with classified outcomes per host.
+    ///
+    /// Every host ends `ok` (exit 0), `command_failed` (exit ≠ 0), `not_started` (connect,
+    /// handshake or authentication failed: certainly not run, retried automatically),
+    /// `uncertain` (the link died after the command was sent: it may have run) or `timed_out`.
+    /// Each run gets an op_id and leaves receipts on the hosts (~/.outpost/receipts), so
+    /// `outpost exec status OP_ID` tells later what really happened.
+    ///
+    /// Example: outpost exec --inventory fleet.toml --hosts @replica --max-errors 10% -- psql -Atc 'select 1'
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ExecArgs {
+    #[command(subcommand)]
+    status: Option<ExecCommand>,
+    #[command(flatten)]
+    run: ExecRunArgs,
+}
+
+#[derive(Subcommand)]
+enum ExecCommand {
+    /// What the receipts on each host say about an earlier run: finished (with its exit
+    /// code), running, never_started, or unknown (host unreachable, or the run vanished).
+    Status {
+        /// The op_id printed by `outpost exec`.
+        op_id: String,
+        #[command(flatten)]
+        select: HostSelection,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        timeouts: TimeoutArgs,
+    },
+}
+
+#[derive(Args)]
+struct HostSelection {
+    /// Inventory TOML: [defaults] user, port, identity_file, known_hosts; [[hosts]] name,
+    /// address, port, groups.
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// Which hosts: comma-separated name globs (db*), @group or group names; !term excludes.
+    #[arg(long, default_value = "*", value_name = "PATTERN")]
+    hosts: String,
+    /// Hosts worked on at once (1-1024).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+struct TimeoutArgs {
+    /// TCP connect timeout.
+    #[arg(long, default_value = "10s", value_name = "D")]
+    connect_timeout: String,
+    /// SSH handshake (key exchange and host key check) timeout.
+    #[arg(long, default_value = "15s", value_name = "D")]
+    handshake_timeout: String,
+    /// Authentication timeout.
+    #[arg(long, default_value = "15s", value_name = "D")]
+    auth_timeout: String,
+    /// Deadline for the command itself; past it the remote process gets TERM (timed_out).
+    #[arg(long, default_value = "10m", value_name = "D")]
+    command_timeout: String,
+    /// Transport liveness: no data and no keepalive answer for this long means the link is
+    /// dead (uncertain). A quiet command on a live link is not idle.
+    #[arg(long, default_value = "30s", value_name = "D")]
+    idle_timeout: String,
+}
+
+impl TimeoutArgs {
+    fn parse(&self) -> anyhow::Result<remote_exec::Timeouts> {
+        use control_plane::exec::duration_flag;
+        Ok(remote_exec::Timeouts {
+            connect: duration_flag("--connect-timeout", &self.connect_timeout)?,
+            handshake: duration_flag("--handshake-timeout", &self.handshake_timeout)?,
+            auth: duration_flag("--auth-timeout", &self.auth_timeout)?,
+            command: duration_flag("--command-timeout", &self.command_timeout)?,
+            idle: duration_flag("--idle-timeout", &self.idle_timeout)?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct ExecRunArgs {
+    #[command(flatten)]
+    select: HostSelection,
+    /// Stop starting new hosts once more than N (or P% of the selected) hosts failed; runs in
+    /// flight finish. Unlimited when not given.
+    #[arg(long, value_name = "N|P%")]
+    max_errors: Option<String>,
+    /// The command is safe to run twice: also retry uncertain and timed_out hosts (not_started
+    /// is always retried, up to 3 attempts).
+    #[arg(long)]
+    idempotent: bool,
+    /// Record host keys missing from known_hosts instead of refusing the host. A changed key
+    /// is always refused.
+    #[arg(long)]
+    accept_new_host_keys: bool,
+    /// Take the command as one shell string (pipes, redirections) instead of an argv that is
+    /// quoted word by word.
+    #[arg(long)]
+    raw: bool,
+    /// Print one JSON object: {"op_id", "hosts":[{host, outcome, exit_code, stdout, stderr,
+    /// error, duration_ms, …}], "summary":{…}}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
+    /// The command and its arguments, after `--`. Each argument reaches the remote program
+    /// exactly as given: nothing is interpreted by the remote shell.
+    #[arg(last = true, value_name = "CMD")]
+    argv: Vec<String>,
 }
 
 #[derive(Args)]
@@ -90,7 +205,12 @@ enum AdminCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `exec` prints its own results; only warnings belong beside them.
+    init_logging(if matches!(cli.command, Commands::Exec(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,14 +223,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Commands::Serve(args) => serve(args).await,
-            Commands::Admin(cmd) => admin(cmd).await,
+            Commands::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+            Commands::Admin(cmd) => admin(cmd).await.map(|()| ExitCode::SUCCESS),
+            Commands::Exec(args) => exec(args).await,
         }
     });
     // Channel tasks got the shutdown signal; give them a moment to send their close frames.
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -118,9 +239,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -152,6 +273,54 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = server::serve(World::real(), config, shutdown.clone()).await;
     signals.abort();
     result
+}
+
+fn inventory_path(select: &HostSelection) -> anyhow::Result<PathBuf> {
+    select.inventory.clone().context(
+        "--inventory FILE is required: a TOML file listing the hosts (see `outpost exec --help`)",
+    )
+}
+
+async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    match args.status {
+        Some(ExecCommand::Status {
+            op_id,
+            select,
+            json,
+            timeouts,
+        }) => {
+            control_plane::exec::status(control_plane::exec::StatusRequest {
+                op_id,
+                inventory: inventory_path(&select)?,
+                hosts: select.hosts,
+                concurrency: select.concurrency,
+                timeouts: timeouts.parse()?,
+                json,
+            })
+            .await
+        }
+        None => {
+            let run = args.run;
+            if run.argv.is_empty() {
+                bail!(
+                    "give the command after `--`, e.g. outpost exec --inventory fleet.toml -- uptime"
+                );
+            }
+            control_plane::exec::run(control_plane::exec::ExecRequest {
+                inventory: inventory_path(&run.select)?,
+                hosts: run.select.hosts,
+                concurrency: run.select.concurrency,
+                max_errors: run.max_errors,
+                idempotent: run.idempotent,
+                timeouts: run.timeouts.parse()?,
+                accept_new_host_keys: run.accept_new_host_keys,
+                raw: run.raw,
+                json: run.json,
+                argv: run.argv,
+            })
+            .await
+        }
+    }
 }
 
 async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::storage::Storage> {

@@ -35,9 +35,10 @@ impl Host {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("read inventory {path}: {source}")]
+    #[error("read inventory {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("inventory {path} is larger than {INVENTORY_BYTES_MAX} bytes")]

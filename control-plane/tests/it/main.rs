@@ -2,5 +2,6 @@
 
 mod api;
 mod channel;
+mod exec;
 mod harness;
 mod storage;

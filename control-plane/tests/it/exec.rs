@@ -1,0 +1,190 @@
+//! `outpost exec` and `outpost exec status`, the real binary against a real sshd.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn outpost() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
+}
+
+fn inventory(dir: &Path, sshd: &fixtures::Sshd, refused_port: u16) -> PathBuf {
+    let text = format!(
+        r#"
+[defaults]
+user = "{user}"
+identity_file = "{key}"
+known_hosts = "{kh}"
+
+[[hosts]]
+name = "db1"
+address = "127.0.0.1"
+port = {port}
+groups = ["primary"]
+
+[[hosts]]
+name = "db2"
+address = "127.0.0.1"
+port = {refused_port}
+groups = ["replica"]
+"#,
+        user = sshd.user(),
+        key = sshd.client_key().display(),
+        kh = sshd.known_hosts().display(),
+        port = sshd.port(),
+    );
+    let path = dir.join("fleet.toml");
+    std::fs::write(&path, text).expect("write inventory");
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    std::process::Command::new(outpost())
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn refused_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("addr").port()
+}
+
+#[tokio::test]
+async fn exec_json_reports_each_host_and_status_reconciles_the_run() {
+    let sshd = fixtures::Sshd::start().await.expect("start sshd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inv = inventory(dir.path(), &sshd, refused_port());
+    let inv_s = inv.to_str().expect("utf-8 path");
+    let out = run(&[
+        "exec",
+        "--inventory",
+        inv_s,
+        "--json",
+        "--connect-timeout",
+        "2s",
+        "--",
+        "printf",
+        "%s\\n",
+        "a b",
+        "$(id)",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "one host failed");
+    let doc = json(&out);
+    let op_id = doc["op_id"].as_str().expect("op_id").to_string();
+    let hosts = doc["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts[0]["host"], "db1");
+    assert_eq!(hosts[0]["outcome"], "ok");
+    assert_eq!(hosts[0]["exit_code"], 0);
+    assert_eq!(hosts[0]["stdout"], "a b\n$(id)\n");
+    assert!(hosts[0]["duration_ms"].is_u64());
+    assert_eq!(hosts[1]["host"], "db2");
+    assert_eq!(hosts[1]["outcome"], "not_started");
+    assert!(
+        hosts[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused")),
+        "{doc}"
+    );
+    assert_eq!(hosts[1]["attempts"], 3, "not_started is retried");
+    assert_eq!(doc["summary"]["ok"], 1);
+    assert_eq!(doc["summary"]["not_started"], 1);
+
+    let out = run(&[
+        "exec",
+        "status",
+        &op_id,
+        "--inventory",
+        inv_s,
+        "--hosts",
+        "db1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = json(&out);
+    assert_eq!(doc["hosts"][0]["status"], "finished");
+    assert_eq!(doc["hosts"][0]["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn exec_prints_a_table_and_a_summary_and_refuses_bad_input() {
+    let sshd = fixtures::Sshd::start().await.expect("start sshd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inv = inventory(dir.path(), &sshd, refused_port());
+    let inv_s = inv.to_str().expect("utf-8 path");
+    let out = run(&[
+        "exec",
+        "--inventory",
+        inv_s,
+        "--hosts",
+        "@primary",
+        "--raw",
+        "--",
+        "echo one | tr o O; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("db1  command_failed exit 4"), "{text}");
+    assert!(text.contains("  | One"), "{text}");
+    assert!(text.contains("1 hosts in"), "{text}");
+    assert!(!text.contains("db2"), "{text}");
+
+    for (args, needle) in [
+        (
+            vec!["exec", "--inventory", inv_s],
+            "give the command after `--`",
+        ),
+        (vec!["exec", "--", "ls"], "--inventory FILE is required"),
+        (
+            vec!["exec", "--inventory", inv_s, "--hosts", "nope", "--", "ls"],
+            "selects no host",
+        ),
+        (
+            vec![
+                "exec",
+                "--inventory",
+                inv_s,
+                "--max-errors",
+                "200%",
+                "--",
+                "ls",
+            ],
+            "0% to 100%",
+        ),
+        (
+            vec![
+                "exec",
+                "--inventory",
+                inv_s,
+                "--idle-timeout",
+                "soon",
+                "--",
+                "ls",
+            ],
+            "--idle-timeout",
+        ),
+        (
+            vec!["exec", "status", "BAD/ID", "--inventory", inv_s],
+            "operation id",
+        ),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
