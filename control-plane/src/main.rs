@@ -41,7 +41,7 @@ enum Commands {
     /// `outpost exec status OP_ID` tells later what really happened.
     ///
     /// Example: outpost exec --inventory fleet.toml --hosts @replica --max-errors 10% -- psql -Atc 'select 1'
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
 }
 
 #[derive(Args)]
@@ -281,7 +281,8 @@ fn inventory_path(select: &HostSelection) -> anyhow::Result<PathBuf> {
     )
 }
 
-async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+async fn exec(args: Box<ExecArgs>) -> anyhow::Result<ExitCode> {
+    let args = *args;
     match args.status {
         Some(ExecCommand::Status {
             op_id,
