@@ -42,7 +42,10 @@ pub fn duration_flag(flag: &str, value: &str) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
-fn load_hosts(inventory: &std::path::Path, pattern: &str) -> anyhow::Result<Vec<remote_exec::Host>> {
+fn load_hosts(
+    inventory: &std::path::Path,
+    pattern: &str,
+) -> anyhow::Result<Vec<remote_exec::Host>> {
     let inv = Inventory::load(inventory)?;
     Ok(inv.select(pattern)?)
 }

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod processes;
 pub mod run;
 pub mod scenario;
+pub mod ssh;
 pub mod tasks;
 pub mod trace;
 pub mod vfs;

@@ -119,6 +119,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, echo: bool) -> Outcome {
     let result = match scenario {
         Scenario::Tasks => crate::tasks::simulate_tasks(seed, &plan),
         Scenario::Metrics => crate::metrics::simulate_metrics(seed, &plan),
+        Scenario::Ssh => crate::ssh::simulate_ssh(seed, &plan),
         _ => simulate(seed, scenario, &plan),
     };
     let (trace_hash, events, tail) = trace::finish();

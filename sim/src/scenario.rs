@@ -21,15 +21,19 @@ pub enum Scenario {
     /// The metrics buffer: partitions, holds (slow or lost acks), control-plane bounces, agent
     /// kills, and agent crashes inside a SQLite write with unsynced bytes lost or torn.
     Metrics,
+    /// Supervised SSH execution against simulated russh hosts: partitions and half-open holds
+    /// before connect, during the handshake, auth or output; slow remotes; quiet commands.
+    Ssh,
 }
 
-pub const ALL: [Scenario; 6] = [
+pub const ALL: [Scenario; 7] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
     Scenario::Mixed,
     Scenario::Tasks,
     Scenario::Metrics,
+    Scenario::Ssh,
 ];
 
 impl Scenario {
@@ -41,6 +45,7 @@ impl Scenario {
             Scenario::Mixed => "mixed",
             Scenario::Tasks => "tasks",
             Scenario::Metrics => "metrics",
+            Scenario::Ssh => "ssh",
         }
     }
 
@@ -51,7 +56,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed => 3,
-            Scenario::Tasks | Scenario::Metrics => 1,
+            Scenario::Tasks | Scenario::Metrics | Scenario::Ssh => 1,
             _ => 2,
         }
     }
@@ -140,6 +145,9 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     if scenario == Scenario::Metrics {
         return metrics_schedule(&mut rng);
     }
+    if scenario == Scenario::Ssh {
+        return crate::ssh::schedule();
+    }
     let agents = scenario.agents();
     let faults_until = Duration::from_secs(200);
     let mut t = match scenario {
@@ -158,7 +166,9 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
             Scenario::Partition => 0,
             Scenario::Hold => 1,
             Scenario::Bounce => 2 + rng.random_range(0..2),
-            Scenario::Mixed | Scenario::Tasks | Scenario::Metrics => rng.random_range(0..5),
+            Scenario::Mixed | Scenario::Tasks | Scenario::Metrics | Scenario::Ssh => {
+                rng.random_range(0..5)
+            }
         };
         match kind {
             0 => {
