@@ -53,7 +53,7 @@ test: fmt-check lint
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer.
+# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer, ssh.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -73,7 +73,15 @@ bench area="sim":
       buffer)
         cargo bench -q -p agent --bench buffer
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer" >&2; exit 2 ;;
+      ssh)
+        # The peers, installed here so the comparison runs in the same session.
+        command -v parallel-ssh >/dev/null || apt-get install -y -q pssh >/dev/null 2>&1 || echo "could not install pssh (apt): its row stays empty" >&2
+        python3 -c 'import pssh.clients' 2>/dev/null || python3 -m pip install --quiet parallel-ssh >/dev/null 2>&1 || echo "could not install parallel-ssh (pip): its row stays empty" >&2
+        command -v ansible >/dev/null || python3 -m pip install --quiet ansible-core >/dev/null 2>&1 || echo "could not install ansible-core (pip): its row stays empty" >&2
+        cargo build -q --release --bin outpost
+        cargo bench -q -p remote-exec --bench ssh
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh" >&2; exit 2 ;;
     esac
 
 fmt:
