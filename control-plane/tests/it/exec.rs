@@ -54,6 +54,15 @@ fn json(out: &Output) -> serde_json::Value {
     })
 }
 
+/// A real sshd and an inventory with db1 (that sshd) and db2 (a refused port).
+async fn setup() -> (fixtures::Sshd, tempfile::TempDir, String) {
+    let sshd = fixtures::Sshd::start().await.expect("start sshd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inv = inventory(dir.path(), &sshd, refused_port());
+    let inv = inv.to_str().expect("utf-8 path").to_string();
+    (sshd, dir, inv)
+}
+
 fn refused_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
     l.local_addr().expect("addr").port()
@@ -61,10 +70,8 @@ fn refused_port() -> u16 {
 
 #[tokio::test]
 async fn exec_json_reports_each_host_and_status_reconciles_the_run() {
-    let sshd = fixtures::Sshd::start().await.expect("start sshd");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let inv = inventory(dir.path(), &sshd, refused_port());
-    let inv_s = inv.to_str().expect("utf-8 path");
+    let (_sshd, _dir, inv) = setup().await;
+    let inv_s = inv.as_str();
     let out = run(&[
         "exec",
         "--inventory",
@@ -122,10 +129,8 @@ async fn exec_json_reports_each_host_and_status_reconciles_the_run() {
 
 #[tokio::test]
 async fn exec_prints_a_table_and_a_summary_and_refuses_bad_input() {
-    let sshd = fixtures::Sshd::start().await.expect("start sshd");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let inv = inventory(dir.path(), &sshd, refused_port());
-    let inv_s = inv.to_str().expect("utf-8 path");
+    let (_sshd, _dir, inv) = setup().await;
+    let inv_s = inv.as_str();
     let out = run(&[
         "exec",
         "--inventory",

@@ -82,39 +82,33 @@ pub fn port_of(l: &world::Listener) -> u16 {
     }
 }
 
-/// A listener that accepts connections and never says a word (no SSH banner).
-pub async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
+/// A listener that accepts connections, writes `greeting` (nothing, or an SSH banner) and then
+/// holds them open in silence: a host that hangs before or during the key exchange.
+async fn holding_listener(greeting: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>) {
     let l = World::real()
         .net()
         .bind("127.0.0.1:0")
         .await
-        .expect("bind silent listener");
+        .expect("bind holding listener");
     let port = port_of(&l);
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(greeting).await;
             held.push(s);
         }
     });
     (port, task)
 }
 
-/// A listener that sends an SSH banner and then nothing: the key exchange never completes.
+/// Accepts and never says a word (no SSH banner).
+pub async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
+    holding_listener(b"").await
+}
+
+/// Sends an SSH banner and then nothing: the key exchange never completes.
 pub async fn mute_after_banner() -> (u16, tokio::task::JoinHandle<()>) {
-    let l = World::real()
-        .net()
-        .bind("127.0.0.1:0")
-        .await
-        .expect("bind mute listener");
-    let port = port_of(&l);
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
-            held.push(s);
-        }
-    });
-    (port, task)
+    holding_listener(b"SSH-2.0-OpenSSH_9.2\r\n").await
 }
 
 /// A TCP relay in front of `upstream`. `freeze()` stops forwarding in both directions while
