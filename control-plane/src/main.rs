@@ -221,6 +221,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A daemon gives its channel tasks time to send close frames; a CLI run has none.
+    let grace = if matches!(cli.command, Commands::Serve(_)) {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(100)
+    };
     let result = runtime.block_on(async move {
         match cli.command {
             Commands::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
@@ -228,8 +234,7 @@ fn main() -> ExitCode {
             Commands::Exec(args) => exec(args).await,
         }
     });
-    // Channel tasks got the shutdown signal; give them a moment to send their close frames.
-    runtime.shutdown_timeout(Duration::from_secs(2));
+    runtime.shutdown_timeout(grace);
     match result {
         Ok(code) => code,
         Err(e) => {
