@@ -126,14 +126,21 @@ pub struct Report {
 }
 
 impl Report {
-    fn failed(phase: Phase, end: End, error: String, elapsed: Duration) -> Report {
+    /// An ending without an exit status, on `host`, of an operation begun at `started`.
+    fn failed(
+        host: &str,
+        phase: Phase,
+        end: End,
+        error: String,
+        started: tokio::time::Instant,
+    ) -> Report {
         Report {
             outcome: classify(phase, &end),
             phase,
             exit_code: None,
             exit_signal: None,
-            error: Some(error),
-            elapsed,
+            error: Some(format!("{host}: {error}")),
+            elapsed: started.elapsed(),
         }
     }
 }
@@ -206,14 +213,7 @@ impl Client {
     /// error is a `not_started` report.
     pub async fn connect(&self, host: &Host) -> Result<Connection, Report> {
         let started = tokio::time::Instant::now();
-        let fail = |phase, end, error: String| {
-            Report::failed(
-                phase,
-                end,
-                format!("{}: {error}", host.name),
-                started.elapsed(),
-            )
-        };
+        let fail = |phase, end, error| Report::failed(&host.name, phase, end, error, started);
         let key = self
             .load_key(&host.identity_file)
             .map_err(|e| fail(Phase::Connect, End::TransportLost, e))?;
@@ -248,16 +248,6 @@ impl Client {
             lock: self.known_hosts_lock.clone(),
             link: link.clone(),
         };
-        let connection = |handle| Connection {
-            handle,
-            kill: kill.clone(),
-            link: link.clone(),
-            gauges: self.gauges.clone(),
-            timeouts: t,
-            reusable: true,
-            host: host.name.clone(),
-            _count: Counted::new(&self.gauges, Gauge::Connections),
-        };
         let handshake = russh::client::connect_stream(self.config.clone(), stream, handler);
         let handle = match tokio::time::timeout(t.handshake, handshake).await {
             Err(_) => {
@@ -281,7 +271,16 @@ impl Client {
             }
             Ok(Ok(handle)) => handle,
         };
-        let mut conn = connection(handle);
+        let mut conn = Connection {
+            handle,
+            kill,
+            link,
+            gauges: self.gauges.clone(),
+            timeouts: t,
+            reusable: true,
+            host: host.name.clone(),
+            _count: Counted::new(&self.gauges, Gauge::Connections),
+        };
         let auth = async {
             let hash = match conn.handle.best_supported_rsa_hash().await {
                 Ok(h) => h.flatten(),
@@ -486,9 +485,7 @@ impl Connection {
         let started = tokio::time::Instant::now();
         let t = self.timeouts;
         let host = self.host.clone();
-        let fail = |phase, end, error: String| {
-            Report::failed(phase, end, format!("{host}: {error}"), started.elapsed())
-        };
+        let fail = |phase, end, error| Report::failed(&host, phase, end, error, started);
         let open = tokio::select! {
             r = tokio::time::timeout(t.idle, self.handle.channel_open_session()) => r,
             () = cancel.cancelled() => {
@@ -572,8 +569,11 @@ impl Connection {
                 let _ = tokio::time::timeout(COURTESY * 2, self.run_quietly(stop)).await;
             }
         }
-        let elapsed = started.elapsed();
-        let outcome = classify(Phase::Running, &end);
+        let lost = || {
+            self.disconnect_reason()
+                .map(|(_, why)| why)
+                .unwrap_or_else(|| "the channel closed without an exit status".to_string())
+        };
         let error = match &end {
             End::Exited(_) | End::Signalled(_) => None,
             End::Refused => Some("the server refused to start the command".to_string()),
@@ -582,33 +582,27 @@ impl Connection {
                 t.command
             )),
             End::Canceled => Some("canceled; the remote process was sent TERM".to_string()),
-            End::LinkDead | End::TransportLost => Some(
-                self.disconnect_reason()
-                    .map(|(_, why)| why)
-                    .unwrap_or_else(|| "the channel closed without an exit status".to_string()),
-            ),
-        };
-        let phase = if end == End::Refused {
-            Phase::Open
-        } else {
-            Phase::Running
+            End::LinkDead => Some(format!(
+                "{} within the idle timeout ({:?}) after the command was sent; it may have run",
+                lost(),
+                t.idle
+            )),
+            End::TransportLost => Some(format!(
+                "{} after the command was sent; it may have run",
+                lost()
+            )),
         };
         Report {
-            outcome,
-            phase,
+            outcome: classify(Phase::Running, &end),
+            phase: if end == End::Refused {
+                Phase::Open
+            } else {
+                Phase::Running
+            },
             exit_code,
             exit_signal,
-            error: error.map(|e| match end {
-                End::LinkDead => format!(
-                    "{}: {e} within the idle timeout ({:?}) after the command was sent; it may have run",
-                    self.host, t.idle
-                ),
-                End::TransportLost => {
-                    format!("{}: {e} after the command was sent; it may have run", self.host)
-                }
-                _ => format!("{}: {e}", self.host),
-            }),
-            elapsed,
+            error: error.map(|e| format!("{}: {e}", self.host)),
+            elapsed: started.elapsed(),
         }
     }
 

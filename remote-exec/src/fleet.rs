@@ -220,7 +220,10 @@ pub async fn run(
         .then(|| receipt::stop_script(&plan.op_id).into());
     let allowed = plan.budget.allowed(hosts.len());
     let concurrency = plan.concurrency.clamp(1, CONCURRENCY_MAX);
-    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = Progress {
+        tx: events,
+        dropped: Arc::default(),
+    };
     let mut results: Vec<Option<HostResult>> = vec![None; hosts.len()];
     let mut summary = Summary {
         hosts: hosts.len(),
@@ -239,9 +242,8 @@ pub async fn run(
                 plan: plan.clone(),
                 line: line.clone(),
                 stop: stop.clone(),
-                events: events.clone(),
+                progress: progress.clone(),
                 cancel: cancel.clone(),
-                dropped: dropped.clone(),
             };
             set.spawn(async move { (index, job.run(host).await) });
             next += 1;
@@ -258,12 +260,8 @@ pub async fn run(
             errors += 1;
         }
         summary.retries += result.attempts.saturating_sub(1);
-        if let Some(tx) = &events
-            && tx
-                .try_send(Event::Finished(Box::new(result.clone())))
-                .is_err()
-        {
-            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if progress.tx.is_some() {
+            progress.emit(Event::Finished(Box::new(result.clone())));
         }
         results[index] = Some(result);
     }
@@ -299,8 +297,26 @@ pub async fn run(
     for r in &results {
         *summary.by_outcome.entry(r.report.outcome).or_default() += 1;
     }
-    summary.events_dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
+    summary.events_dropped = progress.dropped.load(std::sync::atomic::Ordering::Relaxed);
     (results, summary)
+}
+
+/// Where progress events go; what a full channel refused is counted, never waited for.
+#[derive(Clone)]
+struct Progress {
+    tx: Option<mpsc::Sender<Event>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Progress {
+    fn emit(&self, event: Event) {
+        if let Some(tx) = &self.tx
+            && tx.try_send(event).is_err()
+        {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 struct HostJob {
@@ -308,21 +324,11 @@ struct HostJob {
     plan: Arc<Plan>,
     line: Arc<[u8]>,
     stop: Option<Arc<[u8]>>,
-    events: Option<mpsc::Sender<Event>>,
+    progress: Progress,
     cancel: CancellationToken,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl HostJob {
-    fn emit(&self, event: Event) {
-        if let Some(tx) = &self.events
-            && tx.try_send(event).is_err()
-        {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
     async fn run(self, host: Host) -> HostResult {
         let mut stdout = Captured::default();
         let mut stderr = Captured::default();
@@ -330,7 +336,7 @@ impl HostJob {
         let limit = self.plan.output_bytes_max;
         loop {
             attempt += 1;
-            self.emit(Event::Started {
+            self.progress.emit(Event::Started {
                 host: host.name.clone(),
                 attempt,
             });
@@ -345,7 +351,7 @@ impl HostJob {
                             OutputKind::Stdout => stdout.push(chunk, limit),
                             OutputKind::Stderr => stderr.push(chunk, limit),
                         }
-                        self.emit(Event::Output {
+                        self.progress.emit(Event::Output {
                             host: host.name.clone(),
                             kind,
                             bytes: chunk.to_vec(),
