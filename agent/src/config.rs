@@ -20,7 +20,7 @@ pub struct RawAgentConfig {
     /// `[metrics]` and `[terminal]` are read by the capabilities that use them; this build
     /// accepts the sections so one config file serves every version.
     pub metrics: Option<RawMetricsConfig>,
-    pub terminal: Option<toml::Table>,
+    pub terminal: Option<RawTerminalConfig>,
     pub tasks: Option<RawTasksConfig>,
 }
 
@@ -89,6 +89,67 @@ fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
 }
 
 /// `[tasks]`: the task runtime.
+/// `[terminal]`: the browser psql terminal.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTerminalConfig {
+    /// psql binary (default `psql` on `PATH`).
+    pub psql: Option<PathBuf>,
+    /// Connection string psql gets (default: the agent's `postgres`).
+    pub database: Option<String>,
+    /// OS user psql runs as when the agent runs as root (default: none, the agent's user).
+    pub run_as: Option<String>,
+    pub sessions_max: Option<usize>,
+    pub reconnect_window: Option<String>,
+    pub idle_timeout: Option<String>,
+    /// PTY output kept for a link that is down or slow (default 1MiB).
+    pub output_buffer_bytes_max: Option<String>,
+}
+
+fn validate_terminal(
+    raw: RawTerminalConfig,
+    postgres: Option<&str>,
+) -> anyhow::Result<crate::terminal::TerminalConfig> {
+    let duration = |field: &str, v: &Option<String>, default_s: u64| match v {
+        None => Ok(std::time::Duration::from_secs(default_s)),
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("{field}: {v:?} is not a duration (examples: 60s, 30m)")),
+    };
+    let sessions_max = raw.sessions_max.unwrap_or(10);
+    if !(1..=1000).contains(&sessions_max) {
+        bail!("terminal.sessions_max: must be 1 to 1000");
+    }
+    let reconnect_window = duration("terminal.reconnect_window", &raw.reconnect_window, 60)?;
+    if reconnect_window > std::time::Duration::from_secs(3600) {
+        bail!("terminal.reconnect_window: at most 1h");
+    }
+    let idle_timeout = duration("terminal.idle_timeout", &raw.idle_timeout, 30 * 60)?;
+    if idle_timeout < std::time::Duration::from_secs(10) {
+        bail!("terminal.idle_timeout: at least 10s");
+    }
+    let output_bytes_max = match &raw.output_buffer_bytes_max {
+        Some(v) => parse_size("terminal.output_buffer_bytes_max", v)?,
+        None => 1 << 20,
+    };
+    if !((64 << 10)..=(256 << 20)).contains(&output_bytes_max) {
+        bail!("terminal.output_buffer_bytes_max: must be 64KiB to 256MiB");
+    }
+    if let Some(user) = &raw.run_as
+        && (user.is_empty() || user.starts_with('-'))
+    {
+        bail!("terminal.run_as: {user:?} is not a user name");
+    }
+    Ok(crate::terminal::TerminalConfig {
+        psql: raw.psql.unwrap_or_else(|| "psql".into()),
+        database: raw.database.or_else(|| postgres.map(str::to_string)),
+        run_as: raw.run_as,
+        sessions_max,
+        reconnect_window,
+        idle_timeout,
+        output_bytes_max,
+    })
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTasksConfig {
@@ -197,6 +258,7 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub tasks: TasksConfig,
     pub metrics: MetricsConfig,
+    pub terminal: crate::terminal::TerminalConfig,
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
@@ -236,6 +298,7 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         bail!("postgres: {dsn:?} must be a postgres:// URL or a key=value connection string");
     }
     let socket = raw.socket.unwrap_or_else(|| data_dir.join(SOCKET_FILE));
+    let terminal = validate_terminal(raw.terminal.unwrap_or_default(), raw.postgres.as_deref())?;
     Ok(AgentConfig {
         data_dir,
         control_plane,
@@ -243,6 +306,7 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         socket,
         tasks: validate_tasks(raw.tasks.unwrap_or_default())?,
         metrics: validate_metrics(raw.metrics.unwrap_or_default())?,
+        terminal,
     })
 }
 

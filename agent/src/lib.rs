@@ -10,6 +10,7 @@ pub mod identity;
 pub mod link;
 pub mod run;
 pub mod tasks;
+pub mod terminal;
 
 /// Version reported in hello and `describe`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

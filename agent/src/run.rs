@@ -189,12 +189,25 @@ pub async fn run(
                     ("metrics delivery", Ok(()))
                 });
             }
+            let terminals = crate::terminal::Terminals::new(
+                world.clone(),
+                config.terminal.clone(),
+                crate::terminal::TerminalLink {
+                    control_plane: control_plane.clone(),
+                    credential: identity.credential.clone(),
+                },
+                Arc::new(crate::terminal::OsPty),
+                stop.clone(),
+            );
             let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
             link.tasks = Some(bridge);
             link.buffer = Some(crate::buffer::SharedBuffer(buffer.clone()));
+            link.terminals = Some(terminals.clone());
             let (world, stop) = (world.clone(), stop.clone());
             parts.spawn(async move {
                 run_link(world, link, status, stop).await;
+                // Sessions end with `stop`; their PTYs are gone when this returns.
+                terminals.wait().await;
                 ("control channel", Ok(()))
             });
         }

@@ -13,4 +13,5 @@ pub mod http;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod terminal;
 pub mod time;

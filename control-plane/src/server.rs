@@ -57,11 +57,15 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// agent channel to close and wait for in-flight requests.
 pub async fn run(state: AppState, listener: world::Listener) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
+    let terminal_work = tokio::spawn(crate::terminal::relay::run(state.clone()));
     let app = crate::http::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
-        .context("serve HTTP")
+        .context("serve HTTP");
+    shutdown.cancel();
+    let _ = terminal_work.await;
+    served
 }
 
 /// Everything `outpost serve` does after parsing its configuration.
@@ -76,14 +80,14 @@ pub async fn serve(
         .bind(&config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    if config.redis_url.is_some() {
-        tracing::info!(
-            "redis_url is set; it carries terminal streams once the terminal is enabled"
-        );
-    }
+    let streams = match &config.redis_url {
+        Some(url) => crate::terminal::Streams::redis(world.clone(), url).context("redis_url")?,
+        None => crate::terminal::Streams::memory(),
+    };
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         storage = storage.backend_name(),
+        terminal_streams = streams.backend_name(),
         "outpost control plane listening"
     );
     let retention = tokio::spawn(prune_metrics_forever(
@@ -93,7 +97,9 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let result = run(
-        AppState::new(world, storage, config.settings, shutdown),
+        AppState::new(world, storage, config.settings, shutdown).with_terminal(
+            crate::terminal::Terminal::new(streams, crate::terminal::TerminalSettings::default()),
+        ),
         listener,
     )
     .await;

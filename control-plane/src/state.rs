@@ -42,6 +42,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Metrics batches being stored at once; beyond it ingest answers 429 (load shedding).
     pub ingest: Arc<tokio::sync::Semaphore>,
+    /// Terminal sessions and the stream store they meet in.
+    pub terminal: crate::terminal::Terminal,
 }
 
 /// Metrics batches stored concurrently before ingest sheds load.
@@ -61,7 +63,17 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown,
             ingest: Arc::new(tokio::sync::Semaphore::new(INGEST_CONCURRENCY_MAX)),
+            terminal: crate::terminal::Terminal::new(
+                crate::terminal::Streams::memory(),
+                crate::terminal::TerminalSettings::default(),
+            ),
         }
+    }
+
+    /// Use `terminal` (a Redis store, other limits) instead of the in-process default.
+    pub fn with_terminal(mut self, terminal: crate::terminal::Terminal) -> AppState {
+        self.terminal = terminal;
+        self
     }
 
     /// Online = some replica holds the agent's channel *and* heard from it within the dead

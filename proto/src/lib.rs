@@ -170,6 +170,9 @@ pub enum Command {
     TaskAdd { task: Box<TaskRequest> },
     /// Cancel a task.
     TaskCancel { task_id: String },
+    /// Open a terminal session: the agent checks its session limit, answers, then dials
+    /// [`TERMINAL_PATH`] for `session_id`. No PTY exists before that link sends `start`.
+    TerminalOpen { session_id: String },
     #[serde(other)]
     Unknown,
 }
@@ -261,8 +264,85 @@ pub enum CommandResult {
     Task {
         task: TaskSnapshot,
     },
+    /// The agent accepted a terminal session and is dialing its reverse WebSocket.
+    TerminalOpened {
+        session_id: String,
+    },
     #[serde(other)]
     Unknown,
+}
+
+/// Path prefix of the reverse terminal WebSocket the agent dials for one session:
+/// `{TERMINAL_PATH}/{session_id}` (`Authorization: Bearer <agent credential>`).
+///
+/// Frames on that link:
+/// * agent → control plane, binary: 8-byte big-endian byte offset, then PTY output starting
+///   at that offset (at most [`TERMINAL_CHUNK_BYTES_MAX`]);
+/// * agent → control plane, text: [`TerminalFromAgent`];
+/// * control plane → agent, binary: keyboard input for the PTY;
+/// * control plane → agent, text: [`TerminalToAgent`].
+pub const TERMINAL_PATH: &str = "/api/v1/agent/terminal";
+/// Largest PTY output chunk in one frame.
+pub const TERMINAL_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Control plane → agent on the reverse terminal link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TerminalToAgent {
+    /// Start (or resume) output at byte offset `from`; spawns the PTY at `cols`×`rows` if it
+    /// does not exist yet. Sent once per link, after a browser attached.
+    Start {
+        cols: u16,
+        rows: u16,
+        from: u64,
+    },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// Tear the session down (the user closed it, or it timed out).
+    Close {
+        reason: String,
+    },
+    /// Liveness while nothing else flows; answered by [`TerminalFromAgent::Pong`].
+    Ping,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Agent → control plane on the reverse terminal link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TerminalFromAgent {
+    /// Output `from..to` was overwritten before it could be sent (the link was down or slow
+    /// for longer than the agent's output ring holds).
+    Skipped {
+        from: u64,
+        to: u64,
+    },
+    /// psql ended (or was torn down); no output follows `end`.
+    Closed {
+        reason: String,
+        end: u64,
+    },
+    Pong,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Encode one output chunk frame of the reverse terminal link.
+pub fn terminal_chunk(offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + data.len());
+    frame.extend_from_slice(&offset.to_be_bytes());
+    frame.extend_from_slice(data);
+    frame
+}
+
+/// Split an output chunk frame into its offset and data; `None` when shorter than 8 bytes.
+pub fn parse_terminal_chunk(frame: &[u8]) -> Option<(u64, &[u8])> {
+    let (head, data) = frame.split_at_checked(8)?;
+    let offset = u64::from_be_bytes(head.try_into().ok()?);
+    Some((offset, data))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -286,6 +366,8 @@ pub enum ErrorCode {
     Refused,
     /// The agent cannot do it now (its task runtime is not running).
     Unavailable,
+    /// A limit was reached (terminal sessions per agent).
+    LimitReached,
     #[serde(other)]
     Other,
 }

@@ -34,6 +34,8 @@ pub struct LinkConfig {
     pub tasks: Option<Bridge>,
     /// The metrics buffer whose figures every heartbeat carries.
     pub buffer: Option<crate::buffer::SharedBuffer>,
+    /// Terminal sessions, opened on the control plane's request.
+    pub terminals: Option<crate::terminal::Terminals>,
 }
 
 impl LinkConfig {
@@ -48,6 +50,7 @@ impl LinkConfig {
             backoff_max: Duration::from_secs(5),
             tasks: None,
             buffer: None,
+            terminals: None,
         }
     }
 }
@@ -393,6 +396,21 @@ async fn answer(
                 ErrorCode::Unavailable,
                 "this agent runs no task runtime".into(),
             ),
+        },
+        Command::TerminalOpen { session_id } => match &config.terminals {
+            Some(terminals) => match terminals.open(&session_id) {
+                Ok(()) => AgentMessage::CommandAck {
+                    id,
+                    ok: true,
+                    result: Some(CommandResult::TerminalOpened { session_id }),
+                    error: None,
+                },
+                Err(e @ crate::terminal::OpenError::LimitReached(_)) => {
+                    refused(ErrorCode::LimitReached, e.to_string())
+                }
+                Err(e) => refused(ErrorCode::Refused, e.to_string()),
+            },
+            None => refused(ErrorCode::Unavailable, "this agent runs no terminal".into()),
         },
         Command::Unknown => refused(
             ErrorCode::UnknownCommand,

@@ -101,14 +101,46 @@ pub struct ControlPlane {
     pub port: u16,
     pub proc: Option<Proc>,
     pub token: String,
+    /// Storage flags for `serve` and `admin` (e.g. `--database-url`).
+    pub storage_args: Vec<String>,
+    /// Further `serve` flags (e.g. `--redis-url`).
+    pub serve_args: Vec<String>,
 }
 
 impl ControlPlane {
     pub async fn start() -> ControlPlane {
+        ControlPlane::start_with(&[], &[], true).await
+    }
+
+    /// A control plane with extra storage and serve flags; `create_admin` is false for a
+    /// second replica of a shared database, where the admin exists already.
+    pub async fn start_with(
+        storage_args: &[&str],
+        serve_args: &[&str],
+        create_admin: bool,
+    ) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let data = dir.path().join("cp");
         let data_s = data.to_str().expect("utf8");
+        let mut cp = ControlPlane {
+            dir,
+            port,
+            proc: None,
+            token: String::new(),
+            storage_args: storage_args.iter().map(|s| s.to_string()).collect(),
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+        };
+        if create_admin {
+            cp.create_admin(data_s);
+        }
+        cp.launch();
+        cp.wait_healthy().await;
+        cp.token = cp.login().await;
+        cp
+    }
+
+    fn create_admin(&self, data_s: &str) {
         let mut create = Command::new(outpost_bin())
             .args([
                 "admin",
@@ -120,6 +152,7 @@ impl ControlPlane {
                 "--data-dir",
                 data_s,
             ])
+            .args(&self.storage_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -134,16 +167,6 @@ impl ControlPlane {
         }
         let out = create.wait_with_output().expect("create-user");
         assert!(stdout(&out).contains("user: admin"));
-        let mut cp = ControlPlane {
-            dir,
-            port,
-            proc: None,
-            token: String::new(),
-        };
-        cp.launch();
-        cp.wait_healthy().await;
-        cp.token = cp.login().await;
-        cp
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -158,17 +181,16 @@ impl ControlPlane {
         let data = self.data_dir();
         let listen = format!("127.0.0.1:{}", self.port);
         let log = self.dir.path().join("cp.log");
-        let proc = Proc::spawn(
-            &outpost_bin(),
-            &[
-                "serve",
-                "--listen",
-                &listen,
-                "--data-dir",
-                data.to_str().expect("utf8"),
-            ],
-            &log,
-        );
+        let mut args: Vec<&str> = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().expect("utf8"),
+        ];
+        args.extend(self.storage_args.iter().map(String::as_str));
+        args.extend(self.serve_args.iter().map(String::as_str));
+        let proc = Proc::spawn(&outpost_bin(), &args, &log);
         self.proc = Some(proc);
     }
 
@@ -192,17 +214,17 @@ impl ControlPlane {
     }
 
     pub fn enroll_token(&self) -> String {
-        let out = run(
-            &outpost_bin(),
-            &[
-                "admin",
-                "enroll-token",
-                "--ttl",
-                "10m",
-                "--data-dir",
-                self.data_dir().to_str().expect("utf8"),
-            ],
-        );
+        let data = self.data_dir();
+        let mut args: Vec<&str> = vec![
+            "admin",
+            "enroll-token",
+            "--ttl",
+            "10m",
+            "--data-dir",
+            data.to_str().expect("utf8"),
+        ];
+        args.extend(self.storage_args.iter().map(String::as_str));
+        let out = run(&outpost_bin(), &args);
         stdout(&out).trim().to_string()
     }
 

@@ -5,3 +5,4 @@ mod cli;
 mod harness;
 mod link;
 mod tasks;
+mod terminal;

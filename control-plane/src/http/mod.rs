@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 
 use crate::auth::{Role, secret_hash};
@@ -108,6 +108,42 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),
             get(crate::channel::upgrade),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/terminal/sessions",
+                Access::User(Role::Operator),
+            ),
+            post(crate::terminal::browser::create),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/sessions/{id}",
+                Access::User(Role::Operator),
+            ),
+            get(crate::terminal::browser::show),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/terminal/sessions/{id}",
+                Access::User(Role::Operator),
+            ),
+            delete(crate::terminal::browser::close),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/sessions/{id}/ws",
+                Access::User(Role::Operator),
+            ),
+            get(crate::terminal::browser::ws),
+        ),
+        (
+            spec(Method::GET, "/api/v1/agent/terminal/{id}", Access::Agent),
+            get(crate::terminal::agent_link::upgrade),
         ),
     ]
 }

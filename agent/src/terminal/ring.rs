@@ -1,0 +1,158 @@
+//! The PTY output ring: sans-IO, byte offsets from 0, bounded. The PTY reader appends and never
+//! waits; a sender reads from its own cursor and learns when the bytes it wanted were
+//! overwritten, so every gap it forwards is announced.
+
+use std::collections::VecDeque;
+
+/// What a reader at some offset gets next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Bytes starting at `offset` (the cursor, or the live end when the cursor was past it).
+    Data { offset: u64, bytes: Vec<u8> },
+    /// `from..to` was overwritten; continue at `to`.
+    Skipped { from: u64, to: u64 },
+    /// Nothing new yet.
+    Empty,
+    /// The process ended and everything up to `end` was read.
+    Closed { end: u64, reason: String },
+}
+
+#[derive(Debug)]
+pub struct OutputRing {
+    bytes: VecDeque<u8>,
+    /// Offset of `bytes[0]`.
+    start: u64,
+    bytes_max: usize,
+    closed: Option<String>,
+    /// Bytes overwritten before any reader took them (for the session's log line).
+    overwritten_total: u64,
+}
+
+impl OutputRing {
+    pub fn new(bytes_max: usize) -> OutputRing {
+        assert!(bytes_max > 0, "a ring needs room for at least one byte");
+        OutputRing {
+            bytes: VecDeque::new(),
+            start: 0,
+            bytes_max,
+            closed: None,
+            overwritten_total: 0,
+        }
+    }
+
+    /// Offset one past the newest byte.
+    pub fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    pub fn overwritten_total(&self) -> u64 {
+        self.overwritten_total
+    }
+
+    /// Append output; the oldest bytes make room. Never fails, never waits.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.bytes.extend(data);
+        let over = self.bytes.len().saturating_sub(self.bytes_max);
+        if over > 0 {
+            self.bytes.drain(..over);
+            self.start += over as u64;
+        }
+    }
+
+    /// The process ended: nothing more will be appended.
+    pub fn close(&mut self, reason: String) {
+        if self.closed.is_none() {
+            self.closed = Some(reason);
+        }
+    }
+
+    /// What a reader whose next wanted byte is `cursor` gets, at most `max` bytes of it.
+    pub fn next(&mut self, cursor: u64, max: usize) -> Next {
+        if cursor < self.start {
+            self.overwritten_total += self.start - cursor;
+            return Next::Skipped {
+                from: cursor,
+                to: self.start,
+            };
+        }
+        let end = self.end();
+        let offset = cursor.min(end);
+        let skip = usize::try_from(offset - self.start).unwrap_or(usize::MAX);
+        if skip >= self.bytes.len() {
+            return match &self.closed {
+                Some(reason) => Next::Closed {
+                    end,
+                    reason: reason.clone(),
+                },
+                None => Next::Empty,
+            };
+        }
+        let take = (self.bytes.len() - skip).min(max);
+        let bytes = self.bytes.range(skip..skip + take).copied().collect();
+        Next::Data { offset, bytes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Next, OutputRing};
+
+    fn data(offset: u64, bytes: &[u8]) -> Next {
+        Next::Data {
+            offset,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_reader_gets_everything_in_order_in_bounded_chunks() {
+        let mut ring = OutputRing::new(16);
+        ring.push(b"hello ");
+        ring.push(b"world");
+        assert_eq!(ring.next(0, 4), data(0, b"hell"));
+        assert_eq!(ring.next(4, 100), data(4, b"o world"));
+        assert_eq!(ring.next(11, 100), Next::Empty);
+    }
+
+    #[test]
+    fn overwritten_bytes_are_announced_not_lost_silently() {
+        let mut ring = OutputRing::new(4);
+        ring.push(b"abcdef");
+        assert_eq!(ring.end(), 6);
+        assert_eq!(ring.next(0, 10), Next::Skipped { from: 0, to: 2 });
+        assert_eq!(ring.next(2, 10), data(2, b"cdef"));
+        assert_eq!(ring.overwritten_total(), 2);
+    }
+
+    #[test]
+    fn a_cursor_past_the_end_starts_at_the_live_end() {
+        let mut ring = OutputRing::new(8);
+        ring.push(b"abc");
+        assert_eq!(ring.next(100, 10), Next::Empty);
+        ring.push(b"d");
+        assert_eq!(ring.next(100, 10), data(3, b"d"));
+    }
+
+    #[test]
+    fn close_is_reported_after_the_last_byte() {
+        let mut ring = OutputRing::new(8);
+        ring.push(b"bye");
+        ring.close("psql exited with status 0".into());
+        ring.push(b"ignored");
+        assert_eq!(ring.next(0, 10), data(0, b"bye"));
+        assert_eq!(
+            ring.next(3, 10),
+            Next::Closed {
+                end: 3,
+                reason: "psql exited with status 0".into()
+            }
+        );
+    }
+}

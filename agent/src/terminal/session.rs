@@ -1,0 +1,456 @@
+//! One terminal session on the agent: dial the reverse link, spawn the PTY on `start`, run
+//! the input and output loops, survive link loss for the reconnect window, tear down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use proto::{TerminalFromAgent, TerminalToAgent};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use world::{World, WsStream};
+
+use super::ring::Next;
+use super::{
+    Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
+};
+use crate::link::Backoff;
+
+/// TCP connect plus WebSocket handshake of one reverse link.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session whose first link never comes up ends after this (no PTY exists yet).
+const FIRST_LINK_DEADLINE: Duration = Duration::from_secs(30);
+/// Waiting for `start` on a link (the control plane sends it once a browser attached; it
+/// enforces its own, shorter attach timeout).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// No frame from the control plane for this long: the link is dead (it pings every 5 s).
+const LINK_DEAD_AFTER: Duration = Duration::from_secs(20);
+/// Resize requests closer together than this collapse into the last one.
+pub const RESIZE_DEBOUNCE: Duration = Duration::from_millis(80);
+/// Control frames queued for the output loop.
+const CONTROL_QUEUED_MAX: usize = 16;
+/// Largest frame accepted from the control plane.
+const FRAME_BYTES_MAX: usize = 1024 * 1024;
+
+pub struct Ctx {
+    pub world: World,
+    pub config: TerminalConfig,
+    pub link: TerminalLink,
+    pub pty: Arc<dyn PtySystem>,
+    pub shutdown: CancellationToken,
+}
+
+/// Sans-IO resize debounce: remembers the newest size and says when it is due.
+#[derive(Debug, Default)]
+pub struct Debounce {
+    pending: Option<(PtySize, Instant)>,
+}
+
+impl Debounce {
+    /// A resize arrived at `now`; it is applied `RESIZE_DEBOUNCE` after the last one.
+    pub fn push(&mut self, now: Instant, size: PtySize) {
+        self.pending = Some((size, now + RESIZE_DEBOUNCE));
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.pending.map(|(_, at)| at)
+    }
+
+    /// The size to apply if its quiet period is over.
+    pub fn due(&mut self, now: Instant) -> Option<PtySize> {
+        match self.pending {
+            Some((size, at)) if at <= now => {
+                self.pending = None;
+                Some(size)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The whole session; returns when it is over and its PTY is gone.
+pub async fn run(ctx: Ctx, session_id: String) {
+    let url = match ctx
+        .link
+        .control_plane
+        .join(&format!("{}/{session_id}", proto::TERMINAL_PATH))
+    {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "terminal link URL");
+            return;
+        }
+    };
+    let output = Output::new(ctx.config.output_bytes_max);
+    let mut pty: Option<PtyHandle> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
+    let opened = Instant::now();
+    let mut lost_at: Option<Instant> = None;
+    let reason = loop {
+        let deadline = match (&pty, lost_at) {
+            (None, _) => opened + FIRST_LINK_DEADLINE,
+            (Some(_), Some(at)) => at + ctx.config.reconnect_window,
+            (Some(_), None) => Instant::now() + ctx.config.reconnect_window,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            break match pty {
+                None => "the reverse link never came up".to_string(),
+                Some(_) => format!(
+                    "the reverse link stayed down for the reconnect window ({} s)",
+                    ctx.config.reconnect_window.as_secs()
+                ),
+            };
+        }
+        let dial = world::ws_connect(
+            &ctx.world,
+            &url,
+            Some(&ctx.link.credential),
+            CONNECT_TIMEOUT.min(deadline - now),
+            FRAME_BYTES_MAX,
+        );
+        let ws = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break "agent shutting down".to_string(),
+            dialed = dial => dialed,
+        };
+        let ws = match ws {
+            Ok(ws) => ws,
+            Err(e) if matches!(e.http_status(), Some(401 | 403 | 404 | 410)) => {
+                break format!("the control plane refused the link: {e}");
+            }
+            Err(e) => {
+                let delay = backoff.next_delay(ctx.world.random_u64());
+                if backoff.failures() <= 1 {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "terminal link dial failed; retrying");
+                }
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break "agent shutting down".to_string(),
+                    _ = tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))) => {}
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        match serve_link(&ctx, ws, &output, &mut pty, &mut lost_at).await {
+            LinkEnd::Lost(error) => {
+                tracing::info!(%error, pty = pty.is_some(), "terminal link lost; redialing");
+                if pty.is_some() {
+                    lost_at.get_or_insert_with(Instant::now);
+                }
+            }
+            LinkEnd::Over(reason) => break reason,
+        }
+    };
+    if let Some(mut handle) = pty {
+        handle.child.terminate();
+    }
+    let lost = output.with(|r| r.overwritten_total());
+    tracing::info!(%reason, output_overwritten_bytes = lost, "terminal session ended");
+}
+
+enum LinkEnd {
+    /// The link died; the session lives on (redial).
+    Lost(String),
+    /// The session is over.
+    Over(String),
+}
+
+fn psql_spec(config: &TerminalConfig) -> Result<PtySpec, String> {
+    let mut argv: Vec<String> = Vec::new();
+    let mut env = vec![
+        ("TERM".to_string(), "xterm-256color".to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("PGAPPNAME".to_string(), "outpost-terminal".to_string()),
+        (
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/lib/postgresql/bin".to_string(),
+        ),
+    ];
+    let mut cwd = None;
+    let euid = nix::unistd::geteuid();
+    match &config.run_as {
+        Some(name) if euid.is_root() => {
+            let user = nix::unistd::User::from_name(name)
+                .map_err(|e| format!("look up user {name}: {e}"))?
+                .ok_or_else(|| format!("terminal.run_as: no such user {name:?}"))?;
+            argv.extend([
+                "setpriv".to_string(),
+                format!("--reuid={}", user.uid),
+                format!("--regid={}", user.gid),
+                "--init-groups".to_string(),
+                "--".to_string(),
+            ]);
+            env.push(("HOME".into(), user.dir.display().to_string()));
+            env.push(("USER".into(), name.clone()));
+            env.push(("LOGNAME".into(), name.clone()));
+            cwd = Some(user.dir);
+        }
+        Some(name) => {
+            let me = nix::unistd::User::from_uid(euid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default();
+            if &me != name {
+                return Err(format!(
+                    "terminal.run_as = {name:?} needs the agent to run as root (it runs as {me:?})"
+                ));
+            }
+        }
+        None => {
+            if let Ok(Some(user)) = nix::unistd::User::from_uid(euid) {
+                env.push(("HOME".into(), user.dir.display().to_string()));
+                env.push(("USER".into(), user.name));
+            }
+        }
+    }
+    argv.push(config.psql.display().to_string());
+    if let Some(db) = &config.database {
+        argv.push(db.clone());
+    }
+    Ok(PtySpec { argv, env, cwd })
+}
+
+async fn send_text(
+    sink: &mut SplitSink<WsStream, Message>,
+    msg: &TerminalFromAgent,
+) -> Result<(), String> {
+    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    sink.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| format!("send: {e}"))
+}
+
+/// Wait for `start`, spawn the PTY if needed, then run both loops until the link ends.
+async fn serve_link(
+    ctx: &Ctx,
+    ws: WsStream,
+    output: &Arc<Output>,
+    pty: &mut Option<PtyHandle>,
+    lost_at: &mut Option<Instant>,
+) -> LinkEnd {
+    let (mut sink, mut stream) = ws.split();
+    let start = loop {
+        let frame = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return LinkEnd::Over("agent shutting down".into()),
+            f = tokio::time::timeout(START_TIMEOUT, stream.next()) => f,
+        };
+        match frame {
+            Err(_) => return LinkEnd::Over("no browser attached in time".into()),
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => {
+                return LinkEnd::Lost("closed before start".into());
+            }
+            Ok(Some(Err(e))) => return LinkEnd::Lost(format!("receive: {e}")),
+            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(&t) {
+                Ok(TerminalToAgent::Start { cols, rows, from }) => {
+                    break (PtySize::clamped(cols, rows), from);
+                }
+                Ok(TerminalToAgent::Close { reason }) => return LinkEnd::Over(reason),
+                Ok(TerminalToAgent::Ping) => {
+                    if let Err(e) = send_text(&mut sink, &TerminalFromAgent::Pong).await {
+                        return LinkEnd::Lost(e);
+                    }
+                }
+                _ => {}
+            },
+            Ok(Some(Ok(_))) => {}
+        }
+    };
+    let (size, mut cursor) = start;
+    if pty.is_none() {
+        let spec = match psql_spec(&ctx.config) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = send_text(
+                    &mut sink,
+                    &TerminalFromAgent::Closed {
+                        reason: e.clone(),
+                        end: 0,
+                    },
+                )
+                .await;
+                return LinkEnd::Over(e);
+            }
+        };
+        match ctx.pty.spawn(&ctx.world, &spec, size, Arc::clone(output)) {
+            Ok(handle) => {
+                tracing::info!(cols = size.cols, rows = size.rows, "PTY started");
+                *pty = Some(handle);
+            }
+            Err(e) => {
+                let reason = format!("could not start psql: {e}");
+                let _ = send_text(
+                    &mut sink,
+                    &TerminalFromAgent::Closed {
+                        reason: reason.clone(),
+                        end: 0,
+                    },
+                )
+                .await;
+                return LinkEnd::Over(reason);
+            }
+        }
+    }
+    // On a reattached link the PTY keeps its size; browsers send their own resizes.
+    let Some(handle) = pty.as_mut() else {
+        return LinkEnd::Over("PTY missing after start".into());
+    };
+    // Reattached: the reconnect window starts afresh at the next loss.
+    *lost_at = None;
+
+    let (control_tx, mut control_rx) = mpsc::channel::<TerminalFromAgent>(CONTROL_QUEUED_MAX);
+    let activity = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let out_activity = Arc::clone(&activity);
+    let outbound = async {
+        loop {
+            while let Ok(msg) = control_rx.try_recv() {
+                send_text(&mut sink, &msg).await?;
+            }
+            let next = output.with(|r| r.next(cursor, proto::TERMINAL_CHUNK_BYTES_MAX));
+            match next {
+                Next::Data { offset, bytes } => {
+                    cursor = offset + bytes.len() as u64;
+                    if let Ok(mut at) = out_activity.lock() {
+                        *at = Instant::now();
+                    }
+                    sink.send(Message::Binary(
+                        proto::terminal_chunk(offset, &bytes).into(),
+                    ))
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
+                }
+                Next::Skipped { from, to } => {
+                    cursor = to;
+                    send_text(&mut sink, &TerminalFromAgent::Skipped { from, to }).await?;
+                }
+                Next::Closed { end, reason } => {
+                    send_text(
+                        &mut sink,
+                        &TerminalFromAgent::Closed {
+                            reason: reason.clone(),
+                            end,
+                        },
+                    )
+                    .await?;
+                    let _ = sink.flush().await;
+                    return Ok::<String, String>(reason);
+                }
+                Next::Empty => {
+                    tokio::select! {
+                        _ = output.changed() => {}
+                        msg = control_rx.recv() => match msg {
+                            Some(msg) => send_text(&mut sink, &msg).await?,
+                            None => return Err("control queue closed".into()),
+                        },
+                    }
+                }
+            }
+        }
+    };
+    let input = handle.input.clone();
+    let idle_timeout = ctx.config.idle_timeout;
+    let inbound = async {
+        let mut debounce = Debounce::default();
+        let mut last_heard = Instant::now();
+        loop {
+            let idle_at = activity
+                .lock()
+                .map(|at| *at)
+                .unwrap_or_else(|_| Instant::now())
+                + idle_timeout;
+            let resize_at = debounce.deadline();
+            tokio::select! {
+                _ = tokio::time::sleep_until(last_heard + LINK_DEAD_AFTER) => {
+                    return LinkEnd::Lost(format!("no frame from the control plane for {} s", LINK_DEAD_AFTER.as_secs()));
+                }
+                _ = tokio::time::sleep_until(idle_at) => {
+                    // Output counts as activity too: re-check before ending.
+                    let at = activity.lock().map(|at| *at).unwrap_or_else(|_| Instant::now());
+                    if at + idle_timeout <= Instant::now() {
+                        return LinkEnd::Over(format!("idle for {} s", idle_timeout.as_secs()));
+                    }
+                }
+                _ = async { tokio::time::sleep_until(resize_at.unwrap_or_else(Instant::now)).await }, if resize_at.is_some() => {
+                    if let Some(size) = debounce.due(Instant::now())
+                        && input.send(PtyInput::Resize(size)).await.is_err()
+                    {
+                        return LinkEnd::Lost("PTY writer gone".into());
+                    }
+                }
+                frame = stream.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        None | Some(Ok(Message::Close(_))) => return LinkEnd::Lost("closed by the control plane".into()),
+                        Some(Err(e)) => return LinkEnd::Lost(format!("receive: {e}")),
+                        Some(Ok(Message::Binary(data))) => {
+                            if let Ok(mut at) = activity.lock() {
+                                *at = Instant::now();
+                            }
+                            if input.send(PtyInput::Data(data.to_vec())).await.is_err() {
+                                // The writer ends with the process; the output loop reports it.
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+                            Ok(TerminalToAgent::Resize { cols, rows }) => {
+                                debounce.push(Instant::now(), PtySize::clamped(cols, rows));
+                            }
+                            Ok(TerminalToAgent::Close { reason }) => return LinkEnd::Over(reason),
+                            Ok(TerminalToAgent::Ping) => {
+                                let _ = control_tx.try_send(TerminalFromAgent::Pong);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "unreadable control frame; ignored"),
+                        },
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    };
+    tokio::pin!(outbound);
+    let ended = tokio::select! {
+        _ = ctx.shutdown.cancelled() => LinkEnd::Over("agent shutting down".into()),
+        end = inbound => end,
+        sent = &mut outbound => return match sent {
+            Ok(reason) => LinkEnd::Over(reason),
+            Err(e) => LinkEnd::Lost(e),
+        },
+    };
+    if let LinkEnd::Over(reason) = &ended {
+        // Ending on our side (closed, idle, shutdown): stop psql, then let the output loop
+        // deliver what is left and the closing frame, briefly.
+        output.close(reason.clone());
+        handle.child.terminate();
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut outbound).await;
+    }
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Debounce, PtySize, RESIZE_DEBOUNCE};
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_resize_storm_collapses_into_the_last_size() {
+        let t0 = Instant::now();
+        let mut d = Debounce::default();
+        for i in 0..50u16 {
+            d.push(
+                t0 + RESIZE_DEBOUNCE / 10 * u32::from(i),
+                PtySize::clamped(80 + i, 24),
+            );
+            assert_eq!(d.due(t0 + RESIZE_DEBOUNCE / 10 * u32::from(i)), None);
+        }
+        let last = t0 + RESIZE_DEBOUNCE / 10 * 49;
+        assert_eq!(
+            d.due(last + RESIZE_DEBOUNCE),
+            Some(PtySize::clamped(129, 24))
+        );
+        assert_eq!(d.due(last + RESIZE_DEBOUNCE * 2), None);
+    }
+}

@@ -1,0 +1,413 @@
+//! The browser psql terminal end to end: real `outpost` and `outpost-agent`, real Postgres
+//! and psql in a PTY, real Redis, and a WebSocket client speaking the browser protocol.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use world::{World, WsStream};
+
+use crate::harness::{ControlPlane, Proc, agent_bin};
+
+/// What a test waits for at most before it fails (never a timing assertion).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A control plane (or two), one enrolled agent with psql pointed at a fresh database.
+struct Rig {
+    /// Where the browser goes.
+    cp: ControlPlane,
+    /// Where the agent goes, when that is another replica.
+    _agent_cp: Option<ControlPlane>,
+    agent_id: String,
+    _agent: Proc,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(
+    cp: ControlPlane,
+    agent_cp: Option<ControlPlane>,
+    postgres: &fixtures::Postgres,
+    terminal: &str,
+) -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("agent");
+    let d = data.display().to_string();
+    agent_cp.as_ref().unwrap_or(&cp).enroll_agent("db1", &d);
+    let dsn = postgres
+        .create_database(&format!("term_{}", crate::harness::free_port()))
+        .expect("create database");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("[terminal]\n{terminal}\n")).expect("write config");
+    let agent = Proc::spawn(
+        &agent_bin(),
+        &[
+            "run",
+            "--data-dir",
+            &d,
+            "--postgres",
+            &dsn,
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
+        &dir.path().join("agent.log"),
+    );
+    cp.wait_status("db1", "online", PATIENCE).await;
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    let agent_id = v[0]["id"].as_str().expect("id").to_string();
+    Rig {
+        cp,
+        _agent_cp: agent_cp,
+        agent_id,
+        _agent: agent,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `POST /api/v1/terminal/sessions`: `(status, body)`.
+    async fn create(&self, agent_id: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .cp
+            .api(
+                http::Method::POST,
+                "/api/v1/terminal/sessions",
+                Some(serde_json::json!({ "agent_id": agent_id })),
+            )
+            .await
+            .expect("control plane reachable");
+        (
+            r.status.as_u16(),
+            serde_json::from_slice(&r.body).unwrap_or_default(),
+        )
+    }
+
+    async fn session(&self) -> String {
+        let (status, body) = self.create(&self.agent_id).await;
+        assert_eq!(status, 201, "create session: {body}\n{}", self.cp.log());
+        body["session_id"].as_str().expect("session_id").to_string()
+    }
+}
+
+/// The browser's view of one WebSocket: bytes by offset, announced gaps, the close.
+struct Term {
+    ws: WsStream,
+    /// Offset of the next byte expected.
+    offset: u64,
+    screen: Vec<u8>,
+    skipped: Vec<(u64, u64)>,
+    closed: Option<String>,
+}
+
+impl Term {
+    async fn open(cp: &ControlPlane, session: &str, offset: u64) -> Term {
+        let url = url::Url::parse(&format!(
+            "{}/api/v1/terminal/sessions/{session}/ws?offset={offset}",
+            cp.url()
+        ))
+        .expect("url");
+        let ws = world::ws_connect(&World::real(), &url, Some(&cp.token), PATIENCE, 1 << 20)
+            .await
+            .expect("browser WebSocket");
+        let mut term = Term {
+            ws,
+            offset: u64::MAX,
+            screen: Vec::new(),
+            skipped: Vec::new(),
+            closed: None,
+        };
+        // The first control frame says where this view starts.
+        while term.offset == u64::MAX {
+            assert!(term.next_frame().await, "closed before the offset frame");
+        }
+        term
+    }
+
+    async fn send(&mut self, text: &str) {
+        self.ws
+            .send(Message::Binary(text.as_bytes().to_vec().into()))
+            .await
+            .expect("send input");
+    }
+
+    async fn resize(&mut self, cols: u16, rows: u16) {
+        let msg = serde_json::json!({"type": "resize", "cols": cols, "rows": rows});
+        self.ws
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("send resize");
+    }
+
+    /// Apply one frame; false when the socket ended. Checks the stream's own invariant:
+    /// bytes arrive in order and every gap is announced where it starts.
+    async fn next_frame(&mut self) -> bool {
+        let frame = match tokio::time::timeout(PATIENCE, self.ws.next()).await {
+            Err(_) => panic!(
+                "no frame within {PATIENCE:?}; the screen ends:\n{}",
+                self.tail()
+            ),
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return false,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame {
+            Message::Binary(data) => {
+                assert_ne!(self.offset, u64::MAX, "data before the offset frame");
+                self.offset += data.len() as u64;
+                self.screen.extend_from_slice(&data);
+            }
+            Message::Text(text) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).expect("control frame is JSON");
+                match v["type"].as_str() {
+                    Some("offset") => self.offset = v["offset"].as_u64().expect("offset"),
+                    Some("skipped") => {
+                        let (from, to) = (
+                            v["from"].as_u64().expect("from"),
+                            v["to"].as_u64().expect("to"),
+                        );
+                        assert_eq!(
+                            from, self.offset,
+                            "a gap must start where the data stopped: {v}"
+                        );
+                        assert!(to > from, "{v}");
+                        self.skipped.push((from, to));
+                        self.offset = to;
+                    }
+                    Some("closed") => {
+                        self.closed = Some(v["reason"].as_str().unwrap_or("").to_string())
+                    }
+                    Some("state") => {}
+                    other => panic!("unknown control frame {other:?}: {v}"),
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn tail(&self) -> String {
+        let from = self.screen.len().saturating_sub(1500);
+        String::from_utf8_lossy(&self.screen[from..]).into_owned()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.screen).into_owned()
+    }
+
+    /// Read until the screen contains `needle` (after `from` bytes of it).
+    async fn wait_for(&mut self, needle: &str, from: usize) -> usize {
+        let mut searched = from;
+        loop {
+            let start = searched.min(self.screen.len());
+            if let Some(at) = find(&self.screen[start..], needle) {
+                return start + at + needle.len();
+            }
+            // Only new bytes (plus an overlap for a needle split across frames) are searched.
+            searched = self.screen.len().saturating_sub(needle.len()).max(from);
+            assert!(
+                self.next_frame().await,
+                "socket ended before {needle:?}:\n{}",
+                self.tail()
+            );
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &str) -> Option<usize> {
+    hay.windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+}
+
+async fn postgres() -> fixtures::Postgres {
+    fixtures::Postgres::start()
+        .await
+        .expect("postgres fixture (Debian package postgresql)")
+}
+
+async fn redis() -> fixtures::Redis {
+    fixtures::Redis::start()
+        .await
+        .expect("redis fixture (Debian package redis-server)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_answers_ctrl_c_cancels_and_a_reconnect_replays_from_offset_zero() {
+    let (pg, redis) = (postgres().await, redis().await);
+    let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    term.resize(120, 40).await;
+    let prompt = term.wait_for("=#", 0).await;
+
+    term.send("select 6*7 as answer;\r").await;
+    let answered = term.wait_for("42", prompt).await;
+    term.wait_for("=#", answered).await;
+
+    // Ctrl+C reaches psql as SIGINT: the running statement is cancelled, psql lives on.
+    term.send("select pg_sleep(60);\r").await;
+    let sleeping = term.wait_for("pg_sleep(60);", answered).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    term.send("\x03").await;
+    let cancelled = term
+        .wait_for("canceling statement due to user request", sleeping)
+        .await;
+    term.send("select 'still' || 'here';\r").await;
+    term.wait_for("stillhere", cancelled).await;
+    let seen = term.text();
+    drop(term);
+
+    // A new browser socket from offset 0 replays the whole scrollback, in order.
+    let mut replay = Term::open(&rig.cp, &session, 0).await;
+    assert_eq!(replay.offset, 0);
+    let end = replay.wait_for("stillhere", 0).await;
+    let replayed = String::from_utf8_lossy(&replay.screen[..end]).into_owned();
+    assert!(
+        seen.starts_with(&replayed[..replayed.len().min(seen.len())])
+            || replayed.starts_with(&seen[..seen.len().min(replayed.len())]),
+        "replay differs from the live view:\nlive:\n{seen}\nreplay:\n{replayed}"
+    );
+    assert!(
+        replay.skipped.is_empty(),
+        "nothing was trimmed: {:?}",
+        replay.skipped
+    );
+
+    // An offset past the end starts at the live end.
+    let live = Term::open(&rig.cp, &session, 1 << 40).await;
+    assert!(live.offset >= end as u64, "{} < {end}", live.offset);
+
+    // `\q` ends psql; the browser is told and the session is closed.
+    replay.send("\\q\r").await;
+    while replay.closed.is_none() {
+        assert!(
+            replay.next_frame().await || replay.closed.is_some(),
+            "closed without a reason"
+        );
+    }
+    let r = rig
+        .cp
+        .api(
+            http::Method::GET,
+            &format!("/api/v1/terminal/sessions/{session}"),
+            None,
+        )
+        .await
+        .expect("show");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(v["state"], "closed", "{v}\n{}", rig.agent_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_does_not_stall_psql() {
+    let pg = postgres().await;
+    // The in-process store (no Redis): the embedded default behind the same interface.
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let mut typist = Term::open(&rig.cp, &session, 0).await;
+    let prompt = typist.wait_for("=#", 0).await;
+    // A second browser opens and then reads nothing for 10 s.
+    let mut stuck = Term::open(&rig.cp, &session, 0).await;
+
+    typist.send("\\pset pager off\r").await;
+    let off = typist.wait_for("Pager usage is off.", prompt).await;
+    // About 10 MB of output, far more than the socket buffers of the stuck reader.
+    typist
+        .send("select repeat('x', 100) || n from generate_series(1, 100000) n;\r")
+        .await;
+    let flood = typist.wait_for("(100000 rows)", off).await;
+    typist.send("select 'after' || 'flood';\r").await;
+    typist.wait_for("afterflood", flood).await;
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The stuck reader catches up: in order, any trimmed output announced as skipped.
+    stuck.wait_for("afterflood", 0).await;
+    let received = stuck.screen.len() as u64;
+    let skipped: u64 = stuck.skipped.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(
+        received + skipped,
+        stuck.offset,
+        "every byte is either received or announced"
+    );
+    assert!(
+        skipped > 0,
+        "10 MB through a 4 MiB stream cap must skip some output for a reader that slept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_limited_and_refusals_are_json_errors() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "sessions_max = 2").await;
+    let (status, body) = rig.create("no-such-agent").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no agent")),
+        "{body}"
+    );
+
+    let first = rig.session().await;
+    let _second = rig.session().await;
+    let (status, body) = rig.create(&rig.agent_id).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("limit reached")),
+        "{body}"
+    );
+
+    // Closing one (never attached: no psql was started for it) frees its slot.
+    let r = rig
+        .cp
+        .api(
+            http::Method::DELETE,
+            &format!("/api/v1/terminal/sessions/{first}"),
+            None,
+        )
+        .await
+        .expect("close");
+    assert_eq!(r.status, 202);
+    let mut third = None;
+    for _ in 0..100 {
+        let (status, body) = rig.create(&rig.agent_id).await;
+        if status == 201 {
+            third = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        third.is_some(),
+        "a slot was freed\n{}\n{}",
+        rig.agent_log(),
+        rig.cp.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_and_agent_on_different_replicas_meet_through_redis() {
+    let (pg, redis) = (postgres().await, redis().await);
+    let db = pg.create_database("replicas").expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    let rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    term.send("select 6*7 as answer;\r").await;
+    term.wait_for("42", prompt).await;
+}

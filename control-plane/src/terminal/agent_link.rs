@@ -1,0 +1,412 @@
+//! The agent side: the reverse WebSocket an agent dials for one session. PTY lifecycle and
+//! infrastructure errors live here; users and browsers do not (see `browser`).
+//!
+//! Output frames are appended to the session's output stream at the agent's byte offsets. A
+//! store write that fails is retried and no further frame is read meanwhile: the agent's
+//! output ring absorbs the backlog (overwriting and announcing `skipped`), so the PTY keeps
+//! running and this process holds at most one frame per session.
+
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use proto::{TerminalFromAgent, TerminalToAgent};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{InEvent, OutEntry, SessionState, Streams, TerminalCounters};
+use crate::http::{ApiError, AuthAgent};
+use crate::state::AppState;
+
+/// Largest frame accepted from an agent (a chunk plus its offset header).
+const AGENT_FRAME_BYTES_MAX: usize = proto::TERMINAL_CHUNK_BYTES_MAX + 1024;
+/// Ping the agent this often; it answers with `pong`.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// No frame from the agent for this long: the link is dead.
+const DEAD_AFTER: Duration = Duration::from_secs(20);
+/// A send to the agent that takes longer than this ends the link.
+const SEND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an input read waits (it also paces pings).
+const INPUT_BLOCK: Duration = Duration::from_millis(1000);
+/// Retry pause for store writes; doubles up to the max.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// `GET /api/v1/agent/terminal/{id}` (agent credential).
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Extension(AuthAgent(agent)): Extension<AuthAgent>,
+    Path(session_id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let meta = match state.terminal.streams.meta(&session_id).await {
+        Ok(Some(meta)) if meta.agent_id == agent.id => meta,
+        Ok(_) => {
+            return ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such terminal session for this agent",
+            )
+            .into_response();
+        }
+        Err(e) => {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
+    };
+    if meta.state == SessionState::Closed {
+        return ApiError::new(StatusCode::GONE, format!("session closed: {}", meta.reason))
+            .into_response();
+    }
+    let span =
+        tracing::info_span!("terminal_agent", session_id = %session_id, agent_id = %agent.id);
+    ws.max_message_size(AGENT_FRAME_BYTES_MAX)
+        .on_upgrade(move |socket| {
+            async move { run(state, session_id, socket).await }.instrument(span)
+        })
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn send(sink: &mut Sink, msg: &TerminalToAgent) -> Result<(), String> {
+    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    send_message(sink, Message::Text(text.into())).await
+}
+
+async fn send_message(sink: &mut Sink, message: Message) -> Result<(), String> {
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send: {e}")),
+        Err(_) => Err("the agent did not take a frame in time".into()),
+    }
+}
+
+/// Retry a store write until it lands or shutdown. Returns false on shutdown.
+async fn until_stored<F, Fut>(state: &AppState, mut write: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), super::StreamsError>>,
+{
+    let mut pause = RETRY_MIN;
+    let mut failures = 0u64;
+    loop {
+        match write().await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(
+                        failures,
+                        "terminal store is back; session no longer degraded"
+                    );
+                }
+                return true;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "terminal store write failed; session degraded, PTY keeps running");
+                }
+                failures += 1;
+                TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
+            }
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return false,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// What ended a link.
+enum End {
+    /// The session is over (psql exited, it was closed, or nobody attached).
+    Over(String),
+    /// The link died; the agent keeps the PTY for its reconnect window.
+    Lost(String),
+}
+
+async fn run(state: AppState, session_id: String, socket: WebSocket) {
+    let streams = state.terminal.streams.clone();
+    let settings = state.terminal.settings.clone();
+    let (mut sink, mut stream) = socket.split();
+
+    // Where output resumes, and which input is still to be forwarded.
+    let (meta, written_end) = loop {
+        let meta = streams.meta(&session_id).await;
+        let end = streams.output_end(&session_id).await;
+        match (meta, end) {
+            (Ok(Some(meta)), Ok(end)) => break (meta, end),
+            (Ok(None), _) => return,
+            _ => {
+                if state.shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+    };
+    let mut input_cursor = meta.input_cursor.clone();
+    tracing::info!(
+        started = meta.started,
+        output_end = written_end,
+        "agent terminal link connected"
+    );
+    let start = if meta.started {
+        TerminalToAgent::Start {
+            cols: 80,
+            rows: 24,
+            from: written_end,
+        }
+    } else {
+        // No PTY before a browser attached: wait for its attach in the input stream.
+        let deadline = Instant::now() + settings.attach_timeout;
+        let mut attached = None;
+        let mut closed = None;
+        while attached.is_none() && closed.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match streams
+                .read_input(&session_id, &input_cursor, left.min(INPUT_BLOCK))
+                .await
+            {
+                Ok(events) => {
+                    for (id, event) in events {
+                        input_cursor = id;
+                        match event {
+                            InEvent::Attach { cols, rows } => {
+                                attached = Some((cols, rows));
+                                break;
+                            }
+                            InEvent::Close { reason } => {
+                                closed = Some(reason);
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(_) => tokio::time::sleep(RETRY_MIN).await,
+            }
+            // Keep the agent's link alive while waiting.
+            if send(&mut sink, &TerminalToAgent::Ping).await.is_err() {
+                return;
+            }
+        }
+        match attached {
+            Some((cols, rows)) => TerminalToAgent::Start {
+                cols,
+                rows,
+                from: 0,
+            },
+            None => {
+                let reason = closed.unwrap_or_else(|| {
+                    format!(
+                        "no browser attached within {} s",
+                        settings.attach_timeout.as_secs()
+                    )
+                });
+                let _ = send(
+                    &mut sink,
+                    &TerminalToAgent::Close {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
+                finish(&state, &session_id, &reason).await;
+                return;
+            }
+        }
+    };
+    if let Err(e) = send(&mut sink, &start).await {
+        tracing::info!(error = %e, "terminal link lost before start");
+        return;
+    }
+    let now_ms = state.world.now_unix_ms();
+    let cursor_now = input_cursor.clone();
+    let _ = streams
+        .update(&session_id, now_ms, move |m| {
+            m.started = true;
+            m.state = SessionState::Live;
+            m.input_cursor = cursor_now;
+        })
+        .await;
+    tracing::info!(from = written_end, "terminal link attached");
+
+    let end = tokio::select! {
+        end = output_loop(&state, &streams, &session_id, written_end, &mut stream) => end,
+        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink) => end,
+        () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
+    };
+    match end {
+        End::Over(reason) => {
+            tracing::info!(%reason, "terminal session over");
+            finish(&state, &session_id, &reason).await;
+        }
+        End::Lost(reason) => {
+            tracing::info!(%reason, "terminal link lost; the agent may reattach");
+            let now_ms = state.world.now_unix_ms();
+            let _ = streams
+                .update(&session_id, now_ms, |m| {
+                    m.state = SessionState::Reconnecting
+                })
+                .await;
+        }
+    }
+}
+
+async fn finish(state: &AppState, session_id: &str, reason: &str) {
+    let streams = &state.terminal.streams;
+    let keep = state.terminal.settings.closed_keep;
+    until_stored(state, || {
+        streams.finish(session_id, state.world.now_unix_ms(), reason, keep)
+    })
+    .await;
+}
+
+/// Agent → store: output chunks at their offsets, skipped ranges, the close.
+async fn output_loop(
+    state: &AppState,
+    streams: &Streams,
+    session_id: &str,
+    mut written_end: u64,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> End {
+    let cap = state.terminal.settings.stream_bytes_max;
+    loop {
+        let frame = match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
+            Err(_) => {
+                return End::Lost(format!(
+                    "no frame from the agent for {} s",
+                    DEAD_AFTER.as_secs()
+                ));
+            }
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => {
+                return End::Lost("closed by the agent".into());
+            }
+            Ok(Some(Err(e))) => return End::Lost(format!("receive: {e}")),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let mut entries = Vec::with_capacity(2);
+        match frame {
+            Message::Binary(data) => {
+                let Some((offset, bytes)) = proto::parse_terminal_chunk(&data) else {
+                    continue;
+                };
+                let end = offset + bytes.len() as u64;
+                if end <= written_end {
+                    continue; // resent after a reattach: already stored
+                }
+                if offset > written_end {
+                    // The agent skips only with an announcement; keep the stream gap-free anyway.
+                    entries.push(OutEntry::Skipped {
+                        from: written_end,
+                        to: offset,
+                    });
+                }
+                let keep_from = usize::try_from(written_end.saturating_sub(offset)).unwrap_or(0);
+                entries.push(OutEntry::Data {
+                    offset: offset.max(written_end),
+                    bytes: bytes[keep_from..].to_vec(),
+                });
+            }
+            Message::Text(text) => match serde_json::from_str::<TerminalFromAgent>(&text) {
+                Ok(TerminalFromAgent::Skipped { from, to }) if to > written_end => {
+                    entries.push(OutEntry::Skipped {
+                        from: from.max(written_end),
+                        to,
+                    });
+                }
+                Ok(TerminalFromAgent::Closed { reason, end }) => {
+                    let end = end.max(written_end);
+                    if !until_stored(state, || {
+                        streams.append_output(
+                            session_id,
+                            OutEntry::Closed {
+                                end,
+                                reason: reason.clone(),
+                            },
+                            cap,
+                        )
+                    })
+                    .await
+                    {
+                        return End::Lost("control plane shutting down".into());
+                    }
+                    return End::Over(reason);
+                }
+                _ => continue,
+            },
+            _ => continue,
+        }
+        for entry in entries {
+            let end = entry.end();
+            if !until_stored(state, || {
+                streams.append_output(session_id, entry.clone(), cap)
+            })
+            .await
+            {
+                return End::Lost("control plane shutting down".into());
+            }
+            written_end = end;
+        }
+    }
+}
+
+/// Store → agent: keystrokes, resizes, close; pings while quiet.
+async fn input_loop(
+    state: &AppState,
+    streams: &Streams,
+    session_id: &str,
+    mut cursor: String,
+    sink: &mut Sink,
+) -> End {
+    let mut last_ping = Instant::now();
+    loop {
+        match streams.read_input(session_id, &cursor, INPUT_BLOCK).await {
+            Ok(events) if !events.is_empty() => {
+                for (id, event) in events {
+                    let sent = match event {
+                        InEvent::Data(data) => {
+                            send_message(sink, Message::Binary(data.into())).await
+                        }
+                        InEvent::Resize { cols, rows } => {
+                            send(sink, &TerminalToAgent::Resize { cols, rows }).await
+                        }
+                        // A later browser attach is only a size hint.
+                        InEvent::Attach { cols, rows } => {
+                            send(sink, &TerminalToAgent::Resize { cols, rows }).await
+                        }
+                        InEvent::Close { reason } => {
+                            send(sink, &TerminalToAgent::Close { reason }).await
+                        }
+                    };
+                    if let Err(e) = sent {
+                        return End::Lost(e);
+                    }
+                    cursor = id;
+                }
+                let next = cursor.clone();
+                let _ = streams
+                    .update(session_id, state.world.now_unix_ms(), move |m| {
+                        m.input_cursor = next
+                    })
+                    .await;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+        if last_ping.elapsed() >= PING_INTERVAL {
+            last_ping = Instant::now();
+            if let Err(e) = send(sink, &TerminalToAgent::Ping).await {
+                return End::Lost(e);
+            }
+        }
+    }
+}

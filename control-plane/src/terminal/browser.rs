@@ -1,0 +1,473 @@
+//! The browser side: creating a session and the browser WebSocket. Auth and user errors live
+//! here; the PTY lifecycle does not (see `agent_link`).
+
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use proto::{Command, CommandResult, ErrorCode};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::streams::OpenRequest;
+use super::{
+    InEvent, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters, clamp_size,
+};
+use crate::auth::Role;
+use crate::channel::CommandError;
+use crate::http::{ApiError, AuthUser};
+use crate::state::AppState;
+
+/// Largest frame a browser may send (a paste is split by xterm.js well below this).
+const BROWSER_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// A browser that takes longer than this to accept one frame is dropped (it may reconnect).
+const BROWSER_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one store read waits for new output before checking the session state.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+/// Pause before retrying a failed store call.
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub agent_id: String,
+}
+
+#[derive(Serialize)]
+pub struct CreateResponse {
+    pub session_id: String,
+}
+
+#[derive(Serialize)]
+pub struct SessionView {
+    pub session_id: String,
+    pub agent_id: String,
+    pub user: String,
+    pub state: &'static str,
+    pub reason: String,
+    pub created_ms: i64,
+    pub changed_ms: i64,
+}
+
+fn store_error(e: StreamsError) -> ApiError {
+    match e {
+        StreamsError::LimitReached(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
+        StreamsError::Unavailable(_) => {
+            tracing::warn!(error = %e, "terminal store");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the terminal stream store (Redis) is unavailable; try again shortly",
+            )
+        }
+    }
+}
+
+/// `POST /api/v1/terminal/sessions`: a logical session; the agent is asked to dial back.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Json(request): Json<CreateRequest>,
+) -> Result<(StatusCode, Json<CreateResponse>), ApiError> {
+    let terminal = &state.terminal;
+    let refuse = |e: ApiError| {
+        TerminalCounters::add(&terminal.counters.sessions_refused_total, 1);
+        e
+    };
+    let agent = state
+        .storage
+        .agent(&request.agent_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            refuse(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no agent {}", request.agent_id),
+            ))
+        })?;
+    let now_ms = state.world.now_unix_ms();
+    if !state.is_online(&agent, now_ms) {
+        return Err(refuse(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "agent {} is offline; a terminal needs it online",
+                agent.name
+            ),
+        )));
+    }
+    let session_id = hex::encode(state.world.random_bytes::<16>());
+    let meta = SessionMeta {
+        agent_id: agent.id.clone(),
+        user_id: user.id.clone(),
+        username: user.name.clone(),
+        state: SessionState::Pending,
+        created_ms: now_ms,
+        changed_ms: now_ms,
+        started: false,
+        reason: String::new(),
+        input_cursor: String::new(),
+    };
+    terminal
+        .streams
+        .create(&session_id, &meta, terminal.settings.sessions_max)
+        .await
+        .map_err(|e| refuse(store_error(e)))?;
+    let opened = open_on_agent(&state, &agent.id, &session_id).await;
+    if let Err(e) = opened {
+        let _ = terminal
+            .streams
+            .finish(
+                &session_id,
+                state.world.now_unix_ms(),
+                &format!("refused: {}", e.message),
+                terminal.settings.closed_keep,
+            )
+            .await;
+        return Err(refuse(e));
+    }
+    TerminalCounters::add(&terminal.counters.sessions_opened_total, 1);
+    tracing::info!(session_id, agent_id = %agent.id, user = %user.name, "terminal session created");
+    Ok((StatusCode::CREATED, Json(CreateResponse { session_id })))
+}
+
+/// Ask the agent (here, or through the relay on whichever replica holds its channel).
+async fn open_on_agent(state: &AppState, agent_id: &str, session_id: &str) -> Result<(), ApiError> {
+    let timeout = state.terminal.settings.open_timeout;
+    let command = Command::TerminalOpen {
+        session_id: session_id.to_string(),
+    };
+    match state
+        .channels
+        .send_command(agent_id, command, timeout)
+        .await
+    {
+        Ok(CommandResult::TerminalOpened { .. }) => Ok(()),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "the agent answered with something else",
+        )),
+        Err(CommandError::NotConnected) if state.terminal.streams.is_shared() => {
+            let streams = &state.terminal.streams;
+            let request = OpenRequest {
+                session_id: session_id.to_string(),
+                agent_id: agent_id.to_string(),
+            };
+            streams.request_open(&request).await.map_err(store_error)?;
+            match streams
+                .wait_open_reply(session_id, timeout)
+                .await
+                .map_err(store_error)?
+            {
+                Some(Ok(())) => Ok(()),
+                Some(Err(reason)) => Err(refusal(&reason)),
+                None => Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "no control plane replica answered for agent {agent_id} within {} s; is it online?",
+                        timeout.as_secs()
+                    ),
+                )),
+            }
+        }
+        Err(CommandError::NotConnected) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("agent {agent_id} is not connected to this control plane"),
+        )),
+        Err(CommandError::Refused(e)) if e.code == ErrorCode::LimitReached => {
+            Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.message))
+        }
+        Err(e) => Err(refusal(&e.to_string())),
+    }
+}
+
+/// A refusal relayed as text from another replica (or a local one).
+fn refusal(reason: &str) -> ApiError {
+    if reason.contains("limit reached") {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, reason)
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason)
+    }
+}
+
+async fn owned_session(
+    state: &AppState,
+    user: &crate::storage::UserRow,
+    session_id: &str,
+) -> Result<SessionMeta, ApiError> {
+    let meta = state
+        .terminal
+        .streams
+        .meta(session_id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no terminal session {session_id}"),
+            )
+        })?;
+    if meta.user_id != user.id && !user.role.allows(Role::Admin) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this terminal session belongs to another user",
+        ));
+    }
+    Ok(meta)
+}
+
+/// `GET /api/v1/terminal/sessions/{id}`.
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(session_id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let meta = owned_session(&state, &user, &session_id).await?;
+    Ok(Json(SessionView {
+        session_id,
+        agent_id: meta.agent_id,
+        user: meta.username,
+        state: meta.state.as_str(),
+        reason: meta.reason,
+        created_ms: meta.created_ms,
+        changed_ms: meta.changed_ms,
+    }))
+}
+
+/// `DELETE /api/v1/terminal/sessions/{id}`: ask the agent to end psql.
+pub async fn close(
+    State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(session_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let meta = owned_session(&state, &user, &session_id).await?;
+    if meta.state != SessionState::Closed {
+        state
+            .terminal
+            .streams
+            .append_input(
+                &session_id,
+                InEvent::Close {
+                    reason: format!("closed by {}", user.name),
+                },
+            )
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// `GET /api/v1/terminal/sessions/{id}/ws?offset=N`.
+pub async fn ws(
+    State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(session_id): Path<String>,
+    Query(query): Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Err(e) = owned_session(&state, &user, &session_id).await {
+        return e.into_response();
+    }
+    let span = tracing::info_span!("terminal_browser", session_id = %session_id, user = %user.name);
+    upgrade
+        .max_message_size(BROWSER_FRAME_BYTES_MAX)
+        .on_upgrade(move |socket| {
+            async move { serve(state, session_id, query.offset, socket).await }.instrument(span)
+        })
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum FromBrowser {
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Close,
+    #[serde(other)]
+    Unknown,
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn send(sink: &mut Sink, message: Message) -> Result<(), String> {
+    match tokio::time::timeout(BROWSER_SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send: {e}")),
+        Err(_) => Err("the browser did not take output for 30 s".into()),
+    }
+}
+
+async fn send_json(sink: &mut Sink, value: serde_json::Value) -> Result<(), String> {
+    send(sink, Message::Text(value.to_string().into())).await
+}
+
+async fn serve(state: AppState, session_id: String, offset: u64, socket: WebSocket) {
+    let streams = state.terminal.streams.clone();
+    let (mut sink, mut stream) = socket.split();
+    // The first attach starts the PTY (at 80×24 until the browser's resize arrives).
+    if let Err(e) = streams
+        .append_input(&session_id, InEvent::Attach { cols: 80, rows: 24 })
+        .await
+    {
+        let _ = send_json(
+            &mut sink,
+            serde_json::json!({"type": "state", "state": "degraded"}),
+        )
+        .await;
+        tracing::warn!(error = %e, "attach: store unavailable");
+    }
+    let output = async {
+        let mut cursor = loop {
+            match streams.output_end(&session_id).await {
+                Ok(end) => break offset.min(end),
+                Err(_) => tokio::time::sleep(STORE_RETRY).await,
+            }
+        };
+        send_json(
+            &mut sink,
+            serde_json::json!({"type": "offset", "offset": cursor}),
+        )
+        .await?;
+        let mut shown_state = String::new();
+        loop {
+            let entries = match streams.read_output(&session_id, cursor, READ_BLOCK).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    if shown_state != "degraded" {
+                        tracing::warn!(error = %e, "terminal output unavailable; retrying");
+                        shown_state = "degraded".into();
+                        send_json(
+                            &mut sink,
+                            serde_json::json!({"type": "state", "state": "degraded"}),
+                        )
+                        .await?;
+                    }
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                // Quiet: tell the browser what the session is doing if that changed.
+                if let Ok(Some(meta)) = streams.meta(&session_id).await {
+                    let now = meta.state.as_str();
+                    if now != shown_state {
+                        shown_state = now.to_string();
+                        send_json(
+                            &mut sink,
+                            serde_json::json!({"type": "state", "state": now}),
+                        )
+                        .await?;
+                    }
+                    if meta.state == SessionState::Closed {
+                        send_json(
+                            &mut sink,
+                            serde_json::json!({"type": "closed", "reason": meta.reason}),
+                        )
+                        .await?;
+                        return Ok::<(), String>(());
+                    }
+                }
+                continue;
+            }
+            if shown_state == "degraded" {
+                shown_state = "live".into();
+                send_json(
+                    &mut sink,
+                    serde_json::json!({"type": "state", "state": "live"}),
+                )
+                .await?;
+            }
+            for entry in entries {
+                let end = entry.end();
+                match entry {
+                    OutEntry::Data { offset, bytes } => {
+                        if end <= cursor {
+                            continue;
+                        }
+                        if offset > cursor {
+                            send_json(&mut sink, serde_json::json!({"type": "skipped", "from": cursor, "to": offset})).await?;
+                            cursor = offset;
+                        }
+                        let skip = usize::try_from(cursor - offset).unwrap_or(0);
+                        let chunk = bytes.get(skip..).unwrap_or_default().to_vec();
+                        TerminalCounters::add(
+                            &state.terminal.counters.output_bytes_total,
+                            chunk.len() as u64,
+                        );
+                        send(&mut sink, Message::Binary(chunk.into())).await?;
+                        cursor = end;
+                    }
+                    OutEntry::Skipped { to, .. } => {
+                        if to > cursor {
+                            send_json(
+                                &mut sink,
+                                serde_json::json!({"type": "skipped", "from": cursor, "to": to}),
+                            )
+                            .await?;
+                            cursor = to;
+                        }
+                    }
+                    OutEntry::Closed { reason, .. } => {
+                        send_json(
+                            &mut sink,
+                            serde_json::json!({"type": "closed", "reason": reason}),
+                        )
+                        .await?;
+                        let _ = sink
+                            .send(Message::Close(Some(CloseFrame {
+                                code: 1000,
+                                reason: "session closed".into(),
+                            })))
+                            .await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    let input = async {
+        while let Some(frame) = stream.next().await {
+            let event = match frame {
+                Ok(Message::Binary(data)) => InEvent::Data(data.to_vec()),
+                Ok(Message::Text(text)) => match serde_json::from_str::<FromBrowser>(&text) {
+                    Ok(FromBrowser::Resize { cols, rows }) => {
+                        let (cols, rows) = clamp_size(cols, rows);
+                        InEvent::Resize { cols, rows }
+                    }
+                    Ok(FromBrowser::Close) => InEvent::Close {
+                        reason: "closed in the browser".into(),
+                    },
+                    Ok(FromBrowser::Unknown) | Err(_) => continue,
+                },
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            if let Err(e) = streams.append_input(&session_id, event).await {
+                // Keystrokes cannot reach the agent while the store is down; the output
+                // side has told the browser the session is degraded.
+                tracing::warn!(error = %e, "terminal input dropped: store unavailable");
+                TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
+            }
+        }
+    };
+    tokio::select! {
+        ended = output => if let Err(e) = ended {
+            tracing::info!(reason = %e, "browser detached");
+        },
+        () = input => tracing::debug!("browser closed its socket"),
+        () = state.shutdown.cancelled() => {}
+    }
+}
