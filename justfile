@@ -9,7 +9,7 @@ default:
     @just --list
 
 # Run the control plane on embedded defaults (SQLite) with one local agent enrolled and connected.
-demo listen="127.0.0.1:8080":
+demo listen="127.0.0.1:8080": web
     #!/usr/bin/env bash
     set -euo pipefail
     cargo build --bins
@@ -42,8 +42,12 @@ demo listen="127.0.0.1:8080":
     echo "Ctrl+C stops everything."
     wait
 
-# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd), fixed sim seeds and regressions.
-test: fmt-check lint
+# Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
+web:
+    cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
+
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions.
+test: fmt-check web lint
     cargo build --workspace --bins
     cargo nextest run --workspace --profile ci
     just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism

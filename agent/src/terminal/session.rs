@@ -259,7 +259,10 @@ async fn serve_link(
             Ok(Some(Ok(_))) => {}
         }
     };
-    let (size, mut cursor) = start;
+    let (size, from) = start;
+    // The control plane never has more than the agent produced; a `from` past the end
+    // (it cannot happen today) starts at the live end.
+    let mut cursor = from.min(output.with(|r| r.end()));
     if pty.is_none() {
         let spec = match psql_spec(&ctx.config) {
             Ok(s) => s,

@@ -7,6 +7,7 @@ mod agents;
 mod metrics;
 mod sessions;
 mod tasks;
+mod web;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
@@ -57,6 +58,11 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     };
     vec![
         (spec(Method::GET, "/healthz", Access::Public), get(healthz)),
+        (spec(Method::GET, "/", Access::Public), get(web::index)),
+        (
+            spec(Method::GET, "/assets/{*path}", Access::Public),
+            get(web::file),
+        ),
         (
             spec(Method::POST, "/api/v1/sessions", Access::Public),
             post(sessions::login),

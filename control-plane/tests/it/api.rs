@@ -26,6 +26,8 @@ async fn every_route_but_login_health_and_enrollment_requires_credentials() {
         public,
         vec![
             "GET /healthz",
+            "GET /",
+            "GET /assets/{*path}",
             "POST /api/v1/sessions",
             "POST /api/v1/agents/enroll"
         ],
