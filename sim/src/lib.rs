@@ -11,5 +11,6 @@ pub mod run;
 pub mod scenario;
 pub mod ssh;
 pub mod tasks;
+pub mod terminal;
 pub mod trace;
 pub mod vfs;

@@ -55,7 +55,7 @@ fn lock(ledger: &SharedLedger) -> MutexGuard<'_, Ledger> {
 
 /// Enroll the agent in the control plane's database before the simulation (as an operator
 /// would); returns its credential.
-fn prepare(dir: &Path, seed: u64) -> anyhow::Result<String> {
+pub(crate) fn prepare(dir: &Path, seed: u64) -> anyhow::Result<String> {
     let world = host_world(seed, "operator");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

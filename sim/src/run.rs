@@ -120,6 +120,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, echo: bool) -> Outcome {
         Scenario::Tasks => crate::tasks::simulate_tasks(seed, &plan),
         Scenario::Metrics => crate::metrics::simulate_metrics(seed, &plan),
         Scenario::Ssh => crate::ssh::simulate_ssh(seed, &plan),
+        Scenario::Terminal => crate::terminal::simulate_terminal(seed, &plan),
         _ => simulate(seed, scenario, &plan),
     };
     let (trace_hash, events, tail) = trace::finish();
@@ -331,8 +332,12 @@ fn apply(
             sim.bounce(agent_host(*agent));
             checker.agent_restarted(*agent, now);
         }
-        // Only the metrics scenario injects disk crashes.
-        Fault::DiskCrash { .. } => {}
+        // Only the metrics and terminal scenarios inject these.
+        Fault::DiskCrash { .. }
+        | Fault::StoreOutage
+        | Fault::StoreBack
+        | Fault::PartitionBrowser
+        | Fault::RepairBrowser => {}
     }
 }
 

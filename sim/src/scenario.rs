@@ -24,9 +24,13 @@ pub enum Scenario {
     /// Supervised SSH execution against simulated russh hosts: partitions and half-open holds
     /// before connect, during the handshake, auth or output; slow remotes; quiet commands.
     Ssh,
+    /// The browser psql terminal over a simulated PTY and stream store: slow and vanishing
+    /// browsers, agent link flaps inside and beyond the reconnect window, store outages,
+    /// control-plane bounces.
+    Terminal,
 }
 
-pub const ALL: [Scenario; 7] = [
+pub const ALL: [Scenario; 8] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
@@ -34,6 +38,7 @@ pub const ALL: [Scenario; 7] = [
     Scenario::Tasks,
     Scenario::Metrics,
     Scenario::Ssh,
+    Scenario::Terminal,
 ];
 
 impl Scenario {
@@ -46,6 +51,7 @@ impl Scenario {
             Scenario::Tasks => "tasks",
             Scenario::Metrics => "metrics",
             Scenario::Ssh => "ssh",
+            Scenario::Terminal => "terminal",
         }
     }
 
@@ -56,7 +62,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed => 3,
-            Scenario::Tasks | Scenario::Metrics | Scenario::Ssh => 1,
+            Scenario::Tasks | Scenario::Metrics | Scenario::Ssh | Scenario::Terminal => 1,
             _ => 2,
         }
     }
@@ -91,6 +97,12 @@ pub enum Fault {
     /// The agent's disk fails at its `after_ops`-th write, truncate or sync from now and the
     /// host dies there; the disk then keeps what `rollback` says of unsynced bytes
     /// (0 all, 1 none, 2 torn).
+    /// The terminal stream store stops answering, then comes back.
+    StoreOutage,
+    StoreBack,
+    /// The browser loses its network, then gets it back.
+    PartitionBrowser,
+    RepairBrowser,
     DiskCrash {
         agent: usize,
         after_ops: u64,
@@ -133,7 +145,7 @@ impl<'a> Due<'a> {
     }
 }
 
-fn secs(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+pub fn secs(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rng.random_range(lo * 1000..=hi * 1000))
 }
 
@@ -147,6 +159,9 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
     }
     if scenario == Scenario::Ssh {
         return crate::ssh::schedule();
+    }
+    if scenario == Scenario::Terminal {
+        return crate::terminal::schedule(&mut rng);
     }
     let agents = scenario.agents();
     let faults_until = Duration::from_secs(200);
@@ -166,9 +181,11 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
             Scenario::Partition => 0,
             Scenario::Hold => 1,
             Scenario::Bounce => 2 + rng.random_range(0..2),
-            Scenario::Mixed | Scenario::Tasks | Scenario::Metrics | Scenario::Ssh => {
-                rng.random_range(0..5)
-            }
+            Scenario::Mixed
+            | Scenario::Tasks
+            | Scenario::Metrics
+            | Scenario::Ssh
+            | Scenario::Terminal => rng.random_range(0..5),
         };
         match kind {
             0 => {

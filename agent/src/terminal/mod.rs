@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use world::World;
 
 pub use pty::OsPty;
-pub use session::Debounce;
+pub use session::{Debounce, SESSION_ENV};
 
 /// Validated `[terminal]` configuration (defaults live in `config.rs`).
 #[derive(Clone, Debug)]

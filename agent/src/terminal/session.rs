@@ -134,7 +134,7 @@ pub async fn run(ctx: Ctx, session_id: String) {
             }
         };
         backoff.reset();
-        match serve_link(&ctx, ws, &output, &mut pty, &mut lost_at).await {
+        match serve_link(&ctx, &session_id, ws, &output, &mut pty, &mut lost_at).await {
             LinkEnd::Lost(error) => {
                 tracing::info!(%error, pty = pty.is_some(), "terminal link lost; redialing");
                 if pty.is_some() {
@@ -158,9 +158,14 @@ enum LinkEnd {
     Over(String),
 }
 
-fn psql_spec(config: &TerminalConfig) -> Result<PtySpec, String> {
+/// Names the session in psql's environment (`\\! echo $OUTPOST_TERMINAL_SESSION`), and lets a
+/// simulated PTY tell sessions apart.
+pub const SESSION_ENV: &str = "OUTPOST_TERMINAL_SESSION";
+
+fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, String> {
     let mut argv: Vec<String> = Vec::new();
     let mut env = vec![
+        (SESSION_ENV.to_string(), session_id.to_string()),
         ("TERM".to_string(), "xterm-256color".to_string()),
         ("LANG".to_string(), "C.UTF-8".to_string()),
         ("PGAPPNAME".to_string(), "outpost-terminal".to_string()),
@@ -227,6 +232,7 @@ async fn send_text(
 /// Wait for `start`, spawn the PTY if needed, then run both loops until the link ends.
 async fn serve_link(
     ctx: &Ctx,
+    session_id: &str,
     ws: WsStream,
     output: &Arc<Output>,
     pty: &mut Option<PtyHandle>,
@@ -264,7 +270,7 @@ async fn serve_link(
     // (it cannot happen today) starts at the live end.
     let mut cursor = from.min(output.with(|r| r.end()));
     if pty.is_none() {
-        let spec = match psql_spec(&ctx.config) {
+        let spec = match psql_spec(&ctx.config, session_id) {
             Ok(s) => s,
             Err(e) => {
                 let _ = send_text(

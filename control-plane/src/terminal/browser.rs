@@ -30,6 +30,9 @@ const BROWSER_FRAME_BYTES_MAX: usize = 64 * 1024;
 const BROWSER_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one store read waits for new output before checking the session state.
 const READ_BLOCK: Duration = Duration::from_secs(1);
+/// A WebSocket ping goes to a quiet browser this often (browsers answer on their own), so a
+/// dead browser connection is noticed and proxies keep the socket open.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause before retrying a failed store call.
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
@@ -342,7 +345,12 @@ async fn serve(state: AppState, session_id: String, offset: u64, socket: WebSock
         )
         .await?;
         let mut shown_state = String::new();
+        let mut last_sent = tokio::time::Instant::now();
         loop {
+            if last_sent.elapsed() >= PING_INTERVAL {
+                send(&mut sink, Message::Ping(Vec::new().into())).await?;
+                last_sent = tokio::time::Instant::now();
+            }
             let entries = match streams.read_output(&session_id, cursor, READ_BLOCK).await {
                 Ok(entries) => entries,
                 Err(e) => {
@@ -382,6 +390,7 @@ async fn serve(state: AppState, session_id: String, offset: u64, socket: WebSock
                 }
                 continue;
             }
+            last_sent = tokio::time::Instant::now();
             if shown_state == "degraded" {
                 shown_state = "live".into();
                 send_json(
