@@ -57,7 +57,7 @@ test: fmt-check web lint
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer, ssh.
+# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer, ssh, terminal.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -85,7 +85,18 @@ bench area="sim":
         cargo build -q --release --bin outpost
         cargo bench -q -p remote-exec --bench ssh
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh" >&2; exit 2 ;;
+      terminal)
+        # The peer, WeTTY, installed here so it is measured in the same run.
+        wetty_dir="$PWD/target/wetty"
+        mkdir -p "$wetty_dir"
+        if [ ! -x "$wetty_dir/node_modules/.bin/wetty" ]; then
+          (cd "$wetty_dir" && npm install --no-audit --no-fund --loglevel=error wetty socket.io-client >/dev/null 2>&1) || echo "could not install wetty (npm): its column stays empty" >&2
+        fi
+        [ -x "$wetty_dir/node_modules/.bin/wetty" ] && export OUTPOST_WETTY_DIR="$wetty_dir"
+        cargo build -q --release --bins
+        cargo bench -q -p agent --bench terminal
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh, terminal" >&2; exit 2 ;;
     esac
 
 fmt:

@@ -283,7 +283,7 @@ pub enum CommandResult {
 /// * control plane → agent, text: [`TerminalToAgent`].
 pub const TERMINAL_PATH: &str = "/api/v1/agent/terminal";
 /// Largest PTY output chunk in one frame.
-pub const TERMINAL_CHUNK_BYTES_MAX: usize = 64 * 1024;
+pub const TERMINAL_CHUNK_BYTES_MAX: usize = 256 * 1024;
 
 /// Control plane → agent on the reverse terminal link.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -128,6 +128,8 @@ struct SimChild {
 }
 
 impl PtyChild for SimChild {
+    fn interrupt(&mut self) {}
+
     fn terminate(&mut self) {
         self.output.close("terminated".into());
     }

@@ -124,8 +124,23 @@ pub struct PtySpec {
 
 /// A running PTY process. Dropping it does not stop the process; [`PtyChild::terminate`] does.
 pub trait PtyChild: Send {
+    /// SIGINT to the process group: psql cancels the statement it runs on the server (a
+    /// killed psql would leave its backend running the query to the end).
+    fn interrupt(&mut self);
     /// Hang up and kill the whole process group.
     fn terminate(&mut self);
+}
+
+/// How long teardown waits between the interrupt (psql sends the server a cancel) and the
+/// kill.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// End a PTY process: interrupt, give psql the moment it needs to cancel its running
+/// statement, then kill the group.
+pub async fn stop(child: &mut dyn PtyChild) {
+    child.interrupt();
+    tokio::time::sleep(CANCEL_GRACE).await;
+    child.terminate();
 }
 
 /// A spawned PTY: input goes to `input` (bounded; the writer applies data and resizes in

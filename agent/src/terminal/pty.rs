@@ -34,6 +34,14 @@ struct OsChild {
 }
 
 impl PtyChild for OsChild {
+    fn interrupt(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        if let Some(pid) = self.pid {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGINT);
+        }
+    }
+
     fn terminate(&mut self) {
         use nix::sys::signal::{Signal, killpg};
         use nix::unistd::Pid;

@@ -145,7 +145,7 @@ pub async fn run(ctx: Ctx, session_id: String) {
         }
     };
     if let Some(mut handle) = pty {
-        handle.child.terminate();
+        super::stop(handle.child.as_mut()).await;
     }
     let lost = output.with(|r| r.overwritten_total());
     tracing::info!(%reason, output_overwritten_bytes = lost, "terminal session ended");
@@ -432,8 +432,8 @@ async fn serve_link(
     if let LinkEnd::Over(reason) = &ended {
         // Ending on our side (closed, idle, shutdown): stop psql, then let the output loop
         // deliver what is left and the closing frame, briefly.
+        super::stop(handle.child.as_mut()).await;
         output.close(reason.clone());
-        handle.child.terminate();
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut outbound).await;
     }
     ended

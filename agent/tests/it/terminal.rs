@@ -19,6 +19,8 @@ struct Rig {
     /// Where the agent goes, when that is another replica.
     _agent_cp: Option<ControlPlane>,
     agent_id: String,
+    /// The database psql is connected to.
+    dsn: String,
     _agent: Proc,
     _dir: tempfile::TempDir,
 }
@@ -62,6 +64,7 @@ async fn rig(
         cp,
         _agent_cp: agent_cp,
         agent_id,
+        dsn,
         _agent: agent,
         _dir: dir,
     }
@@ -104,6 +107,8 @@ struct Term {
     screen: Vec<u8>,
     skipped: Vec<(u64, u64)>,
     closed: Option<String>,
+    /// `state` frames, in order.
+    states: Vec<String>,
 }
 
 impl Term {
@@ -122,6 +127,7 @@ impl Term {
             screen: Vec::new(),
             skipped: Vec::new(),
             closed: None,
+            states: Vec::new(),
         };
         // The first control frame says where this view starts.
         while term.offset == u64::MAX {
@@ -183,7 +189,9 @@ impl Term {
                     Some("closed") => {
                         self.closed = Some(v["reason"].as_str().unwrap_or("").to_string())
                     }
-                    Some("state") => {}
+                    Some("state") => self
+                        .states
+                        .push(v["state"].as_str().unwrap_or("").to_string()),
                     other => panic!("unknown control frame {other:?}: {v}"),
                 }
             }
@@ -303,6 +311,23 @@ async fn psql_answers_ctrl_c_cancels_and_a_reconnect_replays_from_offset_zero() 
         .expect("show");
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(v["state"], "closed", "{v}\n{}", rig.agent_log());
+    // The streams of a closed session expire (10 minutes to replay them, then gone).
+    for part in ["meta", "out", "in"] {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port().to_string(),
+                "TTL",
+                &format!("outpost:term:{session}:{part}"),
+            ])
+            .output()
+            .expect("run redis-cli (Debian package redis-tools)");
+        let ttl: i64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(-9);
+        assert!((1..=600).contains(&ttl), "{part} has TTL {ttl}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,7 +383,7 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
     );
 
     let first = rig.session().await;
-    let _second = rig.session().await;
+    let second = rig.session().await;
     let (status, body) = rig.create(&rig.agent_id).await;
     assert_eq!(status, 429, "{body}");
     assert!(
@@ -393,6 +418,54 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
         "a slot was freed\n{}\n{}",
         rig.agent_log(),
         rig.cp.log()
+    );
+
+    // Ending a busy session kills psql's process group: its backend goes away too.
+    let mut busy = Term::open(&rig.cp, &second, 0).await;
+    let prompt = busy.wait_for("=#", 0).await;
+    busy.send("select pg_sleep(600);\r").await;
+    busy.wait_for("pg_sleep(600);", prompt).await;
+    let sleeping = || {
+        let out = std::process::Command::new("psql")
+            .args([&rig.dsn, "-At", "-c"])
+            .arg("select count(*) from pg_stat_activity where application_name = 'outpost-terminal' and query like '%pg_sleep(600)%' and pid <> pg_backend_pid()")
+            .output()
+            .expect("run psql (Debian package postgresql-client)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for _ in 0..100 {
+        if sleeping() == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sleeping(), "1", "the terminal's backend runs pg_sleep");
+    let r = rig
+        .cp
+        .api(
+            http::Method::DELETE,
+            &format!("/api/v1/terminal/sessions/{second}"),
+            None,
+        )
+        .await
+        .expect("close");
+    assert_eq!(r.status, 202);
+    while busy.closed.is_none() {
+        assert!(
+            busy.next_frame().await,
+            "socket ended before the closed frame"
+        );
+    }
+    for _ in 0..100 {
+        if sleeping() == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sleeping(),
+        "0",
+        "psql and its backend are gone after the session closed"
     );
 }
 
@@ -446,5 +519,61 @@ async fn the_real_page_in_headless_chromium_runs_a_query_resizes_and_reconnects(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         rig.cp.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_degrades_the_session_psql_keeps_running_and_it_recovers() {
+    let (pg, redis) = (postgres().await, redis().await);
+    let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    term.send("\\pset pager off\r").await;
+    let off = term.wait_for("Pager usage is off.", prompt).await;
+
+    let info = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "INFO", "server"])
+        .output()
+        .expect("run redis-cli (Debian package redis-tools)");
+    let pid = String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .map(|p| p.trim().to_string())
+        .expect("redis process id");
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+    // Redis stops answering (a hung server: the worst kind of failure). psql produces output
+    // meanwhile; the agent keeps what its ring holds and announces the rest.
+    signal("-STOP");
+    term.send("select 'during' || 'outage', n from generate_series(1, 50000) n;\r")
+        .await;
+    let degraded = async {
+        while !term.states.iter().any(|s| s == "degraded") {
+            assert!(term.next_frame().await, "socket ended while Redis was down");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), degraded)
+        .await
+        .expect("the browser is told the session is degraded");
+    signal("-CONT");
+    term.send("select 'back' || 'again';\r").await;
+    term.wait_for("backagain", off).await;
+    assert!(
+        term.states
+            .iter()
+            .rev()
+            .take_while(|s| *s != "degraded")
+            .any(|s| s == "live"),
+        "the session is live again: {:?}",
+        term.states
     );
 }

@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use proto::{TerminalFromAgent, TerminalToAgent};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -33,6 +33,8 @@ const DEAD_AFTER: Duration = Duration::from_secs(20);
 const SEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an input read waits (it also paces pings).
 const INPUT_BLOCK: Duration = Duration::from_millis(1000);
+/// Output frames written to the store in one round trip at most.
+const BATCH_ENTRIES_MAX: usize = 64;
 /// Retry pause for store writes; doubles up to the max.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -267,7 +269,59 @@ async fn finish(state: &AppState, session_id: &str, reason: &str) {
     .await;
 }
 
-/// Agent → store: output chunks at their offsets, skipped ranges, the close.
+/// Turn one agent frame into store entries; `Some(reason)` when the agent closed the session.
+fn frame_entries(
+    frame: Message,
+    written_end: &mut u64,
+    entries: &mut Vec<OutEntry>,
+) -> Option<String> {
+    match frame {
+        Message::Binary(data) => {
+            let (offset, bytes) = proto::parse_terminal_chunk(&data)?;
+            let end = offset + bytes.len() as u64;
+            if end <= *written_end {
+                return None; // resent after a reattach: already stored
+            }
+            if offset > *written_end {
+                // The agent skips only with an announcement; keep the stream gap-free anyway.
+                entries.push(OutEntry::Skipped {
+                    from: *written_end,
+                    to: offset,
+                });
+            }
+            let keep_from = usize::try_from(written_end.saturating_sub(offset)).unwrap_or(0);
+            entries.push(OutEntry::Data {
+                offset: offset.max(*written_end),
+                bytes: bytes[keep_from..].to_vec(),
+            });
+            *written_end = end;
+            None
+        }
+        Message::Text(text) => match serde_json::from_str::<TerminalFromAgent>(&text) {
+            Ok(TerminalFromAgent::Skipped { from, to }) if to > *written_end => {
+                entries.push(OutEntry::Skipped {
+                    from: from.max(*written_end),
+                    to,
+                });
+                *written_end = to;
+                None
+            }
+            Ok(TerminalFromAgent::Closed { reason, end }) => {
+                entries.push(OutEntry::Closed {
+                    end: end.max(*written_end),
+                    reason: reason.clone(),
+                });
+                Some(reason)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Agent → store: output chunks at their offsets, skipped ranges, the close. Frames that
+/// are already here when one arrives join its batch: one store round trip for all of them,
+/// and never a wait for more (that would delay keystroke echo).
 async fn output_loop(
     state: &AppState,
     streams: &Streams,
@@ -276,6 +330,7 @@ async fn output_loop(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> End {
     let cap = state.terminal.settings.stream_bytes_max;
+    let mut entries: Vec<OutEntry> = Vec::new();
     loop {
         let frame = match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
             Err(_) => {
@@ -290,68 +345,24 @@ async fn output_loop(
             Ok(Some(Err(e))) => return End::Lost(format!("receive: {e}")),
             Ok(Some(Ok(frame))) => frame,
         };
-        let mut entries = Vec::with_capacity(2);
-        match frame {
-            Message::Binary(data) => {
-                let Some((offset, bytes)) = proto::parse_terminal_chunk(&data) else {
-                    continue;
-                };
-                let end = offset + bytes.len() as u64;
-                if end <= written_end {
-                    continue; // resent after a reattach: already stored
+        let mut closed = frame_entries(frame, &mut written_end, &mut entries);
+        while closed.is_none() && entries.len() < BATCH_ENTRIES_MAX {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(frame))) if !matches!(frame, Message::Close(_)) => {
+                    closed = frame_entries(frame, &mut written_end, &mut entries);
                 }
-                if offset > written_end {
-                    // The agent skips only with an announcement; keep the stream gap-free anyway.
-                    entries.push(OutEntry::Skipped {
-                        from: written_end,
-                        to: offset,
-                    });
-                }
-                let keep_from = usize::try_from(written_end.saturating_sub(offset)).unwrap_or(0);
-                entries.push(OutEntry::Data {
-                    offset: offset.max(written_end),
-                    bytes: bytes[keep_from..].to_vec(),
-                });
+                // Nothing ready, or the link ended: store what we have; the next read says.
+                _ => break,
             }
-            Message::Text(text) => match serde_json::from_str::<TerminalFromAgent>(&text) {
-                Ok(TerminalFromAgent::Skipped { from, to }) if to > written_end => {
-                    entries.push(OutEntry::Skipped {
-                        from: from.max(written_end),
-                        to,
-                    });
-                }
-                Ok(TerminalFromAgent::Closed { reason, end }) => {
-                    let end = end.max(written_end);
-                    if !until_stored(state, || {
-                        streams.append_output(
-                            session_id,
-                            OutEntry::Closed {
-                                end,
-                                reason: reason.clone(),
-                            },
-                            cap,
-                        )
-                    })
-                    .await
-                    {
-                        return End::Lost("control plane shutting down".into());
-                    }
-                    return End::Over(reason);
-                }
-                _ => continue,
-            },
-            _ => continue,
         }
-        for entry in entries {
-            let end = entry.end();
-            if !until_stored(state, || {
-                streams.append_output(session_id, entry.clone(), cap)
-            })
-            .await
-            {
+        if !entries.is_empty() {
+            if !until_stored(state, || streams.append_output(session_id, &entries, cap)).await {
                 return End::Lost("control plane shutting down".into());
             }
-            written_end = end;
+            entries.clear();
+        }
+        if let Some(reason) = closed {
+            return End::Over(reason);
         }
     }
 }

@@ -411,7 +411,11 @@ async fn serve(state: AppState, session_id: String, offset: u64, socket: WebSock
                             cursor = offset;
                         }
                         let skip = usize::try_from(cursor - offset).unwrap_or(0);
-                        let chunk = bytes.get(skip..).unwrap_or_default().to_vec();
+                        let chunk = if skip == 0 {
+                            bytes
+                        } else {
+                            bytes.get(skip..).unwrap_or_default().to_vec()
+                        };
                         TerminalCounters::add(
                             &state.terminal.counters.output_bytes_total,
                             chunk.len() as u64,

@@ -223,11 +223,17 @@ impl Streams {
         }
     }
 
-    /// Append output and trim the stream to about `bytes_max` bytes.
-    pub async fn append_output(&self, id: &str, entry: OutEntry, bytes_max: u64) -> Result<()> {
+    /// Append output entries (in order, one round trip) and trim the stream to about
+    /// `bytes_max` bytes.
+    pub async fn append_output(&self, id: &str, batch: &[OutEntry], bytes_max: u64) -> Result<()> {
         match self {
-            Streams::Memory(m) => m.append_output(id, entry, bytes_max),
-            Streams::Redis(r) => r.append_output(id, entry, bytes_max).await,
+            Streams::Memory(m) => {
+                for entry in batch {
+                    m.append_output(id, entry.clone(), bytes_max)?;
+                }
+                Ok(())
+            }
+            Streams::Redis(r) => r.append_output(id, batch, bytes_max).await,
         }
     }
 
@@ -589,51 +595,65 @@ fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// `[[id, [k, v, …]], …]` of one stream in an XREAD/XRANGE reply.
-fn entries(value: &Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+/// `[[id, [k, v, …]], …]` of one stream in an XREAD/XRANGE reply, taken apart without copying.
+fn entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
     let Value::Array(items) = value else {
         return Vec::new();
     };
     items
-        .iter()
+        .into_iter()
         .filter_map(|item| match item {
-            Value::Array(pair) => match pair.as_slice() {
-                [Value::Bulk(id), Value::Array(fields)] => Some((id.clone(), fields.clone())),
-                _ => None,
-            },
+            Value::Array(pair) => {
+                let mut pair = pair.into_iter();
+                match (pair.next(), pair.next()) {
+                    (Some(Value::Bulk(id)), Some(Value::Array(fields))) => Some((id, fields)),
+                    _ => None,
+                }
+            }
             _ => None,
         })
         .collect()
 }
 
 /// The entries of the single stream in an XREAD reply (`Nil` when it timed out).
-fn xread_entries(value: &Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+fn xread_entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
     match value {
-        Value::Array(streams) => match streams.first() {
-            Some(Value::Array(pair)) => pair.get(1).map(entries).unwrap_or_default(),
+        Value::Array(streams) => match streams.into_iter().next() {
+            Some(Value::Array(pair)) => pair.into_iter().nth(1).map(entries).unwrap_or_default(),
             _ => Vec::new(),
         },
         _ => Vec::new(),
     }
 }
 
-fn out_entry(id: &[u8], fields: &[Value]) -> Option<OutEntry> {
+/// Move the bulk value of field `name` out of `fields`.
+fn take_field(fields: &mut [Value], name: &[u8]) -> Option<Vec<u8>> {
+    let at = fields
+        .chunks(2)
+        .position(|pair| matches!(pair, [Value::Bulk(k), _] if k.as_slice() == name))?;
+    match std::mem::replace(&mut fields[at * 2 + 1], Value::Nil) {
+        Value::Bulk(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn out_entry(id: &[u8], mut fields: Vec<Value>) -> Option<OutEntry> {
     let (end, seq) = parse_id(id)?;
     if seq == 1 {
         return Some(OutEntry::Closed {
             end,
-            reason: text(field(fields, b"closed")),
+            reason: text(field(&fields, b"closed")),
         });
     }
-    if let Some(from) = field(fields, b"skip") {
+    if let Some(from) = field(&fields, b"skip") {
         return Some(OutEntry::Skipped {
             from: number(Some(from)),
             to: end,
         });
     }
     Some(OutEntry::Data {
-        offset: number(field(fields, b"o")),
-        bytes: field(fields, b"d")?.to_vec(),
+        offset: number(field(&fields, b"o")),
+        bytes: take_field(&mut fields, b"d")?,
     })
 }
 
@@ -808,45 +828,71 @@ impl RedisStreams {
                 Duration::ZERO,
             )
             .await?;
-        Ok(entries(&last)
+        Ok(entries(last)
             .first()
             .and_then(|(id, _)| parse_id(id))
             .map_or(0, |(end, _)| end))
     }
 
-    async fn append_output(&self, id: &str, entry: OutEntry, bytes_max: u64) -> Result<()> {
+    async fn append_output(&self, id: &str, batch: &[OutEntry], bytes_max: u64) -> Result<()> {
         let out_key = key(id, "out");
-        let (end, seq) = entry.id();
-        let entry_id = format!("{end}-{seq}");
-        let min_id = format!("{}", end.saturating_sub(bytes_max));
-        let mut cmd: Vec<&[u8]> = vec![
-            b"XADD",
-            out_key.as_bytes(),
-            b"MINID",
-            min_id.as_bytes(),
-            entry_id.as_bytes(),
-        ];
-        let (a, b);
-        match &entry {
-            OutEntry::Data { offset, bytes } => {
-                a = offset.to_string();
-                cmd.extend([b"o".as_slice(), a.as_bytes(), b"d", bytes.as_slice()]);
-            }
-            OutEntry::Skipped { from, .. } => {
-                a = from.to_string();
-                cmd.extend([b"skip".as_slice(), a.as_bytes()]);
-            }
-            OutEntry::Closed { reason, .. } => {
-                b = reason.clone();
-                cmd.extend([b"closed".as_slice(), b.as_bytes()]);
+        // Strings the commands borrow: per entry its id, trim point and one number.
+        let texts: Vec<(String, String, String)> = batch
+            .iter()
+            .map(|entry| {
+                let (end, seq) = entry.id();
+                let number = match entry {
+                    OutEntry::Data { offset, .. } => offset.to_string(),
+                    OutEntry::Skipped { from, .. } => from.to_string(),
+                    OutEntry::Closed { .. } => String::new(),
+                };
+                (
+                    format!("{end}-{seq}"),
+                    end.saturating_sub(bytes_max).to_string(),
+                    number,
+                )
+            })
+            .collect();
+        let commands: Vec<Vec<&[u8]>> = batch
+            .iter()
+            .zip(&texts)
+            .map(|(entry, (entry_id, min_id, number))| {
+                let mut cmd: Vec<&[u8]> = vec![
+                    b"XADD",
+                    out_key.as_bytes(),
+                    b"MINID",
+                    min_id.as_bytes(),
+                    entry_id.as_bytes(),
+                ];
+                match entry {
+                    OutEntry::Data { bytes, .. } => {
+                        cmd.extend([b"o".as_slice(), number.as_bytes(), b"d", bytes.as_slice()])
+                    }
+                    OutEntry::Skipped { .. } => cmd.extend([b"skip".as_slice(), number.as_bytes()]),
+                    OutEntry::Closed { reason, .. } => {
+                        cmd.extend([b"closed".as_slice(), reason.as_bytes()])
+                    }
+                }
+                cmd
+            })
+            .collect();
+        // One round trip for the whole batch.
+        let mut conn = self.conn().await?;
+        let replies = conn.pipeline(&commands, REDIS_CALL_TIMEOUT).await?;
+        self.put_back(conn);
+        for reply in replies {
+            match reply {
+                // An id at or below the top: this chunk was written before (a resent frame).
+                Value::Error(e) if e.contains("equal or smaller") => {}
+                Value::Error(e) => {
+                    return Err(StreamsError::Unavailable(format!(
+                        "redis refused XADD: {e}"
+                    )));
+                }
+                _ => {}
             }
         }
-        match self.one(cmd, Duration::ZERO).await {
-            Ok(_) => Ok(()),
-            // An id at or below the top: this chunk was written before (a resent frame).
-            Err(StreamsError::Unavailable(e)) if e.contains("equal or smaller") => Ok(()),
-            Err(e) => Err(e),
-        }
+        Ok(())
     }
 
     async fn read_output(&self, id: &str, after: u64, block: Duration) -> Result<Vec<OutEntry>> {
@@ -869,9 +915,9 @@ impl RedisStreams {
                 block,
             )
             .await?;
-        Ok(xread_entries(&reply)
-            .iter()
-            .filter_map(|(id, fields)| out_entry(id, fields))
+        Ok(xread_entries(reply)
+            .into_iter()
+            .filter_map(|(id, fields)| out_entry(&id, fields))
             .collect())
     }
 
@@ -939,10 +985,13 @@ impl RedisStreams {
                 block,
             )
             .await?;
-        Ok(xread_entries(&reply)
-            .iter()
+        Ok(xread_entries(reply)
+            .into_iter()
             .filter_map(|(id, fields)| {
-                Some((String::from_utf8_lossy(id).into_owned(), in_event(fields)?))
+                Some((
+                    String::from_utf8_lossy(&id).into_owned(),
+                    in_event(&fields)?,
+                ))
             })
             .collect())
     }
@@ -1072,7 +1121,7 @@ impl RedisStreams {
                 block,
             )
             .await?;
-        let found = xread_entries(&reply);
+        let found = xread_entries(reply);
         let next = found
             .last()
             .map(|(id, _)| String::from_utf8_lossy(id).into_owned())
@@ -1134,7 +1183,7 @@ impl RedisStreams {
                 timeout,
             )
             .await?;
-        Ok(xread_entries(&reply).first().map(|(_, fields)| {
+        Ok(xread_entries(reply).first().map(|(_, fields)| {
             if field(fields, b"ok") == Some(b"1") {
                 Ok(())
             } else {

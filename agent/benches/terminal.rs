@@ -1,0 +1,373 @@
+//! `just bench terminal`: the browser terminal through the whole chain (WebSocket client →
+//! control plane → Redis Streams → control plane → reverse WebSocket → agent → PTY → psql and
+//! back), next to the bare-PTY ceiling and WeTTY measured in the same run.
+//!
+//! * output throughput: `seq 1 8000000` and 100 MB of 4000-byte lines, run from psql (`\!`)
+//! * keystroke echo p50/p99: idle, and while `yes` floods the terminal
+//! * replay: a new browser view from offset 0 reading the retained 4 MiB scrollback
+#![allow(clippy::disallowed_methods)] // a benchmark measures wall time
+
+#[path = "../tests/it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use world::{World, WsStream};
+
+use harness::{ControlPlane, Proc, agent_bin};
+
+const SEQ: &str = "seq 1 8000000";
+const LONG: &str = "yes \"$(head -c 4000 /dev/zero | tr '\\0' x)\" | head -c 100000000";
+/// The marker a command prints when it is done; the echoed command line holds `$((1+1))`
+/// instead, so only the output matches.
+const DONE: &[u8] = b"BENCH_2_DONE";
+const DONE_CMD: &str = "echo BENCH_$((1+1))_DONE";
+
+struct Client {
+    ws: WsStream,
+    offset: u64,
+    skipped: u64,
+    /// Bytes of output received (not counting announced gaps).
+    received: u64,
+    tail: Vec<u8>,
+}
+
+impl Client {
+    async fn open(cp: &ControlPlane, session: &str, offset: u64) -> Client {
+        let url = url::Url::parse(&format!(
+            "{}/api/v1/terminal/sessions/{session}/ws?offset={offset}",
+            cp.url()
+        ))
+        .expect("url");
+        let ws = world::ws_connect(
+            &World::real(),
+            &url,
+            Some(&cp.token),
+            Duration::from_secs(10),
+            1 << 22,
+        )
+        .await
+        .expect("browser WebSocket");
+        Client {
+            ws,
+            offset,
+            skipped: 0,
+            received: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Read until `needle` shows up in output not seen before this call.
+    async fn until(&mut self, needle: &[u8]) {
+        self.tail.clear();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{:?} within 120 s (at offset {}, last bytes {:?})",
+                        String::from_utf8_lossy(needle),
+                        self.offset,
+                        String::from_utf8_lossy(&self.tail)
+                    )
+                })
+                .expect("socket open")
+                .expect("frame");
+            match frame {
+                Message::Binary(data) => {
+                    self.offset += data.len() as u64;
+                    self.received += data.len() as u64;
+                    let keep = self.tail.len().min(needle.len());
+                    let start = self.tail.len() - keep;
+                    self.tail.drain(..start);
+                    self.tail.extend_from_slice(&data);
+                    if self.tail.windows(needle.len()).any(|w| w == needle) {
+                        return;
+                    }
+                }
+                Message::Text(text) => {
+                    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+                    match v["type"].as_str() {
+                        Some("offset") => self.offset = v["offset"].as_u64().expect("offset"),
+                        Some("skipped") => {
+                            let (from, to) = (
+                                v["from"].as_u64().unwrap_or(0),
+                                v["to"].as_u64().unwrap_or(0),
+                            );
+                            self.skipped += to - from;
+                            self.offset = to;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Read until the view reaches `end`.
+    async fn reach(&mut self, end: u64) {
+        while self.offset < end {
+            let frame = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
+                .await
+                .expect("replay within 60 s")
+                .expect("socket open")
+                .expect("frame");
+            match frame {
+                Message::Binary(data) => {
+                    self.offset += data.len() as u64;
+                    self.tail.truncate(0);
+                    self.received += data.len() as u64;
+                }
+                Message::Text(text) => {
+                    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+                    match v["type"].as_str() {
+                        Some("offset") => self.offset = v["offset"].as_u64().expect("offset"),
+                        Some("skipped") => self.offset = v["to"].as_u64().unwrap_or(self.offset),
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `command` in a bare PTY, read to the end: the ceiling of any terminal relay.
+fn bare_pty(command: &str) -> (u64, f64) {
+    use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+    let pair = native_pty_system()
+        .openpty(PtySize {
+            rows: 40,
+            cols: 120,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .expect("openpty");
+    let mut cmd = CommandBuilder::new("sh");
+    cmd.args(["-c", command]);
+    let start = Instant::now();
+    let mut child = pair.slave.spawn_command(cmd).expect("spawn");
+    drop(pair.slave);
+    let mut reader = pair.master.try_clone_reader().expect("reader");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let _ = child.wait();
+    (total, start.elapsed().as_secs_f64())
+}
+
+/// WeTTY, if `just bench terminal` could install it: the same commands through its browser
+/// protocol (socket.io), timed by `wetty.mjs`. `None` when it is not available.
+fn wetty(command: &str) -> Option<(u64, f64)> {
+    let dir = std::env::var("OUTPOST_WETTY_DIR").ok()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/wetty.mjs");
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .arg(command)
+        .env("NODE_PATH", format!("{dir}/node_modules"))
+        .env("WETTY_DIR", &dir)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "wetty: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let bytes = parts.next()?.parse().ok()?;
+    let secs = parts.next()?.parse().ok()?;
+    Some((bytes, secs))
+}
+
+fn rate(bytes: u64, secs: f64) -> String {
+    format!("{:.1} MB/s", bytes as f64 / secs / 1e6)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let pg = fixtures::Postgres::start()
+        .await
+        .expect("postgres fixture (Debian package postgresql)");
+    let redis = fixtures::Redis::start()
+        .await
+        .expect("redis fixture (Debian package redis-server)");
+    let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("agent");
+    let d = data.display().to_string();
+    cp.enroll_agent("bench", &d);
+    let _agent = Proc::spawn(
+        &agent_bin(),
+        &["run", "--data-dir", &d, "--postgres", &pg.url()],
+        &dir.path().join("agent.log"),
+    );
+    cp.wait_status("bench", "online", Duration::from_secs(30))
+        .await;
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    let agent_id = v[0]["id"].as_str().expect("id").to_string();
+    let r = cp
+        .api(
+            http::Method::POST,
+            "/api/v1/terminal/sessions",
+            Some(serde_json::json!({"agent_id": agent_id})),
+        )
+        .await
+        .expect("create");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let session = v["session_id"].as_str().expect("session").to_string();
+    let mut term = Client::open(&cp, &session, 0).await;
+    term.until(b"=#").await;
+    term.send(b"\\pset pager off\r").await;
+    term.until(b"Pager usage is off.").await;
+
+    // Throughput through the whole chain.
+    let mut chain = Vec::new();
+    for (name, command) in [("seq 1 8000000", SEQ), ("100 MB of 4000-byte lines", LONG)] {
+        let (before, received_before, skipped_before) = (term.offset, term.received, term.skipped);
+        let start = Instant::now();
+        term.send(format!("\\! {command}; {DONE_CMD}\r").as_bytes())
+            .await;
+        term.until(DONE).await;
+        let secs = start.elapsed().as_secs_f64();
+        let produced = term.offset - before;
+        let delivered = term.received - received_before;
+        let skipped = term.skipped - skipped_before;
+        eprintln!(
+            "{name}: {produced} bytes produced, {delivered} delivered, {skipped} skipped in {secs:.2} s"
+        );
+        chain.push((name, produced, delivered, secs));
+    }
+
+    // Keystroke echo, idle: a character and its erase, 200 times (after the prompt is back).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        term.send(b"a").await;
+        term.until(b"a").await;
+        idle.push(start.elapsed().as_secs_f64() * 1000.0);
+        term.send(b"\x7f").await;
+        term.until(b"\x08").await;
+    }
+    idle.sort_by(f64::total_cmp);
+
+    // Keystroke echo while `yes` floods: the tty echoes typed characters even though `yes`
+    // never reads them.
+    term.send(b"\\! yes\r").await;
+    term.until(b"y\r\ny\r\n").await;
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let start = Instant::now();
+        term.send(b"Z").await;
+        term.until(b"Z").await;
+        flood.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    flood.sort_by(f64::total_cmp);
+    // Ctrl+C ends `yes`; a second one clears the Zs psql then reads as a half-typed line.
+    term.send(b"\x03").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    term.send(b"\x03").await;
+    term.send(format!("\\! {DONE_CMD}\r").as_bytes()).await;
+    term.until(DONE).await;
+
+    // Replay of the retained scrollback (the stream keeps the newest 4 MiB).
+    let end = term.offset;
+    let start = Instant::now();
+    let mut replay = Client::open(&cp, &session, 0).await;
+    replay.reach(end).await;
+    let replay_secs = start.elapsed().as_secs_f64();
+    let replayed = replay.received;
+
+    let bare: Vec<(u64, f64)> = [SEQ, LONG].iter().map(|c| bare_pty(c)).collect();
+    let wetty_rows: Vec<Option<(u64, f64)>> = [SEQ, LONG].iter().map(|c| wetty(c)).collect();
+
+    println!();
+    println!(
+        "{:<44} {:>28} {:>14} {:>12} {:>24}",
+        "workload", "outpost chain", "bare PTY", "WeTTY", "target (DESIGN §6)"
+    );
+    let targets = [
+        "≥ 18 MB/s (bare ≈ 20, WeTTY ≈ 15)",
+        "≥ 100 MB/s (WeTTY ≈ 42)",
+    ];
+    for (i, (name, produced, delivered, secs)) in chain.iter().enumerate() {
+        let w = wetty_rows[i].map_or("n/a".to_string(), |(b, s)| rate(b, s));
+        println!(
+            "{:<44} {:>28} {:>14} {:>12} {:>24}",
+            name,
+            format!("{} ({})", rate(*produced, *secs), rate(*delivered, *secs)),
+            rate(bare[i].0, bare[i].1),
+            w,
+            targets[i]
+        );
+    }
+    println!(
+        "  (produced through the chain, and in parentheses delivered to the reader; the rest was announced as skipped)"
+    );
+    println!(
+        "{:<44} {:>16} {:>14} {:>12} {:>24}",
+        "keystroke echo, idle: p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms",
+            percentile(&idle, 0.5),
+            percentile(&idle, 0.99)
+        ),
+        "",
+        "",
+        "≤ 1.5 / ≤ 3 ms"
+    );
+    println!(
+        "{:<44} {:>16} {:>14} {:>12} {:>24}",
+        "keystroke echo under a `yes` flood: p50 / p99",
+        format!(
+            "{:.1} / {:.1} ms",
+            percentile(&flood, 0.5),
+            percentile(&flood, 0.99)
+        ),
+        "",
+        "",
+        "p99 < 30 ms"
+    );
+    println!(
+        "{:<44} {:>16}",
+        format!(
+            "replay of {:.1} MiB from offset 0",
+            replayed as f64 / 1048576.0
+        ),
+        format!("{:.0} ms", replay_secs * 1000.0)
+    );
+}
