@@ -210,7 +210,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     let mut rollback = Rollback::KeepAll;
     let mut crashes = 0;
     let mut cp_up = true;
-    let mut links = [0i32; 2];
+    let mut links = crate::run::LinkFaults::default();
     loop {
         let now = sim.elapsed();
         trace::set_driver_elapsed(now);
@@ -222,11 +222,8 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         }
         for fault in due.take(now) {
             trace::record(format!("fault {fault:?}"));
+            links.count(fault);
             match fault {
-                Fault::Partition { .. } => links[0] += 1,
-                Fault::Repair { .. } => links[0] -= 1,
-                Fault::Hold { .. } => links[1] += 1,
-                Fault::Release { .. } => links[1] -= 1,
                 Fault::BounceCp => {
                     sim.bounce("cp");
                     cp_up = true;
@@ -258,13 +255,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                 }
                 _ => {}
             }
-            if links[0] > 0 {
-                sim.partition("agent1", "cp");
-            } else if links[1] > 0 {
-                sim.hold("agent1", "cp");
-            } else {
-                sim.repair("agent1", "cp");
-            }
+            links.apply(&mut sim, "agent1", "cp");
         }
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;

@@ -77,6 +77,38 @@ pub fn new_sim<'a>(seed: u64, plan: &Schedule) -> turmoil::Sim<'a> {
         .build()
 }
 
+/// Partitions and holds in force on one agent's link (they may overlap); a partition wins
+/// over a hold, and the link is repaired when neither is left.
+#[derive(Debug, Default)]
+pub struct LinkFaults {
+    partitions: i32,
+    holds: i32,
+}
+
+impl LinkFaults {
+    /// Count `fault` if it partitions, holds, repairs or releases the link.
+    pub fn count(&mut self, fault: &Fault) {
+        match fault {
+            Fault::Partition { .. } => self.partitions += 1,
+            Fault::Repair { .. } => self.partitions -= 1,
+            Fault::Hold { .. } => self.holds += 1,
+            Fault::Release { .. } => self.holds -= 1,
+            _ => {}
+        }
+    }
+
+    /// Put the link between `a` and `b` in the state the counted faults say.
+    pub fn apply(&self, sim: &mut turmoil::Sim<'_>, a: &str, b: &str) {
+        if self.partitions > 0 {
+            sim.partition(a, b);
+        } else if self.holds > 0 {
+            sim.hold(a, b);
+        } else {
+            sim.repair(a, b);
+        }
+    }
+}
+
 /// The world of simulated host `host`: its randomness follows the seed and the host's name.
 pub fn host_world(seed: u64, host: &str) -> World {
     World::simulated(

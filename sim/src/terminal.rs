@@ -315,7 +315,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     }
 
     let mut due = plan.due();
-    let mut links = [0i32; 2];
+    let mut links = crate::run::LinkFaults::default();
     loop {
         let now = sim.elapsed();
         trace::set_driver_elapsed(now);
@@ -324,11 +324,8 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         }
         for fault in due.take(now) {
             trace::record(format!("fault {fault:?}"));
+            links.count(fault);
             match fault {
-                Fault::Partition { .. } => links[0] += 1,
-                Fault::Repair { .. } => links[0] -= 1,
-                Fault::Hold { .. } => links[1] += 1,
-                Fault::Release { .. } => links[1] -= 1,
                 Fault::StoreOutage => store.set_outage(true),
                 Fault::StoreBack => store.set_outage(false),
                 Fault::PartitionBrowser => sim.partition("browser", "cp"),
@@ -337,13 +334,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                 Fault::BounceAgent { .. } => sim.bounce("agent1"),
                 _ => {}
             }
-            if links[0] > 0 {
-                sim.partition("agent1", "cp");
-            } else if links[1] > 0 {
-                sim.hold("agent1", "cp");
-            } else {
-                sim.repair("agent1", "cp");
-            }
+            links.apply(&mut sim, "agent1", "cp");
         }
         if let Err(e) = sim.step() {
             // The browser is a client: it runs forever, so an error here is a real failure.

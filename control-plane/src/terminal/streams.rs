@@ -442,42 +442,48 @@ impl MemoryStreams {
         })
     }
 
-    async fn read_output(&self, id: &str, after: u64, block: Duration) -> Result<Vec<OutEntry>> {
+    /// Wait up to `block` for `read` to find something in session `id`, woken by the
+    /// session's `notify_of` notifier.
+    async fn read_blocking<T>(
+        &self,
+        id: &str,
+        block: Duration,
+        notify_of: fn(&MemSession) -> &Arc<Notify>,
+        read: impl Fn(&MemSession) -> Vec<T>,
+    ) -> Result<Vec<T>> {
         let deadline = Instant::now() + block;
         loop {
-            let (found, notify) = self.with(|s| {
-                let Some(x) = s.sessions.get(id) else {
-                    return Ok((Vec::new(), None));
-                };
-                let found: Vec<OutEntry> = x
-                    .out
+            let notify = self.with(|s| Ok(s.sessions.get(id).map(|x| Arc::clone(notify_of(x)))))?;
+            let Some(notify) = notify else {
+                return Ok(Vec::new());
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Registered before reading, so an append in between still wakes us.
+            notified.as_mut().enable();
+            let found = self.with(|s| Ok(s.sessions.get(id).map(&read).unwrap_or_default()))?;
+            if !found.is_empty() || Instant::now() >= deadline {
+                return Ok(found);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    async fn read_output(&self, id: &str, after: u64, block: Duration) -> Result<Vec<OutEntry>> {
+        self.read_blocking(
+            id,
+            block,
+            |x| &x.out_changed,
+            |x| {
+                x.out
                     .iter()
                     .filter(|e| e.id() > (after, 0))
                     .take(READ_ENTRIES_MAX)
                     .cloned()
-                    .collect();
-                Ok((found, Some(Arc::clone(&x.out_changed))))
-            })?;
-            let Some(notify) = notify else {
-                return Ok(found);
-            };
-            if !found.is_empty() || Instant::now() >= deadline {
-                return Ok(found);
-            }
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Re-check: an append between the read and `enable` would otherwise be missed.
-            let again = self.with(|s| {
-                Ok(s.sessions
-                    .get(id)
-                    .and_then(|x| x.out.back())
-                    .is_some_and(|e| e.id() > (after, 0)))
-            })?;
-            if !again {
-                let _ = tokio::time::timeout_at(deadline, notified).await;
-            }
-        }
+                    .collect()
+            },
+        )
+        .await
     }
 
     fn append_input(&self, id: &str, event: InEvent) -> Result<()> {
@@ -503,40 +509,20 @@ impl MemoryStreams {
         block: Duration,
     ) -> Result<Vec<(String, InEvent)>> {
         let after: u64 = cursor.parse().unwrap_or(0);
-        let deadline = Instant::now() + block;
-        loop {
-            let (found, notify) = self.with(|s| {
-                let Some(x) = s.sessions.get(id) else {
-                    return Ok((Vec::new(), None));
-                };
-                let found: Vec<(String, InEvent)> = x
-                    .input
+        self.read_blocking(
+            id,
+            block,
+            |x| &x.in_changed,
+            |x| {
+                x.input
                     .iter()
                     .filter(|(n, _)| *n > after)
                     .take(READ_ENTRIES_MAX)
                     .map(|(n, e)| (n.to_string(), e.clone()))
-                    .collect();
-                Ok((found, Some(Arc::clone(&x.in_changed))))
-            })?;
-            let Some(notify) = notify else {
-                return Ok(found);
-            };
-            if !found.is_empty() || Instant::now() >= deadline {
-                return Ok(found);
-            }
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let again = self.with(|s| {
-                Ok(s.sessions
-                    .get(id)
-                    .and_then(|x| x.input.back())
-                    .is_some_and(|(n, _)| *n > after))
-            })?;
-            if !again {
-                let _ = tokio::time::timeout_at(deadline, notified).await;
-            }
-        }
+                    .collect()
+            },
+        )
+        .await
     }
 
     fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<()> {
