@@ -407,6 +407,9 @@ async fn serve_connection(
                         // Durable before the ack: the agent forgets what it sees acked.
                         let Some(upto_seq) = events.iter().map(|e| e.seq).max() else { continue };
                         let mut rows = Vec::with_capacity(events.len());
+                        for event in &events {
+                            state.observed.task_event(&event.task.status);
+                        }
                         for event in events {
                             match serde_json::to_string(&event.task) {
                                 Ok(json) => rows.push((event.task.id, json)),

@@ -3,13 +3,16 @@
 //! Code map: [`config`] (validated configuration), [`server`] (start-up and serve loop),
 //! [`http`] (routes, access levels, handlers), [`channel`] (agent control channels),
 //! [`storage`] (SQLite and Postgres behind one interface), [`auth`] (roles and secrets),
-//! [`exec`] (`outpost exec`: fleet commands over supervised SSH).
+//! [`exec`] (`outpost exec`: fleet commands over supervised SSH), [`audit`] (who did what),
+//! [`observe`] (`/metrics`), [`terminal`] (browser psql sessions), [`demo`] (`outpost demo`).
 
+pub mod audit;
 pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod exec;
 pub mod http;
+pub mod observe;
 pub mod server;
 pub mod state;
 pub mod storage;

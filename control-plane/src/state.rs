@@ -44,6 +44,8 @@ pub struct AppState {
     pub ingest: Arc<tokio::sync::Semaphore>,
     /// Terminal sessions and the stream store they meet in.
     pub terminal: crate::terminal::Terminal,
+    /// Counters and latency histograms for `/metrics`.
+    pub observed: Arc<crate::observe::Observed>,
 }
 
 /// Metrics batches stored concurrently before ingest sheds load.
@@ -67,6 +69,7 @@ impl AppState {
                 crate::terminal::Streams::memory(),
                 crate::terminal::TerminalSettings::default(),
             ),
+            observed: Arc::default(),
         }
     }
 

@@ -47,6 +47,14 @@ pub async fn enroll(
     {
         Enrollment::Enrolled { agent_id } => {
             tracing::info!(agent_id = %agent_id, name = %name, "agent enrolled");
+            crate::audit::record(
+                &state,
+                "enrollment token",
+                crate::audit::action::AGENT_ENROLLED,
+                &agent_id,
+                serde_json::json!({"name": name}),
+            )
+            .await;
             Ok(Json(proto::EnrollResponse {
                 agent_id,
                 credential,

@@ -29,8 +29,24 @@ pub async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let result = ingest_batch(&state, &agent, &headers, body).await;
+    if let Err(e) = &result
+        && e.status.is_client_error()
+    {
+        crate::observe::add(&state.observed.ingest_batches_rejected_total, 1);
+    }
+    result
+}
+
+async fn ingest_batch(
+    state: &AppState,
+    agent: &crate::storage::AgentRow,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
+        crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
         return Ok((
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, RETRY_AFTER_S.to_string())],
@@ -117,6 +133,14 @@ pub async fn ingest(
         .insert_metrics(&agent.id, &batch.epoch, rows)
         .await
         .map_err(ApiError::internal)?;
+    let observed = &state.observed;
+    crate::observe::add(&observed.ingest_batches_total, 1);
+    crate::observe::add(&observed.ingest_rows_stored_total, new_records);
+    crate::observe::add(
+        &observed.ingest_rows_duplicate_total,
+        (offered as u64).saturating_sub(new_records),
+    );
+    crate::observe::add(&observed.ingest_rows_expired_total, expired as u64);
     if expired > 0 {
         tracing::info!(agent_id = %agent.id, expired, "metric records older than the retention period were not stored");
     }

@@ -5,6 +5,7 @@
 
 mod agents;
 mod metrics;
+mod observe;
 mod sessions;
 mod tasks;
 mod web;
@@ -151,6 +152,14 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::GET, "/api/v1/agent/terminal/{id}", Access::Agent),
             get(crate::terminal::agent_link::upgrade),
         ),
+        (
+            spec(Method::GET, "/metrics", Access::User(Role::Viewer)),
+            get(observe::metrics),
+        ),
+        (
+            spec(Method::GET, "/api/v1/audit", Access::User(Role::Admin)),
+            get(observe::audit),
+        ),
     ]
 }
 
@@ -163,10 +172,21 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for (spec, method_router) in routes() {
         let access = spec.access;
+        let path = spec.path;
         let guarded = method_router.layer(middleware::from_fn_with_state(
             state.clone(),
-            move |state: State<AppState>, request: Request, next: Next| {
-                authenticate(state, access, request, next)
+            move |state: State<AppState>, request: Request, next: Next| async move {
+                let started = tokio::time::Instant::now();
+                let method = request.method().clone();
+                let observed = state.observed.clone();
+                let response = authenticate(state, access, request, next).await;
+                observed.request(
+                    method.as_str(),
+                    path,
+                    response.status().as_u16(),
+                    started.elapsed(),
+                );
+                response
             },
         ));
         router = router.route(spec.path, guarded);

@@ -50,6 +50,14 @@ pub async fn login(
         .map_err(ApiError::internal)?;
     let Some(user) = user.filter(|_| verified) else {
         tracing::info!(user = %body.username, "login refused");
+        crate::audit::record(
+            &state,
+            &body.username,
+            crate::audit::action::LOGIN_REFUSED,
+            &body.username,
+            serde_json::json!({"reason": "invalid user name or password"}),
+        )
+        .await;
         return Err(refused());
     };
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
@@ -65,6 +73,14 @@ pub async fn login(
         .await
         .map_err(ApiError::internal)?;
     tracing::info!(user = %user.name, role = user.role.as_str(), "login");
+    crate::audit::record(
+        &state,
+        &user.name,
+        crate::audit::action::LOGIN,
+        &user.name,
+        serde_json::json!({"role": user.role.as_str()}),
+    )
+    .await;
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         ttl.as_secs()

@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use proto::{Command, CommandResult, ErrorCode, TaskRequest, TaskSnapshot};
 
-use super::ApiError;
+use super::{ApiError, AuthUser};
+use crate::audit::{self, action};
 use crate::channel::CommandError;
 use crate::state::AppState;
 
@@ -107,6 +109,7 @@ async fn command(
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
     Path(agent_id): Path<String>,
     Json(task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
@@ -119,14 +122,31 @@ pub async fn create(
     )
     .await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, kind = %task.kind, "task created");
+    audit::record(
+        &state,
+        &user.name,
+        action::TASK_CREATED,
+        &task.id,
+        serde_json::json!({"agent_id": agent_id, "kind": task.kind, "schedule": task.schedule}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(task)))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
     Path((agent_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<TaskSnapshot>, ApiError> {
     let task = command(&state, &agent_id, Command::TaskCancel { task_id }).await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, "task canceled");
+    audit::record(
+        &state,
+        &user.name,
+        action::TASK_CANCELED,
+        &task.id,
+        serde_json::json!({"agent_id": agent_id, "status": task.status}),
+    )
+    .await;
     Ok(Json(task))
 }

@@ -60,6 +60,17 @@ CREATE INDEX metrics_by_time ON metrics(agent_id, kind, ts_ms);
     r#"
 ALTER TABLE agents ADD COLUMN buffer TEXT;
 "#,
+    r#"
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_action ON audit(action, id);
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -148,5 +159,16 @@ BEGIN
 END $$;
 INSERT INTO metrics SELECT agent_id, epoch, seq, ts_ms, kind, data FROM metrics_unpartitioned;
 DROP TABLE metrics_unpartitioned;
+"#,
+    r#"
+CREATE TABLE audit (
+    id BIGSERIAL PRIMARY KEY,
+    ts_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_action ON audit(action, id);
 "#,
 ];

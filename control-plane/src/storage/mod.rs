@@ -103,6 +103,26 @@ pub struct MetricQuery {
     pub limit: i64,
 }
 
+/// One audit record: who did what to which object, and when. `detail` is a JSON object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Assigned by the store, increasing; 0 on a row not yet stored.
+    pub id: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// Which audit records to list: newest first, ids below `before_id` when given.
+#[derive(Clone, Debug)]
+pub struct AuditQuery {
+    pub action: Option<String>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
 /// The storage interface the rest of the control plane uses.
 #[derive(Clone)]
 pub enum Storage {
@@ -266,5 +286,15 @@ impl Storage {
         limit: i64,
     ) -> Result<Vec<String>, StorageError> {
         dispatch!(self.agent_tasks(agent_id, limit))
+    }
+
+    /// Append an audit record; durable when it returns.
+    pub async fn audit_append(&self, row: AuditRow) -> Result<(), StorageError> {
+        dispatch!(self.audit_append(row))
+    }
+
+    /// Audit records, newest first.
+    pub async fn audit_list(&self, query: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
+        dispatch!(self.audit_list(query))
     }
 }

@@ -11,8 +11,8 @@ use world::World;
 
 use super::migrations;
 use super::{
-    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, Pruned,
-    StorageError, StoredMetric, UserRow,
+    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
+    MetricRow, Pruned, StorageError, StoredMetric, UserRow,
 };
 use crate::auth::Role;
 
@@ -604,6 +604,43 @@ impl PostgresStore {
                     kind: r.get(3),
                     data: r.get(4),
                 },
+            })
+            .collect())
+    }
+
+    pub async fn audit_append(&self, row: AuditRow) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO audit (ts_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
+                &[&row.ts_ms, &row.actor, &row.action, &row.target, &row.detail],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn audit_list(&self, q: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, ts_ms, actor, action, target, detail FROM audit \
+                 WHERE ($1::text IS NULL OR action = $1) AND ($2::bigint IS NULL OR id < $2) \
+                 ORDER BY id DESC LIMIT $3",
+                &[&q.action, &q.before_id, &q.limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRow {
+                id: r.get(0),
+                ts_ms: r.get(1),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                detail: r.get(5),
             })
             .collect())
     }

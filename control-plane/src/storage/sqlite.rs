@@ -9,8 +9,8 @@ use world::World;
 
 use super::migrations;
 use super::{
-    AgentRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery, MetricRow, Pruned,
-    StorageError, StoredMetric, UserRow,
+    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
+    MetricRow, Pruned, StorageError, StoredMetric, UserRow,
 };
 use crate::auth::Role;
 
@@ -472,6 +472,46 @@ impl SqliteStore {
             let rows = stmt
                 .query_map(params![q.agent_id, q.kind, q.from_ms, q.to_ms, q.limit], |r| {
                     Ok(StoredMetric { epoch: r.get(0)?, row: MetricRow { seq: r.get(1)?, ts_ms: r.get(2)?, kind: r.get(3)?, data: r.get(4)? } })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn audit_append(&self, row: AuditRow) -> Result<(), StorageError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO audit (ts_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![row.ts_ms, row.actor, row.action, row.target, row.detail],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn audit_list(&self, q: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, ts_ms, actor, action, target, detail FROM audit \
+                     WHERE (?1 IS NULL OR action = ?1) AND (?2 IS NULL OR id < ?2) \
+                     ORDER BY id DESC LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![q.action, q.before_id, q.limit], |r| {
+                    Ok(AuditRow {
+                        id: r.get(0)?,
+                        ts_ms: r.get(1)?,
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        detail: r.get(5)?,
+                    })
                 })
                 .map_err(backend)?
                 .collect::<Result<Vec<_>, _>>()

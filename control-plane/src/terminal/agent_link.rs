@@ -263,10 +263,14 @@ async fn run(state: AppState, session_id: String, socket: WebSocket) {
 async fn finish(state: &AppState, session_id: &str, reason: &str) {
     let streams = &state.terminal.streams;
     let keep = state.terminal.settings.closed_keep;
+    let meta = streams.meta(session_id).await.ok().flatten();
     until_stored(state, || {
         streams.finish(session_id, state.world.now_unix_ms(), reason, keep)
     })
     .await;
+    if let Some(meta) = meta.filter(|m| m.state != super::streams::SessionState::Closed) {
+        crate::audit::terminal_ended(state, session_id, &meta, reason).await;
+    }
 }
 
 /// Turn one agent frame into store entries; `Some(reason)` when the agent closed the session.

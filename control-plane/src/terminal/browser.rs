@@ -137,6 +137,14 @@ pub async fn create(
     }
     TerminalCounters::add(&terminal.counters.sessions_opened_total, 1);
     tracing::info!(session_id, agent_id = %agent.id, user = %user.name, "terminal session created");
+    crate::audit::record(
+        &state,
+        &user.name,
+        crate::audit::action::TERMINAL_OPENED,
+        &session_id,
+        serde_json::json!({"agent_id": agent.id, "agent": agent.name}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(CreateResponse { session_id })))
 }
 

@@ -375,3 +375,140 @@ async fn metrics_ingest_takes_gzip_and_refuses_unknown_encodings_and_inflation_b
     assert_eq!(ack.new_records, 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_audit_log_records_logins_refusals_and_enrollments_for_admins_only() {
+    let server = Server::start().await;
+    let admin = server.token_for("root-ops", Role::Admin).await;
+    let viewer = server.token_for("watcher", Role::Viewer).await;
+    let refused = server
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            r#"{"username":"mallory","password":"guess-guess-guess"}"#,
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let (agent_id, _) = server.enroll("db7").await;
+
+    let r = server
+        .request(Method::GET, "/api/v1/audit", Some(&viewer), "")
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "viewers may not read the audit log"
+    );
+
+    let r = server
+        .request(Method::GET, "/api/v1/audit", Some(&admin), "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("json");
+    let seen: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["actor"].as_str().expect("actor").to_string(),
+                r["action"].as_str().expect("action").to_string(),
+                r["target"].as_str().expect("target").to_string(),
+            )
+        })
+        .collect();
+    let expect = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        seen,
+        vec![
+            expect("enrollment token", "agent.enrolled", &agent_id),
+            expect("mallory", "login.refused", "mallory"),
+            expect("watcher", "login", "watcher"),
+            expect("root-ops", "login", "root-ops"),
+        ],
+        "newest first"
+    );
+    assert_eq!(records[3]["detail"]["role"], "admin");
+    assert!(records[0]["ts"].as_str().expect("ts").ends_with('Z'));
+
+    // Filter and page.
+    let r = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=login&limit=1",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let page: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["actor"], "watcher");
+    let before = page[0]["id"].as_i64().expect("id");
+    let r = server
+        .request(
+            Method::GET,
+            &format!("/api/v1/audit?action=login&before={before}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    let page: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["actor"], "root-ops");
+    let r = server
+        .request(Method::GET, "/api/v1/audit?limit=0", Some(&admin), "")
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_latencies_and_fleet_figures() {
+    let server = Server::start().await;
+    let viewer = server.token_for("scraper", Role::Viewer).await;
+    server.enroll("db8").await;
+    let r = server.request(Method::GET, "/metrics", None, "").await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "metrics need a token too"
+    );
+    let r = server
+        .request(Method::GET, "/metrics", Some(&viewer), "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.headers.get(http::header::CONTENT_TYPE),
+        Some(&HeaderValue::from_static(
+            "text/plain; version=0.0.4; charset=utf-8"
+        ))
+    );
+    let text = String::from_utf8(r.body.to_vec()).expect("utf-8");
+    for line in [
+        "outpost_agents{status=\"online\"} 0",
+        "outpost_agents{status=\"offline\"} 1",
+        "outpost_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/sessions\",status=\"200\"} 1",
+        "outpost_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/agents/enroll\",status=\"200\"} 1",
+        "outpost_ingest_batches_total 0",
+        "outpost_terminal_sessions_live 0",
+        "outpost_audit_write_failures_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    // Every sample belongs to a family announced with HELP and TYPE.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().expect("name");
+        let family = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            text.contains(&format!("# TYPE {family} "))
+                || text.contains(&format!("# TYPE {name} ")),
+            "{line}"
+        );
+    }
+    server.stop().await;
+}

@@ -2,7 +2,7 @@
 
 use control_plane::auth::Role;
 use control_plane::storage::{
-    EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError, UserRow,
+    AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError, UserRow,
 };
 use world::World;
 
@@ -250,6 +250,44 @@ async fn check(s: Storage) {
 
     // Purge removes expired tokens of both kinds.
     assert_eq!(s.purge_expired(20_000).await.expect("purge"), 3);
+
+    // Audit: appended with increasing ids, listed newest first, filtered and paged.
+    for (i, action) in ["login", "task.created", "login"].into_iter().enumerate() {
+        s.audit_append(AuditRow {
+            id: 0,
+            ts_ms: 1000 + i as i64,
+            actor: format!("user{i}"),
+            action: action.to_string(),
+            target: "t".to_string(),
+            detail: r#"{"k":1}"#.to_string(),
+        })
+        .await
+        .expect("audit append");
+    }
+    let all = s
+        .audit_list(AuditQuery {
+            action: None,
+            before_id: None,
+            limit: 10,
+        })
+        .await
+        .expect("audit list");
+    assert_eq!(
+        all.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>(),
+        ["user2", "user1", "user0"]
+    );
+    assert!(all[0].id > all[1].id && all[1].id > all[2].id);
+    assert_eq!(all[2].detail, r#"{"k":1}"#);
+    let logins = s
+        .audit_list(AuditQuery {
+            action: Some("login".into()),
+            before_id: Some(all[0].id),
+            limit: 10,
+        })
+        .await
+        .expect("audit list");
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].actor, "user0");
 }
 
 #[tokio::test]

@@ -1,0 +1,62 @@
+//! The audit log: logins, terminal sessions, task creation and cancellation, exec runs and
+//! enrollments, stored with the rest of the control plane's state and listed by
+//! `GET /api/v1/audit`.
+//!
+//! Recording never fails the action it describes (the action already happened); a record that
+//! could not be stored is logged at error level and counted in
+//! `outpost_audit_write_failures_total`.
+
+use crate::state::AppState;
+use crate::storage::AuditRow;
+
+/// Audit actions. Strings, so old records stay readable when new actions appear.
+pub mod action {
+    pub const LOGIN: &str = "login";
+    pub const LOGIN_REFUSED: &str = "login.refused";
+    pub const AGENT_ENROLLED: &str = "agent.enrolled";
+    pub const TERMINAL_OPENED: &str = "terminal.opened";
+    pub const TERMINAL_ENDED: &str = "terminal.ended";
+    pub const TASK_CREATED: &str = "task.created";
+    pub const TASK_CANCELED: &str = "task.canceled";
+    pub const EXEC_RUN: &str = "exec.run";
+}
+
+/// A terminal session ended: who had it, on which agent, for how long, and why.
+pub async fn terminal_ended(
+    state: &AppState,
+    session_id: &str,
+    meta: &crate::terminal::streams::SessionMeta,
+    reason: &str,
+) {
+    let duration_s = state.world.now_unix_ms().saturating_sub(meta.created_ms) / 1000;
+    record(
+        state,
+        &meta.username,
+        action::TERMINAL_ENDED,
+        session_id,
+        serde_json::json!({"agent_id": meta.agent_id, "reason": reason, "duration_s": duration_s}),
+    )
+    .await;
+}
+
+/// Store one record: `actor` did `action` to `target`; `detail` is any JSON object.
+pub async fn record(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let row = AuditRow {
+        id: 0,
+        ts_ms: state.world.now_unix_ms(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        detail: detail.to_string(),
+    };
+    if let Err(error) = state.storage.audit_append(row).await {
+        crate::observe::add(&state.observed.audit_write_failures_total, 1);
+        tracing::error!(%error, actor, action, target, "audit record not stored");
+    }
+}

@@ -1,0 +1,204 @@
+//! `GET /metrics` (Prometheus text) and `GET /api/v1/audit`.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::observe::{Exposition, write_process};
+use crate::state::AppState;
+use crate::storage::AuditQuery;
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut out = Exposition::default();
+    write_process(&state.observed, &mut out);
+
+    let agents = state
+        .storage
+        .list_agents()
+        .await
+        .map_err(ApiError::internal)?;
+    let now_ms = state.world.now_unix_ms();
+    let online = agents.iter().filter(|a| state.is_online(a, now_ms)).count();
+    out.family(
+        "outpost_agents",
+        "gauge",
+        "Enrolled agents by status (online: a control channel is open and heard from).",
+    )
+    .sample("outpost_agents", &[("status", "online")], online as f64)
+    .sample(
+        "outpost_agents",
+        &[("status", "offline")],
+        (agents.len() - online) as f64,
+    );
+
+    // Each agent's metrics buffer as it last reported it.
+    let buffers: Vec<(String, proto::BufferStats)> = agents
+        .iter()
+        .filter_map(|a| {
+            let stats = serde_json::from_str(a.buffer.as_deref()?).ok()?;
+            Some((a.name.clone(), stats))
+        })
+        .collect();
+    type Gauge = (&'static str, &'static str, fn(&proto::BufferStats) -> f64);
+    let gauges: [Gauge; 5] = [
+        (
+            "outpost_agent_buffer_rows",
+            "Rows waiting in an agent's metrics buffer.",
+            |b| b.rows as f64,
+        ),
+        (
+            "outpost_agent_buffer_size_bytes",
+            "Size of an agent's metrics buffer.",
+            |b| b.size_bytes as f64,
+        ),
+        (
+            "outpost_agent_buffer_oldest_record_age_seconds",
+            "Age of the oldest undelivered record in an agent's buffer (delivery lag).",
+            |b| b.oldest_record_age_s as f64,
+        ),
+        (
+            "outpost_agent_buffer_utilization_ratio",
+            "An agent's buffer size over its bound (0-1).",
+            |b| b.utilization,
+        ),
+        (
+            "outpost_agent_buffer_delivery_failures",
+            "Consecutive failed deliveries an agent reports.",
+            |b| b.delivery_failures as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        out.family(name, "gauge", help);
+        for (agent, stats) in &buffers {
+            out.sample(name, &[("agent", agent)], value(stats));
+        }
+    }
+    out.family(
+        "outpost_agent_buffer_dropped_total",
+        "counter",
+        "Records an agent's buffer dropped by policy, by reason (age, size, quarantine).",
+    );
+    for (agent, stats) in &buffers {
+        for (reason, n) in &stats.dropped_total {
+            out.sample(
+                "outpost_agent_buffer_dropped_total",
+                &[("agent", agent), ("reason", reason)],
+                *n as f64,
+            );
+        }
+    }
+
+    let terminal = &state.terminal.counters;
+    let live = state.terminal.streams.live().await.map(|l| l.len());
+    out.single(
+        "outpost_terminal_sessions_opened_total",
+        "counter",
+        "Terminal sessions opened through this replica.",
+        terminal.sessions_opened_total.load(Ordering::Relaxed) as f64,
+    )
+    .single(
+        "outpost_terminal_sessions_refused_total",
+        "counter",
+        "Terminal sessions refused (unknown or offline agent, limit reached, no answer).",
+        terminal.sessions_refused_total.load(Ordering::Relaxed) as f64,
+    )
+    .single(
+        "outpost_terminal_output_bytes_total",
+        "counter",
+        "Terminal output bytes stored by this replica's agent handlers.",
+        terminal.output_bytes_total.load(Ordering::Relaxed) as f64,
+    )
+    .single(
+        "outpost_terminal_store_failures_total",
+        "counter",
+        "Failed writes to the terminal stream store (sessions were marked degraded).",
+        terminal.store_failures_total.load(Ordering::Relaxed) as f64,
+    );
+    match live {
+        Ok(n) => {
+            out.single(
+                "outpost_terminal_sessions_live",
+                "gauge",
+                "Terminal sessions not closed, across every replica sharing the stream store.",
+                n as f64,
+            );
+        }
+        Err(error) => tracing::warn!(%error, "metrics: terminal store unavailable"),
+    }
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out.finish(),
+    )
+        .into_response())
+}
+
+/// Most records one audit page returns.
+const AUDIT_PAGE_MAX: i64 = 500;
+
+#[derive(Deserialize)]
+pub struct AuditParams {
+    /// Only this action (`login`, `terminal.opened`, `task.created`, …).
+    action: Option<String>,
+    /// Records older than this id (the `id` of the last record of the previous page).
+    before: Option<i64>,
+    /// Page size, 1-500 (default 100).
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct AuditView {
+    id: i64,
+    ts: String,
+    actor: String,
+    action: String,
+    target: String,
+    detail: serde_json::Value,
+}
+
+/// `GET /api/v1/audit?action=A&before=ID&limit=N`: newest first.
+pub async fn audit(
+    State(state): State<AppState>,
+    Query(params): Query<AuditParams>,
+) -> Result<Json<Vec<AuditView>>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1-{AUDIT_PAGE_MAX}"),
+        ));
+    }
+    if params.action.as_ref().is_some_and(|a| a.len() > 64) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "action is too long"));
+    }
+    let rows = state
+        .storage
+        .audit_list(AuditQuery {
+            action: params.action,
+            before_id: params.before,
+            limit,
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| AuditView {
+                id: r.id,
+                ts: crate::time::rfc3339_ms(r.ts_ms),
+                actor: r.actor,
+                action: r.action,
+                target: r.target,
+                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,258 @@
+//! `GET /metrics`: the control plane's own figures in the Prometheus text format (0.0.4).
+//!
+//! Counters and histograms live in [`Observed`] (one per process, in the app state); fleet
+//! figures (agents online, each agent's metrics-buffer health) are read from storage at scrape
+//! time, so every replica reports the same fleet.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the request latency histogram buckets.
+const LATENCY_BUCKETS_S: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    /// Cumulative counts per bucket of [`LATENCY_BUCKETS_S`].
+    buckets: [u64; LATENCY_BUCKETS_S.len()],
+    count: u64,
+    sum_s: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bucket, le) in self.buckets.iter_mut().zip(LATENCY_BUCKETS_S) {
+            if seconds <= le {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_s += seconds;
+    }
+}
+
+/// Process-wide counters of one control plane.
+#[derive(Default)]
+pub struct Observed {
+    /// (method, route template, status) → latency histogram.
+    requests: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    pub ingest_batches_total: AtomicU64,
+    pub ingest_rows_stored_total: AtomicU64,
+    pub ingest_rows_duplicate_total: AtomicU64,
+    pub ingest_rows_expired_total: AtomicU64,
+    pub ingest_batches_shed_total: AtomicU64,
+    pub ingest_batches_rejected_total: AtomicU64,
+    /// Task state changes reported by agents, by the status they reached.
+    task_events: Mutex<BTreeMap<String, u64>>,
+    pub audit_write_failures_total: AtomicU64,
+}
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Observed {
+    pub fn request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        requests
+            .entry((method.to_string(), route.to_string(), status))
+            .or_default()
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn task_event(&self, status: &str) {
+        let mut events = self
+            .task_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *events.entry(status.to_string()).or_default() += 1;
+    }
+}
+
+/// Escape a label value (backslash, quote, newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Builds an exposition: each family's HELP and TYPE once, then its samples.
+#[derive(Default)]
+pub struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample; `labels` are (name, value) pairs.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"{}\"", label(v));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+        self
+    }
+
+    /// A family with a single unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) -> &mut Self {
+        self.family(name, kind, help).sample(name, &[], value)
+    }
+
+    pub fn finish(self) -> String {
+        self.text
+    }
+}
+
+/// The process's counters, written into `out`.
+pub fn write_process(observed: &Observed, out: &mut Exposition) {
+    let counter = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    out.family(
+        "outpost_http_request_duration_seconds",
+        "histogram",
+        "HTTP request latency by method, route template and status (WebSocket routes: until the upgrade).",
+    );
+    let requests = observed
+        .requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for ((method, route, status), h) in &requests {
+        let status = status.to_string();
+        let base = [
+            ("method", method.as_str()),
+            ("route", route.as_str()),
+            ("status", status.as_str()),
+        ];
+        for (le, n) in LATENCY_BUCKETS_S.iter().zip(h.buckets) {
+            let le = le.to_string();
+            let mut labels = base.to_vec();
+            labels.push(("le", &le));
+            out.sample(
+                "outpost_http_request_duration_seconds_bucket",
+                &labels,
+                n as f64,
+            );
+        }
+        let mut labels = base.to_vec();
+        labels.push(("le", "+Inf"));
+        out.sample(
+            "outpost_http_request_duration_seconds_bucket",
+            &labels,
+            h.count as f64,
+        );
+        out.sample("outpost_http_request_duration_seconds_sum", &base, h.sum_s);
+        out.sample(
+            "outpost_http_request_duration_seconds_count",
+            &base,
+            h.count as f64,
+        );
+    }
+    out.single(
+        "outpost_ingest_batches_total",
+        "counter",
+        "Metrics batches stored and acknowledged.",
+        counter(&observed.ingest_batches_total),
+    )
+    .single(
+        "outpost_ingest_rows_stored_total",
+        "counter",
+        "Metric rows stored for the first time.",
+        counter(&observed.ingest_rows_stored_total),
+    )
+    .single(
+        "outpost_ingest_rows_duplicate_total",
+        "counter",
+        "Metric rows delivered again after an earlier store (acknowledged, not stored twice).",
+        counter(&observed.ingest_rows_duplicate_total),
+    )
+    .single(
+        "outpost_ingest_rows_expired_total",
+        "counter",
+        "Metric rows older than the retention period (acknowledged, not stored).",
+        counter(&observed.ingest_rows_expired_total),
+    )
+    .single(
+        "outpost_ingest_batches_shed_total",
+        "counter",
+        "Metrics batches answered 429 because ingest was at capacity.",
+        counter(&observed.ingest_batches_shed_total),
+    )
+    .single(
+        "outpost_ingest_batches_rejected_total",
+        "counter",
+        "Metrics batches refused as malformed (4xx other than 429).",
+        counter(&observed.ingest_batches_rejected_total),
+    );
+    out.family(
+        "outpost_task_events_total",
+        "counter",
+        "Task state changes reported by agents, by the status reached (a resent event counts again).",
+    );
+    let events = observed
+        .task_events
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for (status, n) in &events {
+        out.sample(
+            "outpost_task_events_total",
+            &[("status", status)],
+            *n as f64,
+        );
+    }
+    out.single(
+        "outpost_audit_write_failures_total",
+        "counter",
+        "Audit records that could not be stored (each was logged at error level).",
+        counter(&observed.audit_write_failures_total),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_labels_escaped() {
+        let observed = Observed::default();
+        observed.request("GET", "/x", 200, Duration::from_millis(3));
+        observed.request("GET", "/x", 200, Duration::from_millis(300));
+        let mut out = Exposition::default();
+        write_process(&observed, &mut out);
+        out.family("t", "gauge", "test")
+            .sample("t", &[("name", "a\"b\\c\nd")], 1.0);
+        let text = out.finish();
+        assert!(text.contains(
+            "outpost_http_request_duration_seconds_bucket{method=\"GET\",route=\"/x\",status=\"200\",le=\"0.001\"} 0\n"
+        ));
+        assert!(text.contains(
+            "outpost_http_request_duration_seconds_bucket{method=\"GET\",route=\"/x\",status=\"200\",le=\"0.005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "outpost_http_request_duration_seconds_bucket{method=\"GET\",route=\"/x\",status=\"200\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains("outpost_http_request_duration_seconds_count{method=\"GET\",route=\"/x\",status=\"200\"} 2\n"));
+        assert!(text.contains("t{name=\"a\\\"b\\\\c\\nd\"} 1\n"));
+    }
+}
