@@ -8,39 +8,11 @@ sim_seeds := "25"
 default:
     @just --list
 
-# Run the control plane on embedded defaults (SQLite) with one local agent enrolled and connected.
+# The appliance on this machine: throwaway Postgres, control plane on embedded defaults, one
+# enrolled agent. Prints url, user and password; Ctrl+C stops everything and cleans up.
 demo listen="127.0.0.1:8080": web
-    #!/usr/bin/env bash
-    set -euo pipefail
     cargo build --bins
-    bin=target/debug
-    dir=$(mktemp -d -t outpost-demo-XXXXXX)
-    pids=()
-    cleanup() {
-        trap - EXIT INT TERM
-        for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-        wait 2>/dev/null || true
-        rm -rf "$dir"
-        echo "demo stopped; removed $dir"
-    }
-    trap cleanup EXIT
-    trap 'cleanup; exit 0' INT TERM
-    password=$("$bin/outpost" admin create-user admin --role admin --data-dir "$dir/cp" | sed -n 's/^password: //p')
-    token=$("$bin/outpost" admin enroll-token --ttl 10m --data-dir "$dir/cp")
-    "$bin/outpost" serve --listen "{{listen}}" --data-dir "$dir/cp" 2> "$dir/control-plane.log" &
-    pids+=($!)
-    for _ in $(seq 1 100); do curl -fsS "http://{{listen}}/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-    "$bin/outpost-agent" enroll --control-plane "http://{{listen}}" --token "$token" --name demo-agent --data-dir "$dir/agent" >/dev/null
-    "$bin/outpost-agent" run --data-dir "$dir/agent" 2> "$dir/agent.log" &
-    pids+=($!)
-    echo "url: http://{{listen}}"
-    echo "user: admin"
-    echo "password: $password"
-    echo "logs: $dir/control-plane.log $dir/agent.log"
-    echo "try:  TOKEN=\$(curl -s -d '{\"username\":\"admin\",\"password\":\"$password\"}' -H 'content-type: application/json' http://{{listen}}/api/v1/sessions | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')"
-    echo "      curl -s -H \"authorization: Bearer \$TOKEN\" http://{{listen}}/api/v1/agents"
-    echo "Ctrl+C stops everything."
-    wait
+    ./target/debug/outpost demo --listen {{listen}}
 
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
 web:

@@ -19,6 +19,7 @@ pub mod action {
     pub const TASK_CREATED: &str = "task.created";
     pub const TASK_CANCELED: &str = "task.canceled";
     pub const EXEC_RUN: &str = "exec.run";
+    pub const EXEC_FINISHED: &str = "exec.finished";
 }
 
 /// A terminal session ended: who had it, on which agent, for how long, and why.

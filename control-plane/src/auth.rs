@@ -106,6 +106,17 @@ pub const PASSWORD_CHARS_MIN: usize = 12;
 /// Longer passwords are refused everywhere (argon2 cost is linear in input).
 pub const PASSWORD_BYTES_MAX: usize = 1024;
 
+/// A random 20-character password from an alphabet without look-alikes (0/O, 1/l/I).
+pub fn generate_password(world: &World) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    (0..20)
+        .map(|_| {
+            let i = usize::try_from(world.random_below(ALPHABET.len() as u64)).unwrap_or(0);
+            char::from(ALPHABET[i])
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Role, hash_password, secret_hash, verify_password};

@@ -29,6 +29,8 @@ pub struct RawServeConfig {
     pub session_ttl: Option<String>,
     /// humantime, default 30d; at least 1d.
     pub metrics_retention: Option<String>,
+    /// Inventory TOML for fleet exec from the web UI and API (same format as `outpost exec`).
+    pub inventory: Option<PathBuf>,
 }
 
 impl RawServeConfig {
@@ -43,6 +45,7 @@ impl RawServeConfig {
             dead_after: self.dead_after.or(file.dead_after),
             session_ttl: self.session_ttl.or(file.session_ttl),
             metrics_retention: self.metrics_retention.or(file.metrics_retention),
+            inventory: self.inventory.or(file.inventory),
         }
     }
 }
@@ -108,7 +111,12 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             raw.metrics_retention.as_deref(),
             defaults.metrics_retention,
         )?,
+        inventory: raw.inventory.clone(),
     };
+    if let Some(path) = &settings.inventory {
+        remote_exec::Inventory::load(path)
+            .with_context(|| format!("inventory: {} is not a usable inventory", path.display()))?;
+    }
     if settings.heartbeat_interval < Duration::from_millis(100) {
         bail!("heartbeat_interval: must be at least 100ms");
     }

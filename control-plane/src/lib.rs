@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod demo;
 pub mod exec;
 pub mod http;
 pub mod observe;

@@ -42,6 +42,22 @@ enum Commands {
     ///
     /// Example: outpost exec --inventory fleet.toml --hosts @replica --max-errors 10% -- psql -Atc 'select 1'
     Exec(Box<ExecArgs>),
+    /// Try the whole appliance on this machine: a throwaway PostgreSQL (initdb in the data
+    /// dir; Debian package `postgresql`), the control plane on embedded defaults and one
+    /// enrolled agent collecting from that Postgres. Prints `url:`, `user:` and `password:`;
+    /// open the url in a browser. Ctrl+C stops everything and deletes the data dir.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Address for the web UI and API.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    listen: String,
+    /// A new or empty directory for everything the demo runs (deleted when it stops)
+    /// [default: a fresh directory under $TMPDIR].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -167,6 +183,10 @@ struct ServeArgs {
     /// days; SQLite deletes rows. Checked hourly.
     #[arg(long, env = "OUTPOST_METRICS_RETENTION")]
     metrics_retention: Option<String>,
+    /// Inventory TOML (as for `outpost exec`) of the hosts the web UI's fleet exec may reach.
+    /// Without it, exec through the API is refused.
+    #[arg(long, env = "OUTPOST_INVENTORY", value_name = "FILE")]
+    inventory: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -205,12 +225,14 @@ enum AdminCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `exec` prints its own results; only warnings belong beside them.
-    init_logging(if matches!(cli.command, Commands::Exec(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    // `exec` and `demo` print their own results; only warnings belong beside them.
+    init_logging(
+        if matches!(cli.command, Commands::Exec(_) | Commands::Demo(_)) {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,7 +244,7 @@ fn main() -> ExitCode {
         }
     };
     // A daemon gives its channel tasks time to send close frames; a CLI run has none.
-    let grace = if matches!(cli.command, Commands::Serve(_)) {
+    let grace = if matches!(cli.command, Commands::Serve(_) | Commands::Demo(_)) {
         Duration::from_secs(2)
     } else {
         Duration::from_millis(100)
@@ -232,6 +254,15 @@ fn main() -> ExitCode {
             Commands::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
             Commands::Admin(cmd) => admin(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Exec(args) => exec(args).await,
+            Commands::Demo(args) => control_plane::demo::run(
+                World::real(),
+                control_plane::demo::DemoArgs {
+                    listen: args.listen,
+                    data_dir: args.data_dir,
+                },
+            )
+            .await
+            .map(|()| ExitCode::SUCCESS),
         }
     });
     runtime.shutdown_timeout(grace);
@@ -264,6 +295,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database_url: args.store.database_url,
         redis_url: args.redis_url,
         metrics_retention: args.metrics_retention,
+        inventory: args.inventory,
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;
@@ -364,7 +396,7 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                     .context("read password from stdin")?;
                 (line.trim_end_matches(['\n', '\r']).to_string(), false)
             } else {
-                (generate_password(&world), true)
+                (auth::generate_password(&world), true)
             };
             if password.chars().count() < auth::PASSWORD_CHARS_MIN
                 || password.len() > auth::PASSWORD_BYTES_MAX
@@ -419,14 +451,4 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn generate_password(world: &World) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
-    (0..20)
-        .map(|_| {
-            let i = usize::try_from(world.random_below(ALPHABET.len() as u64)).unwrap_or(0);
-            char::from(ALPHABET[i])
-        })
-        .collect()
 }

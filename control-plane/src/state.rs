@@ -20,6 +20,8 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Stored metrics older than this are removed (whole days in Postgres) and not accepted.
     pub metrics_retention: Duration,
+    /// Inventory for fleet exec through the API; `None` turns the exec routes into refusals.
+    pub inventory: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -29,6 +31,7 @@ impl Default for Settings {
             dead_after: Duration::from_secs(15),
             session_ttl: Duration::from_secs(12 * 3600),
             metrics_retention: Duration::from_secs(30 * 86_400),
+            inventory: None,
         }
     }
 }
@@ -46,6 +49,8 @@ pub struct AppState {
     pub terminal: crate::terminal::Terminal,
     /// Counters and latency histograms for `/metrics`.
     pub observed: Arc<crate::observe::Observed>,
+    /// Fleet exec runs started through the API on this replica.
+    pub exec_runs: crate::http::exec::Runs,
 }
 
 /// Metrics batches stored concurrently before ingest sheds load.
@@ -70,6 +75,7 @@ impl AppState {
                 crate::terminal::TerminalSettings::default(),
             ),
             observed: Arc::default(),
+            exec_runs: crate::http::exec::Runs::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! every non-public route answers 401 without credentials.
 
 mod agents;
+pub mod exec;
 mod metrics;
 mod observe;
 mod sessions;
@@ -71,6 +72,10 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::POST, proto::ENROLL_PATH, Access::Public),
             post(agents::enroll),
+        ),
+        (
+            spec(Method::GET, "/api/v1/me", Access::User(Role::Viewer)),
+            get(sessions::me),
         ),
         (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
@@ -151,6 +156,18 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/agent/terminal/{id}", Access::Agent),
             get(crate::terminal::agent_link::upgrade),
+        ),
+        (
+            spec(Method::POST, "/api/v1/exec", Access::User(Role::Operator)),
+            post(exec::start),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/exec/{op_id}",
+                Access::User(Role::Operator),
+            ),
+            get(exec::show),
         ),
         (
             spec(Method::GET, "/metrics", Access::User(Role::Viewer)),

@@ -91,3 +91,21 @@ pub async fn login(
     };
     Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
+
+#[derive(Serialize)]
+pub struct Me {
+    id: String,
+    name: String,
+    role: &'static str,
+}
+
+/// `GET /api/v1/me`: who the credentials belong to (the UI shows controls by role).
+pub async fn me(
+    axum::Extension(super::AuthUser(user)): axum::Extension<super::AuthUser>,
+) -> Json<Me> {
+    Json(Me {
+        id: user.id,
+        name: user.name,
+        role: user.role.as_str(),
+    })
+}

@@ -193,3 +193,115 @@ async fn exec_prints_a_table_and_a_summary_and_refuses_bad_input() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// The web UI's exec: started through the API, followed by polling, output per host,
+/// classified outcomes, audited; refused without an inventory and for viewers.
+#[tokio::test]
+async fn exec_through_the_api_streams_per_host_results_and_is_audited() {
+    use control_plane::auth::Role;
+    use http::{Method, StatusCode};
+
+    let (_sshd, _dir, inv) = setup().await;
+    let bare = crate::harness::Server::start().await;
+    let token = bare.token_for("ops", Role::Operator).await;
+    let body = r#"{"argv":["echo","hello"]}"#;
+    let r = bare
+        .request(Method::POST, "/api/v1/exec", Some(&token), body)
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "no inventory configured");
+    assert!(String::from_utf8_lossy(&r.body).contains("--inventory"));
+    bare.stop().await;
+
+    let server = crate::harness::Server::start_with(control_plane::state::Settings {
+        inventory: Some(inv.into()),
+        ..crate::harness::fast_settings()
+    })
+    .await;
+    let operator = server.token_for("ops", Role::Operator).await;
+    let viewer = server.token_for("look", Role::Viewer).await;
+    let admin = server.token_for("boss", Role::Admin).await;
+    let r = server
+        .request(Method::POST, "/api/v1/exec", Some(&viewer), body)
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/exec",
+            Some(&operator),
+            r#"{"hosts":"nothing*","argv":["true"]}"#,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "a selection that matches nothing"
+    );
+
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/exec",
+            Some(&operator),
+            r#"{"argv":["sh","-c","echo out-$0; echo err-$0 >&2; exit 3","it's"]}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let started: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(started["hosts"], 2);
+    let op_id = started["op_id"].as_str().expect("op_id").to_string();
+    let view = loop {
+        let r = server
+            .request(
+                Method::GET,
+                &format!("/api/v1/exec/{op_id}"),
+                Some(&operator),
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let view: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        if view["finished"] == true {
+            break view;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let hosts = view["hosts"].as_array().expect("hosts");
+    let db1 = hosts.iter().find(|h| h["host"] == "db1").expect("db1");
+    assert_eq!(db1["outcome"], "command_failed");
+    assert_eq!(db1["exit_code"], 3);
+    assert_eq!(db1["stdout"], "out-it's\n", "the argument arrived intact");
+    assert_eq!(db1["stderr"], "err-it's\n");
+    let db2 = hosts.iter().find(|h| h["host"] == "db2").expect("db2");
+    assert_eq!(db2["outcome"], "not_started");
+    assert!(db2["error"].as_str().is_some_and(|e| !e.is_empty()));
+
+    let r = server
+        .request(Method::GET, "/api/v1/exec/op_unknown", Some(&operator), "")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let r = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=exec.run",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let audit: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(audit[0]["actor"], "ops");
+    assert_eq!(audit[0]["target"], op_id.as_str());
+    assert_eq!(audit[0]["detail"]["host_count"], 2);
+    let r = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=exec.finished",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let audit: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(audit[0]["detail"]["outcomes"]["command_failed"], 1);
+    server.stop().await;
+}

@@ -1,8 +1,9 @@
-// The Outpost browser terminal: log in, pick an agent, run psql on it through the control
-// plane. Output arrives as binary frames counted by byte offset; after a dropped socket the
-// page reconnects from the last offset it holds, so nothing is shown twice or lost silently.
+// The psql terminal: a session on one agent, through the control plane. Output arrives as
+// binary frames counted by byte offset; after a dropped socket the page reconnects from the
+// last offset it holds, so nothing is shown twice or lost silently.
 
-const $ = (id) => document.getElementById(id);
+import { $, api, show } from './common.js';
+
 const RESIZE_DEBOUNCE_MS = 100;
 const RECONNECT_MAX_MS = 5000;
 
@@ -24,74 +25,17 @@ function setState(state) {
   badge.textContent = state === 'none' ? '' : `session: ${state}`;
 }
 
-function show(section) {
-  for (const id of ['login', 'agents', 'terminal-view']) $(id).hidden = id !== section;
-}
-
-async function api(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    credentials: 'same-origin',
-    headers: body ? { 'content-type': 'application/json' } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  const text = await response.text();
-  let json = null;
-  try { json = text ? JSON.parse(text) : null; } catch { json = null; }
-  return { status: response.status, json };
-}
-
-async function login(event) {
-  event.preventDefault();
-  const r = await api('POST', '/api/v1/sessions', {
-    username: $('username').value,
-    password: $('password').value,
-  });
-  if (r.status !== 200) {
-    $('login-error').textContent = r.json?.error ?? `login failed (${r.status})`;
-    return;
-  }
-  $('login-error').textContent = '';
-  await listAgents();
-}
-
-async function listAgents() {
-  const r = await api('GET', '/api/v1/agents');
-  if (r.status === 401) { show('login'); return; }
-  if (r.status !== 200) { $('agents-error').textContent = r.json?.error ?? `error ${r.status}`; show('agents'); return; }
-  const rows = $('agent-rows');
-  rows.replaceChildren();
-  for (const agent of r.json) {
-    const tr = document.createElement('tr');
-    for (const text of [agent.name, agent.status, agent.last_seen ?? 'never']) {
-      const td = document.createElement('td');
-      td.textContent = text;
-      tr.append(td);
-    }
-    const td = document.createElement('td');
-    const button = document.createElement('button');
-    button.textContent = 'Open terminal';
-    button.setAttribute('aria-label', `Open terminal on ${agent.name}`);
-    button.disabled = agent.status !== 'online';
-    button.addEventListener('click', () => openTerminal(agent));
-    td.append(button);
-    tr.append(td);
-    rows.append(tr);
-  }
-  show('agents');
-}
-
-async function openTerminal(agent) {
+export async function openTerminal(agent, onError) {
   const r = await api('POST', '/api/v1/terminal/sessions', { agent_id: agent.id });
   if (r.status !== 201) {
-    $('agents-error').textContent = r.json?.error ?? `could not open a terminal (${r.status})`;
+    onError(r.json?.error ?? `could not open a terminal (${r.status})`);
     return;
   }
   view.sessionId = r.json.session_id;
   view.offset = 0;
   view.closed = false;
   $('where').textContent = `psql on ${agent.name}`;
-  history.replaceState(null, '', `#session=${view.sessionId}`);
+  history.pushState(null, '', `#/terminal/${view.sessionId}`);
   show('terminal-view');
   startTerminal();
   connect();
@@ -128,6 +72,7 @@ function sendResize() {
 }
 
 function connect() {
+  if (view.closed) return;
   setState(view.attempts === 0 ? 'connecting' : 'reconnecting');
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const url = `${scheme}://${location.host}/api/v1/terminal/sessions/${view.sessionId}/ws?offset=${view.offset}`;
@@ -189,5 +134,12 @@ window.outpost = {
   dropConnection: () => view.socket?.close(),
 };
 
-$('login').addEventListener('submit', login);
-listAgents();
+/// Leave the terminal page: the socket closes; the session stays open on the agent for its
+/// reconnect window and is listed in the audit log when it ends.
+export function leaveTerminal() {
+  if (!view.socket) return;
+  view.closed = true;
+  view.socket.close();
+  view.socket = null;
+  setState('none');
+}

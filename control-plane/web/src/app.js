@@ -1,0 +1,252 @@
+// The Outpost web UI: log in, see the fleet, open an agent's charts and tasks, run psql on it,
+// run a command across hosts, read the audit log. Every figure comes from the authenticated
+// API; the role the API reports decides which controls are shown (the API enforces it anyway).
+
+import { $, ago, api, bytes, el, show } from './common.js';
+import { drawCharts } from './charts.js';
+import { leaveTerminal, openTerminal } from './terminal.js';
+
+const ROLES = ['viewer', 'operator', 'admin'];
+/** Delivery lag that earns a warning on the fleet page. */
+const LAG_WARN_S = 120;
+const FLEET_REFRESH_MS = 5000;
+const AGENT_REFRESH_MS = 15000;
+
+const app = { me: null, agents: [], timer: null, agent: null, auditBefore: null };
+
+function allows(role) {
+  return app.me && ROLES.indexOf(app.me.role) >= ROLES.indexOf(role);
+}
+
+function applyRole() {
+  for (const node of document.querySelectorAll('[data-role]')) node.hidden = !allows(node.dataset.role);
+  $('nav').hidden = !app.me;
+  $('me').textContent = app.me ? `${app.me.name} (${app.me.role})` : '';
+}
+
+async function whoami() {
+  const r = await api('GET', '/api/v1/me');
+  app.me = r.status === 200 ? r.json : null;
+  applyRole();
+  return app.me;
+}
+
+async function login(event) {
+  event.preventDefault();
+  const r = await api('POST', '/api/v1/sessions', { username: $('username').value, password: $('password').value });
+  if (r.status !== 200) {
+    $('login-error').textContent = r.json?.error ?? `login failed (${r.status})`;
+    return;
+  }
+  $('login-error').textContent = '';
+  await whoami();
+  if (!location.hash || location.hash === '#/login') location.hash = '#/fleet';
+  else route();
+}
+
+function every(ms, fn) {
+  clearInterval(app.timer);
+  app.timer = setInterval(fn, ms);
+}
+
+/** Buffer health in words, and whether it deserves a warning. */
+function bufferHealth(buffer) {
+  if (!buffer) return { text: 'not reported yet', warn: false, lag: '' };
+  const dropped = Object.values(buffer.dropped_total ?? {}).reduce((a, b) => a + b, 0);
+  const warn = buffer.oldest_record_age_s > LAG_WARN_S || buffer.delivery_failures > 0 || buffer.utilization > 0.8;
+  return {
+    text: `${buffer.rows} rows, ${bytes(buffer.size_bytes)} (${(buffer.utilization * 100).toFixed(1)}%)`,
+    lag: buffer.rows > 0 ? `${buffer.oldest_record_age_s} s` : 'none',
+    dropped,
+    warn,
+    why: buffer.delivery_failures > 0 ? `${buffer.delivery_failures} failed deliveries` : buffer.oldest_record_age_s > LAG_WARN_S ? 'delivery lags' : buffer.utilization > 0.8 ? 'buffer nearly full' : '',
+  };
+}
+
+async function fleet() {
+  show('fleet');
+  $('where').textContent = '';
+  const r = await api('GET', '/api/v1/agents');
+  if (r.status === 401) { route(); return; }
+  if (r.status !== 200) { $('agents-error').textContent = r.json?.error ?? `error ${r.status}`; return; }
+  $('agents-error').textContent = '';
+  app.agents = r.json;
+  $('fleet-empty').hidden = r.json.length > 0;
+  const rows = $('agent-rows');
+  rows.replaceChildren();
+  for (const agent of r.json) {
+    const tr = el('tr', null, { 'data-agent': agent.name });
+    const name = el('td');
+    name.append(el('a', agent.name, { href: `#/agent/${agent.id}` }));
+    tr.append(name, el('td', agent.status, { class: agent.status }), el('td', ago(agent.last_seen), { title: agent.last_seen ?? '' }));
+    const health = bufferHealth(agent.buffer);
+    const buffer = el('td', health.text);
+    if (health.warn) {
+      buffer.classList.add('warn');
+      buffer.append(el('span', ` ⚠ ${health.why}`, { role: 'img', 'aria-label': `warning: ${health.why}` }));
+    }
+    tr.append(buffer, el('td', health.lag), el('td', health.dropped ?? ''));
+    const td = el('td');
+    if (allows('operator')) {
+      const button = el('button', 'Open terminal', { type: 'button', 'aria-label': `Open terminal on ${agent.name}` });
+      button.disabled = agent.status !== 'online';
+      button.addEventListener('click', () => openTerminal(agent, (m) => { $('agents-error').textContent = m; }));
+      td.append(button);
+    }
+    tr.append(td);
+    rows.append(tr);
+  }
+  every(FLEET_REFRESH_MS, () => { if (location.hash.startsWith('#/fleet')) fleet(); });
+}
+
+async function agentPage(id) {
+  show('agent');
+  const r = await api('GET', '/api/v1/agents');
+  if (r.status === 401) { route(); return; }
+  const agent = (r.json ?? []).find((a) => a.id === id);
+  if (!agent) { $('agent-error').textContent = `no agent ${id}`; return; }
+  app.agent = agent;
+  $('agent-title').textContent = `Agent ${agent.name}`;
+  $('where').textContent = agent.name;
+  const health = bufferHealth(agent.buffer);
+  $('agent-summary').textContent = `${agent.status}, last seen ${ago(agent.last_seen)}; buffer ${health.text}${health.warn ? ` (${health.why})` : ''}`;
+  $('agent-terminal').disabled = agent.status !== 'online';
+  try {
+    $('agent-error').textContent = '';
+    await drawCharts($('charts'), agent.id, Number($('range').value), api);
+  } catch (error) {
+    $('agent-error').textContent = String(error.message ?? error);
+  }
+  await tasks(agent.id);
+  every(AGENT_REFRESH_MS, () => { if (location.hash === `#/agent/${id}`) agentPage(id); });
+}
+
+async function tasks(agentId) {
+  const r = await api('GET', `/api/v1/agents/${encodeURIComponent(agentId)}/tasks`);
+  const rows = $('task-rows');
+  rows.replaceChildren();
+  if (r.status !== 200) { $('task-error').textContent = r.json?.error ?? `tasks: ${r.status}`; return; }
+  for (const task of r.json) {
+    const last = task.runs?.[task.runs.length - 1];
+    const tr = el('tr', null, { 'data-task': task.id });
+    tr.append(
+      el('td', task.id), el('td', task.kind), el('td', task.status), el('td', task.schedule),
+      el('td', last ? `${last.status}${last.exit_code != null ? ` (exit ${last.exit_code})` : ''}${last.error ? `: ${last.error}` : ''}` : ''),
+      el('td', task.next_run_at ?? ''),
+    );
+    const td = el('td');
+    if (allows('operator') && ['scheduled', 'queued', 'doing'].includes(task.status)) {
+      const cancel = el('button', 'Cancel', { type: 'button', 'aria-label': `Cancel task ${task.id}` });
+      cancel.addEventListener('click', async () => {
+        const c = await api('POST', `/api/v1/agents/${encodeURIComponent(agentId)}/tasks/${encodeURIComponent(task.id)}/cancel`);
+        $('task-error').textContent = c.status === 200 ? '' : c.json?.error ?? `cancel: ${c.status}`;
+        await tasks(agentId);
+      });
+      td.append(cancel);
+    }
+    tr.append(td);
+    rows.append(tr);
+  }
+}
+
+async function createTask(event) {
+  event.preventDefault();
+  if (!app.agent) return;
+  const body = { kind: $('task-kind').value, params: {} };
+  for (const pair of $('task-params').value.split(',').map((s) => s.trim()).filter(Boolean)) {
+    const at = pair.indexOf('=');
+    if (at < 1) { $('task-error').textContent = `parameter "${pair}" is not key=value`; return; }
+    body.params[pair.slice(0, at).trim()] = pair.slice(at + 1).trim();
+  }
+  const schedule = $('task-schedule').value;
+  const when = $('task-when').value.trim();
+  if (schedule !== 'now') {
+    if (!when) { $('task-error').textContent = `give a value for "${schedule}"`; return; }
+    body[schedule] = when;
+  }
+  const r = await api('POST', `/api/v1/agents/${encodeURIComponent(app.agent.id)}/tasks`, body);
+  $('task-error').textContent = r.status === 201 ? '' : r.json?.error ?? `create: ${r.status}`;
+  await tasks(app.agent.id);
+}
+
+let execPoll = null;
+
+async function runExec(event) {
+  event.preventDefault();
+  const argv = $('exec-command').value.split('\n').map((s) => s.trim()).filter(Boolean);
+  if (argv.length === 0) { $('exec-error').textContent = 'give a command'; return; }
+  const r = await api('POST', '/api/v1/exec', { hosts: $('exec-hosts').value, argv, idempotent: $('exec-idempotent').checked });
+  if (r.status !== 202) { $('exec-error').textContent = r.json?.error ?? `exec: ${r.status}`; return; }
+  $('exec-error').textContent = '';
+  clearInterval(execPoll);
+  const opId = r.json.op_id;
+  const poll = async () => {
+    const s = await api('GET', `/api/v1/exec/${encodeURIComponent(opId)}`);
+    if (s.status !== 200) { $('exec-error').textContent = s.json?.error ?? `exec: ${s.status}`; clearInterval(execPoll); return; }
+    renderExec(s.json);
+    if (s.json.finished) clearInterval(execPoll);
+  };
+  execPoll = setInterval(poll, 500);
+  poll();
+}
+
+function renderExec(run) {
+  const counts = {};
+  for (const h of run.hosts) counts[h.outcome ?? 'running'] = (counts[h.outcome ?? 'running'] ?? 0) + 1;
+  $('exec-summary').textContent = `${run.op_id}: ${Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(', ')}${run.finished ? ' — finished' : ''}`;
+  const out = $('exec-hosts-out');
+  out.replaceChildren();
+  for (const h of run.hosts) {
+    const head = el('h3', `${h.host}: `);
+    head.append(el('span', h.outcome ?? 'running', { class: `outcome-${h.outcome ?? 'running'}` }));
+    if (h.exit_code != null) head.append(` (exit ${h.exit_code})`);
+    if (h.error) head.append(` — ${h.error}`);
+    out.append(head, el('pre', h.stdout + (h.stderr ? `\n[stderr]\n${h.stderr}` : ''), { class: 'out', 'aria-label': `output of ${h.host}` }));
+  }
+}
+
+async function audit(older = false) {
+  show('audit');
+  $('where').textContent = '';
+  if (!older) app.auditBefore = null;
+  const params = new URLSearchParams({ limit: '100' });
+  if ($('audit-action').value) params.set('action', $('audit-action').value);
+  if (app.auditBefore) params.set('before', String(app.auditBefore));
+  const r = await api('GET', `/api/v1/audit?${params}`);
+  if (r.status !== 200) { $('audit-error').textContent = r.json?.error ?? `audit: ${r.status}`; return; }
+  $('audit-error').textContent = '';
+  const rows = $('audit-rows');
+  if (!older) rows.replaceChildren();
+  for (const rec of r.json) {
+    const tr = el('tr', null, { 'data-action': rec.action });
+    tr.append(el('td', rec.ts), el('td', rec.actor), el('td', rec.action), el('td', rec.target), el('td', JSON.stringify(rec.detail)));
+    rows.append(tr);
+  }
+  app.auditBefore = r.json.length ? r.json[r.json.length - 1].id : app.auditBefore;
+  $('audit-older').hidden = r.json.length < 100;
+}
+
+async function route() {
+  clearInterval(app.timer);
+  leaveTerminal();
+  if (!app.me && !(await whoami())) { show('login'); return; }
+  const hash = location.hash || '#/fleet';
+  const [, page, arg] = hash.split('/');
+  switch (page) {
+    case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
+    case 'exec': show('exec'); $('where').textContent = ''; break;
+    case 'audit': await audit(); break;
+    case 'terminal': location.hash = '#/fleet'; break;
+    default: await fleet();
+  }
+}
+
+$('login').addEventListener('submit', login);
+$('task-form').addEventListener('submit', createTask);
+$('exec-form').addEventListener('submit', runExec);
+$('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
+$('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
+$('audit-action').addEventListener('change', () => audit());
+$('audit-older').addEventListener('click', () => audit(true));
+window.addEventListener('hashchange', route);
+route();

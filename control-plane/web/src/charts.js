@@ -1,0 +1,114 @@
+// Time-series charts of an agent's collected statistics (uPlot). A missing collection
+// (agent offline, network outage, Postgres down) is drawn as a gap: a point is inserted with
+// no value wherever two samples are further apart than three collection intervals.
+
+import { el } from './common.js';
+
+/** The charts: title, which metric type, and how to turn one sample into named values. */
+const CHARTS = [
+  {
+    title: 'Connections by state',
+    type: 'activity',
+    values: (data) => data,
+  },
+  {
+    title: 'Transactions per second',
+    type: 'pg_stat_database',
+    rate: true,
+    values: (data) => {
+      let commit = 0;
+      let rollback = 0;
+      for (const db of data) { commit += db.xact_commit ?? 0; rollback += db.xact_rollback ?? 0; }
+      return { commit, rollback };
+    },
+  },
+  {
+    title: 'Database size (bytes)',
+    type: 'database_size',
+    values: (data) => data,
+  },
+  {
+    title: 'Locks by mode',
+    type: 'locks',
+    values: (data) => data,
+  },
+];
+
+const COLORS = ['#6cf', '#fb4', '#6d6', '#f77', '#c8f', '#4dd', '#ddd', '#f9c'];
+
+/** Median spacing of the timestamps (seconds), a robust guess at the collection interval. */
+function interval(ts) {
+  const gaps = [];
+  for (let i = 1; i < ts.length; i += 1) gaps.push(ts[i] - ts[i - 1]);
+  gaps.sort((a, b) => a - b);
+  return gaps.length ? gaps[Math.floor(gaps.length / 2)] : 15;
+}
+
+/** uPlot data: [[ts...], [series...]...] with `null` rows marking gaps. */
+export function series(samples, chart) {
+  const points = samples
+    .map((s) => ({ t: Date.parse(s.ts) / 1000, v: chart.values(s.data) ?? {} }))
+    .sort((a, b) => a.t - b.t);
+  const names = [...new Set(points.flatMap((p) => Object.keys(p.v)))].sort();
+  let rows = points.map((p) => ({ t: p.t, v: names.map((n) => (typeof p.v[n] === 'number' ? p.v[n] : null)) }));
+  if (chart.rate) {
+    const out = [];
+    for (let i = 1; i < rows.length; i += 1) {
+      const dt = rows[i].t - rows[i - 1].t;
+      out.push({
+        t: rows[i].t,
+        v: rows[i].v.map((x, j) => {
+          const prev = rows[i - 1].v[j];
+          // A counter that went down was reset (server restart): no rate for that step.
+          return x === null || prev === null || dt <= 0 || x < prev ? null : (x - prev) / dt;
+        }),
+      });
+    }
+    rows = out;
+  }
+  const step = interval(rows.map((r) => r.t));
+  const withGaps = [];
+  rows.forEach((r, i) => {
+    if (i > 0 && r.t - rows[i - 1].t > 3 * step) {
+      withGaps.push({ t: rows[i - 1].t + step, v: names.map(() => null) });
+    }
+    withGaps.push(r);
+  });
+  return { names, data: [withGaps.map((r) => r.t), ...names.map((_, j) => withGaps.map((r) => r.v[j]))], gaps: withGaps.length - rows.length };
+}
+
+let plots = [];
+
+/** Fetch and draw every chart of `agentId` over the last `rangeMs`. */
+export async function drawCharts(container, agentId, rangeMs, api) {
+  for (const p of plots) p.destroy();
+  plots = [];
+  container.replaceChildren();
+  const from = Date.now() - rangeMs;
+  let drawn = 0;
+  for (const chart of CHARTS) {
+    const r = await api('GET', `/api/v1/agents/${encodeURIComponent(agentId)}/metrics?type=${chart.type}&from=${from}`);
+    if (r.status !== 200) throw new Error(r.json?.error ?? `metrics: ${r.status}`);
+    const box = el('figure', null, { class: 'chart', 'data-type': chart.type });
+    const caption = el('h3', chart.title);
+    box.append(caption);
+    container.append(box);
+    const { names, data, gaps } = series(r.json, chart);
+    if (data[0].length === 0 || names.length === 0) {
+      box.append(el('p', 'No samples in this range yet.'));
+      continue;
+    }
+    if (gaps > 0) box.dataset.gaps = String(gaps);
+    const width = Math.max(300, box.clientWidth - 10);
+    const plot = new window.uPlot({
+      width,
+      height: 220,
+      series: [{}, ...names.map((name, i) => ({ label: name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false }))],
+      axes: [{ stroke: '#aaa', grid: { stroke: '#2a2a2a' } }, { stroke: '#aaa', grid: { stroke: '#2a2a2a' }, size: 70 }],
+      scales: { x: { time: true } },
+    }, data, box);
+    plots.push(plot);
+    drawn += 1;
+  }
+  return drawn;
+}
