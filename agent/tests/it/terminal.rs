@@ -487,39 +487,27 @@ async fn browser_and_agent_on_different_replicas_meet_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_page_in_headless_chromium_runs_a_query_resizes_and_reconnects() {
-    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../control-plane/web");
-    assert!(
-        web.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is missing: run `just web` (npm ci in control-plane/web)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).is_file(),
-        "{chromium} is missing: install the Debian package chromium"
-    );
     let (pg, redis) = (postgres().await, redis().await);
     let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;
     let rig = rig(cp, None, &pg, "").await;
-    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-screenshots");
-    let out = tokio::process::Command::new("node")
-        .arg(web.join("tests/terminal.mjs"))
-        .env("OUTPOST_URL", rig.cp.url())
-        .env("OUTPOST_USER", "admin")
-        .env("OUTPOST_PASSWORD", "admin-password-1234")
-        .env("OUTPOST_AGENT", "db1")
-        .env("OUTPOST_SCREENSHOTS", &shots)
-        .env("CHROMIUM", &chromium)
-        .output()
-        .await
-        .expect("run node (Debian package nodejs)");
-    assert!(
-        out.status.success(),
-        "browser test failed (screenshots in {}):\n{}\n{}\n{}",
-        shots.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        rig.cp.log()
-    );
+    let url = rig.cp.url();
+    let shots = fixtures::browser::screenshots_dir("terminal");
+    // node runs for a while; the control plane and agent are processes of their own.
+    let run = tokio::task::block_in_place(|| {
+        fixtures::browser::run_script(
+            "terminal.mjs",
+            &[
+                ("OUTPOST_URL", url.as_str()),
+                ("OUTPOST_USER", "admin"),
+                ("OUTPOST_PASSWORD", "admin-password-1234"),
+                ("OUTPOST_AGENT", "db1"),
+            ],
+            &shots,
+        )
+    });
+    if let Err(e) = run {
+        panic!("{e:#}\ncontrol plane log:\n{}", rig.cp.log());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

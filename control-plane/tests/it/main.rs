@@ -2,6 +2,7 @@
 
 mod api;
 mod channel;
+mod demo;
 mod exec;
 mod harness;
 mod storage;

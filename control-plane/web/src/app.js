@@ -4,7 +4,7 @@
 
 import { $, ago, api, bytes, el, show } from './common.js';
 import { drawCharts } from './charts.js';
-import { leaveTerminal, openTerminal } from './terminal.js';
+import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
 /** Delivery lag that earns a warning on the fleet page. */
@@ -228,7 +228,7 @@ async function audit(older = false) {
 
 async function route() {
   clearInterval(app.timer);
-  leaveTerminal();
+  if (!location.hash.startsWith('#/terminal/')) leaveTerminal();
   if (!app.me && !(await whoami())) { show('login'); return; }
   const hash = location.hash || '#/fleet';
   const [, page, arg] = hash.split('/');
@@ -236,7 +236,14 @@ async function route() {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
-    case 'terminal': location.hash = '#/fleet'; break;
+    case 'terminal': {
+      let why = '';
+      if (!(await attachTerminal(decodeURIComponent(arg ?? ''), (m) => { why = m; }))) {
+        await fleet();
+        $('agents-error').textContent = why;
+      }
+      break;
+    }
     default: await fleet();
   }
 }

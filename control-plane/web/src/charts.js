@@ -2,7 +2,7 @@
 // (agent offline, network outage, Postgres down) is drawn as a gap: a point is inserted with
 // no value wherever two samples are further apart than three collection intervals.
 
-import { el } from './common.js';
+import { bytes, el } from './common.js';
 
 /** The charts: title, which metric type, and how to turn one sample into named values. */
 const CHARTS = [
@@ -23,8 +23,9 @@ const CHARTS = [
     },
   },
   {
-    title: 'Database size (bytes)',
+    title: 'Database size',
     type: 'database_size',
+    unit: bytes,
     values: (data) => data,
   },
   {
@@ -104,8 +105,12 @@ export async function drawCharts(container, agentId, rangeMs, api) {
       width,
       height: 220,
       series: [{}, ...names.map((name, i) => ({ label: name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false }))],
-      axes: [{ stroke: '#aaa', grid: { stroke: '#2a2a2a' } }, { stroke: '#aaa', grid: { stroke: '#2a2a2a' }, size: 70 }],
-      scales: { x: { time: true } },
+      axes: [
+        { stroke: '#aaa', grid: { stroke: '#2a2a2a' } },
+        { stroke: '#aaa', grid: { stroke: '#2a2a2a' }, size: 80, values: chart.unit ? (_, ticks) => ticks.map(chart.unit) : undefined },
+      ],
+      // The whole chosen window, so missing time at either end shows as empty space too.
+      scales: { x: { time: true, range: () => [from / 1000, Date.now() / 1000] } },
     }, data, box);
     plots.push(plot);
     drawn += 1;

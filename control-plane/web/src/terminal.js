@@ -31,11 +31,25 @@ export async function openTerminal(agent, onError) {
     onError(r.json?.error ?? `could not open a terminal (${r.status})`);
     return;
   }
-  view.sessionId = r.json.session_id;
+  history.pushState(null, '', `#/terminal/${r.json.session_id}`);
+  begin(r.json.session_id, `psql on ${agent.name}`);
+}
+
+/// Attach to an existing session (a reloaded page): the scrollback replays from offset 0.
+export async function attachTerminal(sessionId, onError) {
+  const r = await api('GET', `/api/v1/terminal/sessions/${encodeURIComponent(sessionId)}`);
+  if (r.status !== 200) { onError(r.json?.error ?? `no session ${sessionId}`); return false; }
+  if (r.json.state === 'closed') { onError(`that terminal session is closed: ${r.json.reason}`); return false; }
+  begin(sessionId, `psql (session ${sessionId.slice(0, 8)})`);
+  return true;
+}
+
+function begin(sessionId, where) {
+  view.sessionId = sessionId;
   view.offset = 0;
   view.closed = false;
-  $('where').textContent = `psql on ${agent.name}`;
-  history.pushState(null, '', `#/terminal/${view.sessionId}`);
+  view.attempts = 0;
+  $('where').textContent = where;
   show('terminal-view');
   startTerminal();
   connect();
@@ -134,12 +148,14 @@ window.outpost = {
   dropConnection: () => view.socket?.close(),
 };
 
-/// Leave the terminal page: the socket closes; the session stays open on the agent for its
-/// reconnect window and is listed in the audit log when it ends.
+/// Leave the terminal page deliberately (navigation inside the UI): the session is closed,
+/// so psql ends and the audit log records the end. A reloaded page keeps it instead.
 export function leaveTerminal() {
-  if (!view.socket) return;
+  if (!view.sessionId || view.closed) return;
   view.closed = true;
-  view.socket.close();
+  view.socket?.close();
   view.socket = null;
+  api('DELETE', `/api/v1/terminal/sessions/${encodeURIComponent(view.sessionId)}`);
+  view.sessionId = null;
   setState('none');
 }

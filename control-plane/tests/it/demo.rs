@@ -1,0 +1,100 @@
+//! `outpost demo`, the README's first command, through headless Chromium: the real binary
+//! with its throwaway Postgres and enrolled agent; the page shows the agent online, its
+//! charts, a task, a working psql terminal and the audit log. Ctrl+C leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("demo");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["demo", "--listen", &listen, "--data-dir"])
+        .arg(&data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start outpost demo");
+    let stderr = demo.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut found = std::collections::BTreeMap::new();
+    for line in BufReader::new(demo.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some((key, value)) = line.split_once(": ") {
+            found.insert(key.to_string(), value.to_string());
+        }
+        if found.contains_key("password") {
+            break;
+        }
+    }
+    let Some(password) = found.get("password").cloned() else {
+        let _ = demo.wait();
+        panic!(
+            "the demo did not print url/user/password:\n{}",
+            errors.join().unwrap_or_default()
+        );
+    };
+    assert_eq!(found.get("url"), Some(&format!("http://{listen}")));
+    assert_eq!(found.get("user").map(String::as_str), Some("admin"));
+
+    let shots = fixtures::browser::screenshots_dir("demo");
+    let browser = fixtures::browser::run_script(
+        "demo.mjs",
+        &[
+            ("OUTPOST_URL", found["url"].as_str()),
+            ("OUTPOST_USER", "admin"),
+            ("OUTPOST_PASSWORD", password.as_str()),
+        ],
+        &shots,
+    );
+
+    // Ctrl+C: everything stops and the data dir goes.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(demo.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = demo.kill();
+            panic!("the demo did not stop within 60 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = errors.join().unwrap_or_default();
+    if let Err(e) = browser {
+        panic!("{e:#}\ndemo output:\n{log}");
+    }
+    assert!(status.success(), "demo exit {status}:\n{log}");
+    assert!(
+        !data_dir.exists(),
+        "the demo left {} behind:\n{log}",
+        data_dir.display()
+    );
+    let leftovers = Command::new("pgrep")
+        .args(["-f", &data_dir.display().to_string()])
+        .output()
+        .expect("run pgrep (Debian package procps)");
+    assert!(
+        leftovers.stdout.is_empty(),
+        "processes still running from the demo: {}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+}

@@ -1,0 +1,91 @@
+// Headless Chromium through `outpost demo`: log in, see the agent online, open its charts,
+// create a task, open the terminal and run a query, read the audit log. Driven by
+// control-plane/tests/it/demo.rs, which runs the demo and passes its url and password.
+import { chromium } from 'playwright-core';
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const shots = env('OUTPOST_SCREENSHOTS');
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+const errors = [];
+page.on('pageerror', (e) => errors.push(String(e)));
+const step = async (name, fn) => {
+  try {
+    await fn();
+    await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
+    console.log(`ok: ${name}`);
+  } catch (error) {
+    await page.screenshot({ path: `${shots}/failure-${name}.png`, fullPage: true }).catch(() => {});
+    throw new Error(`step ${name}: ${error.message}`);
+  }
+};
+try {
+  await step('login', async () => {
+    await page.goto(env('OUTPOST_URL'));
+    await page.getByLabel('User name').fill(env('OUTPOST_USER'));
+    await page.getByLabel('Password').fill(env('OUTPOST_PASSWORD'));
+    await page.getByRole('button', { name: 'Log in' }).click();
+    await page.getByRole('heading', { name: 'Fleet' }).waitFor();
+  });
+
+  await step('fleet', async () => {
+    const row = page.locator('tr[data-agent="demo-agent"]');
+    await row.locator('td.online').waitFor({ timeout: 30000 });
+    await row.getByText(/rows,/).waitFor({ timeout: 30000 });
+  });
+
+  await step('agent-charts', async () => {
+    await page.getByRole('link', { name: 'demo-agent' }).click();
+    await page.getByRole('heading', { name: 'Agent demo-agent' }).waitFor();
+    // uPlot draws into a canvas once the chart has samples.
+    await page.locator('figure.chart[data-type="activity"] canvas').first().waitFor({ timeout: 30000 });
+    await page.locator('figure.chart[data-type="database_size"] canvas').first().waitFor({ timeout: 30000 });
+  });
+
+  await step('task', async () => {
+    await page.getByLabel('Kind').selectOption('health_check');
+    await page.getByRole('button', { name: 'Create task' }).click();
+    await page.locator('#task-rows tr', { hasText: 'health_check' }).first().waitFor({ timeout: 15000 });
+    const error = await page.locator('#task-error').textContent();
+    if (error) throw new Error(`task error shown: ${error}`);
+  });
+
+  await step('terminal', async () => {
+    await page.getByRole('button', { name: 'Open terminal' }).first().click();
+    await page.waitForFunction(() => window.outpost.state() === 'live', null, { timeout: 30000 });
+    await page.waitForFunction(() => window.outpost.screenText().includes('=#'), null, { timeout: 30000 });
+    await page.locator('#terminal').click();
+    await page.keyboard.type('select 6*7;');
+    await page.keyboard.press('Enter');
+    await page.waitForFunction(() => /\n\s*42\s*\n/.test(window.outpost.screenText()), null, { timeout: 30000 });
+  });
+
+  await step('audit', async () => {
+    await page.getByRole('link', { name: 'Audit log' }).click();
+    await page.getByRole('heading', { name: 'Audit log' }).waitFor();
+    for (const action of ['login', 'task.created', 'terminal.opened']) {
+      await page.locator(`#audit-rows tr[data-action="${action}"]`).first().waitFor({ timeout: 15000 });
+    }
+    // Leaving the terminal page closed the session; its end is recorded once psql is gone.
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      await page.getByLabel('Action').selectOption('terminal.ended');
+      await page.waitForTimeout(500);
+      if (await page.locator('#audit-rows tr[data-action="terminal.ended"]').count() > 0) break;
+      if (Date.now() > deadline) throw new Error('no terminal.ended record after leaving the terminal');
+      await page.getByLabel('Action').selectOption('');
+    }
+  });
+  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
+  console.log('demo in the browser ok');
+} finally {
+  await browser.close();
+}
