@@ -42,14 +42,14 @@ pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
 pub const METRICS_BATCH_ROWS_MAX: usize = 10_000;
 
 /// A batch of buffered metric records, oldest first.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricsBatch {
     /// The buffer's epoch: `(agent, epoch, seq)` identifies a record for good.
     pub epoch: String,
     pub records: Vec<MetricRecord>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricRecord {
     pub seq: i64,
     pub ts_ms: i64,
@@ -60,7 +60,7 @@ pub struct MetricRecord {
 
 /// The batch is durably stored (duplicates of earlier deliveries included): the agent may
 /// delete everything through `stored_through`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct MetricsAck {
     pub stored_through: i64,
     /// Records that were new (the rest had been delivered before).
@@ -68,7 +68,7 @@ pub struct MetricsAck {
 }
 
 /// `POST /api/v1/agents/enroll`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct EnrollRequest {
     /// The one-time enrollment token an admin created.
     pub token: String,
@@ -79,7 +79,7 @@ pub struct EnrollRequest {
     pub enrollment_id: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct EnrollResponse {
     pub agent_id: String,
     /// Secret the agent presents as a bearer token; the control plane keeps only its hash.
@@ -87,7 +87,7 @@ pub struct EnrollResponse {
 }
 
 /// Error body of every refused HTTP request: `{"error": "..."}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
 }
@@ -178,7 +178,7 @@ pub enum Command {
 }
 
 /// A task to schedule, as `outpost-agent tasks add` and `POST …/tasks` take it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     pub kind: String,
@@ -206,7 +206,7 @@ pub struct TaskRequest {
 }
 
 /// A task as every interface shows it (local API, control plane API, task events).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct TaskSnapshot {
     pub id: String,
     pub kind: String,
@@ -218,7 +218,7 @@ pub struct TaskSnapshot {
     pub runs: Vec<RunSnapshot>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct RunSnapshot {
     pub run_id: i64,
     pub started_at: Option<String>,
@@ -233,7 +233,7 @@ pub struct RunSnapshot {
 }
 
 /// Health of an agent's metrics buffer (the `buffer stats --json` shape).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 pub struct BufferStats {
     pub epoch: String,
     pub rows: i64,

@@ -76,7 +76,7 @@ pub async fn enroll(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct AgentView {
     id: String,
     name: String,

@@ -32,7 +32,7 @@ const CONCURRENCY: usize = 32;
 const ARGV_MAX: usize = 256;
 const PATTERN_BYTES_MAX: usize = 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct ExecRequest {
     /// Host selection as in `outpost exec --hosts`: globs, `@group`, `!exclusion` (default `*`).
     #[serde(default)]
@@ -50,14 +50,14 @@ pub struct ExecRequest {
     max_errors: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct Started {
     op_id: String,
     hosts: usize,
 }
 
 /// One host of a run, as the page shows it.
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, schemars::JsonSchema)]
 pub struct HostView {
     host: String,
     /// `null` while it runs; then `ok`, `command_failed`, `not_started`, `uncertain`, `timed_out`.
@@ -72,7 +72,7 @@ pub struct HostView {
     truncated_bytes: u64,
 }
 
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, schemars::JsonSchema)]
 pub struct RunView {
     op_id: String,
     user: String,

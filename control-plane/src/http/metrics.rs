@@ -177,7 +177,7 @@ fn decode(body: &[u8], gzip: bool) -> Result<proto::MetricsBatch, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad metrics batch: {e}")))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct ReadQuery {
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -187,7 +187,7 @@ pub struct ReadQuery {
     to: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct MetricView {
     epoch: String,
     seq: i64,

@@ -7,6 +7,7 @@ mod agents;
 pub mod exec;
 mod metrics;
 mod observe;
+pub mod openapi;
 mod sessions;
 mod tasks;
 mod web;
@@ -176,6 +177,10 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/audit", Access::User(Role::Admin)),
             get(observe::audit),
+        ),
+        (
+            spec(Method::GET, "/api/openapi.json", Access::User(Role::Viewer)),
+            get(openapi::serve),
         ),
     ]
 }

@@ -145,7 +145,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
 /// Most records one audit page returns.
 const AUDIT_PAGE_MAX: i64 = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct AuditParams {
     /// Only this action (`login`, `terminal.opened`, `task.created`, …).
     action: Option<String>,
@@ -155,7 +155,7 @@ pub struct AuditParams {
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct AuditView {
     id: i64,
     ts: String,

@@ -11,14 +11,14 @@ use super::{ApiError, SESSION_COOKIE};
 use crate::auth::{self, SecretKind};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct LoginRequest {
     username: String,
     password: String,
 }
 
-#[derive(Serialize)]
-struct LoginResponse {
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct LoginResponse {
     token: String,
     expires_at: String,
 }
@@ -92,7 +92,7 @@ pub async fn login(
     Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct Me {
     id: String,
     name: String,

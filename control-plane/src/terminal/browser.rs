@@ -36,18 +36,18 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause before retrying a failed store call.
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     pub agent_id: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct CreateResponse {
     pub session_id: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct SessionView {
     pub session_id: String,
     pub agent_id: String,
@@ -274,7 +274,7 @@ pub async fn close(
     Ok(StatusCode::ACCEPTED)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct WsQuery {
     #[serde(default)]
     pub offset: u64,

@@ -1,0 +1,353 @@
+//! `GET /api/openapi.json`: the API description, generated from the router.
+//!
+//! The paths, methods, path parameters and security come from the route table itself
+//! ([`super::route_specs`]), so a route cannot exist without appearing here. The request and
+//! response bodies and the query parameters are JSON Schemas derived (schemars) from the same
+//! types the handlers deserialize and serialize. What a route does is written once, in
+//! [`describe`]; `tests/it/api.rs` fails when a route has no description.
+
+use axum::Json;
+use axum::http::Method;
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde_json::{Map, Value, json};
+
+use super::{Access, RouteSpec, route_specs};
+
+type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+fn schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<T>()
+}
+
+/// What one route does, and the types of what it takes and gives.
+pub struct Doc {
+    pub summary: &'static str,
+    pub tag: &'static str,
+    /// The JSON body it takes.
+    pub request: Option<SchemaFn>,
+    /// Its query string, as a struct whose fields are the parameters.
+    pub query: Option<SchemaFn>,
+    /// The success status and its JSON body (`None`: not JSON, see `content`).
+    pub status: u16,
+    pub response: Option<SchemaFn>,
+    /// Media type of a non-JSON success body, with a description.
+    pub content: Option<(&'static str, &'static str)>,
+}
+
+const fn doc(summary: &'static str, tag: &'static str) -> Doc {
+    Doc {
+        summary,
+        tag,
+        request: None,
+        query: None,
+        status: 200,
+        response: None,
+        content: None,
+    }
+}
+
+impl Doc {
+    const fn request(mut self, f: SchemaFn) -> Doc {
+        self.request = Some(f);
+        self
+    }
+    const fn query(mut self, f: SchemaFn) -> Doc {
+        self.query = Some(f);
+        self
+    }
+    const fn returns(mut self, status: u16, f: SchemaFn) -> Doc {
+        self.status = status;
+        self.response = Some(f);
+        self
+    }
+    const fn content(mut self, status: u16, media: &'static str, what: &'static str) -> Doc {
+        self.status = status;
+        self.content = Some((media, what));
+        self
+    }
+}
+
+/// The description of every route; `None` for a route nobody described (a test failure).
+pub fn describe(method: &Method, path: &str) -> Option<Doc> {
+    use super::exec::{ExecRequest, RunView, Started};
+    use super::observe::{AuditParams, AuditView};
+    use super::sessions::{LoginRequest, LoginResponse, Me};
+    use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
+    const WS: &str = "WebSocket upgrade";
+    let d = match (method.as_str(), path) {
+        ("GET", "/healthz") => doc("Liveness and the storage backend in use", "system")
+            .content(200, "application/json", "`{\"status\":\"ok\",\"storage\":\"sqlite|postgres\"}`"),
+        ("GET", "/") => doc("The web UI", "ui").content(200, "text/html", "The single page of the UI"),
+        ("GET", "/assets/{*path}") => {
+            doc("Static files of the web UI", "ui").content(200, "application/octet-stream", "A file")
+        }
+        ("POST", "/api/v1/sessions") => doc(
+            "Log in: an API token, also set as an HttpOnly SameSite=Strict cookie",
+            "auth",
+        )
+        .request(schema::<LoginRequest>)
+        .returns(200, schema::<LoginResponse>),
+        ("GET", "/api/v1/me") => {
+            doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
+        }
+        ("POST", "/api/v1/agents/enroll") => doc(
+            "Enroll an agent with a single-use token; returns its credential (retry-safe by enrollment_id)",
+            "agent protocol",
+        )
+        .request(schema::<proto::EnrollRequest>)
+        .returns(200, schema::<proto::EnrollResponse>),
+        ("GET", "/api/v1/agents") => doc(
+            "The fleet: each agent's status, last contact and metrics-buffer health",
+            "fleet",
+        )
+        .returns(200, schema::<Vec<super::agents::AgentView>>),
+        ("GET", "/api/v1/agents/{id}/tasks") => doc("An agent's tasks, most recently changed first", "tasks")
+            .returns(200, schema::<Vec<proto::TaskSnapshot>>),
+        ("POST", "/api/v1/agents/{id}/tasks") => doc(
+            "Create a task on an agent (the body mirrors `outpost-agent tasks add`); the agent must be online",
+            "tasks",
+        )
+        .request(schema::<proto::TaskRequest>)
+        .returns(201, schema::<proto::TaskSnapshot>),
+        ("POST", "/api/v1/agents/{id}/tasks/{task_id}/cancel") => {
+            doc("Cancel a task (a running one is stopped)", "tasks")
+                .returns(200, schema::<proto::TaskSnapshot>)
+        }
+        ("GET", "/api/v1/agents/{id}/metrics") => doc(
+            "Stored metrics of an agent in a time range, oldest first",
+            "metrics",
+        )
+        .query(schema::<super::metrics::ReadQuery>)
+        .returns(200, schema::<Vec<super::metrics::MetricView>>),
+        ("POST", "/api/v1/agent/metrics") => doc(
+            "Deliver a metrics batch (agents; JSON, optionally gzip). Durable before the answer; idempotent on (agent, epoch, seq); 429 with Retry-After when shedding load",
+            "agent protocol",
+        )
+        .request(schema::<proto::MetricsBatch>)
+        .returns(200, schema::<proto::MetricsAck>),
+        ("GET", "/api/v1/agent/channel") => doc(
+            "The agent's control channel: hello/welcome, heartbeats, commands and task events as JSON text frames",
+            "agent protocol",
+        )
+        .content(101, "application/json", WS),
+        ("POST", "/api/v1/terminal/sessions") => doc(
+            "Open a psql terminal session on an online agent; 404 unknown agent, 409 offline, 429 limit reached",
+            "terminal",
+        )
+        .request(schema::<CreateRequest>)
+        .returns(201, schema::<CreateResponse>),
+        ("GET", "/api/v1/terminal/sessions/{id}") => {
+            doc("A terminal session's state", "terminal").returns(200, schema::<SessionView>)
+        }
+        ("DELETE", "/api/v1/terminal/sessions/{id}") => doc(
+            "Close a terminal session (psql is interrupted, then its process group killed)",
+            "terminal",
+        )
+        .returns(200, schema::<SessionView>),
+        ("GET", "/api/v1/terminal/sessions/{id}/ws") => doc(
+            "The browser's terminal socket: binary frames are terminal bytes both ways; text frames are JSON control (resize from the browser; offset, skipped, state, closed to it). Resumes at ?offset=N",
+            "terminal",
+        )
+        .query(schema::<WsQuery>)
+        .content(101, "application/octet-stream", WS),
+        ("GET", "/api/v1/agent/terminal/{id}") => doc(
+            "The agent's reverse socket for one terminal session (agents)",
+            "agent protocol",
+        )
+        .content(101, "application/octet-stream", WS),
+        ("POST", "/api/v1/exec") => doc(
+            "Run one command on hosts of the configured inventory over supervised SSH; poll the run for output",
+            "exec",
+        )
+        .request(schema::<ExecRequest>)
+        .returns(202, schema::<Started>),
+        ("GET", "/api/v1/exec/{op_id}") => doc(
+            "An exec run: each host's outcome and output so far",
+            "exec",
+        )
+        .returns(200, schema::<RunView>),
+        ("GET", "/metrics") => doc("The control plane's figures in the Prometheus text format", "system")
+            .content(200, "text/plain", "Prometheus exposition format 0.0.4"),
+        ("GET", "/api/v1/audit") => doc(
+            "The audit log, newest first: logins, enrollments, terminal sessions, tasks, exec runs",
+            "audit",
+        )
+        .query(schema::<AuditParams>)
+        .returns(200, schema::<Vec<AuditView>>),
+        ("GET", "/api/openapi.json") => doc("This document", "system")
+            .content(200, "application/json", "OpenAPI 3.1"),
+        _ => return None,
+    };
+    Some(d)
+}
+
+/// `{*path}` → `{path}` (OpenAPI has no catch-all syntax).
+fn openapi_path(path: &str) -> String {
+    path.replace("{*", "{")
+}
+
+fn path_params(path: &str) -> Vec<Value> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            json!({
+                "name": name.trim_start_matches('*'),
+                "in": "path",
+                "required": true,
+                "schema": {"type": "string"},
+            })
+        })
+        .collect()
+}
+
+/// Query parameters from a struct schema's properties (resolving its `$ref`).
+fn query_params(generator: &SchemaGenerator, schema: &Schema) -> Vec<Value> {
+    let resolved = schema
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.rsplit('/').next())
+        .and_then(|name| generator.definitions().get(name))
+        .cloned()
+        .unwrap_or_else(|| schema.clone().to_value());
+    let required: Vec<&str> = resolved
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    resolved
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|props| {
+            props
+                .iter()
+                .map(|(name, prop)| {
+                    let mut p = json!({
+                        "name": name,
+                        "in": "query",
+                        "required": required.contains(&name.as_str()),
+                        "schema": prop,
+                    });
+                    if let Some(d) = prop.get("description") {
+                        p["description"] = d.clone();
+                    }
+                    p
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn security(access: Access) -> (Value, Option<String>) {
+    match access {
+        Access::Public => (json!([]), None),
+        Access::User(role) => (
+            json!([{"bearer": []}, {"cookie": []}]),
+            Some(format!(
+                "Requires a user with role `{}` or higher.",
+                role.as_str()
+            )),
+        ),
+        Access::Agent => (
+            json!([{"bearer": []}]),
+            Some("Requires an enrolled agent's credential as the bearer token.".to_string()),
+        ),
+    }
+}
+
+fn operation(generator: &mut SchemaGenerator, spec: &RouteSpec, d: Doc) -> Value {
+    let (security, who) = security(spec.access);
+    let mut parameters = path_params(spec.path);
+    if let Some(q) = d.query {
+        let s = q(generator);
+        parameters.extend(query_params(generator, &s));
+    }
+    let ok = match (d.response, d.content) {
+        (Some(f), _) => json!({
+            "description": "Success",
+            "content": {"application/json": {"schema": f(generator)}},
+        }),
+        (None, Some((media, what))) => json!({
+            "description": what,
+            "content": {media: {}},
+        }),
+        (None, None) => json!({"description": "Success"}),
+    };
+    let error = generator.subschema_for::<proto::ErrorBody>();
+    let mut responses = Map::new();
+    responses.insert(d.status.to_string(), ok);
+    responses.insert(
+        "default".into(),
+        json!({
+            "description": "An error: the status says which, the body says why",
+            "content": {"application/json": {"schema": error}},
+        }),
+    );
+    let operation_id = format!(
+        "{}{}",
+        spec.method.as_str().to_lowercase(),
+        spec.path
+            .split(['/', '{', '}', '*', '.'])
+            .filter(|s| !s.is_empty())
+            .map(|s| format!("_{s}"))
+            .collect::<String>()
+    );
+    let mut op = json!({
+        "operationId": operation_id,
+        "summary": d.summary,
+        "tags": [d.tag],
+        "security": security,
+        "parameters": parameters,
+        "responses": responses,
+    });
+    if let Some(who) = who {
+        op["description"] = json!(who);
+    }
+    if let Some(f) = d.request {
+        op["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": f(generator)}},
+        });
+    }
+    op
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut settings = SchemaSettings::draft2020_12();
+    settings.definitions_path = "/components/schemas".into();
+    settings.meta_schema = None;
+    let mut generator = settings.into_generator();
+    let mut paths = Map::new();
+    for spec in route_specs() {
+        let Some(d) = describe(&spec.method, spec.path) else {
+            continue;
+        };
+        let op = operation(&mut generator, &spec, d);
+        let entry = paths
+            .entry(openapi_path(spec.path))
+            .or_insert_with(|| json!({}));
+        entry[spec.method.as_str().to_lowercase()] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Outpost control plane",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The only public entry point of an Outpost appliance: users (web UI, API tokens) and agents (enrollment, control channel, metrics, terminal).",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": generator.take_definitions(true),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An API token from POST /api/v1/sessions, or an agent credential"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": super::SESSION_COOKIE},
+            },
+        },
+    })
+}
+
+/// `GET /api/openapi.json`.
+pub async fn serve() -> Json<Value> {
+    Json(document())
+}
