@@ -36,6 +36,9 @@ pub struct RawMetricsConfig {
     pub record_age_max: Option<String>,
     /// Records per delivery batch (default 500).
     pub batch_rows_max: Option<usize>,
+    /// Serve the agent's own figures at `http://LISTEN/metrics` (Prometheus text); off unless
+    /// set. Loopback addresses only (e.g. 127.0.0.1:9187): the listener has no authentication.
+    pub listen: Option<String>,
 }
 
 /// Validated `[metrics]`.
@@ -44,6 +47,8 @@ pub struct MetricsConfig {
     pub interval: std::time::Duration,
     pub buffer: crate::buffer::Limits,
     pub batch_rows_max: usize,
+    /// The metrics listener's address, when enabled.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
@@ -77,7 +82,22 @@ fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
     if !(1..=10_000).contains(&batch_rows_max) {
         bail!("metrics.batch_rows_max: must be 1 to 10000");
     }
+    let listen = match &raw.listen {
+        None => None,
+        Some(v) => {
+            let addr: std::net::SocketAddr = v.parse().with_context(|| {
+                format!("metrics.listen: {v:?} is not an address like 127.0.0.1:9187")
+            })?;
+            if !addr.ip().is_loopback() {
+                bail!(
+                    "metrics.listen: {addr} is not a loopback address; the listener has no authentication, so it only binds 127.0.0.1 or ::1 (put a proxy with authentication in front to expose it)"
+                );
+            }
+            Some(addr)
+        }
+    };
     Ok(MetricsConfig {
+        listen,
         interval,
         buffer: crate::buffer::Limits {
             bytes_max,

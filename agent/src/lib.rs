@@ -8,6 +8,7 @@ pub mod buffer;
 pub mod config;
 pub mod identity;
 pub mod link;
+pub mod observe;
 pub mod run;
 pub mod tasks;
 pub mod terminal;

@@ -156,6 +156,12 @@ pub async fn run(
         None => tracing::info!("no --postgres: metrics collection is off (tasks still run)"),
     }
 
+    let link_status = status.subscribe();
+    let agent_name = identity
+        .as_ref()
+        .map_or_else(|| "unenrolled".to_string(), |i| i.name.clone());
+    let mut running_terminals = None;
+    let metrics_reader = bridge.reader.clone();
     match identity {
         None => {
             tracing::warn!(
@@ -203,6 +209,7 @@ pub async fn run(
             link.tasks = Some(bridge);
             link.buffer = Some(crate::buffer::SharedBuffer(buffer.clone()));
             link.terminals = Some(terminals.clone());
+            running_terminals = Some(terminals.clone());
             let (world, stop) = (world.clone(), stop.clone());
             parts.spawn(async move {
                 run_link(world, link, status, stop).await;
@@ -211,6 +218,24 @@ pub async fn run(
                 ("control channel", Ok(()))
             });
         }
+    }
+
+    if let Some(addr) = config.metrics.listen {
+        let figures = crate::observe::Figures {
+            world: world.clone(),
+            name: agent_name,
+            buffer: crate::buffer::SharedBuffer(buffer.clone()),
+            tasks: metrics_reader,
+            terminals: running_terminals,
+            link: link_status,
+        };
+        let stop = stop.clone();
+        parts.spawn(async move {
+            (
+                "metrics listener",
+                crate::observe::serve(figures, addr, stop).await,
+            )
+        });
     }
 
     // The first part to end (shutdown or failure) stops the others.

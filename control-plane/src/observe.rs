@@ -5,10 +5,11 @@
 //! time, so every replica reports the same fleet.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+pub use proto::prometheus::Exposition;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const LATENCY_BUCKETS_S: [f64; 12] = [
@@ -73,54 +74,6 @@ impl Observed {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *events.entry(status.to_string()).or_default() += 1;
-    }
-}
-
-/// Escape a label value (backslash, quote, newline).
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Builds an exposition: each family's HELP and TYPE once, then its samples.
-#[derive(Default)]
-pub struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        self
-    }
-
-    /// One sample; `labels` are (name, value) pairs.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{k}=\"{}\"", label(v));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {value}");
-        self
-    }
-
-    /// A family with a single unlabelled sample.
-    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) -> &mut Self {
-        self.family(name, kind, help).sample(name, &[], value)
-    }
-
-    pub fn finish(self) -> String {
-        self.text
     }
 }
 
@@ -234,14 +187,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_labels_escaped() {
+    fn histogram_buckets_are_cumulative() {
         let observed = Observed::default();
         observed.request("GET", "/x", 200, Duration::from_millis(3));
         observed.request("GET", "/x", 200, Duration::from_millis(300));
         let mut out = Exposition::default();
         write_process(&observed, &mut out);
-        out.family("t", "gauge", "test")
-            .sample("t", &[("name", "a\"b\\c\nd")], 1.0);
         let text = out.finish();
         assert!(text.contains(
             "outpost_http_request_duration_seconds_bucket{method=\"GET\",route=\"/x\",status=\"200\",le=\"0.001\"} 0\n"
@@ -253,6 +204,5 @@ mod tests {
             "outpost_http_request_duration_seconds_bucket{method=\"GET\",route=\"/x\",status=\"200\",le=\"+Inf\"} 2\n"
         ));
         assert!(text.contains("outpost_http_request_duration_seconds_count{method=\"GET\",route=\"/x\",status=\"200\"} 2\n"));
-        assert!(text.contains("t{name=\"a\\\"b\\\\c\\nd\"} 1\n"));
     }
 }

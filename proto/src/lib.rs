@@ -15,6 +15,8 @@
 //!
 //! Frames are JSON text frames, one message per frame, at most [`FRAME_BYTES_MAX`] bytes.
 
+pub mod prometheus;
+
 use serde::{Deserialize, Serialize};
 
 /// Oldest protocol version this build speaks.

@@ -344,6 +344,31 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Tasks by status and runs by status (status names as in the API).
+    #[allow(clippy::type_complexity)]
+    pub fn status_counts(
+        &self,
+    ) -> Result<(BTreeMap<&'static str, i64>, BTreeMap<&'static str, i64>), StoreError> {
+        let count = |table: &str| -> Result<BTreeMap<&'static str, i64>, StoreError> {
+            let mut stmt = self
+                .conn
+                .prepare(&format!(
+                    "SELECT status, count(*) FROM {table} GROUP BY status"
+                ))
+                .map_err(err)?;
+            let mut out = BTreeMap::new();
+            for row in stmt
+                .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(err)?
+            {
+                let (status, n) = row.map_err(err)?;
+                *out.entry(super::model::status::name(status)).or_default() += n;
+            }
+            Ok(out)
+        };
+        Ok((count("tasks")?, count("runs")?))
+    }
+
     pub fn list(&self, limit: usize) -> Result<Vec<TaskState>, StoreError> {
         let mut stmt = self
             .conn

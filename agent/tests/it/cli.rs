@@ -1,5 +1,7 @@
 //! CLI behaviour: help that teaches, refusals that say what to do.
 
+use std::time::Duration;
+
 use crate::harness::{ControlPlane, agent_bin, outpost_bin, run};
 
 #[test]
@@ -158,4 +160,96 @@ async fn an_enrolled_data_dir_is_not_enrolled_twice_by_accident() {
         ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
+
+/// `[metrics] listen`: the agent's own figures in Prometheus text, loopback only.
+#[tokio::test]
+async fn the_metrics_listener_reports_buffer_tasks_and_link_and_refuses_public_addresses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8").to_string();
+    let public = dir.path().join("public.toml");
+    std::fs::write(&public, "[metrics]\nlisten = \"0.0.0.0:9187\"\n").expect("write");
+    let out = run(
+        &agent_bin(),
+        &[
+            "run",
+            "--data-dir",
+            &d,
+            "--config",
+            public.to_str().expect("utf8"),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics.listen") && err.contains("loopback"),
+        "{err}"
+    );
+
+    let port = crate::harness::free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("write");
+    let mut agent = crate::harness::Proc::spawn(
+        &agent_bin(),
+        &[
+            "run",
+            "--data-dir",
+            &d,
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
+        &dir.path().join("agent.log"),
+    );
+    let socket = format!("{d}/agent.sock");
+    let mut added = None;
+    for _ in 0..100 {
+        let out = run(
+            &agent_bin(),
+            &["tasks", "add", "command", "--socket", &socket, "--", "true"],
+        );
+        if out.status.success() {
+            added = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(added.is_some(), "the agent's task API never answered");
+    let url = url::Url::parse(&format!("http://127.0.0.1:{port}/metrics")).expect("url");
+    let mut text = String::new();
+    for _ in 0..100 {
+        if let Ok(r) = world::http_request(
+            &world::World::real(),
+            http::Method::GET,
+            &url,
+            http::HeaderMap::new(),
+            bytes::Bytes::new(),
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .await
+        {
+            text = String::from_utf8_lossy(&r.body).into_owned();
+            if text.contains("outpost_agent_task_runs{status=\"done\"} 1") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for line in [
+        "outpost_agent_task_runs{status=\"done\"} 1",
+        "outpost_agent_tasks{status=\"done\"} 1",
+        "outpost_agent_buffer_rows{agent=\"unenrolled\"} 0",
+        "outpost_agent_control_plane_connected 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    agent.signal("-TERM");
+    assert!(agent.wait_exit(Duration::from_secs(20)).await.is_some());
 }

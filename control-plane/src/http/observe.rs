@@ -45,54 +45,9 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             Some((a.name.clone(), stats))
         })
         .collect();
-    type Gauge = (&'static str, &'static str, fn(&proto::BufferStats) -> f64);
-    let gauges: [Gauge; 5] = [
-        (
-            "outpost_agent_buffer_rows",
-            "Rows waiting in an agent's metrics buffer.",
-            |b| b.rows as f64,
-        ),
-        (
-            "outpost_agent_buffer_size_bytes",
-            "Size of an agent's metrics buffer.",
-            |b| b.size_bytes as f64,
-        ),
-        (
-            "outpost_agent_buffer_oldest_record_age_seconds",
-            "Age of the oldest undelivered record in an agent's buffer (delivery lag).",
-            |b| b.oldest_record_age_s as f64,
-        ),
-        (
-            "outpost_agent_buffer_utilization_ratio",
-            "An agent's buffer size over its bound (0-1).",
-            |b| b.utilization,
-        ),
-        (
-            "outpost_agent_buffer_delivery_failures",
-            "Consecutive failed deliveries an agent reports.",
-            |b| b.delivery_failures as f64,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        out.family(name, "gauge", help);
-        for (agent, stats) in &buffers {
-            out.sample(name, &[("agent", agent)], value(stats));
-        }
-    }
-    out.family(
-        "outpost_agent_buffer_dropped_total",
-        "counter",
-        "Records an agent's buffer dropped by policy, by reason (age, size, quarantine).",
-    );
-    for (agent, stats) in &buffers {
-        for (reason, n) in &stats.dropped_total {
-            out.sample(
-                "outpost_agent_buffer_dropped_total",
-                &[("agent", agent), ("reason", reason)],
-                *n as f64,
-            );
-        }
-    }
+    let labelled: Vec<(&str, &proto::BufferStats)> =
+        buffers.iter().map(|(a, b)| (a.as_str(), b)).collect();
+    proto::prometheus::write_buffers(&mut out, &labelled);
 
     let terminal = &state.terminal.counters;
     let live = state.terminal.streams.live().await.map(|l| l.len());
