@@ -20,6 +20,7 @@ web:
 
 # Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions.
 test: fmt-check web lint
+    cd control-plane/web && npm test --silent
     cargo build --workspace --bins
     cargo nextest run --workspace --profile ci
     just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism

@@ -2,13 +2,11 @@
 // run a command across hosts, read the audit log. Every figure comes from the authenticated
 // API; the role the API reports decides which controls are shown (the API enforces it anyway).
 
-import { $, ago, api, bytes, el, show } from './common.js';
+import { $, ago, api, bufferHealth, el, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
-/** Delivery lag that earns a warning on the fleet page. */
-const LAG_WARN_S = 120;
 const FLEET_REFRESH_MS = 5000;
 const AGENT_REFRESH_MS = 15000;
 
@@ -47,20 +45,6 @@ async function login(event) {
 function every(ms, fn) {
   clearInterval(app.timer);
   app.timer = setInterval(fn, ms);
-}
-
-/** Buffer health in words, and whether it deserves a warning. */
-function bufferHealth(buffer) {
-  if (!buffer) return { text: 'not reported yet', warn: false, lag: '' };
-  const dropped = Object.values(buffer.dropped_total ?? {}).reduce((a, b) => a + b, 0);
-  const warn = buffer.oldest_record_age_s > LAG_WARN_S || buffer.delivery_failures > 0 || buffer.utilization > 0.8;
-  return {
-    text: `${buffer.rows} rows, ${bytes(buffer.size_bytes)} (${(buffer.utilization * 100).toFixed(1)}%)`,
-    lag: buffer.rows > 0 ? `${buffer.oldest_record_age_s} s` : 'none',
-    dropped,
-    warn,
-    why: buffer.delivery_failures > 0 ? `${buffer.delivery_failures} failed deliveries` : buffer.oldest_record_age_s > LAG_WARN_S ? 'delivery lags' : buffer.utilization > 0.8 ? 'buffer nearly full' : '',
-  };
 }
 
 async function fleet() {

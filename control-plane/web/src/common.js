@@ -46,3 +46,20 @@ export function bytes(n) {
   while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
   return `${v.toFixed(i === 0 ? 0 : v < 10 ? 2 : 1)} ${units[i]}`;
 }
+
+/** Delivery lag that earns a warning on the fleet page. */
+export const LAG_WARN_S = 120;
+
+/** Buffer health in words, and whether it deserves a warning. */
+export function bufferHealth(buffer) {
+  if (!buffer) return { text: 'not reported yet', warn: false, lag: '' };
+  const dropped = Object.values(buffer.dropped_total ?? {}).reduce((a, b) => a + b, 0);
+  const warn = buffer.oldest_record_age_s > LAG_WARN_S || buffer.delivery_failures > 0 || buffer.utilization > 0.8;
+  return {
+    text: `${buffer.rows} rows, ${bytes(buffer.size_bytes)} (${(buffer.utilization * 100).toFixed(1)}%)`,
+    lag: buffer.rows > 0 ? `${buffer.oldest_record_age_s} s` : 'none',
+    dropped,
+    warn,
+    why: buffer.delivery_failures > 0 ? `${buffer.delivery_failures} failed deliveries` : buffer.oldest_record_age_s > LAG_WARN_S ? 'delivery lags' : buffer.utilization > 0.8 ? 'buffer nearly full' : '',
+  };
+}

@@ -1,0 +1,43 @@
+// Unit tests of the UI's pure parts (node --test): outages become gaps in the charts, and
+// buffer health earns a warning exactly when delivery lags, fails or the buffer fills.
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { bufferHealth, LAG_WARN_S } from '../src/common.js';
+import { series } from '../src/charts.js';
+
+const at = (s) => new Date(Date.UTC(2026, 0, 1, 0, 0, s)).toISOString();
+const activity = { type: 'activity', values: (d) => d };
+
+test('an outage longer than three collection intervals is a gap, not a line', () => {
+  const samples = [0, 10, 20, 30, 300, 310, 320].map((s) => ({ ts: at(s), data: { active: s } }));
+  const { names, data, gaps } = series(samples, activity);
+  assert.deepEqual(names, ['active']);
+  assert.equal(gaps, 1);
+  const nullAt = data[1].indexOf(null);
+  assert.equal(data[0][nullAt], data[0][nullAt - 1] + 10, 'the gap starts one interval after the last sample');
+  assert.equal(data[0][nullAt + 1], Date.parse(at(300)) / 1000);
+});
+
+test('a steady series has no gaps and keys become series in name order', () => {
+  const samples = [0, 10, 20].map((s) => ({ ts: at(s), data: { idle: 1, active: 2 } }));
+  const { names, data, gaps } = series(samples, activity);
+  assert.deepEqual(names, ['active', 'idle']);
+  assert.equal(gaps, 0);
+  assert.deepEqual(data[1], [2, 2, 2]);
+});
+
+test('counter rates skip resets', () => {
+  const chart = { type: 'pg_stat_database', rate: true, values: (d) => ({ commit: d.c }) };
+  const samples = [[0, 100], [10, 200], [20, 50], [30, 150]].map(([s, c]) => ({ ts: at(s), data: { c } }));
+  const { data } = series(samples, chart);
+  assert.deepEqual(data[1], [10, null, 10]);
+});
+
+test('buffer health warns on lag, failures and a nearly full buffer only', () => {
+  const base = { rows: 5, size_bytes: 4096, utilization: 0.1, oldest_record_age_s: 5, delivery_failures: 0, dropped_total: { age: 0 } };
+  assert.equal(bufferHealth(base).warn, false);
+  assert.equal(bufferHealth({ ...base, oldest_record_age_s: LAG_WARN_S + 1 }).why, 'delivery lags');
+  assert.equal(bufferHealth({ ...base, delivery_failures: 3 }).why, '3 failed deliveries');
+  assert.equal(bufferHealth({ ...base, utilization: 0.9 }).why, 'buffer nearly full');
+  assert.equal(bufferHealth(null).text, 'not reported yet');
+});
