@@ -53,6 +53,31 @@ fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
     assert_eq!(found.get("url"), Some(&format!("http://{listen}")));
     assert_eq!(found.get("user").map(String::as_str), Some("admin"));
 
+    // A viewer too, made the way an operator would, to check what the UI hides from it.
+    let mut viewer = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "admin",
+            "create-user",
+            "watcher",
+            "--role",
+            "viewer",
+            "--password-stdin",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir.join("control-plane"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run outpost admin create-user");
+    {
+        use std::io::Write;
+        let mut stdin = viewer.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"viewer-password-1234\n")
+            .expect("write password");
+    }
+    assert!(viewer.wait().expect("wait").success());
+
     let shots = fixtures::browser::screenshots_dir("demo");
     let browser = fixtures::browser::run_script(
         "demo.mjs",
@@ -60,6 +85,8 @@ fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
             ("OUTPOST_URL", found["url"].as_str()),
             ("OUTPOST_USER", "admin"),
             ("OUTPOST_PASSWORD", password.as_str()),
+            ("OUTPOST_VIEWER", "watcher"),
+            ("OUTPOST_VIEWER_PASSWORD", "viewer-password-1234"),
         ],
         &shots,
     );

@@ -84,6 +84,27 @@ try {
       await page.getByLabel('Action').selectOption('');
     }
   });
+  // A viewer sees the fleet and charts but no terminal, task, exec or audit controls.
+  await step('viewer', async () => {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    const viewer = await context.newPage();
+    await viewer.goto(env('OUTPOST_URL'));
+    await viewer.getByLabel('User name').fill(env('OUTPOST_VIEWER'));
+    await viewer.getByLabel('Password').fill(env('OUTPOST_VIEWER_PASSWORD'));
+    await viewer.getByRole('button', { name: 'Log in' }).click();
+    await viewer.locator('tr[data-agent="demo-agent"] td.online').waitFor({ timeout: 30000 });
+    const hidden = async (locator, what) => {
+      if (await locator.isVisible()) throw new Error(`a viewer sees ${what}`);
+    };
+    await hidden(viewer.getByRole('button', { name: /Open terminal/ }), 'the terminal button');
+    await hidden(viewer.getByRole('link', { name: 'Exec' }), 'the exec page');
+    await hidden(viewer.getByRole('link', { name: 'Audit log' }), 'the audit log');
+    await viewer.getByRole('link', { name: 'demo-agent' }).click();
+    await viewer.locator('figure.chart[data-type="activity"] canvas').first().waitFor({ timeout: 30000 });
+    await hidden(viewer.getByRole('button', { name: 'Create task' }), 'the task form');
+    await viewer.screenshot({ path: `${shots}/viewer-agent.png`, fullPage: true });
+    await context.close();
+  });
   if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
   console.log('demo in the browser ok');
 } finally {
