@@ -123,13 +123,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = config::validate(flags.over(file))?;
     let shutdown = CancellationToken::new();
-    let signals = {
+    let signals = world::on_shutdown_signal({
         let token = shutdown.clone();
-        tokio::spawn(async move {
-            world::shutdown_signal().await;
-            token.cancel();
-        })
-    };
+        move || token.cancel()
+    });
     let (status, _) = watch::channel(LinkStatus::Connecting { attempt: 0 });
     let result = agent::run::run(World::real(), config, status, shutdown).await;
     signals.abort();

@@ -96,13 +96,10 @@ async fn run_in(
     listen: &str,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let signals = {
+    let signals = world::on_shutdown_signal({
         let stop = stop.clone();
-        tokio::spawn(async move {
-            world::shutdown_signal().await;
-            stop.cancel();
-        })
-    };
+        move || stop.cancel()
+    });
     let mut children = Children::default();
     let result = async {
         eprintln!("starting a throwaway PostgreSQL in {} …", layout.pg.display());

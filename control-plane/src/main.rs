@@ -300,13 +300,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = config::validate(flags.over(file))?;
     let shutdown = CancellationToken::new();
-    let signals = {
+    let signals = world::on_shutdown_signal({
         let token = shutdown.clone();
-        tokio::spawn(async move {
-            world::shutdown_signal().await;
-            token.cancel();
-        })
-    };
+        move || token.cancel()
+    });
     let result = server::serve(World::real(), config, shutdown.clone()).await;
     signals.abort();
     result

@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 pub use http_client::{HttpError, HttpResponse, Target, http_request, request};
 pub use net::{Listener, Net, PeerAddr, Stream};
 pub use postgres::postgres_connect;
-pub use signal::shutdown_signal;
+pub use signal::{on_shutdown_signal, shutdown_signal};
 pub use ws::{WsError, WsStream, ws_connect};
 
 /// Handle to the outside world. Cheap to clone; clones share one RNG.

@@ -16,3 +16,12 @@ pub async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 }
+
+/// Run `then` once SIGTERM or SIGINT arrives (see [`shutdown_signal`]); abort the returned
+/// handle to stop waiting.
+pub fn on_shutdown_signal(then: impl FnOnce() + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        then();
+    })
+}
