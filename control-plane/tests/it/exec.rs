@@ -305,3 +305,34 @@ async fn exec_through_the_api_streams_per_host_results_and_is_audited() {
     assert_eq!(audit[0]["detail"]["outcomes"]["command_failed"], 1);
     server.stop().await;
 }
+
+/// The exec page in headless Chromium: output shows while the command runs, then outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exec_page_shows_output_live_and_outcomes_per_host() {
+    use control_plane::auth::Role;
+    let (_sshd, _dir, inv) = setup().await;
+    let server = crate::harness::Server::start_with(control_plane::state::Settings {
+        inventory: Some(inv.into()),
+        ..crate::harness::fast_settings()
+    })
+    .await;
+    server.token_for("ops", Role::Operator).await;
+    let url = server.base.to_string();
+    let shots = fixtures::browser::screenshots_dir("exec");
+    // The server runs on the other worker thread while node drives the page.
+    let run = tokio::task::block_in_place(|| {
+        fixtures::browser::run_script(
+            "exec.mjs",
+            &[
+                ("OUTPOST_URL", url.as_str()),
+                ("OUTPOST_USER", "ops"),
+                ("OUTPOST_PASSWORD", "a-long-enough-password"),
+            ],
+            &shots,
+        )
+    });
+    if let Err(e) = run {
+        panic!("{e:#}");
+    }
+    server.stop().await;
+}

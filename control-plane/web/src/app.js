@@ -157,7 +157,7 @@ let execPoll = null;
 
 async function runExec(event) {
   event.preventDefault();
-  const argv = $('exec-command').value.split('\n').map((s) => s.trim()).filter(Boolean);
+  const argv = $('exec-command').value.split('\n').map((s) => s.replace(/\r$/, '')).filter((s) => s.length > 0);
   if (argv.length === 0) { $('exec-error').textContent = 'give a command'; return; }
   const r = await api('POST', '/api/v1/exec', { hosts: $('exec-hosts').value, argv, idempotent: $('exec-idempotent').checked });
   if (r.status !== 202) { $('exec-error').textContent = r.json?.error ?? `exec: ${r.status}`; return; }
