@@ -345,7 +345,58 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             anyhow::bail!("{v}");
         }
     }
-    final_check(&lock(&ledger))
+    drop(sim);
+    final_check(&lock(&ledger))?;
+    audit_check(dir.path(), seed, &lock(&ledger))
+}
+
+/// The audit log agrees with what happened: every session the browser was given was recorded
+/// as opened exactly once, and none was recorded as ended twice. (An end can go unrecorded
+/// when the control plane dies between closing the session and writing the record.)
+fn audit_check(dir: &std::path::Path, seed: u64, l: &Ledger) -> anyhow::Result<()> {
+    use control_plane::audit::action;
+    use control_plane::storage::AuditQuery;
+    let world = host_world(seed, "auditor");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(async {
+        let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
+        anyhow::Ok(
+            storage
+                .audit_list(AuditQuery {
+                    action: None,
+                    before_id: None,
+                    limit: 100_000,
+                })
+                .await?,
+        )
+    })?;
+    let count = |what: &str, id: &str| {
+        rows.iter()
+            .filter(|r| r.action == what && r.target == id)
+            .count()
+    };
+    let mut ended = 0;
+    for id in l.sessions.keys() {
+        let opened = count(action::TERMINAL_OPENED, id);
+        anyhow::ensure!(
+            opened == 1,
+            "session {id}: {opened} terminal.opened audit records"
+        );
+        let ends = count(action::TERMINAL_ENDED, id);
+        anyhow::ensure!(
+            ends <= 1,
+            "session {id}: {ends} terminal.ended audit records"
+        );
+        ended += ends;
+    }
+    let closed = l.sessions.values().filter(|s| s.closed.is_some()).count();
+    trace::record(format!(
+        "audit: {} sessions opened, {ended} ended, {closed} seen closed by the browser",
+        l.sessions.len()
+    ));
+    Ok(())
 }
 
 fn final_check(l: &Ledger) -> anyhow::Result<()> {
