@@ -316,8 +316,13 @@ async fn start_postgres(
         .await
         .with_context(|| format!("run {}", tools.initdb.display()))?;
     if !out.status.success() {
+        let hint = if owner.is_some() {
+            "; as root the cluster runs as `postgres`, which must be able to reach the data dir (every parent directory traversable): choose a --data-dir under /tmp or omit it"
+        } else {
+            ""
+        };
         bail!(
-            "initdb failed: {}",
+            "initdb failed: {}{hint}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

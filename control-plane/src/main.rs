@@ -213,6 +213,17 @@ enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Create an API token for an existing user and print it, e.g. for a Prometheus scraper
+    /// (`Authorization: Bearer TOKEN` on /metrics). It acts with that user's role.
+    ApiToken {
+        /// The user the token acts as (create a `viewer` for scrapers).
+        user: String,
+        /// How long the token stays valid (humantime: 30d, 1y) [max 2y].
+        #[arg(long, default_value = "90d")]
+        ttl: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create a single-use agent enrollment token and print it.
     EnrollToken {
         /// How long the token stays valid (humantime: 30m, 1h, 2d) [max 7d].
@@ -427,6 +438,37 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             if generated {
                 println!("password: {password}");
             }
+            Ok(())
+        }
+        AdminCommand::ApiToken { user, ttl, store } => {
+            let ttl = humantime::parse_duration(&ttl)
+                .with_context(|| format!("--ttl {ttl:?} is not a duration (e.g. 30d, 1y)"))?;
+            if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(2 * 366 * 86_400) {
+                bail!("--ttl must be between 1m and 2y");
+            }
+            let storage = open(&world, store).await?;
+            let row = storage
+                .user_by_name(&user)
+                .await
+                .context("look up the user")?
+                .with_context(|| {
+                    format!("no user {user:?}; create one with `outpost admin create-user {user} --role viewer`")
+                })?;
+            let token = auth::new_secret(&world, SecretKind::ApiToken);
+            let now_ms = world.now_unix_ms();
+            let expires_at_ms =
+                now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            storage
+                .create_api_token(&auth::secret_hash(&token), &row.id, now_ms, expires_at_ms)
+                .await
+                .context("store the token")?;
+            eprintln!(
+                "token for {} (role {}), valid until {}",
+                row.name,
+                row.role.as_str(),
+                control_plane::time::rfc3339_ms(expires_at_ms)
+            );
+            println!("{token}");
             Ok(())
         }
         AdminCommand::EnrollToken { ttl, store } => {

@@ -78,6 +78,33 @@ fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
     }
     assert!(viewer.wait().expect("wait").success());
 
+    // A long-lived token for a scraper: /metrics shows the demo's agent online.
+    let cp_dir = data_dir.join("control-plane");
+    let token = |user: &str| {
+        Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["admin", "api-token", user, "--ttl", "400d", "--data-dir"])
+            .arg(&cp_dir)
+            .output()
+            .expect("run outpost admin api-token")
+    };
+    let unknown = token("nobody");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("create-user nobody"));
+    let issued = token("watcher");
+    assert!(issued.status.success(), "{issued:?}");
+    let bearer = String::from_utf8_lossy(&issued.stdout).trim().to_string();
+    let scrape = Command::new("curl")
+        .args(["-sf", "-H", &format!("authorization: Bearer {bearer}")])
+        .arg(format!("{}/metrics", found["url"]))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l == "outpost_agents{status=\"online\"} 1"),
+        "scrape with the issued token:\n{text}"
+    );
+
     let shots = fixtures::browser::screenshots_dir("demo");
     let browser = fixtures::browser::run_script(
         "demo.mjs",
