@@ -18,4 +18,5 @@ pub mod server;
 pub mod state;
 pub mod storage;
 pub mod terminal;
+pub mod throttle;
 pub mod time;

@@ -50,6 +50,8 @@ pub struct Observed {
     /// Task state changes reported by agents, by the status they reached.
     task_events: Mutex<BTreeMap<String, u64>>,
     pub audit_write_failures_total: AtomicU64,
+    pub login_failures_total: AtomicU64,
+    pub login_lockouts_total: AtomicU64,
 }
 
 pub fn add(counter: &AtomicU64, n: u64) {
@@ -174,6 +176,18 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             *n as f64,
         );
     }
+    out.single(
+        "outpost_login_failures_total",
+        "counter",
+        "Logins refused for a wrong user name or password.",
+        counter(&observed.login_failures_total),
+    )
+    .single(
+        "outpost_login_lockouts_total",
+        "counter",
+        "Lockouts started after repeated failed logins for one name.",
+        counter(&observed.login_lockouts_total),
+    );
     out.single(
         "outpost_audit_write_failures_total",
         "counter",

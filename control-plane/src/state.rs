@@ -51,6 +51,8 @@ pub struct AppState {
     pub observed: Arc<crate::observe::Observed>,
     /// Fleet exec runs started through the API on this replica.
     pub exec_runs: crate::http::exec::Runs,
+    /// Failed logins by user name (lockouts).
+    pub logins: Arc<crate::throttle::LoginThrottle>,
 }
 
 /// Metrics batches stored concurrently before ingest sheds load.
@@ -76,6 +78,7 @@ impl AppState {
             ),
             observed: Arc::default(),
             exec_runs: crate::http::exec::Runs::default(),
+            logins: Arc::default(),
         }
     }
 

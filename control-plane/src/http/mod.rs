@@ -278,6 +278,22 @@ fn bearer_token(request: &Request) -> Option<String> {
     (!token.is_empty()).then(|| token.to_string())
 }
 
+/// No `Origin` header (not a browser, or a same-origin GET), or one naming this host.
+fn same_origin(request: &Request) -> bool {
+    let Some(origin) = request.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 fn cookie_token(request: &Request) -> Option<String> {
     request
         .headers()
@@ -299,7 +315,17 @@ async fn authenticate(
     match access {
         Access::Public => {}
         Access::User(required) => {
-            let Some(token) = bearer_token(&request).or_else(|| cookie_token(&request)) else {
+            let bearer = bearer_token(&request);
+            if bearer.is_none() && !same_origin(&request) {
+                // The cookie is an ambient credential: another site's page must not use it
+                // (cross-site WebSockets and form posts carry the cookie but name their origin).
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "cross-origin request refused: the session cookie only works from this control plane's own pages",
+                )
+                .into_response();
+            }
+            let Some(token) = bearer.or_else(|| cookie_token(&request)) else {
                 return ApiError::unauthorized("log in first: POST /api/v1/sessions")
                     .into_response();
             };

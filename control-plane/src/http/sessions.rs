@@ -33,6 +33,26 @@ pub async fn login(
     if body.username.len() > USERNAME_BYTES_MAX || body.password.len() > auth::PASSWORD_BYTES_MAX {
         return Err(refused());
     }
+    let now_ms = state.world.now_unix_ms();
+    if let Some(wait) = state.logins.check(&body.username, now_ms) {
+        crate::audit::record(
+            &state,
+            &body.username,
+            crate::audit::action::LOGIN_REFUSED,
+            &body.username,
+            serde_json::json!({"reason": "locked out after repeated failures"}),
+        )
+        .await;
+        let secs = wait.as_secs().max(1);
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            Json(proto::ErrorBody {
+                error: format!("too many failed logins for this user; try again in {secs} s"),
+            }),
+        )
+            .into_response());
+    }
     let user = state
         .storage
         .user_by_name(&body.username)
@@ -50,6 +70,11 @@ pub async fn login(
         .map_err(ApiError::internal)?;
     let Some(user) = user.filter(|_| verified) else {
         tracing::info!(user = %body.username, "login refused");
+        crate::observe::add(&state.observed.login_failures_total, 1);
+        if let Some(lockout) = state.logins.failed(&body.username, now_ms) {
+            crate::observe::add(&state.observed.login_lockouts_total, 1);
+            tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
+        }
         crate::audit::record(
             &state,
             &body.username,
@@ -60,8 +85,8 @@ pub async fn login(
         .await;
         return Err(refused());
     };
+    state.logins.succeeded(&user.name);
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
-    let now_ms = state.world.now_unix_ms();
     let ttl = state.settings.session_ttl;
     let expires_at_ms = now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
     if let Err(error) = state.storage.purge_expired(now_ms).await {

@@ -102,10 +102,54 @@ async fn login_issues_a_token_and_an_httponly_cookie_that_both_work() {
     let mut headers = HeaderMap::new();
     headers.insert(http::header::COOKIE, pair.parse().expect("header"));
     let r = server
-        .request_with(Method::GET, "/api/v1/agents", headers, "")
+        .request_with(Method::GET, "/api/v1/agents", headers.clone(), "")
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(server.agents(&token).await, serde_json::json!([]));
+
+    // The cookie is ambient: another site's page may not use it; this control plane's may.
+    let host = server.base.authority().to_string();
+    let mut evil = headers.clone();
+    evil.insert(
+        http::header::ORIGIN,
+        "http://evil.example".parse().expect("header"),
+    );
+    let r = server
+        .request_with(
+            Method::POST,
+            "/api/v1/terminal/sessions",
+            evil,
+            r#"{"agent_id":"x"}"#,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "cross-site use of the cookie"
+    );
+    let mut own = headers.clone();
+    own.insert(
+        http::header::ORIGIN,
+        format!("http://{host}").parse().expect("header"),
+    );
+    let r = server
+        .request_with(Method::GET, "/api/v1/agents", own, "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "same-origin use of the cookie");
+    // A bearer token is not ambient: any origin may present it.
+    let mut bearer = HeaderMap::new();
+    bearer.insert(
+        http::header::ORIGIN,
+        "http://evil.example".parse().expect("header"),
+    );
+    bearer.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let r = server
+        .request_with(Method::GET, "/api/v1/agents", bearer, "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
     server.stop().await;
 }
 
@@ -624,5 +668,51 @@ async fn openapi_documents_every_route_of_the_router() {
             .any(|p| p["name"] == "action" && p["in"] == "query"),
         "query parameters come from the handler's query type: {audit}"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() {
+    let server = Server::start().await;
+    server.token_for("carol", Role::Operator).await;
+    server.token_for("dave", Role::Operator).await;
+    let login =
+        |name: &str, password: &str| format!(r#"{{"username":"{name}","password":"{password}"}}"#);
+    for _ in 0..control_plane::throttle::FREE_FAILURES {
+        let r = server
+            .request(
+                Method::POST,
+                "/api/v1/sessions",
+                None,
+                login("carol", "wrong-wrong-wrong"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            login("carol", "a-long-enough-password"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "locked out");
+    let wait: u64 = r
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=30).contains(&wait), "{wait}");
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            login("dave", "a-long-enough-password"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "another name is not affected");
     server.stop().await;
 }
