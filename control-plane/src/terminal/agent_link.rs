@@ -264,11 +264,17 @@ async fn finish(state: &AppState, session_id: &str, reason: &str) {
     let streams = &state.terminal.streams;
     let keep = state.terminal.settings.closed_keep;
     let meta = streams.meta(session_id).await.ok().flatten();
-    until_stored(state, || {
-        streams.finish(session_id, state.world.now_unix_ms(), reason, keep)
+    let closed_now = std::sync::atomic::AtomicBool::new(false);
+    until_stored(state, || async {
+        let closed = streams
+            .finish(session_id, state.world.now_unix_ms(), reason, keep)
+            .await?;
+        closed_now.fetch_or(closed, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     })
     .await;
-    if let Some(meta) = meta.filter(|m| m.state != super::streams::SessionState::Closed) {
+    // Only the caller that closed it records the end (the janitor may race this handler).
+    if let Some(meta) = meta.filter(|_| closed_now.into_inner()) {
         crate::audit::terminal_ended(state, session_id, &meta, reason).await;
     }
 }

@@ -106,10 +106,9 @@ async fn janitor(state: &AppState) {
                     _ => format!("the agent link stayed away for {} s", limit.as_secs()),
                 };
                 tracing::info!(session_id, %reason, "closing abandoned terminal session");
-                if streams
+                if let Ok(true) = streams
                     .finish(&session_id, now_ms, &reason, settings.closed_keep)
                     .await
-                    .is_ok()
                 {
                     crate::audit::terminal_ended(state, &session_id, &meta, &reason).await;
                 }

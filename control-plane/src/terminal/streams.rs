@@ -271,7 +271,14 @@ impl Streams {
     }
 
     /// Mark the session closed, free its slot and let its streams expire after `keep`.
-    pub async fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<()> {
+    /// `true` when this call closed it (exactly one caller learns that, across replicas).
+    pub async fn finish(
+        &self,
+        id: &str,
+        now_ms: i64,
+        reason: &str,
+        keep: Duration,
+    ) -> Result<bool> {
         match self {
             Streams::Memory(m) => m.finish(id, now_ms, reason, keep),
             Streams::Redis(r) => r.finish(id, now_ms, reason, keep).await,
@@ -525,19 +532,21 @@ impl MemoryStreams {
         .await
     }
 
-    fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<()> {
+    fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<bool> {
         self.with(|s| {
+            let mut closed_now = false;
             if let Some(x) = s.sessions.get_mut(id) {
                 if x.meta.state != SessionState::Closed {
                     x.meta.state = SessionState::Closed;
                     x.meta.changed_ms = now_ms;
                     x.meta.reason = reason.to_string();
+                    closed_now = true;
                 }
                 x.expires_at = Some(Instant::now() + keep);
                 x.out_changed.notify_waiters();
                 x.in_changed.notify_waiters();
             }
-            Ok(())
+            Ok(closed_now)
         })
     }
 }
@@ -982,7 +991,7 @@ impl RedisStreams {
             .collect())
     }
 
-    async fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<()> {
+    async fn finish(&self, id: &str, now_ms: i64, reason: &str, keep: Duration) -> Result<bool> {
         let live_key = format!("{KEY_PREFIX}live");
         let (meta_key, out_key, in_key, reply_key) = (
             key(id, "meta"),
@@ -1013,8 +1022,9 @@ impl RedisStreams {
             ],
             Duration::ZERO,
         )
-        .await?;
-        Ok(())
+        .await
+        // The live set holds open sessions: whoever removes the id closed the session.
+        .map(|replies| matches!(replies.get(1), Some(Value::Int(1))))
     }
 
     async fn live(&self) -> Result<Vec<(String, String)>> {

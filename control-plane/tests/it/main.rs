@@ -6,3 +6,4 @@ mod demo;
 mod exec;
 mod harness;
 mod storage;
+mod streams;
