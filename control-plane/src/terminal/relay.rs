@@ -32,7 +32,16 @@ async fn relay(state: &AppState) {
     if !streams.is_shared() {
         return std::future::pending().await;
     }
-    let mut cursor = "$".to_string();
+    // A concrete id, not `$`: a request stored between two reads is still read.
+    let mut cursor = loop {
+        match streams.requests_tail().await {
+            Ok(tail) => break tail,
+            Err(e) => {
+                tracing::warn!(error = %e, "terminal relay: store unavailable");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let mut opens = JoinSet::new();
     loop {
         while opens.try_join_next().is_some() {}

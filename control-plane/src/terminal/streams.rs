@@ -310,6 +310,15 @@ impl Streams {
     }
 
     /// Open requests after `cursor` (`"$"` = only new ones). Returns the new cursor.
+    /// Where a relay starts reading open requests: after the newest one already stored. (A
+    /// cursor of `$` would miss requests added between two reads.)
+    pub async fn requests_tail(&self) -> Result<String> {
+        match self {
+            Streams::Memory(_) => Ok("0-0".to_string()),
+            Streams::Redis(r) => r.requests_tail().await,
+        }
+    }
+
     pub async fn read_requests(
         &self,
         cursor: &str,
@@ -1093,6 +1102,26 @@ impl RedisStreams {
         )
         .await?;
         Ok(())
+    }
+
+    async fn requests_tail(&self) -> Result<String> {
+        let requests_key = format!("{KEY_PREFIX}requests");
+        let reply = self
+            .one(
+                vec![
+                    b"XREVRANGE",
+                    requests_key.as_bytes(),
+                    b"+",
+                    b"-",
+                    b"COUNT",
+                    b"1",
+                ],
+                Duration::ZERO,
+            )
+            .await?;
+        Ok(entries(reply)
+            .first()
+            .map_or_else(|| "0-0".to_string(), |(id, _)| text(Some(id))))
     }
 
     async fn read_requests(
