@@ -259,6 +259,20 @@ impl PostgresTools {
     }
 }
 
+/// A command for a long-running child that dies with the demo even if the demo is killed
+/// with SIGKILL: started through `setpriv --pdeathsig TERM` (util-linux) when it is there.
+/// (Setting the signal ourselves would need `pre_exec`, which is unsafe code.)
+fn tied_to_us(program: &Path) -> Command {
+    match on_path("setpriv") {
+        Some(setpriv) => {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "TERM", "--"]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// uid and gid of `postgres` when we are root (Postgres refuses to run as root), else `None`.
 fn postgres_owner() -> anyhow::Result<Option<(u32, u32)>> {
     if !nix::unistd::geteuid().is_root() {
@@ -327,7 +341,7 @@ async fn start_postgres(
         );
     }
     let log = layout.root.join("postgres.log");
-    let mut server = Command::new(&tools.postgres);
+    let mut server = tied_to_us(&tools.postgres);
     server
         .arg("-D")
         .arg(&data)
@@ -437,7 +451,7 @@ async fn start_agent(
         quote(tools.psql.display().to_string()),
     );
     std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
-    let child = Command::new(agent_bin)
+    let child = tied_to_us(agent_bin)
         .arg("run")
         .arg("--config")
         .arg(&config)

@@ -153,3 +153,47 @@ fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
         String::from_utf8_lossy(&leftovers.stdout)
     );
 }
+
+/// Even a SIGKILLed demo (no chance to clean up) takes its Postgres and agent with it.
+#[test]
+fn a_killed_demo_takes_postgres_and_the_agent_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("demo");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["demo", "--listen", &listen, "--data-dir"])
+        .arg(&data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start outpost demo");
+    let printed = BufReader::new(demo.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.starts_with("password: "));
+    assert!(printed, "the demo did not start");
+    let running = |what: &str| {
+        let out = Command::new("pgrep")
+            .args(["-f", what])
+            .output()
+            .expect("run pgrep (Debian package procps)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let pg = data_dir.join("pg").display().to_string();
+    let agent = data_dir.join("agent").display().to_string();
+    assert!(!running(&pg).is_empty(), "postgres runs");
+    assert!(!running(&agent).is_empty(), "the agent runs");
+    demo.kill().expect("SIGKILL");
+    let _ = demo.wait();
+    let mut waited = Duration::ZERO;
+    while !(running(&pg).is_empty() && running(&agent).is_empty()) {
+        assert!(
+            waited < Duration::from_secs(30),
+            "still running 30 s after the demo was killed: postgres [{}] agent [{}]",
+            running(&pg),
+            running(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        waited += Duration::from_millis(100);
+    }
+}
