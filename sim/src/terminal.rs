@@ -67,6 +67,10 @@ struct Ledger {
     sessions: BTreeMap<String, SessionLedger>,
     /// The session the browser uses now.
     current: Option<String>,
+    /// Commands the browser typed (each has a unique number).
+    typed: u64,
+    /// Commands a simulated psql ran, by number: none may run twice.
+    ran: std::collections::BTreeSet<u64>,
     violations: Vec<String>,
 }
 
@@ -118,7 +122,7 @@ pub fn schedule(rng: &mut StdRng) -> Schedule {
     }
 }
 
-/// A psql stand-in: `g<N>\r` produces N bytes at once, `q\r` exits.
+/// A psql stand-in: `g<N>.<K>\r` (command number K) produces N bytes at once, `q\r` exits.
 struct SimPty {
     ledger: Shared,
 }
@@ -170,9 +174,22 @@ impl PtySystem for SimPty {
                         out.close("psql exited".into());
                         return;
                     }
-                    let Some(n) = text.strip_prefix('g').and_then(|n| n.parse::<u64>().ok()) else {
+                    // `g<N>.<K>`: N bytes, for command number K.
+                    let Some((n, k)) = text
+                        .strip_prefix('g')
+                        .and_then(|c| c.split_once('.'))
+                        .and_then(|(n, k)| Some((n.parse::<u64>().ok()?, k.parse::<u64>().ok()?)))
+                    else {
                         continue;
                     };
+                    {
+                        let mut l = lock(&ledger);
+                        if !l.ran.insert(k) {
+                            l.violations.push(format!(
+                                "command {k} reached psql twice (input delivered more than once)"
+                            ));
+                        }
+                    }
                     // The whole burst is pushed without waiting: the ring never blocks.
                     let start = out.with(|r| r.end());
                     let mut at = start;
@@ -436,8 +453,10 @@ fn final_check(l: &Ledger) -> anyhow::Result<()> {
         .values()
         .fold((0, 0), |(a, b), s| (a + s.shown, b + s.skipped));
     trace::record(format!(
-        "final: {} sessions, {shown} bytes shown, {skipped} announced as skipped",
-        l.sessions.len()
+        "final: {} sessions, {shown} bytes shown, {skipped} announced as skipped, {} of {} commands ran",
+        l.sessions.len(),
+        l.ran.len(),
+        l.typed
     ));
     Ok(())
 }
@@ -583,7 +602,12 @@ async fn attach(
                 next_input = now + Duration::from_secs(86_400);
             } else {
                 let n = rng.random_range(1..200_000u64);
-                let line = Message::Binary(format!("g{n}\r").into_bytes().into());
+                let k = {
+                    let mut l = lock(ledger);
+                    l.typed += 1;
+                    l.typed
+                };
+                let line = Message::Binary(format!("g{n}.{k}\r").into_bytes().into());
                 if !matches!(
                     tokio::time::timeout(Duration::from_secs(5), sink.send(line)).await,
                     Ok(Ok(()))

@@ -389,7 +389,24 @@ async fn input_loop(
     loop {
         match streams.read_input(session_id, &cursor, INPUT_BLOCK).await {
             Ok(events) if !events.is_empty() => {
-                for (id, event) in events {
+                // At most once: a keystroke must never reach psql twice (a statement would run
+                // twice), so the stored cursor moves past the batch before any of it is sent.
+                // A link or replica lost mid-batch loses the rest of the batch instead.
+                let last = events.last().map(|(id, _)| id.clone()).unwrap_or_default();
+                let next = last.clone();
+                if streams
+                    .update(session_id, state.world.now_unix_ms(), move |m| {
+                        m.input_cursor = next
+                    })
+                    .await
+                    .is_err()
+                {
+                    TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
+                    tokio::time::sleep(RETRY_MIN).await;
+                    continue;
+                }
+                cursor = last;
+                for (_, event) in events {
                     let sent = match event {
                         InEvent::Data(data) => {
                             send_message(sink, Message::Binary(data.into())).await
@@ -408,14 +425,7 @@ async fn input_loop(
                     if let Err(e) = sent {
                         return End::Lost(e);
                     }
-                    cursor = id;
                 }
-                let next = cursor.clone();
-                let _ = streams
-                    .update(session_id, state.world.now_unix_ms(), move |m| {
-                        m.input_cursor = next
-                    })
-                    .await;
             }
             Ok(_) => {}
             Err(_) => {
