@@ -17,6 +17,8 @@ pub struct RawAgentConfig {
     pub control_plane: Option<String>,
     pub postgres: Option<String>,
     pub socket: Option<PathBuf>,
+    /// PEM CA certificates trusted for an https:// control plane (default: the system's).
+    pub ca_file: Option<PathBuf>,
     /// `[metrics]` and `[terminal]` are read by the capabilities that use them; this build
     /// accepts the sections so one config file serves every version.
     pub metrics: Option<RawMetricsConfig>,
@@ -262,6 +264,7 @@ impl RawAgentConfig {
             control_plane: self.control_plane.or(file.control_plane),
             postgres: self.postgres.or(file.postgres),
             socket: self.socket.or(file.socket),
+            ca_file: self.ca_file.or(file.ca_file),
             metrics: self.metrics.or(file.metrics),
             terminal: self.terminal.or(file.terminal),
             tasks: self.tasks.or(file.tasks),
@@ -276,6 +279,8 @@ pub struct AgentConfig {
     pub control_plane: Option<url::Url>,
     pub postgres: Option<String>,
     pub socket: PathBuf,
+    /// Trust for an https:// control plane, loaded and checked at start-up.
+    pub tls_client: Option<std::sync::Arc<world::tls::ClientConfig>>,
     pub tasks: TasksConfig,
     pub metrics: MetricsConfig,
     pub terminal: crate::terminal::TerminalConfig,
@@ -293,11 +298,8 @@ pub fn control_plane_url(field: &str, value: &str) -> anyhow::Result<url::Url> {
         format!("{field}: {value:?} is not a URL (example: http://cp.example:8080)")
     })?;
     match url.scheme() {
-        "http" => Ok(url),
-        "https" => bail!(
-            "{field}: https is not supported by this build; put the control plane behind http on a trusted network or a TLS-terminating tunnel"
-        ),
-        other => bail!("{field}: scheme {other:?} must be http"),
+        "http" | "https" => Ok(url),
+        other => bail!("{field}: scheme {other:?} must be http or https"),
     }
 }
 
@@ -319,11 +321,18 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
     }
     let socket = raw.socket.unwrap_or_else(|| data_dir.join(SOCKET_FILE));
     let terminal = validate_terminal(raw.terminal.unwrap_or_default(), raw.postgres.as_deref())?;
+    let tls_client = match &raw.ca_file {
+        Some(path) => {
+            Some(world::tls::client_config(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))?)
+        }
+        None => None,
+    };
     Ok(AgentConfig {
         data_dir,
         control_plane,
         postgres: raw.postgres,
         socket,
+        tls_client,
         tasks: validate_tasks(raw.tasks.unwrap_or_default())?,
         metrics: validate_metrics(raw.metrics.unwrap_or_default())?,
         terminal,

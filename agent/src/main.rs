@@ -53,6 +53,9 @@ struct RunArgs {
     /// Postgres connection string for metrics collection and maintenance tasks.
     #[arg(long, env = "OUTPOST_POSTGRES")]
     postgres: Option<String>,
+    /// PEM CA certificates to trust for an https:// control plane [default: the system's].
+    #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -72,6 +75,9 @@ struct EnrollArgs {
     /// Enroll again even if this data dir already holds an identity.
     #[arg(long)]
     force: bool,
+    /// PEM CA certificates to trust for an https:// control plane [default: the system's].
+    #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         control_plane: args.control_plane,
         postgres: args.postgres,
         socket: args.socket,
+        ca_file: args.ca_file,
         ..RawAgentConfig::default()
     };
     let config = config::validate(flags.over(file))?;
@@ -128,7 +135,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         move || token.cancel()
     });
     let (status, _) = watch::channel(LinkStatus::Connecting { attempt: 0 });
-    let result = agent::run::run(World::real(), config, status, shutdown).await;
+    let world = World::real();
+    if let Some(tls) = &config.tls_client {
+        world.set_tls_client(tls.clone());
+    }
+    let result = agent::run::run(world, config, status, shutdown).await;
     signals.abort();
     result
 }
@@ -150,6 +161,10 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     }
     let name = args.name.unwrap_or_else(identity::hostname);
     let world = World::real();
+    if let Some(path) = &args.ca_file {
+        let tls = world::tls::client_config(path).map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?;
+        world.set_tls_client(tls);
+    }
     let id = identity::enroll(&world, &data_dir, &args.control_plane, &args.token, &name)
         .await
         .context("enroll")?;

@@ -31,6 +31,9 @@ pub struct RawServeConfig {
     pub metrics_retention: Option<String>,
     /// Inventory TOML for fleet exec from the web UI and API (same format as `outpost exec`).
     pub inventory: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) and private key: serve HTTPS instead of HTTP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl RawServeConfig {
@@ -46,6 +49,8 @@ impl RawServeConfig {
             session_ttl: self.session_ttl.or(file.session_ttl),
             metrics_retention: self.metrics_retention.or(file.metrics_retention),
             inventory: self.inventory.or(file.inventory),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
         }
     }
 }
@@ -57,6 +62,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
+    /// HTTPS when set (loaded and checked at start-up).
+    pub tls: Option<std::sync::Arc<world::tls::ServerConfig>>,
     pub settings: Settings,
 }
 
@@ -112,6 +119,7 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             defaults.metrics_retention,
         )?,
         inventory: raw.inventory.clone(),
+        secure_cookies: false,
     };
     if let Some(path) = &settings.inventory {
         remote_exec::Inventory::load(path)
@@ -133,6 +141,18 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             "metrics_retention: must be at least 1d (Postgres keeps metrics in daily partitions)"
         );
     }
+    let tls = match (&raw.tls_cert, &raw.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(
+            world::tls::server_config(cert, key)
+                .map_err(|e| anyhow::anyhow!("tls_cert/tls_key: {e}"))?,
+        ),
+        _ => bail!(
+            "tls_cert and tls_key: give both (PEM certificate chain and its private key) or neither"
+        ),
+    };
+    let mut settings = settings;
+    settings.secure_cookies = tls.is_some();
     Ok(ServeConfig {
         listen,
         data_dir: raw
@@ -140,6 +160,7 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         database_url: raw.database_url,
         redis_url: raw.redis_url,
+        tls,
         settings,
     })
 }

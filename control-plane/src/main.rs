@@ -168,7 +168,7 @@ struct ExecRunArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
-    /// dead_after, session_ttl, metrics_retention. Flags and OUTPOST_* variables override it.
+    /// dead_after, session_ttl, metrics_retention, inventory, tls_cert, tls_key. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -187,6 +187,23 @@ struct ServeArgs {
     /// Without it, exec through the API is refused.
     #[arg(long, env = "OUTPOST_INVENTORY", value_name = "FILE")]
     inventory: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key. Agents then
+    /// use https:// URLs (and --ca-file for a private CA).
+    #[arg(
+        long,
+        env = "OUTPOST_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "OUTPOST_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -307,6 +324,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         redis_url: args.redis_url,
         metrics_retention: args.metrics_retention,
         inventory: args.inventory,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;

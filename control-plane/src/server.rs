@@ -55,7 +55,10 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Serve the API on `listener` until `state.shutdown` fires, then stop accepting, tell every
 /// agent channel to close and wait for in-flight requests.
-pub async fn run(state: AppState, listener: world::Listener) -> anyhow::Result<()> {
+pub async fn run<L>(state: AppState, listener: L) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Io = world::Stream, Addr = world::PeerAddr>,
+{
     let shutdown = state.shutdown.clone();
     let terminal_work = tokio::spawn(crate::terminal::relay::run(state.clone()));
     let app = crate::http::router(state);
@@ -86,6 +89,7 @@ pub async fn serve(
     };
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        scheme = if config.tls.is_some() { "https" } else { "http" },
         storage = storage.backend_name(),
         terminal_streams = streams.backend_name(),
         "outpost control plane listening"
@@ -96,13 +100,16 @@ pub async fn serve(
         config.settings.metrics_retention,
         shutdown.clone(),
     ));
-    let result = run(
-        AppState::new(world, storage, config.settings, shutdown).with_terminal(
-            crate::terminal::Terminal::new(streams, crate::terminal::TerminalSettings::default()),
-        ),
-        listener,
-    )
-    .await;
+    let state = AppState::new(world, storage, config.settings, shutdown).with_terminal(
+        crate::terminal::Terminal::new(streams, crate::terminal::TerminalSettings::default()),
+    );
+    let result = match config.tls {
+        Some(tls) => {
+            let listener = world::tls::TlsListener::new(listener, tls).context("TLS listener")?;
+            run(state, listener).await
+        }
+        None => run(state, listener).await,
+    };
     retention.abort();
     result
 }

@@ -22,6 +22,8 @@ pub struct Settings {
     pub metrics_retention: Duration,
     /// Inventory for fleet exec through the API; `None` turns the exec routes into refusals.
     pub inventory: Option<std::path::PathBuf>,
+    /// Mark the session cookie `Secure` (the control plane serves HTTPS).
+    pub secure_cookies: bool,
 }
 
 impl Default for Settings {
@@ -32,6 +34,7 @@ impl Default for Settings {
             session_ttl: Duration::from_secs(12 * 3600),
             metrics_retention: Duration::from_secs(30 * 86_400),
             inventory: None,
+            secure_cookies: false,
         }
     }
 }

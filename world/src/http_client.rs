@@ -34,24 +34,50 @@ pub enum HttpError {
     BodyTooLarge { addr: String, limit_bytes: usize },
 }
 
-/// `host:port` of an `http://` or `ws://` URL; other schemes are refused with a clear reason.
-pub(crate) fn authority(url: &url::Url) -> Result<String, HttpError> {
+/// Where a URL leads: `host:port` to dial, the host name a TLS certificate must match, and
+/// whether the scheme (`https`, `wss`) asks for TLS.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub addr: String,
+    pub host: String,
+    pub tls: bool,
+}
+
+/// The [`Endpoint`] of an `http(s)://` or `ws(s)://` URL; other schemes are refused.
+pub(crate) fn authority(url: &url::Url) -> Result<Endpoint, HttpError> {
     let bad = |reason: &str| HttpError::BadUrl {
         url: url.to_string(),
         reason: reason.to_string(),
     };
-    let default_port = match url.scheme() {
-        "http" | "ws" => 80,
-        "https" | "wss" => {
-            return Err(bad(
-                "TLS is not supported by this build; use http:// behind a TLS-terminating proxy",
-            ));
-        }
-        _ => return Err(bad("scheme must be http or ws")),
+    let (default_port, tls) = match url.scheme() {
+        "http" | "ws" => (80, false),
+        "https" | "wss" => (443, true),
+        _ => return Err(bad("scheme must be http, https, ws or wss")),
     };
     let host = url.host_str().ok_or_else(|| bad("no host"))?;
     let port = url.port().unwrap_or(default_port);
-    Ok(format!("{host}:{port}"))
+    // An IPv6 literal keeps its brackets in `host:port`, not in the certificate name.
+    let name = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(Endpoint {
+        addr: format!("{host}:{port}"),
+        host: name,
+        tls,
+    })
+}
+
+/// Dial an endpoint, with TLS when it asks for it (trusting [`World::set_tls_client`]'s CAs).
+pub(crate) async fn dial(world: &World, endpoint: &Endpoint) -> std::io::Result<crate::Stream> {
+    let stream = world.net().connect(&endpoint.addr).await?;
+    if !endpoint.tls {
+        return Ok(stream);
+    }
+    let config = world
+        .tls_client()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    crate::tls::connect(config, &endpoint.host, stream).await
 }
 
 /// Where an HTTP request goes.
@@ -99,20 +125,28 @@ pub async fn request(
     timeout: Duration,
     body_bytes_max: usize,
 ) -> Result<HttpResponse, HttpError> {
-    let (addr, path, socket) = match target {
+    let (endpoint, path, socket) = match target {
         Target::Url(url) => {
-            let addr = authority(url)?;
+            let endpoint = authority(url)?;
             let path = match url.query() {
                 Some(q) => format!("{}?{}", url.path(), q),
                 None => url.path().to_string(),
             };
-            (addr, path, None)
+            (endpoint, path, None)
         }
-        Target::Unix { socket, path } => ("localhost".to_string(), path.to_string(), Some(socket)),
+        Target::Unix { socket, path } => (
+            Endpoint {
+                addr: "localhost".to_string(),
+                host: "localhost".to_string(),
+                tls: false,
+            },
+            path.to_string(),
+            Some(socket),
+        ),
     };
     exchange(
         world,
-        addr,
+        endpoint,
         path,
         socket,
         method,
@@ -127,7 +161,7 @@ pub async fn request(
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     world: &World,
-    addr: String,
+    endpoint: Endpoint,
     path: String,
     socket: Option<&std::path::Path>,
     method: Method,
@@ -136,7 +170,9 @@ async fn exchange(
     timeout: Duration,
     body_bytes_max: usize,
 ) -> Result<HttpResponse, HttpError> {
-    let url = format!("http://{addr}{path}");
+    let addr = endpoint.addr.clone();
+    let scheme = if endpoint.tls { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}{path}");
     let shown = match socket {
         Some(s) => s.display().to_string(),
         None => addr.clone(),
@@ -158,7 +194,7 @@ async fn exchange(
         let addr = &shown;
         let stream = match socket {
             Some(s) => world.net().connect_unix(s).await,
-            None => world.net().connect(addr).await,
+            None => dial(world, &endpoint).await,
         }
         .map_err(|source| HttpError::Connect {
             addr: addr.clone(),

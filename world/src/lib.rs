@@ -14,6 +14,7 @@ mod http_client;
 mod net;
 mod postgres;
 mod signal;
+pub mod tls;
 mod ws;
 
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,8 @@ pub struct World {
 struct Inner {
     mode: Mode,
     rng: Mutex<StdRng>,
+    /// Trust for `https://` and `wss://`; the system bundle when never set.
+    tls_client: Mutex<Option<Arc<rustls::ClientConfig>>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -64,11 +67,37 @@ impl World {
         World::new(Mode::Simulated { epoch }, StdRng::seed_from_u64(seed))
     }
 
+    /// Trust `config`'s CAs for `https://` and `wss://` (every clone of this world).
+    pub fn set_tls_client(&self, config: Arc<rustls::ClientConfig>) {
+        let mut slot = self
+            .inner
+            .tls_client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(config);
+    }
+
+    /// The client TLS configuration: the one set, else the system's CA bundle.
+    pub(crate) fn tls_client(&self) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
+        let mut slot = self
+            .inner
+            .tls_client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(config) = slot.as_ref() {
+            return Ok(Arc::clone(config));
+        }
+        let config = tls::client_config(std::path::Path::new(tls::SYSTEM_CA_BUNDLE))?;
+        *slot = Some(Arc::clone(&config));
+        Ok(config)
+    }
+
     fn new(mode: Mode, rng: StdRng) -> World {
         World {
             inner: Arc::new(Inner {
                 mode,
                 rng: Mutex::new(rng),
+                tls_client: Mutex::new(None),
             }),
         }
     }

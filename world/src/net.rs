@@ -20,6 +20,8 @@ pub enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
     Sim(turmoil::net::TcpStream),
+    /// TLS over one of the others (see [`crate::tls`]).
+    Tls(Box<tokio_rustls::TlsStream<Stream>>),
 }
 
 /// A listener yielding [`Stream`]s.
@@ -180,6 +182,7 @@ macro_rules! delegate {
             Stream::Tcp($s) => $e,
             Stream::Unix($s) => $e,
             Stream::Sim($s) => $e,
+            Stream::Tls($s) => $e,
         }
     };
 }

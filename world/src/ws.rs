@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::http_client::{HttpError, authority};
+use crate::http_client::{HttpError, authority, dial};
 use crate::{Stream, World};
 
 pub type WsStream = tokio_tungstenite::WebSocketStream<Stream>;
@@ -51,12 +51,13 @@ pub async fn ws_connect(
     timeout: Duration,
     message_bytes_max: usize,
 ) -> Result<WsStream, WsError> {
-    let addr = authority(url)?;
+    let endpoint = authority(url)?;
+    let addr = endpoint.addr.clone();
     let mut ws_url = url.clone();
-    let scheme = if url.scheme() == "http" {
-        "ws"
-    } else {
-        url.scheme()
+    let scheme = match url.scheme() {
+        "http" => "ws",
+        "https" => "wss",
+        other => other,
     };
     // Only fails for cannot-be-a-base URLs, which `authority` already refused.
     let _ = ws_url.set_scheme(scheme);
@@ -83,9 +84,7 @@ pub async fn ws_connect(
         .max_message_size(Some(message_bytes_max))
         .max_frame_size(Some(message_bytes_max));
     let dial = async {
-        let stream = world
-            .net()
-            .connect(&addr)
+        let stream = dial(world, &endpoint)
             .await
             .map_err(|source| WsError::Connect {
                 addr: addr.clone(),

@@ -44,13 +44,13 @@ fn bad_input_fails_with_a_reason_and_a_non_zero_exit() {
             vec![
                 "enroll",
                 "--control-plane",
-                "https://cp",
+                "ftp://cp",
                 "--token",
                 "x",
                 "--data-dir",
                 d,
             ],
-            "https",
+            "http or https",
         ),
         (
             agent_bin(),

@@ -6,3 +6,4 @@ mod harness;
 mod link;
 mod tasks;
 mod terminal;
+mod tls;

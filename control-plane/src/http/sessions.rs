@@ -106,8 +106,13 @@ pub async fn login(
         serde_json::json!({"role": user.role.as_str()}),
     )
     .await;
+    let secure = if state.settings.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         ttl.as_secs()
     );
     let body = LoginResponse {

@@ -1,0 +1,213 @@
+//! TLS end to end with the real binaries: `outpost serve --tls-cert --tls-key`, an agent that
+//! enrolls and runs against `https://` trusting a private CA (`--ca-file`), and refusals when
+//! the certificate is not trusted or the client speaks plain HTTP.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{Proc, agent_bin, free_port, outpost_bin, run, stdout};
+
+async fn get(world: &world::World, url: &str, bearer: Option<&str>) -> Option<world::HttpResponse> {
+    let mut headers = http::HeaderMap::new();
+    if let Some(token) = bearer {
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    world::http_request(
+        world,
+        http::Method::GET,
+        &url::Url::parse(url).expect("url"),
+        headers,
+        bytes::Bytes::new(),
+        Duration::from_secs(5),
+        1 << 20,
+    )
+    .await
+    .ok()
+}
+
+#[tokio::test]
+async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = fixtures::tls::TestCerts::generate(dir.path()).expect("certificates");
+    let cp_dir = dir.path().join("cp");
+    let cp = cp_dir.to_str().expect("utf8");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("https://localhost:{port}");
+
+    let mut create = Command::new(outpost_bin())
+        .args([
+            "admin",
+            "create-user",
+            "admin",
+            "--role",
+            "admin",
+            "--password-stdin",
+            "--data-dir",
+            cp,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("create user");
+    create
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"admin-password-1234\n")
+        .expect("password");
+    assert!(create.wait().expect("wait").success());
+    let token = stdout(&run(
+        &outpost_bin(),
+        &["admin", "enroll-token", "--data-dir", cp],
+    ))
+    .trim()
+    .to_string();
+
+    let _cp = Proc::spawn(
+        &outpost_bin(),
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            cp,
+            "--tls-cert",
+            certs.cert.to_str().expect("utf8"),
+            "--tls-key",
+            certs.key.to_str().expect("utf8"),
+        ],
+        &dir.path().join("cp.log"),
+    );
+    let trusting = world::World::real();
+    trusting.set_tls_client(world::tls::client_config(&certs.ca).expect("CA"));
+    let mut healthy = false;
+    for _ in 0..100 {
+        if get(&trusting, &format!("{base}/healthz"), None)
+            .await
+            .is_some_and(|r| r.status == 200)
+        {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        healthy,
+        "no HTTPS answer:\n{}",
+        std::fs::read_to_string(dir.path().join("cp.log")).unwrap_or_default()
+    );
+    assert!(
+        get(
+            &world::World::real(),
+            &format!("http://127.0.0.1:{port}/healthz"),
+            None
+        )
+        .await
+        .is_none_or(|r| r.status != 200),
+        "plain HTTP must not be served on the TLS port"
+    );
+
+    // Without the CA the agent refuses the certificate and says so.
+    let agent_dir = dir.path().join("agent");
+    let a = agent_dir.to_str().expect("utf8");
+    let refused = run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            &base,
+            "--token",
+            &token,
+            "--name",
+            "db1",
+            "--data-dir",
+            a,
+        ],
+    );
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+
+    let ca = certs.ca.to_str().expect("utf8");
+    let enrolled = run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            &base,
+            "--token",
+            &token,
+            "--name",
+            "db1",
+            "--data-dir",
+            a,
+            "--ca-file",
+            ca,
+        ],
+    );
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    let mut agent = Proc::spawn(
+        &agent_bin(),
+        &["run", "--data-dir", a, "--ca-file", ca],
+        &dir.path().join("agent.log"),
+    );
+
+    let login = world::http_request(
+        &trusting,
+        http::Method::POST,
+        &url::Url::parse(&format!("{base}/api/v1/sessions")).expect("url"),
+        {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                "application/json".parse().expect("header"),
+            );
+            h
+        },
+        bytes::Bytes::from_static(br#"{"username":"admin","password":"admin-password-1234"}"#),
+        Duration::from_secs(5),
+        1 << 20,
+    )
+    .await
+    .expect("login over https");
+    assert_eq!(login.status, 200);
+    let cookie = login
+        .headers
+        .get(http::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        cookie.contains("; Secure"),
+        "the cookie is Secure over HTTPS: {cookie}"
+    );
+    let session: serde_json::Value = serde_json::from_slice(&login.body).expect("json");
+    let bearer = session["token"].as_str().expect("token").to_string();
+    let mut online = false;
+    for _ in 0..100 {
+        if let Some(r) = get(&trusting, &format!("{base}/api/v1/agents"), Some(&bearer)).await {
+            let agents: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            if agents[0]["status"] == "online" {
+                online = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        online,
+        "the agent did not come online over wss:\n{}",
+        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+    );
+    agent.signal("-TERM");
+    assert!(agent.wait_exit(Duration::from_secs(20)).await.is_some());
+}

@@ -1,0 +1,154 @@
+//! TLS over world streams (rustls with the ring provider): [`TlsListener`] turns a listener's
+//! connections into TLS server streams for the control plane; [`connect`] wraps a dialed
+//! stream for `https://` and `wss://` URLs. Both give back a [`Stream`], so every HTTP and
+//! WebSocket code path is the same with or without TLS.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+pub use rustls::{ClientConfig, ServerConfig};
+use tokio::sync::mpsc;
+
+use crate::net::{Listener, PeerAddr, Stream};
+
+/// Where Debian (and most Linux distributions) keep the system's trusted CA certificates.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more connections wait in the kernel's backlog.
+const HANDSHAKES_MAX: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// A server configuration from PEM files: the certificate chain (leaf first) and its key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client configuration trusting the CA certificates in `ca_file` (PEM), e.g. a private CA
+/// or the system bundle ([`SYSTEM_CA_BUNDLE`]).
+pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certificates(ca_file)?);
+    if added == 0 {
+        return Err(file_error(ca_file, "no usable CA certificate in the file"));
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Wrap a dialed stream in TLS, verifying the server's certificate for `host`.
+pub async fn connect(config: Arc<ClientConfig>, host: &str, stream: Stream) -> io::Result<Stream> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await?;
+    Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+}
+
+/// A listener whose connections come out as TLS streams. Handshakes run concurrently (one slow
+/// client never holds up the others) and must finish within 10 s.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(Stream, PeerAddr)>,
+    local: PeerAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn new(listener: Listener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        let task = tokio::spawn(async move {
+            let mut listener = listener;
+            loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let stream =
+                                Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local, task })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = Stream;
+    type Addr = PeerAddr;
+
+    async fn accept(&mut self) -> (Stream, PeerAddr) {
+        match self.ready.recv().await {
+            Some(pair) => pair,
+            // The accept loop only ends when the listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<PeerAddr> {
+        Ok(self.local.clone())
+    }
+}
