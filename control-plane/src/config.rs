@@ -34,6 +34,8 @@ pub struct RawServeConfig {
     /// PEM certificate chain (leaf first) and private key: serve HTTPS instead of HTTP.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for `rediss://` (default: the system's).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RawServeConfig {
@@ -51,6 +53,7 @@ impl RawServeConfig {
             inventory: self.inventory.or(file.inventory),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            ca_file: self.ca_file.or(file.ca_file),
         }
     }
 }
@@ -64,6 +67,8 @@ pub struct ServeConfig {
     pub redis_url: Option<String>,
     /// HTTPS when set (loaded and checked at start-up).
     pub tls: Option<std::sync::Arc<world::tls::ServerConfig>>,
+    /// Trust for outgoing TLS (`rediss://`), when not the system's.
+    pub tls_client: Option<std::sync::Arc<world::tls::ClientConfig>>,
     pub settings: Settings,
 }
 
@@ -151,6 +156,12 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             "tls_cert and tls_key: give both (PEM certificate chain and its private key) or neither"
         ),
     };
+    let tls_client = match &raw.ca_file {
+        Some(path) => {
+            Some(world::tls::client_config(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))?)
+        }
+        None => None,
+    };
     let mut settings = settings;
     settings.secure_cookies = tls.is_some();
     Ok(ServeConfig {
@@ -161,6 +172,7 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         database_url: raw.database_url,
         redis_url: raw.redis_url,
         tls,
+        tls_client,
         settings,
     })
 }

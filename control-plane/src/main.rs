@@ -168,7 +168,7 @@ struct ExecRunArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
-    /// dead_after, session_ttl, metrics_retention, inventory, tls_cert, tls_key. Flags and OUTPOST_* variables override it.
+    /// dead_after, session_ttl, metrics_retention, inventory, tls_cert, tls_key, ca_file. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -176,7 +176,8 @@ struct ServeArgs {
     listen: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Redis for terminal streams (required with more than one replica).
+    /// Redis for terminal streams (required with more than one replica): redis://[:PASSWORD@]HOST:PORT[/DB],
+    /// or rediss:// for TLS.
     #[arg(long, env = "OUTPOST_REDIS_URL")]
     redis_url: Option<String>,
     /// How long stored metrics are kept, e.g. 30d or 2w [default: 30d]. Postgres drops whole
@@ -196,6 +197,9 @@ struct ServeArgs {
         requires = "tls_key"
     )]
     tls_cert: Option<PathBuf>,
+    /// PEM CA certificates to trust for rediss:// [default: the system's].
+    #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
     #[arg(
         long,
@@ -326,6 +330,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         inventory: args.inventory,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        ca_file: args.ca_file,
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;

@@ -77,6 +77,9 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(trust) = &config.tls_client {
+        world.set_tls_client(trust.clone());
+    }
     let storage = open_storage(&world, &config.data_dir, config.database_url.as_deref()).await?;
     let listener = world
         .net()

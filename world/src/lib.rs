@@ -78,7 +78,7 @@ impl World {
     }
 
     /// The client TLS configuration: the one set, else the system's CA bundle.
-    pub(crate) fn tls_client(&self) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
+    pub fn tls_client(&self) -> Result<Arc<rustls::ClientConfig>, tls::TlsError> {
         let mut slot = self
             .inner
             .tls_client

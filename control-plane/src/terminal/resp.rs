@@ -49,6 +49,8 @@ pub enum RespError {
 #[derive(Clone, Debug)]
 pub struct RedisTarget {
     pub addr: String,
+    /// `rediss://`: the host name the server's certificate must match.
+    pub tls_host: Option<String>,
     pub password: Option<String>,
     pub username: Option<String>,
     pub db: u32,
@@ -61,11 +63,11 @@ impl RedisTarget {
             reason: reason.to_string(),
         };
         let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
-        match url.scheme() {
-            "redis" => {}
-            "rediss" => return Err(bad("TLS (rediss://) is not supported by this build")),
-            _ => return Err(bad("must start with redis://")),
-        }
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            _ => return Err(bad("must start with redis:// or rediss:// (TLS)")),
+        };
         let host = url.host_str().ok_or_else(|| bad("no host"))?;
         let port = url.port().unwrap_or(6379);
         let db = match url.path().trim_start_matches('/') {
@@ -77,6 +79,11 @@ impl RedisTarget {
         let username = (!url.username().is_empty()).then(|| url.username().to_string());
         Ok(RedisTarget {
             addr: format!("{host}:{port}"),
+            tls_host: tls.then(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            }),
             password: url.password().map(str::to_string),
             username,
             db,
@@ -110,7 +117,19 @@ impl RespConn {
             addr: addr.clone(),
             timeout_ms: timeout.as_millis(),
         };
-        let stream = tokio::time::timeout(timeout, world.net().connect(&target.addr))
+        let dial = async {
+            let stream = world.net().connect(&target.addr).await?;
+            match &target.tls_host {
+                None => Ok(stream),
+                Some(host) => {
+                    let config = world
+                        .tls_client()
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    world::tls::connect(config, host, stream).await
+                }
+            }
+        };
+        let stream = tokio::time::timeout(timeout, dial)
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| RespError::Io {
@@ -275,10 +294,18 @@ mod tests {
         assert_eq!(t.db, 2);
         let t = RedisTarget::parse("redis://localhost").expect("parses");
         assert_eq!(t.addr, "localhost:6379");
-        let e = RedisTarget::parse("rediss://x")
-            .expect_err("no TLS")
+        let t = RedisTarget::parse("rediss://cache.example:6380").expect("TLS parses");
+        assert_eq!(t.tls_host.as_deref(), Some("cache.example"));
+        assert!(
+            RedisTarget::parse("redis://x")
+                .expect("parses")
+                .tls_host
+                .is_none()
+        );
+        let e = RedisTarget::parse("http://x")
+            .expect_err("scheme")
             .to_string();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(e.contains("rediss://"), "{e}");
         assert!(RedisTarget::parse("redis://h/notanumber").is_err());
     }
 }

@@ -63,3 +63,25 @@ async fn redis_store_reports_one_closer() {
     let streams = Streams::redis(World::real(), &redis.url()).expect("redis url");
     exactly_one_closer(streams).await;
 }
+
+#[tokio::test]
+async fn rediss_store_reports_one_closer_and_refuses_an_untrusted_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = fixtures::tls::TestCerts::generate(dir.path()).expect("certificates");
+    let redis = fixtures::Redis::start_tls(&certs).expect("start redis with TLS");
+    let url = redis.tls_url().expect("TLS url");
+
+    // The system's CAs do not know this one: refused, with the reason.
+    let stranger = Streams::redis(World::real(), &url).expect("rediss url");
+    let err = stranger
+        .create("s0", &meta(), 10)
+        .await
+        .expect_err("untrusted certificate")
+        .to_string()
+        .to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+
+    let world = World::real();
+    world.set_tls_client(world::tls::client_config(&certs.ca).expect("CA"));
+    exactly_one_closer(Streams::redis(world, &url).expect("rediss url")).await;
+}
