@@ -141,32 +141,7 @@ impl ControlPlane {
     }
 
     fn create_admin(&self, data_s: &str) {
-        let mut create = Command::new(outpost_bin())
-            .args([
-                "admin",
-                "create-user",
-                "admin",
-                "--role",
-                "admin",
-                "--password-stdin",
-                "--data-dir",
-                data_s,
-            ])
-            .args(&self.storage_args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn create-user");
-        {
-            use std::io::Write;
-            let mut stdin = create.stdin.take().expect("stdin");
-            stdin
-                .write_all(b"admin-password-1234\n")
-                .expect("write password");
-        }
-        let out = create.wait_with_output().expect("create-user");
-        assert!(stdout(&out).contains("user: admin"));
+        create_admin(data_s, &self.storage_args);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -386,4 +361,34 @@ impl ControlPlane {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("cp.log")).unwrap_or_default()
     }
+}
+
+/// `outpost admin create-user admin --role admin` with password `admin-password-1234`.
+pub fn create_admin(data_s: &str, storage_args: &[String]) {
+    let mut create = Command::new(outpost_bin())
+        .args([
+            "admin",
+            "create-user",
+            "admin",
+            "--role",
+            "admin",
+            "--password-stdin",
+            "--data-dir",
+            data_s,
+        ])
+        .args(storage_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn create-user");
+    {
+        use std::io::Write;
+        let mut stdin = create.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"admin-password-1234\n")
+            .expect("write password");
+    }
+    let out = create.wait_with_output().expect("create-user");
+    assert!(stdout(&out).contains("user: admin"));
 }

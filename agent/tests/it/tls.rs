@@ -2,8 +2,6 @@
 //! enrolls and runs against `https://` trusting a private CA (`--ca-file`), and refusals when
 //! the certificate is not trusted or the client speaks plain HTTP.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{Proc, agent_bin, free_port, outpost_bin, run, stdout};
@@ -39,28 +37,7 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
     let listen = format!("127.0.0.1:{port}");
     let base = format!("https://localhost:{port}");
 
-    let mut create = Command::new(outpost_bin())
-        .args([
-            "admin",
-            "create-user",
-            "admin",
-            "--role",
-            "admin",
-            "--password-stdin",
-            "--data-dir",
-            cp,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("create user");
-    create
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"admin-password-1234\n")
-        .expect("password");
-    assert!(create.wait().expect("wait").success());
+    crate::harness::create_admin(cp, &[]);
     let token = stdout(&run(
         &outpost_bin(),
         &["admin", "enroll-token", "--data-dir", cp],

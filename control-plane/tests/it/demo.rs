@@ -11,18 +11,23 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// `outpost demo` on `listen` in `data_dir`, stdout piped (its url/user/password lines).
+fn spawn_demo(data_dir: &std::path::Path, listen: &str, stderr: Stdio) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["demo", "--listen", listen, "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start outpost demo")
+}
+
 #[test]
 fn the_demo_works_in_a_browser_and_cleans_up_after_itself() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data_dir = dir.path().join("demo");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["demo", "--listen", &listen, "--data-dir"])
-        .arg(&data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start outpost demo");
+    let mut demo = spawn_demo(&data_dir, &listen, Stdio::piped());
     let stderr = demo.stderr.take().expect("stderr");
     let errors = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -160,13 +165,7 @@ fn a_killed_demo_takes_postgres_and_the_agent_with_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data_dir = dir.path().join("demo");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["demo", "--listen", &listen, "--data-dir"])
-        .arg(&data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start outpost demo");
+    let mut demo = spawn_demo(&data_dir, &listen, Stdio::null());
     let printed = BufReader::new(demo.stdout.take().expect("stdout"))
         .lines()
         .map_while(Result::ok)

@@ -1,19 +1,10 @@
 // Headless Chromium through `outpost demo`: log in, see the agent online, open its charts,
 // create a task, open the terminal and run a query, read the audit log. Driven by
 // control-plane/tests/it/demo.rs, which runs the demo and passes its url and password.
-import { chromium } from 'playwright-core';
+import { env, launch, logIn } from './browser.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const shots = env('OUTPOST_SCREENSHOTS');
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 const errors = [];
 page.on('pageerror', (e) => errors.push(String(e)));
@@ -30,9 +21,7 @@ const step = async (name, fn) => {
 try {
   await step('login', async () => {
     await page.goto(env('OUTPOST_URL'));
-    await page.getByLabel('User name').fill(env('OUTPOST_USER'));
-    await page.getByLabel('Password').fill(env('OUTPOST_PASSWORD'));
-    await page.getByRole('button', { name: 'Log in' }).click();
+    await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
     await page.getByRole('heading', { name: 'Fleet' }).waitFor();
   });
 
@@ -89,9 +78,7 @@ try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     const viewer = await context.newPage();
     await viewer.goto(env('OUTPOST_URL'));
-    await viewer.getByLabel('User name').fill(env('OUTPOST_VIEWER'));
-    await viewer.getByLabel('Password').fill(env('OUTPOST_VIEWER_PASSWORD'));
-    await viewer.getByRole('button', { name: 'Log in' }).click();
+    await logIn(viewer, env('OUTPOST_VIEWER'), env('OUTPOST_VIEWER_PASSWORD'));
     await viewer.locator('tr[data-agent="demo-agent"] td.online').waitFor({ timeout: 30000 });
     const hidden = async (locator, what) => {
       if (await locator.isVisible()) throw new Error(`a viewer sees ${what}`);

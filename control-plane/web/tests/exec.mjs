@@ -1,24 +1,14 @@
 // Headless Chromium on the exec page: a command on two inventory hosts (one reachable sshd,
 // one refused port) shows its output while it still runs, then each host's outcome. Driven
 // by control-plane/tests/it/exec.rs.
-import { chromium } from 'playwright-core';
+import { env, launch, logIn } from './browser.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const shots = env('OUTPOST_SCREENSHOTS');
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1200, height: 800 } });
 try {
   await page.goto(env('OUTPOST_URL'));
-  await page.getByLabel('User name').fill(env('OUTPOST_USER'));
-  await page.getByLabel('Password').fill(env('OUTPOST_PASSWORD'));
-  await page.getByRole('button', { name: 'Log in' }).click();
+  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
   await page.getByRole('link', { name: 'Exec' }).click();
   await page.getByLabel(/^Command/).fill('sh\n-c\necho first; sleep 3; echo second\nx');
   await page.getByRole('button', { name: 'Run' }).click();

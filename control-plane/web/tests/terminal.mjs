@@ -2,22 +2,13 @@
 // resize, survive a dropped socket. Driven by agent/tests/it/terminal.rs, which starts the
 // control plane, the agent and Postgres and passes them in the environment.
 import { mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { env, launch, logIn } from './browser.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const url = env('OUTPOST_URL');
 const shots = env('OUTPOST_SCREENSHOTS');
 mkdirSync(shots, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const fail = async (page, message) => {
   await page.screenshot({ path: `${shots}/failure.png` }).catch(() => {});
   throw new Error(message);
@@ -28,9 +19,7 @@ const screenHas = (page, text, count = 1) => page.waitForFunction(
 const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
 try {
   await page.goto(url);
-  await page.getByLabel('User name').fill(env('OUTPOST_USER'));
-  await page.getByLabel('Password').fill(env('OUTPOST_PASSWORD'));
-  await page.getByRole('button', { name: 'Log in' }).click();
+  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
   await page.getByRole('button', { name: `Open terminal on ${env('OUTPOST_AGENT')}` }).click();
   await page.waitForFunction(() => window.outpost.state() === 'live', null, { timeout: 30000 });
   await screenHas(page, '=#');
