@@ -123,42 +123,57 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             h.count as f64,
         );
     }
-    out.single(
-        "outpost_ingest_batches_total",
-        "counter",
-        "Metrics batches stored and acknowledged.",
-        counter(&observed.ingest_batches_total),
-    )
-    .single(
-        "outpost_ingest_rows_stored_total",
-        "counter",
-        "Metric rows stored for the first time.",
-        counter(&observed.ingest_rows_stored_total),
-    )
-    .single(
-        "outpost_ingest_rows_duplicate_total",
-        "counter",
-        "Metric rows delivered again after an earlier store (acknowledged, not stored twice).",
-        counter(&observed.ingest_rows_duplicate_total),
-    )
-    .single(
-        "outpost_ingest_rows_expired_total",
-        "counter",
-        "Metric rows older than the retention period (acknowledged, not stored).",
-        counter(&observed.ingest_rows_expired_total),
-    )
-    .single(
-        "outpost_ingest_batches_shed_total",
-        "counter",
-        "Metrics batches answered 429 because ingest was at capacity.",
-        counter(&observed.ingest_batches_shed_total),
-    )
-    .single(
-        "outpost_ingest_batches_rejected_total",
-        "counter",
-        "Metrics batches refused as malformed (4xx other than 429).",
-        counter(&observed.ingest_batches_rejected_total),
-    );
+    // Plain counters: name, help, value.
+    let plain: [(&str, &str, &AtomicU64); 9] = [
+        (
+            "outpost_ingest_batches_total",
+            "Metrics batches stored and acknowledged.",
+            &observed.ingest_batches_total,
+        ),
+        (
+            "outpost_ingest_rows_stored_total",
+            "Metric rows stored for the first time.",
+            &observed.ingest_rows_stored_total,
+        ),
+        (
+            "outpost_ingest_rows_duplicate_total",
+            "Metric rows delivered again after an earlier store (acknowledged, not stored twice).",
+            &observed.ingest_rows_duplicate_total,
+        ),
+        (
+            "outpost_ingest_rows_expired_total",
+            "Metric rows older than the retention period (acknowledged, not stored).",
+            &observed.ingest_rows_expired_total,
+        ),
+        (
+            "outpost_ingest_batches_shed_total",
+            "Metrics batches answered 429 because ingest was at capacity.",
+            &observed.ingest_batches_shed_total,
+        ),
+        (
+            "outpost_ingest_batches_rejected_total",
+            "Metrics batches refused as malformed (4xx other than 429).",
+            &observed.ingest_batches_rejected_total,
+        ),
+        (
+            "outpost_login_failures_total",
+            "Logins refused for a wrong user name or password.",
+            &observed.login_failures_total,
+        ),
+        (
+            "outpost_login_lockouts_total",
+            "Lockouts started after repeated failed logins for one name.",
+            &observed.login_lockouts_total,
+        ),
+        (
+            "outpost_audit_write_failures_total",
+            "Audit records that could not be stored (each was logged at error level).",
+            &observed.audit_write_failures_total,
+        ),
+    ];
+    for (name, help, value) in plain {
+        out.single(name, "counter", help, counter(value));
+    }
     out.family(
         "outpost_task_events_total",
         "counter",
@@ -176,24 +191,6 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             *n as f64,
         );
     }
-    out.single(
-        "outpost_login_failures_total",
-        "counter",
-        "Logins refused for a wrong user name or password.",
-        counter(&observed.login_failures_total),
-    )
-    .single(
-        "outpost_login_lockouts_total",
-        "counter",
-        "Lockouts started after repeated failed logins for one name.",
-        counter(&observed.login_lockouts_total),
-    );
-    out.single(
-        "outpost_audit_write_failures_total",
-        "counter",
-        "Audit records that could not be stored (each was logged at error level).",
-        counter(&observed.audit_write_failures_total),
-    );
 }
 
 #[cfg(test)]
