@@ -37,6 +37,8 @@ pub const DEMO_USER: &str = "admin";
 pub const DEMO_AGENT: &str = "demo-agent";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How often start-up checks whether Postgres and the agent are ready.
+const POLL_EVERY: Duration = Duration::from_millis(200);
 
 pub struct DemoArgs {
     pub listen: String,
@@ -357,25 +359,36 @@ async fn start_postgres(
         .spawn()
         .with_context(|| format!("start {}", tools.postgres.display()))?;
     let socket = layout.pg.join(format!(".s.PGSQL.{SOCKET_PORT}"));
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("postgres exited ({status}); see {}", log.display());
+    let accepting = async {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("postgres exited ({status})");
+            }
+            if socket.exists() && ready(tools, layout).await {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_EVERY).await;
         }
-        if socket.exists() && ready(tools, layout).await {
-            return Ok(child);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "postgres did not accept connections within {} s; see {}",
-                READY_TIMEOUT.as_secs(),
-                log.display()
-            );
-        }
-        tokio::select! {
-            () = stop.cancelled() => bail!("interrupted while Postgres started"),
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
+    };
+    within_ready_timeout(stop, "Postgres started", accepting)
+        .await
+        .with_context(|| format!("postgres did not accept connections; see {}", log.display()))?;
+    Ok(child)
+}
+
+/// Run `wait` (a polling loop) until it ends, [`READY_TIMEOUT`] passes or `stop` fires;
+/// `doing` names it in the error.
+async fn within_ready_timeout(
+    stop: &CancellationToken,
+    doing: &str,
+    wait: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        () = stop.cancelled() => bail!("interrupted while {doing}"),
+        waited = tokio::time::timeout(READY_TIMEOUT, wait) => match waited {
+            Ok(result) => result,
+            Err(_) => bail!("not done within {} s", READY_TIMEOUT.as_secs()),
+        },
     }
 }
 
@@ -465,27 +478,22 @@ async fn start_agent(
 }
 
 async fn wait_online(state: &AppState, stop: &CancellationToken) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    loop {
-        let agents = state.storage.list_agents().await?;
-        let now_ms = state.world.now_unix_ms();
-        if agents
-            .iter()
-            .any(|a| a.name == DEMO_AGENT && state.is_online(a, now_ms))
-        {
-            return Ok(());
+    let online = async {
+        loop {
+            let agents = state.storage.list_agents().await?;
+            let now_ms = state.world.now_unix_ms();
+            if agents
+                .iter()
+                .any(|a| a.name == DEMO_AGENT && state.is_online(a, now_ms))
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_EVERY).await;
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the agent did not connect within {} s",
-                READY_TIMEOUT.as_secs()
-            );
-        }
-        tokio::select! {
-            () = stop.cancelled() => bail!("interrupted while the agent connected"),
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
+    };
+    within_ready_timeout(stop, "the agent connected", online)
+        .await
+        .context("the agent did not connect")
 }
 
 /// What the demo started, stopped in reverse order.
