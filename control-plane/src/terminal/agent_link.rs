@@ -86,24 +86,24 @@ async fn send_message(sink: &mut Sink, message: Message) -> Result<(), String> {
     }
 }
 
-/// Retry a store write until it lands or shutdown. Returns false on shutdown.
-async fn until_stored<F, Fut>(state: &AppState, mut write: F) -> bool
+/// Retry a store write until it lands (its result) or shutdown (`None`).
+async fn until_stored<T, F, Fut>(state: &AppState, mut write: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), super::StreamsError>>,
+    Fut: std::future::Future<Output = Result<T, super::StreamsError>>,
 {
     let mut pause = RETRY_MIN;
     let mut failures = 0u64;
     loop {
         match write().await {
-            Ok(()) => {
+            Ok(written) => {
                 if failures > 0 {
                     tracing::info!(
                         failures,
                         "terminal store is back; session no longer degraded"
                     );
                 }
-                return true;
+                return Some(written);
             }
             Err(e) => {
                 if failures == 0 {
@@ -114,7 +114,7 @@ where
             }
         }
         tokio::select! {
-            () = state.shutdown.cancelled() => return false,
+            () = state.shutdown.cancelled() => return None,
             () = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(RETRY_MAX);
@@ -264,17 +264,12 @@ async fn finish(state: &AppState, session_id: &str, reason: &str) {
     let streams = &state.terminal.streams;
     let keep = state.terminal.settings.closed_keep;
     let meta = streams.meta(session_id).await.ok().flatten();
-    let closed_now = std::sync::atomic::AtomicBool::new(false);
-    until_stored(state, || async {
-        let closed = streams
-            .finish(session_id, state.world.now_unix_ms(), reason, keep)
-            .await?;
-        closed_now.fetch_or(closed, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+    let closed_now = until_stored(state, || {
+        streams.finish(session_id, state.world.now_unix_ms(), reason, keep)
     })
     .await;
     // Only the caller that closed it records the end (the janitor may race this handler).
-    if let Some(meta) = meta.filter(|_| closed_now.into_inner()) {
+    if let Some(meta) = meta.filter(|_| closed_now == Some(true)) {
         crate::audit::terminal_ended(state, session_id, &meta, reason).await;
     }
 }
@@ -366,7 +361,10 @@ async fn output_loop(
             }
         }
         if !entries.is_empty() {
-            if !until_stored(state, || streams.append_output(session_id, &entries, cap)).await {
+            if until_stored(state, || streams.append_output(session_id, &entries, cap))
+                .await
+                .is_none()
+            {
                 return End::Lost("control plane shutting down".into());
             }
             entries.clear();
