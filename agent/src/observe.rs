@@ -55,7 +55,7 @@ pub async fn serve(
 async fn metrics(State(figures): State<Arc<Figures>>) -> Response {
     let mut out = Exposition::default();
     if let Some(stats) = figures.buffer.wire_stats(&figures.world).await {
-        write_buffers(&mut out, &[(figures.name.as_str(), &stats)]);
+        write_buffers(&mut out, &[(figures.name.as_str(), stats)]);
     }
     match figures.tasks.with(|store| store.status_counts()).await {
         Ok((tasks, runs)) => {
@@ -95,10 +95,7 @@ async fn metrics(State(figures): State<Arc<Figures>>) -> Response {
     );
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, proto::prometheus::CONTENT_TYPE)],
         out.finish(),
     )
         .into_response()

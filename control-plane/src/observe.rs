@@ -79,9 +79,15 @@ impl Observed {
     }
 }
 
+/// Counters, each one family with one sample: (name, help, value).
+pub fn write_counters(out: &mut Exposition, counters: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, value) in counters {
+        out.single(name, "counter", help, value.load(Ordering::Relaxed) as f64);
+    }
+}
+
 /// The process's counters, written into `out`.
 pub fn write_process(observed: &Observed, out: &mut Exposition) {
-    let counter = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
     out.family(
         "outpost_http_request_duration_seconds",
         "histogram",
@@ -171,9 +177,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             &observed.audit_write_failures_total,
         ),
     ];
-    for (name, help, value) in plain {
-        out.single(name, "counter", help, counter(value));
-    }
+    write_counters(out, &plain);
     out.family(
         "outpost_task_events_total",
         "counter",

@@ -2,6 +2,9 @@
 
 use std::fmt::Write as _;
 
+/// The `Content-Type` of an exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Escape a label value (backslash, quote, newline).
 fn label(value: &str) -> String {
     value
@@ -52,7 +55,7 @@ impl Exposition {
 
 /// The metrics-buffer families, one sample per `(agent name, stats)`: the control plane
 /// reports its whole fleet, an agent's own listener reports itself.
-pub fn write_buffers(out: &mut Exposition, buffers: &[(&str, &crate::BufferStats)]) {
+pub fn write_buffers(out: &mut Exposition, buffers: &[(&str, crate::BufferStats)]) {
     type Gauge = (&'static str, &'static str, fn(&crate::BufferStats) -> f64);
     let gauges: [Gauge; 5] = [
         (

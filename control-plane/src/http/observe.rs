@@ -1,7 +1,5 @@
 //! `GET /metrics` (Prometheus text) and `GET /api/v1/audit`.
 
-use std::sync::atomic::Ordering;
-
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -9,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::observe::{Exposition, write_process};
+use crate::observe::{Exposition, write_counters, write_process};
 use crate::state::AppState;
 use crate::storage::AuditQuery;
 
@@ -38,42 +36,41 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     );
 
     // Each agent's metrics buffer as it last reported it.
-    let buffers: Vec<(String, proto::BufferStats)> = agents
+    let buffers: Vec<(&str, proto::BufferStats)> = agents
         .iter()
         .filter_map(|a| {
             let stats = serde_json::from_str(a.buffer.as_deref()?).ok()?;
-            Some((a.name.clone(), stats))
+            Some((a.name.as_str(), stats))
         })
         .collect();
-    let labelled: Vec<(&str, &proto::BufferStats)> =
-        buffers.iter().map(|(a, b)| (a.as_str(), b)).collect();
-    proto::prometheus::write_buffers(&mut out, &labelled);
+    proto::prometheus::write_buffers(&mut out, &buffers);
 
     let terminal = &state.terminal.counters;
     let live = state.terminal.streams.live().await.map(|l| l.len());
-    out.single(
-        "outpost_terminal_sessions_opened_total",
-        "counter",
-        "Terminal sessions opened through this replica.",
-        terminal.sessions_opened_total.load(Ordering::Relaxed) as f64,
-    )
-    .single(
-        "outpost_terminal_sessions_refused_total",
-        "counter",
-        "Terminal sessions refused (unknown or offline agent, limit reached, no answer).",
-        terminal.sessions_refused_total.load(Ordering::Relaxed) as f64,
-    )
-    .single(
-        "outpost_terminal_output_bytes_total",
-        "counter",
-        "Terminal output bytes stored by this replica's agent handlers.",
-        terminal.output_bytes_total.load(Ordering::Relaxed) as f64,
-    )
-    .single(
-        "outpost_terminal_store_failures_total",
-        "counter",
-        "Failed writes to the terminal stream store (sessions were marked degraded).",
-        terminal.store_failures_total.load(Ordering::Relaxed) as f64,
+    write_counters(
+        &mut out,
+        &[
+            (
+                "outpost_terminal_sessions_opened_total",
+                "Terminal sessions opened through this replica.",
+                &terminal.sessions_opened_total,
+            ),
+            (
+                "outpost_terminal_sessions_refused_total",
+                "Terminal sessions refused (unknown or offline agent, limit reached, no answer).",
+                &terminal.sessions_refused_total,
+            ),
+            (
+                "outpost_terminal_output_bytes_total",
+                "Terminal output bytes stored by this replica's agent handlers.",
+                &terminal.output_bytes_total,
+            ),
+            (
+                "outpost_terminal_store_failures_total",
+                "Failed writes to the terminal stream store (sessions were marked degraded).",
+                &terminal.store_failures_total,
+            ),
+        ],
     );
     match live {
         Ok(n) => {
@@ -88,10 +85,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     }
     Ok((
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, proto::prometheus::CONTENT_TYPE)],
         out.finish(),
     )
         .into_response())
