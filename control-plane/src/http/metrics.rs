@@ -47,14 +47,10 @@ async fn ingest_batch(
     let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
-        return Ok((
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, RETRY_AFTER_S.to_string())],
-            Json(proto::ErrorBody {
-                error: "ingest at capacity; retry after the Retry-After delay".into(),
-            }),
-        )
-            .into_response());
+        return Ok(super::retry_later(
+            RETRY_AFTER_S,
+            "ingest at capacity; retry after the Retry-After delay",
+        ));
     };
     let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
         None | Some(Ok("identity")) => false,

@@ -260,6 +260,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 429 with `Retry-After` (seconds) and a JSON `{"error"}`: come back later, not never.
+pub fn retry_later(after_s: u64, message: impl Into<String>) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, after_s.to_string())],
+        Json(proto::ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route")
 }

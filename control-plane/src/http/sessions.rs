@@ -44,14 +44,10 @@ pub async fn login(
         )
         .await;
         let secs = wait.as_secs().max(1);
-        return Ok((
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, secs.to_string())],
-            Json(proto::ErrorBody {
-                error: format!("too many failed logins for this user; try again in {secs} s"),
-            }),
-        )
-            .into_response());
+        return Ok(super::retry_later(
+            secs,
+            format!("too many failed logins for this user; try again in {secs} s"),
+        ));
     }
     let user = state
         .storage
