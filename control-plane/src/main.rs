@@ -400,6 +400,22 @@ async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::
     server::open_storage(world, &data_dir, store.database_url.as_deref()).await
 }
 
+/// `--ttl VALUE`: a humantime duration (`examples` in the error) within `allowed`, which
+/// `range` says in words.
+fn ttl_flag(
+    value: &str,
+    examples: &str,
+    allowed: std::ops::RangeInclusive<Duration>,
+    range: &str,
+) -> anyhow::Result<Duration> {
+    let ttl = humantime::parse_duration(value)
+        .with_context(|| format!("--ttl {value:?} is not a duration (e.g. {examples})"))?;
+    if !allowed.contains(&ttl) {
+        bail!("--ttl must be between {range}");
+    }
+    Ok(ttl)
+}
+
 fn valid_user_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -465,11 +481,12 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::ApiToken { user, ttl, store } => {
-            let ttl = humantime::parse_duration(&ttl)
-                .with_context(|| format!("--ttl {ttl:?} is not a duration (e.g. 30d, 1y)"))?;
-            if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(2 * 366 * 86_400) {
-                bail!("--ttl must be between 1m and 2y");
-            }
+            let ttl = ttl_flag(
+                &ttl,
+                "30d, 1y",
+                Duration::from_secs(60)..=Duration::from_secs(2 * 366 * 86_400),
+                "1m and 2y",
+            )?;
             let storage = open(&world, store).await?;
             let row = storage
                 .user_by_name(&user)
@@ -480,8 +497,7 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 })?;
             let token = auth::new_secret(&world, SecretKind::ApiToken);
             let now_ms = world.now_unix_ms();
-            let expires_at_ms =
-                now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
             storage
                 .create_api_token(&auth::secret_hash(&token), &row.id, now_ms, expires_at_ms)
                 .await
@@ -496,16 +512,16 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::EnrollToken { ttl, store } => {
-            let ttl = humantime::parse_duration(&ttl)
-                .with_context(|| format!("--ttl {ttl:?} is not a duration (e.g. 30m, 1h)"))?;
-            if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
-                bail!("--ttl must be between 1s and 7d");
-            }
+            let ttl = ttl_flag(
+                &ttl,
+                "30m, 1h",
+                Duration::from_nanos(1)..=Duration::from_secs(7 * 24 * 3600),
+                "1s and 7d",
+            )?;
             let storage = open(&world, store).await?;
             let token = auth::new_secret(&world, SecretKind::EnrollToken);
             let now_ms = world.now_unix_ms();
-            let expires_at_ms =
-                now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
             storage
                 .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
                 .await

@@ -127,7 +127,7 @@ async fn prune_metrics_forever(
     retention: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let retention_ms = crate::time::duration_ms(retention);
     loop {
         let before_ms = world.now_unix_ms().saturating_sub(retention_ms);
         match storage.prune_metrics(before_ms).await {

@@ -94,7 +94,7 @@ impl AppState {
     /// Online = some replica holds the agent's channel *and* heard from it within the dead
     /// deadline. The second half covers a replica that died without clearing `connected`.
     pub fn is_online(&self, row: &AgentRow, now_ms: i64) -> bool {
-        let dead_after_ms = i64::try_from(self.settings.dead_after.as_millis()).unwrap_or(i64::MAX);
+        let dead_after_ms = crate::time::duration_ms(self.settings.dead_after);
         row.connected
             && row
                 .last_seen_ms

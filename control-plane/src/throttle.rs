@@ -71,7 +71,7 @@ impl LoginThrottle {
             let lockout = LOCKOUT_FIRST
                 .saturating_mul(1 << doublings)
                 .min(LOCKOUT_MAX);
-            f.locked_until_ms = now_ms + i64::try_from(lockout.as_millis()).unwrap_or(i64::MAX);
+            f.locked_until_ms = now_ms.saturating_add(crate::time::duration_ms(lockout));
             Some(lockout)
         })
     }

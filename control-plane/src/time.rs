@@ -8,6 +8,11 @@ pub fn rfc3339_ms(unix_ms: i64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// `d` in whole milliseconds, saturating (for adding to Unix-millisecond timestamps).
+pub fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Milliseconds in a UTC day.
 pub const DAY_MS: i64 = 86_400_000;
 

@@ -86,8 +86,7 @@ async fn ingest_batch(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty batch"));
     };
     let now_ms = state.world.now_unix_ms();
-    let retention_ms =
-        i64::try_from(state.settings.metrics_retention.as_millis()).unwrap_or(i64::MAX);
+    let retention_ms = crate::time::duration_ms(state.settings.metrics_retention);
     let horizon_ms = now_ms.saturating_sub(retention_ms);
     let mut expired = 0usize;
     let mut rows = Vec::with_capacity(batch.records.len());

@@ -84,7 +84,7 @@ pub async fn login(
     state.logins.succeeded(&user.name);
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
     let ttl = state.settings.session_ttl;
-    let expires_at_ms = now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+    let expires_at_ms = now_ms.saturating_add(crate::time::duration_ms(ttl));
     if let Err(error) = state.storage.purge_expired(now_ms).await {
         tracing::warn!(%error, "purge expired tokens");
     }

@@ -109,7 +109,7 @@ async fn janitor(state: &AppState) {
                 SessionState::Reconnecting => settings.reconnect_grace,
                 SessionState::Live | SessionState::Closed => continue,
             };
-            if waited_ms > i64::try_from(limit.as_millis()).unwrap_or(i64::MAX) {
+            if waited_ms > crate::time::duration_ms(limit) {
                 let reason = match meta.state {
                     SessionState::Pending => "the agent never attached the session".to_string(),
                     _ => format!("the agent link stayed away for {} s", limit.as_secs()),
