@@ -62,7 +62,8 @@ pub struct Captured {
 }
 
 impl Captured {
-    fn push(&mut self, chunk: &[u8], limit: usize) {
+    /// Append `chunk`, keeping at most `limit` bytes and counting the rest.
+    pub fn push(&mut self, chunk: &[u8], limit: usize) {
         let room = limit.saturating_sub(self.bytes.len());
         let take = room.min(chunk.len());
         self.bytes.extend_from_slice(&chunk[..take]);

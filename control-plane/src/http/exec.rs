@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use remote_exec::fleet::{self, ErrorBudget, Event, Plan, Pool};
+use remote_exec::fleet::{self, Captured, ErrorBudget, Event, Plan, Pool};
 use remote_exec::quote::command_line;
 use remote_exec::{Client, HostKeyPolicy, Inventory, OpId, OutputKind, RetryPolicy, Timeouts};
 use serde::{Deserialize, Serialize};
@@ -66,10 +66,20 @@ pub struct HostView {
     exit_code: Option<i32>,
     error: Option<String>,
     duration_ms: Option<u64>,
-    stdout: String,
-    stderr: String,
-    /// Output bytes beyond what is kept per stream.
+    #[serde(serialize_with = "text")]
+    #[schemars(with = "String")]
+    stdout: Captured,
+    #[serde(serialize_with = "text")]
+    #[schemars(with = "String")]
+    stderr: Captured,
+    /// Output bytes beyond what is kept per stream, both streams (derived from them in `show`).
     truncated_bytes: u64,
+}
+
+/// Captured output as text (invalid UTF-8 replaced), converted whole so a character split
+/// across two chunks stays intact.
+fn text<S: serde::Serializer>(out: &Captured, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&String::from_utf8_lossy(&out.bytes))
 }
 
 #[derive(Clone, Serialize, schemars::JsonSchema)]
@@ -109,14 +119,6 @@ impl Runs {
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, message)
-}
-
-/// Append `chunk` to `out`, keeping at most [`fleet::OUTPUT_BYTES_MAX`] bytes.
-fn keep(out: &mut String, truncated: &mut u64, chunk: &[u8]) {
-    let room = fleet::OUTPUT_BYTES_MAX.saturating_sub(out.len());
-    let take = room.min(chunk.len());
-    out.push_str(&String::from_utf8_lossy(&chunk[..take]));
-    *truncated += (chunk.len() - take) as u64;
 }
 
 /// `POST /api/v1/exec` → 202 `{op_id, hosts}`.
@@ -189,8 +191,8 @@ pub async fn start(
                 exit_code: None,
                 error: None,
                 duration_ms: None,
-                stdout: String::new(),
-                stderr: String::new(),
+                stdout: Captured::default(),
+                stderr: Captured::default(),
                 truncated_bytes: 0,
             })
             .collect(),
@@ -272,17 +274,11 @@ async fn run(
                         runs.host(&id, &host, |h| h.attempts = attempt);
                     }
                     Event::Output { host, kind, bytes } => runs.host(&id, &host, |h| {
-                        let HostView {
-                            stdout,
-                            stderr,
-                            truncated_bytes,
-                            ..
-                        } = h;
                         let out = match kind {
-                            OutputKind::Stdout => stdout,
-                            OutputKind::Stderr => stderr,
+                            OutputKind::Stdout => &mut h.stdout,
+                            OutputKind::Stderr => &mut h.stderr,
                         };
-                        keep(out, truncated_bytes, &bytes);
+                        out.push(&bytes, fleet::OUTPUT_BYTES_MAX);
                     }),
                     Event::Finished(_) => {}
                 }
@@ -305,9 +301,8 @@ async fn run(
                     h.exit_code = r.report.exit_code;
                     h.error = r.report.error.clone();
                     h.duration_ms = u64::try_from(r.report.elapsed.as_millis()).ok();
-                    h.stdout = String::from_utf8_lossy(&r.stdout.bytes).into_owned();
-                    h.stderr = String::from_utf8_lossy(&r.stderr.bytes).into_owned();
-                    h.truncated_bytes = r.stdout.truncated_bytes + r.stderr.truncated_bytes;
+                    h.stdout = r.stdout.clone();
+                    h.stderr = r.stderr.clone();
                 }
             }
             view.finished = true;
@@ -336,7 +331,12 @@ pub async fn show(
     state
         .exec_runs
         .with(|runs| runs.get(&op_id).cloned())
-        .map(Json)
+        .map(|mut run| {
+            for h in &mut run.hosts {
+                h.truncated_bytes = h.stdout.truncated_bytes + h.stderr.truncated_bytes;
+            }
+            Json(run)
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
