@@ -54,12 +54,17 @@ export const LAG_WARN_S = 120;
 export function bufferHealth(buffer) {
   if (!buffer) return { text: 'not reported yet', warn: false, lag: '' };
   const dropped = Object.values(buffer.dropped_total ?? {}).reduce((a, b) => a + b, 0);
-  const warn = buffer.oldest_record_age_s > LAG_WARN_S || buffer.delivery_failures > 0 || buffer.utilization > 0.8;
+  // Every reason that applies, most urgent first; the first one is shown.
+  const reasons = [
+    buffer.delivery_failures > 0 && `${buffer.delivery_failures} failed deliveries`,
+    buffer.oldest_record_age_s > LAG_WARN_S && 'delivery lags',
+    buffer.utilization > 0.8 && 'buffer nearly full',
+  ].filter(Boolean);
   return {
     text: `${buffer.rows} rows, ${bytes(buffer.size_bytes)} (${(buffer.utilization * 100).toFixed(1)}%)`,
     lag: buffer.rows > 0 ? `${buffer.oldest_record_age_s} s` : 'none',
     dropped,
-    warn,
-    why: buffer.delivery_failures > 0 ? `${buffer.delivery_failures} failed deliveries` : buffer.oldest_record_age_s > LAG_WARN_S ? 'delivery lags' : buffer.utilization > 0.8 ? 'buffer nearly full' : '',
+    warn: reasons.length > 0,
+    why: reasons[0] ?? '',
   };
 }
