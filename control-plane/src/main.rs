@@ -197,9 +197,6 @@ struct ServeArgs {
         requires = "tls_key"
     )]
     tls_cert: Option<PathBuf>,
-    /// PEM CA certificates to trust for rediss:// [default: the system's].
-    #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
     #[arg(
         long,
@@ -208,6 +205,9 @@ struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificates to trust for rediss:// [default: the system's].
+    #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
