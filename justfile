@@ -30,14 +30,14 @@ test: fmt-check web lint
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to the DESIGN §6 targets. Areas: sim, tasks, buffer, ssh, terminal.
+# Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
     case "{{area}}" in
       sim)
         cargo build -q -p sim
-        echo "target (DESIGN §6): simulated time >= 500x wall time; 200 seeds in CI in <= 5 min"
+        echo "target: simulated time >= 500x wall time; 200 seeds in CI in <= 5 min"
         start=$(date +%s%N)
         ./target/debug/sim run --seed 1000 --seeds 50 2>&1 | tail -2
         end=$(date +%s%N)

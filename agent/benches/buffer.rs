@@ -1,4 +1,4 @@
-//! `just bench buffer`: the metrics buffer against DESIGN §6, next to the SQLite engine's own
+//! `just bench buffer`: the metrics buffer against its targets (README, Benchmarks), next to the SQLite engine's own
 //! ceiling measured in the same run.
 //!
 //! * batched append (500-row batches of ~200-byte JSON) vs raw prepared inserts, same pragmas

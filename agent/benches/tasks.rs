@@ -1,4 +1,4 @@
-//! `just bench tasks`: the task runtime against DESIGN §6, next to SqliteHuey on the same
+//! `just bench tasks`: the task runtime against its targets (README, Benchmarks), next to SqliteHuey on the same
 //! machine, in the same run, with the same workload.
 //!
 //! * durable enqueue over the socket API (64 concurrent clients, `synchronous=FULL`)

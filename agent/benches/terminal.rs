@@ -318,7 +318,7 @@ async fn main() {
     println!();
     println!(
         "{:<44} {:>28} {:>14} {:>12} {:>24}",
-        "workload", "outpost chain", "bare PTY", "WeTTY", "target (DESIGN §6)"
+        "workload", "outpost chain", "bare PTY", "WeTTY", "target"
     );
     let targets = [
         "≥ 18 MB/s (bare ≈ 20, WeTTY ≈ 15)",

@@ -1,4 +1,4 @@
-//! `outpost exec`: one command across the fleet over supervised SSH (DESIGN §2.3, §4), and
+//! `outpost exec`: one command across the fleet over supervised SSH, and
 //! `outpost exec status OP_ID` to reconcile runs whose outcome was uncertain.
 
 use std::io::{IsTerminal, Write};

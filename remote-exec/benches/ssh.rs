@@ -1,7 +1,7 @@
 //! `just bench ssh`: `hostname` on 10, 50 and 100 loopback sshd instances, cold and over
 //! reused connections, next to pssh (apt), parallel-ssh (pip) and ansible ad-hoc (pip) in the
 //! same run. Prints wall time and client CPU (user + system of the client process and
-//! everything it forked) against the DESIGN §6 target.
+//! everything it forked) against its target (README, Benchmarks).
 #![allow(clippy::disallowed_methods)] // a benchmark measures wall time
 
 use std::fmt::Write as _;
@@ -266,7 +266,7 @@ async fn bench() -> anyhow::Result<()> {
     let script = fleet.write("parallel_ssh_bench.py", PARALLEL_SSH_SCRIPT.into())?;
 
     println!(
-        "target (DESIGN §6): hostname on 100 loopback hosts >= 3x faster than pssh and ansible, \
+        "target: hostname on 100 loopback hosts >= 3x faster than pssh and ansible, \
          >= parallel-ssh, client CPU <= 1/3 of parallel-ssh"
     );
     println!(

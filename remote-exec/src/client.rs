@@ -25,7 +25,8 @@ use world::World;
 use crate::inventory::Host;
 use crate::outcome::{End, Outcome, Phase, classify};
 
-/// The five layered timeouts (DESIGN §2.3).
+/// The five layered timeouts: connect, handshake, auth, command (total) and idle (transport
+/// liveness), each with its own outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// TCP connect.

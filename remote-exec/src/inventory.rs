@@ -1,4 +1,4 @@
-//! The host inventory (TOML, DESIGN §4) and `--hosts` selection.
+//! The host inventory (TOML: `[defaults]` and `[[hosts]]`, see the README) and `--hosts` selection.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! Supervised SSH execution (DESIGN §2.3).
+//! Supervised SSH execution: layered timeouts, streaming output, classified outcomes,
+//! retries only when safe, argv quoting, verified host keys, receipts, guaranteed cleanup.
 //!
 //! Remote execution is infrastructure, not a helper: every operation runs under layered
 //! timeouts, streams its output, ends in one of five classified outcomes, is retried only when

@@ -1,6 +1,6 @@
 //! Classification of how an operation ended, and which outcomes may be retried (sans-IO).
 //!
-//! The rule (DESIGN §2.3): anything that ends before the command was sent is `not_started`
+//! The rule: anything that ends before the command was sent is `not_started`
 //! and certainly did not run; once the exec request is on the wire a dead transport is
 //! `uncertain`; the command deadline is `timed_out`; an exit status is `ok` or
 //! `command_failed`.

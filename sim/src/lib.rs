@@ -1,8 +1,8 @@
 //! Deterministic simulation of Outpost under faults (turmoil).
 //!
 //! A control plane and agents run as turmoil hosts over the `world` seam; a fault schedule
-//! drawn from the seed partitions, holds (half-open) and bounces them; invariants from
-//! DESIGN §5 are checked every simulated 100 ms; every event is hashed into a trace so the
+//! drawn from the seed partitions, holds (half-open) and bounces them; the invariants
+//! (ARCHITECTURE.md, Simulation) are checked every simulated 100 ms; every event is hashed into a trace so the
 //! same seed is proven to replay identically.
 
 pub mod metrics;

@@ -4,8 +4,8 @@
 //! half-open links, stream store outages, vanishing browsers and control-plane bounces.
 //!
 //! The simulated psql answers each `g<N>\r` line with N bytes whose values are a function of
-//! their byte offset, so the browser can check every byte it is shown. Checked (DESIGN §5,
-//! invariant 3): every byte the browser receives is the byte at that offset (in order, no
+//! their byte offset, so the browser can check every byte it is shown. Checked (the terminal
+//! invariant in ARCHITECTURE.md): every byte the browser receives is the byte at that offset (in order, no
 //! corruption); every gap is announced by a `skipped` frame that starts exactly where the
 //! data stopped; the browser never runs ahead of what the PTY produced; the PTY never waits
 //! on a consumer (its output is pushed synchronously); and after the last fault heals the

@@ -1,6 +1,7 @@
 //! The buffer file. One writer (this struct); `synchronous=NORMAL` in WAL mode: a kill -9 loses
 //! nothing, a power loss may lose the last unsynced seconds of collection (the accepted
-//! trade-off, DESIGN §2.2).
+//! trade-off: collection is never worth an fsync per row; what leaves the
+//! host is synced first, see `make_durable_through`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! The agent half of the browser psql terminal (DESIGN §2.4).
+//! The agent half of the browser psql terminal.
 //!
 //! The control plane asks over the control channel ([`proto::Command::TerminalOpen`]);
 //! [`Terminals::open`] checks the session limit and starts a session task that dials the

@@ -1,4 +1,4 @@
-//! The browser psql terminal on the control plane (DESIGN §2.4).
+//! The browser psql terminal on the control plane.
 //!
 //! ```text
 //! browser ⇄ browser handler ⇄ Streams (Redis or in-process) ⇄ agent handler ⇄ reverse WS ⇄ agent PTY
