@@ -19,7 +19,7 @@ use proto::{TerminalFromAgent, TerminalToAgent};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{InEvent, OutEntry, SessionState, Streams, TerminalCounters};
+use super::{InEvent, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
 use crate::http::{ApiError, AuthAgent};
 use crate::state::AppState;
 
@@ -230,11 +230,15 @@ async fn run(state: AppState, session_id: String, socket: WebSocket) {
     let now_ms = state.world.now_unix_ms();
     let cursor_now = input_cursor.clone();
     let _ = streams
-        .update(&session_id, now_ms, move |m| {
-            m.started = true;
-            m.state = SessionState::Live;
-            m.input_cursor = cursor_now;
-        })
+        .update(
+            &session_id,
+            now_ms,
+            MetaPatch {
+                state: Some(SessionState::Live),
+                started: Some(true),
+                input_cursor: Some(cursor_now),
+            },
+        )
         .await;
     tracing::info!(from = written_end, "terminal link attached");
 
@@ -252,9 +256,11 @@ async fn run(state: AppState, session_id: String, socket: WebSocket) {
             tracing::info!(%reason, "terminal link lost; the agent may reattach");
             let now_ms = state.world.now_unix_ms();
             let _ = streams
-                .update(&session_id, now_ms, |m| {
-                    m.state = SessionState::Reconnecting
-                })
+                .update(
+                    &session_id,
+                    now_ms,
+                    MetaPatch::state(SessionState::Reconnecting),
+                )
                 .await;
         }
     }
@@ -393,9 +399,11 @@ async fn input_loop(
                 let last = events.last().map(|(id, _)| id.clone()).unwrap_or_default();
                 let next = last.clone();
                 if streams
-                    .update(session_id, state.world.now_unix_ms(), move |m| {
-                        m.input_cursor = next
-                    })
+                    .update(
+                        session_id,
+                        state.world.now_unix_ms(),
+                        MetaPatch::input_cursor(next),
+                    )
                     .await
                     .is_err()
                 {

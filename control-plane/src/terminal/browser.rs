@@ -11,11 +11,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use proto::{Command, CommandResult, ErrorCode};
+use proto::Command;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::streams::OpenRequest;
+use super::relay::{self, OpenRefusal, OpenRequest};
 use super::{
     InEvent, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters, clamp_size,
 };
@@ -63,7 +63,10 @@ fn store_error(e: StreamsError) -> ApiError {
         StreamsError::LimitReached(_) => {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
         }
-        StreamsError::Unavailable(_) => {
+        StreamsError::EntryTooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
+        StreamsError::Unavailable(_) | StreamsError::Url { .. } => {
             tracing::warn!(error = %e, "terminal store");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -154,57 +157,49 @@ async fn open_on_agent(state: &AppState, agent_id: &str, session_id: &str) -> Re
     let command = Command::TerminalOpen {
         session_id: session_id.to_string(),
     };
-    match state
+    let answer = state
         .channels
         .send_command(agent_id, command, timeout)
-        .await
-    {
-        Ok(CommandResult::TerminalOpened { .. }) => Ok(()),
-        Ok(_) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "the agent answered with something else",
-        )),
-        Err(CommandError::NotConnected) if state.terminal.streams.is_shared() => {
-            let streams = &state.terminal.streams;
-            let request = OpenRequest {
-                session_id: session_id.to_string(),
-                agent_id: agent_id.to_string(),
-            };
-            streams.request_open(&request).await.map_err(store_error)?;
-            match streams
-                .wait_open_reply(session_id, timeout)
-                .await
-                .map_err(store_error)?
-            {
-                Some(Ok(())) => Ok(()),
-                Some(Err(reason)) => Err(refusal(&reason)),
-                None => Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "no control plane replica answered for agent {agent_id} within {} s; is it online?",
-                        timeout.as_secs()
-                    ),
-                )),
-            }
-        }
-        Err(CommandError::NotConnected) => Err(ApiError::new(
+        .await;
+    if !matches!(answer, Err(CommandError::NotConnected)) {
+        return relay::open_answer(answer).map_err(refusal);
+    }
+    let Some(redis) = state.terminal.streams.shared() else {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("agent {agent_id} is not connected to this control plane"),
+        ));
+    };
+    let request = OpenRequest {
+        session_id: session_id.to_string(),
+        agent_id: agent_id.to_string(),
+    };
+    relay::request_open(redis, &request)
+        .await
+        .map_err(store_error)?;
+    match relay::wait_open_reply(redis, session_id, timeout)
+        .await
+        .map_err(store_error)?
+    {
+        Some(answer) => answer.map_err(refusal),
+        None => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no control plane replica answered for agent {agent_id} within {} s; is it online?",
+                timeout.as_secs()
+            ),
         )),
-        Err(CommandError::Refused(e)) if e.code == ErrorCode::LimitReached => {
-            Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.message))
-        }
-        Err(e) => Err(refusal(&e.to_string())),
     }
 }
 
-/// A refusal relayed as text from another replica (or a local one).
-fn refusal(reason: &str) -> ApiError {
-    if reason.contains("limit reached") {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, reason)
-    } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason)
-    }
+/// An agent's refusal, asked here or through another replica.
+fn refusal(refusal: OpenRefusal) -> ApiError {
+    let status = match &refusal {
+        OpenRefusal::LimitReached(_) => StatusCode::TOO_MANY_REQUESTS,
+        OpenRefusal::BadAnswer(_) => StatusCode::BAD_GATEWAY,
+        OpenRefusal::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, refusal.to_string())
 }
 
 async fn owned_session(

@@ -16,14 +16,13 @@
 pub mod agent_link;
 pub mod browser;
 pub mod relay;
-pub mod resp;
 pub mod streams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use streams::{InEvent, OutEntry, SessionMeta, SessionState, Streams, StreamsError};
+pub use streams::{InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, Streams, StreamsError};
 
 /// Terminal limits and timeouts (defaults in one place, here).
 #[derive(Clone, Debug)]

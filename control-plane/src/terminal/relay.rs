@@ -1,13 +1,21 @@
 //! Background work of the terminal on every replica: carry open requests to the replica that
 //! holds the agent's control channel (shared stores only), and close sessions nobody will
 //! come back to (never attached, or their agent link stayed away past the grace).
+//!
+//! An open request goes into the `requests` stream; every replica's relay reads it, the one
+//! holding the agent's channel asks the agent and writes the answer into the session's `reply`
+//! stream, where the requester waits for it. The answer is typed ([`OpenRefusal`]), so a
+//! refusal means the same on every replica.
 
 use std::time::Duration;
 
-use proto::{Command, CommandResult};
+use proto::{CommandResult, ErrorCode};
 use tokio::task::JoinSet;
 
 use super::SessionState;
+use super::streams::RedisStreams;
+use super::streams::redis::{entries, field, global_key, key, text};
+use crate::channel::CommandError;
 use crate::state::AppState;
 
 /// How long one read of the request stream blocks.
@@ -16,6 +24,180 @@ const REQUESTS_BLOCK: Duration = Duration::from_secs(2);
 const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 /// Open requests handled at once by one replica.
 const OPENS_IN_FLIGHT_MAX: usize = 32;
+/// Open requests kept in the stream (approximately).
+const REQUESTS_KEPT: usize = 1000;
+/// Open requests read at once.
+const REQUESTS_READ_MAX: usize = 100;
+/// How long an answer stays readable.
+const REPLY_KEEP_S: u64 = 600;
+
+/// A request to open a session on an agent whose control channel may be on another replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub session_id: String,
+    pub agent_id: String,
+}
+
+/// Why an agent did not open a session: the same answer whether the agent's channel is on
+/// this replica or another one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenRefusal {
+    /// The agent is at its own session limit.
+    #[error("{0}")]
+    LimitReached(String),
+    /// The agent answered, but not with an opened session.
+    #[error("{0}")]
+    BadAnswer(String),
+    /// The agent could not be asked, or failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl OpenRefusal {
+    fn code(&self) -> &'static str {
+        match self {
+            OpenRefusal::LimitReached(_) => "limit_reached",
+            OpenRefusal::BadAnswer(_) => "bad_answer",
+            OpenRefusal::Failed(_) => "failed",
+        }
+    }
+
+    fn from_code(code: &str, message: String) -> OpenRefusal {
+        match code {
+            "limit_reached" => OpenRefusal::LimitReached(message),
+            "bad_answer" => OpenRefusal::BadAnswer(message),
+            _ => OpenRefusal::Failed(message),
+        }
+    }
+}
+
+/// What the agent's answer to `TerminalOpen` means.
+pub fn open_answer(answer: Result<CommandResult, CommandError>) -> Result<(), OpenRefusal> {
+    match answer {
+        Ok(CommandResult::TerminalOpened { .. }) => Ok(()),
+        Ok(_) => Err(OpenRefusal::BadAnswer(
+            "the agent answered with something else".into(),
+        )),
+        Err(CommandError::Refused(e)) if e.code == ErrorCode::LimitReached => {
+            Err(OpenRefusal::LimitReached(e.message))
+        }
+        Err(e) => Err(OpenRefusal::Failed(e.to_string())),
+    }
+}
+
+/// Ask whichever replica holds the agent's channel to open the session.
+pub async fn request_open(
+    redis: &RedisStreams,
+    request: &OpenRequest,
+) -> super::streams::Result<()> {
+    redis
+        .query::<redis::Value>(
+            redis::cmd("XADD")
+                .arg(global_key("requests"))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(REQUESTS_KEPT)
+                .arg("*")
+                .arg("s")
+                .arg(&request.session_id)
+                .arg("a")
+                .arg(&request.agent_id),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Where a relay starts reading open requests: after the newest one already stored. (A
+/// cursor of `$` would miss requests added between two reads.)
+pub async fn requests_tail(redis: &RedisStreams) -> super::streams::Result<String> {
+    let last: redis::Value = redis
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(global_key("requests"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+    Ok(entries(last)
+        .first()
+        .map_or_else(|| "0-0".to_string(), |(id, _)| text(Some(id))))
+}
+
+/// Open requests after `cursor`, waiting up to `block`; returns the new cursor.
+pub async fn read_requests(
+    redis: &RedisStreams,
+    cursor: &str,
+    block: Duration,
+) -> super::streams::Result<(String, Vec<OpenRequest>)> {
+    let found = redis
+        .read_stream(&global_key("requests"), cursor, REQUESTS_READ_MAX, block)
+        .await?;
+    let next = found
+        .last()
+        .map(|(id, _)| text(Some(id)))
+        .unwrap_or_else(|| cursor.to_string());
+    let requests = found
+        .iter()
+        .map(|(_, fields)| OpenRequest {
+            session_id: text(field(fields, b"s")),
+            agent_id: text(field(fields, b"a")),
+        })
+        .collect();
+    Ok((next, requests))
+}
+
+/// The answer of the replica that handled an open request.
+pub async fn reply_open(
+    redis: &RedisStreams,
+    session_id: &str,
+    answer: &Result<(), OpenRefusal>,
+) -> super::streams::Result<()> {
+    let reply_key = key(session_id, "reply");
+    let (ok, code, message) = match answer {
+        Ok(()) => ("1", "", String::new()),
+        Err(refusal) => ("0", refusal.code(), refusal.to_string()),
+    };
+    redis
+        .query::<redis::Value>(
+            redis::cmd("XADD")
+                .arg(&reply_key)
+                .arg("*")
+                .arg("ok")
+                .arg(ok)
+                .arg("code")
+                .arg(code)
+                .arg("error")
+                .arg(message),
+        )
+        .await?;
+    redis
+        .query::<redis::Value>(redis::cmd("EXPIRE").arg(&reply_key).arg(REPLY_KEEP_S))
+        .await?;
+    Ok(())
+}
+
+/// Wait up to `timeout` for the answer to an open request; `None` when nobody answered.
+pub async fn wait_open_reply(
+    redis: &RedisStreams,
+    session_id: &str,
+    timeout: Duration,
+) -> super::streams::Result<Option<Result<(), OpenRefusal>>> {
+    let found = redis
+        .read_stream(&key(session_id, "reply"), "0-0", 1, timeout)
+        .await?;
+    Ok(found.first().map(|(_, fields)| {
+        if field(fields, b"ok") == Some(b"1") {
+            Ok(())
+        } else {
+            Err(OpenRefusal::from_code(
+                &text(field(fields, b"code")),
+                text(field(fields, b"error")),
+            ))
+        }
+    }))
+}
 
 /// Run until shutdown.
 pub async fn run(state: AppState) {
@@ -28,13 +210,12 @@ pub async fn run(state: AppState) {
 }
 
 async fn relay(state: &AppState) {
-    let streams = &state.terminal.streams;
-    if !streams.is_shared() {
+    let Some(redis) = state.terminal.streams.shared() else {
         return std::future::pending().await;
-    }
+    };
     // A concrete id, not `$`: a request stored between two reads is still read.
     let mut cursor = loop {
-        match streams.requests_tail().await {
+        match requests_tail(redis).await {
             Ok(tail) => break tail,
             Err(e) => {
                 tracing::warn!(error = %e, "terminal relay: store unavailable");
@@ -45,7 +226,7 @@ async fn relay(state: &AppState) {
     let mut opens = JoinSet::new();
     loop {
         while opens.try_join_next().is_some() {}
-        let (next, requests) = match streams.read_requests(&cursor, REQUESTS_BLOCK).await {
+        let (next, requests) = match read_requests(redis, &cursor, REQUESTS_BLOCK).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, "terminal relay: store unavailable");
@@ -65,21 +246,18 @@ async fn relay(state: &AppState) {
                 continue;
             }
             let state = state.clone();
+            let redis = std::sync::Arc::clone(redis);
             opens.spawn(async move {
-                let streams = &state.terminal.streams;
-                let command = Command::TerminalOpen {
+                let command = proto::Command::TerminalOpen {
                     session_id: request.session_id.clone(),
                 };
-                let answer = match state
-                    .channels
-                    .send_command(&request.agent_id, command, state.terminal.settings.open_timeout)
-                    .await
-                {
-                    Ok(CommandResult::TerminalOpened { .. }) => Ok(()),
-                    Ok(_) => Err("the agent answered with something else".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = streams.reply_open(&request.session_id, answer).await {
+                let answer = open_answer(
+                    state
+                        .channels
+                        .send_command(&request.agent_id, command, state.terminal.settings.open_timeout)
+                        .await,
+                );
+                if let Err(e) = reply_open(&redis, &request.session_id, &answer).await {
                     tracing::warn!(error = %e, session_id = %request.session_id, "terminal relay: could not answer");
                 }
             });

@@ -1,0 +1,723 @@
+//! The Redis store: Redis Streams through the `redis` crate over `world` streams (so it runs
+//! under the simulator and over `world::tls` for `rediss://`).
+//!
+//! Connections: one shared multiplexed connection for every short command (pipelined, 5 s per
+//! reply), and a small pool of dedicated ones for blocking `XREAD`s, which would otherwise stall
+//! every command queued behind them; each of those waits for its block time plus 5 s. A
+//! connection that failed is dropped and dialed again on the next call. The drivers of all
+//! connections are owned by a tracker and end with their connection.
+//!
+//! Keys: `outpost:term:live` (set of open session ids), `outpost:term:{id}:meta` (hash),
+//! `…:out` and `…:in` (streams), `…:reply` (the relay's answer), `outpost:term:requests`.
+//! Changing a record and creating one under the limit are Lua scripts, so a writer never
+//! undoes another's fields and a session that closed stays closed.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Cmd, RedisConnectionInfo, RedisError, Script, Value};
+use tokio_util::task::TaskTracker;
+use world::World;
+
+use super::{
+    INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result, SessionMeta,
+    SessionState, StreamsError,
+};
+
+const KEY_PREFIX: &str = "outpost:term:";
+/// Dialing, TLS and the handshake of one connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one reply, on top of any blocking time.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Dedicated connections kept idle for blocking reads.
+const BLOCKING_IDLE_MAX: usize = 32;
+
+/// `KEYS[1]` live set, `KEYS[2]` meta hash; `ARGV[1]` the limit, `ARGV[2]` the session id,
+/// then field/value pairs. 1 when created, 0 at the limit.
+const CREATE_SCRIPT: &str = r"
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+";
+
+/// `KEYS[1]` meta hash; `ARGV[1]` now in ms, then field/value pairs. Writes only those
+/// fields, and nothing when the session is closed or unknown.
+const UPDATE_SCRIPT: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or state == 'closed' then return 0 end
+for i = 2, #ARGV, 2 do
+  if ARGV[i] == 'state' and ARGV[i + 1] ~= state then
+    redis.call('HSET', KEYS[1], 'changed_ms', ARGV[1])
+  end
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
+";
+
+/// Where and how to connect, from a `redis[s]://[[user]:password@]host[:port][/db]` URL.
+#[derive(Clone, Debug)]
+pub struct RedisTarget {
+    pub addr: String,
+    /// `rediss://`: the host name the server's certificate must match.
+    pub tls_host: Option<String>,
+    pub info: RedisConnectionInfo,
+}
+
+impl RedisTarget {
+    pub fn parse(raw: &str) -> Result<RedisTarget> {
+        let bad = |reason: &str| StreamsError::Url {
+            url: raw.to_string(),
+            reason: reason.to_string(),
+        };
+        let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            _ => return Err(bad("must start with redis:// or rediss:// (TLS)")),
+        };
+        let host = url.host_str().ok_or_else(|| bad("no host"))?;
+        let port = url.port().unwrap_or(6379);
+        let db = match url.path().trim_start_matches('/') {
+            "" => 0,
+            n => n
+                .parse()
+                .map_err(|_| bad("the path must be a database number"))?,
+        };
+        let mut info = RedisConnectionInfo::default()
+            .set_db(db)
+            .set_skip_set_lib_name();
+        if !url.username().is_empty() {
+            info = info.set_username(url.username());
+        }
+        if let Some(password) = url.password() {
+            info = info.set_password(password);
+        }
+        Ok(RedisTarget {
+            addr: format!("{host}:{port}"),
+            tls_host: tls.then(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            }),
+            info,
+        })
+    }
+}
+
+pub struct RedisStreams {
+    world: World,
+    target: RedisTarget,
+    shared: Mutex<Option<MultiplexedConnection>>,
+    blocking_idle: Mutex<Vec<MultiplexedConnection>>,
+    drivers: TaskTracker,
+    create_script: Script,
+    update_script: Script,
+}
+
+/// The key of part `part` of session `id`.
+pub(in crate::terminal) fn key(id: &str, part: &str) -> String {
+    format!("{KEY_PREFIX}{id}:{part}")
+}
+
+/// A key shared by all sessions.
+pub(in crate::terminal) fn global_key(name: &str) -> String {
+    format!("{KEY_PREFIX}{name}")
+}
+
+/// Whether the connection that returned `e` can be used again (the server answered).
+fn connection_survives(e: &RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
+}
+
+impl RedisStreams {
+    pub fn new(world: World, url: &str) -> Result<RedisStreams> {
+        Ok(RedisStreams {
+            world,
+            target: RedisTarget::parse(url)?,
+            shared: Mutex::new(None),
+            blocking_idle: Mutex::new(Vec::new()),
+            drivers: TaskTracker::new(),
+            create_script: Script::new(CREATE_SCRIPT),
+            update_script: Script::new(UPDATE_SCRIPT),
+        })
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> StreamsError {
+        StreamsError::Unavailable(format!("redis at {}: {e}", self.target.addr))
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection> {
+        let target = &self.target;
+        let dial = async {
+            let stream = self.world.net().connect(&target.addr).await?;
+            match &target.tls_host {
+                None => Ok(stream),
+                Some(host) => {
+                    let config = self
+                        .world
+                        .tls_client()
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    world::tls::connect(config, host, stream).await
+                }
+            }
+        };
+        let timed_out = || self.unavailable(format!("no answer within {CONNECT_TIMEOUT:?}"));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| self.unavailable(e))?;
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(CALL_TIMEOUT));
+        let (conn, driver) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            MultiplexedConnection::new_with_config(&target.info, stream, config),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| self.unavailable(e))?;
+        self.drivers.spawn(driver);
+        Ok(conn)
+    }
+
+    async fn shared(&self) -> Result<MultiplexedConnection> {
+        let existing = match self.shared.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(conn) = existing {
+            return Ok(conn);
+        }
+        let conn = self.connect().await?;
+        match self.shared.lock() {
+            Ok(mut g) => *g = Some(conn.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Some(conn.clone()),
+        }
+        Ok(conn)
+    }
+
+    fn forget_shared(&self, e: &RedisError) {
+        if !connection_survives(e) {
+            match self.shared.lock() {
+                Ok(mut g) => *g = None,
+                Err(poisoned) => *poisoned.into_inner() = None,
+            }
+        }
+    }
+
+    /// One short command on the shared connection.
+    pub(in crate::terminal) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+    ) -> Result<T> {
+        let mut conn = self.shared().await?;
+        cmd.query_async(&mut conn).await.map_err(|e| {
+            self.forget_shared(&e);
+            self.unavailable(e)
+        })
+    }
+
+    /// A pipeline on the shared connection; each command's server error is its own result.
+    async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Vec<redis::RedisResult<Value>>> {
+        let mut conn = self.shared().await?;
+        pipe.query_async(&mut conn).await.map_err(|e| {
+            self.forget_shared(&e);
+            self.unavailable(e)
+        })
+    }
+
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let mut conn = self.shared().await?;
+        invocation.invoke_async(&mut conn).await.map_err(|e| {
+            self.forget_shared(&e);
+            self.unavailable(e)
+        })
+    }
+
+    /// A blocking read (`XREAD … BLOCK`) on a dedicated connection, waiting up to `block`.
+    pub(in crate::terminal) async fn blocking(&self, cmd: &Cmd, block: Duration) -> Result<Value> {
+        let idle = match self.blocking_idle.lock() {
+            Ok(mut g) => g.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        conn.set_response_timeout(block + CALL_TIMEOUT);
+        let value = cmd.query_async(&mut conn).await.map_err(|e| {
+            if !connection_survives(&e) {
+                // The server went away: the idle ones are as dead as this one.
+                match self.blocking_idle.lock() {
+                    Ok(mut g) => g.clear(),
+                    Err(poisoned) => poisoned.into_inner().clear(),
+                }
+            }
+            self.unavailable(e)
+        })?;
+        let mut idle = match self.blocking_idle.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if idle.len() < BLOCKING_IDLE_MAX {
+            idle.push(conn);
+        }
+        Ok(value)
+    }
+
+    fn meta_fields(meta: &SessionMeta) -> Vec<(&'static str, String)> {
+        vec![
+            ("agent_id", meta.agent_id.clone()),
+            ("user_id", meta.user_id.clone()),
+            ("username", meta.username.clone()),
+            ("state", meta.state.as_str().to_string()),
+            ("created_ms", meta.created_ms.to_string()),
+            ("changed_ms", meta.changed_ms.to_string()),
+            ("started", u8::from(meta.started).to_string()),
+            ("reason", meta.reason.clone()),
+            ("input_cursor", meta.input_cursor.clone()),
+        ]
+    }
+
+    pub(super) async fn create(&self, id: &str, meta: &SessionMeta, live_max: usize) -> Result<()> {
+        let (live_key, meta_key) = (global_key("live"), key(id, "meta"));
+        let fields = Self::meta_fields(meta);
+        let try_create = || {
+            let mut invocation = self.create_script.key(&live_key);
+            invocation.key(&meta_key).arg(live_max).arg(id);
+            for (field, value) in &fields {
+                invocation.arg(*field).arg(value);
+            }
+            async move { self.script::<i64>(invocation).await.map(|n| n == 1) }
+        };
+        if try_create().await? {
+            return Ok(());
+        }
+        // Sessions whose record expired (a replica died before finishing them) free their
+        // slot here; then one more try.
+        self.prune_live().await?;
+        if try_create().await? {
+            return Ok(());
+        }
+        Err(StreamsError::LimitReached(live_max))
+    }
+
+    pub(super) async fn meta(&self, id: &str) -> Result<Option<SessionMeta>> {
+        let fields: Vec<(String, String)> = self
+            .query(redis::cmd("HGETALL").arg(key(id, "meta")))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let f = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_default()
+        };
+        Ok(Some(SessionMeta {
+            agent_id: f("agent_id").to_string(),
+            user_id: f("user_id").to_string(),
+            username: f("username").to_string(),
+            state: SessionState::parse(f("state")),
+            created_ms: f("created_ms").parse().unwrap_or_default(),
+            changed_ms: f("changed_ms").parse().unwrap_or_default(),
+            started: f("started") == "1",
+            reason: f("reason").to_string(),
+            input_cursor: f("input_cursor").to_string(),
+        }))
+    }
+
+    pub(super) async fn update(&self, id: &str, now_ms: i64, patch: MetaPatch) -> Result<()> {
+        let meta_key = key(id, "meta");
+        let mut invocation = self.update_script.key(&meta_key);
+        invocation.arg(now_ms);
+        if let Some(state) = patch.state {
+            invocation.arg("state").arg(state.as_str());
+        }
+        if let Some(started) = patch.started {
+            invocation.arg("started").arg(u8::from(started));
+        }
+        if let Some(cursor) = &patch.input_cursor {
+            invocation.arg("input_cursor").arg(cursor);
+        }
+        self.script::<i64>(invocation).await?;
+        Ok(())
+    }
+
+    pub(super) async fn output_end(&self, id: &str) -> Result<u64> {
+        let last: Value = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(key(id, "out"))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        Ok(entries(last)
+            .first()
+            .and_then(|(id, _)| parse_id(id))
+            .map_or(0, |(end, _)| end))
+    }
+
+    pub(super) async fn append_output(
+        &self,
+        id: &str,
+        batch: &[OutEntry],
+        bytes_max: u64,
+    ) -> Result<()> {
+        let out_key = key(id, "out");
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for entry in batch {
+            let (end, seq) = entry.id();
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&out_key)
+                .arg("MINID")
+                .arg(end.saturating_sub(bytes_max))
+                .arg(format!("{end}-{seq}"));
+            match entry {
+                OutEntry::Data { offset, bytes } => cmd.arg("o").arg(offset).arg("d").arg(bytes),
+                OutEntry::Skipped { from, .. } => cmd.arg("skip").arg(from),
+                OutEntry::Closed { reason, .. } => cmd.arg("closed").arg(reason),
+            };
+        }
+        // One round trip for the whole batch.
+        for reply in self.pipeline(&pipe).await? {
+            match reply {
+                // An id at or below the top: this chunk was written before (a resent frame).
+                Err(e) if e.to_string().contains("equal or smaller") => {}
+                Err(e) => return Err(self.unavailable(format!("XADD refused: {e}"))),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn xread(key: &str, from: &str, count: usize, block: Duration) -> Cmd {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(key)
+            .arg(from);
+        cmd
+    }
+
+    /// Entries of one stream after `from`, at most `count`, waiting up to `block`.
+    pub(in crate::terminal) async fn read_stream(
+        &self,
+        key: &str,
+        from: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(Vec<u8>, Vec<Value>)>> {
+        let reply = self
+            .blocking(&Self::xread(key, from, count, block), block)
+            .await?;
+        Ok(xread_entries(reply))
+    }
+
+    pub(super) async fn read_output(
+        &self,
+        id: &str,
+        after: u64,
+        block: Duration,
+    ) -> Result<Vec<OutEntry>> {
+        let found = self
+            .read_stream(
+                &key(id, "out"),
+                &format!("{after}-0"),
+                READ_ENTRIES_MAX,
+                block,
+            )
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, fields)| out_entry(&id, fields))
+            .collect())
+    }
+
+    pub(super) async fn append_input(&self, id: &str, event: InEvent) -> Result<()> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key(id, "in"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(INPUT_ENTRIES_MAX)
+            .arg("*");
+        match &event {
+            InEvent::Data(d) => cmd.arg("k").arg("data").arg("d").arg(d.as_slice()),
+            InEvent::Resize { cols, rows } => cmd
+                .arg("k")
+                .arg("resize")
+                .arg("c")
+                .arg(cols)
+                .arg("r")
+                .arg(rows),
+            InEvent::Attach { cols, rows } => cmd
+                .arg("k")
+                .arg("attach")
+                .arg("c")
+                .arg(cols)
+                .arg("r")
+                .arg(rows),
+            InEvent::Close { reason } => cmd.arg("k").arg("close").arg("d").arg(reason),
+        };
+        self.query::<Value>(&cmd).await?;
+        Ok(())
+    }
+
+    pub(super) async fn read_input(
+        &self,
+        id: &str,
+        cursor: &str,
+        block: Duration,
+    ) -> Result<Vec<(String, InEvent)>> {
+        let from = if cursor.is_empty() { "0-0" } else { cursor };
+        let found = self
+            .read_stream(&key(id, "in"), from, READ_ENTRIES_MAX, block)
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                Some((
+                    String::from_utf8_lossy(&id).into_owned(),
+                    in_event(&fields)?,
+                ))
+            })
+            .collect())
+    }
+
+    pub(super) async fn finish(
+        &self,
+        id: &str,
+        now_ms: i64,
+        reason: &str,
+        keep: Duration,
+    ) -> Result<bool> {
+        let meta_key = key(id, "meta");
+        let keep_s = keep.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&meta_key)
+            .arg("state")
+            .arg(SessionState::Closed.as_str())
+            .arg("changed_ms")
+            .arg(now_ms)
+            .arg("reason")
+            .arg(reason)
+            .ignore()
+            .cmd("SREM")
+            .arg(global_key("live"))
+            .arg(id);
+        for part in ["meta", "out", "in", "reply"] {
+            pipe.cmd("EXPIRE").arg(key(id, part)).arg(keep_s).ignore();
+        }
+        let mut conn = self.shared().await?;
+        let (removed,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| {
+            self.forget_shared(&e);
+            self.unavailable(e)
+        })?;
+        // The live set holds open sessions: whoever removes the id closed the session.
+        Ok(removed == 1)
+    }
+
+    pub(super) async fn live(&self) -> Result<Vec<(String, String)>> {
+        let ids: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(global_key("live")))
+            .await?;
+        let mut out = std::collections::BTreeSet::new();
+        for id in ids {
+            if let Some(meta) = self.meta(&id).await?
+                && meta.state != SessionState::Closed
+            {
+                out.insert((id, meta.agent_id));
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Remove ids from the live set whose record is gone or closed.
+    async fn prune_live(&self) -> Result<()> {
+        let live_key = global_key("live");
+        let ids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&live_key)).await?;
+        for id in ids {
+            let gone = self
+                .meta(&id)
+                .await?
+                .is_none_or(|m| m.state == SessionState::Closed);
+            if gone {
+                self.query::<Value>(redis::cmd("SREM").arg(&live_key).arg(&id))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value of field `name` in a stream entry's `[k, v, …]`.
+pub(in crate::terminal) fn field<'a>(fields: &'a [Value], name: &[u8]) -> Option<&'a [u8]> {
+    fields.chunks(2).find_map(|pair| match pair {
+        [Value::BulkString(k), Value::BulkString(v)] if k.as_slice() == name => Some(v.as_slice()),
+        _ => None,
+    })
+}
+
+pub(in crate::terminal) fn text(bytes: Option<&[u8]>) -> String {
+    bytes
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default()
+}
+
+fn number<T: std::str::FromStr + Default>(bytes: Option<&[u8]>) -> T {
+    text(bytes).parse().unwrap_or_default()
+}
+
+fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(id).ok()?;
+    let (ms, seq) = s.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// `[[id, [k, v, …]], …]` of one stream in an XREAD/XRANGE reply, taken apart without copying.
+pub(in crate::terminal) fn entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            Value::Array(pair) => {
+                let mut pair = pair.into_iter();
+                match (pair.next(), pair.next()) {
+                    (Some(Value::BulkString(id)), Some(Value::Array(fields))) => Some((id, fields)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The entries of the single stream in an XREAD reply (`Nil` when it timed out).
+fn xread_entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+    match value {
+        Value::Array(streams) => match streams.into_iter().next() {
+            Some(Value::Array(pair)) => pair.into_iter().nth(1).map(entries).unwrap_or_default(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// Move the bulk value of field `name` out of `fields`.
+fn take_field(fields: &mut [Value], name: &[u8]) -> Option<Vec<u8>> {
+    let at = fields
+        .chunks(2)
+        .position(|pair| matches!(pair, [Value::BulkString(k), _] if k.as_slice() == name))?;
+    match std::mem::replace(&mut fields[at * 2 + 1], Value::Nil) {
+        Value::BulkString(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn out_entry(id: &[u8], mut fields: Vec<Value>) -> Option<OutEntry> {
+    let (end, seq) = parse_id(id)?;
+    if seq == 1 {
+        return Some(OutEntry::Closed {
+            end,
+            reason: text(field(&fields, b"closed")),
+        });
+    }
+    if let Some(from) = field(&fields, b"skip") {
+        return Some(OutEntry::Skipped {
+            from: number(Some(from)),
+            to: end,
+        });
+    }
+    Some(OutEntry::Data {
+        offset: number(field(&fields, b"o")),
+        bytes: take_field(&mut fields, b"d")?,
+    })
+}
+
+fn in_event(fields: &[Value]) -> Option<InEvent> {
+    let cols = || number(field(fields, b"c"));
+    let rows = || number(field(fields, b"r"));
+    Some(match field(fields, b"k")? {
+        b"data" => InEvent::Data(field(fields, b"d")?.to_vec()),
+        b"resize" => InEvent::Resize {
+            cols: cols(),
+            rows: rows(),
+        },
+        b"attach" => InEvent::Attach {
+            cols: cols(),
+            rows: rows(),
+        },
+        b"close" => InEvent::Close {
+            reason: text(field(fields, b"d")),
+        },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{OutEntry, RedisTarget, Value, out_entry};
+
+    #[test]
+    fn urls() {
+        let t = RedisTarget::parse("redis://:s3cret@10.0.0.2:6380/2").expect("parses");
+        assert_eq!(t.addr, "10.0.0.2:6380");
+        assert_eq!(t.info.password(), Some("s3cret"));
+        assert_eq!(t.info.db(), 2);
+        assert!(t.tls_host.is_none());
+        let t = RedisTarget::parse("redis://localhost").expect("parses");
+        assert_eq!(t.addr, "localhost:6379");
+        let t = RedisTarget::parse("rediss://cache.example:6380").expect("TLS parses");
+        assert_eq!(t.tls_host.as_deref(), Some("cache.example"));
+        let t = RedisTarget::parse("redis://ops:pw@h/").expect("user parses");
+        assert_eq!(t.info.username(), Some("ops"));
+        let e = RedisTarget::parse("http://x")
+            .expect_err("scheme")
+            .to_string();
+        assert!(e.contains("redis://"), "{e}");
+        assert!(RedisTarget::parse("redis://h/notanumber").is_err());
+    }
+
+    #[test]
+    fn output_entries_decode_from_their_ids() {
+        let bulk = |s: &[u8]| Value::BulkString(s.to_vec());
+        assert_eq!(
+            out_entry(
+                b"12-0",
+                vec![bulk(b"o"), bulk(b"10"), bulk(b"d"), bulk(b"hi")]
+            ),
+            Some(OutEntry::Data {
+                offset: 10,
+                bytes: b"hi".to_vec()
+            })
+        );
+        assert_eq!(
+            out_entry(b"40-0", vec![bulk(b"skip"), bulk(b"12")]),
+            Some(OutEntry::Skipped { from: 12, to: 40 })
+        );
+        assert_eq!(
+            out_entry(b"40-1", vec![bulk(b"closed"), bulk(b"psql exited")]),
+            Some(OutEntry::Closed {
+                end: 40,
+                reason: "psql exited".into()
+            })
+        );
+        assert_eq!(out_entry(b"nonsense", Vec::new()), None);
+    }
+}
