@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
 use agent::buffer::{Buffer, Limits};
 use control_plane::auth::{self, SecretKind};
-use control_plane::state::{AppState, Settings};
+use control_plane::settings::Settings;
+use control_plane::state::AppState;
 use control_plane::storage::{EnrollAttempt, Enrollment, Storage};
 use tokio_util::sync::CancellationToken;
 use world::World;
@@ -136,7 +137,11 @@ async fn drain(storage: Storage, n: usize) -> (f64, f64, u64) {
         Settings::default(),
         shutdown.clone(),
     );
-    let server = tokio::spawn(control_plane::server::run(state, listener));
+    let server = tokio::spawn(control_plane::server::run(
+        state,
+        listener,
+        std::future::pending(),
+    ));
     let config = DeliveryConfig {
         url: url::Url::parse(&format!("http://{addr}{}", proto::METRICS_PATH)).expect("url"),
         credential,

@@ -6,8 +6,12 @@
 //! could not be stored is logged at error level and counted in
 //! `outpost_audit_write_failures_total`.
 
-use crate::state::AppState;
-use crate::storage::AuditRow;
+use std::sync::Arc;
+
+use world::World;
+
+use crate::observe::Observed;
+use crate::storage::{AuditRow, Storage};
 
 /// Audit actions. Strings, so old records stay readable when new actions appear.
 pub mod action {
@@ -22,42 +26,36 @@ pub mod action {
     pub const EXEC_FINISHED: &str = "exec.finished";
 }
 
-/// A terminal session ended: who had it, on which agent, for how long, and why.
-pub async fn terminal_ended(
-    state: &AppState,
-    session_id: &str,
-    meta: &crate::terminal::streams::SessionMeta,
-    reason: &str,
-) {
-    let duration_s = state.world.now_unix_ms().saturating_sub(meta.created_ms) / 1000;
-    record(
-        state,
-        &meta.username,
-        action::TERMINAL_ENDED,
-        session_id,
-        serde_json::json!({"agent_id": meta.agent_id, "reason": reason, "duration_s": duration_s}),
-    )
-    .await;
+/// The handle every feature records through.
+#[derive(Clone)]
+pub struct Audit {
+    world: World,
+    storage: Storage,
+    observed: Arc<Observed>,
 }
 
-/// Store one record: `actor` did `action` to `target`; `detail` is any JSON object.
-pub async fn record(
-    state: &AppState,
-    actor: &str,
-    action: &str,
-    target: &str,
-    detail: serde_json::Value,
-) {
-    let row = AuditRow {
-        id: 0,
-        ts_ms: state.world.now_unix_ms(),
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target: target.to_string(),
-        detail: detail.to_string(),
-    };
-    if let Err(error) = state.storage.audit_append(row).await {
-        crate::observe::add(&state.observed.audit_write_failures_total, 1);
-        tracing::error!(%error, actor, action, target, "audit record not stored");
+impl Audit {
+    pub fn new(world: World, storage: Storage, observed: Arc<Observed>) -> Audit {
+        Audit {
+            world,
+            storage,
+            observed,
+        }
+    }
+
+    /// Store one record: `actor` did `action` to `target`; `detail` is any JSON object.
+    pub async fn record(&self, actor: &str, action: &str, target: &str, detail: serde_json::Value) {
+        let row = AuditRow {
+            id: 0,
+            ts_ms: self.world.now_unix_ms(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target: target.to_string(),
+            detail: detail.to_string(),
+        };
+        if let Err(error) = self.storage.audit_append(row).await {
+            crate::observe::add(&self.observed.audit_write_failures_total, 1);
+            tracing::error!(%error, actor, action, target, "audit record not stored");
+        }
     }
 }

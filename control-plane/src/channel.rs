@@ -21,10 +21,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use world::World;
+
 use crate::auth;
-use crate::http::AuthAgent;
-use crate::state::AppState;
-use crate::storage::AgentRow;
+use crate::edge::AuthAgent;
+use crate::observe::Observed;
+use crate::settings::Settings;
+use crate::storage::{AgentRow, Storage};
 
 /// Commands waiting to be written to one channel.
 const COMMANDS_QUEUED_MAX: usize = 64;
@@ -44,6 +47,17 @@ struct ChannelHandle {
     connection_id: String,
     commands: mpsc::Sender<Outbound>,
     cancel: CancellationToken,
+}
+
+/// What a control channel uses.
+#[derive(Clone)]
+pub struct ChannelContext {
+    pub world: World,
+    pub storage: Storage,
+    pub channels: Channels,
+    pub settings: Arc<Settings>,
+    pub shutdown: CancellationToken,
+    pub observed: Arc<Observed>,
 }
 
 /// Live agent channels held by this replica.
@@ -132,7 +146,7 @@ impl Channels {
 }
 
 pub async fn upgrade(
-    State(state): State<AppState>,
+    State(state): State<ChannelContext>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -200,7 +214,7 @@ impl Conn {
     }
 }
 
-async fn run(state: AppState, agent: AgentRow, socket: WebSocket) {
+async fn run(state: ChannelContext, agent: AgentRow, socket: WebSocket) {
     let dead_after = state.settings.dead_after;
     let mut conn = Conn {
         socket,
@@ -315,7 +329,7 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
 }
 
 async fn serve_connection(
-    state: &AppState,
+    state: &ChannelContext,
     agent: &AgentRow,
     connection_id: &str,
     version: u32,

@@ -131,7 +131,11 @@ async fn run_in(
         let addr = listener.local_addr().context("listening address")?;
         let url = format!("http://{addr}");
         let state = AppState::new(world.clone(), storage, config.settings, stop.clone());
-        let server = tokio::spawn(crate::server::run(state.clone(), listener));
+        let server = tokio::spawn(crate::server::run(
+            state.clone(),
+            listener,
+            stop.clone().cancelled_owned(),
+        ));
         children.server = Some(server);
         eprintln!("control plane listening on {url}");
 
@@ -484,7 +488,7 @@ async fn wait_online(state: &AppState, stop: &CancellationToken) -> anyhow::Resu
             let now_ms = state.world.now_unix_ms();
             if agents
                 .iter()
-                .any(|a| a.name == DEMO_AGENT && state.is_online(a, now_ms))
+                .any(|a| a.name == DEMO_AGENT && state.settings.is_online(a, now_ms))
             {
                 return Ok(());
             }

@@ -339,7 +339,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let token = shutdown.clone();
         move || token.cancel()
     });
-    let result = server::serve(World::real(), config, shutdown.clone()).await;
+    let result = server::serve(World::real(), config, shutdown.clone().cancelled_owned()).await;
     signals.abort();
     result
 }

@@ -6,9 +6,12 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
+use axum::extract::FromRef;
+
 use crate::config::ServeConfig;
 use crate::state::AppState;
 use crate::storage::{PostgresStore, SqliteStore, Storage};
+use crate::terminal::TerminalContext;
 
 /// File name of the embedded SQLite database inside the data dir.
 pub const SQLITE_FILE: &str = "outpost.db";
@@ -53,21 +56,53 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("create data dir {}", dir.display()))
 }
 
-/// Serve the API on `listener` until `state.shutdown` fires, then stop accepting, tell every
-/// agent channel to close and wait for in-flight requests.
-pub async fn run<L>(state: AppState, listener: L) -> anyhow::Result<()>
+/// How long shutdown waits for background work (relay, janitor, exec runs, retention) after
+/// the HTTP server stopped.
+const BACKGROUND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serve the API on `listener` until `shutdown` completes (or `state.shutdown` is cancelled),
+/// then stop accepting, tell every agent channel and background task to stop (the token), and
+/// wait for in-flight requests and for the background work `state.background` owns.
+pub async fn run<L>(
+    state: AppState,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
 where
     L: axum::serve::Listener<Io = world::Stream, Addr = world::PeerAddr>,
 {
-    let shutdown = state.shutdown.clone();
-    let terminal_work = tokio::spawn(crate::terminal::relay::run(state.clone()));
+    let token = state.shutdown.clone();
+    let background = state.background.clone();
+    background.spawn(crate::terminal::relay::run(TerminalContext::from_ref(
+        &state,
+    )));
     let app = crate::http::router(state);
+    let tell = {
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = token.cancelled() => {}
+            }
+            token.cancel();
+        }
+    };
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .with_graceful_shutdown(tell)
         .await
         .context("serve HTTP");
-    shutdown.cancel();
-    let _ = terminal_work.await;
+    token.cancel();
+    background.close();
+    if tokio::time::timeout(BACKGROUND_GRACE, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = background.len(),
+            "background work did not stop within {} s",
+            BACKGROUND_GRACE.as_secs()
+        );
+    }
     served
 }
 
@@ -75,8 +110,9 @@ where
 pub async fn serve(
     world: World,
     config: ServeConfig,
-    shutdown: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
     if let Some(trust) = &config.tls_client {
         world.set_tls_client(trust.clone());
     }
@@ -97,24 +133,27 @@ pub async fn serve(
         terminal_streams = streams.backend_name(),
         "outpost control plane listening"
     );
-    let retention = tokio::spawn(prune_metrics_forever(
+    let retention = config.settings.metrics_retention;
+    let state = AppState::new(
         world.clone(),
         storage.clone(),
-        config.settings.metrics_retention,
-        shutdown.clone(),
+        config.settings,
+        token.clone(),
+    )
+    .with_terminal(crate::terminal::Terminal::new(
+        streams,
+        crate::terminal::TerminalSettings::default(),
     ));
-    let state = AppState::new(world, storage, config.settings, shutdown).with_terminal(
-        crate::terminal::Terminal::new(streams, crate::terminal::TerminalSettings::default()),
-    );
-    let result = match config.tls {
+    state
+        .background
+        .spawn(prune_metrics_forever(world, storage, retention, token));
+    match config.tls {
         Some(tls) => {
             let listener = world::tls::TlsListener::new(listener, tls).context("TLS listener")?;
-            run(state, listener).await
+            run(state, listener, shutdown).await
         }
-        None => run(state, listener).await,
-    };
-    retention.abort();
-    result
+        None => run(state, listener, shutdown).await,
+    }
 }
 
 /// How often stored metrics are checked against the retention period.

@@ -1,43 +1,27 @@
-//! Shared state of one control-plane process.
+//! Shared state of one control-plane process: the handles, nothing else. State sits on top:
+//! it knows every feature's handle, and no feature knows it. Each feature declares the narrow
+//! context it needs (`ChannelContext`, `TerminalContext`, `ExecContext`) and handlers extract
+//! that or single handles (`State<Storage>`, `State<Audit>`, …) through the `FromRef`
+//! implementations here.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use axum::extract::FromRef;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use world::World;
 
-use crate::channel::Channels;
-use crate::storage::{AgentRow, Storage};
+use crate::audit::Audit;
+use crate::channel::{ChannelContext, Channels};
+use crate::exec::api::{ExecContext, Runs};
+use crate::observe::Observed;
+use crate::settings::Settings;
+use crate::storage::Storage;
+use crate::terminal::{Terminal, TerminalContext};
+use crate::throttle::LoginThrottle;
 
-/// Run-time settings derived from the validated configuration.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// How often agents send a heartbeat (told to them in `welcome`).
-    pub heartbeat_interval: Duration,
-    /// Silence after which either side declares the channel dead.
-    pub dead_after: Duration,
-    /// Lifetime of a login session / API token.
-    pub session_ttl: Duration,
-    /// Stored metrics older than this are removed (whole days in Postgres) and not accepted.
-    pub metrics_retention: Duration,
-    /// Inventory for fleet exec through the API; `None` turns the exec routes into refusals.
-    pub inventory: Option<std::path::PathBuf>,
-    /// Mark the session cookie `Secure` (the control plane serves HTTPS).
-    pub secure_cookies: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
-            heartbeat_interval: Duration::from_secs(5),
-            dead_after: Duration::from_secs(15),
-            session_ttl: Duration::from_secs(12 * 3600),
-            metrics_retention: Duration::from_secs(30 * 86_400),
-            inventory: None,
-            secure_cookies: false,
-        }
-    }
-}
+/// Metrics batches stored concurrently before ingest sheds load.
+pub const INGEST_CONCURRENCY_MAX: usize = 8;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -46,20 +30,22 @@ pub struct AppState {
     pub channels: Channels,
     pub settings: Arc<Settings>,
     pub shutdown: CancellationToken,
+    /// Background work (terminal relay and janitor, exec runs, retention): `serve` waits for
+    /// all of it after shutdown.
+    pub background: TaskTracker,
     /// Metrics batches being stored at once; beyond it ingest answers 429 (load shedding).
     pub ingest: Arc<tokio::sync::Semaphore>,
     /// Terminal sessions and the stream store they meet in.
-    pub terminal: crate::terminal::Terminal,
+    pub terminal: Terminal,
     /// Counters and latency histograms for `/metrics`.
-    pub observed: Arc<crate::observe::Observed>,
+    pub observed: Arc<Observed>,
+    /// The audit log.
+    pub audit: Audit,
     /// Fleet exec runs started through the API on this replica.
-    pub exec_runs: crate::http::exec::Runs,
+    pub exec_runs: Runs,
     /// Failed logins by user name (lockouts).
-    pub logins: Arc<crate::throttle::LoginThrottle>,
+    pub logins: Arc<LoginThrottle>,
 }
-
-/// Metrics batches stored concurrently before ingest sheds load.
-pub const INGEST_CONCURRENCY_MAX: usize = 8;
 
 impl AppState {
     pub fn new(
@@ -68,36 +54,69 @@ impl AppState {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> AppState {
+        let observed: Arc<Observed> = Arc::default();
         AppState {
+            audit: Audit::new(world.clone(), storage.clone(), Arc::clone(&observed)),
             world,
             storage,
             channels: Channels::default(),
             settings: Arc::new(settings),
             shutdown,
+            background: TaskTracker::new(),
             ingest: Arc::new(tokio::sync::Semaphore::new(INGEST_CONCURRENCY_MAX)),
-            terminal: crate::terminal::Terminal::new(
+            terminal: Terminal::new(
                 crate::terminal::Streams::memory(),
                 crate::terminal::TerminalSettings::default(),
             ),
-            observed: Arc::default(),
-            exec_runs: crate::http::exec::Runs::default(),
+            observed,
+            exec_runs: Runs::default(),
             logins: Arc::default(),
         }
     }
 
     /// Use `terminal` (a Redis store, other limits) instead of the in-process default.
-    pub fn with_terminal(mut self, terminal: crate::terminal::Terminal) -> AppState {
+    pub fn with_terminal(mut self, terminal: Terminal) -> AppState {
         self.terminal = terminal;
         self
     }
+}
 
-    /// Online = some replica holds the agent's channel *and* heard from it within the dead
-    /// deadline. The second half covers a replica that died without clearing `connected`.
-    pub fn is_online(&self, row: &AgentRow, now_ms: i64) -> bool {
-        let dead_after_ms = crate::time::duration_ms(self.settings.dead_after);
-        row.connected
-            && row
-                .last_seen_ms
-                .is_some_and(|seen| now_ms.saturating_sub(seen) <= dead_after_ms)
+impl FromRef<AppState> for ChannelContext {
+    fn from_ref(s: &AppState) -> ChannelContext {
+        ChannelContext {
+            world: s.world.clone(),
+            storage: s.storage.clone(),
+            channels: s.channels.clone(),
+            settings: Arc::clone(&s.settings),
+            shutdown: s.shutdown.clone(),
+            observed: Arc::clone(&s.observed),
+        }
+    }
+}
+
+impl FromRef<AppState> for TerminalContext {
+    fn from_ref(s: &AppState) -> TerminalContext {
+        TerminalContext {
+            world: s.world.clone(),
+            storage: s.storage.clone(),
+            channels: s.channels.clone(),
+            settings: Arc::clone(&s.settings),
+            shutdown: s.shutdown.clone(),
+            terminal: s.terminal.clone(),
+            audit: s.audit.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for ExecContext {
+    fn from_ref(s: &AppState) -> ExecContext {
+        ExecContext {
+            world: s.world.clone(),
+            settings: Arc::clone(&s.settings),
+            shutdown: s.shutdown.clone(),
+            background: s.background.clone(),
+            runs: s.exec_runs.clone(),
+            audit: s.audit.clone(),
+        }
     }
 }

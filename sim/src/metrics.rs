@@ -16,7 +16,8 @@ use std::time::Duration;
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
 use agent::buffer::{Buffer, Limits};
 use control_plane::auth::{self, SecretKind};
-use control_plane::state::{AppState, Settings};
+use control_plane::settings::Settings;
+use control_plane::state::AppState;
 use control_plane::storage::{EnrollAttempt, Enrollment};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -153,7 +154,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                     Settings::default(),
                     CancellationToken::new(),
                 );
-                control_plane::server::run(state, listener)
+                control_plane::server::run(state, listener, std::future::pending())
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(())

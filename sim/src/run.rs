@@ -8,7 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use agent::link::{LinkConfig, LinkStatus, run_link};
 use control_plane::auth::{self, SecretKind};
-use control_plane::state::{AppState, Settings};
+use control_plane::settings::Settings;
+use control_plane::state::AppState;
 use control_plane::storage::AgentRow;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -209,7 +210,7 @@ fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Result<()
                 let listener = world.net().bind(&format!("0.0.0.0:{CP_PORT}")).await?;
                 let state = AppState::new(world, storage, settings, CancellationToken::new());
                 lock(&shared).cp = Some(state.clone());
-                control_plane::server::run(state, listener)
+                control_plane::server::run(state, listener, std::future::pending())
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(())
@@ -597,7 +598,7 @@ impl Checker {
             anyhow::bail!("control plane not running at the end");
         };
         for row in &stored {
-            if !cp.is_online(row, now_ms) {
+            if !cp.settings.is_online(row, now_ms) {
                 anyhow::bail!("{} ({}) not online in the API at the end", row.name, row.id);
             }
         }

@@ -21,7 +21,8 @@ use agent::terminal::{
     TerminalConfig, TerminalLink, Terminals,
 };
 use control_plane::auth::{self, Role, SecretKind};
-use control_plane::state::{AppState, Settings};
+use control_plane::settings::Settings;
+use control_plane::state::AppState;
 use control_plane::storage::UserRow;
 use control_plane::terminal::streams::MemoryStreams;
 use control_plane::terminal::{Streams, Terminal, TerminalSettings};
@@ -272,7 +273,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                     CancellationToken::new(),
                 )
                 .with_terminal(Terminal::new(Streams::Memory(store), settings));
-                control_plane::server::run(state, listener)
+                control_plane::server::run(state, listener, std::future::pending())
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(())

@@ -5,8 +5,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
 
-use super::ApiError;
+use crate::audit::action;
 use crate::auth::{self, SecretKind};
+use crate::edge::ApiError;
 use crate::state::AppState;
 use crate::storage::{EnrollAttempt, EnrollRefusal, Enrollment};
 
@@ -47,14 +48,15 @@ pub async fn enroll(
     {
         Enrollment::Enrolled { agent_id } => {
             tracing::info!(agent_id = %agent_id, name = %name, "agent enrolled");
-            crate::audit::record(
-                &state,
-                "enrollment token",
-                crate::audit::action::AGENT_ENROLLED,
-                &agent_id,
-                serde_json::json!({"name": name}),
-            )
-            .await;
+            state
+                .audit
+                .record(
+                    "enrollment token",
+                    action::AGENT_ENROLLED,
+                    &agent_id,
+                    serde_json::json!({"name": name}),
+                )
+                .await;
             Ok(Json(proto::EnrollResponse {
                 agent_id,
                 credential,
@@ -96,7 +98,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>,
     let views = rows
         .into_iter()
         .map(|row| AgentView {
-            status: if state.is_online(&row, now_ms) {
+            status: if state.settings.is_online(&row, now_ms) {
                 "online"
             } else {
                 "offline"

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AuthAgent};
+use crate::edge::{ApiError, AuthAgent};
 use crate::state::AppState;
 use crate::storage::{MetricQuery, MetricRow};
 
@@ -47,7 +47,7 @@ async fn ingest_batch(
     let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
-        return Ok(super::retry_later(
+        return Ok(crate::edge::retry_later(
             RETRY_AFTER_S,
             "ingest at capacity; retry after the Retry-After delay",
         ));

@@ -3,8 +3,8 @@
 //! choosing an access level, and `tests/it/auth.rs` enumerates [`route_specs`] to prove that
 //! every non-public route answers 401 without credentials.
 
+mod access;
 mod agents;
-pub mod exec;
 mod metrics;
 mod observe;
 pub mod openapi;
@@ -19,39 +19,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 
+pub use self::access::{Access, RouteSpec};
 use crate::auth::{Role, secret_hash};
+use crate::edge::{ApiError, AuthAgent, AuthUser, SESSION_COOKIE};
 use crate::state::AppState;
-use crate::storage::{AgentRow, UserRow};
 
 /// Largest request body any route accepts.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
-/// Name of the browser session cookie.
-pub const SESSION_COOKIE: &str = "outpost_session";
-
-/// Who may call a route.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    /// No credentials (login, health, enrollment: it carries its own token).
-    Public,
-    /// A logged-in user with at least this role (cookie or `Authorization: Bearer`).
-    User(Role),
-    /// An enrolled agent presenting its credential as a bearer token.
-    Agent,
-}
-
-#[derive(Clone, Debug)]
-pub struct RouteSpec {
-    pub method: Method,
-    pub path: &'static str,
-    pub access: Access,
-}
-
-/// The authenticated caller, inserted into request extensions by the auth layer.
-#[derive(Clone, Debug)]
-pub struct AuthUser(pub UserRow);
-
-#[derive(Clone, Debug)]
-pub struct AuthAgent(pub AgentRow);
 
 fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     let spec = |method, path, access| RouteSpec {
@@ -160,7 +134,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         ),
         (
             spec(Method::POST, "/api/v1/exec", Access::User(Role::Operator)),
-            post(exec::start),
+            post(crate::exec::api::start),
         ),
         (
             spec(
@@ -168,7 +142,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
                 "/api/v1/exec/{op_id}",
                 Access::User(Role::Operator),
             ),
-            get(exec::show),
+            get(crate::exec::api::show),
         ),
         (
             spec(Method::GET, "/metrics", Access::User(Role::Viewer)),
@@ -180,7 +154,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         ),
         (
             spec(Method::GET, "/api/openapi.json", Access::User(Role::Viewer)),
-            get(openapi::serve),
+            get(openapi_json),
         ),
     ]
 }
@@ -219,57 +193,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An API error: a status and a one-line reason, sent as `{"error": "..."}`.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub fn unauthorized(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, message)
-    }
-
-    pub fn internal(error: impl std::fmt::Display) -> ApiError {
-        // Logged here, where it is handled; the caller gets no internals.
-        tracing::error!(%error, "request failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error; see the server log",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(proto::ErrorBody {
-                error: self.message,
-            }),
-        )
-            .into_response()
-    }
-}
-
-/// 429 with `Retry-After` (seconds) and a JSON `{"error"}`: come back later, not never.
-pub fn retry_later(after_s: u64, message: impl Into<String>) -> Response {
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, after_s.to_string())],
-        Json(proto::ErrorBody {
-            error: message.into(),
-        }),
-    )
-        .into_response()
+/// `GET /api/openapi.json`: generated from the route table on every request.
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi::document(&route_specs()))
 }
 
 async fn not_found() -> ApiError {

@@ -6,7 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::ApiError;
+use crate::edge::ApiError;
 use crate::observe::{Exposition, write_counters, write_process};
 use crate::state::AppState;
 use crate::storage::AuditQuery;
@@ -22,7 +22,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .await
         .map_err(ApiError::internal)?;
     let now_ms = state.world.now_unix_ms();
-    let online = agents.iter().filter(|a| state.is_online(a, now_ms)).count();
+    let online = agents
+        .iter()
+        .filter(|a| state.settings.is_online(a, now_ms))
+        .count();
     out.family(
         "outpost_agents",
         "gauge",

@@ -1,18 +1,17 @@
 //! `GET /api/openapi.json`: the API description, generated from the router.
 //!
 //! The paths, methods, path parameters and security come from the route table itself
-//! ([`super::route_specs`]), so a route cannot exist without appearing here. The request and
+//! (the route table), so a route cannot exist without appearing here. The request and
 //! response bodies and the query parameters are JSON Schemas derived (schemars) from the same
 //! types the handlers deserialize and serialize. What a route does is written once, in
 //! [`describe`]; `tests/it/api.rs` fails when a route has no description.
 
-use axum::Json;
 use axum::http::Method;
 use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{Map, Value, json};
 
-use super::{Access, RouteSpec, route_specs};
+use super::access::{Access, RouteSpec};
 
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
 
@@ -70,9 +69,9 @@ impl Doc {
 
 /// The description of every route; `None` for a route nobody described (a test failure).
 pub fn describe(method: &Method, path: &str) -> Option<Doc> {
-    use super::exec::{ExecRequest, RunView, Started};
     use super::observe::{AuditParams, AuditView};
     use super::sessions::{LoginRequest, LoginResponse, Me};
+    use crate::exec::api::{ExecRequest, RunView, Started};
     use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
     const WS: &str = "WebSocket upgrade";
     let d = match (method.as_str(), path) {
@@ -312,18 +311,18 @@ fn operation(generator: &mut SchemaGenerator, spec: &RouteSpec, d: Doc) -> Value
     op
 }
 
-/// The whole document.
-pub fn document() -> Value {
+/// The whole document for the routes in `specs`.
+pub fn document(specs: &[RouteSpec]) -> Value {
     let mut settings = SchemaSettings::draft2020_12();
     settings.definitions_path = "/components/schemas".into();
     settings.meta_schema = None;
     let mut generator = settings.into_generator();
     let mut paths = Map::new();
-    for spec in route_specs() {
+    for spec in specs {
         let Some(d) = describe(&spec.method, spec.path) else {
             continue;
         };
-        let op = operation(&mut generator, &spec, d);
+        let op = operation(&mut generator, spec, d);
         let entry = paths
             .entry(openapi_path(spec.path))
             .or_insert_with(|| json!({}));
@@ -341,13 +340,8 @@ pub fn document() -> Value {
             "schemas": generator.take_definitions(true),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "An API token from POST /api/v1/sessions, or an agent credential"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": super::SESSION_COOKIE},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": crate::edge::SESSION_COOKIE},
             },
         },
     })
-}
-
-/// `GET /api/openapi.json`.
-pub async fn serve() -> Json<Value> {
-    Json(document())
 }

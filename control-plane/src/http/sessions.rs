@@ -7,8 +7,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, SESSION_COOKIE};
+use crate::audit::action;
 use crate::auth::{self, SecretKind};
+use crate::edge::{ApiError, SESSION_COOKIE};
 use crate::state::AppState;
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -35,16 +36,17 @@ pub async fn login(
     }
     let now_ms = state.world.now_unix_ms();
     if let Some(wait) = state.logins.check(&body.username, now_ms) {
-        crate::audit::record(
-            &state,
-            &body.username,
-            crate::audit::action::LOGIN_REFUSED,
-            &body.username,
-            serde_json::json!({"reason": "locked out after repeated failures"}),
-        )
-        .await;
+        state
+            .audit
+            .record(
+                &body.username,
+                action::LOGIN_REFUSED,
+                &body.username,
+                serde_json::json!({"reason": "locked out after repeated failures"}),
+            )
+            .await;
         let secs = wait.as_secs().max(1);
-        return Ok(super::retry_later(
+        return Ok(crate::edge::retry_later(
             secs,
             format!("too many failed logins for this user; try again in {secs} s"),
         ));
@@ -71,14 +73,15 @@ pub async fn login(
             crate::observe::add(&state.observed.login_lockouts_total, 1);
             tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
         }
-        crate::audit::record(
-            &state,
-            &body.username,
-            crate::audit::action::LOGIN_REFUSED,
-            &body.username,
-            serde_json::json!({"reason": "invalid user name or password"}),
-        )
-        .await;
+        state
+            .audit
+            .record(
+                &body.username,
+                action::LOGIN_REFUSED,
+                &body.username,
+                serde_json::json!({"reason": "invalid user name or password"}),
+            )
+            .await;
         return Err(refused());
     };
     state.logins.succeeded(&user.name);
@@ -94,14 +97,15 @@ pub async fn login(
         .await
         .map_err(ApiError::internal)?;
     tracing::info!(user = %user.name, role = user.role.as_str(), "login");
-    crate::audit::record(
-        &state,
-        &user.name,
-        crate::audit::action::LOGIN,
-        &user.name,
-        serde_json::json!({"role": user.role.as_str()}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::LOGIN,
+            &user.name,
+            serde_json::json!({"role": user.role.as_str()}),
+        )
+        .await;
     let secure = if state.settings.secure_cookies {
         "; Secure"
     } else {
@@ -127,7 +131,7 @@ pub struct Me {
 
 /// `GET /api/v1/me`: who the credentials belong to (the UI shows controls by role).
 pub async fn me(
-    axum::Extension(super::AuthUser(user)): axum::Extension<super::AuthUser>,
+    axum::Extension(crate::edge::AuthUser(user)): axum::Extension<crate::edge::AuthUser>,
 ) -> Json<Me> {
     Json(Me {
         id: user.id,

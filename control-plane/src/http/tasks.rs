@@ -9,9 +9,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use proto::{Command, CommandResult, ErrorCode, TaskRequest, TaskSnapshot};
 
-use super::{ApiError, AuthUser};
-use crate::audit::{self, action};
+use crate::audit::action;
 use crate::channel::CommandError;
+use crate::edge::{ApiError, AuthUser};
 use crate::state::AppState;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
@@ -122,14 +122,15 @@ pub async fn create(
     )
     .await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, kind = %task.kind, "task created");
-    audit::record(
-        &state,
-        &user.name,
-        action::TASK_CREATED,
-        &task.id,
-        serde_json::json!({"agent_id": agent_id, "kind": task.kind, "schedule": task.schedule}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::TASK_CREATED,
+            &task.id,
+            serde_json::json!({"agent_id": agent_id, "kind": task.kind, "schedule": task.schedule}),
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(task)))
 }
 
@@ -140,13 +141,14 @@ pub async fn cancel(
 ) -> Result<Json<TaskSnapshot>, ApiError> {
     let task = command(&state, &agent_id, Command::TaskCancel { task_id }).await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, "task canceled");
-    audit::record(
-        &state,
-        &user.name,
-        action::TASK_CANCELED,
-        &task.id,
-        serde_json::json!({"agent_id": agent_id, "status": task.status}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::TASK_CANCELED,
+            &task.id,
+            serde_json::json!({"agent_id": agent_id, "status": task.status}),
+        )
+        .await;
     Ok(Json(task))
 }

@@ -19,9 +19,9 @@ use proto::{TerminalFromAgent, TerminalToAgent};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::TerminalContext;
 use super::{InEvent, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
-use crate::http::{ApiError, AuthAgent};
-use crate::state::AppState;
+use crate::edge::{ApiError, AuthAgent};
 
 /// Largest frame accepted from an agent (a chunk plus its offset header).
 const AGENT_FRAME_BYTES_MAX: usize = proto::TERMINAL_CHUNK_BYTES_MAX + 1024;
@@ -41,7 +41,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// `GET /api/v1/agent/terminal/{id}` (agent credential).
 pub async fn upgrade(
-    State(state): State<AppState>,
+    State(state): State<TerminalContext>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
     Path(session_id): Path<String>,
     ws: WebSocketUpgrade,
@@ -87,7 +87,7 @@ async fn send_message(sink: &mut Sink, message: Message) -> Result<(), String> {
 }
 
 /// Retry a store write until it lands (its result) or shutdown (`None`).
-async fn until_stored<T, F, Fut>(state: &AppState, mut write: F) -> Option<T>
+async fn until_stored<T, F, Fut>(state: &TerminalContext, mut write: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, super::StreamsError>>,
@@ -129,7 +129,7 @@ enum End {
     Lost(String),
 }
 
-async fn run(state: AppState, session_id: String, socket: WebSocket) {
+async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
     let streams = state.terminal.streams.clone();
     let settings = state.terminal.settings.clone();
     let (mut sink, mut stream) = socket.split();
@@ -266,7 +266,7 @@ async fn run(state: AppState, session_id: String, socket: WebSocket) {
     }
 }
 
-async fn finish(state: &AppState, session_id: &str, reason: &str) {
+async fn finish(state: &TerminalContext, session_id: &str, reason: &str) {
     let streams = &state.terminal.streams;
     let keep = state.terminal.settings.closed_keep;
     let meta = streams.meta(session_id).await.ok().flatten();
@@ -276,7 +276,7 @@ async fn finish(state: &AppState, session_id: &str, reason: &str) {
     .await;
     // Only the caller that closed it records the end (the janitor may race this handler).
     if let Some(meta) = meta.filter(|_| closed_now == Some(true)) {
-        crate::audit::terminal_ended(state, session_id, &meta, reason).await;
+        super::audit_ended(state, session_id, &meta, reason).await;
     }
 }
 
@@ -334,7 +334,7 @@ fn frame_entries(
 /// are already here when one arrives join its batch: one store round trip for all of them,
 /// and never a wait for more (that would delay keystroke echo).
 async fn output_loop(
-    state: &AppState,
+    state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
     mut written_end: u64,
@@ -383,7 +383,7 @@ async fn output_loop(
 
 /// Store → agent: keystrokes, resizes, close; pings while quiet.
 async fn input_loop(
-    state: &AppState,
+    state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
     mut cursor: String,

@@ -15,14 +15,15 @@ use proto::Command;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use super::TerminalContext;
 use super::relay::{self, OpenRefusal, OpenRequest};
 use super::{
     InEvent, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters, clamp_size,
 };
+use crate::audit::action;
 use crate::auth::Role;
 use crate::channel::CommandError;
-use crate::http::{ApiError, AuthUser};
-use crate::state::AppState;
+use crate::edge::{ApiError, AuthUser};
 
 /// Largest frame a browser may send (a paste is split by xterm.js well below this).
 const BROWSER_FRAME_BYTES_MAX: usize = 64 * 1024;
@@ -78,7 +79,7 @@ fn store_error(e: StreamsError) -> ApiError {
 
 /// `POST /api/v1/terminal/sessions`: a logical session; the agent is asked to dial back.
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Json(request): Json<CreateRequest>,
 ) -> Result<(StatusCode, Json<CreateResponse>), ApiError> {
@@ -99,7 +100,7 @@ pub async fn create(
             ))
         })?;
     let now_ms = state.world.now_unix_ms();
-    if !state.is_online(&agent, now_ms) {
+    if !state.settings.is_online(&agent, now_ms) {
         return Err(refuse(ApiError::new(
             StatusCode::CONFLICT,
             format!(
@@ -140,19 +141,24 @@ pub async fn create(
     }
     TerminalCounters::add(&terminal.counters.sessions_opened_total, 1);
     tracing::info!(session_id, agent_id = %agent.id, user = %user.name, "terminal session created");
-    crate::audit::record(
-        &state,
-        &user.name,
-        crate::audit::action::TERMINAL_OPENED,
-        &session_id,
-        serde_json::json!({"agent_id": agent.id, "agent": agent.name}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::TERMINAL_OPENED,
+            &session_id,
+            serde_json::json!({"agent_id": agent.id, "agent": agent.name}),
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(CreateResponse { session_id })))
 }
 
 /// Ask the agent (here, or through the relay on whichever replica holds its channel).
-async fn open_on_agent(state: &AppState, agent_id: &str, session_id: &str) -> Result<(), ApiError> {
+async fn open_on_agent(
+    state: &TerminalContext,
+    agent_id: &str,
+    session_id: &str,
+) -> Result<(), ApiError> {
     let timeout = state.terminal.settings.open_timeout;
     let command = Command::TerminalOpen {
         session_id: session_id.to_string(),
@@ -203,7 +209,7 @@ fn refusal(refusal: OpenRefusal) -> ApiError {
 }
 
 async fn owned_session(
-    state: &AppState,
+    state: &TerminalContext,
     user: &crate::storage::UserRow,
     session_id: &str,
 ) -> Result<SessionMeta, ApiError> {
@@ -230,7 +236,7 @@ async fn owned_session(
 
 /// `GET /api/v1/terminal/sessions/{id}`.
 pub async fn show(
-    State(state): State<AppState>,
+    State(state): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(session_id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
@@ -248,7 +254,7 @@ pub async fn show(
 
 /// `DELETE /api/v1/terminal/sessions/{id}`: ask the agent to end psql.
 pub async fn close(
-    State(state): State<AppState>,
+    State(state): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(session_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -277,7 +283,7 @@ pub struct WsQuery {
 
 /// `GET /api/v1/terminal/sessions/{id}/ws?offset=N`.
 pub async fn ws(
-    State(state): State<AppState>,
+    State(state): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(session_id): Path<String>,
     Query(query): Query<WsQuery>,
@@ -320,7 +326,7 @@ async fn send_json(sink: &mut Sink, value: serde_json::Value) -> Result<(), Stri
     send(sink, Message::Text(value.to_string().into())).await
 }
 
-async fn serve(state: AppState, session_id: String, offset: u64, socket: WebSocket) {
+async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: WebSocket) {
     let streams = state.terminal.streams.clone();
     let (mut sink, mut stream) = socket.split();
     // The first attach starts the PTY (at 80×24 until the browser's resize arrives).

@@ -22,6 +22,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use world::World;
+
+use crate::audit::{Audit, action};
+use crate::channel::Channels;
+use crate::settings::Settings;
+use crate::storage::Storage;
+
 pub use streams::{InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, Streams, StreamsError};
 
 /// Terminal limits and timeouts (defaults in one place, here).
@@ -86,6 +94,36 @@ impl Terminal {
             counters: Arc::new(TerminalCounters::default()),
         }
     }
+}
+
+/// What the terminal's handlers and background work use.
+#[derive(Clone)]
+pub struct TerminalContext {
+    pub world: World,
+    pub storage: Storage,
+    pub channels: Channels,
+    pub settings: Arc<Settings>,
+    pub shutdown: CancellationToken,
+    pub terminal: Terminal,
+    pub audit: Audit,
+}
+
+/// A terminal session ended: who had it, on which agent, for how long, and why.
+pub async fn audit_ended(
+    ctx: &TerminalContext,
+    session_id: &str,
+    meta: &SessionMeta,
+    reason: &str,
+) {
+    let duration_s = ctx.world.now_unix_ms().saturating_sub(meta.created_ms) / 1000;
+    ctx.audit
+        .record(
+            &meta.username,
+            action::TERMINAL_ENDED,
+            session_id,
+            serde_json::json!({"agent_id": meta.agent_id, "reason": reason, "duration_s": duration_s}),
+        )
+        .await;
 }
 
 /// Clamp a window size from a client to what a terminal can be.

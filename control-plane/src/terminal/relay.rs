@@ -13,10 +13,10 @@ use proto::{CommandResult, ErrorCode};
 use tokio::task::JoinSet;
 
 use super::SessionState;
+use super::TerminalContext;
 use super::streams::RedisStreams;
 use super::streams::redis::{entries, field, global_key, key, text};
 use crate::channel::CommandError;
-use crate::state::AppState;
 
 /// How long one read of the request stream blocks.
 const REQUESTS_BLOCK: Duration = Duration::from_secs(2);
@@ -200,7 +200,7 @@ pub async fn wait_open_reply(
 }
 
 /// Run until shutdown.
-pub async fn run(state: AppState) {
+pub async fn run(state: TerminalContext) {
     let shutdown = state.shutdown.clone();
     tokio::select! {
         () = shutdown.cancelled() => {}
@@ -209,7 +209,7 @@ pub async fn run(state: AppState) {
     }
 }
 
-async fn relay(state: &AppState) {
+async fn relay(state: &TerminalContext) {
     let Some(redis) = state.terminal.streams.shared() else {
         return std::future::pending().await;
     };
@@ -265,7 +265,7 @@ async fn relay(state: &AppState) {
     }
 }
 
-async fn janitor(state: &AppState) {
+async fn janitor(state: &TerminalContext) {
     let streams = &state.terminal.streams;
     let settings = &state.terminal.settings;
     let mut tick = tokio::time::interval(JANITOR_INTERVAL);
@@ -297,7 +297,7 @@ async fn janitor(state: &AppState) {
                     .finish(&session_id, now_ms, &reason, settings.closed_keep)
                     .await
                 {
-                    crate::audit::terminal_ended(state, &session_id, &meta, &reason).await;
+                    super::audit_ended(state, &session_id, &meta, &reason).await;
                 }
             }
         }

@@ -212,7 +212,7 @@ async fn exec_through_the_api_streams_per_host_results_and_is_audited() {
     assert!(String::from_utf8_lossy(&r.body).contains("--inventory"));
     bare.stop().await;
 
-    let server = crate::harness::Server::start_with(control_plane::state::Settings {
+    let server = crate::harness::Server::start_with(control_plane::settings::Settings {
         inventory: Some(inv.into()),
         ..crate::harness::fast_settings()
     })
@@ -311,7 +311,7 @@ async fn exec_through_the_api_streams_per_host_results_and_is_audited() {
 async fn the_exec_page_shows_output_live_and_outcomes_per_host() {
     use control_plane::auth::Role;
     let (_sshd, _dir, inv) = setup().await;
-    let server = crate::harness::Server::start_with(control_plane::state::Settings {
+    let server = crate::harness::Server::start_with(control_plane::settings::Settings {
         inventory: Some(inv.into()),
         ..crate::harness::fast_settings()
     })

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use control_plane::auth::{self, Role, SecretKind};
-use control_plane::state::{AppState, Settings};
+use control_plane::settings::Settings;
+use control_plane::state::AppState;
 use control_plane::storage::{Storage, UserRow};
 use http::{HeaderMap, Method};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +46,11 @@ impl Server {
         let base = url::Url::parse(&format!("http://{addr}")).expect("url");
         let shutdown = CancellationToken::new();
         let state = AppState::new(world.clone(), storage.clone(), settings, shutdown.clone());
-        let task = tokio::spawn(control_plane::server::run(state.clone(), listener));
+        let task = tokio::spawn(control_plane::server::run(
+            state.clone(),
+            listener,
+            shutdown.clone().cancelled_owned(),
+        ));
         Server {
             world,
             storage,

@@ -18,10 +18,24 @@ use remote_exec::quote::command_line;
 use remote_exec::{Client, HostKeyPolicy, Inventory, OpId, OutputKind, RetryPolicy, Timeouts};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use world::World;
 
-use super::{ApiError, AuthUser};
-use crate::audit::{self, action};
-use crate::state::AppState;
+use crate::audit::{Audit, action};
+use crate::edge::{ApiError, AuthUser};
+use crate::settings::Settings;
+
+/// What the exec routes and their runs use.
+#[derive(Clone)]
+pub struct ExecContext {
+    pub world: World,
+    pub settings: Arc<Settings>,
+    pub shutdown: CancellationToken,
+    /// Runs are spawned here, so shutdown waits for them.
+    pub background: TaskTracker,
+    pub runs: Runs,
+    pub audit: Audit,
+}
 
 /// Finished runs kept for `GET`; the oldest finished run goes first.
 pub const RUNS_KEPT: usize = 50;
@@ -123,7 +137,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 
 /// `POST /api/v1/exec` → 202 `{op_id, hosts}`.
 pub async fn start(
-    State(state): State<AppState>,
+    State(state): State<ExecContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Json(request): Json<ExecRequest>,
 ) -> Result<(StatusCode, Json<Started>), ApiError> {
@@ -142,9 +156,7 @@ pub async fn start(
     }
     let command = command_line(&request.argv).map_err(|e| bad(format!("argv: {e}")))?;
     let command_timeout = match &request.command_timeout {
-        Some(v) => {
-            crate::exec::duration_flag("command_timeout", v).map_err(|e| bad(e.to_string()))?
-        }
+        Some(v) => super::duration_flag("command_timeout", v).map_err(|e| bad(e.to_string()))?,
         None => Timeouts::default().command,
     };
     let budget = match &request.max_errors {
@@ -197,7 +209,7 @@ pub async fn start(
             })
             .collect(),
     };
-    let admitted = state.exec_runs.with(|runs| {
+    let admitted = state.runs.with(|runs| {
         if runs.values().filter(|r| !r.finished).count() >= RUNNING_MAX {
             return false;
         }
@@ -221,14 +233,15 @@ pub async fn start(
             format!("{RUNNING_MAX} exec runs are already in progress here; wait for one to finish"),
         ));
     }
-    audit::record(
-        &state,
-        &user.name,
-        action::EXEC_RUN,
-        op_id.as_str(),
-        serde_json::json!({"hosts": pattern, "host_count": hosts.len(), "argv": request.argv}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::EXEC_RUN,
+            op_id.as_str(),
+            serde_json::json!({"hosts": pattern, "host_count": hosts.len(), "argv": request.argv}),
+        )
+        .await;
     let plan = Arc::new(Plan {
         op_id: op_id.clone(),
         command,
@@ -242,7 +255,8 @@ pub async fn start(
         output_bytes_max: fleet::OUTPUT_BYTES_MAX,
     });
     let count = hosts.len();
-    tokio::spawn(run(state, user.name, op_id.clone(), plan, client, hosts));
+    let background = state.background.clone();
+    background.spawn(run(state, user.name, op_id.clone(), plan, client, hosts));
     Ok((
         StatusCode::ACCEPTED,
         Json(Started {
@@ -254,14 +268,14 @@ pub async fn start(
 
 /// The run itself: progress events update the view as they come.
 async fn run(
-    state: AppState,
+    state: ExecContext,
     user: String,
     op_id: OpId,
     plan: Arc<Plan>,
     client: Arc<Client>,
     hosts: Vec<remote_exec::Host>,
 ) {
-    let runs = state.exec_runs.clone();
+    let runs = state.runs.clone();
     let id = op_id.to_string();
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let progress = {
@@ -313,23 +327,24 @@ async fn run(
         .iter()
         .map(|(o, n)| (o.as_str(), *n))
         .collect();
-    audit::record(
-        &state,
-        &user,
-        action::EXEC_FINISHED,
-        &id,
-        serde_json::json!({"outcomes": by_outcome, "skipped": summary.skipped}),
-    )
-    .await;
+    state
+        .audit
+        .record(
+            &user,
+            action::EXEC_FINISHED,
+            &id,
+            serde_json::json!({"outcomes": by_outcome, "skipped": summary.skipped}),
+        )
+        .await;
 }
 
 /// `GET /api/v1/exec/{op_id}`.
 pub async fn show(
-    State(state): State<AppState>,
+    State(state): State<ExecContext>,
     Path(op_id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
     state
-        .exec_runs
+        .runs
         .with(|runs| runs.get(&op_id).cloned())
         .map(|mut run| {
             for h in &mut run.hosts {

@@ -1,5 +1,8 @@
-//! `outpost exec`: one command across the fleet over supervised SSH, and
-//! `outpost exec status OP_ID` to reconcile runs whose outcome was uncertain.
+//! Fleet exec: `outpost exec`, one command across the fleet over supervised SSH, and
+//! `outpost exec status OP_ID` to reconcile runs whose outcome was uncertain (this file, the
+//! CLI); [`api`] runs the same from the web UI and keeps those runs.
+
+pub mod api;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -1,0 +1,47 @@
+//! Run-time settings of one control-plane process, derived from the validated configuration.
+//! Defaults live here and nowhere else.
+
+use std::time::Duration;
+
+use crate::storage::AgentRow;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often agents send a heartbeat (told to them in `welcome`).
+    pub heartbeat_interval: Duration,
+    /// Silence after which either side declares the channel dead.
+    pub dead_after: Duration,
+    /// Lifetime of a login session / API token.
+    pub session_ttl: Duration,
+    /// Stored metrics older than this are removed (whole days in Postgres) and not accepted.
+    pub metrics_retention: Duration,
+    /// Inventory for fleet exec through the API; `None` turns the exec routes into refusals.
+    pub inventory: Option<std::path::PathBuf>,
+    /// Mark the session cookie `Secure` (the control plane serves HTTPS).
+    pub secure_cookies: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            heartbeat_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+            session_ttl: Duration::from_secs(12 * 3600),
+            metrics_retention: Duration::from_secs(30 * 86_400),
+            inventory: None,
+            secure_cookies: false,
+        }
+    }
+}
+
+impl Settings {
+    /// Online = some replica holds the agent's channel *and* heard from it within the dead
+    /// deadline. The second half covers a replica that died without clearing `connected`.
+    pub fn is_online(&self, row: &AgentRow, now_ms: i64) -> bool {
+        let dead_after_ms = crate::time::duration_ms(self.dead_after);
+        row.connected
+            && row
+                .last_seen_ms
+                .is_some_and(|seen| now_ms.saturating_sub(seen) <= dead_after_ms)
+    }
+}
