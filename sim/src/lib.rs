@@ -5,6 +5,8 @@
 //! (ARCHITECTURE.md, Simulation) are checked every simulated 100 ms; every event is hashed into a trace so the
 //! same seed is proven to replay identically.
 
+pub mod harness;
+pub mod link;
 pub mod metrics;
 pub mod processes;
 pub mod run;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sim::run::{Outcome, run_seed};
-use sim::scenario::{ALL, Scenario, schedule};
+use sim::run::{Outcome, run_seed, schedule};
+use sim::scenario::{ALL, Scenario};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 

@@ -15,20 +15,16 @@ use std::time::Duration;
 
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
 use agent::buffer::{Buffer, Limits};
-use control_plane::auth::{self, SecretKind};
 use control_plane::settings::Settings;
 use control_plane::state::AppState;
-use control_plane::storage::{EnrollAttempt, Enrollment};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::run::{host_world, new_sim};
-use crate::scenario::{Fault, Schedule};
+use crate::harness::{self, CP_PORT, Driver, LinkFaults, Prepare, host_world, new_sim};
+use crate::scenario::{Fault, Schedule, secs};
 use crate::trace;
-use crate::vfs::{self, Rollback};
-
-const CP_PORT: u16 = 8080;
+use crate::vfs::{self, CrashState, Rollback};
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
 /// One accepted row.
@@ -52,36 +48,6 @@ fn lock(ledger: &SharedLedger) -> MutexGuard<'_, Ledger> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
-}
-
-/// Enroll the agent in the control plane's database before the simulation (as an operator
-/// would); returns its credential.
-pub(crate) fn prepare(dir: &Path, seed: u64) -> anyhow::Result<String> {
-    let world = host_world(seed, "operator");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
-        let now = world.now_unix_ms();
-        let token = auth::new_secret(&world, SecretKind::EnrollToken);
-        storage
-            .create_enroll_token(&auth::secret_hash(&token), now, now + 3_600_000)
-            .await?;
-        let credential = auth::new_secret(&world, SecretKind::AgentCredential);
-        let enrolled = storage
-            .enroll_agent(EnrollAttempt {
-                token_hash: auth::secret_hash(&token),
-                enrollment_id: "sim".into(),
-                name: "agent1".into(),
-                new_agent_id: "agt_sim".into(),
-                credential_hash: auth::secret_hash(&credential),
-                now_ms: now,
-            })
-            .await?;
-        anyhow::ensure!(matches!(enrolled, Enrollment::Enrolled { .. }), "enroll");
-        Ok(credential)
-    })
 }
 
 fn limits() -> Limits {
@@ -132,7 +98,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("outpost-sim-metrics-")
         .tempdir()?;
-    let credential = prepare(dir.path(), seed)?;
+    let credential = harness::prepare(dir.path(), seed, &[Prepare::EnrolledAgent])?.remove(0);
     let crash = vfs::register(&format!("crash-{seed}-{}", std::process::id()))?;
     let ledger: SharedLedger = Arc::default();
     let buffer_path = dir.path().join("agent1").join("buffer.db");
@@ -206,81 +172,18 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         });
     }
 
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xd15c);
-    let mut due = plan.due();
-    let mut rollback = Rollback::KeepAll;
-    let mut crashes = 0;
-    let mut cp_up = true;
-    let mut links = crate::run::LinkFaults::default();
-    loop {
-        let now = sim.elapsed();
-        trace::set_driver_elapsed(now);
-        if now >= plan.run_for {
-            break;
-        }
-        if now >= plan.quiet_from {
-            crash.state.arm(None);
-        }
-        for fault in due.take(now) {
-            trace::record(format!("fault {fault:?}"));
-            links.count(fault);
-            match fault {
-                Fault::BounceCp => {
-                    sim.bounce("cp");
-                    cp_up = true;
-                }
-                Fault::CrashCp if cp_up => {
-                    sim.crash("cp");
-                    cp_up = false;
-                }
-                Fault::StartCp if !cp_up => {
-                    sim.bounce("cp");
-                    cp_up = true;
-                }
-                Fault::BounceAgent { .. } => {
-                    // A kill: the page cache keeps every write.
-                    sim.bounce("agent1");
-                    crash.state.restore(Rollback::KeepAll, &mut rng)?;
-                }
-                Fault::DiskCrash {
-                    after_ops,
-                    rollback: mode,
-                    ..
-                } => {
-                    rollback = match mode {
-                        0 => Rollback::KeepAll,
-                        1 => Rollback::LoseAll,
-                        _ => Rollback::Torn,
-                    };
-                    crash.state.arm(Some(*after_ops));
-                }
-                _ => {}
-            }
-            links.apply(&mut sim, "agent1", "cp");
-        }
-        sim.step()
-            .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
-        if crash.state.is_dead() {
-            // The agent dies inside a write. Its connection closes (it cannot checkpoint: the
-            // disk is gone), then the disk keeps what `rollback` says, then it starts again.
-            sim.crash("agent1");
-            let synced = crash.state.wal_syncs();
-            if rollback != Rollback::KeepAll {
-                for row in lock(&ledger).rows.values_mut() {
-                    if row.syncs_at_commit >= synced {
-                        row.at_risk = true;
-                    }
-                }
-            }
-            let reverted = crash.state.restore(rollback, &mut rng)?;
-            crashes += 1;
-            trace::record(format!(
-                "disk crash at op {} ({rollback:?}): {reverted} bytes reverted",
-                crash.state.ops()
-            ));
-            sim.bounce("agent1");
-        }
-    }
+    let mut driver = MetricsDriver {
+        crash: crash.state.clone(),
+        ledger: ledger.clone(),
+        rng: StdRng::seed_from_u64(seed ^ 0xd15c),
+        rollback: Rollback::KeepAll,
+        crashes: 0,
+        cp_up: true,
+        links: LinkFaults::default(),
+        quiet_from: plan.quiet_from,
+    };
+    harness::drive(&mut sim, plan, &mut driver)?;
+    let crashes = driver.crashes;
     final_check(
         &buffer_path,
         &dir.path()
@@ -288,8 +191,97 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             .join(control_plane::server::SQLITE_FILE),
         &ledger,
         crashes,
-        (crate::run::EPOCH_S * 1000) as i64 + i64::try_from(sim.elapsed().as_millis())?,
+        (harness::EPOCH_S * 1000) as i64 + i64::try_from(sim.elapsed().as_millis())?,
     )
+}
+
+/// Partitions, holds, control-plane bounces, agent kills and disk crashes inside SQLite writes.
+struct MetricsDriver {
+    crash: Arc<CrashState>,
+    ledger: SharedLedger,
+    rng: StdRng,
+    rollback: Rollback,
+    crashes: u32,
+    cp_up: bool,
+    links: LinkFaults,
+    quiet_from: Duration,
+}
+
+impl<'a> Driver<'a> for MetricsDriver {
+    fn tick(&mut self, _sim: &mut turmoil::Sim<'a>, now: Duration) -> anyhow::Result<()> {
+        if now >= self.quiet_from {
+            self.crash.arm(None);
+        }
+        Ok(())
+    }
+
+    fn fault(
+        &mut self,
+        sim: &mut turmoil::Sim<'a>,
+        fault: &Fault,
+        _now: Duration,
+    ) -> anyhow::Result<()> {
+        self.links.count(fault);
+        match fault {
+            Fault::BounceCp => {
+                sim.bounce("cp");
+                self.cp_up = true;
+            }
+            Fault::CrashCp if self.cp_up => {
+                sim.crash("cp");
+                self.cp_up = false;
+            }
+            Fault::StartCp if !self.cp_up => {
+                sim.bounce("cp");
+                self.cp_up = true;
+            }
+            Fault::BounceAgent { .. } => {
+                // A kill: the page cache keeps every write.
+                sim.bounce("agent1");
+                self.crash.restore(Rollback::KeepAll, &mut self.rng)?;
+            }
+            Fault::DiskCrash {
+                after_ops,
+                rollback: mode,
+                ..
+            } => {
+                self.rollback = match mode {
+                    0 => Rollback::KeepAll,
+                    1 => Rollback::LoseAll,
+                    _ => Rollback::Torn,
+                };
+                self.crash.arm(Some(*after_ops));
+            }
+            _ => {}
+        }
+        self.links.apply(sim, "agent1", "cp");
+        Ok(())
+    }
+
+    fn stepped(&mut self, sim: &mut turmoil::Sim<'a>, _now: Duration) -> anyhow::Result<()> {
+        if self.crash.is_dead() {
+            // The agent dies inside a write. Its connection closes (it cannot checkpoint: the
+            // disk is gone), then the disk keeps what `rollback` says, then it starts again.
+            sim.crash("agent1");
+            let synced = self.crash.wal_syncs();
+            if self.rollback != Rollback::KeepAll {
+                for row in lock(&self.ledger).rows.values_mut() {
+                    if row.syncs_at_commit >= synced {
+                        row.at_risk = true;
+                    }
+                }
+            }
+            let reverted = self.crash.restore(self.rollback, &mut self.rng)?;
+            self.crashes += 1;
+            trace::record(format!(
+                "disk crash at op {} ({:?}): {reverted} bytes reverted",
+                self.crash.ops(),
+                self.rollback
+            ));
+            sim.bounce("agent1");
+        }
+        Ok(())
+    }
 }
 
 fn final_check(
@@ -378,4 +370,47 @@ fn final_check(
         stored.len()
     ));
     Ok(())
+}
+
+/// One fault at a time for 200 s, then a quiet minute for the backlog to drain.
+pub fn schedule(rng: &mut StdRng) -> Schedule {
+    let mut events = Vec::new();
+    let mut t = secs(rng, 2, 10);
+    while t < Duration::from_secs(200) {
+        let length = secs(rng, 1, 30);
+        match rng.random_range(0..6) {
+            0 => {
+                events.push((t, Fault::Partition { agent: 0 }));
+                events.push((t + length, Fault::Repair { agent: 0 }));
+            }
+            1 => {
+                // Short holds stall a batch past the agent's request timeout: the ack is lost
+                // after the rows were stored, and the batch goes again.
+                let length = secs(rng, 1, 4);
+                events.push((t, Fault::Hold { agent: 0 }));
+                events.push((t + length, Fault::Release { agent: 0 }));
+            }
+            2 => events.push((t, Fault::BounceCp)),
+            3 => {
+                events.push((t, Fault::CrashCp));
+                events.push((t + length, Fault::StartCp));
+            }
+            4 => events.push((t, Fault::BounceAgent { agent: 0 })),
+            _ => events.push((
+                t,
+                Fault::DiskCrash {
+                    agent: 0,
+                    after_ops: rng.random_range(1..150),
+                    rollback: rng.random_range(0..3),
+                },
+            )),
+        }
+        t += length + secs(rng, 1, 15);
+    }
+    let quiet_from = events.last().map(|(at, _)| *at).unwrap_or_default() + Duration::from_secs(31);
+    Schedule {
+        events,
+        quiet_from,
+        run_for: quiet_from + Duration::from_secs(60),
+    }
 }

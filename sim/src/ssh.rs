@@ -30,7 +30,7 @@ use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId};
 use tokio_util::sync::CancellationToken;
 
-use crate::run::{host_world, new_sim};
+use crate::harness::{host_world, new_sim};
 use crate::scenario::Schedule;
 use crate::trace;
 
@@ -153,7 +153,7 @@ fn lock(s: &SharedState) -> MutexGuard<'_, Shared> {
 
 fn key_from_seed(seed: u64, who: &str) -> PrivateKey {
     let mut bytes = [0u8; 32];
-    let mut rng = StdRng::seed_from_u64(crate::run::host_seed(seed, who));
+    let mut rng = StdRng::seed_from_u64(crate::harness::host_seed(seed, who));
     rng.fill(&mut bytes);
     PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&bytes))
 }

@@ -17,9 +17,9 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::harness::{self, Driver, EPOCH_S, host_world, new_sim};
 use crate::processes::SimProcesses;
-use crate::run::{EPOCH_S, host_world, new_sim};
-use crate::scenario::{Fault, Schedule as Plan};
+use crate::scenario::{Fault, Schedule as Plan, secs};
 use crate::trace;
 
 const TASKS: usize = 24;
@@ -142,38 +142,11 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
             }
         });
     }
-    let mut due = plan.due();
-    let mut up = true;
-    loop {
-        let now = sim.elapsed();
-        trace::set_driver_elapsed(now);
-        if now >= plan.run_for {
-            break;
-        }
-        for fault in due.take(now) {
-            trace::record(format!("fault {fault:?}"));
-            match fault {
-                Fault::BounceAgent { .. } => {
-                    sim.bounce("agent1");
-                    up = true;
-                }
-                Fault::CrashAgent { .. } if up => {
-                    sim.crash("agent1");
-                    up = false;
-                }
-                Fault::StartAgent { .. } if !up => {
-                    sim.bounce("agent1");
-                    up = true;
-                }
-                _ => {}
-            }
-        }
-        sim.step()
-            .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
-        if let Some(v) = processes.violations().first() {
-            anyhow::bail!("{v}");
-        }
-    }
+    let mut driver = TasksDriver {
+        processes: processes.clone(),
+        up: true,
+    };
+    harness::drive(&mut sim, plan, &mut driver)?;
     final_check(
         &data.join("tasks.db"),
         &processes,
@@ -181,6 +154,45 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         seed,
         sim.elapsed(),
     )
+}
+
+/// Agent kills: bounced (restarted at once) or crashed with downtime.
+struct TasksDriver {
+    processes: SimProcesses,
+    up: bool,
+}
+
+impl<'a> Driver<'a> for TasksDriver {
+    fn fault(
+        &mut self,
+        sim: &mut turmoil::Sim<'a>,
+        fault: &Fault,
+        _now: Duration,
+    ) -> anyhow::Result<()> {
+        match fault {
+            Fault::BounceAgent { .. } => {
+                sim.bounce("agent1");
+                self.up = true;
+            }
+            Fault::CrashAgent { .. } if self.up => {
+                sim.crash("agent1");
+                self.up = false;
+            }
+            Fault::StartAgent { .. } if !self.up => {
+                sim.bounce("agent1");
+                self.up = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn stepped(&mut self, _sim: &mut turmoil::Sim<'a>, _now: Duration) -> anyhow::Result<()> {
+        if let Some(v) = self.processes.violations().first() {
+            anyhow::bail!("{v}");
+        }
+        Ok(())
+    }
 }
 
 fn final_check(
@@ -300,4 +312,27 @@ fn history(conn: &rusqlite::Connection, id: &str, end_ms: i64) -> anyhow::Result
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
+}
+
+/// Agent restarts (instant, like a supervisor's) and crashes with downtime, at random points.
+pub fn schedule(rng: &mut StdRng) -> Plan {
+    let mut events = Vec::new();
+    let mut t = secs(rng, 1, 15);
+    while t < Duration::from_secs(180) {
+        if rng.random_range(0..2) == 0 {
+            events.push((t, Fault::BounceAgent { agent: 0 }));
+            t += secs(rng, 1, 25);
+        } else {
+            let down = secs(rng, 1, 40);
+            events.push((t, Fault::CrashAgent { agent: 0 }));
+            events.push((t + down, Fault::StartAgent { agent: 0 }));
+            t += down + secs(rng, 1, 25);
+        }
+    }
+    let quiet_from = events.last().map(|(at, _)| *at).unwrap_or_default();
+    Plan {
+        events,
+        quiet_from,
+        run_for: quiet_from + Duration::from_secs(180),
+    }
 }

@@ -20,10 +20,8 @@ use agent::terminal::{
     Output, PtyChild, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, SESSION_ENV,
     TerminalConfig, TerminalLink, Terminals,
 };
-use control_plane::auth::{self, Role, SecretKind};
 use control_plane::settings::Settings;
 use control_plane::state::AppState;
-use control_plane::storage::UserRow;
 use control_plane::terminal::streams::MemoryStreams;
 use control_plane::terminal::{Streams, Terminal, TerminalSettings};
 use futures_util::{SinkExt, StreamExt};
@@ -34,11 +32,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use crate::run::{host_world, new_sim};
+use crate::harness::{self, CP_PORT, Driver, LinkFaults, Prepare, host_world, new_sim};
 use crate::scenario::{Fault, Schedule, secs};
 use crate::trace;
 
-const CP_PORT: u16 = 8080;
 const RECONNECT_WINDOW: Duration = Duration::from_secs(20);
 /// Output kept per session in the store: small, so slow browsers fall behind it.
 const STREAM_BYTES_MAX: u64 = 256 * 1024;
@@ -213,39 +210,16 @@ impl PtySystem for SimPty {
     }
 }
 
-/// Create the browser's user and API token in the control plane's database.
-fn prepare_user(dir: &std::path::Path, seed: u64) -> anyhow::Result<String> {
-    let world = host_world(seed, "operator");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
-        let now = world.now_unix_ms();
-        let user_id = auth::new_id(&world, "usr");
-        storage
-            .create_user(UserRow {
-                id: user_id.clone(),
-                name: "ops".into(),
-                role: Role::Operator,
-                password_hash: "unused".into(),
-                created_at_ms: now,
-            })
-            .await?;
-        let token = auth::new_secret(&world, SecretKind::ApiToken);
-        storage
-            .create_api_token(&auth::secret_hash(&token), &user_id, now, now + 86_400_000)
-            .await?;
-        Ok(token)
-    })
-}
-
 pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("outpost-sim-terminal-")
         .tempdir()?;
-    let credential = crate::metrics::prepare(dir.path(), seed)?;
-    let token = prepare_user(dir.path(), seed)?;
+    let mut secrets = harness::prepare(
+        dir.path(),
+        seed,
+        &[Prepare::EnrolledAgent, Prepare::OperatorToken],
+    )?;
+    let (token, credential) = (secrets.remove(1), secrets.remove(0));
     let ledger: Shared = Arc::default();
     // The store outlives control-plane restarts, as Redis would.
     let store = Arc::new(MemoryStreams::default());
@@ -332,40 +306,51 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         });
     }
 
-    let mut due = plan.due();
-    let mut links = crate::run::LinkFaults::default();
-    loop {
-        let now = sim.elapsed();
-        trace::set_driver_elapsed(now);
-        if now >= plan.run_for {
-            break;
-        }
-        for fault in due.take(now) {
-            trace::record(format!("fault {fault:?}"));
-            links.count(fault);
-            match fault {
-                Fault::StoreOutage => store.set_outage(true),
-                Fault::StoreBack => store.set_outage(false),
-                Fault::PartitionBrowser => sim.partition("browser", "cp"),
-                Fault::RepairBrowser => sim.repair("browser", "cp"),
-                Fault::BounceCp => sim.bounce("cp"),
-                Fault::BounceAgent { .. } => sim.bounce("agent1"),
-                _ => {}
-            }
-            links.apply(&mut sim, "agent1", "cp");
-        }
-        if let Err(e) = sim.step() {
-            // The browser is a client: it runs forever, so an error here is a real failure.
-            anyhow::bail!("simulation error: {e}");
-        }
-        let l = lock(&ledger);
-        if let Some(v) = l.violations.first() {
-            anyhow::bail!("{v}");
-        }
-    }
+    let mut driver = TerminalDriver {
+        store: Arc::clone(&store),
+        ledger: ledger.clone(),
+        links: LinkFaults::default(),
+    };
+    harness::drive(&mut sim, plan, &mut driver)?;
     drop(sim);
     final_check(&lock(&ledger))?;
     audit_check(dir.path(), seed, &lock(&ledger))
+}
+
+/// Agent link flaps, store outages, browser partitions, control-plane and agent bounces.
+struct TerminalDriver {
+    store: Arc<MemoryStreams>,
+    ledger: Shared,
+    links: LinkFaults,
+}
+
+impl<'a> Driver<'a> for TerminalDriver {
+    fn fault(
+        &mut self,
+        sim: &mut turmoil::Sim<'a>,
+        fault: &Fault,
+        _now: Duration,
+    ) -> anyhow::Result<()> {
+        self.links.count(fault);
+        match fault {
+            Fault::StoreOutage => self.store.set_outage(true),
+            Fault::StoreBack => self.store.set_outage(false),
+            Fault::PartitionBrowser => sim.partition("browser", "cp"),
+            Fault::RepairBrowser => sim.repair("browser", "cp"),
+            Fault::BounceCp => sim.bounce("cp"),
+            Fault::BounceAgent { .. } => sim.bounce("agent1"),
+            _ => {}
+        }
+        self.links.apply(sim, "agent1", "cp");
+        Ok(())
+    }
+
+    fn stepped(&mut self, _sim: &mut turmoil::Sim<'a>, _now: Duration) -> anyhow::Result<()> {
+        if let Some(v) = lock(&self.ledger).violations.first() {
+            anyhow::bail!("{v}");
+        }
+        Ok(())
+    }
 }
 
 /// The audit log agrees with what happened: every session the browser was given was recorded

@@ -1,0 +1,205 @@
+//! What every scenario shares: the simulation builder and its epoch, each host's world, the
+//! control plane's port, link faults, the one place that prepares the control plane's
+//! database before a run, and the fault loop ([`drive`]).
+
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use control_plane::auth::{self, Role, SecretKind};
+use control_plane::storage::{EnrollAttempt, Enrollment, UserRow};
+use world::World;
+
+use crate::scenario::{Fault, Schedule};
+use crate::trace;
+
+/// Fixed wall-clock start of every simulation: 2026-01-01T00:00:00Z.
+pub const EPOCH_S: u64 = 1_767_225_600;
+/// The control plane listens here on host `cp`.
+pub const CP_PORT: u16 = 8080;
+const TICK: Duration = Duration::from_millis(10);
+
+/// The simulation every scenario runs in: seeded, at the fixed epoch, a little longer than
+/// the plan so the driver, not turmoil, decides when it ends.
+pub fn new_sim<'a>(seed: u64, plan: &Schedule) -> turmoil::Sim<'a> {
+    turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
+        .simulation_duration(plan.run_for + Duration::from_secs(10))
+        .tick_duration(TICK)
+        .build()
+}
+
+/// Partitions and holds in force on one agent's link (they may overlap); a partition wins
+/// over a hold, and the link is repaired when neither is left.
+#[derive(Debug, Default)]
+pub struct LinkFaults {
+    partitions: i32,
+    holds: i32,
+}
+
+impl LinkFaults {
+    /// Count `fault` if it partitions, holds, repairs or releases the link.
+    pub fn count(&mut self, fault: &Fault) {
+        match fault {
+            Fault::Partition { .. } => self.partitions += 1,
+            Fault::Repair { .. } => self.partitions -= 1,
+            Fault::Hold { .. } => self.holds += 1,
+            Fault::Release { .. } => self.holds -= 1,
+            _ => {}
+        }
+    }
+
+    /// Put the link between `a` and `b` in the state the counted faults say.
+    pub fn apply(&self, sim: &mut turmoil::Sim<'_>, a: &str, b: &str) {
+        if self.partitions > 0 {
+            sim.partition(a, b);
+        } else if self.holds > 0 {
+            sim.hold(a, b);
+        } else {
+            sim.repair(a, b);
+        }
+    }
+}
+
+/// The world of simulated host `host`: its randomness follows the seed and the host's name.
+pub fn host_world(seed: u64, host: &str) -> World {
+    World::simulated(
+        host_seed(seed, host),
+        UNIX_EPOCH + Duration::from_secs(EPOCH_S),
+    )
+}
+
+pub fn host_seed(seed: u64, host: &str) -> u64 {
+    host.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// What to put into the control plane's database before the simulation starts, as an operator
+/// would. Each step draws from the operator's world afresh (as separate operator commands do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepare {
+    /// This many single-use enrollment tokens (valid a day), for agents that enroll themselves.
+    EnrollTokens(usize),
+    /// `agent1` enrolled already (id `agt_sim`): its credential.
+    EnrolledAgent,
+    /// An operator user `ops` and an API token for it.
+    OperatorToken,
+}
+
+/// Run `steps` against the control plane's database in `dir/cp`; one secret per enrollment
+/// token, then the agent credential, then the API token, in the order of `steps`.
+pub fn prepare(dir: &Path, seed: u64, steps: &[Prepare]) -> anyhow::Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut secrets = Vec::new();
+    for step in steps {
+        let world = host_world(seed, "operator");
+        rt.block_on(async {
+            let storage =
+                control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
+            let now = world.now_unix_ms();
+            match *step {
+                Prepare::EnrollTokens(n) => {
+                    for _ in 0..n {
+                        let token = auth::new_secret(&world, SecretKind::EnrollToken);
+                        storage
+                            .create_enroll_token(
+                                &auth::secret_hash(&token),
+                                now,
+                                now + 24 * 3_600_000,
+                            )
+                            .await?;
+                        secrets.push(token);
+                    }
+                }
+                Prepare::EnrolledAgent => {
+                    let token = auth::new_secret(&world, SecretKind::EnrollToken);
+                    storage
+                        .create_enroll_token(&auth::secret_hash(&token), now, now + 3_600_000)
+                        .await?;
+                    let credential = auth::new_secret(&world, SecretKind::AgentCredential);
+                    let enrolled = storage
+                        .enroll_agent(EnrollAttempt {
+                            token_hash: auth::secret_hash(&token),
+                            enrollment_id: "sim".into(),
+                            name: "agent1".into(),
+                            new_agent_id: "agt_sim".into(),
+                            credential_hash: auth::secret_hash(&credential),
+                            now_ms: now,
+                        })
+                        .await?;
+                    anyhow::ensure!(matches!(enrolled, Enrollment::Enrolled { .. }), "enroll");
+                    secrets.push(credential);
+                }
+                Prepare::OperatorToken => {
+                    let user_id = auth::new_id(&world, "usr");
+                    storage
+                        .create_user(UserRow {
+                            id: user_id.clone(),
+                            name: "ops".into(),
+                            role: Role::Operator,
+                            password_hash: "unused".into(),
+                            created_at_ms: now,
+                        })
+                        .await?;
+                    let token = auth::new_secret(&world, SecretKind::ApiToken);
+                    storage
+                        .create_api_token(
+                            &auth::secret_hash(&token),
+                            &user_id,
+                            now,
+                            now + 86_400_000,
+                        )
+                        .await?;
+                    secrets.push(token);
+                }
+            }
+            anyhow::Ok(())
+        })?;
+    }
+    Ok(secrets)
+}
+
+/// A scenario's side of the fault loop.
+pub trait Driver<'a> {
+    /// Before the faults due at `now` (nothing by default).
+    fn tick(&mut self, _sim: &mut turmoil::Sim<'a>, _now: Duration) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// One fault came due (already recorded in the trace).
+    fn fault(
+        &mut self,
+        sim: &mut turmoil::Sim<'a>,
+        fault: &Fault,
+        now: Duration,
+    ) -> anyhow::Result<()>;
+    /// After each step of the simulation: the scenario's checks.
+    fn stepped(&mut self, sim: &mut turmoil::Sim<'a>, now: Duration) -> anyhow::Result<()>;
+}
+
+/// The fault loop every scenario runs: until `plan.run_for`, apply the faults that came due,
+/// step the simulation, check.
+pub fn drive<'a>(
+    sim: &mut turmoil::Sim<'a>,
+    plan: &Schedule,
+    driver: &mut impl Driver<'a>,
+) -> anyhow::Result<()> {
+    let mut due = plan.due();
+    loop {
+        let now = sim.elapsed();
+        trace::set_driver_elapsed(now);
+        if now >= plan.run_for {
+            return Ok(());
+        }
+        driver.tick(sim, now)?;
+        for fault in due.take(now) {
+            trace::record(format!("fault {fault:?}"));
+            driver.fault(sim, fault, now)?;
+        }
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
+        driver.stepped(sim, now)?;
+    }
+}
