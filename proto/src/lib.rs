@@ -16,6 +16,7 @@
 //! Frames are JSON text frames, one message per frame, at most [`FRAME_BYTES_MAX`] bytes.
 
 pub mod prometheus;
+pub mod terminal;
 
 use serde::{Deserialize, Serialize};
 
@@ -330,21 +331,6 @@ pub enum TerminalFromAgent {
     Pong,
     #[serde(other)]
     Unknown,
-}
-
-/// Encode one output chunk frame of the reverse terminal link.
-pub fn terminal_chunk(offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(8 + data.len());
-    frame.extend_from_slice(&offset.to_be_bytes());
-    frame.extend_from_slice(data);
-    frame
-}
-
-/// Split an output chunk frame into its offset and data; `None` when shorter than 8 bytes.
-pub fn parse_terminal_chunk(frame: &[u8]) -> Option<(u64, &[u8])> {
-    let (head, data) = frame.split_at_checked(8)?;
-    let offset = u64::from_be_bytes(head.try_into().ok()?);
-    Some((offset, data))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,21 +1,11 @@
 //! The PTY output ring: sans-IO, byte offsets from 0, bounded. The PTY reader appends and never
 //! waits; a sender reads from its own cursor and learns when the bytes it wanted were
-//! overwritten, so every gap it forwards is announced.
+//! overwritten, so every gap it forwards is announced. It hands out the protocol's own
+//! [`Entry`]s (`proto::terminal`), so what it produces is what the link carries.
 
 use std::collections::VecDeque;
 
-/// What a reader at some offset gets next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Next {
-    /// Bytes starting at `offset` (the cursor).
-    Data { offset: u64, bytes: Vec<u8> },
-    /// `from..to` was overwritten; continue at `to`.
-    Skipped { from: u64, to: u64 },
-    /// Nothing new yet.
-    Empty,
-    /// The process ended and everything up to `end` was read.
-    Closed { end: u64, reason: String },
-}
+use proto::terminal::Entry;
 
 #[derive(Debug)]
 pub struct OutputRing {
@@ -73,42 +63,42 @@ impl OutputRing {
         }
     }
 
-    /// What a reader whose next wanted byte is `cursor` gets, at most `max` bytes of it.
-    pub fn next(&mut self, cursor: u64, max: usize) -> Next {
+    /// What a reader whose next wanted byte is `cursor` gets, at most `max` bytes of it;
+    /// `None` while there is nothing new.
+    pub fn next(&mut self, cursor: u64, max: usize) -> Option<Entry> {
         if cursor < self.start {
             self.overwritten_total += self.start - cursor;
-            return Next::Skipped {
+            return Some(Entry::Skipped {
                 from: cursor,
                 to: self.start,
-            };
+            });
         }
         let end = self.end();
         let offset = cursor;
         let skip = usize::try_from(offset - self.start).unwrap_or(usize::MAX);
         if skip >= self.bytes.len() {
-            return match &self.closed {
-                Some(reason) => Next::Closed {
-                    end,
-                    reason: reason.clone(),
-                },
-                None => Next::Empty,
-            };
+            return self.closed.as_ref().map(|reason| Entry::Closed {
+                end,
+                reason: reason.clone(),
+            });
         }
         let take = (self.bytes.len() - skip).min(max);
         let bytes = self.bytes.range(skip..skip + take).copied().collect();
-        Next::Data { offset, bytes }
+        Some(Entry::Data { offset, bytes })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Next, OutputRing};
+    use proto::terminal::Entry;
 
-    fn data(offset: u64, bytes: &[u8]) -> Next {
-        Next::Data {
+    use super::OutputRing;
+
+    fn data(offset: u64, bytes: &[u8]) -> Option<Entry> {
+        Some(Entry::Data {
             offset,
             bytes: bytes.to_vec(),
-        }
+        })
     }
 
     #[test]
@@ -118,7 +108,7 @@ mod tests {
         ring.push(b"world");
         assert_eq!(ring.next(0, 4), data(0, b"hell"));
         assert_eq!(ring.next(4, 100), data(4, b"o world"));
-        assert_eq!(ring.next(11, 100), Next::Empty);
+        assert_eq!(ring.next(11, 100), None);
     }
 
     #[test]
@@ -126,7 +116,7 @@ mod tests {
         let mut ring = OutputRing::new(4);
         ring.push(b"abcdef");
         assert_eq!(ring.end(), 6);
-        assert_eq!(ring.next(0, 10), Next::Skipped { from: 0, to: 2 });
+        assert_eq!(ring.next(0, 10), Some(Entry::Skipped { from: 0, to: 2 }));
         assert_eq!(ring.next(2, 10), data(2, b"cdef"));
         assert_eq!(ring.overwritten_total(), 2);
     }
@@ -135,7 +125,7 @@ mod tests {
     fn a_cursor_past_the_end_gets_nothing_until_output_reaches_it() {
         let mut ring = OutputRing::new(8);
         ring.push(b"abc");
-        assert_eq!(ring.next(5, 10), Next::Empty);
+        assert_eq!(ring.next(5, 10), None);
         ring.push(b"defg");
         assert_eq!(ring.next(5, 10), data(5, b"fg"));
     }
@@ -149,10 +139,10 @@ mod tests {
         assert_eq!(ring.next(0, 10), data(0, b"bye"));
         assert_eq!(
             ring.next(3, 10),
-            Next::Closed {
+            Some(Entry::Closed {
                 end: 3,
                 reason: "psql exited with status 0".into()
-            }
+            })
         );
     }
 }

@@ -13,11 +13,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
-use super::ring::Next;
 use super::{
     Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
 };
 use crate::link::Backoff;
+use proto::terminal::{Entry, Frame};
 
 /// TCP connect plus WebSocket handshake of one reverse link.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -320,34 +320,26 @@ async fn serve_link(
             }
             let next = output.with(|r| r.next(cursor, proto::TERMINAL_CHUNK_BYTES_MAX));
             match next {
-                Next::Data { offset, bytes } => {
-                    cursor = offset + bytes.len() as u64;
-                    if let Ok(mut at) = out_activity.lock() {
+                Some(entry) => {
+                    cursor = entry.end();
+                    if matches!(entry, Entry::Data { .. })
+                        && let Ok(mut at) = out_activity.lock()
+                    {
                         *at = Instant::now();
                     }
-                    sink.send(Message::Binary(
-                        proto::terminal_chunk(offset, &bytes).into(),
-                    ))
-                    .await
-                    .map_err(|e| format!("send: {e}"))?;
+                    match entry.to_frame() {
+                        Frame::Binary(chunk) => sink
+                            .send(Message::Binary(chunk.into()))
+                            .await
+                            .map_err(|e| format!("send: {e}"))?,
+                        Frame::Text(msg) => send_text(&mut sink, &msg).await?,
+                    }
+                    if let Entry::Closed { reason, .. } = entry {
+                        let _ = sink.flush().await;
+                        return Ok::<String, String>(reason);
+                    }
                 }
-                Next::Skipped { from, to } => {
-                    cursor = to;
-                    send_text(&mut sink, &TerminalFromAgent::Skipped { from, to }).await?;
-                }
-                Next::Closed { end, reason } => {
-                    send_text(
-                        &mut sink,
-                        &TerminalFromAgent::Closed {
-                            reason: reason.clone(),
-                            end,
-                        },
-                    )
-                    .await?;
-                    let _ = sink.flush().await;
-                    return Ok::<String, String>(reason);
-                }
-                Next::Empty => {
+                None => {
                     tokio::select! {
                         _ = output.changed() => {}
                         msg = control_rx.recv() => match msg {

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use proto::terminal::{Cursor, Entry, Frame};
 use proto::{TerminalFromAgent, TerminalToAgent};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -280,54 +281,25 @@ async fn finish(state: &TerminalContext, session_id: &str, reason: &str) {
     }
 }
 
-/// Turn one agent frame into store entries; `Some(reason)` when the agent closed the session.
+/// Turn one agent frame into store entries, stitched at the store's end (resends cut, holes
+/// announced); `Some(reason)` when the agent closed the session.
 fn frame_entries(
     frame: Message,
-    written_end: &mut u64,
+    written: &mut Cursor,
     entries: &mut Vec<OutEntry>,
 ) -> Option<String> {
-    match frame {
-        Message::Binary(data) => {
-            let (offset, bytes) = proto::parse_terminal_chunk(&data)?;
-            let end = offset + bytes.len() as u64;
-            if end <= *written_end {
-                return None; // resent after a reattach: already stored
-            }
-            if offset > *written_end {
-                // The agent skips only with an announcement; keep the stream gap-free anyway.
-                entries.push(OutEntry::Skipped {
-                    from: *written_end,
-                    to: offset,
-                });
-            }
-            let keep_from = usize::try_from(written_end.saturating_sub(offset)).unwrap_or(0);
-            entries.push(OutEntry::Data {
-                offset: offset.max(*written_end),
-                bytes: bytes[keep_from..].to_vec(),
-            });
-            *written_end = end;
-            None
-        }
-        Message::Text(text) => match serde_json::from_str::<TerminalFromAgent>(&text) {
-            Ok(TerminalFromAgent::Skipped { from, to }) if to > *written_end => {
-                entries.push(OutEntry::Skipped {
-                    from: from.max(*written_end),
-                    to,
-                });
-                *written_end = to;
-                None
-            }
-            Ok(TerminalFromAgent::Closed { reason, end }) => {
-                entries.push(OutEntry::Closed {
-                    end: end.max(*written_end),
-                    reason: reason.clone(),
-                });
-                Some(reason)
-            }
-            _ => None,
-        },
+    let frame = match frame {
+        Message::Binary(data) => Frame::Binary(data.into()),
+        Message::Text(text) => Frame::Text(serde_json::from_str::<TerminalFromAgent>(&text).ok()?),
+        _ => return None,
+    };
+    let entry = Entry::from_frame(frame)?;
+    let reason = match &entry {
+        Entry::Closed { reason, .. } => Some(reason.clone()),
         _ => None,
-    }
+    };
+    written.take(entry, entries);
+    reason
 }
 
 /// Agent → store: output chunks at their offsets, skipped ranges, the close. Frames that
@@ -337,11 +309,12 @@ async fn output_loop(
     state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
-    mut written_end: u64,
+    written_end: u64,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> End {
     let cap = state.terminal.settings.stream_bytes_max;
     let mut entries: Vec<OutEntry> = Vec::new();
+    let mut written = Cursor::new(written_end);
     loop {
         let frame = match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
             Err(_) => {
@@ -356,11 +329,11 @@ async fn output_loop(
             Ok(Some(Err(e))) => return End::Lost(format!("receive: {e}")),
             Ok(Some(Ok(frame))) => frame,
         };
-        let mut closed = frame_entries(frame, &mut written_end, &mut entries);
+        let mut closed = frame_entries(frame, &mut written, &mut entries);
         while closed.is_none() && entries.len() < BATCH_ENTRIES_MAX {
             match stream.next().now_or_never() {
                 Some(Some(Ok(frame))) if !matches!(frame, Message::Close(_)) => {
-                    closed = frame_entries(frame, &mut written_end, &mut entries);
+                    closed = frame_entries(frame, &mut written, &mut entries);
                 }
                 // Nothing ready, or the link ended: store what we have; the next read says.
                 _ => break,

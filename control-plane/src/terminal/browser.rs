@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use proto::Command;
+use proto::terminal::Cursor;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
@@ -322,8 +323,23 @@ async fn send(sink: &mut Sink, message: Message) -> Result<(), String> {
     }
 }
 
-async fn send_json(sink: &mut Sink, value: serde_json::Value) -> Result<(), String> {
-    send(sink, Message::Text(value.to_string().into())).await
+/// Text frames to the browser (JSON with a `type`); binary frames are output bytes.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ToBrowser<'a> {
+    /// Output continues at this byte offset (the first frame).
+    Offset { offset: u64 },
+    /// `from..to` will never be shown; output continues at `to`.
+    Skipped { from: u64, to: u64 },
+    /// The session ended; nothing follows.
+    Closed { reason: &'a str },
+    /// What the session is doing: `pending`, `live`, `reconnecting`, `degraded`, `closed`.
+    State { state: &'a str },
+}
+
+async fn send_json(sink: &mut Sink, message: &ToBrowser<'_>) -> Result<(), String> {
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+    send(sink, Message::Text(text.into())).await
 }
 
 async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: WebSocket) {
@@ -334,25 +350,24 @@ async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: 
         .append_input(&session_id, InEvent::Attach { cols: 80, rows: 24 })
         .await
     {
-        let _ = send_json(
-            &mut sink,
-            serde_json::json!({"type": "state", "state": "degraded"}),
-        )
-        .await;
+        let _ = send_json(&mut sink, &ToBrowser::State { state: "degraded" }).await;
         tracing::warn!(error = %e, "attach: store unavailable");
     }
     let output = async {
         let mut cursor = loop {
             match streams.output_end(&session_id).await {
-                Ok(end) => break offset.min(end),
+                Ok(end) => break Cursor::new(offset.min(end)),
                 Err(_) => tokio::time::sleep(STORE_RETRY).await,
             }
         };
         send_json(
             &mut sink,
-            serde_json::json!({"type": "offset", "offset": cursor}),
+            &ToBrowser::Offset {
+                offset: cursor.at(),
+            },
         )
         .await?;
+        let mut emit = Vec::new();
         let mut shown_state = String::new();
         let mut last_sent = tokio::time::Instant::now();
         loop {
@@ -360,17 +375,16 @@ async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: 
                 send(&mut sink, Message::Ping(Vec::new().into())).await?;
                 last_sent = tokio::time::Instant::now();
             }
-            let entries = match streams.read_output(&session_id, cursor, READ_BLOCK).await {
+            let entries = match streams
+                .read_output(&session_id, cursor.at(), READ_BLOCK)
+                .await
+            {
                 Ok(entries) => entries,
                 Err(e) => {
                     if shown_state != "degraded" {
                         tracing::warn!(error = %e, "terminal output unavailable; retrying");
                         shown_state = "degraded".into();
-                        send_json(
-                            &mut sink,
-                            serde_json::json!({"type": "state", "state": "degraded"}),
-                        )
-                        .await?;
+                        send_json(&mut sink, &ToBrowser::State { state: "degraded" }).await?;
                     }
                     tokio::time::sleep(STORE_RETRY).await;
                     continue;
@@ -382,16 +396,14 @@ async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: 
                     let now = meta.state.as_str();
                     if now != shown_state {
                         shown_state = now.to_string();
-                        send_json(
-                            &mut sink,
-                            serde_json::json!({"type": "state", "state": now}),
-                        )
-                        .await?;
+                        send_json(&mut sink, &ToBrowser::State { state: now }).await?;
                     }
                     if meta.state == SessionState::Closed {
                         send_json(
                             &mut sink,
-                            serde_json::json!({"type": "closed", "reason": meta.reason}),
+                            &ToBrowser::Closed {
+                                reason: &meta.reason,
+                            },
                         )
                         .await?;
                         return Ok::<(), String>(());
@@ -402,52 +414,25 @@ async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: 
             last_sent = tokio::time::Instant::now();
             if shown_state == "degraded" {
                 shown_state = "live".into();
-                send_json(
-                    &mut sink,
-                    serde_json::json!({"type": "state", "state": "live"}),
-                )
-                .await?;
+                send_json(&mut sink, &ToBrowser::State { state: "live" }).await?;
             }
             for entry in entries {
-                let end = entry.end();
+                cursor.take(entry, &mut emit);
+            }
+            for entry in emit.drain(..) {
                 match entry {
-                    OutEntry::Data { offset, bytes } => {
-                        if end <= cursor {
-                            continue;
-                        }
-                        if offset > cursor {
-                            send_json(&mut sink, serde_json::json!({"type": "skipped", "from": cursor, "to": offset})).await?;
-                            cursor = offset;
-                        }
-                        let skip = usize::try_from(cursor - offset).unwrap_or(0);
-                        let chunk = if skip == 0 {
-                            bytes
-                        } else {
-                            bytes.get(skip..).unwrap_or_default().to_vec()
-                        };
+                    OutEntry::Data { bytes, .. } => {
                         TerminalCounters::add(
                             &state.terminal.counters.output_bytes_total,
-                            chunk.len() as u64,
+                            bytes.len() as u64,
                         );
-                        send(&mut sink, Message::Binary(chunk.into())).await?;
-                        cursor = end;
+                        send(&mut sink, Message::Binary(bytes.into())).await?;
                     }
-                    OutEntry::Skipped { to, .. } => {
-                        if to > cursor {
-                            send_json(
-                                &mut sink,
-                                serde_json::json!({"type": "skipped", "from": cursor, "to": to}),
-                            )
-                            .await?;
-                            cursor = to;
-                        }
+                    OutEntry::Skipped { from, to } => {
+                        send_json(&mut sink, &ToBrowser::Skipped { from, to }).await?;
                     }
                     OutEntry::Closed { reason, .. } => {
-                        send_json(
-                            &mut sink,
-                            serde_json::json!({"type": "closed", "reason": reason}),
-                        )
-                        .await?;
+                        send_json(&mut sink, &ToBrowser::Closed { reason: &reason }).await?;
                         let _ = sink
                             .send(Message::Close(Some(CloseFrame {
                                 code: 1000,

@@ -30,37 +30,14 @@ pub const READ_ENTRIES_MAX: usize = 256;
 /// far less), so one read of [`READ_ENTRIES_MAX`] entries stays bounded.
 pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OutEntry {
-    Data { offset: u64, bytes: Vec<u8> },
-    Skipped { from: u64, to: u64 },
-    Closed { end: u64, reason: String },
-}
+/// An output entry: the terminal protocol's [`proto::terminal::Entry`], stored as it is.
+pub use proto::terminal::Entry as OutEntry;
 
-impl OutEntry {
-    /// The stream position just after this entry: what the next read continues from.
-    pub fn end(&self) -> u64 {
-        match self {
-            OutEntry::Data { offset, bytes } => offset + bytes.len() as u64,
-            OutEntry::Skipped { to, .. } => *to,
-            OutEntry::Closed { end, .. } => *end,
-        }
-    }
-
-    /// The entry's position in the stream: `(end, 0)`, or `(end, 1)` for the close.
-    pub fn id(&self) -> (u64, u64) {
-        match self {
-            OutEntry::Closed { end, .. } => (*end, 1),
-            other => (other.end(), 0),
-        }
-    }
-
-    fn payload_bytes(&self) -> usize {
-        match self {
-            OutEntry::Data { bytes, .. } => bytes.len(),
-            OutEntry::Skipped { .. } => 0,
-            OutEntry::Closed { reason, .. } => reason.len(),
-        }
+fn out_payload_bytes(entry: &OutEntry) -> usize {
+    match entry {
+        OutEntry::Data { bytes, .. } => bytes.len(),
+        OutEntry::Skipped { .. } => 0,
+        OutEntry::Closed { reason, .. } => reason.len(),
     }
 }
 
@@ -271,7 +248,7 @@ impl Streams {
     /// `bytes_max` bytes. Entries at or below the newest one are resends and are ignored.
     pub async fn append_output(&self, id: &str, batch: &[OutEntry], bytes_max: u64) -> Result<()> {
         for entry in batch {
-            check_size(entry.payload_bytes())?;
+            check_size(out_payload_bytes(entry))?;
         }
         match self {
             Streams::Memory(m) => m.append_output(id, batch, bytes_max),

@@ -1,7 +1,7 @@
 //! The record and entry rules shared by both backends; the backends themselves are checked
 //! together against real Redis in `tests/it/streams.rs`.
 
-use super::{MetaPatch, OutEntry, SessionMeta, SessionState};
+use super::{MetaPatch, SessionMeta, SessionState};
 
 fn meta() -> SessionMeta {
     SessionMeta {
@@ -39,21 +39,4 @@ fn a_patch_writes_only_its_fields_and_stamps_state_changes() {
     .apply(&mut m, 20);
     assert!(m.started);
     assert_eq!(m.changed_ms, 9);
-}
-
-#[test]
-fn entry_ids_order_data_skips_and_the_close() {
-    let data = OutEntry::Data {
-        offset: 10,
-        bytes: b"abc".to_vec(),
-    };
-    let skipped = OutEntry::Skipped { from: 13, to: 40 };
-    let closed = OutEntry::Closed {
-        end: 40,
-        reason: "psql exited".into(),
-    };
-    assert_eq!((data.id(), data.end()), ((13, 0), 13));
-    assert_eq!(skipped.id(), (40, 0));
-    assert_eq!(closed.id(), (40, 1));
-    assert!(data.id() < skipped.id() && skipped.id() < closed.id());
 }
