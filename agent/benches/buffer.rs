@@ -7,7 +7,6 @@
 //! * agent RSS and CPU while collecting from a real Postgres at a 10 s interval
 #![allow(clippy::disallowed_methods)] // a benchmark measures wall time
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
@@ -127,7 +126,7 @@ async fn drain(storage: Storage, n: usize) -> (f64, f64, u64) {
         b.append(now, &batch).expect("append");
     }
     let bytes = b.size_bytes();
-    let buffer = Arc::new(Mutex::new(b));
+    let buffer = agent::buffer::SharedBuffer::new(b);
     let listener = world.net().bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
@@ -158,7 +157,11 @@ async fn drain(storage: Storage, n: usize) -> (f64, f64, u64) {
     ));
     let start = Instant::now();
     loop {
-        let rows = buffer.lock().expect("lock").stats(0).expect("stats").rows;
+        let rows = buffer
+            .with(&world, |b| b.stats(0))
+            .await
+            .expect("stats")
+            .rows;
         if rows == 0 {
             break;
         }

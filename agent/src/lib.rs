@@ -1,9 +1,11 @@
 //! Outpost agent: the daemon on each database host.
 //!
 //! Code map: [`config`] (validated configuration), [`identity`] (enrollment and the stored
-//! credential), [`link`] (the control channel to the control plane: backoff core and driver),
+//! credential), [`backoff`] (the sans-IO retry policy every reconnecting part shares: the
+//! control channel, metrics delivery, terminal links), [`link`] (the control channel),
 //! [`run`] (the daemon's top level).
 
+pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod identity;

@@ -96,7 +96,7 @@ pub async fn run(
     }
     let identity = identity::load(&config.data_dir).context("load agent identity")?;
     // Corruption never blocks start-up: a bad buffer is moved aside and a new epoch begins.
-    let buffer = Arc::new(Mutex::new(open_buffer(&world, &config).await?));
+    let buffer = crate::buffer::SharedBuffer::new(open_buffer(&world, &config).await?);
     let stop = shutdown.child_token();
     let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
@@ -207,7 +207,7 @@ pub async fn run(
             );
             let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
             link.tasks = Some(bridge);
-            link.buffer = Some(crate::buffer::SharedBuffer(buffer.clone()));
+            link.buffer = Some(buffer.clone());
             link.terminals = Some(terminals.clone());
             running_terminals = Some(terminals.clone());
             let (world, stop) = (world.clone(), stop.clone());
@@ -224,7 +224,7 @@ pub async fn run(
         let figures = crate::observe::Figures {
             world: world.clone(),
             name: agent_name,
-            buffer: crate::buffer::SharedBuffer(buffer.clone()),
+            buffer: buffer.clone(),
             tasks: metrics_reader,
             terminals: running_terminals,
             link: link_status,

@@ -281,7 +281,7 @@ async fn enroll_until_done(
     name: &str,
     link: &LinkConfig,
 ) -> agent::identity::Identity {
-    let mut backoff = agent::link::Backoff::new(link.backoff_base, link.backoff_max);
+    let mut backoff = agent::backoff::Backoff::new(link.backoff_base, link.backoff_max);
     loop {
         match agent::identity::load(data_dir) {
             Ok(Some(identity)) => return identity,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
-use agent::buffer::{Buffer, Limits};
+use agent::buffer::{Buffer, Limits, SharedBuffer};
 use control_plane::settings::Settings;
 use control_plane::state::AppState;
 use rand::rngs::StdRng;
@@ -62,7 +62,7 @@ fn limits() -> Limits {
 /// The simulated collector: a few rows a second, each with a unique id in its payload.
 async fn collect(
     world: world::World,
-    buffer: Arc<Mutex<Buffer>>,
+    buffer: SharedBuffer,
     ledger: SharedLedger,
     state: Arc<vfs::CrashState>,
 ) {
@@ -72,10 +72,9 @@ async fn collect(
         let rows: Vec<(String, String)> = (first..first + n)
             .map(|id| ("sim".to_string(), format!("{{\"id\":{id}}}")))
             .collect();
-        let appended = match buffer.lock() {
-            Ok(mut b) => b.append(world.now_unix_ms(), &rows),
-            Err(_) => return,
-        };
+        // The simulated world runs blocking work inline: no yield, as a real lock would be.
+        let now_ms = world.now_unix_ms();
+        let appended = buffer.with(&world, move |b| b.append(now_ms, &rows)).await;
         if appended.is_ok() {
             let syncs = state.wal_syncs();
             let mut l = lock(&ledger);
@@ -164,7 +163,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                 if let agent::buffer::store::OpenReport::Quarantined { reason, .. } = &report {
                     trace::record(format!("QUARANTINED: {reason}"));
                 }
-                let buffer = Arc::new(Mutex::new(buffer));
+                let buffer = SharedBuffer::new(buffer);
                 tokio::spawn(collect(world.clone(), buffer.clone(), ledger, state));
                 run_delivery(world, buffer, config, CancellationToken::new()).await;
                 Ok(())

@@ -3,14 +3,13 @@
 //! query is reported and retried at the next interval, never fatal. Views a server version
 //! lacks are skipped, and said so once.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use super::store::Buffer;
+use super::SharedBuffer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,7 +111,7 @@ pub async fn run_collector(
     world: World,
     dsn: String,
     interval: Duration,
-    buffer: Arc<Mutex<Buffer>>,
+    buffer: SharedBuffer,
     shutdown: CancellationToken,
 ) {
     let config: Config = match dsn.parse() {
@@ -172,18 +171,8 @@ pub async fn run_collector(
         };
         let rows = collect(client, *version).await;
         let ts_ms = world.now_unix_ms();
-        let b = buffer.clone();
-        let stored = world
-            .blocking(move || {
-                b.lock()
-                    .map_err(|_| "buffer lock poisoned".to_string())?
-                    .append(ts_ms, &rows)
-                    .map_err(|e| e.to_string())
-            })
-            .await;
-        match stored {
-            Ok(Ok(n)) => tracing::debug!(rows = n, "metrics collected"),
-            Ok(Err(error)) => tracing::error!(%error, "append to the metrics buffer"),
+        match buffer.with(&world, move |b| b.append(ts_ms, &rows)).await {
+            Ok(n) => tracing::debug!(rows = n, "metrics collected"),
             Err(error) => tracing::error!(%error, "append to the metrics buffer"),
         }
     }

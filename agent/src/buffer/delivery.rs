@@ -1,16 +1,16 @@
-//! Delivery: the oldest rows go to the control plane in batches, one batch in flight, and are
-//! deleted only through the `seq` the control plane acknowledged as durably stored. A `429`
-//! waits for its `Retry-After`; other failures back off with jitter. Expired rows are
-//! discarded (and counted) before each batch, so a long outage shows as a gap.
+//! Delivery, the driver: the oldest rows go to the control plane in batches and are deleted
+//! only through the `seq` the control plane acknowledged as durably stored. What to read, how
+//! long to wait and when a failure counts are the policy's (`policy`); this file does the
+//! SQLite and HTTP work. Expired rows are discarded (and counted) before each fresh batch, so
+//! a long outage shows as a gap.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use super::store::Buffer;
-use crate::link::Backoff;
+use super::SharedBuffer;
+use super::policy::{Attempt, DeliveryPolicy, Read};
 
 #[derive(Clone, Debug)]
 pub struct DeliveryConfig {
@@ -23,16 +23,14 @@ pub struct DeliveryConfig {
     pub request_timeout: Duration,
 }
 
-/// Longest `Retry-After` honoured.
-const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 
-enum Attempt {
+/// How sending one batch ended.
+enum Sent {
     /// Stored through `stored_through`.
-    Delivered {
+    Stored {
         stored_through: i64,
     },
-    Empty,
     Shed(Duration),
     Failed(String),
 }
@@ -43,46 +41,29 @@ struct Prepared {
     body: Vec<u8>,
 }
 
-async fn with_buffer<T: Send + 'static>(
-    world: &World,
-    buffer: &Arc<Mutex<Buffer>>,
-    f: impl FnOnce(&mut Buffer) -> Result<T, super::store::BufferError> + Send + 'static,
-) -> Result<T, String> {
-    let buffer = buffer.clone();
-    world
-        .blocking(move || {
-            let mut b = buffer
-                .lock()
-                .map_err(|_| "buffer lock poisoned".to_string())?;
-            f(&mut b).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-}
-
-/// Read and encode the oldest rows above `after`. With `expire`, stale rows are discarded
-/// (and counted) first; that is only done while no batch is in flight, so a row is never both
-/// delivered and counted as dropped.
+/// Read and encode the rows `read` names, at most `limit`, synced through the last one first
+/// (nothing leaves the host unsynced).
 async fn prepare(
     world: &World,
-    buffer: &Arc<Mutex<Buffer>>,
-    after: i64,
+    buffer: &SharedBuffer,
+    read: Read,
     limit: usize,
-    expire: bool,
 ) -> Result<Option<Prepared>, String> {
+    let Read { after, expire } = read;
     let now_ms = world.now_unix_ms();
-    let (epoch, rows) = with_buffer(world, buffer, move |b| {
-        if expire {
-            b.expire(now_ms)?;
-        }
-        let rows = b.after(after, limit)?;
-        if let Some(last) = rows.last() {
-            b.make_durable_through(last.seq)?;
-        }
-        Ok((b.epoch().to_string(), rows))
-    })
-    .await
-    .map_err(|e| format!("read the buffer: {e}"))?;
+    let (epoch, rows) = buffer
+        .with(world, move |b| {
+            if expire {
+                b.expire(now_ms)?;
+            }
+            let rows = b.after(after, limit)?;
+            if let Some(last) = rows.last() {
+                b.make_durable_through(last.seq)?;
+            }
+            Ok((b.epoch().to_string(), rows))
+        })
+        .await
+        .map_err(|e| format!("read the buffer: {e}"))?;
     let Some(last_seq) = rows.last().map(|r| r.seq) else {
         return Ok(None);
     };
@@ -109,7 +90,7 @@ async fn prepare(
     Ok(Some(Prepared { last_seq, body }))
 }
 
-async fn send(world: &World, config: &DeliveryConfig, batch: &Prepared) -> Attempt {
+async fn send(world: &World, config: &DeliveryConfig, batch: &Prepared) -> Sent {
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -134,22 +115,19 @@ async fn send(world: &World, config: &DeliveryConfig, batch: &Prepared) -> Attem
     .await
     {
         Ok(r) => r,
-        Err(e) => return Attempt::Failed(e.to_string()),
+        Err(e) => return Sent::Failed(e.to_string()),
     };
     match response.status.as_u16() {
         200 => {}
         429 => {
-            let wait = response
+            let header = response
                 .headers
                 .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_secs)
-                .unwrap_or(Duration::from_secs(1));
-            return Attempt::Shed(wait.min(RETRY_AFTER_MAX));
+                .and_then(|v| v.to_str().ok());
+            return Sent::Shed(super::policy::retry_after(header));
         }
         401 => {
-            return Attempt::Failed(
+            return Sent::Failed(
                 "the control plane rejected this agent's credential; enroll again".into(),
             );
         }
@@ -157,18 +135,18 @@ async fn send(world: &World, config: &DeliveryConfig, batch: &Prepared) -> Attem
             let detail = serde_json::from_slice::<proto::ErrorBody>(&response.body)
                 .map(|b| format!(": {}", b.error))
                 .unwrap_or_default();
-            return Attempt::Failed(format!("control plane answered HTTP {code}{detail}"));
+            return Sent::Failed(format!("control plane answered HTTP {code}{detail}"));
         }
     }
     match serde_json::from_slice::<proto::MetricsAck>(&response.body) {
-        Ok(ack) if ack.stored_through >= batch.last_seq => Attempt::Delivered {
+        Ok(ack) if ack.stored_through >= batch.last_seq => Sent::Stored {
             stored_through: ack.stored_through,
         },
-        Ok(ack) => Attempt::Failed(format!(
+        Ok(ack) => Sent::Failed(format!(
             "acknowledgement through {} does not cover the batch (through {})",
             ack.stored_through, batch.last_seq
         )),
-        Err(e) => Attempt::Failed(format!("unreadable acknowledgement: {e}")),
+        Err(e) => Sent::Failed(format!("unreadable acknowledgement: {e}")),
     }
 }
 
@@ -186,68 +164,69 @@ pub fn encode(batch: &proto::MetricsBatch) -> std::io::Result<Vec<u8>> {
 /// the agent's work overlaps the control plane's; only one request is ever on the wire.
 pub async fn run_delivery(
     world: World,
-    buffer: Arc<Mutex<Buffer>>,
+    buffer: SharedBuffer,
     config: DeliveryConfig,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut policy = DeliveryPolicy::new(config.idle_poll);
     let limit = config.batch_rows_max;
     let mut next: Option<Prepared> = None;
     loop {
         let current = match next.take() {
             Some(p) => Ok(Some(p)),
-            None => prepare(&world, &buffer, i64::MIN, limit, true).await,
+            None => prepare(&world, &buffer, DeliveryPolicy::fresh_read(), limit).await,
         };
-        let outcome = match current {
-            Err(e) => Attempt::Failed(e),
-            Ok(None) => Attempt::Empty,
+        let (attempt, prefetched) = match current {
+            Err(e) => (Err(e), None),
+            Ok(None) => (Ok(Attempt::Empty), None),
             Ok(Some(batch)) => {
                 let (sent, prefetched) = tokio::join!(
                     send(&world, &config, &batch),
-                    prepare(&world, &buffer, batch.last_seq, limit, false)
+                    prepare(
+                        &world,
+                        &buffer,
+                        DeliveryPolicy::prefetch_read(batch.last_seq),
+                        limit
+                    )
                 );
-                match sent {
-                    Attempt::Delivered { stored_through } => {
-                        match with_buffer(&world, &buffer, move |b| {
+                let attempt = match sent {
+                    Sent::Stored { stored_through } => buffer
+                        .with(&world, move |b| {
                             b.delete_through(stored_through)?;
                             b.delivery_result(true)
                         })
                         .await
-                        {
-                            Ok(()) => {
-                                next = prefetched.ok().flatten();
-                                Attempt::Delivered { stored_through }
-                            }
-                            Err(e) => Attempt::Failed(format!("forget delivered rows: {e}")),
-                        }
-                    }
-                    other => other,
-                }
+                        .map(|()| Attempt::Delivered)
+                        .map_err(|e| format!("forget delivered rows: {e}")),
+                    Sent::Shed(wait) => Ok(Attempt::Shed(wait)),
+                    Sent::Failed(e) => Err(e),
+                };
+                (attempt, prefetched.ok().flatten())
             }
         };
-        let wait = match outcome {
-            Attempt::Delivered { .. } => {
-                backoff.reset();
-                Duration::ZERO
-            }
-            Attempt::Empty => config.idle_poll,
-            Attempt::Shed(wait) => {
-                tracing::info!(
-                    retry_after_ms = wait.as_millis() as u64,
-                    "control plane shed a metrics batch; waiting"
-                );
-                wait
-            }
-            Attempt::Failed(error) => {
-                let delay = backoff.next_delay(world.random_u64());
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "metrics delivery failed");
-                if let Err(e) = with_buffer(&world, &buffer, |b| b.delivery_result(false)).await {
-                    tracing::warn!(error = %e, "record delivery failure");
-                }
-                delay
-            }
+        let step = match &attempt {
+            Ok(attempt) => policy.after(*attempt, || world.random_u64()),
+            Err(_) => policy.after(Attempt::Failed, || world.random_u64()),
         };
-        if wait.is_zero() {
+        if step.use_prefetched {
+            next = prefetched;
+        }
+        match attempt {
+            Ok(Attempt::Shed(wait)) => tracing::info!(
+                retry_after_ms = wait.as_millis() as u64,
+                "control plane shed a metrics batch; waiting"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = step.wait.as_millis() as u64, "metrics delivery failed");
+            }
+            Ok(_) => {}
+        }
+        if step.record_failure
+            && let Err(e) = buffer.with(&world, |b| b.delivery_result(false)).await
+        {
+            tracing::warn!(error = %e, "record delivery failure");
+        }
+        if step.wait.is_zero() {
             if shutdown.is_cancelled() {
                 return;
             }
@@ -255,7 +234,7 @@ pub async fn run_delivery(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(step.wait) => {}
         }
     }
 }

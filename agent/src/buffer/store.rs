@@ -79,12 +79,18 @@ pub enum OpenReport {
     },
 }
 
+/// Why a buffer operation failed; callers branch on it (a poisoned lock or a lost blocking
+/// task is the process's problem, SQLite and I/O errors the file's).
 #[derive(Debug, thiserror::Error)]
-#[error("metrics buffer: {0}")]
-pub struct BufferError(String);
-
-fn err(e: impl std::fmt::Display) -> BufferError {
-    BufferError(e.to_string())
+pub enum BufferError {
+    #[error("metrics buffer: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("metrics buffer: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics buffer: the lock was poisoned by a panic")]
+    Poisoned,
+    #[error("metrics buffer: the blocking task did not finish: {0}")]
+    Blocking(String),
 }
 
 pub struct Buffer {
@@ -155,7 +161,7 @@ impl Buffer {
             && let Err(reason) = check(path)
         {
             let rows_lost = rows_if_readable(path);
-            let moved_to = quarantine(path, now_ms, limits.quarantined_max).map_err(err)?;
+            let moved_to = quarantine(path, now_ms, limits.quarantined_max)?;
             report = OpenReport::Quarantined {
                 moved_to,
                 reason,
@@ -165,42 +171,35 @@ impl Buffer {
         let conn = match vfs {
             Some(vfs) => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
             None => Connection::open(path),
-        }
-        .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        }?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
             params![new_epoch],
-        )
-        .map_err(err)?;
+        )?;
         // The size limit in force, so `buffer stats` (another process) reports utilization
         // against the agent's configuration rather than a default.
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('bytes_max', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![limits.bytes_max.to_string()],
         )
-        .map_err(err)?;
-        let epoch: String = conn
-            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+        ?;
+        let epoch: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
-            })
-            .map_err(err)?;
+            })?;
         let stored_next: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
                 r.get(0)
             })
             .ok();
-        let max_seq: i64 = conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+        let max_seq: i64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
                 r.get(0)
-            })
-            .map_err(err)?;
+            })?;
         // `next_seq` is persisted with every append, so seq never repeats even after deletes.
         let next_seq = stored_next
             .and_then(|v| v.parse::<i64>().ok())
@@ -244,7 +243,7 @@ impl Buffer {
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?2",
                 params![format!("dropped_{reason}"), n],
             )
-            .map_err(err)?;
+            ?;
         Ok(())
     }
 
@@ -262,16 +261,14 @@ impl Buffer {
             self.count_drop("size", records.len() as i64)?;
             return Ok(0);
         }
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self.conn.transaction()?;
         let mut seq = self.next_seq;
         {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO records (seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(err)?;
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO records (seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             for (kind, data) in records {
-                stmt.execute(params![seq, ts_ms, kind, data]).map_err(err)?;
+                stmt.execute(params![seq, ts_ms, kind, data])?;
                 seq += 1;
             }
         }
@@ -279,8 +276,8 @@ impl Buffer {
             "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![seq.to_string()],
         )
-        .map_err(err)?;
-        tx.commit().map_err(err)?;
+        ?;
+        tx.commit()?;
         self.next_seq = seq;
         Ok(records.len())
     }
@@ -305,8 +302,7 @@ impl Buffer {
                 .conn
                 .execute("DELETE FROM records WHERE seq < ?1", params![seq]),
             None => self.conn.execute("DELETE FROM records", []),
-        }
-        .map_err(err)? as i64;
+        }? as i64;
         self.count_drop("age", n)?;
         Ok(n)
     }
@@ -318,12 +314,9 @@ impl Buffer {
 
     /// The oldest `limit` records with a `seq` above `seq`.
     pub fn after(&self, seq: i64, limit: usize) -> Result<Vec<Record>, BufferError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, ts_ms, kind, data FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(err)?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, ts_ms, kind, data FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let rows = stmt
             .query_map(params![seq, limit as i64], |r| {
                 Ok(Record {
@@ -332,10 +325,8 @@ impl Buffer {
                     kind: r.get(2)?,
                     data: r.get(3)?,
                 })
-            })
-            .map_err(err)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -348,26 +339,22 @@ impl Buffer {
         if seq <= self.durable_through {
             return Ok(());
         }
-        self.conn
-            .pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
         let synced = self.conn.execute(
             "INSERT INTO meta (key, value) VALUES ('durable_through', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![seq.to_string()],
         );
-        self.conn
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        synced.map_err(err)?;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        synced?;
         self.durable_through = seq;
         Ok(())
     }
 
     /// The control plane stored everything through `seq`: forget it.
     pub fn delete_through(&mut self, seq: i64) -> Result<usize, BufferError> {
-        self.conn
-            .execute("DELETE FROM records WHERE seq <= ?1", params![seq])
-            .map_err(err)
+        Ok(self
+            .conn
+            .execute("DELETE FROM records WHERE seq <= ?1", params![seq])?)
     }
 
     /// Record the outcome of a delivery attempt (consecutive failures are reported).
@@ -377,7 +364,7 @@ impl Buffer {
         } else {
             "INSERT INTO meta (key, value) VALUES ('delivery_failures', 1) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         };
-        self.conn.execute(sql, []).map_err(err)?;
+        self.conn.execute(sql, [])?;
         Ok(())
     }
 
@@ -393,11 +380,10 @@ fn stats_of(conn: &Connection, path: &Path, now_ms: i64) -> Result<Stats, Buffer
         })
         .ok()
     };
-    let (rows, oldest): (i64, Option<i64>) = conn
-        .query_row("SELECT count(*), MIN(ts_ms) FROM records", [], |r| {
+    let (rows, oldest): (i64, Option<i64>) =
+        conn.query_row("SELECT count(*), MIN(ts_ms) FROM records", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
-        })
-        .map_err(err)?;
+        })?;
     let size_bytes = file_size(path);
     let dropped_total = DROP_REASONS
         .iter()
@@ -430,7 +416,7 @@ fn stats_of(conn: &Connection, path: &Path, now_ms: i64) -> Result<Stats, Buffer
 /// Stats of the buffer file at `path` without taking it over (for `buffer stats` while the
 /// agent runs).
 pub fn stats_at(path: &Path, now_ms: i64) -> Result<Stats, BufferError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     stats_of(&conn, path, now_ms)
 }
 

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
-use super::Backoff;
+use crate::backoff::Backoff;
 use crate::tasks::api::{Bridge, BridgeError};
 
 /// Task events per frame.

@@ -1,8 +1,6 @@
 //! The agent's control channel: one outbound WebSocket to the control plane, kept alive
-//! forever. [`backoff`] is the sans-IO retry policy; [`driver`] does the network work.
+//! forever. [`driver`] does the network work; its retries follow [`crate::backoff`].
 
-pub mod backoff;
 pub mod driver;
 
-pub use backoff::Backoff;
 pub use driver::{LinkConfig, LinkStatus, run_link};

@@ -16,7 +16,7 @@ use world::{World, WsStream};
 use super::{
     Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
 };
-use crate::link::Backoff;
+use crate::backoff::Backoff;
 use proto::terminal::{Entry, Frame};
 
 /// TCP connect plus WebSocket handshake of one reverse link.

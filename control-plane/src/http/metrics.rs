@@ -67,65 +67,24 @@ async fn ingest_batch(
         .blocking(move || decode(&body, gzip))
         .await
         .map_err(ApiError::internal)??;
-    if batch.epoch.is_empty() || batch.epoch.len() > EPOCH_BYTES_MAX {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "epoch is missing or too long",
-        ));
-    }
-    if batch.records.len() > proto::METRICS_BATCH_ROWS_MAX {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "at most {} records per batch",
-                proto::METRICS_BATCH_ROWS_MAX
-            ),
-        ));
-    }
-    let Some(stored_through) = batch.records.iter().map(|r| r.seq).max() else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty batch"));
-    };
     let now_ms = state.world.now_unix_ms();
     let retention_ms = crate::time::duration_ms(state.settings.metrics_retention);
-    let horizon_ms = now_ms.saturating_sub(retention_ms);
-    let mut expired = 0usize;
-    let mut rows = Vec::with_capacity(batch.records.len());
-    for r in batch.records {
-        if r.seq <= 0 || r.kind.is_empty() || r.kind.len() > KIND_BYTES_MAX {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "record {}: seq must be positive and kind 1-{KIND_BYTES_MAX} bytes",
-                    r.seq
-                ),
-            ));
-        }
-        if r.ts_ms > now_ms + FUTURE_MS_MAX {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "record {} is stamped {}, more than a day ahead of the control plane's clock; fix the agent host's clock",
-                    r.seq,
-                    crate::time::rfc3339_ms(r.ts_ms)
-                ),
-            ));
-        }
-        if r.ts_ms < horizon_ms {
-            // Older than retention would keep it: acknowledged, not stored.
-            expired += 1;
-            continue;
-        }
-        rows.push(MetricRow {
-            seq: r.seq,
-            ts_ms: r.ts_ms,
-            kind: r.kind,
-            data: r.data.get().to_string(),
-        });
-    }
+    let Admitted {
+        epoch,
+        rows,
+        expired,
+        stored_through,
+    } = admit(batch, now_ms, retention_ms).map_err(|refused| {
+        let status = match refused {
+            Refused::TooManyRecords => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, refused.to_string())
+    })?;
     let offered = rows.len();
     let new_records = state
         .storage
-        .insert_metrics(&agent.id, &batch.epoch, rows)
+        .insert_metrics(&agent.id, &epoch, rows)
         .await
         .map_err(ApiError::internal)?;
     let observed = &state.observed;
@@ -139,12 +98,88 @@ async fn ingest_batch(
     if expired > 0 {
         tracing::info!(agent_id = %agent.id, expired, "metric records older than the retention period were not stored");
     }
-    tracing::debug!(agent_id = %agent.id, epoch = %batch.epoch, offered, new_records, stored_through, "metrics stored");
+    tracing::debug!(agent_id = %agent.id, epoch = %epoch, offered, new_records, stored_through, "metrics stored");
     Ok(Json(proto::MetricsAck {
         stored_through,
         new_records,
     })
     .into_response())
+}
+
+/// A decoded batch that ingest will store: its rows within retention, how many were older (acknowledged, not stored), and the
+/// `seq` the acknowledgement covers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub epoch: String,
+    pub rows: Vec<MetricRow>,
+    pub expired: usize,
+    pub stored_through: i64,
+}
+
+/// Why a batch is refused (each a 4xx: the agent's request, not the control plane, is wrong).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("epoch is missing or too long")]
+    Epoch,
+    #[error("at most {} records per batch", proto::METRICS_BATCH_ROWS_MAX)]
+    TooManyRecords,
+    #[error("empty batch")]
+    Empty,
+    #[error("record {seq}: seq must be positive and kind 1-{KIND_BYTES_MAX} bytes")]
+    BadRecord { seq: i64 },
+    #[error(
+        "record {seq} is stamped {stamped}, more than a day ahead of the control plane's clock; fix the agent host's clock"
+    )]
+    FromTheFuture { seq: i64, stamped: String },
+}
+
+/// Ingest admission, pure: check a decoded batch against the limits, the clock (`now_ms`) and
+/// the retention period, and split it into rows to store and rows too old to keep.
+pub fn admit(
+    batch: proto::MetricsBatch,
+    now_ms: i64,
+    retention_ms: i64,
+) -> Result<Admitted, Refused> {
+    if batch.epoch.is_empty() || batch.epoch.len() > EPOCH_BYTES_MAX {
+        return Err(Refused::Epoch);
+    }
+    if batch.records.len() > proto::METRICS_BATCH_ROWS_MAX {
+        return Err(Refused::TooManyRecords);
+    }
+    let Some(stored_through) = batch.records.iter().map(|r| r.seq).max() else {
+        return Err(Refused::Empty);
+    };
+    let horizon_ms = now_ms.saturating_sub(retention_ms);
+    let mut expired = 0usize;
+    let mut rows = Vec::with_capacity(batch.records.len());
+    for r in batch.records {
+        if r.seq <= 0 || r.kind.is_empty() || r.kind.len() > KIND_BYTES_MAX {
+            return Err(Refused::BadRecord { seq: r.seq });
+        }
+        if r.ts_ms > now_ms.saturating_add(FUTURE_MS_MAX) {
+            return Err(Refused::FromTheFuture {
+                seq: r.seq,
+                stamped: crate::time::rfc3339_ms(r.ts_ms),
+            });
+        }
+        if r.ts_ms < horizon_ms {
+            // Older than retention would keep it: acknowledged, not stored.
+            expired += 1;
+            continue;
+        }
+        rows.push(MetricRow {
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            kind: r.kind,
+            data: r.data.get().to_string(),
+        });
+    }
+    Ok(Admitted {
+        epoch: batch.epoch,
+        rows,
+        expired,
+        stored_through,
+    })
 }
 
 /// A batch body, gunzipped when `gzip`, never inflated beyond [`BATCH_BYTES_MAX`].
@@ -257,4 +292,96 @@ pub async fn read(
             })
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::{Refused, admit};
+
+    const NOW_MS: i64 = 1_767_225_600_000;
+    const DAY_MS: i64 = 86_400_000;
+
+    fn record(seq: i64, ts_ms: i64, kind: &str) -> proto::MetricRecord {
+        proto::MetricRecord {
+            seq,
+            ts_ms,
+            kind: kind.into(),
+            data: RawValue::from_string("{\"x\":1}".into()).expect("json"),
+        }
+    }
+
+    fn batch(records: Vec<proto::MetricRecord>) -> proto::MetricsBatch {
+        proto::MetricsBatch {
+            epoch: "ep1".into(),
+            records,
+        }
+    }
+
+    #[test]
+    fn rows_within_retention_are_admitted_and_older_ones_acknowledged() {
+        let admitted = admit(
+            batch(vec![
+                record(3, NOW_MS - 40 * DAY_MS, "db"),
+                record(4, NOW_MS - 1000, "db"),
+                record(5, NOW_MS, "locks"),
+            ]),
+            NOW_MS,
+            30 * DAY_MS,
+        )
+        .expect("admitted");
+        assert_eq!(admitted.expired, 1);
+        assert_eq!(
+            admitted.stored_through, 5,
+            "the ack covers the expired row too"
+        );
+        let seqs: Vec<i64> = admitted.rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(
+            admitted.rows[0].data, "{\"x\":1}",
+            "payloads pass through untouched"
+        );
+    }
+
+    #[test]
+    fn bad_batches_are_refused_with_the_reason() {
+        let retention = 30 * DAY_MS;
+        let mut no_epoch = batch(vec![record(1, NOW_MS, "db")]);
+        no_epoch.epoch.clear();
+        assert_eq!(admit(no_epoch, NOW_MS, retention), Err(Refused::Epoch));
+        assert_eq!(admit(batch(vec![]), NOW_MS, retention), Err(Refused::Empty));
+        assert_eq!(
+            admit(batch(vec![record(0, NOW_MS, "db")]), NOW_MS, retention),
+            Err(Refused::BadRecord { seq: 0 })
+        );
+        assert_eq!(
+            admit(batch(vec![record(1, NOW_MS, "")]), NOW_MS, retention),
+            Err(Refused::BadRecord { seq: 1 })
+        );
+        let too_many = (1..=proto::METRICS_BATCH_ROWS_MAX as i64 + 1)
+            .map(|seq| record(seq, NOW_MS, "db"))
+            .collect();
+        assert_eq!(
+            admit(batch(too_many), NOW_MS, retention),
+            Err(Refused::TooManyRecords)
+        );
+        let ahead = admit(
+            batch(vec![record(9, NOW_MS + 2 * DAY_MS, "db")]),
+            NOW_MS,
+            retention,
+        )
+        .expect_err("from the future");
+        assert!(matches!(ahead, Refused::FromTheFuture { seq: 9, .. }));
+        assert!(ahead.to_string().contains("fix the agent host's clock"));
+        assert!(
+            admit(
+                batch(vec![record(9, NOW_MS + DAY_MS / 2, "db")]),
+                NOW_MS,
+                retention
+            )
+            .is_ok(),
+            "a host clock a little ahead is fine"
+        );
+    }
 }
