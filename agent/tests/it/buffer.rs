@@ -59,6 +59,12 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
     for reason in ["age", "size", "quarantine"] {
         assert_eq!(first["dropped_total"][reason], 0, "{first}");
     }
+    // `buffer stats --json` is a stable interface: a change is a snapshot diff.
+    insta::assert_json_snapshot!("buffer_stats_json", first, {
+        ".epoch" => "[epoch]",
+        ".size_bytes" => "[bytes]",
+        ".utilization" => "[fraction]",
+    });
     assert!(
         run(&agent_bin(), &["buffer", "check", "--data-dir", &d])
             .status

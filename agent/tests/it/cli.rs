@@ -21,6 +21,31 @@ fn both_binaries_explain_themselves() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("--control-plane"));
 }
 
+/// `--help` is the first thing an operator reads: every change to it is a reviewed diff.
+#[test]
+fn help_texts_are_snapshots() {
+    let cases: [(&str, std::path::PathBuf, &[&str]); 9] = [
+        ("outpost_help", outpost_bin(), &["--help"]),
+        ("outpost_serve_help", outpost_bin(), &["serve", "--help"]),
+        ("outpost_exec_help", outpost_bin(), &["exec", "--help"]),
+        ("outpost_admin_help", outpost_bin(), &["admin", "--help"]),
+        ("agent_help", agent_bin(), &["--help"]),
+        ("agent_run_help", agent_bin(), &["run", "--help"]),
+        ("agent_enroll_help", agent_bin(), &["enroll", "--help"]),
+        (
+            "agent_tasks_add_help",
+            agent_bin(),
+            &["tasks", "add", "--help"],
+        ),
+        ("agent_buffer_help", agent_bin(), &["buffer", "--help"]),
+    ];
+    for (name, bin, args) in cases {
+        let out = run(&bin, args);
+        assert!(out.status.success(), "{name}");
+        insta::assert_snapshot!(name, String::from_utf8_lossy(&out.stdout));
+    }
+}
+
 #[test]
 fn bad_input_fails_with_a_reason_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -273,3 +273,60 @@ async fn commands_are_acked_and_unknown_commands_fail_cleanly() {
     ));
     server.stop().await;
 }
+
+/// The shape of `GET /api/v1/agents` with an agent online and reporting buffer figures. A
+/// changed shape shows up as a snapshot diff to review (ids and times redacted).
+#[tokio::test]
+async fn the_agent_list_has_its_documented_shape() {
+    let server = Server::start().await;
+    let (_agent_id, cred) = server.enroll("db1").await;
+    server.enroll("db2").await;
+    let token = server
+        .token_for("viewer", control_plane::auth::Role::Viewer)
+        .await;
+    let mut ws = welcomed(&server, &cred).await;
+    let figures = Some(proto::BufferStats {
+        epoch: "ep_1".into(),
+        rows: 120,
+        size_bytes: 65_536,
+        oldest_record_age_s: 42,
+        utilization: 0.25,
+        delivery_failures: 1,
+        dropped_total: [("age".to_string(), 3), ("size".to_string(), 0)]
+            .into_iter()
+            .collect(),
+    });
+    // The first heartbeat records the connection, later ones the figures: heartbeat (which
+    // keeps the agent online) until the list shows them.
+    let mut agents = serde_json::Value::Null;
+    for seq in 1..=50 {
+        send(
+            &mut ws,
+            &AgentMessage::Heartbeat {
+                seq,
+                sent_at_ms: 0,
+                buffer: figures.clone(),
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        agents = server.agents(&token).await;
+        let reported = agents
+            .as_array()
+            .is_some_and(|list| list.iter().any(|a| !a["buffer"].is_null()));
+        if reported {
+            break;
+        }
+    }
+
+    if let Some(list) = agents.as_array_mut() {
+        list.sort_by_key(|a| a["name"].as_str().unwrap_or_default().to_string());
+    }
+    insta::assert_json_snapshot!("agent_list", agents, {
+        "[].id" => "[id]",
+        "[].last_seen" => insta::dynamic_redaction(|value, _| {
+            if value.as_str().is_some() { "[time]".into() } else { value }
+        }),
+    });
+    server.stop().await;
+}

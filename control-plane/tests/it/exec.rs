@@ -87,6 +87,13 @@ async fn exec_json_reports_each_host_and_status_reconciles_the_run() {
     ]);
     assert_eq!(out.status.code(), Some(1), "one host failed");
     let doc = json(&out);
+    // The `--json` shape is a stable interface: a change shows up as a snapshot diff.
+    insta::assert_json_snapshot!("exec_json", doc, {
+        ".op_id" => "[op_id]",
+        ".hosts[].duration_ms" => "[ms]",
+        ".hosts[1].error" => "[why db2 did not start]",
+        ".summary.duration_ms" => "[ms]",
+    });
     let op_id = doc["op_id"].as_str().expect("op_id").to_string();
     let hosts = doc["hosts"].as_array().expect("hosts");
     assert_eq!(hosts.len(), 2);
