@@ -158,3 +158,427 @@ async fn a_command_runs_and_its_outcome_output_and_json_shape_are_recorded() {
     });
     insta::assert_snapshot!("task_table", listed.replace(&id, "[id]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_refused_by_name_and_bad_input_gets_one_line_reasons() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "nightly", "--", "true",
+    ]);
+    let dup = agent.tasks(&[
+        "add", "command", "--in", "1h", "--key", "nightly", "--", "true",
+    ]);
+    assert!(!dup.status.success());
+    let err = String::from_utf8_lossy(&dup.stderr);
+    assert!(err.contains(&id) && err.contains("already exists"), "{err}");
+    for (args, needle) in [
+        (vec!["add", "bogus"], "unknown kind"),
+        (
+            vec!["add", "command", "--cron", "61 * * * *", "--", "true"],
+            "minute",
+        ),
+        (vec!["add", "command", "--in", "soon", "--", "true"], "--in"),
+        (
+            vec![
+                "add", "command", "--every", "1s", "--in", "1m", "--", "true",
+            ],
+            "at most one",
+        ),
+        (vec!["add", "command"], "after --"),
+        (vec!["add", "vacuum", "--param", "database=x"], "--postgres"),
+        (vec!["add", "analyze", "--param", "colour=red"], "database"),
+        (
+            vec!["add", "command", "--timeout", "30d", "--", "true"],
+            "timeout",
+        ),
+        (vec!["show", "t_nope"], "no task"),
+    ] {
+        let out = agent.tasks(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line please: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_cancellation_kill_the_whole_process_group() {
+    let agent = Agent::start(&[]).await;
+    let pidfile = agent.dir.path().join("grandchild.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let task = agent.wait_status(&id, "failed").await;
+    assert!(
+        task["runs"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{task}"
+    );
+    let grandchild = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .to_string();
+    assert!(
+        !alive(&grandchild),
+        "the grandchild {grandchild} survived the timeout"
+    );
+
+    let id = agent.ok(&["add", "command", "--key", "long", "--", "sleep", "300"]);
+    agent.wait_status(&id, "doing").await;
+    agent.ok(&["cancel", &id]);
+    let task = agent.wait_status(&id, "canceled").await;
+    assert_eq!(task["runs"][0]["status"], "canceled");
+    let again = agent.tasks(&["cancel", &id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_beyond_the_limit_is_counted_not_silently_cut() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "head -c 200000 /dev/zero | tr '\\0' x",
+    ]);
+    let task = agent.wait_status(&id, "done").await;
+    let run = &task["runs"][0];
+    assert_eq!(run["output_bytes"], 65536);
+    assert_eq!(run["output_dropped_bytes"], 200000 - 65536);
+    let logs = agent.ok(&["logs", &id]);
+    assert!(
+        logs.contains("134464 more bytes of output were dropped"),
+        "{}",
+        &logs[logs.len() - 120..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_aborts_the_run_terminates_its_processes_and_keeps_future_tasks() {
+    let mut agent = Agent::start(&[]).await;
+    let pidfile = agent.dir.path().join("victim.pid");
+    let script = format!("echo $$ > {}; sleep 300", pidfile.display());
+    let running = agent.ok(&[
+        "add", "command", "--key", "victim", "--", "sh", "-c", &script,
+    ]);
+    let future = agent.ok(&[
+        "add", "command", "--in", "3s", "--key", "later", "--", "true",
+    ]);
+    agent.wait_status(&running, "doing").await;
+    let victim = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .to_string();
+    agent
+        .proc
+        .take()
+        .expect("running")
+        .0
+        .kill()
+        .expect("kill -9");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        alive(&victim),
+        "the run's process outlives a kill -9 of the agent"
+    );
+
+    agent.launch().await;
+    let task = agent.show(&running);
+    assert_eq!(task["status"], "aborted", "{task}");
+    assert_eq!(task["runs"][0]["status"], "aborted");
+    assert!(
+        !alive(&victim),
+        "the restarted agent must terminate the leftover run"
+    );
+    let later = agent.wait_status(&future, "done").await;
+    assert_eq!(
+        later["runs"].as_array().map(Vec::len),
+        Some(1),
+        "the future task ran once: {later}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kinds_run_through_the_configured_server() {
+    let pg = fixtures::Postgres::start().await.expect("postgres fixture");
+    let url = pg.create_database("tasks_kinds").expect("database");
+    let agent = Agent::start(&["--postgres", &url]).await;
+    let sql = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=CREATE TABLE \"Odd \"\"name\" (id int)",
+    ]);
+    agent.wait_status(&sql, "done").await;
+    let vacuum = agent.ok(&[
+        "add",
+        "vacuum",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "table=Odd \"name",
+    ]);
+    agent.wait_status(&vacuum, "done").await;
+    let analyze = agent.ok(&["add", "analyze", "--param", "database=tasks_kinds"]);
+    agent.wait_status(&analyze, "done").await;
+    let health = agent.ok(&["add", "health_check"]);
+    agent.wait_status(&health, "done").await;
+    let dump_path = agent.dir.path().join("dump.sql");
+    let dump = agent.ok(&[
+        "add",
+        "pg_dump",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        &format!("path={}", dump_path.display()),
+    ]);
+    agent.wait_status(&dump, "done").await;
+    let dumped = std::fs::read_to_string(&dump_path).expect("dump written");
+    assert!(dumped.contains("Odd \"\"name"), "the dump holds the table");
+    let bad = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=SELECT nope",
+    ]);
+    let task = agent.wait_status(&bad, "failed").await;
+    assert!(agent.ok(&["logs", &bad]).contains("nope"), "{task}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down() {
+    use crate::harness::ControlPlane;
+    use http::Method;
+    let mut cp = ControlPlane::start().await;
+    let mut agent = Agent {
+        dir: tempfile::tempdir().expect("tempdir"),
+        proc: None,
+        extra: Vec::new(),
+    };
+    let data = agent.data();
+    cp.enroll_agent("db1", &data.display().to_string());
+    agent.launch().await;
+    cp.wait_status("db1", "online", Duration::from_secs(10))
+        .await;
+    let agents: serde_json::Value = serde_json::from_slice(
+        &cp.api(Method::GET, "/api/v1/agents", None)
+            .await
+            .expect("list")
+            .body,
+    )
+    .expect("json");
+    let agent_id = agents[0]["id"].as_str().expect("id").to_string();
+    let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
+
+    // Through the control plane: created on the agent, refused with the agent's reason.
+    let created = cp
+        .api(Method::POST, &tasks_path, Some(serde_json::json!({"kind": "command", "argv": ["sh", "-c", "echo remote"], "in": "3s", "key": "remote-1"})))
+        .await
+        .expect("create");
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let task: serde_json::Value = serde_json::from_slice(&created.body).expect("json");
+    let task_id = task["id"].as_str().expect("id").to_string();
+    assert_eq!(task["status"], "scheduled");
+    let refused = cp
+        .api(
+            Method::POST,
+            &tasks_path,
+            Some(serde_json::json!({"kind": "bogus"})),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 400);
+    assert!(String::from_utf8_lossy(&refused.body).contains("unknown kind"));
+    let dup = cp
+        .api(
+            Method::POST,
+            &tasks_path,
+            Some(serde_json::json!({"kind": "command", "argv": ["true"], "key": "remote-1"})),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(dup.status, 400, "{}", String::from_utf8_lossy(&dup.body));
+    assert!(String::from_utf8_lossy(&dup.body).contains(&task_id));
+
+    // The run happens while the control plane is dead.
+    cp.proc.take().expect("running").0.kill().expect("kill -9");
+    agent.wait_status(&task_id, "done").await;
+    cp.launch();
+    cp.wait_healthy().await;
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        let r = cp.api(Method::GET, &tasks_path, None).await.expect("list");
+        seen = serde_json::from_slice(&r.body).expect("json");
+        if seen
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
+            .is_some_and(|t| t["status"] == "done")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = seen
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
+        .cloned()
+        .expect("task listed");
+    assert_eq!(stored["status"], "done", "{seen}");
+    assert_eq!(stored["runs"][0]["exit_code"], 0);
+
+    // Cancel through the control plane.
+    let later = cp
+        .api(Method::POST, &tasks_path, Some(serde_json::json!({"kind": "command", "argv": ["true"], "in": "1h", "key": "remote-2"})))
+        .await
+        .expect("create");
+    let later: serde_json::Value = serde_json::from_slice(&later.body).expect("json");
+    let cancel = cp
+        .api(
+            Method::POST,
+            &format!("{tasks_path}/{}/cancel", later["id"].as_str().expect("id")),
+            None,
+        )
+        .await
+        .expect("cancel");
+    assert_eq!(
+        cancel.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    let canceled: serde_json::Value = serde_json::from_slice(&cancel.body).expect("json");
+    assert_eq!(canceled["status"], "canceled");
+    let unknown = cp
+        .api(Method::GET, "/api/v1/agents/agt_nobody/tasks", None)
+        .await
+        .expect("answer");
+    assert_eq!(unknown.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_can_be_rescheduled_and_bad_reschedules_are_refused() {
+    let agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "moved", "--", "true",
+    ]);
+    let before = agent.show(&id);
+    let out = agent.ok(&["reschedule", &id, "--in", "1s", "--json"]);
+    let after: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        after["next_run_at"].as_str() < before["next_run_at"].as_str(),
+        "{before} → {after}"
+    );
+    agent.wait_status(&id, "done").await;
+    for (args, needle) in [
+        (
+            vec!["reschedule", id.as_str(), "--in", "1m"],
+            "already ended",
+        ),
+        (vec!["reschedule", "t_nope", "--in", "1m"], "no task"),
+        (vec!["reschedule", id.as_str()], "give the new schedule"),
+        (
+            vec!["reschedule", id.as_str(), "--cron", "nonsense"],
+            "--cron",
+        ),
+    ] {
+        let out = agent.tasks(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let periodic = agent.ok(&[
+        "add", "command", "--in", "1h", "--key", "to-cron", "--", "true",
+    ]);
+    let task: serde_json::Value = serde_json::from_str(&agent.ok(&[
+        "reschedule",
+        &periodic,
+        "--cron",
+        "0 3 * * *",
+        "--tz",
+        "Europe/Berlin",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(task["schedule"], "cron 0 3 * * * Europe/Berlin");
+    assert!(
+        task["next_run_at"]
+            .as_str()
+            .is_some_and(|t| t.contains("T02:00:00") || t.contains("T01:00:00")),
+        "{task}"
+    );
+}
+
+/// Tests run as root (here and in CI); the check needs another user to connect as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_refuses_other_users_by_mode_and_by_peer_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let open_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let socket = open_dir.path().join("agent.sock");
+    let socket_arg = socket.display().to_string();
+    let agent = Agent::start(&["--socket", &socket_arg]).await;
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    let as_nobody = || {
+        std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(agent_bin())
+            .args(["tasks", "list", "--socket", &socket_arg])
+            .output()
+            .expect("runuser (util-linux)")
+    };
+    let out = as_nobody();
+    assert!(
+        !out.status.success(),
+        "nobody listed tasks through a 0660 socket"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Even when an operator opens the socket up, the peer-credential check refuses.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod socket");
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not use the agent API"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = agent.ok(&["list"]);
+}
