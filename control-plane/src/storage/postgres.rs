@@ -10,7 +10,7 @@ use tokio_postgres::{Client, Config, Row};
 use world::World;
 
 use super::migrations;
-use super::{
+use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
     MetricRow, Pruned, StorageError, StoredMetric, UserRow,
 };

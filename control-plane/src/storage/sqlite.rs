@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use world::World;
 
 use super::migrations;
-use super::{
+use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
     MetricRow, Pruned, StorageError, StoredMetric, UserRow,
 };

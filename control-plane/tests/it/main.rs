@@ -1,6 +1,7 @@
 //! Control-plane integration tests: real storage backends, a real server on a loopback port.
 
 mod api;
+mod architecture;
 mod channel;
 mod demo;
 mod exec;

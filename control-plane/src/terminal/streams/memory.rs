@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{
+use super::model::{
     INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result, SessionMeta,
     SessionState, StreamsError,
 };

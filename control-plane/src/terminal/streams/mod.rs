@@ -12,6 +12,7 @@
 //! that end before `top - cap`; an entry at or below the top is a resend and is ignored.
 
 pub mod memory;
+pub mod model;
 pub mod redis;
 
 use std::sync::Arc;
@@ -22,162 +23,11 @@ use world::World;
 pub use self::memory::MemoryStreams;
 pub use self::redis::RedisStreams;
 
-/// Input events kept per session (a browser typing into a session with no agent attached).
-pub const INPUT_ENTRIES_MAX: usize = 4096;
-/// Entries returned by one read.
-pub const READ_ENTRIES_MAX: usize = 256;
-/// Largest entry accepted on write (an output chunk is at most 256 KiB, a browser input frame
-/// far less), so one read of [`READ_ENTRIES_MAX`] entries stays bounded.
-pub const ENTRY_BYTES_MAX: usize = 1 << 20;
-
-/// An output entry: the terminal protocol's [`proto::terminal::Entry`], stored as it is.
-pub use proto::terminal::Entry as OutEntry;
-
-fn out_payload_bytes(entry: &OutEntry) -> usize {
-    match entry {
-        OutEntry::Data { bytes, .. } => bytes.len(),
-        OutEntry::Skipped { .. } => 0,
-        OutEntry::Closed { reason, .. } => reason.len(),
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InEvent {
-    Data(Vec<u8>),
-    Resize {
-        cols: u16,
-        rows: u16,
-    },
-    /// A browser attached (its window size); the first one starts the PTY.
-    Attach {
-        cols: u16,
-        rows: u16,
-    },
-    Close {
-        reason: String,
-    },
-}
-
-impl InEvent {
-    fn payload_bytes(&self) -> usize {
-        match self {
-            InEvent::Data(d) => d.len(),
-            InEvent::Close { reason } => reason.len(),
-            InEvent::Resize { .. } | InEvent::Attach { .. } => 0,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionState {
-    /// Created; waiting for the agent's link and a browser.
-    Pending,
-    /// The PTY runs and the agent's link is attached.
-    Live,
-    /// The agent's link dropped; the PTY waits for the reconnect window.
-    Reconnecting,
-    Closed,
-}
-
-impl SessionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionState::Pending => "pending",
-            SessionState::Live => "live",
-            SessionState::Reconnecting => "reconnecting",
-            SessionState::Closed => "closed",
-        }
-    }
-
-    fn parse(s: &str) -> SessionState {
-        match s {
-            "live" => SessionState::Live,
-            "reconnecting" => SessionState::Reconnecting,
-            "closed" => SessionState::Closed,
-            _ => SessionState::Pending,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionMeta {
-    pub agent_id: String,
-    pub user_id: String,
-    pub username: String,
-    pub state: SessionState,
-    pub created_ms: i64,
-    /// When `state` last changed.
-    pub changed_ms: i64,
-    /// Whether the agent's PTY was started (a reattaching link resumes instead of waiting).
-    pub started: bool,
-    /// Why it closed.
-    pub reason: String,
-    /// Id of the last input entry forwarded to the agent.
-    pub input_cursor: String,
-}
-
-/// The fields of a session record that an update may change; `None` leaves a field as it is.
-/// Only the named fields are written, so two writers that change different fields never undo
-/// each other, and no update reopens a closed session.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MetaPatch {
-    pub state: Option<SessionState>,
-    pub started: Option<bool>,
-    pub input_cursor: Option<String>,
-}
-
-impl MetaPatch {
-    pub fn state(state: SessionState) -> MetaPatch {
-        MetaPatch {
-            state: Some(state),
-            ..MetaPatch::default()
-        }
-    }
-
-    pub fn input_cursor(cursor: impl Into<String>) -> MetaPatch {
-        MetaPatch {
-            input_cursor: Some(cursor.into()),
-            ..MetaPatch::default()
-        }
-    }
-
-    /// Apply to a record (the in-process store; the Redis store does the same in a script).
-    fn apply(self, meta: &mut SessionMeta, now_ms: i64) {
-        if let Some(state) = self.state
-            && state != meta.state
-        {
-            meta.state = state;
-            meta.changed_ms = now_ms;
-        }
-        if let Some(started) = self.started {
-            meta.started = started;
-        }
-        if let Some(cursor) = self.input_cursor {
-            meta.input_cursor = cursor;
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StreamsError {
-    #[error("terminal stream store unavailable: {0}")]
-    Unavailable(String),
-    #[error("terminal session limit reached ({0} sessions on this control plane)")]
-    LimitReached(usize),
-    #[error("terminal stream entry of {bytes} bytes refused (at most {ENTRY_BYTES_MAX})")]
-    EntryTooLarge { bytes: usize },
-    #[error("redis_url {url:?}: {reason}")]
-    Url { url: String, reason: String },
-}
-
-pub type Result<T> = std::result::Result<T, StreamsError>;
-
-fn check_size(bytes: usize) -> Result<()> {
-    if bytes > ENTRY_BYTES_MAX {
-        return Err(StreamsError::EntryTooLarge { bytes });
-    }
-    Ok(())
-}
+pub use self::model::{
+    ENTRY_BYTES_MAX, INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result,
+    SessionMeta, SessionState, StreamsError,
+};
+use self::model::{check_size, out_payload_bytes};
 
 /// The terminal stream store: a thin dispatch to the backend, nothing implemented here.
 #[derive(Clone)]

@@ -20,7 +20,7 @@ use redis::{AsyncConnectionConfig, Cmd, RedisConnectionInfo, RedisError, Script,
 use tokio_util::task::TaskTracker;
 use world::World;
 
-use super::{
+use super::model::{
     INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result, SessionMeta,
     SessionState, StreamsError,
 };

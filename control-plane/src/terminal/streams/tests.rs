@@ -1,7 +1,7 @@
 //! The record and entry rules shared by both backends; the backends themselves are checked
 //! together against real Redis in `tests/it/streams.rs`.
 
-use super::{MetaPatch, SessionMeta, SessionState};
+use super::model::{MetaPatch, SessionMeta, SessionState};
 
 fn meta() -> SessionMeta {
     SessionMeta {

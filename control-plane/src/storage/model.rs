@@ -1,0 +1,111 @@
+//! The rows and errors of storage: what both backends take and return (a leaf, so the
+//! interface in `mod.rs` and the backends share it without depending on each other).
+
+use crate::auth::Role;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRow {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub password_hash: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRow {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    /// Set while some replica holds a control channel for this agent (cleared on close).
+    pub connected: bool,
+    /// The agent's last reported metrics-buffer health (JSON), if any.
+    pub buffer: Option<String>,
+}
+
+/// A new enrollment, as decided by the HTTP edge (ids and secrets already generated).
+#[derive(Clone, Debug)]
+pub struct EnrollAttempt {
+    pub token_hash: String,
+    pub enrollment_id: String,
+    pub name: String,
+    /// Used when this attempt claims the token; a retry keeps the id it got the first time.
+    pub new_agent_id: String,
+    pub credential_hash: String,
+    pub now_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    UnknownToken,
+    Expired,
+    AlreadyUsed,
+}
+
+/// Outcome of [`Storage::enroll_agent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrollment {
+    Enrolled { agent_id: String },
+    Refused(EnrollRefusal),
+}
+
+/// A metric row as an agent delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricRow {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub kind: String,
+    pub data: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMetric {
+    pub epoch: String,
+    pub row: MetricRow,
+}
+
+/// What a retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    /// Daily partitions dropped (Postgres only).
+    pub partitions: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricQuery {
+    pub agent_id: String,
+    pub kind: Option<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub limit: i64,
+}
+
+/// One audit record: who did what to which object, and when. `detail` is a JSON object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Assigned by the store, increasing; 0 on a row not yet stored.
+    pub id: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// Which audit records to list: newest first, ids below `before_id` when given.
+#[derive(Clone, Debug)]
+pub struct AuditQuery {
+    pub action: Option<String>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
