@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod exec;
+pub mod handles;
 pub mod http;
 pub mod observe;
 pub mod server;

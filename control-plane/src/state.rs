@@ -14,6 +14,7 @@ use world::World;
 use crate::audit::Audit;
 use crate::channel::{ChannelContext, Channels};
 use crate::exec::api::{ExecContext, Runs};
+use crate::handles::{Handles, IngestPermits};
 use crate::observe::Observed;
 use crate::settings::Settings;
 use crate::storage::Storage;
@@ -34,7 +35,7 @@ pub struct AppState {
     /// all of it after shutdown.
     pub background: TaskTracker,
     /// Metrics batches being stored at once; beyond it ingest answers 429 (load shedding).
-    pub ingest: Arc<tokio::sync::Semaphore>,
+    pub ingest: IngestPermits,
     /// Terminal sessions and the stream store they meet in.
     pub terminal: Terminal,
     /// Counters and latency histograms for `/metrics`.
@@ -63,7 +64,9 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown,
             background: TaskTracker::new(),
-            ingest: Arc::new(tokio::sync::Semaphore::new(INGEST_CONCURRENCY_MAX)),
+            ingest: IngestPermits(Arc::new(tokio::sync::Semaphore::new(
+                INGEST_CONCURRENCY_MAX,
+            ))),
             terminal: Terminal::new(
                 crate::terminal::Streams::memory(),
                 crate::terminal::TerminalSettings::default(),
@@ -78,6 +81,42 @@ impl AppState {
     pub fn with_terminal(mut self, terminal: Terminal) -> AppState {
         self.terminal = terminal;
         self
+    }
+}
+
+impl FromRef<AppState> for Handles {
+    fn from_ref(s: &AppState) -> Handles {
+        Handles {
+            world: s.world.clone(),
+            storage: s.storage.clone(),
+            settings: Arc::clone(&s.settings),
+            observed: Arc::clone(&s.observed),
+            audit: s.audit.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for Channels {
+    fn from_ref(s: &AppState) -> Channels {
+        s.channels.clone()
+    }
+}
+
+impl FromRef<AppState> for Terminal {
+    fn from_ref(s: &AppState) -> Terminal {
+        s.terminal.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<LoginThrottle> {
+    fn from_ref(s: &AppState) -> Arc<LoginThrottle> {
+        Arc::clone(&s.logins)
+    }
+}
+
+impl FromRef<AppState> for IngestPermits {
+    fn from_ref(s: &AppState) -> IngestPermits {
+        s.ingest.clone()
     }
 }
 

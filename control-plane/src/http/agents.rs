@@ -8,14 +8,14 @@ use serde::Serialize;
 use crate::audit::action;
 use crate::auth::{self, SecretKind};
 use crate::edge::ApiError;
-use crate::state::AppState;
+use crate::handles::Handles;
 use crate::storage::{EnrollAttempt, EnrollRefusal, Enrollment};
 
 const NAME_BYTES_MAX: usize = 128;
 const ENROLLMENT_ID_BYTES_MAX: usize = 128;
 
 pub async fn enroll(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
     Json(request): Json<proto::EnrollRequest>,
 ) -> Result<Json<proto::EnrollResponse>, ApiError> {
     let name = request.name.trim();
@@ -88,7 +88,7 @@ pub struct AgentView {
     buffer: Option<serde_json::Value>,
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let rows = state
         .storage
         .list_agents()

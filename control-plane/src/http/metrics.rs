@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::edge::{ApiError, AuthAgent};
-use crate::state::AppState;
+use crate::handles::{Handles, IngestPermits};
 use crate::storage::{MetricQuery, MetricRow};
 
 /// Largest metrics batch body.
@@ -24,12 +24,13 @@ const RETRY_AFTER_S: u64 = 1;
 
 /// `POST /api/v1/agent/metrics`: durable before the ack, idempotent on (agent, epoch, seq).
 pub async fn ingest(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
+    State(ingest): State<IngestPermits>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let result = ingest_batch(&state, &agent, &headers, body).await;
+    let result = ingest_batch(&state, &ingest, &agent, &headers, body).await;
     if let Err(e) = &result
         && e.status.is_client_error()
     {
@@ -39,12 +40,13 @@ pub async fn ingest(
 }
 
 async fn ingest_batch(
-    state: &AppState,
+    state: &Handles,
+    ingest: &IngestPermits,
     agent: &crate::storage::AgentRow,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Ok(_permit) = state.ingest.clone().try_acquire_owned() else {
+    let Ok(_permit) = ingest.0.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
         return Ok(crate::edge::retry_later(
@@ -245,7 +247,7 @@ fn parse_ts(field: &str, v: &str) -> Result<i64, ApiError> {
 
 /// `GET /api/v1/agents/{id}/metrics?type=T&from=TS&to=TS`
 pub async fn read(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
     Path(agent_id): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> Result<Json<Vec<MetricView>>, ApiError> {

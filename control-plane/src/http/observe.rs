@@ -7,12 +7,16 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::edge::ApiError;
+use crate::handles::Handles;
 use crate::observe::{Exposition, write_counters, write_process};
-use crate::state::AppState;
 use crate::storage::AuditQuery;
+use crate::terminal::Terminal;
 
 /// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn metrics(
+    State(state): State<Handles>,
+    State(terminal): State<Terminal>,
+) -> Result<Response, ApiError> {
     let mut out = Exposition::default();
     write_process(&state.observed, &mut out);
 
@@ -48,8 +52,8 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .collect();
     proto::prometheus::write_buffers(&mut out, &buffers);
 
-    let terminal = &state.terminal.counters;
-    let live = state.terminal.streams.live().await.map(|l| l.len());
+    let live = terminal.streams.live().await.map(|l| l.len());
+    let terminal = &terminal.counters;
     write_counters(
         &mut out,
         &[
@@ -119,7 +123,7 @@ pub struct AuditView {
 
 /// `GET /api/v1/audit?action=A&before=ID&limit=N`: newest first.
 pub async fn audit(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
     Query(params): Query<AuditParams>,
 ) -> Result<Json<Vec<AuditView>>, ApiError> {
     let limit = params.limit.unwrap_or(100);

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::audit::action;
 use crate::auth::{self, SecretKind};
 use crate::edge::{ApiError, SESSION_COOKIE};
-use crate::state::AppState;
+use crate::handles::Handles;
+use crate::throttle::LoginThrottle;
 
 #[derive(Deserialize, schemars::JsonSchema)]
 pub struct LoginRequest {
@@ -27,7 +28,8 @@ pub struct LoginResponse {
 const USERNAME_BYTES_MAX: usize = 128;
 
 pub async fn login(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
+    State(logins): State<std::sync::Arc<LoginThrottle>>,
     Json(body): Json<LoginRequest>,
 ) -> Result<Response, ApiError> {
     let refused = || ApiError::unauthorized("invalid user name or password");
@@ -35,7 +37,7 @@ pub async fn login(
         return Err(refused());
     }
     let now_ms = state.world.now_unix_ms();
-    if let Some(wait) = state.logins.check(&body.username, now_ms) {
+    if let Some(wait) = logins.check(&body.username, now_ms) {
         state
             .audit
             .record(
@@ -69,7 +71,7 @@ pub async fn login(
     let Some(user) = user.filter(|_| verified) else {
         tracing::info!(user = %body.username, "login refused");
         crate::observe::add(&state.observed.login_failures_total, 1);
-        if let Some(lockout) = state.logins.failed(&body.username, now_ms) {
+        if let Some(lockout) = logins.failed(&body.username, now_ms) {
             crate::observe::add(&state.observed.login_lockouts_total, 1);
             tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
         }
@@ -84,7 +86,7 @@ pub async fn login(
             .await;
         return Err(refused());
     };
-    state.logins.succeeded(&user.name);
+    logins.succeeded(&user.name);
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
     let ttl = state.settings.session_ttl;
     let expires_at_ms = now_ms.saturating_add(crate::time::duration_ms(ttl));

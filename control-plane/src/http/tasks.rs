@@ -10,14 +10,14 @@ use axum::http::StatusCode;
 use proto::{Command, CommandResult, ErrorCode, TaskRequest, TaskSnapshot};
 
 use crate::audit::action;
-use crate::channel::CommandError;
+use crate::channel::{Channels, CommandError};
 use crate::edge::{ApiError, AuthUser};
-use crate::state::AppState;
+use crate::handles::Handles;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 const LIST_MAX: i64 = 1000;
 
-async fn known_agent(state: &AppState, agent_id: &str) -> Result<(), ApiError> {
+async fn known_agent(state: &Handles, agent_id: &str) -> Result<(), ApiError> {
     match state
         .storage
         .agent(agent_id)
@@ -33,7 +33,7 @@ async fn known_agent(state: &AppState, agent_id: &str) -> Result<(), ApiError> {
 }
 
 pub async fn list(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
     Path(agent_id): Path<String>,
 ) -> Result<Json<Vec<TaskSnapshot>>, ApiError> {
     known_agent(&state, &agent_id).await?;
@@ -50,13 +50,13 @@ pub async fn list(
 }
 
 async fn command(
-    state: &AppState,
+    state: &Handles,
+    channels: &Channels,
     agent_id: &str,
     command: Command,
 ) -> Result<TaskSnapshot, ApiError> {
     known_agent(state, agent_id).await?;
-    let result = state
-        .channels
+    let result = channels
         .send_command(agent_id, command, COMMAND_TIMEOUT)
         .await;
     let task = match result {
@@ -108,13 +108,15 @@ async fn command(
 }
 
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
+    State(channels): State<Channels>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(agent_id): Path<String>,
     Json(task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
     let task = command(
         &state,
+        &channels,
         &agent_id,
         Command::TaskAdd {
             task: Box::new(task),
@@ -135,11 +137,18 @@ pub async fn create(
 }
 
 pub async fn cancel(
-    State(state): State<AppState>,
+    State(state): State<Handles>,
+    State(channels): State<Channels>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path((agent_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<TaskSnapshot>, ApiError> {
-    let task = command(&state, &agent_id, Command::TaskCancel { task_id }).await?;
+    let task = command(
+        &state,
+        &channels,
+        &agent_id,
+        Command::TaskCancel { task_id },
+    )
+    .await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, "task canceled");
     state
         .audit
