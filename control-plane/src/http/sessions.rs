@@ -37,16 +37,16 @@ pub async fn login(
         return Err(refused());
     }
     let now_ms = state.world.now_unix_ms();
+    let audit_refused = |reason: &'static str| {
+        state.audit.record(
+            &body.username,
+            action::LOGIN_REFUSED,
+            &body.username,
+            serde_json::json!({ "reason": reason }),
+        )
+    };
     if let Some(wait) = logins.check(&body.username, now_ms) {
-        state
-            .audit
-            .record(
-                &body.username,
-                action::LOGIN_REFUSED,
-                &body.username,
-                serde_json::json!({"reason": "locked out after repeated failures"}),
-            )
-            .await;
+        audit_refused("locked out after repeated failures").await;
         let secs = wait.as_secs().max(1);
         return Ok(crate::edge::retry_later(
             secs,
@@ -75,15 +75,7 @@ pub async fn login(
             crate::observe::add(&state.observed.login_lockouts_total, 1);
             tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
         }
-        state
-            .audit
-            .record(
-                &body.username,
-                action::LOGIN_REFUSED,
-                &body.username,
-                serde_json::json!({"reason": "invalid user name or password"}),
-            )
-            .await;
+        audit_refused("invalid user name or password").await;
         return Err(refused());
     };
     logins.succeeded(&user.name);

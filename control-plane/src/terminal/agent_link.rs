@@ -124,10 +124,10 @@ where
 
 /// What ended a link.
 enum End {
-    /// The session is over (psql exited, it was closed, or nobody attached).
-    Over(String),
     /// The link died; the agent keeps the PTY for its reconnect window.
     Lost(String),
+    /// psql ended: the session is finished and its close stored.
+    Finished(String),
 }
 
 async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
@@ -249,10 +249,7 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
-        End::Over(reason) => {
-            tracing::info!(%reason, "terminal session over");
-            finish(&state, &session_id, &reason).await;
-        }
+        End::Finished(reason) => tracing::info!(%reason, "terminal session over"),
         End::Lost(reason) => {
             tracing::info!(%reason, "terminal link lost; the agent may reattach");
             let now_ms = state.world.now_unix_ms();
@@ -339,6 +336,12 @@ async fn output_loop(
                 _ => break,
             }
         }
+        // The close is the last entry; it is stored after the record says closed, so whoever
+        // reads the close and then asks for the session finds it closed.
+        let close = match closed {
+            Some(_) => entries.pop(),
+            None => None,
+        };
         if !entries.is_empty() {
             if until_stored(state, || streams.append_output(session_id, &entries, cap))
                 .await
@@ -349,7 +352,13 @@ async fn output_loop(
             entries.clear();
         }
         if let Some(reason) = closed {
-            return End::Over(reason);
+            finish(state, session_id, &reason).await;
+            if let Some(close) = close {
+                let close = [close];
+                let _ =
+                    until_stored(state, || streams.append_output(session_id, &close, cap)).await;
+            }
+            return End::Finished(reason);
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use super::SessionState;
 use super::TerminalContext;
 use super::streams::RedisStreams;
-use super::streams::redis::{entries, field, global_key, key, text};
+use super::streams::redis::{field, global_key, key, text};
 use crate::channel::CommandError;
 
 /// How long one read of the request stream blocks.
@@ -110,19 +110,8 @@ pub async fn request_open(
 /// Where a relay starts reading open requests: after the newest one already stored. (A
 /// cursor of `$` would miss requests added between two reads.)
 pub async fn requests_tail(redis: &RedisStreams) -> super::streams::Result<String> {
-    let last: redis::Value = redis
-        .query(
-            redis::cmd("XREVRANGE")
-                .arg(global_key("requests"))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await?;
-    Ok(entries(last)
-        .first()
-        .map_or_else(|| "0-0".to_string(), |(id, _)| text(Some(id))))
+    let newest = redis.newest_id(&global_key("requests")).await?;
+    Ok(newest.map_or_else(|| "0-0".to_string(), |id| text(Some(&id))))
 }
 
 /// Open requests after `cursor`, waiting up to `block`; returns the new cursor.

@@ -349,20 +349,26 @@ impl RedisStreams {
         Ok(())
     }
 
-    pub(super) async fn output_end(&self, id: &str) -> Result<u64> {
+    /// The id of the newest entry of stream `key` (`None` when it is empty or gone).
+    pub(in crate::terminal) async fn newest_id(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let last: Value = self
             .query(
                 redis::cmd("XREVRANGE")
-                    .arg(key(id, "out"))
+                    .arg(key)
                     .arg("+")
                     .arg("-")
                     .arg("COUNT")
                     .arg(1),
             )
             .await?;
-        Ok(entries(last)
-            .first()
-            .and_then(|(id, _)| parse_id(id))
+        Ok(entries(last).into_iter().next().map(|(id, _)| id))
+    }
+
+    pub(super) async fn output_end(&self, id: &str) -> Result<u64> {
+        let newest = self.newest_id(&key(id, "out")).await?;
+        Ok(newest
+            .as_deref()
+            .and_then(parse_id)
             .map_or(0, |(end, _)| end))
     }
 
@@ -589,7 +595,7 @@ fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// `[[id, [k, v, …]], …]` of one stream in an XREAD/XRANGE reply, taken apart without copying.
-pub(in crate::terminal) fn entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+fn entries(value: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
     let Value::Array(items) = value else {
         return Vec::new();
     };
