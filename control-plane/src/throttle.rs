@@ -5,6 +5,12 @@
 //!
 //! Per replica: N replicas allow N times the attempts. Keyed by name, so an attacker can delay
 //! a user's logins, but not guess their password faster than one try per lockout.
+//!
+//! An attempt counts from the moment it is let through ([`LoginThrottle::begin`]), not from
+//! when its password check ends: attempts in flight plus failures never exceed
+//! [`FREE_FAILURES`], so a burst of parallel guesses gets no more checks than a sequence. The
+//! checks themselves run at most [`LoginThrottle::checks`] at a time (one per core): argon2 is
+//! memory- and CPU-hard, and a flood of them must not starve storage or agent heartbeats.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -15,16 +21,31 @@ pub const LOCKOUT_FIRST: Duration = Duration::from_secs(30);
 pub const LOCKOUT_MAX: Duration = Duration::from_secs(15 * 60);
 pub const NAMES_MAX: usize = 10_000;
 
+/// How long a refused attempt is told to wait while other attempts for the name are checked.
+pub const BUSY_RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug)]
 struct Failures {
     count: u32,
+    /// Attempts let through whose check has not ended.
+    pending: u32,
     last_ms: i64,
     locked_until_ms: i64,
 }
 
-#[derive(Default)]
 pub struct LoginThrottle {
     names: Mutex<BTreeMap<String, Failures>>,
+    checks: tokio::sync::Semaphore,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> LoginThrottle {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        LoginThrottle {
+            names: Mutex::new(BTreeMap::new()),
+            checks: tokio::sync::Semaphore::new(cores),
+        }
+    }
 }
 
 impl LoginThrottle {
@@ -36,6 +57,11 @@ impl LoginThrottle {
         f(&mut names)
     }
 
+    /// The password checks allowed at once (one per core).
+    pub fn checks(&self) -> &tokio::sync::Semaphore {
+        &self.checks
+    }
+
     /// `Some(wait)` while `name` is locked out.
     pub fn check(&self, name: &str, now_ms: i64) -> Option<Duration> {
         self.with(|names| {
@@ -45,23 +71,38 @@ impl LoginThrottle {
         })
     }
 
+    /// Let an attempt for `name` through to its password check, counted as pending until
+    /// [`failed`](Self::failed), [`succeeded`](Self::succeeded) or [`abandoned`](Self::abandoned);
+    /// `Err(wait)` while the name is locked out or its free attempts are all taken.
+    pub fn begin(&self, name: &str, now_ms: i64) -> Result<(), Duration> {
+        if let Some(wait) = self.check(name, now_ms) {
+            return Err(wait);
+        }
+        self.with(|names| {
+            let f = entry(names, name, now_ms);
+            if f.count + f.pending >= FREE_FAILURES {
+                return Err(BUSY_RETRY);
+            }
+            f.pending += 1;
+            f.last_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// An attempt let through ended without an answer (an error, or the client left).
+    pub fn abandoned(&self, name: &str) {
+        self.with(|names| {
+            if let Some(f) = names.get_mut(&name.to_lowercase()) {
+                f.pending = f.pending.saturating_sub(1);
+            }
+        });
+    }
+
     /// A failed attempt; returns the lockout it starts, if any.
     pub fn failed(&self, name: &str, now_ms: i64) -> Option<Duration> {
         self.with(|names| {
-            if names.len() >= NAMES_MAX && !names.contains_key(&name.to_lowercase()) {
-                let stalest = names
-                    .iter()
-                    .min_by_key(|(_, f)| f.last_ms)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = stalest {
-                    names.remove(&k);
-                }
-            }
-            let f = names.entry(name.to_lowercase()).or_insert(Failures {
-                count: 0,
-                last_ms: now_ms,
-                locked_until_ms: 0,
-            });
+            let f = entry(names, name, now_ms);
+            f.pending = f.pending.saturating_sub(1);
             f.count += 1;
             f.last_ms = now_ms;
             if f.count < FREE_FAILURES {
@@ -79,6 +120,34 @@ impl LoginThrottle {
     pub fn succeeded(&self, name: &str) {
         self.with(|names| names.remove(&name.to_lowercase()));
     }
+}
+
+/// The record of `name`, made when missing; at the bound the stalest name that is neither
+/// locked nor being checked makes room (only when every name is, the stalest of all).
+fn entry<'a>(
+    names: &'a mut BTreeMap<String, Failures>,
+    name: &str,
+    now_ms: i64,
+) -> &'a mut Failures {
+    let key = name.to_lowercase();
+    if names.len() >= NAMES_MAX && !names.contains_key(&key) {
+        let idle = |f: &Failures| f.pending == 0 && f.locked_until_ms <= now_ms;
+        let stalest = names
+            .iter()
+            .filter(|(_, f)| idle(f))
+            .min_by_key(|(_, f)| f.last_ms)
+            .or_else(|| names.iter().min_by_key(|(_, f)| f.last_ms))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = stalest {
+            names.remove(&k);
+        }
+    }
+    names.entry(key).or_insert(Failures {
+        count: 0,
+        pending: 0,
+        last_ms: now_ms,
+        locked_until_ms: 0,
+    })
 }
 
 #[cfg(test)]
@@ -103,6 +172,46 @@ mod tests {
         assert_eq!(t.check("alice", 50_019), Some(LOCKOUT_MAX), "capped");
         t.succeeded("alice");
         assert_eq!(t.check("alice", 50_021), None);
+    }
+
+    #[test]
+    fn attempts_in_flight_count_against_the_free_ones() {
+        let t = LoginThrottle::default();
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(t.begin("alice", 0), Ok(()));
+        }
+        assert_eq!(
+            t.begin("alice", 0),
+            Err(BUSY_RETRY),
+            "five are being checked"
+        );
+        assert_eq!(t.begin("bob", 0), Ok(()), "other names are not affected");
+        t.abandoned("alice");
+        assert_eq!(
+            t.begin("alice", 1),
+            Ok(()),
+            "an abandoned attempt frees its place"
+        );
+        for _ in 0..FREE_FAILURES - 1 {
+            assert_eq!(t.failed("alice", 2), None);
+        }
+        assert_eq!(t.failed("alice", 2), Some(LOCKOUT_FIRST));
+        assert_eq!(
+            t.begin("alice", 3),
+            Err(LOCKOUT_FIRST - Duration::from_millis(1))
+        );
+    }
+
+    #[test]
+    fn a_locked_name_is_not_forgotten_for_idle_ones() {
+        let t = LoginThrottle::default();
+        for _ in 0..FREE_FAILURES {
+            t.failed("mallory", 0);
+        }
+        for i in 0..NAMES_MAX + 10 {
+            t.failed(&format!("u{i}"), 1 + i as i64);
+        }
+        assert!(t.check("mallory", 20).is_some(), "still locked");
     }
 
     #[test]

@@ -26,6 +26,25 @@ pub struct LoginResponse {
 }
 
 const USERNAME_BYTES_MAX: usize = 128;
+/// How long a login waits for a password check to be free before it is told to come back.
+const CHECK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const BUSY_RETRY_S: u64 = 1;
+
+/// An attempt let through by the throttle: abandoned on drop unless it ended as a success or
+/// a failure (an error, or a client that left mid-check, must not hold a place forever).
+struct Attempt<'a> {
+    logins: &'a LoginThrottle,
+    name: &'a str,
+    ended: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.logins.abandoned(self.name);
+        }
+    }
+}
 
 pub async fn login(
     State(state): State<Handles>,
@@ -45,14 +64,28 @@ pub async fn login(
             serde_json::json!({ "reason": reason }),
         )
     };
-    if let Some(wait) = logins.check(&body.username, now_ms) {
-        audit_refused("locked out after repeated failures").await;
+    // Counted before the password check, so parallel guesses get no more checks than a
+    // sequence; released when the attempt ends, whichever way (the client may leave).
+    if let Err(wait) = logins.begin(&body.username, now_ms) {
+        let locked = logins.check(&body.username, now_ms).is_some();
+        if locked {
+            audit_refused("locked out after repeated failures").await;
+        }
         let secs = wait.as_secs().max(1);
         return Ok(crate::edge::retry_later(
             secs,
-            format!("too many failed logins for this user; try again in {secs} s"),
+            if locked {
+                format!("too many failed logins for this user; try again in {secs} s")
+            } else {
+                format!("other logins for this user are being checked; try again in {secs} s")
+            },
         ));
     }
+    let mut attempt = Attempt {
+        logins: &logins,
+        name: &body.username,
+        ended: false,
+    };
     let user = state
         .storage
         .user_by_name(&body.username)
@@ -63,6 +96,14 @@ pub async fn login(
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| auth::DUMMY_PASSWORD_HASH.to_string());
     let password = body.password;
+    // One check per core at most: a flood of argon2 must not starve storage and heartbeats.
+    let Ok(Ok(_permit)) = tokio::time::timeout(CHECK_WAIT_MAX, logins.checks().acquire()).await
+    else {
+        return Ok(crate::edge::retry_later(
+            BUSY_RETRY_S,
+            "too many logins are being checked; try again shortly",
+        ));
+    };
     let verified = state
         .world
         .blocking(move || auth::verify_password(&hash, &password))
@@ -71,6 +112,7 @@ pub async fn login(
     let Some(user) = user.filter(|_| verified) else {
         tracing::info!(user = %body.username, "login refused");
         crate::observe::add(&state.observed.login_failures_total, 1);
+        attempt.ended = true;
         if let Some(lockout) = logins.failed(&body.username, now_ms) {
             crate::observe::add(&state.observed.login_lockouts_total, 1);
             tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
@@ -78,7 +120,8 @@ pub async fn login(
         audit_refused("invalid user name or password").await;
         return Err(refused());
     };
-    logins.succeeded(&user.name);
+    attempt.ended = true;
+    logins.succeeded(&body.username);
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
     let ttl = state.settings.session_ttl;
     let expires_at_ms = now_ms.saturating_add(crate::time::duration_ms(ttl));

@@ -330,3 +330,53 @@ async fn the_agent_list_has_its_documented_shape() {
     });
     server.stop().await;
 }
+
+/// 400 parallel wrong passwords for one name: at most 5 reach the password check (the rest
+/// are told to come back, 429), and an agent heartbeating meanwhile stays online throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_login_flood_gets_five_checks_and_agents_stay_online() {
+    let server = Server::start().await;
+    let (agent_id, cred) = server.enroll("db1").await;
+    let token = server
+        .token_for("ops", control_plane::auth::Role::Operator)
+        .await;
+    let mut ws = welcomed(&server, &cred).await;
+    let heartbeats = async {
+        let mut offline_seen = 0;
+        for seq in 1..=40 {
+            send(
+                &mut ws,
+                &AgentMessage::Heartbeat {
+                    seq,
+                    sent_at_ms: 0,
+                    buffer: None,
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if seq > 2 && status_of(&server, &token, &agent_id).await != "online" {
+                offline_seen += 1;
+            }
+        }
+        offline_seen
+    };
+    let flood = async {
+        let body = r#"{"username":"ops","password":"wrong-wrong-wrong"}"#;
+        let attempts =
+            (0..400).map(|_| server.request(http::Method::POST, "/api/v1/sessions", None, body));
+        futures_util::future::join_all(attempts).await
+    };
+    let (offline_seen, answers) = tokio::join!(heartbeats, flood);
+    let unauthorized = answers.iter().filter(|r| r.status == 401).count();
+    let busy = answers.iter().filter(|r| r.status == 429).count();
+    assert_eq!(unauthorized + busy, 400, "only 401 and 429");
+    assert!(unauthorized <= 5, "{unauthorized} passwords were checked");
+    let checked = server
+        .state
+        .observed
+        .login_failures_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(checked <= 5, "{checked} password checks ran");
+    assert_eq!(offline_seen, 0, "the agent showed offline during the flood");
+    server.stop().await;
+}
