@@ -15,9 +15,11 @@ pub enum QuoteError {
     Empty,
 }
 
-/// Bytes a shell never gives a meaning to, so a word made only of them needs no quotes.
+/// Bytes a shell never gives a meaning to, so a word made only of them needs no quotes. `=`
+/// is not one: a bare `NAME=value` in command position is an assignment, so `["X=1", "env"]`
+/// would run `env` with `X` set instead of a program named `X=1`.
 fn is_plain(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"_-./:=@%+,".contains(&byte)
+    byte.is_ascii_alphanumeric() || b"_-./:@%+,".contains(&byte)
 }
 
 /// Quote one argument so a POSIX shell reads it back as exactly these bytes.
@@ -112,6 +114,7 @@ mod tests {
         assert_eq!(line(&["echo", "$(id)"]), "echo '$(id)'");
         assert_eq!(line(&["echo", "~root"]), "echo '~root'");
         assert_eq!(line(&["echo", "#x"]), "echo '#x'");
+        assert_eq!(line(&["X=1", "env"]), "'X=1' env");
     }
 
     #[test]

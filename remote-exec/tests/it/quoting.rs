@@ -66,6 +66,27 @@ fn quoted_arguments_reach_real_shells_byte_for_byte() {
     }
 }
 
+/// No argument is syntax, in command position either: `["X=1", "env"]` asks for a program
+/// named `X=1` (not found, 127), never for `env` with `X=1` in its environment.
+#[test]
+fn an_assignment_in_command_position_stays_a_word() {
+    for shell in ["sh", "bash", "dash"] {
+        let line = command_line(&["X=1", "env"]).expect("quotable");
+        let Ok(out) = std::process::Command::new(shell)
+            .arg("-c")
+            .arg(OsStr::from_bytes(&line))
+            .output()
+        else {
+            continue; // that shell is not installed; `sh` is checked by the property test
+        };
+        assert_eq!(out.status.code(), Some(127), "{shell} ran {line:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("X=1"),
+            "{shell}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn no_argument_injects_a_command_through_sshd() {
     let s = Setup::start().await;
