@@ -67,8 +67,9 @@ pub struct RedisTarget {
 
 impl RedisTarget {
     pub fn parse(raw: &str) -> Result<RedisTarget> {
+        // An error names the URL, never its password.
         let bad = |reason: &str| StreamsError::Url {
-            url: raw.to_string(),
+            url: without_password(raw),
             reason: reason.to_string(),
         };
         let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
@@ -103,6 +104,23 @@ impl RedisTarget {
             }),
             info,
         })
+    }
+}
+
+/// `raw` with any password replaced by `***` (a URL that does not parse: everything between
+/// `://` and the last `@`).
+fn without_password(raw: &str) -> String {
+    if let Ok(mut url) = url::Url::parse(raw) {
+        if url.password().is_some() && url.set_password(Some("***")).is_ok() {
+            return url.to_string();
+        }
+        return raw.to_string();
+    }
+    match (raw.find("://"), raw.rfind('@')) {
+        (Some(start), Some(at)) if at > start + 3 => {
+            format!("{}***{}", &raw[..start + 3], &raw[at..])
+        }
+        _ => raw.to_string(),
     }
 }
 
@@ -698,6 +716,19 @@ mod tests {
             .to_string();
         assert!(e.contains("redis://"), "{e}");
         assert!(RedisTarget::parse("redis://h/notanumber").is_err());
+    }
+
+    #[test]
+    fn a_bad_url_is_named_without_its_password() {
+        for raw in [
+            "redis://:s3cret@h/notanumber",
+            "http://user:s3cret@h/",
+            "redis://:s3cret@[bad/",
+        ] {
+            let e = RedisTarget::parse(raw).expect_err("bad url").to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+            assert!(e.contains("***"), "{e}");
+        }
     }
 
     #[test]
