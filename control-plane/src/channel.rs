@@ -239,7 +239,7 @@ async fn run(state: ChannelContext, agent: AgentRow, socket: WebSocket) {
             cancel: cancel.clone(),
         },
     );
-    tracing::info!(connection_id = %connection_id, version, hostname = %hostname, "agent connected");
+    tracing::info!(connection_id = %connection_id, version, hostname = ?hostname, "agent connected");
     let end = serve_connection(
         &state,
         &agent,

@@ -52,6 +52,7 @@ pub struct Observed {
     pub audit_write_failures_total: AtomicU64,
     pub login_failures_total: AtomicU64,
     pub login_lockouts_total: AtomicU64,
+    pub login_refused_busy_total: AtomicU64,
 }
 
 pub fn add(counter: &AtomicU64, n: u64) {
@@ -130,7 +131,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
         );
     }
     // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 9] = [
+    let plain: [(&str, &str, &AtomicU64); 10] = [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -170,6 +171,11 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             "outpost_login_lockouts_total",
             "Lockouts started after repeated failed logins for one name.",
             &observed.login_lockouts_total,
+        ),
+        (
+            "outpost_login_refused_busy_total",
+            "Logins answered 429 without a password check: the name is locked out or its free attempts are being checked.",
+            &observed.login_refused_busy_total,
         ),
         (
             "outpost_audit_write_failures_total",

@@ -286,3 +286,27 @@ async fn the_metrics_listener_reports_buffer_tasks_and_link_and_refuses_public_a
     agent.signal("-TERM");
     assert!(agent.wait_exit(Duration::from_secs(20)).await.is_some());
 }
+
+/// Untrusted strings are escaped in the control plane's log: a user name with a newline
+/// cannot forge a log line of its own.
+#[tokio::test]
+async fn a_user_name_cannot_forge_a_log_line() {
+    let cp = ControlPlane::start().await;
+    let forged = "mallory\n2026-01-01T00:00:00.000000Z ERROR forged: every agent was removed";
+    let r = cp
+        .api(
+            http::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"username": forged, "password": "wrong-password"})),
+        )
+        .await
+        .expect("control plane answers");
+    assert_eq!(r.status, 401);
+    let log = cp.log();
+    assert!(log.contains("login refused"), "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("ERROR forged") && !l.contains("mallory")),
+        "a forged line appeared in the log:\n{log}"
+    );
+}

@@ -47,7 +47,7 @@ pub async fn enroll(
         .map_err(ApiError::internal)?
     {
         Enrollment::Enrolled { agent_id } => {
-            tracing::info!(agent_id = %agent_id, name = %name, "agent enrolled");
+            tracing::info!(agent_id = %agent_id, name = ?name, "agent enrolled");
             state
                 .audit
                 .record(
@@ -72,7 +72,7 @@ pub async fn enroll(
                     "enrollment token already used; create a new one with `outpost admin enroll-token`"
                 }
             };
-            tracing::info!(?reason, name = %name, "enrollment refused");
+            tracing::info!(?reason, name = ?name, "enrollment refused");
             Err(ApiError::unauthorized(message))
         }
     }

@@ -67,10 +67,10 @@ pub async fn login(
     // Counted before the password check, so parallel guesses get no more checks than a
     // sequence; released when the attempt ends, whichever way (the client may leave).
     if let Err(wait) = logins.begin(&body.username, now_ms) {
+        // Not audited one by one (anyone can send these): the lockout was recorded when it
+        // began, and refusals are counted in /metrics.
+        crate::observe::add(&state.observed.login_refused_busy_total, 1);
         let locked = logins.check(&body.username, now_ms).is_some();
-        if locked {
-            audit_refused("locked out after repeated failures").await;
-        }
         let secs = wait.as_secs().max(1);
         return Ok(crate::edge::retry_later(
             secs,
@@ -110,14 +110,16 @@ pub async fn login(
         .await
         .map_err(ApiError::internal)?;
     let Some(user) = user.filter(|_| verified) else {
-        tracing::info!(user = %body.username, "login refused");
+        tracing::info!(user = ?body.username, "login refused");
         crate::observe::add(&state.observed.login_failures_total, 1);
         attempt.ended = true;
-        if let Some(lockout) = logins.failed(&body.username, now_ms) {
-            crate::observe::add(&state.observed.login_lockouts_total, 1);
-            tracing::warn!(user = %body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
-        }
+        let lockout = logins.failed(&body.username, now_ms);
         audit_refused("invalid user name or password").await;
+        if let Some(lockout) = lockout {
+            crate::observe::add(&state.observed.login_lockouts_total, 1);
+            tracing::warn!(user = ?body.username, lockout_s = lockout.as_secs(), "repeated failed logins: locked out");
+            audit_refused("locked out after repeated failures").await;
+        }
         return Err(refused());
     };
     attempt.ended = true;
@@ -133,7 +135,7 @@ pub async fn login(
         .create_api_token(&auth::secret_hash(&token), &user.id, now_ms, expires_at_ms)
         .await
         .map_err(ApiError::internal)?;
-    tracing::info!(user = %user.name, role = user.role.as_str(), "login");
+    tracing::info!(user = ?user.name, role = user.role.as_str(), "login");
     state
         .audit
         .record(

@@ -141,7 +141,7 @@ pub async fn create(
         return Err(refuse(e));
     }
     TerminalCounters::add(&terminal.counters.sessions_opened_total, 1);
-    tracing::info!(session_id, agent_id = %agent.id, user = %user.name, "terminal session created");
+    tracing::info!(session_id, agent_id = %agent.id, user = ?user.name, "terminal session created");
     state
         .audit
         .record(
@@ -293,7 +293,7 @@ pub async fn ws(
     if let Err(e) = owned_session(&state, &user, &session_id).await {
         return e.into_response();
     }
-    let span = tracing::info_span!("terminal_browser", session_id = %session_id, user = %user.name);
+    let span = tracing::info_span!("terminal_browser", session_id = %session_id, user = ?user.name);
     upgrade
         .max_message_size(BROWSER_FRAME_BYTES_MAX)
         .on_upgrade(move |socket| {

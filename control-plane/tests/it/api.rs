@@ -705,6 +705,39 @@ async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() 
         .and_then(|v| v.parse().ok())
         .expect("Retry-After seconds");
     assert!((1..=30).contains(&wait), "{wait}");
+    // Anyone can send refused logins: while locked they are counted, not written one by one.
+    for _ in 0..20 {
+        let r = server
+            .request(
+                Method::POST,
+                "/api/v1/sessions",
+                None,
+                login("carol", "wrong-wrong-wrong"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    }
+    let admin = server.token_for("root", Role::Admin).await;
+    let r = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=login.refused&limit=500",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let rows: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let carol = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|row| row["actor"] == "carol")
+        .count();
+    assert_eq!(
+        carol,
+        control_plane::throttle::FREE_FAILURES as usize + 1,
+        "five failures and one lockout are recorded, not every refusal"
+    );
     let r = server
         .request(
             Method::POST,
