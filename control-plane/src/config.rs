@@ -29,6 +29,8 @@ pub struct RawServeConfig {
     pub session_ttl: Option<String>,
     /// humantime, default 30d; at least 1d.
     pub metrics_retention: Option<String>,
+    /// humantime, default 400d; at least 1d.
+    pub audit_retention: Option<String>,
     /// Inventory TOML for fleet exec from the web UI and API (same format as `outpost exec`).
     pub inventory: Option<PathBuf>,
     /// PEM certificate chain (leaf first) and private key: serve HTTPS instead of HTTP.
@@ -50,6 +52,7 @@ impl RawServeConfig {
             dead_after: self.dead_after.or(file.dead_after),
             session_ttl: self.session_ttl.or(file.session_ttl),
             metrics_retention: self.metrics_retention.or(file.metrics_retention),
+            audit_retention: self.audit_retention.or(file.audit_retention),
             inventory: self.inventory.or(file.inventory),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
@@ -123,6 +126,11 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             raw.metrics_retention.as_deref(),
             defaults.metrics_retention,
         )?,
+        audit_retention: duration(
+            "audit_retention",
+            raw.audit_retention.as_deref(),
+            defaults.audit_retention,
+        )?,
         inventory: raw.inventory.clone(),
         secure_cookies: false,
     };
@@ -145,6 +153,9 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         bail!(
             "metrics_retention: must be at least 1d (Postgres keeps metrics in daily partitions)"
         );
+    }
+    if settings.audit_retention < Duration::from_secs(86_400) {
+        bail!("audit_retention: must be at least 1d");
     }
     let tls = match (&raw.tls_cert, &raw.tls_key) {
         (None, None) => None,

@@ -168,7 +168,7 @@ struct ExecRunArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
-    /// dead_after, session_ttl, metrics_retention, inventory, tls_cert, tls_key, ca_file. Flags and OUTPOST_* variables override it.
+    /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -184,6 +184,9 @@ struct ServeArgs {
     /// days; SQLite deletes rows. Checked hourly.
     #[arg(long, env = "OUTPOST_METRICS_RETENTION")]
     metrics_retention: Option<String>,
+    /// How long audit records are kept, e.g. 400d or 2y [default: 400d]. Checked hourly.
+    #[arg(long, env = "OUTPOST_AUDIT_RETENTION")]
+    audit_retention: Option<String>,
     /// Inventory TOML (as for `outpost exec`) of the hosts the web UI's fleet exec may reach.
     /// Without it, exec through the API is refused.
     #[arg(long, env = "OUTPOST_INVENTORY", value_name = "FILE")]
@@ -327,6 +330,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database_url: args.store.database_url,
         redis_url: args.redis_url,
         metrics_retention: args.metrics_retention,
+        audit_retention: args.audit_retention,
         inventory: args.inventory,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,

@@ -133,7 +133,7 @@ pub async fn serve(
         terminal_streams = streams.backend_name(),
         "outpost control plane listening"
     );
-    let retention = config.settings.metrics_retention;
+    let retention = config.settings.clone();
     let state = AppState::new(
         world.clone(),
         storage.clone(),
@@ -146,7 +146,7 @@ pub async fn serve(
     ));
     state
         .background
-        .spawn(prune_metrics_forever(world, storage, retention, token));
+        .spawn(prune_forever(world, storage, retention, token));
     match config.tls {
         Some(tls) => {
             let listener = world::tls::TlsListener::new(listener, tls).context("TLS listener")?;
@@ -156,19 +156,22 @@ pub async fn serve(
     }
 }
 
-/// How often stored metrics are checked against the retention period.
+/// How often stored metrics and audit records are checked against their retention periods.
 const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Remove metrics older than `retention` now and then every [`RETENTION_EVERY`].
-async fn prune_metrics_forever(
+/// Remove metrics and audit records older than their retention now and then every
+/// [`RETENTION_EVERY`].
+async fn prune_forever(
     world: World,
     storage: Storage,
-    retention: std::time::Duration,
+    settings: crate::settings::Settings,
     shutdown: CancellationToken,
 ) {
-    let retention_ms = crate::time::duration_ms(retention);
+    let metrics_ms = crate::time::duration_ms(settings.metrics_retention);
+    let audit_ms = crate::time::duration_ms(settings.audit_retention);
     loop {
-        let before_ms = world.now_unix_ms().saturating_sub(retention_ms);
+        let now_ms = world.now_unix_ms();
+        let before_ms = now_ms.saturating_sub(metrics_ms);
         match storage.prune_metrics(before_ms).await {
             Ok(p) if p.rows > 0 || p.partitions > 0 => tracing::info!(
                 rows = p.rows,
@@ -178,6 +181,16 @@ async fn prune_metrics_forever(
             ),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "metrics retention pass failed; retrying later"),
+        }
+        let before_ms = now_ms.saturating_sub(audit_ms);
+        match storage.prune_audit(before_ms).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(
+                rows,
+                before = %crate::time::rfc3339_ms(before_ms),
+                "audit retention removed old records"
+            ),
+            Err(error) => tracing::warn!(%error, "audit retention pass failed; retrying later"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -15,6 +15,8 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Stored metrics older than this are removed (whole days in Postgres) and not accepted.
     pub metrics_retention: Duration,
+    /// Audit records older than this are removed (checked hourly).
+    pub audit_retention: Duration,
     /// Inventory for fleet exec through the API; `None` turns the exec routes into refusals.
     pub inventory: Option<std::path::PathBuf>,
     /// Mark the session cookie `Secure` (the control plane serves HTTPS).
@@ -28,6 +30,7 @@ impl Default for Settings {
             dead_after: Duration::from_secs(15),
             session_ttl: Duration::from_secs(12 * 3600),
             metrics_retention: Duration::from_secs(30 * 86_400),
+            audit_retention: Duration::from_secs(400 * 86_400),
             inventory: None,
             secure_cookies: false,
         }

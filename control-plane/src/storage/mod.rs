@@ -191,6 +191,11 @@ impl Storage {
     }
 
     /// Audit records, newest first.
+    /// Remove audit records stamped before `before_ms`; how many went.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StorageError> {
+        dispatch!(self.prune_audit(before_ms))
+    }
+
     pub async fn audit_list(&self, query: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
         dispatch!(self.audit_list(query))
     }

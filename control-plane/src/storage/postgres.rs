@@ -620,6 +620,14 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StorageError> {
+        self.client()
+            .await?
+            .execute("DELETE FROM audit WHERE ts_ms < $1", &[&before_ms])
+            .await
+            .map_err(backend)
+    }
+
     pub async fn audit_list(&self, q: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
         let rows = self
             .client()

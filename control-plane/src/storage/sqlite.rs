@@ -493,6 +493,16 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StorageError> {
+        self.run(move |conn| {
+            let n = conn
+                .execute("DELETE FROM audit WHERE ts_ms < ?1", params![before_ms])
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     pub async fn audit_list(&self, q: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
         self.run(move |conn| {
             let mut stmt = conn

@@ -288,6 +288,21 @@ async fn check(s: Storage) {
         .expect("audit list");
     assert_eq!(logins.len(), 1);
     assert_eq!(logins[0].actor, "user0");
+
+    // Retention removes what is older than the horizon, nothing younger.
+    assert_eq!(s.prune_audit(1001).await.expect("prune audit"), 1);
+    let kept = s
+        .audit_list(AuditQuery {
+            action: None,
+            before_id: None,
+            limit: 10,
+        })
+        .await
+        .expect("audit list");
+    assert_eq!(
+        kept.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>(),
+        ["user2", "user1"]
+    );
 }
 
 #[tokio::test]
