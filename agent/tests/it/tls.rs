@@ -167,6 +167,13 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
         cookie.contains("; Secure"),
         "the cookie is Secure over HTTPS: {cookie}"
     );
+    assert!(
+        login
+            .headers
+            .get(http::header::STRICT_TRANSPORT_SECURITY)
+            .is_some(),
+        "HTTPS answers tell browsers to keep to HTTPS"
+    );
     let session: serde_json::Value = serde_json::from_slice(&login.body).expect("json");
     let bearer = session["token"].as_str().expect("token").to_string();
     let mut online = false;

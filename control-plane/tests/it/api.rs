@@ -749,3 +749,45 @@ async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() 
     assert_eq!(r.status, StatusCode::OK, "another name is not affected");
     server.stop().await;
 }
+
+/// Every answer carries the security headers: the UI's pages (public), refusals (401), and
+/// unknown routes; HSTS only under TLS (checked in the agent's TLS test).
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let server = Server::start().await;
+    for (path, status) in [
+        ("/", StatusCode::OK),
+        ("/api/v1/me", StatusCode::UNAUTHORIZED),
+        ("/no/such/route", StatusCode::NOT_FOUND),
+    ] {
+        let r = server.request(Method::GET, path, None, "").await;
+        assert_eq!(r.status, status, "{path}");
+        let csp = r
+            .headers
+            .get(http::header::CONTENT_SECURITY_POLICY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp:?}"
+        );
+        assert!(!csp.contains("unsafe-eval"), "{path}: {csp:?}");
+        assert_eq!(
+            r.headers.get(http::header::X_CONTENT_TYPE_OPTIONS),
+            Some(&HeaderValue::from_static("nosniff")),
+            "{path}"
+        );
+        assert_eq!(
+            r.headers.get(http::header::X_FRAME_OPTIONS),
+            Some(&HeaderValue::from_static("DENY")),
+            "{path}"
+        );
+        assert!(
+            r.headers
+                .get(http::header::STRICT_TRANSPORT_SECURITY)
+                .is_none(),
+            "no HSTS over plain HTTP"
+        );
+    }
+    server.stop().await;
+}
