@@ -144,11 +144,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Enrollment carries a one-time token and brings back the agent's credential: over plain
+/// HTTP to another host anyone on the path can take both. Loopback is left alone (the demo).
+fn plain_http_warning(url: &url::Url) -> Option<String> {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    (url.scheme() == "http" && !loopback).then(|| {
+        format!(
+            "WARNING: enrolling over plain http:// ({url}): the enrollment token and this agent's credential cross the network unencrypted; use https:// (outpost serve --tls-cert/--tls-key)"
+        )
+    })
+}
+
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
-    config::control_plane_url("--control-plane", &args.control_plane)?;
+    let url = config::control_plane_url("--control-plane", &args.control_plane)?;
+    if let Some(warning) = plain_http_warning(&url) {
+        eprintln!("{warning}");
+    }
     if !args.force
         && let Some(existing) = identity::load(&data_dir)?
     {

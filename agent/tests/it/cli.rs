@@ -310,3 +310,45 @@ async fn a_user_name_cannot_forge_a_log_line() {
         "a forged line appeared in the log:\n{log}"
     );
 }
+
+/// Enrolling over plain http:// to another host warns (the token and the credential travel
+/// unencrypted); loopback, as in the demo, does not.
+#[test]
+fn enrolling_over_plain_http_warns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("agent");
+    let d = d.to_str().expect("utf8");
+    let remote = run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            "http://cp.invalid:1/",
+            "--token",
+            "t",
+            "--data-dir",
+            d,
+        ],
+    );
+    assert!(!remote.status.success(), "nothing answers there");
+    let stderr = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("https://"),
+        "{stderr}"
+    );
+    let local = run(
+        &agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            "http://127.0.0.1:1/",
+            "--token",
+            "t",
+            "--data-dir",
+            d,
+        ],
+    );
+    assert!(!local.status.success());
+    let stderr = String::from_utf8_lossy(&local.stderr);
+    assert!(!stderr.contains("WARNING"), "{stderr}");
+}

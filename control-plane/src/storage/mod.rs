@@ -16,8 +16,8 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 pub use model::{
-    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, UserRow,
+    AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
+    Enrollment, MetricQuery, MetricRow, Pruned, StorageError, StoredMetric, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.

@@ -3,6 +3,11 @@
 
 use crate::auth::Role;
 
+/// How long after a token was used its enrollment may be replayed with the same enrollment id
+/// (the agent's answer was lost), and only while the agent has never connected. After that
+/// the token is spent: a replay would hand a live agent's identity to whoever holds the token.
+pub const ENROLL_REPLAY_WINDOW_MS: i64 = 10 * 60 * 1000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("{0} already exists")]
@@ -108,4 +113,15 @@ pub struct AuditQuery {
     pub action: Option<String>,
     pub before_id: Option<i64>,
     pub limit: i64,
+}
+
+/// Whether a replayed enrollment (same token, same enrollment id) may re-key its agent: only
+/// within [`ENROLL_REPLAY_WINDOW_MS`] of the first use, and only while the agent was never seen.
+pub(super) fn replay_allowed(
+    used_at_ms: Option<i64>,
+    last_seen_ms: Option<i64>,
+    now_ms: i64,
+) -> bool {
+    last_seen_ms.is_none()
+        && used_at_ms.is_some_and(|used| now_ms.saturating_sub(used) <= ENROLL_REPLAY_WINDOW_MS)
 }

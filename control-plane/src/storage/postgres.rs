@@ -296,7 +296,8 @@ impl PostgresStore {
             None => {
                 let row = client
                     .query_opt(
-                        "SELECT expires_at_ms, enrollment_id, agent_id FROM enroll_tokens WHERE token_hash = $1",
+                        "SELECT t.expires_at_ms, t.enrollment_id, t.agent_id, t.used_at_ms, a.last_seen_ms \
+                         FROM enroll_tokens t LEFT JOIN agents a ON a.id = t.agent_id WHERE t.token_hash = $1",
                         &[&a.token_hash],
                     )
                     .await
@@ -307,11 +308,18 @@ impl PostgresStore {
                 let expires: i64 = row.get(0);
                 let eid: Option<String> = row.get(1);
                 let agent_id: Option<String> = row.get(2);
+                let used_at: Option<i64> = row.get(3);
+                let last_seen: Option<i64> = row.get(4);
                 if expires <= a.now_ms {
                     return Ok(Enrollment::Refused(EnrollRefusal::Expired));
                 }
                 match (eid, agent_id) {
-                    (Some(eid), Some(agent_id)) if eid == a.enrollment_id => agent_id,
+                    (Some(eid), Some(agent_id))
+                        if eid == a.enrollment_id
+                            && super::model::replay_allowed(used_at, last_seen, a.now_ms) =>
+                    {
+                        agent_id
+                    }
                     _ => return Ok(Enrollment::Refused(EnrollRefusal::AlreadyUsed)),
                 }
             }

@@ -10,7 +10,7 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, UserRow,
+    MetricRow, Pruned, StorageError, StoredMetric, UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -237,20 +237,27 @@ impl SqliteStore {
             let agent_id = match claimed {
                 Some(id) => id,
                 None => {
-                    let row: Option<(i64, Option<String>, Option<String>)> = conn
+                    type Used = (i64, Option<String>, Option<String>, Option<i64>, Option<i64>);
+                    let row: Option<Used> = conn
                         .query_row(
-                            "SELECT expires_at_ms, enrollment_id, agent_id FROM enroll_tokens WHERE token_hash = ?1",
+                            "SELECT t.expires_at_ms, t.enrollment_id, t.agent_id, t.used_at_ms, a.last_seen_ms \
+                             FROM enroll_tokens t LEFT JOIN agents a ON a.id = t.agent_id WHERE t.token_hash = ?1",
                             params![a.token_hash],
-                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                         )
                         .optional()
                         .map_err(backend)?;
                     match row {
                         None => return Ok(Enrollment::Refused(EnrollRefusal::UnknownToken)),
-                        Some((expires, _, _)) if expires <= a.now_ms => {
+                        Some((expires, ..)) if expires <= a.now_ms => {
                             return Ok(Enrollment::Refused(EnrollRefusal::Expired));
                         }
-                        Some((_, Some(eid), Some(agent_id))) if eid == a.enrollment_id => agent_id,
+                        Some((_, Some(eid), Some(agent_id), used_at, last_seen))
+                            if eid == a.enrollment_id
+                                && replay_allowed(used_at, last_seen, a.now_ms) =>
+                        {
+                            agent_id
+                        }
                         Some(_) => return Ok(Enrollment::Refused(EnrollRefusal::AlreadyUsed)),
                     }
                 }

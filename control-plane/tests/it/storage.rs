@@ -248,6 +248,43 @@ async fn check(s: Storage) {
         1
     );
 
+    // Once the agent has connected, a replay of its enrollment is refused: whoever still holds
+    // the token must not take over a live agent's identity.
+    // (agt_1 connected in the ownership checks above.)
+    let replayed = s
+        .enroll_agent(attempt("et1", "enr_a", "agt_9", "cred_9", 5_000))
+        .await
+        .expect("replay");
+    assert_eq!(replayed, Enrollment::Refused(EnrollRefusal::AlreadyUsed));
+    assert_eq!(
+        s.agent_by_credential("cred_2")
+            .await
+            .expect("q")
+            .map(|a| a.id),
+        Some("agt_1".into()),
+        "the live agent keeps its credential"
+    );
+    // And a replay after the window is refused even for an agent never seen.
+    s.create_enroll_token("et_w", 1_000, 100 * 60_000)
+        .await
+        .expect("enroll token");
+    let enrolled = s
+        .enroll_agent(attempt("et_w", "enr_w", "agt_w", "cred_w", 2_000))
+        .await
+        .expect("enroll");
+    assert!(matches!(enrolled, Enrollment::Enrolled { .. }));
+    let late_replay = s
+        .enroll_agent(attempt(
+            "et_w",
+            "enr_w",
+            "agt_x",
+            "cred_x",
+            2_000 + control_plane::storage::ENROLL_REPLAY_WINDOW_MS + 1,
+        ))
+        .await
+        .expect("late replay");
+    assert_eq!(late_replay, Enrollment::Refused(EnrollRefusal::AlreadyUsed));
+
     // Purge removes expired tokens of both kinds.
     assert_eq!(s.purge_expired(20_000).await.expect("purge"), 3);
 
