@@ -38,6 +38,9 @@ pub struct RawServeConfig {
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates trusted for `rediss://` (default: the system's).
     pub ca_file: Option<PathBuf>,
+    /// A reverse proxy terminates TLS in front of this replica: browsers see HTTPS, so the
+    /// session cookie is `Secure` and answers carry HSTS although this port speaks HTTP.
+    pub behind_tls_proxy: Option<bool>,
 }
 
 impl RawServeConfig {
@@ -57,6 +60,7 @@ impl RawServeConfig {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             ca_file: self.ca_file.or(file.ca_file),
+            behind_tls_proxy: self.behind_tls_proxy.or(file.behind_tls_proxy),
         }
     }
 }
@@ -174,7 +178,7 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         None => None,
     };
     let mut settings = settings;
-    settings.secure_cookies = tls.is_some();
+    settings.secure_cookies = tls.is_some() || raw.behind_tls_proxy.unwrap_or(false);
     Ok(ServeConfig {
         listen,
         data_dir: raw
@@ -197,6 +201,19 @@ mod tests {
         let c = validate(RawServeConfig::default()).expect("defaults validate");
         assert_eq!(c.listen, "127.0.0.1:8080");
         assert!(c.database_url.is_none());
+    }
+
+    #[test]
+    fn https_served_here_or_by_a_proxy_makes_cookies_secure() {
+        let plain = validate(RawServeConfig::default()).expect("valid");
+        assert!(!plain.settings.secure_cookies);
+        let proxied = validate(RawServeConfig {
+            behind_tls_proxy: Some(true),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert!(proxied.settings.secure_cookies);
+        assert!(proxied.tls.is_none(), "this port still speaks HTTP");
     }
 
     #[test]

@@ -168,7 +168,8 @@ struct ExecRunArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
-    /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file. Flags and OUTPOST_* variables override it.
+    /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
+    /// behind_tls_proxy. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -211,6 +212,10 @@ struct ServeArgs {
     /// PEM CA certificates to trust for rediss:// [default: the system's].
     #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// A reverse proxy in front terminates TLS: mark the session cookie Secure and send HSTS
+    /// although this port speaks plain HTTP (only ever expose it to the proxy).
+    #[arg(long, env = "OUTPOST_BEHIND_TLS_PROXY")]
+    behind_tls_proxy: bool,
 }
 
 #[derive(Args)]
@@ -335,6 +340,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         ca_file: args.ca_file,
+        behind_tls_proxy: args.behind_tls_proxy.then_some(true),
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;

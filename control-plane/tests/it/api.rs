@@ -791,3 +791,36 @@ async fn every_answer_carries_the_security_headers() {
     }
     server.stop().await;
 }
+
+/// Behind a TLS-terminating proxy (`secure_cookies` without TLS here) the cookie is `Secure`
+/// and answers carry HSTS: the browser speaks HTTPS to the proxy.
+#[tokio::test]
+async fn behind_a_tls_proxy_the_cookie_is_secure_and_hsts_is_sent() {
+    let server = Server::start_with(control_plane::settings::Settings {
+        secure_cookies: true,
+        ..crate::harness::fast_settings()
+    })
+    .await;
+    server.token_for("erin", Role::Operator).await;
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/sessions",
+            None,
+            r#"{"username":"erin","password":"a-long-enough-password"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let cookie = r
+        .headers
+        .get(http::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(
+        r.headers
+            .get(http::header::STRICT_TRANSPORT_SECURITY)
+            .is_some()
+    );
+    server.stop().await;
+}
