@@ -24,6 +24,25 @@ pub const NAMES_MAX: usize = 10_000;
 /// How long a refused attempt is told to wait while other attempts for the name are checked.
 pub const BUSY_RETRY: Duration = Duration::from_secs(1);
 
+/// Why an attempt was not let through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The name is locked out for this long.
+    Locked(Duration),
+    /// The name's free attempts are all being checked; [`BUSY_RETRY`] says when to come back.
+    Checking,
+}
+
+impl Refusal {
+    /// How long the caller is told to wait.
+    pub fn retry_after(self) -> Duration {
+        match self {
+            Refusal::Locked(wait) => wait,
+            Refusal::Checking => BUSY_RETRY,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Failures {
     count: u32,
@@ -73,15 +92,15 @@ impl LoginThrottle {
 
     /// Let an attempt for `name` through to its password check, counted as pending until
     /// [`failed`](Self::failed), [`succeeded`](Self::succeeded) or [`abandoned`](Self::abandoned);
-    /// `Err(wait)` while the name is locked out or its free attempts are all taken.
-    pub fn begin(&self, name: &str, now_ms: i64) -> Result<(), Duration> {
+    /// refused while the name is locked out or its free attempts are all taken.
+    pub fn begin(&self, name: &str, now_ms: i64) -> Result<(), Refusal> {
         if let Some(wait) = self.check(name, now_ms) {
-            return Err(wait);
+            return Err(Refusal::Locked(wait));
         }
         self.with(|names| {
             let f = entry(names, name, now_ms);
             if f.count + f.pending >= FREE_FAILURES {
-                return Err(BUSY_RETRY);
+                return Err(Refusal::Checking);
             }
             f.pending += 1;
             f.last_ms = now_ms;
@@ -182,7 +201,7 @@ mod tests {
         }
         assert_eq!(
             t.begin("alice", 0),
-            Err(BUSY_RETRY),
+            Err(Refusal::Checking),
             "five are being checked"
         );
         assert_eq!(t.begin("bob", 0), Ok(()), "other names are not affected");
@@ -198,7 +217,7 @@ mod tests {
         assert_eq!(t.failed("alice", 2), Some(LOCKOUT_FIRST));
         assert_eq!(
             t.begin("alice", 3),
-            Err(LOCKOUT_FIRST - Duration::from_millis(1))
+            Err(Refusal::Locked(LOCKOUT_FIRST - Duration::from_millis(1)))
         );
     }
 

@@ -11,7 +11,7 @@ use crate::audit::action;
 use crate::auth::{self, SecretKind};
 use crate::edge::{ApiError, SESSION_COOKIE};
 use crate::handles::Handles;
-use crate::throttle::LoginThrottle;
+use crate::throttle::{BUSY_RETRY, LoginThrottle, Refusal};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 pub struct LoginRequest {
@@ -28,7 +28,6 @@ pub struct LoginResponse {
 const USERNAME_BYTES_MAX: usize = 128;
 /// How long a login waits for a password check to be free before it is told to come back.
 const CHECK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
-const BUSY_RETRY_S: u64 = 1;
 
 /// An attempt let through by the throttle: abandoned on drop unless it ended as a success or
 /// a failure (an error, or a client that left mid-check, must not hold a place forever).
@@ -66,18 +65,20 @@ pub async fn login(
     };
     // Counted before the password check, so parallel guesses get no more checks than a
     // sequence; released when the attempt ends, whichever way (the client may leave).
-    if let Err(wait) = logins.begin(&body.username, now_ms) {
+    if let Err(refusal) = logins.begin(&body.username, now_ms) {
         // Not audited one by one (anyone can send these): the lockout was recorded when it
         // began, and refusals are counted in /metrics.
         crate::observe::add(&state.observed.login_refused_busy_total, 1);
-        let locked = logins.check(&body.username, now_ms).is_some();
-        let secs = wait.as_secs().max(1);
+        let secs = refusal.retry_after().as_secs().max(1);
         return Ok(crate::edge::retry_later(
             secs,
-            if locked {
-                format!("too many failed logins for this user; try again in {secs} s")
-            } else {
-                format!("other logins for this user are being checked; try again in {secs} s")
+            match refusal {
+                Refusal::Locked(_) => {
+                    format!("too many failed logins for this user; try again in {secs} s")
+                }
+                Refusal::Checking => {
+                    format!("other logins for this user are being checked; try again in {secs} s")
+                }
             },
         ));
     }
@@ -100,7 +101,7 @@ pub async fn login(
     let Ok(Ok(_permit)) = tokio::time::timeout(CHECK_WAIT_MAX, logins.checks().acquire()).await
     else {
         return Ok(crate::edge::retry_later(
-            BUSY_RETRY_S,
+            BUSY_RETRY.as_secs(),
             "too many logins are being checked; try again shortly",
         ));
     };
