@@ -144,6 +144,13 @@ pub(in crate::terminal) fn global_key(name: &str) -> String {
     format!("{KEY_PREFIX}{name}")
 }
 
+/// The guarded value; a panic elsewhere cannot leave a connection list half-changed.
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Whether the connection that returned `e` can be used again (the server answered).
 fn connection_survives(e: &RedisError) -> bool {
     !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
@@ -199,27 +206,18 @@ impl RedisStreams {
     }
 
     async fn shared(&self) -> Result<MultiplexedConnection> {
-        let existing = match self.shared.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let existing = locked(&self.shared).clone();
         if let Some(conn) = existing {
             return Ok(conn);
         }
         let conn = self.connect().await?;
-        match self.shared.lock() {
-            Ok(mut g) => *g = Some(conn.clone()),
-            Err(poisoned) => *poisoned.into_inner() = Some(conn.clone()),
-        }
+        *locked(&self.shared) = Some(conn.clone());
         Ok(conn)
     }
 
     fn forget_shared(&self, e: &RedisError) {
         if !connection_survives(e) {
-            match self.shared.lock() {
-                Ok(mut g) => *g = None,
-                Err(poisoned) => *poisoned.into_inner() = None,
-            }
+            *locked(&self.shared) = None;
         }
     }
 
@@ -257,10 +255,7 @@ impl RedisStreams {
 
     /// A blocking read (`XREAD … BLOCK`) on a dedicated connection, waiting up to `block`.
     pub(in crate::terminal) async fn blocking(&self, cmd: &Cmd, block: Duration) -> Result<Value> {
-        let idle = match self.blocking_idle.lock() {
-            Ok(mut g) => g.pop(),
-            Err(poisoned) => poisoned.into_inner().pop(),
-        };
+        let idle = locked(&self.blocking_idle).pop();
         let mut conn = match idle {
             Some(conn) => conn,
             None => self.connect().await?,
@@ -269,17 +264,11 @@ impl RedisStreams {
         let value = cmd.query_async(&mut conn).await.map_err(|e| {
             if !connection_survives(&e) {
                 // The server went away: the idle ones are as dead as this one.
-                match self.blocking_idle.lock() {
-                    Ok(mut g) => g.clear(),
-                    Err(poisoned) => poisoned.into_inner().clear(),
-                }
+                locked(&self.blocking_idle).clear();
             }
             self.unavailable(e)
         })?;
-        let mut idle = match self.blocking_idle.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut idle = locked(&self.blocking_idle);
         if idle.len() < BLOCKING_IDLE_MAX {
             idle.push(conn);
         }
