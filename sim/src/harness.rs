@@ -75,6 +75,48 @@ pub fn host_seed(seed: u64, host: &str) -> u64 {
     })
 }
 
+/// Whether a simulated host runs, and the three ways a schedule changes that: a bounce
+/// (restart now), a crash (down until started), a start. Crashing a host that is down, or
+/// starting one that runs, does nothing and says so (`false`).
+#[derive(Debug)]
+pub struct Power {
+    host: &'static str,
+    up: bool,
+}
+
+impl Power {
+    /// A host that runs.
+    pub fn on(host: &'static str) -> Power {
+        Power { host, up: true }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    pub fn bounce(&mut self, sim: &mut turmoil::Sim<'_>) {
+        sim.bounce(self.host);
+        self.up = true;
+    }
+
+    pub fn crash(&mut self, sim: &mut turmoil::Sim<'_>) -> bool {
+        if !self.up {
+            return false;
+        }
+        sim.crash(self.host);
+        self.up = false;
+        true
+    }
+
+    pub fn start(&mut self, sim: &mut turmoil::Sim<'_>) -> bool {
+        if self.up {
+            return false;
+        }
+        self.bounce(sim);
+        true
+    }
+}
+
 /// What to put into the control plane's database before the simulation starts, as an operator
 /// would. Each step draws from the operator's world afresh (as separate operator commands do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,18 +129,21 @@ pub enum Prepare {
     OperatorToken,
 }
 
-/// Run `steps` against the control plane's database in `dir/cp`; one secret per enrollment
+/// Open (and migrate) the control plane's database in `dir/cp` once, then run `steps` on it; one secret per enrollment
 /// token, then the agent credential, then the API token, in the order of `steps`.
 pub fn prepare(dir: &Path, seed: u64, steps: &[Prepare]) -> anyhow::Result<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let storage = rt.block_on(control_plane::server::open_storage(
+        &host_world(seed, "operator"),
+        &dir.join("cp"),
+        None,
+    ))?;
     let mut secrets = Vec::new();
     for step in steps {
         let world = host_world(seed, "operator");
         rt.block_on(async {
-            let storage =
-                control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
             let now = world.now_unix_ms();
             match *step {
                 Prepare::EnrollTokens(n) => {

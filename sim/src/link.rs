@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use crate::harness::{self, CP_PORT, Driver, EPOCH_S, Prepare, host_world, new_sim};
+use crate::harness::{self, CP_PORT, Driver, EPOCH_S, Power, Prepare, host_world, new_sim};
 use crate::scenario::{Fault, Scenario, Schedule, secs};
 use crate::trace;
 
@@ -203,7 +203,7 @@ pub fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Resul
     let mut driver = LinkDriver {
         checker,
         shared,
-        cp_up: true,
+        cp: Power::on("cp"),
         next_check: Duration::ZERO,
         quiet_from: plan.quiet_from,
     };
@@ -220,7 +220,7 @@ pub fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Resul
 struct LinkDriver {
     checker: Checker,
     shared: Shared,
-    cp_up: bool,
+    cp: Power,
     next_check: Duration,
     quiet_from: Duration,
 }
@@ -237,7 +237,7 @@ impl<'a> Driver<'a> for LinkDriver {
             fault,
             &mut self.checker,
             &self.shared,
-            &mut self.cp_up,
+            &mut self.cp,
             now,
         );
         Ok(())
@@ -247,8 +247,13 @@ impl<'a> Driver<'a> for LinkDriver {
         if now >= self.next_check {
             self.next_check = now + CHECK_EVERY;
             let since_epoch = sim.since_epoch();
-            self.checker
-                .check(&self.shared, now, since_epoch, self.cp_up, self.quiet_from)?;
+            self.checker.check(
+                &self.shared,
+                now,
+                since_epoch,
+                self.cp.is_up(),
+                self.quiet_from,
+            )?;
         }
         Ok(())
     }
@@ -305,7 +310,7 @@ fn apply(
     fault: &Fault,
     checker: &mut Checker,
     shared: &Shared,
-    cp_up: &mut bool,
+    cp: &mut Power,
     now: Duration,
 ) {
     match fault {
@@ -315,22 +320,17 @@ fn apply(
         Fault::Release { agent } => checker.link_fault(sim, *agent, 1, -1, now),
         Fault::BounceCp => {
             lock(shared).cp = None;
-            sim.bounce("cp");
-            *cp_up = true;
+            cp.bounce(sim);
             checker.cp_restarted(now);
         }
         Fault::CrashCp => {
-            if *cp_up {
+            if cp.crash(sim) {
                 lock(shared).cp = None;
-                sim.crash("cp");
-                *cp_up = false;
                 checker.cp_down(now);
             }
         }
         Fault::StartCp => {
-            if !*cp_up {
-                sim.bounce("cp");
-                *cp_up = true;
+            if cp.start(sim) {
                 checker.cp_restarted(now);
             }
         }

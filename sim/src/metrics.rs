@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, CP_PORT, Driver, LinkFaults, Prepare, host_world, new_sim};
+use crate::harness::{self, CP_PORT, Driver, LinkFaults, Power, Prepare, host_world, new_sim};
 use crate::scenario::{Fault, Schedule, secs};
 use crate::trace;
 use crate::vfs::{self, CrashState, Rollback};
@@ -177,7 +177,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         rng: StdRng::seed_from_u64(seed ^ 0xd15c),
         rollback: Rollback::KeepAll,
         crashes: 0,
-        cp_up: true,
+        cp: Power::on("cp"),
         links: LinkFaults::default(),
         quiet_from: plan.quiet_from,
     };
@@ -201,7 +201,7 @@ struct MetricsDriver {
     rng: StdRng,
     rollback: Rollback,
     crashes: u32,
-    cp_up: bool,
+    cp: Power,
     links: LinkFaults,
     quiet_from: Duration,
 }
@@ -222,17 +222,12 @@ impl<'a> Driver<'a> for MetricsDriver {
     ) -> anyhow::Result<()> {
         self.links.count(fault);
         match fault {
-            Fault::BounceCp => {
-                sim.bounce("cp");
-                self.cp_up = true;
+            Fault::BounceCp => self.cp.bounce(sim),
+            Fault::CrashCp => {
+                self.cp.crash(sim);
             }
-            Fault::CrashCp if self.cp_up => {
-                sim.crash("cp");
-                self.cp_up = false;
-            }
-            Fault::StartCp if !self.cp_up => {
-                sim.bounce("cp");
-                self.cp_up = true;
+            Fault::StartCp => {
+                self.cp.start(sim);
             }
             Fault::BounceAgent { .. } => {
                 // A kill: the page cache keeps every write.

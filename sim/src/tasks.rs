@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, Driver, EPOCH_S, host_world, new_sim};
+use crate::harness::{self, Driver, EPOCH_S, Power, host_world, new_sim};
 use crate::processes::SimProcesses;
 use crate::scenario::{Fault, Schedule as Plan, secs};
 use crate::trace;
@@ -144,7 +144,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
     }
     let mut driver = TasksDriver {
         processes: processes.clone(),
-        up: true,
+        agent: Power::on("agent1"),
     };
     harness::drive(&mut sim, plan, &mut driver)?;
     final_check(
@@ -159,7 +159,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
 /// Agent kills: bounced (restarted at once) or crashed with downtime.
 struct TasksDriver {
     processes: SimProcesses,
-    up: bool,
+    agent: Power,
 }
 
 impl<'a> Driver<'a> for TasksDriver {
@@ -170,17 +170,12 @@ impl<'a> Driver<'a> for TasksDriver {
         _now: Duration,
     ) -> anyhow::Result<()> {
         match fault {
-            Fault::BounceAgent { .. } => {
-                sim.bounce("agent1");
-                self.up = true;
+            Fault::BounceAgent { .. } => self.agent.bounce(sim),
+            Fault::CrashAgent { .. } => {
+                self.agent.crash(sim);
             }
-            Fault::CrashAgent { .. } if self.up => {
-                sim.crash("agent1");
-                self.up = false;
-            }
-            Fault::StartAgent { .. } if !self.up => {
-                sim.bounce("agent1");
-                self.up = true;
+            Fault::StartAgent { .. } => {
+                self.agent.start(sim);
             }
             _ => {}
         }
