@@ -676,27 +676,15 @@ async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() 
     let server = Server::start().await;
     server.token_for("carol", Role::Operator).await;
     server.token_for("dave", Role::Operator).await;
-    let login =
-        |name: &str, password: &str| format!(r#"{{"username":"{name}","password":"{password}"}}"#);
+    let login = |name: &str, password: &str| {
+        let body = format!(r#"{{"username":"{name}","password":"{password}"}}"#);
+        server.request(Method::POST, "/api/v1/sessions", None, body)
+    };
     for _ in 0..control_plane::throttle::FREE_FAILURES {
-        let r = server
-            .request(
-                Method::POST,
-                "/api/v1/sessions",
-                None,
-                login("carol", "wrong-wrong-wrong"),
-            )
-            .await;
+        let r = login("carol", "wrong-wrong-wrong").await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
-    let r = server
-        .request(
-            Method::POST,
-            "/api/v1/sessions",
-            None,
-            login("carol", "a-long-enough-password"),
-        )
-        .await;
+    let r = login("carol", "a-long-enough-password").await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "locked out");
     let wait: u64 = r
         .headers
@@ -707,14 +695,7 @@ async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() 
     assert!((1..=30).contains(&wait), "{wait}");
     // Anyone can send refused logins: while locked they are counted, not written one by one.
     for _ in 0..20 {
-        let r = server
-            .request(
-                Method::POST,
-                "/api/v1/sessions",
-                None,
-                login("carol", "wrong-wrong-wrong"),
-            )
-            .await;
+        let r = login("carol", "wrong-wrong-wrong").await;
         assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     }
     let admin = server.token_for("root", Role::Admin).await;
@@ -738,14 +719,7 @@ async fn repeated_failed_logins_lock_the_name_out_even_for_the_right_password() 
         control_plane::throttle::FREE_FAILURES as usize + 1,
         "five failures and one lockout are recorded, not every refusal"
     );
-    let r = server
-        .request(
-            Method::POST,
-            "/api/v1/sessions",
-            None,
-            login("dave", "a-long-enough-password"),
-        )
-        .await;
+    let r = login("dave", "a-long-enough-password").await;
     assert_eq!(r.status, StatusCode::OK, "another name is not affected");
     server.stop().await;
 }

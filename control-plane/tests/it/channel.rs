@@ -55,6 +55,19 @@ async fn recv(ws: &mut WsStream) -> Option<ServerMessage> {
     }
 }
 
+/// A heartbeat with sequence number `seq`, carrying `buffer` figures.
+async fn heartbeat(ws: &mut WsStream, seq: u64, buffer: Option<proto::BufferStats>) {
+    send(
+        ws,
+        &AgentMessage::Heartbeat {
+            seq,
+            sent_at_ms: 0,
+            buffer,
+        },
+    )
+    .await;
+}
+
 fn hello(min: u32, max: u32) -> AgentMessage {
     AgentMessage::Hello {
         protocol_min: min,
@@ -117,15 +130,7 @@ async fn the_first_frame_must_be_hello() {
     let server = Server::start().await;
     let (_, cred) = server.enroll("db1").await;
     let mut ws = dial(&server, &cred).await;
-    send(
-        &mut ws,
-        &AgentMessage::Heartbeat {
-            seq: 1,
-            sent_at_ms: 0,
-            buffer: None,
-        },
-    )
-    .await;
+    heartbeat(&mut ws, 1, None).await;
     match recv(&mut ws).await {
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::ProtocolViolation),
         other => panic!("expected protocol_violation, got {other:?}"),
@@ -151,15 +156,7 @@ async fn unknown_and_malformed_messages_are_answered_and_the_channel_stays_up() 
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::Malformed),
         other => panic!("expected malformed, got {other:?}"),
     }
-    send(
-        &mut ws,
-        &AgentMessage::Heartbeat {
-            seq: 7,
-            sent_at_ms: 0,
-            buffer: None,
-        },
-    )
-    .await;
+    heartbeat(&mut ws, 7, None).await;
     let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
         .expect("ack")
@@ -189,15 +186,7 @@ async fn a_second_connection_replaces_the_first_and_the_agent_stays_online() {
     }
     assert_eq!(recv(&mut first).await, None);
     assert_eq!(server.state.channels.connected(), vec![agent_id.clone()]);
-    send(
-        &mut second,
-        &AgentMessage::Heartbeat {
-            seq: 1,
-            sent_at_ms: 0,
-            buffer: None,
-        },
-    )
-    .await;
+    heartbeat(&mut second, 1, None).await;
     assert_eq!(status_of(&server, &token, &agent_id).await, "online");
     server.stop().await;
 }
@@ -300,15 +289,7 @@ async fn the_agent_list_has_its_documented_shape() {
     // keeps the agent online) until the list shows them.
     let mut agents = serde_json::Value::Null;
     for seq in 1..=50 {
-        send(
-            &mut ws,
-            &AgentMessage::Heartbeat {
-                seq,
-                sent_at_ms: 0,
-                buffer: figures.clone(),
-            },
-        )
-        .await;
+        heartbeat(&mut ws, seq, figures.clone()).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         agents = server.agents(&token).await;
         let reported = agents
@@ -344,15 +325,7 @@ async fn a_login_flood_gets_five_checks_and_agents_stay_online() {
     let heartbeats = async {
         let mut offline_seen = 0;
         for seq in 1..=40 {
-            send(
-                &mut ws,
-                &AgentMessage::Heartbeat {
-                    seq,
-                    sent_at_ms: 0,
-                    buffer: None,
-                },
-            )
-            .await;
+            heartbeat(&mut ws, seq, None).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
             if seq > 2 && status_of(&server, &token, &agent_id).await != "online" {
                 offline_seen += 1;

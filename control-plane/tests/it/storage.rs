@@ -301,26 +301,21 @@ async fn check(s: Storage) {
         .await
         .expect("audit append");
     }
-    let all = s
-        .audit_list(AuditQuery {
-            action: None,
-            before_id: None,
+    let audit = |action: Option<&str>, before_id: Option<i64>| {
+        s.audit_list(AuditQuery {
+            action: action.map(str::to_string),
+            before_id,
             limit: 10,
         })
-        .await
-        .expect("audit list");
+    };
+    let all = audit(None, None).await.expect("audit list");
     assert_eq!(
         all.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>(),
         ["user2", "user1", "user0"]
     );
     assert!(all[0].id > all[1].id && all[1].id > all[2].id);
     assert_eq!(all[2].detail, r#"{"k":1}"#);
-    let logins = s
-        .audit_list(AuditQuery {
-            action: Some("login".into()),
-            before_id: Some(all[0].id),
-            limit: 10,
-        })
+    let logins = audit(Some("login"), Some(all[0].id))
         .await
         .expect("audit list");
     assert_eq!(logins.len(), 1);
@@ -328,14 +323,7 @@ async fn check(s: Storage) {
 
     // Retention removes what is older than the horizon, nothing younger.
     assert_eq!(s.prune_audit(1001).await.expect("prune audit"), 1);
-    let kept = s
-        .audit_list(AuditQuery {
-            action: None,
-            before_id: None,
-            limit: 10,
-        })
-        .await
-        .expect("audit list");
+    let kept = audit(None, None).await.expect("audit list");
     assert_eq!(
         kept.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>(),
         ["user2", "user1"]
