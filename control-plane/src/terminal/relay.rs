@@ -148,23 +148,23 @@ pub async fn reply_open(
         Ok(()) => ("1", "", String::new()),
         Err(refusal) => ("0", refusal.code(), refusal.to_string()),
     };
-    redis
-        .query::<redis::Value>(
-            redis::cmd("XADD")
-                .arg(&reply_key)
-                .arg("*")
-                .arg("ok")
-                .arg(ok)
-                .arg("code")
-                .arg(code)
-                .arg("error")
-                .arg(message),
-        )
-        .await?;
-    redis
-        .query::<redis::Value>(redis::cmd("EXPIRE").arg(&reply_key).arg(REPLY_KEEP_S))
-        .await?;
-    Ok(())
+    // One round trip: the answer and its expiry.
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&reply_key)
+        .arg("*")
+        .arg("ok")
+        .arg(ok)
+        .arg("code")
+        .arg(code)
+        .arg("error")
+        .arg(message)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&reply_key)
+        .arg(REPLY_KEEP_S)
+        .ignore();
+    redis.pipeline::<()>(&pipe).await
 }
 
 /// Wait up to `timeout` for the answer to an open request; `None` when nobody answered.

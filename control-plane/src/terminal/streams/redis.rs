@@ -233,8 +233,12 @@ impl RedisStreams {
         })
     }
 
-    /// A pipeline on the shared connection; each command's server error is its own result.
-    async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Vec<redis::RedisResult<Value>>> {
+    /// A pipeline on the shared connection, one round trip (with `ignore_errors`, each
+    /// command's server error is its own result).
+    pub(in crate::terminal) async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
         let mut conn = self.shared().await?;
         pipe.query_async(&mut conn).await.map_err(|e| {
             self.forget_shared(&e);
@@ -403,7 +407,8 @@ impl RedisStreams {
             };
         }
         // One round trip for the whole batch.
-        for reply in self.pipeline(&pipe).await? {
+        let replies: Vec<redis::RedisResult<Value>> = self.pipeline(&pipe).await?;
+        for reply in replies {
             match reply {
                 // An id at or below the top: this chunk was written before (a resent frame).
                 Err(e) if e.to_string().contains("equal or smaller") => {}
@@ -535,11 +540,7 @@ impl RedisStreams {
         for part in ["meta", "out", "in", "reply"] {
             pipe.cmd("EXPIRE").arg(key(id, part)).arg(keep_s).ignore();
         }
-        let mut conn = self.shared().await?;
-        let (removed,): (i64,) = pipe.query_async(&mut conn).await.map_err(|e| {
-            self.forget_shared(&e);
-            self.unavailable(e)
-        })?;
+        let (removed,): (i64,) = self.pipeline(&pipe).await?;
         // The live set holds open sessions: whoever removes the id closed the session.
         Ok(removed == 1)
     }
