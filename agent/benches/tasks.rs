@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::tasks::core::{Config, Scheduler};
+use agent::tasks::core::{Config, Found, Scheduler};
 use agent::tasks::model::{Kind, Schedule, TaskSpec};
 use agent::tasks::store::Store;
 use world::{Target, World};
@@ -242,7 +242,7 @@ fn recovery_time() -> Duration {
     let interrupted = loaded
         .interrupted
         .iter()
-        .map(|r| (r.run_id, r.task_id.clone()))
+        .map(|r| (r.run_id, r.task_id.clone(), Found::NeverStarted))
         .collect();
     let effects = s.recover(1, loaded.tasks, interrupted, loaded.max_run_id);
     store.apply(1, &effects, &[]).expect("apply");

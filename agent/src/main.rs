@@ -34,6 +34,23 @@ enum Commands {
     /// The offline metrics buffer on this host.
     #[command(subcommand)]
     Buffer(agent::buffer::cli::BufferCommand),
+    /// Run one task's command for the agent and record how it ended in its run directory
+    /// (the agent starts this; it is not meant to be run by hand).
+    #[command(hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Args)]
+struct SuperviseArgs {
+    /// The run's directory (DATA_DIR/runs/RUN_ID), created by the agent.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Output bytes kept; the rest is counted.
+    #[arg(long)]
+    output_max: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
 }
 
 #[derive(Args)]
@@ -81,7 +98,15 @@ struct EnrollArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    type Work = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
+    let work: Work = match Cli::parse().command {
+        // No runtime and no logging: this process only starts, watches and records a command.
+        Commands::Supervise(args) => return supervise(&args),
+        Commands::Run(args) => Box::pin(run(args)),
+        Commands::Enroll(args) => Box::pin(enroll(args)),
+        Commands::Tasks(command) => Box::pin(agent::tasks::cli::run(command)),
+        Commands::Buffer(command) => Box::pin(agent::buffer::cli::run(command)),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -98,18 +123,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Commands::Run(args) => run(args).await,
-            Commands::Enroll(args) => enroll(args).await,
-            Commands::Tasks(command) => agent::tasks::cli::run(command).await,
-            Commands::Buffer(command) => agent::buffer::cli::run(command).await,
-        }
-    });
+    let result = runtime.block_on(work);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn supervise(args: &SuperviseArgs) -> ExitCode {
+    match agent::tasks::wrapper::supervise(&args.dir, args.output_max, &args.argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: run directory {}: {e}", args.dir.display());
             ExitCode::FAILURE
         }
     }

@@ -23,8 +23,9 @@ use crate::tasks::{api, core};
 /// File name of the task store inside the data dir.
 pub const TASKS_FILE: &str = "tasks.db";
 
-fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
+fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
     let tasks = &config.tasks;
+    let exe = std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into());
     RuntimeConfig {
         db_path: config.data_dir.join(TASKS_FILE),
         core: core::Config {
@@ -39,9 +40,13 @@ fn runtime_config(config: &AgentConfig) -> RuntimeConfig {
             postgres: config.postgres.clone(),
             psql: tasks.psql.clone(),
             pg_dump: tasks.pg_dump.clone(),
-            agent_exe: std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into()),
+            agent_exe: exe.clone(),
             data_dir: config.data_dir.clone(),
-            processes: std::sync::Arc::new(crate::tasks::pool::OsProcesses),
+            processes: Arc::new(crate::tasks::pool::OsProcesses::new(
+                world.clone(),
+                &config.data_dir,
+                exe,
+            )),
         },
         history_retention: tasks.history_retention,
     }
@@ -101,7 +106,7 @@ pub async fn run(
     let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
     // The task runtime and its API: they work with or without a control plane.
-    let runtime = runtime_config(&config);
+    let runtime = runtime_config(&world, &config);
     let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
     let (ready, recovered) = oneshot::channel();
     {

@@ -1,30 +1,81 @@
 //! Simulated task processes. The table lives outside every host, so a process outlives the
-//! agent that started it when that agent crashes, exactly like a real child process after a
-//! kill -9, until the restarted agent terminates it or it ends by itself. Durations, exit
-//! codes and hangs come from the seed.
+//! agent that started it, exactly like a real run after a kill -9 or a shutdown of its agent:
+//! it keeps running, ends by itself while no agent watches (leaving its exit status), and is
+//! found by the next agent. Each process models the run wrapper's protocol: it exists from the
+//! spawn, claims its run a little later (then the command starts), and never starts if a
+//! recovering agent claimed the run first. Durations, exit codes, hangs and the spawn-to-claim
+//! and spawn-to-report delays come from the seed.
+//!
+//! Checked as it goes (see [`SimProcesses::violations`]): a run never gets a second process;
+//! no two runs of one task execute at once; a run is never forgotten while its process runs;
+//! nothing runs that no run in flight accounts for.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::tasks::model::{RunOutcome, status};
-use agent::tasks::pool::{BoxFuture, PoolEvent, ProcessRun, Processes};
+use agent::tasks::pool::{BoxFuture, Leftover, PoolEvent, ProcessRun, Processes};
 
-#[derive(Debug)]
-struct Proc {
-    task_id: String,
+/// One process as the checks see it.
+#[derive(Clone, Debug)]
+pub struct Proc {
+    pub pid: i32,
+    pub task_id: String,
+    pub run_id: i64,
+    /// When its wrapper claims the run and starts the command (unless abandoned first).
+    pub claim_at: Duration,
+    /// A recovering agent claimed the run first: the command never started.
+    pub abandoned: bool,
     /// When it ends by itself; `None`: it hangs until killed.
-    ends_at: Option<Duration>,
-    killed_at: Option<Duration>,
+    pub ends_at: Option<Duration>,
+    pub exit_code: i32,
+    /// When an agent began to stop it (timeout, cancellation, sweep).
+    pub term_at: Option<Duration>,
+    pub killed_at: Option<Duration>,
+    /// Its run's end is in the store and the agent forgot it.
+    pub released: bool,
+}
+
+impl Proc {
+    /// Whether the command started (by `at`).
+    pub fn executed(&self, at: Duration) -> bool {
+        !self.abandoned && self.claim_at <= at
+    }
+
+    /// Whether it is over at `at` (killed or ended by itself).
+    pub fn over(&self, at: Duration) -> bool {
+        self.killed_at.is_some_and(|k| k <= at) || self.ends_at.is_some_and(|e| e <= at)
+    }
+
+    /// Whether the command runs at `at`.
+    pub fn executing(&self, at: Duration) -> bool {
+        self.executed(at) && !self.over(at)
+    }
+
+    /// Spawned, not yet claimed, not given up: it will start the command.
+    pub fn pending(&self, at: Duration) -> bool {
+        !self.abandoned && at < self.claim_at && !self.over(at)
+    }
+
+    /// Ended by itself, before anyone began stopping it: its exit code is its real outcome.
+    pub fn ended_naturally(&self) -> bool {
+        match (self.ends_at, self.term_at) {
+            (Some(end), Some(term)) => end <= term,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Table {
     next_pid: i32,
     procs: BTreeMap<i32, Proc>,
-    /// Invariant violations seen when processes start.
+    /// Invariant violations seen so far.
     violations: Vec<String>,
-    started: u64,
+    spawned: u64,
+    adopted: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +96,35 @@ fn mix(seed: u64, text: &str, n: i64) -> u64 {
     h ^ (h >> 31)
 }
 
+fn outcome(st: u32, exit_code: Option<i32>, error: Option<String>) -> RunOutcome {
+    RunOutcome {
+        status: st,
+        exit_code,
+        error,
+        output: Vec::new(),
+        output_dropped_bytes: 0,
+    }
+}
+
+fn exit_outcome(code: i32) -> RunOutcome {
+    let st = if code == 0 {
+        status::DONE
+    } else {
+        status::FAILED
+    };
+    outcome(
+        st,
+        Some(code),
+        (code != 0).then(|| format!("exit code {code}")),
+    )
+}
+
+enum Stop {
+    Exited(i32),
+    TimedOut,
+    Killed,
+}
+
 impl SimProcesses {
     pub fn new(seed: u64) -> SimProcesses {
         SimProcesses {
@@ -63,20 +143,21 @@ impl SimProcesses {
         }
     }
 
-    fn is_alive(p: &Proc, at: Duration) -> bool {
-        p.killed_at.is_none_or(|k| at < k) && p.ends_at.is_none_or(|end| at < end)
+    /// Every process so far.
+    pub fn procs(&self) -> Vec<Proc> {
+        self.lock().procs.values().cloned().collect()
     }
 
-    /// Live processes per task id at simulated time `at` (the driver's clock: outside every
-    /// host turmoil has no current time).
+    /// Processes per task id that run or are about to at simulated time `at` (the driver's
+    /// clock: outside every host turmoil has no current time).
     pub fn live_tasks(&self, at: Duration) -> BTreeMap<String, usize> {
-        self.alive_at(at)
-    }
-
-    /// Processes per task id that were alive at `at`.
-    pub fn alive_at(&self, at: Duration) -> BTreeMap<String, usize> {
         let mut live = BTreeMap::new();
-        for p in self.lock().procs.values().filter(|p| Self::is_alive(p, at)) {
+        for p in self
+            .lock()
+            .procs
+            .values()
+            .filter(|p| p.executing(at) || p.pending(at))
+        {
             *live.entry(p.task_id.clone()).or_insert(0) += 1;
         }
         live
@@ -86,125 +167,136 @@ impl SimProcesses {
         self.lock().violations.clone()
     }
 
-    pub fn started(&self) -> u64 {
-        self.lock().started
+    /// Runs adopted by an agent so far.
+    pub fn adopted(&self) -> u64 {
+        self.lock().adopted
     }
-}
 
-impl Processes for SimProcesses {
-    fn run(&self, run: ProcessRun) -> BoxFuture<()> {
-        let this = self.clone();
-        Box::pin(async move {
-            let ProcessRun {
+    /// Processes spawned so far.
+    pub fn spawned(&self) -> u64 {
+        self.lock().spawned
+    }
+
+    fn proc_of_run(&self, run_id: i64) -> Option<Proc> {
+        self.lock()
+            .procs
+            .values()
+            .find(|p| p.run_id == run_id)
+            .cloned()
+    }
+
+    /// Spawn the process of a new run: checked against every other process first.
+    fn spawn(&self, task_id: &str, run_id: i64) -> Proc {
+        let h = mix(self.seed, task_id, run_id);
+        let start = now();
+        let claim_at = start + Duration::from_millis(1 + (h >> 16) % 40);
+        let ends_at = match h % 10 {
+            0 => None, // hangs
+            _ => Some(claim_at + Duration::from_millis(100 + (h >> 8) % 20_000)),
+        };
+        let exit_code = if (h >> 40).is_multiple_of(5) { 1 } else { 0 };
+        let mut t = self.lock();
+        let mut found = Vec::new();
+        for other in t.procs.values() {
+            if other.run_id == run_id {
+                found.push(format!(
+                    "run {run_id} got a second process (the first, pid {}, claimed {})",
+                    other.pid, !other.abandoned
+                ));
+            } else if other.task_id == task_id && (other.executing(start) || other.pending(start)) {
+                found.push(format!(
+                    "task {task_id} started run {run_id} while its run {} is {} (ends {:?})",
+                    other.run_id,
+                    if other.pending(start) {
+                        "about to start"
+                    } else {
+                        "running"
+                    },
+                    other.ends_at
+                ));
+            }
+        }
+        t.violations.extend(found);
+        t.next_pid += 1;
+        let proc = Proc {
+            pid: t.next_pid,
+            task_id: task_id.to_string(),
+            run_id,
+            claim_at,
+            abandoned: false,
+            ends_at,
+            exit_code,
+            term_at: None,
+            killed_at: None,
+            released: false,
+        };
+        t.procs.insert(proc.pid, proc.clone());
+        t.spawned += 1;
+        proc
+    }
+
+    /// Supervise `pid` like the pool does a real group: to its natural end, its timeout or a
+    /// kill; unreported if the agent shuts down first.
+    async fn watch(&self, run: ProcessRun, pid: i32) {
+        let ProcessRun {
+            task_id,
+            run_id,
+            timeout,
+            grace,
+            kill,
+            shutdown,
+            events,
+            ..
+        } = run;
+        let Some(proc) = self.lock().procs.get(&pid).cloned() else {
+            return;
+        };
+        let natural = async {
+            match proc.ends_at {
+                Some(end) => tokio::time::sleep(end.saturating_sub(now())).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stop = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = natural => Stop::Exited(proc.exit_code),
+            _ = tokio::time::sleep(timeout) => Stop::TimedOut,
+            _ = kill.cancelled() => Stop::Killed,
+        };
+        let outcome = match stop {
+            Stop::Exited(code) => exit_outcome(code),
+            Stop::TimedOut => {
+                self.kill_after(pid, grace).await;
+                outcome(status::FAILED, None, Some("timed out".into()))
+            }
+            Stop::Killed => {
+                self.kill_after(pid, grace).await;
+                outcome(status::FAILED, None, Some("stopped on request".into()))
+            }
+        };
+        let _ = events
+            .send(PoolEvent::Finished {
                 task_id,
                 run_id,
-                timeout,
-                grace,
-                kill,
-                shutdown,
-                events,
-                ..
-            } = run;
-            let h = mix(this.seed, &task_id, run_id);
-            let start = now();
-            let ends_at = match h % 10 {
-                0 => None, // hangs
-                _ => Some(start + Duration::from_millis(100 + (h >> 8) % 20_000)),
-            };
-            let exit_code = if (h >> 40).is_multiple_of(5) { 1 } else { 0 };
-            let pid = {
-                let mut t = this.lock();
-                if let Some(other) = t
-                    .procs
-                    .values()
-                    .find(|p| p.task_id == task_id && Self::is_alive(p, start))
-                {
-                    let msg = format!(
-                        "task {task_id} started run {run_id} while an earlier run of it is alive (ends {:?})",
-                        other.ends_at
-                    );
-                    t.violations.push(msg);
-                }
-                t.next_pid += 1;
-                let pid = t.next_pid;
-                t.procs.insert(
-                    pid,
-                    Proc {
-                        task_id: task_id.clone(),
-                        ends_at,
-                        killed_at: None,
-                    },
-                );
-                t.started += 1;
-                pid
-            };
-            let _ = events
-                .send(PoolEvent::Started {
-                    task_id: task_id.clone(),
-                    run_id,
-                    pid,
-                    pid_start_ticks: Some(pid as u64),
-                })
-                .await;
-            let natural = async {
-                match ends_at {
-                    Some(end) => tokio::time::sleep(end.saturating_sub(start)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let outcome = tokio::select! {
-                _ = natural => RunOutcome {
-                    status: if exit_code == 0 { status::DONE } else { status::FAILED },
-                    exit_code: Some(exit_code),
-                    error: (exit_code != 0).then(|| format!("exit code {exit_code}")),
-                    output: Vec::new(),
-                    output_dropped_bytes: 0,
-                },
-                _ = tokio::time::sleep(timeout) => {
-                    this.kill_after(pid, grace).await;
-                    failed_outcome(status::FAILED, "timed out")
-                }
-                _ = kill.cancelled() => {
-                    this.kill_after(pid, grace).await;
-                    if shutdown.is_cancelled() {
-                        failed_outcome(status::ABORTED, "the agent is shutting down")
-                    } else {
-                        failed_outcome(status::FAILED, "stopped on request")
-                    }
-                }
-            };
-            let _ = events
-                .send(PoolEvent::Finished {
-                    task_id,
-                    run_id,
-                    outcome,
-                })
-                .await;
-        })
+                outcome,
+            })
+            .await;
     }
 
-    fn alive(&self, pid: i32, ticks: Option<u64>) -> bool {
-        ticks == Some(pid as u64)
-            && self
-                .lock()
-                .procs
-                .get(&pid)
-                .is_some_and(|p| Self::is_alive(p, now()))
-    }
-
-    fn terminate(&self, pid: i32, _ticks: Option<u64>, grace: Duration) -> BoxFuture<()> {
-        let this = self.clone();
-        Box::pin(async move { this.kill_after(pid, grace).await })
-    }
-}
-
-impl SimProcesses {
     /// SIGTERM is ignored by a third of processes; SIGKILL after `grace` always works. A
     /// process that ends by itself during the grace period is seen ending then.
     async fn kill_after(&self, pid: i32, grace: Duration) {
+        let natural_end = {
+            let mut t = self.lock();
+            let Some(p) = t.procs.get_mut(&pid) else {
+                return;
+            };
+            p.term_at.get_or_insert(now());
+            p.ends_at
+        };
         let stubborn = mix(self.seed, "term", i64::from(pid)).is_multiple_of(3);
         if stubborn {
-            let natural_end = self.lock().procs.get(&pid).and_then(|p| p.ends_at);
             let wait = match natural_end {
                 Some(end) => grace.min(end.saturating_sub(now())),
                 None => grace,
@@ -217,12 +309,124 @@ impl SimProcesses {
     }
 }
 
-fn failed_outcome(st: u32, error: &str) -> RunOutcome {
-    RunOutcome {
-        status: st,
-        exit_code: None,
-        error: Some(error.to_string()),
-        output: Vec::new(),
-        output_dropped_bytes: 0,
+impl Processes for SimProcesses {
+    fn run(&self, run: ProcessRun) -> BoxFuture<()> {
+        let this = self.clone();
+        Box::pin(async move {
+            let proc = this.spawn(&run.task_id, run.run_id);
+            // The pool learns the pid a little after the spawn: a kill of the agent in between
+            // leaves a process the store does not know the pid of.
+            let h = mix(this.seed, "report", run.run_id);
+            tokio::time::sleep(Duration::from_millis(1 + h % 40)).await;
+            let _ = run
+                .events
+                .send(PoolEvent::Started {
+                    task_id: run.task_id.clone(),
+                    run_id: run.run_id,
+                    pid: proc.pid,
+                    pid_start_ticks: Some(proc.pid as u64),
+                })
+                .await;
+            this.watch(run, proc.pid).await
+        })
+    }
+
+    fn adopt(&self, run: ProcessRun, pid: i32, ticks: Option<u64>) -> BoxFuture<()> {
+        let this = self.clone();
+        Box::pin(async move {
+            let known = this
+                .proc_of_run(run.run_id)
+                .is_some_and(|p| p.pid == pid && ticks == Some(pid as u64));
+            if !known {
+                this.lock().violations.push(format!(
+                    "run {} adopted pid {pid}, which is not its process",
+                    run.run_id
+                ));
+                return;
+            }
+            this.lock().adopted += 1;
+            this.watch(run, pid).await
+        })
+    }
+
+    fn leftover(
+        &self,
+        run_id: i64,
+        _output_bytes_max: usize,
+    ) -> BoxFuture<Result<Leftover, String>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let at = now();
+            let mut t = this.lock();
+            let Some(p) = t.procs.values_mut().find(|p| p.run_id == run_id) else {
+                return Ok(Leftover::NeverStarted);
+            };
+            if p.abandoned || at < p.claim_at {
+                // The claim goes to the agent: the command never starts.
+                p.abandoned = true;
+                return Ok(Leftover::NeverStarted);
+            }
+            if !p.over(at) {
+                return Ok(Leftover::Running {
+                    pid: p.pid,
+                    ticks: Some(p.pid as u64),
+                });
+            }
+            if p.ended_naturally() {
+                return Ok(Leftover::Ended(exit_outcome(p.exit_code)));
+            }
+            Ok(Leftover::Ended(outcome(
+                status::ABORTED,
+                None,
+                Some("killed; left no exit status".into()),
+            )))
+        })
+    }
+
+    fn release(&self, run_id: i64) -> BoxFuture<()> {
+        let this = self.clone();
+        Box::pin(async move {
+            let at = now();
+            let mut t = this.lock();
+            let mut found = None;
+            if let Some(p) = t.procs.values_mut().find(|p| p.run_id == run_id) {
+                p.released = true;
+                if p.executing(at) || p.pending(at) {
+                    found = Some(format!(
+                        "run {run_id} was forgotten while its process (pid {}) still runs",
+                        p.pid
+                    ));
+                }
+            }
+            t.violations.extend(found);
+        })
+    }
+
+    fn sweep(&self, in_flight: Vec<i64>, grace: Duration) -> BoxFuture<usize> {
+        let this = self.clone();
+        Box::pin(async move {
+            let at = now();
+            let strays: Vec<(i32, i64)> = this
+                .lock()
+                .procs
+                .values()
+                .filter(|p| !p.released && !in_flight.contains(&p.run_id))
+                .filter(|p| p.executing(at) || p.pending(at))
+                .map(|p| (p.pid, p.run_id))
+                .collect();
+            for (pid, run_id) in &strays {
+                this.lock().violations.push(format!(
+                    "process {pid} of run {run_id} runs, but no run in flight accounts for it"
+                ));
+                this.kill_after(*pid, grace).await;
+            }
+            let mut t = this.lock();
+            for p in t.procs.values_mut() {
+                if !in_flight.contains(&p.run_id) {
+                    p.released = true;
+                }
+            }
+            strays.len()
+        })
     }
 }

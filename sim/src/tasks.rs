@@ -1,8 +1,12 @@
 //! The `tasks` scenario: one agent running the real scheduler, store and worker pool over
-//! simulated processes, killed (bounced or crashed with downtime) at random points while runs
-//! are in flight. Checked: a task never has two live runs at once; nothing stays `doing`
-//! without a live process; every due one-off task ends in a recorded terminal state and was
-//! run (no run lost by a restart); periodic tasks keep running; future tasks survive.
+//! simulated processes that outlive it, killed (bounced or crashed with downtime) at random
+//! points while runs are in flight, and also right after a dispatch (before or after the
+//! run's process claims it, before its pid is in the store). Checked: a run never gets two
+//! processes and no two runs of a task overlap; nothing runs that no run in flight accounts
+//! for; every run ends with its process's real outcome, or `aborted` when its process never
+//! ran or left no exit status; nothing stays `doing` without a live process; every due one-off
+//! task ends in a recorded terminal state and was run (no run lost by a restart); periodic
+//! tasks keep running; future tasks survive.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -145,6 +149,10 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
     let mut driver = TasksDriver {
         processes: processes.clone(),
         agent: Power::on("agent1"),
+        rng: StdRng::seed_from_u64(seed ^ 0x0d15_a7c4),
+        spawned: 0,
+        quiet_from: plan.quiet_from,
+        start_at: None,
     };
     harness::drive(&mut sim, plan, &mut driver)?;
     final_check(
@@ -156,10 +164,17 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
     )
 }
 
-/// Agent kills: bounced (restarted at once) or crashed with downtime.
+/// Agent kills: bounced (restarted at once) or crashed with downtime, as the plan says; and,
+/// until the quiet period, a kill right after one in four dispatches.
 struct TasksDriver {
     processes: SimProcesses,
     agent: Power,
+    rng: StdRng,
+    /// Processes spawned as of the last step.
+    spawned: u64,
+    quiet_from: Duration,
+    /// When the agent killed after a dispatch comes back.
+    start_at: Option<Duration>,
 }
 
 impl<'a> Driver<'a> for TasksDriver {
@@ -182,9 +197,40 @@ impl<'a> Driver<'a> for TasksDriver {
         Ok(())
     }
 
-    fn stepped(&mut self, _sim: &mut turmoil::Sim<'a>, _now: Duration) -> anyhow::Result<()> {
+    fn stepped(&mut self, sim: &mut turmoil::Sim<'a>, now: Duration) -> anyhow::Result<()> {
         if let Some(v) = self.processes.violations().first() {
             anyhow::bail!("{v}");
+        }
+        if self.start_at.is_some_and(|at| at <= now) {
+            self.start_at = None;
+            if self.agent.start(sim) {
+                trace::record("agent started after a kill right after a dispatch".to_string());
+            }
+        }
+        let spawned = self.processes.spawned();
+        let dispatched = spawned > self.spawned;
+        self.spawned = spawned;
+        if dispatched
+            && now < self.quiet_from
+            && self.agent.is_up()
+            && self.rng.random_range(0..4) == 0
+        {
+            // Now, the run's process exists; its claim and the pool's start report are a few
+            // milliseconds away, the store's pid commit after that.
+            if self.rng.random_range(0..2) == 0 {
+                trace::record(
+                    "fault kill -9 of the agent right after a dispatch; restarted at once"
+                        .to_string(),
+                );
+                self.agent.bounce(sim);
+            } else {
+                let down = Duration::from_millis(self.rng.random_range(10..3_000));
+                trace::record(format!(
+                    "fault kill -9 of the agent right after a dispatch; down {down:?}"
+                ));
+                self.agent.crash(sim);
+                self.start_at = Some(now + down);
+            }
         }
         Ok(())
     }
@@ -283,11 +329,119 @@ fn final_check(
             Schedule::Once { .. } | Schedule::Cron { .. } => {}
         }
     }
+    let never_started = check_runs(&conn, processes, now)?;
     trace::record(format!(
-        "final: {terminal} one-off tasks ended, {} processes started",
-        processes.started()
+        "final: {terminal} one-off tasks ended, {} processes spawned, {} runs adopted, {never_started} runs never started",
+        processes.spawned(),
+        processes.adopted()
     ));
     Ok(())
+}
+
+/// Every run against its process: the store holds each process's real outcome (its exit code
+/// when it ended by itself), `aborted` where the process never ran or was killed while no
+/// agent watched, and `doing` exactly while it runs. Returns how many runs never started.
+fn check_runs(
+    conn: &rusqlite::Connection,
+    processes: &SimProcesses,
+    now: Duration,
+) -> anyhow::Result<usize> {
+    let mut stmt = conn.prepare(
+        "SELECT run_id, task_id, status, exit_code, error, pid FROM runs ORDER BY run_id",
+    )?;
+    type Row = (i64, String, u32, Option<i32>, Option<String>, Option<i32>);
+    let rows: Vec<Row> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let procs = processes.procs();
+    let mut never_started = 0;
+    for (run_id, task_id, st, exit_code, error, pid) in &rows {
+        let proc = procs.iter().find(|p| p.run_id == *run_id);
+        let ran = proc.filter(|p| p.executed(now));
+        let Some(p) = ran else {
+            // Dispatched in the last few milliseconds: its process is not claimed yet.
+            let starting = proc.is_none_or(|p| p.pending(now));
+            if *st & status::IN_FLIGHT != 0 && !starting {
+                anyhow::bail!(
+                    "run {run_id} of {task_id} is {} but its process never ran",
+                    status::name(*st)
+                );
+            }
+            if *st & status::IN_FLIGHT != 0 {
+                continue;
+            }
+            if *st != status::ABORTED {
+                anyhow::bail!(
+                    "run {run_id} of {task_id} never ran but is recorded {} ({error:?})",
+                    status::name(*st)
+                );
+            }
+            never_started += 1;
+            continue;
+        };
+        if p.task_id != *task_id {
+            anyhow::bail!(
+                "run {run_id}: process of {} recorded for {task_id}",
+                p.task_id
+            );
+        }
+        if *st & status::IN_FLIGHT != 0 {
+            if !p.executing(now) {
+                anyhow::bail!(
+                    "run {run_id} of {task_id} is {} but its process is over",
+                    status::name(*st)
+                );
+            }
+        } else if p.executing(now) {
+            anyhow::bail!(
+                "run {run_id} of {task_id} is recorded {} while its process still runs",
+                status::name(*st)
+            );
+        } else if p.ended_naturally() {
+            let want = if p.exit_code == 0 {
+                status::DONE
+            } else {
+                status::FAILED
+            };
+            if *st != want || *exit_code != Some(p.exit_code) {
+                anyhow::bail!(
+                    "run {run_id} of {task_id} exited {} by itself but is recorded {} with exit code {exit_code:?} ({error:?})",
+                    p.exit_code,
+                    status::name(*st)
+                );
+            }
+        } else if *st & (status::FAILED | status::ABORTED | status::CANCELED) == 0 {
+            anyhow::bail!(
+                "run {run_id} of {task_id} was killed but is recorded {}",
+                status::name(*st)
+            );
+        }
+        if pid.is_some_and(|pid| pid != p.pid) {
+            anyhow::bail!(
+                "run {run_id}: pid {pid:?} recorded, its process is {}",
+                p.pid
+            );
+        }
+    }
+    for p in procs.iter().filter(|p| p.executed(now)) {
+        if !rows.iter().any(|r| r.0 == p.run_id) {
+            anyhow::bail!(
+                "process {} ran for run {}, which the store does not have",
+                p.pid,
+                p.run_id
+            );
+        }
+    }
+    Ok(never_started)
 }
 
 /// A task's runs, times relative to the end of the run, for failure messages.

@@ -49,6 +49,17 @@ pub struct TaskState {
     pub cancel_requested: bool,
 }
 
+/// What the driver found of a run a previous agent (or a dead worker pool) had in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Its process still runs: adopt it.
+    Running,
+    /// It ended while nobody watched: its outcome (`aborted` if it left none).
+    Ended(RunOutcome),
+    /// Its process never started the command, and never will.
+    NeverStarted,
+}
+
 /// A run to start in the worker pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
@@ -230,37 +241,23 @@ impl Scheduler {
         }
     }
 
-    /// Load persisted state at start-up and recover: every task caught `queued` or `doing`
-    /// (`status & IN_FLIGHT`) had its run interrupted. `interrupted` lists those runs
-    /// (run id, task id); the driver has already made sure their processes are gone.
+    /// Load persisted state at start-up and recover. `runs` are the runs a previous agent had
+    /// in flight (run id, task id) and what the driver found of each: a run still running is
+    /// adopted (it stays `doing`, holds its slot, and its task does not run again until it
+    /// ends; a cancellation asked before the stop is carried out); a run that ended while no
+    /// agent watched gets its real outcome; a run whose process never started is recorded
+    /// `aborted` and its task runs again at once, since it provably never ran.
     pub fn recover(
         &mut self,
         now_ms: i64,
         tasks: Vec<TaskState>,
-        interrupted: Vec<(i64, String)>,
+        runs: Vec<(i64, String, Found)>,
         max_run_id: i64,
     ) -> Vec<Effect> {
         self.next_run_id = max_run_id + 1;
         let mut effects = Vec::new();
-        for (run_id, task_id) in interrupted {
-            effects.push(Effect::RunEnded {
-                task_id,
-                run_id,
-                finished_ms: now_ms,
-                outcome: RunOutcome {
-                    status: status::ABORTED,
-                    exit_code: None,
-                    error: Some("the agent stopped while this run was in flight".into()),
-                    output: Vec::new(),
-                    output_dropped_bytes: 0,
-                },
-            });
-        }
         for mut task in tasks {
-            if task.status & status::IN_FLIGHT != 0 {
-                task = self.after_run(now_ms, task, status::ABORTED);
-                effects.push(Effect::SaveTask(task.clone()));
-            } else if task.status == status::SCHEDULED
+            if task.status == status::SCHEDULED
                 && task.next_run_ms.is_some_and(|at| at < now_ms)
                 && self.config.missed == MissedRuns::Skip
             {
@@ -280,7 +277,96 @@ impl Scheduler {
             self.index(&task);
             self.tasks.insert(task.id.clone(), task);
         }
+        for (run_id, task_id, found) in runs {
+            if !self.tasks.contains_key(&task_id) {
+                continue;
+            }
+            self.running.insert(run_id, task_id.clone());
+            effects.extend(self.reclaimed(now_ms, &task_id, run_id, found));
+        }
+        // A task in flight always has its run row (both are written in one transaction); one
+        // without is ended like an interrupted run, should a store ever hold one.
+        let orphaned: Vec<TaskState> = self
+            .tasks
+            .values()
+            .filter(|t| t.status & status::IN_FLIGHT != 0)
+            .filter(|t| !self.running.values().any(|id| *id == t.id))
+            .cloned()
+            .collect();
+        for task in orphaned {
+            let next = self.after_run(now_ms, task, status::ABORTED);
+            effects.push(self.replace(next));
+        }
         effects
+    }
+
+    /// A run in flight whose process the driver looked for again (at start-up, or after the
+    /// worker pool that watched it died): see [`Scheduler::recover`].
+    pub fn reclaimed(
+        &mut self,
+        now_ms: i64,
+        task_id: &str,
+        run_id: i64,
+        found: Found,
+    ) -> Vec<Effect> {
+        match found {
+            Found::Running => {
+                let mut effects = self.started(task_id, run_id);
+                if self.tasks.get(task_id).is_some_and(|t| t.cancel_requested) {
+                    effects.push(Effect::Kill {
+                        task_id: task_id.to_string(),
+                        run_id,
+                    });
+                }
+                effects
+            }
+            Found::Ended(outcome) => self.finish_one(now_ms, task_id, run_id, outcome),
+            Found::NeverStarted => {
+                if self.running.remove(&run_id).is_none() {
+                    return Vec::new();
+                }
+                let Some(task) = self.tasks.get(task_id).cloned() else {
+                    return Vec::new();
+                };
+                let mut effects = vec![Effect::RunEnded {
+                    task_id: task_id.to_string(),
+                    run_id,
+                    finished_ms: now_ms,
+                    outcome: RunOutcome {
+                        status: status::ABORTED,
+                        exit_code: None,
+                        error: Some(
+                            "never started: the agent stopped before the run's process began; \
+                             the task runs again"
+                                .into(),
+                        ),
+                        output: Vec::new(),
+                        output_dropped_bytes: 0,
+                    },
+                }];
+                let next = if task.cancel_requested {
+                    TaskState {
+                        status: status::CANCELED,
+                        next_run_ms: None,
+                        cancel_requested: false,
+                        ..task
+                    }
+                } else {
+                    TaskState {
+                        status: status::SCHEDULED,
+                        next_run_ms: Some(now_ms),
+                        ..task
+                    }
+                };
+                effects.push(self.replace(next));
+                effects
+            }
+        }
+    }
+
+    /// Runs in flight: (run id, task id).
+    pub fn runs_in_flight(&self) -> Vec<(i64, String)> {
+        self.running.iter().map(|(r, t)| (*r, t.clone())).collect()
     }
 
     pub fn submit(
@@ -486,23 +572,6 @@ impl Scheduler {
         }];
         let next = self.after_run(now_ms, task, run_status);
         effects.push(self.replace(next));
-        effects
-    }
-
-    /// End every run in flight as aborted (the pool that ran them is gone).
-    pub fn abort_running(&mut self, now_ms: i64, reason: &str) -> Vec<Effect> {
-        let runs: Vec<(i64, String)> = self.running.iter().map(|(r, t)| (*r, t.clone())).collect();
-        let mut effects = Vec::new();
-        for (run_id, task_id) in runs {
-            let outcome = RunOutcome {
-                status: status::ABORTED,
-                exit_code: None,
-                error: Some(reason.to_string()),
-                output: Vec::new(),
-                output_dropped_bytes: 0,
-            };
-            effects.extend(self.finish_one(now_ms, &task_id, run_id, outcome));
-        }
         effects
     }
 

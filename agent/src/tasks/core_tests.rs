@@ -1,7 +1,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    CancelError, Config, Effect, MissedRuns, RescheduleError, Scheduler, SubmitError, TaskState,
+    CancelError, Config, Effect, Found, MissedRuns, RescheduleError, Scheduler, SubmitError,
+    TaskState,
 };
 use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
 
@@ -260,33 +261,25 @@ fn persisted(id: &str, kind: Kind, schedule: Schedule, st: u32, next: Option<i64
 }
 
 #[test]
-fn recovery_aborts_interrupted_runs_and_keeps_future_tasks() {
-    let mut s = Scheduler::new(Config::default());
+fn recovery_adopts_live_runs_records_real_ends_and_reruns_what_never_started() {
+    let mut s = Scheduler::new(Config {
+        concurrency_max: 2,
+        ..Config::default()
+    });
+    let every = Schedule::Every {
+        interval_ms: 60 * S,
+        first_ms: 0,
+    };
+    let once = || Schedule::Once { at_ms: 0 };
+    let mut canceled = persisted("cancel", Kind::Command, once(), status::DOING, Some(0));
+    canceled.cancel_requested = true;
     let tasks = vec![
-        persisted(
-            "cmd",
-            Kind::Command,
-            Schedule::Once { at_ms: 0 },
-            status::DOING,
-            Some(0),
-        ),
-        persisted(
-            "vac",
-            Kind::Vacuum,
-            Schedule::Once { at_ms: 0 },
-            status::QUEUED,
-            Some(0),
-        ),
-        persisted(
-            "every",
-            Kind::Command,
-            Schedule::Every {
-                interval_ms: 60 * S,
-                first_ms: 0,
-            },
-            status::DOING,
-            Some(0),
-        ),
+        persisted("live", Kind::Command, every.clone(), status::DOING, Some(0)),
+        persisted("ended", Kind::Command, once(), status::DOING, Some(0)),
+        persisted("lost", Kind::Command, once(), status::DOING, Some(0)),
+        persisted("vac", Kind::Vacuum, once(), status::DOING, Some(0)),
+        persisted("queued", Kind::Command, once(), status::QUEUED, Some(0)),
+        canceled,
         persisted(
             "future",
             Kind::Command,
@@ -297,32 +290,86 @@ fn recovery_aborts_interrupted_runs_and_keeps_future_tasks() {
             Some(3 * 3600 * S),
         ),
     ];
+    let aborted = RunOutcome {
+        status: status::ABORTED,
+        exit_code: None,
+        error: Some("left no exit status".into()),
+        output: Vec::new(),
+        output_dropped_bytes: 0,
+    };
     let effects = s.recover(
         100 * S,
         tasks,
-        vec![(7, "cmd".into()), (8, "every".into())],
+        vec![
+            (3, "live".into(), Found::Running),
+            (4, "ended".into(), Found::Ended(outcome(status::FAILED))),
+            (5, "lost".into(), Found::Ended(aborted.clone())),
+            (6, "vac".into(), Found::Ended(aborted)),
+            (7, "queued".into(), Found::NeverStarted),
+            (8, "cancel".into(), Found::Running),
+        ],
         9,
     );
-    let aborted: Vec<i64> = effects
+    let ended: Vec<(i64, &'static str)> = effects
         .iter()
         .filter_map(|e| match e {
             Effect::RunEnded {
                 run_id, outcome, ..
-            } if outcome.status == status::ABORTED => Some(*run_id),
+            } => Some((*run_id, status::name(outcome.status))),
             _ => None,
         })
         .collect();
-    assert_eq!(aborted, vec![7, 8], "interrupted runs are recorded aborted");
-    assert_eq!(status_of(&s, "cmd"), "aborted", "a command is not retried");
+    assert_eq!(
+        ended,
+        vec![
+            (4, "failed"),
+            (5, "aborted"),
+            (6, "aborted"),
+            (7, "aborted")
+        ],
+        "ended runs keep their real outcome; adopted ones are not ended"
+    );
+    assert_eq!(status_of(&s, "live"), "doing", "a live run is adopted");
+    assert_eq!(status_of(&s, "ended"), "failed", "its real outcome");
+    assert_eq!(status_of(&s, "lost"), "aborted", "a command is not retried");
     assert_eq!(
         status_of(&s, "vac"),
         "scheduled",
         "an idempotent kind retries"
     );
     assert_eq!(
-        s.task("every").expect("t").next_run_ms,
-        Some(120 * S),
-        "a periodic task keeps its schedule"
+        s.task("queued").expect("t").next_run_ms,
+        Some(100 * S),
+        "a run that provably never started runs again at once"
+    );
+    let kills: Vec<i64> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Kill { run_id, .. } => Some(*run_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kills,
+        vec![8],
+        "a cancellation asked before the stop is carried out"
+    );
+    assert_eq!(s.running(), 2, "adopted runs hold their slots");
+    assert!(
+        dispatched(&s.tick(100 * S)).is_empty(),
+        "no free slot: the adopted runs fill it"
+    );
+    assert!(
+        dispatched(&s.tick(200 * S)).is_empty(),
+        "the periodic task does not start again while its adopted run lives"
+    );
+    s.finish_one(201 * S, "cancel", 8, outcome(status::FAILED));
+    assert_eq!(status_of(&s, "cancel"), "canceled");
+    s.finish_one(202 * S, "live", 3, outcome(status::DONE));
+    assert_eq!(
+        s.task("live").expect("t").next_run_ms,
+        Some(240 * S),
+        "the periodic task keeps its schedule once the adopted run ends"
     );
     assert_eq!(status_of(&s, "future"), "scheduled");
     assert_eq!(
@@ -330,15 +377,15 @@ fn recovery_aborts_interrupted_runs_and_keeps_future_tasks() {
         Some(3 * 3600 * S),
         "future tasks stay intact"
     );
-    // New run ids continue after the persisted ones.
-    s.submit(
-        100 * S,
-        "n".into(),
-        spec(Kind::Command, Schedule::Once { at_ms: 0 }),
-    )
-    .expect("submit");
-    let runs = dispatched(&s.tick(100 * S));
-    assert!(runs.iter().all(|(_, r)| *r >= 10), "{runs:?}");
+    let runs = dispatched(&s.tick(202 * S));
+    assert!(
+        runs.iter().any(|(t, _)| t == "queued"),
+        "the never-started task runs: {runs:?}"
+    );
+    assert!(
+        runs.iter().all(|(_, r)| *r >= 10),
+        "new run ids continue: {runs:?}"
+    );
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The scheduler actor: owns the sans-IO core and the store, batches requests and pool
 //! events, commits each batch's effects in one transaction (group commit), and only then
-//! answers callers and hands runs to the pool. Recovery at start-up terminates runs a
-//! previous agent left behind (pid + start time) before recording them `aborted`.
+//! answers callers and hands runs to the pool. Runs outlive the agent: at shutdown they are
+//! left running, and recovery at start-up adopts every run a previous agent left that still
+//! runs, records the real outcome of those that ended meanwhile, and runs again the ones whose
+//! process provably never started (see [`super::rundir`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -13,9 +15,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use world::World;
 
-use super::core::{self, CancelError, Effect, RescheduleError, Scheduler, SubmitError, TaskState};
+use super::core::{
+    self, CancelError, Effect, Found, Job, RescheduleError, Scheduler, SubmitError, TaskState,
+};
 use super::model::{Schedule, TaskSpec};
-use super::pool::{self, PoolCommand, PoolConfig, PoolEvent};
+use super::pool::{self, Leftover, PoolCommand, PoolConfig, PoolEvent};
 use super::store::{Started, Store};
 
 /// Requests answered per commit at most.
@@ -122,16 +126,19 @@ pub async fn run(
         .with_context(|| format!("open task store {}", config.db_path.display()))?;
     let store = Arc::new(Mutex::new(store));
     let mut scheduler = Scheduler::new(config.core.clone());
-    recover(&world, &config, &store, &mut scheduler).await?;
+    // When each run in flight started (or was queued), for what is left of its timeout
+    // should it have to be adopted again.
+    let mut since = std::collections::BTreeMap::new();
+    let adopt = recover(&world, &config, &store, &mut scheduler, &mut since).await?;
     let _ = ready.send(());
 
     let pool_shutdown = CancellationToken::new();
     let (mut pool_tx, mut events, mut pool) = start_pool(&config, &pool_shutdown);
+    for command in adopt {
+        let _ = pool_tx.send(command).await;
+    }
     let mut last_purge = tokio::time::Instant::now();
     let mut callers_remain = true;
-    // Processes of the runs in flight, to stop them if the pool that owns them dies.
-    let mut pids: std::collections::BTreeMap<i64, (i32, Option<u64>)> =
-        std::collections::BTreeMap::new();
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
@@ -163,19 +170,30 @@ pub async fn run(
                 }
             }
             _ = &mut pool => {
-                // The pool died: the scheduler carries on, ends what it was running, restarts it.
+                // The pool died; its runs did not (they outlive whoever watches them). A new
+                // pool takes them over exactly as a restarted agent would.
                 tracing::error!("worker pool stopped unexpectedly; restarting it");
-                // Its children outlive it: stop them before recording their runs aborted.
-                for (run_id, (pid, ticks)) in std::mem::take(&mut pids) {
-                    if config.pool.processes.alive(pid, ticks) {
-                        tracing::warn!(run_id, pid, "terminating a run of the dead worker pool");
-                        config.pool.processes.terminate(pid, ticks, config.pool.grace).await;
-                    }
-                }
-                let now_ms = world.now_unix_ms();
-                let effects = scheduler.abort_running(now_ms, "the worker pool stopped; run aborted");
-                commit(&world, &store, now_ms, effects, Vec::new()).await?;
                 (pool_tx, events, pool) = start_pool(&config, &pool_shutdown);
+                let now_ms = world.now_unix_ms();
+                let runs = scheduler
+                    .runs_in_flight()
+                    .into_iter()
+                    .filter_map(|(run_id, task_id)| {
+                        let spec = scheduler.task(&task_id)?.spec.clone();
+                        Some((run_id, task_id, spec, since.get(&run_id).copied().unwrap_or(now_ms)))
+                    })
+                    .collect();
+                let found = reclaim(&config, now_ms, runs).await?;
+                let mut effects = Vec::new();
+                for (run_id, task_id, f) in found.runs {
+                    effects.extend(scheduler.reclaimed(now_ms, &task_id, run_id, f));
+                }
+                let ended = ended_runs(&effects);
+                commit(&world, &store, now_ms, effects, found.started).await?;
+                release(&config, &ended, &mut since).await;
+                for command in found.adopt {
+                    let _ = pool_tx.send(command).await;
+                }
             }
             _ = tokio::time::sleep(wake_in) => {}
         }
@@ -190,7 +208,7 @@ pub async fn run(
                     pid,
                     pid_start_ticks,
                 } => {
-                    pids.insert(run_id, (pid, pid_start_ticks));
+                    since.insert(run_id, now_ms);
                     effects.extend(scheduler.started(&task_id, run_id));
                     started.push(Started {
                         run_id,
@@ -204,7 +222,6 @@ pub async fn run(
                     run_id,
                     outcome,
                 } => {
-                    pids.remove(&run_id);
                     effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
                 }
             }
@@ -235,19 +252,20 @@ pub async fn run(
             }
         }
         effects.extend(scheduler.tick(now_ms));
-        let to_pool: Vec<PoolCommand> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Dispatch(job) => Some(PoolCommand::Run(job.clone())),
-                Effect::Kill { run_id, .. } => Some(PoolCommand::Kill { run_id: *run_id }),
-                _ => None,
-            })
-            .collect();
+        let to_pool = pool_commands(&effects);
+        for e in &effects {
+            if let Effect::Dispatch(job) = e {
+                since.insert(job.run_id, now_ms);
+            }
+        }
+        let ended = ended_runs(&effects);
         if !effects.is_empty() || !started.is_empty() {
             // Durable first, then answers and dispatches. A failed write stops the runtime:
             // nothing unsynced is ever acknowledged, and a restart recovers from disk.
             commit(&world, &store, now_ms, effects, started).await?;
         }
+        // Only now that the ends are durable may their traces go.
+        release(&config, &ended, &mut since).await;
         for reply in replies {
             reply();
         }
@@ -282,7 +300,8 @@ pub async fn run(
             }
         }
     }
-    // Shutdown: stop the pool (it terminates running groups) and record what it reports.
+    // Shutdown: stop the pool and record the ends it still reports. Runs in flight keep
+    // running; the next agent adopts them.
     pool_shutdown.cancel();
     drop(pool_tx);
     let mut effects = Vec::new();
@@ -298,8 +317,118 @@ pub async fn run(
         }
     }
     let _ = pool.await;
+    let ended = ended_runs(&effects);
     commit(&world, &store, now_ms, effects, Vec::new()).await?;
+    release(&config, &ended, &mut since).await;
+    let left = scheduler.running();
+    if left > 0 {
+        tracing::info!(
+            runs = left,
+            "runs in flight keep running; the next agent start adopts them"
+        );
+    }
     Ok(())
+}
+
+/// What the pool must do for these effects.
+fn pool_commands(effects: &[Effect]) -> Vec<PoolCommand> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(job) => Some(PoolCommand::Run(job.clone())),
+            Effect::Kill { run_id, .. } => Some(PoolCommand::Kill { run_id: *run_id }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ended_runs(effects: &[Effect]) -> Vec<i64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::RunEnded { run_id, .. } => Some(*run_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Forget runs whose end is in the store.
+async fn release(
+    config: &RuntimeConfig,
+    runs: &[i64],
+    since: &mut std::collections::BTreeMap<i64, i64>,
+) {
+    for run_id in runs {
+        since.remove(run_id);
+        config.pool.processes.release(*run_id).await;
+    }
+}
+
+/// What [`reclaim`] found.
+struct Reclaimed {
+    runs: Vec<(i64, String, Found)>,
+    /// For the runs still running.
+    adopt: Vec<PoolCommand>,
+    started: Vec<Started>,
+}
+
+/// Look for the processes of runs in flight that nobody watches any more: (run id, task id,
+/// spec, when the run started or was queued).
+async fn reclaim(
+    config: &RuntimeConfig,
+    now_ms: i64,
+    runs: Vec<(i64, String, TaskSpec, i64)>,
+) -> anyhow::Result<Reclaimed> {
+    let mut out = Reclaimed {
+        runs: Vec::new(),
+        adopt: Vec::new(),
+        started: Vec::new(),
+    };
+    for (run_id, task_id, spec, since_ms) in runs {
+        let left = config
+            .pool
+            .processes
+            .leftover(run_id, config.pool.output_bytes_max)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("recover run {run_id} of task {task_id}"))?;
+        let found = match left {
+            Leftover::Running { pid, ticks } => {
+                let elapsed = u64::try_from(now_ms - since_ms).unwrap_or(0);
+                let timeout = u64::try_from(spec.timeout_ms)
+                    .unwrap_or(0)
+                    .saturating_sub(elapsed);
+                tracing::info!(%task_id, run_id, pid, timeout_left_ms = timeout, "adopting a run that outlived the previous agent");
+                out.started.push(Started {
+                    run_id,
+                    started_ms: since_ms,
+                    pid,
+                    pid_start_ticks: ticks,
+                });
+                out.adopt.push(PoolCommand::Adopt {
+                    job: Job {
+                        task_id: task_id.clone(),
+                        run_id,
+                        spec,
+                    },
+                    pid,
+                    ticks,
+                    timeout: Duration::from_millis(timeout),
+                });
+                Found::Running
+            }
+            Leftover::Ended(outcome) => {
+                tracing::info!(%task_id, run_id, status = super::model::status::name(outcome.status), "a run ended while no agent watched it");
+                Found::Ended(outcome)
+            }
+            Leftover::NeverStarted => {
+                tracing::info!(%task_id, run_id, "a run never started before the agent stopped; its task runs again");
+                Found::NeverStarted
+            }
+        };
+        out.runs.push((run_id, task_id, found));
+    }
+    Ok(out)
 }
 
 /// A refusal is answered at once (nothing to persist); a success is answered after the
@@ -367,12 +496,15 @@ async fn commit(
         .context("write the task store")
 }
 
+/// Load the store and take over what the previous agent left; the pool commands that adopt
+/// the runs still running (and stop those whose cancellation was asked).
 async fn recover(
     world: &World,
     config: &RuntimeConfig,
     store: &Arc<Mutex<Store>>,
     scheduler: &mut Scheduler,
-) -> anyhow::Result<()> {
+    since: &mut std::collections::BTreeMap<i64, i64>,
+) -> anyhow::Result<Vec<PoolCommand>> {
     let s = store.clone();
     let loaded = world
         .blocking(move || {
@@ -382,36 +514,45 @@ async fn recover(
                 .map_err(anyhow::Error::from)
         })
         .await??;
-    for run in &loaded.interrupted {
-        if let Some(pid) = run.pid
-            && config.pool.processes.alive(pid, run.pid_start_ticks)
-        {
-            tracing::warn!(task_id = %run.task_id, run_id = run.run_id, pid, "a run from before the restart is still running; terminating its process group");
-            config
-                .pool
-                .processes
-                .terminate(pid, run.pid_start_ticks, config.pool.grace)
-                .await;
-        }
-    }
     let now_ms = world.now_unix_ms();
-    let interrupted = loaded
+    let runs = loaded
         .interrupted
         .iter()
-        .map(|r| (r.run_id, r.task_id.clone()))
+        .filter_map(|run| {
+            let task = loaded.tasks.iter().find(|t| t.id == run.task_id)?;
+            let since_ms = run.started_ms.unwrap_or(run.queued_ms);
+            Some((run.run_id, run.task_id.clone(), task.spec.clone(), since_ms))
+        })
         .collect();
+    let found = reclaim(config, now_ms, runs).await?;
+    let mut adopted = Vec::new();
+    for command in &found.adopt {
+        if let PoolCommand::Adopt { job, .. } = command {
+            adopted.push(job.run_id);
+        }
+    }
+    for s in &found.started {
+        since.insert(s.run_id, s.started_ms);
+    }
     let live = loaded.tasks.len();
     scheduler.remember_ended(loaded.ended);
-    let effects = scheduler.recover(now_ms, loaded.tasks, interrupted, loaded.max_run_id);
-    let aborted = effects
-        .iter()
-        .filter(|e| matches!(e, Effect::RunEnded { .. }))
-        .count();
-    commit(world, store, now_ms, effects, Vec::new()).await?;
+    let effects = scheduler.recover(now_ms, loaded.tasks, found.runs, loaded.max_run_id);
+    let mut commands = found.adopt;
+    commands.extend(pool_commands(&effects));
+    let ended = ended_runs(&effects);
+    commit(world, store, now_ms, effects, found.started).await?;
+    // The ends are durable: forget those runs, and anything else no run in flight accounts for.
+    let stopped = config
+        .pool
+        .processes
+        .sweep(adopted.clone(), config.pool.grace)
+        .await;
     tracing::info!(
         tasks = live,
-        aborted_runs = aborted,
+        adopted_runs = adopted.len(),
+        ended_runs = ended.len(),
+        stray_processes_stopped = stopped,
         "task runtime recovered"
     );
-    Ok(())
+    Ok(commands)
 }

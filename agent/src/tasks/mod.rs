@@ -8,4 +8,6 @@ pub mod cron;
 pub mod driver;
 pub mod model;
 pub mod pool;
+pub mod rundir;
 pub mod store;
+pub mod wrapper;

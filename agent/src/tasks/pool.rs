@@ -1,25 +1,28 @@
-//! The worker pool: a subprocess supervisor. Every run is a child process in its own process
-//! group, so a hung, leaking or deadlocked task can be stopped unconditionally: on timeout or
-//! cancellation the group gets SIGTERM, a grace period, then SIGKILL. Output (stdout and
-//! stderr interleaved) is kept up to a limit and the rest is counted, never silently cut.
-//! The pool shares no memory with the scheduler: jobs come in and events go out on bounded
-//! queues.
+//! The worker pool: a subprocess supervisor. Every run is a process group of its own, led by
+//! the run wrapper (`outpost-agent supervise`), so a hung, leaking or deadlocked task can be
+//! stopped unconditionally: on timeout or cancellation the group gets SIGTERM, a grace period,
+//! then SIGKILL. The wrapper keeps the output (stdout and stderr interleaved) up to a limit,
+//! counts the rest, and records the exit status in the run's directory, so a run outlives the
+//! agent: when the agent stops, its runs keep going and the next agent adopts them (see
+//! [`super::rundir`]). The pool shares no memory with the scheduler: jobs come in and events
+//! go out on bounded queues.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::core::Job;
 use super::model::{Kind, RunOutcome, TaskSpec, status};
+use super::rundir::{self, Claim};
+use world::World;
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -39,51 +42,218 @@ pub struct PoolConfig {
 
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
-/// Where runs execute: real OS processes ([`OsProcesses`]) or a simulation's.
+/// Where runs execute: real OS processes ([`OsProcesses`]) or a simulation's. A run outlives
+/// the agent that started it; the next agent finds it with [`Processes::leftover`].
 pub trait Processes: Send + Sync + std::fmt::Debug + 'static {
-    /// Run to the end: send [`PoolEvent::Started`] once it runs, then [`PoolEvent::Finished`].
+    /// Start the run and supervise it to its end: [`PoolEvent::Started`] once its process
+    /// exists, then [`PoolEvent::Finished`]. If `shutdown` fires first the run is left
+    /// running for the next agent and nothing more is reported.
     fn run(&self, run: ProcessRun) -> BoxFuture<()>;
-    /// Whether the process `pid` (started at `ticks`) a previous agent left is still alive.
-    fn alive(&self, pid: i32, ticks: Option<u64>) -> bool;
-    /// Stop a leftover process group: SIGTERM, up to `grace`, SIGKILL.
-    fn terminate(&self, pid: i32, ticks: Option<u64>, grace: Duration) -> BoxFuture<()>;
+    /// Supervise the process `pid` (started at `ticks`) a previous agent left running for this
+    /// run, exactly like one of [`Processes::run`]'s (only `Finished` is reported).
+    fn adopt(&self, run: ProcessRun, pid: i32, ticks: Option<u64>) -> BoxFuture<()>;
+    /// What is left of run `run_id`, which a previous agent had in flight. A run whose process
+    /// never got going is claimed here, so that it never will.
+    fn leftover(&self, run_id: i64, output_bytes_max: usize)
+    -> BoxFuture<Result<Leftover, String>>;
+    /// The run's end is in the store: forget it.
+    fn release(&self, run_id: i64) -> BoxFuture<()>;
+    /// Forget every run not in `in_flight`, stopping (SIGTERM, `grace`, SIGKILL) any process of
+    /// theirs still alive: nothing may run that no agent accounts for. Returns how many
+    /// processes had to be stopped.
+    fn sweep(&self, in_flight: Vec<i64>, grace: Duration) -> BoxFuture<usize>;
 }
 
-/// One run for [`Processes::run`].
+/// What a stopped agent left of a run it had in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leftover {
+    /// Its process never started the command, and now never will.
+    NeverStarted,
+    /// Still running: adopt it.
+    Running { pid: i32, ticks: Option<u64> },
+    /// It ended while no agent watched: its real outcome, or `aborted` if it left none.
+    Ended(RunOutcome),
+}
+
+/// One run for [`Processes::run`] or [`Processes::adopt`].
 pub struct ProcessRun {
     pub task_id: String,
     pub run_id: i64,
+    /// Empty for an adopted run.
     pub argv: Vec<String>,
+    /// What is left of the run's timeout.
     pub timeout: Duration,
     pub grace: Duration,
     pub output_bytes_max: usize,
-    /// Fires on cancellation, and on shutdown (then `shutdown` is cancelled too).
+    /// Fires on cancellation: stop the run.
     pub kill: CancellationToken,
+    /// Fires when the agent stops: leave the run running.
     pub shutdown: CancellationToken,
     pub events: mpsc::Sender<PoolEvent>,
 }
 
-/// Runs as child processes of this agent, each in its own process group.
-#[derive(Debug, Default)]
-pub struct OsProcesses;
+/// How often an adopted process (not this agent's child, so not waitable) is looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+/// How long a killed adopted process may take to disappear before it is given up on.
+const ADOPTED_KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs as OS processes: each in its own process group, through the run wrapper
+/// (`outpost-agent supervise`) that records its output and exit status in `runs/RUN_ID`.
+#[derive(Clone, Debug)]
+pub struct OsProcesses {
+    world: World,
+    /// `DATA_DIR/runs`.
+    runs: PathBuf,
+    /// The agent binary (its `supervise` subcommand is the wrapper).
+    exe: PathBuf,
+}
+
+impl OsProcesses {
+    pub fn new(world: World, data_dir: &Path, exe: PathBuf) -> OsProcesses {
+        OsProcesses {
+            world,
+            runs: data_dir.join(RUNS_DIR),
+            exe,
+        }
+    }
+}
+
+/// Where run directories live inside the data dir.
+pub const RUNS_DIR: &str = "runs";
 
 impl Processes for OsProcesses {
     fn run(&self, run: ProcessRun) -> BoxFuture<()> {
-        Box::pin(run_os_process(run))
+        Box::pin(run_os_process(self.clone(), run))
     }
 
-    fn alive(&self, pid: i32, ticks: Option<u64>) -> bool {
-        alive(pid, ticks)
+    fn adopt(&self, run: ProcessRun, pid: i32, ticks: Option<u64>) -> BoxFuture<()> {
+        let this = self.clone();
+        Box::pin(async move {
+            let target = Watched::Adopted { pid, ticks };
+            watch(this, run, target, pid).await
+        })
     }
 
-    fn terminate(&self, pid: i32, ticks: Option<u64>, grace: Duration) -> BoxFuture<()> {
-        Box::pin(async move { terminate_group(pid, grace, || !alive(pid, ticks)).await })
+    fn leftover(
+        &self,
+        run_id: i64,
+        output_bytes_max: usize,
+    ) -> BoxFuture<Result<Leftover, String>> {
+        let (world, dir) = (self.world.clone(), rundir::dir(&self.runs, run_id));
+        Box::pin(async move {
+            let shown = dir.display().to_string();
+            world
+                .blocking(move || os_leftover(&dir, output_bytes_max))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("run directory {shown}: {e}"))
+        })
     }
+
+    fn release(&self, run_id: i64) -> BoxFuture<()> {
+        let (world, dir) = (self.world.clone(), rundir::dir(&self.runs, run_id));
+        Box::pin(async move {
+            let shown = dir.display().to_string();
+            let removed = world.blocking(move || remove_dir(&dir)).await;
+            if let Ok(Err(error)) = removed {
+                tracing::warn!(run_id, dir = %shown, %error, "remove a finished run's directory");
+            }
+        })
+    }
+
+    fn sweep(&self, in_flight: Vec<i64>, grace: Duration) -> BoxFuture<usize> {
+        let this = self.clone();
+        Box::pin(async move {
+            let runs = this.runs.clone();
+            let listed = this.world.blocking(move || rundir::list(&runs)).await;
+            let ids = match listed {
+                Ok(Ok(ids)) => ids,
+                Ok(Err(error)) => {
+                    tracing::warn!(runs = %this.runs.display(), %error, "list run directories");
+                    return 0;
+                }
+                Err(_) => return 0,
+            };
+            let mut stopped = 0;
+            for run_id in ids.into_iter().filter(|id| !in_flight.contains(id)) {
+                let dir = rundir::dir(&this.runs, run_id);
+                if let Ok(Some(Claim::Started { pid, ticks })) = rundir::read_claim(&dir)
+                    && alive(pid, ticks)
+                {
+                    tracing::error!(
+                        run_id,
+                        pid,
+                        "a process of a run the task store does not have in flight is alive; stopping it"
+                    );
+                    terminate_group(pid, grace, || !alive(pid, ticks)).await;
+                    stopped += 1;
+                }
+                this.release(run_id).await;
+            }
+            stopped
+        })
+    }
+}
+
+fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// [`Processes::leftover`] on a real run directory.
+fn os_leftover(dir: &Path, output_bytes_max: usize) -> std::io::Result<Leftover> {
+    if !dir.is_dir() {
+        // The directory comes before the process: no directory, no process.
+        return Ok(Leftover::NeverStarted);
+    }
+    let (pid, ticks) = match rundir::claim(dir, Claim::Abandoned)? {
+        Claim::Abandoned => return Ok(Leftover::NeverStarted),
+        Claim::Started { pid, ticks } => (pid, ticks),
+    };
+    let ended = |exit: Option<rundir::Exit>| {
+        let (output, dropped) = rundir::read_output(dir, output_bytes_max, exit.as_ref());
+        let outcome = match &exit {
+            Some(exit) => exit.outcome(),
+            None => RunOutcome {
+                status: status::ABORTED,
+                ..failed(
+                    "its process ended while no agent watched it and left no exit status \
+                     (killed with SIGKILL, or the host restarted)"
+                        .into(),
+                )
+            },
+        };
+        Leftover::Ended(RunOutcome {
+            output,
+            output_dropped_bytes: dropped,
+            ..outcome
+        })
+    };
+    if let Some(exit) = rundir::read_exit(dir) {
+        return Ok(ended(Some(exit)));
+    }
+    if alive(pid, ticks) {
+        return Ok(Leftover::Running { pid, ticks });
+    }
+    // It may have written its status between the first look and the liveness check.
+    Ok(ended(rundir::read_exit(dir)))
 }
 
 pub enum PoolCommand {
     Run(Job),
-    Kill { run_id: i64 },
+    /// Supervise a run a previous agent left running.
+    Adopt {
+        job: Job,
+        pid: i32,
+        ticks: Option<u64>,
+        /// What is left of its timeout.
+        timeout: Duration,
+    },
+    Kill {
+        run_id: i64,
+    },
 }
 
 #[derive(Debug)]
@@ -240,36 +410,6 @@ pub async fn terminate_group(pid: i32, grace: Duration, mut exited: impl FnMut()
     let _ = killpg(group, Signal::SIGKILL);
 }
 
-/// Interleaved stdout+stderr, the first `limit` bytes kept.
-struct Capture {
-    kept: Vec<u8>,
-    dropped: u64,
-    limit: usize,
-}
-
-impl Capture {
-    fn push(&mut self, chunk: &[u8]) {
-        let room = self.limit.saturating_sub(self.kept.len());
-        let take = room.min(chunk.len());
-        self.kept.extend_from_slice(&chunk[..take]);
-        self.dropped += (chunk.len() - take) as u64;
-    }
-}
-
-async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, capture: Arc<Mutex<Capture>>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if let Ok(mut c) = capture.lock() {
-                    c.push(&buf[..n]);
-                }
-            }
-        }
-    }
-}
-
 fn failed(error: String) -> RunOutcome {
     RunOutcome {
         status: status::FAILED,
@@ -281,10 +421,38 @@ fn failed(error: String) -> RunOutcome {
 }
 
 enum Stop {
-    Exited(std::process::ExitStatus),
+    Exited,
     TimedOut,
     Killed,
-    WaitFailed(String),
+}
+
+/// A run's process: this agent's child, or adopted from a previous agent (not waitable, so
+/// looked at every [`ADOPTED_POLL`]).
+enum Watched {
+    Child(tokio::process::Child),
+    Adopted { pid: i32, ticks: Option<u64> },
+}
+
+impl Watched {
+    async fn gone(&mut self) {
+        match self {
+            Watched::Child(child) => {
+                let _ = child.wait().await;
+            }
+            Watched::Adopted { pid, ticks } => {
+                while alive(*pid, *ticks) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+            }
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        match self {
+            Watched::Child(child) => matches!(child.try_wait(), Ok(Some(_))),
+            Watched::Adopted { pid, ticks } => !alive(*pid, *ticks),
+        }
+    }
 }
 
 async fn run_job(
@@ -293,168 +461,174 @@ async fn run_job(
     kill: CancellationToken,
     shutdown: CancellationToken,
     events: mpsc::Sender<PoolEvent>,
+    adopted: Option<(i32, Option<u64>, Duration)>,
 ) {
     let Job {
         task_id,
         run_id,
         spec,
     } = job;
-    let argv = match argv_for(&spec, &config) {
-        Ok(argv) => argv,
-        Err(e) => {
-            let _ = events
-                .send(PoolEvent::Finished {
-                    task_id,
-                    run_id,
-                    outcome: failed(e),
-                })
-                .await;
-            return;
-        }
+    let argv = match adopted {
+        Some(_) => Vec::new(),
+        None => match argv_for(&spec, &config) {
+            Ok(argv) => argv,
+            Err(e) => {
+                let _ = events
+                    .send(PoolEvent::Finished {
+                        task_id,
+                        run_id,
+                        outcome: failed(e),
+                    })
+                    .await;
+                return;
+            }
+        },
     };
+    let full = Duration::from_millis(u64::try_from(spec.timeout_ms).unwrap_or(0));
     let run = ProcessRun {
         task_id,
         run_id,
         argv,
-        timeout: Duration::from_millis(u64::try_from(spec.timeout_ms).unwrap_or(0)),
+        timeout: adopted.map_or(full, |(_, _, left)| left),
         grace: config.grace,
         output_bytes_max: config.output_bytes_max,
         kill,
         shutdown,
         events,
     };
-    config.processes.run(run).await;
+    match adopted {
+        Some((pid, ticks, _)) => config.processes.adopt(run, pid, ticks).await,
+        None => config.processes.run(run).await,
+    }
 }
 
-async fn run_os_process(run: ProcessRun) {
+async fn run_os_process(this: OsProcesses, run: ProcessRun) {
+    let dir = rundir::dir(&this.runs, run.run_id);
+    let finish = |outcome| PoolEvent::Finished {
+        task_id: run.task_id.clone(),
+        run_id: run.run_id,
+        outcome,
+    };
+    let made = {
+        let dir = dir.clone();
+        this.world
+            .blocking(move || std::fs::create_dir_all(&dir))
+            .await
+    };
+    if let Err(e) = made
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        let error = format!("create the run directory {}: {e}", dir.display());
+        let _ = run.events.send(finish(failed(error))).await;
+        return;
+    }
+    let mut command = tokio::process::Command::new(&this.exe);
+    command
+        .arg("supervise")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--output-max")
+        .arg(run.output_bytes_max.to_string())
+        .arg("--")
+        .args(&run.argv)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let error = format!("start the run wrapper {}: {e}", this.exe.display());
+            let _ = run.events.send(finish(failed(error))).await;
+            return;
+        }
+    };
+    let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    let _ = run
+        .events
+        .send(PoolEvent::Started {
+            task_id: run.task_id.clone(),
+            run_id: run.run_id,
+            pid,
+            pid_start_ticks: start_ticks(pid),
+        })
+        .await;
+    watch(this, run, Watched::Child(child), pid).await
+}
+
+/// Supervise the run's process group (led by `pid`) to its end; then read what the wrapper
+/// recorded and report it. Left alone, unreported, if the agent shuts down first.
+async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched, pid: i32) {
     let ProcessRun {
         task_id,
         run_id,
-        argv,
         timeout,
         grace,
         output_bytes_max,
         kill,
         shutdown,
         events,
+        ..
     } = run;
-    let finish = |outcome| PoolEvent::Finished {
-        task_id: task_id.clone(),
-        run_id,
-        outcome,
+    let stop = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        _ = target.gone() => Stop::Exited,
+        _ = tokio::time::sleep(timeout) => Stop::TimedOut,
+        _ = kill.cancelled() => Stop::Killed,
     };
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            let _ = events
-                .send(finish(failed(format!("start {}: {e}", argv[0]))))
-                .await;
-            return;
+    match stop {
+        Stop::TimedOut | Stop::Killed => {
+            terminate_group(pid, grace, || target.exited()).await;
+            // SIGKILL was sent: the end is near, but an adopted process is not ours to wait for.
+            let _ = tokio::time::timeout(ADOPTED_KILL_WAIT, target.gone()).await;
         }
-    };
-    let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-    let _ = events
-        .send(PoolEvent::Started {
-            task_id: task_id.clone(),
-            run_id,
-            pid,
-            pid_start_ticks: start_ticks(pid),
+        // The wrapper is gone; whatever the command left in its group goes too.
+        Stop::Exited => {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let dir = rundir::dir(&this.runs, run_id);
+    let recorded = this
+        .world
+        .blocking(move || {
+            let exit = rundir::read_exit(&dir);
+            let (output, dropped) = rundir::read_output(&dir, output_bytes_max, exit.as_ref());
+            (exit, output, dropped)
         })
         .await;
-    let capture = Arc::new(Mutex::new(Capture {
-        kept: Vec::new(),
-        dropped: 0,
-        limit: output_bytes_max,
-    }));
-    let readers = {
-        let (out, err) = (child.stdout.take(), child.stderr.take());
-        let (c1, c2) = (capture.clone(), capture.clone());
-        async move {
-            let a = async {
-                if let Some(o) = out {
-                    drain(o, c1).await;
-                }
-            };
-            let b = async {
-                if let Some(e) = err {
-                    drain(e, c2).await;
-                }
-            };
-            tokio::join!(a, b);
-        }
-    };
-    let supervise = async {
-        let stop = tokio::select! {
-            r = child.wait() => match r {
-                Ok(s) => Stop::Exited(s),
-                Err(e) => Stop::WaitFailed(e.to_string()),
+    let (exit, output, dropped) = recorded.unwrap_or((None, Vec::new(), 0));
+    let outcome = match stop {
+        Stop::Exited => match exit {
+            Some(exit) => exit.outcome(),
+            None => RunOutcome {
+                status: status::ABORTED,
+                ..failed("the run's wrapper ended without recording an exit status".into())
             },
-            _ = tokio::time::sleep(timeout) => Stop::TimedOut,
-            _ = kill.cancelled() => Stop::Killed,
-        };
-        match stop {
-            Stop::TimedOut | Stop::Killed => {
-                terminate_group(pid, grace, || matches!(child.try_wait(), Ok(Some(_)))).await;
-                let _ = child.wait().await;
-                stop
-            }
-            other => {
-                // The leader is gone; whatever it left in its group goes too.
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                other
-            }
-        }
-    };
-    let (stop, ()) = tokio::join!(supervise, readers);
-    let (kept, dropped) = match capture.lock() {
-        Ok(mut c) => (std::mem::take(&mut c.kept), c.dropped),
-        Err(_) => (Vec::new(), 0),
-    };
-    let mut outcome = match stop {
-        Stop::Exited(s) if s.success() => RunOutcome {
-            status: status::DONE,
-            exit_code: Some(0),
-            error: None,
-            output: Vec::new(),
-            output_dropped_bytes: 0,
         },
-        Stop::Exited(s) => {
-            use std::os::unix::process::ExitStatusExt;
-            let error = match (s.code(), s.signal()) {
-                (Some(code), _) => format!("exit code {code}"),
-                (None, Some(sig)) => format!("killed by signal {sig}"),
-                _ => "ended abnormally".into(),
-            };
-            RunOutcome {
-                exit_code: s.code(),
-                ..failed(error)
-            }
-        }
         Stop::TimedOut => failed(format!(
             "timed out after {}; process group terminated",
             humantime::format_duration(timeout)
         )),
-        Stop::Killed if shutdown.is_cancelled() => RunOutcome {
-            status: status::ABORTED,
-            ..failed("the agent is shutting down; process group terminated".into())
-        },
         Stop::Killed => failed("stopped on request; process group terminated".into()),
-        Stop::WaitFailed(e) => failed(format!("wait for the process: {e}")),
     };
-    outcome.output = kept;
-    outcome.output_dropped_bytes = dropped;
-    let _ = events.send(finish(outcome)).await;
+    let outcome = RunOutcome {
+        output,
+        output_dropped_bytes: dropped,
+        ..outcome
+    };
+    let _ = events
+        .send(PoolEvent::Finished {
+            task_id,
+            run_id,
+            outcome,
+        })
+        .await;
 }
 
-/// Run jobs until `commands` closes or `shutdown` fires; on shutdown every running group is
-/// terminated and reported `aborted`.
+/// Run jobs until `commands` closes or `shutdown` fires. On shutdown the runs in flight are
+/// left running, unreported: the next agent adopts them.
 pub async fn run_pool(
     config: PoolConfig,
     mut commands: mpsc::Receiver<PoolCommand>,
@@ -472,26 +646,31 @@ pub async fn run_pool(
                     kills.remove(&run_id);
                 }
             }
-            command = commands.recv() => match command {
-                None => break,
-                Some(PoolCommand::Run(job)) => {
-                    let kill = shutdown.child_token();
-                    kills.insert(job.run_id, kill.clone());
-                    let run_id = job.run_id;
-                    let run = run_job(job, config.clone(), kill, shutdown.clone(), events.clone());
-                    jobs.spawn(async move {
-                        run.await;
-                        run_id
-                    });
-                }
-                Some(PoolCommand::Kill { run_id }) => {
-                    if let Some(token) = kills.remove(&run_id) {
-                        token.cancel();
+            command = commands.recv() => {
+                let (job, adopted) = match command {
+                    None => break,
+                    Some(PoolCommand::Run(job)) => (job, None),
+                    Some(PoolCommand::Adopt { job, pid, ticks, timeout }) => {
+                        (job, Some((pid, ticks, timeout)))
                     }
-                }
-            },
+                    Some(PoolCommand::Kill { run_id }) => {
+                        if let Some(token) = kills.remove(&run_id) {
+                            token.cancel();
+                        }
+                        continue;
+                    }
+                };
+                let kill = CancellationToken::new();
+                kills.insert(job.run_id, kill.clone());
+                let run_id = job.run_id;
+                let run = run_job(job, config.clone(), kill, shutdown.clone(), events.clone(), adopted);
+                jobs.spawn(async move {
+                    run.await;
+                    run_id
+                });
+            }
         }
     }
-    // Shutdown: the child tokens fired with `shutdown`; let every run report its end.
+    // Shutdown: every run sees it and lets go of its process.
     while jobs.join_next().await.is_some() {}
 }

@@ -84,6 +84,8 @@ pub struct Interrupted {
     pub task_id: String,
     pub pid: Option<i32>,
     pub pid_start_ticks: Option<u64>,
+    pub queued_ms: i64,
+    pub started_ms: Option<i64>,
 }
 
 pub struct Loaded {
@@ -201,7 +203,7 @@ impl Store {
             .collect();
         let mut stmt = self
             .conn
-            .prepare("SELECT run_id, task_id, pid, pid_start_ticks FROM runs WHERE status & ?1 != 0 ORDER BY run_id")
+            .prepare("SELECT run_id, task_id, pid, pid_start_ticks, queued_ms, started_ms FROM runs WHERE status & ?1 != 0 ORDER BY run_id")
             .map_err(err)?;
         let interrupted = stmt
             .query_map(params![status::IN_FLIGHT], |r| {
@@ -210,6 +212,8 @@ impl Store {
                     task_id: r.get(1)?,
                     pid: r.get(2)?,
                     pid_start_ticks: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
+                    queued_ms: r.get(4)?,
+                    started_ms: r.get(5)?,
                 })
             })
             .map_err(err)?

@@ -270,17 +270,34 @@ async fn output_beyond_the_limit_is_counted_not_silently_cut() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_run_aborts_the_run_terminates_its_processes_and_keeps_future_tasks() {
+async fn a_run_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
     let mut agent = Agent::start(&[]).await;
-    let pidfile = agent.dir.path().join("victim.pid");
-    let script = format!("echo $$ > {}; sleep 300", pidfile.display());
-    let running = agent.ok(&[
-        "add", "command", "--key", "victim", "--", "sh", "-c", &script,
+    let dir = agent.dir.path().to_path_buf();
+    let (pidfile, marker) = (dir.join("victim.pid"), dir.join("marker"));
+    let script = format!(
+        "echo $$ > {}; echo before; sleep 2; echo after the restart; touch {}",
+        pidfile.display(),
+        marker.display()
+    );
+    let survivor = agent.ok(&[
+        "add", "command", "--key", "survivor", "--", "sh", "-c", &script,
+    ]);
+    let hung = agent.ok(&[
+        "add",
+        "command",
+        "--key",
+        "hung",
+        "--timeout",
+        "3s",
+        "--",
+        "sleep",
+        "300",
     ]);
     let future = agent.ok(&[
-        "add", "command", "--in", "3s", "--key", "later", "--", "true",
+        "add", "command", "--in", "4s", "--key", "later", "--", "true",
     ]);
-    agent.wait_status(&running, "doing").await;
+    agent.wait_status(&survivor, "doing").await;
+    agent.wait_status(&hung, "doing").await;
     let victim = std::fs::read_to_string(&pidfile)
         .expect("pid file")
         .trim()
@@ -299,12 +316,26 @@ async fn kill_9_mid_run_aborts_the_run_terminates_its_processes_and_keeps_future
     );
 
     agent.launch().await;
-    let task = agent.show(&running);
-    assert_eq!(task["status"], "aborted", "{task}");
-    assert_eq!(task["runs"][0]["status"], "aborted");
+    let task = agent.show(&survivor);
+    assert_eq!(task["status"], "doing", "adopted, not aborted: {task}");
+    let task = agent.wait_status(&survivor, "done").await;
+    assert_eq!(task["runs"].as_array().map(Vec::len), Some(1), "{task}");
+    assert_eq!(task["runs"][0]["exit_code"], 0, "{task}");
+    assert!(marker.exists(), "the command ran to its end");
+    let logs = agent.ok(&["logs", &survivor]);
     assert!(
-        !alive(&victim),
-        "the restarted agent must terminate the leftover run"
+        logs.contains("before") && logs.contains("after the restart"),
+        "the output from both sides of the restart is kept: {logs}"
+    );
+    assert!(!alive(&victim));
+
+    let task = agent.wait_status(&hung, "failed").await;
+    assert!(
+        task["runs"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "the adopted run's timeout is enforced: {task}"
     );
     let later = agent.wait_status(&future, "done").await;
     assert_eq!(
@@ -312,6 +343,91 @@ async fn kill_9_mid_run_aborts_the_run_terminates_its_processes_and_keeps_future
         Some(1),
         "the future task ran once: {later}"
     );
+    let runs = agent.data().join("runs");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "finished runs leave nothing behind: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_outlives_a_graceful_stop_and_ends_while_no_agent_watches() {
+    let mut agent = Agent::start(&[]).await;
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--key",
+        "short",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo finished; exit 3",
+    ]);
+    agent.wait_status(&id, "doing").await;
+    let mut proc = agent.proc.take().expect("running");
+    proc.signal("-TERM");
+    let status = proc.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}"
+    );
+    // The run ends while no agent runs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.launch().await;
+    let task = agent.show(&id);
+    assert_eq!(task["status"], "failed", "{task}");
+    assert_eq!(
+        task["runs"][0]["exit_code"], 3,
+        "its real exit code: {task}"
+    );
+    assert_eq!(agent.ok(&["logs", &id]).lines().next(), Some("finished"));
+}
+
+/// Kill the agent within milliseconds of a dispatch, many times: whatever the instant, every
+/// command runs exactly once and no process is left that no agent accounts for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
+    const ROUNDS: usize = 15;
+    let mut agent = Agent::start(&[]).await;
+    let ledger = agent.dir.path().join("ledger");
+    let mut ids = Vec::new();
+    for round in 0..ROUNDS {
+        let script = format!("echo round{round} $$ >> {}; sleep 1", ledger.display());
+        let key = format!("round{round}");
+        ids.push(agent.ok(&["add", "command", "--key", &key, "--", "sh", "-c", &script]));
+        if round % 3 == 1 {
+            tokio::time::sleep(Duration::from_millis(2 * round as u64)).await;
+        }
+        agent
+            .proc
+            .take()
+            .expect("running")
+            .0
+            .kill()
+            .expect("kill -9");
+        agent.launch().await;
+    }
+    for id in &ids {
+        agent.wait_status(id, "done").await;
+    }
+    let ledger = std::fs::read_to_string(&ledger).expect("ledger");
+    for round in 0..ROUNDS {
+        let ran: Vec<&str> = ledger
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(&format!("round{round}")))
+            .collect();
+        assert_eq!(ran.len(), 1, "round {round} ran exactly once: {ledger}");
+    }
+    for line in ledger.lines() {
+        let pid = line.split_whitespace().nth(1).expect("pid");
+        assert!(!alive(pid), "{line}: still alive after its run ended");
+    }
+    let runs = agent.data().join("runs");
+    let left = std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "no run directory is left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
