@@ -43,13 +43,11 @@ pub fn supervise(dir: &Path, output_max: u64, argv: &[String]) -> std::io::Resul
         );
     };
     let output = std::fs::File::create(dir.join(rundir::OUTPUT))?;
-    // Blocked here and in the copying thread started below, so the whole process ignores
-    // them; the command starts with an empty mask (the standard library resets it).
-    let mut blocked = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        blocked.add(sig);
-    }
-    blocked.thread_block().map_err(std::io::Error::other)?;
+    // A child inherits the signal mask: the command starts with none blocked, whatever this
+    // process inherited.
+    SigSet::empty()
+        .thread_set_mask()
+        .map_err(std::io::Error::other)?;
     let (reader, writer) = std::io::pipe()?;
     let spawned = {
         let mut command = Command::new(program);
@@ -72,6 +70,14 @@ pub fn supervise(dir: &Path, output_max: u64, argv: &[String]) -> std::io::Resul
             );
         }
     };
+    // Blocked here and in the copying thread started below, so the whole process ignores
+    // them from now on (one arriving before this line stops it: the agent that sent it
+    // records the run's end itself).
+    let mut blocked = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        blocked.add(sig);
+    }
+    blocked.thread_block().map_err(std::io::Error::other)?;
     let dropped = Arc::new(AtomicU64::new(0));
     let (copied, copy_done) = std::sync::mpsc::channel();
     {

@@ -698,3 +698,68 @@ async fn the_socket_refuses_other_users_by_mode_and_by_peer_credentials() {
     );
     let _ = agent.ok(&["list"]);
 }
+
+/// The run wrapper on its own: a SIGTERM to the run's group stops the command (whose signal
+/// mask is clear, whatever the wrapper inherited) while the wrapper stays to record how it
+/// ended; a run a recovering agent gave up never starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_wrapper_records_the_end_and_honours_an_abandoned_claim() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("1");
+    std::fs::create_dir(&dir).expect("run dir");
+    let mut wrapper = std::process::Command::new(agent_bin())
+        .args(["supervise", "--dir", dir.to_str().expect("utf8")])
+        .args(["--output-max", "5", "--", "sh", "-c"])
+        .arg("echo started and more; exec sleep 300")
+        .process_group(0)
+        .spawn()
+        .expect("spawn the wrapper");
+    let pid = wrapper.id().to_string();
+    let mut output = String::new();
+    for _ in 0..100 {
+        output = std::fs::read_to_string(dir.join("output")).unwrap_or_default();
+        if !output.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(output, "start", "the first 5 bytes are kept");
+    let claim = std::fs::read_to_string(dir.join("claim")).expect("claim");
+    assert!(claim.starts_with(&format!("started {pid} ")), "{claim}");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let mut ended = None;
+    for _ in 0..100 {
+        if let Ok(Some(status)) = wrapper.try_wait() {
+            ended = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the wrapper outlives SIGTERM and exits once it recorded the end: {ended:?}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("status")).expect("status"))
+            .expect("json");
+    assert_eq!(status["signal"], 15, "{status}");
+    assert_eq!(status["dropped"], 12, "{status}");
+
+    let given_up = tmp.path().join("2");
+    std::fs::create_dir(&given_up).expect("run dir");
+    std::fs::write(given_up.join("claim"), "abandoned\n").expect("claim");
+    let marker = tmp.path().join("ran");
+    let out = std::process::Command::new(agent_bin())
+        .args(["supervise", "--dir", given_up.to_str().expect("utf8")])
+        .args(["--output-max", "5", "--", "touch", marker.to_str().expect("utf8")])
+        .output()
+        .expect("run the wrapper");
+    assert!(out.status.success());
+    assert!(!marker.exists(), "an abandoned run's command never starts");
+    assert!(!given_up.join("status").exists());
+}
