@@ -55,6 +55,13 @@ impl Agent {
         );
     }
 
+    /// SIGKILL the agent (its runs live on).
+    fn kill_9(&mut self) {
+        let mut proc = self.proc.take().expect("running");
+        proc.0.kill().expect("kill -9");
+        let _ = proc.0.wait();
+    }
+
     fn tasks(&self, args: &[&str]) -> Output {
         let data = self.data();
         let mut all = vec!["tasks"];
@@ -302,13 +309,7 @@ async fn a_run_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
         .expect("pid file")
         .trim()
         .to_string();
-    agent
-        .proc
-        .take()
-        .expect("running")
-        .0
-        .kill()
-        .expect("kill -9");
+    agent.kill_9();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         alive(&victim),
@@ -401,13 +402,7 @@ async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
         if round % 3 == 1 {
             tokio::time::sleep(Duration::from_millis(2 * round as u64)).await;
         }
-        agent
-            .proc
-            .take()
-            .expect("running")
-            .0
-            .kill()
-            .expect("kill -9");
+        agent.kill_9();
         agent.launch().await;
     }
     for id in &ids {
@@ -756,7 +751,13 @@ async fn the_run_wrapper_records_the_end_and_honours_an_abandoned_claim() {
     let marker = tmp.path().join("ran");
     let out = std::process::Command::new(agent_bin())
         .args(["supervise", "--dir", given_up.to_str().expect("utf8")])
-        .args(["--output-max", "5", "--", "touch", marker.to_str().expect("utf8")])
+        .args([
+            "--output-max",
+            "5",
+            "--",
+            "touch",
+            marker.to_str().expect("utf8"),
+        ])
         .output()
         .expect("run the wrapper");
     assert!(out.status.success());
