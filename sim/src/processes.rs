@@ -353,6 +353,7 @@ impl Processes for SimProcesses {
         &self,
         run_id: i64,
         _output_bytes_max: usize,
+        _host_restarted: bool,
     ) -> BoxFuture<Result<Leftover, String>> {
         let this = self.clone();
         Box::pin(async move {
@@ -381,6 +382,11 @@ impl Processes for SimProcesses {
                 Some("killed; left no exit status".into()),
             )))
         })
+    }
+
+    /// The simulated host never reboots (its agent crashes and restarts).
+    fn boot_id(&self) -> Option<String> {
+        Some("sim".into())
     }
 
     fn release(&self, run_id: i64) -> BoxFuture<()> {

@@ -183,7 +183,7 @@ pub async fn run(
                         Some((run_id, task_id, spec, since.get(&run_id).copied().unwrap_or(now_ms)))
                     })
                     .collect();
-                let found = reclaim(&config, now_ms, runs).await?;
+                let found = reclaim(&config, now_ms, runs, false).await?;
                 let mut effects = Vec::new();
                 for (run_id, task_id, f) in found.runs {
                     effects.extend(scheduler.reclaimed(now_ms, &task_id, run_id, f));
@@ -378,6 +378,7 @@ async fn reclaim(
     config: &RuntimeConfig,
     now_ms: i64,
     runs: Vec<(i64, String, TaskSpec, i64)>,
+    host_restarted: bool,
 ) -> anyhow::Result<Reclaimed> {
     let mut out = Reclaimed {
         runs: Vec::new(),
@@ -388,7 +389,7 @@ async fn reclaim(
         let left = config
             .pool
             .processes
-            .leftover(run_id, config.pool.output_bytes_max)
+            .leftover(run_id, config.pool.output_bytes_max, host_restarted)
             .await
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("recover run {run_id} of task {task_id}"))?;
@@ -515,7 +516,7 @@ async fn recover(
         })
         .await??;
     let now_ms = world.now_unix_ms();
-    let runs = loaded
+    let runs: Vec<_> = loaded
         .interrupted
         .iter()
         .filter_map(|run| {
@@ -524,7 +525,17 @@ async fn recover(
             Some((run.run_id, run.task_id.clone(), task.spec.clone(), since_ms))
         })
         .collect();
-    let found = reclaim(config, now_ms, runs).await?;
+    // Runs dispatched in an earlier boot of the host died with it.
+    let boot_id = config.pool.processes.boot_id();
+    let host_restarted =
+        matches!((&loaded.boot_id, &boot_id), (Some(then), Some(now)) if then != now);
+    if host_restarted && !runs.is_empty() {
+        tracing::warn!(
+            runs = runs.len(),
+            "the host restarted since the agent last ran: the runs it had in flight are recorded aborted"
+        );
+    }
+    let found = reclaim(config, now_ms, runs, host_restarted).await?;
     let mut adopted = Vec::new();
     for command in &found.adopt {
         if let PoolCommand::Adopt { job, .. } = command {
@@ -541,6 +552,18 @@ async fn recover(
     commands.extend(pool_commands(&effects));
     let ended = ended_runs(&effects);
     commit(world, store, now_ms, effects, found.started).await?;
+    if let Some(boot_id) = boot_id {
+        // On disk before anything is dispatched in this boot.
+        let s = store.clone();
+        world
+            .blocking(move || {
+                s.lock()
+                    .map_err(|_| anyhow::anyhow!("task store lock poisoned"))?
+                    .set_boot_id(&boot_id)
+                    .map_err(anyhow::Error::from)
+            })
+            .await??;
+    }
     // The ends are durable: forget those runs, and anything else no run in flight accounts for.
     let stopped = config
         .pool

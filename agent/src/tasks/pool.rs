@@ -53,9 +53,17 @@ pub trait Processes: Send + Sync + std::fmt::Debug + 'static {
     /// run, exactly like one of [`Processes::run`]'s (only `Finished` is reported).
     fn adopt(&self, run: ProcessRun, pid: i32, ticks: Option<u64>) -> BoxFuture<()>;
     /// What is left of run `run_id`, which a previous agent had in flight. A run whose process
-    /// never got going is claimed here, so that it never will.
-    fn leftover(&self, run_id: i64, output_bytes_max: usize)
-    -> BoxFuture<Result<Leftover, String>>;
+    /// never got going is claimed here, so that it never will. `host_restarted`: the host
+    /// booted since the run was dispatched, so its process is gone and what it wrote without
+    /// syncing may be too (a missing claim then proves nothing).
+    fn leftover(
+        &self,
+        run_id: i64,
+        output_bytes_max: usize,
+        host_restarted: bool,
+    ) -> BoxFuture<Result<Leftover, String>>;
+    /// An id of the host's current boot, if it has one.
+    fn boot_id(&self) -> Option<String>;
     /// The run's end is in the store: forget it.
     fn release(&self, run_id: i64) -> BoxFuture<()>;
     /// Forget every run not in `in_flight`, stopping (SIGTERM, `grace`, SIGKILL) any process of
@@ -138,16 +146,22 @@ impl Processes for OsProcesses {
         &self,
         run_id: i64,
         output_bytes_max: usize,
+        host_restarted: bool,
     ) -> BoxFuture<Result<Leftover, String>> {
         let (world, dir) = (self.world.clone(), rundir::dir(&self.runs, run_id));
         Box::pin(async move {
             let shown = dir.display().to_string();
             world
-                .blocking(move || os_leftover(&dir, output_bytes_max))
+                .blocking(move || os_leftover(&dir, output_bytes_max, host_restarted))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("run directory {shown}: {e}"))
         })
+    }
+
+    fn boot_id(&self) -> Option<String> {
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(id.trim().to_string()).filter(|id| !id.is_empty())
     }
 
     fn release(&self, run_id: i64) -> BoxFuture<()> {
@@ -203,26 +217,18 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// [`Processes::leftover`] on a real run directory.
-fn os_leftover(dir: &Path, output_bytes_max: usize) -> std::io::Result<Leftover> {
-    if !dir.is_dir() {
-        // The directory comes before the process: no directory, no process.
-        return Ok(Leftover::NeverStarted);
-    }
-    let (pid, ticks) = match rundir::claim(dir, Claim::Abandoned)? {
-        Claim::Abandoned => return Ok(Leftover::NeverStarted),
-        Claim::Started { pid, ticks } => (pid, ticks),
-    };
-    let ended = |exit: Option<rundir::Exit>| {
+fn os_leftover(
+    dir: &Path,
+    output_bytes_max: usize,
+    host_restarted: bool,
+) -> std::io::Result<Leftover> {
+    let ended = |exit: Option<rundir::Exit>, why: &str| {
         let (output, dropped) = rundir::read_output(dir, output_bytes_max, exit.as_ref());
         let outcome = match &exit {
             Some(exit) => exit.outcome(),
             None => RunOutcome {
                 status: status::ABORTED,
-                ..failed(
-                    "its process ended while no agent watched it and left no exit status \
-                     (killed with SIGKILL, or the host restarted)"
-                        .into(),
-                )
+                ..failed(why.into())
             },
         };
         Leftover::Ended(RunOutcome {
@@ -231,14 +237,32 @@ fn os_leftover(dir: &Path, output_bytes_max: usize) -> std::io::Result<Leftover>
             ..outcome
         })
     };
+    if host_restarted {
+        // Every process of the old boot is gone, and a claim written just before the power
+        // went may be lost with it: the run may have started, so it is not run again.
+        return Ok(ended(
+            rundir::read_exit(dir),
+            "the host restarted while this run was in flight",
+        ));
+    }
+    if !dir.is_dir() {
+        // The directory comes before the process: no directory, no process.
+        return Ok(Leftover::NeverStarted);
+    }
+    let (pid, ticks) = match rundir::claim(dir, Claim::Abandoned)? {
+        Claim::Abandoned => return Ok(Leftover::NeverStarted),
+        Claim::Started { pid, ticks } => (pid, ticks),
+    };
+    let unwatched =
+        "its process ended while no agent watched it and left no exit status (killed with SIGKILL)";
     if let Some(exit) = rundir::read_exit(dir) {
-        return Ok(ended(Some(exit)));
+        return Ok(ended(Some(exit), unwatched));
     }
     if alive(pid, ticks) {
         return Ok(Leftover::Running { pid, ticks });
     }
     // It may have written its status between the first look and the liveness check.
-    Ok(ended(rundir::read_exit(dir)))
+    Ok(ended(rundir::read_exit(dir), unwatched))
 }
 
 pub enum PoolCommand {

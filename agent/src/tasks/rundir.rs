@@ -14,9 +14,14 @@
 //! - `status`: written by the wrapper when the command ended (temporary file, then rename):
 //!   exit code or signal, or why the command could not start.
 //!
+//! Nothing here is synced to disk: it only has to outlive the agent, which the page cache
+//! does. A power loss is told apart by the host's boot id, which the task store keeps: after a
+//! reboot a missing claim proves nothing, so the runs of the old boot are recorded `aborted`
+//! (with any status they left) and never run again as "never started".
+//!
 //! The agent deletes the directory once the run's end is in the task store.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -76,40 +81,23 @@ impl Claim {
 /// text or no file. `Ok(false)`: somebody else's file is there.
 fn create_once(dir: &Path, name: &str, text: &str) -> std::io::Result<bool> {
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-    }
+    std::fs::write(&tmp, text)?;
     let linked = std::fs::hard_link(&tmp, dir.join(name));
     let _ = std::fs::remove_file(&tmp);
     match linked {
-        Ok(()) => {
-            sync_dir(dir);
-            Ok(true)
-        }
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
 }
 
-/// Replace `dir/name` with `text` atomically (temporary file, fsync, rename).
+/// Replace `dir/name` with `text` atomically for readers (temporary file, then rename). Not
+/// synced: it only has to survive the agent, not the host; after a power loss a missing or
+/// unreadable status reads as "left none" and the run is recorded `aborted`.
 pub fn replace(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir);
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))
 }
 
 /// Try to take the claim; the claim in force afterwards (ours or the one already there).

@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- The host's boot id when the agent last started (runs in flight from an earlier boot died
+-- with it).
+CREATE TABLE IF NOT EXISTS host (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +100,8 @@ pub struct Loaded {
     pub ended: Vec<(String, u32)>,
     pub interrupted: Vec<Interrupted>,
     pub max_run_id: i64,
+    /// The host's boot id when the agent last started.
+    pub boot_id: Option<String>,
 }
 
 /// Extra persistence the core does not produce: the pool's start report.
@@ -239,6 +247,7 @@ impl Store {
             ended,
             interrupted,
             max_run_id,
+            boot_id: self.boot_id()?,
         })
     }
 
@@ -460,6 +469,27 @@ impl Store {
             .execute("DELETE FROM outbox WHERE seq <= ?1", params![upto_seq])
             .map_err(err)?;
         Ok(())
+    }
+
+    /// The boot id stored by [`Store::set_boot_id`], if any.
+    pub fn boot_id(&self) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM host WHERE name = 'boot_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)
+    }
+
+    /// Remember the boot the agent runs in (on disk when this returns).
+    pub fn set_boot_id(&mut self, boot_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO host (name, value) VALUES ('boot_id', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![boot_id],
+            )
+            .map(|_| ())
+            .map_err(err)
     }
 
     /// Delete ended tasks last updated before `before_ms`, and their runs. Returns their ids.

@@ -147,5 +147,4 @@ fn copy_bounded(
             let _ = rundir::replace(dir, rundir::DROPPED, &total.to_string());
         }
     }
-    let _ = to.sync_all();
 }

@@ -764,3 +764,57 @@ async fn the_run_wrapper_records_the_end_and_honours_an_abandoned_claim() {
     assert!(!marker.exists(), "an abandoned run's command never starts");
     assert!(!given_up.join("status").exists());
 }
+
+/// After a reboot a run's unsynced claim may be lost with the power: a run in flight in an
+/// earlier boot is recorded `aborted` and never run again, even with no trace of its process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
+    let mut agent = Agent::start(&[]).await;
+    let marker = agent.dir.path().join("ran");
+    let script = format!("echo x >> {}; exec sleep 300", marker.display());
+    let id = agent.ok(&["add", "command", "--key", "boot", "--", "sh", "-c", &script]);
+    agent.wait_status(&id, "doing").await;
+    agent.kill_9();
+    // The "power loss": the run's processes die and its directory is gone.
+    let runs = agent.data().join("runs");
+    for entry in std::fs::read_dir(&runs).expect("runs").flatten() {
+        let claim = std::fs::read_to_string(entry.path().join("claim")).expect("claim");
+        let pid = claim.split_whitespace().nth(1).expect("pid");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        std::fs::remove_dir_all(entry.path()).expect("remove the run directory");
+    }
+    let db = rusqlite::Connection::open(agent.data().join("tasks.db")).expect("open");
+    let stored: String = db
+        .query_row("SELECT value FROM host WHERE name = 'boot_id'", [], |r| {
+            r.get(0)
+        })
+        .expect("the agent stores the boot id");
+    let booted = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert_eq!(stored, booted.trim());
+    db.execute("UPDATE host SET value = 'an-earlier-boot'", [])
+        .expect("update");
+    drop(db);
+
+    agent.launch().await;
+    let task = agent.show(&id);
+    assert_eq!(task["status"], "aborted", "{task}");
+    assert_eq!(
+        task["runs"].as_array().map(Vec::len),
+        Some(1),
+        "not run again: {task}"
+    );
+    assert!(
+        task["runs"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("host restarted"),
+        "{task}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ran = std::fs::read_to_string(&marker).expect("marker");
+    assert_eq!(ran.lines().count(), 1, "the command ran once");
+}
