@@ -14,6 +14,16 @@ demo listen="127.0.0.1:8080": web
     cargo build --bins
     ./target/debug/outpost demo --listen {{listen}}
 
+# cargo-deb is installed if missing; systemd units, default configs and maintainer scripts come
+# from packaging/. VERSION sets the Debian version (default: the crate's, revision 1).
+# Debian packages of outpost-agent and outpost into target/debian/, e.g. `just packages 0.1.0-2`.
+packages version="": web
+    command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
+    cargo build --release -p agent -p control-plane --bins
+    cargo deb --no-build -p agent {{ if version == "" { "" } else { "--deb-version " + version } }}
+    cargo deb --no-build -p control-plane {{ if version == "" { "" } else { "--deb-version " + version } }}
+    ls -l target/debian/*.deb
+
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
 web:
     cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
