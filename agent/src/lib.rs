@@ -3,11 +3,12 @@
 //! Code map: [`config`] (validated configuration), [`identity`] (enrollment and the stored
 //! credential), [`backoff`] (the sans-IO retry policy every reconnecting part shares: the
 //! control channel, metrics delivery, terminal links), [`link`] (the control channel),
-//! [`run`] (the daemon's top level).
+//! [`run`] (the daemon's top level), [`doctor`] (the setup checks of `outpost-agent doctor`).
 
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod doctor;
 pub mod identity;
 pub mod link;
 pub mod observe;

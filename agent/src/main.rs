@@ -34,10 +34,24 @@ enum Commands {
     /// The offline metrics buffer on this host.
     #[command(subcommand)]
     Buffer(agent::buffer::cli::BufferCommand),
+    /// Check this host's setup: config, data directory, enrollment, control plane and its
+    /// certificate, clock skew, Postgres and the role's privileges, psql/pg_dump against the
+    /// server, the task socket. One line per check with what to do; exits 1 when anything
+    /// blocks normal operation. Takes the same flags as `run`.
+    Doctor(DoctorArgs),
     /// Run one task's command for the agent and record how it ended in its run directory
     /// (the agent starts this; it is not meant to be run by hand).
     #[command(hide = true)]
     Supervise(SuperviseArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// One JSON array of {check, status, detail, fix}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -103,6 +117,7 @@ fn main() -> ExitCode {
         // No runtime and no logging: this process only starts, watches and records a command.
         Commands::Supervise(args) => return supervise(&args),
         Commands::Run(args) => Box::pin(run(args)),
+        Commands::Doctor(args) => Box::pin(doctor(args)),
         Commands::Enroll(args) => Box::pin(enroll(args)),
         Commands::Tasks(command) => Box::pin(agent::tasks::cli::run(command)),
         Commands::Buffer(command) => Box::pin(agent::buffer::cli::run(command)),
@@ -143,20 +158,44 @@ fn supervise(args: &SuperviseArgs) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The configuration `run` (and `doctor`) use: the file, then flags and variables over it.
+fn load_config(args: &RunArgs) -> anyhow::Result<config::AgentConfig> {
     let file = match &args.config {
         Some(path) => config::read_file(path)?,
         None => RawAgentConfig::default(),
     };
     let flags = RawAgentConfig {
-        data_dir: args.data_dir,
-        control_plane: args.control_plane,
-        postgres: args.postgres,
-        socket: args.socket,
-        ca_file: args.ca_file,
+        data_dir: args.data_dir.clone(),
+        control_plane: args.control_plane.clone(),
+        postgres: args.postgres.clone(),
+        socket: args.socket.clone(),
+        ca_file: args.ca_file.clone(),
         ..RawAgentConfig::default()
     };
-    let config = config::validate(flags.over(file))?;
+    config::validate(flags.over(file))
+}
+
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let world = World::real();
+    let checks =
+        agent::doctor::checks(&world, args.run.config.as_deref(), load_config(&args.run)).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        print!("{}", agent::doctor::render(&checks));
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.status == agent::doctor::Status::Fail)
+        .count();
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
     let shutdown = CancellationToken::new();
     let signals = world::on_shutdown_signal({
         let token = shutdown.clone();

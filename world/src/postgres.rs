@@ -33,7 +33,11 @@ pub async fn postgres_connect(
         config
             .connect_raw(stream, NoTls)
             .await
-            .map_err(|e| format!("postgres handshake: {e}"))
+            .map_err(|e| match e.as_db_error() {
+                // "db error" alone hides what the server said (e.g. the role does not exist).
+                Some(db) => format!("postgres handshake: {}: {}", db.severity(), db.message()),
+                None => format!("postgres handshake: {e}"),
+            })
     };
     let (client, connection) = tokio::time::timeout(timeout, dial)
         .await

@@ -2,6 +2,7 @@
 
 mod buffer;
 mod cli;
+mod doctor;
 mod harness;
 mod link;
 mod tasks;
