@@ -24,6 +24,18 @@ packages version="": web
     cargo deb --no-build -p control-plane {{ if version == "" { "" } else { "--deb-version " + version } }}
     ls -l target/debian/*.deb
 
+# Both packages installed into bare Debian containers (Podman; images built offline from
+# Debian's packages), run as their units run them, then upgraded, removed and purged.
+packaging-test: packages
+    #!/usr/bin/env bash
+    set -euo pipefail
+    v=$(dpkg-deb -f target/debian/outpost-agent_*_amd64.deb Version)
+    rm -rf target/debian-next
+    # cargo-deb deletes the package's other .deb in target/debian: build the newer one, then again the current one.
+    cargo deb --no-build -p agent --deb-version "${v%-*}-$(( ${v##*-} + 1 ))" -o target/debian-next/ >/dev/null
+    cargo deb --no-build -p agent >/dev/null
+    bash packaging/test.sh
+
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
 web:
     cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
