@@ -40,7 +40,7 @@ packaging-test: packages
 web:
     cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 
-# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions.
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging test (Podman).
 test: fmt-check web lint
     cd control-plane/web && npm test --silent
     cargo build --workspace --bins
@@ -48,6 +48,7 @@ test: fmt-check web lint
     INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
     just sim regressions --check-determinism
+    just packaging-test
 
 # Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
 sim *args:
