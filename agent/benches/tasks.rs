@@ -36,7 +36,15 @@ async fn start_agent(dir: &Path, concurrency: usize) -> AgentProc {
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
-        format!("[tasks]\nconcurrency_max = {concurrency}\n"),
+        format!(
+            "[tasks]\nconcurrency_max = {concurrency}\n{}",
+            // As root, commands run as root only when the config says so.
+            if nix::unistd::geteuid().is_root() {
+                "run_as = \"root\"\n"
+            } else {
+                ""
+            }
+        ),
     )
     .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_outpost-agent"))

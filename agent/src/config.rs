@@ -187,6 +187,9 @@ pub struct RawTasksConfig {
     pub retries_max: Option<u32>,
     pub psql: Option<PathBuf>,
     pub pg_dump: Option<PathBuf>,
+    /// OS user task commands run as when the agent runs as root; required then (`"root"`
+    /// allows root explicitly). An agent that is not root runs them as itself.
+    pub run_as: Option<String>,
 }
 
 /// Validated `[tasks]`.
@@ -199,6 +202,7 @@ pub struct TasksConfig {
     pub retries_max: u32,
     pub psql: PathBuf,
     pub pg_dump: PathBuf,
+    pub run_as: crate::tasks::pool::RunAs,
 }
 
 /// Parse `128MiB`, `64KiB`, `1000` (bytes).
@@ -254,7 +258,43 @@ fn validate_tasks(raw: RawTasksConfig) -> anyhow::Result<TasksConfig> {
         retries_max,
         psql: raw.psql.unwrap_or_else(|| "psql".into()),
         pg_dump: raw.pg_dump.unwrap_or_else(|| "pg_dump".into()),
+        run_as: tasks_run_as(raw.run_as.as_deref())?,
     })
+}
+
+/// Whose rights task commands get: never root's unless `run_as = "root"` says so.
+fn tasks_run_as(run_as: Option<&str>) -> anyhow::Result<crate::tasks::pool::RunAs> {
+    use crate::tasks::pool::RunAs;
+    use nix::unistd::{User, geteuid};
+    let root = geteuid().is_root();
+    match run_as {
+        None if root => Ok(RunAs::RefuseRoot),
+        None => Ok(RunAs::Agent),
+        Some(name) if name.is_empty() || name.starts_with('-') => {
+            bail!("tasks.run_as: {name:?} is not a user name")
+        }
+        Some("root") if root => Ok(RunAs::Agent),
+        Some(name) if root => match User::from_name(name) {
+            Ok(Some(user)) => Ok(RunAs::User {
+                name: name.to_string(),
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            }),
+            Ok(None) => bail!("tasks.run_as: no such user {name:?}"),
+            Err(e) => bail!("tasks.run_as: look up {name:?}: {e}"),
+        },
+        Some(name) => {
+            let me = User::from_uid(geteuid()).ok().flatten().map(|u| u.name);
+            if me.as_deref() == Some(name) {
+                Ok(RunAs::Agent)
+            } else {
+                bail!(
+                    "tasks.run_as = {name:?} needs the agent to run as root (it runs as {:?})",
+                    me.unwrap_or_default()
+                )
+            }
+        }
+    }
 }
 
 impl RawAgentConfig {

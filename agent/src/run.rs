@@ -42,6 +42,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
             pg_dump: tasks.pg_dump.clone(),
             agent_exe: exe.clone(),
             data_dir: config.data_dir.clone(),
+            run_as: tasks.run_as.clone(),
             processes: Arc::new(crate::tasks::pool::OsProcesses::new(
                 world.clone(),
                 &config.data_dir,

@@ -461,8 +461,15 @@ async fn start_agent(
     }
     let config = layout.agent.join("agent.toml");
     let quote = |s: String| toml::Value::String(s).to_string();
+    // Started as root, the demo's agent says explicitly that psql and tasks may run as root
+    // (a real agent runs as its own user, or names another one).
+    let as_root = if nix::unistd::geteuid().is_root() {
+        "run_as = \"root\"\n"
+    } else {
+        ""
+    };
     let text = format!(
-        "# Written by `outpost demo`.\ndata_dir = {}\npostgres = {}\n\n[metrics]\ninterval = \"10s\"\n\n[terminal]\npsql = {}\nsessions_max = 4\n",
+        "# Written by `outpost demo`.\ndata_dir = {}\npostgres = {}\n\n[metrics]\ninterval = \"10s\"\n\n[tasks]\n{as_root}\n[terminal]\npsql = {}\nsessions_max = 4\n{as_root}",
         quote(layout.agent.display().to_string()),
         quote(layout.dsn()),
         quote(tools.psql.display().to_string()),

@@ -86,6 +86,7 @@ fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
             pg_dump: "pg_dump".into(),
             agent_exe: "outpost-agent".into(),
             data_dir: dir.to_path_buf(),
+            run_as: agent::tasks::pool::RunAs::Agent,
             processes: Arc::new(processes.clone()),
         },
         history_retention: Duration::from_secs(30 * 24 * 3600),

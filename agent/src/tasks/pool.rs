@@ -36,8 +36,22 @@ pub struct PoolConfig {
     /// This agent binary, for `retention_cleanup` (`outpost-agent tasks purge`).
     pub agent_exe: PathBuf,
     pub data_dir: PathBuf,
+    /// Whose rights the commands get.
+    pub run_as: RunAs,
     /// Where runs execute.
     pub processes: Arc<dyn Processes>,
+}
+
+/// Whose rights task commands get. An agent running as root never runs them as root unless
+/// the config says so (`[tasks] run_as = "root"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunAs {
+    /// The agent's own user.
+    Agent,
+    /// Another user, switched to with `setpriv` (the agent runs as root).
+    User { name: String, uid: u32, gid: u32 },
+    /// The agent runs as root and no `run_as` is configured: commands are refused.
+    RefuseRoot,
 }
 
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -346,7 +360,7 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
         (None, Some(t)) => format!(" {}", quote_ident(t)),
         _ => String::new(),
     };
-    match spec.kind {
+    let argv = match spec.kind {
         Kind::Command => {
             if spec.argv.is_empty() {
                 return Err("command needs its argv after --".into());
@@ -381,15 +395,43 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
             }
             Ok(argv)
         }
-        Kind::RetentionCleanup => Ok(vec![
-            config.agent_exe.display().to_string(),
-            "tasks".into(),
-            "purge".into(),
-            "--older-than".into(),
-            p("older_than").unwrap_or("30d").into(),
-            "--data-dir".into(),
-            config.data_dir.display().to_string(),
-        ]),
+        // The agent's own housekeeping on its own store: always as the agent's user.
+        Kind::RetentionCleanup => {
+            return Ok(vec![
+                config.agent_exe.display().to_string(),
+                "tasks".into(),
+                "purge".into(),
+                "--older-than".into(),
+                p("older_than").unwrap_or("30d").into(),
+                "--data-dir".into(),
+                config.data_dir.display().to_string(),
+            ]);
+        }
+    }?;
+    as_user(&config.run_as, argv)
+}
+
+/// `argv` run with `run_as`'s rights.
+fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Vec<String>, String> {
+    match run_as {
+        RunAs::Agent => Ok(argv),
+        RunAs::RefuseRoot => Err("the agent runs as root and [tasks] run_as is not set: task \
+             commands never run as root unless the config says so. Set [tasks] run_as to the \
+             user they should run as (\"root\" to allow root), or run the agent as its own \
+             user (the packaged unit runs it as outpost-agent)"
+            .into()),
+        RunAs::User { uid, gid, .. } => {
+            let mut all = vec![
+                "setpriv".to_string(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--init-groups".into(),
+                "--reset-env".into(),
+                "--".into(),
+            ];
+            all.extend(argv);
+            Ok(all)
+        }
     }
 }
 

@@ -36,6 +36,12 @@ impl Agent {
             "--data-dir".into(),
             data.display().to_string(),
         ];
+        if !self.extra.iter().any(|a| a == "--config") {
+            // Tests run as root: commands may run as root only when the config says so.
+            let config = self.dir.path().join("agent.toml");
+            std::fs::write(&config, "[tasks]\nrun_as = \"root\"\n").expect("config");
+            args.extend(["--config".into(), config.display().to_string()]);
+        }
         args.extend(self.extra.clone());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self
@@ -817,4 +823,48 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ran = std::fs::read_to_string(&marker).expect("marker");
     assert_eq!(ran.lines().count(), 1, "the command ran once");
+}
+
+/// An agent running as root runs task commands as root only when its config says so: without
+/// `[tasks] run_as` a command is refused with the reason; with `run_as = "nobody"` it runs as
+/// nobody. (Tests run as root.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_root_commands_run_as_the_configured_user_and_never_as_root_by_default() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let unset = tmp.path().join("unset.toml");
+    std::fs::write(&unset, "[tasks]\nconcurrency_max = 2\n").expect("config");
+    let agent = Agent::start(&["--config", unset.to_str().expect("utf8")]).await;
+    let id = agent.ok(&["add", "command", "--key", "refused", "--", "id", "-un"]);
+    let task = agent.wait_status(&id, "failed").await;
+    let error = task["runs"][0]["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        error.contains("run_as is not set") && error.contains("never run as root"),
+        "{task}"
+    );
+    drop(agent);
+
+    let nobody = tmp.path().join("nobody.toml");
+    std::fs::write(&nobody, "[tasks]\nrun_as = \"nobody\"\n").expect("config");
+    let agent = Agent::start(&["--config", nobody.to_str().expect("utf8")]).await;
+    let id = agent.ok(&[
+        "add", "command", "--key", "who", "--", "sh", "-c", "id -un; echo \"$HOME\"",
+    ]);
+    agent.wait_status(&id, "done").await;
+    let logs = agent.ok(&["logs", &id]);
+    let mut lines = logs.lines();
+    assert_eq!(lines.next(), Some("nobody"), "{logs}");
+    assert_eq!(lines.next(), Some("/nonexistent"), "the user's own environment: {logs}");
+
+    let missing = tmp.path().join("missing.toml");
+    std::fs::write(&missing, "[tasks]\nrun_as = \"no-such-user-here\"\n").expect("config");
+    let out = run(
+        &agent_bin(),
+        &["run", "--config", missing.to_str().expect("utf8"), "--data-dir", "/nonexistent/x"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tasks.run_as: no such user"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -39,7 +39,13 @@ async fn rig(
         .create_database(&format!("term_{}", crate::harness::free_port()))
         .expect("create database");
     let config = dir.path().join("agent.toml");
-    std::fs::write(&config, format!("[terminal]\n{terminal}\n")).expect("write config");
+    // Tests run as root: psql may run as root only when the config says so.
+    let run_as = if terminal.contains("run_as") {
+        ""
+    } else {
+        "run_as = \"root\"\n"
+    };
+    std::fs::write(&config, format!("[terminal]\n{run_as}{terminal}\n")).expect("write config");
     let agent = Proc::spawn(
         &agent_bin(),
         &[
