@@ -365,7 +365,9 @@ async fn postgres(world: &World, config: &AgentConfig) -> Vec<Check> {
     } else {
         fail(
             "privileges",
-            format!("{role} lacks pg_monitor: statistics of other sessions and some views stay hidden"),
+            format!(
+                "{role} lacks pg_monitor: statistics of other sessions and some views stay hidden"
+            ),
             format!("GRANT pg_monitor TO \"{role}\";"),
         )
     });

@@ -415,11 +415,13 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
 fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Vec<String>, String> {
     match run_as {
         RunAs::Agent => Ok(argv),
-        RunAs::RefuseRoot => Err("the agent runs as root and [tasks] run_as is not set: task \
+        RunAs::RefuseRoot => Err(
+            "the agent runs as root and [tasks] run_as is not set: task \
              commands never run as root unless the config says so. Set [tasks] run_as to the \
              user they should run as (\"root\" to allow root), or run the agent as its own \
              user (the packaged unit runs it as outpost-agent)"
-            .into()),
+                .into(),
+        ),
         RunAs::User { uid, gid, .. } => {
             let mut all = vec![
                 "setpriv".to_string(),

@@ -206,10 +206,12 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
             }
         }
         None if euid.is_root() => {
-            return Err("the agent runs as root and [terminal] run_as is not set: psql never \
+            return Err(
+                "the agent runs as root and [terminal] run_as is not set: psql never \
                  runs as root unless the config says so. Set [terminal] run_as to the user psql \
                  should run as (\"root\" to allow root), or run the agent as its own user"
-                .into());
+                    .into(),
+            );
         }
         None => {
             if let Ok(Some(user)) = nix::unistd::User::from_uid(euid) {

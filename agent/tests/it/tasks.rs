@@ -847,19 +847,36 @@ async fn as_root_commands_run_as_the_configured_user_and_never_as_root_by_defaul
     std::fs::write(&nobody, "[tasks]\nrun_as = \"nobody\"\n").expect("config");
     let agent = Agent::start(&["--config", nobody.to_str().expect("utf8")]).await;
     let id = agent.ok(&[
-        "add", "command", "--key", "who", "--", "sh", "-c", "id -un; echo \"$HOME\"",
+        "add",
+        "command",
+        "--key",
+        "who",
+        "--",
+        "sh",
+        "-c",
+        "id -un; echo \"$HOME\"",
     ]);
     agent.wait_status(&id, "done").await;
     let logs = agent.ok(&["logs", &id]);
     let mut lines = logs.lines();
     assert_eq!(lines.next(), Some("nobody"), "{logs}");
-    assert_eq!(lines.next(), Some("/nonexistent"), "the user's own environment: {logs}");
+    assert_eq!(
+        lines.next(),
+        Some("/nonexistent"),
+        "the user's own environment: {logs}"
+    );
 
     let missing = tmp.path().join("missing.toml");
     std::fs::write(&missing, "[tasks]\nrun_as = \"no-such-user-here\"\n").expect("config");
     let out = run(
         &agent_bin(),
-        &["run", "--config", missing.to_str().expect("utf8"), "--data-dir", "/nonexistent/x"],
+        &[
+            "run",
+            "--config",
+            missing.to_str().expect("utf8"),
+            "--data-dir",
+            "/nonexistent/x",
+        ],
     );
     assert!(!out.status.success());
     assert!(
