@@ -4,7 +4,8 @@
 # container. Images are built offline from Debian's own packages (debootstrap, then
 # `podman build --pull=never`); only Debian's package mirror is reached. Checked: the system
 # users, modes, conffiles and unit contents; the agent running as outpost-agent, enrolled,
-# online at the control plane, `doctor` clean, a command and a VACUUM task done; an upgrade to a
+# online at the control plane, `doctor` clean, the browser terminal (headless Chromium) running
+# psql as the agent's role, a command and a VACUUM task done; an upgrade to a
 # newer package while a task runs (identity, tasks and buffer kept, the task finishes `done`
 # with its output); remove keeps data, purge removes it. Every container and network it makes
 # is removed on exit, also on failure.
@@ -28,9 +29,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "FAIL: line $LINENO: $BASH_COMMAND" >&2' ERR
 
-for tool in podman debootstrap dpkg-deb systemd-analyze curl; do
-    command -v "$tool" >/dev/null || fail "$tool is missing (apt-get install podman runc debootstrap systemd curl)"
+for tool in podman debootstrap dpkg-deb systemd-analyze curl node; do
+    command -v "$tool" >/dev/null || fail "$tool is missing (apt-get install podman runc debootstrap systemd curl nodejs)"
 done
+[ -d "$root/control-plane/web/node_modules/playwright-core" ] || fail "playwright-core is missing: run just web"
 shopt -s nullglob
 agent_debs=("$debs"/outpost-agent_*_amd64.deb)
 cp_debs=("$debs"/outpost_*_amd64.deb)
@@ -151,6 +153,13 @@ echo "ok: enrolled and online"
 
 say "doctor (as outpost-agent)"
 as_agent outpost-agent doctor --config /etc/outpost/agent.toml || fail "doctor reports a failure"
+
+say "terminal: headless Chromium opens psql on the packaged agent through the control plane"
+shots=$root/target/tmp/browser-screenshots/packaging
+mkdir -p "$shots"
+OUTPOST_URL="http://127.0.0.1:$port" OUTPOST_USER=admin OUTPOST_PASSWORD="$admin_password" \
+    OUTPOST_EXPECT_ROLE=outpost_agent OUTPOST_SCREENSHOTS="$shots" \
+    node "$root/control-plane/web/tests/packaged.mjs" || fail "terminal (screenshots in $shots)"
 
 say "tasks: a command and a VACUUM, run by the agent's user"
 tasks() { on agent outpost-agent tasks "$@"; }
