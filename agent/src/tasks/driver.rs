@@ -220,8 +220,15 @@ pub async fn run(
                 PoolEvent::Finished {
                     task_id,
                     run_id,
-                    outcome,
+                    mut outcome,
                 } => {
+                    if outcome.status == super::model::status::FAILED
+                        && let Some(task) = scheduler.task(&task_id)
+                        && let Some(hint) = task.spec.kind.privilege_hint(&outcome.output)
+                    {
+                        let error = outcome.error.take().unwrap_or_default();
+                        outcome.error = Some(format!("{error}; {hint}"));
+                    }
                     effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
                 }
             }

@@ -82,6 +82,32 @@ impl Kind {
         }
     }
 
+    /// What a run of this kind needs beyond a Postgres login (the agent's role has
+    /// `pg_monitor` only): shown when a run fails for want of it, and in the docs.
+    pub fn requires(self) -> &'static str {
+        match self {
+            Kind::Vacuum | Kind::Analyze => {
+                "a Postgres role that owns the tables (or the database), or pg_maintain on PostgreSQL 17"
+            }
+            Kind::HealthCheck => "a Postgres login",
+            Kind::PgDump => {
+                "a Postgres role that may read what it dumps (e.g. pg_read_all_data) and a path the agent's user may write"
+            }
+            Kind::Sql => "a Postgres role with the rights the query uses",
+            Kind::RetentionCleanup => "nothing: it is the agent's own housekeeping",
+            Kind::Command => "the rights of [tasks] run_as, or of the agent's user",
+        }
+    }
+
+    /// The hint to add to a failed run whose output says it lacked a privilege.
+    pub fn privilege_hint(self, output: &[u8]) -> Option<String> {
+        let text = String::from_utf8_lossy(output).to_lowercase();
+        let denied = ["permission denied", "must be owner", "must be superuser"]
+            .iter()
+            .any(|p| text.contains(p));
+        denied.then(|| format!("{} needs {}", self.name(), self.requires()))
+    }
+
     /// Parameters this kind requires, and the ones it accepts.
     pub fn params(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
@@ -152,4 +178,22 @@ pub struct RunOutcome {
     pub output: Vec<u8>,
     /// Bytes of output that did not fit the per-run limit and were dropped.
     pub output_dropped_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kind;
+
+    #[test]
+    fn a_denied_privilege_names_what_the_kind_needs() {
+        let hint = Kind::PgDump
+            .privilege_hint(b"pg_dump: error: query failed: ERROR:  permission denied for table t");
+        assert_eq!(
+            hint.as_deref(),
+            Some(
+                "pg_dump needs a Postgres role that may read what it dumps (e.g. pg_read_all_data) and a path the agent's user may write"
+            )
+        );
+        assert_eq!(Kind::Vacuum.privilege_hint(b"VACUUM"), None);
+    }
 }

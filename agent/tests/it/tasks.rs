@@ -480,6 +480,33 @@ async fn postgres_kinds_run_through_the_configured_server() {
     ]);
     let task = agent.wait_status(&bad, "failed").await;
     assert!(agent.ok(&["logs", &bad]).contains("nope"), "{task}");
+
+    // An agent whose role has pg_monitor only: a run denied a privilege says what it needs.
+    let role = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=CREATE ROLE outpost_mon LOGIN IN ROLE pg_monitor",
+    ]);
+    agent.wait_status(&role, "done").await;
+    let monitor = format!("postgres://outpost_mon@127.0.0.1:{}/tasks_kinds", pg.port());
+    let limited = Agent::start(&["--postgres", &monitor]).await;
+    let denied = limited.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "query=SELECT * FROM \"Odd \"\"name\"",
+    ]);
+    let task = limited.wait_status(&denied, "failed").await;
+    let error = task["runs"][0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("sql needs a Postgres role with the rights the query uses"),
+        "{task}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
