@@ -223,7 +223,8 @@ async fn the_metrics_listener_reports_buffer_tasks_and_link_and_refuses_public_a
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        // Tests run as root: commands may run as root only when the config says so.
+        format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[tasks]\nrun_as = \"root\"\n"),
     )
     .expect("write");
     let mut agent = crate::harness::Proc::spawn(
