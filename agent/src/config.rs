@@ -156,15 +156,10 @@ fn validate_terminal(
     if !((64 << 10)..=(256 << 20)).contains(&output_bytes_max) {
         bail!("terminal.output_buffer_bytes_max: must be 64KiB to 256MiB");
     }
-    if let Some(user) = &raw.run_as
-        && (user.is_empty() || user.starts_with('-'))
-    {
-        bail!("terminal.run_as: {user:?} is not a user name");
-    }
     Ok(crate::terminal::TerminalConfig {
         psql: raw.psql.unwrap_or_else(|| "psql".into()),
         database: raw.database.or_else(|| postgres.map(str::to_string)),
-        run_as: raw.run_as,
+        run_as: resolve_run_as("terminal", raw.run_as.as_deref())?,
         sessions_max,
         reconnect_window,
         idle_timeout,
@@ -202,7 +197,7 @@ pub struct TasksConfig {
     pub retries_max: u32,
     pub psql: PathBuf,
     pub pg_dump: PathBuf,
-    pub run_as: crate::tasks::pool::RunAs,
+    pub run_as: RunAs,
 }
 
 /// Parse `128MiB`, `64KiB`, `1000` (bytes).
@@ -258,20 +253,36 @@ fn validate_tasks(raw: RawTasksConfig) -> anyhow::Result<TasksConfig> {
         retries_max,
         psql: raw.psql.unwrap_or_else(|| "psql".into()),
         pg_dump: raw.pg_dump.unwrap_or_else(|| "pg_dump".into()),
-        run_as: tasks_run_as(raw.run_as.as_deref())?,
+        run_as: resolve_run_as("tasks", raw.run_as.as_deref())?,
     })
 }
 
-/// Whose rights task commands get: never root's unless `run_as = "root"` says so.
-fn tasks_run_as(run_as: Option<&str>) -> anyhow::Result<crate::tasks::pool::RunAs> {
-    use crate::tasks::pool::RunAs;
+/// Whose rights task commands and psql get. An agent running as root never gives them root's
+/// unless the config says so (`run_as = "root"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunAs {
+    /// The agent's own user.
+    Agent,
+    /// Another user, switched to with `setpriv` (the agent runs as root).
+    User {
+        name: String,
+        uid: u32,
+        gid: u32,
+        home: PathBuf,
+    },
+    /// The agent runs as root and no `run_as` is configured: refused.
+    RefuseRoot,
+}
+
+/// `[SECTION] run_as`, resolved against the user the agent runs as.
+fn resolve_run_as(section: &str, run_as: Option<&str>) -> anyhow::Result<RunAs> {
     use nix::unistd::{User, geteuid};
     let root = geteuid().is_root();
     match run_as {
         None if root => Ok(RunAs::RefuseRoot),
         None => Ok(RunAs::Agent),
         Some(name) if name.is_empty() || name.starts_with('-') => {
-            bail!("tasks.run_as: {name:?} is not a user name")
+            bail!("{section}.run_as: {name:?} is not a user name")
         }
         Some("root") if root => Ok(RunAs::Agent),
         Some(name) if root => match User::from_name(name) {
@@ -279,9 +290,10 @@ fn tasks_run_as(run_as: Option<&str>) -> anyhow::Result<crate::tasks::pool::RunA
                 name: name.to_string(),
                 uid: user.uid.as_raw(),
                 gid: user.gid.as_raw(),
+                home: user.dir,
             }),
-            Ok(None) => bail!("tasks.run_as: no such user {name:?}"),
-            Err(e) => bail!("tasks.run_as: look up {name:?}: {e}"),
+            Ok(None) => bail!("{section}.run_as: no such user {name:?}"),
+            Err(e) => bail!("{section}.run_as: look up {name:?}: {e}"),
         },
         Some(name) => {
             let me = User::from_uid(geteuid()).ok().flatten().map(|u| u.name);
@@ -289,7 +301,7 @@ fn tasks_run_as(run_as: Option<&str>) -> anyhow::Result<crate::tasks::pool::RunA
                 Ok(RunAs::Agent)
             } else {
                 bail!(
-                    "tasks.run_as = {name:?} needs the agent to run as root (it runs as {:?})",
+                    "{section}.run_as = {name:?} needs the agent to run as root (it runs as {:?})",
                     me.unwrap_or_default()
                 )
             }

@@ -34,10 +34,12 @@ enum Commands {
     /// The offline metrics buffer on this host.
     #[command(subcommand)]
     Buffer(agent::buffer::cli::BufferCommand),
-    /// Check this host's setup: config, data directory, enrollment, control plane and its
+    /// Check this host's setup, one line per check with what to do.
+    ///
+    /// Checks the config, the data directory, enrollment, the control plane and its
     /// certificate, clock skew, Postgres and the role's privileges, psql/pg_dump against the
-    /// server, the task socket. One line per check with what to do; exits 1 when anything
-    /// blocks normal operation. Takes the same flags as `run`.
+    /// server, and the task socket. Exits 1 when anything blocks normal operation. Takes the
+    /// same flags as `run`.
     Doctor(DoctorArgs),
     /// Run one task's command for the agent and record how it ended in its run directory
     /// (the agent starts this; it is not meant to be run by hand).

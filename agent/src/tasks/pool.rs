@@ -42,17 +42,7 @@ pub struct PoolConfig {
     pub processes: Arc<dyn Processes>,
 }
 
-/// Whose rights task commands get. An agent running as root never runs them as root unless
-/// the config says so (`[tasks] run_as = "root"`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunAs {
-    /// The agent's own user.
-    Agent,
-    /// Another user, switched to with `setpriv` (the agent runs as root).
-    User { name: String, uid: u32, gid: u32 },
-    /// The agent runs as root and no `run_as` is configured: commands are refused.
-    RefuseRoot,
-}
+pub use crate::config::RunAs;
 
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 

@@ -33,8 +33,8 @@ pub struct TerminalConfig {
     pub psql: PathBuf,
     /// Connection string passed to psql; `None` lets psql use its own defaults.
     pub database: Option<String>,
-    /// OS user psql runs as when the agent runs as root.
-    pub run_as: Option<String>,
+    /// Whose rights psql gets (resolved from `run_as` at start-up).
+    pub run_as: crate::config::RunAs,
     pub sessions_max: usize,
     /// How long a PTY outlives a lost reverse link, waiting to be reattached.
     pub reconnect_window: Duration,

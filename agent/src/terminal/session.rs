@@ -17,6 +17,7 @@ use super::{
     Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
 };
 use crate::backoff::Backoff;
+use crate::config::RunAs;
 use proto::terminal::{Entry, Frame};
 
 /// TCP connect plus WebSocket handshake of one reverse link.
@@ -175,37 +176,26 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
         ),
     ];
     let mut cwd = None;
-    let euid = nix::unistd::geteuid();
     match &config.run_as {
-        Some(name) if euid.is_root() => {
-            let user = nix::unistd::User::from_name(name)
-                .map_err(|e| format!("look up user {name}: {e}"))?
-                .ok_or_else(|| format!("terminal.run_as: no such user {name:?}"))?;
+        RunAs::User {
+            name,
+            uid,
+            gid,
+            home,
+        } => {
             argv.extend([
                 "setpriv".to_string(),
-                format!("--reuid={}", user.uid),
-                format!("--regid={}", user.gid),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
                 "--init-groups".to_string(),
                 "--".to_string(),
             ]);
-            env.push(("HOME".into(), user.dir.display().to_string()));
+            env.push(("HOME".into(), home.display().to_string()));
             env.push(("USER".into(), name.clone()));
             env.push(("LOGNAME".into(), name.clone()));
-            cwd = Some(user.dir);
+            cwd = Some(home.clone());
         }
-        Some(name) => {
-            let me = nix::unistd::User::from_uid(euid)
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-                .unwrap_or_default();
-            if &me != name {
-                return Err(format!(
-                    "terminal.run_as = {name:?} needs the agent to run as root (it runs as {me:?})"
-                ));
-            }
-        }
-        None if euid.is_root() => {
+        RunAs::RefuseRoot => {
             return Err(
                 "the agent runs as root and [terminal] run_as is not set: psql never \
                  runs as root unless the config says so. Set [terminal] run_as to the user psql \
@@ -213,8 +203,8 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
                     .into(),
             );
         }
-        None => {
-            if let Ok(Some(user)) = nix::unistd::User::from_uid(euid) {
+        RunAs::Agent => {
+            if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::geteuid()) {
                 env.push(("HOME".into(), user.dir.display().to_string()));
                 env.push(("USER".into(), user.name));
             }
