@@ -274,6 +274,25 @@ pub enum RunAs {
     RefuseRoot,
 }
 
+impl RunAs {
+    /// The `setpriv` words that switch a command to this user, with `options` (e.g.
+    /// `--reset-env`) before the `--`; none unless it is another user.
+    pub fn setpriv(&self, options: &[&str]) -> Vec<String> {
+        let RunAs::User { uid, gid, .. } = self else {
+            return Vec::new();
+        };
+        let mut words = vec![
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--init-groups".to_string(),
+        ];
+        words.extend(options.iter().map(|o| o.to_string()));
+        words.push("--".to_string());
+        words
+    }
+}
+
 /// `[SECTION] run_as`, resolved against the user the agent runs as.
 fn resolve_run_as(section: &str, run_as: Option<&str>) -> anyhow::Result<RunAs> {
     use nix::unistd::{User, geteuid};

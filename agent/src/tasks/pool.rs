@@ -412,15 +412,8 @@ fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Vec<String>, String> {
              user (the packaged unit runs it as outpost-agent)"
                 .into(),
         ),
-        RunAs::User { uid, gid, .. } => {
-            let mut all = vec![
-                "setpriv".to_string(),
-                format!("--reuid={uid}"),
-                format!("--regid={gid}"),
-                "--init-groups".into(),
-                "--reset-env".into(),
-                "--".into(),
-            ];
+        RunAs::User { .. } => {
+            let mut all = run_as.setpriv(&["--reset-env"]);
             all.extend(argv);
             Ok(all)
         }

@@ -177,19 +177,8 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
     ];
     let mut cwd = None;
     match &config.run_as {
-        RunAs::User {
-            name,
-            uid,
-            gid,
-            home,
-        } => {
-            argv.extend([
-                "setpriv".to_string(),
-                format!("--reuid={uid}"),
-                format!("--regid={gid}"),
-                "--init-groups".to_string(),
-                "--".to_string(),
-            ]);
+        RunAs::User { name, home, .. } => {
+            argv.extend(config.run_as.setpriv(&[]));
             env.push(("HOME".into(), home.display().to_string()));
             env.push(("USER".into(), name.clone()));
             env.push(("LOGNAME".into(), name.clone()));
