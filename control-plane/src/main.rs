@@ -47,6 +47,22 @@ enum Commands {
     /// enrolled agent collecting from that Postgres. Prints `url:`, `user:` and `password:`;
     /// open the url in a browser. Ctrl+C stops everything and deletes the data dir.
     Demo(DemoArgs),
+    /// Ask the control plane on this host whether it is healthy: exit 0 when /healthz answers
+    /// 200 with status "ok", 1 otherwise with the reason. The container image's HEALTHCHECK.
+    ///
+    /// The answer is printed; it also says whether the terminal stream store (Redis) is
+    /// reachable, which does not make the replica unhealthy (everything but terminals works).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    /// The URL to ask [default: http://127.0.0.1:PORT/healthz, PORT from OUTPOST_LISTEN or 8080].
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// How long to wait for the answer, e.g. 3s.
+    #[arg(long, default_value = "3s", value_name = "DURATION")]
+    timeout: String,
 }
 
 #[derive(Args)]
@@ -303,6 +319,7 @@ fn main() -> ExitCode {
             )
             .await
             .map(|()| ExitCode::SUCCESS),
+            Commands::Healthcheck(args) => healthcheck(args).await,
         }
     });
     runtime.shutdown_timeout(grace);
@@ -321,6 +338,8 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald and container logs keep plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -352,6 +371,53 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = server::serve(World::real(), config, shutdown.clone().cancelled_owned()).await;
     signals.abort();
     result
+}
+
+async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let timeout = humantime::parse_duration(&args.timeout)
+        .with_context(|| format!("--timeout {:?}: use a duration such as 3s", args.timeout))?;
+    let url = match args.url {
+        Some(url) => url,
+        None => {
+            let listen = std::env::var("OUTPOST_LISTEN").unwrap_or_default();
+            let port = listen
+                .rsplit_once(':')
+                .map(|(_, port)| port)
+                .filter(|p| !p.is_empty())
+                .unwrap_or("8080");
+            format!("http://127.0.0.1:{port}/healthz")
+        }
+    };
+    let parsed = url::Url::parse(&url).with_context(|| format!("--url {url:?}"))?;
+    let world = World::real();
+    let answer = world::http_request(
+        &world,
+        http::Method::GET,
+        &parsed,
+        http::HeaderMap::new(),
+        bytes::Bytes::new(),
+        timeout,
+        64 * 1024,
+    )
+    .await;
+    match answer {
+        Ok(response) => {
+            let body = String::from_utf8_lossy(&response.body);
+            let ok = response.status == http::StatusCode::OK
+                && serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|v| v["status"] == "ok");
+            println!("{url}: {} {body}", response.status.as_u16());
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Err(error) => {
+            println!("{url}: no answer: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn inventory_path(select: &HostSelection) -> anyhow::Result<PathBuf> {

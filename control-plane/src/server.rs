@@ -116,6 +116,9 @@ pub async fn serve(
     if let Some(trust) = &config.tls_client {
         world.set_tls_client(trust.clone());
     }
+    if let Some(url) = &config.database_url {
+        wait_for_postgres(&world, url).await?;
+    }
     let storage = open_storage(&world, &config.data_dir, config.database_url.as_deref()).await?;
     let listener = world
         .net()
@@ -153,6 +156,41 @@ pub async fn serve(
             run(state, listener, shutdown).await
         }
         None => run(state, listener, shutdown).await,
+    }
+}
+
+/// How long `serve` keeps trying a PostgreSQL that does not accept connections yet (in a
+/// compose stack it starts beside the replicas), and the pause between attempts.
+const DATABASE_WAIT_ATTEMPTS: u32 = 30;
+const DATABASE_WAIT_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connect to `url` until it answers, logging each failure with its reason; after
+/// [`DATABASE_WAIT_ATTEMPTS`] failures, stop start-up with the last reason. A wrong URL fails at once.
+async fn wait_for_postgres(world: &World, url: &str) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match PostgresStore::connect(world, url).await {
+            Ok(_) => return Ok(()),
+            Err(crate::storage::StorageError::Backend(reason))
+                if attempt < DATABASE_WAIT_ATTEMPTS
+                    && !reason.starts_with("invalid database URL") =>
+            {
+                tracing::warn!(
+                    attempt,
+                    of = DATABASE_WAIT_ATTEMPTS,
+                    %reason,
+                    "PostgreSQL (database_url) does not accept connections yet; retrying"
+                );
+            }
+            Err(error) => {
+                return Err(anyhow::anyhow!(error)).context(format!(
+                    "PostgreSQL (database_url) refused {attempt} attempts over {} s: check its host, port, user and password, and that the server runs",
+                    u64::from(attempt) * DATABASE_WAIT_PAUSE.as_secs()
+                ));
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(DATABASE_WAIT_PAUSE).await;
     }
 }
 

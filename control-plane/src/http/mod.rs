@@ -245,8 +245,24 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route")
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "storage": state.storage.backend_name() }))
+/// Liveness: 200 whenever the replica serves requests. A terminal stream store that does not
+/// answer only disables terminals, so it is reported here, not made a failure.
+async fn healthz(
+    State(state): State<AppState>,
+    State(terminal): State<crate::terminal::Terminal>,
+) -> Json<serde_json::Value> {
+    let reachable = match terminal.streams.ping().await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "healthz: terminal store unavailable; terminals are refused");
+            false
+        }
+    };
+    Json(serde_json::json!({
+        "status": "ok",
+        "storage": state.storage.backend_name(),
+        "terminal_store": { "backend": terminal.streams.backend_name(), "reachable": reachable },
+    }))
 }
 
 fn bearer_token(request: &Request) -> Option<String> {

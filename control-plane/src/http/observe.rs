@@ -79,6 +79,12 @@ pub async fn metrics(
             ),
         ],
     );
+    out.single(
+        "outpost_terminal_store_up",
+        "gauge",
+        "1 when the terminal stream store (Redis) answered this scrape, 0 when it did not (terminals are refused; everything else works).",
+        if live.is_ok() { 1.0 } else { 0.0 },
+    );
     match live {
         Ok(n) => {
             out.single(

@@ -75,7 +75,7 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
     use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
     const WS: &str = "WebSocket upgrade";
     let d = match (method.as_str(), path) {
-        ("GET", "/healthz") => doc("Liveness and the storage backend in use", "system")
+        ("GET", "/healthz") => doc("Liveness, the storage backend in use and whether the terminal stream store answers", "system")
             .content(200, "application/json", "`{\"status\":\"ok\",\"storage\":\"sqlite|postgres\"}`"),
         ("GET", "/") => doc("The web UI", "ui").content(200, "text/html", "The single page of the UI"),
         ("GET", "/assets/{*path}") => {

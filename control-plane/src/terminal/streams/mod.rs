@@ -157,6 +157,14 @@ impl Streams {
         }
     }
 
+    /// Whether the store answers now.
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Streams::Memory(m) => m.ping(),
+            Streams::Redis(r) => r.ping().await,
+        }
+    }
+
     /// Ids of sessions not closed, with their agent.
     pub async fn live(&self) -> Result<Vec<(String, String)>> {
         match self {

@@ -221,6 +221,11 @@ impl RedisStreams {
         }
     }
 
+    /// Whether the server answers (`PING`), connecting first if needed.
+    pub async fn ping(&self) -> Result<()> {
+        self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+
     /// One short command on the shared connection.
     pub(in crate::terminal) async fn query<T: redis::FromRedisValue>(
         &self,
