@@ -1,8 +1,6 @@
 //! Tasks of one agent: history from storage (so it is there while the agent is offline),
 //! creation and cancellation through the agent's control channel.
 
-use std::time::Duration;
-
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -10,21 +8,23 @@ use axum::http::StatusCode;
 use proto::{Command, CommandResult, ErrorCode, TaskRequest, TaskSnapshot};
 
 use crate::audit::action;
-use crate::channel::{Channels, CommandError};
+use crate::channel::CommandError;
 use crate::edge::{ApiError, AuthUser};
 use crate::handles::Handles;
+use crate::storage::AgentRow;
+use crate::terminal::TerminalContext;
+use crate::terminal::relay::send_anywhere;
 
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 const LIST_MAX: i64 = 1000;
 
-async fn known_agent(state: &Handles, agent_id: &str) -> Result<(), ApiError> {
+async fn known_agent(state: &Handles, agent_id: &str) -> Result<AgentRow, ApiError> {
     match state
         .storage
         .agent(agent_id)
         .await
         .map_err(ApiError::internal)?
     {
-        Some(_) => Ok(()),
+        Some(agent) => Ok(agent),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no agent {agent_id}"),
@@ -36,7 +36,7 @@ pub async fn list(
     State(state): State<Handles>,
     Path(agent_id): Path<String>,
 ) -> Result<Json<Vec<TaskSnapshot>>, ApiError> {
-    known_agent(&state, &agent_id).await?;
+    let _ = known_agent(&state, &agent_id).await?;
     let rows = state
         .storage
         .agent_tasks(&agent_id, LIST_MAX)
@@ -49,16 +49,19 @@ pub async fn list(
     Ok(Json(tasks))
 }
 
+/// Send `command` to the agent through whichever replica holds its channel.
 async fn command(
     state: &Handles,
-    channels: &Channels,
+    relay: &TerminalContext,
     agent_id: &str,
     command: Command,
 ) -> Result<TaskSnapshot, ApiError> {
-    known_agent(state, agent_id).await?;
-    let result = channels
-        .send_command(agent_id, command, COMMAND_TIMEOUT)
-        .await;
+    let agent = known_agent(state, agent_id).await?;
+    let result = if agent.connected {
+        send_anywhere(relay, agent_id, command).await
+    } else {
+        Err(CommandError::NotConnected)
+    };
     let task = match result {
         Ok(CommandResult::Task { task }) => task,
         Ok(_) => {
@@ -70,9 +73,7 @@ async fn command(
         Err(CommandError::NotConnected) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!(
-                    "agent {agent_id} is not connected to this control plane; try again when it is online"
-                ),
+                format!("agent {agent_id} is not connected; try again when it is online"),
             ));
         }
         Err(CommandError::Refused(e)) => {
@@ -109,14 +110,14 @@ async fn command(
 
 pub async fn create(
     State(state): State<Handles>,
-    State(channels): State<Channels>,
+    State(relay): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(agent_id): Path<String>,
     Json(task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
     let task = command(
         &state,
-        &channels,
+        &relay,
         &agent_id,
         Command::TaskAdd {
             task: Box::new(task),
@@ -138,17 +139,11 @@ pub async fn create(
 
 pub async fn cancel(
     State(state): State<Handles>,
-    State(channels): State<Channels>,
+    State(relay): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path((agent_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<TaskSnapshot>, ApiError> {
-    let task = command(
-        &state,
-        &channels,
-        &agent_id,
-        Command::TaskCancel { task_id },
-    )
-    .await?;
+    let task = command(&state, &relay, &agent_id, Command::TaskCancel { task_id }).await?;
     tracing::info!(agent_id = %agent_id, task_id = %task.id, "task canceled");
     state
         .audit

@@ -6,6 +6,10 @@
 //! holding the agent's channel asks the agent and writes the answer into the session's `reply`
 //! stream, where the requester waits for it. The answer is typed ([`OpenRefusal`]), so a
 //! refusal means the same on every replica.
+//!
+//! Any other agent command (task add and cancel from the API) takes the same path with its
+//! JSON in the request ([`send_anywhere`]): behind a load balancer, the replica that takes an
+//! API request is often not the one holding the agent's channel.
 
 use std::time::Duration;
 
@@ -36,6 +40,18 @@ const REPLY_KEEP_S: u64 = 600;
 pub struct OpenRequest {
     pub session_id: String,
     pub agent_id: String,
+}
+
+/// A relayed request as read from the stream: a terminal open, or another command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Relayed {
+    Open(OpenRequest),
+    Command {
+        request_id: String,
+        agent_id: String,
+        /// JSON of a [`proto::Command`].
+        command: String,
+    },
 }
 
 /// Why an agent did not open a session: the same answer whether the agent's channel is on
@@ -119,7 +135,7 @@ pub async fn read_requests(
     redis: &RedisStreams,
     cursor: &str,
     block: Duration,
-) -> super::streams::Result<(String, Vec<OpenRequest>)> {
+) -> super::streams::Result<(String, Vec<Relayed>)> {
     let found = redis
         .read_stream(&global_key("requests"), cursor, REQUESTS_READ_MAX, block)
         .await?;
@@ -129,9 +145,16 @@ pub async fn read_requests(
         .unwrap_or_else(|| cursor.to_string());
     let requests = found
         .iter()
-        .map(|(_, fields)| OpenRequest {
-            session_id: text(field(fields, b"s")),
-            agent_id: text(field(fields, b"a")),
+        .map(|(_, fields)| match field(fields, b"c") {
+            None => Relayed::Open(OpenRequest {
+                session_id: text(field(fields, b"s")),
+                agent_id: text(field(fields, b"a")),
+            }),
+            Some(command) => Relayed::Command {
+                request_id: text(field(fields, b"s")),
+                agent_id: text(field(fields, b"a")),
+                command: text(Some(command)),
+            },
         })
         .collect();
     Ok((next, requests))
@@ -188,6 +211,108 @@ pub async fn wait_open_reply(
     }))
 }
 
+/// How long a relayed command may take at the agent (the requester waits a little longer).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Send `command` to the agent through this replica's channel, or through the replica that
+/// holds it (shared store only). `NotConnected` means no replica answered in time.
+pub async fn send_anywhere(
+    state: &TerminalContext,
+    agent_id: &str,
+    command: proto::Command,
+) -> Result<CommandResult, CommandError> {
+    let redis = match state.terminal.streams.shared() {
+        Some(redis) if !state.channels.connected().iter().any(|a| a == agent_id) => redis,
+        _ => {
+            return state
+                .channels
+                .send_command(agent_id, command, COMMAND_TIMEOUT)
+                .await;
+        }
+    };
+    let request_id = format!("cmd_{}", hex::encode(state.world.random_bytes::<12>()));
+    let json = serde_json::to_string(&command).map_err(|e| {
+        CommandError::Refused(proto::WireError::new(ErrorCode::Malformed, e.to_string()))
+    })?;
+    let unavailable = |e: super::streams::StreamsError| {
+        tracing::warn!(error = %e, "relay: terminal store unavailable");
+        CommandError::Closed
+    };
+    redis
+        .query::<redis::Value>(
+            redis::cmd("XADD")
+                .arg(global_key("requests"))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(REQUESTS_KEPT)
+                .arg("*")
+                .arg("s")
+                .arg(&request_id)
+                .arg("a")
+                .arg(agent_id)
+                .arg("c")
+                .arg(json),
+        )
+        .await
+        .map_err(unavailable)?;
+    let wait = COMMAND_TIMEOUT + Duration::from_secs(2);
+    let found = redis
+        .read_stream(&key(&request_id, "reply"), "0-0", 1, wait)
+        .await
+        .map_err(unavailable)?;
+    let Some((_, fields)) = found.first() else {
+        return Err(CommandError::NotConnected);
+    };
+    let body = text(field(fields, b"body"));
+    match text(field(fields, b"code")).as_str() {
+        "ok" => serde_json::from_str(&body).map_err(|e| {
+            CommandError::Refused(proto::WireError::new(
+                ErrorCode::Malformed,
+                format!("relayed answer: {e}"),
+            ))
+        }),
+        "refused" => Err(CommandError::Refused(
+            serde_json::from_str(&body)
+                .unwrap_or_else(|_| proto::WireError::new(ErrorCode::Other, body)),
+        )),
+        "not_connected" => Err(CommandError::NotConnected),
+        "busy" => Err(CommandError::Busy),
+        "timeout" => Err(CommandError::Timeout(COMMAND_TIMEOUT)),
+        _ => Err(CommandError::Closed),
+    }
+}
+
+/// The answer to a relayed command, for [`send_anywhere`] on the requesting replica.
+async fn reply_command(
+    redis: &RedisStreams,
+    request_id: &str,
+    answer: &Result<CommandResult, CommandError>,
+) -> super::streams::Result<()> {
+    let (code, body) = match answer {
+        Ok(result) => ("ok", serde_json::to_string(result).unwrap_or_default()),
+        Err(CommandError::Refused(e)) => ("refused", serde_json::to_string(e).unwrap_or_default()),
+        Err(CommandError::NotConnected) => ("not_connected", String::new()),
+        Err(CommandError::Busy) => ("busy", String::new()),
+        Err(CommandError::Timeout(_)) => ("timeout", String::new()),
+        Err(CommandError::Closed) => ("closed", String::new()),
+    };
+    let reply_key = key(request_id, "reply");
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&reply_key)
+        .arg("*")
+        .arg("code")
+        .arg(code)
+        .arg("body")
+        .arg(body)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&reply_key)
+        .arg(REPLY_KEEP_S)
+        .ignore();
+    redis.pipeline::<()>(&pipe).await
+}
+
 /// Run until shutdown.
 pub async fn run(state: TerminalContext) {
     let shutdown = state.shutdown.clone();
@@ -225,7 +350,43 @@ async fn relay(state: &TerminalContext) {
         };
         cursor = next;
         let here = state.channels.connected();
-        for request in requests {
+        for relayed in requests {
+            let request = match relayed {
+                Relayed::Open(request) => request,
+                Relayed::Command {
+                    request_id,
+                    agent_id,
+                    command,
+                } => {
+                    if !here.contains(&agent_id) {
+                        continue;
+                    }
+                    if opens.len() >= OPENS_IN_FLIGHT_MAX {
+                        tracing::warn!(request_id, "relay busy; command dropped");
+                        continue;
+                    }
+                    let state = state.clone();
+                    let redis = std::sync::Arc::clone(redis);
+                    opens.spawn(async move {
+                        let answer = match serde_json::from_str::<proto::Command>(&command) {
+                            Ok(command) => {
+                                state
+                                    .channels
+                                    .send_command(&agent_id, command, COMMAND_TIMEOUT)
+                                    .await
+                            }
+                            Err(e) => Err(CommandError::Refused(proto::WireError::new(
+                                ErrorCode::Malformed,
+                                format!("relayed command: {e}"),
+                            ))),
+                        };
+                        if let Err(e) = reply_command(&redis, &request_id, &answer).await {
+                            tracing::warn!(error = %e, request_id, "relay: could not answer");
+                        }
+                    });
+                    continue;
+                }
+            };
             if !here.contains(&request.agent_id) {
                 continue; // another replica holds this agent
             }
