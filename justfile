@@ -5,6 +5,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # Fixed seed set run by `just test` (every scenario for each seed, each seed twice).
 sim_seeds := "25"
 
+# With no registry, the compose file's third-party images are the ones built from Debian's
+# packages (deploy/test-images/).
+appliance_images := "OUTPOST_POSTGRES_IMAGE=localhost/outpost-test-postgres OUTPOST_REDIS_IMAGE=localhost/outpost-test-redis OUTPOST_PROXY_IMAGE=localhost/outpost-test-nginx"
+
 default:
     @just --list
 
@@ -36,11 +40,54 @@ packaging-test: packages
     cargo deb --no-build -p agent >/dev/null
     bash packaging/test.sh
 
+# Images built offline (deploy/build-images.sh), secrets in deploy/.env (deploy/make-env.sh),
+# then `podman-compose up -d` of deploy/docker-compose.yml. PROFILE `none`: no demo agent.
+# The appliance here with Podman (no registry needed), with a demo agent, on https://localhost:PORT.
+appliance profile="demo" port="8443": web
+    command -v podman-compose >/dev/null || python3 -m pip install --quiet podman-compose==1.6.0
+    cargo build --release -p agent -p control-plane --bins
+    deploy/build-images.sh latest
+    deploy/make-env.sh
+    cd deploy && OUTPOST_HTTPS_PORT={{port}} OUTPOST_BIND=127.0.0.1 {{appliance_images}} podman-compose {{ if profile == "none" { "" } else { "--profile " + profile } }} up -d
+    @echo "up: https://localhost:{{port}} (CA: podman cp outpost_proxy_1:/certs/ca.crt .); first admin: cd deploy && podman-compose exec control-plane-1 outpost admin create-user admin --role admin"
+
+# Stop the appliance `just appliance` started; VOLUMES=-v also deletes its data.
+appliance-down volumes="":
+    cd deploy && {{appliance_images}} podman-compose --profile demo down {{volumes}}
+
+# The appliance test (deploy/test.sh): the compose stack built and run offline with Podman.
+appliance-test: web
+    command -v podman-compose >/dev/null || python3 -m pip install --quiet podman-compose==1.6.0
+    cargo build --release -p agent -p control-plane --bins
+    bash deploy/test.sh
+
+# The Postgres storage suite and a two-replica terminal test through Redis, in containers
+# started through Podman's Docker-compatible API (its socket is started if missing), on images
+# built offline from Debian's packages.
+# The fixtures' testcontainers backend (OUTPOST_FIXTURES=docker) for real, through Podman.
+fixtures-docker-test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    deploy/build-images.sh --services
+    sock=/run/podman/podman.sock
+    if ! curl -fsS --unix-socket "$sock" http://podman/_ping >/dev/null 2>&1; then
+        mkdir -p "$(dirname "$sock")"
+        podman system service --time=0 "unix://$sock" > target/podman-service.log 2>&1 &
+        service=$!
+        trap 'kill $service' EXIT
+        for i in $(seq 1 50); do curl -fsS --unix-socket "$sock" http://podman/_ping >/dev/null 2>&1 && break; sleep 0.1; done
+    fi
+    DOCKER_HOST="unix://$sock" OUTPOST_FIXTURES=docker \
+    OUTPOST_FIXTURES_POSTGRES_IMAGE=localhost/outpost-test-postgres:latest \
+    OUTPOST_FIXTURES_REDIS_IMAGE=localhost/outpost-test-redis:latest \
+        cargo nextest run -p agent -p control-plane --features fixtures/docker --profile ci \
+        -E 'test(/^storage::postgres/) | test(browser_and_agent_on_different_replicas_meet_through_redis)'
+
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
 web:
     cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 
-# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging test (Podman).
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging and appliance tests (Podman).
 test: fmt-check web lint
     cd control-plane/web && npm test --silent
     cargo build --workspace --bins
@@ -49,6 +96,8 @@ test: fmt-check web lint
     just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
     just sim regressions --check-determinism
     just packaging-test
+    just appliance-test
+    just fixtures-docker-test
 
 # Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
 sim *args:

@@ -13,7 +13,6 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 deploy=$root/deploy
-mirror=${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 base=localhost/debian:bookworm
 project=apptest$$
 work=$(mktemp -d)
@@ -55,19 +54,8 @@ echo "ok"
 
 say "images (offline: debootstrap, podman build --pull=never)"
 build_start=$(now_ms)
-if ! podman image exists "$base"; then
-    rootfs=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-    tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
-    rm -rf "$rootfs"
-fi
-# The Dockerfiles name the official base; here it is the debootstrap image.
-podman tag "$base" docker.io/library/debian:bookworm-slim
-for image in postgres redis nginx; do
-    podman build --pull=never -q -t "localhost/outpost-test-$image" "$deploy/test-images/$image" >/dev/null
-done
-podman build --pull=never --format docker --build-arg BINARIES=host -q -t localhost/outpost:apptest "$root" 2>&1 | quiet >/dev/null
-podman build --pull=never --format docker --build-arg BINARIES=host --build-arg VERSION=0.1.0-next -q -t localhost/outpost:apptest-next "$root" 2>&1 | quiet >/dev/null
+"$deploy/build-images.sh" apptest >/dev/null
+"$deploy/build-images.sh" apptest-next 0.1.0-next >/dev/null
 podman image exists localhost/outpost:apptest || fail "the outpost image was not built"
 size() { podman image inspect "$1" --format '{{.Size}}' | awk '{printf "%d MB", $1 / 1000000}'; }
 echo "ok in $(( ($(now_ms) - build_start) / 1000 )) s: outpost $(size localhost/outpost:apptest) (base $(size "$base")), postgres $(size localhost/outpost-test-postgres), redis $(size localhost/outpost-test-redis), nginx $(size localhost/outpost-test-nginx)"

@@ -1,8 +1,12 @@
 #!/bin/sh
-# Initialises $PGDATA on first start (user, password, database from the environment), then
+# Initialises $PGDATA on first start (user, password, database and POSTGRES_HOST_AUTH_METHOD
+# from the environment, as the official image reads them), then
 # runs the server in the foreground, listening on every interface.
 set -eu
-: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
+auth=${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}
+if [ "$auth" != trust ]; then
+    : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set (or POSTGRES_HOST_AUTH_METHOD=trust)}"
+fi
 user=${POSTGRES_USER:-postgres}
 db=${POSTGRES_DB:-$user}
 data=${PGDATA:-/var/lib/postgresql/data}
@@ -15,10 +19,11 @@ if [ "$(id -u)" = 0 ]; then
 fi
 if [ ! -s "$data/PG_VERSION" ]; then
     pwfile=$(mktemp)
-    printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
-    "$bin/initdb" -D "$data" -U "$user" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    printf '%s\n' "${POSTGRES_PASSWORD:-}" > "$pwfile"
+    if [ -n "${POSTGRES_PASSWORD:-}" ]; then pw="--pwfile=$pwfile"; else pw=""; fi
+    "$bin/initdb" -D "$data" -U "$user" $pw --auth-local=trust --auth-host="$auth" >/dev/null
     rm -f "$pwfile"
-    echo "host all all all scram-sha-256" >> "$data/pg_hba.conf"
+    echo "host all all all $auth" >> "$data/pg_hba.conf"
     if [ "$db" != postgres ]; then
         "$bin/pg_ctl" -D "$data" -o "-c listen_addresses= -k /var/run/postgresql" -w start >/dev/null
         "$bin/createdb" -h /var/run/postgresql -U "$user" "$db"
