@@ -99,7 +99,7 @@ up_start=$(now_ms)
 compose up -d 2>&1 | quiet
 c() { echo "${project}_$1_1"; }
 for i in $(seq 1 120); do
-    podman cp "$(c proxy):/certs/ca.crt" "$ca" 2>/dev/null && curl -fsS --cacert "$ca" "$url/healthz" 2>/dev/null | grep -q '"reachable":true' && break
+    compose exec -T proxy cat /certs/ca.crt > "$ca" 2>/dev/null && curl -fsS --cacert "$ca" "$url/healthz" 2>/dev/null | grep -q '"reachable":true' && break
     [ "$i" = 120 ] && fail "no healthy answer through the proxy: $(podman logs --tail 5 "$(c proxy)" 2>&1; podman logs --tail 5 "$(c control-plane-1)" 2>&1)"
     sleep 0.5
 done
