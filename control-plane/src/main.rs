@@ -47,10 +47,10 @@ enum Commands {
     /// enrolled agent collecting from that Postgres. Prints `url:`, `user:` and `password:`;
     /// open the url in a browser. Ctrl+C stops everything and deletes the data dir.
     Demo(DemoArgs),
-    /// Ask the control plane on this host whether it is healthy: exit 0 when /healthz answers
-    /// 200 with status "ok", 1 otherwise with the reason. The container image's HEALTHCHECK.
+    /// Exit 0 when the control plane on this host answers /healthz (the image's HEALTHCHECK).
     ///
-    /// The answer is printed; it also says whether the terminal stream store (Redis) is
+    /// Exits 1 with the reason when /healthz does not answer 200 with status "ok". The answer
+    /// is printed; it also says whether the terminal stream store (Redis) is
     /// reachable, which does not make the replica unhealthy (everything but terminals works).
     Healthcheck(HealthcheckArgs),
 }

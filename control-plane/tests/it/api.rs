@@ -798,3 +798,56 @@ async fn behind_a_tls_proxy_the_cookie_is_secure_and_hsts_is_sent() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn without_redis_a_replica_serves_all_but_terminals_and_says_so() {
+    let closed_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+        probe.local_addr().expect("addr").port()
+    };
+    let streams = control_plane::terminal::Streams::redis(
+        world::World::real(),
+        &format!("redis://127.0.0.1:{closed_port}/"),
+    )
+    .expect("redis url");
+    let server = Server::start_custom(crate::harness::fast_settings(), Some(streams)).await;
+
+    let health = server.request(Method::GET, "/healthz", None, "").await;
+    assert_eq!(
+        health.status,
+        StatusCode::OK,
+        "liveness does not hang on Redis"
+    );
+    let health: serde_json::Value = serde_json::from_slice(&health.body).expect("json");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(
+        health["terminal_store"],
+        serde_json::json!({"backend": "redis", "reachable": false})
+    );
+
+    let token = server.token_for("ops", Role::Admin).await;
+    let agents = server
+        .request(Method::GET, "/api/v1/agents", Some(&token), "")
+        .await;
+    assert_eq!(agents.status, StatusCode::OK, "the fleet is served");
+    let metrics = server
+        .request(Method::GET, "/metrics", Some(&token), "")
+        .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("\noutpost_terminal_store_up 0\n"), "{text}");
+
+    let terminal = server
+        .request(
+            Method::POST,
+            "/api/v1/terminal/sessions",
+            Some(&token),
+            r#"{"agent_id":"agt_nope"}"#,
+        )
+        .await;
+    assert!(
+        terminal.status.is_client_error() || terminal.status.is_server_error(),
+        "a terminal is refused: {}",
+        terminal.status
+    );
+    server.stop().await;
+}

@@ -36,6 +36,14 @@ impl Server {
     }
 
     pub async fn start_with(settings: Settings) -> Server {
+        Server::start_custom(settings, None).await
+    }
+
+    /// With `streams` as the terminal stream store instead of the in-process one.
+    pub async fn start_custom(
+        settings: Settings,
+        streams: Option<control_plane::terminal::Streams>,
+    ) -> Server {
         let world = World::real();
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = control_plane::server::open_storage(&world, dir.path(), None)
@@ -45,7 +53,13 @@ impl Server {
         let addr = listener.local_addr().expect("local addr");
         let base = url::Url::parse(&format!("http://{addr}")).expect("url");
         let shutdown = CancellationToken::new();
-        let state = AppState::new(world.clone(), storage.clone(), settings, shutdown.clone());
+        let mut state = AppState::new(world.clone(), storage.clone(), settings, shutdown.clone());
+        if let Some(streams) = streams {
+            state = state.with_terminal(control_plane::terminal::Terminal::new(
+                streams,
+                control_plane::terminal::TerminalSettings::default(),
+            ));
+        }
         let task = tokio::spawn(control_plane::server::run(
             state.clone(),
             listener,
