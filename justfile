@@ -7,7 +7,7 @@ sim_seeds := "25"
 
 # With no registry, the compose file's third-party images are the ones built from Debian's
 # packages (deploy/test-images/).
-appliance_images := "OUTPOST_POSTGRES_IMAGE=localhost/outpost-test-postgres OUTPOST_REDIS_IMAGE=localhost/outpost-test-redis OUTPOST_PROXY_IMAGE=localhost/outpost-test-nginx"
+appliance_images := "OUTPOST_POSTGRES_IMAGE=localhost/outpost-test-postgres OUTPOST_REDIS_IMAGE=localhost/outpost-test-redis OUTPOST_PROXY_IMAGE=localhost/outpost-test-nginx OUTPOST_PROMETHEUS_IMAGE=localhost/outpost-test-prometheus"
 
 default:
     @just --list

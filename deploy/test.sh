@@ -17,7 +17,9 @@ base=localhost/debian:bookworm
 project=apptest$$
 work=$(mktemp -d)
 env_file=$work/.env
-compose() { podman-compose --env-file "$env_file" --profile demo "$@"; }
+profiles="--profile demo"
+# shellcheck disable=SC2086 # $profiles is a list of flags
+compose() { podman-compose --env-file "$env_file" $profiles "$@"; }
 export COMPOSE="podman-compose --env-file $env_file --profile demo"
 # Podman without systemd cannot schedule health checks and says so on every container start.
 quiet() { grep -v -e 'systemd connection' -e '^[0-9a-f]\{64\}$' || true; }
@@ -92,6 +94,7 @@ OUTPOST_IMAGE=localhost/outpost:apptest
 OUTPOST_POSTGRES_IMAGE=localhost/outpost-test-postgres
 OUTPOST_REDIS_IMAGE=localhost/outpost-test-redis
 OUTPOST_PROXY_IMAGE=localhost/outpost-test-nginx
+OUTPOST_PROMETHEUS_IMAGE=localhost/outpost-test-prometheus
 EOF
 url=https://localhost:$https_port
 ca=$work/ca.crt
@@ -215,6 +218,28 @@ for name in $(grep -o 'outpost_[a-z_]*' "$deploy/alerts/outpost.rules.yml" | sor
 done
 grep -q '^outpost_terminal_store_up 1' "$work/metrics.txt" || fail "terminal store not up"
 echo "ok"
+
+say "profile metrics: Prometheus scrapes both replicas with a viewer's token and loads the rules"
+openssl rand -hex 12 | compose exec -T control-plane-1 outpost admin create-user prometheus --role viewer --password-stdin >/dev/null
+compose exec -T control-plane-1 outpost admin api-token prometheus --ttl 30d | tail -1 | tr -d '\r' > "$work/metrics-token"
+chmod 0644 "$work/metrics-token"
+prom_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'OUTPOST_METRICS_TOKEN_FILE=%s\nOUTPOST_PROMETHEUS_PORT=%s\n' "$work/metrics-token" "$prom_port" >> "$env_file"
+profiles="--profile demo --profile metrics"
+export COMPOSE="podman-compose --env-file $env_file $profiles"
+compose up -d prometheus 2>&1 | quiet
+targets_up() {
+    curl -fsS "http://127.0.0.1:$prom_port/api/v1/targets" 2>/dev/null \
+        | python3 -c 'import json, sys; t = json.load(sys.stdin)["data"]["activeTargets"]; print(sum(x["health"] == "up" for x in t))' 2>/dev/null || echo 0
+}
+for i in $(seq 1 180); do
+    [ "$(targets_up)" = 2 ] && break
+    [ "$i" = 180 ] && fail "Prometheus does not scrape both replicas: $(curl -fsS "http://127.0.0.1:$prom_port/api/v1/targets" | head -c 600)"
+    sleep 0.5
+done
+rules=$(curl -fsS "http://127.0.0.1:$prom_port/api/v1/rules" | python3 -c 'import json, sys; print(sum(len(g["rules"]) for g in json.load(sys.stdin)["data"]["groups"]))')
+[ "$rules" = "$(grep -c -- '- alert:' "$deploy/alerts/outpost.rules.yml")" ] || fail "Prometheus loaded $rules rules"
+echo "ok: both replicas up in Prometheus, $rules alert rules loaded"
 
 say "backup while running"
 ./backup.sh "$work/backup" 2>&1 | quiet
