@@ -106,20 +106,31 @@ pub async fn request_open(
     redis: &RedisStreams,
     request: &OpenRequest,
 ) -> super::streams::Result<()> {
-    redis
-        .query::<redis::Value>(
-            redis::cmd("XADD")
-                .arg(global_key("requests"))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(REQUESTS_KEPT)
-                .arg("*")
-                .arg("s")
-                .arg(&request.session_id)
-                .arg("a")
-                .arg(&request.agent_id),
-        )
-        .await?;
+    add_request(redis, &request.session_id, &request.agent_id, None).await
+}
+
+/// Append a request for `agent_id` to the `requests` stream: a terminal open for session `id`,
+/// or, with `command` (JSON), another command whose answer goes to `id`'s reply stream.
+async fn add_request(
+    redis: &RedisStreams,
+    id: &str,
+    agent_id: &str,
+    command: Option<&str>,
+) -> super::streams::Result<()> {
+    let mut add = redis::cmd("XADD");
+    add.arg(global_key("requests"))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(REQUESTS_KEPT)
+        .arg("*")
+        .arg("s")
+        .arg(id)
+        .arg("a")
+        .arg(agent_id);
+    if let Some(command) = command {
+        add.arg("c").arg(command);
+    }
+    redis.query::<redis::Value>(&add).await?;
     Ok(())
 }
 
@@ -171,20 +182,29 @@ pub async fn reply_open(
         Ok(()) => ("1", "", String::new()),
         Err(refusal) => ("0", refusal.code(), refusal.to_string()),
     };
-    // One round trip: the answer and its expiry.
+    add_reply(
+        redis,
+        &reply_key,
+        &[("ok", ok), ("code", code), ("error", &message)],
+    )
+    .await
+}
+
+/// Append an answer with `fields` to the reply stream `reply_key` and let it expire after
+/// [`REPLY_KEEP_S`]: one round trip.
+async fn add_reply(
+    redis: &RedisStreams,
+    reply_key: &str,
+    fields: &[(&str, &str)],
+) -> super::streams::Result<()> {
     let mut pipe = redis::pipe();
-    pipe.cmd("XADD")
-        .arg(&reply_key)
-        .arg("*")
-        .arg("ok")
-        .arg(ok)
-        .arg("code")
-        .arg(code)
-        .arg("error")
-        .arg(message)
-        .ignore()
+    pipe.cmd("XADD").arg(reply_key).arg("*");
+    for (name, value) in fields {
+        pipe.arg(*name).arg(*value);
+    }
+    pipe.ignore()
         .cmd("EXPIRE")
-        .arg(&reply_key)
+        .arg(reply_key)
         .arg(REPLY_KEEP_S)
         .ignore();
     redis.pipeline::<()>(&pipe).await
@@ -238,21 +258,7 @@ pub async fn send_anywhere(
         tracing::warn!(error = %e, "relay: terminal store unavailable");
         CommandError::Closed
     };
-    redis
-        .query::<redis::Value>(
-            redis::cmd("XADD")
-                .arg(global_key("requests"))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(REQUESTS_KEPT)
-                .arg("*")
-                .arg("s")
-                .arg(&request_id)
-                .arg("a")
-                .arg(agent_id)
-                .arg("c")
-                .arg(json),
-        )
+    add_request(redis, &request_id, agent_id, Some(&json))
         .await
         .map_err(unavailable)?;
     let wait = COMMAND_TIMEOUT + Duration::from_secs(2);
@@ -296,21 +302,12 @@ async fn reply_command(
         Err(CommandError::Timeout(_)) => ("timeout", String::new()),
         Err(CommandError::Closed) => ("closed", String::new()),
     };
-    let reply_key = key(request_id, "reply");
-    let mut pipe = redis::pipe();
-    pipe.cmd("XADD")
-        .arg(&reply_key)
-        .arg("*")
-        .arg("code")
-        .arg(code)
-        .arg("body")
-        .arg(body)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(&reply_key)
-        .arg(REPLY_KEEP_S)
-        .ignore();
-    redis.pipeline::<()>(&pipe).await
+    add_reply(
+        redis,
+        &key(request_id, "reply"),
+        &[("code", code), ("body", &body)],
+    )
+    .await
 }
 
 /// Run until shutdown.

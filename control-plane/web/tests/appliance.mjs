@@ -4,17 +4,11 @@
 // Chromium trusts the proxy's certificate by its public key (OUTPOST_SPKI), not by ignoring
 // certificate errors.
 import { existsSync } from 'node:fs';
-import { chromium } from 'playwright-core';
-import { env, logIn } from './browser.mjs';
+import { env, launch, openFirstTerminal } from './browser.mjs';
 
 const shots = env('OUTPOST_SCREENSHOTS');
 const signal = env('OUTPOST_FAILOVER_DONE');
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    `--ignore-certificate-errors-spki-list=${env('OUTPOST_SPKI')}`],
-});
+const browser = await launch([`--ignore-certificate-errors-spki-list=${env('OUTPOST_SPKI')}`]);
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 const result = (text) => page.waitForFunction(
   (t) => new RegExp(`\\n\\s*${t}\\s*\\n`).test(window.outpost.screenText()),
@@ -27,14 +21,7 @@ const query = async (sql) => {
   await page.keyboard.press('Enter');
 };
 try {
-  await page.goto(env('OUTPOST_URL'));
-  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
-  const row = page.locator('tr[data-agent]').first();
-  await row.locator('td.online').waitFor({ timeout: 60000 });
-  await row.getByRole('link').first().click();
-  await page.getByRole('button', { name: 'Open terminal' }).first().click();
-  await page.waitForFunction(() => window.outpost.state() === 'live', null, { timeout: 30000 });
-  await page.waitForFunction(() => /=[>#]/.test(window.outpost.screenText()), null, { timeout: 30000 });
+  await openFirstTerminal(page, env('OUTPOST_URL'), env('OUTPOST_USER'), env('OUTPOST_PASSWORD'), 60000);
   await query("select 'before' || '-' || 1 + 1 as x;");
   await result('before-2');
   await page.screenshot({ path: `${shots}/appliance-terminal-before.png`, fullPage: true });

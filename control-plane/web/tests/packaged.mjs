@@ -1,20 +1,13 @@
 // Headless Chromium against the packaging test's control plane (packaging/test.sh): log in,
 // open the terminal of the one agent (installed from its package, running as outpost-agent)
 // and read the Postgres role psql runs as.
-import { env, launch, logIn } from './browser.mjs';
+import { env, launch, openFirstTerminal } from './browser.mjs';
 
 const shots = env('OUTPOST_SCREENSHOTS');
 const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 try {
-  await page.goto(env('OUTPOST_URL'));
-  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
-  const row = page.locator('tr[data-agent]').first();
-  await row.locator('td.online').waitFor({ timeout: 30000 });
-  await row.getByRole('link').first().click();
-  await page.getByRole('button', { name: 'Open terminal' }).first().click();
-  await page.waitForFunction(() => window.outpost.state() === 'live', null, { timeout: 30000 });
-  await page.waitForFunction(() => /=[>#]/.test(window.outpost.screenText()), null, { timeout: 30000 });
+  await openFirstTerminal(page, env('OUTPOST_URL'), env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
   await page.locator('#terminal').click();
   await page.keyboard.type('select current_user;');
   await page.keyboard.press('Enter');
