@@ -71,6 +71,12 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_action ON audit(action, id);
 "#,
+    r#"
+CREATE TABLE cluster_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -170,5 +176,11 @@ CREATE TABLE audit (
     detail TEXT NOT NULL
 );
 CREATE INDEX audit_by_action ON audit(action, id);
+"#,
+    r#"
+CREATE TABLE cluster_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 "#,
 ];

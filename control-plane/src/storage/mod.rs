@@ -49,6 +49,16 @@ impl Storage {
         dispatch!(self.migrate())
     }
 
+    /// The secret stored as `name`, storing `candidate` first when there is none: the first
+    /// replica to ask decides, every later call (on any replica) returns the same value.
+    pub async fn cluster_secret(
+        &self,
+        name: &str,
+        candidate: &str,
+    ) -> Result<String, StorageError> {
+        dispatch!(self.cluster_secret(name, candidate))
+    }
+
     pub async fn create_user(&self, user: UserRow) -> Result<(), StorageError> {
         dispatch!(self.create_user(user))
     }

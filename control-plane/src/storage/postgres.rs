@@ -417,6 +417,29 @@ impl PostgresStore {
         Ok(rows.iter().map(agent_from_row).collect())
     }
 
+    pub async fn cluster_secret(
+        &self,
+        name: &str,
+        candidate: &str,
+    ) -> Result<String, StorageError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO cluster_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &candidate],
+            )
+            .await
+            .map_err(backend)?;
+        let row = client
+            .query_one(
+                "SELECT value FROM cluster_secrets WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
+    }
+
     pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
         let row = self
             .client()

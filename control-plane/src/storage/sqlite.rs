@@ -363,6 +363,28 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn cluster_secret(
+        &self,
+        name: &str,
+        candidate: &str,
+    ) -> Result<String, StorageError> {
+        let (name, candidate) = (name.to_string(), candidate.to_string());
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO cluster_secrets (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                params![name, candidate],
+            )
+            .map_err(backend)?;
+            conn.query_row(
+                "SELECT value FROM cluster_secrets WHERE name = ?1",
+                params![name],
+                |row| row.get(0),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
         let agent_id = agent_id.to_string();
         self.run(move |conn| {

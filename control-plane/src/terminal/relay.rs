@@ -117,19 +117,22 @@ async fn add_request(
     agent_id: &str,
     command: Option<&str>,
 ) -> super::streams::Result<()> {
+    let stream = global_key("requests");
+    let mut fields: Vec<(&str, &[u8])> = vec![("s", id.as_bytes()), ("a", agent_id.as_bytes())];
+    if let Some(command) = command {
+        fields.push(("c", command.as_bytes()));
+    }
+    let mac = redis.signer().sign(&stream, &fields);
     let mut add = redis::cmd("XADD");
-    add.arg(global_key("requests"))
+    add.arg(&stream)
         .arg("MAXLEN")
         .arg("~")
         .arg(REQUESTS_KEPT)
-        .arg("*")
-        .arg("s")
-        .arg(id)
-        .arg("a")
-        .arg(agent_id);
-    if let Some(command) = command {
-        add.arg("c").arg(command);
+        .arg("*");
+    for (name, value) in &fields {
+        add.arg(*name).arg(*value);
     }
+    add.arg(super::streams::sign::MAC_FIELD).arg(mac);
     redis.query::<redis::Value>(&add).await?;
     Ok(())
 }
@@ -154,8 +157,19 @@ pub async fn read_requests(
         .last()
         .map(|(id, _)| text(Some(id)))
         .unwrap_or_else(|| cursor.to_string());
+    let stream = global_key("requests");
     let requests = found
         .iter()
+        .filter(|(_, fields)| {
+            let signed = redis.signer().verify(&stream, fields);
+            if !signed {
+                tracing::warn!(
+                    agent_id = %text(field(fields, b"a")),
+                    "relay request without a valid signature dropped (written to Redis by something other than a replica)"
+                );
+            }
+            signed
+        })
         .map(|(_, fields)| match field(fields, b"c") {
             None => Relayed::Open(OpenRequest {
                 session_id: text(field(fields, b"s")),

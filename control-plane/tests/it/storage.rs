@@ -328,6 +328,14 @@ async fn check(s: Storage) {
         kept.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>(),
         ["user2", "user1"]
     );
+
+    // A shared secret: the first replica's candidate is kept, later ones get it back.
+    let first = s.cluster_secret("signing", "aaaa").await.expect("secret");
+    assert_eq!(first, "aaaa");
+    let again = s.cluster_secret("signing", "bbbb").await.expect("secret");
+    assert_eq!(again, "aaaa");
+    let other = s.cluster_secret("other", "cccc").await.expect("secret");
+    assert_eq!(other, "cccc");
 }
 
 #[tokio::test]

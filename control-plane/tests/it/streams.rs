@@ -388,6 +388,8 @@ async fn the_relay_carries_requests_and_typed_answers_between_replicas() {
         here.shared().expect("shared").clone(),
         there.shared().expect("shared").clone(),
     );
+    here.set_key([3; 32]);
+    there.set_key([3; 32]);
 
     let cursor = relay::requests_tail(&there).await.expect("tail");
     let request = OpenRequest {
@@ -467,4 +469,108 @@ async fn a_redis_restart_is_survived_without_a_new_store() {
         .append_output("after", &[data(0, "ok")], 1 << 20)
         .await
         .expect("append after restart");
+}
+
+/// `redis-cli` against the fixture: what any client with write access to Redis can do.
+fn redis_cli(redis: &fixtures::Redis, args: &[&str]) {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(redis.port().to_string())
+        .args(args)
+        .output()
+        .expect("run redis-cli (Debian package redis-tools)");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+}
+
+#[tokio::test]
+async fn requests_and_input_not_signed_by_a_replica_are_dropped() {
+    let redis = fixtures::Redis::start().await.expect("start redis");
+    let replica = |key: [u8; 32]| {
+        let streams = Streams::redis(World::real(), &redis.url()).expect("redis url");
+        streams.shared().expect("shared").set_key(key);
+        streams
+    };
+    let (sender, reader, stranger) = (replica([5; 32]), replica([5; 32]), replica([6; 32]));
+    let reader_redis = reader.shared().expect("shared").clone();
+
+    // Relayed requests: only the one a replica with the shared key signed is read.
+    let cursor = relay::requests_tail(&reader_redis).await.expect("tail");
+    let signed = OpenRequest {
+        session_id: "ses_signed".into(),
+        agent_id: "agt_1".into(),
+    };
+    relay::request_open(sender.shared().expect("shared"), &signed)
+        .await
+        .expect("request");
+    let requests = "outpost:term:requests";
+    redis_cli(
+        &redis,
+        &["XADD", requests, "*", "s", "ses_bare", "a", "agt_1"],
+    );
+    redis_cli(
+        &redis,
+        &[
+            "XADD",
+            requests,
+            "*",
+            "s",
+            "ses_forged",
+            "a",
+            "agt_1",
+            "m",
+            "0123456789abcdef0123456789abcdef",
+        ],
+    );
+    redis_cli(
+        &redis,
+        &[
+            "XADD",
+            requests,
+            "*",
+            "s",
+            "ses_cmd",
+            "a",
+            "agt_1",
+            "c",
+            r#"{"type":"task_add"}"#,
+        ],
+    );
+    relay::request_open(
+        stranger.shared().expect("shared"),
+        &OpenRequest {
+            session_id: "ses_other_key".into(),
+            agent_id: "agt_1".into(),
+        },
+    )
+    .await
+    .expect("request");
+    let (_, got) = relay::read_requests(&reader_redis, &cursor, Duration::from_secs(2))
+        .await
+        .expect("read");
+    assert_eq!(got, vec![relay::Relayed::Open(signed)]);
+
+    // Terminal input: keystrokes written straight into Redis never reach the agent side.
+    sender
+        .append_input("ses_1", InEvent::Data(b"select 1;\r".to_vec()))
+        .await
+        .expect("append");
+    redis_cli(
+        &redis,
+        &[
+            "XADD",
+            "outpost:term:ses_1:in",
+            "*",
+            "k",
+            "data",
+            "d",
+            "\\! id\r",
+        ],
+    );
+    stranger
+        .append_input("ses_1", InEvent::Data(b"\\! id\r".to_vec()))
+        .await
+        .expect("append");
+    let input = reader.read_input("ses_1", "", NO_WAIT).await.expect("read");
+    let events: Vec<InEvent> = input.into_iter().map(|(_, e)| e).collect();
+    assert_eq!(events, vec![InEvent::Data(b"select 1;\r".to_vec())]);
 }

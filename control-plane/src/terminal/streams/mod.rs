@@ -14,6 +14,7 @@
 pub mod memory;
 pub mod model;
 pub mod redis;
+pub mod sign;
 
 use std::sync::Arc;
 use std::time::Duration;

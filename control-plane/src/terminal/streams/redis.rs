@@ -132,6 +132,7 @@ pub struct RedisStreams {
     drivers: TaskTracker,
     create_script: Script,
     update_script: Script,
+    signer: super::sign::Signer,
 }
 
 /// The key of part `part` of session `id`.
@@ -159,14 +160,31 @@ fn connection_survives(e: &RedisError) -> bool {
 impl RedisStreams {
     pub fn new(world: World, url: &str) -> Result<RedisStreams> {
         Ok(RedisStreams {
-            world,
             target: RedisTarget::parse(url)?,
             shared: Mutex::new(None),
             blocking_idle: Mutex::new(Vec::new()),
             drivers: TaskTracker::new(),
             create_script: Script::new(CREATE_SCRIPT),
             update_script: Script::new(UPDATE_SCRIPT),
+            // A key of its own until the shared one is set: entries it signs are only ever
+            // accepted by itself.
+            signer: super::sign::Signer::new(world.random_bytes::<32>()),
+            world,
         })
+    }
+
+    /// Sign and verify with `key`, the one all replicas share.
+    pub fn set_key(&self, key: [u8; 32]) {
+        self.signer.set_key(key);
+    }
+
+    /// Whether the URL carries a password (Redis without one lets anybody who reaches it in).
+    pub fn has_password(&self) -> bool {
+        self.target.info.password().is_some()
+    }
+
+    pub(in crate::terminal) fn signer(&self) -> &super::sign::Signer {
+        &self.signer
     }
 
     fn unavailable(&self, e: impl std::fmt::Display) -> StreamsError {
@@ -471,30 +489,32 @@ impl RedisStreams {
     }
 
     pub(super) async fn append_input(&self, id: &str, event: InEvent) -> Result<()> {
+        let stream = key(id, "in");
+        let (cols, rows);
+        let fields: Vec<(&str, &[u8])> = match &event {
+            InEvent::Data(d) => vec![("k", b"data"), ("d", d.as_slice())],
+            InEvent::Resize { cols: c, rows: r } | InEvent::Attach { cols: c, rows: r } => {
+                (cols, rows) = (c.to_string(), r.to_string());
+                let kind: &[u8] = if matches!(event, InEvent::Resize { .. }) {
+                    b"resize"
+                } else {
+                    b"attach"
+                };
+                vec![("k", kind), ("c", cols.as_bytes()), ("r", rows.as_bytes())]
+            }
+            InEvent::Close { reason } => vec![("k", b"close"), ("d", reason.as_bytes())],
+        };
+        let mac = self.signer.sign(&stream, &fields);
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(key(id, "in"))
+        cmd.arg(&stream)
             .arg("MAXLEN")
             .arg("~")
             .arg(INPUT_ENTRIES_MAX)
             .arg("*");
-        match &event {
-            InEvent::Data(d) => cmd.arg("k").arg("data").arg("d").arg(d.as_slice()),
-            InEvent::Resize { cols, rows } => cmd
-                .arg("k")
-                .arg("resize")
-                .arg("c")
-                .arg(cols)
-                .arg("r")
-                .arg(rows),
-            InEvent::Attach { cols, rows } => cmd
-                .arg("k")
-                .arg("attach")
-                .arg("c")
-                .arg(cols)
-                .arg("r")
-                .arg(rows),
-            InEvent::Close { reason } => cmd.arg("k").arg("close").arg("d").arg(reason),
-        };
+        for (name, value) in &fields {
+            cmd.arg(*name).arg(*value);
+        }
+        cmd.arg(super::sign::MAC_FIELD).arg(mac);
         self.query::<Value>(&cmd).await?;
         Ok(())
     }
@@ -506,14 +526,22 @@ impl RedisStreams {
         block: Duration,
     ) -> Result<Vec<(String, InEvent)>> {
         let from = if cursor.is_empty() { "0-0" } else { cursor };
+        let stream = key(id, "in");
         let found = self
-            .read_stream(&key(id, "in"), from, READ_ENTRIES_MAX, block)
+            .read_stream(&stream, from, READ_ENTRIES_MAX, block)
             .await?;
         Ok(found
             .into_iter()
-            .filter_map(|(id, fields)| {
+            .filter_map(|(entry, fields)| {
+                if !self.signer.verify(&stream, &fields) {
+                    tracing::warn!(
+                        session_id = %id,
+                        "terminal input entry without a valid signature dropped (written to Redis by something other than a replica)"
+                    );
+                    return None;
+                }
                 Some((
-                    String::from_utf8_lossy(&id).into_owned(),
+                    String::from_utf8_lossy(&entry).into_owned(),
                     in_event(&fields)?,
                 ))
             })
