@@ -350,6 +350,13 @@ struct Handler {
 }
 
 impl Handler {
+    /// The keys known_hosts lists for this host, with their line numbers (none when the file
+    /// cannot be read: `verify` reports that itself).
+    fn recorded(&self) -> Vec<(usize, russh::keys::PublicKey)> {
+        russh::keys::known_hosts::known_host_keys_path(&self.address, self.port, &self.known_hosts)
+            .unwrap_or_default()
+    }
+
     fn verify(&self, key: &russh::keys::PublicKey) -> Result<(), String> {
         let fingerprint = key.fingerprint(HashAlg::Sha256);
         let algorithm = key.algorithm();
@@ -362,6 +369,22 @@ impl Handler {
         match russh::keys::check_known_hosts_path(&self.address, self.port, key, &self.known_hosts)
         {
             Ok(true) => Ok(()),
+            // Listed with another algorithm only: the host's identity changed as surely as
+            // with a different key of the same algorithm, so it is refused under every policy.
+            Ok(false) if !self.recorded().is_empty() => {
+                let recorded = self.recorded();
+                let listed: Vec<String> = recorded
+                    .iter()
+                    .map(|(line, key)| format!("{} (line {line})", key.algorithm()))
+                    .collect();
+                Err(format!(
+                    "HOST KEY CHANGED for {shown}: it now offers {algorithm} {fingerprint}, but {} \
+                     knows it only by {}; this may be an attack; if the host was reinstalled, \
+                     remove those lines and verify the new key",
+                    self.known_hosts.display(),
+                    listed.join(", ")
+                ))
+            }
             Ok(false) => match self.policy {
                 HostKeyPolicy::AcceptNew => {
                     russh::keys::known_hosts::learn_known_hosts_path(

@@ -202,6 +202,40 @@ async fn a_changed_host_key_is_refused_even_when_new_keys_are_accepted() {
 }
 
 #[tokio::test]
+async fn a_host_known_by_a_key_of_another_algorithm_is_refused_even_when_new_keys_are_accepted() {
+    let s = Setup::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut host = s.good("db1");
+    host.known_hosts = dir.path().join("known_hosts");
+    // The host is known by an RSA key; the server now offers ed25519.
+    let rsa = dir.path().join("rsa");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .expect("run ssh-keygen (openssh-client)");
+    assert!(status.success());
+    let rsa_pub = std::fs::read_to_string(rsa.with_extension("pub")).expect("read rsa key");
+    let recorded = format!("[127.0.0.1]:{} {rsa_pub}", s.sshd.port());
+    std::fs::write(&host.known_hosts, &recorded).expect("write known_hosts");
+    for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
+        let client = Client::new(World::real(), timeouts(), policy);
+        let ran = run_argv(&client, &host, &["true"]).await;
+        assert_eq!(ran.report.outcome, Outcome::NotStarted, "{policy:?}");
+        let e = error_of(&ran.report);
+        assert!(
+            e.contains("HOST KEY CHANGED") && e.contains("ssh-rsa (line 1)"),
+            "{policy:?}: {e}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&host.known_hosts).expect("read known_hosts"),
+        recorded,
+        "nothing was learned"
+    );
+}
+
+#[tokio::test]
 async fn a_key_the_server_does_not_accept_is_not_started_in_auth() {
     let s = Setup::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
