@@ -20,6 +20,8 @@ pub mod action {
     pub const AGENT_ENROLLED: &str = "agent.enrolled";
     pub const TERMINAL_OPENED: &str = "terminal.opened";
     pub const TERMINAL_ENDED: &str = "terminal.ended";
+    /// A browser attached to a session (its owner, or an admin watching someone else's).
+    pub const TERMINAL_ATTACHED: &str = "terminal.attached";
     pub const TASK_CREATED: &str = "task.created";
     pub const TASK_CANCELED: &str = "task.canceled";
     pub const EXEC_RUN: &str = "exec.run";

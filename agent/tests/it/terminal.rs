@@ -260,6 +260,19 @@ async fn psql_answers_ctrl_c_cancels_and_a_reconnect_replays_from_offset_zero() 
     let mut term = Term::open(&rig.cp, &session, 0).await;
     term.resize(120, 40).await;
     let prompt = term.wait_for("=#", 0).await;
+    let attached = rig
+        .cp
+        .api(
+            http::Method::GET,
+            "/api/v1/audit?action=terminal.attached",
+            None,
+        )
+        .await
+        .expect("audit");
+    let attached: serde_json::Value = serde_json::from_slice(&attached.body).expect("json");
+    assert_eq!(attached[0]["target"], session.as_str(), "{attached}");
+    assert_eq!(attached[0]["actor"], "admin");
+    assert_eq!(attached[0]["detail"]["by_owner"], true);
 
     term.send("select 6*7 as answer;\r").await;
     let answered = term.wait_for("42", prompt).await;

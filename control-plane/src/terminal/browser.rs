@@ -290,9 +290,25 @@ pub async fn ws(
     Query(query): Query<WsQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if let Err(e) = owned_session(&state, &user, &session_id).await {
-        return e.into_response();
-    }
+    let meta = match owned_session(&state, &user, &session_id).await {
+        Ok(meta) => meta,
+        Err(e) => return e.into_response(),
+    };
+    // Who can see and type into the session: every attach is recorded, an admin's attach to
+    // another user's session included.
+    state
+        .audit
+        .record(
+            &user.name,
+            crate::audit::action::TERMINAL_ATTACHED,
+            &session_id,
+            serde_json::json!({
+                "agent_id": meta.agent_id,
+                "owner": meta.username,
+                "by_owner": meta.user_id == user.id,
+            }),
+        )
+        .await;
     let span = tracing::info_span!("terminal_browser", session_id = %session_id, user = ?user.name);
     upgrade
         .max_message_size(BROWSER_FRAME_BYTES_MAX)
