@@ -135,7 +135,11 @@ impl Cursor {
         }
         match entry {
             Entry::Data { offset, mut bytes } => {
-                let end = offset + bytes.len() as u64;
+                // Offsets come from the agent: one whose end does not fit is malformed, and
+                // is dropped rather than wrapped around or allowed to panic.
+                let Some(end) = offset.checked_add(bytes.len() as u64) else {
+                    return;
+                };
                 if end <= self.at {
                     return; // seen already (a resend)
                 }
@@ -190,6 +194,14 @@ mod tests {
             cursor.take(entry, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn an_offset_whose_end_overflows_is_dropped() {
+        let mut c = Cursor::new(5);
+        let out = stitch(&mut c, vec![data(u64::MAX - 1, "abc"), data(5, "ok")]);
+        assert_eq!(out, vec![data(5, "ok")]);
+        assert_eq!(c.at(), 7);
     }
 
     #[test]
