@@ -584,3 +584,36 @@ async fn a_redis_outage_degrades_the_session_psql_keeps_running_and_it_recovers(
         term.states
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_sixteen_terminal_sockets_per_replica() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        open.push(Term::open(&rig.cp, &session, 0).await);
+    }
+    let url = url::Url::parse(&format!(
+        "{}/api/v1/terminal/sessions/{session}/ws?offset=0",
+        rig.cp.url()
+    ))
+    .expect("url");
+    let world = World::real();
+    let connect = || world::ws_connect(&world, &url, Some(&rig.cp.token), PATIENCE, 1 << 20);
+    let refused = connect().await.err().expect("the 17th socket is refused");
+    assert!(refused.to_string().contains("429"), "{refused}");
+
+    // Closing one frees its slot.
+    drop(open.pop());
+    let mut reopened = false;
+    for _ in 0..50 {
+        if connect().await.is_ok() {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reopened, "a closed socket gave its slot back");
+}

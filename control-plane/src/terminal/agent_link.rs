@@ -67,6 +67,7 @@ pub async fn upgrade(
     let span =
         tracing::info_span!("terminal_agent", session_id = %session_id, agent_id = %agent.id);
     ws.max_message_size(AGENT_FRAME_BYTES_MAX)
+        .max_frame_size(AGENT_FRAME_BYTES_MAX)
         .on_upgrade(move |socket| {
             async move { run(state, session_id, socket).await }.instrument(span)
         })

@@ -294,6 +294,14 @@ pub async fn ws(
         Ok(meta) => meta,
         Err(e) => return e.into_response(),
     };
+    let max = state.terminal.settings.sockets_per_user_max;
+    let Some(slot) = state.terminal.sockets.acquire(&user.id, max) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("you have {max} terminal connections open on this replica (the limit per user); close one first"),
+        )
+        .into_response();
+    };
     // Who can see and type into the session: every attach is recorded, an admin's attach to
     // another user's session included.
     state
@@ -312,8 +320,13 @@ pub async fn ws(
     let span = tracing::info_span!("terminal_browser", session_id = %session_id, user = ?user.name);
     upgrade
         .max_message_size(BROWSER_FRAME_BYTES_MAX)
+        .max_frame_size(BROWSER_FRAME_BYTES_MAX)
         .on_upgrade(move |socket| {
-            async move { serve(state, session_id, query.offset, socket).await }.instrument(span)
+            async move {
+                serve(state, session_id, query.offset, socket).await;
+                drop(slot);
+            }
+            .instrument(span)
         })
 }
 

@@ -48,6 +48,8 @@ pub struct TerminalSettings {
     pub reconnect_grace: Duration,
     /// Asking an agent to open a session, relay included.
     pub open_timeout: Duration,
+    /// Browser WebSockets one user may hold open on this replica, over all their sessions.
+    pub sockets_per_user_max: usize,
 }
 
 impl Default for TerminalSettings {
@@ -59,6 +61,7 @@ impl Default for TerminalSettings {
             closed_keep: Duration::from_secs(600),
             reconnect_grace: Duration::from_secs(90),
             open_timeout: Duration::from_secs(10),
+            sockets_per_user_max: 16,
         }
     }
 }
@@ -84,6 +87,7 @@ pub struct Terminal {
     pub streams: Streams,
     pub settings: Arc<TerminalSettings>,
     pub counters: Arc<TerminalCounters>,
+    pub sockets: Arc<UserSockets>,
 }
 
 impl Terminal {
@@ -92,6 +96,53 @@ impl Terminal {
             streams,
             settings: Arc::new(settings),
             counters: Arc::new(TerminalCounters::default()),
+            sockets: Arc::default(),
+        }
+    }
+}
+
+/// Open browser WebSockets per user on this replica.
+#[derive(Debug, Default)]
+pub struct UserSockets {
+    open: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+/// One counted socket; dropping it frees the slot.
+pub struct SocketSlot {
+    sockets: Arc<UserSockets>,
+    user_id: String,
+}
+
+impl UserSockets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, usize>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for `user_id`, unless they hold `max` already.
+    pub fn acquire(self: &Arc<Self>, user_id: &str, max: usize) -> Option<SocketSlot> {
+        let mut open = self.lock();
+        let n = open.entry(user_id.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SocketSlot {
+            sockets: Arc::clone(self),
+            user_id: user_id.to_string(),
+        })
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut open = self.sockets.lock();
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
         }
     }
 }
