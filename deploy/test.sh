@@ -200,7 +200,15 @@ for i in $(seq 1 240); do
     sleep 0.25
 done
 back_ms=$(( $(now_ms) - kill_start ))
-token=$(login)
+# A login right after the kill, as a user would: retried like a browser retries, and each
+# refusal reported (the proxy should pass it to the live replica at once).
+refused_logins=0
+until token=$(login 2>/dev/null); do
+    refused_logins=$((refused_logins + 1))
+    [ "$refused_logins" -lt 5 ] || fail "login through the proxy fails after the kill: $(podman logs --tail 10 "$(c proxy)" 2>&1)"
+    echo "login refused after the kill ($refused_logins): $(podman logs --tail 2 "$(c proxy)" 2>&1 | tail -1)"
+    sleep 1
+done
 wait_online 60 || fail "the agent is not shown online after the failover"
 [ "$(podman inspect "$(c demo-agent)" --format '{{.State.StartedAt}}')" = "$agent_started" ] || fail "the agent container was restarted"
 touch "$signal"
@@ -208,7 +216,7 @@ wait "$node_pid" || fail "browser after the failover: $(cat "$work/node.log") (s
 node_pid=""
 reattach_ms=$(( $(now_ms) - kill_start ))
 podman start "$(c "$holder")" 2>&1 | quiet >/dev/null
-echo "ok: killed $holder; the agent was back on $other in $back_ms ms without a restart; the same terminal session answered again $reattach_ms ms after the kill"
+echo "ok: killed $holder; the agent was back on $other in $back_ms ms without a restart; the same terminal session answered again $reattach_ms ms after the kill; logins refused on the way: $refused_logins"
 
 say "/metrics names every series the alert rules use"
 token=$(login)
