@@ -17,6 +17,7 @@ use crate::storage::{AuditRow, Storage};
 pub mod action {
     pub const LOGIN: &str = "login";
     pub const LOGIN_REFUSED: &str = "login.refused";
+    pub const LOGOUT: &str = "logout";
     pub const AGENT_ENROLLED: &str = "agent.enrolled";
     pub const TERMINAL_OPENED: &str = "terminal.opened";
     pub const TERMINAL_ENDED: &str = "terminal.ended";

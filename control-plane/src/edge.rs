@@ -18,6 +18,10 @@ pub struct AuthUser(pub UserRow);
 #[derive(Clone, Debug)]
 pub struct AuthAgent(pub AgentRow);
 
+/// The hash of the token (bearer or session cookie) that authenticated the request.
+#[derive(Clone, Debug)]
+pub struct AuthTokenHash(pub String);
+
 /// An API error: a status and a one-line reason, sent as `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {

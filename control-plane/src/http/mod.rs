@@ -49,6 +49,14 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             post(agents::enroll),
         ),
         (
+            spec(
+                Method::DELETE,
+                "/api/v1/sessions",
+                Access::User(Role::Viewer),
+            ),
+            delete(sessions::logout),
+        ),
+        (
             spec(Method::GET, "/api/v1/me", Access::User(Role::Viewer)),
             get(sessions::me),
         ),
@@ -327,13 +335,13 @@ async fn authenticate(
                     .into_response();
             };
             let now_ms = state.world.now_unix_ms();
-            match state
-                .storage
-                .user_by_token(&secret_hash(&token), now_ms)
-                .await
-            {
+            let token_hash = secret_hash(&token);
+            match state.storage.user_by_token(&token_hash, now_ms).await {
                 Ok(Some(user)) if user.role.allows(required) => {
                     request.extensions_mut().insert(AuthUser(user));
+                    request
+                        .extensions_mut()
+                        .insert(crate::edge::AuthTokenHash(token_hash));
                 }
                 Ok(Some(user)) => {
                     return ApiError::new(

@@ -55,6 +55,11 @@ impl Doc {
         self.query = Some(f);
         self
     }
+    /// 204: success without a body.
+    const fn no_content(mut self) -> Doc {
+        self.status = 204;
+        self
+    }
     const fn returns(mut self, status: u16, f: SchemaFn) -> Doc {
         self.status = status;
         self.response = Some(f);
@@ -87,6 +92,11 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         )
         .request(schema::<LoginRequest>)
         .returns(200, schema::<LoginResponse>),
+        ("DELETE", "/api/v1/sessions") => doc(
+            "Log out: revoke the token this request carries (bearer or cookie) and clear the cookie",
+            "auth",
+        )
+        .no_content(),
         ("GET", "/api/v1/me") => {
             doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
         }

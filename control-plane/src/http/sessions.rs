@@ -162,6 +162,39 @@ pub async fn login(
     Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
 
+/// `DELETE /api/v1/sessions`: the token that authenticated this request stops working at
+/// once, on every replica (tokens live in storage); the session cookie is cleared.
+pub async fn logout(
+    State(state): State<Handles>,
+    axum::Extension(crate::edge::AuthUser(user)): axum::Extension<crate::edge::AuthUser>,
+    axum::Extension(crate::edge::AuthTokenHash(token_hash)): axum::Extension<
+        crate::edge::AuthTokenHash,
+    >,
+) -> Result<Response, ApiError> {
+    state
+        .storage
+        .revoke_token(&token_hash)
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .audit
+        .record(
+            &user.name,
+            action::LOGOUT,
+            &user.name,
+            serde_json::json!({}),
+        )
+        .await;
+    let secure = if state.settings.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cleared =
+        format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}");
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cleared)]).into_response())
+}
+
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct Me {
     id: String,

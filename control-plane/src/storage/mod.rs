@@ -87,6 +87,11 @@ impl Storage {
     }
 
     /// Delete expired API tokens and enrollment tokens; returns how many rows went.
+    /// Delete the API token with this hash (logout); `false` when there was none.
+    pub async fn revoke_token(&self, token_hash: &str) -> Result<bool, StorageError> {
+        dispatch!(self.revoke_token(token_hash))
+    }
+
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         dispatch!(self.purge_expired(now_ms))
     }

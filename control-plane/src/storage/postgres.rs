@@ -245,6 +245,19 @@ impl PostgresStore {
         Ok(row.as_ref().map(user_from_row))
     }
 
+    pub async fn revoke_token(&self, token_hash: &str) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM api_tokens WHERE token_hash = $1",
+                &[&token_hash],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         let client = self.client().await?;
         let a = client

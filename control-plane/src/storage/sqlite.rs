@@ -186,6 +186,19 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn revoke_token(&self, token_hash: &str) -> Result<bool, StorageError> {
+        let token_hash = token_hash.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "DELETE FROM api_tokens WHERE token_hash = ?1",
+                params![token_hash],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+        .await
+    }
+
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         self.run(move |conn| {
             let a = conn

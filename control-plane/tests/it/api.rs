@@ -851,3 +851,39 @@ async fn without_redis_a_replica_serves_all_but_terminals_and_says_so() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn logout_revokes_the_token_at_once_and_clears_the_cookie() {
+    let server = Server::start().await;
+    let token = server.token_for("ops", Role::Viewer).await;
+    let other = server.token_for("ops2", Role::Viewer).await;
+    let me = server
+        .request(Method::GET, "/api/v1/me", Some(&token), "")
+        .await;
+    assert_eq!(me.status, StatusCode::OK);
+
+    let out = server
+        .request(Method::DELETE, "/api/v1/sessions", Some(&token), "")
+        .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    let cookie = out
+        .headers
+        .get(http::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(cookie.contains("Max-Age=0"), "{cookie}");
+
+    let me = server
+        .request(Method::GET, "/api/v1/me", Some(&token), "")
+        .await;
+    assert_eq!(me.status, StatusCode::UNAUTHORIZED, "the token is revoked");
+    let again = server
+        .request(Method::DELETE, "/api/v1/sessions", Some(&token), "")
+        .await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+    let me = server
+        .request(Method::GET, "/api/v1/me", Some(&other), "")
+        .await;
+    assert_eq!(me.status, StatusCode::OK, "other tokens keep working");
+    server.stop().await;
+}

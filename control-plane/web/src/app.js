@@ -20,6 +20,7 @@ function applyRole() {
   for (const node of document.querySelectorAll('[data-role]')) node.hidden = !allows(node.dataset.role);
   $('nav').hidden = !app.me;
   $('me').textContent = app.me ? `${app.me.name} (${app.me.role})` : '';
+  $('logout').hidden = !app.me;
 }
 
 async function whoami() {
@@ -40,6 +41,17 @@ async function login(event) {
   await whoami();
   if (!location.hash || location.hash === '#/login') location.hash = '#/fleet';
   else route();
+}
+
+// The token stops working on every replica; the page goes back to the login form.
+async function logout() {
+  clearInterval(app.timer);
+  leaveTerminal();
+  await api('DELETE', '/api/v1/sessions');
+  app.me = null;
+  applyRole();
+  location.hash = '#/login';
+  show('login');
 }
 
 function every(ms, fn) {
@@ -233,6 +245,7 @@ async function route() {
 }
 
 $('login').addEventListener('submit', login);
+$('logout').addEventListener('click', logout);
 $('task-form').addEventListener('submit', createTask);
 $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));

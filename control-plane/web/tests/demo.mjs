@@ -90,6 +90,11 @@ try {
     await viewer.locator('figure.chart[data-type="activity"] canvas').first().waitFor({ timeout: 30000 });
     await hidden(viewer.getByRole('button', { name: 'Create task' }), 'the task form');
     await viewer.screenshot({ path: `${shots}/viewer-agent.png`, fullPage: true });
+    // Log out: back to the login form, and the session cookie no longer works.
+    await viewer.getByRole('button', { name: 'Log out' }).click();
+    await viewer.getByRole('button', { name: 'Log in' }).waitFor({ timeout: 10000 });
+    const status = await viewer.evaluate(async () => (await fetch('/api/v1/me')).status);
+    if (status !== 401) throw new Error(`after logging out /api/v1/me answered ${status}`);
     await context.close();
   });
   if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
