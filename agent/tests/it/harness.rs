@@ -287,7 +287,7 @@ impl ControlPlane {
         panic!("control plane not healthy within 10 s: {}", self.log());
     }
 
-    async fn login(&self) -> String {
+    pub async fn login(&self) -> String {
         let world = World::real();
         let url = url::Url::parse(&format!("{}/api/v1/sessions", self.url())).expect("url");
         let mut headers = http::HeaderMap::new();

@@ -119,12 +119,17 @@ struct Term {
 
 impl Term {
     async fn open(cp: &ControlPlane, session: &str, offset: u64) -> Term {
+        Term::open_as(cp, &cp.token, session, offset).await
+    }
+
+    /// As [`Term::open`], with another login's token.
+    async fn open_as(cp: &ControlPlane, token: &str, session: &str, offset: u64) -> Term {
         let url = url::Url::parse(&format!(
             "{}/api/v1/terminal/sessions/{session}/ws?offset={offset}",
             cp.url()
         ))
         .expect("url");
-        let ws = world::ws_connect(&World::real(), &url, Some(&cp.token), PATIENCE, 1 << 20)
+        let ws = world::ws_connect(&World::real(), &url, Some(token), PATIENCE, 1 << 20)
             .await
             .expect("browser WebSocket");
         let mut term = Term {
@@ -619,4 +624,41 @@ async fn a_user_holds_at_most_sixteen_terminal_sockets_per_replica() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(reopened, "a closed socket gave its slot back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_closes_the_browser_sockets_opened_with_that_login() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let second_login = rig.cp.login().await;
+    let mut term = Term::open_as(&rig.cp, &second_login, &session, 0).await;
+    term.wait_for("=#", 0).await;
+
+    let url = url::Url::parse(&format!("{}/api/v1/sessions", rig.cp.url())).expect("url");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {second_login}").parse().expect("header"),
+    );
+    let out = world::http_request(
+        &World::real(),
+        http::Method::DELETE,
+        &url,
+        headers,
+        bytes::Bytes::new(),
+        PATIENCE,
+        1 << 20,
+    )
+    .await
+    .expect("logout");
+    assert_eq!(out.status, 204);
+
+    while term.next_frame().await {}
+    let reason = term.closed.clone().unwrap_or_default();
+    assert!(reason.contains("revoked"), "closed with {reason:?}");
+    // The session itself goes on for logins that still stand.
+    let mut again = Term::open(&rig.cp, &session, 0).await;
+    again.wait_for("=#", 0).await;
 }

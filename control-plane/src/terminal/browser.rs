@@ -37,6 +37,9 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause before retrying a failed store call.
 const STORE_RETRY: Duration = Duration::from_millis(500);
+/// How often an open browser socket checks that the login it was opened with still stands
+/// (logged out, expired): at most this long after a revocation, the socket is closed.
+const CREDENTIAL_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -286,6 +289,7 @@ pub struct WsQuery {
 pub async fn ws(
     State(state): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
+    Extension(crate::edge::AuthTokenHash(token_hash)): Extension<crate::edge::AuthTokenHash>,
     Path(session_id): Path<String>,
     Query(query): Query<WsQuery>,
     upgrade: WebSocketUpgrade,
@@ -323,7 +327,7 @@ pub async fn ws(
         .max_frame_size(BROWSER_FRAME_BYTES_MAX)
         .on_upgrade(move |socket| {
             async move {
-                serve(state, session_id, query.offset, socket).await;
+                serve(state, session_id, query.offset, socket, token_hash).await;
                 drop(slot);
             }
             .instrument(span)
@@ -371,7 +375,25 @@ async fn send_json(sink: &mut Sink, message: &ToBrowser<'_>) -> Result<(), Strin
     send(sink, Message::Text(text.into())).await
 }
 
-async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: WebSocket) {
+/// Returns when the login behind `token_hash` no longer stands (revoked or expired). A
+/// storage error is not taken for a revocation.
+async fn credential_gone(state: &TerminalContext, token_hash: &str) {
+    loop {
+        tokio::time::sleep(CREDENTIAL_CHECK).await;
+        let now_ms = state.world.now_unix_ms();
+        if let Ok(None) = state.storage.user_by_token(token_hash, now_ms).await {
+            return;
+        }
+    }
+}
+
+async fn serve(
+    state: TerminalContext,
+    session_id: String,
+    offset: u64,
+    socket: WebSocket,
+    token_hash: String,
+) {
     let streams = state.terminal.streams.clone();
     let (mut sink, mut stream) = socket.split();
     // The first attach starts the PTY (at 80×24 until the browser's resize arrives).
@@ -499,11 +521,30 @@ async fn serve(state: TerminalContext, session_id: String, offset: u64, socket: 
             }
         }
     };
-    tokio::select! {
-        ended = output => if let Err(e) = ended {
-            tracing::info!(reason = %e, "browser detached");
-        },
-        () = input => tracing::debug!("browser closed its socket"),
-        () = state.shutdown.cancelled() => {}
+    let revoked = tokio::select! {
+        ended = output => {
+            if let Err(e) = ended {
+                tracing::info!(reason = %e, "browser detached");
+            }
+            false
+        }
+        () = input => {
+            tracing::debug!("browser closed its socket");
+            false
+        }
+        () = credential_gone(&state, &token_hash) => true,
+        () = state.shutdown.cancelled() => false,
+    };
+    if revoked {
+        // The session goes on (psql keeps running); only this viewer loses it.
+        tracing::info!("login revoked or expired; browser socket closed");
+        let reason = "your login was revoked or has expired: log in again";
+        let _ = send_json(&mut sink, &ToBrowser::Closed { reason }).await;
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: 1008,
+                reason: "login revoked".into(),
+            })))
+            .await;
     }
 }
