@@ -548,6 +548,20 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
     let task: serde_json::Value = serde_json::from_slice(&created.body).expect("json");
     let task_id = task["id"].as_str().expect("id").to_string();
     assert_eq!(task["status"], "scheduled");
+    // The audit log says exactly what will run.
+    let audit: serde_json::Value = serde_json::from_slice(
+        &cp.api(Method::GET, "/api/v1/audit?action=task.created", None)
+            .await
+            .expect("audit")
+            .body,
+    )
+    .expect("json");
+    assert_eq!(audit[0]["target"], task_id.as_str(), "{audit}");
+    assert_eq!(
+        audit[0]["detail"]["argv"],
+        serde_json::json!(["sh", "-c", "echo remote"]),
+        "{audit}"
+    );
     let refused = cp
         .api(
             Method::POST,

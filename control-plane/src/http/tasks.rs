@@ -115,6 +115,9 @@ pub async fn create(
     Path(agent_id): Path<String>,
     Json(task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
+    // What will run on the host, exactly as asked: the argv of a command, the parameters of
+    // the others (a `sql` task's query among them).
+    let (argv, params) = (task.argv.clone(), task.params.clone());
     let task = command(
         &state,
         &relay,
@@ -131,7 +134,13 @@ pub async fn create(
             &user.name,
             action::TASK_CREATED,
             &task.id,
-            serde_json::json!({"agent_id": agent_id, "kind": task.kind, "schedule": task.schedule}),
+            serde_json::json!({
+                "agent_id": agent_id,
+                "kind": task.kind,
+                "schedule": task.schedule,
+                "argv": argv,
+                "params": params,
+            }),
         )
         .await;
     Ok((StatusCode::CREATED, Json(task)))
