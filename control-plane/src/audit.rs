@@ -18,6 +18,7 @@ pub mod action {
     pub const LOGIN: &str = "login";
     pub const LOGIN_REFUSED: &str = "login.refused";
     pub const LOGOUT: &str = "logout";
+    pub const TOKEN_REVOKED: &str = "token.revoked";
     pub const AGENT_ENROLLED: &str = "agent.enrolled";
     pub const TERMINAL_OPENED: &str = "terminal.opened";
     pub const TERMINAL_ENDED: &str = "terminal.ended";

@@ -269,6 +269,19 @@ enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List every unexpired login and API token: id, user, created, expires (never the secret).
+    Tokens {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a login or API token by the id `outpost admin tokens` shows: it stops working at
+    /// once, on every replica.
+    RevokeToken {
+        /// The token's id (16 hex digits).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create a single-use agent enrollment token and print it.
     EnrollToken {
         /// How long the token stays valid (humantime: 30m, 1h, 2d) [max 7d].
@@ -554,6 +567,42 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             if generated {
                 println!("password: {password}");
             }
+            Ok(())
+        }
+        AdminCommand::Tokens { store } => {
+            let storage = open(&world, store).await?;
+            let rows = storage
+                .list_tokens(world.now_unix_ms())
+                .await
+                .context("list the tokens")?;
+            println!("{:<16}  {:<24}  {:<24}  EXPIRES", "ID", "USER", "CREATED");
+            for row in rows {
+                println!(
+                    "{:<16}  {:<24}  {:<24}  {}",
+                    row.id,
+                    row.user,
+                    control_plane::time::rfc3339_ms(row.created_at_ms),
+                    control_plane::time::rfc3339_ms(row.expires_at_ms)
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::RevokeToken { id, store } => {
+            let len = control_plane::storage::TOKEN_ID_LEN;
+            if id.len() != len || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!(
+                    "{id:?}: a token id is {len} hex digits, as `outpost admin tokens` lists them"
+                );
+            }
+            let storage = open(&world, store).await?;
+            if !storage
+                .revoke_token_id(&id.to_ascii_lowercase())
+                .await
+                .context("revoke the token")?
+            {
+                bail!("no unexpired token {id} (`outpost admin tokens` lists them)");
+            }
+            eprintln!("revoked token {id}");
             Ok(())
         }
         AdminCommand::ApiToken { user, ttl, store } => {

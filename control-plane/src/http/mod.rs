@@ -61,6 +61,18 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             get(sessions::me),
         ),
         (
+            spec(Method::GET, "/api/v1/tokens", Access::User(Role::Admin)),
+            get(sessions::tokens),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/tokens/{id}",
+                Access::User(Role::Admin),
+            ),
+            delete(sessions::revoke),
+        ),
+        (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
             get(agents::list),
         ),

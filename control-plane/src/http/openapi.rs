@@ -75,7 +75,7 @@ impl Doc {
 /// The description of every route; `None` for a route nobody described (a test failure).
 pub fn describe(method: &Method, path: &str) -> Option<Doc> {
     use super::observe::{AuditParams, AuditView};
-    use super::sessions::{LoginRequest, LoginResponse, Me};
+    use super::sessions::{LoginRequest, LoginResponse, Me, TokenView};
     use crate::exec::api::{ExecRequest, RunView, Started};
     use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
     const WS: &str = "WebSocket upgrade";
@@ -94,6 +94,16 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         .returns(200, schema::<LoginResponse>),
         ("DELETE", "/api/v1/sessions") => doc(
             "Log out: revoke the token this request carries (bearer or cookie) and clear the cookie",
+            "auth",
+        )
+        .no_content(),
+        ("GET", "/api/v1/tokens") => doc(
+            "Every unexpired login and API token (by id, never the secret), newest first",
+            "auth",
+        )
+        .returns(200, schema::<Vec<TokenView>>),
+        ("DELETE", "/api/v1/tokens/{id}") => doc(
+            "Revoke a token: it stops working at once on every replica",
             "auth",
         )
         .no_content(),

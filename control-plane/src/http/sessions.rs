@@ -196,6 +196,80 @@ pub async fn logout(
 }
 
 #[derive(Serialize, schemars::JsonSchema)]
+pub struct TokenView {
+    /// Names the token in `DELETE /api/v1/tokens/{id}` (a prefix of its hash, not the secret).
+    id: String,
+    user: String,
+    created_at: String,
+    expires_at: String,
+    /// The token this request was made with.
+    current: bool,
+}
+
+/// `GET /api/v1/tokens` (admin): every unexpired login and API token, newest first.
+pub async fn tokens(
+    State(state): State<Handles>,
+    axum::Extension(crate::edge::AuthTokenHash(current)): axum::Extension<
+        crate::edge::AuthTokenHash,
+    >,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let rows = state
+        .storage
+        .list_tokens(state.world.now_unix_ms())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|row| TokenView {
+                current: current.starts_with(&row.id),
+                id: row.id,
+                user: row.user,
+                created_at: crate::time::rfc3339_ms(row.created_at_ms),
+                expires_at: crate::time::rfc3339_ms(row.expires_at_ms),
+            })
+            .collect(),
+    ))
+}
+
+/// `DELETE /api/v1/tokens/{id}` (admin): the token stops working at once, on every replica;
+/// browser terminal sockets opened with it close within seconds.
+pub async fn revoke(
+    State(state): State<Handles>,
+    axum::Extension(crate::edge::AuthUser(user)): axum::Extension<crate::edge::AuthUser>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let len = crate::storage::TOKEN_ID_LEN;
+    if id.len() != len || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("a token id is {len} hex digits, as GET /api/v1/tokens lists them"),
+        ));
+    }
+    let id = id.to_ascii_lowercase();
+    if !state
+        .storage
+        .revoke_token_id(&id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no unexpired token {id}"),
+        ));
+    }
+    state
+        .audit
+        .record(
+            &user.name,
+            action::TOKEN_REVOKED,
+            &id,
+            serde_json::json!({}),
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct Me {
     id: String,
     name: String,

@@ -17,7 +17,8 @@ pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
-    Enrollment, MetricQuery, MetricRow, Pruned, StorageError, StoredMetric, UserRow,
+    Enrollment, MetricQuery, MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow,
+    UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -87,6 +88,16 @@ impl Storage {
     }
 
     /// Delete expired API tokens and enrollment tokens; returns how many rows went.
+    /// Unexpired tokens, newest first.
+    pub async fn list_tokens(&self, now_ms: i64) -> Result<Vec<TokenRow>, StorageError> {
+        dispatch!(self.list_tokens(now_ms))
+    }
+
+    /// Delete the token whose id ([`TokenRow::id`]) is `id`; `false` when there was none.
+    pub async fn revoke_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        dispatch!(self.revoke_token_id(id))
+    }
+
     /// Delete the API token with this hash (logout); `false` when there was none.
     pub async fn revoke_token(&self, token_hash: &str) -> Result<bool, StorageError> {
         dispatch!(self.revoke_token(token_hash))

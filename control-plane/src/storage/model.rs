@@ -16,6 +16,19 @@ pub enum StorageError {
     Backend(String),
 }
 
+/// An unexpired login or API token, by its public id (never the secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    /// The first [`TOKEN_ID_LEN`] hex digits of the token's hash.
+    pub id: String,
+    pub user: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Hex digits of a token's hash that name it in lists and revocations.
+pub const TOKEN_ID_LEN: usize = 16;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserRow {
     pub id: String,

@@ -12,7 +12,7 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, UserRow,
+    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserRow,
 };
 use crate::auth::Role;
 
@@ -243,6 +243,44 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(row.as_ref().map(user_from_row))
+    }
+
+    pub async fn list_tokens(&self, now_ms: i64) -> Result<Vec<TokenRow>, StorageError> {
+        let len = TOKEN_ID_LEN as i32;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT substr(t.token_hash, 1, $1), u.name, t.created_at_ms, t.expires_at_ms \
+                 FROM api_tokens t JOIN users u ON u.id = t.user_id \
+                 WHERE t.expires_at_ms > $2 ORDER BY t.created_at_ms DESC, t.token_hash",
+                &[&len, &now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|row| TokenRow {
+                id: row.get(0),
+                user: row.get(1),
+                created_at_ms: row.get(2),
+                expires_at_ms: row.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn revoke_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        let len = TOKEN_ID_LEN as i32;
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM api_tokens WHERE substr(token_hash, 1, $1) = $2",
+                &[&len, &id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
     }
 
     pub async fn revoke_token(&self, token_hash: &str) -> Result<bool, StorageError> {

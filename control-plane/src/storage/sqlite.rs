@@ -10,7 +10,7 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, UserRow, replay_allowed,
+    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -181,6 +181,43 @@ impl SqliteStore {
                 user_from_row,
             )
             .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self, now_ms: i64) -> Result<Vec<TokenRow>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT substr(t.token_hash, 1, ?1), u.name, t.created_at_ms, t.expires_at_ms \
+                     FROM api_tokens t JOIN users u ON u.id = t.user_id \
+                     WHERE t.expires_at_ms > ?2 ORDER BY t.created_at_ms DESC, t.token_hash",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![TOKEN_ID_LEN as i64, now_ms], |row| {
+                    Ok(TokenRow {
+                        id: row.get(0)?,
+                        user: row.get(1)?,
+                        created_at_ms: row.get(2)?,
+                        expires_at_ms: row.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn revoke_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "DELETE FROM api_tokens WHERE substr(token_hash, 1, ?1) = ?2",
+                params![TOKEN_ID_LEN as i64, id],
+            )
+            .map(|n| n > 0)
             .map_err(backend)
         })
         .await

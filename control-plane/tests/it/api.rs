@@ -887,3 +887,78 @@ async fn logout_revokes_the_token_at_once_and_clears_the_cookie() {
     assert_eq!(me.status, StatusCode::OK, "other tokens keep working");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_admin_lists_tokens_and_revokes_one_which_stops_working_at_once() {
+    let server = Server::start().await;
+    let admin = server.token_for("boss", Role::Admin).await;
+    let ops = server.token_for("ops", Role::Operator).await;
+
+    let listed = server
+        .request(Method::GET, "/api/v1/tokens", Some(&admin), "")
+        .await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).expect("json");
+    let rows = listed.as_array().expect("array");
+    assert_eq!(rows.len(), 2, "{listed}");
+    assert!(
+        !listed.to_string().contains(&ops) && !listed.to_string().contains(&admin),
+        "secrets are never listed"
+    );
+    let ops_row = rows.iter().find(|r| r["user"] == "ops").expect("ops token");
+    assert_eq!(ops_row["current"], false);
+    let boss_row = rows
+        .iter()
+        .find(|r| r["user"] == "boss")
+        .expect("boss token");
+    assert_eq!(boss_row["current"], true);
+    let id = ops_row["id"].as_str().expect("id");
+
+    let forbidden = server
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            Some(&ops),
+            "",
+        )
+        .await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN, "admins only");
+    let bad = server
+        .request(Method::DELETE, "/api/v1/tokens/xyz", Some(&admin), "")
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let revoked = server
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let me = server
+        .request(Method::GET, "/api/v1/me", Some(&ops), "")
+        .await;
+    assert_eq!(me.status, StatusCode::UNAUTHORIZED, "revoked at once");
+    let again = server
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    let audit = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=token.revoked",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let audit: serde_json::Value = serde_json::from_slice(&audit.body).expect("json");
+    assert_eq!(audit[0]["target"], id, "{audit}");
+    assert_eq!(audit[0]["actor"], "boss");
+    server.stop().await;
+}

@@ -329,6 +329,49 @@ async fn check(s: Storage) {
         ["user2", "user1"]
     );
 
+    // Tokens by id: listed without their secret, revoked by id.
+    let owner = s
+        .user_by_name("alice")
+        .await
+        .expect("look up")
+        .expect("alice");
+    let (hash_a, hash_b) = (
+        "a".repeat(64),
+        format!("{}{}", "b".repeat(16), "c".repeat(48)),
+    );
+    s.create_api_token(&hash_a, &owner.id, 50_000, 90_000)
+        .await
+        .expect("token a");
+    s.create_api_token(&hash_b, &owner.id, 60_000, 90_000)
+        .await
+        .expect("token b");
+    let tokens = s.list_tokens(55_000).await.expect("list tokens");
+    let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["b".repeat(16), "a".repeat(16)], "newest first, by id");
+    assert_eq!(tokens[0].user, "alice");
+    assert!(s.revoke_token_id(&"b".repeat(16)).await.expect("revoke"));
+    assert!(
+        !s.revoke_token_id(&"b".repeat(16))
+            .await
+            .expect("revoke again")
+    );
+    assert!(
+        s.user_by_token(&hash_b, 55_000)
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        s.user_by_token(&hash_a, 55_000)
+            .await
+            .expect("lookup")
+            .is_some()
+    );
+    assert!(
+        s.list_tokens(95_000).await.expect("list").is_empty(),
+        "expired are not listed"
+    );
+
     // A shared secret: the first replica's candidate is kept, later ones get it back.
     let first = s.cluster_secret("signing", "aaaa").await.expect("secret");
     assert_eq!(first, "aaaa");
