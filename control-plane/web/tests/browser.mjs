@@ -25,7 +25,8 @@ export async function openFirstTerminal(page, url, user, password, onlineMs = 30
   const row = page.locator('tr[data-agent]').first();
   await row.locator('td.online').waitFor({ timeout: onlineMs });
   await row.getByRole('link').first().click();
-  await page.getByRole('button', { name: 'Open terminal' }).first().click();
+  // The agent page's button (the fleet rows' own buttons stay in the hidden fleet page).
+  await page.getByRole('button', { name: 'Open terminal', exact: true }).click();
   await page.waitForFunction(() => window.outpost.state() === 'live', null, { timeout: 30000 });
   await page.waitForFunction(() => /=[>#]/.test(window.outpost.screenText()), null, { timeout: 30000 });
 }
