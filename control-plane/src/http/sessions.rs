@@ -146,15 +146,7 @@ pub async fn login(
             serde_json::json!({"role": user.role.as_str()}),
         )
         .await;
-    let secure = if state.settings.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
-        ttl.as_secs()
-    );
+    let cookie = session_cookie(&state, &token, ttl.as_secs());
     let body = LoginResponse {
         token,
         expires_at: crate::time::rfc3339_ms(expires_at_ms),
@@ -185,14 +177,21 @@ pub async fn logout(
             serde_json::json!({}),
         )
         .await;
+    let cleared = session_cookie(&state, "", 0);
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cleared)]).into_response())
+}
+
+/// The `Set-Cookie` value carrying `token` for `max_age_s` (0 clears it); `Secure` under
+/// HTTPS or behind a TLS proxy.
+fn session_cookie(state: &Handles, token: &str, max_age_s: u64) -> String {
     let secure = if state.settings.secure_cookies {
         "; Secure"
     } else {
         ""
     };
-    let cleared =
-        format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}");
-    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cleared)]).into_response())
+    format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}"
+    )
 }
 
 #[derive(Serialize, schemars::JsonSchema)]

@@ -122,19 +122,7 @@ async fn add_request(
     if let Some(command) = command {
         fields.push(("c", command.as_bytes()));
     }
-    let mac = redis.signer().sign(&stream, &fields);
-    let mut add = redis::cmd("XADD");
-    add.arg(&stream)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(REQUESTS_KEPT)
-        .arg("*");
-    for (name, value) in &fields {
-        add.arg(*name).arg(*value);
-    }
-    add.arg(super::streams::sign::MAC_FIELD).arg(mac);
-    redis.query::<redis::Value>(&add).await?;
-    Ok(())
+    redis.add_signed(&stream, REQUESTS_KEPT, &fields).await
 }
 
 /// Where a relay starts reading open requests: after the newest one already stored. (A

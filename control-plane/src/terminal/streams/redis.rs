@@ -504,14 +504,21 @@ impl RedisStreams {
             }
             InEvent::Close { reason } => vec![("k", b"close"), ("d", reason.as_bytes())],
         };
-        let mac = self.signer.sign(&stream, &fields);
+        self.add_signed(&stream, INPUT_ENTRIES_MAX, &fields).await
+    }
+
+    /// Append an entry with `fields` and their MAC to `stream`, trimmed to about `kept`
+    /// entries.
+    pub(in crate::terminal) async fn add_signed(
+        &self,
+        stream: &str,
+        kept: usize,
+        fields: &[(&str, &[u8])],
+    ) -> Result<()> {
+        let mac = self.signer.sign(stream, fields);
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(INPUT_ENTRIES_MAX)
-            .arg("*");
-        for (name, value) in &fields {
+        cmd.arg(stream).arg("MAXLEN").arg("~").arg(kept).arg("*");
+        for (name, value) in fields {
             cmd.arg(*name).arg(*value);
         }
         cmd.arg(super::sign::MAC_FIELD).arg(mac);
