@@ -113,6 +113,11 @@ impl Channels {
         self.lock().keys().cloned().collect()
     }
 
+    /// Whether this replica holds a live channel of `agent_id` (one lookup, no list).
+    pub fn holds(&self, agent_id: &str) -> bool {
+        self.lock().contains_key(agent_id)
+    }
+
     /// Send `command` to the agent and wait for its ack.
     pub async fn send_command(
         &self,

@@ -244,7 +244,7 @@ pub async fn send_anywhere(
     command: proto::Command,
 ) -> Result<CommandResult, CommandError> {
     let redis = match state.terminal.streams.shared() {
-        Some(redis) if !state.channels.connected().iter().any(|a| a == agent_id) => redis,
+        Some(redis) if !state.channels.holds(agent_id) => redis,
         _ => {
             return state
                 .channels
