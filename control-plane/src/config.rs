@@ -41,6 +41,10 @@ pub struct RawServeConfig {
     /// A reverse proxy terminates TLS in front of this replica: browsers see HTTPS, so the
     /// session cookie is `Secure` and answers carry HSTS although this port speaks HTTP.
     pub behind_tls_proxy: Option<bool>,
+    /// Connections served at once, default 20000 (each agent holds one).
+    pub max_connections: Option<usize>,
+    /// humantime, default 15s: deadline for a request's headers and for idle keep-alive.
+    pub header_timeout: Option<String>,
 }
 
 impl RawServeConfig {
@@ -61,6 +65,8 @@ impl RawServeConfig {
             tls_key: self.tls_key.or(file.tls_key),
             ca_file: self.ca_file.or(file.ca_file),
             behind_tls_proxy: self.behind_tls_proxy.or(file.behind_tls_proxy),
+            max_connections: self.max_connections.or(file.max_connections),
+            header_timeout: self.header_timeout.or(file.header_timeout),
         }
     }
 }
@@ -137,7 +143,21 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         )?,
         inventory: raw.inventory.clone(),
         secure_cookies: false,
+        max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
+        header_timeout: duration(
+            "header_timeout",
+            raw.header_timeout.as_deref(),
+            defaults.header_timeout,
+        )?,
     };
+    if settings.max_connections == 0 {
+        bail!(
+            "max_connections: must be at least 1 (the fleet's size plus browsers and API clients)"
+        );
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&settings.header_timeout) {
+        bail!("header_timeout: must be between 1s and 10m");
+    }
     if let Some(path) = &settings.inventory {
         remote_exec::Inventory::load(path)
             .with_context(|| format!("inventory: {} is not a usable inventory", path.display()))?;

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Administrative commands that work on the storage directly.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -185,7 +185,7 @@ struct ExecRunArgs {
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
     /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
-    /// behind_tls_proxy. Flags and OUTPOST_* variables override it.
+    /// behind_tls_proxy, max_connections, header_timeout. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -228,6 +228,15 @@ struct ServeArgs {
     /// PEM CA certificates to trust for rediss:// [default: the system's].
     #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// Connections served at once, WebSockets included (every agent holds one) [default: 20000].
+    /// More are closed on accept and counted (outpost_http_connections_refused_total); keep the
+    /// process's open-files limit above it.
+    #[arg(long, env = "OUTPOST_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
+    /// A client must send a request's headers within this, and an idle keep-alive connection
+    /// is closed after it, e.g. 15s [default: 15s].
+    #[arg(long, env = "OUTPOST_HEADER_TIMEOUT", value_name = "DURATION")]
+    header_timeout: Option<String>,
     /// A reverse proxy in front terminates TLS: mark the session cookie Secure and send HSTS
     /// although this port speaks plain HTTP (only ever expose it to the proxy).
     #[arg(long, env = "OUTPOST_BEHIND_TLS_PROXY")]
@@ -320,7 +329,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Commands::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+            Commands::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
             Commands::Admin(cmd) => admin(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Exec(args) => exec(args).await,
             Commands::Demo(args) => control_plane::demo::run(
@@ -373,6 +382,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_key: args.tls_key,
         ca_file: args.ca_file,
         behind_tls_proxy: args.behind_tls_proxy.then_some(true),
+        max_connections: args.max_connections,
+        header_timeout: args.header_timeout,
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;

@@ -53,6 +53,8 @@ pub struct Observed {
     pub login_failures_total: AtomicU64,
     pub login_lockouts_total: AtomicU64,
     pub login_refused_busy_total: AtomicU64,
+    /// Connections and TLS handshakes, counted by the server loop.
+    pub connections: std::sync::Arc<world::ConnectionCounters>,
 }
 
 pub fn add(counter: &AtomicU64, n: u64) {
@@ -131,7 +133,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
         );
     }
     // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 10] = [
+    let plain: [(&str, &str, &AtomicU64); 13] = [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -178,12 +180,33 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             &observed.login_refused_busy_total,
         ),
         (
+            "outpost_http_connections_refused_total",
+            "Connections closed on accept because max_connections were open.",
+            &observed.connections.refused,
+        ),
+        (
+            "outpost_tls_handshakes_evicted_total",
+            "TLS handshakes dropped unfinished because 256 were pending and a new connection came.",
+            &observed.connections.handshakes_evicted,
+        ),
+        (
+            "outpost_tls_handshakes_failed_total",
+            "TLS handshakes that failed or did not finish within 10 s.",
+            &observed.connections.handshakes_failed,
+        ),
+        (
             "outpost_audit_write_failures_total",
             "Audit records that could not be stored (each was logged at error level).",
             &observed.audit_write_failures_total,
         ),
     ];
     write_counters(out, &plain);
+    out.single(
+        "outpost_http_connections_open",
+        "gauge",
+        "Connections being served now (WebSockets included), against max_connections.",
+        observed.connections.open.load(Ordering::Relaxed) as f64,
+    );
     out.family(
         "outpost_task_events_total",
         "counter",

@@ -73,6 +73,11 @@ where
 {
     let token = state.shutdown.clone();
     let background = state.background.clone();
+    let limits = world::ServeLimits {
+        max_connections: state.settings.max_connections,
+        header_timeout: state.settings.header_timeout,
+    };
+    let counters = std::sync::Arc::clone(&state.observed.connections);
     background.spawn(crate::terminal::relay::run(TerminalContext::from_ref(
         &state,
     )));
@@ -87,10 +92,7 @@ where
             token.cancel();
         }
     };
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(tell)
-        .await
-        .context("serve HTTP");
+    world::serve(listener, app, limits, counters, tell).await;
     token.cancel();
     background.close();
     if tokio::time::timeout(BACKGROUND_GRACE, background.wait())
@@ -103,7 +105,7 @@ where
             BACKGROUND_GRACE.as_secs()
         );
     }
-    served
+    Ok(())
 }
 
 /// Everything `outpost serve` does after parsing its configuration.
@@ -160,7 +162,9 @@ pub async fn serve(
         .spawn(prune_forever(world, storage, retention, token));
     match config.tls {
         Some(tls) => {
-            let listener = world::tls::TlsListener::new(listener, tls).context("TLS listener")?;
+            let counters = std::sync::Arc::clone(&state.observed.connections);
+            let listener =
+                world::tls::TlsListener::new(listener, tls, counters).context("TLS listener")?;
             run(state, listener, shutdown).await
         }
         None => run(state, listener, shutdown).await,

@@ -21,6 +21,10 @@ pub struct Settings {
     pub inventory: Option<std::path::PathBuf>,
     /// Mark the session cookie `Secure` (the control plane serves HTTPS).
     pub secure_cookies: bool,
+    /// Connections served at once (every agent holds one); more are closed on accept.
+    pub max_connections: usize,
+    /// Deadline for a request's headers, and for an idle keep-alive connection.
+    pub header_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -33,6 +37,8 @@ impl Default for Settings {
             audit_retention: Duration::from_secs(400 * 86_400),
             inventory: None,
             secure_cookies: false,
+            max_connections: 20_000,
+            header_timeout: Duration::from_secs(15),
         }
     }
 }

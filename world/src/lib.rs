@@ -13,6 +13,7 @@
 mod http_client;
 mod net;
 mod postgres;
+mod serve;
 mod signal;
 pub mod tls;
 mod ws;
@@ -26,6 +27,7 @@ use rand::{Rng, SeedableRng};
 pub use http_client::{HttpError, HttpResponse, Target, http_request, request};
 pub use net::{Listener, Net, PeerAddr, Stream};
 pub use postgres::postgres_connect;
+pub use serve::{ConnectionCounters, ServeLimits, serve};
 pub use signal::{on_shutdown_signal, shutdown_signal};
 pub use ws::{WsError, WsStream, ws_connect};
 

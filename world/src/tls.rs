@@ -3,9 +3,11 @@
 //! stream for `https://` and `wss://` URLs. Both give back a [`Stream`], so every HTTP and
 //! WebSocket code path is the same with or without TLS.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -15,12 +17,15 @@ pub use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::mpsc;
 
 use crate::net::{Listener, PeerAddr, Stream};
+use crate::serve::ConnectionCounters;
 
 /// Where Debian (and most Linux distributions) keep the system's trusted CA certificates.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more connections wait in the kernel's backlog.
+/// Handshakes in progress at once. A connection accepted beyond it takes the slot of the
+/// handshake that has waited longest, which is dropped: clients that connect and stay silent
+/// cannot lock out the ones that finish their handshake in milliseconds.
 const HANDSHAKES_MAX: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,38 +96,74 @@ pub async fn connect(config: Arc<ClientConfig>, host: &str, stream: Stream) -> i
 }
 
 /// A listener whose connections come out as TLS streams. Handshakes run concurrently (one slow
-/// client never holds up the others) and must finish within 10 s.
+/// client never holds up the others), must finish within 10 s, and at most [`HANDSHAKES_MAX`]
+/// are pending: the oldest gives way to a new connection.
 pub struct TlsListener {
     ready: mpsc::Receiver<(Stream, PeerAddr)>,
     local: PeerAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A handshake in progress, as the accept loop sees it.
+struct Pending {
+    handshaking: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
 impl TlsListener {
-    pub fn new(listener: Listener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
+    pub fn new(
+        listener: Listener,
+        config: Arc<ServerConfig>,
+        counters: Arc<ConnectionCounters>,
+    ) -> io::Result<TlsListener> {
         let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
+        let (tx, ready) = mpsc::channel(HANDSHAKES_MAX);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
         let task = tokio::spawn(async move {
             let mut listener = listener;
+            let mut pending: VecDeque<Pending> = VecDeque::with_capacity(HANDSHAKES_MAX);
             loop {
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
                 let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                pending.retain(|p| p.handshaking.load(Ordering::Relaxed) && !p.task.is_finished());
+                if pending.len() >= HANDSHAKES_MAX
+                    && let Some(oldest) = pending.pop_front()
+                {
+                    oldest.task.abort();
+                    let evicted = counters.handshakes_evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                    if evicted.is_power_of_two() {
+                        tracing::warn!(
+                            evicted,
+                            "{HANDSHAKES_MAX} TLS handshakes pending: dropping the oldest for each new connection (a flood of silent clients?)"
+                        );
+                    }
+                }
+                let handshaking = Arc::new(AtomicBool::new(true));
+                let (acceptor, tx, counters) =
+                    (acceptor.clone(), tx.clone(), Arc::clone(&counters));
+                let flag = Arc::clone(&handshaking);
+                let task = tokio::spawn(async move {
+                    let outcome =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    flag.store(false, Ordering::Relaxed);
+                    match outcome {
                         Ok(Ok(tls)) => {
                             let stream =
                                 Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
                             let _ = tx.send((stream, peer)).await;
                         }
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(error)) => {
+                            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
                     }
+                });
+                pending.push_back(Pending {
+                    handshaking,
+                    task: task.abort_handle(),
                 });
             }
         });

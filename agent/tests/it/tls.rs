@@ -78,6 +78,26 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
         "no HTTPS answer:\n{}",
         std::fs::read_to_string(dir.path().join("cp.log")).unwrap_or_default()
     );
+
+    // A flood of clients that connect and never start a handshake: more than the 256 pending
+    // handshakes the listener keeps. A real client still gets through at once (the oldest silent
+    // one gives way), not after the silent ones time out 10 s later.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(
+            trusting
+                .net()
+                .connect(&listen)
+                .await
+                .expect("silent connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = get(&trusting, &format!("{base}/healthz"), None).await;
+    assert!(
+        during.is_some_and(|r| r.status == 200),
+        "300 silent TLS clients locked out a real one for 5 s"
+    );
     assert!(
         get(
             &world::World::real(),
@@ -192,6 +212,20 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
         "the agent did not come online over wss:\n{}",
         std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
     );
+    let metrics = get(&trusting, &format!("{base}/metrics"), Some(&bearer))
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    let evicted: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_tls_handshakes_evicted_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("outpost_tls_handshakes_evicted_total in /metrics");
+    assert!(
+        evicted >= 45.0,
+        "300 silent clients and one real one over 256 slots evict at least 45 handshakes, counted {evicted}"
+    );
+    drop(silent);
     agent.signal("-TERM");
     assert!(agent.wait_exit(Duration::from_secs(20)).await.is_some());
 }

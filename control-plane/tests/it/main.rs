@@ -6,5 +6,6 @@ mod channel;
 mod demo;
 mod exec;
 mod harness;
+mod limits;
 mod storage;
 mod streams;
