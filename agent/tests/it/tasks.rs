@@ -821,6 +821,13 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     let script = format!("echo x >> {}; exec sleep 300", marker.display());
     let id = agent.ok(&["add", "command", "--key", "boot", "--", "sh", "-c", &script]);
     agent.wait_status(&id, "doing").await;
+    // "doing" is set once the wrapper claimed the run; wait until the command itself ran.
+    for _ in 0..200 {
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m.lines().count() == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     agent.kill_9();
     // The "power loss": the run's processes die and its directory is gone.
     let runs = agent.data().join("runs");
