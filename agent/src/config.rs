@@ -269,6 +269,7 @@ pub enum RunAs {
         uid: u32,
         gid: u32,
         home: PathBuf,
+        shell: PathBuf,
     },
     /// The agent runs as root and no `run_as` is configured: refused.
     RefuseRoot,
@@ -310,6 +311,7 @@ fn resolve_run_as(section: &str, run_as: Option<&str>) -> anyhow::Result<RunAs> 
                 uid: user.uid.as_raw(),
                 gid: user.gid.as_raw(),
                 home: user.dir,
+                shell: user.shell,
             }),
             Ok(None) => bail!("{section}.run_as: no such user {name:?}"),
             Err(e) => bail!("{section}.run_as: look up {name:?}: {e}"),

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod doctor;
+pub mod dsn;
 pub mod identity;
 pub mod link;
 pub mod observe;

@@ -2,8 +2,9 @@
 //!
 //! It starts, in order:
 //! 1. a throwaway PostgreSQL cluster, initialised in the data dir (`initdb`) and listening
-//!    only on a Unix socket there. It runs as the `postgres` user when the demo runs as root,
-//!    because Postgres refuses root;
+//!    only on a Unix socket there, in a directory only its owner (and root) may enter: the
+//!    cluster trusts whoever reaches the socket. It runs as the `postgres` user when the demo
+//!    runs as root, because Postgres refuses root;
 //! 2. the control plane on embedded defaults (SQLite in the data dir, in-process terminal
 //!    streams), with an `admin` user whose generated password is printed;
 //! 3. one `outpost-agent` (the binary next to `outpost`), enrolled with a single-use token. It
@@ -309,7 +310,12 @@ async fn start_postgres(
     stop: &CancellationToken,
 ) -> anyhow::Result<Child> {
     let owner = postgres_owner()?;
-    std::fs::create_dir(&layout.pg).with_context(|| format!("create {}", layout.pg.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    // Postgres trusts whoever reaches its socket in here: only its owner (and root) may.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&layout.pg)
+        .with_context(|| format!("create {}", layout.pg.display()))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&layout.pg, Some(uid), Some(gid))
             .with_context(|| format!("hand {} to postgres", layout.pg.display()))?;
@@ -353,7 +359,14 @@ async fn start_postgres(
         .arg(&data)
         .args(["-p", &SOCKET_PORT.to_string(), "-k"])
         .arg(&layout.pg)
-        .args(["-c", "listen_addresses=", "-c", "max_connections=50"])
+        .args([
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
+            "-c",
+            "max_connections=50",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file(&log)?)

@@ -93,6 +93,8 @@ pub struct ProcessRun {
     pub run_id: i64,
     /// Empty for an adopted run.
     pub argv: Vec<String>,
+    /// The environment the run's process starts with.
+    pub env: Environment,
     /// What is left of the run's timeout.
     pub timeout: Duration,
     pub grace: Duration,
@@ -321,8 +323,39 @@ pub fn dsn_for(dsn: &str, database: Option<&str>) -> String {
     )
 }
 
-/// The argv that runs `spec`; an error when the spec cannot run here.
-pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, String> {
+/// The environment of a run's process: the agent's own (`clear: false`) or an empty one,
+/// with `vars` set on top.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Environment {
+    pub clear: bool,
+    pub vars: Vec<(String, String)>,
+}
+
+/// What starts a run: its argv and environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: Environment,
+}
+
+/// How `spec` runs here; an error when it cannot. A Postgres password never appears in the
+/// argv (which every user of the host can read): it is passed in `PGPASSWORD`.
+pub fn launch_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Launch, String> {
+    let mut password = None;
+    let argv = argv_for(spec, config, &mut password)?;
+    let mut launch = as_user(&config.run_as, argv)?;
+    if let Some(password) = password {
+        launch.env.vars.push(("PGPASSWORD".into(), password));
+    }
+    Ok(launch)
+}
+
+/// The argv that runs `spec` (before switching user); a DSN's password goes to `password`.
+fn argv_for(
+    spec: &TaskSpec,
+    config: &PoolConfig,
+    password: &mut Option<String>,
+) -> Result<Vec<String>, String> {
     let p = |k: &str| spec.params.get(k).map(String::as_str);
     let postgres = || {
         config.postgres.clone().ok_or_else(|| {
@@ -332,8 +365,13 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
             )
         })
     };
-    let psql = |sql: String| -> Result<Vec<String>, String> {
-        let dsn = dsn_for(&postgres()?, p("database"));
+    let mut dsn = |database: Option<&str>| -> Result<String, String> {
+        let (dsn, pw) = crate::dsn::split_password(&dsn_for(&postgres()?, database));
+        *password = pw;
+        Ok(dsn)
+    };
+    let mut psql = |sql: String| -> Result<Vec<String>, String> {
+        let dsn = dsn(p("database"))?;
         Ok(vec![
             config.psql.display().to_string(),
             "-X".into(),
@@ -369,7 +407,7 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
         Kind::HealthCheck => psql("SELECT 1".into()),
         Kind::Sql => psql(p("query").unwrap_or_default().to_string()),
         Kind::PgDump => {
-            let dsn = dsn_for(&postgres()?, p("database"));
+            let dsn = dsn(p("database"))?;
             let mut argv = vec![
                 config.pg_dump.display().to_string(),
                 "-d".into(),
@@ -398,13 +436,18 @@ pub fn argv_for(spec: &TaskSpec, config: &PoolConfig) -> Result<Vec<String>, Str
             ]);
         }
     }?;
-    as_user(&config.run_as, argv)
+    Ok(argv)
 }
 
-/// `argv` run with `run_as`'s rights.
-fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Vec<String>, String> {
+/// `argv` run with `run_as`'s rights. Another user's run starts from an empty environment
+/// with that user's HOME, SHELL, USER, LOGNAME and a plain PATH (what `setpriv --reset-env`
+/// would set, done here so that `PGPASSWORD` can be added).
+fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Launch, String> {
     match run_as {
-        RunAs::Agent => Ok(argv),
+        RunAs::Agent => Ok(Launch {
+            argv,
+            env: Environment::default(),
+        }),
         RunAs::RefuseRoot => Err(
             "the agent runs as root and [tasks] run_as is not set: task \
              commands never run as root unless the config says so. Set [tasks] run_as to the \
@@ -412,10 +455,25 @@ fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Vec<String>, String> {
              user (the packaged unit runs it as outpost-agent)"
                 .into(),
         ),
-        RunAs::User { .. } => {
-            let mut all = run_as.setpriv(&["--reset-env"]);
+        RunAs::User {
+            name, home, shell, ..
+        } => {
+            let mut all = run_as.setpriv(&[]);
             all.extend(argv);
-            Ok(all)
+            let vars = [
+                ("HOME", home.display().to_string()),
+                ("SHELL", shell.display().to_string()),
+                ("USER", name.clone()),
+                ("LOGNAME", name.clone()),
+                ("PATH", "/usr/local/bin:/bin:/usr/bin".to_string()),
+            ];
+            Ok(Launch {
+                argv: all,
+                env: Environment {
+                    clear: true,
+                    vars: vars.map(|(k, v)| (k.to_string(), v)).to_vec(),
+                },
+            })
         }
     }
 }
@@ -519,10 +577,10 @@ async fn run_job(
         run_id,
         spec,
     } = job;
-    let argv = match adopted {
-        Some(_) => Vec::new(),
-        None => match argv_for(&spec, &config) {
-            Ok(argv) => argv,
+    let launch = match adopted {
+        Some(_) => Launch::default(),
+        None => match launch_for(&spec, &config) {
+            Ok(launch) => launch,
             Err(e) => {
                 let _ = events
                     .send(PoolEvent::Finished {
@@ -539,7 +597,8 @@ async fn run_job(
     let run = ProcessRun {
         task_id,
         run_id,
-        argv,
+        argv: launch.argv,
+        env: launch.env,
         timeout: adopted.map_or(full, |(_, _, left)| left),
         grace: config.grace,
         output_bytes_max: config.output_bytes_max,
@@ -575,7 +634,11 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
         return;
     }
     let mut command = tokio::process::Command::new(&this.exe);
+    if run.env.clear {
+        command.env_clear();
+    }
     command
+        .envs(run.env.vars.iter().map(|(k, v)| (k, v)))
         .arg("supervise")
         .arg("--dir")
         .arg(&dir)

@@ -201,7 +201,12 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
     }
     argv.push(config.psql.display().to_string());
     if let Some(db) = &config.database {
-        argv.push(db.clone());
+        // The password in psql's environment, not in its argv that `ps` shows every user.
+        let (dsn, password) = crate::dsn::split_password(db);
+        argv.push(dsn);
+        if let Some(password) = password {
+            env.push(("PGPASSWORD".into(), password));
+        }
     }
     Ok(PtySpec { argv, env, cwd })
 }
@@ -422,6 +427,31 @@ async fn serve_link(
 mod tests {
     use super::{Debounce, PtySize, RESIZE_DEBOUNCE};
     use tokio::time::Instant;
+
+    #[test]
+    fn psql_gets_the_password_in_its_environment_not_its_argv() {
+        let config = super::TerminalConfig {
+            psql: "psql".into(),
+            database: Some("postgres://outpost:hidden%21pw@db:5432/app".into()),
+            run_as: crate::config::RunAs::Agent,
+            sessions_max: 1,
+            reconnect_window: std::time::Duration::from_secs(60),
+            idle_timeout: std::time::Duration::from_secs(60),
+            output_bytes_max: 1 << 20,
+        };
+        let spec = super::psql_spec(&config, "ses_1").expect("spec");
+        assert_eq!(
+            spec.argv,
+            vec!["psql".to_string(), "postgres://outpost@db:5432/app".into()]
+        );
+        assert!(
+            spec.env
+                .iter()
+                .any(|(k, v)| k == "PGPASSWORD" && v == "hidden!pw"),
+            "{:?}",
+            spec.env
+        );
+    }
 
     #[test]
     fn a_resize_storm_collapses_into_the_last_size() {

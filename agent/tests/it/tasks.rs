@@ -431,6 +431,82 @@ async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
     assert_eq!(left, 0, "no run directory is left behind");
 }
 
+/// Every process's argv, read from /proc (NUL-separated words joined by spaces), by pid.
+fn all_cmdlines() -> Vec<(String, String)> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().to_string();
+            pid.chars().all(|c| c.is_ascii_digit()).then_some(pid)
+        })
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let words: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|w| String::from_utf8_lossy(w).to_string())
+                .collect();
+            Some((pid, words.join(" ")))
+        })
+        .collect()
+}
+
+/// `ps` shows every user each process's argv: a Postgres password from the agent's DSN goes
+/// to psql in PGPASSWORD (readable by its own user and root only), never in its argv.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_password_reaches_psql_in_its_environment_never_in_its_argv() {
+    const SECRET: &str = "argv-must-not-show-this";
+    let pg = fixtures::Postgres::start().await.expect("postgres fixture");
+    let url = url::Url::parse(&pg.create_database("tasks_secret").expect("database"))
+        .expect("fixture url");
+    let mut with_password = url.clone();
+    with_password.set_password(Some(SECRET)).expect("password");
+    // In its config file, as a deployment keeps it (not on the agent's own command line).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("postgres = \"{with_password}\"\n[tasks]\nrun_as = \"root\"\n"),
+    )
+    .expect("config");
+    let agent = Agent::start(&["--config", config.to_str().expect("utf8")]).await;
+    let id = agent.ok(&[
+        "add",
+        "sql",
+        "--param",
+        "database=tasks_secret",
+        "--param",
+        "query=SELECT pg_sleep(2)",
+    ]);
+    agent.wait_status(&id, "doing").await;
+    let mut psql = None;
+    for _ in 0..100 {
+        psql = all_cmdlines()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("pg_sleep(2)") && !cmd.contains("supervise"));
+        if psql.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (pid, cmd) = psql.expect("psql runs the query");
+    for (other, line) in all_cmdlines() {
+        assert!(
+            !line.contains(SECRET),
+            "pid {other} shows the password: {line}"
+        );
+    }
+    assert!(cmd.contains("tasks_secret"), "{cmd}");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == format!("PGPASSWORD={SECRET}").as_bytes()),
+        "psql gets the password in PGPASSWORD"
+    );
+    agent.wait_status(&id, "done").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_kinds_run_through_the_configured_server() {
     let pg = fixtures::Postgres::start().await.expect("postgres fixture");

@@ -182,6 +182,56 @@ fn a_killed_demo_takes_postgres_and_the_agent_with_it() {
     let agent = data_dir.join("agent").display().to_string();
     assert!(!running(&pg).is_empty(), "postgres runs");
     assert!(!running(&agent).is_empty(), "the agent runs");
+    // The demo's Postgres trusts whoever reaches its socket: only its owner (and root, as the
+    // agent here) may. Another local user is refused at the socket's directory.
+    let psql_as = |user: Option<&str>| {
+        let mut command = match user {
+            Some(user) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={user}"),
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    "--",
+                    "psql",
+                ]);
+                c
+            }
+            None => Command::new("psql"),
+        };
+        command
+            .args([
+                "-X",
+                "-h",
+                &pg,
+                "-p",
+                "5432",
+                "-U",
+                "postgres",
+                "-Atc",
+                "select 42",
+            ])
+            .output()
+            .expect("run psql (Debian package postgresql-client)")
+    };
+    let owner = psql_as(None);
+    assert_eq!(
+        String::from_utf8_lossy(&owner.stdout).trim(),
+        "42",
+        "root reaches the demo's Postgres: {}",
+        String::from_utf8_lossy(&owner.stderr)
+    );
+    let other = psql_as(Some("nobody"));
+    assert!(
+        !other.status.success(),
+        "another local user reached the demo's Postgres: {}",
+        String::from_utf8_lossy(&other.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     demo.kill().expect("SIGKILL");
     let _ = demo.wait();
     let mut waited = Duration::ZERO;
