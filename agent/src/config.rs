@@ -115,6 +115,8 @@ fn validate_metrics(raw: RawMetricsConfig) -> anyhow::Result<MetricsConfig> {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTerminalConfig {
+    /// Whether the control plane may open terminals here (default true).
+    pub enabled: Option<bool>,
     /// psql binary (default `psql` on `PATH`).
     pub psql: Option<PathBuf>,
     /// Connection string psql gets (default: the agent's `postgres`).
@@ -157,6 +159,7 @@ fn validate_terminal(
         bail!("terminal.output_buffer_bytes_max: must be 64KiB to 256MiB");
     }
     Ok(crate::terminal::TerminalConfig {
+        enabled: raw.enabled.unwrap_or(true),
         psql: raw.psql.unwrap_or_else(|| "psql".into()),
         database: raw.database.or_else(|| postgres.map(str::to_string)),
         run_as: resolve_run_as("terminal", raw.run_as.as_deref())?,
@@ -185,6 +188,10 @@ pub struct RawTasksConfig {
     /// OS user task commands run as when the agent runs as root; required then (`"root"`
     /// allows root explicitly). An agent that is not root runs them as itself.
     pub run_as: Option<String>,
+    /// Kinds the control plane may create (default: every kind).
+    pub remote_kinds: Option<Vec<String>>,
+    /// Absolute directories pg_dump may write under (default: none, pg_dump is off).
+    pub dump_dirs: Option<Vec<PathBuf>>,
 }
 
 /// Validated `[tasks]`.
@@ -198,6 +205,7 @@ pub struct TasksConfig {
     pub psql: PathBuf,
     pub pg_dump: PathBuf,
     pub run_as: RunAs,
+    pub policy: crate::tasks::policy::TaskPolicy,
 }
 
 /// Parse `128MiB`, `64KiB`, `1000` (bytes).
@@ -245,6 +253,33 @@ fn validate_tasks(raw: RawTasksConfig) -> anyhow::Result<TasksConfig> {
     if retries_max > 20 {
         bail!("tasks.retries_max: at most 20");
     }
+    let mut policy = crate::tasks::policy::TaskPolicy::default();
+    if let Some(kinds) = &raw.remote_kinds {
+        policy.remote_kinds = kinds
+            .iter()
+            .map(|k| {
+                crate::tasks::model::Kind::parse(k).with_context(|| {
+                    let known: Vec<&str> = crate::tasks::model::KINDS
+                        .iter()
+                        .map(|k| k.name())
+                        .collect();
+                    format!(
+                        "tasks.remote_kinds: unknown kind {k:?} (kinds: {})",
+                        known.join(", ")
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(dirs) = raw.dump_dirs {
+        if let Some(dir) = dirs.iter().find(|d| !d.is_absolute()) {
+            bail!(
+                "tasks.dump_dirs: {} must be an absolute path",
+                dir.display()
+            );
+        }
+        policy.dump_dirs = dirs;
+    }
     Ok(TasksConfig {
         concurrency_max,
         missed,
@@ -254,6 +289,7 @@ fn validate_tasks(raw: RawTasksConfig) -> anyhow::Result<TasksConfig> {
         psql: raw.psql.unwrap_or_else(|| "psql".into()),
         pg_dump: raw.pg_dump.unwrap_or_else(|| "pg_dump".into()),
         run_as: resolve_run_as("tasks", raw.run_as.as_deref())?,
+        policy,
     })
 }
 

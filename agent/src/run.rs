@@ -43,6 +43,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
             agent_exe: exe.clone(),
             data_dir: config.data_dir.clone(),
             run_as: tasks.run_as.clone(),
+            policy: Arc::new(tasks.policy.clone()),
             processes: Arc::new(crate::tasks::pool::OsProcesses::new(
                 world.clone(),
                 &config.data_dir,
@@ -138,6 +139,7 @@ pub async fn run(
         reader,
         requests,
         has_postgres: config.postgres.is_some(),
+        policy: Arc::new(config.tasks.policy.clone()),
     };
     let app = api::router(bridge.clone(), api::own_ids(&config.data_dir));
     {

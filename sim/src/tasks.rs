@@ -87,6 +87,7 @@ fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
             agent_exe: "outpost-agent".into(),
             data_dir: dir.to_path_buf(),
             run_as: agent::tasks::pool::RunAs::Agent,
+            policy: Arc::default(),
             processes: Arc::new(processes.clone()),
         },
         history_retention: Duration::from_secs(30 * 24 * 3600),

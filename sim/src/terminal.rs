@@ -270,6 +270,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                 let terminals = Terminals::new(
                     world.clone(),
                     TerminalConfig {
+                        enabled: true,
                         psql: "psql".into(),
                         database: None,
                         run_as: agent::config::RunAs::Agent,

@@ -384,7 +384,7 @@ async fn answer(
             error: None,
         },
         Command::TaskAdd { task } => match &config.tasks {
-            Some(bridge) => task_result(bridge.add(*task).await),
+            Some(bridge) => task_result(bridge.add_remote(*task).await),
             None => refused(
                 ErrorCode::Unavailable,
                 "this agent runs no task runtime".into(),

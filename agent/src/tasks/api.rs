@@ -3,6 +3,7 @@
 //! `curl --unix-socket` works; `outpost-agent tasks …` uses it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
@@ -19,6 +20,7 @@ use super::core::{CancelError, RescheduleError, SubmitError, TaskState};
 use super::cron::Cron;
 use super::driver::{Reader, Request as SchedulerRequest};
 use super::model::{KINDS, Kind, Schedule, TaskSpec, status};
+use super::policy::TaskPolicy;
 
 pub const REQUEST_BYTES_MAX: usize = 256 * 1024;
 const PARAM_BYTES_MAX: usize = 4096;
@@ -35,6 +37,7 @@ struct Api {
     /// Uid and gid allowed besides root.
     owner: (u32, u32),
     has_postgres: bool,
+    policy: Arc<TaskPolicy>,
 }
 
 pub use proto::{RunSnapshot as RunView, TaskRequest as AddRequest, TaskSnapshot as TaskView};
@@ -103,6 +106,7 @@ pub fn spec_from_request(
     req: AddRequest,
     now_ms: i64,
     has_postgres: bool,
+    policy: &TaskPolicy,
 ) -> Result<TaskSpec, String> {
     let kind = Kind::parse(&req.kind).ok_or_else(|| {
         let known: Vec<&str> = KINDS.iter().map(|k| k.name()).collect();
@@ -143,6 +147,11 @@ pub fn spec_from_request(
         }
     } else if !req.argv.is_empty() {
         return Err(format!("{} takes no argv; only command does", kind.name()));
+    }
+    if kind == Kind::PgDump
+        && let Some(path) = req.params.get("path")
+    {
+        policy.check_dump_path(path)?;
     }
     if matches!(
         kind,
@@ -289,6 +298,7 @@ fn refusal(e: BridgeError) -> ApiError {
         BridgeError::Invalid(_) => StatusCode::BAD_REQUEST,
         BridgeError::Duplicate(_) | BridgeError::Finished(_) => StatusCode::CONFLICT,
         BridgeError::Unknown(_) => StatusCode::NOT_FOUND,
+        BridgeError::Refused(_) => StatusCode::FORBIDDEN,
         BridgeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         BridgeError::Internal(ref m) => return internal(m),
     };
@@ -384,6 +394,7 @@ pub fn router(bridge: Bridge, owner: (u32, u32)) -> Router {
         requests: bridge.requests,
         owner,
         has_postgres: bridge.has_postgres,
+        policy: bridge.policy,
     };
     Router::new()
         .route("/v1/tasks", post(add).get(list))
@@ -452,6 +463,7 @@ impl Api {
             reader: self.reader.clone(),
             requests: self.requests.clone(),
             has_postgres: self.has_postgres,
+            policy: Arc::clone(&self.policy),
         }
     }
 }
@@ -461,6 +473,9 @@ impl Api {
 pub enum BridgeError {
     #[error("{0}")]
     Invalid(String),
+    /// This host's policy does not allow it.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Duplicate(String),
     #[error("{0}")]
@@ -480,6 +495,8 @@ pub struct Bridge {
     pub reader: Reader,
     pub requests: mpsc::Sender<SchedulerRequest>,
     pub has_postgres: bool,
+    /// What this host lets be run ([`TaskPolicy`]).
+    pub policy: Arc<TaskPolicy>,
 }
 
 impl Bridge {
@@ -498,10 +515,20 @@ impl Bridge {
         })
     }
 
+    /// Add a task the control plane asked for: only of a kind `[tasks] remote_kinds` allows.
+    pub async fn add_remote(&self, req: AddRequest) -> Result<TaskView, BridgeError> {
+        if let Some(kind) = Kind::parse(&req.kind) {
+            self.policy
+                .allow_remote(kind)
+                .map_err(BridgeError::Refused)?;
+        }
+        self.add(req).await
+    }
+
     pub async fn add(&self, req: AddRequest) -> Result<TaskView, BridgeError> {
         let now_ms = self.reader.world.now_unix_ms();
-        let spec =
-            spec_from_request(req, now_ms, self.has_postgres).map_err(BridgeError::Invalid)?;
+        let spec = spec_from_request(req, now_ms, self.has_postgres, &self.policy)
+            .map_err(BridgeError::Invalid)?;
         match self
             .ask(|reply| SchedulerRequest::Submit { spec, reply })
             .await?

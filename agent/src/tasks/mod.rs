@@ -7,6 +7,7 @@ pub mod core;
 pub mod cron;
 pub mod driver;
 pub mod model;
+pub mod policy;
 pub mod pool;
 pub mod rundir;
 pub mod store;

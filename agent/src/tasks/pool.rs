@@ -38,6 +38,8 @@ pub struct PoolConfig {
     pub data_dir: PathBuf,
     /// Whose rights the commands get.
     pub run_as: RunAs,
+    /// What this host lets be run (pg_dump's directories are checked again before each run).
+    pub policy: Arc<crate::tasks::policy::TaskPolicy>,
     /// Where runs execute.
     pub processes: Arc<dyn Processes>,
 }
@@ -407,13 +409,18 @@ fn argv_for(
         Kind::HealthCheck => psql("SELECT 1".into()),
         Kind::Sql => psql(p("query").unwrap_or_default().to_string()),
         Kind::PgDump => {
+            // Checked again here: the config may have changed, or a link appeared, since the
+            // task was added.
+            let path = config
+                .policy
+                .check_dump_path(p("path").unwrap_or_default())?;
             let dsn = dsn(p("database"))?;
             let mut argv = vec![
                 config.pg_dump.display().to_string(),
                 "-d".into(),
                 dsn,
                 "-f".into(),
-                p("path").unwrap_or_default().into(),
+                path.display().to_string(),
             ];
             if let Some(s) = p("schema") {
                 argv.extend(["-n".into(), s.into()]);

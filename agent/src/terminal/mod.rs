@@ -30,6 +30,8 @@ pub use session::{Debounce, SESSION_ENV};
 /// Validated `[terminal]` configuration (defaults live in `config.rs`).
 #[derive(Clone, Debug)]
 pub struct TerminalConfig {
+    /// `[terminal] enabled = false` refuses every open.
+    pub enabled: bool,
     pub psql: PathBuf,
     /// Connection string passed to psql; `None` lets psql use its own defaults.
     pub database: Option<String>,
@@ -164,6 +166,10 @@ pub trait PtySystem: Send + Sync + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error(
+        "the terminal is off on this host (the agent's config says [terminal] enabled = false)"
+    )]
+    Disabled,
     #[error("terminal session limit reached ({0} sessions on this agent)")]
     LimitReached(usize),
     #[error("session id {0:?} is not valid")]
@@ -234,6 +240,9 @@ impl Terminals {
     /// Accept session `session_id` and start dialing its reverse link. Opening a session
     /// that is already running is a no-op (the control plane may retry a lost answer).
     pub fn open(&self, session_id: &str) -> Result<(), OpenError> {
+        if !self.inner.config.enabled {
+            return Err(OpenError::Disabled);
+        }
         let valid = !session_id.is_empty()
             && session_id.len() <= 64
             && session_id

@@ -431,6 +431,7 @@ mod tests {
     #[test]
     fn psql_gets_the_password_in_its_environment_not_its_argv() {
         let config = super::TerminalConfig {
+            enabled: true,
             psql: "psql".into(),
             database: Some("postgres://outpost:hidden%21pw@db:5432/app".into()),
             run_as: crate::config::RunAs::Agent,

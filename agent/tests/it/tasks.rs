@@ -37,9 +37,17 @@ impl Agent {
             data.display().to_string(),
         ];
         if !self.extra.iter().any(|a| a == "--config") {
-            // Tests run as root: commands may run as root only when the config says so.
+            // Tests run as root: commands may run as root only when the config says so. Dumps
+            // may go to the test's directory.
             let config = self.dir.path().join("agent.toml");
-            std::fs::write(&config, "[tasks]\nrun_as = \"root\"\n").expect("config");
+            std::fs::write(
+                &config,
+                format!(
+                    "[tasks]\nrun_as = \"root\"\ndump_dirs = [\"{}\"]\n",
+                    self.dir.path().display()
+                ),
+            )
+            .expect("config");
             args.extend(["--config".into(), config.display().to_string()]);
         }
         args.extend(self.extra.clone());
@@ -546,6 +554,20 @@ async fn postgres_kinds_run_through_the_configured_server() {
     agent.wait_status(&dump, "done").await;
     let dumped = std::fs::read_to_string(&dump_path).expect("dump written");
     assert!(dumped.contains("Odd \"\"name"), "the dump holds the table");
+    let outside = agent.tasks(&[
+        "add",
+        "pg_dump",
+        "--param",
+        "database=tasks_kinds",
+        "--param",
+        "path=/var/tmp/outside-dump-dirs.sql",
+    ]);
+    assert!(!outside.status.success());
+    assert!(
+        String::from_utf8_lossy(&outside.stderr).contains("not under [tasks] dump_dirs"),
+        "{}",
+        String::from_utf8_lossy(&outside.stderr)
+    );
     let bad = agent.ok(&[
         "add",
         "sql",
@@ -585,6 +607,16 @@ async fn postgres_kinds_run_through_the_configured_server() {
     );
 }
 
+/// The id of the one agent enrolled with `cp`.
+async fn first_agent_id(cp: &crate::harness::ControlPlane) -> String {
+    let listed = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("list");
+    let agents: serde_json::Value = serde_json::from_slice(&listed.body).expect("json");
+    agents[0]["id"].as_str().expect("id").to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down() {
     use crate::harness::ControlPlane;
@@ -600,14 +632,7 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
     agent.launch().await;
     cp.wait_status("db1", "online", Duration::from_secs(10))
         .await;
-    let agents: serde_json::Value = serde_json::from_slice(
-        &cp.api(Method::GET, "/api/v1/agents", None)
-            .await
-            .expect("list")
-            .body,
-    )
-    .expect("json");
-    let agent_id = agents[0]["id"].as_str().expect("id").to_string();
+    let agent_id = first_agent_id(&cp).await;
     let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
 
     // Through the control plane: created on the agent, refused with the agent's reason.
@@ -1008,4 +1033,78 @@ async fn as_root_commands_run_as_the_configured_user_and_never_as_root_by_defaul
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The host limits what the control plane may do there, whoever holds the control plane:
+/// `[tasks] remote_kinds`, `[tasks] dump_dirs` and `[terminal] enabled`, each refused
+/// remotely with the agent's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_policy_limits_what_the_control_plane_may_run_there() {
+    use crate::harness::ControlPlane;
+    use http::Method;
+    let cp = ControlPlane::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dumps = tmp.path().join("dumps");
+    std::fs::create_dir(&dumps).expect("dumps dir");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tasks]\nrun_as = \"root\"\nremote_kinds = [\"command\", \"pg_dump\"]\ndump_dirs = [\"{}\"]\n[terminal]\nenabled = false\n",
+            dumps.display()
+        ),
+    )
+    .expect("config");
+    let mut agent = Agent {
+        dir: tempfile::tempdir().expect("tempdir"),
+        proc: None,
+        extra: vec!["--config".into(), config.display().to_string()],
+    };
+    cp.enroll_agent("db1", &agent.data().display().to_string());
+    agent.launch().await;
+    cp.wait_status("db1", "online", Duration::from_secs(10))
+        .await;
+    let agent_id = first_agent_id(&cp).await;
+    let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
+    let add = |body: serde_json::Value| {
+        let (cp, path) = (&cp, tasks_path.clone());
+        async move {
+            let r = cp
+                .api(Method::POST, &path, Some(body))
+                .await
+                .expect("answer");
+            (
+                r.status.as_u16(),
+                String::from_utf8_lossy(&r.body).to_string(),
+            )
+        }
+    };
+
+    let (status, body) = add(serde_json::json!({"kind": "health_check"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("[tasks] remote_kinds allows: pg_dump, command"),
+        "{body}"
+    );
+    let (status, body) = add(serde_json::json!({"kind": "pg_dump", "params": {"database": "app", "path": "/etc/cron.d/evil"}})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not under [tasks] dump_dirs"), "{body}");
+    let (status, body) = add(serde_json::json!({"kind": "command", "argv": ["true"]})).await;
+    assert_eq!(status, 201, "{body}");
+    // The host's own users (the task socket) are not limited by remote_kinds.
+    let local = agent.tasks(&["add", "health_check"]);
+    let said = String::from_utf8_lossy(&local.stderr);
+    assert!(!said.contains("remote_kinds"), "{said}");
+
+    let open = cp
+        .api(
+            Method::POST,
+            "/api/v1/terminal/sessions",
+            Some(serde_json::json!({ "agent_id": agent_id })),
+        )
+        .await
+        .expect("answer");
+    let body = String::from_utf8_lossy(&open.body);
+    assert_ne!(open.status.as_u16(), 201, "{body}");
+    assert!(body.contains("[terminal] enabled = false"), "{body}");
 }
