@@ -19,6 +19,9 @@ pub mod action {
     pub const LOGIN_REFUSED: &str = "login.refused";
     pub const LOGOUT: &str = "logout";
     pub const TOKEN_REVOKED: &str = "token.revoked";
+    pub const USER_CHANGED: &str = "user.changed";
+    pub const USER_DELETED: &str = "user.deleted";
+    pub const AGENT_REMOVED: &str = "agent.removed";
     pub const AGENT_ENROLLED: &str = "agent.enrolled";
     pub const TERMINAL_OPENED: &str = "terminal.opened";
     pub const TERMINAL_ENDED: &str = "terminal.ended";

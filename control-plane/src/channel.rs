@@ -165,6 +165,8 @@ pub async fn upgrade(
 enum End {
     Shutdown,
     Replaced,
+    /// An admin removed the agent: its credential is gone.
+    Removed,
     Dead,
     ClosedByAgent,
     Transport(String),
@@ -177,6 +179,7 @@ impl std::fmt::Display for End {
         match self {
             End::Shutdown => f.write_str("control plane shutting down"),
             End::Replaced => f.write_str("replaced by a newer connection"),
+            End::Removed => f.write_str("the agent was removed"),
             End::Dead => f.write_str("no frame within the dead deadline"),
             End::ClosedByAgent => f.write_str("closed by the agent"),
             End::Transport(e) => write!(f, "transport error: {e}"),
@@ -263,6 +266,14 @@ async fn run(state: ChannelContext, agent: AgentRow, socket: WebSocket) {
             ));
             let _ = conn.send(&msg).await;
             conn.close("replaced").await;
+        }
+        End::Removed => {
+            let msg = ServerMessage::Error(WireError::new(
+                ErrorCode::Refused,
+                "this agent was removed from the control plane; enroll it again to bring it back",
+            ));
+            let _ = conn.send(&msg).await;
+            conn.close("removed").await;
         }
         End::Shutdown => conn.close("control plane shutting down").await,
         End::Dead | End::ClosedByAgent | End::Transport(_) => {}
@@ -407,8 +418,14 @@ async fn serve_connection(
                                 recorded = true;
                                 Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms })
                             }
-                            // Another replica's connection took over in storage.
-                            Ok(false) => return End::Replaced,
+                            // Another replica's connection took over in storage, or an admin
+                            // removed the agent.
+                            Ok(false) => {
+                                return match state.storage.agent(&agent.id).await {
+                                    Ok(None) => End::Removed,
+                                    _ => End::Replaced,
+                                };
+                            }
                             Err(e) => return End::Storage(e.to_string()),
                         }
                     }

@@ -6,6 +6,7 @@
 //! [`exec`] (`outpost exec`: fleet commands over supervised SSH), [`audit`] (who did what),
 //! [`observe`] (`/metrics`), [`terminal`] (browser psql sessions), [`demo`] (`outpost demo`).
 
+pub mod accounts;
 pub mod audit;
 pub mod auth;
 pub mod channel;

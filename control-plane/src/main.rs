@@ -291,6 +291,45 @@ enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List users: name, role, whether disabled, created.
+    Users {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a user's role, or disable or enable it. Disabling deletes its tokens (logged-in
+    /// browsers are out at once). The last enabled admin cannot be demoted or disabled.
+    SetUser {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: Option<String>,
+        /// The user can no longer log in; its tokens are deleted.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Let a disabled user log in again.
+        #[arg(long)]
+        enable: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a user and its tokens (not the last enabled admin).
+    DeleteUser {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List agents: id, name, last seen.
+    Agents {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove an agent by the id `outpost admin agents` shows: its credential stops working,
+    /// its channel ends within a heartbeat, its stored tasks and metrics are deleted. Enroll
+    /// the host again to bring it back.
+    RemoveAgent {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create a single-use agent enrollment token and print it.
     EnrollToken {
         /// How long the token stays valid (humantime: 30m, 1h, 2d) [max 7d].
@@ -578,6 +617,84 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             if generated {
                 println!("password: {password}");
             }
+            Ok(())
+        }
+        AdminCommand::Users { store } => {
+            let storage = open(&world, store).await?;
+            let users = storage.list_users().await.context("list the users")?;
+            println!("{:<24}  {:<8}  {:<8}  CREATED", "NAME", "ROLE", "STATE");
+            for u in users {
+                println!(
+                    "{:<24}  {:<8}  {:<8}  {}",
+                    u.name,
+                    u.role.as_str(),
+                    if u.disabled { "disabled" } else { "enabled" },
+                    control_plane::time::rfc3339_ms(u.created_at_ms)
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::SetUser {
+            name,
+            role,
+            disable,
+            enable,
+            store,
+        } => {
+            use control_plane::accounts::UserChange;
+            let mut changes = Vec::new();
+            if let Some(role) = &role {
+                changes.push(UserChange::Role(
+                    Role::parse(role).context("role must be viewer, operator or admin")?,
+                ));
+            }
+            if disable {
+                changes.push(UserChange::Disable);
+            }
+            if enable {
+                changes.push(UserChange::Enable);
+            }
+            if changes.is_empty() {
+                bail!("give --role, --disable or --enable");
+            }
+            let storage = open(&world, store).await?;
+            for change in changes {
+                control_plane::accounts::change_user(&storage, &name, change).await?;
+            }
+            eprintln!("changed user {name}");
+            Ok(())
+        }
+        AdminCommand::DeleteUser { name, store } => {
+            let storage = open(&world, store).await?;
+            control_plane::accounts::change_user(
+                &storage,
+                &name,
+                control_plane::accounts::UserChange::Delete,
+            )
+            .await?;
+            eprintln!("deleted user {name}");
+            Ok(())
+        }
+        AdminCommand::Agents { store } => {
+            let storage = open(&world, store).await?;
+            let agents = storage.list_agents().await.context("list the agents")?;
+            println!("{:<24}  {:<32}  LAST SEEN", "ID", "NAME");
+            for a in agents {
+                println!(
+                    "{:<24}  {:<32}  {}",
+                    a.id,
+                    a.name,
+                    a.last_seen_ms
+                        .map(control_plane::time::rfc3339_ms)
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::RemoveAgent { id, store } => {
+            let storage = open(&world, store).await?;
+            control_plane::accounts::remove_agent(&storage, &id).await?;
+            eprintln!("removed agent {id}");
             Ok(())
         }
         AdminCommand::Tokens { store } => {

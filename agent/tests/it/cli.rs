@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{ControlPlane, agent_bin, outpost_bin, run};
+use crate::harness::{ControlPlane, agent_bin, outpost_bin, run, stdout};
 
 #[test]
 fn both_binaries_explain_themselves() {
@@ -352,4 +352,53 @@ fn enrolling_over_plain_http_warns() {
     assert!(!local.status.success());
     let stderr = String::from_utf8_lossy(&local.stderr);
     assert!(!stderr.contains("WARNING"), "{stderr}");
+}
+
+/// `outpost admin` manages users and agents on the storage directly, with the same rules as
+/// the API: the last enabled admin stays an admin.
+#[test]
+fn admin_commands_manage_users_and_agents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    crate::harness::create_admin(data, &[]);
+    let outpost = |args: &[&str]| {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        all.extend(["--data-dir", data]);
+        run(&outpost_bin(), &all)
+    };
+    let made = outpost(&["create-user", "bob", "--role", "operator"]);
+    assert!(made.status.success());
+    let users = stdout(&outpost(&["users"]));
+    assert!(
+        users
+            .lines()
+            .any(|l| l.starts_with("bob ") && l.contains("operator") && l.contains("enabled")),
+        "{users}"
+    );
+    assert!(
+        outpost(&["set-user", "bob", "--disable", "--role", "viewer"])
+            .status
+            .success()
+    );
+    let users = stdout(&outpost(&["users"]));
+    assert!(
+        users
+            .lines()
+            .any(|l| l.starts_with("bob ") && l.contains("viewer") && l.contains("disabled")),
+        "{users}"
+    );
+    let last = outpost(&["set-user", "admin", "--role", "viewer"]);
+    assert!(!last.status.success());
+    assert!(String::from_utf8_lossy(&last.stderr).contains("last enabled admin"));
+    assert!(
+        !outpost(&["set-user", "bob"]).status.success(),
+        "nothing to change"
+    );
+    assert!(outpost(&["delete-user", "bob"]).status.success());
+    assert!(!stdout(&outpost(&["users"])).contains("bob"));
+    assert!(stdout(&outpost(&["agents"])).starts_with("ID"));
+    let missing = outpost(&["remove-agent", "agt_nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no agent \"agt_nope\""));
 }

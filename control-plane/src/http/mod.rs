@@ -10,13 +10,14 @@ mod observe;
 pub mod openapi;
 mod sessions;
 mod tasks;
+mod users;
 mod web;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 
 pub use self::access::{Access, RouteSpec};
@@ -71,6 +72,34 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
                 Access::User(Role::Admin),
             ),
             delete(sessions::revoke),
+        ),
+        (
+            spec(Method::GET, "/api/v1/users", Access::User(Role::Admin)),
+            get(users::list),
+        ),
+        (
+            spec(
+                Method::PATCH,
+                "/api/v1/users/{name}",
+                Access::User(Role::Admin),
+            ),
+            patch(users::change),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/users/{name}",
+                Access::User(Role::Admin),
+            ),
+            delete(users::delete),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/agents/{id}",
+                Access::User(Role::Admin),
+            ),
+            delete(users::remove_agent),
         ),
         (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),

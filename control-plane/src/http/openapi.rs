@@ -107,6 +107,22 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
             "auth",
         )
         .no_content(),
+        ("GET", "/api/v1/users") => doc("Every user with role and state (never a password)", "auth")
+            .returns(200, schema::<Vec<super::users::UserView>>),
+        ("PATCH", "/api/v1/users/{name}") => doc(
+            "Change a user's role, or disable (its tokens are deleted) or enable it; effective at once. The last enabled admin cannot lose the role",
+            "auth",
+        )
+        .request(schema::<super::users::UserPatch>)
+        .no_content(),
+        ("DELETE", "/api/v1/users/{name}") => {
+            doc("Delete a user and its tokens (not the last enabled admin)", "auth").no_content()
+        }
+        ("DELETE", "/api/v1/agents/{id}") => doc(
+            "Remove an agent: its credential stops working and its channel ends within a heartbeat; its tasks and metrics are deleted",
+            "fleet",
+        )
+        .no_content(),
         ("GET", "/api/v1/me") => {
             doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
         }

@@ -77,6 +77,9 @@ CREATE TABLE cluster_secrets (
     value TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -182,5 +185,8 @@ CREATE TABLE cluster_secrets (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+"#,
+    r#"
+ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE;
 "#,
 ];

@@ -12,13 +12,15 @@ pub mod model;
 mod postgres;
 mod sqlite;
 
+use crate::auth::Role;
+
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
     Enrollment, MetricQuery, MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow,
-    UserRow,
+    UserInfo, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -64,8 +66,35 @@ impl Storage {
         dispatch!(self.create_user(user))
     }
 
+    /// The enabled user called `name` (a disabled one is not found: it cannot log in).
     pub async fn user_by_name(&self, name: &str) -> Result<Option<UserRow>, StorageError> {
         dispatch!(self.user_by_name(name))
+    }
+
+    /// Every user, by name.
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>, StorageError> {
+        dispatch!(self.list_users())
+    }
+
+    /// Give user `name` the role `role` (effective at once: tokens carry no role); `false` when
+    /// there is no such user.
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
+        dispatch!(self.set_user_role(name, role))
+    }
+
+    /// Disable (and delete every token of) or enable user `name`; `false` when there is no
+    /// such user.
+    pub async fn set_user_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.set_user_disabled(name, disabled))
+    }
+
+    /// Delete user `name` and its tokens; `false` when there was none.
+    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
+        dispatch!(self.delete_user(name))
     }
 
     pub async fn create_api_token(
@@ -87,7 +116,6 @@ impl Storage {
         dispatch!(self.user_by_token(token_hash, now_ms))
     }
 
-    /// Delete expired API tokens and enrollment tokens; returns how many rows went.
     /// Unexpired tokens, newest first.
     pub async fn list_tokens(&self, now_ms: i64) -> Result<Vec<TokenRow>, StorageError> {
         dispatch!(self.list_tokens(now_ms))
@@ -103,6 +131,7 @@ impl Storage {
         dispatch!(self.revoke_token(token_hash))
     }
 
+    /// Delete expired API tokens and enrollment tokens; returns how many rows went.
     pub async fn purge_expired(&self, now_ms: i64) -> Result<u64, StorageError> {
         dispatch!(self.purge_expired(now_ms))
     }
@@ -168,6 +197,12 @@ impl Storage {
 
     pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {
         dispatch!(self.agent(agent_id))
+    }
+
+    /// Delete agent `agent_id` with its credential, task snapshots and metrics; `false` when
+    /// there was none. Its live channel ends at its next heartbeat, on whichever replica.
+    pub async fn remove_agent(&self, agent_id: &str) -> Result<bool, StorageError> {
+        dispatch!(self.remove_agent(agent_id))
     }
 
     /// Store the latest snapshot of each task (idempotent: replaying a batch changes nothing).

@@ -38,6 +38,16 @@ pub struct UserRow {
     pub created_at_ms: i64,
 }
 
+/// A user as listed to admins (never the password hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInfo {
+    pub name: String,
+    pub role: Role,
+    /// A disabled user cannot log in and holds no token.
+    pub disabled: bool,
+    pub created_at_ms: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRow {
     pub id: String,

@@ -12,7 +12,7 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserRow,
+    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -201,12 +201,79 @@ impl PostgresStore {
             .client()
             .await?
             .query_opt(
-                "SELECT id, name, role, password_hash, created_at_ms FROM users WHERE name = $1",
+                "SELECT id, name, role, password_hash, created_at_ms FROM users WHERE name = $1 AND NOT disabled",
                 &[&name],
             )
             .await
             .map_err(backend)?;
         Ok(row.as_ref().map(user_from_row))
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT name, role, disabled, created_at_ms FROM users ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let role: String = row.get(1);
+                UserInfo {
+                    name: row.get(0),
+                    role: Role::parse(&role).unwrap_or(Role::Viewer),
+                    disabled: row.get(2),
+                    created_at_ms: row.get(3),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE users SET role = $2 WHERE name = $1",
+                &[&name, &role.as_str()],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
+    pub async fn set_user_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> Result<bool, StorageError> {
+        // One statement, so the flag and the tokens change together.
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "WITH u AS (UPDATE users SET disabled = $2 WHERE name = $1 RETURNING id), \
+                 d AS (DELETE FROM api_tokens WHERE $2 AND user_id IN (SELECT id FROM u)) \
+                 SELECT count(*) FROM u",
+                &[&name, &disabled],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.get::<_, i64>(0) > 0)
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM users WHERE name = $1", &[&name])
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
     }
 
     pub async fn create_api_token(
@@ -237,7 +304,8 @@ impl PostgresStore {
             .await?
             .query_opt(
                 "SELECT u.id, u.name, u.role, u.password_hash, u.created_at_ms FROM api_tokens t \
-                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1 AND t.expires_at_ms > $2",
+                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1 AND t.expires_at_ms > $2 \
+                 AND NOT u.disabled",
                 &[&token_hash, &now_ms],
             )
             .await
@@ -436,6 +504,16 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(n == 1)
+    }
+
+    pub async fn remove_agent(&self, agent_id: &str) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM agents WHERE id = $1", &[&agent_id])
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
     }
 
     pub async fn agent_disconnected(

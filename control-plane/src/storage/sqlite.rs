@@ -10,7 +10,8 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserRow, replay_allowed,
+    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    replay_allowed,
 };
 use crate::auth::Role;
 
@@ -138,12 +139,83 @@ impl SqliteStore {
         let name = name.to_string();
         self.run(move |conn| {
             conn.query_row(
-                &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
+                &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1 AND disabled = 0"),
                 params![name],
                 user_from_row,
             )
             .optional()
             .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT name, role, disabled, created_at_ms FROM users ORDER BY name")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    let role: String = row.get(1)?;
+                    Ok(UserInfo {
+                        name: row.get(0)?,
+                        role: Role::parse(&role).unwrap_or(Role::Viewer),
+                        disabled: row.get::<_, i64>(2)? != 0,
+                        created_at_ms: row.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE users SET role = ?2 WHERE name = ?1",
+                params![name, role.as_str()],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn set_user_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> Result<bool, StorageError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let n = tx
+                .execute(
+                    "UPDATE users SET disabled = ?2 WHERE name = ?1",
+                    params![name, i64::from(disabled)],
+                )
+                .map_err(backend)?;
+            if disabled {
+                tx.execute(
+                    "DELETE FROM api_tokens WHERE user_id IN (SELECT id FROM users WHERE name = ?1)",
+                    params![name],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.execute("DELETE FROM users WHERE name = ?1", params![name])
+                .map(|n| n > 0)
+                .map_err(backend)
         })
         .await
     }
@@ -176,7 +248,8 @@ impl SqliteStore {
         self.run(move |conn| {
             conn.query_row(
                 "SELECT u.id, u.name, u.role, u.password_hash, u.created_at_ms FROM api_tokens t \
-                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1 AND t.expires_at_ms > ?2",
+                 JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1 AND t.expires_at_ms > ?2 \
+                 AND u.disabled = 0",
                 params![token_hash, now_ms],
                 user_from_row,
             )
@@ -374,6 +447,16 @@ impl SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn remove_agent(&self, agent_id: &str) -> Result<bool, StorageError> {
+        let agent_id = agent_id.to_string();
+        self.run(move |conn| {
+            conn.execute("DELETE FROM agents WHERE id = ?1", params![agent_id])
+                .map(|n| n > 0)
+                .map_err(backend)
         })
         .await
     }

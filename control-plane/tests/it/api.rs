@@ -962,3 +962,124 @@ async fn an_admin_lists_tokens_and_revokes_one_which_stops_working_at_once() {
     assert_eq!(audit[0]["actor"], "boss");
     server.stop().await;
 }
+
+/// Admins change roles, disable, enable and delete users; each change holds at once for the
+/// user's existing tokens, and the last enabled admin cannot be demoted, disabled or deleted.
+#[tokio::test]
+async fn admins_manage_users_and_every_change_holds_at_once() {
+    let server = Server::start().await;
+    let admin = server.token_for("root", Role::Admin).await;
+    let bob = server.token_for("bob", Role::Operator).await;
+    let call = |method: Method, path: &str, token: &str, body: &str| {
+        let (path, token, body) = (path.to_string(), token.to_string(), body.to_string());
+        let server = &server;
+        async move { server.request(method, &path, Some(&token), body).await }
+    };
+    let login = |name: &str| {
+        let body = format!(r#"{{"username":"{name}","password":"a-long-enough-password"}}"#);
+        let server = &server;
+        async move {
+            server
+                .request(Method::POST, "/api/v1/sessions", None, body)
+                .await
+                .status
+        }
+    };
+    assert_eq!(
+        call(Method::GET, "/api/v1/users", &bob, "").await.status,
+        403
+    );
+    let users = call(Method::GET, "/api/v1/users", &admin, "").await;
+    assert_eq!(users.status, 200);
+    let users: serde_json::Value = serde_json::from_slice(&users.body).expect("json");
+    assert_eq!(users[0]["name"], "bob", "{users}");
+    assert_eq!(users[0]["role"], "operator", "{users}");
+    assert_eq!(users[0]["disabled"], false, "{users}");
+    assert!(users[0].get("password_hash").is_none(), "{users}");
+
+    // A role change holds for the token bob already has.
+    let tasks = "/api/v1/agents/agt_x/tasks";
+    assert_ne!(call(Method::POST, tasks, &bob, "{}").await.status, 403);
+    let r = call(
+        Method::PATCH,
+        "/api/v1/users/bob",
+        &admin,
+        r#"{"role":"viewer"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_eq!(call(Method::POST, tasks, &bob, "{}").await.status, 403);
+
+    // Disabled: the token stops working, and so does logging in; enabled: logging in works.
+    let r = call(
+        Method::PATCH,
+        "/api/v1/users/bob",
+        &admin,
+        r#"{"disabled":true}"#,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(call(Method::GET, "/api/v1/me", &bob, "").await.status, 401);
+    assert_eq!(login("bob").await, 401);
+    let r = call(
+        Method::PATCH,
+        "/api/v1/users/bob",
+        &admin,
+        r#"{"disabled":false}"#,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(login("bob").await, 200);
+
+    // Refusals: the last admin, bad input, unknown users.
+    for (method, body) in [
+        (Method::PATCH, r#"{"role":"operator"}"#),
+        (Method::PATCH, r#"{"disabled":true}"#),
+        (Method::DELETE, ""),
+    ] {
+        let r = call(method, "/api/v1/users/root", &admin, body).await;
+        assert_eq!(r.status, 409, "{:?}", r.body);
+        assert!(String::from_utf8_lossy(&r.body).contains("last enabled admin"));
+    }
+    let r = call(
+        Method::PATCH,
+        "/api/v1/users/bob",
+        &admin,
+        r#"{"role":"root"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = call(Method::PATCH, "/api/v1/users/bob", &admin, "{}").await;
+    assert_eq!(r.status, 400);
+    let r = call(
+        Method::PATCH,
+        "/api/v1/users/carol",
+        &admin,
+        r#"{"role":"admin"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        call(Method::GET, "/api/v1/me", &admin, "").await.status,
+        200
+    );
+
+    // Deleted: gone, and its login with it.
+    let r = call(Method::DELETE, "/api/v1/users/bob", &admin, "").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(login("bob").await, 401);
+    assert_eq!(
+        call(Method::DELETE, "/api/v1/users/bob", &admin, "")
+            .await
+            .status,
+        404
+    );
+    let audit = call(Method::GET, "/api/v1/audit?action=user.changed", &admin, "").await;
+    let audit: serde_json::Value = serde_json::from_slice(&audit.body).expect("json");
+    assert_eq!(audit.as_array().map(Vec::len), Some(3), "{audit}");
+    assert_eq!(audit[2]["detail"]["role"], "viewer", "{audit}");
+    let audit = call(Method::GET, "/api/v1/audit?action=user.deleted", &admin, "").await;
+    let audit: serde_json::Value = serde_json::from_slice(&audit.body).expect("json");
+    assert_eq!(audit[0]["target"], "bob", "{audit}");
+    server.stop().await;
+}

@@ -353,3 +353,79 @@ async fn a_login_flood_gets_five_checks_and_agents_stay_online() {
     assert_eq!(offline_seen, 0, "the agent showed offline during the flood");
     server.stop().await;
 }
+
+/// An admin removes an agent: its live channel is told and closed at its next heartbeat, its
+/// credential is refused from then on, it leaves the fleet, and the removal is audited.
+#[tokio::test]
+async fn a_removed_agent_loses_its_channel_and_its_credential() {
+    let server = Server::start().await;
+    let (agent_id, cred) = server.enroll("db1").await;
+    let admin = server
+        .token_for("admin", control_plane::auth::Role::Admin)
+        .await;
+    let operator = server
+        .token_for("op", control_plane::auth::Role::Operator)
+        .await;
+    let mut ws = welcomed(&server, &cred).await;
+    heartbeat(&mut ws, 1, None).await;
+    assert_eq!(status_of(&server, &admin, &agent_id).await, "online");
+    let path = format!("/api/v1/agents/{agent_id}");
+    let denied = server
+        .request(http::Method::DELETE, &path, Some(&operator), "")
+        .await;
+    assert_eq!(denied.status, 403, "only admins remove agents");
+    let removed = server
+        .request(http::Method::DELETE, &path, Some(&admin), "")
+        .await;
+    assert_eq!(removed.status, 204, "{:?}", removed.body);
+    heartbeat(&mut ws, 2, None).await;
+    match recv(&mut ws).await {
+        Some(ServerMessage::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Refused);
+            assert!(e.message.contains("removed"), "{}", e.message);
+        }
+        other => panic!("expected the removal, got {other:?}"),
+    }
+    assert_eq!(recv(&mut ws).await, None, "the channel is closed");
+    let url = server.base.join(proto::CHANNEL_PATH).expect("url");
+    let again = world::ws_connect(
+        &server.world,
+        &url,
+        Some(&cred),
+        Duration::from_secs(5),
+        proto::FRAME_BYTES_MAX,
+    )
+    .await;
+    assert!(
+        again.is_err_and(|e| e.http_status() == Some(401)),
+        "the credential is refused"
+    );
+    assert!(
+        server
+            .agents(&admin)
+            .await
+            .as_array()
+            .expect("array")
+            .is_empty(),
+        "the agent left the fleet"
+    );
+    let again = server
+        .request(http::Method::DELETE, &path, Some(&admin), "")
+        .await;
+    assert_eq!(again.status, 404);
+    let audit: serde_json::Value = serde_json::from_slice(
+        &server
+            .request(
+                http::Method::GET,
+                "/api/v1/audit?action=agent.removed",
+                Some(&admin),
+                "",
+            )
+            .await
+            .body,
+    )
+    .expect("json");
+    assert_eq!(audit[0]["target"], agent_id.as_str(), "{audit}");
+    assert_eq!(audit[0]["detail"]["name"], "db1", "{audit}");
+    server.stop().await;
+}

@@ -372,6 +372,68 @@ async fn check(s: Storage) {
         "expired are not listed"
     );
 
+    // Users: a role change holds for existing tokens at once; disabling deletes the tokens and
+    // stops logins; enabling lets the user log in again (with new tokens); deleting removes it.
+    let hash_d = "d".repeat(64);
+    s.create_api_token(&hash_d, &owner.id, 50_000, 90_000)
+        .await
+        .expect("token d");
+    assert!(s.set_user_role("alice", Role::Admin).await.expect("role"));
+    let by_token = s.user_by_token(&hash_d, 55_000).await.expect("lookup");
+    assert_eq!(by_token.map(|u| u.role), Some(Role::Admin));
+    assert!(!s.set_user_role("nobody", Role::Admin).await.expect("role"));
+    assert!(s.set_user_disabled("alice", true).await.expect("disable"));
+    assert!(s.user_by_name("alice").await.expect("lookup").is_none());
+    assert!(
+        s.user_by_token(&hash_d, 55_000)
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        s.list_tokens(55_000)
+            .await
+            .expect("list")
+            .iter()
+            .all(|t| t.user != "alice"),
+        "a disabled user's tokens are gone"
+    );
+    let listed = s.list_users().await.expect("users");
+    let alice = listed.iter().find(|u| u.name == "alice").expect("listed");
+    assert!(alice.disabled);
+    assert_eq!(alice.role, Role::Admin);
+    assert!(s.set_user_disabled("alice", false).await.expect("enable"));
+    assert!(s.user_by_name("alice").await.expect("lookup").is_some());
+    assert!(
+        s.user_by_token(&hash_d, 55_000)
+            .await
+            .expect("lookup")
+            .is_none(),
+        "enabling does not bring old tokens back"
+    );
+    assert!(s.delete_user("alice").await.expect("delete"));
+    assert!(!s.delete_user("alice").await.expect("delete again"));
+    assert!(
+        s.list_users()
+            .await
+            .expect("users")
+            .iter()
+            .all(|u| u.name != "alice")
+    );
+
+    // Removing an agent takes its credential with it.
+    s.create_enroll_token("et_rm", 1_000, 1_000_000)
+        .await
+        .expect("enroll token");
+    s.enroll_agent(attempt("et_rm", "enr_rm", "agt_rm", "cred_rm", 2_000))
+        .await
+        .expect("enroll");
+    assert!(s.agent_by_credential("cred_rm").await.expect("q").is_some());
+    assert!(s.remove_agent("agt_rm").await.expect("remove"));
+    assert!(s.agent_by_credential("cred_rm").await.expect("q").is_none());
+    assert!(s.agent("agt_rm").await.expect("q").is_none());
+    assert!(!s.remove_agent("agt_rm").await.expect("remove again"));
+
     // A shared secret: the first replica's candidate is kept, later ones get it back.
     let first = s.cluster_secret("signing", "aaaa").await.expect("secret");
     assert_eq!(first, "aaaa");
