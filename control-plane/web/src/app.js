@@ -222,6 +222,84 @@ async function audit(older = false) {
   $('audit-older').hidden = r.json.length < 100;
 }
 
+/** A button that runs `action` after the user confirms `question`; errors go to `errorId`. */
+function confirmButton(label, aria, question, errorId, action) {
+  const button = el('button', label, { type: 'button', 'aria-label': aria });
+  button.addEventListener('click', async () => {
+    if (!window.confirm(question)) return;
+    const r = await action();
+    $(errorId).textContent = r.status === 204 ? '' : r.json?.error ?? `${label}: ${r.status}`;
+  });
+  return button;
+}
+
+async function users() {
+  show('users');
+  $('where').textContent = '';
+  const r = await api('GET', '/api/v1/users');
+  if (r.status !== 200) { $('users-error').textContent = r.json?.error ?? `users: ${r.status}`; return; }
+  const rows = $('user-rows');
+  rows.replaceChildren();
+  const patch = async (name, body) => {
+    const p = await api('PATCH', `/api/v1/users/${encodeURIComponent(name)}`, body);
+    $('users-error').textContent = p.status === 204 ? '' : p.json?.error ?? `change: ${p.status}`;
+    await users();
+  };
+  for (const user of r.json) {
+    const tr = el('tr', null, { 'data-user': user.name });
+    const role = el('select', null, { 'aria-label': `Role of ${user.name}` });
+    for (const name of ROLES) {
+      const option = el('option', name);
+      option.selected = name === user.role;
+      role.append(option);
+    }
+    role.addEventListener('change', () => patch(user.name, { role: role.value }));
+    const roleCell = el('td');
+    roleCell.append(role);
+    const actions = el('td');
+    const toggle = el('button', user.disabled ? 'Enable' : 'Disable', { type: 'button', 'aria-label': `${user.disabled ? 'Enable' : 'Disable'} ${user.name}` });
+    toggle.addEventListener('click', () => patch(user.name, { disabled: !user.disabled }));
+    actions.append(toggle, confirmButton('Delete', `Delete ${user.name}`, `Delete user ${user.name} and its tokens?`, 'users-error', async () => {
+      const d = await api('DELETE', `/api/v1/users/${encodeURIComponent(user.name)}`);
+      await users();
+      return d;
+    }));
+    tr.append(el('td', user.name), roleCell, el('td', user.disabled ? 'disabled' : 'enabled'), el('td', user.created_at), actions);
+    rows.append(tr);
+  }
+}
+
+async function tokens() {
+  show('tokens');
+  $('where').textContent = '';
+  const r = await api('GET', '/api/v1/tokens');
+  if (r.status !== 200) { $('tokens-error').textContent = r.json?.error ?? `tokens: ${r.status}`; return; }
+  const rows = $('token-rows');
+  rows.replaceChildren();
+  for (const token of r.json) {
+    const tr = el('tr', null, { 'data-token': token.id });
+    const actions = el('td');
+    if (token.current) actions.append('this login');
+    else {
+      actions.append(confirmButton('Revoke', `Revoke token ${token.id} of ${token.user}`, `Revoke ${token.user}'s token ${token.id}?`, 'tokens-error', async () => {
+        const d = await api('DELETE', `/api/v1/tokens/${encodeURIComponent(token.id)}`);
+        await tokens();
+        return d;
+      }));
+    }
+    tr.append(el('td', token.id), el('td', token.user), el('td', token.created_at), el('td', token.expires_at), actions);
+    rows.append(tr);
+  }
+}
+
+async function removeAgent() {
+  const agent = app.agent;
+  if (!agent || !window.confirm(`Remove agent ${agent.name}? Its credential stops working and its stored tasks and metrics are deleted; the host must be enrolled again.`)) return;
+  const r = await api('DELETE', `/api/v1/agents/${encodeURIComponent(agent.id)}`);
+  if (r.status !== 204) { $('agent-error').textContent = r.json?.error ?? `remove: ${r.status}`; return; }
+  location.hash = '#/fleet';
+}
+
 async function route() {
   clearInterval(app.timer);
   if (!location.hash.startsWith('#/terminal/')) leaveTerminal();
@@ -232,6 +310,8 @@ async function route() {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
+    case 'users': await users(); break;
+    case 'tokens': await tokens(); break;
     case 'terminal': {
       let why = '';
       if (!(await attachTerminal(decodeURIComponent(arg ?? ''), (m) => { why = m; }))) {
@@ -250,6 +330,7 @@ $('task-form').addEventListener('submit', createTask);
 $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
+$('agent-remove').addEventListener('click', removeAgent);
 $('audit-action').addEventListener('change', () => audit());
 $('audit-older').addEventListener('click', () => audit(true));
 window.addEventListener('hashchange', route);

@@ -86,6 +86,8 @@ try {
     await hidden(viewer.getByRole('button', { name: /Open terminal/ }), 'the terminal button');
     await hidden(viewer.getByRole('link', { name: 'Exec' }), 'the exec page');
     await hidden(viewer.getByRole('link', { name: 'Audit log' }), 'the audit log');
+    await hidden(viewer.getByRole('link', { name: 'Users' }), 'the users page');
+    await hidden(viewer.getByRole('link', { name: 'Tokens' }), 'the tokens page');
     await viewer.getByRole('link', { name: 'demo-agent' }).click();
     await viewer.locator('figure.chart[data-type="activity"] canvas').first().waitFor({ timeout: 30000 });
     await hidden(viewer.getByRole('button', { name: 'Create task' }), 'the task form');
@@ -96,6 +98,42 @@ try {
     const status = await viewer.evaluate(async () => (await fetch('/api/v1/me')).status);
     if (status !== 401) throw new Error(`after logging out /api/v1/me answered ${status}`);
     await context.close();
+  });
+  // Admin pages: revoke the viewer's API token, change and disable the viewer, remove the agent.
+  page.on('dialog', (dialog) => dialog.accept());
+  await step('tokens', async () => {
+    await page.getByRole('link', { name: 'Tokens' }).click();
+    await page.getByRole('heading', { name: 'Tokens' }).waitFor();
+    await page.locator('#token-rows tr', { hasText: 'this login' }).waitFor({ timeout: 10000 });
+    const watcher = page.locator('#token-rows tr', { hasText: 'watcher' });
+    await watcher.first().waitFor({ timeout: 10000 });
+    const before = await watcher.count();
+    await watcher.first().getByRole('button', { name: /Revoke token/ }).click();
+    await page.waitForFunction((n) => document.querySelectorAll('#token-rows tr').length > 0
+      && [...document.querySelectorAll('#token-rows tr')].filter((r) => r.textContent.includes('watcher')).length === n - 1, before, { timeout: 10000 });
+    const error = await page.locator('#tokens-error').textContent();
+    if (error) throw new Error(`revoke error shown: ${error}`);
+  });
+  await step('users', async () => {
+    await page.getByRole('link', { name: 'Users' }).click();
+    await page.getByRole('heading', { name: 'Users' }).waitFor();
+    const row = page.locator('tr[data-user="watcher"]');
+    await row.waitFor({ timeout: 10000 });
+    await row.getByLabel('Role of watcher').selectOption('operator');
+    await page.waitForFunction(() => document.querySelector('tr[data-user="watcher"] select')?.value === 'operator', null, { timeout: 10000 });
+    await page.locator('tr[data-user="watcher"]').getByRole('button', { name: 'Disable watcher' }).click();
+    await page.locator('tr[data-user="watcher"]', { hasText: 'disabled' }).waitFor({ timeout: 10000 });
+    // The last admin cannot demote itself: the refusal is shown.
+    await page.locator('tr[data-user="admin"]').getByLabel('Role of admin').selectOption('viewer');
+    await page.locator('#users-error', { hasText: 'last enabled admin' }).waitFor({ timeout: 10000 });
+  });
+  await step('remove-agent', async () => {
+    await page.getByRole('link', { name: 'Fleet' }).click();
+    await page.getByRole('link', { name: 'demo-agent' }).click();
+    await page.getByRole('heading', { name: 'Agent demo-agent' }).waitFor();
+    await page.getByRole('button', { name: 'Remove agent' }).click();
+    await page.getByRole('heading', { name: 'Fleet' }).waitFor();
+    await page.locator('#fleet-empty').waitFor({ state: 'visible', timeout: 10000 });
   });
   if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
   console.log('demo in the browser ok');
