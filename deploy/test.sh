@@ -25,7 +25,15 @@ export COMPOSE="podman-compose --env-file $env_file --profile demo"
 quiet() { grep -v -e 'systemd connection' -e '^[0-9a-f]\{64\}$' || true; }
 
 say() { printf '\n== %s\n' "$*"; }
-fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+# The services' last log lines, so a CI failure can be read without the stack.
+dump_logs() {
+    for service in control-plane-1 control-plane-2 demo-agent proxy; do
+        podman container exists "${project}_${service}_1" 2>/dev/null || continue
+        echo "--- last log lines of $service:" >&2
+        podman logs --tail 40 "${project}_${service}_1" 2>&1 | sed 's/^/    /' >&2
+    done
+}
+fail() { printf 'FAIL: %s\n' "$*" >&2; dump_logs; exit 1; }
 now_ms() { date +%s%3N; }
 
 cleanup() {

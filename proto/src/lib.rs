@@ -43,6 +43,9 @@ pub fn negotiate(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
 pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
 /// Records per delivered batch at most.
 pub const METRICS_BATCH_ROWS_MAX: usize = 10_000;
+/// Bytes of one record's JSON data at most: the control plane refuses a batch holding a larger
+/// one, and the agent drops such a record when it is collected (counted as `too_large`).
+pub const METRIC_RECORD_BYTES_MAX: usize = 256 * 1024;
 
 /// A batch of buffered metric records, oldest first.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]

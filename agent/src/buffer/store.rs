@@ -23,7 +23,7 @@ DROP INDEX IF EXISTS records_ts;
 "#;
 
 /// Reasons a record is dropped instead of delivered.
-pub const DROP_REASONS: [&str; 3] = ["age", "size", "quarantine"];
+pub const DROP_REASONS: [&str; 4] = ["age", "size", "quarantine", "too_large"];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -261,13 +261,25 @@ impl Buffer {
             self.count_drop("size", records.len() as i64)?;
             return Ok(0);
         }
+        // A record the control plane would refuse would block delivery forever.
+        let too_large = records
+            .iter()
+            .filter(|(_, data)| data.len() > proto::METRIC_RECORD_BYTES_MAX)
+            .count();
+        if too_large > 0 {
+            self.count_drop("too_large", too_large as i64)?;
+        }
+        let records: Vec<&(String, String)> = records
+            .iter()
+            .filter(|(_, data)| data.len() <= proto::METRIC_RECORD_BYTES_MAX)
+            .collect();
         let tx = self.conn.transaction()?;
         let mut seq = self.next_seq;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO records (seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (kind, data) in records {
+            for (kind, data) in &records {
                 stmt.execute(params![seq, ts_ms, kind, data])?;
                 seq += 1;
             }

@@ -36,6 +36,24 @@ fn seq_never_repeats_within_an_epoch_across_deletes_and_reopens() {
 }
 
 #[test]
+fn a_record_larger_than_the_control_plane_takes_is_dropped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut b, _) =
+        Buffer::open(&dir.path().join("buffer.db"), Limits::default(), "ep", 0).expect("open");
+    let records = vec![
+        ("ok".to_string(), "1".to_string()),
+        (
+            "huge".to_string(),
+            format!("\"{}\"", "x".repeat(proto::METRIC_RECORD_BYTES_MAX)),
+        ),
+    ];
+    assert_eq!(b.append(1_000, &records).expect("append"), 1);
+    let s = b.stats(1_000).expect("stats");
+    assert_eq!(s.rows, 1);
+    assert_eq!(s.dropped_total["too_large"], 1);
+}
+
+#[test]
 fn size_and_age_limits_drop_and_count() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("buffer.db");

@@ -56,7 +56,7 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
     ] {
         assert!(first.get(key).is_some(), "stats lack {key}: {first}");
     }
-    for reason in ["age", "size", "quarantine"] {
+    for reason in ["age", "size", "quarantine", "too_large"] {
         assert_eq!(first["dropped_total"][reason], 0, "{first}");
     }
     // `buffer stats --json` is a stable interface: a change is a snapshot diff.

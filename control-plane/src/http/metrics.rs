@@ -2,7 +2,6 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +16,9 @@ pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 const EPOCH_BYTES_MAX: usize = 64;
 const KIND_BYTES_MAX: usize = 64;
 const READ_ROWS_MAX: i64 = 10_000;
+use proto::METRIC_RECORD_BYTES_MAX as RECORD_BYTES_MAX;
+/// Data returned by one metrics read (with [`READ_ROWS_MAX`], whichever comes first).
+const READ_BYTES_MAX: i64 = 8 * 1024 * 1024;
 /// How far ahead of this clock a record may be stamped.
 const FUTURE_MS_MAX: i64 = crate::time::DAY_MS;
 /// Seconds an agent is told to wait when ingest sheds load.
@@ -28,7 +30,7 @@ pub async fn ingest(
     State(ingest): State<IngestPermits>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let result = ingest_batch(&state, &ingest, &agent, &headers, body).await;
     if let Err(e) = &result
@@ -44,8 +46,9 @@ async fn ingest_batch(
     ingest: &IngestPermits,
     agent: &crate::storage::AgentRow,
     headers: &HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    // Admission first: a shed batch costs no body read (up to 16 MiB per request).
     let Ok(_permit) = ingest.0.clone().try_acquire_owned() else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
@@ -64,6 +67,14 @@ async fn ingest_batch(
             ));
         }
     };
+    let body = axum::body::to_bytes(body, BATCH_BYTES_MAX)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a batch body is at most {BATCH_BYTES_MAX} bytes: {e}"),
+            )
+        })?;
     let batch = state
         .world
         .blocking(move || decode(&body, gzip))
@@ -78,7 +89,9 @@ async fn ingest_batch(
         stored_through,
     } = admit(batch, now_ms, retention_ms).map_err(|refused| {
         let status = match refused {
-            Refused::TooManyRecords => StatusCode::PAYLOAD_TOO_LARGE,
+            Refused::TooManyRecords | Refused::RecordTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, refused.to_string())
@@ -129,6 +142,8 @@ pub enum Refused {
     Empty,
     #[error("record {seq}: seq must be positive and kind 1-{KIND_BYTES_MAX} bytes")]
     BadRecord { seq: i64 },
+    #[error("record {seq}: its data is {bytes} bytes; at most {RECORD_BYTES_MAX}")]
+    RecordTooLarge { seq: i64, bytes: usize },
     #[error(
         "record {seq} is stamped {stamped}, more than a day ahead of the control plane's clock; fix the agent host's clock"
     )]
@@ -157,6 +172,12 @@ pub fn admit(
     for r in batch.records {
         if r.seq <= 0 || r.kind.is_empty() || r.kind.len() > KIND_BYTES_MAX {
             return Err(Refused::BadRecord { seq: r.seq });
+        }
+        if r.data.get().len() > RECORD_BYTES_MAX {
+            return Err(Refused::RecordTooLarge {
+                seq: r.seq,
+                bytes: r.data.get().len(),
+            });
         }
         if r.ts_ms > now_ms.saturating_add(FUTURE_MS_MAX) {
             return Err(Refused::FromTheFuture {
@@ -280,6 +301,7 @@ pub async fn read(
             from_ms,
             to_ms,
             limit: READ_ROWS_MAX,
+            bytes_max: READ_BYTES_MAX,
         })
         .await
         .map_err(ApiError::internal)?;
@@ -367,6 +389,20 @@ mod tests {
         assert_eq!(
             admit(batch(too_many), NOW_MS, retention),
             Err(Refused::TooManyRecords)
+        );
+        let mut huge = record(4, NOW_MS, "db");
+        let text = format!("\"{}\"", "x".repeat(proto::METRIC_RECORD_BYTES_MAX));
+        huge.data = serde_json::value::RawValue::from_string(text).expect("raw json");
+        assert_eq!(
+            admit(
+                batch(vec![record(3, NOW_MS, "db"), huge]),
+                NOW_MS,
+                retention
+            ),
+            Err(Refused::RecordTooLarge {
+                seq: 4,
+                bytes: proto::METRIC_RECORD_BYTES_MAX + 2
+            })
         );
         let ahead = admit(
             batch(vec![record(9, NOW_MS + 2 * DAY_MS, "db")]),

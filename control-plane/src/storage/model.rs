@@ -116,6 +116,8 @@ pub struct MetricQuery {
     pub from_ms: i64,
     pub to_ms: i64,
     pub limit: i64,
+    /// Stop before the returned data passes this many bytes (oldest rows first).
+    pub bytes_max: i64,
 }
 
 /// One audit record: who did what to which object, and when. `detail` is a JSON object.

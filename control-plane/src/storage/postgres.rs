@@ -748,9 +748,11 @@ impl PostgresStore {
             .client()
             .await?
             .query(
-                "SELECT epoch, seq, ts_ms, kind, data FROM metrics WHERE agent_id = $1 AND ($2::text IS NULL OR kind = $2) \
-                 AND ts_ms >= $3 AND ts_ms < $4 ORDER BY ts_ms, epoch, seq LIMIT $5",
-                &[&q.agent_id, &q.kind, &q.from_ms, &q.to_ms, &q.limit],
+                "SELECT epoch, seq, ts_ms, kind, data FROM (SELECT epoch, seq, ts_ms, kind, data, \
+                 SUM(octet_length(data)) OVER (ORDER BY ts_ms, epoch, seq) AS upto \
+                 FROM metrics WHERE agent_id = $1 AND ($2::text IS NULL OR kind = $2) \
+                 AND ts_ms >= $3 AND ts_ms < $4) m WHERE upto <= $6 ORDER BY ts_ms, epoch, seq LIMIT $5",
+                &[&q.agent_id, &q.kind, &q.from_ms, &q.to_ms, &q.limit, &q.bytes_max],
             )
             .await
             .map_err(backend)?;

@@ -627,12 +627,14 @@ impl SqliteStore {
         self.run(move |conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT epoch, seq, ts_ms, kind, data FROM metrics WHERE agent_id = ?1 AND (?2 IS NULL OR kind = ?2) \
-                     AND ts_ms >= ?3 AND ts_ms < ?4 ORDER BY ts_ms, epoch, seq LIMIT ?5",
+                    "SELECT epoch, seq, ts_ms, kind, data FROM (SELECT epoch, seq, ts_ms, kind, data, \
+                     SUM(length(CAST(data AS BLOB))) OVER (ORDER BY ts_ms, epoch, seq) AS upto \
+                     FROM metrics WHERE agent_id = ?1 AND (?2 IS NULL OR kind = ?2) \
+                     AND ts_ms >= ?3 AND ts_ms < ?4) WHERE upto <= ?6 ORDER BY ts_ms, epoch, seq LIMIT ?5",
                 )
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![q.agent_id, q.kind, q.from_ms, q.to_ms, q.limit], |r| {
+                .query_map(params![q.agent_id, q.kind, q.from_ms, q.to_ms, q.limit, q.bytes_max], |r| {
                     Ok(StoredMetric { epoch: r.get(0)?, row: MetricRow { seq: r.get(1)?, ts_ms: r.get(2)?, kind: r.get(3)?, data: r.get(4)? } })
                 })
                 .map_err(backend)?

@@ -134,3 +134,43 @@ async fn connections_beyond_max_connections_are_closed_on_accept_and_counted() {
     assert!(text.contains("outpost_http_connections_open "), "{text}");
     server.stop().await;
 }
+
+/// Ingest sheds a batch before reading its body: a full control plane answers 429 to a
+/// declared 16 MiB batch whose bytes never come.
+#[tokio::test]
+async fn a_shed_metrics_batch_is_answered_before_its_body_is_read() {
+    let server = Server::start().await;
+    let (_agent_id, credential) = server.enroll("db1").await;
+    let permits = std::sync::Arc::clone(&server.state.ingest.0);
+    let all = u32::try_from(permits.available_permits()).expect("permits");
+    let _held = permits
+        .acquire_many_owned(all)
+        .await
+        .expect("take every permit");
+    let addr = server.base.authority().to_string();
+    let mut stream = server.world.net().connect(&addr).await.expect("connect");
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {credential}\r\nContent-Type: application/json\r\nContent-Length: 16000000\r\n\r\n",
+        proto::METRICS_PATH
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer while the body is missing");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after"), "{text}");
+    server.stop().await;
+}

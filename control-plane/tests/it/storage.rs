@@ -208,6 +208,7 @@ async fn check(s: Storage) {
         from_ms,
         to_ms,
         limit: 100,
+        bytes_max: 1 << 20,
     };
     let all = s.metrics(q(None, 0, 1000)).await.expect("read");
     assert_eq!(
@@ -229,6 +230,15 @@ async fn check(s: Storage) {
             .expect("kind")
             .is_empty()
     );
+    // Reads stop before their data passes bytes_max: each {"n":N} here is 7 bytes.
+    let capped = s
+        .metrics(control_plane::storage::MetricQuery {
+            bytes_max: 20,
+            ..q(None, 0, 1000)
+        })
+        .await
+        .expect("capped read");
+    assert_eq!(capped.len(), 2, "{capped:?}");
 
     // Retention: whole days before the cut go; a later day stays.
     const DAY_MS: i64 = control_plane::time::DAY_MS;
@@ -526,6 +536,7 @@ async fn postgres_metrics_move_into_daily_partitions_on_upgrade() {
             from_ms: 0,
             to_ms: i64::MAX,
             limit: 10,
+            bytes_max: 1 << 20,
         })
         .await
         .expect("read");
