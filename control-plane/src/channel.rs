@@ -161,6 +161,39 @@ pub async fn upgrade(
         .on_upgrade(move |socket| run(state, agent, socket).instrument(span))
 }
 
+/// Frames an agent may send per second on average, and in a burst. Beyond it the channel
+/// stops reading for a moment (backpressure on the agent's socket), so a flooding agent costs
+/// the control plane at most this many storage writes per second.
+const FRAMES_PER_S: f64 = 20.0;
+const FRAMES_BURST: f64 = 200.0;
+
+/// A token bucket over one channel's incoming frames (sans-IO: the caller passes the time).
+struct FrameBudget {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl FrameBudget {
+    fn new(now: tokio::time::Instant) -> FrameBudget {
+        FrameBudget {
+            tokens: FRAMES_BURST,
+            at: now,
+        }
+    }
+
+    /// Spend one frame at `now`; how long to wait before handling it.
+    fn take(&mut self, now: tokio::time::Instant) -> std::time::Duration {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * FRAMES_PER_S;
+        self.tokens = (self.tokens + earned).min(FRAMES_BURST) - 1.0;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / FRAMES_PER_S)
+        }
+    }
+}
+
 /// Why a channel ended (logged once, here).
 enum End {
     Shutdown,
@@ -370,6 +403,7 @@ async fn serve_connection(
     let mut recorded = false;
     let mut in_flight: BTreeMap<u64, Reply> = BTreeMap::new();
     let mut malformed = 0u32;
+    let mut budget = FrameBudget::new(tokio::time::Instant::now());
     loop {
         let deadline = last_heard + settings.dead_after;
         tokio::select! {
@@ -397,6 +431,11 @@ async fn serve_connection(
                     Some(Ok(_)) => { last_heard = tokio::time::Instant::now(); continue; }
                 };
                 last_heard = tokio::time::Instant::now();
+                let wait = budget.take(last_heard);
+                if !wait.is_zero() {
+                    crate::observe::add(&state.observed.agent_frames_throttled_total, 1);
+                    tokio::time::sleep(wait).await;
+                }
                 let reply = match serde_json::from_str::<AgentMessage>(&text) {
                     Err(e) => {
                         malformed += 1;
@@ -478,5 +517,37 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FRAMES_BURST, FRAMES_PER_S, FrameBudget};
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_passes_then_frames_wait_their_turn() {
+        let t0 = tokio::time::Instant::now();
+        let mut budget = FrameBudget::new(t0);
+        for _ in 0..FRAMES_BURST as usize {
+            assert_eq!(budget.take(t0), Duration::ZERO);
+        }
+        let wait = budget.take(t0);
+        assert!(
+            (wait.as_secs_f64() - 1.0 / FRAMES_PER_S).abs() < 1e-9,
+            "{wait:?}"
+        );
+        // A second later the agent has earned FRAMES_PER_S frames (minus the one it owed).
+        let later = t0 + Duration::from_secs(1);
+        for _ in 0..(FRAMES_PER_S as usize - 1) {
+            assert_eq!(budget.take(later), Duration::ZERO);
+        }
+        assert!(budget.take(later) > Duration::ZERO);
+        // Quiet for long enough refills the burst, never beyond it.
+        let rested = later + Duration::from_secs(3600);
+        for _ in 0..FRAMES_BURST as usize {
+            assert_eq!(budget.take(rested), Duration::ZERO);
+        }
+        assert!(budget.take(rested) > Duration::ZERO);
     }
 }

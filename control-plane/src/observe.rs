@@ -53,6 +53,7 @@ pub struct Observed {
     pub login_failures_total: AtomicU64,
     pub login_lockouts_total: AtomicU64,
     pub login_refused_busy_total: AtomicU64,
+    pub agent_frames_throttled_total: AtomicU64,
     /// Connections and TLS handshakes, counted by the server loop.
     pub connections: std::sync::Arc<world::ConnectionCounters>,
 }
@@ -133,7 +134,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
         );
     }
     // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 13] = [
+    let plain: [(&str, &str, &AtomicU64); 14] = [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -178,6 +179,11 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             "outpost_login_refused_busy_total",
             "Logins answered 429 without a password check: the name is locked out or its free attempts are being checked.",
             &observed.login_refused_busy_total,
+        ),
+        (
+            "outpost_agent_frames_throttled_total",
+            "Agent channel frames held back because the agent sent more than 20 per second beyond a burst of 200.",
+            &observed.agent_frames_throttled_total,
         ),
         (
             "outpost_http_connections_refused_total",

@@ -220,8 +220,12 @@ async fn wait_for_postgres(world: &World, url: &str) -> anyhow::Result<()> {
     }
 }
 
-/// How often stored metrics and audit records are checked against their retention periods.
+/// How often stored metrics, audit records and task snapshots are checked against their limits.
 const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Task snapshots an agent reported are kept this long after their last change, and at most
+/// this many per agent (the newest): what a compromised agent can make the control plane keep.
+const AGENT_TASKS_KEPT_MS: i64 = 90 * crate::time::DAY_MS;
+const AGENT_TASKS_PER_AGENT_MAX: i64 = 1000;
 
 /// Remove metrics and audit records older than their retention now and then every
 /// [`RETENTION_EVERY`].
@@ -255,6 +259,17 @@ async fn prune_forever(
                 "audit retention removed old records"
             ),
             Err(error) => tracing::warn!(%error, "audit retention pass failed; retrying later"),
+        }
+        match storage
+            .prune_agent_tasks(
+                now_ms.saturating_sub(AGENT_TASKS_KEPT_MS),
+                AGENT_TASKS_PER_AGENT_MAX,
+            )
+            .await
+        {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "removed old task snapshots of agents"),
+            Err(error) => tracing::warn!(%error, "task snapshot pruning failed; retrying later"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

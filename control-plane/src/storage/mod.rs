@@ -205,6 +205,16 @@ impl Storage {
         dispatch!(self.remove_agent(agent_id))
     }
 
+    /// Forget task snapshots not updated since `before_ms`, and all but each agent's newest
+    /// `keep_per_agent`; returns how many went.
+    pub async fn prune_agent_tasks(
+        &self,
+        before_ms: i64,
+        keep_per_agent: i64,
+    ) -> Result<u64, StorageError> {
+        dispatch!(self.prune_agent_tasks(before_ms, keep_per_agent))
+    }
+
     /// Store the latest snapshot of each task (idempotent: replaying a batch changes nothing).
     pub async fn upsert_agent_tasks(
         &self,

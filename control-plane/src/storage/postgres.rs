@@ -623,6 +623,24 @@ impl PostgresStore {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    pub async fn prune_agent_tasks(
+        &self,
+        before_ms: i64,
+        keep_per_agent: i64,
+    ) -> Result<u64, StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM agent_tasks WHERE updated_ms < $1 OR (agent_id, task_id) IN \
+                     (SELECT agent_id, task_id FROM (SELECT agent_id, task_id, ROW_NUMBER() OVER \
+                     (PARTITION BY agent_id ORDER BY updated_ms DESC, task_id) AS n FROM agent_tasks) r \
+                     WHERE n > $2)",
+                &[&before_ms, &keep_per_agent],
+            )
+            .await
+            .map_err(backend)
+    }
+
     pub async fn insert_metrics(
         &self,
         agent_id: &str,

@@ -574,6 +574,26 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn prune_agent_tasks(
+        &self,
+        before_ms: i64,
+        keep_per_agent: i64,
+    ) -> Result<u64, StorageError> {
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM agent_tasks WHERE updated_ms < ?1 OR (agent_id, task_id) IN \
+                     (SELECT agent_id, task_id FROM (SELECT agent_id, task_id, ROW_NUMBER() OVER \
+                     (PARTITION BY agent_id ORDER BY updated_ms DESC, task_id) AS n FROM agent_tasks) \
+                     WHERE n > ?2)",
+                    params![before_ms, keep_per_agent],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     pub async fn insert_metrics(
         &self,
         agent_id: &str,

@@ -429,3 +429,39 @@ async fn a_removed_agent_loses_its_channel_and_its_credential() {
     assert_eq!(audit[0]["detail"]["name"], "db1", "{audit}");
     server.stop().await;
 }
+
+/// An agent that floods its channel is read at 20 frames a second beyond a burst of 200, so it
+/// costs no more storage writes than that; every frame is still answered, and it is counted.
+#[tokio::test]
+async fn a_flooding_agent_is_slowed_to_the_frame_budget() {
+    let server = Server::start().await;
+    let (_agent_id, cred) = server.enroll("db1").await;
+    let mut ws = welcomed(&server, &cred).await;
+    const FLOOD: u64 = 300;
+    for seq in 1..=FLOOD {
+        heartbeat(&mut ws, seq, None).await;
+    }
+    let acked_all = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Text(t) = frame
+                && let Ok(ServerMessage::HeartbeatAck { seq, .. }) = serde_json::from_str(&t)
+                && seq == FLOOD
+            {
+                return;
+            }
+        }
+        panic!("the channel closed before the last ack");
+    })
+    .await;
+    assert!(acked_all.is_ok(), "every heartbeat is answered");
+    let throttled = server
+        .state
+        .observed
+        .agent_frames_throttled_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        throttled >= 90,
+        "300 frames at once: the 100 beyond the burst wait (less what was earned meanwhile), throttled {throttled}"
+    );
+    server.stop().await;
+}

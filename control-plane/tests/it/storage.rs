@@ -439,6 +439,21 @@ async fn check(s: Storage) {
         .await
         .expect("enroll");
     assert!(s.agent_by_credential("cred_rm").await.expect("q").is_some());
+    // Task snapshots are pruned by age and by count per agent.
+    for (task, at) in [("t1", 1_000), ("t2", 2_000), ("t3", 3_000)] {
+        s.upsert_agent_tasks(
+            "agt_rm",
+            vec![(task.to_string(), format!("{{\"id\":\"{task}\"}}"))],
+            at,
+        )
+        .await
+        .expect("upsert");
+    }
+    assert_eq!(s.prune_agent_tasks(1_500, 1).await.expect("prune"), 2);
+    assert_eq!(
+        s.agent_tasks("agt_rm", 10).await.expect("tasks"),
+        vec![r#"{"id":"t3"}"#.to_string()]
+    );
     assert!(s.remove_agent("agt_rm").await.expect("remove"));
     assert!(s.agent_by_credential("cred_rm").await.expect("q").is_none());
     assert!(s.agent("agt_rm").await.expect("q").is_none());
