@@ -98,6 +98,30 @@ test: fmt-check web lint
     just packaging-test
     just appliance-test
     just fixtures-docker-test
+    just fuzz 15
+
+# Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each (default
+# 60), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
+# finds grows target/fuzz-corpus/TARGET; a crash stops the run and is saved under
+# fuzz/artifacts/TARGET (reproduce: `cd fuzz && cargo fuzz run -s none TARGET FILE`).
+fuzz seconds="60": web
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+    cd fuzz
+    opts=(-s none --release --target-dir ../target/fuzz)
+    cargo fuzz build "${opts[@]}"
+    for target in $(cargo fuzz list); do
+        mkdir -p "../target/fuzz-corpus/$target"
+        printf '%-16s ' "$target"
+        cargo fuzz run "${opts[@]}" "$target" "../target/fuzz-corpus/$target" "seeds/$target" -- \
+            -max_total_time={{seconds}} -max_len=65536 -timeout=10 -rss_limit_mb=2048 2>&1 \
+            | grep -E '^Done|SUMMARY|panicked|deadly signal|Test unit written' || true
+        if ls "artifacts/$target"/* >/dev/null 2>&1; then
+            echo "fuzz target $target found a crash: fuzz/artifacts/$target" >&2
+            exit 1
+        fi
+    done
 
 # Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
 sim *args:

@@ -14,6 +14,8 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handles;
 pub mod http;
 pub mod observe;

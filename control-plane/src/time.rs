@@ -2,9 +2,14 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T10:04:33.120Z`.
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const RFC3339_MS_MAX: u64 = 253_402_300_799_999;
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T10:04:33.120Z`. Timestamps come from
+/// agents too: one before 1970 is written as the epoch, one after year 9999 as its last
+/// millisecond (the formatter would panic on it; found by the `metrics_ingest` fuzz target).
 pub fn rfc3339_ms(unix_ms: i64) -> String {
-    let ms = u64::try_from(unix_ms).unwrap_or(0);
+    let ms = u64::try_from(unix_ms).unwrap_or(0).min(RFC3339_MS_MAX);
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -44,6 +49,17 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timestamps_outside_what_rfc3339_writes_are_clamped_not_a_panic() {
+        assert_eq!(
+            super::rfc3339_ms(340_000_000_400_400),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(super::rfc3339_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(super::rfc3339_ms(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339_ms(1_000), "1970-01-01T00:00:01.000Z");
+    }
+
     use super::{DAY_MS, civil_from_days, days_from_civil};
 
     #[test]

@@ -206,7 +206,7 @@ pub fn admit(
 }
 
 /// A batch body, gunzipped when `gzip`, never inflated beyond [`BATCH_BYTES_MAX`].
-fn decode(body: &[u8], gzip: bool) -> Result<proto::MetricsBatch, ApiError> {
+pub(crate) fn decode(body: &[u8], gzip: bool) -> Result<proto::MetricsBatch, ApiError> {
     use std::io::Read;
     let inflated;
     let json = if gzip {
@@ -411,6 +411,14 @@ mod tests {
         )
         .expect_err("from the future");
         assert!(matches!(ahead, Refused::FromTheFuture { seq: 9, .. }));
+        // Found by the metrics_ingest fuzz target: a year past 9999 panicked in the message.
+        let far = admit(
+            batch(vec![record(2, 340_000_000_400_400, "db")]),
+            NOW_MS,
+            retention,
+        )
+        .expect_err("far future");
+        assert!(far.to_string().contains("9999-12-31"), "{far}");
         assert!(ahead.to_string().contains("fix the agent host's clock"));
         assert!(
             admit(

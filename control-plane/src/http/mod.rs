@@ -5,7 +5,7 @@
 
 mod access;
 mod agents;
-mod metrics;
+pub(crate) mod metrics;
 mod observe;
 pub mod openapi;
 mod sessions;

@@ -336,7 +336,7 @@ pub async fn ws(
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum FromBrowser {
+pub(crate) enum FromBrowser {
     Resize {
         cols: u16,
         rows: u16,

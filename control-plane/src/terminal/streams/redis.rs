@@ -684,6 +684,26 @@ fn take_field(fields: &mut [Value], name: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Everything this store reads out of one XREAD reply in RESP bytes, as the fuzz target
+/// `redis_reply` drives it: the output entries and input events it would accept, and whether
+/// each entry's MAC verifies under `signer`.
+pub fn decode_xread(
+    resp: &[u8],
+    signer: &super::sign::Signer,
+) -> Vec<(Option<OutEntry>, Option<InEvent>, bool)> {
+    let Ok(value) = redis::parse_redis_value(resp) else {
+        return Vec::new();
+    };
+    xread_entries(value)
+        .into_iter()
+        .map(|(id, fields)| {
+            let verified = signer.verify("fuzz", &fields);
+            let event = in_event(&fields);
+            (out_entry(&id, fields), event, verified)
+        })
+        .collect()
+}
+
 fn out_entry(id: &[u8], mut fields: Vec<Value>) -> Option<OutEntry> {
     let (end, seq) = parse_id(id)?;
     if seq == 1 {
