@@ -98,7 +98,15 @@ test: fmt-check web lint
     just packaging-test
     just appliance-test
     just fixtures-docker-test
+    just schemathesis
     just fuzz 15
+
+# Schemathesis (PyPI) against GET /api/openapi.json of a fresh control plane with an admin
+# token: no 5xx, every response matches its documented schema and content type.
+schemathesis examples="50":
+    command -v schemathesis >/dev/null || python3 -m pip install --quiet schemathesis==4.32.5
+    cargo build --bins
+    bash control-plane/tests/schemathesis.sh {{examples}}
 
 # Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each (default
 # 60), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run

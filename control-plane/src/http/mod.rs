@@ -240,10 +240,37 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+        .layer(middleware::map_response(json_errors))
         .layer(middleware::map_response(move |response| {
             security_headers(response, hsts)
         }))
         .with_state(state)
+}
+
+/// Every refusal is JSON (`{"error": …}`, as the OpenAPI document says), also the plain-text
+/// ones axum's extractors write (a body that is not JSON, a wrong content type, a bad path).
+async fn json_errors(response: Response) -> Response {
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    let status = response.status();
+    if !(plain && (status.is_client_error() || status.is_server_error())) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let json = serde_json::to_vec(&proto::ErrorBody { error: text }).unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(json))
 }
 
 /// The UI loads its scripts and styles from this origin only (no inline script; xterm.js and

@@ -1083,3 +1083,38 @@ async fn admins_manage_users_and_every_change_holds_at_once() {
     assert_eq!(audit[0]["target"], "bob", "{audit}");
     server.stop().await;
 }
+
+/// Refusals are JSON everywhere, also the ones axum's extractors write in plain text (a body
+/// that is not JSON, a missing content type) and a missing UI file: found by schemathesis.
+#[tokio::test]
+async fn extractor_refusals_and_missing_files_answer_in_json() {
+    let server = Server::start().await;
+    let r = server
+        .request_with(
+            Method::POST,
+            "/api/v1/sessions",
+            HeaderMap::new(),
+            r#"{"username":"a","password":"b"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 415);
+    assert_eq!(
+        r.headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+    let body: proto::ErrorBody = serde_json::from_slice(&r.body).expect("an ErrorBody");
+    assert!(body.error.contains("Content-Type"), "{}", body.error);
+    let r = server
+        .request(Method::POST, "/api/v1/sessions", None, "{not json")
+        .await;
+    assert_eq!(r.status, 400);
+    serde_json::from_slice::<proto::ErrorBody>(&r.body).expect("an ErrorBody");
+    let r = server
+        .request(Method::GET, "/assets/nope.js", None, "")
+        .await;
+    assert_eq!(r.status, 404);
+    serde_json::from_slice::<proto::ErrorBody>(&r.body).expect("an ErrorBody");
+    server.stop().await;
+}
