@@ -199,11 +199,14 @@ async fn add_reply(
     reply_key: &str,
     fields: &[(&str, &str)],
 ) -> super::streams::Result<()> {
+    let signed: Vec<(&str, &[u8])> = fields.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+    let mac = redis.signer().sign(reply_key, &signed);
     let mut pipe = redis::pipe();
     pipe.cmd("XADD").arg(reply_key).arg("*");
     for (name, value) in fields {
         pipe.arg(*name).arg(*value);
     }
+    pipe.arg(super::streams::sign::MAC_FIELD).arg(mac);
     pipe.ignore()
         .cmd("EXPIRE")
         .arg(reply_key)
@@ -212,22 +215,51 @@ async fn add_reply(
     redis.pipeline::<()>(&pipe).await
 }
 
+/// The first answer in `reply_key` that a replica signed, waiting up to `timeout`; an entry
+/// without a valid MAC (written to Redis by something else) is skipped and logged.
+async fn signed_reply(
+    redis: &RedisStreams,
+    reply_key: &str,
+    timeout: Duration,
+) -> super::streams::Result<Option<Vec<redis::Value>>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut from = "0-0".to_string();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let found = redis.read_stream(reply_key, &from, 16, left).await?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        for (id, fields) in found {
+            if redis.signer().verify(reply_key, &fields) {
+                return Ok(Some(fields));
+            }
+            tracing::warn!(
+                stream = reply_key,
+                "relay answer without a valid signature dropped (written to Redis by something other than a replica)"
+            );
+            from = String::from_utf8_lossy(&id).into_owned();
+        }
+    }
+}
+
 /// Wait up to `timeout` for the answer to an open request; `None` when nobody answered.
 pub async fn wait_open_reply(
     redis: &RedisStreams,
     session_id: &str,
     timeout: Duration,
 ) -> super::streams::Result<Option<Result<(), OpenRefusal>>> {
-    let found = redis
-        .read_stream(&key(session_id, "reply"), "0-0", 1, timeout)
-        .await?;
-    Ok(found.first().map(|(_, fields)| {
-        if field(fields, b"ok") == Some(b"1") {
+    let found = signed_reply(redis, &key(session_id, "reply"), timeout).await?;
+    Ok(found.map(|fields| {
+        if field(&fields, b"ok") == Some(b"1") {
             Ok(())
         } else {
             Err(OpenRefusal::from_code(
-                &text(field(fields, b"code")),
-                text(field(fields, b"error")),
+                &text(field(&fields, b"code")),
+                text(field(&fields, b"error")),
             ))
         }
     }))
@@ -264,15 +296,14 @@ pub async fn send_anywhere(
         .await
         .map_err(unavailable)?;
     let wait = COMMAND_TIMEOUT + Duration::from_secs(2);
-    let found = redis
-        .read_stream(&key(&request_id, "reply"), "0-0", 1, wait)
+    let found = signed_reply(redis, &key(&request_id, "reply"), wait)
         .await
         .map_err(unavailable)?;
-    let Some((_, fields)) = found.first() else {
+    let Some(fields) = found else {
         return Err(CommandError::NotConnected);
     };
-    let body = text(field(fields, b"body"));
-    match text(field(fields, b"code")).as_str() {
+    let body = text(field(&fields, b"body"));
+    match text(field(&fields, b"code")).as_str() {
         "ok" => serde_json::from_str(&body).map_err(|e| {
             CommandError::Refused(proto::WireError::new(
                 ErrorCode::Malformed,

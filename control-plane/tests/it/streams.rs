@@ -483,7 +483,7 @@ fn redis_cli(redis: &fixtures::Redis, args: &[&str]) {
 }
 
 #[tokio::test]
-async fn requests_and_input_not_signed_by_a_replica_are_dropped() {
+async fn entries_not_signed_by_a_replica_are_dropped() {
     let redis = fixtures::Redis::start().await.expect("start redis");
     let replica = |key: [u8; 32]| {
         let streams = Streams::redis(World::real(), &redis.url()).expect("redis url");
@@ -573,4 +573,66 @@ async fn requests_and_input_not_signed_by_a_replica_are_dropped() {
     let input = reader.read_input("ses_1", "", NO_WAIT).await.expect("read");
     let events: Vec<InEvent> = input.into_iter().map(|(_, e)| e).collect();
     assert_eq!(events, vec![InEvent::Data(b"select 1;\r".to_vec())]);
+
+    // Terminal output: what a browser is shown comes from a replica too.
+    sender
+        .append_output("ses_1", &[data(0, "real")], 1 << 20)
+        .await
+        .expect("append output");
+    let out = "outpost:term:ses_1:out";
+    redis_cli(&redis, &["XADD", out, "9-0", "o", "4", "d", "FAKE!"]);
+    redis_cli(
+        &redis,
+        &[
+            "XADD",
+            out,
+            "12-0",
+            "o",
+            "9",
+            "d",
+            "abc",
+            "m",
+            "0123456789abcdef",
+        ],
+    );
+    stranger
+        .append_output("ses_1", &[data(12, "other")], 1 << 20)
+        .await
+        .expect("append output");
+    sender
+        .append_output("ses_1", &[data(17, "more")], 1 << 20)
+        .await
+        .expect("append output");
+    let shown = reader.read_output("ses_1", 0, NO_WAIT).await.expect("read");
+    assert_eq!(shown, vec![data(0, "real"), data(17, "more")]);
+
+    // Relay answers: a forged "opened" ahead of the real refusal is skipped.
+    redis_cli(
+        &redis,
+        &[
+            "XADD",
+            "outpost:term:ses_r:reply",
+            "*",
+            "ok",
+            "1",
+            "code",
+            "",
+            "error",
+            "",
+        ],
+    );
+    relay::reply_open(
+        sender.shared().expect("shared"),
+        "ses_r",
+        &Err(OpenRefusal::LimitReached("at its limit".into())),
+    )
+    .await
+    .expect("reply");
+    let answer = relay::wait_open_reply(&reader_redis, "ses_r", Duration::from_secs(2))
+        .await
+        .expect("read reply");
+    assert_eq!(
+        answer,
+        Some(Err(OpenRefusal::LimitReached("at its limit".into())))
+    );
 }

@@ -417,17 +417,32 @@ impl RedisStreams {
         pipe.ignore_errors();
         for entry in batch {
             let (end, seq) = entry.id();
+            let id = format!("{end}-{seq}");
+            let number;
+            let fields: Vec<(&str, &[u8])> = match entry {
+                OutEntry::Data { offset, bytes } => {
+                    number = offset.to_string();
+                    vec![("o", number.as_bytes()), ("d", bytes.as_slice())]
+                }
+                OutEntry::Skipped { from, .. } => {
+                    number = from.to_string();
+                    vec![("skip", number.as_bytes())]
+                }
+                OutEntry::Closed { reason, .. } => vec![("closed", reason.as_bytes())],
+            };
+            // The MAC covers the entry's id too: a valid entry copied to another position
+            // does not verify.
+            let mac = self.signer.sign(&format!("{out_key}#{id}"), &fields);
             let cmd = pipe
                 .cmd("XADD")
                 .arg(&out_key)
                 .arg("MINID")
                 .arg(end.saturating_sub(bytes_max))
-                .arg(format!("{end}-{seq}"));
-            match entry {
-                OutEntry::Data { offset, bytes } => cmd.arg("o").arg(offset).arg("d").arg(bytes),
-                OutEntry::Skipped { from, .. } => cmd.arg("skip").arg(from),
-                OutEntry::Closed { reason, .. } => cmd.arg("closed").arg(reason),
-            };
+                .arg(&id);
+            for (name, value) in &fields {
+                cmd.arg(*name).arg(*value);
+            }
+            cmd.arg(super::sign::MAC_FIELD).arg(mac);
         }
         // One round trip for the whole batch.
         let replies: Vec<redis::RedisResult<Value>> = self.pipeline(&pipe).await?;
@@ -482,9 +497,20 @@ impl RedisStreams {
                 block,
             )
             .await?;
+        let out_key = key(id, "out");
         Ok(found
             .into_iter()
-            .filter_map(|(id, fields)| out_entry(&id, fields))
+            .filter_map(|(entry_id, fields)| {
+                let signed_as = format!("{out_key}#{}", String::from_utf8_lossy(&entry_id));
+                if !self.signer.verify(&signed_as, &fields) {
+                    tracing::warn!(
+                        session_id = %id,
+                        "terminal output entry without a valid signature dropped (written to Redis by something other than a replica)"
+                    );
+                    return None;
+                }
+                out_entry(&entry_id, fields)
+            })
             .collect())
     }
 

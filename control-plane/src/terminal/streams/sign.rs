@@ -1,9 +1,11 @@
-//! Proof of origin for the Redis entries that make an agent act: relayed requests (terminal
-//! opens, task commands) and terminal input. Each carries `m`, an HMAC-SHA256 over the stream
-//! it is in and its other fields in order, with a key only the replicas hold (kept in the
-//! control plane's storage, `cluster_secrets`). Write access to Redis alone can then neither
-//! open a terminal, nor type into one, nor create a task: an entry without a valid `m` is
-//! dropped where it is read.
+//! Proof of origin for the Redis stream entries replicas write: relayed requests (terminal
+//! opens, task commands), their answers, terminal input and terminal output. Each carries `m`,
+//! an HMAC-SHA256 over the stream it is in (for output, with the entry's id) and its other
+//! fields in order, with a key only the replicas hold (kept in the control plane's storage,
+//! `cluster_secrets`). Write access to Redis alone can then neither open a terminal, nor type
+//! into one, nor create a task, nor forge an answer or what a browser is shown: an entry
+//! without a valid `m` is dropped where it is read. The session meta hash is not signed
+//! (SECURITY.md says why).
 
 use std::sync::RwLock;
 
