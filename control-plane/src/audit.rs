@@ -22,6 +22,8 @@ pub mod action {
     pub const USER_CHANGED: &str = "user.changed";
     pub const USER_DELETED: &str = "user.deleted";
     pub const AGENT_REMOVED: &str = "agent.removed";
+    /// A token to rotate an agent's credential was made.
+    pub const AGENT_REKEY_TOKEN: &str = "agent.rekey_token";
     pub const AGENT_ENROLLED: &str = "agent.enrolled";
     pub const TERMINAL_OPENED: &str = "terminal.opened";
     pub const TERMINAL_ENDED: &str = "terminal.ended";

@@ -335,6 +335,11 @@ enum AdminCommand {
         /// How long the token stays valid (humantime: 30m, 1h, 2d) [max 7d].
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Rotate this agent's credential instead of enrolling a new agent: on its host, run
+        /// `outpost-agent enroll --force --token TOKEN` and restart the agent. It keeps its id,
+        /// tasks and metrics; the old credential stops working at that enrollment.
+        #[arg(long, value_name = "AGENT_ID")]
+        agent: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -764,7 +769,7 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        AdminCommand::EnrollToken { ttl, store } => {
+        AdminCommand::EnrollToken { ttl, agent, store } => {
             let ttl = ttl_flag(
                 &ttl,
                 "30m, 1h",
@@ -775,10 +780,22 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             let token = auth::new_secret(&world, SecretKind::EnrollToken);
             let now_ms = world.now_unix_ms();
             let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
-            storage
-                .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
-                .await
-                .context("store enrollment token")?;
+            let hash = auth::secret_hash(&token);
+            match &agent {
+                None => storage
+                    .create_enroll_token(&hash, now_ms, expires_at_ms)
+                    .await
+                    .context("store enrollment token")?,
+                Some(id) => {
+                    if !storage
+                        .create_rekey_token(&hash, id, now_ms, expires_at_ms)
+                        .await
+                        .context("store enrollment token")?
+                    {
+                        bail!("no agent {id:?} (`outpost admin agents` lists them)");
+                    }
+                }
+            }
             println!("{token}");
             Ok(())
         }

@@ -102,6 +102,14 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             delete(users::remove_agent),
         ),
         (
+            spec(
+                Method::POST,
+                "/api/v1/agents/{id}/rekey",
+                Access::User(Role::Admin),
+            ),
+            post(users::rekey_token),
+        ),
+        (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
             get(agents::list),
         ),

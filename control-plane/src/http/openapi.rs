@@ -123,6 +123,11 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
             "fleet",
         )
         .no_content(),
+        ("POST", "/api/v1/agents/{id}/rekey") => doc(
+            "A single-use token (1 h) that rotates the agent's credential when its host runs `outpost-agent enroll --force --token`; it keeps its id, tasks and metrics",
+            "fleet",
+        )
+        .returns(201, schema::<super::users::RekeyToken>),
         ("GET", "/api/v1/me") => {
             doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
         }

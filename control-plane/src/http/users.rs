@@ -155,3 +155,58 @@ pub async fn remove_agent(
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// How long a credential-rotation token stays valid.
+const REKEY_TOKEN_TTL_MS: i64 = 3_600_000;
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct RekeyToken {
+    /// Single use: `outpost-agent enroll --force --token TOKEN` on the agent's host.
+    token: String,
+    expires_at: String,
+}
+
+/// `POST /api/v1/agents/{id}/rekey` (admin): a single-use token that gives this agent a new
+/// credential when its host enrolls with it; the old credential stops working then, and the
+/// agent keeps its id, tasks and metrics.
+pub async fn rekey_token(
+    State(state): State<Handles>,
+    axum::Extension(AuthUser(admin)): axum::Extension<AuthUser>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<RekeyToken>), ApiError> {
+    let token = crate::auth::new_secret(&state.world, crate::auth::SecretKind::EnrollToken);
+    let now_ms = state.world.now_unix_ms();
+    let expires_at_ms = now_ms + REKEY_TOKEN_TTL_MS;
+    if !state
+        .storage
+        .create_rekey_token(
+            &crate::auth::secret_hash(&token),
+            &id,
+            now_ms,
+            expires_at_ms,
+        )
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent {id:?}"),
+        ));
+    }
+    state
+        .audit
+        .record(
+            &admin.name,
+            action::AGENT_REKEY_TOKEN,
+            &id,
+            serde_json::json!({}),
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(RekeyToken {
+            token,
+            expires_at: crate::time::rfc3339_ms(expires_at_ms),
+        }),
+    ))
+}

@@ -145,6 +145,19 @@ impl Storage {
         dispatch!(self.create_enroll_token(token_hash, now_ms, expires_at_ms))
     }
 
+    /// A single-use enrollment token bound to agent `agent_id`: enrolling with it gives that
+    /// agent a new credential (the old one stops working, its live channel ends at its next
+    /// heartbeat) and keeps its id, tasks and metrics. `false` when there is no such agent.
+    pub async fn create_rekey_token(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.create_rekey_token(token_hash, agent_id, now_ms, expires_at_ms))
+    }
+
     /// Claim a single-use enrollment token and create (or, for a retry of the same
     /// enrollment, re-key) the agent. Crash-safe without a transaction: the claim records the
     /// agent id, and the agent row is an upsert, so a retry completes a half-done enrollment.

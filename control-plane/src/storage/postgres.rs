@@ -400,11 +400,31 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub async fn create_rekey_token(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO enroll_tokens (token_hash, created_at_ms, expires_at_ms, agent_id) \
+                 SELECT $1, $2, $3, id FROM agents WHERE id = $4",
+                &[&token_hash, &now_ms, &expires_at_ms, &agent_id],
+            )
+            .await
+            .map_err(|e| conflict_or_backend(e, "enrollment token"))?;
+        Ok(n > 0)
+    }
+
     pub async fn enroll_agent(&self, a: EnrollAttempt) -> Result<Enrollment, StorageError> {
         let client = self.client().await?;
         let claimed = client
             .query_opt(
-                "UPDATE enroll_tokens SET used_at_ms = $1, enrollment_id = $2, agent_id = $3 \
+                "UPDATE enroll_tokens SET used_at_ms = $1, enrollment_id = $2, agent_id = COALESCE(agent_id, $3) \
                  WHERE token_hash = $4 AND used_at_ms IS NULL AND expires_at_ms > $1 RETURNING agent_id",
                 &[&a.now_ms, &a.enrollment_id, &a.new_agent_id, &a.token_hash],
             )
@@ -446,7 +466,8 @@ impl PostgresStore {
         client
             .execute(
                 "INSERT INTO agents (id, name, credential_hash, created_at_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (id) DO UPDATE SET credential_hash = EXCLUDED.credential_hash, name = EXCLUDED.name",
+                 ON CONFLICT (id) DO UPDATE SET credential_hash = EXCLUDED.credential_hash, name = EXCLUDED.name, \
+                 connection_id = NULL",
                 &[&agent_id, &a.name, &a.credential_hash, &a.now_ms],
             )
             .await

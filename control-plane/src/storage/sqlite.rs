@@ -346,11 +346,32 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn create_rekey_token(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let (token_hash, agent_id) = (token_hash.to_string(), agent_id.to_string());
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT INTO enroll_tokens (token_hash, created_at_ms, expires_at_ms, agent_id) \
+                     SELECT ?1, ?2, ?3, id FROM agents WHERE id = ?4",
+                    params![token_hash, now_ms, expires_at_ms, agent_id],
+                )
+                .map_err(|e| conflict_or_backend(e, "enrollment token"))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     pub async fn enroll_agent(&self, a: EnrollAttempt) -> Result<Enrollment, StorageError> {
         self.run(move |conn| {
             let claimed: Option<String> = conn
                 .query_row(
-                    "UPDATE enroll_tokens SET used_at_ms = ?1, enrollment_id = ?2, agent_id = ?3 \
+                    "UPDATE enroll_tokens SET used_at_ms = ?1, enrollment_id = ?2, agent_id = COALESCE(agent_id, ?3) \
                      WHERE token_hash = ?4 AND used_at_ms IS NULL AND expires_at_ms > ?1 RETURNING agent_id",
                     params![a.now_ms, a.enrollment_id, a.new_agent_id, a.token_hash],
                     |r| r.get(0),
@@ -387,7 +408,8 @@ impl SqliteStore {
             };
             conn.execute(
                 "INSERT INTO agents (id, name, credential_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (id) DO UPDATE SET credential_hash = excluded.credential_hash, name = excluded.name",
+                 ON CONFLICT (id) DO UPDATE SET credential_hash = excluded.credential_hash, name = excluded.name, \
+                 connection_id = NULL",
                 params![agent_id, a.name, a.credential_hash, a.now_ms],
             )
             .map_err(backend)?;

@@ -465,3 +465,69 @@ async fn a_flooding_agent_is_slowed_to_the_frame_budget() {
     );
     server.stop().await;
 }
+
+/// An admin rotates an agent's credential: the host enrolls with a token bound to the agent
+/// and gets a new credential for the same agent id; the old credential is refused from then
+/// on and its live channel ends at its next heartbeat.
+#[tokio::test]
+async fn a_rotated_credential_replaces_the_old_one_for_the_same_agent() {
+    let server = Server::start().await;
+    let (agent_id, old) = server.enroll("db1").await;
+    let admin = server
+        .token_for("admin", control_plane::auth::Role::Admin)
+        .await;
+    let mut ws = welcomed(&server, &old).await;
+    heartbeat(&mut ws, 1, None).await;
+    let made = server
+        .request(
+            http::Method::POST,
+            &format!("/api/v1/agents/{agent_id}/rekey"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let made: serde_json::Value = serde_json::from_slice(&made.body).expect("json");
+    let token = made["token"].as_str().expect("token").to_string();
+    let body = serde_json::to_vec(&proto::EnrollRequest {
+        token,
+        name: "db1".into(),
+        enrollment_id: "enr_rotation".into(),
+    })
+    .expect("json");
+    let r = server
+        .request(http::Method::POST, proto::ENROLL_PATH, None, body)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer: proto::EnrollResponse = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(answer.agent_id, agent_id, "the same agent, not a new one");
+    assert_ne!(answer.credential, old);
+    heartbeat(&mut ws, 2, None).await;
+    match recv(&mut ws).await {
+        Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::Replaced),
+        other => panic!("expected the old channel to end, got {other:?}"),
+    }
+    let url = server.base.join(proto::CHANNEL_PATH).expect("url");
+    let refused = world::ws_connect(
+        &server.world,
+        &url,
+        Some(&old),
+        Duration::from_secs(5),
+        proto::FRAME_BYTES_MAX,
+    )
+    .await;
+    assert!(refused.is_err_and(|e| e.http_status() == Some(401)));
+    let mut fresh = welcomed(&server, &answer.credential).await;
+    heartbeat(&mut fresh, 1, None).await;
+    assert_eq!(status_of(&server, &admin, &agent_id).await, "online");
+    let missing = server
+        .request(
+            http::Method::POST,
+            "/api/v1/agents/agt_nope/rekey",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(missing.status, 404);
+    server.stop().await;
+}

@@ -454,8 +454,37 @@ async fn check(s: Storage) {
         s.agent_tasks("agt_rm", 10).await.expect("tasks"),
         vec![r#"{"id":"t3"}"#.to_string()]
     );
-    assert!(s.remove_agent("agt_rm").await.expect("remove"));
+    // A token bound to the agent rotates its credential and keeps its id.
+    assert!(
+        s.create_rekey_token("rk", "agt_rm", 3_000, 1_000_000)
+            .await
+            .expect("rekey token")
+    );
+    assert!(
+        !s.create_rekey_token("rk2", "agt_none", 3_000, 1_000_000)
+            .await
+            .expect("rekey token for nobody")
+    );
+    let rekeyed = s
+        .enroll_agent(attempt("rk", "enr_rk", "agt_fresh", "cred_rk", 4_000))
+        .await
+        .expect("enroll");
+    assert_eq!(
+        rekeyed,
+        Enrollment::Enrolled {
+            agent_id: "agt_rm".into()
+        }
+    );
     assert!(s.agent_by_credential("cred_rm").await.expect("q").is_none());
+    assert!(s.agent_by_credential("cred_rk").await.expect("q").is_some());
+    assert!(s.agent("agt_fresh").await.expect("q").is_none());
+    assert_eq!(
+        s.agent_tasks("agt_rm", 10).await.expect("tasks").len(),
+        1,
+        "history kept"
+    );
+    assert!(s.remove_agent("agt_rm").await.expect("remove"));
+    assert!(s.agent_by_credential("cred_rk").await.expect("q").is_none());
     assert!(s.agent("agt_rm").await.expect("q").is_none());
     assert!(!s.remove_agent("agt_rm").await.expect("remove again"));
 

@@ -101,6 +101,7 @@ async function agentPage(id) {
   if (r.status === 401) { route(); return; }
   const agent = (r.json ?? []).find((a) => a.id === id);
   if (!agent) { $('agent-error').textContent = `no agent ${id}`; return; }
+  if (app.agent?.id !== agent.id) $('agent-rekey-out').hidden = true;
   app.agent = agent;
   $('agent-title').textContent = `Agent ${agent.name}`;
   $('where').textContent = agent.name;
@@ -292,6 +293,15 @@ async function tokens() {
   }
 }
 
+async function rekeyAgent() {
+  const agent = app.agent;
+  if (!agent) return;
+  const r = await api('POST', `/api/v1/agents/${encodeURIComponent(agent.id)}/rekey`);
+  if (r.status !== 201) { $('agent-error').textContent = r.json?.error ?? `new credential: ${r.status}`; return; }
+  $('agent-rekey-command').textContent = `outpost-agent enroll --force --token ${r.json.token} --control-plane ${location.origin} --name ${agent.name}\n# then restart the agent (systemctl restart outpost-agent)`;
+  $('agent-rekey-out').hidden = false;
+}
+
 async function removeAgent() {
   const agent = app.agent;
   if (!agent || !window.confirm(`Remove agent ${agent.name}? Its credential stops working and its stored tasks and metrics are deleted; the host must be enrolled again.`)) return;
@@ -331,6 +341,7 @@ $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
 $('agent-remove').addEventListener('click', removeAgent);
+$('agent-rekey').addEventListener('click', rekeyAgent);
 $('audit-action').addEventListener('change', () => audit());
 $('audit-older').addEventListener('click', () => audit(true));
 window.addEventListener('hashchange', route);
