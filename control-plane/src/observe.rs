@@ -54,6 +54,7 @@ pub struct Observed {
     pub login_lockouts_total: AtomicU64,
     pub login_refused_busy_total: AtomicU64,
     pub agent_frames_throttled_total: AtomicU64,
+    pub login_refusals_unaudited_total: AtomicU64,
     /// Connections and TLS handshakes, counted by the server loop.
     pub connections: std::sync::Arc<world::ConnectionCounters>,
 }
@@ -134,7 +135,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
         );
     }
     // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 14] = [
+    let plain: [(&str, &str, &AtomicU64); 15] = [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -179,6 +180,11 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             "outpost_login_refused_busy_total",
             "Logins answered 429 without a password check: the name is locked out or its free attempts are being checked.",
             &observed.login_refused_busy_total,
+        ),
+        (
+            "outpost_login_refusals_unaudited_total",
+            "Refused logins beyond the 60 per minute written to the audit log (counted only).",
+            &observed.login_refusals_unaudited_total,
         ),
         (
             "outpost_agent_frames_throttled_total",

@@ -20,6 +20,9 @@ pub const FREE_FAILURES: u32 = 5;
 pub const LOCKOUT_FIRST: Duration = Duration::from_secs(30);
 pub const LOCKOUT_MAX: Duration = Duration::from_secs(15 * 60);
 pub const NAMES_MAX: usize = 10_000;
+/// Refused logins written to the audit log per minute and replica; beyond it they are only
+/// counted. Anyone can send logins, and with many names the lockout does not bound them.
+pub const REFUSALS_AUDITED_PER_MINUTE: u32 = 60;
 
 /// How long a refused attempt is told to wait while other attempts for the name are checked.
 pub const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -55,6 +58,8 @@ struct Failures {
 pub struct LoginThrottle {
     names: Mutex<BTreeMap<String, Failures>>,
     checks: tokio::sync::Semaphore,
+    /// (start of the current minute, refusals audited in it).
+    audited: Mutex<(i64, u32)>,
 }
 
 impl Default for LoginThrottle {
@@ -63,6 +68,7 @@ impl Default for LoginThrottle {
         LoginThrottle {
             names: Mutex::new(BTreeMap::new()),
             checks: tokio::sync::Semaphore::new(cores),
+            audited: Mutex::new((0, 0)),
         }
     }
 }
@@ -74,6 +80,24 @@ impl LoginThrottle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut names)
+    }
+
+    /// Whether a refused login at `now_ms` may still be written to the audit log this minute
+    /// ([`REFUSALS_AUDITED_PER_MINUTE`]); counts it when it may.
+    pub fn may_audit_refusal(&self, now_ms: i64) -> bool {
+        let mut audited = self
+            .audited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let minute = now_ms - now_ms.rem_euclid(60_000);
+        if audited.0 != minute {
+            *audited = (minute, 0);
+        }
+        if audited.1 >= REFUSALS_AUDITED_PER_MINUTE {
+            return false;
+        }
+        audited.1 += 1;
+        true
     }
 
     /// The password checks allowed at once (one per core).
@@ -231,6 +255,16 @@ mod tests {
             t.failed(&format!("u{i}"), 1 + i as i64);
         }
         assert!(t.check("mallory", 20).is_some(), "still locked");
+    }
+
+    #[test]
+    fn refusals_are_audited_up_to_the_budget_each_minute() {
+        let t = LoginThrottle::default();
+        for _ in 0..REFUSALS_AUDITED_PER_MINUTE {
+            assert!(t.may_audit_refusal(120_500));
+        }
+        assert!(!t.may_audit_refusal(179_999));
+        assert!(t.may_audit_refusal(180_000), "a new minute, a new budget");
     }
 
     #[test]

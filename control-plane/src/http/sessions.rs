@@ -55,13 +55,23 @@ pub async fn login(
         return Err(refused());
     }
     let now_ms = state.world.now_unix_ms();
+    // Anyone can send logins: refusals are audited up to a budget per minute, then counted.
     let audit_refused = |reason: &'static str| {
-        state.audit.record(
+        let audited = logins.may_audit_refusal(now_ms);
+        if !audited {
+            crate::observe::add(&state.observed.login_refusals_unaudited_total, 1);
+        }
+        let record = state.audit.record(
             &body.username,
             action::LOGIN_REFUSED,
             &body.username,
             serde_json::json!({ "reason": reason }),
-        )
+        );
+        async move {
+            if audited {
+                record.await;
+            }
+        }
     };
     // Counted before the password check, so parallel guesses get no more checks than a
     // sequence; released when the attempt ends, whichever way (the client may leave).

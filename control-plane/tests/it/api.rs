@@ -1118,3 +1118,42 @@ async fn extractor_refusals_and_missing_files_answer_in_json() {
     serde_json::from_slice::<proto::ErrorBody>(&r.body).expect("an ErrorBody");
     server.stop().await;
 }
+
+/// Anyone can send logins, and with a new name each time no lockout bounds them: refused
+/// logins are written to the audit log up to 60 a minute per replica, the rest only counted.
+#[tokio::test]
+async fn a_flood_of_refused_logins_cannot_grow_the_audit_log_without_bound() {
+    let server = Server::start().await;
+    let admin = server.token_for("root", Role::Admin).await;
+    const SENT: usize = 130;
+    for i in 0..SENT {
+        let body = format!(r#"{{"username":"nobody{i}","password":"wrong-password-123"}}"#);
+        let r = server
+            .request(Method::POST, "/api/v1/sessions", None, body)
+            .await;
+        assert_eq!(r.status, 401);
+    }
+    let audit = server
+        .request(
+            Method::GET,
+            "/api/v1/audit?action=login.refused&limit=500",
+            Some(&admin),
+            "",
+        )
+        .await;
+    let records: serde_json::Value = serde_json::from_slice(&audit.body).expect("json");
+    let audited = records.as_array().map_or(0, Vec::len);
+    let unaudited = server
+        .state
+        .observed
+        .login_refusals_unaudited_total
+        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    // The run spans at most two minutes of the budget.
+    assert!(audited <= 120, "{audited} refusals audited");
+    assert_eq!(
+        audited + unaudited,
+        SENT,
+        "every refusal is audited or counted"
+    );
+    server.stop().await;
+}
