@@ -126,7 +126,77 @@ pub async fn checks(
         out.extend(control_plane(world, &url).await);
     }
     out.extend(postgres(world, &config).await);
+    out.extend(policy(&config));
     out.push(socket(&config.socket));
+    out
+}
+
+/// What the host lets the control plane do: the task kinds, pg_dump's directories (each must
+/// exist and be writable by whoever task commands run as), and the terminal.
+fn policy(config: &AgentConfig) -> Vec<Check> {
+    use crate::config::RunAs;
+    let tasks = &config.tasks;
+    let kinds: Vec<&str> = tasks.policy.remote_kinds.iter().map(|k| k.name()).collect();
+    let mut out = vec![ok(
+        "remote_kinds",
+        format!(
+            "the control plane may create: {}",
+            if kinds.is_empty() {
+                "nothing".to_string()
+            } else {
+                kinds.join(", ")
+            }
+        ),
+    )];
+    if tasks.policy.dump_dirs.is_empty() {
+        out.push(ok("dump_dirs", "none: pg_dump is off ([tasks] dump_dirs)"));
+    }
+    for dir in &tasks.policy.dump_dirs {
+        let shown = dir.display();
+        let writable = match std::fs::metadata(dir) {
+            Err(e) => Err(format!("{shown}: {e}")),
+            Ok(meta) if !meta.is_dir() => Err(format!("{shown} is not a directory")),
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                let (mode, owner, group) = (meta.mode(), meta.uid(), meta.gid());
+                // Whose rights task commands get: run_as, else the agent's own.
+                let (uid, gid) = match &tasks.run_as {
+                    RunAs::User { uid, gid, .. } => (*uid, *gid),
+                    _ => (
+                        nix::unistd::geteuid().as_raw(),
+                        nix::unistd::getegid().as_raw(),
+                    ),
+                };
+                let can = uid == 0
+                    || (owner == uid && mode & 0o200 != 0)
+                    || (group == gid && mode & 0o020 != 0)
+                    || mode & 0o002 != 0;
+                if can {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{shown} is not writable by the user task commands run as"
+                    ))
+                }
+            }
+        };
+        out.push(match writable {
+            Ok(()) => ok("dump_dirs", format!("{shown} is writable")),
+            Err(detail) => fail(
+                "dump_dirs",
+                detail,
+                "create the directory and give it to the user of [tasks] run_as (or the agent's user)",
+            ),
+        });
+    }
+    out.push(ok(
+        "terminal",
+        if config.terminal.enabled {
+            "enabled ([terminal] enabled = false turns it off)"
+        } else {
+            "off on this host ([terminal] enabled = false)"
+        },
+    ));
     out
 }
 

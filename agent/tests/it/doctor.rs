@@ -109,6 +109,53 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_each_fault() {
         checks["postgres"]
     );
 
+    // The host's policy: a dump directory that does not exist fails with the fix.
+    let dumps = tmp.path().join("dumps");
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[tasks]\nrun_as = \"root\"\nremote_kinds = [\"vacuum\"]\ndump_dirs = [\"{}\"]\n[terminal]\nenabled = false\n",
+            dumps.display()
+        ),
+    )
+    .expect("write");
+    let policy_args = [
+        "--config",
+        policy.to_str().expect("utf8"),
+        "--data-dir",
+        &data_s,
+    ];
+    let (_, checks) = doctor(&policy_args);
+    assert_eq!(
+        status(&checks, "dump_dirs"),
+        "fail",
+        "{:?}",
+        checks.get("dump_dirs")
+    );
+    assert!(
+        checks["remote_kinds"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("vacuum"),
+        "{:?}",
+        checks["remote_kinds"]
+    );
+    assert!(
+        checks["terminal"]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("off")
+    );
+    std::fs::create_dir(&dumps).expect("mkdir");
+    let (_, checks) = doctor(&policy_args);
+    assert_eq!(
+        status(&checks, "dump_dirs"),
+        "ok",
+        "{:?}",
+        checks.get("dump_dirs")
+    );
+
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "[metrics]\ninterval = \"1s\"\n").expect("write");
     let (out, checks) = doctor(&["--config", bad.to_str().expect("utf8")]);
