@@ -228,8 +228,9 @@ function confirmButton(label, aria, question, errorId, action) {
   const button = el('button', label, { type: 'button', 'aria-label': aria });
   button.addEventListener('click', async () => {
     if (!window.confirm(question)) return;
+    $(errorId).textContent = '';
     const r = await action();
-    $(errorId).textContent = r.status === 204 ? '' : r.json?.error ?? `${label}: ${r.status}`;
+    if (r.status !== 204) $(errorId).textContent = r.json?.error ?? `${label}: ${r.status}`;
   });
   return button;
 }
@@ -241,9 +242,12 @@ async function users() {
   if (r.status !== 200) { $('users-error').textContent = r.json?.error ?? `users: ${r.status}`; return; }
   const rows = $('user-rows');
   rows.replaceChildren();
+  // The message is cleared when an action starts, so one finishing later cannot wipe the
+  // refusal of another.
   const patch = async (name, body) => {
+    $('users-error').textContent = '';
     const p = await api('PATCH', `/api/v1/users/${encodeURIComponent(name)}`, body);
-    $('users-error').textContent = p.status === 204 ? '' : p.json?.error ?? `change: ${p.status}`;
+    if (p.status !== 204) $('users-error').textContent = p.json?.error ?? `change: ${p.status}`;
     await users();
   };
   for (const user of r.json) {

@@ -5,7 +5,7 @@
 import { bytes, el } from './common.js';
 
 /** The charts: title, which metric type, and how to turn one sample into named values. */
-const CHARTS = [
+export const CHARTS = [
   {
     title: 'Connections by state',
     type: 'activity',
@@ -33,7 +33,55 @@ const CHARTS = [
     type: 'locks',
     values: (data) => data,
   },
+  {
+    title: 'Replication lag (s, replay)',
+    type: 'replication',
+    empty: 'No standby streams from this server.',
+    values: (data) => Object.fromEntries(data.map((r) => [r.application_name || r.client_addr || 'standby', r.replay_lag_s ?? 0])),
+  },
+  {
+    title: 'Transaction ID age',
+    type: 'xid_age',
+    values: (data) => data,
+    // Postgres stops accepting writes before an age of 2^31 (wraparound protection).
+    note: (latest) => {
+      const [db, age] = Object.entries(latest).sort((a, b) => b[1] - a[1])[0] ?? [];
+      if (db === undefined) return '';
+      const left = XID_LIMIT - age;
+      return `oldest: ${db} at ${age.toLocaleString('en')}, ${left.toLocaleString('en')} (${((left / XID_LIMIT) * 100).toFixed(1)}%) from the wraparound limit`;
+    },
+  },
+  {
+    title: 'Dead tuples (most in the latest sample)',
+    type: 'dead_tuples',
+    empty: 'No user tables with dead tuples yet.',
+    values: (data) => Object.fromEntries(data.map((t) => [`${t.schemaname}.${t.relname}`, t.n_dead_tup ?? 0])),
+  },
+  {
+    title: 'Checkpoints per minute',
+    // pg_stat_checkpointer from PostgreSQL 17, pg_stat_bgwriter before.
+    types: ['checkpointer', 'bgwriter'],
+    rate: true,
+    scale: 60,
+    values: (data) => ('num_timed' in data
+      ? { timed: data.num_timed, requested: data.num_requested }
+      : { timed: data.checkpoints_timed, requested: data.checkpoints_req }),
+  },
+  {
+    title: 'Buffers written per second',
+    type: 'bgwriter',
+    rate: true,
+    values: (data) => {
+      const out = { 'by bgwriter': data.buffers_clean, allocated: data.buffers_alloc };
+      if ('buffers_backend' in data) out['by backends'] = data.buffers_backend;
+      if ('buffers_checkpoint' in data) out['by checkpoints'] = data.buffers_checkpoint;
+      return out;
+    },
+  },
 ];
+
+/** The transaction ID age at which wraparound protection stops writes. */
+export const XID_LIMIT = 2 ** 31;
 
 const COLORS = ['#6cf', '#fb4', '#6d6', '#f77', '#c8f', '#4dd', '#ddd', '#f9c'];
 
@@ -61,7 +109,7 @@ export function series(samples, chart) {
         v: rows[i].v.map((x, j) => {
           const prev = rows[i - 1].v[j];
           // A counter that went down was reset (server restart): no rate for that step.
-          return x === null || prev === null || dt <= 0 || x < prev ? null : (x - prev) / dt;
+          return x === null || prev === null || dt <= 0 || x < prev ? null : ((x - prev) / dt) * (chart.scale ?? 1);
         }),
       });
     }
@@ -88,17 +136,26 @@ export async function drawCharts(container, agentId, rangeMs, api) {
   const from = Date.now() - rangeMs;
   let drawn = 0;
   for (const chart of CHARTS) {
-    const r = await api('GET', `/api/v1/agents/${encodeURIComponent(agentId)}/metrics?type=${chart.type}&from=${from}`);
-    if (r.status !== 200) throw new Error(r.json?.error ?? `metrics: ${r.status}`);
-    const box = el('figure', null, { class: 'chart', 'data-type': chart.type });
+    // The first of the chart's types that has samples (a statistic moved between versions).
+    let samples = [];
+    let type = chart.type;
+    for (const candidate of chart.types ?? [chart.type]) {
+      const r = await api('GET', `/api/v1/agents/${encodeURIComponent(agentId)}/metrics?type=${candidate}&from=${from}`);
+      if (r.status !== 200) throw new Error(r.json?.error ?? `metrics: ${r.status}`);
+      type = candidate;
+      samples = r.json;
+      if (samples.length > 0) break;
+    }
+    const box = el('figure', null, { class: 'chart', 'data-type': chart.types ? chart.types.join(' ') : type, 'data-title': chart.title });
     const caption = el('h3', chart.title);
     box.append(caption);
     container.append(box);
-    const { names, data, gaps } = series(r.json, chart);
+    const { names, data, gaps } = series(samples, chart);
     if (data[0].length === 0 || names.length === 0) {
-      box.append(el('p', 'No samples in this range yet.'));
+      box.append(el('p', samples.length > 0 && chart.empty ? chart.empty : 'No samples in this range yet.'));
       continue;
     }
+    if (chart.note) box.append(el('p', chart.note(samples[samples.length - 1].data), { class: 'note' }));
     if (gaps > 0) box.dataset.gaps = String(gaps);
     const width = Math.max(300, box.clientWidth - 10);
     const plot = new window.uPlot({

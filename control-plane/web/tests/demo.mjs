@@ -55,6 +55,22 @@ try {
     await page.keyboard.type('select 6*7;');
     await page.keyboard.press('Enter');
     await page.waitForFunction(() => /\n\s*42\s*\n/.test(window.outpost.screenText()), null, { timeout: 30000 });
+    // Dead tuples for the agent page's chart.
+    await page.keyboard.type('create table demo_t (x int); insert into demo_t select generate_series(1, 100); delete from demo_t;');
+    await page.keyboard.press('Enter');
+    await page.waitForFunction(() => window.outpost.screenText().includes('DELETE 100'), null, { timeout: 30000 });
+  });
+
+  // Every statistic the collector stores is drawn (replication: this server has no standby).
+  await step('all-charts', async () => {
+    await page.getByRole('link', { name: 'Fleet' }).click();
+    await page.getByRole('link', { name: 'demo-agent' }).click();
+    await page.getByRole('heading', { name: 'Agent demo-agent' }).waitFor();
+    for (const title of ['Transaction ID age', 'Dead tuples (most in the latest sample)', 'Checkpoints per minute', 'Buffers written per second']) {
+      await page.locator(`figure.chart[data-title="${title}"] canvas`).first().waitFor({ timeout: 60000 });
+    }
+    await page.locator('figure.chart[data-type="xid_age"] p.note', { hasText: 'from the wraparound limit' }).waitFor({ timeout: 10000 });
+    await page.locator('figure.chart[data-type="replication"]', { hasText: 'No standby streams from this server.' }).waitFor({ timeout: 10000 });
   });
 
   await step('audit', async () => {

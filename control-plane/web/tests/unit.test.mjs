@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import { bufferHealth, LAG_WARN_S } from '../src/common.js';
-import { series } from '../src/charts.js';
+import { CHARTS, series, XID_LIMIT } from '../src/charts.js';
 
 const at = (s) => new Date(Date.UTC(2026, 0, 1, 0, 0, s)).toISOString();
 const activity = { type: 'activity', values: (d) => d };
@@ -40,4 +40,30 @@ test('buffer health warns on lag, failures and a nearly full buffer only', () =>
   assert.equal(bufferHealth({ ...base, delivery_failures: 3 }).why, '3 failed deliveries');
   assert.equal(bufferHealth({ ...base, utilization: 0.9 }).why, 'buffer nearly full');
   assert.equal(bufferHealth(null).text, 'not reported yet');
+});
+
+const chart = (title) => CHARTS.find((c) => c.title.startsWith(title));
+
+test('checkpoints per minute read either statistic, before and after PostgreSQL 17', () => {
+  const checkpoints = chart('Checkpoints per minute');
+  const old = [[0, 1], [60, 3]].map(([s, n]) => ({ ts: at(s), data: { checkpoints_timed: n, checkpoints_req: 0 } }));
+  assert.deepEqual(series(old, checkpoints).data.slice(1), [[0], [2]]);
+  const v17 = [[0, 5], [30, 6]].map(([s, n]) => ({ ts: at(s), data: { num_timed: n, num_requested: 1 } }));
+  const { names, data } = series(v17, checkpoints);
+  assert.deepEqual(names, ['requested', 'timed']);
+  assert.deepEqual(data.slice(1), [[0], [2]]);
+});
+
+test('the transaction ID age chart names the database closest to wraparound', () => {
+  const note = chart('Transaction ID age').note({ app: 1_000_000, postgres: 2_000 });
+  assert.match(note, /^oldest: app at 1,000,000, /);
+  assert.match(note, new RegExp(`${(XID_LIMIT - 1_000_000).toLocaleString('en')}`));
+});
+
+test('replication lag and dead tuples become one series per standby and per table', () => {
+  const lag = series([{ ts: at(0), data: [{ application_name: 'replica1', replay_lag_s: 0.5 }] }], chart('Replication lag'));
+  assert.deepEqual(lag.names, ['replica1']);
+  const dead = series([{ ts: at(0), data: [{ schemaname: 'public', relname: 'orders', n_dead_tup: 42 }] }], chart('Dead tuples'));
+  assert.deepEqual(dead.names, ['public.orders']);
+  assert.deepEqual(dead.data[1], [42]);
 });
