@@ -164,6 +164,14 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(
                 Method::GET,
+                "/api/v1/terminal/sessions",
+                Access::User(Role::Operator),
+            ),
+            get(crate::terminal::browser::list),
+        ),
+        (
+            spec(
+                Method::GET,
                 "/api/v1/terminal/sessions/{id}",
                 Access::User(Role::Operator),
             ),

@@ -177,6 +177,11 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         )
         .request(schema::<CreateRequest>)
         .returns(201, schema::<CreateResponse>),
+        ("GET", "/api/v1/terminal/sessions") => doc(
+            "The terminal sessions open now, oldest first: an admin sees everyone's, others their own",
+            "terminal",
+        )
+        .returns(200, schema::<Vec<SessionView>>),
         ("GET", "/api/v1/terminal/sessions/{id}") => {
             doc("A terminal session's state", "terminal").returns(200, schema::<SessionView>)
         }

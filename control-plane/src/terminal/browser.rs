@@ -238,6 +238,46 @@ async fn owned_session(
     Ok(meta)
 }
 
+/// How many live sessions one listing returns at most (the control plane allows 100).
+const LIVE_LISTED_MAX: usize = 1000;
+
+/// `GET /api/v1/terminal/sessions`: the sessions open now, oldest first; an admin sees every
+/// user's, others their own.
+pub async fn list(
+    State(state): State<TerminalContext>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+) -> Result<Json<Vec<SessionView>>, ApiError> {
+    let live = state.terminal.streams.live().await.map_err(store_error)?;
+    let mut out = Vec::new();
+    for (session_id, _agent) in live.into_iter().take(LIVE_LISTED_MAX) {
+        let Some(meta) = state
+            .terminal
+            .streams
+            .meta(&session_id)
+            .await
+            .map_err(store_error)?
+        else {
+            continue;
+        };
+        if meta.state == SessionState::Closed
+            || (meta.user_id != user.id && !user.role.allows(Role::Admin))
+        {
+            continue;
+        }
+        out.push(SessionView {
+            session_id,
+            agent_id: meta.agent_id,
+            user: meta.username,
+            state: meta.state.as_str(),
+            reason: meta.reason,
+            created_ms: meta.created_ms,
+            changed_ms: meta.changed_ms,
+        });
+    }
+    out.sort_by(|a, b| (a.created_ms, &a.session_id).cmp(&(b.created_ms, &b.session_id)));
+    Ok(Json(out))
+}
+
 /// `GET /api/v1/terminal/sessions/{id}`.
 pub async fn show(
     State(state): State<TerminalContext>,

@@ -1157,3 +1157,65 @@ async fn a_flood_of_refused_logins_cannot_grow_the_audit_log_without_bound() {
     );
     server.stop().await;
 }
+
+/// The live sessions list: an admin sees everyone's open sessions, an operator only their own,
+/// a viewer none (the route is for operators), and closed sessions are not listed.
+#[tokio::test]
+async fn open_terminal_sessions_are_listed_to_their_owner_and_to_admins() {
+    use control_plane::terminal::{SessionMeta, SessionState};
+    let server = Server::start().await;
+    let admin = server.token_for("root", Role::Admin).await;
+    let alice = server.token_for("alice", Role::Operator).await;
+    let viewer = server.token_for("val", Role::Viewer).await;
+    let alice_id = server
+        .storage
+        .user_by_name("alice")
+        .await
+        .expect("lookup")
+        .expect("alice")
+        .id;
+    let streams = &server.state.terminal.streams;
+    for (id, user_id, username, state, at) in [
+        ("ses_a", alice_id.as_str(), "alice", SessionState::Live, 2),
+        ("ses_b", "usr_bob", "bob", SessionState::Pending, 1),
+        ("ses_c", alice_id.as_str(), "alice", SessionState::Closed, 3),
+    ] {
+        let meta = SessionMeta {
+            agent_id: "agt_1".into(),
+            user_id: user_id.into(),
+            username: username.into(),
+            state,
+            created_ms: at,
+            changed_ms: at,
+            started: false,
+            reason: String::new(),
+            input_cursor: String::new(),
+        };
+        streams.create(id, &meta, 100).await.expect("create");
+    }
+    let listed = |token: String| {
+        let server = &server;
+        async move {
+            let r = server
+                .request(Method::GET, "/api/v1/terminal/sessions", Some(&token), "")
+                .await;
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            let ids: Vec<String> = body
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s["session_id"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (r.status.as_u16(), ids)
+        }
+    };
+    assert_eq!(
+        listed(admin).await,
+        (200, vec!["ses_b".to_string(), "ses_a".into()])
+    );
+    assert_eq!(listed(alice).await, (200, vec!["ses_a".to_string()]));
+    assert_eq!(listed(viewer).await.0, 403);
+    server.stop().await;
+}

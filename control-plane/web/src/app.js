@@ -235,6 +235,33 @@ function confirmButton(label, aria, question, errorId, action) {
   return button;
 }
 
+const SESSIONS_REFRESH_MS = 5000;
+
+async function sessions() {
+  show('sessions');
+  $('where').textContent = '';
+  const [r, agents] = await Promise.all([api('GET', '/api/v1/terminal/sessions'), api('GET', '/api/v1/agents')]);
+  if (r.status !== 200) { $('sessions-error').textContent = r.json?.error ?? `sessions: ${r.status}`; return; }
+  const names = Object.fromEntries((agents.json ?? []).map((a) => [a.id, a.name]));
+  const rows = $('session-rows');
+  rows.replaceChildren();
+  $('sessions-empty').hidden = r.json.length > 0;
+  for (const s of r.json) {
+    const tr = el('tr', null, { 'data-session': s.session_id });
+    const actions = el('td');
+    const attach = el('a', 'Attach', { href: `#/terminal/${encodeURIComponent(s.session_id)}`, 'aria-label': `Attach to ${s.session_id}` });
+    actions.append(attach, ' ', confirmButton('End', `End session ${s.session_id}`, `End ${s.user}'s psql session on ${names[s.agent_id] ?? s.agent_id}?`, 'sessions-error', async () => {
+      const d = await api('DELETE', `/api/v1/terminal/sessions/${encodeURIComponent(s.session_id)}`);
+      await sessions();
+      return d.status === 202 ? { status: 204 } : d;
+    }));
+    tr.append(el('td', s.session_id), el('td', names[s.agent_id] ?? s.agent_id), el('td', s.user), el('td', s.state),
+      el('td', ago(new Date(s.created_ms).toISOString()), { title: new Date(s.created_ms).toISOString() }), actions);
+    rows.append(tr);
+  }
+  every(SESSIONS_REFRESH_MS, () => { if (location.hash === '#/sessions') sessions(); });
+}
+
 async function users() {
   show('users');
   $('where').textContent = '';
@@ -324,6 +351,7 @@ async function route() {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
+    case 'sessions': await sessions(); break;
     case 'users': await users(); break;
     case 'tokens': await tokens(); break;
     case 'terminal': {

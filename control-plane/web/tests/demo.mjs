@@ -18,6 +18,8 @@ const step = async (name, fn) => {
     throw new Error(`step ${name}: ${error.message}`);
   }
 };
+// Confirmations (End, Revoke, Delete, Remove) are accepted.
+page.on('dialog', (dialog) => dialog.accept());
 try {
   await step('login', async () => {
     await page.goto(env('OUTPOST_URL'));
@@ -73,6 +75,27 @@ try {
     await page.locator('figure.chart[data-type="replication"]', { hasText: 'No standby streams from this server.' }).waitFor({ timeout: 10000 });
   });
 
+  // The live sessions page lists a session opened through the API, and ends it.
+  await step('sessions', async () => {
+    const created = await page.evaluate(async () => {
+      const agents = await (await fetch('/api/v1/agents')).json();
+      const r = await fetch('/api/v1/terminal/sessions', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ agent_id: agents[0].id }),
+      });
+      return { status: r.status, body: await r.json() };
+    });
+    if (created.status !== 201) throw new Error(`open a session: ${created.status} ${JSON.stringify(created.body)}`);
+    await page.getByRole('link', { name: 'Sessions' }).click();
+    const row = page.locator(`tr[data-session="${created.body.session_id}"]`);
+    await row.waitFor({ timeout: 10000 });
+    await row.getByRole('button', { name: /^End session/ }).click();
+    await row.waitFor({ state: 'detached', timeout: 30000 });
+    const error = await page.locator('#sessions-error').textContent();
+    if (error) throw new Error(`end error shown: ${error}`);
+  });
+
   await step('audit', async () => {
     await page.getByRole('link', { name: 'Audit log' }).click();
     await page.getByRole('heading', { name: 'Audit log' }).waitFor();
@@ -104,6 +127,7 @@ try {
     await hidden(viewer.getByRole('link', { name: 'Audit log' }), 'the audit log');
     await hidden(viewer.getByRole('link', { name: 'Users' }), 'the users page');
     await hidden(viewer.getByRole('link', { name: 'Tokens' }), 'the tokens page');
+    await hidden(viewer.getByRole('link', { name: 'Sessions' }), 'the sessions page');
     await viewer.getByRole('link', { name: 'demo-agent' }).click();
     await viewer.locator('figure.chart[data-type="activity"] canvas').first().waitFor({ timeout: 30000 });
     await hidden(viewer.getByRole('button', { name: 'Create task' }), 'the task form');
@@ -116,7 +140,6 @@ try {
     await context.close();
   });
   // Admin pages: revoke the viewer's API token, change and disable the viewer, remove the agent.
-  page.on('dialog', (dialog) => dialog.accept());
   await step('tokens', async () => {
     await page.getByRole('link', { name: 'Tokens' }).click();
     await page.getByRole('heading', { name: 'Tokens' }).waitFor();
