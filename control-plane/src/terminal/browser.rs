@@ -63,6 +63,25 @@ pub struct SessionView {
     pub changed_ms: i64,
 }
 
+impl SessionView {
+    fn of(session_id: String, meta: SessionMeta) -> SessionView {
+        SessionView {
+            session_id,
+            agent_id: meta.agent_id,
+            user: meta.username,
+            state: meta.state.as_str(),
+            reason: meta.reason,
+            created_ms: meta.created_ms,
+            changed_ms: meta.changed_ms,
+        }
+    }
+}
+
+/// A session is its owner's; an admin may see and act on any.
+fn visible_to(meta: &SessionMeta, user: &crate::storage::UserRow) -> bool {
+    meta.user_id == user.id || user.role.allows(Role::Admin)
+}
+
 fn store_error(e: StreamsError) -> ApiError {
     match e {
         StreamsError::LimitReached(_) => {
@@ -229,7 +248,7 @@ async fn owned_session(
                 format!("no terminal session {session_id}"),
             )
         })?;
-    if meta.user_id != user.id && !user.role.allows(Role::Admin) {
+    if !visible_to(&meta, user) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "this terminal session belongs to another user",
@@ -259,20 +278,10 @@ pub async fn list(
         else {
             continue;
         };
-        if meta.state == SessionState::Closed
-            || (meta.user_id != user.id && !user.role.allows(Role::Admin))
-        {
+        if meta.state == SessionState::Closed || !visible_to(&meta, &user) {
             continue;
         }
-        out.push(SessionView {
-            session_id,
-            agent_id: meta.agent_id,
-            user: meta.username,
-            state: meta.state.as_str(),
-            reason: meta.reason,
-            created_ms: meta.created_ms,
-            changed_ms: meta.changed_ms,
-        });
+        out.push(SessionView::of(session_id, meta));
     }
     out.sort_by(|a, b| (a.created_ms, &a.session_id).cmp(&(b.created_ms, &b.session_id)));
     Ok(Json(out))
@@ -285,15 +294,7 @@ pub async fn show(
     Path(session_id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let meta = owned_session(&state, &user, &session_id).await?;
-    Ok(Json(SessionView {
-        session_id,
-        agent_id: meta.agent_id,
-        user: meta.username,
-        state: meta.state.as_str(),
-        reason: meta.reason,
-        created_ms: meta.created_ms,
-        changed_ms: meta.changed_ms,
-    }))
+    Ok(Json(SessionView::of(session_id, meta)))
 }
 
 /// `DELETE /api/v1/terminal/sessions/{id}`: ask the agent to end psql.
