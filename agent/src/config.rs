@@ -128,6 +128,9 @@ pub struct RawTerminalConfig {
     pub idle_timeout: Option<String>,
     /// PTY output kept for a link that is down or slow (default 1MiB).
     pub output_buffer_bytes_max: Option<String>,
+    /// Ask the control plane to record keystrokes too, not only output (default false:
+    /// typed passwords would be kept).
+    pub record_input: Option<bool>,
 }
 
 fn validate_terminal(
@@ -167,6 +170,7 @@ fn validate_terminal(
         reconnect_window,
         idle_timeout,
         output_bytes_max,
+        record_input: raw.record_input.unwrap_or(false),
     })
 }
 

@@ -29,6 +29,10 @@ pub mod action {
     pub const TERMINAL_ENDED: &str = "terminal.ended";
     /// A browser attached to a session (its owner, or an admin watching someone else's).
     pub const TERMINAL_ATTACHED: &str = "terminal.attached";
+    /// A recording was played back in the UI (or fetched without `download`).
+    pub const RECORDING_REPLAYED: &str = "recording.replayed";
+    /// A recording was downloaded as a `.cast` file.
+    pub const RECORDING_DOWNLOADED: &str = "recording.downloaded";
     pub const TASK_CREATED: &str = "task.created";
     pub const TASK_CANCELED: &str = "task.canceled";
     pub const EXEC_RUN: &str = "exec.run";

@@ -45,6 +45,12 @@ pub struct RawServeConfig {
     pub max_connections: Option<usize>,
     /// humantime, default 15s: deadline for a request's headers and for idle keep-alive.
     pub header_timeout: Option<String>,
+    /// humantime, default 90d; at least 1d.
+    pub recording_retention: Option<String>,
+    /// `fail_open` (default) or `fail_closed`.
+    pub recording_failure: Option<String>,
+    /// Record keystrokes of every terminal session, default false.
+    pub record_input: Option<bool>,
 }
 
 impl RawServeConfig {
@@ -67,6 +73,9 @@ impl RawServeConfig {
             behind_tls_proxy: self.behind_tls_proxy.or(file.behind_tls_proxy),
             max_connections: self.max_connections.or(file.max_connections),
             header_timeout: self.header_timeout.or(file.header_timeout),
+            recording_retention: self.recording_retention.or(file.recording_retention),
+            recording_failure: self.recording_failure.or(file.recording_failure),
+            record_input: self.record_input.or(file.record_input),
         }
     }
 }
@@ -149,6 +158,18 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             raw.header_timeout.as_deref(),
             defaults.header_timeout,
         )?,
+        recording_retention: duration(
+            "recording_retention",
+            raw.recording_retention.as_deref(),
+            defaults.recording_retention,
+        )?,
+        recording_failure: match raw.recording_failure.as_deref() {
+            None => defaults.recording_failure,
+            Some(v) => crate::settings::RecordingFailure::parse(v).with_context(|| {
+                format!("recording_failure: {v:?} must be fail_open or fail_closed")
+            })?,
+        },
+        record_input: raw.record_input.unwrap_or(defaults.record_input),
     };
     if settings.max_connections == 0 {
         bail!(
@@ -180,6 +201,9 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     }
     if settings.audit_retention < Duration::from_secs(86_400) {
         bail!("audit_retention: must be at least 1d");
+    }
+    if settings.recording_retention < Duration::from_secs(86_400) {
+        bail!("recording_retention: must be at least 1d");
     }
     let tls = match (&raw.tls_cert, &raw.tls_key) {
         (None, None) => None,

@@ -185,7 +185,8 @@ struct ExecRunArgs {
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
     /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
-    /// behind_tls_proxy, max_connections, header_timeout. Flags and OUTPOST_* variables override it.
+    /// behind_tls_proxy, max_connections, header_timeout, recording_retention, recording_failure,
+    /// record_input. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -237,6 +238,19 @@ struct ServeArgs {
     /// is closed after it, e.g. 15s [default: 15s].
     #[arg(long, env = "OUTPOST_HEADER_TIMEOUT", value_name = "DURATION")]
     header_timeout: Option<String>,
+    /// How long terminal recordings are kept after their last event, e.g. 90d or 1y
+    /// [default: 90d]. Checked hourly.
+    #[arg(long, env = "OUTPOST_RECORDING_RETENTION", value_name = "DURATION")]
+    recording_retention: Option<String>,
+    /// When a terminal recording cannot be stored: fail_open keeps the session and marks the
+    /// recording incomplete; fail_closed refuses or closes the session. Either way the user
+    /// is told [default: fail_open].
+    #[arg(long, env = "OUTPOST_RECORDING_FAILURE", value_name = "POLICY", value_parser = ["fail_open", "fail_closed"])]
+    recording_failure: Option<String>,
+    /// Record keystrokes of every terminal session, not only output (typed passwords are
+    /// then kept in recordings).
+    #[arg(long, env = "OUTPOST_RECORD_INPUT")]
+    record_input: bool,
     /// A reverse proxy in front terminates TLS: mark the session cookie Secure and send HSTS
     /// although this port speaks plain HTTP (only ever expose it to the proxy).
     #[arg(long, env = "OUTPOST_BEHIND_TLS_PROXY")]
@@ -319,6 +333,16 @@ enum AdminCommand {
     },
     /// List agents: id, name, last seen.
     Agents {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Check a terminal recording's hash chain: every chunk carries the hash of the one before,
+    /// its content matches its hash, and the recording's head names the last chunk. Exits 1
+    /// and names the first broken chunk when it does not hold. (The session's end in the
+    /// audit log carries the chain's last hash too.)
+    VerifyRecording {
+        /// The session id (as listed in the UI's Recordings page or the audit log).
+        session_id: String,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -428,6 +452,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         behind_tls_proxy: args.behind_tls_proxy.then_some(true),
         max_connections: args.max_connections,
         header_timeout: args.header_timeout,
+        recording_retention: args.recording_retention,
+        recording_failure: args.recording_failure,
+        record_input: args.record_input.then_some(true),
         ..RawServeConfig::default()
     };
     let config = config::validate(flags.over(file))?;
@@ -695,6 +722,23 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        AdminCommand::VerifyRecording { session_id, store } => {
+            let storage = open(&world, store).await?;
+            let v = control_plane::terminal::recording::api::verify(&storage, &session_id)
+                .await
+                .with_context(|| format!("read recording {session_id}"))?;
+            println!(
+                "recording {}: {} chunks, {} output bytes, {} events, head {}",
+                v.session_id, v.chunks, v.bytes, v.events, v.hash
+            );
+            match v.problem {
+                None => {
+                    println!("valid: the chain holds from the first chunk to the head");
+                    Ok(())
+                }
+                Some(problem) => bail!("INVALID: {problem}"),
+            }
         }
         AdminCommand::RemoveAgent { id, store } => {
             let storage = open(&world, store).await?;

@@ -227,7 +227,7 @@ const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600
 const AGENT_TASKS_KEPT_MS: i64 = 90 * crate::time::DAY_MS;
 const AGENT_TASKS_PER_AGENT_MAX: i64 = 1000;
 
-/// Remove metrics and audit records older than their retention now and then every
+/// Remove metrics, audit records and terminal recordings older than their retention now and then every
 /// [`RETENTION_EVERY`].
 async fn prune_forever(
     world: World,
@@ -237,6 +237,7 @@ async fn prune_forever(
 ) {
     let metrics_ms = crate::time::duration_ms(settings.metrics_retention);
     let audit_ms = crate::time::duration_ms(settings.audit_retention);
+    let recordings_ms = crate::time::duration_ms(settings.recording_retention);
     loop {
         let now_ms = world.now_unix_ms();
         let before_ms = now_ms.saturating_sub(metrics_ms);
@@ -259,6 +260,16 @@ async fn prune_forever(
                 "audit retention removed old records"
             ),
             Err(error) => tracing::warn!(%error, "audit retention pass failed; retrying later"),
+        }
+        let before_ms = now_ms.saturating_sub(recordings_ms);
+        match storage.prune_recordings(before_ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                recordings = n,
+                before = %crate::time::rfc3339_ms(before_ms),
+                "recording retention removed old terminal recordings"
+            ),
+            Err(error) => tracing::warn!(%error, "recording retention pass failed; retrying later"),
         }
         match storage
             .prune_agent_tasks(

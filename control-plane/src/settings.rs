@@ -25,6 +25,32 @@ pub struct Settings {
     pub max_connections: usize,
     /// Deadline for a request's headers, and for an idle keep-alive connection.
     pub header_timeout: Duration,
+    /// Terminal recordings whose last event is older than this are removed (checked hourly).
+    pub recording_retention: Duration,
+    /// What a terminal session does when its recording cannot be stored.
+    pub recording_failure: RecordingFailure,
+    /// Record every session's keystrokes too (an agent's `[terminal] record_input` asks the
+    /// same for its own sessions).
+    pub record_input: bool,
+}
+
+/// What a terminal session does when its recording cannot be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordingFailure {
+    /// The session goes on; the recording is marked incomplete and the user is told.
+    FailOpen,
+    /// The session is refused or closed, with the reason shown to the user.
+    FailClosed,
+}
+
+impl RecordingFailure {
+    pub fn parse(s: &str) -> Option<RecordingFailure> {
+        match s {
+            "fail_open" => Some(RecordingFailure::FailOpen),
+            "fail_closed" => Some(RecordingFailure::FailClosed),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -39,6 +65,9 @@ impl Default for Settings {
             secure_cookies: false,
             max_connections: 20_000,
             header_timeout: Duration::from_secs(15),
+            recording_retention: Duration::from_secs(90 * 86_400),
+            recording_failure: RecordingFailure::FailOpen,
+            record_input: false,
         }
     }
 }

@@ -14,6 +14,18 @@ pub fn rfc3339_ms(unix_ms: i64) -> String {
 }
 
 /// `d` in whole milliseconds, saturating (for adding to Unix-millisecond timestamps).
+/// A time given as RFC 3339 or Unix milliseconds (query parameters); the error names `field`.
+pub fn parse_ms(field: &str, v: &str) -> Result<i64, String> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| format!("{field}: {v:?} is not an RFC 3339 time or Unix milliseconds"))
+}
+
 pub fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

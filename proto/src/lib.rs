@@ -273,6 +273,10 @@ pub enum CommandResult {
     /// The agent accepted a terminal session and is dialing its reverse WebSocket.
     TerminalOpened {
         session_id: String,
+        /// The agent's configuration asks for keystrokes to be recorded too (absent from
+        /// older agents: output only).
+        #[serde(default)]
+        record_input: bool,
     },
     #[serde(other)]
     Unknown,

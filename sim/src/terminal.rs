@@ -278,6 +278,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                         reconnect_window: RECONNECT_WINDOW,
                         idle_timeout: Duration::from_secs(3600),
                         output_bytes_max: AGENT_RING_BYTES,
+                        record_input: false,
                     },
                     TerminalLink {
                         control_plane: control_plane.clone(),

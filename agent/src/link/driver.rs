@@ -402,7 +402,10 @@ async fn answer(
                 Ok(()) => AgentMessage::CommandAck {
                     id,
                     ok: true,
-                    result: Some(CommandResult::TerminalOpened { session_id }),
+                    result: Some(CommandResult::TerminalOpened {
+                        session_id,
+                        record_input: terminals.record_input(),
+                    }),
                     error: None,
                 },
                 Err(e @ crate::terminal::OpenError::LimitReached(_)) => {

@@ -44,6 +44,8 @@ pub struct TerminalConfig {
     pub idle_timeout: Duration,
     /// PTY output kept for a link that is down or slow.
     pub output_bytes_max: usize,
+    /// Sessions' keystrokes are recorded by the control plane too (it is told at each open).
+    pub record_input: bool,
 }
 
 /// Where the reverse links go.
@@ -239,6 +241,11 @@ impl Terminals {
 
     /// Accept session `session_id` and start dialing its reverse link. Opening a session
     /// that is already running is a no-op (the control plane may retry a lost answer).
+    /// Whether this host's configuration asks for keystrokes to be recorded.
+    pub fn record_input(&self) -> bool {
+        self.inner.config.record_input
+    }
+
     pub fn open(&self, session_id: &str) -> Result<(), OpenError> {
         if !self.inner.config.enabled {
             return Err(OpenError::Disabled);

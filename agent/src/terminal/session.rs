@@ -439,6 +439,7 @@ mod tests {
             reconnect_window: std::time::Duration::from_secs(60),
             idle_timeout: std::time::Duration::from_secs(60),
             output_bytes_max: 1 << 20,
+            record_input: false,
         };
         let spec = super::psql_spec(&config, "ses_1").expect("spec");
         assert_eq!(

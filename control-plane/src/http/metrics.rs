@@ -251,19 +251,7 @@ pub struct MetricView {
 }
 
 fn parse_ts(field: &str, v: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = v.parse::<i64>() {
-        return Ok(ms);
-    }
-    humantime::parse_rfc3339_weak(v)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("{field}: {v:?} is not an RFC 3339 time or Unix milliseconds"),
-            )
-        })
+    crate::time::parse_ms(field, v).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
 
 /// `GET /api/v1/agents/{id}/metrics?type=T&from=TS&to=TS`

@@ -194,6 +194,38 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             get(crate::terminal::browser::ws),
         ),
         (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/recordings",
+                Access::User(Role::Viewer),
+            ),
+            get(crate::terminal::recording::api::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/recordings/{id}",
+                Access::User(Role::Viewer),
+            ),
+            get(crate::terminal::recording::api::show),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/recordings/{id}/cast",
+                Access::User(Role::Viewer),
+            ),
+            get(crate::terminal::recording::api::download),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/terminal/recordings/{id}/verify",
+                Access::User(Role::Viewer),
+            ),
+            get(crate::terminal::recording::api::check),
+        ),
+        (
             spec(Method::GET, "/api/v1/agent/terminal/{id}", Access::Agent),
             get(crate::terminal::agent_link::upgrade),
         ),

@@ -77,6 +77,21 @@ pub async fn metrics(
                 "Failed writes to the terminal stream store (sessions were marked degraded).",
                 &terminal.store_failures_total,
             ),
+            (
+                "outpost_terminal_recording_chunks_total",
+                "Terminal recording chunks this replica stored.",
+                &terminal.recording_chunks_total,
+            ),
+            (
+                "outpost_terminal_recording_failures_total",
+                "Failed storage calls while recording terminal sessions (the session was told; fail_closed closes it).",
+                &terminal.recording_failures_total,
+            ),
+            (
+                "outpost_terminal_recording_notes_dropped_total",
+                "Output batches a busy recorder did not take at once (it read them back from the stream store).",
+                &terminal.recording_notes_dropped_total,
+            ),
         ],
     );
     out.single(

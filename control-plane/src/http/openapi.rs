@@ -78,6 +78,7 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
     use super::sessions::{LoginRequest, LoginResponse, Me, TokenView};
     use crate::exec::api::{ExecRequest, RunView, Started};
     use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
+    use crate::terminal::recording::api::{CastQuery, ListQuery, RecordingView, VerifyView};
     const WS: &str = "WebSocket upgrade";
     let d = match (method.as_str(), path) {
         ("GET", "/healthz") => doc("Liveness, the storage backend in use and whether the terminal stream store answers", "system")
@@ -196,6 +197,28 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         )
         .query(schema::<WsQuery>)
         .content(101, "application/octet-stream", WS),
+        ("GET", "/api/v1/terminal/recordings") => doc(
+            "Terminal recordings, newest first, by user, agent, start time and words the output showed (each match gives the moment in seconds): admins see all, others their own",
+            "terminal",
+        )
+        .query(schema::<ListQuery>)
+        .returns(200, schema::<Vec<RecordingView>>),
+        ("GET", "/api/v1/terminal/recordings/{id}") => doc(
+            "One terminal recording: who, where, when, its size, its chain's head and what it misses",
+            "terminal",
+        )
+        .returns(200, schema::<RecordingView>),
+        ("GET", "/api/v1/terminal/recordings/{id}/cast") => doc(
+            "The recording as asciicast v2 (what asciinema plays); ?download=true sends it as a file. Audited as a replay or a download",
+            "terminal",
+        )
+        .query(schema::<CastQuery>)
+        .content(200, "application/x-asciicast", "A header line, then one JSON event per line: [seconds, \"o\"|\"i\"|\"r\"|\"m\", data]"),
+        ("GET", "/api/v1/terminal/recordings/{id}/verify") => doc(
+            "Check the recording's hash chain: each chunk carries the hash of the one before and the head names the last",
+            "terminal",
+        )
+        .returns(200, schema::<VerifyView>),
         ("GET", "/api/v1/agent/terminal/{id}") => doc(
             "The agent's reverse socket for one terminal session (agents)",
             "agent protocol",

@@ -80,6 +80,37 @@ CREATE TABLE cluster_secrets (
     r#"
 ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+CREATE TABLE recordings (
+    session_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    agent_name TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    username TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    input INTEGER NOT NULL,
+    chunks INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    head_hash TEXT NOT NULL,
+    last_ms INTEGER NOT NULL,
+    incomplete TEXT
+);
+CREATE INDEX recordings_by_start ON recordings(started_ms);
+CREATE TABLE recording_chunks (
+    session_id TEXT NOT NULL REFERENCES recordings(session_id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    start_offset INTEGER NOT NULL,
+    end_offset INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -188,5 +219,36 @@ CREATE TABLE cluster_secrets (
 "#,
     r#"
 ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE;
+"#,
+    r#"
+CREATE TABLE recordings (
+    session_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    agent_name TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    username TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    ended_ms BIGINT,
+    width BIGINT NOT NULL,
+    height BIGINT NOT NULL,
+    input BOOLEAN NOT NULL,
+    chunks BIGINT NOT NULL DEFAULT 0,
+    bytes BIGINT NOT NULL DEFAULT 0,
+    head_hash TEXT NOT NULL,
+    last_ms BIGINT NOT NULL,
+    incomplete TEXT
+);
+CREATE INDEX recordings_by_start ON recordings(started_ms);
+CREATE TABLE recording_chunks (
+    session_id TEXT NOT NULL REFERENCES recordings(session_id) ON DELETE CASCADE,
+    seq BIGINT NOT NULL,
+    start_offset BIGINT NOT NULL,
+    end_offset BIGINT NOT NULL,
+    events TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
 "#,
 ];

@@ -19,8 +19,9 @@ pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
-    Enrollment, MetricQuery, MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow,
-    UserInfo, UserRow,
+    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
+    RecordingMatch, RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN,
+    TokenRow, UserInfo, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -282,5 +283,69 @@ impl Storage {
 
     pub async fn audit_list(&self, query: AuditQuery) -> Result<Vec<AuditRow>, StorageError> {
         dispatch!(self.audit_list(query))
+    }
+
+    /// Store a new recording's row; `false` when it exists already (another replica made it).
+    pub async fn create_recording(&self, row: RecordingRow) -> Result<bool, StorageError> {
+        dispatch!(self.create_recording(row))
+    }
+
+    pub async fn recording(&self, session_id: &str) -> Result<Option<RecordingRow>, StorageError> {
+        dispatch!(self.recording(session_id))
+    }
+
+    /// Append `chunk` where the recording's head is now (its `seq`, `start_offset` and
+    /// `prev_hash` must be the head's), moving the head past it, atomically. `false` when the
+    /// head is elsewhere (another writer appended first): nothing was written. `incomplete`
+    /// is kept as the reason the recording misses something, unless one is stored already.
+    pub async fn append_recording_chunk(
+        &self,
+        chunk: RecordingChunk,
+        incomplete: Option<String>,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.append_recording_chunk(chunk, incomplete))
+    }
+
+    /// Mark a recording ended (the first end stands) and why it is incomplete, if it is.
+    pub async fn finish_recording(
+        &self,
+        session_id: &str,
+        ended_ms: i64,
+        incomplete: Option<String>,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.finish_recording(session_id, ended_ms, incomplete))
+    }
+
+    /// At most `limit` chunks of a recording from `from_seq` on, in order.
+    pub async fn recording_chunks(
+        &self,
+        session_id: &str,
+        from_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordingChunk>, StorageError> {
+        dispatch!(self.recording_chunks(session_id, from_seq, limit))
+    }
+
+    /// Recordings matching the query's owner, agent and time filters (its words ignored),
+    /// newest first.
+    pub async fn list_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingRow>, StorageError> {
+        dispatch!(self.list_recordings(q))
+    }
+
+    /// Chunks whose output holds every word of the query (at most
+    /// [`RECORDING_SEARCH_WORDS_MAX`]), newest recording first, in order within one.
+    pub async fn search_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingMatch>, StorageError> {
+        dispatch!(self.search_recordings(q))
+    }
+
+    /// Remove recordings whose last event is older than `before_ms`; how many went.
+    pub async fn prune_recordings(&self, before_ms: i64) -> Result<u64, StorageError> {
+        dispatch!(self.prune_recordings(before_ms))
     }
 }

@@ -150,3 +150,74 @@ pub(super) fn replay_allowed(
     last_seen_ms.is_none()
         && used_at_ms.is_some_and(|used| now_ms.saturating_sub(used) <= ENROLL_REPLAY_WINDOW_MS)
 }
+
+/// A terminal session's recording: who, where, when, and the head of its chunk chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingRow {
+    pub session_id: String,
+    pub agent_id: String,
+    /// The agent's name when the session opened (a removed agent keeps its recordings).
+    pub agent_name: String,
+    pub user_id: String,
+    pub username: String,
+    pub started_ms: i64,
+    /// When the session ended; `None` while it runs (or when it ended without a close).
+    pub ended_ms: Option<i64>,
+    /// The terminal size when it started (the asciicast header's width and height).
+    pub width: i64,
+    pub height: i64,
+    /// Keystrokes are recorded too.
+    pub input: bool,
+    /// Chunks stored: the next chunk's `seq`.
+    pub chunks: i64,
+    /// Output bytes recorded: the next chunk's `start_offset`.
+    pub bytes: i64,
+    /// The newest chunk's hash (a fixed seed before the first chunk).
+    pub head_hash: String,
+    /// The newest event's time (ms since the Unix epoch).
+    pub last_ms: i64,
+    /// Why the recording misses something, when it does.
+    pub incomplete: Option<String>,
+}
+
+/// One stored piece of a recording: asciicast v2 event lines covering output bytes
+/// `start_offset..end_offset`, chained to the chunk before by its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingChunk {
+    pub session_id: String,
+    pub seq: i64,
+    pub start_offset: i64,
+    pub end_offset: i64,
+    /// Newline-terminated asciicast v2 event lines.
+    pub events: String,
+    /// Lower-cased printable output (with the tail of the chunk before), for search only.
+    pub text: String,
+    pub prev_hash: String,
+    pub hash: String,
+    /// The newest event's time, which becomes the recording's `last_ms`.
+    pub last_ms: i64,
+}
+
+/// Words one recording search may combine.
+pub const RECORDING_SEARCH_WORDS_MAX: usize = 5;
+
+/// Which recordings to list: newest first, narrowed by owner, agent, start time and words
+/// (each word must appear in one chunk's output).
+#[derive(Clone, Debug, Default)]
+pub struct RecordingQuery {
+    pub user_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Lower-cased.
+    pub words: Vec<String>,
+    pub limit: i64,
+}
+
+/// A chunk that matched a search, with its recording.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingMatch {
+    pub recording: RecordingRow,
+    pub seq: i64,
+    pub events: String,
+}

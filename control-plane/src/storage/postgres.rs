@@ -12,7 +12,9 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
+    RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo,
+    UserRow,
 };
 use crate::auth::Role;
 
@@ -72,6 +74,37 @@ fn conflict_or_backend(e: tokio_postgres::Error, what: &str) -> StorageError {
         StorageError::Conflict(what.to_string())
     } else {
         backend(e)
+    }
+}
+
+const RECORDING_COLUMNS: &str = "r.session_id, r.agent_id, r.agent_name, r.user_id, r.username, \
+     r.started_ms, r.ended_ms, r.width, r.height, r.input, r.chunks, r.bytes, r.head_hash, \
+     r.last_ms, r.incomplete";
+/// Owner, agent and start-time filters on `recordings r`, then the search words on
+/// `recording_chunks c` (`$6..`; a word not given is NULL and matches everything).
+const RECORDING_FILTER: &str = "($1::text IS NULL OR r.user_id = $1) AND ($2::text IS NULL OR r.agent_id = $2) \
+     AND ($3::bigint IS NULL OR r.started_ms >= $3) AND ($4::bigint IS NULL OR r.started_ms < $4)";
+const WORD_FILTER: &str = "($6::text IS NULL OR strpos(c.text, $6) > 0) \
+     AND ($7::text IS NULL OR strpos(c.text, $7) > 0) AND ($8::text IS NULL OR strpos(c.text, $8) > 0) \
+     AND ($9::text IS NULL OR strpos(c.text, $9) > 0) AND ($10::text IS NULL OR strpos(c.text, $10) > 0)";
+
+fn recording_from_row(row: &Row) -> RecordingRow {
+    RecordingRow {
+        session_id: row.get(0),
+        agent_id: row.get(1),
+        agent_name: row.get(2),
+        user_id: row.get(3),
+        username: row.get(4),
+        started_ms: row.get(5),
+        ended_ms: row.get(6),
+        width: row.get(7),
+        height: row.get(8),
+        input: row.get(9),
+        chunks: row.get(10),
+        bytes: row.get(11),
+        head_hash: row.get(12),
+        last_ms: row.get(13),
+        incomplete: row.get(14),
     }
 }
 
@@ -852,5 +885,179 @@ impl PostgresStore {
                 detail: r.get(5),
             })
             .collect())
+    }
+
+    pub async fn create_recording(&self, row: RecordingRow) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO recordings (session_id, agent_id, agent_name, user_id, username, \
+                 started_ms, ended_ms, width, height, input, chunks, bytes, head_hash, last_ms, \
+                 incomplete) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (session_id) DO NOTHING",
+                &[
+                    &row.session_id, &row.agent_id, &row.agent_name, &row.user_id, &row.username,
+                    &row.started_ms, &row.ended_ms, &row.width, &row.height, &row.input,
+                    &row.chunks, &row.bytes, &row.head_hash, &row.last_ms, &row.incomplete,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    pub async fn recording(&self, session_id: &str) -> Result<Option<RecordingRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {RECORDING_COLUMNS} FROM recordings r WHERE r.session_id = $1"),
+                &[&session_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(recording_from_row))
+    }
+
+    /// One statement: the head moves only if it is where the chunk says it starts, and the
+    /// chunk is stored only if the head moved.
+    pub async fn append_recording_chunk(
+        &self,
+        chunk: RecordingChunk,
+        incomplete: Option<String>,
+    ) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "WITH head AS (UPDATE recordings SET chunks = $2 + 1, bytes = $4, head_hash = $8, \
+                 last_ms = $9, incomplete = COALESCE(incomplete, $10) \
+                 WHERE session_id = $1 AND chunks = $2 AND bytes = $3 AND head_hash = $7 \
+                 RETURNING session_id) \
+                 INSERT INTO recording_chunks (session_id, seq, start_offset, end_offset, events, \
+                 text, prev_hash, hash) SELECT session_id, $2, $3, $4, $5, $6, $7, $8 FROM head",
+                &[
+                    &chunk.session_id, &chunk.seq, &chunk.start_offset, &chunk.end_offset,
+                    &chunk.events, &chunk.text, &chunk.prev_hash, &chunk.hash, &chunk.last_ms,
+                    &incomplete,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    pub async fn finish_recording(
+        &self,
+        session_id: &str,
+        ended_ms: i64,
+        incomplete: Option<String>,
+    ) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE recordings SET ended_ms = COALESCE(ended_ms, $2), \
+                 incomplete = COALESCE(incomplete, $3) WHERE session_id = $1",
+                &[&session_id, &ended_ms, &incomplete],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn recording_chunks(
+        &self,
+        session_id: &str,
+        from_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordingChunk>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT c.session_id, c.seq, c.start_offset, c.end_offset, c.events, c.text, \
+                 c.prev_hash, c.hash FROM recording_chunks c \
+                 WHERE c.session_id = $1 AND c.seq >= $2 ORDER BY c.seq LIMIT $3",
+                &[&session_id, &from_seq, &limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| RecordingChunk {
+                session_id: r.get(0),
+                seq: r.get(1),
+                start_offset: r.get(2),
+                end_offset: r.get(3),
+                events: r.get(4),
+                text: r.get(5),
+                prev_hash: r.get(6),
+                hash: r.get(7),
+                last_ms: 0,
+            })
+            .collect())
+    }
+
+    pub async fn list_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingRow>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {RECORDING_COLUMNS} FROM recordings r WHERE {RECORDING_FILTER} \
+                     ORDER BY r.started_ms DESC LIMIT $5"
+                ),
+                &[&q.user_id, &q.agent_id, &q.from_ms, &q.to_ms, &q.limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(recording_from_row).collect())
+    }
+
+    pub async fn search_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingMatch>, StorageError> {
+        let words: [Option<String>; RECORDING_SEARCH_WORDS_MAX] =
+            std::array::from_fn(|i| q.words.get(i).cloned());
+        let [w1, w2, w3, w4, w5] = &words;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {RECORDING_COLUMNS}, c.seq, c.events FROM recording_chunks c \
+                     JOIN recordings r ON r.session_id = c.session_id \
+                     WHERE {RECORDING_FILTER} AND {WORD_FILTER} \
+                     ORDER BY r.started_ms DESC, c.seq LIMIT $5"
+                ),
+                &[&q.user_id, &q.agent_id, &q.from_ms, &q.to_ms, &q.limit, w1, w2, w3, w4, w5],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| RecordingMatch {
+                recording: recording_from_row(r),
+                seq: r.get(15),
+                events: r.get(16),
+            })
+            .collect())
+    }
+
+    /// Chunks go with their recording (`ON DELETE CASCADE`).
+    pub async fn prune_recordings(&self, before_ms: i64) -> Result<u64, StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM recordings WHERE COALESCE(ended_ms, last_ms) < $1",
+                &[&before_ms],
+            )
+            .await
+            .map_err(backend)
     }
 }

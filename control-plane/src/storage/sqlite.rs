@@ -10,8 +10,9 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
-    replay_allowed,
+    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
+    RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo,
+    UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -38,6 +39,42 @@ fn conflict_or_backend(e: rusqlite::Error, what: &str) -> StorageError {
 
 const USER_COLUMNS: &str = "id, name, role, password_hash, created_at_ms";
 const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer";
+
+const RECORDING_COLUMNS: &str = "r.session_id, r.agent_id, r.agent_name, r.user_id, r.username, \
+     r.started_ms, r.ended_ms, r.width, r.height, r.input, r.chunks, r.bytes, r.head_hash, \
+     r.last_ms, r.incomplete";
+/// Owner, agent and start-time filters on `recordings r`, then the search words on
+/// `recording_chunks c` (`?6..`; a word not given is NULL and matches everything).
+const RECORDING_FILTER: &str = "(?1 IS NULL OR r.user_id = ?1) AND (?2 IS NULL OR r.agent_id = ?2) \
+     AND (?3 IS NULL OR r.started_ms >= ?3) AND (?4 IS NULL OR r.started_ms < ?4)";
+const WORD_FILTER: &str = "(?6 IS NULL OR instr(c.text, ?6) > 0) AND (?7 IS NULL OR instr(c.text, ?7) > 0) \
+     AND (?8 IS NULL OR instr(c.text, ?8) > 0) AND (?9 IS NULL OR instr(c.text, ?9) > 0) \
+     AND (?10 IS NULL OR instr(c.text, ?10) > 0)";
+
+fn recording_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordingRow> {
+    Ok(RecordingRow {
+        session_id: row.get(0)?,
+        agent_id: row.get(1)?,
+        agent_name: row.get(2)?,
+        user_id: row.get(3)?,
+        username: row.get(4)?,
+        started_ms: row.get(5)?,
+        ended_ms: row.get(6)?,
+        width: row.get(7)?,
+        height: row.get(8)?,
+        input: row.get(9)?,
+        chunks: row.get(10)?,
+        bytes: row.get(11)?,
+        head_hash: row.get(12)?,
+        last_ms: row.get(13)?,
+        incomplete: row.get(14)?,
+    })
+}
+
+/// The words of a search as five parameters, `None` past the last.
+fn word_params(q: &RecordingQuery) -> [Option<String>; RECORDING_SEARCH_WORDS_MAX] {
+    std::array::from_fn(|i| q.words.get(i).cloned())
+}
 
 fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     let role: String = row.get(2)?;
@@ -733,6 +770,210 @@ impl SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(backend)?;
             Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn create_recording(&self, row: RecordingRow) -> Result<bool, StorageError> {
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT INTO recordings (session_id, agent_id, agent_name, user_id, username, \
+                     started_ms, ended_ms, width, height, input, chunks, bytes, head_hash, last_ms, \
+                     incomplete) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                     ON CONFLICT (session_id) DO NOTHING",
+                    params![
+                        row.session_id, row.agent_id, row.agent_name, row.user_id, row.username,
+                        row.started_ms, row.ended_ms, row.width, row.height, row.input, row.chunks,
+                        row.bytes, row.head_hash, row.last_ms, row.incomplete
+                    ],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn recording(&self, session_id: &str) -> Result<Option<RecordingRow>, StorageError> {
+        let session_id = session_id.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                &format!("SELECT {RECORDING_COLUMNS} FROM recordings r WHERE r.session_id = ?1"),
+                params![session_id],
+                recording_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn append_recording_chunk(
+        &self,
+        chunk: RecordingChunk,
+        incomplete: Option<String>,
+    ) -> Result<bool, StorageError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let moved = tx
+                .execute(
+                    "UPDATE recordings SET chunks = ?2 + 1, bytes = ?3, head_hash = ?4, last_ms = ?5, \
+                     incomplete = COALESCE(incomplete, ?6) \
+                     WHERE session_id = ?1 AND chunks = ?2 AND bytes = ?7 AND head_hash = ?8",
+                    params![
+                        chunk.session_id, chunk.seq, chunk.end_offset, chunk.hash, chunk.last_ms,
+                        incomplete, chunk.start_offset, chunk.prev_hash
+                    ],
+                )
+                .map_err(backend)?;
+            if moved == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO recording_chunks (session_id, seq, start_offset, end_offset, events, \
+                 text, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    chunk.session_id, chunk.seq, chunk.start_offset, chunk.end_offset,
+                    chunk.events, chunk.text, chunk.prev_hash, chunk.hash
+                ],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn finish_recording(
+        &self,
+        session_id: &str,
+        ended_ms: i64,
+        incomplete: Option<String>,
+    ) -> Result<(), StorageError> {
+        let session_id = session_id.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE recordings SET ended_ms = COALESCE(ended_ms, ?2), \
+                 incomplete = COALESCE(incomplete, ?3) WHERE session_id = ?1",
+                params![session_id, ended_ms, incomplete],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn recording_chunks(
+        &self,
+        session_id: &str,
+        from_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordingChunk>, StorageError> {
+        let session_id = session_id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT c.session_id, c.seq, c.start_offset, c.end_offset, c.events, c.text, \
+                     c.prev_hash, c.hash FROM recording_chunks c \
+                     WHERE c.session_id = ?1 AND c.seq >= ?2 ORDER BY c.seq LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![session_id, from_seq, limit], |r| {
+                    Ok(RecordingChunk {
+                        session_id: r.get(0)?,
+                        seq: r.get(1)?,
+                        start_offset: r.get(2)?,
+                        end_offset: r.get(3)?,
+                        events: r.get(4)?,
+                        text: r.get(5)?,
+                        prev_hash: r.get(6)?,
+                        hash: r.get(7)?,
+                        last_ms: 0,
+                    })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn list_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingRow>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {RECORDING_COLUMNS} FROM recordings r WHERE {RECORDING_FILTER} \
+                     ORDER BY r.started_ms DESC LIMIT ?5"
+                ))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(
+                    params![q.user_id, q.agent_id, q.from_ms, q.to_ms, q.limit],
+                    recording_from_row,
+                )
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn search_recordings(
+        &self,
+        q: RecordingQuery,
+    ) -> Result<Vec<RecordingMatch>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {RECORDING_COLUMNS}, c.seq, c.events FROM recording_chunks c \
+                     JOIN recordings r ON r.session_id = c.session_id \
+                     WHERE {RECORDING_FILTER} AND {WORD_FILTER} \
+                     ORDER BY r.started_ms DESC, c.seq LIMIT ?5"
+                ))
+                .map_err(backend)?;
+            let [w1, w2, w3, w4, w5] = word_params(&q);
+            let rows = stmt
+                .query_map(
+                    params![q.user_id, q.agent_id, q.from_ms, q.to_ms, q.limit, w1, w2, w3, w4, w5],
+                    |r| {
+                        Ok(RecordingMatch {
+                            recording: recording_from_row(r)?,
+                            seq: r.get(15)?,
+                            events: r.get(16)?,
+                        })
+                    },
+                )
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn prune_recordings(&self, before_ms: i64) -> Result<u64, StorageError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            tx.execute(
+                "DELETE FROM recording_chunks WHERE session_id IN \
+                 (SELECT session_id FROM recordings WHERE COALESCE(ended_ms, last_ms) < ?1)",
+                params![before_ms],
+            )
+            .map_err(backend)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM recordings WHERE COALESCE(ended_ms, last_ms) < ?1",
+                    params![before_ms],
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(n as u64)
         })
         .await
     }

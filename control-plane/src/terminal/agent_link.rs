@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::TerminalContext;
+use super::recording::{Recorder, Summary};
 use super::{InEvent, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
 use crate::edge::{ApiError, AuthAgent};
 
@@ -220,7 +221,8 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
                     },
                 )
                 .await;
-                finish(&state, &session_id, &reason).await;
+                let recording = super::recording::close_out(&state, &session_id).await;
+                finish(&state, &session_id, &reason, recording.as_ref()).await;
                 return;
             }
         }
@@ -239,14 +241,16 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
                 state: Some(SessionState::Live),
                 started: Some(true),
                 input_cursor: Some(cursor_now),
+                recording: None,
             },
         )
         .await;
     tracing::info!(from = written_end, "terminal link attached");
+    let recorder = Recorder::start(&state, &session_id);
 
     let end = tokio::select! {
-        end = output_loop(&state, &streams, &session_id, written_end, &mut stream) => end,
-        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink) => end,
+        end = output_loop(&state, &streams, &session_id, written_end, &mut stream, &recorder) => end,
+        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink, &recorder) => end,
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
@@ -265,7 +269,12 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
     }
 }
 
-async fn finish(state: &TerminalContext, session_id: &str, reason: &str) {
+async fn finish(
+    state: &TerminalContext,
+    session_id: &str,
+    reason: &str,
+    recording: Option<&Summary>,
+) {
     let streams = &state.terminal.streams;
     let keep = state.terminal.settings.closed_keep;
     let meta = streams.meta(session_id).await.ok().flatten();
@@ -275,7 +284,7 @@ async fn finish(state: &TerminalContext, session_id: &str, reason: &str) {
     .await;
     // Only the caller that closed it records the end (the janitor may race this handler).
     if let Some(meta) = meta.filter(|_| closed_now == Some(true)) {
-        super::audit_ended(state, session_id, &meta, reason).await;
+        super::audit_ended(state, session_id, &meta, reason, recording).await;
     }
 }
 
@@ -309,6 +318,7 @@ async fn output_loop(
     session_id: &str,
     written_end: u64,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    recorder: &Recorder,
 ) -> End {
     let cap = state.terminal.settings.stream_bytes_max;
     let mut entries: Vec<OutEntry> = Vec::new();
@@ -350,10 +360,15 @@ async fn output_loop(
             {
                 return End::Lost("control plane shutting down".into());
             }
-            entries.clear();
+            recorder.output(std::mem::take(&mut entries));
         }
         if let Some(reason) = closed {
-            finish(state, session_id, &reason).await;
+            // The recording is finished first, so the session's end record carries its hash.
+            let recording = match &close {
+                Some(close) => recorder.finish(close.clone()).await,
+                None => None,
+            };
+            finish(state, session_id, &reason, recording.as_ref()).await;
             if let Some(close) = close {
                 let close = [close];
                 let _ =
@@ -371,6 +386,7 @@ async fn input_loop(
     session_id: &str,
     mut cursor: String,
     sink: &mut Sink,
+    recorder: &Recorder,
 ) -> End {
     let mut last_ping = Instant::now();
     loop {
@@ -396,6 +412,7 @@ async fn input_loop(
                 }
                 cursor = last;
                 for (_, event) in events {
+                    recorder.input(&event);
                     let sent = match event {
                         InEvent::Data(data) => {
                             send_message(sink, Message::Binary(data.into())).await

@@ -17,10 +17,13 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::TerminalContext;
+use super::recording;
 use super::relay::{self, OpenRefusal, OpenRequest};
 use super::{
-    InEvent, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters, clamp_size,
+    InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters,
+    clamp_size,
 };
+use crate::settings::RecordingFailure;
 use crate::audit::action;
 use crate::auth::Role;
 use crate::channel::CommandError;
@@ -143,34 +146,67 @@ pub async fn create(
         started: false,
         reason: String::new(),
         input_cursor: String::new(),
+        recording: String::new(),
     };
     terminal
         .streams
         .create(&session_id, &meta, terminal.settings.sessions_max)
         .await
         .map_err(|e| refuse(store_error(e)))?;
-    let opened = open_on_agent(&state, &agent.id, &session_id).await;
-    if let Err(e) = opened {
+    let refused = |e: ApiError| async {
+        // The agent may have a link waiting for an attach: the close reaches it there.
+        let reason = format!("refused: {}", e.message);
+        let close = InEvent::Close {
+            reason: reason.clone(),
+        };
+        let _ = terminal.streams.append_input(&session_id, close).await;
+        let now_ms = state.world.now_unix_ms();
+        let keep = terminal.settings.closed_keep;
         let _ = terminal
             .streams
-            .finish(
-                &session_id,
-                state.world.now_unix_ms(),
-                &format!("refused: {}", e.message),
-                terminal.settings.closed_keep,
-            )
+            .finish(&session_id, now_ms, &reason, keep)
             .await;
-        return Err(refuse(e));
+        refuse(e)
+    };
+    let agent_input = match open_on_agent(&state, &agent.id, &session_id).await {
+        Ok(agent_input) => agent_input,
+        Err(e) => return Err(refused(e).await),
+    };
+    // The recording exists before any output does.
+    let input = state.settings.record_input || agent_input;
+    let row = recording::new_row(&session_id, &meta, &agent.name, input);
+    if let Err(e) = state.storage.create_recording(row).await {
+        tracing::warn!(session_id, error = %e, "terminal recording could not be started");
+        match state.settings.recording_failure {
+            RecordingFailure::FailClosed => {
+                return Err(refused(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the session's recording could not be started ({e}); with recording_failure = fail_closed no session opens unrecorded"
+                    ),
+                ))
+                .await);
+            }
+            RecordingFailure::FailOpen => {
+                let patch = MetaPatch {
+                    recording: Some(format!(
+                        "recording delayed: it could not be started ({e}); it starts when storage answers"
+                    )),
+                    ..MetaPatch::default()
+                };
+                let _ = terminal.streams.update(&session_id, now_ms, patch).await;
+            }
+        }
     }
     TerminalCounters::add(&terminal.counters.sessions_opened_total, 1);
-    tracing::info!(session_id, agent_id = %agent.id, user = ?user.name, "terminal session created");
+    tracing::info!(session_id, agent_id = %agent.id, user = ?user.name, input, "terminal session created");
     state
         .audit
         .record(
             &user.name,
             action::TERMINAL_OPENED,
             &session_id,
-            serde_json::json!({"agent_id": agent.id, "agent": agent.name}),
+            serde_json::json!({"agent_id": agent.id, "agent": agent.name, "recording": {"input": input}}),
         )
         .await;
     Ok((StatusCode::CREATED, Json(CreateResponse { session_id })))
@@ -181,7 +217,7 @@ async fn open_on_agent(
     state: &TerminalContext,
     agent_id: &str,
     session_id: &str,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let timeout = state.terminal.settings.open_timeout;
     let command = Command::TerminalOpen {
         session_id: session_id.to_string(),
@@ -409,6 +445,9 @@ enum ToBrowser<'a> {
     Closed { reason: &'a str },
     /// What the session is doing: `pending`, `live`, `reconnecting`, `degraded`, `closed`.
     State { state: &'a str },
+    /// The session is recorded; `detail` is empty while the recording is whole, otherwise
+    /// what it misses or why it is delayed.
+    Recording { detail: &'a str },
 }
 
 async fn send_json(sink: &mut Sink, message: &ToBrowser<'_>) -> Result<(), String> {
@@ -461,6 +500,17 @@ async fn serve(
         .await?;
         let mut emit = Vec::new();
         let mut shown_state = String::new();
+        let mut shown_recording = match streams.meta(&session_id).await {
+            Ok(Some(meta)) => meta.recording,
+            _ => String::new(),
+        };
+        send_json(
+            &mut sink,
+            &ToBrowser::Recording {
+                detail: &shown_recording,
+            },
+        )
+        .await?;
         let mut last_sent = tokio::time::Instant::now();
         loop {
             if last_sent.elapsed() >= PING_INTERVAL {
@@ -485,6 +535,11 @@ async fn serve(
             if entries.is_empty() {
                 // Quiet: tell the browser what the session is doing if that changed.
                 if let Ok(Some(meta)) = streams.meta(&session_id).await {
+                    if meta.recording != shown_recording {
+                        shown_recording = meta.recording.clone();
+                        let detail = &shown_recording;
+                        send_json(&mut sink, &ToBrowser::Recording { detail }).await?;
+                    }
                     let now = meta.state.as_str();
                     if now != shown_state {
                         shown_state = now.to_string();

@@ -15,6 +15,7 @@
 
 pub mod agent_link;
 pub mod browser;
+pub mod recording;
 pub mod relay;
 pub mod streams;
 
@@ -73,6 +74,9 @@ pub struct TerminalCounters {
     pub sessions_refused_total: AtomicU64,
     pub output_bytes_total: AtomicU64,
     pub store_failures_total: AtomicU64,
+    pub recording_chunks_total: AtomicU64,
+    pub recording_failures_total: AtomicU64,
+    pub recording_notes_dropped_total: AtomicU64,
 }
 
 impl TerminalCounters {
@@ -159,20 +163,28 @@ pub struct TerminalContext {
     pub audit: Audit,
 }
 
-/// A terminal session ended: who had it, on which agent, for how long, and why.
+/// A terminal session ended: who had it, on which agent, for how long, why, and what its
+/// recording ended as (its chain's last hash, so a later change to it shows).
 pub async fn audit_ended(
     ctx: &TerminalContext,
     session_id: &str,
     meta: &SessionMeta,
     reason: &str,
+    recording: Option<&recording::Summary>,
 ) {
     let duration_s = ctx.world.now_unix_ms().saturating_sub(meta.created_ms) / 1000;
+    let recording = recording.map_or(serde_json::Value::Null, recording::Summary::json);
     ctx.audit
         .record(
             &meta.username,
             action::TERMINAL_ENDED,
             session_id,
-            serde_json::json!({"agent_id": meta.agent_id, "reason": reason, "duration_s": duration_s}),
+            serde_json::json!({
+                "agent_id": meta.agent_id,
+                "reason": reason,
+                "duration_s": duration_s,
+                "recording": recording,
+            }),
         )
         .await;
 }

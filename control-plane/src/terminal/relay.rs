@@ -87,10 +87,11 @@ impl OpenRefusal {
     }
 }
 
-/// What the agent's answer to `TerminalOpen` means.
-pub fn open_answer(answer: Result<CommandResult, CommandError>) -> Result<(), OpenRefusal> {
+/// What the agent's answer to `TerminalOpen` means: opened, and whether the agent asks for
+/// keystrokes to be recorded.
+pub fn open_answer(answer: Result<CommandResult, CommandError>) -> Result<bool, OpenRefusal> {
     match answer {
-        Ok(CommandResult::TerminalOpened { .. }) => Ok(()),
+        Ok(CommandResult::TerminalOpened { record_input, .. }) => Ok(record_input),
         Ok(_) => Err(OpenRefusal::BadAnswer(
             "the agent answered with something else".into(),
         )),
@@ -177,11 +178,12 @@ pub async fn read_requests(
 pub async fn reply_open(
     redis: &RedisStreams,
     session_id: &str,
-    answer: &Result<(), OpenRefusal>,
+    answer: &Result<bool, OpenRefusal>,
 ) -> super::streams::Result<()> {
     let reply_key = key(session_id, "reply");
     let (ok, code, message) = match answer {
-        Ok(()) => ("1", "", String::new()),
+        Ok(true) => ("1", "input", String::new()),
+        Ok(false) => ("1", "", String::new()),
         Err(refusal) => ("0", refusal.code(), refusal.to_string()),
     };
     add_reply(
@@ -251,11 +253,12 @@ pub async fn wait_open_reply(
     redis: &RedisStreams,
     session_id: &str,
     timeout: Duration,
-) -> super::streams::Result<Option<Result<(), OpenRefusal>>> {
+) -> super::streams::Result<Option<Result<bool, OpenRefusal>>> {
     let found = signed_reply(redis, &key(session_id, "reply"), timeout).await?;
     Ok(found.map(|fields| {
         if field(&fields, b"ok") == Some(b"1") {
-            Ok(())
+            // An opened session's `code` says whether the agent asks for keystrokes.
+            Ok(field(&fields, b"code") == Some(b"input"))
         } else {
             Err(OpenRefusal::from_code(
                 &text(field(&fields, b"code")),
@@ -477,7 +480,9 @@ async fn janitor(state: &TerminalContext) {
                     .finish(&session_id, now_ms, &reason, settings.closed_keep)
                     .await
                 {
-                    super::audit_ended(state, &session_id, &meta, &reason).await;
+                    let recording = super::recording::close_out(state, &session_id).await;
+                    super::audit_ended(state, &session_id, &meta, &reason, recording.as_ref())
+                        .await;
                 }
             }
         }

@@ -1190,6 +1190,7 @@ async fn open_terminal_sessions_are_listed_to_their_owner_and_to_admins() {
             started: false,
             reason: String::new(),
             input_cursor: String::new(),
+            recording: String::new(),
         };
         streams.create(id, &meta, 100).await.expect("create");
     }

@@ -24,6 +24,7 @@ fn meta() -> SessionMeta {
         started: false,
         reason: String::new(),
         input_cursor: String::new(),
+        recording: String::new(),
     }
 }
 
@@ -258,6 +259,7 @@ async fn no_update_reopens_a_closed_session(streams: &Streams) {
                     state: Some(SessionState::Live),
                     started: Some(true),
                     input_cursor: Some("1-0".into()),
+                    recording: None,
                 },
             ),
             streams.finish(&id, 4, "janitor", KEEP),
@@ -417,7 +419,8 @@ async fn the_relay_carries_requests_and_typed_answers_between_replicas() {
             Err(OpenRefusal::Failed("agent did not answer".into())),
         ),
         ("s3", Err(OpenRefusal::BadAnswer("something else".into()))),
-        ("s4", Ok(())),
+        ("s4", Ok(false)),
+        ("s6", Ok(true)),
     ];
     for (session, answer) in &answers {
         relay::reply_open(&there, session, answer)

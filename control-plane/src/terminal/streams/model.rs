@@ -93,6 +93,8 @@ pub struct SessionMeta {
     pub reason: String,
     /// Id of the last input entry forwarded to the agent.
     pub input_cursor: String,
+    /// Empty while the session's recording is whole; otherwise what it misses, for the user.
+    pub recording: String,
 }
 
 /// The fields of a session record that an update may change; `None` leaves a field as it is.
@@ -103,6 +105,7 @@ pub struct MetaPatch {
     pub state: Option<SessionState>,
     pub started: Option<bool>,
     pub input_cursor: Option<String>,
+    pub recording: Option<String>,
 }
 
 impl MetaPatch {
@@ -133,6 +136,9 @@ impl MetaPatch {
         }
         if let Some(cursor) = self.input_cursor {
             meta.input_cursor = cursor;
+        }
+        if let Some(recording) = self.recording {
+            meta.recording = recording;
         }
     }
 }

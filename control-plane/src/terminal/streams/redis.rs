@@ -313,6 +313,7 @@ impl RedisStreams {
             ("started", u8::from(meta.started).to_string()),
             ("reason", meta.reason.clone()),
             ("input_cursor", meta.input_cursor.clone()),
+            ("recording", meta.recording.clone()),
         ]
     }
 
@@ -363,6 +364,7 @@ impl RedisStreams {
             started: f("started") == "1",
             reason: f("reason").to_string(),
             input_cursor: f("input_cursor").to_string(),
+            recording: f("recording").to_string(),
         }))
     }
 
@@ -378,6 +380,9 @@ impl RedisStreams {
         }
         if let Some(cursor) = &patch.input_cursor {
             invocation.arg("input_cursor").arg(cursor);
+        }
+        if let Some(recording) = &patch.recording {
+            invocation.arg("recording").arg(recording);
         }
         self.script::<i64>(invocation).await?;
         Ok(())

@@ -14,6 +14,7 @@ fn meta() -> SessionMeta {
         started: false,
         reason: String::new(),
         input_cursor: String::new(),
+        recording: String::new(),
     }
 }
 
