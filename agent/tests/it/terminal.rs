@@ -17,7 +17,7 @@ struct Rig {
     /// Where the browser goes.
     cp: ControlPlane,
     /// Where the agent goes, when that is another replica.
-    _agent_cp: Option<ControlPlane>,
+    agent_cp: Option<ControlPlane>,
     agent_id: String,
     /// The database psql is connected to.
     dsn: String,
@@ -68,7 +68,7 @@ async fn rig(
     let agent_id = v[0]["id"].as_str().expect("id").to_string();
     Rig {
         cp,
-        _agent_cp: agent_cp,
+        agent_cp: agent_cp,
         agent_id,
         dsn,
         _agent: agent,
@@ -115,6 +115,8 @@ struct Term {
     closed: Option<String>,
     /// `state` frames, in order.
     states: Vec<String>,
+    /// `recording` frames' details, in order (empty: the recording is whole).
+    recording: Vec<String>,
 }
 
 impl Term {
@@ -139,6 +141,7 @@ impl Term {
             skipped: Vec::new(),
             closed: None,
             states: Vec::new(),
+            recording: Vec::new(),
         };
         // The first control frame says where this view starts.
         while term.offset == u64::MAX {
@@ -203,6 +206,9 @@ impl Term {
                     Some("state") => self
                         .states
                         .push(v["state"].as_str().unwrap_or("").to_string()),
+                    Some("recording") => self
+                        .recording
+                        .push(v["detail"].as_str().unwrap_or("").to_string()),
                     other => panic!("unknown control frame {other:?}: {v}"),
                 }
             }
@@ -242,6 +248,95 @@ impl Term {
 fn find(hay: &[u8], needle: &str) -> Option<usize> {
     hay.windows(needle.len())
         .position(|w| w == needle.as_bytes())
+}
+
+/// Read until the session's close arrives.
+async fn until_closed(term: &mut Term) -> String {
+    while term.closed.is_none() {
+        assert!(
+            term.next_frame().await || term.closed.is_some(),
+            "socket ended without a close"
+        );
+    }
+    term.closed.clone().unwrap_or_default()
+}
+
+/// A recording through the API: its row, its `.cast` (header and events), its chain check.
+struct Recording {
+    view: serde_json::Value,
+    header: serde_json::Value,
+    events: Vec<(f64, String, String)>,
+    verify: serde_json::Value,
+}
+
+impl Recording {
+    async fn fetch(cp: &ControlPlane, session: &str) -> Recording {
+        let get = |path: String| async move {
+            let r = cp
+                .api(http::Method::GET, &path, None)
+                .await
+                .expect("control plane reachable");
+            assert_eq!(
+                r.status,
+                200,
+                "{path}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            r.body
+        };
+        let path = format!("/api/v1/terminal/recordings/{session}");
+        let view = serde_json::from_slice(&get(path.clone()).await).expect("json");
+        let cast = get(format!("{path}/cast?download=true")).await;
+        let text = String::from_utf8(cast.to_vec()).expect("a cast is UTF-8");
+        let mut lines = text.lines();
+        let header = serde_json::from_str(lines.next().expect("header")).expect("header JSON");
+        let events = lines
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l:?}: {e}")))
+            .collect();
+        let verify = serde_json::from_slice(&get(format!("{path}/verify")).await).expect("json");
+        Recording {
+            view,
+            header,
+            events,
+            verify,
+        }
+    }
+
+    /// The output events joined: the bytes the session showed.
+    fn output(&self) -> String {
+        self.events
+            .iter()
+            .filter(|(_, code, _)| code == "o")
+            .map(|(_, _, data)| data.as_str())
+            .collect()
+    }
+}
+
+/// Read frames until `done` holds of the view, at most [`PATIENCE`].
+async fn until(term: &mut Term, what: &str, done: impl Fn(&Term) -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done(term) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {PATIENCE:?}; recording frames {:?}, states {:?}",
+            term.recording,
+            term.states
+        );
+        assert!(term.next_frame().await, "socket ended before {what}");
+    }
+}
+
+/// Run `sql` in the control plane's database (a fault injected from outside).
+fn psql(url: &str, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql (Debian package postgresql-client)");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn postgres() -> fixtures::Postgres {
@@ -507,6 +602,226 @@ async fn browser_and_agent_on_different_replicas_meet_through_redis() {
     let prompt = term.wait_for("=#", 0).await;
     term.send("select 6*7 as answer;\r").await;
     term.wait_for("42", prompt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recording_has_every_byte_once_when_the_replica_holding_the_agent_link_dies() {
+    let (pg, redis) = (postgres().await, redis().await);
+    let db = pg.create_database("recorded").expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    let mut rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    assert_eq!(
+        term.recording,
+        [""],
+        "the browser is told the session is recorded"
+    );
+    term.send("\\pset pager off\r").await;
+    let off = term.wait_for("Pager usage is off.", prompt).await;
+    // Rows are printed as they are fetched, so output flows for seconds.
+    term.send("\\set FETCH_COUNT 20\r").await;
+    let off = term.wait_for("=#", off).await;
+
+    // Output flows while the replica holding the agent's link is killed: some of it was in
+    // the stream store but in no stored chunk yet.
+    term.send("select 'line' || n, pg_sleep(0.001) from generate_series(1, 2000) n;\r")
+        .await;
+    term.wait_for("line500 ", off).await;
+    let agent_cp = rig.agent_cp.as_mut().expect("agent side");
+    agent_cp.proc.as_ref().expect("running").signal("-KILL");
+    // The agent's ring holds the output while no replica takes it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent_cp.launch();
+    agent_cp.wait_healthy().await;
+    // The agent comes back through the restarted replica and the session goes on.
+    let rows = term.wait_for("(2000 rows)", off).await;
+    let restarted_log = agent_cp.log();
+    term.send("select 'after' || 'restart';\r").await;
+    term.wait_for("afterrestart", rows).await;
+    term.send("\\q\r").await;
+    let reason = until_closed(&mut term).await;
+    assert!(
+        term.skipped.is_empty(),
+        "the browser saw everything: {:?}",
+        term.skipped
+    );
+
+    let rec = Recording::fetch(&rig.cp, &session).await;
+    assert_eq!(rec.header["version"], 2, "{}", rec.header);
+    assert_eq!(rec.verify["valid"], true, "{}", rec.verify);
+    assert_eq!(
+        rec.view["incomplete"],
+        serde_json::Value::Null,
+        "{}",
+        rec.view
+    );
+    assert_eq!(
+        rec.view["bytes"].as_u64(),
+        Some(term.offset),
+        "{}",
+        rec.view
+    );
+    let shown = term.text();
+    let recorded = rec.output();
+    assert!(
+        recorded == shown,
+        "the recording differs from what the browser showed ({} vs {} bytes); first difference at {:?}",
+        recorded.len(),
+        shown.len(),
+        recorded
+            .bytes()
+            .zip(shown.bytes())
+            .position(|(a, b)| a != b)
+    );
+    assert!(
+        restarted_log.contains("read output no chunk held back from the stream store"),
+        "the restarted replica recorded what the killed one had not stored:\n{restarted_log}"
+    );
+    for n in [1, 499, 500, 1000, 2000] {
+        assert_eq!(
+            recorded.matches(&format!("line{n} ")).count(),
+            1,
+            "line{n} recorded once"
+        );
+    }
+    let times: Vec<f64> = rec.events.iter().map(|(t, _, _)| *t).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "event times only go forward"
+    );
+
+    // The session's end in the audit log carries the chain's last hash.
+    let audit = rig
+        .cp
+        .api(
+            http::Method::GET,
+            "/api/v1/audit?action=terminal.ended",
+            None,
+        )
+        .await
+        .expect("audit");
+    let audit: serde_json::Value = serde_json::from_slice(&audit.body).expect("json");
+    let ended = &audit[0];
+    assert_eq!(ended["target"], session.as_str(), "{audit}");
+    assert_eq!(ended["detail"]["reason"], reason.as_str());
+    assert_eq!(
+        ended["detail"]["recording"]["hash"], rec.verify["hash"],
+        "{audit}"
+    );
+
+    // Search finds the session by a word it printed, at the moment it was shown.
+    let found = rig
+        .cp
+        .api(
+            http::Method::GET,
+            "/api/v1/terminal/recordings?q=afterrestart",
+            None,
+        )
+        .await
+        .expect("search");
+    let found: serde_json::Value = serde_json::from_slice(&found.body).expect("json");
+    assert_eq!(found[0]["session_id"], session.as_str(), "{found}");
+    let at = found[0]["matches"][0]["at"].as_f64().expect("a moment");
+    let shown_at = rec
+        .events
+        .iter()
+        .find(|(_, code, data)| code == "o" && data.contains("afterrestart"))
+        .map(|(t, _, _)| *t)
+        .expect("in the cast");
+    assert!(at <= shown_at, "{at} > {shown_at}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_recordings_cannot_be_stored_fail_open_goes_on_and_fail_closed_closes() {
+    let pg = postgres().await;
+
+    // fail_open (the default): the session goes on, the user is told, the recording catches
+    // up when storage is back.
+    let db = pg.create_database("rec_open").expect("database");
+    let cp = ControlPlane::start_with(&["--database-url", &db], &[], true).await;
+    let r = rig(cp, None, &pg, "").await;
+    let session = r.session().await;
+    let mut term = Term::open(&r.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    psql(
+        &db,
+        "ALTER TABLE recording_chunks RENAME TO recording_chunks_away",
+    );
+    term.send("select 'while' || 'broken';\r").await;
+    let shown = term.wait_for("whilebroken", prompt).await;
+    until(&mut term, "a notice that the recording is delayed", |t| {
+        t.recording
+            .last()
+            .is_some_and(|d| d.starts_with("recording delayed"))
+    })
+    .await;
+    assert!(term.closed.is_none());
+    psql(
+        &db,
+        "ALTER TABLE recording_chunks_away RENAME TO recording_chunks",
+    );
+    until(&mut term, "the all-clear", |t| {
+        t.recording.last().is_some_and(String::is_empty)
+    })
+    .await;
+    term.send("select 'after' || 'wards';\r").await;
+    term.wait_for("afterwards", shown).await;
+    term.send("\\q\r").await;
+    until_closed(&mut term).await;
+    let rec = Recording::fetch(&r.cp, &session).await;
+    assert_eq!(rec.verify["valid"], true, "{}", rec.verify);
+    assert_eq!(
+        rec.view["incomplete"],
+        serde_json::Value::Null,
+        "{}",
+        rec.view
+    );
+    assert_eq!(
+        rec.output(),
+        term.text(),
+        "nothing was lost while storage was away"
+    );
+    drop(r);
+
+    // fail_closed: a session whose recording cannot be stored is closed, and none opens.
+    let db = pg.create_database("rec_closed").expect("database");
+    let cp = ControlPlane::start_with(
+        &["--database-url", &db],
+        &["--recording-failure", "fail_closed"],
+        true,
+    )
+    .await;
+    let r = rig(cp, None, &pg, "").await;
+    let session = r.session().await;
+    let mut term = Term::open(&r.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    psql(
+        &db,
+        "ALTER TABLE recording_chunks RENAME TO recording_chunks_away",
+    );
+    term.send("select 'un' || 'recorded';\r").await;
+    term.wait_for("unrecorded", prompt).await;
+    let reason = until_closed(&mut term).await;
+    assert!(reason.starts_with("recording failed"), "{reason}");
+    assert!(
+        term.recording
+            .iter()
+            .any(|d| d.starts_with("recording failed")),
+        "{:?}",
+        term.recording
+    );
+    psql(&db, "ALTER TABLE recordings RENAME TO recordings_away");
+    let (status, body) = r.create(&r.agent_id).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("fail_closed"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,9 +12,8 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
-    RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo,
-    UserRow,
+    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
+    RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -938,8 +937,15 @@ impl PostgresStore {
                  INSERT INTO recording_chunks (session_id, seq, start_offset, end_offset, events, \
                  text, prev_hash, hash) SELECT session_id, $2, $3, $4, $5, $6, $7, $8 FROM head",
                 &[
-                    &chunk.session_id, &chunk.seq, &chunk.start_offset, &chunk.end_offset,
-                    &chunk.events, &chunk.text, &chunk.prev_hash, &chunk.hash, &chunk.last_ms,
+                    &chunk.session_id,
+                    &chunk.seq,
+                    &chunk.start_offset,
+                    &chunk.end_offset,
+                    &chunk.events,
+                    &chunk.text,
+                    &chunk.prev_hash,
+                    &chunk.hash,
+                    &chunk.last_ms,
                     &incomplete,
                 ],
             )
@@ -1035,7 +1041,18 @@ impl PostgresStore {
                      WHERE {RECORDING_FILTER} AND {WORD_FILTER} \
                      ORDER BY r.started_ms DESC, c.seq LIMIT $5"
                 ),
-                &[&q.user_id, &q.agent_id, &q.from_ms, &q.to_ms, &q.limit, w1, w2, w3, w4, w5],
+                &[
+                    &q.user_id,
+                    &q.agent_id,
+                    &q.from_ms,
+                    &q.to_ms,
+                    &q.limit,
+                    w1,
+                    w2,
+                    w3,
+                    w4,
+                    w5,
+                ],
             )
             .await
             .map_err(backend)?;

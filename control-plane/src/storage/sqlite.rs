@@ -10,9 +10,9 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
-    RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo,
-    UserRow, replay_allowed,
+    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
+    RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    replay_allowed,
 };
 use crate::auth::Role;
 
@@ -940,7 +940,9 @@ impl SqliteStore {
             let [w1, w2, w3, w4, w5] = word_params(&q);
             let rows = stmt
                 .query_map(
-                    params![q.user_id, q.agent_id, q.from_ms, q.to_ms, q.limit, w1, w2, w3, w4, w5],
+                    params![
+                        q.user_id, q.agent_id, q.from_ms, q.to_ms, q.limit, w1, w2, w3, w4, w5
+                    ],
                     |r| {
                         Ok(RecordingMatch {
                             recording: recording_from_row(r)?,

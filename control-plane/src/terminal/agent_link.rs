@@ -128,8 +128,13 @@ where
 enum End {
     /// The link died; the agent keeps the PTY for its reconnect window.
     Lost(String),
-    /// psql ended: the session is finished and its close stored.
-    Finished(String),
+    /// psql ended: everything before the close is stored; the close itself is stored once
+    /// the session is finished (outside the loops, so the input side ending the link in the
+    /// meantime cannot cut that short).
+    Closed {
+        reason: String,
+        close: Option<OutEntry>,
+    },
 }
 
 async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
@@ -254,7 +259,21 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
-        End::Finished(reason) => tracing::info!(%reason, "terminal session over"),
+        End::Closed { reason, close } => {
+            // The recording is finished first, so the session's end record carries its hash.
+            let recording = match &close {
+                Some(close) => recorder.finish(close.clone()).await,
+                None => None,
+            };
+            finish(&state, &session_id, &reason, recording.as_ref()).await;
+            if let Some(close) = close {
+                let close = [close];
+                let cap = settings.stream_bytes_max;
+                let _ =
+                    until_stored(&state, || streams.append_output(&session_id, &close, cap)).await;
+            }
+            tracing::info!(%reason, "terminal session over");
+        }
         End::Lost(reason) => {
             tracing::info!(%reason, "terminal link lost; the agent may reattach");
             let now_ms = state.world.now_unix_ms();
@@ -363,18 +382,7 @@ async fn output_loop(
             recorder.output(std::mem::take(&mut entries));
         }
         if let Some(reason) = closed {
-            // The recording is finished first, so the session's end record carries its hash.
-            let recording = match &close {
-                Some(close) => recorder.finish(close.clone()).await,
-                None => None,
-            };
-            finish(state, session_id, &reason, recording.as_ref()).await;
-            if let Some(close) = close {
-                let close = [close];
-                let _ =
-                    until_stored(state, || streams.append_output(session_id, &close, cap)).await;
-            }
-            return End::Finished(reason);
+            return End::Closed { reason, close };
         }
     }
 }

@@ -23,11 +23,11 @@ use super::{
     InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters,
     clamp_size,
 };
-use crate::settings::RecordingFailure;
 use crate::audit::action;
 use crate::auth::Role;
 use crate::channel::CommandError;
 use crate::edge::{ApiError, AuthUser};
+use crate::settings::RecordingFailure;
 
 /// Largest frame a browser may send (a paste is split by xterm.js well below this).
 const BROWSER_FRAME_BYTES_MAX: usize = 64 * 1024;

@@ -495,6 +495,162 @@ async fn check(s: Storage) {
     assert_eq!(again, "aaaa");
     let other = s.cluster_secret("other", "cccc").await.expect("secret");
     assert_eq!(other, "cccc");
+
+    recordings(&s).await;
+}
+
+/// Recordings: the head moves only where a chunk starts, searches find chunks by words and
+/// owner, retention removes whole recordings.
+async fn recordings(s: &Storage) {
+    use control_plane::storage::{RecordingQuery, RecordingRow};
+    use control_plane::terminal::OutEntry;
+    use control_plane::terminal::recording::cast::{Track, Verify, seed_hash};
+
+    let row = |id: &str, user: &str, started_ms: i64| RecordingRow {
+        session_id: id.into(),
+        agent_id: "agt_r".into(),
+        agent_name: "db1".into(),
+        user_id: user.into(),
+        username: format!("name_{user}"),
+        started_ms,
+        ended_ms: None,
+        width: 80,
+        height: 24,
+        input: false,
+        chunks: 0,
+        bytes: 0,
+        head_hash: seed_hash(id),
+        last_ms: started_ms,
+        incomplete: None,
+    };
+    assert!(
+        s.create_recording(row("rec1", "u1", 10_000))
+            .await
+            .expect("create")
+    );
+    assert!(
+        !s.create_recording(row("rec1", "u2", 1))
+            .await
+            .expect("again"),
+        "a second create (another replica) keeps the first"
+    );
+    let mut head = s.recording("rec1").await.expect("q").expect("exists");
+    assert_eq!(head.user_id, "u1");
+    let mut track = Track::new(&head);
+    let mut stored = Vec::new();
+    for (i, text) in ["select 1;\r\n", "DROP TABLE orders;\r\n", "bye\r\n"]
+        .iter()
+        .enumerate()
+    {
+        let offset = head.bytes as u64;
+        track.output(
+            11_000 + i as i64 * 1_000,
+            OutEntry::Data {
+                offset,
+                bytes: text.as_bytes().to_vec(),
+            },
+        );
+        let chunk = track.take_chunk(&head).expect("chunk");
+        assert!(
+            s.append_recording_chunk(chunk.clone(), None)
+                .await
+                .expect("append")
+        );
+        // The same chunk again (a retry whose answer was lost, or a second writer) moves
+        // nothing.
+        assert!(
+            !s.append_recording_chunk(chunk.clone(), None)
+                .await
+                .expect("append again")
+        );
+        head = s.recording("rec1").await.expect("q").expect("exists");
+        assert_eq!((head.chunks, head.bytes), (i as i64 + 1, chunk.end_offset));
+        assert_eq!(head.head_hash, chunk.hash);
+        assert_eq!(head.last_ms, 11_000 + i as i64 * 1_000);
+        stored.push(chunk);
+    }
+    let read = s.recording_chunks("rec1", 1, 10).await.expect("chunks");
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].events, stored[1].events);
+    let mut verify = Verify::new("rec1");
+    for c in s.recording_chunks("rec1", 0, 10).await.expect("chunks") {
+        verify.chunk(&c).expect("chain");
+    }
+    verify.finish(&head).expect("head");
+
+    s.create_recording(row("rec2", "u2", 20_000))
+        .await
+        .expect("create");
+    s.finish_recording("rec1", 14_000, Some("3 bytes lost".into()))
+        .await
+        .expect("finish");
+    s.finish_recording("rec1", 99_000, None)
+        .await
+        .expect("finish again");
+    let rec1 = s.recording("rec1").await.expect("q").expect("exists");
+    assert_eq!(rec1.ended_ms, Some(14_000), "the first end stands");
+    assert_eq!(rec1.incomplete.as_deref(), Some("3 bytes lost"));
+
+    let all = |q: RecordingQuery| async move { s.list_recordings(q).await.expect("list") };
+    let q = RecordingQuery {
+        limit: 10,
+        ..RecordingQuery::default()
+    };
+    let ids = |rows: Vec<RecordingRow>| rows.into_iter().map(|r| r.session_id).collect::<Vec<_>>();
+    assert_eq!(ids(all(q.clone()).await), ["rec2", "rec1"], "newest first");
+    let mine = RecordingQuery {
+        user_id: Some("u1".into()),
+        ..q.clone()
+    };
+    assert_eq!(ids(all(mine.clone()).await), ["rec1"]);
+    let window = RecordingQuery {
+        from_ms: Some(15_000),
+        to_ms: Some(25_000),
+        ..q.clone()
+    };
+    assert_eq!(ids(all(window).await), ["rec2"]);
+
+    let search = |words: &[&str], base: &RecordingQuery| RecordingQuery {
+        words: words.iter().map(|w| w.to_string()).collect(),
+        ..base.clone()
+    };
+    let found = s
+        .search_recordings(search(&["drop table", "orders"], &q))
+        .await
+        .expect("search");
+    // Chunk 2 matches too: its search text starts with the tail of chunk 1 (so a word split
+    // by a chunk boundary is found).
+    assert_eq!(found.len(), 2);
+    assert_eq!(
+        (found[0].recording.session_id.as_str(), found[0].seq),
+        ("rec1", 1)
+    );
+    assert!(found[0].events.contains("DROP TABLE"));
+    let none = s
+        .search_recordings(search(&["drop", "vacuum"], &q))
+        .await
+        .expect("search");
+    assert!(none.is_empty(), "every word must match");
+    let not_theirs = RecordingQuery {
+        user_id: Some("u2".into()),
+        ..q.clone()
+    };
+    assert!(
+        s.search_recordings(search(&["orders"], &not_theirs))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+
+    assert_eq!(s.prune_recordings(15_000).await.expect("prune"), 1);
+    assert!(s.recording("rec1").await.expect("q").is_none());
+    assert!(
+        s.recording_chunks("rec1", 0, 10)
+            .await
+            .expect("chunks")
+            .is_empty()
+    );
+    assert!(s.recording("rec2").await.expect("q").is_some());
 }
 
 #[tokio::test]

@@ -257,8 +257,14 @@ pub async fn list(
         if view.matches.len() >= MOMENTS_MAX {
             continue;
         }
-        let (at, excerpt) = cast::moment(&m.events, &words)
-            .unwrap_or_else(|| (cast::first_time(&m.events), String::new()));
+        let (at, excerpt) = match cast::moment(&m.events, &words) {
+            Some(found) => found,
+            // Only the chunk before showed the words (its tail leads this chunk's search
+            // text), and that chunk is listed already.
+            None if !view.matches.is_empty() => continue,
+            // The words straddle the boundary with the chunk before: this chunk's start.
+            None => (cast::first_time(&m.events), String::new()),
+        };
         view.matches.push(MomentView { at, excerpt });
     }
     Ok(Json(out))

@@ -560,7 +560,10 @@ mod tests {
         track.output(1_200, data(10, b"xyz"));
         assert_eq!(track.lost_total(), 7);
         let c = track.take_chunk(&head).expect("chunk");
-        assert!(c.events.contains(r#""m","7 bytes of output (3..10) were not recorded""#));
+        assert!(
+            c.events
+                .contains(r#""m","7 bytes of output (3..10) were not recorded""#)
+        );
         assert_eq!(c.end_offset, 13);
     }
 
@@ -580,8 +583,7 @@ mod tests {
         track.input(3_100, &InEvent::Data(b"secret".to_vec()));
         let c = track.take_chunk(&head).expect("chunk");
         assert_eq!(
-            c.events,
-            "[1.5,\"o\",\"a\"]\n[1.5,\"o\",\"b\"]\n[2.0,\"r\",\"100x30\"]\n",
+            c.events, "[1.5,\"o\",\"a\"]\n[1.5,\"o\",\"b\"]\n[2.0,\"r\",\"100x30\"]\n",
             "keystrokes are not recorded unless input recording is on"
         );
     }

@@ -208,7 +208,16 @@ impl Writer {
         let mut track = self.head().await?;
         // A replica that died (or a queue that overflowed) left bytes in the stream store
         // that no chunk holds: read them back first.
+        let from = track.wants();
         self.catch_up(&mut track, None).await;
+        if track.wants() > from {
+            tracing::info!(
+                session_id = %self.session_id,
+                from,
+                to = track.wants(),
+                "recording: read output no chunk held back from the stream store"
+            );
+        }
         let mut deadline: Option<Instant> = None;
         loop {
             let note = tokio::select! {
@@ -284,7 +293,12 @@ impl Writer {
             return Ok(None);
         };
         // Output only: whether the agent asked for keystrokes is not known here.
-        let row = new_row(&self.session_id, &meta, &meta.agent_id, self.ctx.settings.record_input);
+        let row = new_row(
+            &self.session_id,
+            &meta,
+            &meta.agent_id,
+            self.ctx.settings.record_input,
+        );
         storage.create_recording(row).await?;
         storage.recording(&self.session_id).await
     }
