@@ -5,6 +5,7 @@
 import { $, ago, api, bufferHealth, el, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
+import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
 const FLEET_REFRESH_MS = 5000;
@@ -216,7 +217,12 @@ async function audit(older = false) {
   if (!older) rows.replaceChildren();
   for (const rec of r.json) {
     const tr = el('tr', null, { 'data-action': rec.action });
-    tr.append(el('td', rec.ts), el('td', rec.actor), el('td', rec.action), el('td', rec.target), el('td', JSON.stringify(rec.detail)));
+    // A terminal session's records link to its recording.
+    const target = el('td');
+    if (/^(terminal|recording)\./.test(rec.action)) {
+      target.append(el('a', rec.target, { href: `#/recordings/${encodeURIComponent(rec.target)}`, 'aria-label': `Recording of ${rec.target}` }));
+    } else target.textContent = rec.target;
+    tr.append(el('td', rec.ts), el('td', rec.actor), el('td', rec.action), target, el('td', JSON.stringify(rec.detail)));
     rows.append(tr);
   }
   app.auditBefore = r.json.length ? r.json[r.json.length - 1].id : app.auditBefore;
@@ -344,9 +350,10 @@ async function removeAgent() {
 async function route() {
   clearInterval(app.timer);
   if (!location.hash.startsWith('#/terminal/')) leaveTerminal();
+  leaveReplay();
   if (!app.me && !(await whoami())) { show('login'); return; }
   const hash = location.hash || '#/fleet';
-  const [, page, arg] = hash.split('/');
+  const [, page, arg, extra] = hash.split('/');
   switch (page) {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
@@ -354,6 +361,10 @@ async function route() {
     case 'sessions': await sessions(); break;
     case 'users': await users(); break;
     case 'tokens': await tokens(); break;
+    case 'recordings':
+      if (arg) await replayPage(decodeURIComponent(arg), extra === undefined ? undefined : Number(extra));
+      else await recordingsPage();
+      break;
     case 'terminal': {
       let why = '';
       if (!(await attachTerminal(decodeURIComponent(arg ?? ''), (m) => { why = m; }))) {
@@ -376,5 +387,7 @@ $('agent-remove').addEventListener('click', removeAgent);
 $('agent-rekey').addEventListener('click', rekeyAgent);
 $('audit-action').addEventListener('change', () => audit());
 $('audit-older').addEventListener('click', () => audit(true));
+wireReplay();
+window.outpost.replay = replayState;
 window.addEventListener('hashchange', route);
 route();

@@ -5,6 +5,15 @@
 import { $, api, show } from './common.js';
 
 const RESIZE_DEBOUNCE_MS = 100;
+
+/** The terminal's look, shared by live sessions and replays. The line height leaves room
+ * below the baseline: at 1.0 and a device pixel ratio of 1, underscores fall outside the
+ * row and vanish (`pg_stat_activity` would read `pg stat activity`). */
+export const TERMINAL_OPTIONS = {
+  fontSize: 14,
+  lineHeight: 1.2,
+  fontFamily: '"DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
+};
 const RECONNECT_MAX_MS = 5000;
 
 const view = {
@@ -16,7 +25,22 @@ const view = {
   attempts: 0,
   term: null,
   fit: null,
+  // Every byte shown, in offset order, once asked for (`window.outpost.keepTranscript()`).
+  transcript: null,
 };
+
+/** The session is recorded; `detail` says what the recording misses, when it does. */
+function setRecording(detail) {
+  const badge = $('recording');
+  if (detail === null) {
+    badge.hidden = true;
+    return;
+  }
+  badge.hidden = false;
+  badge.dataset.state = detail ? 'degraded' : 'live';
+  badge.textContent = detail ? `⚠ ${detail}` : '● recorded';
+  badge.title = detail || 'This session is recorded (output and window sizes) and can be replayed from the Recordings page.';
+}
 
 function setState(state) {
   view.state = state;
@@ -57,7 +81,7 @@ function begin(sessionId, where) {
 
 function startTerminal() {
   if (view.term) { view.term.reset(); return; }
-  const term = new window.Terminal({ cursorBlink: true, scrollback: 10000, fontSize: 14 });
+  const term = new window.Terminal({ ...TERMINAL_OPTIONS, cursorBlink: true, scrollback: 10000 });
   const fit = new window.FitAddon.FitAddon();
   term.loadAddon(fit);
   term.open($('terminal'));
@@ -98,6 +122,7 @@ function connect() {
     if (typeof event.data !== 'string') {
       const bytes = new Uint8Array(event.data);
       view.offset += bytes.length;
+      view.transcript?.push(bytes);
       view.term.write(bytes);
       if (view.state !== 'live') setState('live');
       return;
@@ -113,6 +138,9 @@ function connect() {
         break;
       case 'state':
         setState(msg.state);
+        break;
+      case 'recording':
+        setRecording(msg.detail);
         break;
       case 'closed':
         view.closed = true;
@@ -136,6 +164,7 @@ function connect() {
 // socket as a network failure would.
 window.outpost = {
   state: () => view.state,
+  recording: () => $('recording').textContent,
   offset: () => view.offset,
   size: () => ({ cols: view.term?.cols, rows: view.term?.rows }),
   screenText: () => {
@@ -146,16 +175,29 @@ window.outpost = {
     return lines.join('\n');
   },
   dropConnection: () => view.socket?.close(),
+  session: () => view.sessionId,
+  keepTranscript: () => { view.transcript = []; },
+  transcript: () => {
+    const decoder = new TextDecoder();
+    return (view.transcript ?? []).map((b) => decoder.decode(b, { stream: true })).join('') + decoder.decode();
+  },
+  terminalOptions: () => ({ ...TERMINAL_OPTIONS }),
 };
 
 /// Leave the terminal page deliberately (navigation inside the UI): the session is closed,
 /// so psql ends and the audit log records the end. A reloaded page keeps it instead.
 export function leaveTerminal() {
-  if (!view.sessionId || view.closed) return;
+  if (!view.sessionId) return;
+  if (view.closed) {
+    setState('none');
+    setRecording(null);
+    return;
+  }
   view.closed = true;
   view.socket?.close();
   view.socket = null;
   api('DELETE', `/api/v1/terminal/sessions/${encodeURIComponent(view.sessionId)}`);
   view.sessionId = null;
   setState('none');
+  setRecording(null);
 }

@@ -67,3 +67,19 @@ test('replication lag and dead tuples become one series per standby and per tabl
   assert.deepEqual(dead.names, ['public.orders']);
   assert.deepEqual(dead.data[1], [42]);
 });
+
+test('a cast parses, idle gaps are cut while playing, and a seek finds what is due', async () => {
+  const { parseCast, playTimes, dueAt, playTimeOf, clock } = await import('../src/cast.js');
+  const text = '{"version":2,"width":80,"height":24}\n[0.5,"o","a"]\n[1.0,"r","100x30"]\n[61.0,"o","b"]\n[61.5,"o","c"]\n';
+  const { header, events } = parseCast(text);
+  assert.equal(header.width, 80);
+  assert.equal(events.length, 4);
+  const times = playTimes(events, 2);
+  assert.deepEqual(times, [0.5, 1.0, 3.0, 3.5], 'a minute of idleness plays as two seconds');
+  assert.equal(dueAt(times, 0), 0);
+  assert.equal(dueAt(times, 1.0), 2, 'an event at the time is due');
+  assert.equal(dueAt(times, 99), 4);
+  assert.equal(playTimeOf(events, times, 61.2), 3.5, "a search's moment maps to the next event");
+  assert.equal(clock(61.9), '1:01');
+  assert.throws(() => parseCast('{"version":1}\n'), /version 1/);
+});
