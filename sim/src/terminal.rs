@@ -355,7 +355,7 @@ impl<'a> Driver<'a> for TerminalDriver {
     }
 }
 
-/// The audit log agrees with what happened: every session the browser was given was recorded
+/// The audit log agrees with what happened (and the recordings do, [`recording_check`]): every session the browser was given was recorded
 /// as opened exactly once, and none was recorded as ended twice. (An end can go unrecorded
 /// when the control plane dies between closing the session and writing the record.)
 fn audit_check(dir: &std::path::Path, seed: u64, l: &Ledger) -> anyhow::Result<()> {
@@ -365,18 +365,24 @@ fn audit_check(dir: &std::path::Path, seed: u64, l: &Ledger) -> anyhow::Result<(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let rows = rt.block_on(async {
+    let (rows, recordings) = rt.block_on(async {
         let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
-        anyhow::Ok(
-            storage
-                .audit_list(AuditQuery {
-                    action: None,
-                    before_id: None,
-                    limit: 100_000,
-                })
-                .await?,
-        )
+        let rows = storage
+            .audit_list(AuditQuery {
+                action: None,
+                before_id: None,
+                limit: 100_000,
+            })
+            .await?;
+        let mut recordings = BTreeMap::new();
+        for id in l.sessions.keys() {
+            let row = storage.recording(id).await?;
+            let chunks = storage.recording_chunks(id, 0, 1_000_000).await?;
+            recordings.insert(id.clone(), (row, chunks));
+        }
+        anyhow::Ok((rows, recordings))
     })?;
+    recording_check(l, &recordings)?;
     let count = |what: &str, id: &str| {
         rows.iter()
             .filter(|r| r.action == what && r.target == id)
@@ -399,6 +405,95 @@ fn audit_check(dir: &std::path::Path, seed: u64, l: &Ledger) -> anyhow::Result<(
     let closed = l.sessions.values().filter(|s| s.closed.is_some()).count();
     trace::record(format!(
         "audit: {} sessions opened, {ended} ended, {closed} seen closed by the browser",
+        l.sessions.len()
+    ));
+    Ok(())
+}
+
+type Recorded = BTreeMap<
+    String,
+    (
+        Option<control_plane::storage::RecordingRow>,
+        Vec<control_plane::storage::RecordingChunk>,
+    ),
+>;
+
+/// Every session's recording holds each output byte once, at its offset (the byte there is
+/// the one the PTY produced), every hole is a marker naming its range, the hash chain holds
+/// to the recording's head, and the last session's recording reaches everything produced.
+fn recording_check(l: &Ledger, recorded: &Recorded) -> anyhow::Result<()> {
+    use control_plane::terminal::recording::cast::Verify;
+    let mut bytes = 0u64;
+    let mut lost = 0u64;
+    for (id, s) in &l.sessions {
+        let (Some(row), chunks) = &recorded[id] else {
+            anyhow::bail!("session {id} has no recording");
+        };
+        let mut verify = Verify::new(id);
+        let mut at = 0u64;
+        for chunk in chunks {
+            verify
+                .chunk(chunk)
+                .map_err(|e| anyhow::anyhow!("session {id}: {e}"))?;
+            for line in chunk.events.lines() {
+                let (_, code, data): (f64, String, String) = serde_json::from_str(line)?;
+                match code.as_str() {
+                    "o" => {
+                        for b in data.bytes() {
+                            anyhow::ensure!(
+                                b == byte_at(at),
+                                "session {id}: recorded byte {b} at offset {at} is not the byte produced there"
+                            );
+                            at += 1;
+                        }
+                    }
+                    "m" => {
+                        let range = data
+                            .split(['(', ')'])
+                            .nth(1)
+                            .and_then(|r| r.split_once(".."))
+                            .and_then(|(a, b)| {
+                                Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+                            });
+                        let Some((from, to)) = range else {
+                            anyhow::bail!("session {id}: marker {data:?} names no range");
+                        };
+                        anyhow::ensure!(
+                            from == at && to > from,
+                            "session {id}: a hole {from}..{to} recorded at offset {at}"
+                        );
+                        lost += to - from;
+                        at = to;
+                    }
+                    _ => {}
+                }
+            }
+            anyhow::ensure!(
+                at == chunk.end_offset as u64,
+                "session {id}: chunk {} ends at {} but holds bytes up to {at}",
+                chunk.seq,
+                chunk.end_offset
+            );
+        }
+        verify
+            .finish(row)
+            .map_err(|e| anyhow::anyhow!("session {id}: {e}"))?;
+        anyhow::ensure!(
+            at <= s.produced,
+            "session {id}: recorded up to {at}, the PTY produced {}",
+            s.produced
+        );
+        if l.current.as_deref() == Some(id.as_str()) {
+            anyhow::ensure!(
+                at == s.produced,
+                "after the faults healed the recording of {id} is at {at} of {} produced bytes",
+                s.produced
+            );
+        }
+        bytes += at;
+    }
+    trace::record(format!(
+        "recordings: {} sessions, {bytes} bytes recorded, {lost} recorded as lost",
         l.sessions.len()
     ));
     Ok(())

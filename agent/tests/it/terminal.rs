@@ -68,7 +68,7 @@ async fn rig(
     let agent_id = v[0]["id"].as_str().expect("id").to_string();
     Rig {
         cp,
-        agent_cp: agent_cp,
+        agent_cp,
         agent_id,
         dsn,
         _agent: agent,
