@@ -17,6 +17,7 @@ pub mod exec;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod handles;
+pub mod health;
 pub mod http;
 pub mod observe;
 pub mod server;

@@ -438,6 +438,7 @@ impl Checker {
                     connected: r.get::<_, i64>(2)? != 0,
                     last_seen_ms: r.get(3)?,
                     buffer: None,
+                    health: None,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

@@ -157,6 +157,21 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
     ] {
         assert!(kinds.contains(kind), "{kind} missing from {kinds:?}");
     }
+    // Ingest keeps the server's summary on the agent's row for the fleet page's ranking.
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let agents: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    let xid = &agents[0]["health"]["xid_age"];
+    assert!(
+        xid["age"].as_i64().is_some_and(|a| a > 0) && xid["database"].is_string(),
+        "{agents}"
+    );
+    assert!(
+        agents[0]["health"]["replication"]["standbys"] == 0,
+        "a server without standbys: {agents}"
+    );
 
     // Outage: the control plane dies, then the agent dies twice; each start collects once.
     cp.proc

@@ -86,6 +86,10 @@ pub struct AgentView {
     last_seen: Option<String>,
     /// Buffer health, once the agent reports it (metrics buffer); `null` until then.
     buffer: Option<serde_json::Value>,
+    /// What its newest metrics said about its server: the database closest to transaction-ID
+    /// wraparound (`xid_age`) and the largest replication lag (`replication`), each with the
+    /// time of its sample; `null` until metrics arrive.
+    health: Option<serde_json::Value>,
 }
 
 pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, ApiError> {
@@ -110,6 +114,10 @@ pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, 
                 .buffer
                 .as_deref()
                 .and_then(|b| serde_json::from_str(b).ok()),
+            health: row
+                .health
+                .as_deref()
+                .and_then(|h| serde_json::from_str(h).ok()),
         })
         .collect();
     Ok(Json(views))

@@ -97,12 +97,19 @@ async fn ingest_batch(
         ApiError::new(status, refused.to_string())
     })?;
     let offered = rows.len();
+    let health = crate::health::update(agent.health.as_deref(), &rows, now_ms);
     let new_records = state
         .storage
         .insert_metrics(&agent.id, &epoch, rows)
         .await
         .map_err(ApiError::internal)?;
     let observed = &state.observed;
+    if let Some(health) = health
+        && let Err(e) = state.storage.set_agent_health(&agent.id, &health).await
+    {
+        // The metrics are stored; only the fleet page's summary is late.
+        tracing::warn!(agent_id = %agent.id, error = %e, "could not store the agent's health summary");
+    }
     crate::observe::add(&observed.ingest_batches_total, 1);
     crate::observe::add(&observed.ingest_rows_stored_total, new_records);
     crate::observe::add(

@@ -111,6 +111,9 @@ CREATE TABLE recording_chunks (
     PRIMARY KEY (session_id, seq)
 );
 "#,
+    r#"
+ALTER TABLE agents ADD COLUMN health TEXT;
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -250,5 +253,8 @@ CREATE TABLE recording_chunks (
     hash TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
+"#,
+    r#"
+ALTER TABLE agents ADD COLUMN health TEXT;
 "#,
 ];

@@ -348,4 +348,9 @@ impl Storage {
     pub async fn prune_recordings(&self, before_ms: i64) -> Result<u64, StorageError> {
         dispatch!(self.prune_recordings(before_ms))
     }
+
+    /// Store what an agent's newest metrics said about its server (JSON).
+    pub async fn set_agent_health(&self, agent_id: &str, health: &str) -> Result<(), StorageError> {
+        dispatch!(self.set_agent_health(agent_id, health))
+    }
 }

@@ -58,6 +58,8 @@ pub struct AgentRow {
     pub connected: bool,
     /// The agent's last reported metrics-buffer health (JSON), if any.
     pub buffer: Option<String>,
+    /// What its newest metrics said about its server (JSON, see `health`), if any.
+    pub health: Option<String>,
 }
 
 /// A new enrollment, as decided by the HTTP edge (ids and secrets already generated).

@@ -126,10 +126,11 @@ fn agent_from_row(row: &Row) -> AgentRow {
         last_seen_ms: row.get(3),
         connected: row.get(4),
         buffer: row.get(5),
+        health: row.get(6),
     }
 }
 
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer";
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer, health";
 
 impl PostgresStore {
     /// Parse `url` and connect once, so a wrong URL fails at start-up with a clear error.
@@ -1076,5 +1077,17 @@ impl PostgresStore {
             )
             .await
             .map_err(backend)
+    }
+
+    pub async fn set_agent_health(&self, agent_id: &str, health: &str) -> Result<(), StorageError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE agents SET health = $2 WHERE id = $1",
+                &[&agent_id, &health],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 }

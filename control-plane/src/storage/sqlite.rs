@@ -38,7 +38,7 @@ fn conflict_or_backend(e: rusqlite::Error, what: &str) -> StorageError {
 }
 
 const USER_COLUMNS: &str = "id, name, role, password_hash, created_at_ms";
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer";
+const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer, health";
 
 const RECORDING_COLUMNS: &str = "r.session_id, r.agent_id, r.agent_name, r.user_id, r.username, \
      r.started_ms, r.ended_ms, r.width, r.height, r.input, r.chunks, r.bytes, r.head_hash, \
@@ -95,6 +95,7 @@ fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         last_seen_ms: row.get(3)?,
         connected: row.get::<_, i64>(4)? != 0,
         buffer: row.get(5)?,
+        health: row.get(6)?,
     })
 }
 
@@ -976,6 +977,19 @@ impl SqliteStore {
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    pub async fn set_agent_health(&self, agent_id: &str, health: &str) -> Result<(), StorageError> {
+        let (agent_id, health) = (agent_id.to_string(), health.to_string());
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE agents SET health = ?2 WHERE id = ?1",
+                params![agent_id, health],
+            )
+            .map_err(backend)?;
+            Ok(())
         })
         .await
     }

@@ -2,7 +2,7 @@
 // run a command across hosts, read the audit log. Every figure comes from the authenticated
 // API; the role the API reports decides which controls are shown (the API enforces it anyway).
 
-import { $, ago, api, bufferHealth, el, show } from './common.js';
+import { $, ago, api, bufferHealth, el, rankFleet, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
@@ -71,7 +71,11 @@ async function fleet() {
   $('fleet-empty').hidden = r.json.length > 0;
   const rows = $('agent-rows');
   rows.replaceChildren();
-  for (const agent of r.json) {
+  const ranked = rankFleet(r.json);
+  $('fleet-attention').textContent = ranked.some((x) => x.score > 0)
+    ? `${ranked.filter((x) => x.score > 0).length} of ${ranked.length} agents need attention; they are listed first.`
+    : `Nothing needs attention (${ranked.length} agent${ranked.length === 1 ? '' : 's'}).`;
+  for (const { agent, reasons } of ranked) {
     const tr = el('tr', null, { 'data-agent': agent.name });
     const name = el('td');
     name.append(el('a', agent.name, { href: `#/agent/${agent.id}` }));
@@ -83,6 +87,7 @@ async function fleet() {
       buffer.append(el('span', ` ⚠ ${health.why}`, { role: 'img', 'aria-label': `warning: ${health.why}` }));
     }
     tr.append(buffer, el('td', health.lag), el('td', health.dropped ?? ''));
+    tr.append(el('td', reasons.join('; '), reasons.length ? { class: 'warn', 'data-attention': '' } : {}));
     const td = el('td');
     if (allows('operator')) {
       const button = el('button', 'Open terminal', { type: 'button', 'aria-label': `Open terminal on ${agent.name}` });

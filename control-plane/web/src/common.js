@@ -68,3 +68,50 @@ export function bufferHealth(buffer) {
     why: reasons[0] ?? '',
   };
 }
+
+/** Transaction-ID age that earns attention, and the age past which it is urgent (Postgres
+ * refuses writes near 2^31; autovacuum should keep ages far below either). */
+export const XID_WARN = 1_000_000_000;
+export const XID_URGENT = 1_500_000_000;
+/** Replication lag that earns attention, and the lag past which it is urgent. */
+export const REPLICATION_WARN_S = 60;
+export const REPLICATION_URGENT_S = 600;
+/** A server summary older than this is not trusted (the agent stopped sending metrics). */
+export const HEALTH_STALE_MS = 15 * 60 * 1000;
+
+/**
+ * What about an agent needs attention, most urgent first, and a score to rank the fleet by
+ * (0: nothing). Offline beats everything; then undelivered metrics, wraparound age and
+ * replication lag, each urgent past its second threshold.
+ */
+export function attention(agent, nowMs = Date.now()) {
+  const found = [];
+  if (agent.status !== 'online') found.push({ score: 1000, why: 'offline' });
+  const buffer = agent.buffer;
+  if (buffer) {
+    if (buffer.delivery_failures > 0) found.push({ score: 300, why: `${buffer.delivery_failures} failed metric deliveries` });
+    if (buffer.oldest_record_age_s > LAG_WARN_S) {
+      found.push({ score: 200 + Math.min(99, Math.floor(buffer.oldest_record_age_s / 60)), why: `metrics ${Math.round(buffer.oldest_record_age_s / 60)} min behind` });
+    }
+    if (buffer.utilization > 0.8) found.push({ score: 150, why: 'metrics buffer nearly full' });
+  }
+  const fresh = (part) => part && nowMs - part.ts_ms < HEALTH_STALE_MS;
+  const xid = agent.health?.xid_age;
+  if (fresh(xid) && xid.age >= XID_WARN) {
+    const pct = ((xid.age / 2 ** 31) * 100).toFixed(0);
+    found.push({ score: (xid.age >= XID_URGENT ? 500 : 100) + Number(pct), why: `${xid.database}: transaction ID age ${xid.age.toLocaleString('en')} (${pct}% of the wraparound limit)` });
+  }
+  const rep = agent.health?.replication;
+  if (fresh(rep) && rep.max_lag_s >= REPLICATION_WARN_S) {
+    found.push({ score: (rep.max_lag_s >= REPLICATION_URGENT_S ? 400 : 100) + Math.min(99, Math.floor(rep.max_lag_s / 60)), why: `replication ${Math.round(rep.max_lag_s)} s behind` });
+  }
+  found.sort((a, b) => b.score - a.score);
+  return { score: found.reduce((sum, f) => sum + f.score, 0), reasons: found.map((f) => f.why) };
+}
+
+/** The fleet in the order it needs attention: highest score first, then by name. */
+export function rankFleet(agents, nowMs = Date.now()) {
+  return agents
+    .map((agent) => ({ agent, ...attention(agent, nowMs) }))
+    .sort((a, b) => b.score - a.score || a.agent.name.localeCompare(b.agent.name));
+}

@@ -75,6 +75,25 @@ try {
     await page.locator('figure.chart[data-type="replication"]', { hasText: 'No standby streams from this server.' }).waitFor({ timeout: 10000 });
   });
 
+  // The fleet is ranked by what needs attention; a fresh demo server needs none.
+  await step('fleet-attention', async () => {
+    await page.getByRole('link', { name: 'Fleet' }).click();
+    await page.locator('#fleet-attention', { hasText: 'Nothing needs attention (1 agent)' }).waitFor({ timeout: 10000 });
+    const flagged = await page.locator('td[data-attention]').count();
+    if (flagged !== 0) throw new Error(`${flagged} agents flagged on a healthy fleet`);
+  });
+
+  // The terminal session above was recorded and is listed for replay.
+  await step('recordings', async () => {
+    await page.getByRole('link', { name: 'Recordings' }).click();
+    await page.getByRole('heading', { name: 'Recordings' }).waitFor();
+    await page.locator('#rec-q').fill('demo_t');
+    await page.getByRole('button', { name: 'Search' }).click();
+    await page.locator('#recording-rows tr').first().waitFor({ timeout: 10000 });
+    await page.locator('#recording-rows tr').first().getByRole('link', { name: /^Replay .* at / }).first().click();
+    await page.waitForFunction(() => window.outpost.replay().text.includes('demo_t'), null, { timeout: 10000 });
+  });
+
   // The live sessions page lists a session opened through the API, and ends it.
   await step('sessions', async () => {
     const created = await page.evaluate(async () => {

@@ -83,3 +83,20 @@ test('a cast parses, idle gaps are cut while playing, and a seek finds what is d
   assert.equal(clock(61.9), '1:01');
   assert.throws(() => parseCast('{"version":1}\n'), /version 1/);
 });
+
+test('the fleet is ranked by what needs attention: offline first, then lag, wraparound, replication', async () => {
+  const { attention, rankFleet, XID_URGENT } = await import('../src/common.js');
+  const now = Date.parse('2026-01-01T00:10:00Z');
+  const ts = now - 30_000;
+  const fine = { name: 'a-fine', status: 'online', buffer: { rows: 0, oldest_record_age_s: 0, utilization: 0.01, delivery_failures: 0 }, health: { xid_age: { database: 'app', age: 5_000_000, ts_ms: ts }, replication: { standbys: 1, max_lag_s: 0.2, ts_ms: ts } } };
+  const offline = { ...fine, name: 'z-offline', status: 'offline' };
+  const wrap = { ...fine, name: 'b-wrap', health: { ...fine.health, xid_age: { database: 'orders', age: XID_URGENT + 1, ts_ms: ts } } };
+  const lagging = { ...fine, name: 'c-lag', health: { ...fine.health, replication: { standbys: 2, max_lag_s: 120, ts_ms: ts } } };
+  const staleWrap = { ...fine, name: 'd-stale', health: { ...fine.health, xid_age: { database: 'old', age: XID_URGENT + 1, ts_ms: now - 3_600_000 } } };
+  assert.deepEqual(attention(fine, now), { score: 0, reasons: [] });
+  assert.match(attention(wrap, now).reasons[0], /^orders: transaction ID age 1,500,000,001 \(70% of the wraparound limit\)$/);
+  assert.match(attention(lagging, now).reasons[0], /replication 120 s behind/);
+  assert.equal(attention(staleWrap, now).score, 0, 'a summary from an hour ago is not trusted');
+  const order = rankFleet([fine, lagging, staleWrap, wrap, offline], now).map((x) => x.agent.name);
+  assert.deepEqual(order, ['z-offline', 'b-wrap', 'c-lag', 'a-fine', 'd-stale']);
+});
