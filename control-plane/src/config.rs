@@ -45,6 +45,8 @@ pub struct RawServeConfig {
     pub max_connections: Option<usize>,
     /// humantime, default 15s: deadline for a request's headers and for idle keep-alive.
     pub header_timeout: Option<String>,
+    /// `on` (default) or `off`: whether terminal sessions are recorded.
+    pub recording: Option<String>,
     /// humantime, default 90d; at least 1d.
     pub recording_retention: Option<String>,
     /// `fail_open` (default) or `fail_closed`.
@@ -73,6 +75,7 @@ impl RawServeConfig {
             behind_tls_proxy: self.behind_tls_proxy.or(file.behind_tls_proxy),
             max_connections: self.max_connections.or(file.max_connections),
             header_timeout: self.header_timeout.or(file.header_timeout),
+            recording: self.recording.or(file.recording),
             recording_retention: self.recording_retention.or(file.recording_retention),
             recording_failure: self.recording_failure.or(file.recording_failure),
             record_input: self.record_input.or(file.record_input),
@@ -158,6 +161,12 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             raw.header_timeout.as_deref(),
             defaults.header_timeout,
         )?,
+        recording: match raw.recording.as_deref() {
+            None => defaults.recording,
+            Some("on") => true,
+            Some("off") => false,
+            Some(v) => bail!("recording: {v:?} must be on or off"),
+        },
         recording_retention: duration(
             "recording_retention",
             raw.recording_retention.as_deref(),

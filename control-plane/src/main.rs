@@ -185,8 +185,8 @@ struct ExecRunArgs {
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
     /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
-    /// behind_tls_proxy, max_connections, header_timeout, recording_retention, recording_failure,
-    /// record_input. Flags and OUTPOST_* variables override it.
+    /// behind_tls_proxy, max_connections, header_timeout, recording, recording_retention,
+    /// recording_failure, record_input. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -238,6 +238,11 @@ struct ServeArgs {
     /// is closed after it, e.g. 15s [default: 15s].
     #[arg(long, env = "OUTPOST_HEADER_TIMEOUT", value_name = "DURATION")]
     header_timeout: Option<String>,
+    /// Record terminal sessions (asciicast v2 in storage, replayable and searchable from the
+    /// Recordings page): on, or off to keep no recording (the audit log still records who
+    /// opened and ended which session) [default: on].
+    #[arg(long, env = "OUTPOST_RECORDING", value_name = "ON|OFF", value_parser = ["on", "off"])]
+    recording: Option<String>,
     /// How long terminal recordings are kept after their last event, e.g. 90d or 1y
     /// [default: 90d]. Checked hourly.
     #[arg(long, env = "OUTPOST_RECORDING_RETENTION", value_name = "DURATION")]
@@ -452,6 +457,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         behind_tls_proxy: args.behind_tls_proxy.then_some(true),
         max_connections: args.max_connections,
         header_timeout: args.header_timeout,
+        recording: args.recording,
         recording_retention: args.recording_retention,
         recording_failure: args.recording_failure,
         record_input: args.record_input.then_some(true),

@@ -25,6 +25,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Deadline for a request's headers, and for an idle keep-alive connection.
     pub header_timeout: Duration,
+    /// Terminal sessions are recorded (on unless the configuration turns it off).
+    pub recording: bool,
     /// Terminal recordings whose last event is older than this are removed (checked hourly).
     pub recording_retention: Duration,
     /// What a terminal session does when its recording cannot be stored.
@@ -65,6 +67,7 @@ impl Default for Settings {
             secure_cookies: false,
             max_connections: 20_000,
             header_timeout: Duration::from_secs(15),
+            recording: true,
             recording_retention: Duration::from_secs(90 * 86_400),
             recording_failure: RecordingFailure::FailOpen,
             record_input: false,

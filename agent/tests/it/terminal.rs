@@ -825,6 +825,39 @@ async fn when_recordings_cannot_be_stored_fail_open_goes_on_and_fail_closed_clos
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_recording_off_sessions_run_and_nothing_is_recorded() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start_with(&[], &["--recording", "off"], true).await;
+    let r = rig(cp, None, &pg, "").await;
+    let session = r.session().await;
+    let mut term = Term::open(&r.cp, &session, 0).await;
+    let prompt = term.wait_for("=#", 0).await;
+    term.send("select 'not' || 'kept';\r").await;
+    term.wait_for("notkept", prompt).await;
+    term.send("\\q\r").await;
+    until_closed(&mut term).await;
+    assert!(
+        term.recording.is_empty(),
+        "told of a recording: {:?}",
+        term.recording
+    );
+    let list =
+        r.cp.api(http::Method::GET, "/api/v1/terminal/recordings", None)
+            .await
+            .expect("list");
+    assert_eq!(String::from_utf8_lossy(&list.body), "[]");
+    let one =
+        r.cp.api(
+            http::Method::GET,
+            &format!("/api/v1/terminal/recordings/{session}"),
+            None,
+        )
+        .await
+        .expect("show");
+    assert_eq!(one.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_page_in_headless_chromium_runs_a_query_resizes_and_reconnects() {
     let (pg, redis) = (postgres().await, redis().await);
     let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;

@@ -252,18 +252,19 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         .await;
     tracing::info!(from = written_end, "terminal link attached");
     let recorder = Recorder::start(&state, &session_id);
+    let recorder = recorder.as_ref();
 
     let end = tokio::select! {
-        end = output_loop(&state, &streams, &session_id, written_end, &mut stream, &recorder) => end,
-        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink, &recorder) => end,
+        end = output_loop(&state, &streams, &session_id, written_end, &mut stream, recorder) => end,
+        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink, recorder) => end,
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
         End::Closed { reason, close } => {
             // The recording is finished first, so the session's end record carries its hash.
-            let recording = match &close {
-                Some(close) => recorder.finish(close.clone()).await,
-                None => None,
+            let recording = match (&close, recorder) {
+                (Some(close), Some(recorder)) => recorder.finish(close.clone()).await,
+                _ => None,
             };
             finish(&state, &session_id, &reason, recording.as_ref()).await;
             if let Some(close) = close {
@@ -303,6 +304,7 @@ async fn finish(
     .await;
     // Only the caller that closed it records the end (the janitor may race this handler).
     if let Some(meta) = meta.filter(|_| closed_now == Some(true)) {
+        let recording = recording.map(Summary::json).unwrap_or_default();
         super::audit_ended(state, session_id, &meta, reason, recording).await;
     }
 }
@@ -337,7 +339,7 @@ async fn output_loop(
     session_id: &str,
     written_end: u64,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
-    recorder: &Recorder,
+    recorder: Option<&Recorder>,
 ) -> End {
     let cap = state.terminal.settings.stream_bytes_max;
     let mut entries: Vec<OutEntry> = Vec::new();
@@ -379,7 +381,10 @@ async fn output_loop(
             {
                 return End::Lost("control plane shutting down".into());
             }
-            recorder.output(std::mem::take(&mut entries));
+            match recorder {
+                Some(recorder) => recorder.output(std::mem::take(&mut entries)),
+                None => entries.clear(),
+            }
         }
         if let Some(reason) = closed {
             return End::Closed { reason, close };
@@ -394,7 +399,7 @@ async fn input_loop(
     session_id: &str,
     mut cursor: String,
     sink: &mut Sink,
-    recorder: &Recorder,
+    recorder: Option<&Recorder>,
 ) -> End {
     let mut last_ping = Instant::now();
     loop {
@@ -420,7 +425,9 @@ async fn input_loop(
                 }
                 cursor = last;
                 for (_, event) in events {
-                    recorder.input(&event);
+                    if let Some(recorder) = recorder {
+                        recorder.input(&event);
+                    }
                     let sent = match event {
                         InEvent::Data(data) => {
                             send_message(sink, Message::Binary(data.into())).await

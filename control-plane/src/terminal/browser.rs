@@ -175,7 +175,11 @@ pub async fn create(
     // The recording exists before any output does.
     let input = state.settings.record_input || agent_input;
     let row = recording::new_row(&session_id, &meta, &agent.name, input);
-    if let Err(e) = state.storage.create_recording(row).await {
+    let created = match state.settings.recording {
+        true => state.storage.create_recording(row).await.map(|_| ()),
+        false => Ok(()),
+    };
+    if let Err(e) = created {
         tracing::warn!(session_id, error = %e, "terminal recording could not be started");
         match state.settings.recording_failure {
             RecordingFailure::FailClosed => {
@@ -206,7 +210,11 @@ pub async fn create(
             &user.name,
             action::TERMINAL_OPENED,
             &session_id,
-            serde_json::json!({"agent_id": agent.id, "agent": agent.name, "recording": {"input": input}}),
+            serde_json::json!({
+                "agent_id": agent.id,
+                "agent": agent.name,
+                "recording": state.settings.recording.then(|| serde_json::json!({"input": input})),
+            }),
         )
         .await;
     Ok((StatusCode::CREATED, Json(CreateResponse { session_id })))
@@ -504,13 +512,15 @@ async fn serve(
             Ok(Some(meta)) => meta.recording,
             _ => String::new(),
         };
-        send_json(
-            &mut sink,
-            &ToBrowser::Recording {
-                detail: &shown_recording,
-            },
-        )
-        .await?;
+        if state.settings.recording {
+            send_json(
+                &mut sink,
+                &ToBrowser::Recording {
+                    detail: &shown_recording,
+                },
+            )
+            .await?;
+        }
         let mut last_sent = tokio::time::Instant::now();
         loop {
             if last_sent.elapsed() >= PING_INTERVAL {

@@ -164,16 +164,16 @@ pub struct TerminalContext {
 }
 
 /// A terminal session ended: who had it, on which agent, for how long, why, and what its
-/// recording ended as (its chain's last hash, so a later change to it shows).
+/// recording ended as (`recording::Summary::json`: its chain's last hash, so a later change
+/// to it shows; null when there is none).
 pub async fn audit_ended(
     ctx: &TerminalContext,
     session_id: &str,
     meta: &SessionMeta,
     reason: &str,
-    recording: Option<&recording::Summary>,
+    recording: serde_json::Value,
 ) {
     let duration_s = ctx.world.now_unix_ms().saturating_sub(meta.created_ms) / 1000;
-    let recording = recording.map_or(serde_json::Value::Null, recording::Summary::json);
     ctx.audit
         .record(
             &meta.username,

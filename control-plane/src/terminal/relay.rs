@@ -481,8 +481,8 @@ async fn janitor(state: &TerminalContext) {
                     .await
                 {
                     let recording = super::recording::close_out(state, &session_id).await;
-                    super::audit_ended(state, &session_id, &meta, &reason, recording.as_ref())
-                        .await;
+                    let recording = recording.map(|r| r.json()).unwrap_or_default();
+                    super::audit_ended(state, &session_id, &meta, &reason, recording).await;
                 }
             }
         }

@@ -9,8 +9,8 @@
 use proto::terminal::Cursor;
 use sha2::{Digest, Sha256};
 
-use super::super::{InEvent, OutEntry};
 use crate::storage::{RecordingChunk, RecordingRow};
+use crate::terminal::{InEvent, OutEntry};
 
 /// Printable output carried from one chunk into the next one's search text, so a word
 /// split by a chunk boundary is still found.

@@ -28,6 +28,8 @@ use cast::Track;
 
 /// A chunk is written once its events reach this size …
 pub const CHUNK_EVENTS_BYTES: usize = 64 * 1024;
+/// … and holds at most about this much when output queued up while storage was slow.
+pub const CHUNK_EVENTS_BYTES_MAX: usize = 1 << 20;
 /// … or this long after its first event.
 pub const FLUSH_AFTER: Duration = Duration::from_secs(2);
 /// Batches waiting for the recorder; past this the agent handler drops them and the recorder
@@ -99,16 +101,19 @@ pub fn new_row(
 }
 
 impl Recorder {
-    /// Start recording `session_id` from its stored head.
-    pub fn start(ctx: &TerminalContext, session_id: &str) -> Recorder {
+    /// Start recording `session_id` from its stored head; `None` when recording is off.
+    pub fn start(ctx: &TerminalContext, session_id: &str) -> Option<Recorder> {
+        if !ctx.settings.recording {
+            return None;
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = Writer::new(ctx.clone(), session_id.to_string());
         let task = tokio::spawn(writer.run(rx));
-        Recorder {
+        Some(Recorder {
             tx,
             task: Mutex::new(Some(task)),
             ctx: ctx.clone(),
-        }
+        })
     }
 
     /// Output the agent handler stored in the stream store just now. Never waits.
@@ -156,6 +161,9 @@ impl Recorder {
 /// Record what the stream store holds of a session nobody will come back to (its agent link
 /// stayed away), and mark the recording ended.
 pub async fn close_out(ctx: &TerminalContext, session_id: &str) -> Option<Summary> {
+    if !ctx.settings.recording {
+        return None;
+    }
     let mut writer = Writer::new(ctx.clone(), session_id.to_string());
     let mut track = writer.head().await?;
     writer.catch_up(&mut track, None).await;
@@ -235,17 +243,14 @@ impl Writer {
                 self.flush(&mut track).await;
                 return None;
             };
-            match note {
-                Note::Output { at_ms, entries } => {
-                    for entry in entries {
-                        let start = entry_start(&entry);
-                        if start > track.wants() {
-                            self.catch_up(&mut track, Some(start)).await;
-                        }
-                        track.output(at_ms, entry);
-                    }
-                }
-                Note::Input { at_ms, event } => track.input(at_ms, &event),
+            self.take(&mut track, note).await;
+            // What queued up while the last chunk was stored joins the next chunk: the chunks
+            // grow with storage latency instead of the queue.
+            while track.pending_bytes() < CHUNK_EVENTS_BYTES_MAX
+                && track.closed().is_none()
+                && let Ok(note) = rx.try_recv()
+            {
+                self.take(&mut track, note).await;
             }
             if track.lost_total() > 0 {
                 self.tell(&incomplete_reason(&track)).await;
@@ -259,6 +264,21 @@ impl Writer {
             if track.closed().is_some() {
                 return Some(self.end(&track).await);
             }
+        }
+    }
+
+    async fn take(&mut self, track: &mut Track, note: Note) {
+        match note {
+            Note::Output { at_ms, entries } => {
+                for entry in entries {
+                    let start = entry_start(&entry);
+                    if start > track.wants() {
+                        self.catch_up(track, Some(start)).await;
+                    }
+                    track.output(at_ms, entry);
+                }
+            }
+            Note::Input { at_ms, event } => track.input(at_ms, &event),
         }
     }
 
@@ -332,7 +352,7 @@ impl Writer {
             if track.wants() == before {
                 return; // nothing more stored: a hole stays a hole
             }
-            if track.pending_bytes() >= CHUNK_EVENTS_BYTES {
+            if track.pending_bytes() >= CHUNK_EVENTS_BYTES_MAX {
                 self.flush(track).await;
             }
         }
