@@ -5,6 +5,8 @@
 //! * output throughput: `seq 1 8000000` and 100 MB of 4000-byte lines, run from psql (`\!`)
 //! * keystroke echo p50/p99: idle, and while `yes` floods the terminal
 //! * replay: a new browser view from offset 0 reading the retained 4 MiB scrollback
+//! * recording overhead: the throughput runs again with `--recording off`, and how much of
+//!   the recorded run the recording holds
 #![allow(clippy::disallowed_methods)] // a benchmark measures wall time
 
 #[path = "../tests/it/harness.rs"]
@@ -26,6 +28,9 @@ const LONG: &str = "yes \"$(head -c 4000 /dev/zero | tr '\\0' x)\" | head -c 100
 /// instead, so only the output matches.
 const DONE: &[u8] = b"BENCH_2_DONE";
 const DONE_CMD: &str = "echo BENCH_$((1+1))_DONE";
+
+/// The control plane's log, shown when a socket closes under the benchmark.
+static CP_LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 struct Client {
     ws: WsStream,
@@ -83,7 +88,17 @@ impl Client {
                         String::from_utf8_lossy(&self.tail)
                     )
                 })
-                .expect("socket open")
+                .unwrap_or_else(|| {
+                    let log = CP_LOG
+                        .get()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                        .unwrap_or_default();
+                    let tail = &log[log.len().saturating_sub(4000)..];
+                    panic!(
+                        "the socket closed (at offset {}); control plane log ends:\n{tail}",
+                        self.offset
+                    )
+                })
                 .expect("frame");
             match frame {
                 Message::Binary(data) => {
@@ -123,7 +138,17 @@ impl Client {
             let frame = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
                 .await
                 .expect("replay within 60 s")
-                .expect("socket open")
+                .unwrap_or_else(|| {
+                    let log = CP_LOG
+                        .get()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                        .unwrap_or_default();
+                    let tail = &log[log.len().saturating_sub(4000)..];
+                    panic!(
+                        "the socket closed (at offset {}); control plane log ends:\n{tail}",
+                        self.offset
+                    )
+                })
                 .expect("frame");
             match frame {
                 Message::Binary(data) => {
@@ -221,13 +246,26 @@ async fn main() {
         .await
         .expect("redis fixture (Debian package redis-server)");
     let cp = ControlPlane::start_with(&[], &["--redis-url", &redis.url()], true).await;
+    let _ = CP_LOG.set(cp.dir.path().join("cp.log"));
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("agent");
     let d = data.display().to_string();
     cp.enroll_agent("bench", &d);
+    // The benchmark runs as root (as CI does): psql may then run as root only when the
+    // config says so.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[terminal]\nrun_as = \"root\"\n").expect("write agent config");
     let _agent = Proc::spawn(
         &agent_bin(),
-        &["run", "--data-dir", &d, "--postgres", &pg.url()],
+        &[
+            "run",
+            "--data-dir",
+            &d,
+            "--postgres",
+            &pg.url(),
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
         &dir.path().join("agent.log"),
     );
     cp.wait_status("bench", "online", Duration::from_secs(30))
@@ -238,51 +276,11 @@ async fn main() {
         .expect("agents");
     let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
     let agent_id = v[0]["id"].as_str().expect("id").to_string();
-    let r = cp
-        .api(
-            http::Method::POST,
-            "/api/v1/terminal/sessions",
-            Some(serde_json::json!({"agent_id": agent_id})),
-        )
-        .await
-        .expect("create");
-    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-    let session = v["session_id"].as_str().expect("session").to_string();
-    let mut term = Client::open(&cp, &session, 0).await;
-    term.until(b"=#").await;
-    term.send(b"\\pset pager off\r").await;
-    term.until(b"Pager usage is off.").await;
+    let (session, mut term) = open_session(&cp, &agent_id).await;
+    // Throughput through the whole chain (recording on, the default).
+    let chain = throughput(&mut term, "recorded").await;
 
-    // Throughput through the whole chain.
-    let mut chain = Vec::new();
-    for (name, command) in [("seq 1 8000000", SEQ), ("100 MB of 4000-byte lines", LONG)] {
-        let (before, received_before, skipped_before) = (term.offset, term.received, term.skipped);
-        let start = Instant::now();
-        term.send(format!("\\! {command}; {DONE_CMD}\r").as_bytes())
-            .await;
-        term.until(DONE).await;
-        let secs = start.elapsed().as_secs_f64();
-        let produced = term.offset - before;
-        let delivered = term.received - received_before;
-        let skipped = term.skipped - skipped_before;
-        eprintln!(
-            "{name}: {produced} bytes produced, {delivered} delivered, {skipped} skipped in {secs:.2} s"
-        );
-        chain.push((name, produced, delivered, secs));
-    }
-
-    // Keystroke echo, idle: a character and its erase, 200 times (after the prompt is back).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut idle = Vec::new();
-    for _ in 0..200 {
-        let start = Instant::now();
-        term.send(b"a").await;
-        term.until(b"a").await;
-        idle.push(start.elapsed().as_secs_f64() * 1000.0);
-        term.send(b"\x7f").await;
-        term.until(b"\x08").await;
-    }
-    idle.sort_by(f64::total_cmp);
+    let idle = echo_idle(&mut term).await;
 
     // Keystroke echo while `yes` floods: the tty echoes typed characters even though `yes`
     // never reads them.
@@ -314,6 +312,40 @@ async fn main() {
     replay.reach(end).await;
     let replay_secs = start.elapsed().as_secs_f64();
     let replayed = replay.received;
+
+    // What the recording holds of it all, once the session is closed (its last chunk stored).
+    let recorded_end = term.offset;
+    term.send(b"\\q\r").await;
+    let mut recording = serde_json::Value::Null;
+    for _ in 0..100 {
+        let r = cp
+            .api(
+                http::Method::GET,
+                &format!("/api/v1/terminal/recordings/{session}"),
+                None,
+            )
+            .await
+            .expect("recording");
+        recording = serde_json::from_slice(&r.body).unwrap_or_default();
+        if recording["ended_ms"].is_i64() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((term, replay));
+
+    // The same runs without recording: the control plane restarted with `--recording off`.
+    let mut cp = cp;
+    drop(cp.proc.take());
+    cp.serve_args
+        .extend(["--recording".to_string(), "off".to_string()]);
+    cp.launch();
+    cp.wait_healthy().await;
+    cp.wait_status("bench", "online", Duration::from_secs(60))
+        .await;
+    let (_, mut unrecorded_term) = open_session(&cp, &agent_id).await;
+    let unrecorded = throughput(&mut unrecorded_term, "not recorded").await;
+    let unrecorded_idle = echo_idle(&mut unrecorded_term).await;
 
     let bare: Vec<(u64, f64)> = [SEQ, LONG].iter().map(|c| bare_pty(c)).collect();
     let wetty_rows: Vec<Option<(u64, f64)>> = [SEQ, LONG].iter().map(|c| wetty(c)).collect();
@@ -381,4 +413,117 @@ async fn main() {
         ),
         format!("{:.0} ms", replay_secs * 1000.0)
     );
+    println!();
+    println!(
+        "{:<44} {:>16} {:>16} {:>10}",
+        "recording overhead", "recorded", "not recorded", "ratio"
+    );
+    for (i, (name, produced, _, secs)) in chain.iter().enumerate() {
+        let (_, off_produced, _, off_secs) = unrecorded[i];
+        let on = per_s(*produced, *secs);
+        let off = per_s(off_produced, off_secs);
+        println!(
+            "{:<44} {:>16} {:>16} {:>9.2}×",
+            name,
+            rate(*produced, *secs),
+            rate(off_produced, off_secs),
+            on / off
+        );
+    }
+    println!(
+        "{:<44} {:>16} {:>16}",
+        "keystroke echo, idle: p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms",
+            percentile(&idle, 0.5),
+            percentile(&idle, 0.99)
+        ),
+        format!(
+            "{:.2} / {:.2} ms",
+            percentile(&unrecorded_idle, 0.5),
+            percentile(&unrecorded_idle, 0.99)
+        ),
+    );
+    println!(
+        "{:<44} {:>16}",
+        "recording of the recorded session",
+        format!(
+            "{} of {} bytes in {} chunks{}",
+            recording["bytes"],
+            recorded_end,
+            recording["chunks"],
+            recording["incomplete"]
+                .as_str()
+                .map_or(String::new(), |why| format!(" (incomplete: {why})"))
+        )
+    );
+}
+
+/// Keystroke echo, idle: a character and its erase, 200 times (after the prompt is back);
+/// milliseconds, sorted.
+async fn echo_idle(term: &mut Client) -> Vec<f64> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        term.send(b"a").await;
+        term.until(b"a").await;
+        idle.push(start.elapsed().as_secs_f64() * 1000.0);
+        term.send(b"\x7f").await;
+        term.until(b"\x08").await;
+    }
+    idle.sort_by(f64::total_cmp);
+    idle
+}
+
+/// A new session on the agent, at psql's prompt with the pager off.
+/// (After a restart the agent's old row may say online for a while before it has
+/// reconnected: creating is retried for a minute.)
+async fn open_session(cp: &ControlPlane, agent_id: &str) -> (String, Client) {
+    let mut v = serde_json::Value::Null;
+    for _ in 0..60 {
+        let r = cp
+            .api(
+                http::Method::POST,
+                "/api/v1/terminal/sessions",
+                Some(serde_json::json!({"agent_id": agent_id})),
+            )
+            .await
+            .expect("create");
+        v = serde_json::from_slice(&r.body).expect("json");
+        if r.status == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let session = v["session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {v}"))
+        .to_string();
+    let mut term = Client::open(cp, &session, 0).await;
+    term.until(b"=#").await;
+    term.send(b"\\pset pager off\r").await;
+    term.until(b"Pager usage is off.").await;
+    (session, term)
+}
+
+/// Both output workloads through the whole chain: `(name, produced, delivered, seconds)`.
+async fn throughput(term: &mut Client, label: &str) -> Vec<(&'static str, u64, u64, f64)> {
+    let mut out = Vec::new();
+    for (name, command) in [("seq 1 8000000", SEQ), ("100 MB of 4000-byte lines", LONG)] {
+        let (before, received_before, skipped_before) = (term.offset, term.received, term.skipped);
+        let start = Instant::now();
+        term.send(format!("\\! {command}; {DONE_CMD}\r").as_bytes())
+            .await;
+        term.until(DONE).await;
+        let secs = start.elapsed().as_secs_f64();
+        let produced = term.offset - before;
+        let delivered = term.received - received_before;
+        let skipped = term.skipped - skipped_before;
+        eprintln!(
+            "{name} ({label}): {produced} bytes produced, {delivered} delivered, {skipped} skipped in {secs:.2} s"
+        );
+        out.push((name, produced, delivered, secs));
+    }
+    out
 }

@@ -216,10 +216,9 @@ pub struct RecordingQuery {
     pub limit: i64,
 }
 
-/// A chunk that matched a search, with its recording.
+/// A chunk that matched a search (by its `seq`), with its recording.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordingMatch {
     pub recording: RecordingRow,
     pub seq: i64,
-    pub events: String,
 }

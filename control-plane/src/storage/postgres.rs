@@ -1037,7 +1037,7 @@ impl PostgresStore {
             .await?
             .query(
                 &format!(
-                    "SELECT {RECORDING_COLUMNS}, c.seq, c.events FROM recording_chunks c \
+                    "SELECT {RECORDING_COLUMNS}, c.seq FROM recording_chunks c \
                      JOIN recordings r ON r.session_id = c.session_id \
                      WHERE {RECORDING_FILTER} AND {WORD_FILTER} \
                      ORDER BY r.started_ms DESC, c.seq LIMIT $5"
@@ -1062,7 +1062,6 @@ impl PostgresStore {
             .map(|r| RecordingMatch {
                 recording: recording_from_row(r),
                 seq: r.get(15),
-                events: r.get(16),
             })
             .collect())
     }

@@ -932,7 +932,7 @@ impl SqliteStore {
         self.run(move |conn| {
             let mut stmt = conn
                 .prepare(&format!(
-                    "SELECT {RECORDING_COLUMNS}, c.seq, c.events FROM recording_chunks c \
+                    "SELECT {RECORDING_COLUMNS}, c.seq FROM recording_chunks c \
                      JOIN recordings r ON r.session_id = c.session_id \
                      WHERE {RECORDING_FILTER} AND {WORD_FILTER} \
                      ORDER BY r.started_ms DESC, c.seq LIMIT ?5"
@@ -948,7 +948,6 @@ impl SqliteStore {
                         Ok(RecordingMatch {
                             recording: recording_from_row(r)?,
                             seq: r.get(15)?,
-                            events: r.get(16)?,
                         })
                     },
                 )

@@ -24,12 +24,13 @@ const LIST_MAX: i64 = 200;
 const LIST_DEFAULT: i64 = 50;
 /// Matching chunks one search reads at most.
 const MATCHED_CHUNKS_MAX: i64 = 500;
-/// Moments shown per recording in a search.
-const MOMENTS_MAX: usize = 5;
+/// Moments shown per recording in a search (each costs reading its chunk).
+const MOMENTS_MAX: usize = 3;
 const SEARCH_BYTES_MAX: usize = 500;
 const WORD_CHARS_MAX: usize = 100;
-/// Chunks read per storage call while streaming a `.cast` or verifying.
-const PAGE: i64 = 32;
+/// Chunks read per storage call while streaming a `.cast` or verifying (a chunk is about
+/// 1 MiB at most, so a page stays within a few MiB).
+const PAGE: i64 = 4;
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -257,13 +258,23 @@ pub async fn list(
         if view.matches.len() >= MOMENTS_MAX {
             continue;
         }
-        let (at, excerpt) = match cast::moment(&m.events, &words) {
+        // One chunk in memory at a time (a chunk is about 1 MiB at most).
+        let events = match state
+            .storage
+            .recording_chunks(&view.session_id, m.seq, 1)
+            .await
+        {
+            Ok(mut chunks) if !chunks.is_empty() => chunks.swap_remove(0).events,
+            Ok(_) => continue,
+            Err(e) => return Err(storage_error(e)),
+        };
+        let (at, excerpt) = match cast::moment(&events, &words) {
             Some(found) => found,
             // Only the chunk before showed the words (its tail leads this chunk's search
             // text), and that chunk is listed already.
             None if !view.matches.is_empty() => continue,
             // The words straddle the boundary with the chunk before: this chunk's start.
-            None => (cast::first_time(&m.events), String::new()),
+            None => (cast::first_time(&events), String::new()),
         };
         view.matches.push(MomentView { at, excerpt });
     }

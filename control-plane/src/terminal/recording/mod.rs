@@ -14,7 +14,8 @@
 pub mod api;
 pub mod cast;
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -32,9 +33,11 @@ pub const CHUNK_EVENTS_BYTES: usize = 64 * 1024;
 pub const CHUNK_EVENTS_BYTES_MAX: usize = 1 << 20;
 /// … or this long after its first event.
 pub const FLUSH_AFTER: Duration = Duration::from_secs(2);
-/// Batches waiting for the recorder; past this the agent handler drops them and the recorder
-/// reads those bytes back from the stream store.
+/// Batches waiting for the recorder, and the output bytes they may hold together; past either
+/// the agent handler drops a batch and the recorder reads those bytes back from the stream
+/// store (which keeps the newest 4 MiB).
 const QUEUE: usize = 256;
+const QUEUE_BYTES_MAX: usize = 8 << 20;
 /// Under `fail_closed`, storage failing this long closes the session.
 const FAIL_CLOSED_AFTER: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -72,6 +75,8 @@ pub struct Recorder {
     tx: mpsc::Sender<Note>,
     task: Mutex<Option<JoinHandle<Option<Summary>>>>,
     ctx: TerminalContext,
+    /// Output bytes in notes the writer has not taken yet.
+    queued: Arc<AtomicUsize>,
 }
 
 /// The recording row a new session starts with.
@@ -107,22 +112,28 @@ impl Recorder {
             return None;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer::new(ctx.clone(), session_id.to_string());
-        let task = tokio::spawn(writer.run(rx));
+        let task = tokio::spawn(writer.run(rx, Arc::clone(&queued)));
         Some(Recorder {
             tx,
             task: Mutex::new(Some(task)),
             ctx: ctx.clone(),
+            queued,
         })
     }
 
     /// Output the agent handler stored in the stream store just now. Never waits.
     pub fn output(&self, entries: Vec<OutEntry>) {
         let at_ms = self.ctx.world.now_unix_ms();
-        if self.tx.try_send(Note::Output { at_ms, entries }).is_err() {
+        let bytes = output_bytes(&entries);
+        let full = self.queued.load(Ordering::Relaxed) + bytes > QUEUE_BYTES_MAX;
+        if full || self.tx.try_send(Note::Output { at_ms, entries }).is_err() {
             // The recorder reads these bytes back from the stream store.
             TerminalCounters::add(&self.ctx.terminal.counters.recording_notes_dropped_total, 1);
+            return;
         }
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// A browser event forwarded to the agent just now. Never waits.
@@ -212,7 +223,8 @@ impl Writer {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Note>) -> Option<Summary> {
+    async fn run(mut self, rx: mpsc::Receiver<Note>, queued: Arc<AtomicUsize>) -> Option<Summary> {
+        let mut rx = Queue { rx, queued };
         let mut track = self.head().await?;
         // A replica that died (or a queue that overflowed) left bytes in the stream store
         // that no chunk holds: read them back first.
@@ -276,6 +288,10 @@ impl Writer {
                         self.catch_up(track, Some(start)).await;
                     }
                     track.output(at_ms, entry);
+                    // A batch holds up to 64 frames of 256 KiB: chunks stay bounded.
+                    if track.pending_bytes() >= CHUNK_EVENTS_BYTES_MAX {
+                        self.flush(track).await;
+                    }
                 }
             }
             Note::Input { at_ms, event } => track.input(at_ms, &event),
@@ -499,6 +515,43 @@ impl Writer {
             .update(&self.session_id, now_ms, patch)
             .await;
     }
+}
+
+/// The writer's end of the queue: taking a note frees its bytes.
+struct Queue {
+    rx: mpsc::Receiver<Note>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    fn taken(&self, note: &Note) {
+        if let Note::Output { entries, .. } = note {
+            self.queued
+                .fetch_sub(output_bytes(entries), Ordering::Relaxed);
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Note> {
+        let note = self.rx.recv().await?;
+        self.taken(&note);
+        Some(note)
+    }
+
+    fn try_recv(&mut self) -> Result<Note, mpsc::error::TryRecvError> {
+        let note = self.rx.try_recv()?;
+        self.taken(&note);
+        Ok(note)
+    }
+}
+
+fn output_bytes(entries: &[OutEntry]) -> usize {
+    entries
+        .iter()
+        .map(|e| match e {
+            OutEntry::Data { bytes, .. } => bytes.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn incomplete_reason(track: &Track) -> String {
