@@ -135,7 +135,7 @@ fuzz seconds="60": web
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal.
+# Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal, fleet.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -174,7 +174,15 @@ bench area="sim":
         cargo build -q --release --bins
         cargo bench -q -p agent --bench terminal
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh, terminal" >&2; exit 2 ;;
+      fleet)
+        # Every simulated agent holds a socket on each side: the soft open-files limit up to
+        # the hard one (10,000 agents need about 10,100 in each process).
+        ulimit -n "$(ulimit -Hn)"
+        echo "open-files limit: $(ulimit -n)
+        cargo build -q --release --bins
+        cargo bench -q -p agent --bench fleet
+        ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh, terminal, fleet" >&2; exit 2 ;;
     esac
 
 fmt:

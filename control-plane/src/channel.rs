@@ -30,6 +30,8 @@ use crate::settings::Settings;
 use crate::storage::{AgentRow, Storage};
 
 /// Commands waiting to be written to one channel.
+/// The channel socket's read buffer (frames are small: heartbeats, acks, task events).
+const CHANNEL_READ_BUFFER_BYTES: usize = 4096;
 const COMMANDS_QUEUED_MAX: usize = 64;
 /// Commands written and not yet acked on one channel.
 const COMMANDS_IN_FLIGHT_MAX: usize = 64;
@@ -156,8 +158,12 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let span = tracing::info_span!("channel", agent_id = %agent.id);
+    // Every agent holds its channel open: a small read buffer (it grows for a large frame)
+    // instead of the default 128 KiB each is what lets one replica hold a fleet.
     ws.max_message_size(proto::FRAME_BYTES_MAX)
         .max_frame_size(proto::FRAME_BYTES_MAX)
+        .read_buffer_size(CHANNEL_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| run(state, agent, socket).instrument(span))
 }
 

@@ -369,6 +369,10 @@ enum AdminCommand {
         /// tasks and metrics; the old credential stops working at that enrollment.
         #[arg(long, value_name = "AGENT_ID")]
         agent: Option<String>,
+        /// Print this many tokens, one per line, to enroll a fleet (not with --agent)
+        /// [max 100000].
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        count: u32,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -819,17 +823,36 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        AdminCommand::EnrollToken { ttl, agent, store } => {
+        AdminCommand::EnrollToken {
+            ttl,
+            agent,
+            count,
+            store,
+        } => {
             let ttl = ttl_flag(
                 &ttl,
                 "30m, 1h",
                 Duration::from_nanos(1)..=Duration::from_secs(7 * 24 * 3600),
                 "1s and 7d",
             )?;
+            if !(1..=100_000).contains(&count) {
+                bail!("--count: 1 to 100000");
+            }
+            if count > 1 && agent.is_some() {
+                bail!("--count and --agent: a rotation token is for one agent");
+            }
             let storage = open(&world, store).await?;
-            let token = auth::new_secret(&world, SecretKind::EnrollToken);
             let now_ms = world.now_unix_ms();
             let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
+            for _ in 1..count {
+                let token = auth::new_secret(&world, SecretKind::EnrollToken);
+                storage
+                    .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
+                    .await
+                    .context("store enrollment token")?;
+                println!("{token}");
+            }
+            let token = auth::new_secret(&world, SecretKind::EnrollToken);
             let hash = auth::secret_hash(&token);
             match &agent {
                 None => storage
