@@ -7,7 +7,7 @@
 //! replica, and storage records which connection holds it (`connection_id`), so a late close
 //! of the old one cannot mark the agent offline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,13 +25,14 @@ use world::World;
 
 use crate::auth;
 use crate::edge::AuthAgent;
+use crate::heartbeats::{Heartbeats, Held};
 use crate::observe::Observed;
 use crate::settings::Settings;
-use crate::storage::{AgentRow, Storage};
+use crate::storage::{AgentRow, SeenRow, Storage};
 
-/// Commands waiting to be written to one channel.
 /// The channel socket's read buffer (frames are small: heartbeats, acks, task events).
 const CHANNEL_READ_BUFFER_BYTES: usize = 4096;
+/// Commands waiting to be written to one channel.
 const COMMANDS_QUEUED_MAX: usize = 64;
 /// Commands written and not yet acked on one channel.
 const COMMANDS_IN_FLIGHT_MAX: usize = 64;
@@ -67,6 +68,8 @@ pub struct ChannelContext {
 pub struct Channels {
     inner: Arc<Mutex<BTreeMap<String, ChannelHandle>>>,
     next_command_id: Arc<AtomicU64>,
+    /// Heartbeats' storage writes, batched for the whole replica.
+    heartbeats: Heartbeats,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +386,25 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
     }
 }
 
+/// The oldest batched write's answer (pending forever when none is waiting).
+async fn oldest(written: &mut VecDeque<oneshot::Receiver<Held>>) -> Option<Held> {
+    let answer = match written.front_mut() {
+        Some(receiver) => receiver.await.ok(),
+        None => std::future::pending().await,
+    };
+    written.pop_front();
+    answer
+}
+
+/// This connection no longer holds its agent in storage: another replica's connection took
+/// over, or an admin removed the agent.
+async fn replaced_or_removed(state: &ChannelContext, agent: &AgentRow) -> End {
+    match state.storage.agent(&agent.id).await {
+        Ok(None) => End::Removed,
+        _ => End::Replaced,
+    }
+}
+
 async fn serve_connection(
     state: &ChannelContext,
     agent: &AgentRow,
@@ -410,9 +432,18 @@ async fn serve_connection(
     let mut in_flight: BTreeMap<u64, Reply> = BTreeMap::new();
     let mut malformed = 0u32;
     let mut budget = FrameBudget::new(tokio::time::Instant::now());
+    // Answers of batched heartbeat writes, oldest first.
+    let mut written: VecDeque<oneshot::Receiver<Held>> = VecDeque::new();
     loop {
         let deadline = last_heard + settings.dead_after;
         tokio::select! {
+            Some(held) = oldest(&mut written) => match held {
+                Ok(true) => {}
+                // Another replica's connection took over in storage, or an admin removed the
+                // agent.
+                Ok(false) => return replaced_or_removed(state, agent).await,
+                Err(e) => return End::Storage(e),
+            },
             _ = cancel.cancelled() => {
                 return if state.shutdown.is_cancelled() { End::Shutdown } else { End::Replaced };
             }
@@ -453,24 +484,27 @@ async fn serve_connection(
                     Ok(AgentMessage::Heartbeat { seq, buffer, .. }) => {
                         let buffer = buffer.and_then(|b| serde_json::to_string(&b).ok());
                         let now_ms = state.world.now_unix_ms();
-                        let stored = if recorded {
-                            state.storage.agent_seen(&agent.id, connection_id, now_ms, buffer).await
-                        } else {
-                            state.storage.agent_connected(&agent.id, connection_id, now_ms).await.map(|()| true)
+                        let row = SeenRow { agent_id: agent.id.clone(), connection_id: connection_id.to_string(), now_ms, buffer };
+                        // The first heartbeat claims the agent for this connection before it
+                        // is acked; later ones join the replica's next batched write.
+                        let queued = match recorded {
+                            true => state.channels.heartbeats.seen(&state.storage, settings.heartbeat_interval, row.clone()),
+                            false => None,
+                        };
+                        let stored = match queued {
+                            Some(answer) => {
+                                written.push_back(answer);
+                                Ok(true)
+                            }
+                            None if recorded => state.storage.agent_seen(&row.agent_id, connection_id, now_ms, row.buffer).await,
+                            None => state.storage.agent_connected(&agent.id, connection_id, now_ms).await.map(|()| true),
                         };
                         match stored {
                             Ok(true) => {
                                 recorded = true;
                                 Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms })
                             }
-                            // Another replica's connection took over in storage, or an admin
-                            // removed the agent.
-                            Ok(false) => {
-                                return match state.storage.agent(&agent.id).await {
-                                    Ok(None) => End::Removed,
-                                    _ => End::Replaced,
-                                };
-                            }
+                            Ok(false) => return replaced_or_removed(state, agent).await,
                             Err(e) => return End::Storage(e.to_string()),
                         }
                     }

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod fuzz;
 pub mod handles;
 pub mod health;
+pub mod heartbeats;
 pub mod http;
 pub mod observe;
 pub mod server;

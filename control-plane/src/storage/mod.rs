@@ -20,8 +20,8 @@ pub use sqlite::SqliteStore;
 pub use model::{
     AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
     Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
-    RecordingMatch, RecordingQuery, RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN,
-    TokenRow, UserInfo, UserRow,
+    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, StorageError, StoredMetric,
+    TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -352,5 +352,11 @@ impl Storage {
     /// Store what an agent's newest metrics said about its server (JSON).
     pub async fn set_agent_health(&self, agent_id: &str, health: &str) -> Result<(), StorageError> {
         dispatch!(self.set_agent_health(agent_id, health))
+    }
+
+    /// Many heartbeats' writes at once (one transaction or statement): each row as
+    /// `agent_seen`. Returns, in order, whether each row's connection still holds its agent.
+    pub async fn agents_seen(&self, rows: Vec<SeenRow>) -> Result<Vec<bool>, StorageError> {
+        dispatch!(self.agents_seen(rows))
     }
 }

@@ -222,3 +222,13 @@ pub struct RecordingMatch {
     pub recording: RecordingRow,
     pub seq: i64,
 }
+
+/// One heartbeat's write: the agent was heard on `connection_id` at `now_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRow {
+    pub agent_id: String,
+    pub connection_id: String,
+    pub now_ms: i64,
+    /// Buffer figures (JSON), when the heartbeat carried them.
+    pub buffer: Option<String>,
+}

@@ -13,7 +13,7 @@ use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
     MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
-    RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    RecordingRow, SeenRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -1088,5 +1088,32 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    /// One statement for the whole batch.
+    pub async fn agents_seen(&self, rows: Vec<SeenRow>) -> Result<Vec<bool>, StorageError> {
+        let ids: Vec<&str> = rows.iter().map(|r| r.agent_id.as_str()).collect();
+        let connections: Vec<&str> = rows.iter().map(|r| r.connection_id.as_str()).collect();
+        let times: Vec<i64> = rows.iter().map(|r| r.now_ms).collect();
+        let buffers: Vec<Option<&str>> = rows.iter().map(|r| r.buffer.as_deref()).collect();
+        let updated = self
+            .client()
+            .await?
+            .query(
+                "UPDATE agents a SET last_seen_ms = v.now_ms, buffer = COALESCE(v.buffer, a.buffer) \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS v(id, connection_id, now_ms, buffer) \
+                 WHERE a.id = v.id AND a.connection_id = v.connection_id RETURNING a.id, a.connection_id",
+                &[&ids, &connections, &times, &buffers],
+            )
+            .await
+            .map_err(backend)?;
+        let held: std::collections::BTreeSet<(String, String)> = updated
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        Ok(rows
+            .iter()
+            .map(|r| held.contains(&(r.agent_id.clone(), r.connection_id.clone())))
+            .collect())
     }
 }

@@ -11,7 +11,7 @@ use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
     MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
-    RecordingRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    RecordingRow, SeenRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
     replay_allowed,
 };
 use crate::auth::Role;
@@ -989,6 +989,29 @@ impl SqliteStore {
             )
             .map_err(backend)?;
             Ok(())
+        })
+        .await
+    }
+
+    pub async fn agents_seen(&self, rows: Vec<SeenRow>) -> Result<Vec<bool>, StorageError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let mut held = Vec::with_capacity(rows.len());
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE agents SET last_seen_ms = ?1, buffer = COALESCE(?4, buffer) WHERE id = ?2 AND connection_id = ?3",
+                    )
+                    .map_err(backend)?;
+                for row in &rows {
+                    let n = stmt
+                        .execute(params![row.now_ms, row.agent_id, row.connection_id, row.buffer])
+                        .map_err(backend)?;
+                    held.push(n == 1);
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(held)
         })
         .await
     }
