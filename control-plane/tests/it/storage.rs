@@ -160,6 +160,46 @@ async fn check(s: Storage) {
             .expect("stale seen"),
         "old connection lost ownership"
     );
+    // Heartbeats batched: each row answers whether its connection still holds the agent.
+    let seen = |conn: &str, now_ms: i64, buffer: Option<&str>| control_plane::storage::SeenRow {
+        agent_id: "agt_1".into(),
+        connection_id: conn.into(),
+        now_ms,
+        buffer: buffer.map(str::to_string),
+    };
+    assert_eq!(
+        s.agents_seen(vec![
+            seen("conn_b", 5_050, Some(r#"{"rows":7}"#)),
+            seen("conn_a", 5_060, Some(r#"{"rows":9}"#)),
+        ])
+        .await
+        .expect("batch"),
+        [true, false]
+    );
+    let a = &s.list_agents().await.expect("list")[0];
+    assert_eq!(
+        a.last_seen_ms,
+        Some(5_050),
+        "only the holder's row was written"
+    );
+    assert_eq!(a.buffer.as_deref(), Some(r#"{"rows":7}"#));
+    assert_eq!(
+        s.agents_seen(vec![seen("conn_b", 5_000, None)])
+            .await
+            .expect("batch"),
+        [true],
+        "figures are kept when a heartbeat carries none"
+    );
+    assert_eq!(
+        s.list_agents().await.expect("list")[0].buffer.as_deref(),
+        Some(r#"{"rows":7}"#)
+    );
+    assert!(
+        s.agents_seen(Vec::new())
+            .await
+            .expect("empty batch")
+            .is_empty()
+    );
     s.agent_disconnected("agt_1", "conn_a", 5_200)
         .await
         .expect("stale disconnect");
