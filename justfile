@@ -178,7 +178,7 @@ bench area="sim":
         # Every simulated agent holds a socket on each side: the soft open-files limit up to
         # the hard one (10,000 agents need about 10,100 in each process).
         ulimit -n "$(ulimit -Hn)"
-        echo "open-files limit: $(ulimit -n)
+        echo "open-files limit: $(ulimit -n)"
         cargo build -q --release --bins
         cargo bench -q -p agent --bench fleet
         ;;

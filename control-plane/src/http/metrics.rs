@@ -13,6 +13,8 @@ use crate::storage::{MetricQuery, MetricRow};
 
 /// Largest metrics batch body.
 pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// How long a batch waits for an ingest permit before it is shed (429).
+const INGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const EPOCH_BYTES_MAX: usize = 64;
 const KIND_BYTES_MAX: usize = 64;
 const READ_ROWS_MAX: i64 = 10_000;
@@ -48,8 +50,17 @@ async fn ingest_batch(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    // Admission first: a shed batch costs no body read (up to 16 MiB per request).
-    let Ok(_permit) = ingest.0.clone().try_acquire_owned() else {
+    // Admission first: a shed batch costs no body read (up to 16 MiB per request). A batch
+    // arriving in a burst waits briefly for a permit (its body unread) before it is shed:
+    // a fleet's deliveries bunch up, and a retry costs the agent far more than the wait.
+    let permit = match ingest.0.clone().try_acquire_owned() {
+        Ok(permit) => Ok(permit),
+        Err(_) => tokio::time::timeout(INGEST_WAIT, ingest.0.clone().acquire_owned())
+            .await
+            .map_err(|_| ())
+            .and_then(|p| p.map_err(|_| ())),
+    };
+    let Ok(_permit) = permit else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
         return Ok(crate::edge::retry_later(
