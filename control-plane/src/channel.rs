@@ -497,7 +497,17 @@ async fn serve_connection(
                                 Ok(true)
                             }
                             None if recorded => state.storage.agent_seen(&row.agent_id, connection_id, now_ms, row.buffer).await,
-                            None => state.storage.agent_connected(&agent.id, connection_id, now_ms).await.map(|()| true),
+                            None => {
+                                let claimed = state.storage.agent_connected(&agent.id, connection_id, now_ms).await;
+                                // The claim stores no figures: the first heartbeat's go to the
+                                // next batch, so the fleet page has them a flush later.
+                                if claimed.is_ok() && row.buffer.is_some()
+                                    && let Some(answer) = state.channels.heartbeats.seen(&state.storage, settings.heartbeat_interval, row)
+                                {
+                                    written.push_back(answer);
+                                }
+                                claimed.map(|()| true)
+                            }
                         };
                         match stored {
                             Ok(true) => {
