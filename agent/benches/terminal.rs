@@ -32,6 +32,24 @@ const DONE_CMD: &str = "echo BENCH_$((1+1))_DONE";
 /// The control plane's log, shown when a socket closes under the benchmark.
 static CP_LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
+/// The browser socket ended under the benchmark: fail with where, and the control plane's
+/// last log lines.
+fn socket_closed(offset: u64) -> ! {
+    let log = CP_LOG
+        .get()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let tail: String = log
+        .chars()
+        .rev()
+        .take(4000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    panic!("the socket closed (at offset {offset}); control plane log ends:\n{tail}")
+}
+
 struct Client {
     ws: WsStream,
     offset: u64,
@@ -88,17 +106,7 @@ impl Client {
                         String::from_utf8_lossy(&self.tail)
                     )
                 })
-                .unwrap_or_else(|| {
-                    let log = CP_LOG
-                        .get()
-                        .and_then(|p| std::fs::read_to_string(p).ok())
-                        .unwrap_or_default();
-                    let tail = &log[log.len().saturating_sub(4000)..];
-                    panic!(
-                        "the socket closed (at offset {}); control plane log ends:\n{tail}",
-                        self.offset
-                    )
-                })
+                .unwrap_or_else(|| socket_closed(self.offset))
                 .expect("frame");
             match frame {
                 Message::Binary(data) => {
@@ -138,17 +146,7 @@ impl Client {
             let frame = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
                 .await
                 .expect("replay within 60 s")
-                .unwrap_or_else(|| {
-                    let log = CP_LOG
-                        .get()
-                        .and_then(|p| std::fs::read_to_string(p).ok())
-                        .unwrap_or_default();
-                    let tail = &log[log.len().saturating_sub(4000)..];
-                    panic!(
-                        "the socket closed (at offset {}); control plane log ends:\n{tail}",
-                        self.offset
-                    )
-                })
+                .unwrap_or_else(|| socket_closed(self.offset))
                 .expect("frame");
             match frame {
                 Message::Binary(data) => {
