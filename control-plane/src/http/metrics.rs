@@ -53,14 +53,8 @@ async fn ingest_batch(
     // Admission first: a shed batch costs no body read (up to 16 MiB per request). A batch
     // arriving in a burst waits briefly for a permit (its body unread) before it is shed:
     // a fleet's deliveries bunch up, and a retry costs the agent far more than the wait.
-    let permit = match ingest.0.clone().try_acquire_owned() {
-        Ok(permit) => Ok(permit),
-        Err(_) => tokio::time::timeout(INGEST_WAIT, ingest.0.clone().acquire_owned())
-            .await
-            .map_err(|_| ())
-            .and_then(|p| p.map_err(|_| ())),
-    };
-    let Ok(_permit) = permit else {
+    let permit = tokio::time::timeout(INGEST_WAIT, ingest.0.clone().acquire_owned()).await;
+    let Ok(Ok(_permit)) = permit else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);
         return Ok(crate::edge::retry_later(

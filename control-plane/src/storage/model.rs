@@ -154,7 +154,7 @@ pub(super) fn replay_allowed(
 }
 
 /// A terminal session's recording: who, where, when, and the head of its chunk chain.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordingRow {
     pub session_id: String,
     pub agent_id: String,
