@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod crashpoint;
 pub mod doctor;
 pub mod dsn;
 pub mod identity;

@@ -192,6 +192,7 @@ pub async fn run_delivery(
                 let attempt = match sent {
                     Sent::Stored { stored_through } => buffer
                         .with(&world, move |b| {
+                            crate::crashpoint::pass(crate::crashpoint::AFTER_ACK);
                             b.delete_through(stored_through)?;
                             b.delivery_result(true)
                         })

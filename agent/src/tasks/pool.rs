@@ -666,6 +666,7 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
         }
     };
     let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    crate::crashpoint::pass(crate::crashpoint::AFTER_SPAWN);
     let _ = run
         .events
         .send(PoolEvent::Started {

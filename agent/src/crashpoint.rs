@@ -1,0 +1,36 @@
+//! Named instants where the chaos suite (`just chaos`) makes the agent die as if killed with
+//! kill -9: `OUTPOST_CHAOS_CRASH_AT=NAME:N` ends the process with SIGKILL on its N-th pass
+//! through the point NAME. Without the variable a point costs one load of a cached value.
+//! The suite uses it to hit instants a signal from outside could only hit by luck: between
+//! the control plane's acknowledgement of a batch and the buffer's delete, and between a
+//! task process's start and the storing of its pid.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The control plane acknowledged a batch; the buffer has not deleted it yet.
+pub const AFTER_ACK: &str = "buffer.after_ack";
+/// A task's process started; its pid is not stored yet.
+pub const AFTER_SPAWN: &str = "task.after_spawn";
+
+static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static PASSES: AtomicU64 = AtomicU64::new(0);
+
+fn plan() -> &'static Option<(String, u64)> {
+    PLAN.get_or_init(|| {
+        let value = std::env::var("OUTPOST_CHAOS_CRASH_AT").ok()?;
+        let (name, n) = value.rsplit_once(':')?;
+        Some((name.to_string(), n.parse().ok()?))
+    })
+}
+
+/// Pass through the point `name`.
+pub fn pass(name: &str) {
+    let Some((at, n)) = plan() else {
+        return;
+    };
+    if at == name && PASSES.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+        tracing::warn!(point = name, "crash point reached: dying as if killed -9");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

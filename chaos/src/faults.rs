@@ -1,0 +1,453 @@
+//! The faults and their seeded schedule. Two lanes run side by side, each one fault at a
+//! time: the agent lane (kills, pauses, crash points, cuts, slow links, full disks,
+//! corrupted files) and the service lane (replicas, Redis, the storage Postgres, SSH hosts).
+//! The same seed gives the same schedule; the report prints it.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng};
+
+use crate::deploy::Deployment;
+use crate::proxy::Mode;
+use crate::services::{accepts, wait_ready};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    AgentKill,
+    AgentPause,
+    /// The agent kills itself right after the control plane acknowledged a batch, before the
+    /// buffer deletes it.
+    CrashAfterAck,
+    /// The agent kills itself between starting a task's process and storing its pid.
+    CrashAfterSpawn,
+    Partition,
+    /// The agent's namespace drops what comes in: it keeps writing into nothing.
+    HalfOpenIn,
+    /// The agent's namespace drops what goes out: the control plane hears nothing.
+    HalfOpenOut,
+    Latency,
+    SlowLink,
+    DiskFull,
+    CorruptBuffer,
+    ReplicaKill,
+    RedisRestart,
+    StorageRestart,
+    StorageKill,
+    SshCut,
+}
+
+pub const AGENT_LANE: [Kind; 11] = [
+    Kind::AgentKill,
+    Kind::AgentPause,
+    Kind::CrashAfterAck,
+    Kind::CrashAfterSpawn,
+    Kind::Partition,
+    Kind::HalfOpenIn,
+    Kind::HalfOpenOut,
+    Kind::Latency,
+    Kind::SlowLink,
+    Kind::DiskFull,
+    Kind::CorruptBuffer,
+];
+
+pub const SERVICE_LANE: [Kind; 5] = [
+    Kind::ReplicaKill,
+    Kind::RedisRestart,
+    Kind::StorageRestart,
+    Kind::StorageKill,
+    Kind::SshCut,
+];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::AgentKill => "agent_kill",
+            Kind::AgentPause => "agent_pause",
+            Kind::CrashAfterAck => "crash_after_ack",
+            Kind::CrashAfterSpawn => "crash_after_spawn",
+            Kind::Partition => "partition",
+            Kind::HalfOpenIn => "half_open_in",
+            Kind::HalfOpenOut => "half_open_out",
+            Kind::Latency => "latency",
+            Kind::SlowLink => "slow_link",
+            Kind::DiskFull => "disk_full",
+            Kind::CorruptBuffer => "corrupt_buffer",
+            Kind::ReplicaKill => "replica_kill",
+            Kind::RedisRestart => "redis_restart",
+            Kind::StorageRestart => "storage_restart",
+            Kind::StorageKill => "storage_kill",
+            Kind::SshCut => "ssh_cut",
+        }
+    }
+
+    pub fn all() -> impl Iterator<Item = Kind> {
+        AGENT_LANE.into_iter().chain(SERVICE_LANE)
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::all().find(|k| k.name() == name)
+    }
+}
+
+/// One planned fault.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// Not before this many ms after the workloads started.
+    pub at_ms: u64,
+    pub kind: Kind,
+    /// Agent, replica or SSH host index.
+    pub target: usize,
+    pub hold_ms: u64,
+    /// For crash points: the pass through the point that crashes.
+    pub nth: u64,
+}
+
+/// The schedule of one lane: faults from `kinds` until `duration_ms`.
+pub fn plan(
+    seed: u64,
+    lane: u64,
+    kinds: &[Kind],
+    targets: usize,
+    duration_ms: u64,
+) -> Vec<Planned> {
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ (lane.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let mut out = Vec::new();
+    if kinds.is_empty() {
+        return out;
+    }
+    let mut at = 5_000 + rng.random_range(0..3_000);
+    while at < duration_ms {
+        let kind = kinds[rng.random_range(0..kinds.len())];
+        let hold_ms = match kind {
+            Kind::AgentPause | Kind::Latency | Kind::SlowLink => rng.random_range(2_000..8_000),
+            Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => {
+                rng.random_range(3_000..20_000)
+            }
+            Kind::DiskFull => rng.random_range(5_000..15_000),
+            _ => rng.random_range(500..3_000),
+        };
+        out.push(Planned {
+            at_ms: at,
+            kind,
+            target: rng.random_range(0..targets.max(1)),
+            hold_ms,
+            nth: rng.random_range(1..3),
+        });
+        at += hold_ms + rng.random_range(1_000..4_000);
+    }
+    out
+}
+
+/// What happened when a planned fault was carried out.
+#[derive(Clone, Debug)]
+pub struct Done {
+    pub planned: Planned,
+    pub started_ms: u64,
+    pub healed_ms: u64,
+    /// What the fault did, or why it could not (e.g. the crash point was not reached).
+    pub note: String,
+    pub injected: bool,
+}
+
+/// Crash point names the agent knows (`OUTPOST_CHAOS_CRASH_AT=NAME:N`).
+pub const CRASH_AFTER_ACK: &str = "buffer.after_ack";
+pub const CRASH_AFTER_SPAWN: &str = "task.after_spawn";
+
+pub type Shared = std::sync::Arc<tokio::sync::Mutex<Deployment>>;
+
+fn agent_index(d: &Deployment, target: usize) -> usize {
+    target % d.agents.len().max(1)
+}
+
+/// Start agent `i` again (without a crash point) and report whether it runs.
+async fn start_agent(d: &Shared, i: usize) -> String {
+    let mut d = d.lock().await;
+    let a = &mut d.agents[i];
+    a.service.set_env("OUTPOST_CHAOS_CRASH_AT", None);
+    match a.service.start() {
+        Ok(()) => String::new(),
+        Err(e) => format!("restart failed: {e:#}"),
+    }
+}
+
+/// Carry out `p` on the deployment: inject, hold, heal. Locks the deployment only while it
+/// changes something. Returns whether the fault was injected, and a note.
+pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    match p.kind {
+        Kind::AgentKill => {
+            let i = {
+                let mut g = d.lock().await;
+                let i = agent_index(&g, p.target);
+                g.agents[i].service.kill9().await;
+                i
+            };
+            tokio::time::sleep(hold).await;
+            (true, start_agent(d, i).await)
+        }
+        Kind::AgentPause => {
+            let i = {
+                let mut g = d.lock().await;
+                let i = agent_index(&g, p.target);
+                if let Err(e) = g.agents[i].service.pause() {
+                    return (false, format!("{e:#}"));
+                }
+                i
+            };
+            tokio::time::sleep(hold).await;
+            let mut g = d.lock().await;
+            let note = match g.agents[i].service.resume() {
+                Ok(()) => String::new(),
+                Err(e) => format!("{e:#}"),
+            };
+            (true, note)
+        }
+        Kind::CrashAfterAck | Kind::CrashAfterSpawn => {
+            let point = if p.kind == Kind::CrashAfterAck {
+                CRASH_AFTER_ACK
+            } else {
+                CRASH_AFTER_SPAWN
+            };
+            let i = {
+                let mut g = d.lock().await;
+                let i = agent_index(&g, p.target);
+                let a = &mut g.agents[i];
+                a.service.kill9().await;
+                a.service.set_env(
+                    "OUTPOST_CHAOS_CRASH_AT",
+                    Some(&format!("{point}:{}", p.nth)),
+                );
+                if let Err(e) = a.service.start() {
+                    return (false, format!("start with the crash point: {e:#}"));
+                }
+                i
+            };
+            // Wait (without holding the lock) for the agent to reach the point and die.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+            let mut crashed = false;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut g = d.lock().await;
+                if !g.agents[i].service.running() {
+                    crashed = true;
+                    break;
+                }
+            }
+            if !crashed {
+                let mut g = d.lock().await;
+                g.agents[i].service.kill9().await;
+            }
+            let note = start_agent(d, i).await;
+            if crashed {
+                (true, note)
+            } else {
+                (
+                    true,
+                    format!("{point} not reached within 45 s; killed -9 instead {note}"),
+                )
+            }
+        }
+        Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => {
+            let (inbound, outbound) = match p.kind {
+                Kind::Partition => (true, true),
+                Kind::HalfOpenIn => (true, false),
+                _ => (false, true),
+            };
+            let ns = {
+                let g = d.lock().await;
+                g.agents[agent_index(&g, p.target)].netns.clone()
+            };
+            if let Err(e) = ns.cut(inbound, outbound) {
+                let _ = ns.heal();
+                return (false, format!("{e:#}"));
+            }
+            tokio::time::sleep(hold).await;
+            match ns.heal() {
+                Ok(()) => (true, String::new()),
+                Err(e) => (true, format!("heal: {e:#}")),
+            }
+        }
+        Kind::Latency | Kind::SlowLink => {
+            let proxy = {
+                let g = d.lock().await;
+                std::sync::Arc::clone(&g.agents[agent_index(&g, p.target)].proxy)
+            };
+            let (mode, note) = if p.kind == Kind::Latency {
+                let ms = 200 + p.hold_ms % 1300;
+                (
+                    Mode::Delay(Duration::from_millis(ms)),
+                    format!("{ms} ms per chunk"),
+                )
+            } else {
+                (Mode::Slow(2048), "2 KiB/s".to_string())
+            };
+            proxy.set(mode);
+            tokio::time::sleep(hold).await;
+            proxy.set(Mode::Pass);
+            (true, note)
+        }
+        Kind::DiskFull => {
+            let data = {
+                let g = d.lock().await;
+                g.agents[agent_index(&g, p.target)].data.clone()
+            };
+            let filler = data.join("chaos-filler");
+            // Fill what is free; the write stops at ENOSPC.
+            let written = fill(&filler);
+            tokio::time::sleep(hold).await;
+            let _ = std::fs::remove_file(&filler);
+            (true, format!("{} KiB filler", written / 1024))
+        }
+        Kind::CorruptBuffer => {
+            let mut g = d.lock().await;
+            let i = agent_index(&g, p.target);
+            g.agents[i].service.kill9().await;
+            let path = g.agents[i].data.join("buffer.db");
+            let note = match crate::verdict::snapshot_buffer(&path) {
+                Ok(snap) => {
+                    let note = format!(
+                        "epoch {} with {} rows buffered moved aside",
+                        snap.epoch,
+                        snap.seqs.len()
+                    );
+                    g.lost_to_corruption.push((i, snap));
+                    note
+                }
+                Err(e) => format!("could not read the buffer before corrupting it: {e}"),
+            };
+            let corrupted = corrupt(&path);
+            drop(g);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let restarted = start_agent(d, i).await;
+            match corrupted {
+                Ok(()) => (true, format!("{note} {restarted}")),
+                Err(e) => (false, format!("corrupt {}: {e}", path.display())),
+            }
+        }
+        Kind::ReplicaKill => {
+            let i;
+            {
+                let mut g = d.lock().await;
+                i = p.target % g.replicas.len();
+                g.replicas[i].kill9().await;
+            }
+            tokio::time::sleep(hold).await;
+            let mut g = d.lock().await;
+            let addr = g.replica_addrs[i].clone();
+            let r = &mut g.replicas[i];
+            if let Err(e) = r.start() {
+                return (true, format!("restart: {e:#}"));
+            }
+            let ready =
+                wait_ready(r, "serving again", || crate::deploy::healthz(addr.clone())).await;
+            (
+                true,
+                ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+            )
+        }
+        Kind::RedisRestart => {
+            {
+                let mut g = d.lock().await;
+                g.redis.kill9().await;
+            }
+            tokio::time::sleep(hold).await;
+            let mut g = d.lock().await;
+            let addr = format!("127.0.0.1:{}", g.redis_port);
+            if let Err(e) = g.redis.start() {
+                return (true, format!("restart: {e:#}"));
+            }
+            let ready = wait_ready(&mut g.redis, "accepting", || accepts(&addr)).await;
+            (
+                true,
+                ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+            )
+        }
+        Kind::StorageRestart | Kind::StorageKill => {
+            {
+                let mut g = d.lock().await;
+                if p.kind == Kind::StorageKill {
+                    g.storage_pg.kill9().await;
+                } else {
+                    // Fast shutdown: sessions are ended, the cluster stops cleanly.
+                    g.storage_pg
+                        .stop(Signal::SIGINT, Duration::from_secs(20))
+                        .await;
+                }
+            }
+            tokio::time::sleep(hold).await;
+            let mut g = d.lock().await;
+            let url = g.storage_url.clone();
+            let psql = g.pg_bin.join("psql");
+            // After a kill -9 the old backends may hold shared memory a moment: retry.
+            let mut last = String::new();
+            for _ in 0..50 {
+                match g.storage_pg.start() {
+                    Ok(()) => {}
+                    Err(e) => last = format!("{e:#}"),
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if g.storage_pg.running() {
+                    break;
+                }
+            }
+            drop(g);
+            match crate::deploy::wait_for_sql(&psql, &url).await {
+                Ok(()) => (true, String::new()),
+                Err(e) => (true, format!("{e:#} {last}")),
+            }
+        }
+        Kind::SshCut => {
+            let ns = {
+                let g = d.lock().await;
+                if g.ssh_hosts.is_empty() {
+                    return (false, "no SSH hosts".into());
+                }
+                g.ssh_hosts[p.target % g.ssh_hosts.len()].netns.clone()
+            };
+            if let Err(e) = ns.cut(true, true) {
+                let _ = ns.heal();
+                return (false, format!("{e:#}"));
+            }
+            tokio::time::sleep(hold).await;
+            match ns.heal() {
+                Ok(()) => (true, String::new()),
+                Err(e) => (true, format!("heal: {e:#}")),
+            }
+        }
+    }
+}
+
+/// Write zeros to `path` until the filesystem is full; returns the bytes written.
+fn fill(path: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(path) else {
+        return 0;
+    };
+    let block = vec![0u8; 64 * 1024];
+    let mut written = 0;
+    loop {
+        match f.write(&block) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+/// Overwrite the SQLite header and the first page's b-tree header of `path` with garbage, and
+/// drop its WAL: the file no longer passes an integrity check.
+fn corrupt(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(b"chaos: not a database any more")?;
+    f.seek(SeekFrom::Start(100))?;
+    f.write_all(&[0xA5; 64])?;
+    f.sync_all()?;
+    let _ = std::fs::remove_file(format!("{}-wal", path.display()));
+    let _ = std::fs::remove_file(format!("{}-shm", path.display()));
+    Ok(())
+}

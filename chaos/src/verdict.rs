@@ -1,0 +1,461 @@
+//! Verdicts from the ledger — the files and tables the run left, never its logs: the agents'
+//! buffer and task stores, the control plane's stored metrics, the marker and receipt files,
+//! the monitored database's `chaos_typed` table, the terminal browsers' byte accounting.
+//! Each invariant ends `valid`, `invalid` or `unknown` (the evidence could not decide), with
+//! the evidence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::workload::{AskedTask, ExecRun, TaskShape, TerminalLedger, read_markers};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Valid,
+    Invalid,
+    Unknown,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Valid => "valid",
+            Outcome::Invalid => "invalid",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    pub invariant: &'static str,
+    pub outcome: Outcome,
+    /// What was checked, in figures.
+    pub checked: String,
+    /// Each problem found (for invalid) or each reason it could not be decided (unknown).
+    pub evidence: Vec<String>,
+}
+
+impl Verdict {
+    pub fn new(
+        invariant: &'static str,
+        checked: String,
+        invalid: Vec<String>,
+        unknown: Vec<String>,
+    ) -> Verdict {
+        let outcome = if !invalid.is_empty() {
+            Outcome::Invalid
+        } else if !unknown.is_empty() {
+            Outcome::Unknown
+        } else {
+            Outcome::Valid
+        };
+        let mut evidence = invalid;
+        evidence.extend(unknown);
+        Verdict {
+            invariant,
+            outcome,
+            checked,
+            evidence,
+        }
+    }
+}
+
+/// A buffer file's ledger: its epoch, the next sequence number it would hand out, the
+/// sequence numbers it still holds and its drop counters.
+#[derive(Clone, Debug)]
+pub struct BufferSnapshot {
+    pub epoch: String,
+    pub next_seq: i64,
+    pub seqs: Vec<i64>,
+    pub dropped: BTreeMap<String, i64>,
+}
+
+pub fn snapshot_buffer(path: &Path) -> Result<BufferSnapshot, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
+    let meta = |key: &str| -> Option<String> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .ok()
+    };
+    let epoch = meta("epoch").ok_or("no epoch")?;
+    let mut stmt = conn
+        .prepare("SELECT seq FROM records ORDER BY seq")
+        .map_err(|e| e.to_string())?;
+    let seqs: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let max = seqs.last().copied().unwrap_or(0);
+    let next_seq = meta("next_seq")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1i64)
+        .max(max + 1);
+    let dropped = ["age", "size", "quarantine", "too_large"]
+        .into_iter()
+        .map(|r| {
+            (
+                r.to_string(),
+                meta(&format!("dropped_{r}"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok(BufferSnapshot {
+        epoch,
+        next_seq,
+        seqs,
+        dropped,
+    })
+}
+
+/// Stored metric rows of one agent: (epoch, seq) → how many times stored.
+pub type Stored = BTreeMap<(String, i64), i64>;
+
+/// Invariant 1: per epoch, stored + still buffered + counted drops = appended; nothing stored
+/// twice. `live` is the agent's buffer at the end; `corrupted` the snapshots taken just
+/// before a corruption fault moved a file aside (those rows are the quarantine's loss).
+pub fn metrics(
+    agents: &[(
+        String,
+        Result<BufferSnapshot, String>,
+        Stored,
+        Vec<BufferSnapshot>,
+    )],
+) -> Verdict {
+    let mut invalid = Vec::new();
+    let mut unknown = Vec::new();
+    let (mut appended_total, mut stored_total, mut epochs) = (0i64, 0i64, 0usize);
+    for (name, live, stored, corrupted) in agents {
+        for ((epoch, seq), n) in stored {
+            if *n > 1 {
+                invalid.push(format!("{name}: epoch {epoch} seq {seq} stored {n} times"));
+            }
+        }
+        stored_total += stored.len() as i64;
+        let mut ledgers: Vec<(&BufferSnapshot, bool)> =
+            corrupted.iter().map(|s| (s, true)).collect();
+        match live {
+            Ok(s) => ledgers.push((s, false)),
+            Err(e) => unknown.push(format!("{name}: its buffer could not be read: {e}")),
+        }
+        let known: BTreeSet<&str> = ledgers.iter().map(|(s, _)| s.epoch.as_str()).collect();
+        for (epoch, _) in stored.keys() {
+            if !known.contains(epoch.as_str()) {
+                unknown.push(format!(
+                    "{name}: stored rows of epoch {epoch}, whose buffer the suite never read"
+                ));
+                break;
+            }
+        }
+        for (snap, quarantined) in ledgers {
+            epochs += 1;
+            let appended = snap.next_seq - 1;
+            appended_total += appended;
+            let held: BTreeSet<i64> = snap.seqs.iter().copied().collect();
+            let missing: Vec<i64> = (1..=appended)
+                .filter(|s| !stored.contains_key(&(snap.epoch.clone(), *s)) && !held.contains(s))
+                .collect();
+            // Rows the age limit discarded carry seqs and are counted; in a quarantined file
+            // the held rows themselves are the loss, announced by the quarantine.
+            let counted = if quarantined {
+                0
+            } else {
+                snap.dropped.get("age").copied().unwrap_or(0)
+            };
+            if missing.len() as i64 > counted {
+                invalid.push(format!(
+                    "{name}: epoch {}: {} of {appended} appended rows neither stored nor buffered nor counted (first: {:?}; counted age drops {counted})",
+                    snap.epoch,
+                    missing.len(),
+                    &missing[..missing.len().min(5)]
+                ));
+            }
+        }
+    }
+    Verdict::new(
+        "metrics: nothing lost, nothing stored twice",
+        format!(
+            "{appended_total} rows appended in {epochs} epochs on {} agents, {stored_total} stored",
+            agents.len()
+        ),
+        invalid,
+        unknown,
+    )
+}
+
+/// A task run as the agent's store holds it.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    pub status: i64,
+    pub exit_code: Option<i64>,
+}
+
+/// A task as the agent's store holds it.
+#[derive(Clone, Debug)]
+pub struct TaskRecord {
+    pub id: String,
+    pub key: String,
+    pub status: i64,
+    pub next_run_ms: Option<i64>,
+    pub created_ms: i64,
+    pub runs: Vec<RunRecord>,
+}
+
+const DONE: i64 = 8;
+const TERMINAL: i64 = 8 | 16 | 32 | 64;
+const SCHEDULED: i64 = 1;
+
+pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare("SELECT id, key, status, next_run_ms, created_ms FROM tasks")
+        .map_err(|e| e.to_string())?;
+    let mut tasks: Vec<TaskRecord> = stmt
+        .query_map([], |r| {
+            Ok(TaskRecord {
+                id: r.get(0)?,
+                key: r.get(1)?,
+                status: r.get(2)?,
+                next_run_ms: r.get(3)?,
+                created_ms: r.get(4)?,
+                runs: Vec::new(),
+            })
+        })
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare("SELECT task_id, status, exit_code FROM runs ORDER BY run_id")
+        .map_err(|e| e.to_string())?;
+    let runs: Vec<(String, RunRecord)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                RunRecord {
+                    status: r.get(1)?,
+                    exit_code: r.get(2)?,
+                },
+            ))
+        })
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    for (task_id, run) in runs {
+        if let Some(t) = tasks.iter_mut().find(|t| t.id == task_id) {
+            t.runs.push(run);
+        }
+    }
+    Ok(tasks)
+}
+
+/// Invariant 2: every asked-for task is kept; every run that really ran is recorded once with
+/// its real outcome; no task runs twice at once; future tasks are intact.
+pub fn tasks(
+    asked: &[AskedTask],
+    stores: &[Result<Vec<TaskRecord>, String>],
+    markers: &Path,
+    end_ms: i64,
+) -> Verdict {
+    let mut invalid = Vec::new();
+    let mut unknown = Vec::new();
+    let (mut runs_checked, mut tasks_checked, mut uncertain_absent) = (0usize, 0usize, 0usize);
+    for a in asked {
+        let Some(Ok(store)) = stores.get(a.agent) else {
+            unknown.push(format!("agent {}: task store unreadable", a.agent));
+            continue;
+        };
+        let found = store
+            .iter()
+            .find(|t| Some(&t.id) == a.id.as_ref() || t.key == a.key);
+        let Some(task) = found else {
+            if a.uncertain {
+                uncertain_absent += 1;
+            }
+            if a.id.is_some() {
+                invalid.push(format!(
+                    "task {} ({}) was created but is gone",
+                    a.key,
+                    a.id.as_deref().unwrap_or("")
+                ));
+            }
+            continue;
+        };
+        tasks_checked += 1;
+        let marks = read_markers(markers, &a.key);
+        // Pair starts and ends by pid; intervals of one task must not overlap.
+        let mut open: BTreeMap<u32, u128> = BTreeMap::new();
+        let mut intervals: Vec<(u128, u128)> = Vec::new();
+        for (start, pid, at) in &marks {
+            if *start {
+                open.insert(*pid, *at);
+            } else if let Some(s) = open.remove(pid) {
+                intervals.push((s, *at));
+            }
+        }
+        intervals.sort_unstable();
+        for w in intervals.windows(2) {
+            if w[1].0 < w[0].1 {
+                invalid.push(format!(
+                    "task {}: two runs at once ({} ns overlap)",
+                    a.key,
+                    w[0].1 - w[1].0
+                ));
+            }
+        }
+        let done = task
+            .runs
+            .iter()
+            .filter(|r| r.status == DONE && r.exit_code == Some(0))
+            .count();
+        let not_done = task.runs.len() - done;
+        runs_checked += task.runs.len();
+        if intervals.len() != done {
+            invalid.push(format!(
+                "task {}: {} runs completed on the host, {done} recorded as succeeded ({} runs recorded)",
+                a.key,
+                intervals.len(),
+                task.runs.len()
+            ));
+        }
+        if open.len() > not_done {
+            invalid.push(format!(
+                "task {}: {} runs started and never finished on the host, only {not_done} recorded as not succeeded",
+                a.key,
+                open.len()
+            ));
+        }
+        match a.what {
+            TaskShape::OneOff => {
+                if task.status & TERMINAL == 0 {
+                    invalid.push(format!(
+                        "one-off task {} never finished (status {})",
+                        a.key, task.status
+                    ));
+                }
+            }
+            TaskShape::Future => {
+                let due = task.created_ms + 3 * 3600 * 1000;
+                if task.status != SCHEDULED
+                    || task.next_run_ms.is_none_or(|n| (n - due).abs() > 5_000)
+                    || !task.runs.is_empty()
+                {
+                    invalid.push(format!(
+                        "future task {}: status {} next run {:?}, expected scheduled at {due} with no run",
+                        a.key, task.status, task.next_run_ms
+                    ));
+                }
+            }
+            TaskShape::Periodic | TaskShape::Cron => {
+                if task.status & TERMINAL != 0 {
+                    invalid.push(format!(
+                        "recurring task {} ended (status {})",
+                        a.key, task.status
+                    ));
+                }
+                if task.runs.is_empty() && end_ms > task.created_ms + 120_000 {
+                    invalid.push(format!("recurring task {} never ran", a.key));
+                }
+            }
+        }
+    }
+    Verdict::new(
+        "tasks: every run recorded once, never two at once, future tasks intact",
+        format!(
+            "{} tasks asked for, {tasks_checked} found and checked with {runs_checked} recorded runs against their markers; {uncertain_absent} whose creation went unanswered do not exist",
+            asked.len()
+        ),
+        invalid,
+        unknown,
+    )
+}
+
+/// Invariant 3: terminal bytes in order, gaps only announced, no statement executed twice,
+/// every confirmed statement executed.
+pub fn terminal(
+    ledger: &TerminalLedger,
+    executed: &Result<BTreeMap<(String, i64), i64>, String>,
+) -> Verdict {
+    let mut invalid = ledger.violations.clone();
+    let mut unknown = Vec::new();
+    match executed {
+        Ok(rows) => {
+            for ((session, n), count) in rows {
+                if *count > 1 {
+                    invalid.push(format!("{session}: statement {n} executed {count} times"));
+                }
+            }
+            for t in ledger.typed.iter().filter(|t| t.confirmed) {
+                if !rows.contains_key(&(t.session.clone(), t.n as i64)) {
+                    invalid.push(format!(
+                        "{}: statement {} answered but not in the table",
+                        t.session, t.n
+                    ));
+                }
+            }
+        }
+        Err(e) => unknown.push(format!("chaos_typed could not be read: {e}")),
+    }
+    if ledger.typed.is_empty() {
+        unknown.push("no statement was typed".into());
+    }
+    let confirmed = ledger.typed.iter().filter(|t| t.confirmed).count();
+    Verdict::new(
+        "terminal: bytes in order, gaps announced, no statement run twice",
+        format!(
+            "{} statements typed ({confirmed} answered) in {} sessions, {} bytes read, {} reattachments, {} bytes announced skipped",
+            ledger.typed.len(),
+            ledger.sessions,
+            ledger.bytes,
+            ledger.reattached,
+            ledger.skipped
+        ),
+        invalid,
+        unknown,
+    )
+}
+
+/// Invariant 4: every exec outcome agrees with the host's receipt.
+pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdict {
+    let mut invalid = Vec::new();
+    let mut unknown = 0usize;
+    let mut outcomes = BTreeMap::<String, usize>::new();
+    for run in runs {
+        if run.outcomes.is_empty() {
+            unknown += 1;
+            continue;
+        }
+        for (host, outcome) in &run.outcomes {
+            *outcomes.entry(outcome.clone()).or_default() += 1;
+            let ran = receipts.get(host).is_some_and(|r| r.contains(&run.token));
+            match outcome.as_str() {
+                "ok" if !ran => {
+                    invalid.push(format!("{host}: exec {} ok without a receipt", run.token))
+                }
+                "not_started" if ran => {
+                    invalid.push(format!("{host}: exec {} not_started but it ran", run.token));
+                }
+                _ => {}
+            }
+        }
+    }
+    let unknown_note = if runs.is_empty() {
+        vec!["no exec run was started".to_string()]
+    } else {
+        Vec::new()
+    };
+    Verdict::new(
+        "exec: outcomes agree with the hosts' receipts",
+        format!(
+            "{} runs ({unknown} lost with their replica), outcomes {outcomes:?}",
+            runs.len()
+        ),
+        invalid,
+        unknown_note,
+    )
+}

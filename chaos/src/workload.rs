@@ -1,0 +1,447 @@
+//! Workloads that leave evidence the verdicts read afterwards:
+//!
+//! * **tasks**: per agent a periodic task (every 10 s), a cron task (every minute) and a task
+//!   due in three hours; one-off tasks every few seconds, round robin. Each run appends
+//!   `start PID NANOS` and `end PID NANOS` to a marker file named after the task's key, so a
+//!   run's real execution is on disk whatever the agent recorded;
+//! * **terminal**: a scripted browser per session types numbered `INSERT … RETURNING`
+//!   statements into psql, waits for each answer, reads every byte with its offset, and
+//!   reattaches (or opens a new session) when the link breaks;
+//! * **exec**: fleet exec of a command that appends its token to the host's receipt file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Api;
+
+/// What the suite knows about a task it asked for.
+#[derive(Clone, Debug)]
+pub struct AskedTask {
+    pub agent: usize,
+    pub key: String,
+    pub what: TaskShape,
+    /// The API's answer: `Some(id)` when created, `None` when refused or unanswered.
+    pub id: Option<String>,
+    /// Whether the answer was lost (no answer, or a gateway error): the task may exist.
+    pub uncertain: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskShape {
+    OneOff,
+    Periodic,
+    Cron,
+    Future,
+}
+
+/// The command a task runs: two marker lines around a one-second sleep.
+fn marker_argv(markers: &Path, key: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        "echo \"start $$ $(date +%s%N)\" >> \"$0\"; sleep 1; echo \"end $$ $(date +%s%N)\" >> \"$0\""
+            .into(),
+        markers.join(key).display().to_string(),
+    ]
+}
+
+pub async fn ask_task(
+    api: &Api,
+    agent_id: &str,
+    agent: usize,
+    key: &str,
+    what: TaskShape,
+    markers: &Path,
+) -> AskedTask {
+    let mut body = json!({
+        "kind": "command",
+        "argv": marker_argv(markers, key),
+        "key": key,
+        "timeout": "30s",
+    });
+    match what {
+        TaskShape::OneOff => {}
+        TaskShape::Periodic => body["every"] = json!("10s"),
+        TaskShape::Cron => body["cron"] = json!("* * * * *"),
+        TaskShape::Future => body["in"] = json!("3h"),
+    }
+    let answer = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/tasks"),
+            Some(body),
+        )
+        .await;
+    let (id, uncertain) = match answer {
+        Ok((StatusCode::CREATED, v)) => (v["id"].as_str().map(str::to_string), false),
+        Ok((status, _)) => (
+            None,
+            status == StatusCode::GATEWAY_TIMEOUT || status == StatusCode::BAD_GATEWAY,
+        ),
+        Err(_) => (None, true),
+    };
+    AskedTask {
+        agent,
+        key: key.to_string(),
+        what,
+        id,
+        uncertain,
+    }
+}
+
+/// One statement typed into a terminal, and what became of it.
+#[derive(Clone, Debug)]
+pub struct Typed {
+    pub session: String,
+    pub n: u64,
+    /// Its answer was read back.
+    pub confirmed: bool,
+}
+
+/// Everything one scripted browser saw.
+#[derive(Debug, Default)]
+pub struct TerminalLedger {
+    pub typed: Vec<Typed>,
+    /// Problems seen in the byte stream: a repeated answer, an unannounced jump.
+    pub violations: Vec<String>,
+    pub bytes: u64,
+    pub skipped: u64,
+    pub reattached: u64,
+    pub sessions: u64,
+    /// When the last confirmation arrived (ms since the suite's start).
+    pub last_confirmed_ms: u64,
+}
+
+/// Drive terminal sessions on `agent_id` until `stop`; the ledger is shared so the end of
+/// the run can read it while the browser keeps going.
+pub async fn terminal_browser(
+    api: Arc<Api>,
+    agent_id: String,
+    tag: String,
+    ledger: Arc<Mutex<TerminalLedger>>,
+    started: tokio::time::Instant,
+    stop: CancellationToken,
+) {
+    let mut n: u64 = 0;
+    while !stop.is_cancelled() {
+        let opened = api
+            .call(
+                Method::POST,
+                "/api/v1/terminal/sessions",
+                Some(json!({"agent_id": agent_id})),
+            )
+            .await;
+        let session = match opened {
+            Ok((StatusCode::CREATED, v)) => {
+                v["session_id"].as_str().unwrap_or_default().to_string()
+            }
+            _ => {
+                sleep_or_stop(&stop, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Ok(mut l) = ledger.lock() {
+            l.sessions += 1;
+        }
+        let mut offset = 0u64;
+        let mut seen: Option<u64> = None;
+        let mut attempts_left = 60;
+        let mut pending: Option<u64> = None;
+        let mut prompt_seen = false;
+        // One session: attach, reattach after breaks, until it ends or the run stops.
+        while !stop.is_cancelled() && attempts_left > 0 {
+            let replica = &api.replicas[(attempts_left as usize) % api.replicas.len()];
+            let url = match url::Url::parse(&format!(
+                "ws://{replica}/api/v1/terminal/sessions/{session}/ws?offset={offset}"
+            )) {
+                Ok(u) => u,
+                Err(_) => break,
+            };
+            let ws = world::ws_connect(
+                &world::World::real(),
+                &url,
+                Some(api.token()),
+                Duration::from_secs(10),
+                1 << 22,
+            )
+            .await;
+            let Ok(mut ws) = ws else {
+                attempts_left -= 1;
+                sleep_or_stop(&stop, Duration::from_millis(500)).await;
+                continue;
+            };
+            if offset > 0
+                && let Ok(mut l) = ledger.lock()
+            {
+                l.reattached += 1;
+            }
+            let mut first = true;
+            let mut tail: Vec<u8> = Vec::new();
+            let mut ended = false;
+            loop {
+                // Type the next statement once psql is idle and the last one was answered.
+                if pending.is_none() && prompt_seen {
+                    n += 1;
+                    let sql = format!(
+                        "insert into chaos_typed (session, n) values ('{tag}-{session}', {n}) returning 'ok' || '-' || n;\r"
+                    );
+                    if ws
+                        .send(Message::Binary(sql.into_bytes().into()))
+                        .await
+                        .is_err()
+                    {
+                        // Not typed: the same number is typed again after reattaching.
+                        n -= 1;
+                        break;
+                    }
+                    pending = Some(n);
+                    if let Ok(mut l) = ledger.lock() {
+                        l.typed.push(Typed {
+                            session: format!("{tag}-{session}"),
+                            n,
+                            confirmed: false,
+                        });
+                    }
+                }
+                let frame = tokio::select! {
+                    () = stop.cancelled() => { ended = true; break; }
+                    f = tokio::time::timeout(Duration::from_secs(30), ws.next()) => f,
+                };
+                let frame = match frame {
+                    Ok(Some(Ok(f))) => f,
+                    _ => break,
+                };
+                match frame {
+                    Message::Binary(data) => {
+                        offset += data.len() as u64;
+                        if let Ok(mut l) = ledger.lock() {
+                            l.bytes += data.len() as u64;
+                        }
+                        tail.extend_from_slice(&data);
+                        let text = String::from_utf8_lossy(&tail).into_owned();
+                        // Answers in order: a repeat means replayed bytes.
+                        for k in answers(&text) {
+                            if seen.is_some_and(|s| k <= s) {
+                                if let Ok(mut l) = ledger.lock() {
+                                    l.violations.push(format!(
+                                        "session {session}: answer ok-{k} read again after ok-{}",
+                                        seen.unwrap_or(0)
+                                    ));
+                                }
+                            } else {
+                                seen = Some(k);
+                            }
+                            if pending == Some(k) {
+                                pending = None;
+                                if let Ok(mut l) = ledger.lock() {
+                                    l.last_confirmed_ms = started.elapsed().as_millis() as u64;
+                                    if let Some(t) = l.typed.iter_mut().rev().find(|t| t.n == k) {
+                                        t.confirmed = true;
+                                    }
+                                }
+                            }
+                        }
+                        if text.contains("=# ") || text.contains("=> ") {
+                            prompt_seen = true;
+                        }
+                        // Keep only what a split answer or prompt could still need.
+                        let keep = tail.len().saturating_sub(32);
+                        tail.drain(..keep);
+                        if let Some(pos) = last_answer_end(&tail) {
+                            tail.drain(..pos);
+                        }
+                    }
+                    Message::Text(text) => {
+                        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        match v["type"].as_str() {
+                            Some("offset") => {
+                                let at = v["offset"].as_u64().unwrap_or(0);
+                                if first
+                                    && at != offset
+                                    && let Ok(mut l) = ledger.lock()
+                                {
+                                    l.violations.push(format!(
+                                        "session {session}: asked for offset {offset}, got {at} without a skipped range"
+                                    ));
+                                }
+                                offset = at;
+                            }
+                            Some("skipped") => {
+                                let from = v["from"].as_u64().unwrap_or(0);
+                                let to = v["to"].as_u64().unwrap_or(0);
+                                if let Ok(mut l) = ledger.lock() {
+                                    l.skipped += to.saturating_sub(from);
+                                }
+                                offset = to;
+                                first = false;
+                                continue;
+                            }
+                            Some("closed") => {
+                                ended = true;
+                                break;
+                            }
+                            _ => {}
+                        }
+                        first = false;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            if ended {
+                break;
+            }
+            attempts_left -= 1;
+            sleep_or_stop(&stop, Duration::from_millis(300)).await;
+        }
+        // The session is over; a statement still unanswered stays unconfirmed (it may or
+        // may not have run, but never twice: the verdict checks the table).
+        let _ = api
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/terminal/sessions/{session}"),
+                None,
+            )
+            .await;
+        sleep_or_stop(&stop, Duration::from_millis(500)).await;
+    }
+}
+
+/// The numbers of `ok-N` answers in `text`, in order.
+fn answers(text: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(pos) = rest.find("ok-") {
+        let digits: String = rest[pos + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let after = rest[pos + 3 + digits.len()..].chars().next();
+        // Only whole answers: digits followed by the end of the line.
+        if !digits.is_empty()
+            && matches!(after, Some('\r' | '\n' | ' '))
+            && let Ok(k) = digits.parse()
+        {
+            out.push(k);
+        }
+        rest = &rest[pos + 3..];
+    }
+    out
+}
+
+/// Where the last whole answer in `tail` ends, so it is not counted twice.
+fn last_answer_end(tail: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(tail);
+    let pos = text.rfind("ok-")?;
+    let end = text[pos + 3..].find(['\r', '\n', ' '])?;
+    Some(pos + 3 + end)
+}
+
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(d) => {}
+    }
+}
+
+/// One fleet exec and what each host said.
+#[derive(Clone, Debug)]
+pub struct ExecRun {
+    pub token: String,
+    pub op_id: Option<String>,
+    /// host → outcome (`ok`, `not_started`, …); empty when the run's replica died first.
+    pub outcomes: BTreeMap<String, String>,
+}
+
+/// Start an exec through the next replica and follow it there to its end.
+pub async fn exec_once(api: &Api, token: &str, receipts: &Path, replica: usize) -> ExecRun {
+    let script = format!(
+        "echo \"$0\" >> {}/\"$OUTPOST_CHAOS_HOST\"",
+        receipts.display()
+    );
+    let body = json!({
+        "argv": ["sh", "-c", script, token],
+        "command_timeout": "20s",
+        "hosts": "*",
+    });
+    let target = api.replicas[replica % api.replicas.len()].clone();
+    let mut run = ExecRun {
+        token: token.to_string(),
+        op_id: None,
+        outcomes: BTreeMap::new(),
+    };
+    let Ok((status, v)) = api
+        .call_on(&target, Method::POST, "/api/v1/exec", Some(body))
+        .await
+    else {
+        return run;
+    };
+    if !status.is_success() {
+        return run;
+    }
+    let Some(op) = v["op_id"].as_str().map(str::to_string) else {
+        return run;
+    };
+    run.op_id = Some(op.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match api
+            .call_on(&target, Method::GET, &format!("/api/v1/exec/{op}"), None)
+            .await
+        {
+            Ok((s, v)) if s.is_success() => {
+                if v["finished"] == true {
+                    for h in v["hosts"].as_array().into_iter().flatten() {
+                        if let (Some(host), Some(outcome)) =
+                            (h["host"].as_str(), h["outcome"].as_str())
+                        {
+                            run.outcomes.insert(host.to_string(), outcome.to_string());
+                        }
+                    }
+                    return run;
+                }
+            }
+            // The replica died with the run: what happened on the hosts is unknown to it.
+            Ok(_) | Err(_) => return run,
+        }
+    }
+    run
+}
+
+/// Receipt tokens per host file in `receipts`.
+pub fn read_receipts(receipts: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(receipts).into_iter().flatten().flatten() {
+        let host = entry.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        out.insert(host, text.lines().map(str::to_string).collect());
+    }
+    out
+}
+
+/// Marker lines of one task: `(start or end, pid, nanos)`.
+pub fn read_markers(markers: &Path, key: &str) -> Vec<(bool, u32, u128)> {
+    let path: PathBuf = markers.join(key);
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let start = match f.next()? {
+                "start" => true,
+                "end" => false,
+                _ => return None,
+            };
+            Some((start, f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
