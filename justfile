@@ -95,6 +95,7 @@ test: fmt-check web lint
     INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
     just sim regressions --check-determinism
+    just chaos-seeds
     just packaging-test
     just appliance-test
     just fixtures-docker-test
@@ -134,6 +135,26 @@ fuzz seconds="60": web
 # Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
 sim *args:
     cargo run -q -p sim -- {{args}}
+
+# Real processes, real faults (as root): two replicas, Postgres, Redis, agents and SSH hosts in
+# network namespaces, faults from a seeded schedule, every invariant checked from the evidence.
+# e.g. `just chaos --seed 7 --duration 10m`, `just chaos --duration 1h`, `just chaos --help`.
+chaos *args:
+    cargo build -q --bins
+    ./target/debug/outpost-chaos {{args}}
+
+# The chaos seeds CI replays (chaos/seeds: one `SEED DURATION` per line), each to a valid end.
+chaos-seeds:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build -q --bins
+    grep -v '^#' chaos/seeds | while read -r seed duration; do
+        [ -n "$seed" ] || continue
+        echo "== chaos seed $seed for $duration"
+        ./target/debug/outpost-chaos --seed "$seed" --duration "$duration" > "target/chaos-seed-$seed.log" 2>&1 \
+            || { tail -60 "target/chaos-seed-$seed.log"; exit 1; }
+        grep -E '^(faults injected|  \[|verdict)' "target/chaos-seed-$seed.log"
+    done
 
 # Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal, fleet.
 bench area="sim":

@@ -202,7 +202,7 @@ pub const TOOLS: [(&str, &str); 8] = [
     ("redis-server", "redis-server"),
     ("sshd", "openssh-server"),
     ("ssh-keygen", "openssh-client"),
-    ("pgbench", "postgresql-contrib"),
+    ("pgbench", "postgresql"),
     ("setpriv", "util-linux"),
 ];
 

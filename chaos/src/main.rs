@@ -174,6 +174,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     stop.cancel();
     signals.abort();
+    let keep = args.keep || !matches!(outcome, Ok(true));
+    if keep {
+        keep_agent_data(&root);
+    }
     for removed in host::sweep() {
         if !removed.starts_with("mount")
             && !removed.starts_with("namespace")
@@ -182,7 +186,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             eprintln!("chaos: removed {removed}");
         }
     }
-    let keep = args.keep || !matches!(outcome, Ok(true));
     if keep {
         eprintln!("chaos: logs and data kept in {}", root.display());
     } else if let Err(e) = std::fs::remove_dir_all(&root) {
@@ -320,17 +323,17 @@ async fn exercise(
         tokio::spawn(async move {
             let mut tick = 0u64;
             while !stop.is_cancelled() {
-                let listed = api.agents().await.unwrap_or_default();
-                let agents = ids
-                    .iter()
-                    .map(|id| {
-                        listed
-                            .iter()
-                            .find(|a| &a.id == id)
-                            .map(|a| (a.online, a.buffered))
-                            .unwrap_or((false, None))
-                    })
-                    .collect();
+                let agents = api.agents().await.ok().map(|listed| {
+                    ids.iter()
+                        .map(|id| {
+                            listed
+                                .iter()
+                                .find(|a| &a.id == id)
+                                .map(|a| (a.online, a.buffered))
+                                .unwrap_or((false, None))
+                        })
+                        .collect()
+                });
                 if let Ok(mut s) = samples.lock() {
                     s.push(Sample {
                         t_ms: elapsed_ms(),
@@ -444,12 +447,15 @@ async fn exercise(
     let (mut online_at, mut drained_at, mut terminal_at) = (None, None, None);
     while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
         let last = samples.lock().ok().and_then(|s| s.last().cloned());
-        if let Some(last) = last.filter(|s| s.t_ms > healed_ms) {
-            if online_at.is_none() && last.agents.iter().all(|a| a.0) {
-                online_at = Some(last.t_ms - healed_ms);
+        if let Some((t_ms, agents)) = last
+            .filter(|s| s.t_ms > healed_ms)
+            .and_then(|s| Some((s.t_ms, s.agents?)))
+        {
+            if online_at.is_none() && agents.iter().all(|a| a.0) {
+                online_at = Some(t_ms - healed_ms);
             }
-            if drained_at.is_none() && last.agents.iter().all(|a| a.0 && a.1 == Some(0)) {
-                drained_at = Some(last.t_ms - healed_ms);
+            if drained_at.is_none() && agents.iter().all(|a| a.0 && a.1 == Some(0)) {
+                drained_at = Some(t_ms - healed_ms);
             }
         }
         if terminal_at.is_none()
@@ -629,6 +635,26 @@ async fn exercise(
         dir.display()
     );
     Ok(valid)
+}
+
+/// Copy each agent's data (on a tmpfs that the sweep unmounts) to `agent-N/data-kept`.
+fn keep_agent_data(root: &Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let data = entry.path().join("data");
+        if entry.file_name().to_string_lossy().starts_with("agent-") && data.is_dir() {
+            let kept = entry.path().join("data-kept");
+            if !host::try_run(
+                "cp",
+                &[
+                    "-a",
+                    &data.display().to_string(),
+                    &kept.display().to_string(),
+                ],
+            ) {
+                eprintln!("chaos: could not copy {} out of its tmpfs", data.display());
+            }
+        }
+    }
 }
 
 /// Rows of `sql` run through psql on `dsn`, fields split.

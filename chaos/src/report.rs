@@ -12,8 +12,9 @@ use crate::verdict::{Outcome, Verdict};
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub t_ms: u64,
-    /// Per agent: online, and rows in its buffer (from its last heartbeat).
-    pub agents: Vec<(bool, Option<i64>)>,
+    /// Per agent: online, and rows in its buffer (from its last heartbeat); `None` when
+    /// the API did not answer (storage or both replicas down).
+    pub agents: Option<Vec<(bool, Option<i64>)>>,
 }
 
 pub struct Report<'a> {
@@ -126,7 +127,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            r#"<text x="10" y="16">outpost chaos seed {} — faults, agent status (green online, red offline), rows waiting in buffers</text>"#,
+            r#"<text x="10" y="16">outpost chaos seed {} — faults, agent status (green online, red offline, grey API unanswered), rows waiting in buffers</text>"#,
             self.seed
         );
         for (lane, name) in ["agent faults", "service faults"].iter().enumerate() {
@@ -152,22 +153,35 @@ impl Report<'_> {
         for (i, name) in self.agents.iter().enumerate() {
             let y = 30.0 + band * (2 + i) as f64;
             let _ = writeln!(s, r#"<text x="4" y="{}">{name}</text>"#, y + 14.0);
-            for w in self.samples.windows(2) {
-                let online = w[0].agents.get(i).is_some_and(|a| a.0);
-                let color = if online { "#40a040" } else { "#c03030" };
+            // One rectangle per run of equal states.
+            let color = |sample: &Sample| match &sample.agents {
+                None => "#b0b0b0",
+                Some(a) if a.get(i).is_some_and(|a| a.0) => "#40a040",
+                Some(_) => "#c03030",
+            };
+            let mut from = 0;
+            for k in 1..=self.samples.len() {
+                let same =
+                    k < self.samples.len() && color(&self.samples[k]) == color(&self.samples[from]);
+                if same {
+                    continue;
+                }
+                let to = self.samples.get(k).unwrap_or(&self.samples[k - 1]).t_ms;
                 let _ = writeln!(
                     s,
-                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{}" fill="{color}"/>"#,
-                    x(w[0].t_ms),
-                    (x(w[1].t_ms) - x(w[0].t_ms)).max(0.5),
-                    band - 4.0
+                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{}" fill="{}"/>"#,
+                    x(self.samples[from].t_ms),
+                    (x(to) - x(self.samples[from].t_ms)).max(0.5),
+                    band - 4.0,
+                    color(&self.samples[from])
                 );
+                from = k;
             }
         }
         let lag: Vec<(u64, i64)> = self
             .samples
             .iter()
-            .map(|s| (s.t_ms, s.agents.iter().filter_map(|a| a.1).sum()))
+            .filter_map(|s| Some((s.t_ms, s.agents.as_ref()?.iter().filter_map(|a| a.1).sum())))
             .collect();
         let max_lag = lag.iter().map(|l| l.1).max().unwrap_or(0).max(1);
         let _ = writeln!(

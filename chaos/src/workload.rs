@@ -97,6 +97,11 @@ pub async fn ask_task(
     }
 }
 
+/// Pause between an answer and the next statement.
+const TYPING_PAUSE: Duration = Duration::from_millis(200);
+/// How long an answer may take before its statement is given up as lost on the way.
+const ANSWER_WAIT: Duration = Duration::from_secs(8);
+
 /// One statement typed into a terminal, and what became of it.
 #[derive(Clone, Debug)]
 pub struct Typed {
@@ -156,6 +161,7 @@ pub async fn terminal_browser(
         let mut attempts_left = 60;
         let mut pending: Option<u64> = None;
         let mut prompt_seen = false;
+        let mut pending_since = tokio::time::Instant::now();
         // One session: attach, reattach after breaks, until it ends or the run stops.
         while !stop.is_cancelled() && attempts_left > 0 {
             let replica = &api.replicas[(attempts_left as usize) % api.replicas.len()];
@@ -186,9 +192,12 @@ pub async fn terminal_browser(
             let mut first = true;
             let mut tail: Vec<u8> = Vec::new();
             let mut ended = false;
+            let mut last_frame = tokio::time::Instant::now();
             loop {
-                // Type the next statement once psql is idle and the last one was answered.
+                // Type the next statement once psql is idle and the last one was answered,
+                // at a typist's pace (a few statements a second).
                 if pending.is_none() && prompt_seen {
+                    sleep_or_stop(&stop, TYPING_PAUSE).await;
                     n += 1;
                     let sql = format!(
                         "insert into chaos_typed (session, n) values ('{tag}-{session}', {n}) returning 'ok' || '-' || n;\r"
@@ -203,6 +212,7 @@ pub async fn terminal_browser(
                         break;
                     }
                     pending = Some(n);
+                    pending_since = tokio::time::Instant::now();
                     if let Ok(mut l) = ledger.lock() {
                         l.typed.push(Typed {
                             session: format!("{tag}-{session}"),
@@ -213,12 +223,32 @@ pub async fn terminal_browser(
                 }
                 let frame = tokio::select! {
                     () = stop.cancelled() => { ended = true; break; }
-                    f = tokio::time::timeout(Duration::from_secs(30), ws.next()) => f,
+                    f = tokio::time::timeout(Duration::from_secs(2), ws.next()) => f,
                 };
                 let frame = match frame {
                     Ok(Some(Ok(f))) => f,
+                    Err(_) => {
+                        // Quiet. A statement lost on its way (typed into a link that broke)
+                        // is never typed again: it is left unconfirmed, the line is cleared
+                        // with Ctrl+C, and the next number follows.
+                        if pending.is_some() && pending_since.elapsed() > ANSWER_WAIT {
+                            if ws
+                                .send(Message::Binary(b"\x03".to_vec().into()))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                            pending = None;
+                        }
+                        if last_frame.elapsed() > Duration::from_secs(30) {
+                            break;
+                        }
+                        continue;
+                    }
                     _ => break,
                 };
+                last_frame = tokio::time::Instant::now();
                 match frame {
                     Message::Binary(data) => {
                         offset += data.len() as u64;
@@ -243,7 +273,13 @@ pub async fn terminal_browser(
                                 pending = None;
                                 if let Ok(mut l) = ledger.lock() {
                                     l.last_confirmed_ms = started.elapsed().as_millis() as u64;
-                                    if let Some(t) = l.typed.iter_mut().rev().find(|t| t.n == k) {
+                                    let me = format!("{tag}-{session}");
+                                    if let Some(t) = l
+                                        .typed
+                                        .iter_mut()
+                                        .rev()
+                                        .find(|t| t.n == k && t.session == me)
+                                    {
                                         t.confirmed = true;
                                     }
                                 }
