@@ -61,6 +61,8 @@ pub struct Deployment {
     pub receipts: PathBuf,
     /// Buffers read just before a corruption fault moved them aside: (agent, ledger).
     pub lost_to_corruption: Vec<(usize, crate::verdict::BufferSnapshot)>,
+    /// When (unix ms) a corruption fault damaged an agent's task store: (agent, ms).
+    pub tasks_corrupted: Vec<(usize, i64)>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -393,6 +395,7 @@ impl Deployment {
             markers,
             receipts,
             lost_to_corruption: Vec::new(),
+            tasks_corrupted: Vec::new(),
         };
         let deadline = tokio::time::Instant::now() + services::READY_TIMEOUT;
         loop {

@@ -30,6 +30,7 @@ pub enum Kind {
     SlowLink,
     DiskFull,
     CorruptBuffer,
+    CorruptTasks,
     ReplicaKill,
     RedisRestart,
     StorageRestart,
@@ -37,7 +38,7 @@ pub enum Kind {
     SshCut,
 }
 
-pub const AGENT_LANE: [Kind; 11] = [
+pub const AGENT_LANE: [Kind; 12] = [
     Kind::AgentKill,
     Kind::AgentPause,
     Kind::CrashAfterAck,
@@ -49,6 +50,7 @@ pub const AGENT_LANE: [Kind; 11] = [
     Kind::SlowLink,
     Kind::DiskFull,
     Kind::CorruptBuffer,
+    Kind::CorruptTasks,
 ];
 
 pub const SERVICE_LANE: [Kind; 5] = [
@@ -73,6 +75,7 @@ impl Kind {
             Kind::SlowLink => "slow_link",
             Kind::DiskFull => "disk_full",
             Kind::CorruptBuffer => "corrupt_buffer",
+            Kind::CorruptTasks => "corrupt_tasks",
             Kind::ReplicaKill => "replica_kill",
             Kind::RedisRestart => "redis_restart",
             Kind::StorageRestart => "storage_restart",
@@ -128,10 +131,16 @@ pub fn plan(
             Kind::DiskFull => rng.random_range(5_000..15_000),
             _ => rng.random_range(500..3_000),
         };
+        let mut target = rng.random_range(0..targets.max(1));
+        // The first replica is killed only in the first half of the run, so one replica
+        // process lives through the second half for the resource check.
+        if kind == Kind::ReplicaKill && at > duration_ms / 2 {
+            target = 1;
+        }
         out.push(Planned {
             at_ms: at,
             kind,
-            target: rng.random_range(0..targets.max(1)),
+            target,
             hold_ms,
             nth: rng.random_range(1..3),
         });
@@ -323,6 +332,23 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
             let restarted = start_agent(d, i).await;
             match corrupted {
                 Ok(()) => (true, format!("{note} {restarted}")),
+                Err(e) => (false, format!("corrupt {}: {e}", path.display())),
+            }
+        }
+        Kind::CorruptTasks => {
+            let mut g = d.lock().await;
+            let i = agent_index(&g, p.target);
+            g.agents[i].service.kill9().await;
+            let path = g.agents[i].data.join("tasks.db");
+            let corrupted = corrupt(&path);
+            if corrupted.is_ok() {
+                g.tasks_corrupted
+                    .push((i, world::World::real().now_unix_ms()));
+            }
+            drop(g);
+            let restarted = start_agent(d, i).await;
+            match corrupted {
+                Ok(()) => (true, restarted),
                 Err(e) => (false, format!("corrupt {}: {e}", path.display())),
             }
         }

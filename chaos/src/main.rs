@@ -310,7 +310,7 @@ async fn exercise(
     };
     // Once a second: agents' status and buffers; every 2 s: the replicas' resources.
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    let resources: Arc<Mutex<BTreeMap<(usize, i32), Vec<(u64, Proc)>>>> = Arc::default();
+    let resources: Arc<Mutex<Series>> = Arc::default();
     let sampler = {
         let (api, samples, resources, d, stop) = (
             Arc::clone(&api),
@@ -340,7 +340,7 @@ async fn exercise(
                         agents,
                     });
                 }
-                if tick % 2 == 0 {
+                if tick.is_multiple_of(2) {
                     let pids: Vec<(usize, Option<i32>)> = {
                         let g = d.lock().await;
                         g.replicas
@@ -550,7 +550,8 @@ async fn exercise(
         .map(|a| verdict::read_tasks(&a.data.join("tasks.db")))
         .collect();
     let asked_list = asked.lock().map(|l| l.clone()).unwrap_or_default();
-    let mut task_verdict = verdict::tasks(&asked_list, &stores, &markers, end_ms);
+    let mut task_verdict =
+        verdict::tasks(&asked_list, &stores, &g.tasks_corrupted, &markers, end_ms);
     if !orphans.is_empty() {
         task_verdict.outcome = Outcome::Invalid;
         task_verdict.evidence.push(format!(
@@ -687,6 +688,9 @@ fn marker_processes(markers: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Resource samples per (replica, pid): (ms since start, figures).
+type Series = BTreeMap<(usize, i32), Vec<(u64, Proc)>>;
+
 /// A process's open files, threads and resident memory.
 #[derive(Clone, Copy, Debug)]
 struct Proc {
@@ -716,7 +720,7 @@ fn proc_figures(pid: i32) -> Option<Proc> {
 
 /// No growth of file descriptors, threads or memory in a replica: each replica process that
 /// lived long enough is compared between a window after its warm-up and its last window.
-fn resource_verdict(series: &BTreeMap<(usize, i32), Vec<(u64, Proc)>>) -> (Vec<String>, Verdict) {
+fn resource_verdict(series: &Series) -> (Vec<String>, Verdict) {
     let mut lines = Vec::new();
     let mut invalid = Vec::new();
     let mut judged = 0;

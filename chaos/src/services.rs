@@ -51,7 +51,7 @@ impl Service {
         self
     }
 
-    pub fn as_owner(mut self, owner: Option<(u32, u32)>) -> Service {
+    pub fn run_as(mut self, owner: Option<(u32, u32)>) -> Service {
         self.owner = owner;
         self
     }
@@ -280,5 +280,5 @@ pub fn postgres(
         "-c",
         "unix_socket_permissions=0777",
     ];
-    Ok(Service::new(name, &bin.join("postgres"), &args, log).as_owner(Some(owner)))
+    Ok(Service::new(name, &bin.join("postgres"), &args, log).run_as(Some(owner)))
 }

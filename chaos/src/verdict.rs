@@ -115,17 +115,19 @@ pub fn snapshot_buffer(path: &Path) -> Result<BufferSnapshot, String> {
 /// Stored metric rows of one agent: (epoch, seq) → how many times stored.
 pub type Stored = BTreeMap<(String, i64), i64>;
 
+/// One agent's metric evidence: its name, its buffer at the end, its stored rows, and the
+/// buffers read just before corruption faults.
+pub type AgentMetrics = (
+    String,
+    Result<BufferSnapshot, String>,
+    Stored,
+    Vec<BufferSnapshot>,
+);
+
 /// Invariant 1: per epoch, stored + still buffered + counted drops = appended; nothing stored
 /// twice. `live` is the agent's buffer at the end; `corrupted` the snapshots taken just
 /// before a corruption fault moved a file aside (those rows are the quarantine's loss).
-pub fn metrics(
-    agents: &[(
-        String,
-        Result<BufferSnapshot, String>,
-        Stored,
-        Vec<BufferSnapshot>,
-    )],
-) -> Verdict {
+pub fn metrics(agents: &[AgentMetrics]) -> Verdict {
     let mut invalid = Vec::new();
     let mut unknown = Vec::new();
     let (mut appended_total, mut stored_total, mut epochs) = (0i64, 0i64, 0usize);
@@ -259,9 +261,11 @@ pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
 pub fn tasks(
     asked: &[AskedTask],
     stores: &[Result<Vec<TaskRecord>, String>],
+    corrupted: &[(usize, i64)],
     markers: &Path,
     end_ms: i64,
 ) -> Verdict {
+    let mut lost_with_store = 0usize;
     let mut invalid = Vec::new();
     let mut unknown = Vec::new();
     let (mut runs_checked, mut tasks_checked, mut uncertain_absent) = (0usize, 0usize, 0usize);
@@ -273,6 +277,15 @@ pub fn tasks(
         let found = store
             .iter()
             .find(|t| Some(&t.id) == a.id.as_ref() || t.key == a.key);
+        // A task store damaged after the task was asked for was moved aside with its tasks:
+        // an announced loss (the agent logs it), not a silent one.
+        if corrupted
+            .iter()
+            .any(|(i, at)| *i == a.agent && *at > a.asked_ms)
+        {
+            lost_with_store += 1;
+            continue;
+        }
         let Some(task) = found else {
             if a.uncertain {
                 uncertain_absent += 1;
@@ -367,7 +380,7 @@ pub fn tasks(
     Verdict::new(
         "tasks: every run recorded once, never two at once, future tasks intact",
         format!(
-            "{} tasks asked for, {tasks_checked} found and checked with {runs_checked} recorded runs against their markers; {uncertain_absent} whose creation went unanswered do not exist",
+            "{} tasks asked for, {tasks_checked} found and checked with {runs_checked} recorded runs against their markers; {uncertain_absent} whose creation went unanswered do not exist; {lost_with_store} went with a damaged task store",
             asked.len()
         ),
         invalid,

@@ -32,6 +32,8 @@ pub struct AskedTask {
     pub id: Option<String>,
     /// Whether the answer was lost (no answer, or a gateway error): the task may exist.
     pub uncertain: bool,
+    /// When it was asked for (unix ms).
+    pub asked_ms: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,7 @@ pub async fn ask_task(
         TaskShape::Cron => body["cron"] = json!("* * * * *"),
         TaskShape::Future => body["in"] = json!("3h"),
     }
+    let asked_ms = world::World::real().now_unix_ms();
     let answer = api
         .call(
             Method::POST,
@@ -94,6 +97,7 @@ pub async fn ask_task(
         what,
         id,
         uncertain,
+        asked_ms,
     }
 }
 

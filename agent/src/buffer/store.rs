@@ -439,8 +439,8 @@ fn rows_if_readable(path: &Path) -> i64 {
 }
 
 /// Move `path` (and its WAL and shm files) aside as `<path>.corrupt-<now_ms>`, keeping at
-/// most `keep` quarantined files.
-fn quarantine(path: &Path, now_ms: i64, keep: usize) -> std::io::Result<PathBuf> {
+/// most `keep` quarantined files. The task store quarantines its file the same way.
+pub(crate) fn quarantine(path: &Path, now_ms: i64, keep: usize) -> std::io::Result<PathBuf> {
     let moved_to = PathBuf::from(format!("{}.corrupt-{now_ms}", path.display()));
     std::fs::rename(path, &moved_to)?;
     for suffix in ["-wal", "-shm"] {

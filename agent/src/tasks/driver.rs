@@ -120,10 +120,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let path = config.db_path.clone();
-    let store = world
-        .blocking(move || Store::open(&path))
+    let now_ms = world.now_unix_ms();
+    let (store, moved) = world
+        .blocking(move || Store::open_checked(&path, now_ms))
         .await?
         .with_context(|| format!("open task store {}", config.db_path.display()))?;
+    if let Some((to, reason)) = moved {
+        tracing::error!(
+            moved_to = %to.display(),
+            %reason,
+            "the task store failed its integrity check and was moved aside; the agent starts with no tasks: re-create them (the control plane's task list shows what they were)"
+        );
+    }
     let store = Arc::new(Mutex::new(store));
     let mut scheduler = Scheduler::new(config.core.clone());
     // When each run in flight started (or was queued), for what is left of its timeout

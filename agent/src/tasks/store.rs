@@ -61,6 +61,23 @@ CREATE TABLE IF NOT EXISTS host (
 );
 "#;
 
+/// Damaged task stores kept beside the live one.
+pub const QUARANTINED_KEPT: usize = 3;
+
+/// `PRAGMA quick_check` of an existing file, read-only: `Err` with the reason when it fails.
+fn check(path: &Path) -> Result<(), String> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if verdict == "ok" {
+        Ok(())
+    } else {
+        Err(verdict)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("task store: {0}")]
 pub struct StoreError(String);
@@ -183,6 +200,26 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>>
 const TASK_COLUMNS: &str = "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested";
 
 impl Store {
+    /// Open the store at `path` after an integrity check. A file that fails it (or is not a
+    /// database at all) is moved aside as `tasks.db.corrupt-<ms>` (the last
+    /// [`QUARANTINED_KEPT`] are kept) and an empty store takes its place, so one damaged file
+    /// does not keep the agent, and with it metrics and the terminal, from starting. Returns
+    /// where the old file went and why, for the error the caller logs.
+    pub fn open_checked(
+        path: &Path,
+        now_ms: i64,
+    ) -> Result<(Store, Option<(std::path::PathBuf, String)>), StoreError> {
+        let mut moved = None;
+        if path.exists()
+            && let Err(reason) = check(path)
+        {
+            let to = crate::buffer::store::quarantine(path, now_ms, QUARANTINED_KEPT)
+                .map_err(|e| StoreError(format!("move the damaged task store aside: {e}")))?;
+            moved = Some((to, reason));
+        }
+        Ok((Store::open(path)?, moved))
+    }
+
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -588,6 +625,35 @@ mod tests {
             })
         );
         assert_eq!(t2.status, status::SCHEDULED);
+    }
+
+    #[test]
+    fn a_damaged_store_is_moved_aside_and_an_empty_one_takes_its_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tasks.db");
+        {
+            let mut store = Store::open(&path).expect("open");
+            let mut s = Scheduler::new(Config::default());
+            let effects = s
+                .submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 }))
+                .expect("submit");
+            store.apply(0, &effects, &[]).expect("apply");
+        }
+        // A sound store opens as it is.
+        let (store, moved) = Store::open_checked(&path, 1).expect("open sound");
+        assert!(moved.is_none());
+        assert_eq!(store.load().expect("load").tasks.len(), 1);
+        drop(store);
+        // Garbage over the header: not a database any more.
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[..32].copy_from_slice(b"this is not a sqlite database!!!");
+        std::fs::write(&path, bytes).expect("write");
+        let (store, moved) = Store::open_checked(&path, 7).expect("open damaged");
+        let (to, reason) = moved.expect("moved aside");
+        assert_eq!(to, dir.path().join("tasks.db.corrupt-7"));
+        assert!(to.exists(), "the damaged file is kept for the operator");
+        assert!(!reason.is_empty());
+        assert!(store.load().expect("load").tasks.is_empty());
     }
 
     #[test]
