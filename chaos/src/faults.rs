@@ -477,3 +477,57 @@ fn corrupt(path: &std::path::Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(format!("{}-shm", path.display()));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{AGENT_LANE, Kind, SERVICE_LANE, plan};
+
+    #[test]
+    fn the_same_seed_gives_the_same_schedule_and_another_seed_another() {
+        let a = plan(7, 0, &AGENT_LANE, 3, 600_000);
+        let b = plan(7, 0, &AGENT_LANE, 3, 600_000);
+        let c = plan(8, 0, &AGENT_LANE, 3, 600_000);
+        let key = |p: &[super::Planned]| -> Vec<(u64, Kind, usize, u64)> {
+            p.iter()
+                .map(|f| (f.at_ms, f.kind, f.target, f.hold_ms))
+                .collect()
+        };
+        assert_eq!(key(&a), key(&b));
+        assert_ne!(key(&a), key(&c));
+        assert!(a.iter().all(|f| f.at_ms < 600_000 && f.target < 3));
+    }
+
+    #[test]
+    fn ten_minutes_plan_over_a_hundred_faults_of_every_kind() {
+        let agents = plan(1, 0, &AGENT_LANE, 3, 600_000);
+        let services = plan(1, 1, &SERVICE_LANE, 2, 600_000);
+        assert!(
+            agents.len() + services.len() >= 100,
+            "{} + {}",
+            agents.len(),
+            services.len()
+        );
+        for kind in Kind::all() {
+            assert!(
+                agents.iter().chain(&services).any(|f| f.kind == kind),
+                "{} never planned",
+                kind.name()
+            );
+        }
+        // Only the second replica is killed in the second half.
+        assert!(
+            services
+                .iter()
+                .filter(|f| f.kind == Kind::ReplicaKill && f.at_ms > 300_000)
+                .all(|f| f.target == 1)
+        );
+    }
+
+    #[test]
+    fn every_kind_parses_from_its_name() {
+        for kind in Kind::all() {
+            assert_eq!(Kind::parse(kind.name()), Some(kind));
+        }
+        assert_eq!(Kind::parse("meteor"), None);
+    }
+}

@@ -392,6 +392,12 @@ async fn exercise(
     let mut lanes = Vec::new();
     for (lane, plan) in plans.into_iter().enumerate() {
         let (d, done, stop) = (Arc::clone(d), Arc::clone(&done), stop.clone());
+        let (api, asked, ids, markers) = (
+            Arc::clone(&api),
+            Arc::clone(&asked),
+            agent_ids.clone(),
+            markers.clone(),
+        );
         lanes.push(tokio::spawn(async move {
             for p in plan {
                 let wait = p.at_ms.saturating_sub(elapsed_ms());
@@ -413,6 +419,11 @@ async fn exercise(
                         format!(": {note}")
                     }
                 );
+                if injected && p.kind == Kind::CorruptTasks {
+                    // As the agent's error asks: create the recurring tasks again.
+                    let i = p.target % ids.len();
+                    recreate_recurring(&api, &asked, &ids[i], i, &markers, healed_ms).await;
+                }
                 if let Ok(mut l) = done.lock() {
                     l.push((
                         lane,
@@ -636,6 +647,37 @@ async fn exercise(
         dir.display()
     );
     Ok(valid)
+}
+
+/// After a damaged task store took an agent's tasks: create its periodic, cron and future
+/// tasks again under new keys, retrying while the agent comes back (at most 60 s).
+async fn recreate_recurring(
+    api: &api::Api,
+    asked: &Mutex<Vec<AskedTask>>,
+    agent_id: &str,
+    agent: usize,
+    markers: &Path,
+    now_ms: u64,
+) {
+    for (what, label) in [
+        (TaskShape::Periodic, "periodic"),
+        (TaskShape::Cron, "cron"),
+        (TaskShape::Future, "future"),
+    ] {
+        let key = format!("{label}-a{agent}-{now_ms}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let a = workload::ask_task(api, agent_id, agent, &key, what, markers).await;
+            let created = a.id.is_some() || a.uncertain;
+            if created || tokio::time::Instant::now() > deadline {
+                if let Ok(mut l) = asked.lock() {
+                    l.push(a);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }
 
 /// Copy each agent's data (on a tmpfs that the sweep unmounts) to `agent-N/data-kept`.

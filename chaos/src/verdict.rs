@@ -210,6 +210,7 @@ pub struct TaskRecord {
 const DONE: i64 = 8;
 const TERMINAL: i64 = 8 | 16 | 32 | 64;
 const SCHEDULED: i64 = 1;
+const IN_FLIGHT: i64 = 2 | 4;
 
 pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
     let conn =
@@ -327,8 +328,15 @@ pub fn tasks(
             .filter(|r| r.status == DONE && r.exit_code == Some(0))
             .count();
         let not_done = task.runs.len() - done;
+        // A run in flight when its agent stopped for the last time may finish afterwards:
+        // its end is on the host, its outcome not yet in the store.
+        let in_flight = task
+            .runs
+            .iter()
+            .filter(|r| r.status & IN_FLIGHT != 0)
+            .count();
         runs_checked += task.runs.len();
-        if intervals.len() != done {
+        if intervals.len() < done || intervals.len() > done + in_flight {
             invalid.push(format!(
                 "task {}: {} runs completed on the host, {done} recorded as succeeded ({} runs recorded)",
                 a.key,
@@ -471,4 +479,74 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
         invalid,
         unknown_note,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BufferSnapshot, Outcome, Stored, metrics};
+
+    fn snap(epoch: &str, next_seq: i64, held: &[i64], age: i64) -> BufferSnapshot {
+        BufferSnapshot {
+            epoch: epoch.into(),
+            next_seq,
+            seqs: held.to_vec(),
+            dropped: [("age".to_string(), age)].into(),
+        }
+    }
+
+    fn stored(epoch: &str, seqs: impl IntoIterator<Item = i64>) -> Stored {
+        seqs.into_iter()
+            .map(|s| ((epoch.to_string(), s), 1))
+            .collect()
+    }
+
+    #[test]
+    fn stored_plus_buffered_plus_counted_must_cover_what_was_appended() {
+        // 10 appended: 1..=7 stored, 8..=10 still buffered.
+        let ok = metrics(&[(
+            "a".into(),
+            Ok(snap("e", 11, &[8, 9, 10], 0)),
+            stored("e", 1..=7),
+            vec![],
+        )]);
+        assert_eq!(ok.outcome, Outcome::Valid, "{:?}", ok.evidence);
+        // Seq 4 vanished without a counted drop.
+        let lost = metrics(&[(
+            "a".into(),
+            Ok(snap("e", 11, &[8, 9, 10], 0)),
+            stored("e", [1, 2, 3, 5, 6, 7]),
+            vec![],
+        )]);
+        assert_eq!(lost.outcome, Outcome::Invalid);
+        // The same gap counted as an age drop is fine.
+        let aged = metrics(&[(
+            "a".into(),
+            Ok(snap("e", 11, &[8, 9, 10], 1)),
+            stored("e", [1, 2, 3, 5, 6, 7]),
+            vec![],
+        )]);
+        assert_eq!(aged.outcome, Outcome::Valid);
+        // Stored twice.
+        let mut twice = stored("e", 1..=10);
+        twice.insert(("e".into(), 3), 2);
+        let dup = metrics(&[("a".into(), Ok(snap("e", 11, &[], 0)), twice, vec![])]);
+        assert_eq!(dup.outcome, Outcome::Invalid);
+    }
+
+    #[test]
+    fn a_quarantined_epoch_loses_exactly_what_it_held() {
+        // Epoch "old" appended 6: 1..=4 delivered, 5 and 6 went with the corrupted file.
+        let mut rows = stored("old", 1..=4);
+        rows.extend(stored("new", 1..=2));
+        let v = metrics(&[(
+            "a".into(),
+            Ok(snap("new", 3, &[], 0)),
+            rows.clone(),
+            vec![snap("old", 7, &[5, 6], 0)],
+        )]);
+        assert_eq!(v.outcome, Outcome::Valid, "{:?}", v.evidence);
+        // A stored epoch the suite never read cannot be judged.
+        let v = metrics(&[("a".into(), Ok(snap("new", 3, &[], 0)), rows, vec![])]);
+        assert_eq!(v.outcome, Outcome::Unknown);
+    }
 }

@@ -485,3 +485,19 @@ pub fn read_markers(markers: &Path, key: &str) -> Vec<(bool, u32, u128)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{answers, last_answer_end};
+
+    #[test]
+    fn only_whole_answers_count_and_the_echo_never_does() {
+        let echo = "insert into chaos_typed (session, n) values ('a0-s', 7) returning 'ok' || '-' || n;\r\n";
+        assert!(answers(echo).is_empty());
+        assert_eq!(answers(" ok-7\r\n(1 row)\r\n ok-8\r\n"), vec![7, 8]);
+        // Split across frames: not counted until the line ends.
+        assert!(answers(" ok-1").is_empty());
+        assert_eq!(answers(" ok-12\r\n"), vec![12]);
+        assert_eq!(last_answer_end(b" ok-12\r\nINSERT"), Some(6));
+    }
+}

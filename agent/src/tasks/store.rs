@@ -648,6 +648,8 @@ mod tests {
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[..32].copy_from_slice(b"this is not a sqlite database!!!");
         std::fs::write(&path, bytes).expect("write");
+        // A plain open refuses it (before the check, that stopped the agent's start-up).
+        assert!(Store::open(&path).is_err());
         let (store, moved) = Store::open_checked(&path, 7).expect("open damaged");
         let (to, reason) = moved.expect("moved aside");
         assert_eq!(to, dir.path().join("tasks.db.corrupt-7"));

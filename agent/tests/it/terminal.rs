@@ -938,6 +938,40 @@ async fn a_redis_outage_degrades_the_session_psql_keeps_running_and_it_recovers(
     );
 }
 
+/// Found by the chaos suite: Redis killed and restarted without persistence lost a session
+/// while a browser was attached through a replica that stayed up; the browser then waited on
+/// a silent session for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_the_session_closes_it_for_the_browser() {
+    let (pg, mut redis) = (postgres().await, redis().await);
+    let db = pg.create_database("lost").expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    let mut rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    term.wait_for("=#", 0).await;
+    // kill -9 and a new server on the same port, without persistence: nothing is left. Then
+    // the replica holding the agent's link dies too; the agent redials, is told the session
+    // does not exist, and ends it. The browser's replica stays up.
+    redis.restart().expect("restart redis");
+    let agent_cp = rig.agent_cp.as_mut().expect("agent side");
+    agent_cp.proc.as_ref().expect("running").signal("-KILL");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent_cp.launch();
+    agent_cp.wait_healthy().await;
+    let reason = tokio::time::timeout(PATIENCE, until_closed(&mut term))
+        .await
+        .expect("the browser is told the session is gone");
+    assert!(reason.contains("lost"), "{reason}");
+    // A new session works.
+    let again = rig.session().await;
+    let mut term = Term::open(&rig.cp, &again, 0).await;
+    term.wait_for("=#", 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_holds_at_most_sixteen_terminal_sockets_per_replica() {
     let pg = postgres().await;

@@ -433,6 +433,9 @@ pub(crate) enum FromBrowser {
 
 type Sink = SplitSink<WebSocket, Message>;
 
+/// Why a session ends when the store no longer knows it.
+const LOST_REASON: &str = "the session was lost: the terminal store (Redis) no longer has it, e.g. after a restart without persistence; open a new terminal";
+
 async fn send(sink: &mut Sink, message: Message) -> Result<(), String> {
     match tokio::time::timeout(BROWSER_SEND_TIMEOUT, sink.send(message)).await {
         Ok(Ok(())) => Ok(()),
@@ -544,7 +547,28 @@ async fn serve(
             };
             if entries.is_empty() {
                 // Quiet: tell the browser what the session is doing if that changed.
-                if let Ok(Some(meta)) = streams.meta(&session_id).await {
+                let meta = streams.meta(&session_id).await;
+                if let Ok(None) = meta {
+                    // The store answers but no longer knows the session: it lost its data
+                    // (a Redis restarted without persistence). The agent's side is gone with
+                    // it; without this the browser would wait on a silent session forever.
+                    tracing::warn!("the terminal store no longer knows this session; closing it");
+                    send_json(
+                        &mut sink,
+                        &ToBrowser::Closed {
+                            reason: LOST_REASON,
+                        },
+                    )
+                    .await?;
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 1000,
+                            reason: "session lost".into(),
+                        })))
+                        .await;
+                    return Ok(());
+                }
+                if let Ok(Some(meta)) = meta {
                     if meta.recording != shown_recording {
                         shown_recording = meta.recording.clone();
                         let detail = &shown_recording;
