@@ -23,7 +23,9 @@ DROP INDEX IF EXISTS records_ts;
 "#;
 
 /// Reasons a record is dropped instead of delivered.
-pub const DROP_REASONS: [&str; 4] = ["age", "size", "quarantine", "too_large"];
+/// `write_failed`: the append itself failed (a full disk); counted in memory and written with
+/// the next write that succeeds.
+pub const DROP_REASONS: [&str; 5] = ["age", "size", "quarantine", "too_large", "write_failed"];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -101,6 +103,8 @@ pub struct Buffer {
     next_seq: i64,
     /// Records through this `seq` are known to be synced to disk.
     durable_through: i64,
+    /// Records dropped because their append failed, not yet written to the counters.
+    unrecorded_failed: i64,
 }
 
 fn file_size(path: &Path) -> u64 {
@@ -214,6 +218,7 @@ impl Buffer {
             // Nothing is assumed synced after an open: a killed process leaves its last
             // commits in the page cache only.
             durable_through: 0,
+            unrecorded_failed: 0,
         };
         if let OpenReport::Quarantined { rows_lost, .. } = &report {
             buffer.count_drop("quarantine", (*rows_lost).max(0))?;
@@ -273,13 +278,36 @@ impl Buffer {
             .iter()
             .filter(|(_, data)| data.len() <= proto::METRIC_RECORD_BYTES_MAX)
             .collect();
+        let pending_failed = self.unrecorded_failed;
+        match self.insert(ts_ms, &records, pending_failed) {
+            Ok(seq) => {
+                self.next_seq = seq;
+                self.unrecorded_failed = 0;
+                Ok(records.len())
+            }
+            Err(e) => {
+                // Nothing of the transaction is on disk: these records are lost, and say so.
+                self.unrecorded_failed += records.len() as i64;
+                Err(e)
+            }
+        }
+    }
+
+    /// One transaction: the records, the next `seq`, and drops of failed appends not yet
+    /// counted on disk. Returns the next `seq`.
+    fn insert(
+        &mut self,
+        ts_ms: i64,
+        records: &[&(String, String)],
+        pending_failed: i64,
+    ) -> Result<i64, BufferError> {
         let tx = self.conn.transaction()?;
         let mut seq = self.next_seq;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO records (seq, ts_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (kind, data) in &records {
+            for (kind, data) in records {
                 stmt.execute(params![seq, ts_ms, kind, data])?;
                 seq += 1;
             }
@@ -289,9 +317,14 @@ impl Buffer {
             params![seq.to_string()],
         )
         ?;
+        if pending_failed > 0 {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('dropped_write_failed', ?1) ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?1",
+                params![pending_failed],
+            )?;
+        }
         tx.commit()?;
-        self.next_seq = seq;
-        Ok(records.len())
+        Ok(seq)
     }
 
     /// Discard records older than the age limit; returns how many went. Records are appended
@@ -381,7 +414,14 @@ impl Buffer {
     }
 
     pub fn stats(&self, now_ms: i64) -> Result<Stats, BufferError> {
-        stats_of(&self.conn, &self.path, now_ms)
+        let mut stats = stats_of(&self.conn, &self.path, now_ms)?;
+        if self.unrecorded_failed > 0 {
+            *stats
+                .dropped_total
+                .entry("write_failed".to_string())
+                .or_default() += self.unrecorded_failed;
+        }
+        Ok(stats)
     }
 }
 

@@ -158,3 +158,44 @@ fn delivery_failures_count_up_and_reset() {
     b.delivery_result(true).expect("ok");
     assert_eq!(b.stats(0).expect("stats").delivery_failures, 0);
 }
+
+#[test]
+fn records_whose_append_fails_are_counted_as_write_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("buffer.db");
+    let (mut b, _) = Buffer::open(&path, Limits::default(), "ep", 0).expect("open");
+    b.append(1_000, &recs(3)).expect("append");
+    // The file may not grow: what a full disk does to SQLite.
+    let pages: i64 = b
+        .conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .expect("page count");
+    b.conn
+        .pragma_update(None, "max_page_count", pages)
+        .expect("cap");
+    let big: Vec<(String, String)> = (0..200)
+        .map(|i| {
+            (
+                "pg_stat_database".to_string(),
+                format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(2000)),
+            )
+        })
+        .collect();
+    assert!(b.append(2_000, &big).is_err(), "the append cannot fit");
+    assert_eq!(
+        b.stats(2_000).expect("stats").dropped_total["write_failed"],
+        200
+    );
+    // Room again: the next append lands and writes the count down with it.
+    b.conn
+        .pragma_update(None, "max_page_count", 1_000_000)
+        .expect("uncap");
+    assert_eq!(b.append(3_000, &recs(2)).expect("append"), 2);
+    drop(b);
+    let stats = stats_at(&path, 3_000).expect("stats");
+    assert_eq!(stats.dropped_total["write_failed"], 200);
+    assert_eq!(
+        stats.rows, 5,
+        "seq continues: nothing of the failed append is on disk"
+    );
+}

@@ -111,6 +111,10 @@ impl Reader {
 }
 
 /// Run the task runtime until `shutdown`: recovery, then the scheduling loop, then a
+/// First and longest wait between attempts to write the task store after a failure.
+const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(500);
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
+
 /// shutdown that terminates running groups and records them.
 pub async fn run(
     world: World,
@@ -197,7 +201,7 @@ pub async fn run(
                     effects.extend(scheduler.reclaimed(now_ms, &task_id, run_id, f));
                 }
                 let ended = ended_runs(&effects);
-                commit(&world, &store, now_ms, effects, found.started).await?;
+                commit(&world, &store, now_ms, effects, found.started, Some(&shutdown)).await?;
                 release(&config, &ended, &mut since).await;
                 for command in found.adopt {
                     let _ = pool_tx.send(command).await;
@@ -275,9 +279,9 @@ pub async fn run(
         }
         let ended = ended_runs(&effects);
         if !effects.is_empty() || !started.is_empty() {
-            // Durable first, then answers and dispatches. A failed write stops the runtime:
-            // nothing unsynced is ever acknowledged, and a restart recovers from disk.
-            commit(&world, &store, now_ms, effects, started).await?;
+            // Durable first, then answers and dispatches: nothing unsynced is ever
+            // acknowledged. A failed write is retried until it lands or the agent stops.
+            commit(&world, &store, now_ms, effects, started, Some(&shutdown)).await?;
         }
         // Only now that the ends are durable may their traces go.
         release(&config, &ended, &mut since).await;
@@ -333,7 +337,7 @@ pub async fn run(
     }
     let _ = pool.await;
     let ended = ended_runs(&effects);
-    commit(&world, &store, now_ms, effects, Vec::new()).await?;
+    commit(&world, &store, now_ms, effects, Vec::new(), None).await?;
     release(&config, &ended, &mut since).await;
     let left = scheduler.running();
     if left > 0 {
@@ -498,22 +502,43 @@ async fn commit(
     now_ms: i64,
     effects: Vec<Effect>,
     started: Vec<Started>,
+    retry_until: Option<&CancellationToken>,
 ) -> anyhow::Result<()> {
-    let store = store.clone();
-    world
-        .blocking(move || -> anyhow::Result<()> {
-            let mut store = store
-                .lock()
-                .map_err(|_| anyhow::anyhow!("task store lock poisoned"))?;
-            store.apply(now_ms, &effects, &started)?;
-            Ok(())
-        })
-        .await?
-        .context("write the task store")
+    let effects = Arc::new(effects);
+    let started = Arc::new(started);
+    let mut wait = COMMIT_RETRY_FIRST;
+    loop {
+        let (s, e, st) = (store.clone(), Arc::clone(&effects), Arc::clone(&started));
+        let written = world
+            .blocking(move || -> anyhow::Result<()> {
+                let mut store = s
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("task store lock poisoned"))?;
+                store.apply(now_ms, &e, &st)?;
+                Ok(())
+            })
+            .await?
+            .context("write the task store");
+        let error = match (written, retry_until) {
+            (Ok(()), _) => return Ok(()),
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(stop)) if stop.is_cancelled() => return Err(e),
+            (Err(e), Some(_)) => e,
+        };
+        // The transaction rolled back: nothing of it is on disk, so the same write is tried
+        // again. Until it lands nobody is answered and nothing is dispatched (a full disk
+        // pauses the task runtime; metrics and the terminal go on).
+        tracing::error!(error = %format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "the task store cannot be written (disk full?); the task runtime waits and retries");
+        if let Some(stop) = retry_until {
+            tokio::select! {
+                () = stop.cancelled() => return Err(error),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        wait = (wait * 2).min(COMMIT_RETRY_MAX);
+    }
 }
 
-/// Load the store and take over what the previous agent left; the pool commands that adopt
-/// the runs still running (and stop those whose cancellation was asked).
 async fn recover(
     world: &World,
     config: &RuntimeConfig,
@@ -566,7 +591,7 @@ async fn recover(
     let mut commands = found.adopt;
     commands.extend(pool_commands(&effects));
     let ended = ended_runs(&effects);
-    commit(world, store, now_ms, effects, found.started).await?;
+    commit(world, store, now_ms, effects, found.started, None).await?;
     if let Some(boot_id) = boot_id {
         // On disk before anything is dispatched in this boot.
         let s = store.clone();

@@ -1108,3 +1108,89 @@ async fn the_hosts_policy_limits_what_the_control_plane_may_run_there() {
     assert_ne!(open.status.as_u16(), 201, "{body}");
     assert!(body.contains("[terminal] enabled = false"), "{body}");
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u32) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount (util-linux)");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the tests run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Write zeros until the filesystem is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while f.write(&block).is_ok_and(|n| n > 0) {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Found by the chaos suite: a full data disk made the task store's write fail, which
+/// stopped the whole agent (metrics and terminal with it). Now the runtime waits and retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SmallDisk::mount(&dir.path().join("agent"), 8);
+    let mut agent = Agent {
+        dir,
+        proc: None,
+        extra: Vec::new(),
+    };
+    agent.launch().await;
+    let id = agent.ok(&[
+        "add", "command", "--every", "1s", "--key", "tick", "--", "true",
+    ]);
+    let runs = |agent: &Agent| agent.show(&id)["runs"].as_array().map_or(0, Vec::len);
+    for _ in 0..100 {
+        if runs(&agent) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let filler = disk.fill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let proc = agent.proc.as_mut().expect("started");
+    assert!(
+        proc.is_running(),
+        "the agent stopped on a full disk: {}",
+        std::fs::read_to_string(agent.dir.path().join("agent-0.log")).unwrap_or_default()
+    );
+    std::fs::remove_file(filler).expect("free the disk");
+    let before = runs(&agent);
+    let mut after = before;
+    for _ in 0..150 {
+        after = runs(&agent);
+        if after >= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        after >= before + 2,
+        "runs go on once there is room: {before} → {after}"
+    );
+    agent.kill_9();
+}
