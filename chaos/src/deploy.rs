@@ -61,8 +61,8 @@ pub struct Deployment {
     pub receipts: PathBuf,
     /// Buffers read just before a corruption fault moved them aside: (agent, ledger).
     pub lost_to_corruption: Vec<(usize, crate::verdict::BufferSnapshot)>,
-    /// When (unix ms) a corruption fault damaged an agent's task store: (agent, ms).
-    pub tasks_corrupted: Vec<(usize, i64)>,
+    /// Task stores as read just before a corruption fault damaged them.
+    pub tasks_corrupted: Vec<crate::verdict::DamagedStore>,
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -340,10 +340,14 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
             let i = agent_index(&g, p.target);
             g.agents[i].service.kill9().await;
             let path = g.agents[i].data.join("tasks.db");
+            let before = crate::verdict::read_tasks(&path);
             let corrupted = corrupt(&path);
             if corrupted.is_ok() {
-                g.tasks_corrupted
-                    .push((i, world::World::real().now_unix_ms()));
+                g.tasks_corrupted.push(crate::verdict::DamagedStore {
+                    agent: i,
+                    at_ms: world::World::real().now_unix_ms(),
+                    before,
+                });
             }
             drop(g);
             let restarted = start_agent(d, i).await;

@@ -207,6 +207,15 @@ pub struct TaskRecord {
     pub runs: Vec<RunRecord>,
 }
 
+/// An agent's task store as the suite read it just before a fault damaged it.
+#[derive(Clone, Debug)]
+pub struct DamagedStore {
+    pub agent: usize,
+    /// When it was damaged (unix ms).
+    pub at_ms: i64,
+    pub before: Result<Vec<TaskRecord>, String>,
+}
+
 const DONE: i64 = 8;
 const TERMINAL: i64 = 8 | 16 | 32 | 64;
 const SCHEDULED: i64 = 1;
@@ -262,11 +271,12 @@ pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
 pub fn tasks(
     asked: &[AskedTask],
     stores: &[Result<Vec<TaskRecord>, String>],
-    corrupted: &[(usize, i64)],
+    corrupted: &[DamagedStore],
     markers: &Path,
     end_ms: i64,
 ) -> Verdict {
     let mut lost_with_store = 0usize;
+    let mut before_damage = 0usize;
     let mut invalid = Vec::new();
     let mut unknown = Vec::new();
     let (mut runs_checked, mut tasks_checked, mut uncertain_absent) = (0usize, 0usize, 0usize);
@@ -275,18 +285,29 @@ pub fn tasks(
             unknown.push(format!("agent {}: task store unreadable", a.agent));
             continue;
         };
+        // A task store damaged after the task was asked for was moved aside with its tasks
+        // (an announced loss: the agent logs it). The task is judged on the store as it was
+        // read just before the damage.
+        let damaged = corrupted
+            .iter()
+            .filter(|d| d.agent == a.agent && d.at_ms > a.asked_ms)
+            .min_by_key(|d| d.at_ms);
+        let store = match damaged {
+            None => store,
+            Some(d) => match &d.before {
+                Ok(before) => {
+                    before_damage += 1;
+                    before
+                }
+                Err(_) => {
+                    lost_with_store += 1;
+                    continue;
+                }
+            },
+        };
         let found = store
             .iter()
             .find(|t| Some(&t.id) == a.id.as_ref() || t.key == a.key);
-        // A task store damaged after the task was asked for was moved aside with its tasks:
-        // an announced loss (the agent logs it), not a silent one.
-        if corrupted
-            .iter()
-            .any(|(i, at)| *i == a.agent && *at > a.asked_ms)
-        {
-            lost_with_store += 1;
-            continue;
-        }
         let Some(task) = found else {
             if a.uncertain {
                 uncertain_absent += 1;
@@ -352,6 +373,8 @@ pub fn tasks(
             ));
         }
         match a.what {
+            // Before the damage it may not have been due yet.
+            TaskShape::OneOff | TaskShape::Periodic | TaskShape::Cron if damaged.is_some() => {}
             TaskShape::OneOff => {
                 if task.status & TERMINAL == 0 {
                     invalid.push(format!(
@@ -388,7 +411,7 @@ pub fn tasks(
     Verdict::new(
         "tasks: every run recorded once, never two at once, future tasks intact",
         format!(
-            "{} tasks asked for, {tasks_checked} found and checked with {runs_checked} recorded runs against their markers; {uncertain_absent} whose creation went unanswered do not exist; {lost_with_store} went with a damaged task store",
+            "{} tasks asked for, {tasks_checked} found and checked with {runs_checked} recorded runs against their markers ({before_damage} of them in a store read just before it was damaged); {uncertain_absent} whose creation went unanswered do not exist; {lost_with_store} went with a damaged store that could not be read",
             asked.len()
         ),
         invalid,
