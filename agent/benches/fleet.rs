@@ -57,7 +57,8 @@ struct Counters {
 }
 
 struct Fleet {
-    url: String,
+    /// Replicas; agent `i` uses `urls[i % len]`.
+    urls: Vec<String>,
     samples: Mutex<Samples>,
     counters: Counters,
     /// Measuring: latencies are kept.
@@ -140,10 +141,9 @@ async fn run_agent(fleet: Arc<Fleet>, agent: Agent, stop: Arc<AtomicBool>) {
     let world = World::real();
     let mut backoff = agent::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut metrics_seq = 0i64;
-    let channel_url =
-        url::Url::parse(&format!("{}{}", fleet.url, proto::CHANNEL_PATH)).expect("url");
-    let metrics_url =
-        url::Url::parse(&format!("{}{}", fleet.url, proto::METRICS_PATH)).expect("url");
+    let base = &fleet.urls[agent.index % fleet.urls.len()];
+    let channel_url = url::Url::parse(&format!("{base}{}", proto::CHANNEL_PATH)).expect("url");
+    let metrics_url = url::Url::parse(&format!("{base}{}", proto::METRICS_PATH)).expect("url");
     // The first heartbeat and delivery at a random phase, as a fleet started over time would be.
     let phase = Duration::from_millis(u64::from_le_bytes(world.random_bytes::<8>()) % 5000);
     let mut next_metrics = Instant::now() + METRICS_EVERY.mul_f64((agent.index % 15) as f64 / 15.0);
@@ -432,10 +432,11 @@ struct Row {
     offline_shown: usize,
 }
 
-async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) {
+/// One replica through the ramp and the reconnect storm; returns the largest step's row.
+async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<Row> {
     let mut cp = ControlPlane::start_with(storage, &["--max-connections", "30000"], true).await;
     let fleet = Arc::new(Fleet {
-        url: cp.url(),
+        urls: vec![cp.url()],
         samples: Mutex::new(Samples::default()),
         counters: Counters::default(),
         measuring: AtomicBool::new(false),
@@ -604,6 +605,105 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) {
         ),
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    rows.pop()
+}
+
+/// Two replicas sharing Postgres and Redis, `per_replica` agents on each, measured over one
+/// window and printed next to `single` (one replica's largest step on the same storage).
+async fn run_pair(storage: &[&str], redis_url: &str, per_replica: usize, single: Option<&Row>) {
+    let serve = ["--max-connections", "30000", "--redis-url", redis_url];
+    let first = ControlPlane::start_with(storage, &serve, true).await;
+    let second = ControlPlane::start_with(storage, &serve, false).await;
+    let replicas = [&first, &second];
+    let fleet = Arc::new(Fleet {
+        urls: replicas.iter().map(|cp| cp.url()).collect(),
+        samples: Mutex::new(Samples::default()),
+        counters: Counters::default(),
+        measuring: AtomicBool::new(false),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = per_replica * 2;
+    let mut running = 0;
+    // Ramped in the single run's steps, so connections do not all arrive at once.
+    for target in [total / 4, total / 2, total] {
+        for agent in enroll(&first, running, target - running).await {
+            let (fleet, stop) = (Arc::clone(&fleet), Arc::clone(&stop));
+            tokio::spawn(run_agent(fleet, agent, stop));
+        }
+        running = target;
+        if wait_welcomed(&fleet, target as u64, Duration::from_secs(300))
+            .await
+            .is_none()
+        {
+            eprintln!(
+                "two replicas: only {} of {target} agents welcomed within 300 s",
+                fleet.counters.welcomed.load(Ordering::Relaxed)
+            );
+        }
+    }
+    tokio::time::sleep(HEARTBEAT).await;
+    fleet.samples.lock().await.heartbeat_us.clear();
+    fleet.samples.lock().await.ingest_us.clear();
+    let pids: Vec<u32> = replicas
+        .iter()
+        .map(|cp| cp.proc.as_ref().expect("running").0.id())
+        .collect();
+    let cpu0: Vec<f64> = pids.iter().map(|p| proc_figures(*p).0).collect();
+    let (rows0, refused0, disc0) = (
+        fleet.counters.rows_acked.load(Ordering::Relaxed),
+        fleet.counters.refused_429.load(Ordering::Relaxed),
+        fleet.counters.disconnects.load(Ordering::Relaxed),
+    );
+    fleet.measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let mut offline_shown = 0;
+    while start.elapsed() < WINDOW {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        offline_shown = offline_shown.max(shown_offline(&first).await);
+    }
+    fleet.measuring.store(false, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    let figures: Vec<(f64, u64, usize)> = pids.iter().map(|p| proc_figures(*p)).collect();
+    let mut samples = fleet.samples.lock().await;
+    let (hb50, hb99) = (
+        percentile(&mut samples.heartbeat_us, 0.5),
+        percentile(&mut samples.heartbeat_us, 0.99),
+    );
+    let (in50, in99) = (
+        percentile(&mut samples.ingest_us, 0.5),
+        percentile(&mut samples.ingest_us, 0.99),
+    );
+    drop(samples);
+    stop.store(true, Ordering::Relaxed);
+    println!();
+    println!(
+        "fleet on two replicas sharing Postgres and Redis ({per_replica} agents each, release build)"
+    );
+    for (i, (cpu1, rss, fds)) in figures.iter().enumerate() {
+        println!(
+            "  replica {}: CPU {:.0}%, RSS {} MiB, {} open files",
+            i + 1,
+            (cpu1 - cpu0[i]) / secs * 100.0,
+            rss >> 20,
+            fds
+        );
+    }
+    println!(
+        "  {total} agents: heartbeat p50/p99 {hb50:.1} / {hb99:.1} ms, ingest ack p50/p99 {in50:.1} / {in99:.1} ms, {:.0} rows/s, 429s {}, disconnects {}, shown offline {offline_shown}",
+        (fleet.counters.rows_acked.load(Ordering::Relaxed) - rows0) as f64 / secs,
+        fleet.counters.refused_429.load(Ordering::Relaxed) - refused0,
+        fleet.counters.disconnects.load(Ordering::Relaxed) - disc0,
+    );
+    if let Some(one) = single {
+        println!(
+            "  against one replica with {} agents (heartbeat p99 {:.1} ms): {:.2}× the agents at {:.2}× its heartbeat p99 (target: ≥ 1.8× at the same latency)",
+            one.agents,
+            one.hb_p99,
+            total as f64 / one.agents as f64,
+            hb99 / one.hb_p99.max(1e-9)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 #[tokio::main]
@@ -617,13 +717,34 @@ async fn main() {
         std::env::var("OUTPOST_FLEET_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     for backend in backends.split(',') {
         match backend.trim() {
-            "sqlite" => run_backend("SQLite", &[], &steps).await,
+            "sqlite" => {
+                run_backend("SQLite", &[], &steps).await;
+            }
             "postgres" => {
                 let pg = fixtures::Postgres::start()
                     .await
                     .expect("postgres fixture (Debian package postgresql)");
                 let url = pg.create_database("fleet").expect("database");
-                run_backend("Postgres", &["--database-url", &url], &steps).await;
+                let single = run_backend("Postgres", &["--database-url", &url], &steps).await;
+                // The generator holds every agent's socket in this one process, whose open
+                // files are capped by the hard limit (20,000 here): 9,000 per replica fits.
+                let per_replica: usize = std::env::var("OUTPOST_FLEET_PAIR")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(9_000);
+                if per_replica > 0 {
+                    let redis = fixtures::Redis::start()
+                        .await
+                        .expect("redis fixture (Debian package redis-server)");
+                    let url = pg.create_database("fleet_pair").expect("database");
+                    run_pair(
+                        &["--database-url", &url],
+                        &redis.url(),
+                        per_replica,
+                        single.as_ref(),
+                    )
+                    .await;
+                }
             }
             other => panic!("OUTPOST_FLEET_BACKENDS: unknown backend {other:?} (sqlite, postgres)"),
         }

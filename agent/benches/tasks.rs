@@ -284,6 +284,14 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `OUTPOST_TASKS_ONLY=drain`: only the subprocess drain (for a profiler).
+    if std::env::var("OUTPOST_TASKS_ONLY").as_deref() == Ok("drain") {
+        println!(
+            "subprocess tasks drained: {:.0}/s",
+            rt.block_on(drain_rate())
+        );
+        return;
+    }
     let enqueue = rt.block_on(enqueue_rate());
     let drain = rt.block_on(drain_rate());
     let (p50, p99) = rt.block_on(dispatch_lag());
