@@ -84,6 +84,39 @@ impl Kind {
         }
     }
 
+    /// One line for `--list-faults`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::AgentKill => "kill -9 an agent, start it again after the hold",
+            Kind::AgentPause => "SIGSTOP an agent for the hold, then SIGCONT",
+            Kind::CrashAfterAck => {
+                "an agent dies as if killed -9 right after a batch's acknowledgement, before the buffer deletes it"
+            }
+            Kind::CrashAfterSpawn => {
+                "an agent dies as if killed -9 after a task's process started, before its pid is stored"
+            }
+            Kind::Partition => "drop everything between an agent's namespace and the control plane",
+            Kind::HalfOpenIn => "an agent's namespace drops what comes in (it keeps sending)",
+            Kind::HalfOpenOut => {
+                "an agent's namespace drops what goes out (the control plane hears nothing)"
+            }
+            Kind::Latency => {
+                "the proxy delays every chunk of an agent's connections by 200-1500 ms"
+            }
+            Kind::SlowLink => "the proxy limits an agent's connections to 2 KiB/s",
+            Kind::DiskFull => "fill an agent's data filesystem for the hold",
+            Kind::CorruptBuffer => "kill -9 an agent and overwrite its metrics buffer's header",
+            Kind::CorruptTasks => "kill -9 an agent and overwrite its task store's header",
+            Kind::ReplicaKill => "kill -9 a control-plane replica, start it again after the hold",
+            Kind::RedisRestart => {
+                "kill -9 Redis (no persistence: its data is lost), start it again"
+            }
+            Kind::StorageRestart => "fast shutdown of the storage Postgres, start it again",
+            Kind::StorageKill => "kill -9 the storage Postgres, start it again (crash recovery)",
+            Kind::SshCut => "drop everything to and from an SSH host's namespace",
+        }
+    }
+
     pub fn all() -> impl Iterator<Item = Kind> {
         AGENT_LANE.into_iter().chain(SERVICE_LANE)
     }

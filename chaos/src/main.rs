@@ -76,7 +76,12 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if args.list_faults {
         for kind in Kind::all() {
-            println!("{}", kind.name());
+            let lane = if faults::AGENT_LANE.contains(&kind) {
+                "agent"
+            } else {
+                "service"
+            };
+            println!("{:<18} {lane:<8} {}", kind.name(), kind.describe());
         }
         return std::process::ExitCode::SUCCESS;
     }
