@@ -445,58 +445,11 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
     let mut running = 0usize;
     let mut rows = Vec::new();
     for &target in steps {
-        let agents = enroll(&cp, running, target - running).await;
-        for agent in agents {
-            let (fleet, stop) = (Arc::clone(&fleet), Arc::clone(&stop));
-            tokio::spawn(run_agent(fleet, agent, stop));
-        }
+        grow(&fleet, &cp, &stop, running, target, label).await;
         running = target;
-        if wait_welcomed(&fleet, target as u64, Duration::from_secs(300))
-            .await
-            .is_none()
-        {
-            eprintln!(
-                "{label}: only {} of {target} agents welcomed within 300 s",
-                fleet.counters.welcomed.load(Ordering::Relaxed)
-            );
-        }
-        // Settle one heartbeat interval, then measure.
-        tokio::time::sleep(HEARTBEAT).await;
-        fleet.samples.lock().await.heartbeat_us.clear();
-        fleet.samples.lock().await.ingest_us.clear();
         let pid = cp.proc.as_ref().expect("running").0.id();
-        let (cpu0, _, _) = proc_figures(pid);
-        let (rows0, refused0, disc0) = (
-            fleet.counters.rows_acked.load(Ordering::Relaxed),
-            fleet.counters.refused_429.load(Ordering::Relaxed),
-            fleet.counters.disconnects.load(Ordering::Relaxed),
-        );
-        fleet.measuring.store(true, Ordering::Relaxed);
-        let start = Instant::now();
-        let mut offline_shown = 0;
-        while start.elapsed() < WINDOW {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            offline_shown = offline_shown.max(shown_offline(&cp).await);
-        }
-        fleet.measuring.store(false, Ordering::Relaxed);
-        let secs = start.elapsed().as_secs_f64();
-        let (cpu1, rss, fds) = proc_figures(pid);
-        let mut samples = fleet.samples.lock().await;
-        let row = Row {
-            agents: target,
-            cpu_pct: (cpu1 - cpu0) / secs * 100.0,
-            rss,
-            fds,
-            hb_p50: percentile(&mut samples.heartbeat_us, 0.5),
-            hb_p99: percentile(&mut samples.heartbeat_us, 0.99),
-            ingest_p50: percentile(&mut samples.ingest_us, 0.5),
-            ingest_p99: percentile(&mut samples.ingest_us, 0.99),
-            rows_s: (fleet.counters.rows_acked.load(Ordering::Relaxed) - rows0) as f64 / secs,
-            refused: fleet.counters.refused_429.load(Ordering::Relaxed) - refused0,
-            disconnects: fleet.counters.disconnects.load(Ordering::Relaxed) - disc0,
-            offline_shown,
-        };
-        drop(samples);
+        let (mut rows_of, _) = measure(&fleet, &cp, &[pid], target).await;
+        let row = rows_of.remove(0);
         eprintln!(
             "{label} {target}: cpu {:.0}% rss {} MiB fds {} hb p50/p99 {:.1}/{:.1} ms ingest p50/p99 {:.1}/{:.1} ms {:.0} rows/s 429s {} disconnects {} offline shown {}",
             row.cpu_pct,
@@ -608,6 +561,86 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
     rows.pop()
 }
 
+/// Enroll agents `from..to`, start them, and wait until all are welcomed.
+async fn grow(
+    fleet: &Arc<Fleet>,
+    cp: &ControlPlane,
+    stop: &Arc<AtomicBool>,
+    from: usize,
+    to: usize,
+    label: &str,
+) {
+    for agent in enroll(cp, from, to - from).await {
+        let (fleet, stop) = (Arc::clone(fleet), Arc::clone(stop));
+        tokio::spawn(run_agent(fleet, agent, stop));
+    }
+    if wait_welcomed(fleet, to as u64, Duration::from_secs(300))
+        .await
+        .is_none()
+    {
+        eprintln!(
+            "{label}: only {} of {to} agents welcomed within 300 s",
+            fleet.counters.welcomed.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// After one heartbeat interval of settling, measure a [`WINDOW`]: one row per replica
+/// process in `pids` (its CPU, RSS and files; the latencies and counters are the fleet's),
+/// and the fleet's heartbeat p99.
+async fn measure(fleet: &Fleet, cp: &ControlPlane, pids: &[u32], agents: usize) -> (Vec<Row>, f64) {
+    tokio::time::sleep(HEARTBEAT).await;
+    fleet.samples.lock().await.heartbeat_us.clear();
+    fleet.samples.lock().await.ingest_us.clear();
+    let cpu0: Vec<f64> = pids.iter().map(|p| proc_figures(*p).0).collect();
+    let (rows0, refused0, disc0) = (
+        fleet.counters.rows_acked.load(Ordering::Relaxed),
+        fleet.counters.refused_429.load(Ordering::Relaxed),
+        fleet.counters.disconnects.load(Ordering::Relaxed),
+    );
+    fleet.measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let mut offline_shown = 0;
+    while start.elapsed() < WINDOW {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        offline_shown = offline_shown.max(shown_offline(cp).await);
+    }
+    fleet.measuring.store(false, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    let mut samples = fleet.samples.lock().await;
+    let (hb_p50, hb_p99) = (
+        percentile(&mut samples.heartbeat_us, 0.5),
+        percentile(&mut samples.heartbeat_us, 0.99),
+    );
+    let (ingest_p50, ingest_p99) = (
+        percentile(&mut samples.ingest_us, 0.5),
+        percentile(&mut samples.ingest_us, 0.99),
+    );
+    drop(samples);
+    let rows = pids
+        .iter()
+        .zip(cpu0)
+        .map(|(pid, cpu0)| {
+            let (cpu1, rss, fds) = proc_figures(*pid);
+            Row {
+                agents,
+                cpu_pct: (cpu1 - cpu0) / secs * 100.0,
+                rss,
+                fds,
+                hb_p50,
+                hb_p99,
+                ingest_p50,
+                ingest_p99,
+                rows_s: (fleet.counters.rows_acked.load(Ordering::Relaxed) - rows0) as f64 / secs,
+                refused: fleet.counters.refused_429.load(Ordering::Relaxed) - refused0,
+                disconnects: fleet.counters.disconnects.load(Ordering::Relaxed) - disc0,
+                offline_shown,
+            }
+        })
+        .collect();
+    (rows, hb_p99)
+}
+
 /// Two replicas sharing Postgres and Redis, `per_replica` agents on each, measured over one
 /// window and printed next to `single` (one replica's largest step on the same storage).
 async fn run_pair(storage: &[&str], redis_url: &str, per_replica: usize, single: Option<&Row>) {
@@ -624,76 +657,43 @@ async fn run_pair(storage: &[&str], redis_url: &str, per_replica: usize, single:
     let stop = Arc::new(AtomicBool::new(false));
     let total = per_replica * 2;
     let mut running = 0;
-    // Ramped in the single run's steps, so connections do not all arrive at once.
+    // Ramped, so connections do not all arrive at once.
     for target in [total / 4, total / 2, total] {
-        for agent in enroll(&first, running, target - running).await {
-            let (fleet, stop) = (Arc::clone(&fleet), Arc::clone(&stop));
-            tokio::spawn(run_agent(fleet, agent, stop));
-        }
+        grow(&fleet, &first, &stop, running, target, "two replicas").await;
         running = target;
-        if wait_welcomed(&fleet, target as u64, Duration::from_secs(300))
-            .await
-            .is_none()
-        {
-            eprintln!(
-                "two replicas: only {} of {target} agents welcomed within 300 s",
-                fleet.counters.welcomed.load(Ordering::Relaxed)
-            );
-        }
     }
-    tokio::time::sleep(HEARTBEAT).await;
-    fleet.samples.lock().await.heartbeat_us.clear();
-    fleet.samples.lock().await.ingest_us.clear();
     let pids: Vec<u32> = replicas
         .iter()
         .map(|cp| cp.proc.as_ref().expect("running").0.id())
         .collect();
-    let cpu0: Vec<f64> = pids.iter().map(|p| proc_figures(*p).0).collect();
-    let (rows0, refused0, disc0) = (
-        fleet.counters.rows_acked.load(Ordering::Relaxed),
-        fleet.counters.refused_429.load(Ordering::Relaxed),
-        fleet.counters.disconnects.load(Ordering::Relaxed),
-    );
-    fleet.measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    let mut offline_shown = 0;
-    while start.elapsed() < WINDOW {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        offline_shown = offline_shown.max(shown_offline(&first).await);
-    }
-    fleet.measuring.store(false, Ordering::Relaxed);
-    let secs = start.elapsed().as_secs_f64();
-    let figures: Vec<(f64, u64, usize)> = pids.iter().map(|p| proc_figures(*p)).collect();
-    let mut samples = fleet.samples.lock().await;
-    let (hb50, hb99) = (
-        percentile(&mut samples.heartbeat_us, 0.5),
-        percentile(&mut samples.heartbeat_us, 0.99),
-    );
-    let (in50, in99) = (
-        percentile(&mut samples.ingest_us, 0.5),
-        percentile(&mut samples.ingest_us, 0.99),
-    );
-    drop(samples);
+    let (rows, hb99) = measure(&fleet, &first, &pids, total).await;
     stop.store(true, Ordering::Relaxed);
     println!();
     println!(
         "fleet on two replicas sharing Postgres and Redis ({per_replica} agents each, release build)"
     );
-    for (i, (cpu1, rss, fds)) in figures.iter().enumerate() {
+    for (i, r) in rows.iter().enumerate() {
         println!(
             "  replica {}: CPU {:.0}%, RSS {} MiB, {} open files",
             i + 1,
-            (cpu1 - cpu0[i]) / secs * 100.0,
-            rss >> 20,
-            fds
+            r.cpu_pct,
+            r.rss >> 20,
+            r.fds
         );
     }
-    println!(
-        "  {total} agents: heartbeat p50/p99 {hb50:.1} / {hb99:.1} ms, ingest ack p50/p99 {in50:.1} / {in99:.1} ms, {:.0} rows/s, 429s {}, disconnects {}, shown offline {offline_shown}",
-        (fleet.counters.rows_acked.load(Ordering::Relaxed) - rows0) as f64 / secs,
-        fleet.counters.refused_429.load(Ordering::Relaxed) - refused0,
-        fleet.counters.disconnects.load(Ordering::Relaxed) - disc0,
-    );
+    if let Some(r) = rows.first() {
+        println!(
+            "  {total} agents: heartbeat p50/p99 {:.1} / {:.1} ms, ingest ack p50/p99 {:.1} / {:.1} ms, {:.0} rows/s, 429s {}, disconnects {}, shown offline {}",
+            r.hb_p50,
+            r.hb_p99,
+            r.ingest_p50,
+            r.ingest_p99,
+            r.rows_s,
+            r.refused,
+            r.disconnects,
+            r.offline_shown
+        );
+    }
     if let Some(one) = single {
         println!(
             "  against one replica with {} agents (heartbeat p99 {:.1} ms): {:.2}× the agents at {:.2}× its heartbeat p99 (target: ≥ 1.8× at the same latency)",

@@ -301,15 +301,7 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
                 let g = d.lock().await;
                 g.agents[agent_index(&g, p.target)].netns.clone()
             };
-            if let Err(e) = ns.cut(inbound, outbound) {
-                let _ = ns.heal();
-                return (false, format!("{e:#}"));
-            }
-            tokio::time::sleep(hold).await;
-            match ns.heal() {
-                Ok(()) => (true, String::new()),
-                Err(e) => (true, format!("heal: {e:#}")),
-            }
+            cut_for(&ns, inbound, outbound, hold).await
         }
         Kind::Latency | Kind::SlowLink => {
             let proxy = {
@@ -469,16 +461,26 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
                 }
                 g.ssh_hosts[p.target % g.ssh_hosts.len()].netns.clone()
             };
-            if let Err(e) = ns.cut(true, true) {
-                let _ = ns.heal();
-                return (false, format!("{e:#}"));
-            }
-            tokio::time::sleep(hold).await;
-            match ns.heal() {
-                Ok(()) => (true, String::new()),
-                Err(e) => (true, format!("heal: {e:#}")),
-            }
+            cut_for(&ns, true, true, hold).await
         }
+    }
+}
+
+/// Cut `ns` (as [`crate::host::Netns::cut`]) for `hold`, then heal it.
+async fn cut_for(
+    ns: &crate::host::Netns,
+    inbound: bool,
+    outbound: bool,
+    hold: Duration,
+) -> (bool, String) {
+    if let Err(e) = ns.cut(inbound, outbound) {
+        let _ = ns.heal();
+        return (false, format!("{e:#}"));
+    }
+    tokio::time::sleep(hold).await;
+    match ns.heal() {
+        Ok(()) => (true, String::new()),
+        Err(e) => (true, format!("heal: {e:#}")),
     }
 }
 
