@@ -709,6 +709,24 @@ impl PostgresStore {
             .map(|r| r.ts_ms.div_euclid(crate::time::DAY_MS))
             .collect();
         self.ensure_partitions(&days).await?;
+        let client = self.client().await?;
+        // One COPY: the batch commits (durably) as a whole before the ack. COPY inserts rows
+        // in bulk (one WAL record per page, not per row); it cannot skip rows already stored,
+        // but a batch delivered again (its ack was lost) is rare. Such a batch fails whole on
+        // the unique index, as does one whose day partition another replica's retention just
+        // dropped; both go again as one INSERT below.
+        let copied = copy_metrics(&client, agent_id, epoch, &rows).await;
+        let refresh = match copied {
+            Ok(n) => return Ok(n),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => false,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => true,
+            Err(e) => return Err(backend(e)),
+        };
+        if refresh {
+            // "no partition found": forget the cache and create what is missing.
+            self.known_partitions()?.clear();
+            self.ensure_partitions(&days).await?;
+        }
         let mut seqs = Vec::with_capacity(rows.len());
         let mut ts = Vec::with_capacity(rows.len());
         let mut kinds = Vec::with_capacity(rows.len());
@@ -719,23 +737,12 @@ impl PostgresStore {
             kinds.push(r.kind);
             data.push(r.data);
         }
-        // One statement: the batch commits (durably) as a whole before the ack.
-        let client = self.client().await?;
         let insert = "INSERT INTO metrics (agent_id, epoch, seq, ts_ms, kind, data) \
              SELECT $1, $2, t.seq, t.ts, t.kind, t.data FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::text[]) AS t(seq, ts, kind, data) \
              ON CONFLICT DO NOTHING";
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
             [&agent_id, &epoch, &seqs, &ts, &kinds, &data];
-        match client.execute(insert, &params).await {
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
-                // "no partition found": another replica's retention dropped a partition this
-                // one still had cached. Forget the cache and try once more.
-                self.known_partitions()?.clear();
-                self.ensure_partitions(&days).await?;
-                client.execute(insert, &params).await.map_err(backend)
-            }
-            other => other.map_err(backend),
-        }
+        client.execute(insert, &params).await.map_err(backend)
     }
 
     fn known_partitions(&self) -> Result<std::sync::MutexGuard<'_, BTreeSet<i64>>, StorageError> {
@@ -1116,4 +1123,39 @@ impl PostgresStore {
             .map(|r| held.contains(&(r.agent_id.clone(), r.connection_id.clone())))
             .collect())
     }
+}
+
+/// `COPY … FROM STDIN (FORMAT binary)` of one batch; returns the rows written.
+async fn copy_metrics(
+    client: &Client,
+    agent_id: &str,
+    epoch: &str,
+    rows: &[MetricRow],
+) -> Result<u64, tokio_postgres::Error> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    let sink = client
+        .copy_in(
+            "COPY metrics (agent_id, epoch, seq, ts_ms, kind, data) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT8,
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+        ],
+    );
+    let mut writer = std::pin::pin!(writer);
+    for r in rows {
+        writer
+            .as_mut()
+            .write(&[&agent_id, &epoch, &r.seq, &r.ts_ms, &r.kind, &r.data])
+            .await?;
+    }
+    writer.finish().await
 }
