@@ -715,9 +715,18 @@ impl PostgresStore {
         // but a batch delivered again (its ack was lost) is rare. Such a batch fails whole on
         // the unique index, as does one whose day partition another replica's retention just
         // dropped; both go again as one INSERT below.
-        let copied = copy_metrics(&client, agent_id, epoch, &rows).await;
+        // A small batch (an agent's regular delivery) goes straight to the INSERT: one round
+        // trip, where a COPY takes two and holds the shared connection between them.
+        let copied = if rows.len() >= COPY_ROWS_MIN {
+            copy_metrics(&client, agent_id, epoch, &rows)
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        };
         let refresh = match copied {
-            Ok(n) => return Ok(n),
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) => false,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => false,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => true,
             Err(e) => return Err(backend(e)),
@@ -1124,6 +1133,10 @@ impl PostgresStore {
             .collect())
     }
 }
+
+/// Batches of at least this many rows go in by COPY (a backlog draining); smaller ones by
+/// one INSERT.
+const COPY_ROWS_MIN: usize = 256;
 
 /// `COPY … FROM STDIN (FORMAT binary)` of one batch; returns the rows written.
 async fn copy_metrics(

@@ -297,6 +297,25 @@ async fn check(s: Storage) {
             .expect("insert into a pruned day"),
         1
     );
+    // A backlog's large batches (Postgres takes them by COPY), one delivered again in part.
+    let big = |from: i64, to: i64| {
+        (from..to)
+            .map(|q| row(q, 9 * DAY_MS + q))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        s.insert_metrics("agt_1", "bulk", big(1, 301))
+            .await
+            .expect("bulk"),
+        300
+    );
+    assert_eq!(
+        s.insert_metrics("agt_1", "bulk", big(201, 501))
+            .await
+            .expect("bulk replay"),
+        200,
+        "only the rows not stored before are new"
+    );
 
     // Once the agent has connected, a replay of its enrollment is refused: whoever still holds
     // the token must not take over a live agent's identity.
