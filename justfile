@@ -136,9 +136,9 @@ fuzz seconds="60": web
 sim *args:
     cargo run -q -p sim -- {{args}}
 
-# Real processes, real faults (as root): two replicas, Postgres, Redis, agents and SSH hosts in
-# network namespaces, faults from a seeded schedule, every invariant checked from the evidence.
-# e.g. `just chaos --seed 7 --duration 10m`, `just chaos --duration 1h`, `just chaos --help`.
+# Two replicas, Postgres, Redis, agents and SSH hosts in network namespaces, faults from a
+# seeded schedule: `just chaos --seed 7 --duration 10m`, `--duration 1h`, `--help`.
+# Real processes, real faults (as root), every invariant checked from the evidence they leave.
 chaos *args:
     cargo build -q --bins
     ./target/debug/outpost-chaos {{args}}
