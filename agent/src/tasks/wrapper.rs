@@ -104,13 +104,40 @@ pub fn supervise(dir: &Path, output_max: u64, argv: &[String]) -> std::io::Resul
     // The command is gone; what it left in the group may still hold the pipe (the agent kills
     // the group once this process ends).
     let _ = copy_done.recv_timeout(STRAGGLERS);
-    rundir::write_exit(
-        dir,
-        &Exit {
-            dropped: dropped.load(Ordering::SeqCst),
-            ..exit
-        },
-    )
+    let exit = Exit {
+        dropped: dropped.load(Ordering::SeqCst),
+        ..exit
+    };
+    until_written(|| rundir::write_exit(dir, &exit), std::thread::sleep)
+}
+
+/// First and longest wait between attempts to write the exit status to a full disk.
+const FULL_DISK_RETRY_FIRST: Duration = Duration::from_millis(500);
+const FULL_DISK_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Run `write` until it lands. A full disk (or quota) is waited out: this process staying
+/// alive keeps the run "in flight" for whichever agent watches it, where giving up would
+/// leave no status and have the run recorded as killed although its command ended by itself.
+/// Any other error is returned at once.
+fn until_written(
+    mut write: impl FnMut() -> std::io::Result<()>,
+    mut sleep: impl FnMut(Duration),
+) -> std::io::Result<()> {
+    let mut wait = FULL_DISK_RETRY_FIRST;
+    loop {
+        match write() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                sleep(wait);
+                wait = (wait * 2).min(FULL_DISK_RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Copy `from` into `to` up to `limit` bytes; count the rest in `dropped`, and write the count
@@ -146,5 +173,41 @@ fn copy_bounded(
             noted = total;
             let _ = rundir::replace(dir, rundir::DROPPED, &total.to_string());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+    use std::time::Duration;
+
+    use super::until_written;
+
+    #[test]
+    fn a_full_disk_is_waited_out_and_other_errors_are_not() {
+        let mut attempts = 0;
+        let mut waited = Vec::new();
+        let written = until_written(
+            || {
+                attempts += 1;
+                if attempts < 4 {
+                    Err(Error::from(ErrorKind::StorageFull))
+                } else {
+                    Ok(())
+                }
+            },
+            |d| waited.push(d),
+        );
+        assert!(written.is_ok());
+        assert_eq!(
+            waited,
+            [500, 1000, 2000].map(Duration::from_millis).to_vec(),
+            "backs off while the disk is full"
+        );
+        let gone = until_written(
+            || Err(Error::from(ErrorKind::NotFound)),
+            |_| panic!("no wait for an error a wait cannot mend"),
+        );
+        assert_eq!(gone.map_err(|e| e.kind()), Err(ErrorKind::NotFound));
     }
 }

@@ -1133,8 +1133,11 @@ impl SmallDisk {
         use std::io::Write;
         let path = self.0.join("filler");
         let mut f = std::fs::File::create(&path).expect("filler");
-        let block = vec![0u8; 64 * 1024];
-        while f.write(&block).is_ok_and(|n| n > 0) {}
+        // Large blocks, then ever smaller ones: not even a short status file may fit.
+        for size in [64 * 1024, 4096, 1] {
+            let block = vec![0u8; size];
+            while f.write(&block).is_ok_and(|n| n > 0) {}
+        }
         path
     }
 }
@@ -1161,7 +1164,7 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
     };
     agent.launch().await;
     let id = agent.ok(&[
-        "add", "command", "--every", "1s", "--key", "tick", "--", "true",
+        "add", "command", "--every", "1s", "--key", "tick", "--", "sleep", "2",
     ]);
     let runs = |agent: &Agent| agent.show(&id)["runs"].as_array().map_or(0, Vec::len);
     for _ in 0..100 {
@@ -1192,5 +1195,12 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
         after >= before + 2,
         "runs go on once there is room: {before} → {after}"
     );
+    // A run whose command ended while the disk was full is recorded as it ended, never as
+    // killed for want of a status its wrapper could not write.
+    let task = agent.show(&id);
+    for run in task["runs"].as_array().into_iter().flatten() {
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(!error.contains("exit status"), "{run}");
+    }
     agent.kill_9();
 }
