@@ -110,11 +110,11 @@ impl Reader {
     }
 }
 
-/// Run the task runtime until `shutdown`: recovery, then the scheduling loop, then a
 /// First and longest wait between attempts to write the task store after a failure.
 const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(500);
 const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// Run the task runtime until `shutdown`: recovery, then the scheduling loop, then a
 /// shutdown that terminates running groups and records them.
 pub async fn run(
     world: World,
@@ -539,6 +539,8 @@ async fn commit(
     }
 }
 
+/// Load the store and take over what the previous agent left; the pool commands that adopt
+/// the runs still running (and stop those whose cancellation was asked).
 async fn recover(
     world: &World,
     config: &RuntimeConfig,
