@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, Row};
 use world::World;
 
@@ -69,7 +70,7 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
 }
 
 fn conflict_or_backend(e: tokio_postgres::Error, what: &str) -> StorageError {
-    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
         StorageError::Conflict(what.to_string())
     } else {
         backend(e)
@@ -710,31 +711,24 @@ impl PostgresStore {
             .collect();
         self.ensure_partitions(&days).await?;
         let client = self.client().await?;
-        // One COPY: the batch commits (durably) as a whole before the ack. COPY inserts rows
-        // in bulk (one WAL record per page, not per row); it cannot skip rows already stored,
-        // but a batch delivered again (its ack was lost) is rare. Such a batch fails whole on
-        // the unique index, as does one whose day partition another replica's retention just
-        // dropped; both go again as one INSERT below.
-        // A small batch (an agent's regular delivery) goes straight to the INSERT: one round
-        // trip, where a COPY takes two and holds the shared connection between them.
-        let copied = if rows.len() >= COPY_ROWS_MIN {
-            copy_metrics(&client, agent_id, epoch, &rows)
-                .await
-                .map(Some)
-        } else {
-            Ok(None)
-        };
-        let refresh = match copied {
-            Ok(Some(n)) => return Ok(n),
-            Ok(None) => false,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => false,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => true,
-            Err(e) => return Err(backend(e)),
-        };
-        if refresh {
-            // "no partition found": forget the cache and create what is missing.
-            self.known_partitions()?.clear();
-            self.ensure_partitions(&days).await?;
+        // The batch commits (durably) as a whole before the ack. A large one (a backlog
+        // draining) goes first as one binary COPY: rows in bulk, one WAL record per page
+        // rather than per row. COPY cannot skip rows already stored, so a batch delivered
+        // again (its ack was lost, which is rare) fails whole on the unique index and goes
+        // again as the INSERT below. A small batch (an agent's regular delivery) goes straight
+        // to the INSERT: one round trip, where a COPY takes two and holds the shared
+        // connection between them.
+        let mut refreshed = false;
+        if rows.len() >= COPY_ROWS_MIN {
+            match copy_metrics(&client, agent_id, epoch, &rows).await {
+                Ok(n) => return Ok(n),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                    self.refresh_partitions(&days).await?;
+                    refreshed = true;
+                }
+                Err(e) => return Err(backend(e)),
+            }
         }
         let mut seqs = Vec::with_capacity(rows.len());
         let mut ts = Vec::with_capacity(rows.len());
@@ -751,7 +745,20 @@ impl PostgresStore {
              ON CONFLICT DO NOTHING";
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
             [&agent_id, &epoch, &seqs, &ts, &kinds, &data];
-        client.execute(insert, &params).await.map_err(backend)
+        match client.execute(insert, &params).await {
+            Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) && !refreshed => {
+                self.refresh_partitions(&days).await?;
+                client.execute(insert, &params).await.map_err(backend)
+            }
+            other => other.map_err(backend),
+        }
+    }
+
+    /// After "no partition found" (another replica's retention dropped a partition this one
+    /// still had cached): forget the cache and create the partitions `days` need.
+    async fn refresh_partitions(&self, days: &BTreeSet<i64>) -> Result<(), StorageError> {
+        self.known_partitions()?.clear();
+        self.ensure_partitions(days).await
     }
 
     fn known_partitions(&self) -> Result<std::sync::MutexGuard<'_, BTreeSet<i64>>, StorageError> {
@@ -785,9 +792,8 @@ impl PostgresStore {
                 Ok(()) => {}
                 // Two creators raced: the table exists, which is all we wanted.
                 Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE)
-                        || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                }
+                    if e.code() == Some(&SqlState::DUPLICATE_TABLE)
+                        || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
                 Err(e) => return Err(backend(e)),
             }
             self.known_partitions()?.insert(day);

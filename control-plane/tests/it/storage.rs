@@ -823,6 +823,54 @@ async fn postgres_metrics_move_into_daily_partitions_on_upgrade() {
     );
 }
 
+/// Two replicas on one database: the one whose retention drops a day's partition leaves
+/// the other with a stale partition cache. Its next insert into that day, small batch or
+/// large, recreates the partition and lands.
+#[tokio::test]
+async fn a_partition_dropped_by_another_replica_is_recreated_on_insert() {
+    let pg = fixtures::Postgres::start()
+        .await
+        .expect("start postgres fixture");
+    let url = pg.create_database("two_replicas").expect("create database");
+    let world = World::real();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || control_plane::server::open_storage(&world, dir.path(), Some(&url));
+    let (a, b) = (
+        open().await.expect("replica a"),
+        open().await.expect("replica b"),
+    );
+    a.create_enroll_token("et1", 1_000, 10_000)
+        .await
+        .expect("enroll token");
+    a.enroll_agent(attempt("et1", "enr_a", "agt_1", "cred_1", 2_000))
+        .await
+        .expect("enroll");
+    const DAY_MS: i64 = control_plane::time::DAY_MS;
+    let rows = |seqs: std::ops::Range<i64>| {
+        seqs.map(|seq| control_plane::storage::MetricRow {
+            seq,
+            ts_ms: DAY_MS + seq,
+            kind: "db".into(),
+            data: "{}".into(),
+        })
+        .collect::<Vec<_>>()
+    };
+    for (batch, (from, to)) in [(1, 2), (2, 302)].into_iter().enumerate() {
+        a.insert_metrics("agt_1", "ep", rows(from..to))
+            .await
+            .expect("a caches the day's partition");
+        let pruned = b.prune_metrics(2 * DAY_MS).await.expect("b drops the day");
+        assert_eq!(pruned.partitions, 1, "batch {batch}");
+        assert_eq!(
+            a.insert_metrics("agt_1", "ep", rows(from..to))
+                .await
+                .expect("a inserts into the dropped day"),
+            (to - from) as u64,
+            "batch {batch}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_newer_schema_is_refused_not_downgraded() {
     let dir = tempfile::tempdir().expect("tempdir");
