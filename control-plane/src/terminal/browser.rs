@@ -466,6 +466,24 @@ async fn send_json(sink: &mut Sink, message: &ToBrowser<'_>) -> Result<(), Strin
     send(sink, Message::Text(text.into())).await
 }
 
+/// Tell the browser the session is over (`closed` with `reason`), then close the socket with
+/// `code` and `frame_reason`. Fails only if the `closed` frame could not be sent.
+async fn say_closed(
+    sink: &mut Sink,
+    reason: &str,
+    code: u16,
+    frame_reason: &'static str,
+) -> Result<(), String> {
+    send_json(sink, &ToBrowser::Closed { reason }).await?;
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: frame_reason.into(),
+        })))
+        .await;
+    Ok(())
+}
+
 /// Returns when the login behind `token_hash` no longer stands (revoked or expired). A
 /// storage error is not taken for a revocation.
 async fn credential_gone(state: &TerminalContext, token_hash: &str) {
@@ -553,20 +571,7 @@ async fn serve(
                     // (a Redis restarted without persistence). The agent's side is gone with
                     // it; without this the browser would wait on a silent session forever.
                     tracing::warn!("the terminal store no longer knows this session; closing it");
-                    send_json(
-                        &mut sink,
-                        &ToBrowser::Closed {
-                            reason: LOST_REASON,
-                        },
-                    )
-                    .await?;
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: 1000,
-                            reason: "session lost".into(),
-                        })))
-                        .await;
-                    return Ok(());
+                    return say_closed(&mut sink, LOST_REASON, 1000, "session lost").await;
                 }
                 if let Ok(Some(meta)) = meta {
                     if meta.recording != shown_recording {
@@ -613,14 +618,7 @@ async fn serve(
                         send_json(&mut sink, &ToBrowser::Skipped { from, to }).await?;
                     }
                     OutEntry::Closed { reason, .. } => {
-                        send_json(&mut sink, &ToBrowser::Closed { reason: &reason }).await?;
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame {
-                                code: 1000,
-                                reason: "session closed".into(),
-                            })))
-                            .await;
-                        return Ok(());
+                        return say_closed(&mut sink, &reason, 1000, "session closed").await;
                     }
                 }
             }
@@ -669,12 +667,6 @@ async fn serve(
         // The session goes on (psql keeps running); only this viewer loses it.
         tracing::info!("login revoked or expired; browser socket closed");
         let reason = "your login was revoked or has expired: log in again";
-        let _ = send_json(&mut sink, &ToBrowser::Closed { reason }).await;
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: 1008,
-                reason: "login revoked".into(),
-            })))
-            .await;
+        let _ = say_closed(&mut sink, reason, 1008, "login revoked").await;
     }
 }
