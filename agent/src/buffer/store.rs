@@ -115,14 +115,7 @@ fn file_size(path: &Path) -> u64 {
 
 /// Integrity check of an existing file without changing it: `Ok(rows)` or the reason it failed.
 pub fn check(path: &Path) -> Result<i64, String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| e.to_string())?;
-    let verdict: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if verdict != "ok" {
-        return Err(verdict);
-    }
+    let conn = crate::sqlite_file::checked(path)?;
     let epoch: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
             r.get(0)
@@ -165,7 +158,7 @@ impl Buffer {
             && let Err(reason) = check(path)
         {
             let rows_lost = rows_if_readable(path);
-            let moved_to = quarantine(path, now_ms, limits.quarantined_max)?;
+            let moved_to = crate::sqlite_file::quarantine(path, now_ms, limits.quarantined_max)?;
             report = OpenReport::Quarantined {
                 moved_to,
                 reason,
@@ -476,45 +469,6 @@ fn rows_if_readable(path: &Path) -> i64 {
     Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| c.query_row("SELECT count(*) FROM records", [], |r| r.get(0)))
         .unwrap_or(0)
-}
-
-/// Move `path` (and its WAL and shm files) aside as `<path>.corrupt-<now_ms>`, keeping at
-/// most `keep` quarantined files. The task store quarantines its file the same way.
-pub(crate) fn quarantine(path: &Path, now_ms: i64, keep: usize) -> std::io::Result<PathBuf> {
-    let moved_to = PathBuf::from(format!("{}.corrupt-{now_ms}", path.display()));
-    std::fs::rename(path, &moved_to)?;
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", path.display()));
-        if side.exists() {
-            let _ = std::fs::rename(&side, format!("{}{suffix}", moved_to.display()));
-        }
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let prefix = format!(
-        "{}.corrupt-",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("buffer.db")
-    );
-    let mut kept: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&prefix) && !n.ends_with("-wal") && !n.ends_with("-shm")
-            })
-        })
-        .collect();
-    // Names end in the time: lexical order is age order for equal-length timestamps.
-    kept.sort();
-    while kept.len() > keep {
-        let old = kept.remove(0);
-        let _ = std::fs::remove_file(&old);
-        for suffix in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", old.display()));
-        }
-    }
-    Ok(moved_to)
 }
 
 #[cfg(test)]

@@ -64,20 +64,6 @@ CREATE TABLE IF NOT EXISTS host (
 /// Damaged task stores kept beside the live one.
 pub const QUARANTINED_KEPT: usize = 3;
 
-/// `PRAGMA quick_check` of an existing file, read-only: `Err` with the reason when it fails.
-fn check(path: &Path) -> Result<(), String> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| e.to_string())?;
-    let verdict: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if verdict == "ok" {
-        Ok(())
-    } else {
-        Err(verdict)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("task store: {0}")]
 pub struct StoreError(String);
@@ -211,9 +197,9 @@ impl Store {
     ) -> Result<(Store, Option<(std::path::PathBuf, String)>), StoreError> {
         let mut moved = None;
         if path.exists()
-            && let Err(reason) = check(path)
+            && let Err(reason) = crate::sqlite_file::checked(path)
         {
-            let to = crate::buffer::store::quarantine(path, now_ms, QUARANTINED_KEPT)
+            let to = crate::sqlite_file::quarantine(path, now_ms, QUARANTINED_KEPT)
                 .map_err(|e| StoreError(format!("move the damaged task store aside: {e}")))?;
             moved = Some((to, reason));
         }
