@@ -55,7 +55,8 @@ pub struct Deployment {
     pub pgbench: Service,
     pub agents: Vec<Agent>,
     pub ssh_hosts: Vec<SshHost>,
-    pub api: Api,
+    /// Logged in as the suite's admin; shared by every workload.
+    pub api: Arc<Api>,
     /// Where task runs and exec commands leave their evidence.
     pub markers: PathBuf,
     pub receipts: PathBuf,
@@ -63,11 +64,6 @@ pub struct Deployment {
     pub lost_to_corruption: Vec<(usize, crate::verdict::BufferSnapshot)>,
     /// Task stores as read just before a corruption fault damaged them.
     pub tasks_corrupted: Vec<crate::verdict::DamagedStore>,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("probe a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 fn quote(s: &str) -> String {
@@ -84,7 +80,7 @@ impl Deployment {
         seconds: u64,
         stop: &CancellationToken,
     ) -> anyhow::Result<Deployment> {
-        let pg_bin = host::postgres_bin_dir()?;
+        let pg_bin = fixtures::postgres_bin_dir()?;
         let logs = root.join("logs");
         std::fs::create_dir_all(&logs)?;
         let markers = root.join("markers");
@@ -93,7 +89,7 @@ impl Deployment {
         std::fs::create_dir_all(&receipts)?;
 
         eprintln!("chaos: Postgres for storage, Redis, the monitored Postgres …");
-        let storage_port = free_port()?;
+        let storage_port = fixtures::free_port()?;
         let mut storage_pg = services::postgres(
             "storage-postgres",
             &pg_bin,
@@ -123,10 +119,10 @@ impl Deployment {
         )?;
         let storage_url = format!("postgres://postgres@127.0.0.1:{storage_port}/outpost");
 
-        let redis_port = free_port()?;
+        let redis_port = fixtures::free_port()?;
         std::fs::create_dir_all(root.join("redis"))?;
         let redis_dir = root.join("redis").display().to_string();
-        let redis_bin = host::find("redis-server").context("redis-server")?;
+        let redis_bin = fixtures::find_binary("redis-server", &[], "redis-server")?;
         let mut redis = Service::new(
             "redis",
             &redis_bin,
@@ -181,7 +177,7 @@ impl Deployment {
                 "CREATE TABLE chaos_typed (session text NOT NULL, n int NOT NULL, at timestamptz NOT NULL DEFAULT now())",
             ],
         )?;
-        let pgbench_bin = host::find("pgbench").context("pgbench")?;
+        let pgbench_bin = fixtures::find_binary("pgbench", &[], "postgresql")?;
         host::run(
             &pgbench_bin.display().to_string(),
             &["-i", "-q", "-s", "1", &monitored_dsn],
@@ -208,14 +204,14 @@ impl Deployment {
         eprintln!("chaos: SSH hosts in their namespaces …");
         let ssh_dir = root.join("ssh");
         std::fs::create_dir_all(&ssh_dir)?;
-        let client_key = keygen(&ssh_dir, "client")?;
+        let client_key = fixtures::keygen(&ssh_dir, "client")?;
         let mut known_hosts = String::new();
         let mut inventory = format!(
             "[defaults]\nuser = \"root\"\nidentity_file = {}\nknown_hosts = {}\n",
             quote(&client_key.display().to_string()),
             quote(&ssh_dir.join("known_hosts").display().to_string())
         );
-        let sshd_bin = host::find("sshd").context("sshd")?;
+        let sshd_bin = fixtures::find_binary("sshd", &[], "openssh-server")?;
         std::fs::create_dir_all("/run/sshd")?;
         let mut hosts = Vec::new();
         for j in 0..ssh_hosts {
@@ -223,7 +219,7 @@ impl Deployment {
             let netns = Netns::create(&format!("s{j}"), 101 + j as u8)?;
             let dir = ssh_dir.join(&name);
             std::fs::create_dir_all(&dir)?;
-            let host_key = keygen(&dir, "host")?;
+            let host_key = fixtures::keygen(&dir, "host")?;
             let host_pub = std::fs::read_to_string(host_key.with_extension("pub"))?;
             let key: Vec<&str> = host_pub.split_whitespace().take(2).collect();
             known_hosts.push_str(&format!("{} {}\n", netns.address, key.join(" ")));
@@ -266,7 +262,7 @@ impl Deployment {
         let mut replicas = Vec::new();
         let mut replica_addrs = Vec::new();
         for i in 1..=2 {
-            let port = free_port()?;
+            let port = fixtures::free_port()?;
             let addr = format!("127.0.0.1:{port}");
             let data = root.join(format!("cp-{i}"));
             std::fs::create_dir_all(&data)?;
@@ -307,7 +303,7 @@ impl Deployment {
             &storage_url,
             Some(password),
         )?;
-        let api = Api::login(replica_addrs.clone(), "chaos", password).await?;
+        let api = Arc::new(Api::login(replica_addrs.clone(), "chaos", password).await?);
 
         eprintln!("chaos: {agents} agents in their namespaces …");
         let tokens = admin(
@@ -517,23 +513,4 @@ fn admin(outpost: &Path, args: &[&str], url: &str, stdin: Option<&str>) -> anyho
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn keygen(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let path = dir.join(name);
-    host::run(
-        "ssh-keygen",
-        &[
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "outpost-chaos",
-            "-f",
-            &path.display().to_string(),
-        ],
-    )?;
-    Ok(path)
 }

@@ -206,35 +206,6 @@ pub const TOOLS: [(&str, &str); 8] = [
     ("setpriv", "util-linux"),
 ];
 
-/// `name` on PATH or in the usual sbin directories.
-pub fn find(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/bin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The newest Debian Postgres server directory (`/usr/lib/postgresql/N/bin`).
-pub fn postgres_bin_dir() -> anyhow::Result<std::path::PathBuf> {
-    let mut dirs: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-                    Some((v, e.path().join("bin")))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
-    dirs.into_iter()
-        .map(|(_, d)| d)
-        .find(|d| d.join("initdb").is_file())
-        .context("no /usr/lib/postgresql/*/bin/initdb: install the Debian package `postgresql`")
-}
-
 /// Fail unless the suite can work here: root, and every tool present.
 pub fn preflight() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -244,12 +215,12 @@ pub fn preflight() -> anyhow::Result<()> {
     }
     let missing: Vec<String> = TOOLS
         .iter()
-        .filter(|(tool, _)| find(tool).is_none())
+        .filter(|(tool, package)| fixtures::find_binary(tool, &[], package).is_err())
         .map(|(tool, package)| format!("{tool} (apt-get install {package})"))
         .collect();
     if !missing.is_empty() {
         bail!("missing tools: {}", missing.join(", "));
     }
-    postgres_bin_dir()?;
+    fixtures::postgres_bin_dir()?;
     Ok(())
 }

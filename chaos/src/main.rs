@@ -213,11 +213,8 @@ async fn exercise(
     let work = stop.child_token();
     let (api, agent_ids, names, markers, receipts) = {
         let g = d.lock().await;
-        let api = Arc::new(
-            api::Api::login(g.replica_addrs.clone(), "chaos", "chaos-admin-password").await?,
-        );
         (
-            api,
+            Arc::clone(&g.api),
             g.agents.iter().map(|a| a.id.clone()).collect::<Vec<_>>(),
             g.agents.iter().map(|a| a.name.clone()).collect::<Vec<_>>(),
             g.markers.clone(),
@@ -228,18 +225,9 @@ async fn exercise(
     // Recurring and future tasks on every agent.
     let asked: Arc<Mutex<Vec<AskedTask>>> = Arc::default();
     for (i, id) in agent_ids.iter().enumerate() {
-        for (what, label) in [
-            (TaskShape::Periodic, "periodic"),
-            (TaskShape::Cron, "cron"),
-            (TaskShape::Future, "future"),
-        ] {
-            let a = workload::ask_task(&api, id, i, &format!("{label}-a{i}"), what, &markers).await;
-            if a.id.is_none() {
-                bail!("could not create the {label} task on agent {i}");
-            }
-            if let Ok(mut l) = asked.lock() {
-                l.push(a);
-            }
+        let missing = ask_recurring(&api, &asked, id, i, &markers, "", Duration::ZERO).await;
+        if let Some(label) = missing.first() {
+            bail!("could not create the {label} task on agent {i}");
         }
     }
     // One-off tasks, round robin, every 3 s.
@@ -427,7 +415,9 @@ async fn exercise(
                 if injected && p.kind == Kind::CorruptTasks {
                     // As the agent's error asks: create the recurring tasks again.
                     let i = p.target % ids.len();
-                    recreate_recurring(&api, &asked, &ids[i], i, &markers, healed_ms).await;
+                    let suffix = format!("-{healed_ms}");
+                    let patience = Duration::from_secs(60);
+                    ask_recurring(&api, &asked, &ids[i], i, &markers, &suffix, patience).await;
                 }
                 if let Ok(mut l) = done.lock() {
                     l.push((
@@ -654,35 +644,42 @@ async fn exercise(
     Ok(valid)
 }
 
-/// After a damaged task store took an agent's tasks: create its periodic, cron and future
-/// tasks again under new keys, retrying while the agent comes back (at most 60 s).
-async fn recreate_recurring(
+/// Ask for an agent's periodic, cron and future tasks (keys `LABEL-aN` + `suffix`), each
+/// retried for up to `patience` while it is neither created nor possibly created. Returns
+/// the labels of those that were not created. Used at the start, and after a damaged task
+/// store took an agent's tasks (as the agent's error asks).
+async fn ask_recurring(
     api: &api::Api,
     asked: &Mutex<Vec<AskedTask>>,
     agent_id: &str,
     agent: usize,
     markers: &Path,
-    now_ms: u64,
-) {
+    suffix: &str,
+    patience: Duration,
+) -> Vec<&'static str> {
+    let mut missing = Vec::new();
     for (what, label) in [
         (TaskShape::Periodic, "periodic"),
         (TaskShape::Cron, "cron"),
         (TaskShape::Future, "future"),
     ] {
-        let key = format!("{label}-a{agent}-{now_ms}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
+        let key = format!("{label}-a{agent}{suffix}");
+        let deadline = tokio::time::Instant::now() + patience;
+        let a = loop {
             let a = workload::ask_task(api, agent_id, agent, &key, what, markers).await;
-            let created = a.id.is_some() || a.uncertain;
-            if created || tokio::time::Instant::now() > deadline {
-                if let Ok(mut l) = asked.lock() {
-                    l.push(a);
-                }
-                break;
+            if a.id.is_some() || a.uncertain || tokio::time::Instant::now() >= deadline {
+                break a;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        if a.id.is_none() {
+            missing.push(label);
+        }
+        if let Ok(mut l) = asked.lock() {
+            l.push(a);
         }
     }
+    missing
 }
 
 /// Copy each agent's data (on a tmpfs that the sweep unmounts) to `agent-N/data-kept`.
