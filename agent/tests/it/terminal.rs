@@ -76,6 +76,17 @@ async fn rig(
     }
 }
 
+/// Two replicas sharing a fresh database `db` and `redis`: the browser talks to the first
+/// (`cp`), the agent is enrolled with and dials the second (`agent_cp`).
+async fn two_replicas(pg: &fixtures::Postgres, redis: &fixtures::Redis, db: &str) -> Rig {
+    let db = pg.create_database(db).expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    rig(browser_side, Some(agent_side), pg, "").await
+}
+
 impl Rig {
     fn agent_log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
@@ -591,12 +602,7 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_and_agent_on_different_replicas_meet_through_redis() {
     let (pg, redis) = (postgres().await, redis().await);
-    let db = pg.create_database("replicas").expect("database");
-    let storage = ["--database-url", db.as_str()];
-    let serve = ["--redis-url", &redis.url()];
-    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
-    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
-    let rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let rig = two_replicas(&pg, &redis, "replicas").await;
     let session = rig.session().await;
     let mut term = Term::open(&rig.cp, &session, 0).await;
     let prompt = term.wait_for("=#", 0).await;
@@ -607,12 +613,7 @@ async fn browser_and_agent_on_different_replicas_meet_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recording_has_every_byte_once_when_the_replica_holding_the_agent_link_dies() {
     let (pg, redis) = (postgres().await, redis().await);
-    let db = pg.create_database("recorded").expect("database");
-    let storage = ["--database-url", db.as_str()];
-    let serve = ["--redis-url", &redis.url()];
-    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
-    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
-    let mut rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let mut rig = two_replicas(&pg, &redis, "recorded").await;
     let session = rig.session().await;
     let mut term = Term::open(&rig.cp, &session, 0).await;
     let prompt = term.wait_for("=#", 0).await;
@@ -944,12 +945,7 @@ async fn a_redis_outage_degrades_the_session_psql_keeps_running_and_it_recovers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_lost_the_session_closes_it_for_the_browser() {
     let (pg, mut redis) = (postgres().await, redis().await);
-    let db = pg.create_database("lost").expect("database");
-    let storage = ["--database-url", db.as_str()];
-    let serve = ["--redis-url", &redis.url()];
-    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
-    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
-    let mut rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let mut rig = two_replicas(&pg, &redis, "lost").await;
     let session = rig.session().await;
     let mut term = Term::open(&rig.cp, &session, 0).await;
     term.wait_for("=#", 0).await;
