@@ -3,7 +3,6 @@
 //! --pdeathsig KILL`, so none outlives the suite, even when the suite itself is killed.
 
 use std::ffi::OsString;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -213,14 +212,6 @@ pub async fn accepts(addr: &str) -> bool {
     )
 }
 
-/// uid and gid of the `postgres` user (Postgres refuses to run as root).
-pub fn postgres_owner() -> anyhow::Result<(u32, u32)> {
-    let user = nix::unistd::User::from_name("postgres")
-        .context("look up the postgres user")?
-        .context("the `postgres` user does not exist: install the Debian package `postgresql`")?;
-    Ok((user.uid.as_raw(), user.gid.as_raw()))
-}
-
 /// A Postgres cluster in `dir` (owned by `postgres`), listening on `port` on 127.0.0.1 (if
 /// `tcp`) and on a Unix socket in `dir`.
 pub fn postgres(
@@ -232,32 +223,14 @@ pub fn postgres(
     log: PathBuf,
 ) -> anyhow::Result<Service> {
     use std::os::unix::fs::DirBuilderExt;
-    let owner = postgres_owner()?;
+    let owner = fixtures::user_ids("postgres")?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("create {}", dir.display()))?;
     std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1))?;
     let data = dir.join("data");
-    let out = std::process::Command::new(bin.join("initdb"))
-        .arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-instructions",
-        ])
-        .env("LC_ALL", "C")
-        .uid(owner.0)
-        .gid(owner.1)
-        .output()
-        .context("run initdb")?;
-    if !out.status.success() {
-        bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    fixtures::init_cluster(&bin.join("initdb"), &data, Some(owner))?;
     let data_s = data.display().to_string();
     let dir_s = dir.display().to_string();
     let listen = if tcp {
