@@ -14,6 +14,9 @@ pub struct OutputRing {
     start: u64,
     bytes_max: usize,
     closed: Option<String>,
+    /// Why the session is ending, set before the process is stopped: it is the close reason
+    /// whatever exit status the stopped process reports.
+    ending: Option<String>,
     /// Bytes overwritten before any reader took them (for the session's log line).
     overwritten_total: u64,
 }
@@ -26,6 +29,7 @@ impl OutputRing {
             start: 0,
             bytes_max,
             closed: None,
+            ending: None,
             overwritten_total: 0,
         }
     }
@@ -56,10 +60,19 @@ impl OutputRing {
         }
     }
 
+    /// The session is ending for `reason` and is about to stop the process: output is still
+    /// taken until [`OutputRing::close`], which then reports this reason rather than the exit
+    /// status the signal caused, however the two race.
+    pub fn ending(&mut self, reason: String) {
+        if self.ending.is_none() {
+            self.ending = Some(reason);
+        }
+    }
+
     /// The process ended: nothing more will be appended.
     pub fn close(&mut self, reason: String) {
         if self.closed.is_none() {
-            self.closed = Some(reason);
+            self.closed = Some(self.ending.take().unwrap_or(reason));
         }
     }
 
@@ -128,6 +141,22 @@ mod tests {
         assert_eq!(ring.next(5, 10), None);
         ring.push(b"defg");
         assert_eq!(ring.next(5, 10), data(5, b"fg"));
+    }
+
+    #[test]
+    fn a_session_ending_names_the_close_whatever_the_process_exit_says() {
+        let mut ring = OutputRing::new(8);
+        ring.ending("closed by the control plane".into());
+        ring.push(b"^C");
+        ring.close("psql exited with status 1".into());
+        assert_eq!(ring.next(0, 10), data(0, b"^C"));
+        assert_eq!(
+            ring.next(2, 10),
+            Some(Entry::Closed {
+                end: 2,
+                reason: "closed by the control plane".into()
+            })
+        );
     }
 
     #[test]

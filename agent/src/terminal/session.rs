@@ -415,7 +415,9 @@ async fn serve_link(
     };
     if let LinkEnd::Over(reason) = &ended {
         // Ending on our side (closed, idle, shutdown): stop psql, then let the output loop
-        // deliver what is left and the closing frame, briefly.
+        // deliver what is left and the closing frame, briefly. The reason is set first: the
+        // PTY reader closes the output with the exit status as soon as psql is gone.
+        output.with(|r| r.ending(reason.clone()));
         super::stop(handle.child.as_mut()).await;
         output.close(reason.clone());
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut outbound).await;
