@@ -41,10 +41,10 @@ enum Commands {
     /// server, and the task socket. Exits 1 when anything blocks normal operation. Takes the
     /// same flags as `run`.
     Doctor(DoctorArgs),
-    /// Run one task's command for the agent and record how it ended in its run directory
-    /// (the agent starts this; it is not meant to be run by hand).
+    /// Start the wrappers of task runs for the agent, one JSON line per run on stdin (the
+    /// agent starts this; it is not meant to be run by hand).
     #[command(hide = true)]
-    Supervise(SuperviseArgs),
+    Launcher,
 }
 
 #[derive(Args)]
@@ -54,19 +54,6 @@ struct DoctorArgs {
     /// One JSON array of {check, status, detail, fix}.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-struct SuperviseArgs {
-    /// The run's directory (DATA_DIR/runs/RUN_ID), created by the agent.
-    #[arg(long)]
-    dir: PathBuf,
-    /// Output bytes kept; the rest is counted.
-    #[arg(long)]
-    output_max: u64,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    argv: Vec<String>,
 }
 
 #[derive(Args)]
@@ -116,8 +103,8 @@ struct EnrollArgs {
 fn main() -> ExitCode {
     type Work = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
     let work: Work = match Cli::parse().command {
-        // No runtime and no logging: this process only starts, watches and records a command.
-        Commands::Supervise(args) => return supervise(&args),
+        // No runtime, no logging, no thread: the launcher forks itself for every run.
+        Commands::Launcher => return launcher(),
         Commands::Run(args) => Box::pin(run(args)),
         Commands::Doctor(args) => Box::pin(doctor(args)),
         Commands::Enroll(args) => Box::pin(enroll(args)),
@@ -152,11 +139,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn supervise(args: &SuperviseArgs) -> ExitCode {
-    match agent::tasks::wrapper::supervise(&args.dir, args.output_max, &args.argv) {
+fn launcher() -> ExitCode {
+    match agent::tasks::launcher::serve() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: run directory {}: {e}", args.dir.display());
+            eprintln!("error: run launcher: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,5 @@
 //! The worker pool: a subprocess supervisor. Every run is a process group of its own, led by
-//! the run wrapper (`outpost-agent supervise`), so a hung, leaking or deadlocked task can be
+//! the run wrapper (forked by the run launcher, [`super::launcher`]), so a hung, leaking or deadlocked task can be
 //! stopped unconditionally: on timeout or cancellation the group gets SIGTERM, a grace period,
 //! then SIGKILL. The wrapper keeps the output (stdout and stderr interleaved) up to a limit,
 //! counts the rest, and records the exit status in the run's directory, so a run outlives the
@@ -9,17 +9,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::core::Job;
+use super::launcher::Launcher;
 use super::model::{Kind, RunOutcome, TaskSpec, status};
 use super::rundir::{self, Claim};
 use world::World;
@@ -113,15 +113,15 @@ const ADOPTED_POLL: Duration = Duration::from_millis(200);
 /// How long a killed adopted process may take to disappear before it is given up on.
 const ADOPTED_KILL_WAIT: Duration = Duration::from_secs(5);
 
-/// Runs as OS processes: each in its own process group, through the run wrapper
-/// (`outpost-agent supervise`) that records its output and exit status in `runs/RUN_ID`.
+/// Runs as OS processes: each in its own process group, through the run wrapper that records
+/// its output and exit status in `runs/RUN_ID`.
 #[derive(Clone, Debug)]
 pub struct OsProcesses {
     world: World,
     /// `DATA_DIR/runs`.
     runs: PathBuf,
-    /// The agent binary (its `supervise` subcommand is the wrapper).
-    exe: PathBuf,
+    /// Starts the wrappers (the agent binary's `launcher` subcommand).
+    launcher: Arc<Launcher>,
 }
 
 impl OsProcesses {
@@ -129,7 +129,7 @@ impl OsProcesses {
         OsProcesses {
             world,
             runs: data_dir.join(RUNS_DIR),
-            exe,
+            launcher: Arc::new(Launcher::new(exe)),
         }
     }
 }
@@ -145,8 +145,8 @@ impl Processes for OsProcesses {
     fn adopt(&self, run: ProcessRun, pid: i32, ticks: Option<u64>) -> BoxFuture<()> {
         let this = self.clone();
         Box::pin(async move {
-            let target = Watched::Adopted { pid, ticks };
-            watch(this, run, target, pid).await
+            let target = Watched::new(pid, ticks, None);
+            watch(this, run, target).await
         })
     }
 
@@ -542,32 +542,47 @@ enum Stop {
     Killed,
 }
 
-/// A run's process: this agent's child, or adopted from a previous agent (not waitable, so
-/// looked at every [`ADOPTED_POLL`]).
-enum Watched {
-    Child(tokio::process::Child),
-    Adopted { pid: i32, ticks: Option<u64> },
+/// A run's wrapper, the process `pid` started at `ticks`: told of its end by the launcher that
+/// started it (`ended`), or, adopted from a previous agent or outliving its launcher, looked at
+/// every [`ADOPTED_POLL`].
+struct Watched {
+    pid: i32,
+    ticks: Option<u64>,
+    ended: Option<oneshot::Receiver<()>>,
+    /// The launcher said it ended.
+    reaped: bool,
 }
 
 impl Watched {
+    fn new(pid: i32, ticks: Option<u64>, ended: Option<oneshot::Receiver<()>>) -> Watched {
+        Watched {
+            pid,
+            ticks,
+            ended,
+            reaped: false,
+        }
+    }
+
     async fn gone(&mut self) {
-        match self {
-            Watched::Child(child) => {
-                let _ = child.wait().await;
-            }
-            Watched::Adopted { pid, ticks } => {
-                while alive(*pid, *ticks) {
-                    tokio::time::sleep(ADOPTED_POLL).await;
-                }
-            }
+        if let Some(ended) = self.ended.as_mut() {
+            self.reaped = ended.await.is_ok();
+            self.ended = None;
+        }
+        while !self.reaped && alive(self.pid, self.ticks) {
+            tokio::time::sleep(ADOPTED_POLL).await;
         }
     }
 
     fn exited(&mut self) -> bool {
-        match self {
-            Watched::Child(child) => matches!(child.try_wait(), Ok(Some(_))),
-            Watched::Adopted { pid, ticks } => !alive(*pid, *ticks),
+        if let Some(ended) = self.ended.as_mut() {
+            match ended.try_recv() {
+                Ok(()) => self.reaped = true,
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            }
+            self.ended = None;
         }
+        self.reaped || !alive(self.pid, self.ticks)
     }
 }
 
@@ -640,32 +655,19 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
         let _ = run.events.send(finish(failed(error))).await;
         return;
     }
-    let mut command = tokio::process::Command::new(&this.exe);
-    if run.env.clear {
-        command.env_clear();
-    }
-    command
-        .envs(run.env.vars.iter().map(|(k, v)| (k, v)))
-        .arg("supervise")
-        .arg("--dir")
-        .arg(&dir)
-        .arg("--output-max")
-        .arg(run.output_bytes_max.to_string())
-        .arg("--")
-        .args(&run.argv)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = match command.spawn() {
-        Ok(child) => child,
+    let started = this
+        .launcher
+        .start(&dir, run.output_bytes_max as u64, &run.argv, &run.env)
+        .await;
+    let started = match started {
+        Ok(started) => started,
         Err(e) => {
-            let error = format!("start the run wrapper {}: {e}", this.exe.display());
+            let error = format!("start the run's wrapper: {e}");
             let _ = run.events.send(finish(failed(error))).await;
             return;
         }
     };
-    let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    let (pid, ticks) = (started.pid, started.ticks);
     crate::crashpoint::pass(crate::crashpoint::AFTER_SPAWN);
     let _ = run
         .events
@@ -673,15 +675,17 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
             task_id: run.task_id.clone(),
             run_id: run.run_id,
             pid,
-            pid_start_ticks: start_ticks(pid),
+            pid_start_ticks: ticks,
         })
         .await;
-    watch(this, run, Watched::Child(child), pid).await
+    let target = Watched::new(pid, ticks, Some(started.ended));
+    watch(this, run, target).await
 }
 
 /// Supervise the run's process group (led by `pid`) to its end; then read what the wrapper
 /// recorded and report it. Left alone, unreported, if the agent shuts down first.
-async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched, pid: i32) {
+async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched) {
+    let pid = target.pid;
     let ProcessRun {
         task_id,
         run_id,

@@ -1,10 +1,10 @@
-//! `outpost-agent supervise`: the small process every task run executes in. The agent starts
-//! it in a new process group; it claims the run's directory (see [`super::rundir`]), starts the
-//! command in the same group, copies the command's output into the directory up to the limit,
-//! and writes the exit status there when the command ends. The agent that started it may be
-//! gone by then: the next agent reads what it left. It ignores SIGTERM, SIGINT and SIGHUP (a
-//! termination of the group stops the command, and the wrapper stays to record how); SIGKILL
-//! stops it like anything else.
+//! The run wrapper: the small process every task run executes in, forked by the run launcher
+//! ([`super::launcher`]) as a process group of its own. It claims the run's directory (see
+//! [`super::rundir`]), starts the command in the same group, copies the command's output into
+//! the directory up to the limit, and writes the exit status there when the command ends. The
+//! agent that asked for it may be gone by then: the next agent reads what it left. It ignores
+//! SIGTERM, SIGINT and SIGHUP (a termination of the group stops the command, and the wrapper
+//! stays to record how); SIGKILL stops it like anything else.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
+use super::pool::Environment;
 use super::rundir::{self, Claim, Exit};
 
 /// How long output still held open by the command's leftovers is read after it exited.
@@ -22,7 +23,12 @@ const STRAGGLERS: Duration = Duration::from_secs(2);
 
 /// Run `argv` as run directory `dir` says; what goes wrong is written to the status (or, if
 /// even the directory cannot be written, returned).
-pub fn supervise(dir: &Path, output_max: u64, argv: &[String]) -> std::io::Result<()> {
+pub fn supervise(
+    dir: &Path,
+    output_max: u64,
+    argv: &[String],
+    env: &Environment,
+) -> std::io::Result<()> {
     let pid = std::process::id();
     let mine = Claim::Started {
         pid: i32::try_from(pid).unwrap_or(0),
@@ -51,7 +57,11 @@ pub fn supervise(dir: &Path, output_max: u64, argv: &[String]) -> std::io::Resul
     let (reader, writer) = std::io::pipe()?;
     let spawned = {
         let mut command = Command::new(program);
+        if env.clear {
+            command.env_clear();
+        }
         command
+            .envs(env.vars.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)

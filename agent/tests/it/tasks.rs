@@ -491,7 +491,7 @@ async fn a_postgres_password_reaches_psql_in_its_environment_never_in_its_argv()
     for _ in 0..100 {
         psql = all_cmdlines()
             .into_iter()
-            .find(|(_, cmd)| cmd.contains("pg_sleep(2)") && !cmd.contains("supervise"));
+            .find(|(_, cmd)| cmd.contains("pg_sleep(2)"));
         if psql.is_some() {
             break;
         }
@@ -842,23 +842,48 @@ async fn the_socket_refuses_other_users_by_mode_and_by_peer_credentials() {
     let _ = agent.ok(&["list"]);
 }
 
-/// The run wrapper on its own: a SIGTERM to the run's group stops the command (whose signal
-/// mask is clear, whatever the wrapper inherited) while the wrapper stays to record how it
-/// ended; a run a recovering agent gave up never starts.
+/// The run launcher and its wrappers on their own: a SIGTERM to the run's group stops the
+/// command (whose signal mask is clear, whatever the launcher blocked) while the wrapper stays
+/// to record how it ended; a run a recovering agent gave up never starts; each wrapper's end is
+/// reported after its start; the launcher ends with its stdin and its wrappers live on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_run_wrapper_records_the_end_and_honours_an_abandoned_claim() {
-    use std::os::unix::process::CommandExt;
+async fn the_launcher_s_wrappers_record_the_end_and_honour_an_abandoned_claim() {
+    use std::io::{BufRead, Write};
     let tmp = tempfile::tempdir().expect("tempdir");
+    let mut launcher = std::process::Command::new(agent_bin())
+        .arg("launcher")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the launcher");
+    let mut requests = launcher.stdin.take().expect("stdin");
+    let mut answers = std::io::BufReader::new(launcher.stdout.take().expect("stdout")).lines();
+    let mut next = move || -> serde_json::Value {
+        let line = answers.next().expect("an answer").expect("read");
+        serde_json::from_str(&line).expect("json")
+    };
+    let mut ask = |id: u64, dir: &Path, argv: &[&str]| {
+        let request = serde_json::json!({
+            "id": id, "dir": dir, "output_max": 5, "argv": argv,
+            "env_clear": true, "env": [["PATH", "/usr/bin:/bin"], ["WHO", "the wrapper"]],
+        });
+        writeln!(requests, "{request}").expect("send");
+    };
+
     let dir = tmp.path().join("1");
     std::fs::create_dir(&dir).expect("run dir");
-    let mut wrapper = std::process::Command::new(agent_bin())
-        .args(["supervise", "--dir", dir.to_str().expect("utf8")])
-        .args(["--output-max", "5", "--", "sh", "-c"])
-        .arg("echo started and more; exec sleep 300")
-        .process_group(0)
-        .spawn()
-        .expect("spawn the wrapper");
-    let pid = wrapper.id().to_string();
+    ask(
+        1,
+        &dir,
+        &["sh", "-c", "echo started by $WHO; exec sleep 300"],
+    );
+    let started = next();
+    assert_eq!(
+        (&started["kind"], &started["id"]),
+        (&"started".into(), &1.into()),
+        "{started}"
+    );
+    let pid = started["pid"].as_i64().expect("pid").to_string();
     let mut output = String::new();
     for _ in 0..100 {
         output = std::fs::read_to_string(dir.join("output")).unwrap_or_default();
@@ -875,42 +900,102 @@ async fn the_run_wrapper_records_the_end_and_honours_an_abandoned_claim() {
         .status()
         .expect("kill");
     assert!(ok.success());
-    let mut ended = None;
-    for _ in 0..100 {
-        if let Ok(Some(status)) = wrapper.try_wait() {
-            ended = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        ended.is_some_and(|s| s.success()),
-        "the wrapper outlives SIGTERM and exits once it recorded the end: {ended:?}"
-    );
+    let ended = next();
+    assert_eq!(ended["kind"], "exited", "{ended}");
+    assert_eq!(ended["pid"].as_i64().map(|p| p.to_string()), Some(pid));
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("status")).expect("status"))
             .expect("json");
-    assert_eq!(status["signal"], 15, "{status}");
-    assert_eq!(status["dropped"], 12, "{status}");
+    assert_eq!(
+        status["signal"], 15,
+        "the wrapper outlived SIGTERM to record it: {status}"
+    );
+    // "started by the wrapper\n" is 23 bytes: 5 kept, the rest counted.
+    assert_eq!(status["dropped"], 18, "{status}");
 
-    let given_up = tmp.path().join("2");
-    std::fs::create_dir(&given_up).expect("run dir");
-    std::fs::write(given_up.join("claim"), "abandoned\n").expect("claim");
-    let marker = tmp.path().join("ran");
-    let out = std::process::Command::new(agent_bin())
-        .args(["supervise", "--dir", given_up.to_str().expect("utf8")])
-        .args([
-            "--output-max",
-            "5",
-            "--",
-            "touch",
-            marker.to_str().expect("utf8"),
-        ])
-        .output()
-        .expect("run the wrapper");
-    assert!(out.status.success());
+    let abandoned = tmp.path().join("2");
+    let marker = tmp.path().join("never");
+    std::fs::create_dir(&abandoned).expect("run dir");
+    std::fs::write(abandoned.join("claim"), "abandoned\n").expect("claim");
+    ask(2, &abandoned, &["touch", marker.to_str().expect("utf8")]);
+    assert_eq!(next()["kind"], "started");
+    assert_eq!(next()["kind"], "exited");
     assert!(!marker.exists(), "an abandoned run's command never starts");
-    assert!(!given_up.join("status").exists());
+    assert!(!abandoned.join("status").exists());
+
+    let lasting = tmp.path().join("3");
+    std::fs::create_dir(&lasting).expect("run dir");
+    ask(3, &lasting, &["sleep", "300"]);
+    let pid = next()["pid"].as_i64().expect("pid").to_string();
+    drop(requests);
+    let status = launcher.wait().expect("wait");
+    assert!(
+        status.success(),
+        "the launcher ends with its stdin: {status}"
+    );
+    assert!(alive(&pid), "its wrapper lives on");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status();
+}
+
+/// The launcher's pid: the agent's child whose argv is `outpost-agent launcher`.
+fn launcher_of(agent: &Agent) -> Option<String> {
+    let agent_pid = agent.proc.as_ref().expect("running").0.id().to_string();
+    all_cmdlines().into_iter().find_map(|(pid, cmd)| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let parent = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .to_string();
+        (cmd.ends_with(" launcher ") && parent == agent_pid).then_some(pid)
+    })
+}
+
+/// A launcher killed under a run in flight: the run still ends with its real outcome (watched
+/// through /proc), the next run gets a new launcher, and a stopped agent takes its launcher
+/// along but not its runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launcher_loses_no_run_and_is_replaced() {
+    let mut agent = Agent::start(&[]).await;
+    let first = agent.ok(&[
+        "add",
+        "command",
+        "--key",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo first; exit 4",
+    ]);
+    agent.wait_status(&first, "doing").await;
+    let launcher = launcher_of(&agent).expect("a launcher runs");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &launcher])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let task = agent.wait_status(&first, "failed").await;
+    assert_eq!(task["runs"][0]["exit_code"], 4, "its real end: {task}");
+    assert_eq!(agent.ok(&["logs", &first]), "first");
+
+    let second = agent.ok(&["add", "command", "--key", "second", "--", "sleep", "30"]);
+    agent.wait_status(&second, "doing").await;
+    let replaced = launcher_of(&agent).expect("a new launcher runs");
+    assert_ne!(replaced, launcher);
+    let log = agent.dir.path().join("agent-0.log");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(log.contains("the run launcher ended"), "{log}");
+
+    agent.kill_9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!alive(&replaced), "the launcher ends with its agent");
+    agent.launch().await;
+    assert_eq!(agent.show(&second)["status"], "doing", "the run lives on");
+    agent.ok(&["cancel", &second]);
+    agent.wait_status(&second, "canceled").await;
 }
 
 /// After a reboot a run's unsynced claim may be lost with the power: a run in flight in an
