@@ -561,11 +561,17 @@ impl PostgresStore {
         Ok(n == 1)
     }
 
+    /// Remove the agent and what is stored of it. Its metrics have no foreign key (it cost a
+    /// query per stored row), so the one statement deletes them too.
     pub async fn remove_agent(&self, agent_id: &str) -> Result<bool, StorageError> {
         let n = self
             .client()
             .await?
-            .execute("DELETE FROM agents WHERE id = $1", &[&agent_id])
+            .execute(
+                "WITH metrics_gone AS (DELETE FROM metrics WHERE agent_id = $1) \
+                 DELETE FROM agents WHERE id = $1",
+                &[&agent_id],
+            )
             .await
             .map_err(backend)?;
         Ok(n > 0)

@@ -542,7 +542,29 @@ async fn check(s: Storage) {
         1,
         "history kept"
     );
+    let rm_row = control_plane::storage::MetricRow {
+        seq: 1,
+        ts_ms: 100,
+        kind: "db".into(),
+        data: "{}".into(),
+    };
+    s.insert_metrics("agt_rm", "ep1", vec![rm_row])
+        .await
+        .expect("insert");
+    let rm_metrics = || control_plane::storage::MetricQuery {
+        agent_id: "agt_rm".into(),
+        kind: None,
+        from_ms: 0,
+        to_ms: 1000,
+        limit: 100,
+        bytes_max: 1 << 20,
+    };
+    assert_eq!(s.metrics(rm_metrics()).await.expect("read").len(), 1);
     assert!(s.remove_agent("agt_rm").await.expect("remove"));
+    assert!(
+        s.metrics(rm_metrics()).await.expect("read").is_empty(),
+        "a removed agent's metrics go with it"
+    );
     assert!(s.agent_by_credential("cred_rk").await.expect("q").is_none());
     assert!(s.agent("agt_rm").await.expect("q").is_none());
     assert!(!s.remove_agent("agt_rm").await.expect("remove again"));
