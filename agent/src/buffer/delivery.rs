@@ -165,8 +165,10 @@ pub fn encode(batch: &proto::MetricsBatch) -> std::io::Result<Vec<u8>> {
     gz.finish()
 }
 
-/// Deliver until `shutdown`. While a batch is in flight the next one is read and encoded, so
-/// the agent's work overlaps the control plane's; only one request is ever on the wire.
+/// Deliver until `shutdown`. While a batch is in flight the rows the previous acknowledgement
+/// covered are deleted and the next batch is read and encoded, so the agent's work overlaps
+/// the control plane's; only one request is ever on the wire. Rows are deleted only through
+/// an acknowledged `seq`, and always before a read from scratch (which would send them again).
 pub async fn run_delivery(
     world: World,
     buffer: SharedBuffer,
@@ -176,36 +178,47 @@ pub async fn run_delivery(
     let mut policy = DeliveryPolicy::new(config.idle_poll);
     let limit = config.batch_rows_max;
     let mut next: Option<Prepared> = None;
+    // Acknowledged through this `seq`, not yet deleted.
+    let mut acked: Option<i64> = None;
     loop {
         let current = match next.take() {
             Some(p) => Ok(Some(p)),
-            None => prepare(&world, &buffer, DeliveryPolicy::fresh_read(), limit).await,
+            None => match forget(&world, &buffer, acked.take()).await {
+                Ok(()) => prepare(&world, &buffer, DeliveryPolicy::fresh_read(), limit).await,
+                Err((e, through)) => {
+                    acked = through;
+                    Err(e)
+                }
+            },
         };
         let (attempt, prefetched) = match current {
             Err(e) => (Err(e), None),
             Ok(None) => (Ok(Attempt::Empty), None),
             Ok(Some(batch)) => {
-                let (sent, prefetched) = tokio::join!(
-                    send(&world, &config, &batch),
-                    prepare(
-                        &world,
-                        &buffer,
-                        DeliveryPolicy::prefetch_read(batch.last_seq),
-                        limit
-                    )
-                );
-                let attempt = match sent {
-                    Sent::Stored { stored_through } => buffer
-                        .with(&world, move |b| {
-                            crate::crashpoint::pass(crate::crashpoint::AFTER_ACK);
-                            b.delete_through(stored_through)?;
-                            b.delivery_result(true)
-                        })
-                        .await
-                        .map(|()| Attempt::Delivered)
-                        .map_err(|e| format!("forget delivered rows: {e}")),
-                    Sent::Shed(wait) => Ok(Attempt::Shed(wait)),
-                    Sent::Failed(e) => Err(e),
+                let earlier = acked.take();
+                let (sent, (forgotten, prefetched)) =
+                    tokio::join!(send(&world, &config, &batch), async {
+                        let forgotten = forget(&world, &buffer, earlier).await;
+                        let read = DeliveryPolicy::prefetch_read(batch.last_seq);
+                        (forgotten, prepare(&world, &buffer, read, limit).await)
+                    });
+                let attempt = match (sent, forgotten) {
+                    (_, Err((e, through))) => {
+                        // Deleted again before the next read; later acknowledgements cover
+                        // more.
+                        acked = through;
+                        Err(e)
+                    }
+                    (Sent::Stored { stored_through }, Ok(())) => {
+                        acked = Some(stored_through);
+                        buffer
+                            .with(&world, |b| b.delivery_result(true))
+                            .await
+                            .map(|()| Attempt::Delivered)
+                            .map_err(|e| format!("record the delivery: {e}"))
+                    }
+                    (Sent::Shed(wait), Ok(())) => Ok(Attempt::Shed(wait)),
+                    (Sent::Failed(e), Ok(())) => Err(e),
                 };
                 (attempt, prefetched.ok().flatten())
             }
@@ -232,15 +245,38 @@ pub async fn run_delivery(
         {
             tracing::warn!(error = %e, "record delivery failure");
         }
-        if step.wait.is_zero() {
-            if shutdown.is_cancelled() {
-                return;
-            }
+        if step.wait.is_zero() && !shutdown.is_cancelled() {
             continue;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(step.wait) => {}
+        let stop = shutdown.is_cancelled()
+            || tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep(step.wait) => false,
+            };
+        if stop {
+            // What the control plane holds need not be sent again at the next start.
+            let _ = forget(&world, &buffer, acked.take()).await;
+            return;
         }
     }
+}
+
+/// Delete the rows acknowledged through `through`; on failure the error and what is still to
+/// delete.
+async fn forget(
+    world: &World,
+    buffer: &SharedBuffer,
+    through: Option<i64>,
+) -> Result<(), (String, Option<i64>)> {
+    let Some(through) = through else {
+        return Ok(());
+    };
+    buffer
+        .with(world, move |b| {
+            crate::crashpoint::pass(crate::crashpoint::AFTER_ACK);
+            b.delete_through(through)
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| (format!("forget delivered rows: {e}"), Some(through)))
 }

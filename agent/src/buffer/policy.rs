@@ -2,9 +2,10 @@
 //! after each attempt, and what a `429` asks for. The driver (`delivery`) does the SQLite and
 //! HTTP work and asks this after every step.
 //!
-//! * One batch on the wire at a time; while it is in flight the next one is read and encoded
-//!   (prefetch). Only a read from scratch expires stale rows: a prefetch never does, so a row
-//!   is never both delivered and counted as dropped.
+//! * One batch on the wire at a time; while it is in flight the rows the previous one stored
+//!   are deleted and the next one is read and encoded (prefetch). Only a read from scratch
+//!   expires stale rows: a prefetch never does, so a row is never both delivered and counted
+//!   as dropped.
 //! * Delivered: go again at once (the backlog drains as fast as the control plane admits),
 //!   with the prefetched batch. Empty: poll again after `idle_poll`. Shed (`429`): wait what
 //!   `Retry-After` says, at most [`RETRY_AFTER_MAX`]. Failed: back off with jitter and count a
