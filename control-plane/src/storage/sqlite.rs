@@ -138,18 +138,31 @@ impl SqliteStore {
             .map_err(backend)?
     }
 
+    /// Bring the schema to this build's version. An up-to-date database is only read: a
+    /// control plane and `outpost admin` open the same live file, and a write here would wait
+    /// for (or, upgrading a read, fail against) the running replica's writes.
     pub async fn migrate(&self) -> Result<u32, StorageError> {
         self.run(|conn| {
-            let tx = conn.transaction().map_err(backend)?;
-            let current: u32 = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(backend)?;
             let target = u32::try_from(migrations::SQLITE.len()).map_err(backend)?;
-            if current > target {
-                return Err(StorageError::Backend(format!(
-                    "database schema version {current} is newer than this build ({target}); upgrade outpost"
-                )));
+            let version = |conn: &Connection| -> Result<u32, StorageError> {
+                let current: u32 = conn
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(backend)?;
+                if current > target {
+                    return Err(StorageError::Backend(format!(
+                        "database schema version {current} is newer than this build ({target}); upgrade outpost"
+                    )));
+                }
+                Ok(current)
+            };
+            if version(conn)? == target {
+                return Ok(target);
             }
+            // Writing: take the write lock first (the busy timeout applies), then look again.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let current = version(&tx)?;
             for step in &migrations::SQLITE[current as usize..] {
                 tx.execute_batch(step).map_err(backend)?;
             }

@@ -893,6 +893,26 @@ async fn a_partition_dropped_by_another_replica_is_recreated_on_insert() {
     }
 }
 
+/// `outpost admin` opens the file a running replica writes: an up-to-date schema is only
+/// read, so opening succeeds while another connection holds the write lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_up_to_date_sqlite_schema_opens_beside_a_writer_holding_the_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let world = World::real();
+    drop(
+        control_plane::server::open_storage(&world, dir.path(), None)
+            .await
+            .expect("open"),
+    );
+    let mut writer = rusqlite::Connection::open(dir.path().join("outpost.db")).expect("open raw");
+    let held = writer
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("write lock");
+    let opened = control_plane::server::open_storage(&world, dir.path(), None).await;
+    held.commit().expect("commit");
+    assert!(opened.is_ok(), "{:#}", opened.err().expect("error"));
+}
+
 #[tokio::test]
 async fn a_newer_schema_is_refused_not_downgraded() {
     let dir = tempfile::tempdir().expect("tempdir");
