@@ -2,8 +2,9 @@
 //! kill -9: `OUTPOST_CHAOS_CRASH_AT=NAME:N` ends the process with SIGKILL on its N-th pass
 //! through the point NAME. Without the variable a point costs one load of a cached value.
 //! The suite uses it to hit instants a signal from outside could only hit by luck: between
-//! the control plane's acknowledgement of a batch and the buffer's delete, and between a
-//! task process's start and the storing of its pid.
+//! the control plane's acknowledgement of a batch and the buffer's delete, between a task
+//! process's start and the storing of its pid, and between the run launcher's fork and its
+//! answer.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const AFTER_ACK: &str = "buffer.after_ack";
 /// A task's process started; its pid is not stored yet.
 pub const AFTER_SPAWN: &str = "task.after_spawn";
+/// The run launcher forked a run's wrapper and has not told the agent (in the launcher).
+pub const AFTER_FORK: &str = "launcher.after_fork";
 
 static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static PASSES: AtomicU64 = AtomicU64::new(0);

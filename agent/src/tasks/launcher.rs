@@ -169,12 +169,15 @@ fn start(request: Request) -> Reply {
             };
             std::process::exit(code)
         }
-        Ok(ForkResult::Parent { child }) => Reply::Started {
-            id,
-            pid: child.as_raw(),
-            // Read before this process can reap it: the pid is still this wrapper's.
-            ticks: super::pool::start_ticks(child.as_raw()),
-        },
+        Ok(ForkResult::Parent { child }) => {
+            crate::crashpoint::pass(crate::crashpoint::AFTER_FORK);
+            Reply::Started {
+                id,
+                pid: child.as_raw(),
+                // Read before this process can reap it: the pid is still this wrapper's.
+                ticks: super::pool::start_ticks(child.as_raw()),
+            }
+        }
         Err(e) => Reply::Failed {
             id,
             error: format!("fork the run's wrapper: {e}"),
@@ -214,6 +217,28 @@ struct Conn {
     pid: Option<u32>,
     next_id: u64,
     shared: Arc<Mutex<Shared>>,
+}
+
+impl Conn {
+    fn give_up(&self, id: u64) {
+        give_up(self.pid, &self.shared, id);
+    }
+}
+
+/// Stop using the launcher `pid` (it is killed; its wrappers are not) and forget request `id`:
+/// the caller looks at the run's directory for what became of it.
+fn give_up(pid: Option<u32>, shared: &Mutex<Shared>, id: u64) {
+    let Ok(mut shared) = shared.lock() else {
+        return;
+    };
+    shared.waiting.remove(&id);
+    // Until its reader saw the end (and set `gone`) the launcher is not reaped, so its pid
+    // is still its own.
+    if !std::mem::replace(&mut shared.gone, true)
+        && let Some(pid) = pid.and_then(|p| i32::try_from(p).ok())
+    {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }
 
 /// What the reader of the launcher's answers and the runs share.
@@ -257,6 +282,8 @@ impl Launcher {
         argv: &[String],
         env: &Environment,
     ) -> Result<Started, String> {
+        // The request goes out under the lock (lines must not interleave); the answer is
+        // awaited without it.
         let answer = {
             let mut conn = self.conn.lock().await;
             let dead = conn
@@ -289,22 +316,33 @@ impl Launcher {
             }
             let mut line = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
             line.push(b'\n');
-            if let Err(e) = c.stdin.write_all(&line).await {
-                if let Ok(mut shared) = c.shared.lock() {
-                    shared.gone = true;
-                    shared.waiting.remove(&request.id);
-                }
-                return Err(format!("send the run to the launcher: {e}"));
+            let sent = tokio::time::timeout(ANSWER_TIMEOUT, c.stdin.write_all(&line)).await;
+            let failed = match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("send the run to the launcher: {e}")),
+                Err(_) => Some(format!(
+                    "the run launcher took no request for {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                )),
+            };
+            if let Some(error) = failed {
+                c.give_up(request.id);
+                return Err(error);
             }
-            rx
+            (rx, request.id, c.pid, Arc::clone(&c.shared))
         };
-        match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+        let (rx, id, pid, shared) = answer;
+        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
             Ok(Ok(started)) => started,
             Ok(Err(_)) => Err("the run launcher ended before it answered".into()),
-            Err(_) => Err(format!(
-                "the run launcher did not answer within {} s",
-                ANSWER_TIMEOUT.as_secs()
-            )),
+            Err(_) => {
+                // A launcher that hangs is replaced: the next run starts a new one.
+                give_up(pid, &shared, id);
+                Err(format!(
+                    "the run launcher did not answer within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ))
+            }
         }
     }
 

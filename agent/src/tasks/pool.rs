@@ -659,15 +659,37 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
         .launcher
         .start(&dir, run.output_bytes_max as u64, &run.argv, &run.env)
         .await;
-    let started = match started {
-        Ok(started) => started,
+    let (pid, ticks, ended) = match started {
+        Ok(started) => (started.pid, started.ticks, Some(started.ended)),
         Err(e) => {
-            let error = format!("start the run's wrapper: {e}");
-            let _ = run.events.send(finish(failed(error))).await;
-            return;
+            // The launcher may have forked the wrapper before it failed to answer: the run
+            // directory says, and a wrapper that has not claimed it yet never will.
+            let left = {
+                let (dir, max) = (dir.clone(), run.output_bytes_max);
+                this.world
+                    .blocking(move || os_leftover(&dir, max, false))
+                    .await
+            };
+            match left {
+                Ok(Ok(Leftover::Running { pid, ticks })) => {
+                    tracing::warn!(run_id = run.run_id, pid, error = %e, "the run launcher failed after it started the run's wrapper; watching the wrapper");
+                    (pid, ticks, None)
+                }
+                Ok(Ok(Leftover::Ended(outcome))) => {
+                    let _ = run.events.send(finish(outcome)).await;
+                    return;
+                }
+                other => {
+                    let mut error = format!("start the run's wrapper: {e}");
+                    if let Ok(Err(io)) = other {
+                        error.push_str(&format!(" (and its directory: {io})"));
+                    }
+                    let _ = run.events.send(finish(failed(error))).await;
+                    return;
+                }
+            }
         }
     };
-    let (pid, ticks) = (started.pid, started.ticks);
     crate::crashpoint::pass(crate::crashpoint::AFTER_SPAWN);
     let _ = run
         .events
@@ -678,7 +700,7 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
             pid_start_ticks: ticks,
         })
         .await;
-    let target = Watched::new(pid, ticks, Some(started.ended));
+    let target = Watched::new(pid, ticks, ended);
     watch(this, run, target).await
 }
 

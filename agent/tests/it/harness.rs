@@ -43,9 +43,14 @@ pub struct Proc(pub Child);
 
 impl Proc {
     pub fn spawn(bin: &Path, args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_with_env(bin, args, &[], log)
+    }
+
+    pub fn spawn_with_env(bin: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Proc {
         let file = std::fs::File::create(log).expect("log file");
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("OUTPOST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)

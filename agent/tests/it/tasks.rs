@@ -11,15 +11,21 @@ struct Agent {
     dir: tempfile::TempDir,
     proc: Option<Proc>,
     extra: Vec<String>,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Agent {
     async fn start(extra: &[&str]) -> Agent {
+        Agent::start_with_env(extra, &[]).await
+    }
+
+    async fn start_with_env(extra: &[&str], env: &[(&'static str, &'static str)]) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut agent = Agent {
             dir,
             proc: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.to_vec(),
         };
         agent.launch().await;
         agent
@@ -56,7 +62,7 @@ impl Agent {
             .dir
             .path()
             .join(format!("agent-{}.log", self.proc.is_some() as u8));
-        self.proc = Some(Proc::spawn(&agent_bin(), &args, &log));
+        self.proc = Some(Proc::spawn_with_env(&agent_bin(), &args, &self.env, &log));
         for _ in 0..200 {
             if self.tasks(&["list"]).status.success() {
                 return;
@@ -626,6 +632,7 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
         dir: tempfile::tempdir().expect("tempdir"),
         proc: None,
         extra: Vec::new(),
+        env: Vec::new(),
     };
     let data = agent.data();
     cp.enroll_agent("db1", &data.display().to_string());
@@ -998,6 +1005,95 @@ async fn a_killed_launcher_loses_no_run_and_is_replaced() {
     agent.wait_status(&second, "canceled").await;
 }
 
+/// A launcher that dies between its fork and its answer (crash point `launcher.after_fork`,
+/// here in every launcher): each run is then either recorded with its real end, its command
+/// having run once, or recorded as never started, its command never running. Never a run
+/// recorded failed whose command ran anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launcher_dying_before_it_answers_leaves_no_run_unaccounted() {
+    const RUNS: usize = 6;
+    let agent =
+        Agent::start_with_env(&[], &[("OUTPOST_CHAOS_CRASH_AT", "launcher.after_fork:1")]).await;
+    let ledger = agent.dir.path().join("ledger");
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        let script = format!("echo run{i} >> {}; sleep 0.{i}; exit 3", ledger.display());
+        let key = format!("run{i}");
+        let id = agent.ok(&["add", "command", "--key", &key, "--", "sh", "-c", &script]);
+        agent.wait_status(&id, "failed").await;
+        ids.push(id);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ledger = std::fs::read_to_string(&ledger).unwrap_or_default();
+    let (mut ran, mut never) = (0, 0);
+    for (i, id) in ids.iter().enumerate() {
+        let task = agent.show(id);
+        let run = &task["runs"][0];
+        let times = ledger.lines().filter(|l| *l == format!("run{i}")).count();
+        if run["exit_code"] == 3 {
+            assert_eq!(
+                times, 1,
+                "recorded with its real end, so it ran once: {task}"
+            );
+            ran += 1;
+        } else {
+            let error = run["error"].as_str().unwrap_or("");
+            assert!(error.contains("start the run's wrapper"), "{task}");
+            assert_eq!(
+                times, 0,
+                "recorded as never started, so it never ran: {task}"
+            );
+            never += 1;
+        }
+    }
+    assert_eq!(ran + never, RUNS);
+    let left = std::fs::read_dir(agent.data().join("runs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        left, 0,
+        "no run directory is left behind ({ran} ran, {never} never)"
+    );
+}
+
+/// A launcher that stops answering (SIGSTOP) is given up after 10 s: its run is recorded as
+/// never started (its directory is claimed so it never will), the launcher is killed, and the
+/// next run gets a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_launcher_is_replaced_and_its_run_never_starts() {
+    let agent = Agent::start(&[]).await;
+    let first = agent.ok(&["add", "command", "--key", "first", "--", "true"]);
+    agent.wait_status(&first, "done").await;
+    let launcher = launcher_of(&agent).expect("a launcher runs");
+    let signal = |sig: &str, pid: &str| {
+        std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .expect("kill")
+            .success()
+    };
+    assert!(signal("-STOP", &launcher));
+    let marker = agent.dir.path().join("ran");
+    let stuck = agent.ok(&[
+        "add",
+        "command",
+        "--key",
+        "stuck",
+        "--",
+        "touch",
+        marker.to_str().expect("utf8"),
+    ]);
+    let task = agent.wait_status(&stuck, "failed").await;
+    let error = task["runs"][0]["error"].as_str().unwrap_or("");
+    assert!(error.contains("did not answer within 10 s"), "{task}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!alive(&launcher), "the hung launcher was killed");
+    assert!(!marker.exists(), "the given-up run never ran");
+    let next = agent.ok(&["add", "command", "--key", "next", "--", "true"]);
+    agent.wait_status(&next, "done").await;
+    assert_ne!(launcher_of(&agent).as_deref(), Some(launcher.as_str()));
+}
+
 /// After a reboot a run's unsynced claim may be lost with the power: a run in flight in an
 /// earlier boot is recorded `aborted` and never run again, even with no trace of its process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1144,6 +1240,7 @@ async fn the_hosts_policy_limits_what_the_control_plane_may_run_there() {
         dir: tempfile::tempdir().expect("tempdir"),
         proc: None,
         extra: vec!["--config".into(), config.display().to_string()],
+        env: Vec::new(),
     };
     cp.enroll_agent("db1", &agent.data().display().to_string());
     agent.launch().await;
@@ -1246,6 +1343,7 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
         dir,
         proc: None,
         extra: Vec::new(),
+        env: Vec::new(),
     };
     agent.launch().await;
     let id = agent.ok(&[
