@@ -1,6 +1,6 @@
 //! A run's directory, `DATA_DIR/runs/<run_id>/`: what lets a run outlive the agent that
-//! started it. The agent starts every run through a small wrapper process (`outpost-agent
-//! supervise`, see [`super::wrapper`]) that owns the command, and the two sides meet only here:
+//! started it. Every run executes in a small wrapper process ([`super::wrapper`], forked by the
+//! run launcher) that owns the command, and the wrapper and the agent meet only here:
 //!
 //! - `claim`, written once and atomically (a complete temporary file hard-linked into place,
 //!   which fails if the name exists): `started <pid> <start ticks>` by the wrapper *before* it
