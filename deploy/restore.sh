@@ -11,6 +11,15 @@ set -eu
 cd "$(dirname "$0")"
 dir=$1
 [ -s "$dir/outpost.dump" ] && [ -s "$dir/certs.tar" ] || { echo "$dir lacks outpost.dump or certs.tar (backup.sh makes both)" >&2; exit 1; }
+# A backup others can read has leaked its secrets already (the CA key, password hashes):
+# refuse it rather than restore a CA that may be in other hands.
+for f in "$dir" "$dir/outpost.dump" "$dir/certs.tar"; do
+    mode=$(stat -L -c %a "$f")
+    if [ $((0$mode & 077)) != 0 ]; then
+        echo "$f is mode $mode: group and others can read the backup's secrets. If nobody else had access, chmod 700 $dir and 600 its files, then run again; otherwise treat the CA and passwords as leaked" >&2
+        exit 1
+    fi
+done
 compose=${COMPOSE:-docker compose}
 $compose up -d postgres
 i=0

@@ -258,7 +258,13 @@ rules=$(curl -fsS "http://127.0.0.1:$prom_port/api/v1/rules" | python3 -c 'impor
 echo "ok: both replicas up in Prometheus, $rules alert rules loaded"
 
 say "backup while running"
-./backup.sh "$work/backup" 2>&1 | quiet
+(umask 022 && ./backup.sh "$work/backup") 2>&1 | quiet
+modes=$(stat -c '%a' "$work/backup" "$work/backup/outpost.dump" "$work/backup/certs.tar" | tr '\n' ' ')
+[ "$modes" = "700 600 600 " ] || fail "the backup's modes are $modes, not 700 600 600"
+cp -a "$work/backup" "$work/backup-open" && chmod 755 "$work/backup-open"
+if ./restore.sh "$work/backup-open" >"$work/restore-open.log" 2>&1; then fail "restore.sh took a backup others can read"; fi
+grep -q "group and others can read" "$work/restore-open.log" || fail "restore.sh refused without saying why: $(cat "$work/restore-open.log")"
+echo "ok: the backup is 0700/0600 under umask 022, and a readable copy is refused"
 audit_count() { api "$url/api/v1/audit?limit=500" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))'; }
 audit_before=$(audit_count)
 rows_before=$(metric_rows)

@@ -45,6 +45,14 @@ pub struct RawServeConfig {
     pub max_connections: Option<usize>,
     /// humantime, default 15s: deadline for a request's headers and for idle keep-alive.
     pub header_timeout: Option<String>,
+    /// humantime, default 15s: deadline for a request's body, from its headers.
+    pub body_timeout: Option<String>,
+    /// humantime, default 60s: deadline for the answer to a request (not WebSockets).
+    pub request_timeout: Option<String>,
+    /// Connections at once from one source address, default 2000 (not behind a TLS proxy).
+    pub max_connections_per_address: Option<usize>,
+    /// humantime, default 30s: the first lockout after repeated failed logins.
+    pub login_lockout: Option<String>,
     /// `on` (default) or `off`: whether terminal sessions are recorded.
     pub recording: Option<String>,
     /// humantime, default 90d; at least 1d.
@@ -75,6 +83,12 @@ impl RawServeConfig {
             behind_tls_proxy: self.behind_tls_proxy.or(file.behind_tls_proxy),
             max_connections: self.max_connections.or(file.max_connections),
             header_timeout: self.header_timeout.or(file.header_timeout),
+            body_timeout: self.body_timeout.or(file.body_timeout),
+            request_timeout: self.request_timeout.or(file.request_timeout),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .or(file.max_connections_per_address),
+            login_lockout: self.login_lockout.or(file.login_lockout),
             recording: self.recording.or(file.recording),
             recording_retention: self.recording_retention.or(file.recording_retention),
             recording_failure: self.recording_failure.or(file.recording_failure),
@@ -155,11 +169,30 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         )?,
         inventory: raw.inventory.clone(),
         secure_cookies: false,
+        behind_tls_proxy: raw.behind_tls_proxy.unwrap_or(false),
         max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
         header_timeout: duration(
             "header_timeout",
             raw.header_timeout.as_deref(),
             defaults.header_timeout,
+        )?,
+        body_timeout: duration(
+            "body_timeout",
+            raw.body_timeout.as_deref(),
+            defaults.body_timeout,
+        )?,
+        request_timeout: duration(
+            "request_timeout",
+            raw.request_timeout.as_deref(),
+            defaults.request_timeout,
+        )?,
+        max_connections_per_address: raw
+            .max_connections_per_address
+            .unwrap_or(defaults.max_connections_per_address),
+        login_lockout: duration(
+            "login_lockout",
+            raw.login_lockout.as_deref(),
+            defaults.login_lockout,
         )?,
         recording: match raw.recording.as_deref() {
             None => defaults.recording,
@@ -185,8 +218,22 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             "max_connections: must be at least 1 (the fleet's size plus browsers and API clients)"
         );
     }
-    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&settings.header_timeout) {
-        bail!("header_timeout: must be between 1s and 10m");
+    for (field, value) in [
+        ("header_timeout", settings.header_timeout),
+        ("body_timeout", settings.body_timeout),
+        ("request_timeout", settings.request_timeout),
+    ] {
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&value) {
+            bail!("{field}: must be between 1s and 10m");
+        }
+    }
+    if settings.max_connections_per_address == 0 {
+        bail!(
+            "max_connections_per_address: must be at least 1 (agents behind one NAT address share it)"
+        );
+    }
+    if !(Duration::from_secs(1)..=crate::throttle::LOCKOUT_MAX).contains(&settings.login_lockout) {
+        bail!("login_lockout: must be between 1s and 15m");
     }
     if let Some(path) = &settings.inventory {
         remote_exec::Inventory::load(path)

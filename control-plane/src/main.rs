@@ -185,7 +185,8 @@ struct ExecRunArgs {
 struct ServeArgs {
     /// TOML file with any of: listen, data_dir, database_url, redis_url, heartbeat_interval,
     /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
-    /// behind_tls_proxy, max_connections, header_timeout, recording, recording_retention,
+    /// behind_tls_proxy, max_connections, max_connections_per_address, header_timeout,
+    /// body_timeout, request_timeout, login_lockout, recording, recording_retention,
     /// recording_failure, record_input. Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
@@ -238,6 +239,23 @@ struct ServeArgs {
     /// is closed after it, e.g. 15s [default: 15s].
     #[arg(long, env = "OUTPOST_HEADER_TIMEOUT", value_name = "DURATION")]
     header_timeout: Option<String>,
+    /// A client must send a request's whole body within this after its headers, or the
+    /// connection is closed (408, counted in outpost_http_deadlines_total) [default: 15s].
+    #[arg(long, env = "OUTPOST_BODY_TIMEOUT", value_name = "DURATION")]
+    body_timeout: Option<String>,
+    /// Every request that is not a WebSocket upgrade is answered within this, or gets 503 and
+    /// its connection is closed (counted in outpost_http_deadlines_total) [default: 60s].
+    #[arg(long, env = "OUTPOST_REQUEST_TIMEOUT", value_name = "DURATION")]
+    request_timeout: Option<String>,
+    /// Connections served at once from one source address; more are closed on accept and
+    /// counted. Raise it when many agents share one NAT address; not applied with
+    /// --behind-tls-proxy, where the proxy caps connections per client [default: 2000].
+    #[arg(long, env = "OUTPOST_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    max_connections_per_address: Option<usize>,
+    /// After 5 failed logins in a row a user name is locked for this long; each further
+    /// failure doubles it, up to 15m; a successful login clears it [default: 30s].
+    #[arg(long, env = "OUTPOST_LOGIN_LOCKOUT", value_name = "DURATION")]
+    login_lockout: Option<String>,
     /// Record terminal sessions (asciicast v2 in storage, replayable and searchable from the
     /// Recordings page): on, or off to keep no recording (the audit log still records who
     /// opened and ended which session) [default: on].
@@ -461,6 +479,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         behind_tls_proxy: args.behind_tls_proxy.then_some(true),
         max_connections: args.max_connections,
         header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
+        request_timeout: args.request_timeout,
+        max_connections_per_address: args.max_connections_per_address,
+        login_lockout: args.login_lockout,
         recording: args.recording,
         recording_retention: args.recording_retention,
         recording_failure: args.recording_failure,

@@ -55,6 +55,12 @@ pub struct Observed {
     pub login_refused_busy_total: AtomicU64,
     pub agent_frames_throttled_total: AtomicU64,
     pub login_refusals_unaudited_total: AtomicU64,
+    /// Requests whose body did not arrive within body_timeout (answered 408, closed).
+    pub http_body_deadlines_total: AtomicU64,
+    /// Requests not answered within request_timeout (answered 503, closed).
+    pub http_request_deadlines_total: AtomicU64,
+    /// Metrics batches refused because the same agent had one in flight.
+    pub ingest_batches_concurrent_total: AtomicU64,
     /// Connections and TLS handshakes, counted by the server loop.
     pub connections: std::sync::Arc<world::ConnectionCounters>,
 }
@@ -135,7 +141,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
         );
     }
     // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 15] = [
+    let plain: [(&str, &str, &AtomicU64); 19] = [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -195,6 +201,26 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             "outpost_http_connections_refused_total",
             "Connections closed on accept because max_connections were open.",
             &observed.connections.refused,
+        ),
+        (
+            "outpost_http_connections_refused_per_address_total",
+            "Connections closed on accept because their source address had max_connections_per_address open.",
+            &observed.connections.refused_per_address,
+        ),
+        (
+            "outpost_http_body_deadlines_total",
+            "Requests whose body did not arrive within body_timeout (answered 408, connection closed).",
+            &observed.http_body_deadlines_total,
+        ),
+        (
+            "outpost_http_request_deadlines_total",
+            "Requests not answered within request_timeout (answered 503, connection closed).",
+            &observed.http_request_deadlines_total,
+        ),
+        (
+            "outpost_ingest_batches_concurrent_total",
+            "Metrics batches answered 429 because the same agent had another batch in flight.",
+            &observed.ingest_batches_concurrent_total,
         ),
         (
             "outpost_tls_handshakes_evicted_total",

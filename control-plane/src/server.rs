@@ -76,6 +76,8 @@ where
     let limits = world::ServeLimits {
         max_connections: state.settings.max_connections,
         header_timeout: state.settings.header_timeout,
+        max_connections_per_address: (!state.settings.behind_tls_proxy)
+            .then_some(state.settings.max_connections_per_address),
     };
     let counters = std::sync::Arc::clone(&state.observed.connections);
     background.spawn(crate::terminal::relay::run(TerminalContext::from_ref(

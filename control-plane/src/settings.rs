@@ -21,10 +21,22 @@ pub struct Settings {
     pub inventory: Option<std::path::PathBuf>,
     /// Mark the session cookie `Secure` (the control plane serves HTTPS).
     pub secure_cookies: bool,
+    /// A reverse proxy terminates TLS in front: every connection comes from it.
+    pub behind_tls_proxy: bool,
     /// Connections served at once (every agent holds one); more are closed on accept.
     pub max_connections: usize,
     /// Deadline for a request's headers, and for an idle keep-alive connection.
     pub header_timeout: Duration,
+    /// Deadline for a request's whole body, counted from when its headers arrived.
+    pub body_timeout: Duration,
+    /// Deadline for the answer to a request that is not a WebSocket upgrade.
+    pub request_timeout: Duration,
+    /// Connections served at once from one source address; not applied behind a TLS proxy
+    /// (every connection then comes from the proxy, which caps per client itself).
+    pub max_connections_per_address: usize,
+    /// The first lockout of a user name after repeated failed logins (then doubling, up to
+    /// 15 min).
+    pub login_lockout: Duration,
     /// Terminal sessions are recorded (on unless the configuration turns it off).
     pub recording: bool,
     /// Terminal recordings whose last event is older than this are removed (checked hourly).
@@ -65,8 +77,13 @@ impl Default for Settings {
             audit_retention: Duration::from_secs(400 * 86_400),
             inventory: None,
             secure_cookies: false,
+            behind_tls_proxy: false,
             max_connections: 20_000,
             header_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(60),
+            max_connections_per_address: 2_000,
+            login_lockout: crate::throttle::LOCKOUT_FIRST,
             recording: true,
             recording_retention: Duration::from_secs(90 * 86_400),
             recording_failure: RecordingFailure::FailOpen,

@@ -56,6 +56,7 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> AppState {
         let observed: Arc<Observed> = Arc::default();
+        let logins = Arc::new(LoginThrottle::new(settings.login_lockout));
         AppState {
             audit: Audit::new(world.clone(), storage.clone(), Arc::clone(&observed)),
             world,
@@ -64,16 +65,14 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown,
             background: TaskTracker::new(),
-            ingest: IngestPermits(Arc::new(tokio::sync::Semaphore::new(
-                INGEST_CONCURRENCY_MAX,
-            ))),
+            ingest: IngestPermits::new(INGEST_CONCURRENCY_MAX),
             terminal: Terminal::new(
                 crate::terminal::Streams::memory(),
                 crate::terminal::TerminalSettings::default(),
             ),
             observed,
             exec_runs: Runs::default(),
-            logins: Arc::default(),
+            logins,
         }
     }
 

@@ -3,9 +3,11 @@
 //! shutdown. `axum::serve` has neither the cap nor the deadline, so a client that opens
 //! connections and never finishes a request (slowloris) would hold them forever.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -23,6 +25,10 @@ pub struct ServeLimits {
     /// A client must send a request's complete headers within this, counted from the moment
     /// the server waits for them: it is also how long an idle keep-alive connection stays open.
     pub header_timeout: Duration,
+    /// Connections served at once from one IP address (`None`: no such cap, as behind a proxy
+    /// every connection comes from); one beyond it is closed at once and counted in
+    /// [`ConnectionCounters::refused_per_address`].
+    pub max_connections_per_address: Option<usize>,
 }
 
 /// What [`serve`] and [`crate::tls::TlsListener`] count, for `/metrics`.
@@ -32,6 +38,9 @@ pub struct ConnectionCounters {
     pub open: AtomicU64,
     /// Connections closed on accept because [`ServeLimits::max_connections`] were open.
     pub refused: AtomicU64,
+    /// Connections closed on accept because their address had
+    /// [`ServeLimits::max_connections_per_address`] open.
+    pub refused_per_address: AtomicU64,
     /// TLS handshakes dropped unfinished to make room for a newer connection.
     pub handshakes_evicted: AtomicU64,
     /// TLS handshakes that failed or timed out.
@@ -44,11 +53,52 @@ struct Counted {
     stream: Stream,
     counters: Arc<ConnectionCounters>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connections open per source address, for [`ServeLimits::max_connections_per_address`].
+type PerAddress = Arc<Mutex<BTreeMap<IpAddr, usize>>>;
+
+/// One connection's place in its address's count, given back on drop.
+struct AddressSlot {
+    addresses: PerAddress,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// A place for `ip` if it has fewer than `max` connections open.
+    fn take(addresses: &PerAddress, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = addresses.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            addresses: Arc::clone(addresses),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -99,6 +149,7 @@ pub async fn serve<L>(
     L: axum::serve::Listener<Io = Stream, Addr = PeerAddr>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let addresses = PerAddress::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     loop {
@@ -121,11 +172,31 @@ pub async fn serve<L>(
             drop(stream);
             continue;
         };
+        let address = match (limits.max_connections_per_address, &peer) {
+            (Some(max), PeerAddr::Tcp(addr)) => {
+                let Some(place) = AddressSlot::take(&addresses, addr.ip(), max) else {
+                    let refused = counters.refused_per_address.fetch_add(1, Ordering::Relaxed) + 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            %peer,
+                            refused,
+                            max_connections_per_address = max,
+                            "connection refused: its address has max_connections_per_address open (raise it for agents behind one NAT address)"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
+                Some(place)
+            }
+            _ => None,
+        };
         counters.open.fetch_add(1, Ordering::Relaxed);
         let stream = Counted {
             stream,
             counters: Arc::clone(&counters),
             _slot: slot,
+            _address: address,
         };
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop_rx.clone();

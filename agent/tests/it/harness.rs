@@ -215,12 +215,23 @@ impl ControlPlane {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Option<world::HttpResponse> {
+        self.api_as(&self.token, method, path, body).await
+    }
+
+    /// As [`ControlPlane::api`], with another login's token.
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Option<world::HttpResponse> {
         let world = World::real();
         let url = url::Url::parse(&format!("{}{path}", self.url())).expect("url");
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::AUTHORIZATION,
-            format!("Bearer {}", self.token).parse().expect("header"),
+            format!("Bearer {token}").parse().expect("header"),
         );
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -293,6 +304,30 @@ impl ControlPlane {
     }
 
     pub async fn login(&self) -> String {
+        let r = self.try_login("admin", "admin-password-1234").await;
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// A user made with `outpost admin create-user`, logged in; returns the token.
+    pub async fn user(&self, name: &str, role: &str) -> String {
+        let password = format!("{name}-password-1234");
+        create_user(
+            self.data_dir().to_str().expect("utf8"),
+            &self.storage_args,
+            name,
+            role,
+            &password,
+        );
+        let r = self.try_login(name, &password).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// `POST /api/v1/sessions` with `name` and `password`, whatever it answers.
+    pub async fn try_login(&self, name: &str, password: &str) -> world::HttpResponse {
         let world = World::real();
         let url = url::Url::parse(&format!("{}/api/v1/sessions", self.url())).expect("url");
         let mut headers = http::HeaderMap::new();
@@ -300,8 +335,8 @@ impl ControlPlane {
             http::header::CONTENT_TYPE,
             "application/json".parse().expect("header"),
         );
-        let body = r#"{"username":"admin","password":"admin-password-1234"}"#;
-        let r = world::http_request(
+        let body = serde_json::json!({ "username": name, "password": password }).to_string();
+        world::http_request(
             &world,
             http::Method::POST,
             &url,
@@ -311,10 +346,7 @@ impl ControlPlane {
             1 << 20,
         )
         .await
-        .expect("login");
-        assert_eq!(r.status, 200);
-        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-        v["token"].as_str().expect("token").to_string()
+        .expect("login")
     }
 
     /// `(status, last_seen)` of `name` in `GET /api/v1/agents`; `None` if unreachable or unlisted.
@@ -370,13 +402,24 @@ impl ControlPlane {
 
 /// `outpost admin create-user admin --role admin` with password `admin-password-1234`.
 pub fn create_admin(data_s: &str, storage_args: &[String]) {
+    create_user(
+        data_s,
+        storage_args,
+        "admin",
+        "admin",
+        "admin-password-1234",
+    );
+}
+
+/// `outpost admin create-user NAME --role ROLE --password-stdin`.
+pub fn create_user(data_s: &str, storage_args: &[String], name: &str, role: &str, password: &str) {
     let mut create = Command::new(outpost_bin())
         .args([
             "admin",
             "create-user",
-            "admin",
+            name,
             "--role",
-            "admin",
+            role,
             "--password-stdin",
             "--data-dir",
             data_s,
@@ -391,9 +434,9 @@ pub fn create_admin(data_s: &str, storage_args: &[String]) {
         use std::io::Write;
         let mut stdin = create.stdin.take().expect("stdin");
         stdin
-            .write_all(b"admin-password-1234\n")
+            .write_all(format!("{password}\n").as_bytes())
             .expect("write password");
     }
     let out = create.wait_with_output().expect("create-user");
-    assert!(stdout(&out).contains("user: admin"));
+    assert!(stdout(&out).contains(&format!("user: {name}")));
 }

@@ -5,6 +5,7 @@ mod cli;
 mod doctor;
 mod harness;
 mod link;
+mod security;
 mod tasks;
 mod terminal;
 mod tls;

@@ -1040,3 +1040,63 @@ async fn logging_out_closes_the_browser_sockets_opened_with_that_login() {
     let mut again = Term::open(&rig.cp, &session, 0).await;
     again.wait_for("=#", 0).await;
 }
+
+/// Waits at most `limit` for the socket to be closed with a reason, and returns it.
+async fn closed_within(term: &mut Term, limit: Duration) -> String {
+    tokio::time::timeout(limit, async { while term.next_frame().await {} })
+        .await
+        .unwrap_or_else(|_| panic!("still open after {limit:?}"));
+    term.closed.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demotion_closes_the_terminal_sockets_the_new_role_does_not_allow() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "").await;
+    let operator = rig.cp.user("ops", "operator").await;
+    let other_admin = rig.cp.user("boss", "admin").await;
+    let r = rig
+        .cp
+        .api_as(
+            &operator,
+            http::Method::POST,
+            "/api/v1/terminal/sessions",
+            Some(serde_json::json!({ "agent_id": rig.agent_id })),
+        )
+        .await
+        .expect("control plane reachable");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let session = body["session_id"].as_str().expect("session_id").to_string();
+    let mut own = Term::open_as(&rig.cp, &operator, &session, 0).await;
+    own.wait_for("=#", 0).await;
+    let mut watching = Term::open_as(&rig.cp, &other_admin, &session, 0).await;
+    watching.wait_for("=#", 0).await;
+
+    let demote = |name: &'static str, role: &'static str| {
+        let cp = &rig.cp;
+        async move {
+            let r = cp
+                .api(
+                    http::Method::PATCH,
+                    &format!("/api/v1/users/{name}"),
+                    Some(serde_json::json!({ "role": role })),
+                )
+                .await
+                .expect("control plane reachable");
+            assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    // An admin demoted to operator loses the other user's session it had attached to.
+    demote("boss", "operator").await;
+    let reason = closed_within(&mut watching, Duration::from_secs(10)).await;
+    assert!(
+        reason.contains("owner and admins"),
+        "closed with {reason:?}"
+    );
+    // An operator demoted to viewer stops typing into psql.
+    demote("ops", "viewer").await;
+    let reason = closed_within(&mut own, Duration::from_secs(10)).await;
+    assert!(reason.contains("now viewer"), "closed with {reason:?}");
+}

@@ -50,10 +50,19 @@ async fn ingest_batch(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    // One batch in flight per agent: a credential whose bodies never arrive holds one permit
+    // (for at most body_timeout), never all of them.
+    let Some(_slot) = ingest.agent_slot(&agent.id) else {
+        crate::observe::add(&state.observed.ingest_batches_concurrent_total, 1);
+        return Ok(crate::edge::retry_later(
+            RETRY_AFTER_S,
+            "this agent has another metrics batch in flight; send one at a time",
+        ));
+    };
     // Admission first: a shed batch costs no body read (up to 16 MiB per request). A batch
     // arriving in a burst waits briefly for a permit (its body unread) before it is shed:
     // a fleet's deliveries bunch up, and a retry costs the agent far more than the wait.
-    let permit = tokio::time::timeout(INGEST_WAIT, ingest.0.clone().acquire_owned()).await;
+    let permit = tokio::time::timeout(INGEST_WAIT, ingest.permits.clone().acquire_owned()).await;
     let Ok(Ok(_permit)) = permit else {
         tracing::warn!(agent_id = %agent.id, "ingest at capacity: shedding a metrics batch (429)");
         crate::observe::add(&state.observed.ingest_batches_shed_total, 1);

@@ -5,6 +5,7 @@
 
 mod access;
 mod agents;
+mod deadlines;
 pub(crate) mod metrics;
 mod observe;
 pub mod openapi;
@@ -288,6 +289,10 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            deadlines::enforce,
+        ))
         .layer(middleware::map_response(json_errors))
         .layer(middleware::map_response(move |response| {
             security_headers(response, hsts)

@@ -11,7 +11,7 @@ use crate::audit::action;
 use crate::auth::{self, SecretKind};
 use crate::edge::{ApiError, SESSION_COOKIE};
 use crate::handles::Handles;
-use crate::throttle::{BUSY_RETRY, LoginThrottle, Refusal};
+use crate::throttle::{BUSY_RETRY, LoginThrottle, Name, Refusal};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 pub struct LoginRequest {
@@ -33,14 +33,15 @@ const CHECK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// a failure (an error, or a client that left mid-check, must not hold a place forever).
 struct Attempt<'a> {
     logins: &'a LoginThrottle,
-    name: &'a str,
+    name: Name<'a>,
+    now_ms: i64,
     ended: bool,
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.ended {
-            self.logins.abandoned(self.name);
+            self.logins.abandoned(self.name, self.now_ms);
         }
     }
 }
@@ -73,9 +74,20 @@ pub async fn login(
             }
         }
     };
+    // Whether the name is a user decides where its failures are kept: junk names share a
+    // fixed table and cannot push a real user's lockout out.
+    let user = state
+        .storage
+        .user_by_name(&body.username)
+        .await
+        .map_err(ApiError::internal)?;
+    let name = match &user {
+        Some(_) => Name::Known(&body.username),
+        None => Name::Unknown(&body.username),
+    };
     // Counted before the password check, so parallel guesses get no more checks than a
     // sequence; released when the attempt ends, whichever way (the client may leave).
-    if let Err(refusal) = logins.begin(&body.username, now_ms) {
+    if let Err(refusal) = logins.begin(name, now_ms) {
         // Not audited one by one (anyone can send these): the lockout was recorded when it
         // began, and refusals are counted in /metrics.
         crate::observe::add(&state.observed.login_refused_busy_total, 1);
@@ -84,24 +96,20 @@ pub async fn login(
             secs,
             match refusal {
                 Refusal::Locked(_) => {
-                    format!("too many failed logins for this user; try again in {secs} s")
+                    format!("too many failed logins for this user: locked for {secs} s")
                 }
                 Refusal::Checking => {
-                    format!("other logins for this user are being checked; try again in {secs} s")
+                    format!("another login for this user is being checked; try again in {secs} s")
                 }
             },
         ));
     }
     let mut attempt = Attempt {
         logins: &logins,
-        name: &body.username,
+        name,
+        now_ms,
         ended: false,
     };
-    let user = state
-        .storage
-        .user_by_name(&body.username)
-        .await
-        .map_err(ApiError::internal)?;
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
@@ -124,7 +132,7 @@ pub async fn login(
         tracing::info!(user = ?body.username, "login refused");
         crate::observe::add(&state.observed.login_failures_total, 1);
         attempt.ended = true;
-        let lockout = logins.failed(&body.username, now_ms);
+        let lockout = logins.failed(name, now_ms);
         audit_refused("invalid user name or password").await;
         if let Some(lockout) = lockout {
             crate::observe::add(&state.observed.login_lockouts_total, 1);
@@ -134,7 +142,7 @@ pub async fn login(
         return Err(refused());
     };
     attempt.ended = true;
-    logins.succeeded(&body.username);
+    logins.succeeded(name, now_ms);
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
     let ttl = state.settings.session_ttl;
     let expires_at_ms = now_ms.saturating_add(crate::time::duration_ms(ttl));

@@ -40,8 +40,10 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause before retrying a failed store call.
 const STORE_RETRY: Duration = Duration::from_millis(500);
-/// How often an open browser socket checks that the login it was opened with still stands
-/// (logged out, expired): at most this long after a revocation, the socket is closed.
+/// How often an open browser socket checks that what let it open still holds: the login (not
+/// logged out, revoked or expired), the user's role (still allowed terminals), and the owner
+/// rule (the session is theirs, or they are still an admin). At most this long after any of
+/// them changes, the socket is closed with the reason.
 const CREDENTIAL_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -412,7 +414,11 @@ pub async fn ws(
         .max_frame_size(BROWSER_FRAME_BYTES_MAX)
         .on_upgrade(move |socket| {
             async move {
-                serve(state, session_id, query.offset, socket, token_hash).await;
+                let access = Access {
+                    token_hash,
+                    owner_id: meta.user_id,
+                };
+                serve(state, session_id, query.offset, socket, access).await;
                 drop(slot);
             }
             .instrument(span)
@@ -484,16 +490,40 @@ async fn say_closed(
     Ok(())
 }
 
-/// Returns when the login behind `token_hash` no longer stands (revoked or expired). A
-/// storage error is not taken for a revocation.
-async fn credential_gone(state: &TerminalContext, token_hash: &str) {
+/// The role a browser terminal socket needs (the terminal routes' access level).
+const TERMINAL_ROLE: Role = Role::Operator;
+
+/// Returns, with the reason to show, when what let the socket open no longer holds: the
+/// login behind `token_hash` stands, its user's role still allows terminals, and the session
+/// is theirs or they are an admin. A storage error is not taken for a change.
+async fn access_lost(state: &TerminalContext, token_hash: &str, owner_id: &str) -> String {
     loop {
         tokio::time::sleep(CREDENTIAL_CHECK).await;
         let now_ms = state.world.now_unix_ms();
-        if let Ok(None) = state.storage.user_by_token(token_hash, now_ms).await {
-            return;
+        match state.storage.user_by_token(token_hash, now_ms).await {
+            Ok(None) => return "your login was revoked or has expired: log in again".into(),
+            Ok(Some(user)) if !user.role.allows(TERMINAL_ROLE) => {
+                return format!(
+                    "your role is now {}: terminals need {}",
+                    user.role.as_str(),
+                    TERMINAL_ROLE.as_str()
+                );
+            }
+            Ok(Some(user)) if user.id != owner_id && !user.role.allows(Role::Admin) => {
+                return format!(
+                    "your role is now {}: only the session's owner and admins may see it",
+                    user.role.as_str()
+                );
+            }
+            Ok(Some(_)) | Err(_) => {}
         }
     }
+}
+
+/// What let a browser socket open, checked again every [`CREDENTIAL_CHECK`].
+struct Access {
+    token_hash: String,
+    owner_id: String,
 }
 
 async fn serve(
@@ -501,7 +531,7 @@ async fn serve(
     session_id: String,
     offset: u64,
     socket: WebSocket,
-    token_hash: String,
+    access: Access,
 ) {
     let streams = state.terminal.streams.clone();
     let (mut sink, mut stream) = socket.split();
@@ -654,19 +684,18 @@ async fn serve(
             if let Err(e) = ended {
                 tracing::info!(reason = %e, "browser detached");
             }
-            false
+            None
         }
         () = input => {
             tracing::debug!("browser closed its socket");
-            false
+            None
         }
-        () = credential_gone(&state, &token_hash) => true,
-        () = state.shutdown.cancelled() => false,
+        reason = access_lost(&state, &access.token_hash, &access.owner_id) => Some(reason),
+        () = state.shutdown.cancelled() => None,
     };
-    if revoked {
+    if let Some(reason) = revoked {
         // The session goes on (psql keeps running); only this viewer loses it.
-        tracing::info!("login revoked or expired; browser socket closed");
-        let reason = "your login was revoked or has expired: log in again";
-        let _ = say_closed(&mut sink, reason, 1008, "login revoked").await;
+        tracing::info!(%reason, "access withdrawn; browser socket closed");
+        let _ = say_closed(&mut sink, &reason, 1008, "access withdrawn").await;
     }
 }

@@ -141,7 +141,7 @@ async fn connections_beyond_max_connections_are_closed_on_accept_and_counted() {
 async fn a_shed_metrics_batch_is_answered_before_its_body_is_read() {
     let server = Server::start().await;
     let (_agent_id, credential) = server.enroll("db1").await;
-    let permits = std::sync::Arc::clone(&server.state.ingest.0);
+    let permits = std::sync::Arc::clone(&server.state.ingest.permits);
     let all = u32::try_from(permits.available_permits()).expect("permits");
     let _held = permits
         .acquire_many_owned(all)
