@@ -434,7 +434,7 @@ struct Row {
 
 /// One replica through the ramp and the reconnect storm; returns the largest step's row.
 async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<Row> {
-    let mut cp = ControlPlane::start_with(storage, &["--max-connections", "30000"], true).await;
+    let mut cp = ControlPlane::start_with(storage, &["--max-connections", "30000", "--max-connections-per-address", "30000"], true).await;
     let fleet = Arc::new(Fleet {
         urls: vec![cp.url()],
         samples: Mutex::new(Samples::default()),
@@ -644,7 +644,14 @@ async fn measure(fleet: &Fleet, cp: &ControlPlane, pids: &[u32], agents: usize) 
 /// Two replicas sharing Postgres and Redis, `per_replica` agents on each, measured over one
 /// window and printed next to `single` (one replica's largest step on the same storage).
 async fn run_pair(storage: &[&str], redis_url: &str, per_replica: usize, single: Option<&Row>) {
-    let serve = ["--max-connections", "30000", "--redis-url", redis_url];
+    let serve = [
+        "--max-connections",
+        "30000",
+        "--max-connections-per-address",
+        "30000",
+        "--redis-url",
+        redis_url,
+    ];
     let first = ControlPlane::start_with(storage, &serve, true).await;
     let second = ControlPlane::start_with(storage, &serve, false).await;
     let replicas = [&first, &second];
