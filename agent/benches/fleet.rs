@@ -434,7 +434,17 @@ struct Row {
 
 /// One replica through the ramp and the reconnect storm; returns the largest step's row.
 async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<Row> {
-    let mut cp = ControlPlane::start_with(storage, &["--max-connections", "30000", "--max-connections-per-address", "30000"], true).await;
+    let mut cp = ControlPlane::start_with(
+        storage,
+        &[
+            "--max-connections",
+            "30000",
+            "--max-connections-per-address",
+            "30000",
+        ],
+        true,
+    )
+    .await;
     let fleet = Arc::new(Fleet {
         urls: vec![cp.url()],
         samples: Mutex::new(Samples::default()),

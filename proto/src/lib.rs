@@ -316,6 +316,13 @@ pub enum TerminalToAgent {
     },
     /// Liveness while nothing else flows; answered by [`TerminalFromAgent::Pong`].
     Ping,
+    /// The next input frame (binary data, `resize` or `close`) is the session's input number
+    /// `n` (from 1, increasing). An agent applies an input at most once: one whose number is
+    /// not above the last it applied is dropped, whichever link or replica sends it again.
+    /// Input without a number (an older control plane) is applied as it comes.
+    Seq {
+        n: u64,
+    },
     #[serde(other)]
     Unknown,
 }

@@ -10,6 +10,7 @@
 //! a slow or vanished consumer cannot stall psql; the ring overwrites its oldest bytes and the
 //! sender announces every overwritten range as `skipped`.
 
+mod gate;
 mod pty;
 pub mod ring;
 mod session;

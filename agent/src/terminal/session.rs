@@ -90,6 +90,8 @@ pub async fn run(ctx: Ctx, session_id: String) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
     let opened = Instant::now();
     let mut lost_at: Option<Instant> = None;
+    // Which input was applied, for the session's whole life (every link and replica).
+    let mut gate = super::gate::InputGate::default();
     let reason = loop {
         let deadline = match (&pty, lost_at) {
             (None, _) => opened + FIRST_LINK_DEADLINE,
@@ -135,7 +137,17 @@ pub async fn run(ctx: Ctx, session_id: String) {
             }
         };
         backoff.reset();
-        match serve_link(&ctx, &session_id, ws, &output, &mut pty, &mut lost_at).await {
+        match serve_link(
+            &ctx,
+            &session_id,
+            ws,
+            &output,
+            &mut pty,
+            &mut lost_at,
+            &mut gate,
+        )
+        .await
+        {
             LinkEnd::Lost(error) => {
                 tracing::info!(%error, pty = pty.is_some(), "terminal link lost; redialing");
                 if pty.is_some() {
@@ -229,6 +241,7 @@ async fn serve_link(
     output: &Arc<Output>,
     pty: &mut Option<PtyHandle>,
     lost_at: &mut Option<Instant>,
+    gate: &mut super::gate::InputGate,
 ) -> LinkEnd {
     let (mut sink, mut stream) = ws.split();
     let start = loop {
@@ -378,6 +391,9 @@ async fn serve_link(
                     match frame {
                         None | Some(Ok(Message::Close(_))) => return LinkEnd::Lost("closed by the control plane".into()),
                         Some(Err(e)) => return LinkEnd::Lost(format!("receive: {e}")),
+                        Some(Ok(Message::Binary(_))) if !gate.admit() => {
+                            tracing::warn!("terminal input already applied: dropped (a replay)");
+                        }
                         Some(Ok(Message::Binary(data))) => {
                             if let Ok(mut at) = activity.lock() {
                                 *at = Instant::now();
@@ -388,6 +404,10 @@ async fn serve_link(
                             }
                         }
                         Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+                            Ok(TerminalToAgent::Seq { n }) => gate.announce(n),
+                            Ok(TerminalToAgent::Resize { .. } | TerminalToAgent::Close { .. }) if !gate.admit() => {
+                                tracing::warn!("terminal input already applied: dropped (a replay)");
+                            }
                             Ok(TerminalToAgent::Resize { cols, rows }) => {
                                 debounce.push(Instant::now(), PtySize::clamped(cols, rows));
                             }

@@ -1100,3 +1100,139 @@ async fn a_demotion_closes_the_terminal_sockets_the_new_role_does_not_allow() {
     let reason = closed_within(&mut own, Duration::from_secs(10)).await;
     assert!(reason.contains("now viewer"), "closed with {reason:?}");
 }
+
+/// `redis-cli -u URL ARGS…`, its output.
+fn redis_cli(redis: &fixtures::Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(redis.url())
+        .args(args)
+        .output()
+        .expect("run redis-cli (Debian package redis-tools)");
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copy every entry of `stream` to its end, fields and MAC byte for byte (what a Redis
+/// writer without the key can do), in one script; returns how many.
+fn copy_entries(redis: &fixtures::Redis, stream: &str) -> usize {
+    let script = "local e = redis.call('XRANGE', KEYS[1], '-', '+') \
+                  for _, x in ipairs(e) do redis.call('XADD', KEYS[1], '*', unpack(x[2])) end \
+                  return #e";
+    redis_cli(redis, &["EVAL", script, "1", stream])
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_relayed_requests_and_input_in_redis_run_nothing_twice() {
+    let pg = postgres().await;
+    let redis = redis().await;
+    let db = pg.create_database("replay").expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    let terminal = "run_as = \"root\"\n[tasks]\nrun_as = \"root\"";
+    let mut rig = rig(browser_side, Some(agent_side), &pg, terminal).await;
+    psql(&rig.dsn, "CREATE TABLE probe (n int)");
+
+    // A task asked through the replica that does not hold the agent's channel is relayed.
+    let runs = rig._dir.path().join("runs");
+    let argv = format!("echo run >> {}", runs.display());
+    let r = rig
+        .cp
+        .api(
+            http::Method::POST,
+            &format!("/api/v1/agents/{}/tasks", rig.agent_id),
+            Some(serde_json::json!({"kind": "command", "argv": ["sh", "-c", argv]})),
+        )
+        .await
+        .expect("control plane reachable");
+    assert!(
+        r.status.is_success(),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let requests = copy_entries(&redis, "outpost:term:requests");
+    assert!(requests >= 1, "the task went through the relay");
+    let agent_cp = rig.agent_cp.as_ref().expect("two replicas");
+    let mut dropped = false;
+    for _ in 0..100 {
+        let r = agent_cp.api(http::Method::GET, "/metrics", None).await;
+        let text = r.map(|r| String::from_utf8_lossy(&r.body).into_owned());
+        if text.is_some_and(|t| t.contains("outpost_relay_replays_dropped_total 1")) {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        dropped,
+        "the copy of the relayed request was not refused as handled once"
+    );
+
+    // Keystrokes typed through one replica reach psql through the other.
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    term.wait_for("=#", 0).await;
+    term.send("INSERT INTO probe VALUES (1);\r").await;
+    let at = term.wait_for("INSERT 0 1", 0).await;
+    let stream = format!("outpost:term:{session}:in");
+    assert!(copy_entries(&redis, &stream) >= 2, "attach and keystrokes");
+    redis_cli(
+        &redis,
+        &[
+            "HSET",
+            &format!("outpost:term:{session}:meta"),
+            "input_cursor",
+            "0-0",
+        ],
+    );
+    // A new link (the agent's replica restarts) starts from the cursor set back.
+    let agent_cp = rig.agent_cp.as_mut().expect("two replicas");
+    drop(agent_cp.proc.take());
+    agent_cp.launch();
+    agent_cp.wait_healthy().await;
+    term.send("SELECT 'after' || 'replay';\r").await;
+    term.wait_for("afterreplay", at).await;
+
+    let count = std::process::Command::new("psql")
+        .args([rig.dsn.as_str(), "-At", "-c", "SELECT count(*) FROM probe"])
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&count.stdout).trim(),
+        "1",
+        "the INSERT ran once"
+    );
+    assert!(
+        rig.agent_log()
+            .contains("terminal input already applied: dropped"),
+        "the new link forwarded the entries again and the agent dropped them:\n{}",
+        rig.agent_log()
+    );
+    // Every run of the task has appended its line by now (the copies were read seconds ago).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = std::fs::read_to_string(&runs).unwrap_or_default();
+    let tasks = rig
+        .cp
+        .api(
+            http::Method::GET,
+            &format!("/api/v1/agents/{}/tasks", rig.agent_id),
+            None,
+        )
+        .await
+        .expect("control plane reachable");
+    assert_eq!(
+        lines.lines().count(),
+        1,
+        "the relayed task ran once: {}",
+        String::from_utf8_lossy(&tasks.body)
+    );
+}

@@ -78,6 +78,16 @@ pub async fn metrics(
                 &terminal.store_failures_total,
             ),
             (
+                "outpost_terminal_input_replays_dropped_total",
+                "Terminal input entries not forwarded because their sequence was already forwarded (a copy in Redis, or its cursor set back).",
+                &terminal.input_replays_dropped_total,
+            ),
+            (
+                "outpost_relay_replays_dropped_total",
+                "Relayed agent requests (terminal opens, task commands) not handled because they were handled once already (a copy re-added to Redis).",
+                &terminal.relay_replays_dropped_total,
+            ),
+            (
                 "outpost_terminal_recording_chunks_total",
                 "Terminal recording chunks this replica stored.",
                 &terminal.recording_chunks_total,

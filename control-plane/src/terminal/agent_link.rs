@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::TerminalContext;
 use super::recording::{Recorder, Summary};
-use super::{InEvent, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
+use super::{InEvent, InputEntry, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
 use crate::edge::{ApiError, AuthAgent};
 
 /// Largest frame accepted from an agent (a chunk plus its offset header).
@@ -158,6 +158,9 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         }
     };
     let mut input_cursor = meta.input_cursor.clone();
+    // The last input sequence taken on this link: entries at or below it are copies or
+    // re-reads (a cursor set back), never forwarded twice.
+    let mut applied = 0;
     tracing::info!(
         started = meta.started,
         output_end = written_end,
@@ -184,9 +187,13 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
                 .await
             {
                 Ok(events) => {
-                    for (id, event) in events {
-                        input_cursor = id;
-                        match event {
+                    for entry in events {
+                        input_cursor = entry.id;
+                        if entry.seq <= applied {
+                            continue;
+                        }
+                        applied = entry.seq;
+                        match entry.event {
                             InEvent::Attach { cols, rows } => {
                                 attached = Some((cols, rows));
                                 break;
@@ -256,7 +263,7 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
 
     let end = tokio::select! {
         end = output_loop(&state, &streams, &session_id, written_end, &mut stream, recorder) => end,
-        end = input_loop(&state, &streams, &session_id, input_cursor, &mut sink, recorder) => end,
+        end = input_loop(&state, &streams, &session_id, (input_cursor, applied), &mut sink, recorder) => end,
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
@@ -397,7 +404,7 @@ async fn input_loop(
     state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
-    mut cursor: String,
+    (mut cursor, mut applied): (String, u64),
     sink: &mut Sink,
     recorder: Option<&Recorder>,
 ) -> End {
@@ -408,7 +415,7 @@ async fn input_loop(
                 // At most once: a keystroke must never reach psql twice (a statement would run
                 // twice), so the stored cursor moves past the batch before any of it is sent.
                 // A link or replica lost mid-batch loses the rest of the batch instead.
-                let last = events.last().map(|(id, _)| id.clone()).unwrap_or_default();
+                let last = events.last().map(|e| e.id.clone()).unwrap_or_default();
                 let next = last.clone();
                 if streams
                     .update(
@@ -424,7 +431,23 @@ async fn input_loop(
                     continue;
                 }
                 cursor = last;
-                for (_, event) in events {
+                for InputEntry { seq, event, .. } in events {
+                    if seq <= applied {
+                        TerminalCounters::add(
+                            &state.terminal.counters.input_replays_dropped_total,
+                            1,
+                        );
+                        tracing::warn!(
+                            seq,
+                            applied,
+                            "terminal input entry already forwarded: dropped (a copy, or a cursor set back)"
+                        );
+                        continue;
+                    }
+                    applied = seq;
+                    if let Err(e) = send(sink, &TerminalToAgent::Seq { n: seq }).await {
+                        return End::Lost(e);
+                    }
                     if let Some(recorder) = recorder {
                         recorder.input(&event);
                     }

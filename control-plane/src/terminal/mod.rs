@@ -31,7 +31,9 @@ use crate::channel::Channels;
 use crate::settings::Settings;
 use crate::storage::Storage;
 
-pub use streams::{InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, Streams, StreamsError};
+pub use streams::{
+    InEvent, InputEntry, MetaPatch, OutEntry, SessionMeta, SessionState, Streams, StreamsError,
+};
 
 /// Terminal limits and timeouts (defaults in one place, here).
 #[derive(Clone, Debug)]
@@ -74,6 +76,8 @@ pub struct TerminalCounters {
     pub sessions_refused_total: AtomicU64,
     pub output_bytes_total: AtomicU64,
     pub store_failures_total: AtomicU64,
+    pub input_replays_dropped_total: AtomicU64,
+    pub relay_replays_dropped_total: AtomicU64,
     pub recording_chunks_total: AtomicU64,
     pub recording_failures_total: AtomicU64,
     pub recording_notes_dropped_total: AtomicU64,

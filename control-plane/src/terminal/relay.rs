@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use super::SessionState;
 use super::TerminalContext;
 use super::streams::RedisStreams;
-use super::streams::redis::{field, global_key, key, text};
+use super::streams::redis::{field, fresh_for_id, global_key, key, text};
 use crate::channel::CommandError;
 
 /// How long one read of the request stream blocks.
@@ -34,6 +34,12 @@ const REQUESTS_KEPT: usize = 1000;
 const REQUESTS_READ_MAX: usize = 100;
 /// How long an answer stays readable.
 const REPLY_KEEP_S: u64 = 600;
+/// How old a request may be when it is read (its signed time against this replica's clock);
+/// a requester waits at most [`COMMAND_TIMEOUT`] plus 2 s for its answer.
+const REQUEST_FRESH_MS: i64 = 30_000;
+/// How long a request handled once is remembered, here and in Redis: past it, the request is
+/// refused as stale anyway.
+const REQUEST_ONCE_KEEP_MS: i64 = 4 * REQUEST_FRESH_MS;
 
 /// A request to open a session on an agent whose control channel may be on another replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,7 +125,14 @@ async fn add_request(
     command: Option<&str>,
 ) -> super::streams::Result<()> {
     let stream = global_key("requests");
-    let mut fields: Vec<(&str, &[u8])> = vec![("s", id.as_bytes()), ("a", agent_id.as_bytes())];
+    // The id is random (a session or request id) and, with the time, inside the MAC: a copy
+    // is recognised by its id, and one added later by its time.
+    let written_ms = redis.now_unix_ms().to_string();
+    let mut fields: Vec<(&str, &[u8])> = vec![
+        ("s", id.as_bytes()),
+        ("a", agent_id.as_bytes()),
+        ("t", written_ms.as_bytes()),
+    ];
     if let Some(command) = command {
         fields.push(("c", command.as_bytes()));
     }
@@ -147,17 +160,27 @@ pub async fn read_requests(
         .map(|(id, _)| text(Some(id)))
         .unwrap_or_else(|| cursor.to_string());
     let stream = global_key("requests");
+    let now_ms = redis.now_unix_ms();
     let requests = found
         .iter()
-        .filter(|(_, fields)| {
-            let signed = redis.signer().verify(&stream, fields);
-            if !signed {
+        .filter(|(id, fields)| {
+            let agent_id = text(field(fields, b"a"));
+            if !redis.signer().verify(&stream, fields) {
                 tracing::warn!(
-                    agent_id = %text(field(fields, b"a")),
+                    %agent_id,
                     "relay request without a valid signature dropped (written to Redis by something other than a replica)"
                 );
+                return false;
             }
-            signed
+            let written_ms: i64 = text(field(fields, b"t")).parse().unwrap_or(0);
+            if !fresh_for_id(id, written_ms) || now_ms.saturating_sub(written_ms) > REQUEST_FRESH_MS {
+                tracing::warn!(
+                    %agent_id,
+                    "relay request dropped: stale, or its stream id does not match its signed time (a copy added to Redis later)"
+                );
+                return false;
+            }
+            true
         })
         .map(|(_, fields)| match field(fields, b"c") {
             None => Relayed::Open(OpenRequest {
@@ -371,6 +394,7 @@ async fn relay(state: &TerminalContext) {
         }
     };
     let mut opens = JoinSet::new();
+    let mut handled = HandledOnce::default();
     loop {
         while opens.try_join_next().is_some() {}
         let (next, requests) = match read_requests(redis, &cursor, REQUESTS_BLOCK).await {
@@ -396,6 +420,9 @@ async fn relay(state: &TerminalContext) {
                     }
                     if opens.len() >= OPENS_IN_FLIGHT_MAX {
                         tracing::warn!(request_id, "relay busy; command dropped");
+                        continue;
+                    }
+                    if !handled.first_time(state, redis, &request_id).await {
                         continue;
                     }
                     let state = state.clone();
@@ -428,6 +455,9 @@ async fn relay(state: &TerminalContext) {
                 tracing::warn!(session_id = %request.session_id, "terminal relay busy; open request dropped");
                 continue;
             }
+            if !handled.first_time(state, redis, &request.session_id).await {
+                continue;
+            }
             let state = state.clone();
             let redis = std::sync::Arc::clone(redis);
             opens.spawn(async move {
@@ -445,6 +475,47 @@ async fn relay(state: &TerminalContext) {
                 }
             });
         }
+    }
+}
+
+/// The requests this replica handled lately, beside the claim every replica sees in Redis: a
+/// request is handled at most once even when its claim in Redis was deleted.
+#[derive(Default)]
+struct HandledOnce {
+    /// Request (or session) id → when it was handled.
+    recent: std::collections::BTreeMap<String, i64>,
+}
+
+impl HandledOnce {
+    /// Whether request `id` is handled for the first time; a repeat is logged and counted.
+    async fn first_time(
+        &mut self,
+        state: &TerminalContext,
+        redis: &RedisStreams,
+        id: &str,
+    ) -> bool {
+        let now_ms = state.world.now_unix_ms();
+        self.recent
+            .retain(|_, at| now_ms.saturating_sub(*at) <= REQUEST_ONCE_KEEP_MS);
+        let first = !self.recent.contains_key(id)
+            && match redis.claim_once(id, REQUEST_ONCE_KEEP_MS).await {
+                Ok(first) => first,
+                Err(e) => {
+                    // Unclaimed is not handled: the requester times out and says so.
+                    tracing::warn!(error = %e, request_id = id, "relay: could not claim a request; dropped");
+                    return false;
+                }
+            };
+        if first {
+            self.recent.insert(id.to_string(), now_ms);
+        } else {
+            super::TerminalCounters::add(&state.terminal.counters.relay_replays_dropped_total, 1);
+            tracing::warn!(
+                request_id = id,
+                "relay request already handled: dropped (a copy re-added to Redis)"
+            );
+        }
+        first
     }
 }
 

@@ -145,21 +145,21 @@ async fn input_in_order_from_a_cursor(streams: &Streams) {
         .await
         .expect("read");
     assert_eq!(
-        read.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        read.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
         events.to_vec()
     );
-    let after_second = &read[1].0;
+    let after_second = &read[1].id;
     let rest = streams
         .read_input("input", after_second, NO_WAIT)
         .await
         .expect("read from cursor");
     assert_eq!(
-        rest.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+        rest.into_iter().map(|e| e.event).collect::<Vec<_>>(),
         events[2..].to_vec()
     );
     // A blocked reader wakes when input arrives.
     let (found, ()) = tokio::join!(
-        streams.read_input("input", &read[3].0, Duration::from_secs(5)),
+        streams.read_input("input", &read[3].id, Duration::from_secs(5)),
         async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             streams
@@ -574,7 +574,7 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
         .await
         .expect("append");
     let input = reader.read_input("ses_1", "", NO_WAIT).await.expect("read");
-    let events: Vec<InEvent> = input.into_iter().map(|(_, e)| e).collect();
+    let events: Vec<InEvent> = input.into_iter().map(|e| e.event).collect();
     assert_eq!(events, vec![InEvent::Data(b"select 1;\r".to_vec())]);
 
     // Terminal output: what a browser is shown comes from a replica too.

@@ -9,8 +9,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::model::{
-    INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result, SessionMeta,
-    SessionState, StreamsError,
+    INPUT_ENTRIES_MAX, InEvent, InputEntry, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result,
+    SessionMeta, SessionState, StreamsError,
 };
 
 struct MemSession {
@@ -205,7 +205,7 @@ impl MemoryStreams {
         id: &str,
         cursor: &str,
         block: Duration,
-    ) -> Result<Vec<(String, InEvent)>> {
+    ) -> Result<Vec<InputEntry>> {
         let after: u64 = cursor.parse().unwrap_or(0);
         self.read_blocking(
             id,
@@ -216,7 +216,11 @@ impl MemoryStreams {
                     .iter()
                     .filter(|(n, _)| *n > after)
                     .take(READ_ENTRIES_MAX)
-                    .map(|(n, e)| (n.to_string(), e.clone()))
+                    .map(|(n, e)| InputEntry {
+                        id: n.to_string(),
+                        seq: *n,
+                        event: e.clone(),
+                    })
                     .collect()
             },
         )

@@ -25,8 +25,8 @@ pub use self::memory::MemoryStreams;
 pub use self::redis::RedisStreams;
 
 pub use self::model::{
-    ENTRY_BYTES_MAX, INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result,
-    SessionMeta, SessionState, StreamsError,
+    ENTRY_BYTES_MAX, INPUT_ENTRIES_MAX, InEvent, InputEntry, MetaPatch, OutEntry, READ_ENTRIES_MAX,
+    Result, SessionMeta, SessionState, StreamsError,
 };
 use self::model::{check_size, out_payload_bytes};
 
@@ -136,7 +136,7 @@ impl Streams {
         id: &str,
         cursor: &str,
         block: Duration,
-    ) -> Result<Vec<(String, InEvent)>> {
+    ) -> Result<Vec<InputEntry>> {
         match self {
             Streams::Memory(m) => m.read_input(id, cursor, block).await,
             Streams::Redis(r) => r.read_input(id, cursor, block).await,

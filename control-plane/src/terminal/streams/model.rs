@@ -97,6 +97,17 @@ pub struct SessionMeta {
     pub recording: String,
 }
 
+/// An input entry as read: its stream id (the cursor after it), and its sequence number in
+/// the session (inside the entry's MAC, from 1, increasing). The reader forwards an entry only
+/// when its sequence is above the last one forwarded, so a copy re-added to Redis, or a cursor
+/// set back, replays nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputEntry {
+    pub id: String,
+    pub seq: u64,
+    pub event: InEvent,
+}
+
 /// The fields of a session record that an update may change; `None` leaves a field as it is.
 /// Only the named fields are written, so two writers that change different fields never undo
 /// each other, and no update reopens a closed session.

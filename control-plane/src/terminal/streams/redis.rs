@@ -21,8 +21,8 @@ use tokio_util::task::TaskTracker;
 use world::World;
 
 use super::model::{
-    INPUT_ENTRIES_MAX, InEvent, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result, SessionMeta,
-    SessionState, StreamsError,
+    INPUT_ENTRIES_MAX, InEvent, InputEntry, MetaPatch, OutEntry, READ_ENTRIES_MAX, Result,
+    SessionMeta, SessionState, StreamsError,
 };
 
 const KEY_PREFIX: &str = "outpost:term:";
@@ -55,6 +55,25 @@ for i = 2, #ARGV, 2 do
 end
 return 1
 ";
+
+/// `KEYS[1]` meta hash. The session's next input sequence number; 0 when the session is gone
+/// (a keystroke must not bring back a record that expired).
+const INPUT_SEQ_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'input_seq', 1)
+";
+
+/// How far apart the time a replica signed into an entry and the time in the id Redis gave
+/// it may be (the two clocks, and the write's own delay). A valid entry copied into the stream
+/// later gets a new id and fails this.
+pub const ENTRY_SKEW_MS: i64 = 60_000;
+
+/// Whether the signed time `signed_ms` of an entry fits the time in its stream id.
+pub(in crate::terminal) fn fresh_for_id(entry_id: &[u8], signed_ms: i64) -> bool {
+    parse_id(entry_id).is_some_and(|(id_ms, _)| {
+        i64::try_from(id_ms).is_ok_and(|id_ms| (id_ms - signed_ms).abs() <= ENTRY_SKEW_MS)
+    })
+}
 
 /// Where and how to connect, from a `redis[s]://[[user]:password@]host[:port][/db]` URL.
 #[derive(Clone, Debug)]
@@ -132,6 +151,7 @@ pub struct RedisStreams {
     drivers: TaskTracker,
     create_script: Script,
     update_script: Script,
+    input_seq_script: Script,
     signer: super::sign::Signer,
 }
 
@@ -166,6 +186,7 @@ impl RedisStreams {
             drivers: TaskTracker::new(),
             create_script: Script::new(CREATE_SCRIPT),
             update_script: Script::new(UPDATE_SCRIPT),
+            input_seq_script: Script::new(INPUT_SEQ_SCRIPT),
             // A key of its own until the shared one is set: entries it signs are only ever
             // accepted by itself.
             signer: super::sign::Signer::new(world.random_bytes::<32>()),
@@ -181,6 +202,27 @@ impl RedisStreams {
     /// Whether the URL carries a password (Redis without one lets anybody who reaches it in).
     pub fn has_password(&self) -> bool {
         self.target.info.password().is_some()
+    }
+
+    /// This replica's clock, for the times signed into entries.
+    pub(in crate::terminal) fn now_unix_ms(&self) -> i64 {
+        self.world.now_unix_ms()
+    }
+
+    /// Claim `name` for this replica once: `true` only for the first caller, on any replica,
+    /// within `keep_ms` (Redis `SET NX PX`).
+    pub(in crate::terminal) async fn claim_once(&self, name: &str, keep_ms: i64) -> Result<bool> {
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(global_key(&format!("once:{name}")))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(keep_ms.max(1)),
+            )
+            .await?;
+        Ok(set.is_some())
     }
 
     pub(in crate::terminal) fn signer(&self) -> &super::sign::Signer {
@@ -317,9 +359,26 @@ impl RedisStreams {
         ]
     }
 
+    /// The MAC over what decides who may see a session and which agent may dial its link:
+    /// its agent, its owner and when it was made. A record whose `bind` does not verify is
+    /// taken for unknown.
+    fn bind(&self, meta_key: &str, meta: &SessionMeta) -> String {
+        let created_ms = meta.created_ms.to_string();
+        hex::encode(self.signer.sign(
+            meta_key,
+            &[
+                ("agent_id", meta.agent_id.as_bytes()),
+                ("user_id", meta.user_id.as_bytes()),
+                ("username", meta.username.as_bytes()),
+                ("created_ms", created_ms.as_bytes()),
+            ],
+        ))
+    }
+
     pub(super) async fn create(&self, id: &str, meta: &SessionMeta, live_max: usize) -> Result<()> {
         let (live_key, meta_key) = (global_key("live"), key(id, "meta"));
-        let fields = Self::meta_fields(meta);
+        let mut fields = Self::meta_fields(meta);
+        fields.push(("bind", self.bind(&meta_key, meta)));
         let try_create = || {
             let mut invocation = self.create_script.key(&live_key);
             invocation.key(&meta_key).arg(live_max).arg(id);
@@ -354,7 +413,7 @@ impl RedisStreams {
                 .map(|(_, v)| v.as_str())
                 .unwrap_or_default()
         };
-        Ok(Some(SessionMeta {
+        let meta = SessionMeta {
             agent_id: f("agent_id").to_string(),
             user_id: f("user_id").to_string(),
             username: f("username").to_string(),
@@ -365,7 +424,15 @@ impl RedisStreams {
             reason: f("reason").to_string(),
             input_cursor: f("input_cursor").to_string(),
             recording: f("recording").to_string(),
-        }))
+        };
+        if f("bind") != self.bind(&key(id, "meta"), &meta) {
+            tracing::warn!(
+                session_id = %id,
+                "terminal session record whose agent or owner was changed in Redis (its signature does not verify): taken for unknown"
+            );
+            return Ok(None);
+        }
+        Ok(Some(meta))
     }
 
     pub(super) async fn update(&self, id: &str, now_ms: i64, patch: MetaPatch) -> Result<()> {
@@ -521,8 +588,15 @@ impl RedisStreams {
 
     pub(super) async fn append_input(&self, id: &str, event: InEvent) -> Result<()> {
         let stream = key(id, "in");
+        let seq: u64 = self
+            .script(self.input_seq_script.key(key(id, "meta")))
+            .await?;
+        if seq == 0 {
+            return Ok(());
+        }
+        let (seq, written_ms) = (seq.to_string(), self.world.now_unix_ms().to_string());
         let (cols, rows);
-        let fields: Vec<(&str, &[u8])> = match &event {
+        let mut fields: Vec<(&str, &[u8])> = match &event {
             InEvent::Data(d) => vec![("k", b"data"), ("d", d.as_slice())],
             InEvent::Resize { cols: c, rows: r } | InEvent::Attach { cols: c, rows: r } => {
                 (cols, rows) = (c.to_string(), r.to_string());
@@ -535,6 +609,10 @@ impl RedisStreams {
             }
             InEvent::Close { reason } => vec![("k", b"close"), ("d", reason.as_bytes())],
         };
+        // Inside the MAC: which input this is (a copy repeats it) and when it was written (a
+        // copy added later has a newer stream id).
+        fields.push(("n", seq.as_bytes()));
+        fields.push(("t", written_ms.as_bytes()));
         self.add_signed(&stream, INPUT_ENTRIES_MAX, &fields).await
     }
 
@@ -562,7 +640,7 @@ impl RedisStreams {
         id: &str,
         cursor: &str,
         block: Duration,
-    ) -> Result<Vec<(String, InEvent)>> {
+    ) -> Result<Vec<InputEntry>> {
         let from = if cursor.is_empty() { "0-0" } else { cursor };
         let stream = key(id, "in");
         let found = self
@@ -578,10 +656,18 @@ impl RedisStreams {
                     );
                     return None;
                 }
-                Some((
-                    String::from_utf8_lossy(&entry).into_owned(),
-                    in_event(&fields)?,
-                ))
+                if !fresh_for_id(&entry, number(field(&fields, b"t"))) {
+                    tracing::warn!(
+                        session_id = %id,
+                        "terminal input entry whose stream id does not match its signed time dropped (a copy added to Redis later)"
+                    );
+                    return None;
+                }
+                Some(InputEntry {
+                    id: String::from_utf8_lossy(&entry).into_owned(),
+                    seq: number(field(&fields, b"n")),
+                    event: in_event(&fields)?,
+                })
             })
             .collect())
     }
