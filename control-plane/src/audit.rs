@@ -29,6 +29,8 @@ pub mod action {
     pub const TERMINAL_ENDED: &str = "terminal.ended";
     /// A browser attached to a session (its owner, or an admin watching someone else's).
     pub const TERMINAL_ATTACHED: &str = "terminal.attached";
+    /// A terminal link dialed with the agent's credential but without the session's link secret.
+    pub const TERMINAL_LINK_REFUSED: &str = "terminal.link_refused";
     /// A recording was played back in the UI (or fetched without `download`).
     pub const RECORDING_REPLAYED: &str = "recording.replayed";
     /// A recording was downloaded as a `.cast` file.

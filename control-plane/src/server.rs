@@ -131,7 +131,7 @@ pub async fn serve(
         .with_context(|| format!("listen on {}", config.listen))?;
     let streams = match &config.redis_url {
         Some(url) => crate::terminal::Streams::redis(world.clone(), url).context("redis_url")?,
-        None => crate::terminal::Streams::memory(),
+        None => crate::terminal::Streams::memory(&world),
     };
     if let Some(redis) = streams.shared() {
         redis.set_key(shared_key(&world, &storage).await?);

@@ -57,6 +57,7 @@ impl AppState {
     ) -> AppState {
         let observed: Arc<Observed> = Arc::default();
         let logins = Arc::new(LoginThrottle::new(settings.login_lockout));
+        let streams = crate::terminal::Streams::memory(&world);
         AppState {
             audit: Audit::new(world.clone(), storage.clone(), Arc::clone(&observed)),
             world,
@@ -66,10 +67,7 @@ impl AppState {
             shutdown,
             background: TaskTracker::new(),
             ingest: IngestPermits::new(INGEST_CONCURRENCY_MAX),
-            terminal: Terminal::new(
-                crate::terminal::Streams::memory(),
-                crate::terminal::TerminalSettings::default(),
-            ),
+            terminal: Terminal::new(streams, crate::terminal::TerminalSettings::default()),
             observed,
             exec_runs: Runs::default(),
             logins,

@@ -177,8 +177,14 @@ pub enum Command {
     /// Cancel a task.
     TaskCancel { task_id: String },
     /// Open a terminal session: the agent checks its session limit, answers, then dials
-    /// [`TERMINAL_PATH`] for `session_id`. No PTY exists before that link sends `start`.
-    TerminalOpen { session_id: String },
+    /// [`TERMINAL_PATH`] for `session_id`, sending `link_secret` in [`LINK_SECRET_HEADER`]
+    /// (the proof that it is this agent process, not another process on the host that read
+    /// the agent's credential). No PTY exists before that link sends `start`.
+    TerminalOpen {
+        session_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link_secret: Option<String>,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -294,6 +300,9 @@ pub enum CommandResult {
 pub const TERMINAL_PATH: &str = "/api/v1/agent/terminal";
 /// Largest PTY output chunk in one frame.
 pub const TERMINAL_CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+/// The header carrying a terminal session's link secret when the agent dials its link.
+pub const LINK_SECRET_HEADER: &str = "x-outpost-link-secret";
 
 /// Control plane → agent on the reverse terminal link.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -222,7 +222,8 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     let (token, credential) = (secrets.remove(1), secrets.remove(0));
     let ledger: Shared = Arc::default();
     // The store outlives control-plane restarts, as Redis would.
-    let store = Arc::new(MemoryStreams::default());
+    // Its link key, like the replicas' shared key, outlives restarts; fixed for replay.
+    let store = Arc::new(MemoryStreams::new([7; 32]));
     let mut sim = new_sim(seed, plan);
     {
         let world = host_world(seed, "cp");

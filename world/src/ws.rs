@@ -51,6 +51,18 @@ pub async fn ws_connect(
     timeout: Duration,
     message_bytes_max: usize,
 ) -> Result<WsStream, WsError> {
+    ws_connect_with(world, url, bearer, &[], timeout, message_bytes_max).await
+}
+
+/// As [`ws_connect`], with further request headers (name, value).
+pub async fn ws_connect_with(
+    world: &World,
+    url: &url::Url,
+    bearer: Option<&str>,
+    headers: &[(&'static str, &str)],
+    timeout: Duration,
+    message_bytes_max: usize,
+) -> Result<WsStream, WsError> {
     let endpoint = authority(url)?;
     let addr = endpoint.addr.clone();
     let mut ws_url = url.clone();
@@ -79,6 +91,15 @@ pub async fn ws_connect(
         request
             .headers_mut()
             .insert(http::header::AUTHORIZATION, value);
+    }
+    for (name, value) in headers {
+        let value = http::HeaderValue::from_str(value).map_err(|e| {
+            WsError::Url(HttpError::BadUrl {
+                url: url.to_string(),
+                reason: format!("header {name} is not a valid header value: {e}"),
+            })
+        })?;
+        request.headers_mut().insert(*name, value);
     }
     let config = WebSocketConfig::default()
         .max_message_size(Some(message_bytes_max))

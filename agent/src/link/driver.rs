@@ -397,8 +397,11 @@ async fn answer(
                 "this agent runs no task runtime".into(),
             ),
         },
-        Command::TerminalOpen { session_id } => match &config.terminals {
-            Some(terminals) => match terminals.open(&session_id) {
+        Command::TerminalOpen {
+            session_id,
+            link_secret,
+        } => match &config.terminals {
+            Some(terminals) => match terminals.open(&session_id, link_secret) {
                 Ok(()) => AgentMessage::CommandAck {
                     id,
                     ok: true,

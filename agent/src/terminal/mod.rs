@@ -247,7 +247,8 @@ impl Terminals {
         self.inner.config.record_input
     }
 
-    pub fn open(&self, session_id: &str) -> Result<(), OpenError> {
+    /// `link_secret` is shown when dialing the link (kept in this process only).
+    pub fn open(&self, session_id: &str, link_secret: Option<String>) -> Result<(), OpenError> {
         if !self.inner.config.enabled {
             return Err(OpenError::Disabled);
         }
@@ -277,6 +278,7 @@ impl Terminals {
                     link: this.inner.link.clone(),
                     pty: Arc::clone(&this.inner.pty),
                     shutdown: this.inner.shutdown.child_token(),
+                    link_secret,
                 };
                 session::run(ctx, id.clone()).await;
                 this.active().remove(&id);

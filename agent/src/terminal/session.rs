@@ -42,6 +42,8 @@ pub struct Ctx {
     pub link: TerminalLink,
     pub pty: Arc<dyn PtySystem>,
     pub shutdown: CancellationToken,
+    /// Shown when dialing the link: proves this process, not just this host's credential.
+    pub link_secret: Option<String>,
 }
 
 /// Sans-IO resize debounce: remembers the newest size and says when it is due.
@@ -108,10 +110,15 @@ pub async fn run(ctx: Ctx, session_id: String) {
                 ),
             };
         }
-        let dial = world::ws_connect(
+        let secret = ctx
+            .link_secret
+            .as_deref()
+            .map(|s| (proto::LINK_SECRET_HEADER, s));
+        let dial = world::ws_connect_with(
             &ctx.world,
             &url,
             Some(&ctx.link.credential),
+            secret.as_slice(),
             CONNECT_TIMEOUT.min(deadline - now),
             FRAME_BYTES_MAX,
         );

@@ -1236,3 +1236,48 @@ async fn copies_of_relayed_requests_and_input_in_redis_run_nothing_twice() {
         String::from_utf8_lossy(&tasks.body)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dial_of_a_live_session_with_only_the_agent_credential_is_refused_and_audited() {
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let rig = rig(cp, None, &pg, "").await;
+    let session = rig.session().await;
+    let mut term = Term::open(&rig.cp, &session, 0).await;
+    let at = term.wait_for("=#", 0).await;
+
+    // What any process running as the agent's user can read: the credential and the id.
+    let identity = std::fs::read_to_string(rig._dir.path().join("agent/identity.json"))
+        .expect("identity.json");
+    let identity: serde_json::Value = serde_json::from_str(&identity).expect("json");
+    let credential = identity["credential"].as_str().expect("credential");
+    let url = url::Url::parse(&format!(
+        "{}{}/{session}",
+        rig.cp.url(),
+        proto::TERMINAL_PATH
+    ))
+    .expect("url");
+    let tap = world::ws_connect(&World::real(), &url, Some(credential), PATIENCE, 1 << 20).await;
+    let status = tap.err().and_then(|e| e.http_status());
+    assert_eq!(status, Some(403), "a tap of the live session was let in");
+
+    let r = rig
+        .cp
+        .api(
+            http::Method::GET,
+            "/api/v1/audit?action=terminal.link_refused",
+            None,
+        )
+        .await
+        .expect("control plane reachable");
+    let rows: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(
+        rows.as_array().map(Vec::len),
+        Some(1),
+        "audited once: {rows}"
+    );
+    assert_eq!(rows[0]["target"], session.as_str(), "{rows}");
+    // The session itself goes on.
+    term.send("SELECT 'still' || 'here';\r").await;
+    term.wait_for("stillhere", at).await;
+}

@@ -46,8 +46,37 @@ pub async fn upgrade(
     State(state): State<TerminalContext>,
     Extension(AuthAgent(agent)): Extension<AuthAgent>,
     Path(session_id): Path<String>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // The agent's credential proves the host; the link secret (sent to the agent process over
+    // its control channel, never to psql) proves the process. Another process on the host
+    // that read the credential and the session id is refused, and the attempt is audited.
+    let shown = headers
+        .get(proto::LINK_SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let expected = state.terminal.streams.link_secret(&session_id);
+    if !constant_time_eq(shown, expected.as_bytes()) {
+        tracing::warn!(%session_id, agent_id = %agent.id, "terminal link dialed without the session's link secret: refused");
+        state
+            .audit
+            .record(
+                &format!("agent:{}", agent.name),
+                crate::audit::action::TERMINAL_LINK_REFUSED,
+                &session_id,
+                serde_json::json!({
+                    "agent_id": agent.id,
+                    "reason": if shown.is_empty() { "no link secret" } else { "wrong link secret" },
+                }),
+            )
+            .await;
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this terminal link needs the session's link secret, which only the agent process that opened it holds",
+        )
+        .into_response();
+    }
     let meta = match state.terminal.streams.meta(&session_id).await {
         Ok(Some(meta)) if meta.agent_id == agent.id => meta,
         Ok(_) => {
@@ -72,6 +101,11 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             async move { run(state, session_id, socket).await }.instrument(span)
         })
+}
+
+/// Equal bytes, compared without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Sink = SplitSink<WebSocket, Message>;

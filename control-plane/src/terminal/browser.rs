@@ -231,6 +231,7 @@ async fn open_on_agent(
     let timeout = state.terminal.settings.open_timeout;
     let command = Command::TerminalOpen {
         session_id: session_id.to_string(),
+        link_secret: Some(state.terminal.streams.link_secret(session_id)),
     };
     let answer = state
         .channels

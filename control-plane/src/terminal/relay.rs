@@ -463,6 +463,7 @@ async fn relay(state: &TerminalContext) {
             opens.spawn(async move {
                 let command = proto::Command::TerminalOpen {
                     session_id: request.session_id.clone(),
+                    link_secret: Some(state.terminal.streams.link_secret(&request.session_id)),
                 };
                 let answer = open_answer(
                     state

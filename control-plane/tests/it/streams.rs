@@ -348,7 +348,7 @@ async fn closed_sessions_expire(streams: &Streams) {
 
 #[tokio::test]
 async fn in_process_store_passes_the_suite() {
-    let streams = Streams::memory();
+    let streams = Streams::memory(&World::real());
     check(streams.clone()).await;
     assert!(streams.shared().is_none(), "one replica: nothing to relay");
 }
@@ -553,6 +553,7 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
     assert_eq!(got, vec![relay::Relayed::Open(signed)]);
 
     // Terminal input: keystrokes written straight into Redis never reach the agent side.
+    sender.create("ses_1", &meta(), 10).await.expect("create");
     sender
         .append_input("ses_1", InEvent::Data(b"select 1;\r".to_vec()))
         .await
@@ -574,8 +575,25 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
         .await
         .expect("append");
     let input = reader.read_input("ses_1", "", NO_WAIT).await.expect("read");
-    let events: Vec<InEvent> = input.into_iter().map(|e| e.event).collect();
+    let events: Vec<InEvent> = input.iter().map(|e| e.event.clone()).collect();
     assert_eq!(events, vec![InEvent::Data(b"select 1;\r".to_vec())]);
+    assert_eq!(input[0].seq, 1, "numbered from 1");
+    // Input for a session that is gone brings no record back.
+    sender
+        .append_input("ses_gone", InEvent::Data(b"x".to_vec()))
+        .await
+        .expect("append");
+    assert!(reader.meta("ses_gone").await.expect("meta").is_none());
+    // A session record pointed at another agent is taken for unknown.
+    assert!(reader.meta("ses_1").await.expect("meta").is_some());
+    redis_cli(
+        &redis,
+        &["HSET", "outpost:term:ses_1:meta", "agent_id", "agt_tap"],
+    );
+    assert!(
+        reader.meta("ses_1").await.expect("meta").is_none(),
+        "a changed agent_id does not verify"
+    );
 
     // Terminal output: what a browser is shown comes from a replica too.
     sender

@@ -30,12 +30,23 @@ struct MemState {
     outage: bool,
 }
 
-#[derive(Default)]
 pub struct MemoryStreams {
     state: Mutex<MemState>,
+    link_signer: super::sign::Signer,
 }
 
 impl MemoryStreams {
+    pub fn new(link_key: [u8; 32]) -> MemoryStreams {
+        MemoryStreams {
+            state: Mutex::default(),
+            link_signer: super::sign::Signer::new(link_key),
+        }
+    }
+
+    pub(super) fn link_signer(&self) -> &super::sign::Signer {
+        &self.link_signer
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
         match self.state.lock() {
             Ok(g) => g,

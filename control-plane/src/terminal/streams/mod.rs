@@ -38,8 +38,21 @@ pub enum Streams {
 }
 
 impl Streams {
-    pub fn memory() -> Streams {
-        Streams::Memory(Arc::new(MemoryStreams::default()))
+    /// The in-process store; `world` makes the key its sessions' link secrets derive from.
+    pub fn memory(world: &World) -> Streams {
+        Streams::Memory(Arc::new(MemoryStreams::new(world.random_bytes::<32>())))
+    }
+
+    /// The secret the agent must show when it dials session `id`'s link: derived from a key
+    /// only the replicas hold (for Redis, the shared signing key), so every replica can check
+    /// it and none has to store it. It never reaches psql's environment or argv.
+    pub fn link_secret(&self, id: &str) -> String {
+        let context = format!("terminal-link:{id}");
+        let mac = match self {
+            Streams::Memory(m) => m.link_signer().sign(&context, &[]),
+            Streams::Redis(r) => r.signer().sign(&context, &[]),
+        };
+        hex::encode(mac)
     }
 
     /// A Redis store at `url` (`redis://` or `rediss://`); connects on first use.
