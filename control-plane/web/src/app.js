@@ -2,7 +2,7 @@
 // run a command across hosts, read the audit log. Every figure comes from the authenticated
 // API; the role the API reports decides which controls are shown (the API enforces it anyway).
 
-import { $, ago, api, bufferHealth, el, rankFleet, show } from './common.js';
+import { $, ago, api, bufferHealth, el, rankFleet, shellQuote, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
@@ -340,7 +340,7 @@ async function rekeyAgent() {
   if (!agent) return;
   const r = await api('POST', `/api/v1/agents/${encodeURIComponent(agent.id)}/rekey`);
   if (r.status !== 201) { $('agent-error').textContent = r.json?.error ?? `new credential: ${r.status}`; return; }
-  $('agent-rekey-command').textContent = `outpost-agent enroll --force --token ${r.json.token} --control-plane ${location.origin} --name ${agent.name}\n# then restart the agent (systemctl restart outpost-agent)`;
+  $('agent-rekey-command').textContent = `outpost-agent enroll --force --token ${shellQuote(r.json.token)} --control-plane ${shellQuote(location.origin)} --name ${shellQuote(agent.name)}\n# then restart the agent (systemctl restart outpost-agent)`;
   $('agent-rekey-out').hidden = false;
 }
 

@@ -23,6 +23,11 @@ export async function api(method, path, body) {
 }
 
 /** A table cell (or any element) with text content. */
+/** `s` as one word for a POSIX shell: single-quoted, with any `'` closed, escaped and reopened. */
+export function shellQuote(s) {
+  return `'${String(s).replaceAll("'", "'\\''")}'`;
+}
+
 export function el(tag, text, attrs = {}) {
   const node = document.createElement(tag);
   if (text !== undefined && text !== null) node.textContent = String(text);

@@ -190,7 +190,7 @@ try {
     await page.getByRole('link', { name: 'demo-agent' }).click();
     await page.getByRole('heading', { name: 'Agent demo-agent' }).waitFor();
     await page.getByRole('button', { name: 'New credential' }).click();
-    await page.locator('#agent-rekey-command', { hasText: 'outpost-agent enroll --force --token ope_' }).waitFor({ timeout: 10000 });
+    await page.locator('#agent-rekey-command', { hasText: "outpost-agent enroll --force --token 'ope_" }).waitFor({ timeout: 10000 });
     await page.getByRole('button', { name: 'Remove agent' }).click();
     await page.getByRole('heading', { name: 'Fleet' }).waitFor();
     await page.locator('#fleet-empty').waitFor({ state: 'visible', timeout: 10000 });

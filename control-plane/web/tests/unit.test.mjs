@@ -2,11 +2,17 @@
 // buffer health earns a warning exactly when delivery lags, fails or the buffer fills.
 import assert from 'node:assert/strict';
 import test from 'node:test';
-import { bufferHealth, LAG_WARN_S } from '../src/common.js';
+import { bufferHealth, LAG_WARN_S, shellQuote } from '../src/common.js';
 import { CHARTS, series, XID_LIMIT } from '../src/charts.js';
 
 const at = (s) => new Date(Date.UTC(2026, 0, 1, 0, 0, s)).toISOString();
 const activity = { type: 'activity', values: (d) => d };
+
+test('an agent name is one shell word whatever it holds', () => {
+  assert.equal(shellQuote('db1'), "'db1'");
+  assert.equal(shellQuote("x'; rm -rf / #"), "'x'\\''; rm -rf / #'");
+  assert.equal(shellQuote('$(id)`id`'), "'$(id)`id`'");
+});
 
 test('an outage longer than three collection intervals is a gap, not a line', () => {
   const samples = [0, 10, 20, 30, 300, 310, 320].map((s) => ({ ts: at(s), data: { active: s } }));
