@@ -26,7 +26,8 @@ pub struct Handles {
 #[derive(Clone)]
 pub struct IngestPermits {
     pub permits: Arc<tokio::sync::Semaphore>,
-    in_flight: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// Batches in flight per agent id (one each).
+    in_flight: Arc<world::KeyedSlots<String>>,
 }
 
 impl IngestPermits {
@@ -38,29 +39,7 @@ impl IngestPermits {
     }
 
     /// `agent_id`'s place as the one batch it has in flight; `None` while another holds it.
-    pub fn agent_slot(&self, agent_id: &str) -> Option<AgentSlot> {
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        in_flight.insert(agent_id.to_string()).then(|| AgentSlot {
-            in_flight: Arc::clone(&self.in_flight),
-            agent_id: agent_id.to_string(),
-        })
-    }
-}
-
-/// An agent's one batch in flight; given back on drop.
-pub struct AgentSlot {
-    in_flight: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
-    agent_id: String,
-}
-
-impl Drop for AgentSlot {
-    fn drop(&mut self) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.agent_id);
+    pub fn agent_slot(&self, agent_id: &str) -> Option<world::Slot<String>> {
+        self.in_flight.acquire(&agent_id.to_string(), 1)
     }
 }

@@ -15,6 +15,7 @@ mod net;
 mod postgres;
 mod serve;
 mod signal;
+mod slots;
 pub mod tls;
 mod ws;
 
@@ -29,6 +30,7 @@ pub use net::{Listener, Net, PeerAddr, Stream};
 pub use postgres::postgres_connect;
 pub use serve::{ConnectionCounters, ServeLimits, serve};
 pub use signal::{on_shutdown_signal, shutdown_signal};
+pub use slots::{KeyedSlots, Slot};
 pub use ws::{WsError, WsStream, ws_connect, ws_connect_with};
 
 /// Handle to the outside world. Cheap to clone; clones share one RNG.

@@ -1,13 +1,12 @@
 //! The HTTP/1.1 server loop the control plane runs on any listener (TCP, TLS or simulated):
-//! a cap on connections served at once, a deadline for each request's headers, graceful
+//! a cap on connections served at once (in all and per source address), a deadline for each request's headers, graceful
 //! shutdown. `axum::serve` has neither the cap nor the deadline, so a client that opens
 //! connections and never finishes a request (slowloris) would hold them forever.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -15,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::{Semaphore, watch};
 
 use crate::net::{PeerAddr, Stream};
+use crate::slots::{KeyedSlots, Slot};
 
 /// Limits of [`serve`].
 #[derive(Clone, Copy, Debug)]
@@ -53,52 +53,12 @@ struct Counted {
     stream: Stream,
     counters: Arc<ConnectionCounters>,
     _slot: tokio::sync::OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    _address: Option<Slot<IpAddr>>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.counters.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Connections open per source address, for [`ServeLimits::max_connections_per_address`].
-type PerAddress = Arc<Mutex<BTreeMap<IpAddr, usize>>>;
-
-/// One connection's place in its address's count, given back on drop.
-struct AddressSlot {
-    addresses: PerAddress,
-    ip: IpAddr,
-}
-
-impl AddressSlot {
-    /// A place for `ip` if it has fewer than `max` connections open.
-    fn take(addresses: &PerAddress, ip: IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut open = addresses.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = open.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            addresses: Arc::clone(addresses),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
     }
 }
 
@@ -149,7 +109,7 @@ pub async fn serve<L>(
     L: axum::serve::Listener<Io = Stream, Addr = PeerAddr>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let addresses = PerAddress::default();
+    let addresses: Arc<KeyedSlots<IpAddr>> = Arc::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     loop {
@@ -174,7 +134,7 @@ pub async fn serve<L>(
         };
         let address = match (limits.max_connections_per_address, &peer) {
             (Some(max), PeerAddr::Tcp(addr)) => {
-                let Some(place) = AddressSlot::take(&addresses, addr.ip(), max) else {
+                let Some(place) = addresses.acquire(&addr.ip(), max) else {
                     let refused = counters.refused_per_address.fetch_add(1, Ordering::Relaxed) + 1;
                     if refused.is_power_of_two() {
                         tracing::warn!(

@@ -95,7 +95,8 @@ pub struct Terminal {
     pub streams: Streams,
     pub settings: Arc<TerminalSettings>,
     pub counters: Arc<TerminalCounters>,
-    pub sockets: Arc<UserSockets>,
+    /// Open browser WebSockets per user id on this replica.
+    pub sockets: Arc<world::KeyedSlots<String>>,
 }
 
 impl Terminal {
@@ -105,52 +106,6 @@ impl Terminal {
             settings: Arc::new(settings),
             counters: Arc::new(TerminalCounters::default()),
             sockets: Arc::default(),
-        }
-    }
-}
-
-/// Open browser WebSockets per user on this replica.
-#[derive(Debug, Default)]
-pub struct UserSockets {
-    open: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
-}
-
-/// One counted socket; dropping it frees the slot.
-pub struct SocketSlot {
-    sockets: Arc<UserSockets>,
-    user_id: String,
-}
-
-impl UserSockets {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, usize>> {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A slot for `user_id`, unless they hold `max` already.
-    pub fn acquire(self: &Arc<Self>, user_id: &str, max: usize) -> Option<SocketSlot> {
-        let mut open = self.lock();
-        let n = open.entry(user_id.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SocketSlot {
-            sockets: Arc::clone(self),
-            user_id: user_id.to_string(),
-        })
-    }
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        let mut open = self.sockets.lock();
-        if let Some(n) = open.get_mut(&self.user_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.user_id);
-            }
         }
     }
 }
