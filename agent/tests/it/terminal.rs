@@ -1101,29 +1101,15 @@ async fn a_demotion_closes_the_terminal_sockets_the_new_role_does_not_allow() {
     assert!(reason.contains("now viewer"), "closed with {reason:?}");
 }
 
-/// `redis-cli -u URL ARGS…`, its output.
-fn redis_cli(redis: &fixtures::Redis, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .arg("-u")
-        .arg(redis.url())
-        .args(args)
-        .output()
-        .expect("run redis-cli (Debian package redis-tools)");
-    assert!(
-        out.status.success(),
-        "redis-cli {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Copy every entry of `stream` to its end, fields and MAC byte for byte (what a Redis
 /// writer without the key can do), in one script; returns how many.
 fn copy_entries(redis: &fixtures::Redis, stream: &str) -> usize {
     let script = "local e = redis.call('XRANGE', KEYS[1], '-', '+') \
                   for _, x in ipairs(e) do redis.call('XADD', KEYS[1], '*', unpack(x[2])) end \
                   return #e";
-    redis_cli(redis, &["EVAL", script, "1", stream])
+    redis
+        .cli(&["EVAL", script, "1", stream])
+        .expect("redis-cli")
         .trim()
         .parse()
         .expect("a count")
@@ -1185,15 +1171,14 @@ async fn copies_of_relayed_requests_and_input_in_redis_run_nothing_twice() {
     let at = term.wait_for("INSERT 0 1", 0).await;
     let stream = format!("outpost:term:{session}:in");
     assert!(copy_entries(&redis, &stream) >= 2, "attach and keystrokes");
-    redis_cli(
-        &redis,
-        &[
+    redis
+        .cli(&[
             "HSET",
             &format!("outpost:term:{session}:meta"),
             "input_cursor",
             "0-0",
-        ],
-    );
+        ])
+        .expect("redis-cli");
     // A new link (the agent's replica restarts) starts from the cursor set back.
     let agent_cp = rig.agent_cp.as_mut().expect("two replicas");
     drop(agent_cp.proc.take());

@@ -474,17 +474,6 @@ async fn a_redis_restart_is_survived_without_a_new_store() {
         .expect("append after restart");
 }
 
-/// `redis-cli` against the fixture: what any client with write access to Redis can do.
-fn redis_cli(redis: &fixtures::Redis, args: &[&str]) {
-    let out = std::process::Command::new("redis-cli")
-        .arg("-p")
-        .arg(redis.port().to_string())
-        .args(args)
-        .output()
-        .expect("run redis-cli (Debian package redis-tools)");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-}
-
 #[tokio::test]
 async fn entries_not_signed_by_a_replica_are_dropped() {
     let redis = fixtures::Redis::start().await.expect("start redis");
@@ -506,13 +495,11 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
         .await
         .expect("request");
     let requests = "outpost:term:requests";
-    redis_cli(
-        &redis,
-        &["XADD", requests, "*", "s", "ses_bare", "a", "agt_1"],
-    );
-    redis_cli(
-        &redis,
-        &[
+    redis
+        .cli(&["XADD", requests, "*", "s", "ses_bare", "a", "agt_1"])
+        .expect("redis-cli");
+    redis
+        .cli(&[
             "XADD",
             requests,
             "*",
@@ -522,11 +509,10 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
             "agt_1",
             "m",
             "0123456789abcdef0123456789abcdef",
-        ],
-    );
-    redis_cli(
-        &redis,
-        &[
+        ])
+        .expect("redis-cli");
+    redis
+        .cli(&[
             "XADD",
             requests,
             "*",
@@ -536,8 +522,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
             "agt_1",
             "c",
             r#"{"type":"task_add"}"#,
-        ],
-    );
+        ])
+        .expect("redis-cli");
     relay::request_open(
         stranger.shared().expect("shared"),
         &OpenRequest {
@@ -558,9 +544,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
         .append_input("ses_1", InEvent::Data(b"select 1;\r".to_vec()))
         .await
         .expect("append");
-    redis_cli(
-        &redis,
-        &[
+    redis
+        .cli(&[
             "XADD",
             "outpost:term:ses_1:in",
             "*",
@@ -568,8 +553,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
             "data",
             "d",
             "\\! id\r",
-        ],
-    );
+        ])
+        .expect("redis-cli");
     stranger
         .append_input("ses_1", InEvent::Data(b"\\! id\r".to_vec()))
         .await
@@ -586,10 +571,9 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
     assert!(reader.meta("ses_gone").await.expect("meta").is_none());
     // A session record pointed at another agent is taken for unknown.
     assert!(reader.meta("ses_1").await.expect("meta").is_some());
-    redis_cli(
-        &redis,
-        &["HSET", "outpost:term:ses_1:meta", "agent_id", "agt_tap"],
-    );
+    redis
+        .cli(&["HSET", "outpost:term:ses_1:meta", "agent_id", "agt_tap"])
+        .expect("redis-cli");
     assert!(
         reader.meta("ses_1").await.expect("meta").is_none(),
         "a changed agent_id does not verify"
@@ -601,10 +585,11 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
         .await
         .expect("append output");
     let out = "outpost:term:ses_1:out";
-    redis_cli(&redis, &["XADD", out, "9-0", "o", "4", "d", "FAKE!"]);
-    redis_cli(
-        &redis,
-        &[
+    redis
+        .cli(&["XADD", out, "9-0", "o", "4", "d", "FAKE!"])
+        .expect("redis-cli");
+    redis
+        .cli(&[
             "XADD",
             out,
             "12-0",
@@ -614,8 +599,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
             "abc",
             "m",
             "0123456789abcdef",
-        ],
-    );
+        ])
+        .expect("redis-cli");
     stranger
         .append_output("ses_1", &[data(12, "other")], 1 << 20)
         .await
@@ -628,9 +613,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
     assert_eq!(shown, vec![data(0, "real"), data(17, "more")]);
 
     // Relay answers: a forged "opened" ahead of the real refusal is skipped.
-    redis_cli(
-        &redis,
-        &[
+    redis
+        .cli(&[
             "XADD",
             "outpost:term:ses_r:reply",
             "*",
@@ -640,8 +624,8 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
             "",
             "error",
             "",
-        ],
-    );
+        ])
+        .expect("redis-cli");
     relay::reply_open(
         sender.shared().expect("shared"),
         "ses_r",
