@@ -56,8 +56,11 @@ pub async fn upgrade(
         .get(proto::LINK_SECRET_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    let expected = state.terminal.streams.link_secret(&session_id);
-    if !constant_time_eq(shown, expected.as_bytes()) {
+    if !state
+        .terminal
+        .streams
+        .link_secret_matches(&session_id, shown)
+    {
         tracing::warn!(%session_id, agent_id = %agent.id, "terminal link dialed without the session's link secret: refused");
         state
             .audit
@@ -101,11 +104,6 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             async move { run(state, session_id, socket).await }.instrument(span)
         })
-}
-
-/// Equal bytes, compared without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Sink = SplitSink<WebSocket, Message>;

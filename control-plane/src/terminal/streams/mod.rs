@@ -47,12 +47,19 @@ impl Streams {
     /// only the replicas hold (for Redis, the shared signing key), so every replica can check
     /// it and none has to store it. It never reaches psql's environment or argv.
     pub fn link_secret(&self, id: &str) -> String {
-        let context = format!("terminal-link:{id}");
-        let mac = match self {
-            Streams::Memory(m) => m.link_signer().sign(&context, &[]),
-            Streams::Redis(r) => r.signer().sign(&context, &[]),
-        };
-        hex::encode(mac)
+        hex::encode(self.link_signer().sign(&link_context(id), &[]))
+    }
+
+    /// Whether `shown` is session `id`'s link secret (compared in constant time).
+    pub fn link_secret_matches(&self, id: &str, shown: &[u8]) -> bool {
+        self.link_signer().verify_hex(&link_context(id), &[], shown)
+    }
+
+    fn link_signer(&self) -> &sign::Signer {
+        match self {
+            Streams::Memory(m) => m.link_signer(),
+            Streams::Redis(r) => r.signer(),
+        }
     }
 
     /// A Redis store at `url` (`redis://` or `rediss://`); connects on first use.
@@ -186,6 +193,11 @@ impl Streams {
             Streams::Redis(r) => r.live().await,
         }
     }
+}
+
+/// What a session's link secret signs.
+fn link_context(id: &str) -> String {
+    format!("terminal-link:{id}")
 }
 
 #[cfg(test)]

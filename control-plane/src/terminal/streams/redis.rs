@@ -364,15 +364,15 @@ impl RedisStreams {
     /// taken for unknown.
     fn bind(&self, meta_key: &str, meta: &SessionMeta) -> String {
         let created_ms = meta.created_ms.to_string();
-        hex::encode(self.signer.sign(
-            meta_key,
-            &[
-                ("agent_id", meta.agent_id.as_bytes()),
-                ("user_id", meta.user_id.as_bytes()),
-                ("username", meta.username.as_bytes()),
-                ("created_ms", created_ms.as_bytes()),
-            ],
-        ))
+        hex::encode(self.signer.sign(meta_key, &bound_fields(meta, &created_ms)))
+    }
+
+    /// Whether `claimed` (a record's `bind`) is the MAC of its identity.
+    fn bind_holds(&self, meta_key: &str, meta: &SessionMeta, claimed: &str) -> bool {
+        let created_ms = meta.created_ms.to_string();
+        let fields = bound_fields(meta, &created_ms);
+        self.signer
+            .verify_hex(meta_key, &fields, claimed.as_bytes())
     }
 
     pub(super) async fn create(&self, id: &str, meta: &SessionMeta, live_max: usize) -> Result<()> {
@@ -425,7 +425,7 @@ impl RedisStreams {
             input_cursor: f("input_cursor").to_string(),
             recording: f("recording").to_string(),
         };
-        if f("bind") != self.bind(&key(id, "meta"), &meta) {
+        if !self.bind_holds(&key(id, "meta"), &meta, f("bind")) {
             tracing::warn!(
                 session_id = %id,
                 "terminal session record whose agent or owner was changed in Redis (its signature does not verify): taken for unknown"
@@ -733,6 +733,16 @@ impl RedisStreams {
         }
         Ok(())
     }
+}
+
+/// What a session record's `bind` signs: who may see it and which agent may dial its link.
+fn bound_fields<'a>(meta: &'a SessionMeta, created_ms: &'a str) -> [(&'static str, &'a [u8]); 4] {
+    [
+        ("agent_id", meta.agent_id.as_bytes()),
+        ("user_id", meta.user_id.as_bytes()),
+        ("username", meta.username.as_bytes()),
+        ("created_ms", created_ms.as_bytes()),
+    ]
 }
 
 /// The value of field `name` in a stream entry's `[k, v, …]`.

@@ -46,14 +46,25 @@ impl Signer {
         mac
     }
 
-    /// The MAC of an entry of `stream` with `fields` (name, value) in this order.
-    pub fn sign(&self, stream: &str, fields: &[(&str, &[u8])]) -> Vec<u8> {
+    fn mac_of(&self, stream: &str, fields: &[(&str, &[u8])]) -> Hmac<Sha256> {
         let mut mac = self.start(stream);
         for (name, value) in fields {
             feed(&mut mac, name.as_bytes());
             feed(&mut mac, value);
         }
-        mac.finalize().into_bytes().to_vec()
+        mac
+    }
+
+    /// The MAC of an entry of `stream` with `fields` (name, value) in this order.
+    pub fn sign(&self, stream: &str, fields: &[(&str, &[u8])]) -> Vec<u8> {
+        self.mac_of(stream, fields).finalize().into_bytes().to_vec()
+    }
+
+    /// Whether `claimed_hex` is the hex of [`Signer::sign`]'s MAC over the same input,
+    /// compared in constant time.
+    pub fn verify_hex(&self, stream: &str, fields: &[(&str, &[u8])], claimed_hex: &[u8]) -> bool {
+        hex::decode(claimed_hex)
+            .is_ok_and(|claimed| self.mac_of(stream, fields).verify_slice(&claimed).is_ok())
     }
 
     /// Whether an entry of `stream` as read (name, value, name, value, …) carries a valid MAC
@@ -115,5 +126,17 @@ mod tests {
             !Signer::new([8; 32]).verify("requests", &as_read(&fields, &mac)),
             "another key"
         );
+    }
+
+    #[test]
+    fn a_hex_mac_verifies_only_for_its_own_input() {
+        let signer = Signer::new([7; 32]);
+        let fields: [(&str, &[u8]); 1] = [("agent_id", b"agt_1")];
+        let mac = hex::encode(signer.sign("meta", &fields));
+        assert!(signer.verify_hex("meta", &fields, mac.as_bytes()));
+        assert!(!signer.verify_hex("meta", &[("agent_id", b"agt_2")], mac.as_bytes()));
+        assert!(!signer.verify_hex("other", &fields, mac.as_bytes()));
+        assert!(!signer.verify_hex("meta", &fields, b"not hex"));
+        assert!(!signer.verify_hex("meta", &fields, &mac.as_bytes()[..10]));
     }
 }
