@@ -141,28 +141,27 @@ impl LoginThrottle {
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let record = match name {
-            Name::Known(name) => table.known.entry(name.to_lowercase()).or_default(),
-            Name::Unknown(name) => {
-                let hash = self.hasher.hash_one(name.to_lowercase());
-                let bucket = usize::try_from(hash % UNKNOWN_BUCKETS as u64).unwrap_or(0);
-                &mut table.unknown[bucket]
-            }
+        let key = match name {
+            Name::Known(name) | Name::Unknown(name) => name.to_lowercase(),
         };
+        let Name::Known(_) = name else {
+            let bucket = self.hasher.hash_one(&key) % UNKNOWN_BUCKETS as u64;
+            let record = &mut table.unknown[usize::try_from(bucket).unwrap_or(0)];
+            record.refresh(now_ms);
+            return f(record);
+        };
+        let record = table.known.entry(key.clone()).or_default();
         record.refresh(now_ms);
         let answer = f(record);
-        if let Name::Known(name) = name {
-            let key = name.to_lowercase();
-            if table.known.get(&key).is_some_and(Failures::holds_nothing) {
-                table.known.remove(&key);
-            }
-            if table.known.len() > KNOWN_SWEEP_AT {
-                // Users removed since they failed: their records are dropped once stale.
-                table.known.retain(|_, f| {
-                    f.refresh(now_ms);
-                    !f.holds_nothing()
-                });
-            }
+        if record.holds_nothing() {
+            table.known.remove(&key);
+        }
+        if table.known.len() > KNOWN_SWEEP_AT {
+            // Users removed since they failed: their records are dropped once stale.
+            table.known.retain(|_, f| {
+                f.refresh(now_ms);
+                !f.holds_nothing()
+            });
         }
         answer
     }

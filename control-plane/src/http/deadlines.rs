@@ -63,23 +63,24 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
     if is_upgrade(&request) {
         return next.run(request).await;
     }
-    let settings = Arc::clone(&state.settings);
+    let (body_timeout, request_timeout) =
+        (state.settings.body_timeout, state.settings.request_timeout);
     let expired = Arc::new(AtomicBool::new(false));
     let request = request.map(|inner| {
         Body::new(DeadlineBody {
             inner,
-            deadline: Box::pin(tokio::time::sleep(settings.body_timeout)),
+            deadline: Box::pin(tokio::time::sleep(body_timeout)),
             expired: Arc::clone(&expired),
         })
     });
-    let answer = tokio::time::timeout(settings.request_timeout, next.run(request)).await;
+    let answer = tokio::time::timeout(request_timeout, next.run(request)).await;
     let (status, message, counter) = match answer {
         Ok(response) if !expired.load(Ordering::Relaxed) => return response,
         Ok(_) => (
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "the request body did not arrive within {} s (body_timeout)",
-                settings.body_timeout.as_secs()
+                body_timeout.as_secs()
             ),
             &state.observed.http_body_deadlines_total,
         ),
@@ -87,7 +88,7 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the request was not answered within {} s (request_timeout)",
-                settings.request_timeout.as_secs()
+                request_timeout.as_secs()
             ),
             &state.observed.http_request_deadlines_total,
         ),
