@@ -3,6 +3,7 @@
 //! live here.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -105,9 +106,9 @@ pub struct ServeConfig {
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
     /// HTTPS when set (loaded and checked at start-up).
-    pub tls: Option<std::sync::Arc<world::tls::ServerConfig>>,
+    pub tls: Option<Arc<world::tls::ServerConfig>>,
     /// Trust for outgoing TLS (`rediss://`), when not the system's.
-    pub tls_client: Option<std::sync::Arc<world::tls::ClientConfig>>,
+    pub tls_client: Option<Arc<world::tls::ClientConfig>>,
     pub settings: Settings,
 }
 
@@ -126,8 +127,10 @@ fn duration(field: &str, value: Option<&str>, default: Duration) -> anyhow::Resu
 }
 
 pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
-    let defaults = Settings::default();
-    let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = raw
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     if listen
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -135,6 +138,26 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     {
         bail!("listen: {listen:?} must be HOST:PORT, e.g. 127.0.0.1:8080");
     }
+    check_urls(&raw)?;
+    let mut settings = settings_of(&raw)?;
+    check_settings(&settings)?;
+    let (tls, tls_client) = (tls_server(&raw)?, tls_client(&raw)?);
+    settings.secure_cookies = tls.is_some() || settings.behind_tls_proxy;
+    Ok(ServeConfig {
+        listen,
+        data_dir: raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        database_url: raw.database_url,
+        redis_url: raw.redis_url,
+        tls,
+        tls_client,
+        settings,
+    })
+}
+
+/// The storage and Redis URLs name their scheme.
+fn check_urls(raw: &RawServeConfig) -> anyhow::Result<()> {
     if let Some(url) = &raw.database_url
         && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
     {
@@ -145,7 +168,13 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     {
         bail!("redis_url: must start with redis:// or rediss://");
     }
-    let settings = Settings {
+    Ok(())
+}
+
+/// Every setting from the file and flags, or its default.
+fn settings_of(raw: &RawServeConfig) -> anyhow::Result<Settings> {
+    let defaults = Settings::default();
+    Ok(Settings {
         heartbeat_interval: duration(
             "heartbeat_interval",
             raw.heartbeat_interval.as_deref(),
@@ -212,7 +241,11 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
             })?,
         },
         record_input: raw.record_input.unwrap_or(defaults.record_input),
-    };
+    })
+}
+
+/// Each setting within its bounds, and the inventory loadable.
+fn check_settings(settings: &Settings) -> anyhow::Result<()> {
     if settings.max_connections == 0 {
         bail!(
             "max_connections: must be at least 1 (the fleet's size plus browsers and API clients)"
@@ -261,7 +294,12 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
     if settings.recording_retention < Duration::from_secs(86_400) {
         bail!("recording_retention: must be at least 1d");
     }
-    let tls = match (&raw.tls_cert, &raw.tls_key) {
+    Ok(())
+}
+
+/// The TLS server configuration, from `tls_cert` and `tls_key` when both are given.
+fn tls_server(raw: &RawServeConfig) -> anyhow::Result<Option<Arc<world::tls::ServerConfig>>> {
+    Ok(match (&raw.tls_cert, &raw.tls_key) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some(
             world::tls::server_config(cert, key)
@@ -270,26 +308,15 @@ pub fn validate(raw: RawServeConfig) -> anyhow::Result<ServeConfig> {
         _ => bail!(
             "tls_cert and tls_key: give both (PEM certificate chain and its private key) or neither"
         ),
-    };
-    let tls_client = match &raw.ca_file {
-        Some(path) => {
-            Some(world::tls::client_config(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))?)
-        }
-        None => None,
-    };
-    let mut settings = settings;
-    settings.secure_cookies = tls.is_some() || raw.behind_tls_proxy.unwrap_or(false);
-    Ok(ServeConfig {
-        listen,
-        data_dir: raw
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-        database_url: raw.database_url,
-        redis_url: raw.redis_url,
-        tls,
-        tls_client,
-        settings,
     })
+}
+
+/// The trust for outgoing TLS, from `ca_file` when given.
+fn tls_client(raw: &RawServeConfig) -> anyhow::Result<Option<Arc<world::tls::ClientConfig>>> {
+    raw.ca_file
+        .as_ref()
+        .map(|path| world::tls::client_config(path).map_err(|e| anyhow::anyhow!("ca_file: {e}")))
+        .transpose()
 }
 
 #[cfg(test)]

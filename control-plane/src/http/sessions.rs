@@ -88,21 +88,7 @@ pub async fn login(
     // Counted before the password check, so parallel guesses get no more checks than a
     // sequence; released when the attempt ends, whichever way (the client may leave).
     if let Err(refusal) = logins.begin(name, now_ms) {
-        // Not audited one by one (anyone can send these): the lockout was recorded when it
-        // began, and refusals are counted in /metrics.
-        crate::observe::add(&state.observed.login_refused_busy_total, 1);
-        let secs = refusal.retry_after().as_secs().max(1);
-        return Ok(crate::edge::retry_later(
-            secs,
-            match refusal {
-                Refusal::Locked(_) => {
-                    format!("too many failed logins for this user: locked for {secs} s")
-                }
-                Refusal::Checking => {
-                    format!("another login for this user is being checked; try again in {secs} s")
-                }
-            },
-        ));
+        return Ok(refused_for_now(&state, refusal));
     }
     let mut attempt = Attempt {
         logins: &logins,
@@ -143,6 +129,34 @@ pub async fn login(
     };
     attempt.ended = true;
     logins.succeeded(name, now_ms);
+    open_session(&state, &user, now_ms).await
+}
+
+/// The 429 for an attempt the throttle did not let through. Not audited one by one (anyone
+/// can send these): the lockout was recorded when it began, and refusals are counted.
+fn refused_for_now(state: &Handles, refusal: Refusal) -> Response {
+    crate::observe::add(&state.observed.login_refused_busy_total, 1);
+    let secs = refusal.retry_after().as_secs().max(1);
+    crate::edge::retry_later(
+        secs,
+        match refusal {
+            Refusal::Locked(_) => {
+                format!("too many failed logins for this user: locked for {secs} s")
+            }
+            Refusal::Checking => {
+                format!("another login for this user is being checked; try again in {secs} s")
+            }
+        },
+    )
+}
+
+/// A verified login: a new API token stored (its hash), audited, and answered with the
+/// token and the session cookie.
+async fn open_session(
+    state: &Handles,
+    user: &crate::storage::UserRow,
+    now_ms: i64,
+) -> Result<Response, ApiError> {
     let token = auth::new_secret(&state.world, SecretKind::ApiToken);
     let ttl = state.settings.session_ttl;
     let expires_at_ms = now_ms.saturating_add(crate::time::duration_ms(ttl));
@@ -164,7 +178,7 @@ pub async fn login(
             serde_json::json!({"role": user.role.as_str()}),
         )
         .await;
-    let cookie = session_cookie(&state, &token, ttl.as_secs());
+    let cookie = session_cookie(state, &token, ttl.as_secs());
     let body = LoginResponse {
         token,
         expires_at: crate::time::rfc3339_ms(expires_at_ms),
