@@ -103,6 +103,29 @@ pub fn parse_chunk_frame(frame: &[u8]) -> Option<(u64, &[u8])> {
     Some((offset, data))
 }
 
+/// Input taken at most once: a number at or below the highest one taken is refused. The
+/// control plane's agent link (per link) and the agent (for the session's whole life) each
+/// keep one, so a copied or re-read input entry never reaches psql twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InputGate {
+    applied: u64,
+}
+
+impl InputGate {
+    /// Whether input number `n` is new; if so it is the highest taken from now on.
+    pub fn take(&mut self, n: u64) -> bool {
+        let new = n > self.applied;
+        if new {
+            self.applied = n;
+        }
+        debug_assert!(
+            self.applied >= n,
+            "the highest number taken never moves back"
+        );
+        new
+    }
+}
+
 /// A reader's position in an output stream: the next byte it wants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -194,6 +217,15 @@ mod tests {
             cursor.take(entry, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn an_input_gate_takes_each_number_once_and_never_moves_back() {
+        let mut gate = super::InputGate::default();
+        assert!(gate.take(1));
+        assert!(!gate.take(1), "a copy");
+        assert!(gate.take(4), "gaps are fine");
+        assert!(!gate.take(2), "a re-read after the cursor was set back");
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub async fn run(ctx: Ctx, session_id: String) {
     let opened = Instant::now();
     let mut lost_at: Option<Instant> = None;
     // Which input was applied, for the session's whole life (every link and replica).
-    let mut gate = super::gate::InputGate::default();
+    let mut gate = super::gate::SeqGate::default();
     let reason = loop {
         let deadline = match (&pty, lost_at) {
             (None, _) => opened + FIRST_LINK_DEADLINE,
@@ -248,7 +248,7 @@ async fn serve_link(
     output: &Arc<Output>,
     pty: &mut Option<PtyHandle>,
     lost_at: &mut Option<Instant>,
-    gate: &mut super::gate::InputGate,
+    gate: &mut super::gate::SeqGate,
 ) -> LinkEnd {
     let (mut sink, mut stream) = ws.split();
     let start = loop {

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use proto::terminal::{Cursor, Entry, Frame};
+use proto::terminal::{Cursor, Entry, Frame, InputGate};
 use proto::{TerminalFromAgent, TerminalToAgent};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -190,9 +190,9 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         }
     };
     let mut input_cursor = meta.input_cursor.clone();
-    // The last input sequence taken on this link: entries at or below it are copies or
-    // re-reads (a cursor set back), never forwarded twice.
-    let mut applied = 0;
+    // Input numbers taken on this link: a copy or a re-read (a cursor set back) is not
+    // forwarded twice.
+    let mut gate = InputGate::default();
     tracing::info!(
         started = meta.started,
         output_end = written_end,
@@ -221,10 +221,9 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
                 Ok(events) => {
                     for entry in events {
                         input_cursor = entry.id;
-                        if entry.seq <= applied {
+                        if !is_new(&state, &mut gate, entry.seq) {
                             continue;
                         }
-                        applied = entry.seq;
                         match entry.event {
                             InEvent::Attach { cols, rows } => {
                                 attached = Some((cols, rows));
@@ -295,7 +294,7 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
 
     let end = tokio::select! {
         end = output_loop(&state, &streams, &session_id, written_end, &mut stream, recorder) => end,
-        end = input_loop(&state, &streams, &session_id, (input_cursor, applied), &mut sink, recorder) => end,
+        end = input_loop(&state, &streams, &session_id, (input_cursor, gate), &mut sink, recorder) => end,
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
     match end {
@@ -431,12 +430,25 @@ async fn output_loop(
     }
 }
 
+/// Whether input number `seq` was not taken on this link yet; a repeat is logged and counted.
+fn is_new(state: &TerminalContext, gate: &mut InputGate, seq: u64) -> bool {
+    let new = gate.take(seq);
+    if !new {
+        TerminalCounters::add(&state.terminal.counters.input_replays_dropped_total, 1);
+        tracing::warn!(
+            seq,
+            "terminal input entry already forwarded: dropped (a copy, or a cursor set back)"
+        );
+    }
+    new
+}
+
 /// Store → agent: keystrokes, resizes, close; pings while quiet.
 async fn input_loop(
     state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
-    (mut cursor, mut applied): (String, u64),
+    (mut cursor, mut gate): (String, InputGate),
     sink: &mut Sink,
     recorder: Option<&Recorder>,
 ) -> End {
@@ -464,19 +476,9 @@ async fn input_loop(
                 }
                 cursor = last;
                 for InputEntry { seq, event, .. } in events {
-                    if seq <= applied {
-                        TerminalCounters::add(
-                            &state.terminal.counters.input_replays_dropped_total,
-                            1,
-                        );
-                        tracing::warn!(
-                            seq,
-                            applied,
-                            "terminal input entry already forwarded: dropped (a copy, or a cursor set back)"
-                        );
+                    if !is_new(state, &mut gate, seq) {
                         continue;
                     }
-                    applied = seq;
                     if let Err(e) = send(sink, &TerminalToAgent::Seq { n: seq }).await {
                         return End::Lost(e);
                     }
