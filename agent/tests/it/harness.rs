@@ -251,6 +251,30 @@ impl ControlPlane {
         .ok()
     }
 
+    /// The value of the unlabelled counter `name` in `GET /metrics` (admin token).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let r = self
+            .api(http::Method::GET, "/metrics", None)
+            .await
+            .expect("control plane reachable");
+        let text = String::from_utf8_lossy(&r.body);
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    }
+
+    /// Whether counter `name` comes to satisfy `done` within 10 s.
+    pub async fn wait_counter(&self, name: &str, done: impl Fn(u64) -> bool) -> bool {
+        for _ in 0..100 {
+            if done(self.counter(name).await) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     /// Stored metrics of the first enrolled agent; `query` is the query string, e.g. `from=0`.
     pub async fn metrics(&self, query: &str) -> Option<Vec<serde_json::Value>> {
         let r = self.api(http::Method::GET, "/api/v1/agents", None).await?;

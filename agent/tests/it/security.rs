@@ -12,23 +12,6 @@ use crate::harness::ControlPlane;
 /// What a test waits for at most before it fails (never a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// `GET /metrics` with the admin token, as text.
-async fn metrics(cp: &ControlPlane) -> String {
-    let r = cp
-        .api(http::Method::GET, "/metrics", None)
-        .await
-        .expect("control plane reachable");
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-/// The value of an unlabelled counter in `/metrics` text.
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_wrong_passwords_lock_a_user_only_until_the_lockout_ends() {
     let cp = ControlPlane::start_with(&[], &["--login-lockout", "2s"], true).await;
@@ -58,7 +41,7 @@ async fn five_wrong_passwords_lock_a_user_only_until_the_lockout_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_is_closed_at_the_body_deadline_and_counted() {
     let cp = ControlPlane::start_with(&[], &["--body-timeout", "2s"], true).await;
-    let before = counter(&metrics(&cp).await, "outpost_http_body_deadlines_total");
+    let before = cp.counter("outpost_http_body_deadlines_total").await;
     let addr = format!("127.0.0.1:{}", cp.port);
     let mut stream = World::real().net().connect(&addr).await.expect("connect");
     stream
@@ -87,7 +70,7 @@ async fn a_stalled_request_body_is_closed_at_the_body_deadline_and_counted() {
         started.elapsed() >= Duration::from_secs(1),
         "not closed before the body had its time"
     );
-    let after = counter(&metrics(&cp).await, "outpost_http_body_deadlines_total");
+    let after = cp.counter("outpost_http_body_deadlines_total").await;
     assert_eq!(after, before + 1, "the deadline is counted");
 }
 
@@ -116,13 +99,10 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
     );
     drop(held);
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = metrics(&cp).await;
-        if counter(&text, "outpost_http_connections_refused_per_address_total") >= 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the refusal is not counted:\n{text}");
+    let counted = cp
+        .wait_counter("outpost_http_connections_refused_per_address_total", |n| {
+            n >= 1
+        })
+        .await;
+    assert!(counted, "the refusal is not counted");
 }

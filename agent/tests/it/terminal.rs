@@ -1148,16 +1148,9 @@ async fn copies_of_relayed_requests_and_input_in_redis_run_nothing_twice() {
     let requests = copy_entries(&redis, "outpost:term:requests");
     assert!(requests >= 1, "the task went through the relay");
     let agent_cp = rig.agent_cp.as_ref().expect("two replicas");
-    let mut dropped = false;
-    for _ in 0..100 {
-        let r = agent_cp.api(http::Method::GET, "/metrics", None).await;
-        let text = r.map(|r| String::from_utf8_lossy(&r.body).into_owned());
-        if text.is_some_and(|t| t.contains("outpost_relay_replays_dropped_total 1")) {
-            dropped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dropped = agent_cp
+        .wait_counter("outpost_relay_replays_dropped_total", |n| n == 1)
+        .await;
     assert!(
         dropped,
         "the copy of the relayed request was not refused as handled once"
