@@ -6,7 +6,7 @@
 //! agent's channel ends at its next heartbeat.
 
 use crate::auth::Role;
-use crate::storage::{Storage, StorageError, UserInfo};
+use crate::storage::{Storage, StorageError, UserApplied, UserInfo};
 
 /// A change to one user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,38 +29,31 @@ pub enum AccountError {
     Storage(#[from] StorageError),
 }
 
-/// Apply `change` to user `name`; returns the user as it was before.
+/// Apply `change` to user `name`; returns the user as it was before. The last-admin rule is
+/// checked by storage in the statement that makes the change, so concurrent demotions (on any
+/// replica, or from `outpost admin`) cannot together remove every admin.
 pub async fn change_user(
     storage: &Storage,
     name: &str,
     change: UserChange,
 ) -> Result<UserInfo, AccountError> {
-    let users = storage.list_users().await?;
-    let user = users
-        .iter()
+    let before = storage
+        .list_users()
+        .await?
+        .into_iter()
         .find(|u| u.name == name)
-        .cloned()
         .ok_or_else(|| AccountError::NoSuchUser(name.to_string()))?;
-    let an_active_admin = |u: &UserInfo| u.role == Role::Admin && !u.disabled;
-    let ends_an_admin = an_active_admin(&user)
-        && match change {
-            UserChange::Role(role) => role != Role::Admin,
-            UserChange::Disable | UserChange::Delete => true,
-            UserChange::Enable => false,
-        };
-    if ends_an_admin && !users.iter().any(|u| u.name != name && an_active_admin(u)) {
-        return Err(AccountError::LastAdmin(name.to_string()));
-    }
-    let found = match change {
+    let applied = match change {
         UserChange::Role(role) => storage.set_user_role(name, role).await?,
         UserChange::Disable => storage.set_user_disabled(name, true).await?,
         UserChange::Enable => storage.set_user_disabled(name, false).await?,
         UserChange::Delete => storage.delete_user(name).await?,
     };
-    if !found {
-        return Err(AccountError::NoSuchUser(name.to_string()));
+    match applied {
+        UserApplied::Done => Ok(before),
+        UserApplied::NoSuchUser => Err(AccountError::NoSuchUser(name.to_string())),
+        UserApplied::LastAdmin => Err(AccountError::LastAdmin(name.to_string())),
     }
-    Ok(user)
 }
 
 /// Remove agent `agent_id`: its credential stops working, its stored tasks and metrics go.

@@ -19,6 +19,13 @@ pub mod action {
     pub const LOGIN_REFUSED: &str = "login.refused";
     pub const LOGOUT: &str = "logout";
     pub const TOKEN_REVOKED: &str = "token.revoked";
+    /// An API token was made (`outpost admin api-token`).
+    pub const TOKEN_CREATED: &str = "token.created";
+    pub const ENROLL_TOKEN_CREATED: &str = "enroll_token.created";
+    pub const ENROLL_TOKEN_REVOKED: &str = "enroll_token.revoked";
+    /// A new key for the replicas' Redis entries (`outpost admin rotate-signing-key`).
+    pub const SIGNING_KEY_ROTATED: &str = "signing_key.rotated";
+    pub const USER_CREATED: &str = "user.created";
     pub const USER_CHANGED: &str = "user.changed";
     pub const USER_DELETED: &str = "user.deleted";
     pub const AGENT_REMOVED: &str = "agent.removed";

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use control_plane::audit::action;
 use control_plane::auth::{self, Role, SecretKind};
 use control_plane::config::{self, RawServeConfig};
 use control_plane::server;
@@ -377,6 +378,38 @@ enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List enrollment tokens not used yet and not expired: id, created, expires, and the
+    /// agent a rekey token is for (never the secret).
+    EnrollTokens {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke an unused enrollment token by the id `outpost admin enroll-tokens` shows: no
+    /// host can enroll with it any more.
+    RevokeEnrollToken {
+        /// The token's id (16 hex digits).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Make a new key for the entries replicas sign in Redis (terminal input and output,
+    /// relayed requests). Every running replica reads it within 15 s and signs with it from
+    /// 60 s on; entries and terminal sessions signed with the older keys stay valid for
+    /// --old-valid-for after that, then are refused. Run it on a schedule, or at once with
+    /// --old-valid-for 0s if the key (in the database, or a backup of it) may have leaked:
+    /// terminal sessions opened before can then no longer be attached.
+    RotateSigningKey {
+        /// How long the older keys stay accepted once the new one signs (humantime: 0s, 1h,
+        /// 1d) [max 30d].
+        #[arg(long, default_value = "1d")]
+        old_valid_for: String,
+        /// When the new key starts signing (humantime) [min 20s: every replica reads the keys
+        /// every 15 s and must accept a key before any signs with it].
+        #[arg(long, default_value = "60s")]
+        activate_in: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create a single-use agent enrollment token and print it.
     EnrollToken {
         /// How long the token stays valid (humantime: 30m, 1h, 2d) [max 7d].
@@ -619,6 +652,33 @@ fn ttl_flag(
     Ok(ttl)
 }
 
+/// Record what an `outpost admin` command changed, as `cli:USER` (the Unix user who ran it),
+/// beside what the API records.
+async fn audit(
+    world: &World,
+    storage: &control_plane::storage::Storage,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let who = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
+    control_plane::audit::Audit::new(world.clone(), storage.clone(), Default::default())
+        .record(&format!("cli:{who}"), action, target, detail)
+        .await;
+}
+
+/// A token id as `outpost admin tokens` and `enroll-tokens` list them, lowercased.
+fn token_id(id: &str, listed_by: &str) -> anyhow::Result<String> {
+    let len = control_plane::storage::TOKEN_ID_LEN;
+    if id.len() != len || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{id:?}: a token id is {len} hex digits, as `outpost admin {listed_by}` lists them");
+    }
+    Ok(id.to_ascii_lowercase())
+}
+
 fn valid_user_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -676,6 +736,14 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 Err(StorageError::Conflict(_)) => bail!("user {name:?} already exists"),
                 Err(e) => return Err(e).context("create user"),
             }
+            audit(
+                &world,
+                &storage,
+                action::USER_CREATED,
+                &name,
+                serde_json::json!({"role": role.as_str()}),
+            )
+            .await;
             println!("user: {name}");
             println!("role: {}", role.as_str());
             if generated {
@@ -725,6 +793,14 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             for change in changes {
                 control_plane::accounts::change_user(&storage, &name, change).await?;
             }
+            audit(
+                &world,
+                &storage,
+                action::USER_CHANGED,
+                &name,
+                serde_json::json!({"role": role, "disabled": disable.then_some(true).or(enable.then_some(false))}),
+            )
+            .await;
             eprintln!("changed user {name}");
             Ok(())
         }
@@ -736,6 +812,14 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 control_plane::accounts::UserChange::Delete,
             )
             .await?;
+            audit(
+                &world,
+                &storage,
+                action::USER_DELETED,
+                &name,
+                serde_json::json!({}),
+            )
+            .await;
             eprintln!("deleted user {name}");
             Ok(())
         }
@@ -775,6 +859,14 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::RemoveAgent { id, store } => {
             let storage = open(&world, store).await?;
             control_plane::accounts::remove_agent(&storage, &id).await?;
+            audit(
+                &world,
+                &storage,
+                action::AGENT_REMOVED,
+                &id,
+                serde_json::json!({}),
+            )
+            .await;
             eprintln!("removed agent {id}");
             Ok(())
         }
@@ -797,21 +889,102 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::RevokeToken { id, store } => {
-            let len = control_plane::storage::TOKEN_ID_LEN;
-            if id.len() != len || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                bail!(
-                    "{id:?}: a token id is {len} hex digits, as `outpost admin tokens` lists them"
-                );
-            }
+            let id = token_id(&id, "tokens")?;
             let storage = open(&world, store).await?;
             if !storage
-                .revoke_token_id(&id.to_ascii_lowercase())
+                .revoke_token_id(&id)
                 .await
                 .context("revoke the token")?
             {
                 bail!("no unexpired token {id} (`outpost admin tokens` lists them)");
             }
+            audit(
+                &world,
+                &storage,
+                action::TOKEN_REVOKED,
+                &id,
+                serde_json::json!({}),
+            )
+            .await;
             eprintln!("revoked token {id}");
+            Ok(())
+        }
+        AdminCommand::EnrollTokens { store } => {
+            let storage = open(&world, store).await?;
+            let rows = storage
+                .list_enroll_tokens(world.now_unix_ms())
+                .await
+                .context("list the enrollment tokens")?;
+            println!("{:<16}  {:<24}  {:<24}  FOR", "ID", "CREATED", "EXPIRES");
+            for row in rows {
+                println!(
+                    "{:<16}  {:<24}  {:<24}  {}",
+                    row.id,
+                    control_plane::time::rfc3339_ms(row.created_at_ms),
+                    control_plane::time::rfc3339_ms(row.expires_at_ms),
+                    row.agent_id
+                        .map_or_else(|| "new agent".to_string(), |a| format!("rekey {a}"))
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::RevokeEnrollToken { id, store } => {
+            let id = token_id(&id, "enroll-tokens")?;
+            let storage = open(&world, store).await?;
+            if !storage
+                .revoke_enroll_token_id(&id)
+                .await
+                .context("revoke the enrollment token")?
+            {
+                bail!("no unused enrollment token {id} (`outpost admin enroll-tokens` lists them)");
+            }
+            audit(
+                &world,
+                &storage,
+                action::ENROLL_TOKEN_REVOKED,
+                &id,
+                serde_json::json!({}),
+            )
+            .await;
+            eprintln!("revoked enrollment token {id}");
+            Ok(())
+        }
+        AdminCommand::RotateSigningKey {
+            old_valid_for,
+            activate_in,
+            store,
+        } => {
+            let activate_in = humantime::parse_duration(&activate_in).with_context(|| {
+                format!("--activate-in {activate_in:?} is not a duration (e.g. 60s, 5m)")
+            })?;
+            if !(control_plane::terminal::keys::ACTIVATION_MIN..=Duration::from_secs(86_400))
+                .contains(&activate_in)
+            {
+                bail!("--activate-in must be between 20s and 1d");
+            }
+            let keep = humantime::parse_duration(&old_valid_for).with_context(|| {
+                format!("--old-valid-for {old_valid_for:?} is not a duration (e.g. 0s, 1h, 1d)")
+            })?;
+            if keep > Duration::from_secs(30 * 86_400) {
+                bail!("--old-valid-for must be at most 30d");
+            }
+            let storage = open(&world, store).await?;
+            let rotated =
+                control_plane::terminal::keys::rotate(&world, &storage, activate_in, keep).await?;
+            audit(
+                &world,
+                &storage,
+                action::SIGNING_KEY_ROTATED,
+                &rotated.id.to_string(),
+                serde_json::json!({"old_valid_for_s": keep.as_secs()}),
+            )
+            .await;
+            println!(
+                "signing key {} signs from {}; older keys are refused from {}",
+                rotated.id,
+                control_plane::time::rfc3339_ms(rotated.active_from_ms),
+                control_plane::time::rfc3339_ms(rotated.old_retire_at_ms)
+            );
             Ok(())
         }
         AdminCommand::ApiToken { user, ttl, store } => {
@@ -836,6 +1009,14 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 .create_api_token(&auth::secret_hash(&token), &row.id, now_ms, expires_at_ms)
                 .await
                 .context("store the token")?;
+            audit(
+                &world,
+                &storage,
+                action::TOKEN_CREATED,
+                &row.name,
+                serde_json::json!({"id": &auth::secret_hash(&token)[..control_plane::storage::TOKEN_ID_LEN], "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
+            )
+            .await;
             eprintln!(
                 "token for {} (role {}), valid until {}",
                 row.name,
@@ -892,6 +1073,28 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 }
             }
             println!("{token}");
+            match &agent {
+                None => {
+                    audit(
+                        &world,
+                        &storage,
+                        action::ENROLL_TOKEN_CREATED,
+                        "",
+                        serde_json::json!({"count": count, "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
+                    )
+                    .await;
+                }
+                Some(id) => {
+                    audit(
+                        &world,
+                        &storage,
+                        action::AGENT_REKEY_TOKEN,
+                        id,
+                        serde_json::json!({}),
+                    )
+                    .await;
+                }
+            }
             Ok(())
         }
     }

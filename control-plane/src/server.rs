@@ -133,8 +133,9 @@ pub async fn serve(
         Some(url) => crate::terminal::Streams::redis(world.clone(), url).context("redis_url")?,
         None => crate::terminal::Streams::memory(&world),
     };
-    if let Some(redis) = streams.shared() {
-        redis.set_key(shared_key(&world, &storage).await?);
+    let shared = streams.shared().cloned();
+    if let Some(redis) = &shared {
+        crate::terminal::keys::load(&world, &storage, redis).await?;
         if !redis.has_password() {
             tracing::warn!(
                 "redis_url has no password: anything that can reach Redis can read terminal output; give Redis a password (requirepass) and put it in the URL"
@@ -159,6 +160,16 @@ pub async fn serve(
         streams,
         crate::terminal::TerminalSettings::default(),
     ));
+    if let Some(redis) = shared {
+        state
+            .background
+            .spawn(crate::terminal::keys::refresh_forever(
+                world.clone(),
+                storage.clone(),
+                redis,
+                token.clone(),
+            ));
+    }
     state
         .background
         .spawn(prune_forever(world, storage, retention, token));
@@ -171,20 +182,6 @@ pub async fn serve(
         }
         None => run(state, listener, shutdown).await,
     }
-}
-
-/// The key every replica signs its Redis requests and terminal input with, from storage (made
-/// by the first replica that asks).
-async fn shared_key(world: &World, storage: &Storage) -> anyhow::Result<[u8; 32]> {
-    let candidate = hex::encode(world.random_bytes::<32>());
-    let stored = storage
-        .cluster_secret("redis_signing_key", &candidate)
-        .await
-        .context("read the replicas' shared signing key")?;
-    let mut key = [0; 32];
-    hex::decode_to_slice(&stored, &mut key)
-        .context("cluster_secrets.redis_signing_key is not 32 bytes of hex")?;
-    Ok(key)
 }
 
 /// How long `serve` keeps trying a PostgreSQL that does not accept connections yet (in a

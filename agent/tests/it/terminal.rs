@@ -1259,3 +1259,103 @@ async fn a_second_dial_of_a_live_session_with_only_the_agent_credential_is_refus
     term.send("SELECT 'still' || 'here';\r").await;
     term.wait_for("stillhere", at).await;
 }
+
+/// `outpost admin rotate-signing-key` against a running pair of replicas: both sign with the
+/// new key once its time comes, a session opened before goes on (its records were signed with
+/// the old key, still accepted), and with `--old-valid-for 0s` the sessions signed with the
+/// retired keys can no longer be attached while a new one works.
+#[tokio::test]
+async fn signing_keys_rotate_under_live_sessions() {
+    let pg = postgres().await;
+    let redis = redis().await;
+    let db = pg.create_database("rotate_keys").expect("database");
+    let storage = ["--database-url", db.as_str()];
+    let serve = ["--redis-url", &redis.url()];
+    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
+    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
+    let rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let replicas = [&rig.cp, rig.agent_cp.as_ref().expect("second replica")];
+    for cp in replicas {
+        assert_eq!(cp.counter("outpost_signing_key_id").await, 1);
+    }
+    let before = rig.session().await;
+    let mut old = Term::open(&rig.cp, &before, 0).await;
+    let at = old.wait_for("=#", 0).await;
+
+    let rotate = |retire: &str| {
+        let out = crate::harness::run(
+            &crate::harness::outpost_bin(),
+            &[
+                "admin",
+                "rotate-signing-key",
+                "--activate-in",
+                "20s",
+                "--old-valid-for",
+                retire,
+                "--database-url",
+                &db,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "rotate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::harness::stdout(&out)
+    };
+    let said = rotate("1d");
+    assert!(said.starts_with("signing key 2 signs from "), "{said}");
+    for cp in replicas {
+        // 20 s to activation plus one 15 s refresh.
+        let mut switched = false;
+        for _ in 0..5 {
+            switched = cp
+                .wait_counter("outpost_signing_key_id", |id| id == 2)
+                .await;
+            if switched {
+                break;
+            }
+        }
+        assert!(switched, "a replica still signs with key 1\n{}", cp.log());
+    }
+    old.send("SELECT 'signed' || 'before';\r").await;
+    let at = old.wait_for("signedbefore", at).await;
+    let during = rig.session().await;
+    let mut new = Term::open(&rig.cp, &during, 0).await;
+    new.wait_for("=#", 0).await;
+
+    // The keys before key 3 retire when it signs: what they signed can no longer be attached.
+    rotate("0s");
+    for cp in replicas {
+        let mut switched = false;
+        for _ in 0..5 {
+            switched = cp
+                .wait_counter("outpost_signing_key_id", |id| id == 3)
+                .await;
+            if switched {
+                break;
+            }
+        }
+        assert!(switched, "a replica still signs with key 2\n{}", cp.log());
+    }
+    let _ = at;
+    for gone in [&before, &during] {
+        let url = format!("/api/v1/terminal/sessions/{gone}");
+        let r = rig
+            .cp
+            .api(http::Method::GET, &url, None)
+            .await
+            .expect("control plane reachable");
+        assert_eq!(
+            r.status.as_u16(),
+            404,
+            "a session signed with a retired key is still known: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let after = rig.session().await;
+    let mut fresh = Term::open(&rig.cp, &after, 0).await;
+    let at = fresh.wait_for("=#", 0).await;
+    fresh.send("SELECT 'signed' || 'after';\r").await;
+    fresh.wait_for("signedafter", at).await;
+}

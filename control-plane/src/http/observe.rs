@@ -53,6 +53,7 @@ pub async fn metrics(
     proto::prometheus::write_buffers(&mut out, &buffers);
 
     let live = terminal.streams.live().await.map(|l| l.len());
+    let terminal_streams = &terminal.streams;
     let terminal = &terminal.counters;
     write_counters(
         &mut out,
@@ -110,6 +111,14 @@ pub async fn metrics(
         "1 when the terminal stream store (Redis) answered this scrape, 0 when it did not (terminals are refused; everything else works).",
         if live.is_ok() { 1.0 } else { 0.0 },
     );
+    if let Some(redis) = terminal_streams.shared() {
+        out.single(
+            "outpost_signing_key_id",
+            "gauge",
+            "The id of the key this replica signs Redis entries with (changes after `outpost admin rotate-signing-key`).",
+            f64::from(redis.signing_key_id()),
+        );
+    }
     match live {
         Ok(n) => {
             out.single(

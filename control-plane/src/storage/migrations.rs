@@ -114,6 +114,17 @@ CREATE TABLE recording_chunks (
     r#"
 ALTER TABLE agents ADD COLUMN health TEXT;
 "#,
+    // Signing keys with ids, so they can rotate; the key made before becomes key 1.
+    r#"
+CREATE TABLE signing_keys (
+    id INTEGER PRIMARY KEY,
+    key_hex TEXT NOT NULL,
+    active_from_ms INTEGER NOT NULL,
+    retire_at_ms INTEGER
+);
+INSERT INTO signing_keys (id, key_hex, active_from_ms)
+    SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -270,5 +281,15 @@ BEGIN
         EXECUTE format('ALTER TABLE metrics DROP CONSTRAINT %I', c);
     END LOOP;
 END $$;
+"#, // Signing keys with ids, so they can rotate; the key made before becomes key 1.
+    r#"
+CREATE TABLE signing_keys (
+    id INTEGER PRIMARY KEY,
+    key_hex TEXT NOT NULL,
+    active_from_ms BIGINT NOT NULL,
+    retire_at_ms BIGINT
+);
+INSERT INTO signing_keys (id, key_hex, active_from_ms)
+    SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
 "#,
 ];

@@ -19,9 +19,9 @@ pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
-    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
-    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, StorageError, StoredMetric,
-    TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    EnrollTokenRow, Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
+    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow,
+    StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -77,25 +77,60 @@ impl Storage {
         dispatch!(self.list_users())
     }
 
-    /// Give user `name` the role `role` (effective at once: tokens carry no role); `false` when
-    /// there is no such user.
-    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
+    /// Give user `name` the role `role` (effective at once: tokens carry no role), unless it
+    /// is the last enabled admin and `role` is not admin.
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<UserApplied, StorageError> {
         dispatch!(self.set_user_role(name, role))
     }
 
-    /// Disable (and delete every token of) or enable user `name`; `false` when there is no
-    /// such user.
+    /// Disable (and delete every token of) or enable user `name`; the last enabled admin is
+    /// not disabled.
     pub async fn set_user_disabled(
         &self,
         name: &str,
         disabled: bool,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<UserApplied, StorageError> {
         dispatch!(self.set_user_disabled(name, disabled))
     }
 
-    /// Delete user `name` and its tokens; `false` when there was none.
-    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
+    /// Delete user `name` and its tokens, unless it is the last enabled admin.
+    pub async fn delete_user(&self, name: &str) -> Result<UserApplied, StorageError> {
         dispatch!(self.delete_user(name))
+    }
+
+    /// Enrollment tokens that can still be used, newest first.
+    pub async fn list_enroll_tokens(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<EnrollTokenRow>, StorageError> {
+        dispatch!(self.list_enroll_tokens(now_ms))
+    }
+
+    /// Revoke the unused enrollment token with public id `id`; `false` when there is none.
+    pub async fn revoke_enroll_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        dispatch!(self.revoke_enroll_token_id(id))
+    }
+
+    /// The replicas' signing keys, oldest first; when there are none yet, `candidate_hex`
+    /// becomes key 1 (the first replica to ask makes it).
+    pub async fn signing_keys(
+        &self,
+        candidate_hex: &str,
+    ) -> Result<Vec<SigningKeyRow>, StorageError> {
+        dispatch!(self.signing_keys(candidate_hex))
+    }
+
+    /// Add `key_hex` as the newest signing key, signing from `active_from_ms`; every older key
+    /// is retired at `retire_old_at_ms` at the latest, and keys retired before `now_ms` are
+    /// deleted. Returns the new key's id.
+    pub async fn rotate_signing_key(
+        &self,
+        key_hex: &str,
+        now_ms: i64,
+        active_from_ms: i64,
+        retire_old_at_ms: i64,
+    ) -> Result<u32, StorageError> {
+        dispatch!(self.rotate_signing_key(key_hex, now_ms, active_from_ms, retire_old_at_ms))
     }
 
     pub async fn create_api_token(

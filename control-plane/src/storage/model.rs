@@ -26,6 +26,38 @@ pub struct TokenRow {
     pub expires_at_ms: i64,
 }
 
+/// An enrollment token not used yet and not expired, by its public id (never the secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollTokenRow {
+    /// The first [`TOKEN_ID_LEN`] hex digits of the token's hash.
+    pub id: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// The agent it gives a new credential to; `None` enrolls a new agent.
+    pub agent_id: Option<String>,
+}
+
+/// What became of a change to a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserApplied {
+    Done,
+    NoSuchUser,
+    /// Refused: it would leave no enabled admin. Checked in the same statement as the change
+    /// (with the admins' rows locked on PostgreSQL), so two demotions at once cannot both pass.
+    LastAdmin,
+}
+
+/// One key the replicas sign Redis entries with (`terminal::keys` makes them into a ring).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SigningKeyRow {
+    pub id: u32,
+    pub key_hex: String,
+    /// Replicas sign with the newest key whose time has come; before it, they only accept it.
+    pub active_from_ms: i64,
+    /// From this time the key is no longer accepted (`None`: the newest key).
+    pub retire_at_ms: Option<i64>,
+}
+
 /// Hex digits of a token's hash that name it in lists and revocations.
 pub const TOKEN_ID_LEN: usize = 16;
 

@@ -12,9 +12,10 @@ use world::World;
 
 use super::migrations;
 use super::model::{
-    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
-    RecordingRow, SeenRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
+    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment,
+    MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
+    RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN,
+    TokenRow, UserApplied, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -65,8 +66,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend(e.to_string())
+fn backend(e: impl std::error::Error) -> StorageError {
+    // tokio-postgres says only "db error"; the server's message is its source.
+    match e.source() {
+        Some(source) => StorageError::Backend(format!("{e}: {source}")),
+        None => StorageError::Backend(e.to_string()),
+    }
 }
 
 fn conflict_or_backend(e: tokio_postgres::Error, what: &str) -> StorageError {
@@ -267,47 +272,65 @@ impl PostgresStore {
             .collect())
     }
 
-    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE users SET role = $2 WHERE name = $1",
-                &[&name, &role.as_str()],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(n > 0)
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<UserApplied, StorageError> {
+        self.guarded(
+            &format!(
+                "{ADMINS_LOCKED}, u AS (UPDATE users SET role = $2 WHERE name = $1 \
+                 AND ($2 = 'admin' OR (SELECT ok FROM keeps)) RETURNING id) {APPLIED}"
+            ),
+            &[&name, &role.as_str()],
+        )
+        .await
     }
 
     pub async fn set_user_disabled(
         &self,
         name: &str,
         disabled: bool,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<UserApplied, StorageError> {
         // One statement, so the flag and the tokens change together.
+        self.guarded(
+            &format!(
+                "{ADMINS_LOCKED}, u AS (UPDATE users SET disabled = $2 WHERE name = $1 \
+                 AND (NOT $2 OR (SELECT ok FROM keeps)) RETURNING id), \
+                 d AS (DELETE FROM api_tokens WHERE $2 AND user_id IN (SELECT id FROM u)) {APPLIED}"
+            ),
+            &[&name, &disabled],
+        )
+        .await
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<UserApplied, StorageError> {
+        self.guarded(
+            &format!(
+                "{ADMINS_LOCKED}, u AS (DELETE FROM users WHERE name = $1 AND (SELECT ok FROM keeps) \
+                 RETURNING id) {APPLIED}"
+            ),
+            &[&name],
+        )
+        .await
+    }
+
+    /// Run one of the user changes above: a statement that answers (rows changed, whether
+    /// the last-admin rule allowed it, whether the user exists).
+    async fn guarded(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<UserApplied, StorageError> {
         let row = self
             .client()
             .await?
-            .query_one(
-                "WITH u AS (UPDATE users SET disabled = $2 WHERE name = $1 RETURNING id), \
-                 d AS (DELETE FROM api_tokens WHERE $2 AND user_id IN (SELECT id FROM u)) \
-                 SELECT count(*) FROM u",
-                &[&name, &disabled],
-            )
+            .query_one(statement, params)
             .await
             .map_err(backend)?;
-        Ok(row.get::<_, i64>(0) > 0)
-    }
-
-    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
-        let n = self
-            .client()
-            .await?
-            .execute("DELETE FROM users WHERE name = $1", &[&name])
-            .await
-            .map_err(backend)?;
-        Ok(n > 0)
+        Ok(if row.get::<_, i64>(0) > 0 {
+            UserApplied::Done
+        } else if row.get::<_, bool>(2) && !row.get::<_, bool>(1) {
+            UserApplied::LastAdmin
+        } else {
+            UserApplied::NoSuchUser
+        })
     }
 
     pub async fn create_api_token(
@@ -568,7 +591,10 @@ impl PostgresStore {
             .client()
             .await?
             .execute(
-                "WITH metrics_gone AS (DELETE FROM metrics WHERE agent_id = $1) \
+                // Its rekey tokens (and used tokens that could still be replayed) go with it,
+                // so none can bring it back.
+                "WITH metrics_gone AS (DELETE FROM metrics WHERE agent_id = $1), \
+                 tokens_gone AS (DELETE FROM enroll_tokens WHERE agent_id = $1) \
                  DELETE FROM agents WHERE id = $1",
                 &[&agent_id],
             )
@@ -605,6 +631,103 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(rows.iter().map(agent_from_row).collect())
+    }
+
+    pub async fn list_enroll_tokens(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<EnrollTokenRow>, StorageError> {
+        let len = TOKEN_ID_LEN as i32;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT substr(token_hash, 1, $1), created_at_ms, expires_at_ms, agent_id FROM enroll_tokens \
+                 WHERE used_at_ms IS NULL AND expires_at_ms > $2 ORDER BY created_at_ms DESC, token_hash",
+                &[&len, &now_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|row| EnrollTokenRow {
+                id: row.get(0),
+                created_at_ms: row.get(1),
+                expires_at_ms: row.get(2),
+                agent_id: row.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn revoke_enroll_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        let len = TOKEN_ID_LEN as i32;
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM enroll_tokens WHERE substr(token_hash, 1, $1) = $2 AND used_at_ms IS NULL",
+                &[&len, &id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
+    pub async fn signing_keys(
+        &self,
+        candidate_hex: &str,
+    ) -> Result<Vec<SigningKeyRow>, StorageError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO signing_keys (id, key_hex, active_from_ms) \
+                 SELECT 1, $1, 0 WHERE NOT EXISTS (SELECT 1 FROM signing_keys) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&candidate_hex],
+            )
+            .await
+            .map_err(backend)?;
+        let rows = client
+            .query(
+                "SELECT id, key_hex, active_from_ms, retire_at_ms FROM signing_keys ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(SigningKeyRow {
+                    id: u32::try_from(row.get::<_, i32>(0)).map_err(backend)?,
+                    key_hex: row.get(1),
+                    active_from_ms: row.get(2),
+                    retire_at_ms: row.get(3),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn rotate_signing_key(
+        &self,
+        key_hex: &str,
+        now_ms: i64,
+        active_from_ms: i64,
+        retire_old_at_ms: i64,
+    ) -> Result<u32, StorageError> {
+        // One statement; two rotations at once conflict on the new id and one is refused.
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "WITH gone AS (DELETE FROM signing_keys WHERE retire_at_ms < $2), \
+                 retired AS (UPDATE signing_keys SET retire_at_ms = $4 \
+                     WHERE retire_at_ms IS NULL OR retire_at_ms > $4) \
+                 INSERT INTO signing_keys (id, key_hex, active_from_ms) \
+                 SELECT COALESCE(MAX(id), 0) + 1, $1, $3 FROM signing_keys RETURNING id",
+                &[&key_hex, &now_ms, &active_from_ms, &retire_old_at_ms],
+            )
+            .await
+            .map_err(|e| conflict_or_backend(e, "a signing key rotation at the same time"))?;
+        u32::try_from(row.get::<_, i32>(0)).map_err(backend)
     }
 
     pub async fn cluster_secret(
@@ -770,7 +893,7 @@ impl PostgresStore {
     fn known_partitions(&self) -> Result<std::sync::MutexGuard<'_, BTreeSet<i64>>, StorageError> {
         self.partitions
             .lock()
-            .map_err(|_| backend("partition cache poisoned"))
+            .map_err(|_| StorageError::Backend("partition cache poisoned".into()))
     }
 
     /// Create the daily partitions `days` need, unless known to exist. Safe against other
@@ -1184,3 +1307,14 @@ async fn copy_metrics(
     }
     writer.finish().await
 }
+
+/// The start of a change to user `$1` that may end an admin: the enabled admins' rows locked
+/// (so a concurrent demotion waits, then sees this one's result), and `keeps.ok`: the user is
+/// not an enabled admin, or another enabled admin stays.
+const ADMINS_LOCKED: &str = "WITH admins AS (SELECT name FROM users WHERE role = 'admin' AND NOT disabled FOR UPDATE), \
+     keeps AS (SELECT NOT EXISTS (SELECT 1 FROM admins WHERE name = $1) \
+         OR EXISTS (SELECT 1 FROM admins WHERE name <> $1) AS ok)";
+
+/// The end of those changes: rows changed, `keeps.ok`, whether the user exists.
+const APPLIED: &str = "SELECT (SELECT count(*) FROM u), (SELECT ok FROM keeps), \
+     EXISTS (SELECT 1 FROM users WHERE name = $1)";

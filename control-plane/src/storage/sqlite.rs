@@ -9,10 +9,10 @@ use world::World;
 
 use super::migrations;
 use super::model::{
-    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, MetricQuery,
-    MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery,
-    RecordingRow, SeenRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserInfo, UserRow,
-    replay_allowed,
+    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment,
+    MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
+    RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN,
+    TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -221,15 +221,19 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<bool, StorageError> {
+    pub async fn set_user_role(&self, name: &str, role: Role) -> Result<UserApplied, StorageError> {
         let name = name.to_string();
         self.run(move |conn| {
-            conn.execute(
-                "UPDATE users SET role = ?2 WHERE name = ?1",
-                params![name, role.as_str()],
-            )
-            .map(|n| n > 0)
-            .map_err(backend)
+            let tx = immediate(conn)?;
+            let n = tx
+                .execute(
+                    &format!(
+                        "UPDATE users SET role = ?2 WHERE name = ?1 AND (?2 = 'admin' OR {KEEPS_AN_ADMIN})"
+                    ),
+                    params![name, role.as_str()],
+                )
+                .map_err(backend)?;
+            applied(tx, &name, n)
         })
         .await
     }
@@ -238,35 +242,41 @@ impl SqliteStore {
         &self,
         name: &str,
         disabled: bool,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<UserApplied, StorageError> {
         let name = name.to_string();
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = immediate(conn)?;
             let n = tx
                 .execute(
-                    "UPDATE users SET disabled = ?2 WHERE name = ?1",
+                    &format!(
+                        "UPDATE users SET disabled = ?2 WHERE name = ?1 AND (?2 = 0 OR {KEEPS_AN_ADMIN})"
+                    ),
                     params![name, i64::from(disabled)],
                 )
                 .map_err(backend)?;
-            if disabled {
+            if disabled && n > 0 {
                 tx.execute(
                     "DELETE FROM api_tokens WHERE user_id IN (SELECT id FROM users WHERE name = ?1)",
                     params![name],
                 )
                 .map_err(backend)?;
             }
-            tx.commit().map_err(backend)?;
-            Ok(n > 0)
+            applied(tx, &name, n)
         })
         .await
     }
 
-    pub async fn delete_user(&self, name: &str) -> Result<bool, StorageError> {
+    pub async fn delete_user(&self, name: &str) -> Result<UserApplied, StorageError> {
         let name = name.to_string();
         self.run(move |conn| {
-            conn.execute("DELETE FROM users WHERE name = ?1", params![name])
-                .map(|n| n > 0)
-                .map_err(backend)
+            let tx = immediate(conn)?;
+            let n = tx
+                .execute(
+                    &format!("DELETE FROM users WHERE name = ?1 AND {KEEPS_AN_ADMIN}"),
+                    params![name],
+                )
+                .map_err(backend)?;
+            applied(tx, &name, n)
         })
         .await
     }
@@ -527,9 +537,19 @@ impl SqliteStore {
     pub async fn remove_agent(&self, agent_id: &str) -> Result<bool, StorageError> {
         let agent_id = agent_id.to_string();
         self.run(move |conn| {
-            conn.execute("DELETE FROM agents WHERE id = ?1", params![agent_id])
-                .map(|n| n > 0)
-                .map_err(backend)
+            let tx = conn.transaction().map_err(backend)?;
+            // Its rekey tokens (and used tokens that could still be replayed) go with it, so
+            // none can bring it back.
+            tx.execute(
+                "DELETE FROM enroll_tokens WHERE agent_id = ?1",
+                params![agent_id],
+            )
+            .map_err(backend)?;
+            let n = tx
+                .execute("DELETE FROM agents WHERE id = ?1", params![agent_id])
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(n > 0)
         })
         .await
     }
@@ -565,6 +585,113 @@ impl SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(backend)?;
             Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn list_enroll_tokens(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<EnrollTokenRow>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT substr(token_hash, 1, ?1), created_at_ms, expires_at_ms, agent_id FROM enroll_tokens \
+                     WHERE used_at_ms IS NULL AND expires_at_ms > ?2 ORDER BY created_at_ms DESC, token_hash",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![TOKEN_ID_LEN, now_ms], |row| {
+                    Ok(EnrollTokenRow {
+                        id: row.get(0)?,
+                        created_at_ms: row.get(1)?,
+                        expires_at_ms: row.get(2)?,
+                        agent_id: row.get(3)?,
+                    })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn revoke_enroll_token_id(&self, id: &str) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "DELETE FROM enroll_tokens WHERE substr(token_hash, 1, ?1) = ?2 AND used_at_ms IS NULL",
+                params![TOKEN_ID_LEN, id],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn signing_keys(
+        &self,
+        candidate_hex: &str,
+    ) -> Result<Vec<SigningKeyRow>, StorageError> {
+        let candidate = candidate_hex.to_string();
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO signing_keys (id, key_hex, active_from_ms) \
+                 SELECT 1, ?1, 0 WHERE NOT EXISTS (SELECT 1 FROM signing_keys)",
+                params![candidate],
+            )
+            .map_err(backend)?;
+            let mut stmt = conn
+                .prepare("SELECT id, key_hex, active_from_ms, retire_at_ms FROM signing_keys ORDER BY id")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(SigningKeyRow {
+                        id: row.get(0)?,
+                        key_hex: row.get(1)?,
+                        active_from_ms: row.get(2)?,
+                        retire_at_ms: row.get(3)?,
+                    })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn rotate_signing_key(
+        &self,
+        key_hex: &str,
+        now_ms: i64,
+        active_from_ms: i64,
+        retire_old_at_ms: i64,
+    ) -> Result<u32, StorageError> {
+        let key_hex = key_hex.to_string();
+        self.run(move |conn| {
+            let tx = immediate(conn)?;
+            tx.execute(
+                "DELETE FROM signing_keys WHERE retire_at_ms < ?1",
+                params![now_ms],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "UPDATE signing_keys SET retire_at_ms = ?1 WHERE retire_at_ms IS NULL OR retire_at_ms > ?1",
+                params![retire_old_at_ms],
+            )
+            .map_err(backend)?;
+            let id: u32 = tx
+                .query_row(
+                    "INSERT INTO signing_keys (id, key_hex, active_from_ms) \
+                     SELECT COALESCE(MAX(id), 0) + 1, ?1, ?2 FROM signing_keys RETURNING id",
+                    params![key_hex, active_from_ms],
+                    |row| row.get(0),
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(id)
         })
         .await
     }
@@ -1028,4 +1155,40 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// The condition on `users` (user name `?1`) that a change which ends an admin must meet: the
+/// user is not an enabled admin, or another enabled admin stays.
+const KEEPS_AN_ADMIN: &str = "(NOT EXISTS (SELECT 1 FROM users WHERE name = ?1 AND role = 'admin' AND disabled = 0) \
+     OR EXISTS (SELECT 1 FROM users WHERE name <> ?1 AND role = 'admin' AND disabled = 0))";
+
+/// A write transaction taken at its start, so a check and the change it guards see one state
+/// even when `outpost admin` writes the same file.
+fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StorageError> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)
+}
+
+/// Commit a guarded change to user `name` that touched `changed` rows, and say what it did.
+fn applied(
+    tx: rusqlite::Transaction<'_>,
+    name: &str,
+    changed: usize,
+) -> Result<UserApplied, StorageError> {
+    let outcome = if changed > 0 {
+        UserApplied::Done
+    } else if tx
+        .query_row("SELECT 1 FROM users WHERE name = ?1", params![name], |_| {
+            Ok(())
+        })
+        .optional()
+        .map_err(backend)?
+        .is_some()
+    {
+        UserApplied::LastAdmin
+    } else {
+        UserApplied::NoSuchUser
+    };
+    tx.commit().map_err(backend)?;
+    Ok(outcome)
 }

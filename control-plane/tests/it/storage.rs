@@ -2,7 +2,8 @@
 
 use control_plane::auth::Role;
 use control_plane::storage::{
-    AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError, UserRow,
+    AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, Enrollment, Storage, StorageError,
+    UserApplied, UserRow,
 };
 use world::World;
 
@@ -447,11 +448,30 @@ async fn check(s: Storage) {
     s.create_api_token(&hash_d, &owner.id, 50_000, 90_000)
         .await
         .expect("token d");
-    assert!(s.set_user_role("alice", Role::Admin).await.expect("role"));
+    let done = Ok::<_, ()>(UserApplied::Done);
+    let ok = |r: Result<UserApplied, StorageError>| r.map_err(|e| panic!("storage: {e}"));
+    assert_eq!(ok(s.set_user_role("alice", Role::Admin).await), done);
     let by_token = s.user_by_token(&hash_d, 55_000).await.expect("lookup");
     assert_eq!(by_token.map(|u| u.role), Some(Role::Admin));
-    assert!(!s.set_user_role("nobody", Role::Admin).await.expect("role"));
-    assert!(s.set_user_disabled("alice", true).await.expect("disable"));
+    assert_eq!(
+        ok(s.set_user_role("nobody", Role::Admin).await),
+        Ok(UserApplied::NoSuchUser)
+    );
+    // Alice is the only admin: she is neither demoted, disabled nor deleted.
+    for refused in [
+        s.set_user_role("alice", Role::Viewer).await,
+        s.set_user_disabled("alice", true).await,
+        s.delete_user("alice").await,
+    ] {
+        assert_eq!(ok(refused), Ok(UserApplied::LastAdmin));
+    }
+    s.create_user(UserRow {
+        role: Role::Admin,
+        ..user("root")
+    })
+    .await
+    .expect("second admin");
+    assert_eq!(ok(s.set_user_disabled("alice", true).await), done);
     assert!(s.user_by_name("alice").await.expect("lookup").is_none());
     assert!(
         s.user_by_token(&hash_d, 55_000)
@@ -471,7 +491,7 @@ async fn check(s: Storage) {
     let alice = listed.iter().find(|u| u.name == "alice").expect("listed");
     assert!(alice.disabled);
     assert_eq!(alice.role, Role::Admin);
-    assert!(s.set_user_disabled("alice", false).await.expect("enable"));
+    assert_eq!(ok(s.set_user_disabled("alice", false).await), done);
     assert!(s.user_by_name("alice").await.expect("lookup").is_some());
     assert!(
         s.user_by_token(&hash_d, 55_000)
@@ -480,8 +500,11 @@ async fn check(s: Storage) {
             .is_none(),
         "enabling does not bring old tokens back"
     );
-    assert!(s.delete_user("alice").await.expect("delete"));
-    assert!(!s.delete_user("alice").await.expect("delete again"));
+    assert_eq!(ok(s.delete_user("alice").await), done);
+    assert_eq!(
+        ok(s.delete_user("alice").await),
+        Ok(UserApplied::NoSuchUser)
+    );
     assert!(
         s.list_users()
             .await
@@ -560,7 +583,55 @@ async fn check(s: Storage) {
         bytes_max: 1 << 20,
     };
     assert_eq!(s.metrics(rm_metrics()).await.expect("read").len(), 1);
+    // Unused enrollment tokens are listed by id (never the secret) and revoked by it.
+    s.create_enroll_token(&"e".repeat(64), 5_000, 900_000)
+        .await
+        .expect("enroll token");
+    assert!(
+        s.create_rekey_token(&"f".repeat(64), "agt_rm", 6_000, 900_000)
+            .await
+            .expect("rekey token")
+    );
+    let listed = s.list_enroll_tokens(7_000).await.expect("list");
+    let ids: Vec<_> = listed
+        .iter()
+        .map(|t| (t.id.as_str(), t.agent_id.as_deref()))
+        .collect();
+    assert!(
+        ids.contains(&(&"f".repeat(16)[..], Some("agt_rm"))),
+        "{ids:?}"
+    );
+    assert!(ids.contains(&(&"e".repeat(16)[..], None)), "{ids:?}");
+    assert!(
+        listed.iter().all(|t| t.id != "rk"[..].repeat(8)),
+        "used tokens are not listed"
+    );
+    assert!(
+        s.revoke_enroll_token_id(&"e".repeat(16))
+            .await
+            .expect("revoke")
+    );
+    assert!(
+        !s.revoke_enroll_token_id(&"e".repeat(16))
+            .await
+            .expect("revoke again")
+    );
+    assert_eq!(
+        s.enroll_agent(attempt(&"e".repeat(64), "enr_e", "agt_e", "cred_e", 8_000))
+            .await
+            .expect("enroll"),
+        Enrollment::Refused(EnrollRefusal::UnknownToken),
+        "a revoked token enrolls nothing"
+    );
     assert!(s.remove_agent("agt_rm").await.expect("remove"));
+    assert_eq!(
+        s.enroll_agent(attempt(&"f".repeat(64), "enr_f", "agt_f", "cred_f", 9_000))
+            .await
+            .expect("enroll"),
+        Enrollment::Refused(EnrollRefusal::UnknownToken),
+        "an unexpired rekey token does not bring a removed agent back"
+    );
+    assert!(s.agent("agt_rm").await.expect("q").is_none());
     assert!(
         s.metrics(rm_metrics()).await.expect("read").is_empty(),
         "a removed agent's metrics go with it"
@@ -731,6 +802,74 @@ async fn recordings(s: &Storage) {
             .is_empty()
     );
     assert!(s.recording("rec2").await.expect("q").is_some());
+}
+
+/// Two replicas (two connections) demote the only two admins at once, many times: one
+/// demotion passes each time and one admin stays.
+async fn demote_each_other(here: &Storage, there: &Storage) {
+    here.migrate().await.expect("migrate");
+    for name in ["alice", "root"] {
+        here.create_user(UserRow {
+            role: Role::Admin,
+            ..user(name)
+        })
+        .await
+        .expect("admin");
+    }
+    for round in 0..30 {
+        let (a, b) = tokio::join!(
+            here.set_user_role("alice", Role::Operator),
+            there.set_user_role("root", Role::Operator)
+        );
+        let mut outcomes = [a.expect("alice"), b.expect("root")];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [UserApplied::Done, UserApplied::LastAdmin],
+            "round {round}: exactly one demotion passes"
+        );
+        let users = there.list_users().await.expect("users");
+        assert_eq!(
+            users.iter().filter(|u| u.role == Role::Admin).count(),
+            1,
+            "round {round}"
+        );
+        for name in ["alice", "root"] {
+            assert_eq!(
+                here.set_user_role(name, Role::Admin)
+                    .await
+                    .expect("promote"),
+                UserApplied::Done
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqlite_keeps_an_admin_when_two_writers_demote_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let world = World::real();
+    let open = || control_plane::server::open_storage(&world, dir.path(), None);
+    let here = open().await.expect("open");
+    let there = open().await.expect("open again");
+    demote_each_other(&here, &there).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_an_admin_when_two_replicas_demote_at_once() {
+    let pg = fixtures::Postgres::start()
+        .await
+        .expect("start postgres fixture");
+    let url = pg.create_database("last_admin").expect("create database");
+    let world = World::real();
+    let nowhere = std::path::Path::new("/nonexistent");
+    let here = control_plane::server::open_storage(&world, nowhere, Some(&url))
+        .await
+        .expect("open");
+    let there = control_plane::server::open_storage(&world, nowhere, Some(&url))
+        .await
+        .expect("open again");
+    demote_each_other(&here, &there).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use control_plane::terminal::relay::{self, OpenRefusal, OpenRequest};
+use control_plane::terminal::streams::SigningKey;
 use control_plane::terminal::{
     InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, Streams, StreamsError,
 };
@@ -390,8 +391,20 @@ async fn the_relay_carries_requests_and_typed_answers_between_replicas() {
         here.shared().expect("shared").clone(),
         there.shared().expect("shared").clone(),
     );
-    here.set_key([3; 32]);
-    there.set_key([3; 32]);
+    here.set_keys(
+        SigningKey {
+            id: 1,
+            key: [3; 32],
+        },
+        &[],
+    );
+    there.set_keys(
+        SigningKey {
+            id: 1,
+            key: [3; 32],
+        },
+        &[],
+    );
 
     let cursor = relay::requests_tail(&there).await.expect("tail");
     let request = OpenRequest {
@@ -479,7 +492,10 @@ async fn entries_not_signed_by_a_replica_are_dropped() {
     let redis = fixtures::Redis::start().await.expect("start redis");
     let replica = |key: [u8; 32]| {
         let streams = Streams::redis(World::real(), &redis.url()).expect("redis url");
-        streams.shared().expect("shared").set_key(key);
+        streams
+            .shared()
+            .expect("shared")
+            .set_keys(SigningKey { id: 1, key }, &[]);
         streams
     };
     let (sender, reader, stranger) = (replica([5; 32]), replica([5; 32]), replica([6; 32]));

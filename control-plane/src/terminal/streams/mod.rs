@@ -23,6 +23,7 @@ use world::World;
 
 pub use self::memory::MemoryStreams;
 pub use self::redis::RedisStreams;
+pub use self::sign::SigningKey;
 
 pub use self::model::{
     ENTRY_BYTES_MAX, INPUT_ENTRIES_MAX, InEvent, InputEntry, MetaPatch, OutEntry, READ_ENTRIES_MAX,

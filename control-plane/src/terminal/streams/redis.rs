@@ -194,9 +194,15 @@ impl RedisStreams {
         })
     }
 
-    /// Sign and verify with `key`, the one all replicas share.
-    pub fn set_key(&self, key: [u8; 32]) {
-        self.signer.set_key(key);
+    /// Sign with `current` and accept `accepted`: the keys all replicas share (see
+    /// [`crate::terminal::keys`]).
+    pub fn set_keys(&self, current: super::sign::SigningKey, accepted: &[super::sign::SigningKey]) {
+        self.signer.set_keys(current, accepted);
+    }
+
+    /// The id of the key this replica signs with now.
+    pub fn signing_key_id(&self) -> u32 {
+        self.signer.current_id()
     }
 
     /// Whether the URL carries a password (Redis without one lets anybody who reaches it in).
