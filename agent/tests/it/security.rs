@@ -106,3 +106,143 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         .await;
     assert!(counted, "the refusal is not counted");
 }
+
+/// `outpost admin` on the same storage as a running control plane.
+fn admin(cp: &ControlPlane, args: &[&str]) -> std::process::Output {
+    let data = cp.data_dir();
+    let mut all = vec!["admin"];
+    all.extend_from_slice(args);
+    all.extend(["--data-dir", data.to_str().expect("utf8")]);
+    crate::harness::run(&crate::harness::outpost_bin(), &all)
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_listed_and_revoked_and_admin_commands_are_audited() {
+    let cp = ControlPlane::start().await;
+    let token = cp.enroll_token();
+    let listed = crate::harness::stdout(&admin(&cp, &["enroll-tokens"]));
+    let line = listed
+        .lines()
+        .find(|l| l.ends_with("new agent"))
+        .unwrap_or_else(|| panic!("the token is not listed:\n{listed}"));
+    assert!(!listed.contains(&token), "a list shows no secret");
+    let id = line.split_whitespace().next().expect("id");
+    let revoked = admin(&cp, &["revoke-enroll-token", id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let again = admin(&cp, &["revoke-enroll-token", id]);
+    assert!(!again.status.success(), "revoked twice");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = crate::harness::run(
+        &crate::harness::agent_bin(),
+        &[
+            "enroll",
+            "--control-plane",
+            &cp.url(),
+            "--token",
+            &token,
+            "--name",
+            "db1",
+            "--data-dir",
+            dir.path().to_str().expect("utf8"),
+        ],
+    );
+    assert!(!out.status.success(), "a revoked token enrolled a host");
+
+    let changed = admin(&cp, &["set-user", "admin", "--role", "operator"]);
+    assert!(!changed.status.success(), "the last admin was demoted");
+    crate::harness::create_user(
+        cp.data_dir().to_str().expect("utf8"),
+        &[],
+        "second",
+        "viewer",
+        "second-password-1234",
+    );
+    assert!(
+        admin(&cp, &["set-user", "second", "--role", "operator"])
+            .status
+            .success()
+    );
+    let r = cp
+        .api(http::Method::GET, "/api/v1/audit", None)
+        .await
+        .expect("control plane reachable");
+    let rows: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let seen: Vec<(String, String)> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["actor"].as_str().is_some_and(|a| a.starts_with("cli:")))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or("").to_string(),
+                r["target"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("user.created", "admin"),
+        ("enroll_token.created", ""),
+        ("enroll_token.revoked", id),
+        ("user.created", "second"),
+        ("user.changed", "second"),
+    ] {
+        assert!(
+            seen.iter().any(|(a, t)| a == want.0 && t == want.1),
+            "{want:?} not audited: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rekey_token_does_not_bring_a_removed_agent_back() {
+    let cp = ControlPlane::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    cp.enroll_agent("db1", data);
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    let id = v[0]["id"].as_str().expect("enrolled").to_string();
+    let r = cp
+        .api(
+            http::Method::POST,
+            &format!("/api/v1/agents/{id}/rekey"),
+            None,
+        )
+        .await
+        .expect("rekey");
+    assert_eq!(r.status, 201);
+    let rekey: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let token = rekey["token"].as_str().expect("token");
+    let r = cp
+        .api(http::Method::DELETE, &format!("/api/v1/agents/{id}"), None)
+        .await
+        .expect("remove");
+    assert!(r.status.is_success(), "{}", r.status);
+
+    let out = crate::harness::run(
+        &crate::harness::agent_bin(),
+        &[
+            "enroll",
+            "--force",
+            "--control-plane",
+            &cp.url(),
+            "--token",
+            token,
+            "--name",
+            "db1",
+            "--data-dir",
+            data,
+        ],
+    );
+    assert!(!out.status.success(), "the removed agent enrolled again");
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+}
