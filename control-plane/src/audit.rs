@@ -42,7 +42,11 @@ pub mod action {
     pub const RECORDING_REPLAYED: &str = "recording.replayed";
     /// A recording was downloaded as a `.cast` file.
     pub const RECORDING_DOWNLOADED: &str = "recording.downloaded";
+    /// A task request was accepted, before it is sent to the agent; `task.created` (the
+    /// agent made it) or `task.refused` follows with the same `request` id.
+    pub const TASK_REQUESTED: &str = "task.requested";
     pub const TASK_CREATED: &str = "task.created";
+    pub const TASK_REFUSED: &str = "task.refused";
     pub const TASK_CANCELED: &str = "task.canceled";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";

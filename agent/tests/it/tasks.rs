@@ -680,6 +680,30 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
         .expect("answer");
     assert_eq!(refused.status, 400);
     assert!(String::from_utf8_lossy(&refused.body).contains("unknown kind"));
+    // Each request is on record before it is sent, and its outcome after, by one request id.
+    let audit_of = |action: &'static str| {
+        let cp = &cp;
+        async move {
+            let r = cp
+                .api(Method::GET, &format!("/api/v1/audit?action={action}"), None)
+                .await
+                .expect("audit");
+            serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")
+        }
+    };
+    let requested = audit_of("task.requested").await;
+    assert_eq!(requested.as_array().map(Vec::len), Some(2), "{requested}");
+    let refusals = audit_of("task.refused").await;
+    assert_eq!(
+        refusals[0]["detail"]["request"],
+        requested[0]["detail"]["request"]
+    );
+    assert_eq!(requested[0]["detail"]["kind"], "bogus");
+    assert_eq!(
+        audit[0]["detail"]["request"],
+        requested[1]["detail"]["request"]
+    );
+    assert_eq!(requested[1]["detail"]["argv"], audit[0]["detail"]["argv"]);
     let dup = cp
         .api(
             Method::POST,

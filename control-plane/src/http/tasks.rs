@@ -115,10 +115,20 @@ pub async fn create(
     Path(agent_id): Path<String>,
     Json(task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
-    // What will run on the host, exactly as asked: the argv of a command, the parameters of
-    // the others (a `sql` task's query among them).
-    let (argv, params) = (task.argv.clone(), task.params.clone());
-    let task = command(
+    // What will run on the host, exactly as asked (the argv of a command, the parameters of
+    // the others, a `sql` task's query among them), recorded before it is sent: if this
+    // replica dies while the agent creates the task, the request is on record anyway.
+    let request = crate::auth::new_id(&state.world, "req");
+    let mut asked = serde_json::to_value(&task).unwrap_or_default();
+    if let Some(fields) = asked.as_object_mut() {
+        fields.insert("request".into(), request.clone().into());
+        fields.insert("agent_id".into(), agent_id.clone().into());
+    }
+    state
+        .audit
+        .record(&user.name, action::TASK_REQUESTED, &agent_id, asked.clone())
+        .await;
+    let outcome = command(
         &state,
         &relay,
         &agent_id,
@@ -126,22 +136,26 @@ pub async fn create(
             task: Box::new(task),
         },
     )
-    .await?;
+    .await;
+    let task = match outcome {
+        Ok(task) => task,
+        Err(error) => {
+            state
+                .audit
+                .record(
+                    &user.name,
+                    action::TASK_REFUSED,
+                    &agent_id,
+                    serde_json::json!({"request": request, "status": error.status.as_u16(), "error": error.message}),
+                )
+                .await;
+            return Err(error);
+        }
+    };
     tracing::info!(agent_id = %agent_id, task_id = %task.id, kind = %task.kind, "task created");
     state
         .audit
-        .record(
-            &user.name,
-            action::TASK_CREATED,
-            &task.id,
-            serde_json::json!({
-                "agent_id": agent_id,
-                "kind": task.kind,
-                "schedule": task.schedule,
-                "argv": argv,
-                "params": params,
-            }),
-        )
+        .record(&user.name, action::TASK_CREATED, &task.id, asked)
         .await;
     Ok((StatusCode::CREATED, Json(task)))
 }
