@@ -42,6 +42,8 @@ pub mod action {
     pub const RECORDING_REPLAYED: &str = "recording.replayed";
     /// A recording was downloaded as a `.cast` file.
     pub const RECORDING_DOWNLOADED: &str = "recording.downloaded";
+    /// Recordings were searched for words (target: whose recordings, empty for everyone's).
+    pub const RECORDING_SEARCHED: &str = "recording.searched";
     /// A task request was accepted, before it is sent to the agent; `task.created` (the
     /// agent made it) or `task.refused` follows with the same `request` id.
     pub const TASK_REQUESTED: &str = "task.requested";

@@ -848,6 +848,7 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 "recording {}: {} chunks, {} output bytes, {} events, head {}",
                 v.session_id, v.chunks, v.bytes, v.events, v.hash
             );
+            println!("{}", v.audit);
             match v.problem {
                 None => {
                     println!("valid: the chain holds from the first chunk to the head");

@@ -370,6 +370,7 @@ fn audit_check(dir: &std::path::Path, seed: u64, l: &Ledger) -> anyhow::Result<(
         let storage = control_plane::server::open_storage(&world, &dir.join("cp"), None).await?;
         let rows = storage
             .audit_list(AuditQuery {
+                target: None,
                 action: None,
                 before_id: None,
                 limit: 100_000,

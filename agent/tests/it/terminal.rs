@@ -21,6 +21,8 @@ struct Rig {
     agent_id: String,
     /// The database psql is connected to.
     dsn: String,
+    /// The control plane's own database, when it is PostgreSQL.
+    cp_db: Option<String>,
     _agent: Proc,
     _dir: tempfile::TempDir,
 }
@@ -71,6 +73,7 @@ async fn rig(
         agent_cp,
         agent_id,
         dsn,
+        cp_db: None,
         _agent: agent,
         _dir: dir,
     }
@@ -84,7 +87,9 @@ async fn two_replicas(pg: &fixtures::Postgres, redis: &fixtures::Redis, db: &str
     let serve = ["--redis-url", &redis.url()];
     let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
     let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
-    rig(browser_side, Some(agent_side), pg, "").await
+    let mut rig = rig(browser_side, Some(agent_side), pg, "").await;
+    rig.cp_db = Some(db);
+    rig
 }
 
 impl Rig {
@@ -735,6 +740,46 @@ async fn the_recording_has_every_byte_once_when_the_replica_holding_the_agent_li
         .map(|(t, _, _)| *t)
         .expect("in the cast");
     assert!(at <= shown_at, "{at} > {shown_at}");
+    let searched = rig
+        .cp
+        .api(
+            http::Method::GET,
+            "/api/v1/audit?action=recording.searched",
+            None,
+        )
+        .await
+        .expect("audit");
+    let searched: serde_json::Value = serde_json::from_slice(&searched.body).expect("json");
+    assert_eq!(
+        searched[0]["detail"]["words"],
+        serde_json::json!(["afterrestart"]),
+        "a search is audited: {searched}"
+    );
+
+    // The head is held against the hash in the session's end record: a recording rewritten
+    // whole (its chain made consistent again) no longer matches it.
+    assert_eq!(
+        rec.verify["ended_hash"], rec.verify["hash"],
+        "{}",
+        rec.verify
+    );
+    let head = rec.verify["hash"].as_str().expect("hash");
+    psql(
+        rig.cp_db.as_deref().expect("postgres storage"),
+        &format!(
+            "UPDATE audit SET detail = replace(detail, '{head}', '{}') WHERE action = 'terminal.ended' AND target = '{session}'",
+            "0".repeat(head.len())
+        ),
+    );
+    let again = Recording::fetch(&rig.cp, &session).await;
+    assert_eq!(again.verify["valid"], false, "{}", again.verify);
+    assert!(
+        again.verify["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("changed after the session ended")),
+        "{}",
+        again.verify
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,6 +145,8 @@ const AUDIT_PAGE_MAX: i64 = 500;
 pub struct AuditParams {
     /// Only this action (`login`, `terminal.opened`, `task.created`, …).
     action: Option<String>,
+    /// Only records about this target (a user name, agent, session or task id).
+    target: Option<String>,
     /// Records older than this id (the `id` of the last record of the previous page).
     before: Option<i64>,
     /// Page size, 1-500 (default 100).
@@ -161,7 +163,7 @@ pub struct AuditView {
     detail: serde_json::Value,
 }
 
-/// `GET /api/v1/audit?action=A&before=ID&limit=N`: newest first.
+/// `GET /api/v1/audit?action=A&target=T&before=ID&limit=N`: newest first.
 pub async fn audit(
     State(state): State<Handles>,
     Query(params): Query<AuditParams>,
@@ -176,10 +178,14 @@ pub async fn audit(
     if params.action.as_ref().is_some_and(|a| a.len() > 64) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "action is too long"));
     }
+    if params.target.as_ref().is_some_and(|t| t.len() > 256) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "target is too long"));
+    }
     let rows = state
         .storage
         .audit_list(AuditQuery {
             action: params.action,
+            target: params.target,
             before_id: params.before,
             limit,
         })

@@ -114,7 +114,8 @@ CREATE TABLE recording_chunks (
     r#"
 ALTER TABLE agents ADD COLUMN health TEXT;
 "#,
-    // Signing keys with ids, so they can rotate; the key made before becomes key 1.
+    // Signing keys with ids, so they can rotate; the key made before becomes key 1. Audit
+    // records by target (a recording's check reads its session's end).
     r#"
 CREATE TABLE signing_keys (
     id INTEGER PRIMARY KEY,
@@ -124,6 +125,7 @@ CREATE TABLE signing_keys (
 );
 INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
+CREATE INDEX audit_by_target ON audit(target, id);
 "#,
 ];
 
@@ -291,5 +293,6 @@ CREATE TABLE signing_keys (
 );
 INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
+CREATE INDEX audit_by_target ON audit(target, id);
 "#,
 ];

@@ -170,6 +170,8 @@ pub struct AuditRow {
 #[derive(Clone, Debug)]
 pub struct AuditQuery {
     pub action: Option<String>,
+    /// Only records about this target (a user, agent, session or task id).
+    pub target: Option<String>,
     pub before_id: Option<i64>,
     pub limit: i64,
 }

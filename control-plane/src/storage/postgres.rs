@@ -1020,8 +1020,8 @@ impl PostgresStore {
             .query(
                 "SELECT id, ts_ms, actor, action, target, detail FROM audit \
                  WHERE ($1::text IS NULL OR action = $1) AND ($2::bigint IS NULL OR id < $2) \
-                 ORDER BY id DESC LIMIT $3",
-                &[&q.action, &q.before_id, &q.limit],
+                 AND ($4::text IS NULL OR target = $4) ORDER BY id DESC LIMIT $3",
+                &[&q.action, &q.before_id, &q.limit, &q.target],
             )
             .await
             .map_err(backend)?;

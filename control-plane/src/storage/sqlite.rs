@@ -893,11 +893,11 @@ impl SqliteStore {
                 .prepare(
                     "SELECT id, ts_ms, actor, action, target, detail FROM audit \
                      WHERE (?1 IS NULL OR action = ?1) AND (?2 IS NULL OR id < ?2) \
-                     ORDER BY id DESC LIMIT ?3",
+                     AND (?4 IS NULL OR target = ?4) ORDER BY id DESC LIMIT ?3",
                 )
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![q.action, q.before_id, q.limit], |r| {
+                .query_map(params![q.action, q.before_id, q.limit, q.target], |r| {
                     Ok(AuditRow {
                         id: r.get(0)?,
                         ts_ms: r.get(1)?,

@@ -373,6 +373,7 @@ async fn check(s: Storage) {
     }
     let audit = |action: Option<&str>, before_id: Option<i64>| {
         s.audit_list(AuditQuery {
+            target: None,
             action: action.map(str::to_string),
             before_id,
             limit: 10,

@@ -15,7 +15,8 @@ use crate::audit::action;
 use crate::auth::Role;
 use crate::edge::{ApiError, AuthUser};
 use crate::storage::{
-    RECORDING_SEARCH_WORDS_MAX, RecordingQuery, RecordingRow, Storage, StorageError, UserRow,
+    AuditQuery, RECORDING_SEARCH_WORDS_MAX, RecordingQuery, RecordingRow, Storage, StorageError,
+    UserRow,
 };
 use crate::terminal::TerminalContext;
 
@@ -123,6 +124,10 @@ pub struct VerifyView {
     pub bytes: i64,
     pub events: u64,
     pub hash: String,
+    /// The chain's last hash as the session's `terminal.ended` audit record holds it.
+    pub ended_hash: Option<String>,
+    /// What comparing the head with that record found.
+    pub audit: String,
     /// Where the chain breaks, when it does.
     pub problem: Option<String>,
 }
@@ -236,6 +241,16 @@ pub async fn list(
             .map_err(storage_error)?;
         return Ok(Json(rows.into_iter().map(RecordingView::of).collect()));
     }
+    // What someone looked for in other people's sessions is itself on record.
+    state
+        .audit
+        .record(
+            &user.name,
+            action::RECORDING_SEARCHED,
+            q.user.as_deref().unwrap_or(if admin { "" } else { &user.name }),
+            serde_json::json!({"words": words, "agent_id": query.agent_id, "from_ms": query.from_ms, "to_ms": query.to_ms}),
+        )
+        .await;
     let matched = state
         .storage
         .search_recordings(RecordingQuery {
@@ -377,6 +392,33 @@ pub async fn verify(storage: &Storage, session_id: &str) -> Result<VerifyView, S
     {
         problem = Some(broken.to_string());
     }
+    // The chain proves the chunks agree with the head; the head is held against the hash the
+    // session's end wrote into the audit log, so rewriting the whole chain shows too.
+    let ended = storage
+        .audit_list(AuditQuery {
+            action: Some(action::TERMINAL_ENDED.to_string()),
+            target: Some(session_id.to_string()),
+            before_id: None,
+            limit: 1,
+        })
+        .await?;
+    let ended_hash = ended.first().and_then(|r| {
+        let detail: serde_json::Value = serde_json::from_str(&r.detail).ok()?;
+        Some(detail["recording"]["hash"].as_str()?.to_string())
+    });
+    let audit = match &ended_hash {
+        None if ended.is_empty() => "no terminal.ended audit record (the session is live, or the record was pruned): the head was not compared".to_string(),
+        None => "the terminal.ended audit record names no recording hash: the head was not compared".to_string(),
+        Some(hash) if *hash == row.head_hash => "the head is the hash the terminal.ended audit record holds".to_string(),
+        Some(hash) => {
+            let broken = format!(
+                "the head {} is not the hash the terminal.ended audit record holds ({hash}): the recording changed after the session ended",
+                row.head_hash
+            );
+            problem.get_or_insert(broken.clone());
+            broken
+        }
+    };
     Ok(VerifyView {
         session_id: session_id.to_string(),
         valid: problem.is_none(),
@@ -384,6 +426,8 @@ pub async fn verify(storage: &Storage, session_id: &str) -> Result<VerifyView, S
         bytes: row.bytes,
         events: check.events,
         hash: row.head_hash,
+        ended_hash,
+        audit,
         problem,
     })
 }
