@@ -8,8 +8,21 @@ use axum::response::{IntoResponse, Response};
 
 use crate::storage::{AgentRow, UserRow};
 
-/// Name of the browser session cookie.
+/// Name of the browser session cookie over plain HTTP.
 pub const SESSION_COOKIE: &str = "outpost_session";
+/// Its name when the control plane is served over TLS (itself or behind a TLS proxy): the
+/// `__Host-` prefix makes browsers accept it only when set `Secure`, by this host, for `/`,
+/// so a sibling subdomain or a plain-HTTP page cannot plant a session cookie.
+pub const SESSION_COOKIE_TLS: &str = "__Host-outpost_session";
+
+/// The session cookie's name for a control plane served with (`true`) or without TLS.
+pub fn session_cookie_name(tls: bool) -> &'static str {
+    if tls {
+        SESSION_COOKIE_TLS
+    } else {
+        SESSION_COOKIE
+    }
+}
 
 /// The authenticated caller, inserted into request extensions by the auth layer.
 #[derive(Clone, Debug)]

@@ -187,6 +187,31 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
         cookie.contains("; Secure"),
         "the cookie is Secure over HTTPS: {cookie}"
     );
+    // Under TLS the session cookie is a `__Host-` one, and only that name is taken: a cookie
+    // planted by a sibling host or a plain-HTTP page carries no session.
+    let token = cookie
+        .strip_prefix("__Host-outpost_session=")
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("a __Host- cookie over HTTPS: {cookie}"));
+    for (name, want) in [("__Host-outpost_session", 200), ("outpost_session", 401)] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::COOKIE,
+            format!("{name}={token}").parse().expect("header"),
+        );
+        let me = world::http_request(
+            &trusting,
+            http::Method::GET,
+            &url::Url::parse(&format!("{base}/api/v1/me")).expect("url"),
+            headers,
+            bytes::Bytes::new(),
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .await
+        .expect("me over https");
+        assert_eq!(me.status, want, "cookie {name}");
+    }
     assert!(
         login
             .headers

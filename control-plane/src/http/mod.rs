@@ -23,7 +23,7 @@ use axum::{Json, Router};
 
 pub use self::access::{Access, RouteSpec};
 use crate::auth::{Role, secret_hash};
-use crate::edge::{ApiError, AuthAgent, AuthUser, SESSION_COOKIE};
+use crate::edge::{ApiError, AuthAgent, AuthUser, session_cookie_name};
 use crate::state::AppState;
 
 /// Largest request body any route accepts.
@@ -420,7 +420,9 @@ fn same_origin(request: &Request) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-fn cookie_token(request: &Request) -> Option<String> {
+/// The session cookie's value: under TLS only the `__Host-` cookie counts.
+fn cookie_token(request: &Request, tls: bool) -> Option<String> {
+    let name = session_cookie_name(tls);
     request
         .headers()
         .get_all(header::COOKIE)
@@ -428,7 +430,7 @@ fn cookie_token(request: &Request) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
+        .find(|(found, _)| *found == name)
         .map(|(_, value)| value.to_string())
 }
 
@@ -451,7 +453,9 @@ async fn authenticate(
                 )
                 .into_response();
             }
-            let Some(token) = bearer.or_else(|| cookie_token(&request)) else {
+            let Some(token) =
+                bearer.or_else(|| cookie_token(&request, state.settings.secure_cookies))
+            else {
                 return ApiError::unauthorized("log in first: POST /api/v1/sessions")
                     .into_response();
             };

@@ -409,7 +409,7 @@ pub fn document(specs: &[RouteSpec]) -> Value {
             "schemas": generator.take_definitions(true),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "An API token from POST /api/v1/sessions, or an agent credential"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": crate::edge::SESSION_COOKIE},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": crate::edge::SESSION_COOKIE, "description": "Set by POST /api/v1/sessions; named __Host-outpost_session when the control plane is served over TLS (or behind a TLS proxy)"},
             },
         },
     })

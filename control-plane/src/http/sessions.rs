@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::action;
 use crate::auth::{self, SecretKind};
-use crate::edge::{ApiError, SESSION_COOKIE};
+use crate::edge::{ApiError, session_cookie_name};
 use crate::handles::Handles;
 use crate::throttle::{BUSY_RETRY, LoginThrottle, Name, Refusal};
 
@@ -213,17 +213,13 @@ pub async fn logout(
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cleared)]).into_response())
 }
 
-/// The `Set-Cookie` value carrying `token` for `max_age_s` (0 clears it); `Secure` under
-/// HTTPS or behind a TLS proxy.
+/// The `Set-Cookie` value carrying `token` for `max_age_s` (0 clears it); `Secure` and named
+/// `__Host-…` under HTTPS or behind a TLS proxy.
 fn session_cookie(state: &Handles, token: &str, max_age_s: u64) -> String {
-    let secure = if state.settings.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}"
-    )
+    let tls = state.settings.secure_cookies;
+    let name = session_cookie_name(tls);
+    let secure = if tls { "; Secure" } else { "" };
+    format!("{name}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}")
 }
 
 #[derive(Serialize, schemars::JsonSchema)]
