@@ -10,7 +10,7 @@ use http::{HeaderMap, Method};
 use serde::Serialize;
 use world::World;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, RunAs};
 use crate::identity;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,6 +127,7 @@ pub async fn checks(
     }
     out.extend(postgres(world, &config).await);
     out.extend(policy(&config));
+    out.extend(credential(&config));
     out.push(socket(&config.socket));
     out
 }
@@ -134,7 +135,6 @@ pub async fn checks(
 /// What the host lets the control plane do: the task kinds, pg_dump's directories (each must
 /// exist and be writable by whoever task commands run as), and the terminal.
 fn policy(config: &AgentConfig) -> Vec<Check> {
-    use crate::config::RunAs;
     let tasks = &config.tasks;
     let kinds: Vec<&str> = tasks.policy.remote_kinds.iter().map(|k| k.name()).collect();
     let mut out = vec![ok(
@@ -202,6 +202,86 @@ fn policy(config: &AgentConfig) -> Vec<Check> {
 
 /// The data directory: present, 0700, owned by the user the agent runs as, and so is
 /// everything the agent keeps in it.
+/// Whether task commands and psql (whose users run what they like: `command` tasks, `\!`)
+/// can read the agent's credential. If they can, any of them can act as this agent: dial its
+/// terminal links, report its tasks.
+fn credential(config: &AgentConfig) -> Vec<Check> {
+    let path = config.data_dir.join(identity::IDENTITY_FILE);
+    let mut sections = vec![("tasks", &config.tasks.run_as)];
+    if config.terminal.enabled {
+        sections.push(("terminal", &config.terminal.run_as));
+    }
+    let fix = "set run_as to a user of its own in [tasks] and [terminal] (the packages make \
+               outpost-run) and keep the data directory 0700, owned by the agent's user";
+    sections
+        .into_iter()
+        .map(|(section, run_as)| {
+            let (name, uid, gid) = match run_as {
+                RunAs::RefuseRoot => {
+                    return ok(
+                        "credential",
+                        format!("[{section}] runs nothing until run_as is set"),
+                    );
+                }
+                RunAs::User { name, uid, gid, .. } => (name.clone(), *uid, *gid),
+                RunAs::Agent => {
+                    let uid = nix::unistd::geteuid();
+                    let name = nix::unistd::User::from_uid(uid)
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| uid.to_string(), |u| u.name);
+                    (name, uid.as_raw(), nix::unistd::getegid().as_raw())
+                }
+            };
+            let groups = std::ffi::CString::new(name.clone())
+                .ok()
+                .and_then(|c| nix::unistd::getgrouplist(&c, nix::unistd::Gid::from_raw(gid)).ok())
+                .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|| vec![gid]);
+            if readable_by(&path, uid, &groups) {
+                fail(
+                    "credential",
+                    format!(
+                        "[{section}] runs as {name}, which can read {}: a task command or `\\!` \
+                         could act as this agent",
+                        path.display()
+                    ),
+                    fix,
+                )
+            } else {
+                ok(
+                    "credential",
+                    format!(
+                        "[{section}] runs as {name}, which cannot read {}",
+                        path.display()
+                    ),
+                )
+            }
+        })
+        .collect()
+}
+
+/// Whether `uid` (in `groups`) may read `path`: search on every directory above it, read on
+/// it, by the owner, group and other bits that apply (root may do anything).
+fn readable_by(path: &Path, uid: u32, groups: &[u32]) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let may = |p: &Path, bit: u32| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            let shift = if m.uid() == uid {
+                6
+            } else if groups.contains(&m.gid()) {
+                3
+            } else {
+                0
+            };
+            m.mode() & (bit << shift) != 0
+        })
+    };
+    path.ancestors().skip(1).all(|dir| may(dir, 0o1)) && may(path, 0o4)
+}
+
 fn data_dir(dir: &Path) -> Vec<Check> {
     let shown = dir.display();
     let meta = match std::fs::metadata(dir) {

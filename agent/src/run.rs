@@ -48,6 +48,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
                 world.clone(),
                 &config.data_dir,
                 exe,
+                tasks.run_as.other_uid(),
             )),
         },
         history_retention: tasks.history_retention,

@@ -362,8 +362,9 @@ enum AdminCommand {
     },
     /// Check a terminal recording's hash chain: every chunk carries the hash of the one before,
     /// its content matches its hash, and the recording's head names the last chunk. Exits 1
-    /// and names the first broken chunk when it does not hold. (The session's end in the
-    /// audit log carries the chain's last hash too.)
+    /// and names the first broken chunk when it does not hold. The head is also held against
+    /// the hash the session's `terminal.ended` audit record carries, so a recording rewritten
+    /// whole after the session ended fails too.
     VerifyRecording {
         /// The session id (as listed in the UI's Recordings page or the audit log).
         session_id: String,

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
+
+use crate::signal::killpg_as;
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -122,14 +124,18 @@ pub struct OsProcesses {
     runs: PathBuf,
     /// Starts the wrappers (the agent binary's `launcher` subcommand).
     launcher: Arc<Launcher>,
+    /// The user commands run as (`[tasks] run_as`) when it is not the agent's: run groups
+    /// are signalled as that user too.
+    run_uid: Option<u32>,
 }
 
 impl OsProcesses {
-    pub fn new(world: World, data_dir: &Path, exe: PathBuf) -> OsProcesses {
+    pub fn new(world: World, data_dir: &Path, exe: PathBuf, run_uid: Option<u32>) -> OsProcesses {
         OsProcesses {
             world,
             runs: data_dir.join(RUNS_DIR),
             launcher: Arc::new(Launcher::new(exe)),
+            run_uid,
         }
     }
 }
@@ -207,7 +213,7 @@ impl Processes for OsProcesses {
                         pid,
                         "a process of a run the task store does not have in flight is alive; stopping it"
                     );
-                    terminate_group(pid, grace, || !alive(pid, ticks)).await;
+                    terminate_group(pid, grace, this.run_uid, || !alive(pid, ticks)).await;
                     stopped += 1;
                 }
                 this.release(run_id).await;
@@ -456,10 +462,10 @@ fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Launch, String> {
             env: Environment::default(),
         }),
         RunAs::RefuseRoot => Err(
-            "the agent runs as root and [tasks] run_as is not set: task \
-             commands never run as root unless the config says so. Set [tasks] run_as to the \
-             user they should run as (\"root\" to allow root), or run the agent as its own \
-             user (the packaged unit runs it as outpost-agent)"
+            "the agent runs as root (or holds CAP_SETUID) and [tasks] run_as is not set: task \
+             commands never get those rights unless the config says so. Set [tasks] run_as to \
+             the user they should run as (the packages make outpost-run; \"root\" allows root \
+             when the agent is root)"
                 .into(),
         ),
         RunAs::User {
@@ -511,10 +517,16 @@ pub fn alive(pid: i32, ticks: Option<u64>) -> bool {
     }
 }
 
-/// SIGTERM the process group led by `pid`, wait up to `grace`, then SIGKILL it.
-pub async fn terminate_group(pid: i32, grace: Duration, mut exited: impl FnMut() -> bool) {
+/// SIGTERM the process group led by `pid` (as the agent and as `run_uid`), wait up to
+/// `grace`, then SIGKILL it.
+pub async fn terminate_group(
+    pid: i32,
+    grace: Duration,
+    run_uid: Option<u32>,
+    mut exited: impl FnMut() -> bool,
+) {
     let group = Pid::from_raw(pid);
-    let _ = killpg(group, Signal::SIGTERM);
+    killpg_as(group, Signal::SIGTERM, run_uid);
     let deadline = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < deadline {
         if exited() {
@@ -523,7 +535,7 @@ pub async fn terminate_group(pid: i32, grace: Duration, mut exited: impl FnMut()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Also reaps stragglers the leader left behind in its group.
-    let _ = killpg(group, Signal::SIGKILL);
+    killpg_as(group, Signal::SIGKILL, run_uid);
 }
 
 fn failed(error: String) -> RunOutcome {
@@ -728,13 +740,13 @@ async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched) {
     };
     match stop {
         Stop::TimedOut | Stop::Killed => {
-            terminate_group(pid, grace, || target.exited()).await;
+            terminate_group(pid, grace, this.run_uid, || target.exited()).await;
             // SIGKILL was sent: the end is near, but an adopted process is not ours to wait for.
             let _ = tokio::time::timeout(ADOPTED_KILL_WAIT, target.gone()).await;
         }
         // The wrapper is gone; whatever the command left in its group goes too.
         Stop::Exited => {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            killpg_as(Pid::from_raw(pid), Signal::SIGKILL, this.run_uid);
         }
     }
     let dir = rundir::dir(&this.runs, run_id);

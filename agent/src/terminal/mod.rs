@@ -125,6 +125,8 @@ pub struct PtySpec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
+    /// The user psql runs as when it is not the agent's: its group is signalled as that user.
+    pub run_uid: Option<u32>,
 }
 
 /// A running PTY process. Dropping it does not stop the process; [`PtyChild::terminate`] does.

@@ -31,26 +31,28 @@ fn portable(size: PtySize) -> PortableSize {
 
 struct OsChild {
     pid: Option<i32>,
+    /// psql's user, when it is not the agent's.
+    run_uid: Option<u32>,
 }
 
 impl PtyChild for OsChild {
     fn interrupt(&mut self) {
-        use nix::sys::signal::{Signal, killpg};
+        use nix::sys::signal::Signal;
         use nix::unistd::Pid;
         if let Some(pid) = self.pid {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGINT);
+            crate::signal::killpg_as(Pid::from_raw(pid), Signal::SIGINT, self.run_uid);
         }
     }
 
     fn terminate(&mut self) {
-        use nix::sys::signal::{Signal, killpg};
+        use nix::sys::signal::Signal;
         use nix::unistd::Pid;
         if let Some(pid) = self.pid.take() {
             // HUP first (what closing a terminal does), then KILL the group: psql has no
             // state worth a grace period, and a stuck backend query ends with its connection.
             let group = Pid::from_raw(pid);
-            let _ = killpg(group, Signal::SIGHUP);
-            let _ = killpg(group, Signal::SIGKILL);
+            crate::signal::killpg_as(group, Signal::SIGHUP, self.run_uid);
+            crate::signal::killpg_as(group, Signal::SIGKILL, self.run_uid);
         }
     }
 }
@@ -141,7 +143,10 @@ impl PtySystem for OsPty {
         });
         Ok(PtyHandle {
             input,
-            child: Box::new(OsChild { pid }),
+            child: Box::new(OsChild {
+                pid,
+                run_uid: spec.run_uid,
+            }),
         })
     }
 }

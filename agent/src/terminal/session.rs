@@ -201,13 +201,19 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
             env.push(("HOME".into(), home.display().to_string()));
             env.push(("USER".into(), name.clone()));
             env.push(("LOGNAME".into(), name.clone()));
-            cwd = Some(home.clone());
+            // A system user's home may not exist (`nobody`'s is /nonexistent): then `/`.
+            cwd = Some(if home.is_dir() {
+                home.clone()
+            } else {
+                std::path::PathBuf::from("/")
+            });
         }
         RunAs::RefuseRoot => {
             return Err(
-                "the agent runs as root and [terminal] run_as is not set: psql never \
-                 runs as root unless the config says so. Set [terminal] run_as to the user psql \
-                 should run as (\"root\" to allow root), or run the agent as its own user"
+                "the agent runs as root (or holds CAP_SETUID) and [terminal] run_as is not set: \
+                 psql never gets those rights unless the config says so. Set [terminal] run_as \
+                 to the user psql should run as (the packages make outpost-run; \"root\" allows \
+                 root when the agent is root), or run the agent as its own user"
                     .into(),
             );
         }
@@ -227,7 +233,12 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
             env.push(("PGPASSWORD".into(), password));
         }
     }
-    Ok(PtySpec { argv, env, cwd })
+    Ok(PtySpec {
+        argv,
+        env,
+        cwd,
+        run_uid: config.run_as.other_uid(),
+    })
 }
 
 async fn send_text(

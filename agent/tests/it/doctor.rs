@@ -156,6 +156,54 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_each_fault() {
         checks.get("dump_dirs")
     );
 
+    // Commands that run as a user who can read the agent's credential fail the check; a run
+    // user of their own with the data directory closed to it passes.
+    assert_eq!(
+        status(&checks, "credential"),
+        "fail",
+        "root reads everything: {:?}",
+        checks.get("credential")
+    );
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let own_user = tmp.path().join("own-user.toml");
+    std::fs::write(
+        &own_user,
+        "[tasks]\nrun_as = \"nobody\"\n[terminal]\nrun_as = \"nobody\"\n",
+    )
+    .expect("write");
+    let own_args = [
+        "--config",
+        own_user.to_str().expect("utf8"),
+        "--data-dir",
+        &data_s,
+    ];
+    let (_, checks) = doctor(&own_args);
+    assert_eq!(
+        status(&checks, "credential"),
+        "ok",
+        "{:?}",
+        checks.get("credential")
+    );
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        data.join("identity.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let (out, checks) = doctor(&own_args);
+    assert_eq!(
+        status(&checks, "credential"),
+        "fail",
+        "a readable credential: {:?}",
+        checks.get("credential")
+    );
+    assert!(!out.status.success());
+    std::fs::set_permissions(
+        data.join("identity.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "[metrics]\ninterval = \"1s\"\n").expect("write");
     let (out, checks) = doctor(&["--config", bad.to_str().expect("utf8")]);

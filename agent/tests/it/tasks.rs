@@ -1192,7 +1192,7 @@ async fn as_root_commands_run_as_the_configured_user_and_never_as_root_by_defaul
     let task = agent.wait_status(&id, "failed").await;
     let error = task["runs"][0]["error"].as_str().unwrap_or("").to_string();
     assert!(
-        error.contains("run_as is not set") && error.contains("never run as root"),
+        error.contains("run_as is not set") && error.contains("never get those rights"),
         "{task}"
     );
     drop(agent);

@@ -1404,3 +1404,177 @@ async fn signing_keys_rotate_under_live_sessions() {
     fresh.send("SELECT 'signed' || 'after';\r").await;
     fresh.wait_for("signedafter", at).await;
 }
+
+/// The packaged agent's shape, without a package: the agent runs as an unprivileged user
+/// (`daemon`) holding only CAP_SETUID and CAP_SETGID (ambient, as the unit grants them),
+/// and task commands and psql run as a user of their own (`nobody`). Neither a `command`
+/// task nor psql's `\!` can read the agent's credential, nothing they start keeps a
+/// capability, and the agent still stops what they started (a canceled task, a closed
+/// session), which needs signals sent as the run user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still_stop() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = postgres().await;
+    let cp = ControlPlane::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data = dir.path().join("agent");
+    let d = data.display().to_string();
+    cp.enroll_agent("db1", &d);
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "daemon:daemon", &d])
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let identity = data.join("identity.json").display().to_string();
+    let dsn = pg.create_database("caps").expect("database");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[tasks]\nrun_as = \"nobody\"\n[terminal]\nrun_as = \"nobody\"\n",
+    )
+    .expect("write config");
+    let agent_bin = agent_bin();
+    let _agent = Proc::spawn(
+        std::path::Path::new("setpriv"),
+        &[
+            "--reuid=daemon",
+            "--regid=daemon",
+            "--clear-groups",
+            "--inh-caps=+setuid,+setgid",
+            "--ambient-caps=+setuid,+setgid",
+            "--bounding-set=-all,+setuid,+setgid",
+            "--",
+            agent_bin.to_str().expect("utf8"),
+            "run",
+            "--data-dir",
+            &d,
+            "--postgres",
+            &dsn,
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
+        &dir.path().join("agent.log"),
+    );
+    cp.wait_status("db1", "online", PATIENCE).await;
+    let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+
+    let tasks = |args: &[&str]| {
+        let mut all = vec!["tasks"];
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        all.extend_from_slice(&args[..split]);
+        all.extend(["--data-dir", &d]);
+        all.extend_from_slice(&args[split..]);
+        let out = crate::harness::run(&agent_bin, &all);
+        assert!(
+            out.status.success(),
+            "tasks {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let wait_status = |id: String, want: &'static str| {
+        let tasks = &tasks;
+        async move {
+            for _ in 0..600 {
+                let shown: serde_json::Value =
+                    serde_json::from_str(&tasks(&["show", &id, "--json"])).expect("json");
+                if shown["status"] == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("task {id} is not {want}:\n{}", agent_log());
+        }
+    };
+    let probe = format!(
+        "id -un; grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status; cat {identity} || echo refused"
+    );
+    let id = tasks(&["add", "command", "--key", "probe", "--", "sh", "-c", &probe]);
+    wait_status(id.clone(), "done").await;
+    let said = tasks(&["logs", &id]);
+    assert!(said.starts_with("nobody\n"), "{said}");
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        assert!(
+            said.contains(&format!("{set}:\t0000000000000000")),
+            "a run keeps no capability: {said}"
+        );
+    }
+    assert!(said.contains("Permission denied"), "{said}");
+    assert!(!said.contains("credential"), "{said}");
+
+    // Canceling a running command stops it, though it runs as another user.
+    // A duration no other process has: this test's own.
+    let long = format!("{}", 100_000 + std::process::id());
+    let id = tasks(&["add", "command", "--key", "long", "--", "sleep", &long]);
+    wait_status(id.clone(), "doing").await;
+    tasks(&["cancel", &id]);
+    wait_status(id, "canceled").await;
+    let mut gone = false;
+    for _ in 0..100 {
+        let found = std::process::Command::new("pgrep")
+            .args(["-u", "nobody", "-f", &format!("sleep {long}")])
+            .output()
+            .expect("pgrep (Debian package procps)");
+        if !found.status.success() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the canceled command still runs:\n{}", agent_log());
+
+    // psql and `\!` run as the run user too, and a closed session leaves nothing behind.
+    let agents = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let v: serde_json::Value = serde_json::from_slice(&agents.body).expect("json");
+    let agent_id = v[0]["id"].as_str().expect("id");
+    let r = cp
+        .api(
+            http::Method::POST,
+            "/api/v1/terminal/sessions",
+            Some(serde_json::json!({ "agent_id": agent_id })),
+        )
+        .await
+        .expect("create");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let session: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let session = session["session_id"].as_str().expect("id").to_string();
+    let mut term = Term::open(&cp, &session, 0).await;
+    let at = term.wait_for("=#", 0).await;
+    // The marker is computed by the shell, so the echo of the typed line does not match it.
+    term.send(&format!(
+        "\\! id -un; cat {identity} || echo shell-$((40+2))\r"
+    ))
+    .await;
+    let at = term.wait_for("shell-42", at).await;
+    let text = term.text();
+    assert!(text.contains("nobody"), "{text}");
+    assert!(text.contains("Permission denied"), "{text}");
+    let _ = at;
+    let r = cp
+        .api(
+            http::Method::DELETE,
+            &format!("/api/v1/terminal/sessions/{session}"),
+            None,
+        )
+        .await
+        .expect("close");
+    assert!(r.status.is_success(), "{}", r.status);
+    let mut gone = false;
+    for _ in 0..100 {
+        let found = std::process::Command::new("pgrep")
+            .args(["-u", "nobody", "psql"])
+            .output()
+            .expect("pgrep");
+        if !found.status.success() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "psql outlived its session:\n{}", agent_log());
+}
