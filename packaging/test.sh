@@ -3,9 +3,12 @@
 # containers and runs them the way their systemd units do, against a Postgres in a third
 # container. Images are built offline from Debian's own packages (debootstrap, then
 # `podman build --pull=never`); only Debian's package mirror is reached. Checked: the system
-# users, modes, conffiles and unit contents; the agent running as outpost-agent, enrolled,
-# online at the control plane, `doctor` clean, the browser terminal (headless Chromium) running
-# psql as the agent's role, a command and a VACUUM task done; an upgrade to a
+# users, modes, conffiles and unit contents; the agent running as outpost-agent with only
+# CAP_SETUID/CAP_SETGID (as the unit grants them), enrolled, online at the control plane,
+# `doctor` clean, the browser terminal (headless Chromium) running psql as the agent's role and
+# `\!` as outpost-run, which cannot read the agent's credential, nor can a `command` task; a
+# second dial of a live session with only the agent's credential refused and audited; a
+# command and a VACUUM task done; an upgrade to a
 # newer package while a task runs (identity, tasks and buffer kept, the task finishes `done`
 # with its output); remove keeps data, purge removes it. Every container and network it makes
 # is removed on exit, also on failure.
@@ -58,6 +61,12 @@ done
 grep -qx 'KillMode=process' "$tree/usr/lib/systemd/system/outpost-agent.service" || fail "agent unit lacks KillMode=process"
 grep -qx 'User=outpost-agent' "$tree/usr/lib/systemd/system/outpost-agent.service" || fail "agent unit lacks User="
 grep -qx 'User=outpost' "$tree/usr/lib/systemd/system/outpost.service" || fail "control-plane unit lacks User="
+grep -qx 'AmbientCapabilities=CAP_SETUID CAP_SETGID' "$tree/usr/lib/systemd/system/outpost-agent.service" || fail "agent unit lacks its two capabilities"
+grep -qx 'CapabilityBoundingSet=CAP_SETUID CAP_SETGID' "$tree/usr/lib/systemd/system/outpost-agent.service" || fail "agent unit bounds more than two capabilities"
+for unit in outpost-agent outpost; do
+    grep -qx 'SystemCallFilter=@system-service' "$tree/usr/lib/systemd/system/$unit.service" || fail "$unit unit lacks SystemCallFilter"
+    grep -qx 'ProtectProc=invisible' "$tree/usr/lib/systemd/system/$unit.service" || fail "$unit unit lacks ProtectProc"
+done
 echo "ok"
 
 say "images (offline: debootstrap, podman build --pull=never)"
@@ -88,7 +97,11 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 podman run -d --name "$run-cp" --network "$net" -p "127.0.0.1:$port:8080" localhost/outpost-pkgtest-host sleep infinity >/dev/null
 podman run -d --name "$run-agent" --network "$net" localhost/outpost-pkgtest-host sleep infinity >/dev/null
 on() { local c=$1; shift; podman exec "$run-$c" "$@"; }
-as_agent() { on agent setpriv --reuid=outpost-agent --regid=outpost-agent --init-groups "$@"; }
+# What the agent unit gives: the user outpost-agent with CAP_SETUID and CAP_SETGID, ambient.
+as_agent() {
+    on agent setpriv --reuid=outpost-agent --regid=outpost-agent --init-groups \
+        --inh-caps=+setuid,+setgid --ambient-caps=+setuid,+setgid --bounding-set=-all,+setuid,+setgid "$@"
+}
 for i in $(seq 1 60); do
     on pg psql -qAt -c 'SELECT 1' >/dev/null 2>&1 && break
     [ "$i" = 60 ] && fail "postgres did not start: $(podman logs "$run-pg" 2>&1 | tail -5)"
@@ -118,6 +131,8 @@ say "agent: apt-get install ./outpost-agent_*.deb"
 podman cp "$agent_deb" "$run-agent:/tmp/"
 on agent apt-get install -y -q "/tmp/$(basename "$agent_deb")" >/dev/null
 on agent id outpost-agent >/dev/null || fail "no user outpost-agent"
+on agent id outpost-run >/dev/null || fail "no user outpost-run"
+[ "$(on agent stat -c '%a %U %G' /var/lib/outpost-run)" = "700 outpost-run outpost-run" ] || fail "run user's home"
 on agent sh -c 'command -v psql && command -v pg_dump' >/dev/null || fail "postgresql-client not pulled in"
 [ "$(on agent stat -c '%a %U %G' /var/lib/outpost-agent)" = "700 outpost-agent outpost-agent" ] || fail "agent data dir"
 [ "$(on agent stat -c '%a %U %G' /etc/outpost/agent.toml)" = "640 root outpost-agent" ] || fail "agent config mode"
@@ -127,9 +142,10 @@ echo "ok"
 say "agent: enroll as outpost-agent, configure, run the way ExecStart does"
 out=$(as_agent outpost-agent enroll --control-plane "http://$run-cp:8080" --token "$token" --data-dir /var/lib/outpost-agent 2>&1) \
     || fail "enroll: $out"
-on agent sh -c "echo 'postgres = \"host=$run-pg user=outpost_agent password=pkgtest-secret dbname=postgres\"' >> /etc/outpost/agent.toml"
+# A top-level key: above the file's [tasks] and [terminal] sections.
+on agent sed -i "1i postgres = \"host=$run-pg user=outpost_agent password=pkgtest-secret dbname=postgres\"" /etc/outpost/agent.toml
 start_agent() {
-    on agent sh -c 'echo $$ > /run/outpost-agent.pid; exec setpriv --reuid=outpost-agent --regid=outpost-agent --init-groups /usr/bin/outpost-agent run --config /etc/outpost/agent.toml >> /tmp/agent.log 2>&1' &
+    on agent sh -c 'echo $$ > /run/outpost-agent.pid; exec setpriv --reuid=outpost-agent --regid=outpost-agent --init-groups --inh-caps=+setuid,+setgid --ambient-caps=+setuid,+setgid --bounding-set=-all,+setuid,+setgid /usr/bin/outpost-agent run --config /etc/outpost/agent.toml >> /tmp/agent.log 2>&1' &
     for i in $(seq 1 60); do
         on agent test -S /var/lib/outpost-agent/agent.sock && return 0
         sleep 0.5
@@ -158,10 +174,27 @@ say "terminal: headless Chromium opens psql on the packaged agent through the co
 shots=$root/target/tmp/browser-screenshots/packaging
 mkdir -p "$shots"
 OUTPOST_URL="http://127.0.0.1:$port" OUTPOST_USER=admin OUTPOST_PASSWORD="$admin_password" \
-    OUTPOST_EXPECT_ROLE=outpost_agent OUTPOST_SCREENSHOTS="$shots" \
+    OUTPOST_EXPECT_ROLE=outpost_agent OUTPOST_EXPECT_SHELL_USER=outpost-run \
+    OUTPOST_CREDENTIAL=/var/lib/outpost-agent/identity.json OUTPOST_SCREENSHOTS="$shots" \
     node "$root/control-plane/web/tests/packaged.mjs" || fail "terminal (screenshots in $shots)"
 
-say "tasks: a command and a VACUUM, run by the agent's user"
+say "terminal: a second dial of a live session with only the agent's credential"
+session=$(curl -fsS -H "Authorization: Bearer $api_token" -H 'Content-Type: application/json' \
+    -d "{\"agent_id\":\"$agent_id\"}" "http://127.0.0.1:$port/api/v1/terminal/sessions" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["session_id"])') || fail "open a terminal session"
+credential=$(on agent sed -n 's/.*"credential": *"\([^"]*\)".*/\1/p' /var/lib/outpost-agent/identity.json)
+[ -n "$credential" ] || fail "no credential in identity.json"
+dial=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $credential" \
+    -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
+    -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' --max-time 10 \
+    "http://127.0.0.1:$port/api/v1/agent/terminal/$session" || true)
+[ "$dial" = 403 ] || fail "a second dial of session $session was answered $dial, not 403"
+curl -fsS -H "Authorization: Bearer $api_token" "http://127.0.0.1:$port/api/v1/audit?action=terminal.link_refused" \
+    | grep -q "\"target\":\"$session\"" || fail "the refused dial is not audited"
+curl -fsS -X DELETE -H "Authorization: Bearer $api_token" "http://127.0.0.1:$port/api/v1/terminal/sessions/$session" >/dev/null
+echo "ok: refused (403) and audited"
+
+say "tasks: a command and a VACUUM, run as outpost-run"
 tasks() { on agent outpost-agent tasks "$@"; }
 wait_status() {
     for i in $(seq 1 120); do
@@ -172,7 +205,10 @@ wait_status() {
 }
 id=$(tasks add command --key whoami --data-dir /var/lib/outpost-agent -- id -un)
 wait_status "$id" done
-[ "$(tasks logs "$id" --data-dir /var/lib/outpost-agent | head -1)" = "outpost-agent" ] || fail "the task did not run as outpost-agent"
+[ "$(tasks logs "$id" --data-dir /var/lib/outpost-agent | head -1)" = "outpost-run" ] || fail "the task did not run as outpost-run"
+id=$(tasks add command --key credential --data-dir /var/lib/outpost-agent -- cat /var/lib/outpost-agent/identity.json)
+wait_status "$id" failed
+tasks logs "$id" --data-dir /var/lib/outpost-agent | grep -q "Permission denied" || fail "a command task read the agent's credential"
 id=$(tasks add vacuum --param database=postgres --data-dir /var/lib/outpost-agent)
 wait_status "$id" done
 echo "ok"
@@ -208,6 +244,8 @@ on agent apt-get purge -y -q outpost-agent >/dev/null
 on agent test ! -e /var/lib/outpost-agent || fail "purge kept the data"
 on agent test ! -e /etc/outpost/agent.toml || fail "purge kept the config"
 if on agent id outpost-agent >/dev/null 2>&1; then fail "purge kept the user"; fi
+if on agent id outpost-run >/dev/null 2>&1; then fail "purge kept the run user"; fi
+on agent test ! -e /var/lib/outpost-run || fail "purge kept the run user's home"
 echo "ok"
 
 say "packaging test passed"
