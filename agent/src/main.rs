@@ -45,6 +45,15 @@ enum Commands {
     /// agent starts this; it is not meant to be run by hand).
     #[command(hide = true)]
     Launcher,
+    /// Open a pg_dump task's file without following links, then run pg_dump writing to it
+    /// (the agent starts this as the run user; it is not meant to be run by hand).
+    #[command(hide = true)]
+    DumpInto {
+        path: PathBuf,
+        /// pg_dump and its arguments (`--file` is added).
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -105,6 +114,10 @@ fn main() -> ExitCode {
     let work: Work = match Cli::parse().command {
         // No runtime, no logging, no thread: the launcher forks itself for every run.
         Commands::Launcher => return launcher(),
+        Commands::DumpInto { path, argv } => {
+            eprintln!("error: {}", agent::tasks::dumpfile::exec(&path, &argv));
+            return ExitCode::FAILURE;
+        }
         Commands::Run(args) => Box::pin(run(args)),
         Commands::Doctor(args) => Box::pin(doctor(args)),
         Commands::Enroll(args) => Box::pin(enroll(args)),

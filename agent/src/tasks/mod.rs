@@ -6,6 +6,7 @@ pub mod cli;
 pub mod core;
 pub mod cron;
 pub mod driver;
+pub mod dumpfile;
 pub mod launcher;
 pub mod model;
 pub mod policy;

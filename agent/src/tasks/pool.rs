@@ -421,12 +421,16 @@ fn argv_for(
                 .policy
                 .check_dump_path(p("path").unwrap_or_default())?;
             let dsn = dsn(p("database"))?;
+            // The file is opened by `dump-into` (as the run user, following no link) and
+            // handed to pg_dump open: nothing can swap the path between check and use.
             let mut argv = vec![
+                config.agent_exe.display().to_string(),
+                "dump-into".into(),
+                path.display().to_string(),
+                "--".into(),
                 config.pg_dump.display().to_string(),
                 "-d".into(),
                 dsn,
-                "-f".into(),
-                path.display().to_string(),
             ];
             if let Some(s) = p("schema") {
                 argv.extend(["-n".into(), s.into()]);

@@ -560,6 +560,13 @@ async fn postgres_kinds_run_through_the_configured_server() {
     agent.wait_status(&dump, "done").await;
     let dumped = std::fs::read_to_string(&dump_path).expect("dump written");
     assert!(dumped.contains("Odd \"\"name"), "the dump holds the table");
+    // Opened by the agent (no link followed) and handed to pg_dump open: private to its user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dump_path)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let outside = agent.tasks(&[
         "add",
         "pg_dump",
