@@ -1311,18 +1311,30 @@ async fn a_second_dial_of_a_live_session_with_only_the_agent_credential_is_refus
 /// retired keys can no longer be attached while a new one works.
 #[tokio::test]
 async fn signing_keys_rotate_under_live_sessions() {
-    let pg = postgres().await;
-    let redis = redis().await;
-    let db = pg.create_database("rotate_keys").expect("database");
-    let storage = ["--database-url", db.as_str()];
-    let serve = ["--redis-url", &redis.url()];
-    let browser_side = ControlPlane::start_with(&storage, &serve, true).await;
-    let agent_side = ControlPlane::start_with(&storage, &serve, false).await;
-    let rig = rig(browser_side, Some(agent_side), &pg, "").await;
+    let (pg, redis) = (postgres().await, redis().await);
+    let rig = two_replicas(&pg, &redis, "rotate_keys").await;
+    let db = rig.cp_db.clone().expect("postgres storage");
     let replicas = [&rig.cp, rig.agent_cp.as_ref().expect("second replica")];
     for cp in replicas {
         assert_eq!(cp.counter("outpost_signing_key_id").await, 1);
     }
+    // 20 s to activation plus one 15 s refresh.
+    let signing_with = |id: u64| async move {
+        for cp in replicas {
+            let mut switched = false;
+            for _ in 0..5 {
+                switched = cp.wait_counter("outpost_signing_key_id", |k| k == id).await;
+                if switched {
+                    break;
+                }
+            }
+            assert!(
+                switched,
+                "a replica does not sign with key {id}\n{}",
+                cp.log()
+            );
+        }
+    };
     let before = rig.session().await;
     let mut old = Term::open(&rig.cp, &before, 0).await;
     let at = old.wait_for("=#", 0).await;
@@ -1350,40 +1362,16 @@ async fn signing_keys_rotate_under_live_sessions() {
     };
     let said = rotate("1d");
     assert!(said.starts_with("signing key 2 signs from "), "{said}");
-    for cp in replicas {
-        // 20 s to activation plus one 15 s refresh.
-        let mut switched = false;
-        for _ in 0..5 {
-            switched = cp
-                .wait_counter("outpost_signing_key_id", |id| id == 2)
-                .await;
-            if switched {
-                break;
-            }
-        }
-        assert!(switched, "a replica still signs with key 1\n{}", cp.log());
-    }
+    signing_with(2).await;
     old.send("SELECT 'signed' || 'before';\r").await;
-    let at = old.wait_for("signedbefore", at).await;
+    old.wait_for("signedbefore", at).await;
     let during = rig.session().await;
     let mut new = Term::open(&rig.cp, &during, 0).await;
     new.wait_for("=#", 0).await;
 
     // The keys before key 3 retire when it signs: what they signed can no longer be attached.
     rotate("0s");
-    for cp in replicas {
-        let mut switched = false;
-        for _ in 0..5 {
-            switched = cp
-                .wait_counter("outpost_signing_key_id", |id| id == 3)
-                .await;
-            if switched {
-                break;
-            }
-        }
-        assert!(switched, "a replica still signs with key 2\n{}", cp.log());
-    }
-    let _ = at;
+    signing_with(3).await;
     for gone in [&before, &during] {
         let url = format!("/api/v1/terminal/sessions/{gone}");
         let r = rig
