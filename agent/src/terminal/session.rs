@@ -201,8 +201,13 @@ fn psql_spec(config: &TerminalConfig, session_id: &str) -> Result<PtySpec, Strin
             env.push(("HOME".into(), home.display().to_string()));
             env.push(("USER".into(), name.clone()));
             env.push(("LOGNAME".into(), name.clone()));
-            // A system user's home may not exist (`nobody`'s is /nonexistent): then `/`.
-            cwd = Some(if home.is_dir() {
+            // psql starts in the home when the agent can enter it (the directory is changed
+            // before setpriv switches user): not when it does not exist (`nobody`'s is
+            // /nonexistent), nor when it is private to the run user (the packages' 0700
+            // /var/lib/outpost-run, entered by a non-root agent). Then in `/`.
+            let enterable =
+                nix::unistd::access(home.as_path(), nix::unistd::AccessFlags::X_OK).is_ok();
+            cwd = Some(if enterable && home.is_dir() {
                 home.clone()
             } else {
                 std::path::PathBuf::from("/")
