@@ -284,18 +284,25 @@ impl Store {
         let tx = self.conn.transaction().map_err(err)?;
         // Start reports first: a run that started and ended within one batch keeps both.
         for s in started {
-            tx.execute(
+            cached(
+                &tx,
                 "UPDATE runs SET status = ?1, started_ms = ?2, pid = ?3, pid_start_ticks = ?4 WHERE run_id = ?5 AND status = ?6",
-                params![status::DOING, s.started_ms, s.pid, s.pid_start_ticks.map(|t| t as i64), s.run_id, status::QUEUED],
-            )
-            .map_err(err)?;
+                params![
+                    status::DOING,
+                    s.started_ms,
+                    s.pid,
+                    s.pid_start_ticks.map(|t| t as i64),
+                    s.run_id,
+                    status::QUEUED
+                ],
+            )?;
         }
         let mut seq: i64 = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT COALESCE((SELECT value FROM counters WHERE name = 'outbox'), 0)",
-                [],
-                |r| r.get(0),
             )
+            .map_err(err)?
+            .query_row([], |r| r.get(0))
             .map_err(err)?;
         let seq_before = seq;
         for effect in effects {
@@ -306,15 +313,16 @@ impl Store {
             };
             if let Some(task_id) = changed {
                 seq += 1;
-                tx.execute(
+                cached(
+                    &tx,
                     "INSERT INTO outbox (task_id, seq) VALUES (?1, ?2) ON CONFLICT (task_id) DO UPDATE SET seq = excluded.seq",
                     params![task_id, seq],
-                )
-                .map_err(err)?;
+                )?;
             }
             match effect {
                 Effect::SaveTask(t) => {
-                    tx.execute(
+                    cached(
+                        &tx,
                         "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
                          ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, schedule = excluded.schedule, \
@@ -334,19 +342,18 @@ impl Store {
                             i64::from(t.cancel_requested),
                             now_ms,
                         ],
-                    )
-                    .map_err(err)?;
+                    )?;
                 }
                 Effect::RunQueued {
                     task_id,
                     run_id,
                     queued_ms,
                 } => {
-                    tx.execute(
+                    cached(
+                        &tx,
                         "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
                         params![run_id, task_id, status::QUEUED, queued_ms],
-                    )
-                    .map_err(err)?;
+                    )?;
                 }
                 Effect::RunEnded {
                     run_id,
@@ -361,21 +368,29 @@ impl Store {
                         output,
                         output_dropped_bytes,
                     } = outcome;
-                    tx.execute(
+                    cached(
+                        &tx,
                         "UPDATE runs SET status = ?1, finished_ms = ?2, exit_code = ?3, error = ?4, output = ?5, output_dropped_bytes = ?6 WHERE run_id = ?7",
-                        params![st, finished_ms, exit_code, error, output, *output_dropped_bytes as i64, run_id],
-                    )
-                    .map_err(err)?;
+                        params![
+                            st,
+                            finished_ms,
+                            exit_code,
+                            error,
+                            output,
+                            *output_dropped_bytes as i64,
+                            run_id
+                        ],
+                    )?;
                 }
                 Effect::Dispatch(_) | Effect::Kill { .. } => {}
             }
         }
         if seq != seq_before {
-            tx.execute(
+            cached(
+                &tx,
                 "INSERT INTO counters (name, value) VALUES ('outbox', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 params![seq],
-            )
-            .map_err(err)?;
+            )?;
         }
         tx.commit().map_err(err)
     }
@@ -691,4 +706,17 @@ mod tests {
         assert_eq!(store.purge(51).expect("purge"), vec!["t".to_string()]);
         assert!(store.runs("t").expect("runs").is_empty());
     }
+}
+
+/// Run `sql` through the connection's statement cache: the same few statements run for every
+/// run, and preparing each afresh was a measurable part of a run's cost.
+fn cached(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<usize, StoreError> {
+    tx.prepare_cached(sql)
+        .map_err(err)?
+        .execute(params)
+        .map_err(err)
 }
