@@ -283,8 +283,6 @@ pub async fn run(
             // acknowledged. A failed write is retried until it lands or the agent stops.
             commit(&world, &store, now_ms, effects, started, Some(&shutdown)).await?;
         }
-        // Only now that the ends are durable may their traces go.
-        release(&config, &ended, &mut since).await;
         for reply in replies {
             reply();
         }
@@ -295,6 +293,9 @@ pub async fn run(
                 );
             }
         }
+        // Only now that the ends are durable may their traces go; after the dispatches, so
+        // removing ended runs' directories never holds up new runs.
+        release(&config, &ended, &mut since).await;
         if last_purge.elapsed() >= PURGE_EVERY {
             last_purge = tokio::time::Instant::now();
             let before =
