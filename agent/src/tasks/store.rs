@@ -557,6 +557,19 @@ impl Store {
     }
 }
 
+/// Run `sql` through the connection's statement cache: the same few statements run for every
+/// run, and preparing each afresh was a measurable part of a run's cost.
+fn cached(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<usize, StoreError> {
+    tx.prepare_cached(sql)
+        .map_err(err)?
+        .execute(params)
+        .map_err(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Started, Store};
@@ -706,17 +719,4 @@ mod tests {
         assert_eq!(store.purge(51).expect("purge"), vec!["t".to_string()]);
         assert!(store.runs("t").expect("runs").is_empty());
     }
-}
-
-/// Run `sql` through the connection's statement cache: the same few statements run for every
-/// run, and preparing each afresh was a measurable part of a run's cost.
-fn cached(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> Result<usize, StoreError> {
-    tx.prepare_cached(sql)
-        .map_err(err)?
-        .execute(params)
-        .map_err(err)
 }
