@@ -1,6 +1,10 @@
-# Outpost: the front door. `just` lists the recipes.
+# Outpost: the front door. `just` (or `./dev`, which installs `just` first) lists the recipes.
+# `demo` and `test` install what they need first (`setup`).
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Commands pip installs (podman-compose, schemathesis) live in the interpreter's scripts dir.
+export PATH := `python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true` + ":" + env_var("PATH")
 
 # Fixed seed set run by `just test` (every scenario for each seed, each seed twice).
 sim_seeds := "25"
@@ -12,9 +16,14 @@ appliance_images := "OUTPOST_POSTGRES_IMAGE=localhost/outpost-test-postgres OUTP
 default:
     @just --list
 
-# The appliance on this machine: throwaway Postgres, control plane on embedded defaults, one
-# enrolled agent. Prints url, user and password; Ctrl+C stops everything and cleans up.
-demo listen="127.0.0.1:8080": web
+# Root or sudo for the Debian packages and containers config; `--check` only lists what is missing.
+# Install what `demo` or `test` needs when missing: Debian packages, containers config, PyPI and cargo tools (pinned).
+setup what="test" *check:
+    bash scripts/setup.sh {{what}} {{check}}
+
+# Ctrl+C stops everything and cleans up.
+# Throwaway Postgres + control plane + one enrolled agent; prints url, user, password. Installs PostgreSQL (and npm) when missing.
+demo listen="127.0.0.1:8080": (setup "demo") web
     cargo build --bins
     ./target/debug/outpost demo --listen {{listen}}
 
@@ -28,8 +37,7 @@ packages version="": web
     cargo deb --no-build -p control-plane {{ if version == "" { "" } else { "--deb-version " + version } }}
     ls -l target/debian/*.deb
 
-# Both packages installed into bare Debian containers (Podman; images built offline from
-# Debian's packages), run as their units run them, then upgraded, removed and purged.
+# Both packages installed into bare Debian containers (Podman; images built offline), run as their units run them, upgraded, removed, purged.
 packaging-test: packages
     #!/usr/bin/env bash
     set -euo pipefail
@@ -87,8 +95,8 @@ fixtures-docker-test:
 web:
     cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 
-# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging and appliance tests (Podman).
-test: fmt-check web lint
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging and appliance tests (Podman). Installs what they need first (`setup test`).
+test: (setup "test") fmt-check web lint
     cd control-plane/web && npm test --silent
     cargo build --workspace --bins
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
