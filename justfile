@@ -106,9 +106,14 @@ test: (setup "test") fmt-check web lint
     just chaos-seeds
     just packaging-test
     just appliance-test
+    just fresh-demo-test
     just fixtures-docker-test
     just schemathesis
     just fuzz 15
+
+# The README's demo command from a clean clone in a bare Debian container with only this machine kind's tools; logs in at the printed url.
+fresh-demo-test:
+    bash scripts/fresh-demo-test.sh
 
 # Schemathesis (PyPI) against GET /api/openapi.json of a fresh control plane with an admin
 # token: no 5xx, every response matches its documented schema and content type.

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The README's demo command on a fresh machine (`just fresh-demo-test`, part of `just test`):
+# a bare Debian container built offline from Debian's packages (the packaging test's base
+# image) holding only what a new machine of this kind ships besides: this host's Rust
+# toolchain, Python and Node.js, mounted (read-only, or as an overlay whose writes are
+# discarded). In it, `./dev demo` runs from a clean clone of HEAD: it installs `just` and the
+# PostgreSQL server itself, builds, and prints url, user and password. The test then logs in
+# at that url with those credentials and finds the demo agent online. Prints how long the
+# demo took to its url. The host's target/ and cargo registry are overlaid (not copied), so
+# only the workspace's own crates are built again.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+run=freshdemo-$$
+mirror=${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+base=localhost/debian:bookworm
+image=localhost/outpost-fresh-machine
+say() { printf '\n== %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+work=$(mktemp -d)
+cleanup() {
+    podman rm -f -t 0 "$run" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+for tool in podman debootstrap git; do
+    command -v "$tool" >/dev/null || fail "$tool is missing (just setup test installs it)"
+done
+python=$(python3 -c 'import sys; print(sys.base_prefix)')
+rust_home=${RUSTUP_HOME:-$HOME/.rustup}
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+node_modules=$(cd "$(dirname "$(readlink -f "$(command -v npm)")")/../.." && pwd)
+[ -x /usr/bin/node ] || fail "this host's Node.js is expected at /usr/bin/node"
+
+say "image: bare Debian (debootstrap) with the C toolchain and the libraries this host's Python links"
+if ! podman image exists "$base"; then
+    rootfs=$(mktemp -d)
+    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
+    tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
+    rm -rf "$rootfs"
+fi
+podman build --pull=never -q -t "$image" -f - "$root/scripts" >/dev/null <<EOF
+FROM $base
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
+    ca-certificates curl git gcc libc6-dev libssl3 libffi8 libsqlite3-0 libbz2-1.0 zlib1g \
+    libreadline8 libncursesw6 liblzma5 >/dev/null \
+ && ln -s $node_modules/npm/bin/npm-cli.js /usr/bin/npm
+EOF
+echo "ok"
+
+say "a clean clone of HEAD"
+git clone --quiet "$root" "$work/outpost"
+echo "ok: $(git -C "$work/outpost" log --oneline -1)"
+
+say "./dev demo in the container"
+# The clone sits where this checkout is, so the overlaid target/ matches its paths.
+podman run -d --name "$run" \
+    -v "$work/outpost:$root" \
+    -v "$root/target:$root/target:O" \
+    -v "$rust_home:$rust_home:ro" \
+    -v "$cargo_home:$cargo_home:O" \
+    -v "$python:$python:O" \
+    -v /usr/bin/node:/usr/bin/node:ro \
+    -v "$node_modules:$node_modules:ro" \
+    -e RUSTUP_HOME="$rust_home" -e CARGO_HOME="$cargo_home" \
+    -e PATH="$cargo_home/bin:$python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    -w "$root" "$image" sleep infinity >/dev/null
+started=$(date +%s)
+podman exec -d "$run" sh -c './dev demo > /tmp/demo.out 2> /tmp/demo.err'
+url="" user="" password=""
+for _ in $(seq 1 1800); do
+    out=$(podman exec "$run" cat /tmp/demo.out 2>/dev/null || true)
+    url=$(printf '%s\n' "$out" | sed -n 's/^url: //p')
+    user=$(printf '%s\n' "$out" | sed -n 's/^user: //p')
+    password=$(printf '%s\n' "$out" | sed -n 's/^password: //p')
+    [ -n "$password" ] && break
+    if ! podman exec "$run" pgrep -f 'just demo|outpost demo|cargo|npm|apt-get' >/dev/null 2>&1; then
+        sleep 2
+        out=$(podman exec "$run" cat /tmp/demo.out 2>/dev/null || true)
+        password=$(printf '%s\n' "$out" | sed -n 's/^password: //p')
+        [ -n "$password" ] && continue
+        fail "./dev demo stopped before printing its url: $(podman exec "$run" tail -20 /tmp/demo.err)"
+    fi
+    sleep 1
+done
+[ -n "$password" ] || fail "no url after 30 min: $(podman exec "$run" tail -20 /tmp/demo.err)"
+took=$(( $(date +%s) - started ))
+echo "ok: $url printed after $took s"
+podman exec "$run" grep -E '^(installing just|setup \(demo\))' /tmp/demo.out /tmp/demo.err | sed 's/^/  /' || true
+
+say "log in at the printed url with the printed credentials"
+token=$(podman exec "$run" curl -fsS -H 'Content-Type: application/json' \
+    -d "{\"username\":\"$user\",\"password\":\"$password\"}" "${url%/}/api/v1/sessions" \
+    | sed -n 's/.*"token":"\([^"]*\)".*/\1/p') || fail "login at $url as $user"
+[ -n "$token" ] || fail "no token from the login"
+for i in $(seq 1 60); do
+    podman exec "$run" curl -fsS -H "Authorization: Bearer $token" "${url%/}/api/v1/agents" \
+        | grep -q '"status":"online"' && break
+    [ "$i" = 60 ] && fail "the demo agent is not online"
+    sleep 1
+done
+echo "ok: logged in as $user, the demo agent is online"
+say "fresh-machine demo test passed: ./dev demo printed its url after $took s"
