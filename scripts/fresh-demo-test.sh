@@ -68,7 +68,7 @@ podman run -d --name "$run" \
     -e PATH="$cargo_home/bin:$python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     -w "$root" "$image" sleep infinity >/dev/null
 started=$(date +%s)
-podman exec -d "$run" sh -c './dev demo > /tmp/demo.out 2> /tmp/demo.err'
+podman exec -d "$run" sh -c './dev demo > /tmp/demo.out 2> /tmp/demo.err; echo $? > /tmp/demo.rc'
 url="" user="" password=""
 for _ in $(seq 1 1800); do
     out=$(podman exec "$run" cat /tmp/demo.out 2>/dev/null || true)
@@ -76,12 +76,8 @@ for _ in $(seq 1 1800); do
     user=$(printf '%s\n' "$out" | sed -n 's/^user: //p')
     password=$(printf '%s\n' "$out" | sed -n 's/^password: //p')
     [ -n "$password" ] && break
-    if ! podman exec "$run" pgrep -f 'just demo|outpost demo|cargo|npm|apt-get' >/dev/null 2>&1; then
-        sleep 2
-        out=$(podman exec "$run" cat /tmp/demo.out 2>/dev/null || true)
-        password=$(printf '%s\n' "$out" | sed -n 's/^password: //p')
-        [ -n "$password" ] && continue
-        fail "./dev demo stopped before printing its url: $(podman exec "$run" tail -20 /tmp/demo.err)"
+    if podman exec "$run" test -e /tmp/demo.rc; then
+        fail "./dev demo exited $(podman exec "$run" cat /tmp/demo.rc) before printing its url: $(podman exec "$run" tail -20 /tmp/demo.err)"
     fi
     sleep 1
 done
