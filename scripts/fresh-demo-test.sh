@@ -55,8 +55,17 @@ git clone --quiet "$root" "$work/outpost"
 echo "ok: $(git -C "$work/outpost" log --oneline -1)"
 
 say "./dev demo in the container"
+# The machine's trust store and the variables that point tools at it come along: where
+# egress goes through a TLS proxy, npm, pip and cargo reach their registries only with it.
+trust=()
+[ -f /etc/ssl/certs/ca-certificates.crt ] \
+    && trust+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+for var in NODE_EXTRA_CA_CERTS SSL_CERT_FILE SSL_CERT_DIR PIP_CERT REQUESTS_CA_BUNDLE \
+    CURL_CA_BUNDLE GIT_SSL_CAINFO CARGO_HTTP_CAINFO; do
+    [ -n "${!var:-}" ] && trust+=(-e "$var=${!var}")
+done
 # The clone sits where this checkout is, so the overlaid target/ matches its paths.
-podman run -d --name "$run" \
+podman run -d --name "$run" "${trust[@]}" \
     -v "$work/outpost:$root" \
     -v "$root/target:$root/target:O" \
     -v "$rust_home:$rust_home:ro" \
