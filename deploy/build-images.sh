@@ -11,7 +11,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tag=${1:-latest}
 version=${2:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)}
-mirror=${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 base=localhost/debian:bookworm
 services_only=false
 if [ "${1:-}" = --services ]; then services_only=true; fi
@@ -19,13 +18,7 @@ for bin in outpost outpost-agent; do
     $services_only && break
     [ -x "$root/target/release/$bin" ] || { echo "target/release/$bin is missing: cargo build --release -p agent -p control-plane --bins" >&2; exit 1; }
 done
-if ! podman image exists "$base"; then
-    echo "debootstrap: a Debian bookworm base image from $mirror (about a minute, once)"
-    rootfs=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-    tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
-    rm -rf "$rootfs"
-fi
+"$root/scripts/debian-base-image.sh"
 podman tag "$base" docker.io/library/debian:bookworm-slim
 for image in postgres redis nginx prometheus; do
     podman build --pull=never -q -t "localhost/outpost-test-$image" "$root/deploy/test-images/$image" >/dev/null

@@ -19,7 +19,6 @@ debs=$root/target/debian
 next=$root/target/debian-next
 run=pkgtest-$$
 net=$run
-mirror=${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 base=localhost/debian:bookworm
 
 say() { printf '\n== %s\n' "$*"; }
@@ -70,12 +69,7 @@ done
 echo "ok"
 
 say "images (offline: debootstrap, podman build --pull=never)"
-if ! podman image exists "$base"; then
-    rootfs=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-    tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
-    rm -rf "$rootfs"
-fi
+"$root/scripts/debian-base-image.sh"
 podman build --pull=never -q -t localhost/outpost-pkgtest-host -f - "$root/packaging" >/dev/null <<EOF
 FROM $base
 RUN apt-get update -q

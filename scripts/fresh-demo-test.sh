@@ -12,7 +12,6 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 run=freshdemo-$$
-mirror=${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 base=localhost/debian:bookworm
 image=localhost/outpost-fresh-machine
 say() { printf '\n== %s\n' "$*"; }
@@ -35,12 +34,7 @@ node_modules=$(cd "$(dirname "$(readlink -f "$(command -v npm)")")/../.." && pwd
 [ -x /usr/bin/node ] || fail "this host's Node.js is expected at /usr/bin/node"
 
 say "image: bare Debian (debootstrap) with the C toolchain and the libraries this host's Python links"
-if ! podman image exists "$base"; then
-    rootfs=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-    tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
-    rm -rf "$rootfs"
-fi
+"$root/scripts/debian-base-image.sh"
 podman build --pull=never -q -t "$image" -f - "$root/scripts" >/dev/null <<EOF
 FROM $base
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
@@ -76,6 +70,10 @@ podman run -d --name "$run" "${trust[@]}" \
     -e RUSTUP_HOME="$rust_home" -e CARGO_HOME="$cargo_home" \
     -e PATH="$cargo_home/bin:$python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     -w "$root" "$image" sleep infinity >/dev/null
+# This host's Python has `just` installed: take it away (in the overlay) so `./dev` must
+# install it, as on a new machine.
+podman exec "$run" python3 -m pip uninstall --quiet --yes rust-just >/dev/null 2>&1 || true
+podman exec "$run" sh -c '! command -v just' || fail "just is still there"
 started=$(date +%s)
 podman exec -d "$run" sh -c './dev demo > /tmp/demo.out 2> /tmp/demo.err; echo $? > /tmp/demo.rc'
 url="" user="" password=""
@@ -93,7 +91,9 @@ done
 [ -n "$password" ] || fail "no url after 30 min: $(podman exec "$run" tail -20 /tmp/demo.err)"
 took=$(( $(date +%s) - started ))
 echo "ok: $url printed after $took s"
-podman exec "$run" grep -E '^(installing just|setup \(demo\))' /tmp/demo.out /tmp/demo.err | sed 's/^/  /' || true
+echo "what it did:"
+podman exec "$run" sh -c 'cat /tmp/demo.out /tmp/demo.err' | grep -E '^(installing just|setup \(demo\)|  Debian|   Compiling|    Finished|added [0-9]+ packages|starting a throwaway)' \
+    | sed 's/^ */  /' | sort | uniq -c | sed 's/^ */  /' || true
 
 say "log in at the printed url with the printed credentials"
 token=$(podman exec "$run" curl -fsS -H 'Content-Type: application/json' \
