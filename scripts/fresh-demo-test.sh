@@ -70,6 +70,15 @@ podman run -d --name "$run" "${trust[@]}" \
     -e RUSTUP_HOME="$rust_home" -e CARGO_HOME="$cargo_home" \
     -e PATH="$cargo_home/bin:$python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     -w "$root" "$image" sleep infinity >/dev/null
+# Without root or sudo, the set-up stops before installing anything and names the packages.
+refused=$(podman exec "$run" setpriv --reuid=65534 --regid=65534 --clear-groups \
+    bash scripts/setup.sh demo 2>&1) && fail "setup as nobody did not stop: $refused"
+case "$refused" in
+    *"Debian packages (apt-get): postgresql postgresql-client"*"needs root"*) ;;
+    *) fail "setup as nobody did not name the packages and the reason: $refused" ;;
+esac
+podman exec "$run" sh -c '! dpkg-query -W postgresql >/dev/null 2>&1' || fail "setup as nobody installed something"
+echo "ok: without root or sudo it stops first and names the packages"
 # This host's Python has `just` installed: take it away (in the overlay) so `./dev` must
 # install it, as on a new machine.
 podman exec "$run" python3 -m pip uninstall --quiet --yes rust-just >/dev/null 2>&1 || true
