@@ -28,6 +28,14 @@ for tool in podman debootstrap git; do
     command -v "$tool" >/dev/null || fail "$tool is missing (just setup test installs it)"
 done
 python=$(python3 -c 'import sys; print(sys.base_prefix)')
+# A Python of the machine's own (pyenv, /opt, /usr/local) is mounted; Debian's own (/usr)
+# cannot be without taking the container's /usr, so the image installs Debian's instead.
+python_mount=(-v "$python:$python:O")
+python_debs=""
+if [ "$python" = /usr ]; then
+    python_mount=()
+    python_debs="python3-pip"
+fi
 rust_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
 node_modules=$(cd "$(dirname "$(readlink -f "$(command -v npm)")")/../.." && pwd)
@@ -39,7 +47,7 @@ podman build --pull=never -q -t "$image" -f - "$root/scripts" >/dev/null <<EOF
 FROM $base
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
     ca-certificates curl git gcc libc6-dev libssl3 libffi8 libsqlite3-0 libbz2-1.0 zlib1g \
-    libreadline8 libncursesw6 liblzma5 >/dev/null \
+    libreadline8 libncursesw6 liblzma5 $python_debs >/dev/null \
  && ln -s $node_modules/npm/bin/npm-cli.js /usr/bin/npm
 EOF
 echo "ok"
@@ -64,7 +72,7 @@ podman run -d --name "$run" "${trust[@]}" \
     -v "$root/target:$root/target:O" \
     -v "$rust_home:$rust_home:ro" \
     -v "$cargo_home:$cargo_home:O" \
-    -v "$python:$python:O" \
+    "${python_mount[@]}" \
     -v /usr/bin/node:/usr/bin/node:ro \
     -v "$node_modules:$node_modules:ro" \
     -e RUSTUP_HOME="$rust_home" -e CARGO_HOME="$cargo_home" \
