@@ -81,10 +81,19 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
     let world = World::real();
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(world.net().connect(&addr).await.expect("connect"));
+        let mut conn = world.net().connect(&addr).await.expect("connect");
+        // Served once (so certainly accepted and counted), then held open by keep-alive.
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(PATIENCE, conn.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        held.push(conn);
     }
-    // Each held connection is accepted (and counted) before the next is refused.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut extra = world.net().connect(&addr).await.expect("connect");
     let _ = extra
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
