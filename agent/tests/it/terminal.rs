@@ -1423,7 +1423,9 @@ async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still
         "[tasks]\nrun_as = \"nobody\"\n[terminal]\nrun_as = \"nobody\"\n",
     )
     .expect("write config");
-    let agent_bin = agent_bin();
+    // A copy the agent's user can reach wherever the checkout is (under /root it could not).
+    let agent_bin = dir.path().join("outpost-agent");
+    std::fs::copy(crate::harness::agent_bin(), &agent_bin).expect("copy the agent binary");
     let _agent = Proc::spawn(
         std::path::Path::new("setpriv"),
         &[
