@@ -380,7 +380,9 @@ async fn release(
 ) {
     for run_id in runs {
         since.remove(run_id);
-        config.pool.processes.release(*run_id).await;
+    }
+    if !runs.is_empty() {
+        config.pool.processes.release_all(runs.to_vec()).await;
     }
 }
 

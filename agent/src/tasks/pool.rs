@@ -74,6 +74,15 @@ pub trait Processes: Send + Sync + std::fmt::Debug + 'static {
     fn boot_id(&self) -> Option<String>;
     /// The run's end is in the store: forget it.
     fn release(&self, run_id: i64) -> BoxFuture<()>;
+    /// [`Processes::release`] for every run of a batch whose ends were committed together.
+    fn release_all(&self, run_ids: Vec<i64>) -> BoxFuture<()> {
+        let each: Vec<_> = run_ids.into_iter().map(|id| self.release(id)).collect();
+        Box::pin(async move {
+            for release in each {
+                release.await;
+            }
+        })
+    }
     /// Forget every run not in `in_flight`, stopping (SIGTERM, `grace`, SIGKILL) any process of
     /// theirs still alive: nothing may run that no agent accounts for. Returns how many
     /// processes had to be stopped.
@@ -185,6 +194,29 @@ impl Processes for OsProcesses {
             let removed = world.blocking(move || remove_dir(&dir)).await;
             if let Ok(Err(error)) = removed {
                 tracing::warn!(run_id, dir = %shown, %error, "remove a finished run's directory");
+            }
+        })
+    }
+
+    /// One hand-off to a blocking thread for the whole batch, not one per run.
+    fn release_all(&self, run_ids: Vec<i64>) -> BoxFuture<()> {
+        let (world, runs) = (self.world.clone(), self.runs.clone());
+        Box::pin(async move {
+            let removed = world
+                .blocking(move || {
+                    run_ids
+                        .into_iter()
+                        .filter_map(|run_id| {
+                            let dir = rundir::dir(&runs, run_id);
+                            remove_dir(&dir)
+                                .err()
+                                .map(|error| (run_id, dir.display().to_string(), error))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+            for (run_id, dir, error) in removed.unwrap_or_default() {
+                tracing::warn!(run_id, %dir, %error, "remove a finished run's directory");
             }
         })
     }
