@@ -10,8 +10,9 @@ use http::{HeaderMap, Method};
 use serde::Serialize;
 use world::World;
 
-use crate::config::{AgentConfig, RunAs};
+use crate::config::AgentConfig;
 use crate::identity;
+use crate::run_as::RunAs;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Clock skew against the control plane above this is a warning, above `SKEW_FAIL` a failure

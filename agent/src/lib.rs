@@ -15,6 +15,7 @@ pub mod identity;
 pub mod link;
 pub mod observe;
 pub mod run;
+pub mod run_as;
 pub mod signal;
 pub mod sqlite_file;
 pub mod tasks;

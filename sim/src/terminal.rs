@@ -274,7 +274,7 @@ pub fn simulate_terminal(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
                         enabled: true,
                         psql: "psql".into(),
                         database: None,
-                        run_as: agent::config::RunAs::Agent,
+                        run_as: agent::run_as::RunAs::Agent,
                         sessions_max: 10,
                         reconnect_window: RECONNECT_WINDOW,
                         idle_timeout: Duration::from_secs(3600),

@@ -46,7 +46,7 @@ pub struct PoolConfig {
     pub processes: Arc<dyn Processes>,
 }
 
-pub use crate::config::RunAs;
+pub use crate::run_as::RunAs;
 
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 

@@ -37,7 +37,7 @@ pub struct TerminalConfig {
     /// Connection string passed to psql; `None` lets psql use its own defaults.
     pub database: Option<String>,
     /// Whose rights psql gets (resolved from `run_as` at start-up).
-    pub run_as: crate::config::RunAs,
+    pub run_as: crate::run_as::RunAs,
     pub sessions_max: usize,
     /// How long a PTY outlives a lost reverse link, waiting to be reattached.
     pub reconnect_window: Duration,

@@ -17,7 +17,7 @@ use super::{
     Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
 };
 use crate::backoff::Backoff;
-use crate::config::RunAs;
+use crate::run_as::RunAs;
 use proto::terminal::{Entry, Frame};
 
 /// TCP connect plus WebSocket handshake of one reverse link.
@@ -479,7 +479,7 @@ mod tests {
             enabled: true,
             psql: "psql".into(),
             database: Some("postgres://outpost:hidden%21pw@db:5432/app".into()),
-            run_as: crate::config::RunAs::Agent,
+            run_as: crate::run_as::RunAs::Agent,
             sessions_max: 1,
             reconnect_window: std::time::Duration::from_secs(60),
             idle_timeout: std::time::Duration::from_secs(60),
