@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::pool::Environment;
+use super::process::Environment;
 
 /// One run to start.
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,7 +175,7 @@ fn start(request: Request) -> Reply {
                 id,
                 pid: child.as_raw(),
                 // Read before this process can reap it: the pid is still this wrapper's.
-                ticks: super::pool::start_ticks(child.as_raw()),
+                ticks: super::process::start_ticks(child.as_raw()),
             }
         }
         Err(e) => Reply::Failed {

@@ -11,6 +11,7 @@ pub mod launcher;
 pub mod model;
 pub mod policy;
 pub mod pool;
+pub mod process;
 pub mod rundir;
 pub mod store;
 pub mod wrapper;

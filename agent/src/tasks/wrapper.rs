@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
-use super::pool::Environment;
+use super::process::Environment;
 use super::rundir::{self, Claim, Exit};
 
 /// How long output still held open by the command's leftovers is read after it exited.
@@ -32,7 +32,7 @@ pub fn supervise(
     let pid = std::process::id();
     let mine = Claim::Started {
         pid: i32::try_from(pid).unwrap_or(0),
-        ticks: super::pool::start_ticks(i32::try_from(pid).unwrap_or(0)),
+        ticks: super::process::start_ticks(i32::try_from(pid).unwrap_or(0)),
     };
     if rundir::claim(dir, mine)? != mine {
         // A recovering agent gave the run up before this process got going: the command

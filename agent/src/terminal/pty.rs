@@ -10,7 +10,7 @@ use portable_pty::{CommandBuilder, MasterPty, PtySize as PortableSize, native_pt
 use tokio::sync::mpsc;
 use world::World;
 
-use super::{Output, PtyChild, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem};
+use super::model::{Output, PtyChild, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem};
 
 /// Bytes per PTY read (the sender batches further, up to the link's chunk size).
 const READ_BYTES: usize = 64 * 1024;

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
-use super::{
+use super::model::{
     Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
 };
 use crate::backoff::Backoff;
@@ -165,7 +165,7 @@ pub async fn run(ctx: Ctx, session_id: String) {
         }
     };
     if let Some(mut handle) = pty {
-        super::stop(handle.child.as_mut()).await;
+        super::model::stop(handle.child.as_mut()).await;
     }
     let lost = output.with(|r| r.overwritten_total());
     tracing::info!(%reason, output_overwritten_bytes = lost, "terminal session ended");
@@ -461,7 +461,7 @@ async fn serve_link(
         // deliver what is left and the closing frame, briefly. The reason is set first: the
         // PTY reader closes the output with the exit status as soon as psql is gone.
         output.with(|r| r.ending(reason.clone()));
-        super::stop(handle.child.as_mut()).await;
+        super::model::stop(handle.child.as_mut()).await;
         output.close(reason.clone());
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut outbound).await;
     }

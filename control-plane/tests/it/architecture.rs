@@ -1,5 +1,5 @@
 //! The layout's invariant, checked on the sources: no import cycle among the modules of
-//! `control-plane/src` or `sim/src`. A module depends on another when it names it through
+//! `control-plane/src`, `agent/src` or `sim/src`. A module depends on another when it names it through
 //! `crate::…`, `super::…` or `self::…` (in a path or a `use`, braces expanded), or names a child module
 //! it declares (`mod x;` then `x::…`). Tests inside a file (`#[cfg(test)] mod tests { … }`)
 //! and comments do not count.
@@ -273,4 +273,9 @@ fn the_checker_finds_a_cycle_when_there_is_one() {
     )
     .expect("write");
     assert!(a_cycle(&graph(src)).is_none());
+}
+
+#[test]
+fn the_agent_has_no_import_cycle() {
+    assert_acyclic("agent");
 }
