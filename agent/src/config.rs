@@ -8,9 +8,7 @@ use serde::Deserialize;
 
 use crate::run_as::RunAs;
 
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost-agent";
-/// Socket file name inside the data dir.
-pub const SOCKET_FILE: &str = "agent.sock";
+use crate::layout::{DEFAULT_DATA_DIR, SOCKET_FILE};
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

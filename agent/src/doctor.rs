@@ -207,7 +207,7 @@ fn policy(config: &AgentConfig) -> Vec<Check> {
 /// can read the agent's credential. If they can, any of them can act as this agent: dial its
 /// terminal links, report its tasks.
 fn credential(config: &AgentConfig) -> Vec<Check> {
-    let path = config.data_dir.join(identity::IDENTITY_FILE);
+    let path = config.data_dir.join(crate::layout::IDENTITY_FILE);
     let mut sections = vec![("tasks", &config.tasks.run_as)];
     if config.terminal.enabled {
         sections.push(("terminal", &config.terminal.run_as));
@@ -340,9 +340,9 @@ fn data_dir(dir: &Path) -> Vec<Check> {
         ));
     }
     let files = [
-        identity::IDENTITY_FILE,
-        crate::run::TASKS_FILE,
-        crate::buffer::cli::BUFFER_FILE,
+        crate::layout::IDENTITY_FILE,
+        crate::layout::TASKS_FILE,
+        crate::layout::BUFFER_FILE,
     ];
     let foreign: Vec<String> = files
         .iter()

@@ -13,8 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use world::World;
 
-pub const IDENTITY_FILE: &str = "identity.json";
-pub const PENDING_FILE: &str = "enrollment.json";
+use crate::layout::{IDENTITY_FILE, PENDING_FILE};
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
 const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 

@@ -12,6 +12,7 @@ pub mod crashpoint;
 pub mod doctor;
 pub mod dsn;
 pub mod identity;
+pub mod layout;
 pub mod link;
 pub mod observe;
 pub mod run;

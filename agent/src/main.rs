@@ -234,7 +234,7 @@ fn plain_http_warning(url: &url::Url) -> Option<String> {
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+        .unwrap_or_else(|| PathBuf::from(agent::layout::DEFAULT_DATA_DIR));
     let url = config::control_plane_url("--control-plane", &args.control_plane)?;
     if let Some(warning) = plain_http_warning(&url) {
         eprintln!("{warning}");

@@ -20,8 +20,7 @@ use crate::tasks::pool::PoolConfig;
 use crate::tasks::store::Store;
 use crate::tasks::{api, core};
 
-/// File name of the task store inside the data dir.
-pub const TASKS_FILE: &str = "tasks.db";
+use crate::layout::TASKS_FILE;
 
 fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
     let tasks = &config.tasks;
@@ -56,7 +55,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
 }
 
 async fn open_buffer(world: &World, config: &AgentConfig) -> anyhow::Result<Buffer> {
-    let path = config.data_dir.join(crate::buffer::cli::BUFFER_FILE);
+    let path = config.data_dir.join(crate::layout::BUFFER_FILE);
     let epoch = format!("ep_{:016x}", world.random_u64());
     let (limits, now_ms) = (config.metrics.buffer, world.now_unix_ms());
     let shown = path.display().to_string();

@@ -9,8 +9,7 @@ use world::World;
 
 use super::store::{self, Stats};
 
-/// File name of the buffer inside the data dir.
-pub const BUFFER_FILE: &str = "buffer.db";
+use crate::layout::BUFFER_FILE;
 
 #[derive(Subcommand)]
 pub enum BufferCommand {
@@ -57,7 +56,7 @@ impl From<Stats> for StatsJson {
 }
 
 fn buffer_path(data_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let dir = data_dir.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+    let dir = data_dir.unwrap_or_else(|| PathBuf::from(crate::layout::DEFAULT_DATA_DIR));
     let path = dir.join(BUFFER_FILE);
     if !path.exists() {
         bail!(

@@ -25,13 +25,13 @@ impl Where {
     fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR))
+            .unwrap_or_else(|| PathBuf::from(crate::layout::DEFAULT_DATA_DIR))
     }
 
     fn socket(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(|| self.data_dir().join(crate::config::SOCKET_FILE))
+            .unwrap_or_else(|| self.data_dir().join(crate::layout::SOCKET_FILE))
     }
 }
 
@@ -372,7 +372,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
             let age = humantime::parse_duration(&older_than)
                 .with_context(|| format!("--older-than {older_than:?} is not a duration"))?;
             let before = world.now_unix_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            let path = at_where.data_dir().join(crate::run::TASKS_FILE);
+            let path = at_where.data_dir().join(crate::layout::TASKS_FILE);
             let n = world
                 .blocking(move || Store::open(&path).and_then(|mut s| s.purge(before)))
                 .await??;

@@ -143,15 +143,12 @@ impl OsProcesses {
     pub fn new(world: World, data_dir: &Path, exe: PathBuf, run_uid: Option<u32>) -> OsProcesses {
         OsProcesses {
             world,
-            runs: data_dir.join(RUNS_DIR),
+            runs: data_dir.join(crate::layout::RUNS_DIR),
             launcher: Arc::new(Launcher::new(exe)),
             run_uid,
         }
     }
 }
-
-/// Where run directories live inside the data dir.
-pub const RUNS_DIR: &str = "runs";
 
 impl Processes for OsProcesses {
     fn run(&self, run: ProcessRun) -> BoxFuture<()> {
