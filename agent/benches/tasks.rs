@@ -143,27 +143,26 @@ async fn enqueue_rate() -> f64 {
     ENQUEUE_N as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn drain_rate() -> f64 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _agent = start_agent(dir.path(), WORKERS).await;
+/// Enqueue [`DRAIN_N`] tasks from [`CLIENTS`] concurrent clients; `body` makes task `i`'s JSON.
+async fn enqueue_drain_tasks(dir: &Path, body: impl Fn(usize) -> String + Send + Sync + 'static) {
     let world = World::real();
+    let body = std::sync::Arc::new(body);
     let mut clients = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
-        let (world, dir) = (world.clone(), dir.path().to_path_buf());
+        let (world, dir, body) = (world.clone(), dir.to_path_buf(), body.clone());
         clients.spawn(async move {
             for i in (c..DRAIN_N).step_by(CLIENTS) {
-                post(
-                    &world,
-                    &dir,
-                    &format!(r#"{{"kind":"command","argv":["true"],"key":"d{i}"}}"#),
-                )
-                .await
-                .expect("enqueue");
+                post(&world, &dir, &body(i)).await.expect("enqueue");
             }
         });
     }
     while clients.join_next().await.is_some() {}
-    let conn = db(dir.path());
+}
+
+/// Wait until [`DRAIN_N`] runs have finished; their drain rate from the first start to the
+/// last end, in runs/s.
+async fn drained_rate(dir: &Path) -> f64 {
+    let conn = db(dir);
     for _ in 0..6000 {
         let done: i64 = conn
             .query_row(
@@ -185,6 +184,17 @@ async fn drain_rate() -> f64 {
         )
         .expect("span");
     DRAIN_N as f64 / ((last - first).max(1) as f64 / 1000.0)
+}
+
+/// The drain overlapped with the enqueue: tasks due at once, runs start while clients add more.
+async fn drain_rate() -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _agent = start_agent(dir.path(), WORKERS).await;
+    enqueue_drain_tasks(dir.path(), |i| {
+        format!(r#"{{"kind":"command","argv":["true"],"key":"d{i}"}}"#)
+    })
+    .await;
+    drained_rate(dir.path()).await
 }
 
 /// CPU seconds the agent process and its launcher (with the wrappers and commands it reaped)
@@ -230,22 +240,10 @@ async fn drain_rate_phased() -> (f64, f64) {
     let world = World::real();
     let due_ms = world.now_unix_ms() + 6_000;
     let at = jiff::Timestamp::from_millisecond(due_ms).expect("time");
-    let mut clients = tokio::task::JoinSet::new();
-    for c in 0..CLIENTS {
-        let (world, dir) = (world.clone(), dir.path().to_path_buf());
-        clients.spawn(async move {
-            for i in (c..DRAIN_N).step_by(CLIENTS) {
-                post(
-                    &world,
-                    &dir,
-                    &format!(r#"{{"kind":"command","argv":["true"],"at":"{at}","key":"p{i}"}}"#),
-                )
-                .await
-                .expect("enqueue");
-            }
-        });
-    }
-    while clients.join_next().await.is_some() {}
+    enqueue_drain_tasks(dir.path(), move |i| {
+        format!(r#"{{"kind":"command","argv":["true"],"at":"{at}","key":"p{i}"}}"#)
+    })
+    .await;
     let early = world.now_unix_ms();
     assert!(
         early < due_ms,
@@ -253,32 +251,9 @@ async fn drain_rate_phased() -> (f64, f64) {
     );
     tokio::time::sleep(Duration::from_millis((due_ms - early) as u64 - 200)).await;
     let cpu_before = cpu_s(agent.0.id());
-    let conn = db(dir.path());
-    for _ in 0..6000 {
-        let done: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM runs WHERE finished_ms IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        if done as usize >= DRAIN_N {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rate = drained_rate(dir.path()).await;
     let cpu = cpu_s(agent.0.id()) - cpu_before;
-    let (first, last): (i64, i64) = conn
-        .query_row(
-            "SELECT min(started_ms), max(finished_ms) FROM runs WHERE finished_ms IS NOT NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .expect("span");
-    (
-        DRAIN_N as f64 / ((last - first).max(1) as f64 / 1000.0),
-        cpu / DRAIN_N as f64 * 1000.0,
-    )
+    (rate, cpu / DRAIN_N as f64 * 1000.0)
 }
 
 async fn dispatch_lag() -> (i64, i64) {

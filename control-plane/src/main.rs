@@ -637,20 +637,21 @@ async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::
     server::open_storage(world, &data_dir, store.database_url.as_deref()).await
 }
 
-/// `--ttl VALUE`: a humantime duration (`examples` in the error) within `allowed`, which
+/// `--FLAG VALUE`: a humantime duration (`examples` in the error) within `allowed`, which
 /// `range` says in words.
-fn ttl_flag(
+fn bounded_duration(
+    flag: &str,
     value: &str,
     examples: &str,
     allowed: std::ops::RangeInclusive<Duration>,
     range: &str,
 ) -> anyhow::Result<Duration> {
-    let ttl = humantime::parse_duration(value)
-        .with_context(|| format!("--ttl {value:?} is not a duration (e.g. {examples})"))?;
-    if !allowed.contains(&ttl) {
-        bail!("--ttl must be between {range}");
+    let parsed = humantime::parse_duration(value)
+        .with_context(|| format!("--{flag} {value:?} is not a duration (e.g. {examples})"))?;
+    if !allowed.contains(&parsed) {
+        bail!("--{flag} must be between {range}");
     }
-    Ok(ttl)
+    Ok(parsed)
 }
 
 /// Record what an `outpost admin` command changed, as `cli:USER` (the Unix user who ran it),
@@ -956,20 +957,20 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             activate_in,
             store,
         } => {
-            let activate_in = humantime::parse_duration(&activate_in).with_context(|| {
-                format!("--activate-in {activate_in:?} is not a duration (e.g. 60s, 5m)")
-            })?;
-            if !(control_plane::terminal::keys::ACTIVATION_MIN..=Duration::from_secs(86_400))
-                .contains(&activate_in)
-            {
-                bail!("--activate-in must be between 20s and 1d");
-            }
-            let keep = humantime::parse_duration(&old_valid_for).with_context(|| {
-                format!("--old-valid-for {old_valid_for:?} is not a duration (e.g. 0s, 1h, 1d)")
-            })?;
-            if keep > Duration::from_secs(30 * 86_400) {
-                bail!("--old-valid-for must be at most 30d");
-            }
+            let activate_in = bounded_duration(
+                "activate-in",
+                &activate_in,
+                "60s, 5m",
+                control_plane::terminal::keys::ACTIVATION_MIN..=Duration::from_secs(86_400),
+                "20s and 1d",
+            )?;
+            let keep = bounded_duration(
+                "old-valid-for",
+                &old_valid_for,
+                "0s, 1h, 1d",
+                Duration::ZERO..=Duration::from_secs(30 * 86_400),
+                "0s and 30d",
+            )?;
             let storage = open(&world, store).await?;
             let rotated =
                 control_plane::terminal::keys::rotate(&world, &storage, activate_in, keep).await?;
@@ -990,7 +991,8 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::ApiToken { user, ttl, store } => {
-            let ttl = ttl_flag(
+            let ttl = bounded_duration(
+                "ttl",
                 &ttl,
                 "30d, 1y",
                 Duration::from_secs(60)..=Duration::from_secs(2 * 366 * 86_400),
@@ -1034,7 +1036,8 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             count,
             store,
         } => {
-            let ttl = ttl_flag(
+            let ttl = bounded_duration(
+                "ttl",
                 &ttl,
                 "30m, 1h",
                 Duration::from_nanos(1)..=Duration::from_secs(7 * 24 * 3600),

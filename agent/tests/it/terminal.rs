@@ -1501,18 +1501,7 @@ async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still
     wait_status(id.clone(), "doing").await;
     tasks(&["cancel", &id]);
     wait_status(id, "canceled").await;
-    let mut gone = false;
-    for _ in 0..100 {
-        let found = std::process::Command::new("pgrep")
-            .args(["-u", "nobody", "-f", &format!("sleep {long}")])
-            .output()
-            .expect("pgrep (Debian package procps)");
-        if !found.status.success() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gone = none_left(&["-u", "nobody", "-f", &format!("sleep {long}")]).await;
     assert!(gone, "the canceled command still runs:\n{}", agent_log());
 
     // psql and `\!` run as the run user too, and a closed session leaves nothing behind.
@@ -1554,17 +1543,21 @@ async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still
         .await
         .expect("close");
     assert!(r.status.is_success(), "{}", r.status);
-    let mut gone = false;
+    let gone = none_left(&["-u", "nobody", "psql"]).await;
+    assert!(gone, "psql outlived its session:\n{}", agent_log());
+}
+
+/// Whether, within 5 s, no process matches `pgrep ARGS`.
+async fn none_left(args: &[&str]) -> bool {
     for _ in 0..100 {
         let found = std::process::Command::new("pgrep")
-            .args(["-u", "nobody", "psql"])
+            .args(args)
             .output()
-            .expect("pgrep");
+            .expect("pgrep (Debian package procps)");
         if !found.status.success() {
-            gone = true;
-            break;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(gone, "psql outlived its session:\n{}", agent_log());
+    false
 }
