@@ -68,16 +68,26 @@ impl Net {
         Net { simulated }
     }
 
-    /// Connect to `host:port`. Host names resolve through the OS (real) or turmoil's DNS.
+    /// Connect to `host:port`. Host names resolve through the OS (real, see [`resolve`]) or
+    /// turmoil's DNS; each address found is tried in turn.
     pub async fn connect(&self, addr: &str) -> io::Result<Stream> {
         if self.simulated {
             let stream = turmoil::net::TcpStream::connect(addr).await?;
-            Ok(Stream::Sim(stream))
-        } else {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(Stream::Tcp(stream))
+            return Ok(Stream::Sim(stream));
         }
+        let mut last = None;
+        for target in resolve(addr).await? {
+            match tokio::net::TcpStream::connect(target).await {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(Stream::Tcp(stream));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address found"))
+        }))
     }
 
     /// Listen on `host:port` (`127.0.0.1:0` picks a free port).
@@ -103,6 +113,76 @@ impl Net {
             return Err(unsupported_in_simulation());
         }
         Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
+    }
+}
+
+/// How long a name lookup may take before the last answer for the same name is used instead.
+/// A lookup normally answers in milliseconds; a resolver that drops a query (a container
+/// network's DNS reloading while containers start, seen to lose queries for 5 to 12 s) makes
+/// the OS wait seconds before it asks again, longer than the callers' connect deadlines.
+const LOOKUP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// How many names keep their last answer (the configured endpoints; a handful in practice).
+const REMEMBERED_NAMES: usize = 64;
+
+/// The last answer per `host:port` name, for [`resolve`].
+static LAST_ANSWERS: std::sync::Mutex<
+    std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn last_answer(name: &str) -> Option<Vec<std::net::SocketAddr>> {
+    let answers = LAST_ANSWERS.lock().unwrap_or_else(|e| e.into_inner());
+    answers.get(name).cloned()
+}
+
+fn remember_answer(name: &str, found: &[std::net::SocketAddr]) {
+    let mut answers = LAST_ANSWERS.lock().unwrap_or_else(|e| e.into_inner());
+    if answers.len() >= REMEMBERED_NAMES && !answers.contains_key(name) {
+        answers.pop_first();
+    }
+    answers.insert(name.to_string(), found.to_vec());
+}
+
+/// The addresses of `host:port`, serving a stale answer when the resolver does not (in the
+/// manner of RFC 8767): a lookup that fails, or takes longer than [`LOOKUP_PATIENCE`], falls
+/// back to the last answer for the same name when there is one. Without one the lookup is
+/// awaited to its end, so a first connection still waits for the resolver; a name whose
+/// address changed is picked up by the next lookup that answers.
+async fn resolve(addr: &str) -> io::Result<Vec<std::net::SocketAddr>> {
+    if let Ok(literal) = addr.parse::<std::net::SocketAddr>() {
+        return Ok(vec![literal]);
+    }
+    let lookup = tokio::net::lookup_host(addr);
+    tokio::pin!(lookup);
+    let answer = match tokio::time::timeout(LOOKUP_PATIENCE, &mut lookup).await {
+        Ok(answer) => answer,
+        Err(_) => match last_answer(addr) {
+            Some(stale) => {
+                tracing::warn!(
+                    name = addr,
+                    patience = ?LOOKUP_PATIENCE,
+                    "name lookup did not answer in time; using its last answer"
+                );
+                return Ok(stale);
+            }
+            None => lookup.await,
+        },
+    };
+    match answer {
+        Ok(found) => {
+            let found: Vec<_> = found.collect();
+            if !found.is_empty() {
+                remember_answer(addr, &found);
+            }
+            Ok(found)
+        }
+        Err(error) => match last_answer(addr) {
+            Some(stale) => {
+                tracing::warn!(name = addr, %error, "name lookup failed; using its last answer");
+                Ok(stale)
+            }
+            None => Err(error),
+        },
     }
 }
 
@@ -212,5 +292,34 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_lookup_serves_the_last_answer_for_that_name() {
+        // `.invalid` never resolves (RFC 6761).
+        let name = "replica.outpost-test.invalid:6379";
+        assert!(resolve(name).await.is_err(), "nothing remembered yet");
+        let known: std::net::SocketAddr = "127.0.0.1:6379".parse().expect("an address");
+        remember_answer(name, &[known]);
+        assert_eq!(resolve(name).await.expect("the last answer"), vec![known]);
+    }
+
+    #[tokio::test]
+    async fn an_answered_lookup_is_remembered_and_literals_pass_through() {
+        let found = resolve("localhost:5432").await.expect("localhost resolves");
+        assert!(
+            found
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 5432)
+        );
+        assert_eq!(last_answer("localhost:5432"), Some(found));
+        let literal = resolve("10.0.0.7:80").await.expect("a literal");
+        assert_eq!(literal, vec!["10.0.0.7:80".parse().expect("an address")]);
+        assert_eq!(last_answer("10.0.0.7:80"), None);
     }
 }
