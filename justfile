@@ -92,24 +92,41 @@ fixtures-docker-test:
         -E 'test(/^storage::postgres/) | test(browser_and_agent_on_different_replicas_meet_through_redis)'
 
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
+# `npm ci` runs only when package-lock.json changed since the last install; the build writes
+# only files whose bytes changed, so cargo does not rebuild `outpost` for nothing.
 web:
-    cd control-plane/web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd control-plane/web
+    lock=$(sha256sum package-lock.json | cut -d' ' -f1)
+    if [ "$(cat node_modules/.outpost-lock 2>/dev/null)" != "$lock" ]; then
+        npm ci --no-audit --no-fund --loglevel=error
+        echo "$lock" > node_modules/.outpost-lock
+    fi
+    npm run build --silent
 
-# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging and appliance tests (Podman). Installs what they need first (`setup test`).
-test: (setup "test") fmt-check web lint
-    cd control-plane/web && npm test --silent
-    cargo build --workspace --bins
+# Everything CI checks: formatting, lints, all tests (real Postgres/Redis/sshd/psql, headless Chromium), fixed sim seeds and regressions, the packaging and appliance tests (Podman). Installs what they need first (`setup test`); prints each step's time at the end.
+test: (setup "test")
+    #!/usr/bin/env bash
+    set -euo pipefail
+    . scripts/steps.sh
+    step "formatting" cargo fmt --all -- --check
+    step "web UI" just web
+    step "lints" just lint
+    step "web unit tests" bash -c 'cd control-plane/web && npm test --silent'
+    step "build" cargo build --workspace --bins
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
-    INSTA_UPDATE=no cargo nextest run --workspace --profile ci
-    just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
-    just sim regressions --check-determinism
-    just chaos-seeds
-    just packaging-test
-    just appliance-test
-    just fresh-demo-test
-    just fixtures-docker-test
-    just schemathesis
-    just fuzz 15
+    step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
+    step "sim seeds" just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
+    step "sim regressions" just sim regressions --check-determinism
+    step "chaos seeds" just chaos-seeds
+    step "packaging test" just packaging-test
+    step "appliance test" just appliance-test
+    step "fresh demo test" just fresh-demo-test
+    step "fixtures (docker)" just fixtures-docker-test
+    step "schemathesis" just schemathesis
+    # The dev profile builds in about half the time; the same instrumentation finds the same bugs.
+    step "fuzz" just fuzz 15 dev
 
 # The README's demo command from a clean clone in a bare Debian container with only this machine kind's tools; logs in at the printed url.
 fresh-demo-test:
@@ -123,15 +140,19 @@ schemathesis examples="50":
     bash control-plane/tests/schemathesis.sh {{examples}}
 
 # Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each (default
-# 60), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
+# 60; PROFILE `dev` builds faster and runs slower), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
 # finds grows target/fuzz-corpus/TARGET; a crash stops the run and is saved under
 # fuzz/artifacts/TARGET (reproduce: `cd fuzz && cargo fuzz run -s none TARGET FILE`).
-fuzz seconds="60": web
+fuzz seconds="60" profile="release": web
     #!/usr/bin/env bash
     set -euo pipefail
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
     cd fuzz
-    opts=(-s none --release --target-dir ../target/fuzz)
+    case "{{profile}}" in
+      release) opts=(-s none --release --target-dir ../target/fuzz) ;;
+      dev) opts=(-s none --dev --target-dir ../target/fuzz-dev) ;;
+      *) echo "unknown fuzz profile '{{profile}}': release or dev" >&2; exit 2 ;;
+    esac
     cargo fuzz build "${opts[@]}"
     for target in $(cargo fuzz list); do
         mkdir -p "../target/fuzz-corpus/$target"

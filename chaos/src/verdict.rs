@@ -93,7 +93,7 @@ pub fn snapshot_buffer(path: &Path) -> Result<BufferSnapshot, String> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1i64)
         .max(max + 1);
-    let dropped = ["age", "size", "quarantine", "too_large"]
+    let dropped = agent::buffer::store::DROP_REASONS
         .into_iter()
         .map(|r| {
             (
@@ -216,10 +216,12 @@ pub struct DamagedStore {
     pub before: Result<Vec<TaskRecord>, String>,
 }
 
-const DONE: i64 = 8;
-const TERMINAL: i64 = 8 | 16 | 32 | 64;
-const SCHEDULED: i64 = 1;
-const IN_FLIGHT: i64 = 2 | 4;
+// The task store's status bits, as the agent defines them: the suite reads the evidence
+// independently, but in the agent's own vocabulary.
+const DONE: i64 = agent::tasks::model::status::DONE as i64;
+const TERMINAL: i64 = agent::tasks::model::status::TERMINAL as i64;
+const SCHEDULED: i64 = agent::tasks::model::status::SCHEDULED as i64;
+const IN_FLIGHT: i64 = agent::tasks::model::status::IN_FLIGHT as i64;
 
 pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
     let conn =

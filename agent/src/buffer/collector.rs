@@ -19,7 +19,6 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 struct Metric {
     kind: &'static str,
     min_version: i32,
-    max_version: i32,
     sql: &'static str,
 }
 
@@ -27,7 +26,6 @@ const METRICS: &[Metric] = &[
     Metric {
         kind: "pg_stat_database",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_agg(t), '[]')::text FROM (SELECT datname, numbackends, xact_commit, xact_rollback, blks_read, blks_hit, \
               tup_returned, tup_fetched, tup_inserted, tup_updated, tup_deleted, conflicts, deadlocks, temp_bytes \
               FROM pg_stat_database WHERE datname IS NOT NULL) t",
@@ -35,26 +33,22 @@ const METRICS: &[Metric] = &[
     Metric {
         kind: "bgwriter",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT row_to_json(b)::text FROM pg_stat_bgwriter b",
     },
     Metric {
         kind: "checkpointer",
         min_version: 170000,
-        max_version: i32::MAX,
         sql: "SELECT row_to_json(c)::text FROM pg_stat_checkpointer c",
     },
     Metric {
         kind: "activity",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_object_agg(coalesce(state, 'background'), n), '{}')::text \
               FROM (SELECT state, count(*) AS n FROM pg_stat_activity GROUP BY state) t",
     },
     Metric {
         kind: "replication",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_agg(t), '[]')::text FROM (SELECT application_name, client_addr, state, \
               extract(epoch FROM write_lag) AS write_lag_s, extract(epoch FROM flush_lag) AS flush_lag_s, \
               extract(epoch FROM replay_lag) AS replay_lag_s FROM pg_stat_replication) t",
@@ -62,25 +56,21 @@ const METRICS: &[Metric] = &[
     Metric {
         kind: "locks",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_object_agg(mode, n), '{}')::text FROM (SELECT mode, count(*) AS n FROM pg_locks GROUP BY mode) t",
     },
     Metric {
         kind: "database_size",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_object_agg(datname, pg_database_size(datname)), '{}')::text FROM pg_database WHERE datallowconn",
     },
     Metric {
         kind: "xid_age",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_object_agg(datname, age(datfrozenxid)), '{}')::text FROM pg_database",
     },
     Metric {
         kind: "dead_tuples",
         min_version: 0,
-        max_version: i32::MAX,
         sql: "SELECT coalesce(json_agg(t), '[]')::text FROM (SELECT schemaname, relname, n_dead_tup, n_live_tup \
               FROM pg_stat_user_tables ORDER BY n_dead_tup DESC LIMIT 10) t",
     },
@@ -89,10 +79,7 @@ const METRICS: &[Metric] = &[
 /// One collection cycle: `(kind, json)` per metric the server has.
 async fn collect(client: &Client, version: i32) -> Vec<(String, String)> {
     let mut rows = Vec::new();
-    for m in METRICS
-        .iter()
-        .filter(|m| (m.min_version..=m.max_version).contains(&version))
-    {
+    for m in METRICS.iter().filter(|m| version >= m.min_version) {
         match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(m.sql, &[])).await {
             Ok(Ok(row)) => match row.try_get::<_, Option<String>>(0) {
                 Ok(Some(json)) => rows.push((m.kind.to_string(), json)),
@@ -150,7 +137,7 @@ pub async fn run_collector(
                     if !reported_skips {
                         let skipped: Vec<&str> = METRICS
                             .iter()
-                            .filter(|m| !(m.min_version..=m.max_version).contains(&version))
+                            .filter(|m| version < m.min_version)
                             .map(|m| m.kind)
                             .collect();
                         if !skipped.is_empty() {

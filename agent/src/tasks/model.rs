@@ -138,10 +138,6 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    pub fn is_periodic(&self) -> bool {
-        !matches!(self, Schedule::Once { .. })
-    }
-
     /// Human and machine readable form, as shown in task JSON.
     pub fn describe(&self) -> String {
         match self {

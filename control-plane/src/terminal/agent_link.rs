@@ -4,7 +4,8 @@
 //! Output frames are appended to the session's output stream at the agent's byte offsets. A
 //! store write that fails is retried and no further frame is read meanwhile: the agent's
 //! output ring absorbs the backlog (overwriting and announcing `skipped`), so the PTY keeps
-//! running and this process holds at most one frame per session.
+//! running and this process holds at most one batch ([`BATCH_ENTRIES_MAX`] frames) per
+//! session.
 
 use std::time::Duration;
 

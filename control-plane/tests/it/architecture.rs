@@ -1,5 +1,5 @@
 //! The layout's invariant, checked on the sources: no import cycle among the modules of
-//! `control-plane/src`, `agent/src` or `sim/src`. A module depends on another when it names it through
+//! `control-plane/src`, `agent/src`, `sim/src` or `chaos/src`. A module depends on another when it names it through
 //! `crate::…`, `super::…` or `self::…` (in a path or a `use`, braces expanded), or names a child module
 //! it declares (`mod x;` then `x::…`). Tests inside a file (`#[cfg(test)] mod tests { … }`)
 //! and comments do not count.
@@ -228,14 +228,15 @@ fn show(cycle: &[Module]) -> String {
         .join(" -> ")
 }
 
-fn assert_acyclic(crate_dir: &str) {
+/// `at_least`: fewer modules found means the reader lost its way, not that the crate shrank.
+fn assert_acyclic(crate_dir: &str, at_least: usize) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(crate_dir)
         .join("src");
     let graph = graph(&src);
     assert!(
-        graph.len() > 10,
+        graph.len() >= at_least,
         "{crate_dir}: only {} modules found",
         graph.len()
     );
@@ -246,12 +247,12 @@ fn assert_acyclic(crate_dir: &str) {
 
 #[test]
 fn the_control_plane_has_no_import_cycle() {
-    assert_acyclic("control-plane");
+    assert_acyclic("control-plane", 40);
 }
 
 #[test]
 fn the_simulator_has_no_import_cycle() {
-    assert_acyclic("sim");
+    assert_acyclic("sim", 10);
 }
 
 #[test]
@@ -277,5 +278,10 @@ fn the_checker_finds_a_cycle_when_there_is_one() {
 
 #[test]
 fn the_agent_has_no_import_cycle() {
-    assert_acyclic("agent");
+    assert_acyclic("agent", 40);
+}
+
+#[test]
+fn the_chaos_suite_has_no_import_cycle() {
+    assert_acyclic("chaos", 9);
 }
