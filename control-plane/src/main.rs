@@ -11,7 +11,6 @@ use control_plane::audit::action;
 use control_plane::auth::{self, Role, SecretKind};
 use control_plane::config::{self, RawServeConfig};
 use control_plane::server;
-use control_plane::storage::{StorageError, UserRow};
 use tokio_util::sync::CancellationToken;
 use world::World;
 
@@ -681,13 +680,6 @@ fn token_id(id: &str, listed_by: &str) -> anyhow::Result<String> {
     Ok(id.to_ascii_lowercase())
 }
 
-fn valid_user_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
 async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
     let world = World::real();
     match cmd {
@@ -696,411 +688,453 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
             role,
             password_stdin,
             store,
-        } => {
-            if !valid_user_name(&name) {
-                bail!("user name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -");
-            }
-            let role = Role::parse(&role).context("role must be viewer, operator or admin")?;
-            let (password, generated) = if password_stdin {
-                let mut line = String::new();
-                std::io::stdin()
-                    .lock()
-                    .read_line(&mut line)
-                    .context("read password from stdin")?;
-                (line.trim_end_matches(['\n', '\r']).to_string(), false)
-            } else {
-                (auth::generate_password(&world), true)
-            };
-            if password.chars().count() < auth::PASSWORD_CHARS_MIN
-                || password.len() > auth::PASSWORD_BYTES_MAX
-            {
-                bail!(
-                    "password must be {} to {} bytes long",
-                    auth::PASSWORD_CHARS_MIN,
-                    auth::PASSWORD_BYTES_MAX
-                );
-            }
-            let storage = open(&world, store).await?;
-            let salt = world.random_bytes::<16>();
-            let hash = world
-                .blocking(move || auth::hash_password(salt, &password).map(|h| (h, password)))
-                .await??;
-            let (hash, password) = hash;
-            let user = UserRow {
-                id: auth::new_id(&world, "usr"),
-                name: name.clone(),
-                role,
-                password_hash: hash,
-                created_at_ms: world.now_unix_ms(),
-            };
-            match storage.create_user(user).await {
-                Ok(()) => {}
-                Err(StorageError::Conflict(_)) => bail!("user {name:?} already exists"),
-                Err(e) => return Err(e).context("create user"),
-            }
-            audit(
-                &world,
-                &storage,
-                action::USER_CREATED,
-                &name,
-                serde_json::json!({"role": role.as_str()}),
-            )
-            .await;
-            println!("user: {name}");
-            println!("role: {}", role.as_str());
-            if generated {
-                println!("password: {password}");
-            }
-            Ok(())
-        }
-        AdminCommand::Users { store } => {
-            let storage = open(&world, store).await?;
-            let users = storage.list_users().await.context("list the users")?;
-            println!("{:<24}  {:<8}  {:<8}  CREATED", "NAME", "ROLE", "STATE");
-            for u in users {
-                println!(
-                    "{:<24}  {:<8}  {:<8}  {}",
-                    u.name,
-                    u.role.as_str(),
-                    if u.disabled { "disabled" } else { "enabled" },
-                    control_plane::time::rfc3339_ms(u.created_at_ms)
-                );
-            }
-            Ok(())
-        }
+        } => create_user(&world, &name, &role, password_stdin, store).await,
+        AdminCommand::Users { store } => list_users(&world, store).await,
         AdminCommand::SetUser {
             name,
             role,
             disable,
             enable,
             store,
-        } => {
-            use control_plane::accounts::UserChange;
-            let mut changes = Vec::new();
-            if let Some(role) = &role {
-                changes.push(UserChange::Role(
-                    Role::parse(role).context("role must be viewer, operator or admin")?,
-                ));
-            }
-            if disable {
-                changes.push(UserChange::Disable);
-            }
-            if enable {
-                changes.push(UserChange::Enable);
-            }
-            if changes.is_empty() {
-                bail!("give --role, --disable or --enable");
-            }
-            let storage = open(&world, store).await?;
-            for change in changes {
-                control_plane::accounts::change_user(&storage, &name, change).await?;
-            }
-            audit(
-                &world,
-                &storage,
-                action::USER_CHANGED,
-                &name,
-                serde_json::json!({"role": role, "disabled": disable.then_some(true).or(enable.then_some(false))}),
-            )
-            .await;
-            eprintln!("changed user {name}");
-            Ok(())
-        }
-        AdminCommand::DeleteUser { name, store } => {
-            let storage = open(&world, store).await?;
-            control_plane::accounts::change_user(
-                &storage,
-                &name,
-                control_plane::accounts::UserChange::Delete,
-            )
-            .await?;
-            audit(
-                &world,
-                &storage,
-                action::USER_DELETED,
-                &name,
-                serde_json::json!({}),
-            )
-            .await;
-            eprintln!("deleted user {name}");
-            Ok(())
-        }
-        AdminCommand::Agents { store } => {
-            let storage = open(&world, store).await?;
-            let agents = storage.list_agents().await.context("list the agents")?;
-            println!("{:<24}  {:<32}  LAST SEEN", "ID", "NAME");
-            for a in agents {
-                println!(
-                    "{:<24}  {:<32}  {}",
-                    a.id,
-                    a.name,
-                    a.last_seen_ms
-                        .map(control_plane::time::rfc3339_ms)
-                        .unwrap_or_else(|| "never".into())
-                );
-            }
-            Ok(())
-        }
+        } => set_user(&world, &name, role, disable, enable, store).await,
+        AdminCommand::DeleteUser { name, store } => delete_user(&world, &name, store).await,
+        AdminCommand::Agents { store } => list_agents(&world, store).await,
         AdminCommand::VerifyRecording { session_id, store } => {
-            let storage = open(&world, store).await?;
-            let v = control_plane::terminal::recording::api::verify(&storage, &session_id)
-                .await
-                .with_context(|| format!("read recording {session_id}"))?;
-            println!(
-                "recording {}: {} chunks, {} output bytes, {} events, head {}",
-                v.session_id, v.chunks, v.bytes, v.events, v.hash
-            );
-            println!("{}", v.audit);
-            match v.problem {
-                None => {
-                    println!("valid: the chain holds from the first chunk to the head");
-                    Ok(())
-                }
-                Some(problem) => bail!("INVALID: {problem}"),
-            }
+            verify_recording(&world, &session_id, store).await
         }
-        AdminCommand::RemoveAgent { id, store } => {
-            let storage = open(&world, store).await?;
-            control_plane::accounts::remove_agent(&storage, &id).await?;
-            audit(
-                &world,
-                &storage,
-                action::AGENT_REMOVED,
-                &id,
-                serde_json::json!({}),
-            )
-            .await;
-            eprintln!("removed agent {id}");
-            Ok(())
-        }
-        AdminCommand::Tokens { store } => {
-            let storage = open(&world, store).await?;
-            let rows = storage
-                .list_tokens(world.now_unix_ms())
-                .await
-                .context("list the tokens")?;
-            println!("{:<16}  {:<24}  {:<24}  EXPIRES", "ID", "USER", "CREATED");
-            for row in rows {
-                println!(
-                    "{:<16}  {:<24}  {:<24}  {}",
-                    row.id,
-                    row.user,
-                    control_plane::time::rfc3339_ms(row.created_at_ms),
-                    control_plane::time::rfc3339_ms(row.expires_at_ms)
-                );
-            }
-            Ok(())
-        }
-        AdminCommand::RevokeToken { id, store } => {
-            let id = token_id(&id, "tokens")?;
-            let storage = open(&world, store).await?;
-            if !storage
-                .revoke_token_id(&id)
-                .await
-                .context("revoke the token")?
-            {
-                bail!("no unexpired token {id} (`outpost admin tokens` lists them)");
-            }
-            audit(
-                &world,
-                &storage,
-                action::TOKEN_REVOKED,
-                &id,
-                serde_json::json!({}),
-            )
-            .await;
-            eprintln!("revoked token {id}");
-            Ok(())
-        }
-        AdminCommand::EnrollTokens { store } => {
-            let storage = open(&world, store).await?;
-            let rows = storage
-                .list_enroll_tokens(world.now_unix_ms())
-                .await
-                .context("list the enrollment tokens")?;
-            println!("{:<16}  {:<24}  {:<24}  FOR", "ID", "CREATED", "EXPIRES");
-            for row in rows {
-                println!(
-                    "{:<16}  {:<24}  {:<24}  {}",
-                    row.id,
-                    control_plane::time::rfc3339_ms(row.created_at_ms),
-                    control_plane::time::rfc3339_ms(row.expires_at_ms),
-                    row.agent_id
-                        .map_or_else(|| "new agent".to_string(), |a| format!("rekey {a}"))
-                );
-            }
-            Ok(())
-        }
+        AdminCommand::RemoveAgent { id, store } => remove_agent(&world, &id, store).await,
+        AdminCommand::Tokens { store } => list_tokens(&world, store).await,
+        AdminCommand::RevokeToken { id, store } => revoke_token(&world, &id, store).await,
+        AdminCommand::EnrollTokens { store } => list_enroll_tokens(&world, store).await,
         AdminCommand::RevokeEnrollToken { id, store } => {
-            let id = token_id(&id, "enroll-tokens")?;
-            let storage = open(&world, store).await?;
-            if !storage
-                .revoke_enroll_token_id(&id)
-                .await
-                .context("revoke the enrollment token")?
-            {
-                bail!("no unused enrollment token {id} (`outpost admin enroll-tokens` lists them)");
-            }
-            audit(
-                &world,
-                &storage,
-                action::ENROLL_TOKEN_REVOKED,
-                &id,
-                serde_json::json!({}),
-            )
-            .await;
-            eprintln!("revoked enrollment token {id}");
-            Ok(())
+            revoke_enroll_token(&world, &id, store).await
         }
         AdminCommand::RotateSigningKey {
             old_valid_for,
             activate_in,
             store,
-        } => {
-            let activate_in = bounded_duration(
-                "activate-in",
-                &activate_in,
-                "60s, 5m",
-                control_plane::terminal::keys::ACTIVATION_MIN..=Duration::from_secs(86_400),
-                "20s and 1d",
-            )?;
-            let keep = bounded_duration(
-                "old-valid-for",
-                &old_valid_for,
-                "0s, 1h, 1d",
-                Duration::ZERO..=Duration::from_secs(30 * 86_400),
-                "0s and 30d",
-            )?;
-            let storage = open(&world, store).await?;
-            let rotated =
-                control_plane::terminal::keys::rotate(&world, &storage, activate_in, keep).await?;
-            audit(
-                &world,
-                &storage,
-                action::SIGNING_KEY_ROTATED,
-                &rotated.id.to_string(),
-                serde_json::json!({"old_valid_for_s": keep.as_secs()}),
-            )
-            .await;
-            println!(
-                "signing key {} signs from {}; older keys are refused from {}",
-                rotated.id,
-                control_plane::time::rfc3339_ms(rotated.active_from_ms),
-                control_plane::time::rfc3339_ms(rotated.old_retire_at_ms)
-            );
-            Ok(())
-        }
-        AdminCommand::ApiToken { user, ttl, store } => {
-            let ttl = bounded_duration(
-                "ttl",
-                &ttl,
-                "30d, 1y",
-                Duration::from_secs(60)..=Duration::from_secs(2 * 366 * 86_400),
-                "1m and 2y",
-            )?;
-            let storage = open(&world, store).await?;
-            let row = storage
-                .user_by_name(&user)
-                .await
-                .context("look up the user")?
-                .with_context(|| {
-                    format!("no user {user:?}; create one with `outpost admin create-user {user} --role viewer`")
-                })?;
-            let token = auth::new_secret(&world, SecretKind::ApiToken);
-            let now_ms = world.now_unix_ms();
-            let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
-            storage
-                .create_api_token(&auth::secret_hash(&token), &row.id, now_ms, expires_at_ms)
-                .await
-                .context("store the token")?;
-            audit(
-                &world,
-                &storage,
-                action::TOKEN_CREATED,
-                &row.name,
-                serde_json::json!({"id": &auth::secret_hash(&token)[..control_plane::storage::TOKEN_ID_LEN], "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
-            )
-            .await;
-            eprintln!(
-                "token for {} (role {}), valid until {}",
-                row.name,
-                row.role.as_str(),
-                control_plane::time::rfc3339_ms(expires_at_ms)
-            );
-            println!("{token}");
-            Ok(())
-        }
+        } => rotate_signing_key(&world, &old_valid_for, &activate_in, store).await,
+        AdminCommand::ApiToken { user, ttl, store } => api_token(&world, &user, &ttl, store).await,
         AdminCommand::EnrollToken {
             ttl,
             agent,
             count,
             store,
-        } => {
-            let ttl = bounded_duration(
-                "ttl",
-                &ttl,
-                "30m, 1h",
-                Duration::from_nanos(1)..=Duration::from_secs(7 * 24 * 3600),
-                "1s and 7d",
-            )?;
-            if !(1..=100_000).contains(&count) {
-                bail!("--count: 1 to 100000");
-            }
-            if count > 1 && agent.is_some() {
-                bail!("--count and --agent: a rotation token is for one agent");
-            }
-            let storage = open(&world, store).await?;
-            let now_ms = world.now_unix_ms();
-            let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
-            for _ in 1..count {
-                let token = auth::new_secret(&world, SecretKind::EnrollToken);
-                storage
-                    .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
-                    .await
-                    .context("store enrollment token")?;
-                println!("{token}");
-            }
-            let token = auth::new_secret(&world, SecretKind::EnrollToken);
-            let hash = auth::secret_hash(&token);
-            match &agent {
-                None => storage
-                    .create_enroll_token(&hash, now_ms, expires_at_ms)
-                    .await
-                    .context("store enrollment token")?,
-                Some(id) => {
-                    if !storage
-                        .create_rekey_token(&hash, id, now_ms, expires_at_ms)
-                        .await
-                        .context("store enrollment token")?
-                    {
-                        bail!("no agent {id:?} (`outpost admin agents` lists them)");
-                    }
-                }
-            }
-            println!("{token}");
-            match &agent {
-                None => {
-                    audit(
-                        &world,
-                        &storage,
-                        action::ENROLL_TOKEN_CREATED,
-                        "",
-                        serde_json::json!({"count": count, "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
-                    )
-                    .await;
-                }
-                Some(id) => {
-                    audit(
-                        &world,
-                        &storage,
-                        action::AGENT_REKEY_TOKEN,
-                        id,
-                        serde_json::json!({}),
-                    )
-                    .await;
-                }
-            }
+        } => enroll_token(&world, &ttl, agent, count, store).await,
+    }
+}
+
+/// `outpost admin create-user`.
+async fn create_user(
+    world: &World,
+    name: &str,
+    role: &str,
+    password_stdin: bool,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    if !control_plane::accounts::valid_user_name(name) {
+        // Before the store is opened or a password read: the rule, not a storage error.
+        bail!(
+            "{}",
+            control_plane::accounts::AccountError::BadName(name.to_string())
+        );
+    }
+    let role = Role::parse(role).context("role must be viewer, operator or admin")?;
+    let (password, generated) = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("read password from stdin")?;
+        (line.trim_end_matches(['\n', '\r']).to_string(), false)
+    } else {
+        (auth::generate_password(world), true)
+    };
+    let storage = open(world, store).await?;
+    let shown = generated.then(|| password.clone());
+    control_plane::accounts::create_user(world, &storage, name, role, password).await?;
+    audit(
+        world,
+        &storage,
+        action::USER_CREATED,
+        name,
+        serde_json::json!({"role": role.as_str()}),
+    )
+    .await;
+    println!("user: {name}");
+    println!("role: {}", role.as_str());
+    if let Some(password) = shown {
+        println!("password: {password}");
+    }
+    Ok(())
+}
+
+/// `outpost admin users`.
+async fn list_users(world: &World, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let users = storage.list_users().await.context("list the users")?;
+    println!("{:<24}  {:<8}  {:<8}  CREATED", "NAME", "ROLE", "STATE");
+    for u in users {
+        println!(
+            "{:<24}  {:<8}  {:<8}  {}",
+            u.name,
+            u.role.as_str(),
+            if u.disabled { "disabled" } else { "enabled" },
+            control_plane::time::rfc3339_ms(u.created_at_ms)
+        );
+    }
+    Ok(())
+}
+
+/// `outpost admin set-user`.
+async fn set_user(
+    world: &World,
+    name: &str,
+    role: Option<String>,
+    disable: bool,
+    enable: bool,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    use control_plane::accounts::UserChange;
+    let mut changes = Vec::new();
+    if let Some(role) = &role {
+        changes.push(UserChange::Role(
+            Role::parse(role).context("role must be viewer, operator or admin")?,
+        ));
+    }
+    if disable {
+        changes.push(UserChange::Disable);
+    }
+    if enable {
+        changes.push(UserChange::Enable);
+    }
+    if changes.is_empty() {
+        bail!("give --role, --disable or --enable");
+    }
+    let storage = open(world, store).await?;
+    for change in changes {
+        control_plane::accounts::change_user(&storage, name, change).await?;
+    }
+    audit(
+        world,
+        &storage,
+        action::USER_CHANGED,
+        name,
+        serde_json::json!({"role": role, "disabled": disable.then_some(true).or(enable.then_some(false))}),
+    )
+    .await;
+    eprintln!("changed user {name}");
+    Ok(())
+}
+
+/// `outpost admin delete-user`.
+async fn delete_user(world: &World, name: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    control_plane::accounts::change_user(
+        &storage,
+        name,
+        control_plane::accounts::UserChange::Delete,
+    )
+    .await?;
+    audit(
+        world,
+        &storage,
+        action::USER_DELETED,
+        name,
+        serde_json::json!({}),
+    )
+    .await;
+    eprintln!("deleted user {name}");
+    Ok(())
+}
+
+/// `outpost admin agents`.
+async fn list_agents(world: &World, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let agents = storage.list_agents().await.context("list the agents")?;
+    println!("{:<24}  {:<32}  LAST SEEN", "ID", "NAME");
+    for a in agents {
+        println!(
+            "{:<24}  {:<32}  {}",
+            a.id,
+            a.name,
+            a.last_seen_ms
+                .map(control_plane::time::rfc3339_ms)
+                .unwrap_or_else(|| "never".into())
+        );
+    }
+    Ok(())
+}
+
+/// `outpost admin verify-recording`.
+async fn verify_recording(world: &World, session_id: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let v = control_plane::terminal::recording::api::verify(&storage, session_id)
+        .await
+        .with_context(|| format!("read recording {session_id}"))?;
+    println!(
+        "recording {}: {} chunks, {} output bytes, {} events, head {}",
+        v.session_id, v.chunks, v.bytes, v.events, v.hash
+    );
+    println!("{}", v.audit);
+    match v.problem {
+        None => {
+            println!("valid: the chain holds from the first chunk to the head");
             Ok(())
         }
+        Some(problem) => bail!("INVALID: {problem}"),
     }
+}
+
+/// `outpost admin remove-agent`.
+async fn remove_agent(world: &World, id: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    control_plane::accounts::remove_agent(&storage, id).await?;
+    audit(
+        world,
+        &storage,
+        action::AGENT_REMOVED,
+        id,
+        serde_json::json!({}),
+    )
+    .await;
+    eprintln!("removed agent {id}");
+    Ok(())
+}
+
+/// `outpost admin tokens`.
+async fn list_tokens(world: &World, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let rows = storage
+        .list_tokens(world.now_unix_ms())
+        .await
+        .context("list the tokens")?;
+    println!("{:<16}  {:<24}  {:<24}  EXPIRES", "ID", "USER", "CREATED");
+    for row in rows {
+        println!(
+            "{:<16}  {:<24}  {:<24}  {}",
+            row.id,
+            row.user,
+            control_plane::time::rfc3339_ms(row.created_at_ms),
+            control_plane::time::rfc3339_ms(row.expires_at_ms)
+        );
+    }
+    Ok(())
+}
+
+/// `outpost admin revoke-token`.
+async fn revoke_token(world: &World, id: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let id = token_id(id, "tokens")?;
+    let storage = open(world, store).await?;
+    if !storage
+        .revoke_token_id(&id)
+        .await
+        .context("revoke the token")?
+    {
+        bail!("no unexpired token {id} (`outpost admin tokens` lists them)");
+    }
+    audit(
+        world,
+        &storage,
+        action::TOKEN_REVOKED,
+        &id,
+        serde_json::json!({}),
+    )
+    .await;
+    eprintln!("revoked token {id}");
+    Ok(())
+}
+
+/// `outpost admin enroll-tokens`.
+async fn list_enroll_tokens(world: &World, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let rows = storage
+        .list_enroll_tokens(world.now_unix_ms())
+        .await
+        .context("list the enrollment tokens")?;
+    println!("{:<16}  {:<24}  {:<24}  FOR", "ID", "CREATED", "EXPIRES");
+    for row in rows {
+        println!(
+            "{:<16}  {:<24}  {:<24}  {}",
+            row.id,
+            control_plane::time::rfc3339_ms(row.created_at_ms),
+            control_plane::time::rfc3339_ms(row.expires_at_ms),
+            row.agent_id
+                .map_or_else(|| "new agent".to_string(), |a| format!("rekey {a}"))
+        );
+    }
+    Ok(())
+}
+
+/// `outpost admin revoke-enroll-token`.
+async fn revoke_enroll_token(world: &World, id: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let id = token_id(id, "enroll-tokens")?;
+    let storage = open(world, store).await?;
+    if !storage
+        .revoke_enroll_token_id(&id)
+        .await
+        .context("revoke the enrollment token")?
+    {
+        bail!("no unused enrollment token {id} (`outpost admin enroll-tokens` lists them)");
+    }
+    audit(
+        world,
+        &storage,
+        action::ENROLL_TOKEN_REVOKED,
+        &id,
+        serde_json::json!({}),
+    )
+    .await;
+    eprintln!("revoked enrollment token {id}");
+    Ok(())
+}
+
+/// `outpost admin rotate-signing-key`.
+async fn rotate_signing_key(
+    world: &World,
+    old_valid_for: &str,
+    activate_in: &str,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    let activate_in = bounded_duration(
+        "activate-in",
+        activate_in,
+        "60s, 5m",
+        control_plane::terminal::keys::ACTIVATION_MIN..=Duration::from_secs(86_400),
+        "20s and 1d",
+    )?;
+    let keep = bounded_duration(
+        "old-valid-for",
+        old_valid_for,
+        "0s, 1h, 1d",
+        Duration::ZERO..=Duration::from_secs(30 * 86_400),
+        "0s and 30d",
+    )?;
+    let storage = open(world, store).await?;
+    let rotated = control_plane::terminal::keys::rotate(world, &storage, activate_in, keep).await?;
+    audit(
+        world,
+        &storage,
+        action::SIGNING_KEY_ROTATED,
+        &rotated.id.to_string(),
+        serde_json::json!({"old_valid_for_s": keep.as_secs()}),
+    )
+    .await;
+    println!(
+        "signing key {} signs from {}; older keys are refused from {}",
+        rotated.id,
+        control_plane::time::rfc3339_ms(rotated.active_from_ms),
+        control_plane::time::rfc3339_ms(rotated.old_retire_at_ms)
+    );
+    Ok(())
+}
+
+/// `outpost admin api-token`.
+async fn api_token(world: &World, user: &str, ttl: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let ttl = bounded_duration(
+        "ttl",
+        ttl,
+        "30d, 1y",
+        Duration::from_secs(60)..=Duration::from_secs(2 * 366 * 86_400),
+        "1m and 2y",
+    )?;
+    let storage = open(world, store).await?;
+    let row = storage
+        .user_by_name(user)
+        .await
+        .context("look up the user")?
+        .with_context(|| {
+            format!(
+                "no user {user:?}; create one with `outpost admin create-user {user} --role viewer`"
+            )
+        })?;
+    let token = auth::new_secret(world, SecretKind::ApiToken);
+    let now_ms = world.now_unix_ms();
+    let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
+    storage
+        .create_api_token(&auth::secret_hash(&token), &row.id, now_ms, expires_at_ms)
+        .await
+        .context("store the token")?;
+    audit(
+        world,
+        &storage,
+        action::TOKEN_CREATED,
+        &row.name,
+        serde_json::json!({"id": &auth::secret_hash(&token)[..control_plane::storage::TOKEN_ID_LEN], "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
+    )
+    .await;
+    eprintln!(
+        "token for {} (role {}), valid until {}",
+        row.name,
+        row.role.as_str(),
+        control_plane::time::rfc3339_ms(expires_at_ms)
+    );
+    println!("{token}");
+    Ok(())
+}
+
+/// `outpost admin enroll-token`.
+async fn enroll_token(
+    world: &World,
+    ttl: &str,
+    agent: Option<String>,
+    count: u32,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    let ttl = bounded_duration(
+        "ttl",
+        ttl,
+        "30m, 1h",
+        Duration::from_nanos(1)..=Duration::from_secs(7 * 24 * 3600),
+        "1s and 7d",
+    )?;
+    if !(1..=100_000).contains(&count) {
+        bail!("--count: 1 to 100000");
+    }
+    if count > 1 && agent.is_some() {
+        bail!("--count and --agent: a rotation token is for one agent");
+    }
+    let storage = open(world, store).await?;
+    let now_ms = world.now_unix_ms();
+    let expires_at_ms = now_ms.saturating_add(control_plane::time::duration_ms(ttl));
+    for _ in 1..count {
+        let token = auth::new_secret(world, SecretKind::EnrollToken);
+        storage
+            .create_enroll_token(&auth::secret_hash(&token), now_ms, expires_at_ms)
+            .await
+            .context("store enrollment token")?;
+        println!("{token}");
+    }
+    let token = auth::new_secret(world, SecretKind::EnrollToken);
+    let hash = auth::secret_hash(&token);
+    match &agent {
+        None => storage
+            .create_enroll_token(&hash, now_ms, expires_at_ms)
+            .await
+            .context("store enrollment token")?,
+        Some(id) => {
+            if !storage
+                .create_rekey_token(&hash, id, now_ms, expires_at_ms)
+                .await
+                .context("store enrollment token")?
+            {
+                bail!("no agent {id:?} (`outpost admin agents` lists them)");
+            }
+        }
+    }
+    println!("{token}");
+    let (recorded, target, detail) = match &agent {
+        None => (
+            action::ENROLL_TOKEN_CREATED,
+            "",
+            serde_json::json!({"count": count, "expires_at": control_plane::time::rfc3339_ms(expires_at_ms)}),
+        ),
+        Some(id) => (
+            action::AGENT_REKEY_TOKEN,
+            id.as_str(),
+            serde_json::json!({}),
+        ),
+    };
+    audit(world, &storage, recorded, target, detail).await;
+    Ok(())
 }

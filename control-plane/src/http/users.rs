@@ -56,8 +56,14 @@ fn refusal(error: AccountError) -> ApiError {
         AccountError::NoSuchUser(_) | AccountError::NoSuchAgent(_) => {
             ApiError::new(StatusCode::NOT_FOUND, error.to_string())
         }
-        AccountError::LastAdmin(_) => ApiError::new(StatusCode::CONFLICT, error.to_string()),
+        AccountError::LastAdmin(_) | AccountError::UserExists(_) => {
+            ApiError::new(StatusCode::CONFLICT, error.to_string())
+        }
+        AccountError::BadName(_) | AccountError::BadPassword => {
+            ApiError::new(StatusCode::BAD_REQUEST, error.to_string())
+        }
         AccountError::Storage(e) => ApiError::internal(e),
+        AccountError::Hash(_) => ApiError::internal(error),
     }
 }
 
