@@ -5,6 +5,7 @@
 //! runs, records the real outcome of those that ended meanwhile, and runs again the ones whose
 //! process provably never started (see [`super::rundir`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -123,24 +124,11 @@ pub async fn run(
     ready: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let path = config.db_path.clone();
-    let now_ms = world.now_unix_ms();
-    let (store, moved) = world
-        .blocking(move || Store::open_checked(&path, now_ms))
-        .await?
-        .with_context(|| format!("open task store {}", config.db_path.display()))?;
-    if let Some((to, reason)) = moved {
-        tracing::error!(
-            moved_to = %to.display(),
-            %reason,
-            "the task store failed its integrity check and was moved aside; the agent starts with no tasks: re-create them (the control plane's task list shows what they were)"
-        );
-    }
-    let store = Arc::new(Mutex::new(store));
+    let store = open_store(&world, &config).await?;
     let mut scheduler = Scheduler::new(config.core.clone());
     // When each run in flight started (or was queued), for what is left of its timeout
     // should it have to be adopted again.
-    let mut since = std::collections::BTreeMap::new();
+    let mut since = BTreeMap::new();
     let adopt = recover(&world, &config, &store, &mut scheduler, &mut since).await?;
     let _ = ready.send(());
 
@@ -154,22 +142,13 @@ pub async fn run(
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
-        // Sleep until the next task is due (capped, so wall-clock jumps are noticed).
-        let wake_in = match scheduler.next_due_ms() {
-            Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0))
-                .min(IDLE_WAKE),
-            None => IDLE_WAKE,
-        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             request = requests.recv(), if callers_remain => match request {
                 Some(r) => {
                     batch.push(r);
-                    while batch.len() < BATCH_MAX {
-                        match requests.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
+                    while batch.len() < BATCH_MAX && let Ok(r) = requests.try_recv() {
+                        batch.push(r);
                     }
                 }
                 // Nobody can submit any more; scheduled tasks still run.
@@ -186,90 +165,18 @@ pub async fn run(
                 // pool takes them over exactly as a restarted agent would.
                 tracing::error!("worker pool stopped unexpectedly; restarting it");
                 (pool_tx, events, pool) = start_pool(&config, &pool_shutdown);
-                let now_ms = world.now_unix_ms();
-                let runs = scheduler
-                    .runs_in_flight()
-                    .into_iter()
-                    .filter_map(|(run_id, task_id)| {
-                        let spec = scheduler.task(&task_id)?.spec.clone();
-                        Some((run_id, task_id, spec, since.get(&run_id).copied().unwrap_or(now_ms)))
-                    })
-                    .collect();
-                let found = reclaim(&config, now_ms, runs, false).await?;
-                let mut effects = Vec::new();
-                for (run_id, task_id, f) in found.runs {
-                    effects.extend(scheduler.reclaimed(now_ms, &task_id, run_id, f));
-                }
-                let ended = ended_runs(&effects);
-                commit(&world, &store, now_ms, effects, found.started, Some(&shutdown)).await?;
-                release(&config, &ended, &mut since).await;
-                for command in found.adopt {
+                let adopt =
+                    take_over(&world, &config, &store, &mut scheduler, &mut since, &shutdown).await?;
+                for command in adopt {
                     let _ = pool_tx.send(command).await;
                 }
             }
-            _ = tokio::time::sleep(wake_in) => {}
+            _ = tokio::time::sleep(wake_in(&world, &scheduler)) => {}
         }
         let now_ms = world.now_unix_ms();
-        let mut effects = Vec::new();
-        let mut started = Vec::new();
-        for event in pool_events {
-            match event {
-                PoolEvent::Started {
-                    task_id,
-                    run_id,
-                    pid,
-                    pid_start_ticks,
-                } => {
-                    since.insert(run_id, now_ms);
-                    effects.extend(scheduler.started(&task_id, run_id));
-                    started.push(Started {
-                        run_id,
-                        started_ms: now_ms,
-                        pid,
-                        pid_start_ticks,
-                    });
-                }
-                PoolEvent::Finished {
-                    task_id,
-                    run_id,
-                    mut outcome,
-                } => {
-                    if outcome.status == super::model::status::FAILED
-                        && let Some(task) = scheduler.task(&task_id)
-                        && let Some(hint) = task.spec.kind.privilege_hint(&outcome.output)
-                    {
-                        let error = outcome.error.take().unwrap_or_default();
-                        outcome.error = Some(format!("{error}; {hint}"));
-                    }
-                    effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
-                }
-            }
-        }
-        let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
-        for request in batch {
-            match request {
-                Request::Submit { mut spec, reply } => {
-                    if spec.key.is_empty() {
-                        spec.key = signature(&spec, now_ms);
-                    }
-                    let id = task_id(&spec.key);
-                    let result = scheduler.submit(now_ms, id.clone(), spec);
-                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
-                }
-                Request::Reschedule {
-                    id,
-                    schedule,
-                    reply,
-                } => {
-                    let result = scheduler.reschedule(now_ms, &id, schedule);
-                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
-                }
-                Request::Cancel { id, reply } => {
-                    let result = scheduler.cancel(&id);
-                    settle(&scheduler, &id, result, reply, &mut effects, &mut replies);
-                }
-            }
-        }
+        let (mut effects, started) =
+            from_pool_events(&mut scheduler, &mut since, pool_events, now_ms);
+        let replies = from_requests(&mut scheduler, batch, now_ms, &mut effects);
         effects.extend(scheduler.tick(now_ms));
         let to_pool = pool_commands(&effects);
         for e in &effects {
@@ -298,26 +205,7 @@ pub async fn run(
         release(&config, &ended, &mut since).await;
         if last_purge.elapsed() >= PURGE_EVERY {
             last_purge = tokio::time::Instant::now();
-            let before =
-                now_ms - i64::try_from(config.history_retention.as_millis()).unwrap_or(i64::MAX);
-            let store = store.clone();
-            match world
-                .blocking(move || {
-                    store
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("store lock poisoned"))?
-                        .purge(before)
-                        .map_err(anyhow::Error::from)
-                })
-                .await?
-            {
-                Ok(ids) if !ids.is_empty() => {
-                    tracing::info!(tasks = ids.len(), "purged task history");
-                    scheduler.forget(&ids);
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "purge task history"),
-            }
+            purge_history(&world, &config, &store, &mut scheduler, now_ms).await?;
         }
     }
     // Shutdown: stop the pool and record the ends it still reports. Runs in flight keep
@@ -350,6 +238,180 @@ pub async fn run(
     Ok(())
 }
 
+/// Open the task store (moved aside and started empty when it fails its integrity check).
+async fn open_store(world: &World, config: &RuntimeConfig) -> anyhow::Result<Arc<Mutex<Store>>> {
+    let path = config.db_path.clone();
+    let now_ms = world.now_unix_ms();
+    let (store, moved) = world
+        .blocking(move || Store::open_checked(&path, now_ms))
+        .await?
+        .with_context(|| format!("open task store {}", config.db_path.display()))?;
+    if let Some((to, reason)) = moved {
+        tracing::error!(
+            moved_to = %to.display(),
+            %reason,
+            "the task store failed its integrity check and was moved aside; the agent starts with no tasks: re-create them (the control plane's task list shows what they were)"
+        );
+    }
+    Ok(Arc::new(Mutex::new(store)))
+}
+
+/// How long the loop may sleep: until the next task is due, capped so that wall-clock jumps
+/// are noticed.
+fn wake_in(world: &World, scheduler: &Scheduler) -> Duration {
+    match scheduler.next_due_ms() {
+        Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0))
+            .min(IDLE_WAKE),
+        None => IDLE_WAKE,
+    }
+}
+
+/// After the pool died: look again for every run in flight, as a restarted agent would, and
+/// record what ended meanwhile; the pool commands that adopt the runs still running.
+async fn take_over(
+    world: &World,
+    config: &RuntimeConfig,
+    store: &Arc<Mutex<Store>>,
+    scheduler: &mut Scheduler,
+    since: &mut BTreeMap<i64, i64>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<PoolCommand>> {
+    let now_ms = world.now_unix_ms();
+    let runs = scheduler
+        .runs_in_flight()
+        .into_iter()
+        .filter_map(|(run_id, task_id)| {
+            let spec = scheduler.task(&task_id)?.spec.clone();
+            Some((
+                run_id,
+                task_id,
+                spec,
+                since.get(&run_id).copied().unwrap_or(now_ms),
+            ))
+        })
+        .collect();
+    let found = reclaim(config, now_ms, runs, false).await?;
+    let mut effects = Vec::new();
+    for (run_id, task_id, f) in found.runs {
+        effects.extend(scheduler.reclaimed(now_ms, &task_id, run_id, f));
+    }
+    let ended = ended_runs(&effects);
+    commit(world, store, now_ms, effects, found.started, Some(shutdown)).await?;
+    release(config, &ended, since).await;
+    Ok(found.adopt)
+}
+
+/// What the pool reported: the scheduler's effects, and the starts to record with them.
+fn from_pool_events(
+    scheduler: &mut Scheduler,
+    since: &mut BTreeMap<i64, i64>,
+    events: Vec<PoolEvent>,
+    now_ms: i64,
+) -> (Vec<Effect>, Vec<Started>) {
+    let mut effects = Vec::new();
+    let mut started = Vec::new();
+    for event in events {
+        match event {
+            PoolEvent::Started {
+                task_id,
+                run_id,
+                pid,
+                pid_start_ticks,
+            } => {
+                since.insert(run_id, now_ms);
+                effects.extend(scheduler.started(&task_id, run_id));
+                started.push(Started {
+                    run_id,
+                    started_ms: now_ms,
+                    pid,
+                    pid_start_ticks,
+                });
+            }
+            PoolEvent::Finished {
+                task_id,
+                run_id,
+                mut outcome,
+            } => {
+                if outcome.status == super::model::status::FAILED
+                    && let Some(task) = scheduler.task(&task_id)
+                    && let Some(hint) = task.spec.kind.privilege_hint(&outcome.output)
+                {
+                    let error = outcome.error.take().unwrap_or_default();
+                    outcome.error = Some(format!("{error}; {hint}"));
+                }
+                effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
+            }
+        }
+    }
+    (effects, started)
+}
+
+/// The callers' requests applied to the scheduler (their effects added to `effects`); the
+/// answers, to give once the batch is committed.
+fn from_requests(
+    scheduler: &mut Scheduler,
+    batch: Vec<Request>,
+    now_ms: i64,
+    effects: &mut Vec<Effect>,
+) -> Vec<Box<dyn FnOnce() + Send>> {
+    let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    for request in batch {
+        match request {
+            Request::Submit { mut spec, reply } => {
+                if spec.key.is_empty() {
+                    spec.key = signature(&spec, now_ms);
+                }
+                let id = task_id(&spec.key);
+                let result = scheduler.submit(now_ms, id.clone(), spec);
+                settle(scheduler, &id, result, reply, effects, &mut replies);
+            }
+            Request::Reschedule {
+                id,
+                schedule,
+                reply,
+            } => {
+                let result = scheduler.reschedule(now_ms, &id, schedule);
+                settle(scheduler, &id, result, reply, effects, &mut replies);
+            }
+            Request::Cancel { id, reply } => {
+                let result = scheduler.cancel(&id);
+                settle(scheduler, &id, result, reply, effects, &mut replies);
+            }
+        }
+    }
+    replies
+}
+
+/// Forget the history of tasks that ended longer ago than the retention.
+async fn purge_history(
+    world: &World,
+    config: &RuntimeConfig,
+    store: &Arc<Mutex<Store>>,
+    scheduler: &mut Scheduler,
+    now_ms: i64,
+) -> anyhow::Result<()> {
+    let before = now_ms - i64::try_from(config.history_retention.as_millis()).unwrap_or(i64::MAX);
+    let store = store.clone();
+    match world
+        .blocking(move || {
+            store
+                .lock()
+                .map_err(|_| anyhow::anyhow!("store lock poisoned"))?
+                .purge(before)
+                .map_err(anyhow::Error::from)
+        })
+        .await?
+    {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(tasks = ids.len(), "purged task history");
+            scheduler.forget(&ids);
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "purge task history"),
+    }
+    Ok(())
+}
+
 /// What the pool must do for these effects.
 fn pool_commands(effects: &[Effect]) -> Vec<PoolCommand> {
     effects
@@ -373,11 +435,7 @@ fn ended_runs(effects: &[Effect]) -> Vec<i64> {
 }
 
 /// Forget runs whose end is in the store.
-async fn release(
-    config: &RuntimeConfig,
-    runs: &[i64],
-    since: &mut std::collections::BTreeMap<i64, i64>,
-) {
+async fn release(config: &RuntimeConfig, runs: &[i64], since: &mut BTreeMap<i64, i64>) {
     for run_id in runs {
         since.remove(run_id);
     }
@@ -549,7 +607,7 @@ async fn recover(
     config: &RuntimeConfig,
     store: &Arc<Mutex<Store>>,
     scheduler: &mut Scheduler,
-    since: &mut std::collections::BTreeMap<i64, i64>,
+    since: &mut BTreeMap<i64, i64>,
 ) -> anyhow::Result<Vec<PoolCommand>> {
     let s = store.clone();
     let loaded = world
