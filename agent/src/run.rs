@@ -86,6 +86,9 @@ async fn open_buffer(world: &World, config: &AgentConfig) -> anyhow::Result<Buff
     Ok(buffer)
 }
 
+/// The agent's parts, each a task that ends with its name and result.
+type Parts = JoinSet<(&'static str, anyhow::Result<()>)>;
+
 /// Run the agent until `shutdown` fires, publishing the link's state on `status`.
 pub async fn run(
     world: World,
@@ -105,10 +108,82 @@ pub async fn run(
     // Corruption never blocks start-up: a bad buffer is moved aside and a new epoch begins.
     let buffer = crate::buffer::SharedBuffer::new(open_buffer(&world, &config).await?);
     let stop = shutdown.child_token();
-    let mut parts: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let mut parts = Parts::new();
 
     // The task runtime and its API: they work with or without a control plane.
-    let runtime = runtime_config(&world, &config);
+    let bridge = start_tasks(&world, &config, &mut parts, &stop).await?;
+
+    // Collection never depends on the control plane: it only appends to the buffer.
+    match config.postgres.clone() {
+        Some(dsn) => {
+            let (world, stop, buffer, interval) = (
+                world.clone(),
+                stop.clone(),
+                buffer.clone(),
+                config.metrics.interval,
+            );
+            parts.spawn(async move {
+                crate::buffer::collector::run_collector(world, dsn, interval, buffer, stop).await;
+                ("metrics collector", Ok(()))
+            });
+        }
+        None => tracing::info!("no --postgres: metrics collection is off (tasks still run)"),
+    }
+
+    let link_status = status.subscribe();
+    let agent_name = identity
+        .as_ref()
+        .map_or_else(|| "unenrolled".to_string(), |i| i.name.clone());
+    let metrics_reader = bridge.reader.clone();
+    let terminals = match identity {
+        None => {
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "not enrolled: running without a control plane; enroll with `outpost-agent enroll --control-plane URL --token TOKEN`"
+            );
+            status.send_replace(LinkStatus::Stopped);
+            None
+        }
+        Some(identity) => {
+            let online = Online {
+                identity,
+                bridge,
+                buffer: buffer.clone(),
+                status,
+            };
+            Some(start_online(&world, &config, online, &mut parts, &stop)?)
+        }
+    };
+
+    if let Some(addr) = config.metrics.listen {
+        let figures = crate::observe::Figures {
+            world: world.clone(),
+            name: agent_name,
+            buffer: buffer.clone(),
+            tasks: metrics_reader,
+            terminals,
+            link: link_status,
+        };
+        let stop = stop.clone();
+        parts.spawn(async move {
+            (
+                "metrics listener",
+                crate::observe::serve(figures, addr, stop).await,
+            )
+        });
+    }
+    until_one_ends(parts, &stop).await
+}
+
+/// Start the task runtime, wait for its recovery, then serve its socket API; the bridge the
+/// control channel uses to reach it.
+async fn start_tasks(
+    world: &World,
+    config: &AgentConfig,
+    parts: &mut Parts,
+    stop: &CancellationToken,
+) -> anyhow::Result<api::Bridge> {
+    let runtime = runtime_config(world, config);
     let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
     let (ready, recovered) = oneshot::channel();
     {
@@ -142,111 +217,86 @@ pub async fn run(
         policy: Arc::new(config.tasks.policy.clone()),
     };
     let app = api::router(bridge.clone(), api::own_ids(&config.data_dir));
+    let (world, stop, socket) = (world.clone(), stop.clone(), config.socket.clone());
+    parts.spawn(async move { ("task API", api::serve(&world, &socket, app, stop).await) });
+    Ok(bridge)
+}
+
+/// What the parts that need the control plane start from.
+struct Online {
+    identity: identity::Identity,
+    bridge: api::Bridge,
+    buffer: crate::buffer::SharedBuffer,
+    status: watch::Sender<LinkStatus>,
+}
+
+/// Start metrics delivery and the control channel (which carries tasks and terminals); the
+/// terminals, for the metrics listener.
+fn start_online(
+    world: &World,
+    config: &AgentConfig,
+    online: Online,
+    parts: &mut Parts,
+    stop: &CancellationToken,
+) -> anyhow::Result<crate::terminal::Terminals> {
+    let Online {
+        identity,
+        bridge,
+        buffer,
+        status,
+    } = online;
+    let control_plane = match config.control_plane.clone() {
+        Some(url) => url,
+        None => crate::config::control_plane_url(
+            "control_plane (from identity.json)",
+            &identity.control_plane,
+        )?,
+    };
+    tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
+    let delivery = DeliveryConfig {
+        url: control_plane
+            .join(proto::METRICS_PATH)
+            .context("metrics delivery URL")?,
+        credential: identity.credential.clone(),
+        batch_rows_max: config.metrics.batch_rows_max,
+        idle_poll: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(30),
+    };
     {
-        let (world, stop, socket) = (world.clone(), stop.clone(), config.socket.clone());
-        parts.spawn(async move { ("task API", api::serve(&world, &socket, app, stop).await) });
-    }
-
-    // Collection never depends on the control plane: it only appends to the buffer.
-    match config.postgres.clone() {
-        Some(dsn) => {
-            let (world, stop, buffer, interval) = (
-                world.clone(),
-                stop.clone(),
-                buffer.clone(),
-                config.metrics.interval,
-            );
-            parts.spawn(async move {
-                crate::buffer::collector::run_collector(world, dsn, interval, buffer, stop).await;
-                ("metrics collector", Ok(()))
-            });
-        }
-        None => tracing::info!("no --postgres: metrics collection is off (tasks still run)"),
-    }
-
-    let link_status = status.subscribe();
-    let agent_name = identity
-        .as_ref()
-        .map_or_else(|| "unenrolled".to_string(), |i| i.name.clone());
-    let mut running_terminals = None;
-    let metrics_reader = bridge.reader.clone();
-    match identity {
-        None => {
-            tracing::warn!(
-                data_dir = %config.data_dir.display(),
-                "not enrolled: running without a control plane; enroll with `outpost-agent enroll --control-plane URL --token TOKEN`"
-            );
-            status.send_replace(LinkStatus::Stopped);
-        }
-        Some(identity) => {
-            let control_plane = match config.control_plane.clone() {
-                Some(url) => url,
-                None => crate::config::control_plane_url(
-                    "control_plane (from identity.json)",
-                    &identity.control_plane,
-                )?,
-            };
-            tracing::info!(agent_id = %identity.agent_id, name = %identity.name, control_plane = %control_plane, "agent starting");
-            let delivery = DeliveryConfig {
-                url: control_plane
-                    .join(proto::METRICS_PATH)
-                    .context("metrics delivery URL")?,
-                credential: identity.credential.clone(),
-                batch_rows_max: config.metrics.batch_rows_max,
-                idle_poll: Duration::from_secs(1),
-                request_timeout: Duration::from_secs(30),
-            };
-            {
-                let (world, stop, buffer) = (world.clone(), stop.clone(), buffer.clone());
-                parts.spawn(async move {
-                    run_delivery(world, buffer, delivery, stop).await;
-                    ("metrics delivery", Ok(()))
-                });
-            }
-            let terminals = crate::terminal::Terminals::new(
-                world.clone(),
-                config.terminal.clone(),
-                crate::terminal::TerminalLink {
-                    control_plane: control_plane.clone(),
-                    credential: identity.credential.clone(),
-                },
-                Arc::new(crate::terminal::OsPty),
-                stop.clone(),
-            );
-            let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
-            link.tasks = Some(bridge);
-            link.buffer = Some(buffer.clone());
-            link.terminals = Some(terminals.clone());
-            running_terminals = Some(terminals.clone());
-            let (world, stop) = (world.clone(), stop.clone());
-            parts.spawn(async move {
-                run_link(world, link, status, stop).await;
-                // Sessions end with `stop`; their PTYs are gone when this returns.
-                terminals.wait().await;
-                ("control channel", Ok(()))
-            });
-        }
-    }
-
-    if let Some(addr) = config.metrics.listen {
-        let figures = crate::observe::Figures {
-            world: world.clone(),
-            name: agent_name,
-            buffer: buffer.clone(),
-            tasks: metrics_reader,
-            terminals: running_terminals,
-            link: link_status,
-        };
-        let stop = stop.clone();
+        let (world, stop, buffer) = (world.clone(), stop.clone(), buffer.clone());
         parts.spawn(async move {
-            (
-                "metrics listener",
-                crate::observe::serve(figures, addr, stop).await,
-            )
+            run_delivery(world, buffer, delivery, stop).await;
+            ("metrics delivery", Ok(()))
         });
     }
+    let terminals = crate::terminal::Terminals::new(
+        world.clone(),
+        config.terminal.clone(),
+        crate::terminal::TerminalLink {
+            control_plane: control_plane.clone(),
+            credential: identity.credential.clone(),
+        },
+        Arc::new(crate::terminal::OsPty),
+        stop.clone(),
+    );
+    let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
+    link.tasks = Some(bridge);
+    link.buffer = Some(buffer);
+    link.terminals = Some(terminals.clone());
+    let running = terminals.clone();
+    let (world, stop) = (world.clone(), stop.clone());
+    parts.spawn(async move {
+        run_link(world, link, status, stop).await;
+        // Sessions end with `stop`; their PTYs are gone when this returns.
+        running.wait().await;
+        ("control channel", Ok(()))
+    });
+    Ok(terminals)
+}
 
-    // The first part to end (shutdown or failure) stops the others.
+/// The first part to end (shutdown or failure) stops the others; the first failure is the
+/// agent's.
+async fn until_one_ends(mut parts: Parts, stop: &CancellationToken) -> anyhow::Result<()> {
     let mut failure = None;
     while let Some(joined) = parts.join_next().await {
         stop.cancel();
