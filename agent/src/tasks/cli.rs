@@ -238,16 +238,9 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
             at_where,
             argv,
         } => {
-            let mut map = std::collections::BTreeMap::new();
-            for p in params {
-                let Some((k, v)) = p.split_once('=') else {
-                    bail!("--param {p:?} must be K=V");
-                };
-                map.insert(k.to_string(), v.to_string());
-            }
             let request = AddRequest {
                 kind,
-                params: map,
+                params: param_map(params)?,
                 argv,
                 at,
                 in_,
@@ -257,21 +250,7 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 timeout,
                 key,
             };
-            let body = serde_json::to_vec(&request)?;
-            let out = call(
-                &world,
-                &at_where,
-                http::Method::POST,
-                "/v1/tasks",
-                Some(body),
-            )
-            .await?;
-            let task: TaskView = serde_json::from_slice(&out).context("read the agent's answer")?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                println!("{}", task.id);
-            }
+            add(&world, &request, json, &at_where).await?;
         }
         TasksCommand::List { json, at_where } => {
             let out = call(&world, &at_where, http::Method::GET, "/v1/tasks", None).await?;
@@ -316,44 +295,10 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
         }
         TasksCommand::Reschedule {
             id,
-            schedule:
-                ScheduleArgs {
-                    at,
-                    in_,
-                    every,
-                    cron,
-                    tz,
-                },
+            schedule,
             json,
             at_where,
-        } => {
-            if [&at, &in_, &every, &cron].iter().all(|v| v.is_none()) {
-                bail!("give the new schedule: --at, --in, --every or --cron");
-            }
-            let body = serde_json::to_vec(&super::api::RescheduleRequest {
-                at,
-                in_,
-                every,
-                cron,
-                tz,
-            })?;
-            let out = call(
-                &world,
-                &at_where,
-                http::Method::POST,
-                &format!("/v1/tasks/{}/reschedule", encode(&id)),
-                Some(body),
-            )
-            .await?;
-            answer(&out, json, |t: TaskView| {
-                println!(
-                    "{} {} next {}",
-                    t.id,
-                    t.schedule,
-                    t.next_run_at.as_deref().unwrap_or("-")
-                )
-            })?;
-        }
+        } => reschedule(&world, &id, schedule, json, &at_where).await?,
         TasksCommand::Logs { id, at_where } => {
             let out = call(
                 &world,
@@ -368,17 +313,94 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
         TasksCommand::Purge {
             older_than,
             at_where,
-        } => {
-            let age = humantime::parse_duration(&older_than)
-                .with_context(|| format!("--older-than {older_than:?} is not a duration"))?;
-            let before = world.now_unix_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            let path = at_where.data_dir().join(crate::layout::TASKS_FILE);
-            let n = world
-                .blocking(move || Store::open(&path).and_then(|mut s| s.purge(before)))
-                .await??;
-            println!("purged {} ended tasks older than {older_than}", n.len());
-        }
+        } => purge(&world, &older_than, &at_where).await?,
     }
+    Ok(())
+}
+
+/// `--param K=V`, repeated, as a map.
+fn param_map(params: Vec<String>) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for p in params {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--param {p:?} must be K=V");
+        };
+        map.insert(k.to_string(), v.to_string());
+    }
+    Ok(map)
+}
+
+/// `tasks add`: print the new task's id (or the task as JSON).
+async fn add(
+    world: &World,
+    request: &AddRequest,
+    json: bool,
+    at_where: &Where,
+) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(request)?;
+    let out = call(world, at_where, http::Method::POST, "/v1/tasks", Some(body)).await?;
+    let task: TaskView = serde_json::from_slice(&out).context("read the agent's answer")?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&out));
+    } else {
+        println!("{}", task.id);
+    }
+    Ok(())
+}
+
+/// `tasks reschedule`.
+async fn reschedule(
+    world: &World,
+    id: &str,
+    schedule: ScheduleArgs,
+    json: bool,
+    at_where: &Where,
+) -> anyhow::Result<()> {
+    let ScheduleArgs {
+        at,
+        in_,
+        every,
+        cron,
+        tz,
+    } = schedule;
+    if [&at, &in_, &every, &cron].iter().all(|v| v.is_none()) {
+        bail!("give the new schedule: --at, --in, --every or --cron");
+    }
+    let body = serde_json::to_vec(&super::api::RescheduleRequest {
+        at,
+        in_,
+        every,
+        cron,
+        tz,
+    })?;
+    let out = call(
+        world,
+        at_where,
+        http::Method::POST,
+        &format!("/v1/tasks/{}/reschedule", encode(id)),
+        Some(body),
+    )
+    .await?;
+    answer(&out, json, |t: TaskView| {
+        println!(
+            "{} {} next {}",
+            t.id,
+            t.schedule,
+            t.next_run_at.as_deref().unwrap_or("-")
+        )
+    })
+}
+
+/// `tasks purge`: straight on the store file (the agent need not run).
+async fn purge(world: &World, older_than: &str, at_where: &Where) -> anyhow::Result<()> {
+    let age = humantime::parse_duration(older_than)
+        .with_context(|| format!("--older-than {older_than:?} is not a duration"))?;
+    let before = world.now_unix_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    let path = at_where.data_dir().join(crate::layout::TASKS_FILE);
+    let n = world
+        .blocking(move || Store::open(&path).and_then(|mut s| s.purge(before)))
+        .await??;
+    println!("purged {} ended tasks older than {older_than}", n.len());
     Ok(())
 }
 
