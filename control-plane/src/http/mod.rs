@@ -29,12 +29,29 @@ use crate::state::AppState;
 /// Largest request body any route accepts.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 
+/// Every route with who may call it, by area; the router and the OpenAPI document are both
+/// made from this one table.
 fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
-    let spec = |method, path, access| RouteSpec {
+    [
+        public_routes(),
+        account_routes(),
+        agent_routes(),
+        terminal_routes(),
+        operation_routes(),
+    ]
+    .concat()
+}
+
+fn spec(method: Method, path: &'static str, access: Access) -> RouteSpec {
+    RouteSpec {
         method,
         path,
         access,
-    };
+    }
+}
+
+/// What anybody may reach: health, the web UI's files, login and agent enrollment.
+fn public_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     vec![
         (spec(Method::GET, "/healthz", Access::Public), get(healthz)),
         (spec(Method::GET, "/", Access::Public), get(web::index)),
@@ -50,6 +67,12 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::POST, proto::ENROLL_PATH, Access::Public),
             post(agents::enroll),
         ),
+    ]
+}
+
+/// The caller's own session and tokens, and users (admin).
+fn account_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
         (
             spec(
                 Method::DELETE,
@@ -94,6 +117,12 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             ),
             delete(users::delete),
         ),
+    ]
+}
+
+/// Agents, their tasks and metrics, and the agents' own channel and delivery.
+fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
         (
             spec(
                 Method::DELETE,
@@ -154,6 +183,12 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),
             get(crate::channel::upgrade),
         ),
+    ]
+}
+
+/// Browser terminals and their recordings, and the agents' side of a session.
+fn terminal_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
         (
             spec(
                 Method::POST,
@@ -230,6 +265,12 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::GET, "/api/v1/agent/terminal/{id}", Access::Agent),
             get(crate::terminal::agent_link::upgrade),
         ),
+    ]
+}
+
+/// SSH operations, the Prometheus endpoint, the audit log and the API description.
+fn operation_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
         (
             spec(Method::POST, "/api/v1/exec", Access::User(Role::Operator)),
             post(crate::exec::api::start),
