@@ -74,19 +74,20 @@ impl Doc {
 
 /// The description of every route; `None` for a route nobody described (a test failure).
 pub fn describe(method: &Method, path: &str) -> Option<Doc> {
-    use super::observe::{AuditParams, AuditView};
+    let (method, path) = (method.as_str(), path);
+    describe_accounts(method, path)
+        .or_else(|| describe_fleet(method, path))
+        .or_else(|| describe_terminal(method, path))
+        .or_else(|| describe_operations(method, path))
+}
+
+/// An upgrade to a WebSocket, as the 101 answer says.
+const WS: &str = "WebSocket upgrade";
+
+/// Login, tokens and users.
+fn describe_accounts(method: &str, path: &str) -> Option<Doc> {
     use super::sessions::{LoginRequest, LoginResponse, Me, TokenView};
-    use crate::exec::api::{ExecRequest, RunView, Started};
-    use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
-    use crate::terminal::recording::api::{CastQuery, ListQuery, RecordingView, VerifyView};
-    const WS: &str = "WebSocket upgrade";
-    let d = match (method.as_str(), path) {
-        ("GET", "/healthz") => doc("Liveness, the storage backend in use and whether the terminal stream store answers", "system")
-            .content(200, "application/json", "`{\"status\":\"ok\",\"storage\":\"sqlite|postgres\"}`"),
-        ("GET", "/") => doc("The web UI", "ui").content(200, "text/html", "The single page of the UI"),
-        ("GET", "/assets/{*path}") => {
-            doc("Static files of the web UI", "ui").content(200, "application/octet-stream", "A file")
-        }
+    let d = match (method, path) {
         ("POST", "/api/v1/sessions") => doc(
             "Log in: an API token, also set as an HttpOnly SameSite=Strict cookie",
             "auth",
@@ -119,6 +120,17 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         ("DELETE", "/api/v1/users/{name}") => {
             doc("Delete a user and its tokens (not the last enabled admin)", "auth").no_content()
         }
+        ("GET", "/api/v1/me") => {
+            doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
+        }
+        _ => return None,
+    };
+    Some(d)
+}
+
+/// Agents, their tasks and metrics, and the agents' own protocol.
+fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
+    let d = match (method, path) {
         ("DELETE", "/api/v1/agents/{id}") => doc(
             "Remove an agent: its credential stops working and its channel ends within a heartbeat; its tasks and metrics are deleted",
             "fleet",
@@ -129,9 +141,6 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
             "fleet",
         )
         .returns(201, schema::<super::users::RekeyToken>),
-        ("GET", "/api/v1/me") => {
-            doc("Who the credentials belong to, and their role", "auth").returns(200, schema::<Me>)
-        }
         ("POST", "/api/v1/agents/enroll") => doc(
             "Enroll an agent with a single-use token; returns its credential (retry-safe by enrollment_id)",
             "agent protocol",
@@ -172,6 +181,21 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
             "agent protocol",
         )
         .content(101, "application/json", WS),
+        ("GET", "/api/v1/agent/terminal/{id}") => doc(
+            "The agent's reverse socket for one terminal session (agents)",
+            "agent protocol",
+        )
+        .content(101, "application/octet-stream", WS),
+        _ => return None,
+    };
+    Some(d)
+}
+
+/// Browser terminals and recordings.
+fn describe_terminal(method: &str, path: &str) -> Option<Doc> {
+    use crate::terminal::browser::{CreateRequest, CreateResponse, SessionView, WsQuery};
+    use crate::terminal::recording::api::{CastQuery, ListQuery, RecordingView, VerifyView};
+    let d = match (method, path) {
         ("POST", "/api/v1/terminal/sessions") => doc(
             "Open a psql terminal session on an online agent; 404 unknown agent, 409 offline, 429 limit reached",
             "terminal",
@@ -219,11 +243,22 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
             "terminal",
         )
         .returns(200, schema::<VerifyView>),
-        ("GET", "/api/v1/agent/terminal/{id}") => doc(
-            "The agent's reverse socket for one terminal session (agents)",
-            "agent protocol",
-        )
-        .content(101, "application/octet-stream", WS),
+        _ => return None,
+    };
+    Some(d)
+}
+
+/// The UI's files, health, SSH operations, the audit log, Prometheus and this document.
+fn describe_operations(method: &str, path: &str) -> Option<Doc> {
+    use super::observe::{AuditParams, AuditView};
+    use crate::exec::api::{ExecRequest, RunView, Started};
+    let d = match (method, path) {
+        ("GET", "/healthz") => doc("Liveness, the storage backend in use and whether the terminal stream store answers", "system")
+            .content(200, "application/json", "`{\"status\":\"ok\",\"storage\":\"sqlite|postgres\"}`"),
+        ("GET", "/") => doc("The web UI", "ui").content(200, "text/html", "The single page of the UI"),
+        ("GET", "/assets/{*path}") => {
+            doc("Static files of the web UI", "ui").content(200, "application/octet-stream", "A file")
+        }
         ("POST", "/api/v1/exec") => doc(
             "Run one command on hosts of the configured inventory over supervised SSH; poll the run for output",
             "exec",
@@ -245,6 +280,7 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
         .returns(200, schema::<Vec<AuditView>>),
         ("GET", "/api/openapi.json") => doc("This document", "system")
             .content(200, "application/json", "OpenAPI 3.1"),
+
         _ => return None,
     };
     Some(d)
