@@ -99,6 +99,35 @@ pub fn write_counters(out: &mut Exposition, counters: &[(&str, &str, &AtomicU64)
 
 /// The process's counters, written into `out`.
 pub fn write_process(observed: &Observed, out: &mut Exposition) {
+    write_request_latency(observed, out);
+    write_counters(out, &plain_counters(observed));
+    out.single(
+        "outpost_http_connections_open",
+        "gauge",
+        "Connections being served now (WebSockets included), against max_connections.",
+        observed.connections.open.load(Ordering::Relaxed) as f64,
+    );
+    out.family(
+        "outpost_task_events_total",
+        "counter",
+        "Task state changes reported by agents, by the status reached (a resent event counts again).",
+    );
+    let events = observed
+        .task_events
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for (status, n) in &events {
+        out.sample(
+            "outpost_task_events_total",
+            &[("status", status)],
+            *n as f64,
+        );
+    }
+}
+
+/// `outpost_http_request_duration_seconds`: a histogram per method, route and status.
+fn write_request_latency(observed: &Observed, out: &mut Exposition) {
     out.family(
         "outpost_http_request_duration_seconds",
         "histogram",
@@ -140,8 +169,11 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             h.count as f64,
         );
     }
-    // Plain counters: name, help, value.
-    let plain: [(&str, &str, &AtomicU64); 19] = [
+}
+
+/// The plain counters: name, help, value.
+fn plain_counters(observed: &Observed) -> [(&'static str, &'static str, &AtomicU64); 19] {
+    [
         (
             "outpost_ingest_batches_total",
             "Metrics batches stored and acknowledged.",
@@ -237,31 +269,7 @@ pub fn write_process(observed: &Observed, out: &mut Exposition) {
             "Audit records that could not be stored (each was logged at error level).",
             &observed.audit_write_failures_total,
         ),
-    ];
-    write_counters(out, &plain);
-    out.single(
-        "outpost_http_connections_open",
-        "gauge",
-        "Connections being served now (WebSockets included), against max_connections.",
-        observed.connections.open.load(Ordering::Relaxed) as f64,
-    );
-    out.family(
-        "outpost_task_events_total",
-        "counter",
-        "Task state changes reported by agents, by the status reached (a resent event counts again).",
-    );
-    let events = observed
-        .task_events
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    for (status, n) in &events {
-        out.sample(
-            "outpost_task_events_total",
-            &[("status", status)],
-            *n as f64,
-        );
-    }
+    ]
 }
 
 #[cfg(test)]
