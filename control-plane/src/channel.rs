@@ -405,6 +405,20 @@ async fn replaced_or_removed(state: &ChannelContext, agent: &AgentRow) -> End {
     }
 }
 
+/// One connection's state between frames.
+#[derive(Default)]
+struct Served {
+    /// Storage learned of the connection (at the first heartbeat: the agent sends it only
+    /// after it has the welcome, so "online" is never shown for a handshake that did not
+    /// complete).
+    recorded: bool,
+    /// Commands sent and not answered yet, by id.
+    in_flight: BTreeMap<u64, Reply>,
+    malformed: u32,
+    /// Answers of batched heartbeat writes, oldest first.
+    written: VecDeque<oneshot::Receiver<Held>>,
+}
+
 async fn serve_connection(
     state: &ChannelContext,
     agent: &AgentRow,
@@ -426,18 +440,12 @@ async fn serve_connection(
         return end;
     }
     let mut last_heard = tokio::time::Instant::now();
-    // Storage learns of the connection at the first heartbeat: the agent sends it only after
-    // it has the welcome, so "online" is never shown for a handshake that did not complete.
-    let mut recorded = false;
-    let mut in_flight: BTreeMap<u64, Reply> = BTreeMap::new();
-    let mut malformed = 0u32;
+    let mut served = Served::default();
     let mut budget = FrameBudget::new(tokio::time::Instant::now());
-    // Answers of batched heartbeat writes, oldest first.
-    let mut written: VecDeque<oneshot::Receiver<Held>> = VecDeque::new();
     loop {
         let deadline = last_heard + settings.dead_after;
         tokio::select! {
-            Some(held) = oldest(&mut written) => match held {
+            Some(held) = oldest(&mut served.written) => match held {
                 Ok(true) => {}
                 // Another replica's connection took over in storage, or an admin removed the
                 // agent.
@@ -449,12 +457,12 @@ async fn serve_connection(
             }
             _ = tokio::time::sleep_until(deadline) => return End::Dead,
             Some(out) = queue.recv() => {
-                if in_flight.len() >= COMMANDS_IN_FLIGHT_MAX {
+                if served.in_flight.len() >= COMMANDS_IN_FLIGHT_MAX {
                     let _ = out.reply.send(Err(WireError::new(ErrorCode::Other, "too many commands in flight")));
                     continue;
                 }
                 let id = state.channels.next_id();
-                in_flight.insert(id, out.reply);
+                served.in_flight.insert(id, out.reply);
                 if let Err(end) = conn.send(&ServerMessage::Command { id, command: out.command }).await {
                     return end;
                 }
@@ -473,92 +481,9 @@ async fn serve_connection(
                     crate::observe::add(&state.observed.agent_frames_throttled_total, 1);
                     tokio::time::sleep(wait).await;
                 }
-                let reply = match serde_json::from_str::<AgentMessage>(&text) {
-                    Err(e) => {
-                        malformed += 1;
-                        if malformed > MALFORMED_FRAMES_MAX {
-                            return End::Protocol(format!("more than {MALFORMED_FRAMES_MAX} malformed frames"));
-                        }
-                        Some(ServerMessage::Error(WireError::new(ErrorCode::Malformed, e.to_string())))
-                    }
-                    Ok(AgentMessage::Heartbeat { seq, buffer, .. }) => {
-                        let buffer = buffer.and_then(|b| serde_json::to_string(&b).ok());
-                        let now_ms = state.world.now_unix_ms();
-                        let row = SeenRow { agent_id: agent.id.clone(), connection_id: connection_id.to_string(), now_ms, buffer };
-                        // The first heartbeat claims the agent for this connection before it
-                        // is acked; later ones join the replica's next batched write.
-                        let queued = match recorded {
-                            true => state.channels.heartbeats.seen(&state.storage, settings.heartbeat_interval, row.clone()),
-                            false => None,
-                        };
-                        let stored = match queued {
-                            Some(answer) => {
-                                written.push_back(answer);
-                                Ok(true)
-                            }
-                            None if recorded => state.storage.agent_seen(&row.agent_id, connection_id, now_ms, row.buffer).await,
-                            None => {
-                                let claimed = state.storage.agent_connected(&agent.id, connection_id, now_ms).await;
-                                // The claim stores no figures: the first heartbeat's go to the
-                                // next batch, so the fleet page has them a flush later.
-                                if claimed.is_ok() && row.buffer.is_some()
-                                    && let Some(answer) = state.channels.heartbeats.seen(&state.storage, settings.heartbeat_interval, row)
-                                {
-                                    written.push_back(answer);
-                                }
-                                claimed.map(|()| true)
-                            }
-                        };
-                        match stored {
-                            Ok(true) => {
-                                recorded = true;
-                                Some(ServerMessage::HeartbeatAck { seq, server_time_ms: now_ms })
-                            }
-                            Ok(false) => return replaced_or_removed(state, agent).await,
-                            Err(e) => return End::Storage(e.to_string()),
-                        }
-                    }
-                    Ok(AgentMessage::CommandAck { id, ok, result, error }) => {
-                        if let Some(reply) = in_flight.remove(&id) {
-                            let answer = match (ok, result) {
-                                (true, Some(result)) => Ok(result),
-                                _ => Err(error.unwrap_or_else(|| WireError::new(ErrorCode::Other, "command failed"))),
-                            };
-                            let _ = reply.send(answer);
-                        }
-                        None
-                    }
-                    Ok(AgentMessage::TaskEvents { events }) => {
-                        // Durable before the ack: the agent forgets what it sees acked.
-                        let Some(upto_seq) = events.iter().map(|e| e.seq).max() else { continue };
-                        let mut rows = Vec::with_capacity(events.len());
-                        for event in &events {
-                            state.observed.task_event(&event.task.status);
-                        }
-                        for event in events {
-                            match serde_json::to_string(&event.task) {
-                                Ok(json) => rows.push((event.task.id, json)),
-                                Err(e) => return End::Protocol(e.to_string()),
-                            }
-                        }
-                        let now_ms = state.world.now_unix_ms();
-                        match state.storage.upsert_agent_tasks(&agent.id, rows, now_ms).await {
-                            Ok(()) => Some(ServerMessage::TaskEventsAck { upto_seq }),
-                            Err(e) => return End::Storage(e.to_string()),
-                        }
-                    }
-                    Ok(AgentMessage::Error(error)) => {
-                        tracing::warn!(code = ?error.code, message = %error.message, "agent reported an error");
-                        None
-                    }
-                    Ok(AgentMessage::Hello { .. }) => Some(ServerMessage::Error(WireError::new(
-                        ErrorCode::ProtocolViolation,
-                        "hello may only be sent once per connection",
-                    ))),
-                    Ok(AgentMessage::Unknown) => Some(ServerMessage::Error(WireError::new(
-                        ErrorCode::UnknownMessage,
-                        "unknown message type; ignored",
-                    ))),
+                let reply = match answer(state, agent, connection_id, &mut served, &text).await {
+                    Ok(reply) => reply,
+                    Err(end) => return end,
                 };
                 if let Some(reply) = reply
                     && let Err(end) = conn.send(&reply).await
@@ -567,6 +492,167 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+/// What to answer to one text frame from the agent, or why the connection ends.
+async fn answer(
+    state: &ChannelContext,
+    agent: &AgentRow,
+    connection_id: &str,
+    served: &mut Served,
+    text: &str,
+) -> Result<Option<ServerMessage>, End> {
+    let message = match serde_json::from_str::<AgentMessage>(text) {
+        Ok(message) => message,
+        Err(e) => {
+            served.malformed += 1;
+            if served.malformed > MALFORMED_FRAMES_MAX {
+                return Err(End::Protocol(format!(
+                    "more than {MALFORMED_FRAMES_MAX} malformed frames"
+                )));
+            }
+            return Ok(Some(ServerMessage::Error(WireError::new(
+                ErrorCode::Malformed,
+                e.to_string(),
+            ))));
+        }
+    };
+    match message {
+        AgentMessage::Heartbeat { seq, buffer, .. } => {
+            let buffer = buffer.and_then(|b| serde_json::to_string(&b).ok());
+            heartbeat(state, agent, connection_id, served, seq, buffer)
+                .await
+                .map(Some)
+        }
+        AgentMessage::CommandAck {
+            id,
+            ok,
+            result,
+            error,
+        } => {
+            if let Some(reply) = served.in_flight.remove(&id) {
+                let answer =
+                    match (ok, result) {
+                        (true, Some(result)) => Ok(result),
+                        _ => Err(error
+                            .unwrap_or_else(|| WireError::new(ErrorCode::Other, "command failed"))),
+                    };
+                let _ = reply.send(answer);
+            }
+            Ok(None)
+        }
+        AgentMessage::TaskEvents { events } => task_events(state, agent, events).await,
+        AgentMessage::Error(error) => {
+            tracing::warn!(code = ?error.code, message = %error.message, "agent reported an error");
+            Ok(None)
+        }
+        AgentMessage::Hello { .. } => Ok(Some(ServerMessage::Error(WireError::new(
+            ErrorCode::ProtocolViolation,
+            "hello may only be sent once per connection",
+        )))),
+        AgentMessage::Unknown => Ok(Some(ServerMessage::Error(WireError::new(
+            ErrorCode::UnknownMessage,
+            "unknown message type; ignored",
+        )))),
+    }
+}
+
+/// A heartbeat: the first claims the agent for this connection before it is acked; later ones
+/// join the replica's next batched write.
+async fn heartbeat(
+    state: &ChannelContext,
+    agent: &AgentRow,
+    connection_id: &str,
+    served: &mut Served,
+    seq: u64,
+    buffer: Option<String>,
+) -> Result<ServerMessage, End> {
+    let interval = state.settings.heartbeat_interval;
+    let now_ms = state.world.now_unix_ms();
+    let row = SeenRow {
+        agent_id: agent.id.clone(),
+        connection_id: connection_id.to_string(),
+        now_ms,
+        buffer,
+    };
+    let queued = match served.recorded {
+        true => state
+            .channels
+            .heartbeats
+            .seen(&state.storage, interval, row.clone()),
+        false => None,
+    };
+    let stored = match queued {
+        Some(answer) => {
+            served.written.push_back(answer);
+            Ok(true)
+        }
+        None if served.recorded => {
+            state
+                .storage
+                .agent_seen(&row.agent_id, connection_id, now_ms, row.buffer)
+                .await
+        }
+        None => {
+            let claimed = state
+                .storage
+                .agent_connected(&agent.id, connection_id, now_ms)
+                .await;
+            // The claim stores no figures: the first heartbeat's go to the next batch, so the
+            // fleet page has them a flush later.
+            if claimed.is_ok()
+                && row.buffer.is_some()
+                && let Some(answer) = state
+                    .channels
+                    .heartbeats
+                    .seen(&state.storage, interval, row)
+            {
+                served.written.push_back(answer);
+            }
+            claimed.map(|()| true)
+        }
+    };
+    match stored {
+        Ok(true) => {
+            served.recorded = true;
+            Ok(ServerMessage::HeartbeatAck {
+                seq,
+                server_time_ms: now_ms,
+            })
+        }
+        Ok(false) => Err(replaced_or_removed(state, agent).await),
+        Err(e) => Err(End::Storage(e.to_string())),
+    }
+}
+
+/// Task events: stored before the ack, since the agent forgets what it sees acked.
+async fn task_events(
+    state: &ChannelContext,
+    agent: &AgentRow,
+    events: Vec<proto::TaskEvent>,
+) -> Result<Option<ServerMessage>, End> {
+    let Some(upto_seq) = events.iter().map(|e| e.seq).max() else {
+        return Ok(None);
+    };
+    let mut rows = Vec::with_capacity(events.len());
+    for event in &events {
+        state.observed.task_event(&event.task.status);
+    }
+    for event in events {
+        match serde_json::to_string(&event.task) {
+            Ok(json) => rows.push((event.task.id, json)),
+            Err(e) => return Err(End::Protocol(e.to_string())),
+        }
+    }
+    let now_ms = state.world.now_unix_ms();
+    match state
+        .storage
+        .upsert_agent_tasks(&agent.id, rows, now_ms)
+        .await
+    {
+        Ok(()) => Ok(Some(ServerMessage::TaskEventsAck { upto_seq })),
+        Err(e) => Err(End::Storage(e.to_string())),
     }
 }
 
