@@ -163,76 +163,14 @@ pub async fn start(
         Some(v) => ErrorBudget::parse(v).map_err(|e| bad(format!("max_errors: {e}")))?,
         None => ErrorBudget::Unlimited,
     };
-    let hosts = state
-        .world
-        .blocking(move || Inventory::load(&inventory).map_err(|e| e.to_string()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("inventory: {e}")))?
-        .select(&pattern)
-        .map_err(|e| bad(format!("hosts: {e}")))?;
-    let client = Arc::new(Client::new(
-        state.world.clone(),
-        Timeouts {
-            command: command_timeout,
-            ..Timeouts::default()
-        },
-        HostKeyPolicy::Strict,
-    ));
-    for h in &hosts {
-        client.load_key(&h.identity_file).map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("host {}: {e}", h.name),
-            )
-        })?;
-    }
+    let hosts = select_hosts(&state.world, inventory, &pattern).await?;
+    let client = client_for(&state.world, command_timeout, &hosts)?;
     let op_id = OpId::generate(&state.world);
-    let view = RunView {
-        op_id: op_id.to_string(),
-        user: user.name.clone(),
-        argv: request.argv.clone(),
-        started_at: crate::time::rfc3339_ms(state.world.now_unix_ms()),
-        finished: false,
-        hosts: hosts
-            .iter()
-            .map(|h| HostView {
-                host: h.name.clone(),
-                outcome: None,
-                attempts: 0,
-                exit_code: None,
-                error: None,
-                duration_ms: None,
-                stdout: Captured::default(),
-                stderr: Captured::default(),
-                truncated_bytes: 0,
-            })
-            .collect(),
-    };
-    let admitted = state.runs.with(|runs| {
-        if runs.values().filter(|r| !r.finished).count() >= RUNNING_MAX {
-            return false;
-        }
-        while runs.len() >= RUNS_KEPT {
-            let Some(oldest) = runs
-                .values()
-                .filter(|r| r.finished)
-                .min_by(|a, b| a.started_at.cmp(&b.started_at))
-                .map(|r| r.op_id.clone())
-            else {
-                break;
-            };
-            runs.remove(&oldest);
-        }
-        runs.insert(view.op_id.clone(), view);
-        true
-    });
-    if !admitted {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("{RUNNING_MAX} exec runs are already in progress here; wait for one to finish"),
-        ));
-    }
+    let now_ms = state.world.now_unix_ms();
+    admit(
+        &state.runs,
+        new_view(&op_id, &user.name, &request.argv, &hosts, now_ms),
+    )?;
     state
         .audit
         .record(
@@ -264,6 +202,108 @@ pub async fn start(
             hosts: count,
         }),
     ))
+}
+
+/// The inventory's hosts that `pattern` selects, read afresh (an edited file counts at once).
+async fn select_hosts(
+    world: &World,
+    inventory: std::path::PathBuf,
+    pattern: &str,
+) -> Result<Vec<remote_exec::Host>, ApiError> {
+    world
+        .blocking(move || Inventory::load(&inventory).map_err(|e| e.to_string()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("inventory: {e}")))?
+        .select(pattern)
+        .map_err(|e| bad(format!("hosts: {e}")))
+}
+
+/// An SSH client holding every selected host's key, verifying host keys strictly.
+fn client_for(
+    world: &World,
+    command_timeout: std::time::Duration,
+    hosts: &[remote_exec::Host],
+) -> Result<Arc<Client>, ApiError> {
+    let client = Arc::new(Client::new(
+        world.clone(),
+        Timeouts {
+            command: command_timeout,
+            ..Timeouts::default()
+        },
+        HostKeyPolicy::Strict,
+    ));
+    for h in hosts {
+        client.load_key(&h.identity_file).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("host {}: {e}", h.name),
+            )
+        })?;
+    }
+    Ok(client)
+}
+
+/// A run's view before any host answered.
+fn new_view(
+    op_id: &OpId,
+    user: &str,
+    argv: &[String],
+    hosts: &[remote_exec::Host],
+    now_ms: i64,
+) -> RunView {
+    RunView {
+        op_id: op_id.to_string(),
+        user: user.to_string(),
+        argv: argv.to_vec(),
+        started_at: crate::time::rfc3339_ms(now_ms),
+        finished: false,
+        hosts: hosts
+            .iter()
+            .map(|h| HostView {
+                host: h.name.clone(),
+                outcome: None,
+                attempts: 0,
+                exit_code: None,
+                error: None,
+                duration_ms: None,
+                stdout: Captured::default(),
+                stderr: Captured::default(),
+                truncated_bytes: 0,
+            })
+            .collect(),
+    }
+}
+
+/// Keep `view` among the runs, unless [`RUNNING_MAX`] are in progress; the oldest finished
+/// runs make room beyond [`RUNS_KEPT`].
+fn admit(runs: &Runs, view: RunView) -> Result<(), ApiError> {
+    let admitted = runs.with(|runs| {
+        if runs.values().filter(|r| !r.finished).count() >= RUNNING_MAX {
+            return false;
+        }
+        while runs.len() >= RUNS_KEPT {
+            let Some(oldest) = runs
+                .values()
+                .filter(|r| r.finished)
+                .min_by(|a, b| a.started_at.cmp(&b.started_at))
+                .map(|r| r.op_id.clone())
+            else {
+                break;
+            };
+            runs.remove(&oldest);
+        }
+        runs.insert(view.op_id.clone(), view);
+        true
+    });
+    if admitted {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{RUNNING_MAX} exec runs are already in progress here; wait for one to finish"),
+        ))
+    }
 }
 
 /// The run itself: progress events update the view as they come.
