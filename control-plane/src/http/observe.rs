@@ -19,7 +19,18 @@ pub async fn metrics(
 ) -> Result<Response, ApiError> {
     let mut out = Exposition::default();
     write_process(&state.observed, &mut out);
+    write_fleet(&state, &mut out).await?;
+    write_terminal(&terminal, &mut out).await;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, proto::prometheus::CONTENT_TYPE)],
+        out.finish(),
+    )
+        .into_response())
+}
 
+/// Agents online and offline, and each agent's metrics buffer as it last reported it.
+async fn write_fleet(state: &Handles, out: &mut Exposition) -> Result<(), ApiError> {
     let agents = state
         .storage
         .list_agents()
@@ -41,8 +52,6 @@ pub async fn metrics(
         &[("status", "offline")],
         (agents.len() - online) as f64,
     );
-
-    // Each agent's metrics buffer as it last reported it.
     let buffers: Vec<(&str, proto::BufferStats)> = agents
         .iter()
         .filter_map(|a| {
@@ -50,13 +59,17 @@ pub async fn metrics(
             Some((a.name.as_str(), stats))
         })
         .collect();
-    proto::prometheus::write_buffers(&mut out, &buffers);
+    proto::prometheus::write_buffers(out, &buffers);
+    Ok(())
+}
 
+/// The terminal's counters, whether its stream store answers, and the sessions live.
+async fn write_terminal(terminal: &Terminal, out: &mut Exposition) {
     let live = terminal.streams.live().await.map(|l| l.len());
     let terminal_streams = &terminal.streams;
     let terminal = &terminal.counters;
     write_counters(
-        &mut out,
+        out,
         &[
             (
                 "outpost_terminal_sessions_opened_total",
@@ -130,12 +143,6 @@ pub async fn metrics(
         }
         Err(error) => tracing::warn!(%error, "metrics: terminal store unavailable"),
     }
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, proto::prometheus::CONTENT_TYPE)],
-        out.finish(),
-    )
-        .into_response())
 }
 
 /// Most records one audit page returns.
