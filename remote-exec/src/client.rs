@@ -508,47 +508,10 @@ impl Connection {
     ) -> Report {
         let started = tokio::time::Instant::now();
         let t = self.timeouts;
-        let host = self.host.clone();
-        let fail = |phase, end, error| Report::failed(&host, phase, end, error, started);
-        let open = tokio::select! {
-            r = tokio::time::timeout(t.idle, self.handle.channel_open_session()) => r,
-            () = cancel.cancelled() => {
-                return fail(Phase::Open, End::Canceled, "canceled before the command was sent".into());
-            }
+        let mut channel = match self.open_exec(command, cancel, started).await {
+            Ok(channel) => channel,
+            Err(report) => return *report,
         };
-        let channel = match open {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                self.reusable = false;
-                let why = self.disconnect_reason().map(|(_, w)| w);
-                return fail(
-                    Phase::Open,
-                    End::TransportLost,
-                    why.unwrap_or_else(|| format!("open a session channel: {e}")),
-                );
-            }
-            Err(_) => {
-                self.reusable = false;
-                return fail(
-                    Phase::Open,
-                    End::PhaseTimeout,
-                    format!("open a session channel: no answer within {:?}", t.idle),
-                );
-            }
-        };
-        let mut channel = ChannelGuard {
-            channel,
-            _count: Counted::new(&self.gauges, Gauge::Channels),
-        };
-        if let Err(e) = channel.channel.exec(true, command.to_vec()).await {
-            // The request never reached the session task, so it never reached the wire.
-            self.reusable = false;
-            return fail(
-                Phase::Open,
-                End::TransportLost,
-                format!("send the exec request: {e}"),
-            );
-        }
 
         let deadline = started + t.command;
         let mut exit_code: Option<i32> = None;
@@ -593,12 +556,83 @@ impl Connection {
                 let _ = tokio::time::timeout(COURTESY * 2, self.run_quietly(stop)).await;
             }
         }
+        let error = self.end_error(&end);
+        Report {
+            outcome: classify(Phase::Running, &end),
+            phase: if end == End::Refused {
+                Phase::Open
+            } else {
+                Phase::Running
+            },
+            exit_code,
+            exit_signal,
+            error: error.map(|e| format!("{}: {e}", self.host)),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// Open a session channel and send it `command`; a failed report when that fails.
+    async fn open_exec(
+        &mut self,
+        command: &[u8],
+        cancel: &CancellationToken,
+        started: tokio::time::Instant,
+    ) -> Result<ChannelGuard, Box<Report>> {
+        let t = self.timeouts;
+        let host = self.host.clone();
+        let fail = |phase, end, error| Box::new(Report::failed(&host, phase, end, error, started));
+        let open = tokio::select! {
+            r = tokio::time::timeout(t.idle, self.handle.channel_open_session()) => r,
+            () = cancel.cancelled() => {
+                return Err(fail(Phase::Open, End::Canceled, "canceled before the command was sent".into()));
+            }
+        };
+        let channel = match open {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.reusable = false;
+                let why = self.disconnect_reason().map(|(_, w)| w);
+                return Err(fail(
+                    Phase::Open,
+                    End::TransportLost,
+                    why.unwrap_or_else(|| format!("open a session channel: {e}")),
+                ));
+            }
+            Err(_) => {
+                self.reusable = false;
+                return Err(fail(
+                    Phase::Open,
+                    End::PhaseTimeout,
+                    format!("open a session channel: no answer within {:?}", t.idle),
+                ));
+            }
+        };
+        let channel = ChannelGuard {
+            channel,
+            _count: Counted::new(&self.gauges, Gauge::Channels),
+        };
+        if let Err(e) = channel.channel.exec(true, command.to_vec()).await {
+            // The request never reached the session task, so it never reached the wire.
+            self.reusable = false;
+            return Err(fail(
+                Phase::Open,
+                End::TransportLost,
+                format!("send the exec request: {e}"),
+            ));
+        }
+        Ok(channel)
+    }
+
+    /// What went wrong, in words, for a command that ended with `end` (`None`: it ran to its
+    /// end on the host).
+    fn end_error(&self, end: &End) -> Option<String> {
+        let t = self.timeouts;
         let lost = || {
             self.disconnect_reason()
                 .map(|(_, why)| why)
                 .unwrap_or_else(|| "the channel closed without an exit status".to_string())
         };
-        let error = match &end {
+        match end {
             End::Exited(_) | End::Signalled(_) => None,
             End::Refused => Some("the server refused to start the command".to_string()),
             End::PhaseTimeout => Some(format!(
@@ -615,18 +649,6 @@ impl Connection {
                 "{} after the command was sent; it may have run",
                 lost()
             )),
-        };
-        Report {
-            outcome: classify(Phase::Running, &end),
-            phase: if end == End::Refused {
-                Phase::Open
-            } else {
-                Phase::Running
-            },
-            exit_code,
-            exit_signal,
-            error: error.map(|e| format!("{}: {e}", self.host)),
-            elapsed: started.elapsed(),
         }
     }
 
