@@ -21,6 +21,9 @@ pub enum Kind {
     CrashAfterAck,
     /// The agent kills itself between starting a task's process and storing its pid.
     CrashAfterSpawn,
+    /// The agent's run launcher kills itself between forking a run's wrapper and telling the
+    /// agent; the agent lives on.
+    CrashLauncherAfterFork,
     Partition,
     /// The agent's namespace drops what comes in: it keeps writing into nothing.
     HalfOpenIn,
@@ -38,11 +41,12 @@ pub enum Kind {
     SshCut,
 }
 
-pub const AGENT_LANE: [Kind; 12] = [
+pub const AGENT_LANE: [Kind; 13] = [
     Kind::AgentKill,
     Kind::AgentPause,
     Kind::CrashAfterAck,
     Kind::CrashAfterSpawn,
+    Kind::CrashLauncherAfterFork,
     Kind::Partition,
     Kind::HalfOpenIn,
     Kind::HalfOpenOut,
@@ -68,6 +72,7 @@ impl Kind {
             Kind::AgentPause => "agent_pause",
             Kind::CrashAfterAck => "crash_after_ack",
             Kind::CrashAfterSpawn => "crash_after_spawn",
+            Kind::CrashLauncherAfterFork => "crash_launcher_after_fork",
             Kind::Partition => "partition",
             Kind::HalfOpenIn => "half_open_in",
             Kind::HalfOpenOut => "half_open_out",
@@ -94,6 +99,9 @@ impl Kind {
             }
             Kind::CrashAfterSpawn => {
                 "an agent dies as if killed -9 after a task's process started, before its pid is stored"
+            }
+            Kind::CrashLauncherAfterFork => {
+                "an agent's run launcher dies as if killed -9 after forking a run's wrapper, before it answers (the agent lives on)"
             }
             Kind::Partition => "drop everything between an agent's namespace and the control plane",
             Kind::HalfOpenIn => "an agent's namespace drops what comes in (it keeps sending)",
@@ -196,6 +204,10 @@ pub struct Done {
 /// Crash point names the agent knows (`OUTPOST_CHAOS_CRASH_AT=NAME:N`).
 pub const CRASH_AFTER_ACK: &str = "buffer.after_ack";
 pub const CRASH_AFTER_SPAWN: &str = "task.after_spawn";
+pub const CRASH_LAUNCHER_AFTER_FORK: &str = "launcher.after_fork";
+
+/// What the agent logs when its run launcher dies under it.
+const LAUNCHER_ENDED: &str = "the run launcher ended";
 
 pub type Shared = std::sync::Arc<tokio::sync::Mutex<Deployment>>;
 
@@ -211,6 +223,55 @@ async fn start_agent(d: &Shared, i: usize) -> String {
     match a.service.start() {
         Ok(()) => String::new(),
         Err(e) => format!("restart failed: {e:#}"),
+    }
+}
+
+/// Restart an agent with its launcher's crash point set, wait for the launcher to die there
+/// (the agent logs it and goes on), then restart the agent gracefully without it, so later
+/// launchers live.
+async fn crash_launcher(d: &Shared, p: &Planned) -> (bool, String) {
+    let seen = |g: &Deployment, i: usize| g.agents[i].service.log_count(LAUNCHER_ENDED);
+    let (i, before) = {
+        let mut g = d.lock().await;
+        let i = agent_index(&g, p.target);
+        let before = seen(&g, i);
+        let a = &mut g.agents[i];
+        a.service.kill9().await;
+        a.service.set_env(
+            "OUTPOST_CHAOS_CRASH_AT",
+            Some(&format!("{CRASH_LAUNCHER_AFTER_FORK}:{}", p.nth)),
+        );
+        if let Err(e) = a.service.start() {
+            return (false, format!("start with the crash point: {e:#}"));
+        }
+        (i, before)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut crashed = false;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let g = d.lock().await;
+        if seen(&g, i) > before {
+            crashed = true;
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(p.hold_ms)).await;
+    {
+        let mut g = d.lock().await;
+        g.agents[i]
+            .service
+            .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(15))
+            .await;
+    }
+    let note = start_agent(d, i).await;
+    if crashed {
+        (true, note)
+    } else {
+        (
+            true,
+            format!("{CRASH_LAUNCHER_AFTER_FORK} not reached within 45 s {note}"),
+        )
     }
 }
 
@@ -291,6 +352,7 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
                 )
             }
         }
+        Kind::CrashLauncherAfterFork => crash_launcher(d, p).await,
         Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => {
             let (inbound, outbound) = match p.kind {
                 Kind::Partition => (true, true),

@@ -158,6 +158,13 @@ impl Service {
         self.stop(Signal::SIGKILL, Duration::from_secs(10)).await;
     }
 
+    /// How many times `needle` appears in the whole log.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .map(|t| t.matches(needle).count())
+            .unwrap_or(0)
+    }
+
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
