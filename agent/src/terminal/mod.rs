@@ -11,6 +11,7 @@
 //! sender announces every overwritten range as `skipped`.
 
 mod gate;
+pub mod link;
 pub mod model;
 mod pty;
 pub mod ring;
@@ -24,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use world::World;
 
+pub use link::Debounce;
 pub use pty::OsPty;
-pub use session::{Debounce, SESSION_ENV};
+pub use session::SESSION_ENV;
 
 pub use model::{
     CANCEL_GRACE, Output, PtyChild, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem,

@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use proto::{TerminalFromAgent, TerminalToAgent};
+use proto::TerminalFromAgent;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
-use super::model::{
-    Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
-};
+use super::link::{Action, Inbound, LinkEnd, Live, Waiting};
+use super::model::{Output, PtyHandle, PtyInput, PtySpec, PtySystem, TerminalConfig, TerminalLink};
 use crate::backoff::Backoff;
 use crate::run_as::RunAs;
 use proto::terminal::{Entry, Frame};
@@ -27,10 +26,6 @@ const FIRST_LINK_DEADLINE: Duration = Duration::from_secs(30);
 /// Waiting for `start` on a link (the control plane sends it once a browser attached; it
 /// enforces its own, shorter attach timeout).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// No frame from the control plane for this long: the link is dead (it pings every 5 s).
-const LINK_DEAD_AFTER: Duration = Duration::from_secs(20);
-/// Resize requests closer together than this collapse into the last one.
-pub const RESIZE_DEBOUNCE: Duration = Duration::from_millis(80);
 /// Control frames queued for the output loop.
 const CONTROL_QUEUED_MAX: usize = 16;
 /// Largest frame accepted from the control plane.
@@ -44,34 +39,6 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
     /// Shown when dialing the link: proves this process, not just this host's credential.
     pub link_secret: Option<String>,
-}
-
-/// Sans-IO resize debounce: remembers the newest size and says when it is due.
-#[derive(Debug, Default)]
-pub struct Debounce {
-    pending: Option<(PtySize, Instant)>,
-}
-
-impl Debounce {
-    /// A resize arrived at `now`; it is applied `RESIZE_DEBOUNCE` after the last one.
-    pub fn push(&mut self, now: Instant, size: PtySize) {
-        self.pending = Some((size, now + RESIZE_DEBOUNCE));
-    }
-
-    pub fn deadline(&self) -> Option<Instant> {
-        self.pending.map(|(_, at)| at)
-    }
-
-    /// The size to apply if its quiet period is over.
-    pub fn due(&mut self, now: Instant) -> Option<PtySize> {
-        match self.pending {
-            Some((size, at)) if at <= now => {
-                self.pending = None;
-                Some(size)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// The whole session; returns when it is over and its PTY is gone.
@@ -171,13 +138,6 @@ pub async fn run(ctx: Ctx, session_id: String) {
     tracing::info!(%reason, output_overwritten_bytes = lost, "terminal session ended");
 }
 
-enum LinkEnd {
-    /// The link died; the session lives on (redial).
-    Lost(String),
-    /// The session is over.
-    Over(String),
-}
-
 /// Names the session in psql's environment (`\\! echo $OUTPOST_TERMINAL_SESSION`), and lets a
 /// simulated PTY tell sessions apart.
 pub const SESSION_ENV: &str = "OUTPOST_TERMINAL_SESSION";
@@ -256,6 +216,17 @@ async fn send_text(
         .map_err(|e| format!("send: {e}"))
 }
 
+/// A frame off the socket, for the link's rules.
+fn inbound(frame: Result<Message, tokio_tungstenite::tungstenite::Error>) -> Inbound {
+    match frame {
+        Ok(Message::Close(_)) => Inbound::Closed,
+        Ok(Message::Binary(data)) => Inbound::Binary(data.to_vec()),
+        Ok(Message::Text(text)) => Inbound::Text(text.to_string()),
+        Ok(_) => Inbound::Other,
+        Err(e) => Inbound::Failed(e.to_string()),
+    }
+}
+
 /// Wait for `start`, spawn the PTY if needed, then run both loops until the link ends.
 async fn serve_link(
     ctx: &Ctx,
@@ -272,25 +243,19 @@ async fn serve_link(
             _ = ctx.shutdown.cancelled() => return LinkEnd::Over("agent shutting down".into()),
             f = tokio::time::timeout(START_TIMEOUT, stream.next()) => f,
         };
-        match frame {
-            Err(_) => return LinkEnd::Over("no browser attached in time".into()),
-            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => {
-                return LinkEnd::Lost("closed before start".into());
+        let Ok(frame) = frame else {
+            return LinkEnd::Over("no browser attached in time".into());
+        };
+        let frame = frame.map_or(Inbound::Closed, inbound);
+        match super::link::before_start(frame) {
+            Waiting::Start { size, from } => break (size, from),
+            Waiting::End(end) => return end,
+            Waiting::Pong => {
+                if let Err(e) = send_text(&mut sink, &TerminalFromAgent::Pong).await {
+                    return LinkEnd::Lost(e);
+                }
             }
-            Ok(Some(Err(e))) => return LinkEnd::Lost(format!("receive: {e}")),
-            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(&t) {
-                Ok(TerminalToAgent::Start { cols, rows, from }) => {
-                    break (PtySize::clamped(cols, rows), from);
-                }
-                Ok(TerminalToAgent::Close { reason }) => return LinkEnd::Over(reason),
-                Ok(TerminalToAgent::Ping) => {
-                    if let Err(e) = send_text(&mut sink, &TerminalFromAgent::Pong).await {
-                        return LinkEnd::Lost(e);
-                    }
-                }
-                _ => {}
-            },
-            Ok(Some(Ok(_))) => {}
+            Waiting::Ignore => {}
         }
     };
     let (size, from) = start;
@@ -382,68 +347,39 @@ async fn serve_link(
     let input = handle.input.clone();
     let idle_timeout = ctx.config.idle_timeout;
     let inbound = async {
-        let mut debounce = Debounce::default();
-        let mut last_heard = Instant::now();
+        let mut live = Live::new(Instant::now(), idle_timeout);
         loop {
-            let idle_at = activity
-                .lock()
-                .map(|at| *at)
-                .unwrap_or_else(|_| Instant::now())
-                + idle_timeout;
-            let resize_at = debounce.deadline();
-            tokio::select! {
-                _ = tokio::time::sleep_until(last_heard + LINK_DEAD_AFTER) => {
-                    return LinkEnd::Lost(format!("no frame from the control plane for {} s", LINK_DEAD_AFTER.as_secs()));
+            let last_output = || {
+                activity
+                    .lock()
+                    .map(|at| *at)
+                    .unwrap_or_else(|_| Instant::now())
+            };
+            let action = tokio::select! {
+                _ = tokio::time::sleep_until(live.wake_at(last_output())) => {
+                    live.on_time(Instant::now(), last_output())
                 }
-                _ = tokio::time::sleep_until(idle_at) => {
-                    // Output counts as activity too: re-check before ending.
-                    let at = activity.lock().map(|at| *at).unwrap_or_else(|_| Instant::now());
-                    if at + idle_timeout <= Instant::now() {
-                        return LinkEnd::Over(format!("idle for {} s", idle_timeout.as_secs()));
+                frame = stream.next() => {
+                    live.on_frame(Instant::now(), gate, frame.map_or(Inbound::Closed, inbound))
+                }
+            };
+            match action {
+                Action::Nothing => {}
+                Action::Write(data) => {
+                    if input.send(PtyInput::Data(data)).await.is_err() {
+                        // The writer ends with the process; the output loop reports it.
+                        std::future::pending::<()>().await;
                     }
                 }
-                _ = async { tokio::time::sleep_until(resize_at.unwrap_or_else(Instant::now)).await }, if resize_at.is_some() => {
-                    if let Some(size) = debounce.due(Instant::now())
-                        && input.send(PtyInput::Resize(size)).await.is_err()
-                    {
+                Action::Resize(size) => {
+                    if input.send(PtyInput::Resize(size)).await.is_err() {
                         return LinkEnd::Lost("PTY writer gone".into());
                     }
                 }
-                frame = stream.next() => {
-                    last_heard = Instant::now();
-                    match frame {
-                        None | Some(Ok(Message::Close(_))) => return LinkEnd::Lost("closed by the control plane".into()),
-                        Some(Err(e)) => return LinkEnd::Lost(format!("receive: {e}")),
-                        Some(Ok(Message::Binary(_))) if !gate.admit() => {
-                            tracing::warn!("terminal input already applied: dropped (a replay)");
-                        }
-                        Some(Ok(Message::Binary(data))) => {
-                            if let Ok(mut at) = activity.lock() {
-                                *at = Instant::now();
-                            }
-                            if input.send(PtyInput::Data(data.to_vec())).await.is_err() {
-                                // The writer ends with the process; the output loop reports it.
-                                std::future::pending::<()>().await;
-                            }
-                        }
-                        Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
-                            Ok(TerminalToAgent::Seq { n }) => gate.announce(n),
-                            Ok(TerminalToAgent::Resize { .. } | TerminalToAgent::Close { .. }) if !gate.admit() => {
-                                tracing::warn!("terminal input already applied: dropped (a replay)");
-                            }
-                            Ok(TerminalToAgent::Resize { cols, rows }) => {
-                                debounce.push(Instant::now(), PtySize::clamped(cols, rows));
-                            }
-                            Ok(TerminalToAgent::Close { reason }) => return LinkEnd::Over(reason),
-                            Ok(TerminalToAgent::Ping) => {
-                                let _ = control_tx.try_send(TerminalFromAgent::Pong);
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "unreadable control frame; ignored"),
-                        },
-                        Some(Ok(_)) => {}
-                    }
+                Action::Pong => {
+                    let _ = control_tx.try_send(TerminalFromAgent::Pong);
                 }
+                Action::End(end) => return end,
             }
         }
     };
@@ -470,8 +406,6 @@ async fn serve_link(
 
 #[cfg(test)]
 mod tests {
-    use super::{Debounce, PtySize, RESIZE_DEBOUNCE};
-    use tokio::time::Instant;
 
     #[test]
     fn psql_gets_the_password_in_its_environment_not_its_argv() {
@@ -498,24 +432,5 @@ mod tests {
             "{:?}",
             spec.env
         );
-    }
-
-    #[test]
-    fn a_resize_storm_collapses_into_the_last_size() {
-        let t0 = Instant::now();
-        let mut d = Debounce::default();
-        for i in 0..50u16 {
-            d.push(
-                t0 + RESIZE_DEBOUNCE / 10 * u32::from(i),
-                PtySize::clamped(80 + i, 24),
-            );
-            assert_eq!(d.due(t0 + RESIZE_DEBOUNCE / 10 * u32::from(i)), None);
-        }
-        let last = t0 + RESIZE_DEBOUNCE / 10 * 49;
-        assert_eq!(
-            d.due(last + RESIZE_DEBOUNCE),
-            Some(PtySize::clamped(129, 24))
-        );
-        assert_eq!(d.due(last + RESIZE_DEBOUNCE * 2), None);
     }
 }
