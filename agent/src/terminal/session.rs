@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
 use super::link::{Action, Inbound, LinkEnd, Live, Waiting};
-use super::model::{Output, PtyHandle, PtyInput, PtySpec, PtySystem, TerminalConfig, TerminalLink};
+use super::model::{
+    Output, PtyHandle, PtyInput, PtySize, PtySpec, PtySystem, TerminalConfig, TerminalLink,
+};
 use crate::backoff::Backoff;
 use crate::run_as::RunAs;
 use proto::terminal::{Entry, Frame};
@@ -216,6 +218,67 @@ async fn send_text(
         .map_err(|e| format!("send: {e}"))
 }
 
+/// Spawn psql for the session at `size`, its output going to `output`; the reason when it
+/// cannot start.
+fn start_pty(
+    ctx: &Ctx,
+    session_id: &str,
+    size: PtySize,
+    output: &Arc<Output>,
+) -> Result<PtyHandle, String> {
+    let spec = psql_spec(&ctx.config, session_id)?;
+    let handle = ctx
+        .pty
+        .spawn(&ctx.world, &spec, size, Arc::clone(output))
+        .map_err(|e| format!("could not start psql: {e}"))?;
+    tracing::info!(cols = size.cols, rows = size.rows, "PTY started");
+    Ok(handle)
+}
+
+/// Send the output from `cursor` on, and the control frames queued, until the output's
+/// closing entry went out (its reason) or the link failed. Output data sent is activity.
+async fn send_output(
+    sink: &mut SplitSink<WsStream, Message>,
+    output: &Output,
+    mut cursor: u64,
+    control_rx: &mut mpsc::Receiver<TerminalFromAgent>,
+    activity: &std::sync::Mutex<Instant>,
+) -> Result<String, String> {
+    loop {
+        while let Ok(msg) = control_rx.try_recv() {
+            send_text(sink, &msg).await?;
+        }
+        let next = output.with(|r| r.next(cursor, proto::TERMINAL_CHUNK_BYTES_MAX));
+        let Some(entry) = next else {
+            tokio::select! {
+                _ = output.changed() => {}
+                msg = control_rx.recv() => match msg {
+                    Some(msg) => send_text(sink, &msg).await?,
+                    None => return Err("control queue closed".into()),
+                },
+            }
+            continue;
+        };
+        cursor = entry.end();
+        if matches!(entry, Entry::Data { .. })
+            && let Ok(mut at) = activity.lock()
+        {
+            *at = Instant::now();
+        }
+        match entry.to_frame() {
+            Frame::Binary(chunk) => sink
+                .send(Message::Binary(chunk.into()))
+                .await
+                .map_err(|e| format!("send: {e}"))?,
+            Frame::Text(msg) => send_text(sink, &msg).await?,
+        }
+        if let Entry::Closed { reason, .. } = entry {
+            let _ = sink.flush().await;
+            return Ok(reason);
+        }
+    }
+}
+
 /// A frame off the socket, for the link's rules.
 fn inbound(frame: Result<Message, tokio_tungstenite::tungstenite::Error>) -> Inbound {
     match frame {
@@ -261,37 +324,16 @@ async fn serve_link(
     let (size, from) = start;
     // The control plane never has more than the agent produced; a `from` past the end
     // (it cannot happen today) starts at the live end.
-    let mut cursor = from.min(output.with(|r| r.end()));
+    let cursor = from.min(output.with(|r| r.end()));
     if pty.is_none() {
-        let spec = match psql_spec(&ctx.config, session_id) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = send_text(
-                    &mut sink,
-                    &TerminalFromAgent::Closed {
-                        reason: e.clone(),
-                        end: 0,
-                    },
-                )
-                .await;
-                return LinkEnd::Over(e);
-            }
-        };
-        match ctx.pty.spawn(&ctx.world, &spec, size, Arc::clone(output)) {
-            Ok(handle) => {
-                tracing::info!(cols = size.cols, rows = size.rows, "PTY started");
-                *pty = Some(handle);
-            }
-            Err(e) => {
-                let reason = format!("could not start psql: {e}");
-                let _ = send_text(
-                    &mut sink,
-                    &TerminalFromAgent::Closed {
-                        reason: reason.clone(),
-                        end: 0,
-                    },
-                )
-                .await;
+        match start_pty(ctx, session_id, size, output) {
+            Ok(handle) => *pty = Some(handle),
+            Err(reason) => {
+                let closed = TerminalFromAgent::Closed {
+                    reason: reason.clone(),
+                    end: 0,
+                };
+                let _ = send_text(&mut sink, &closed).await;
                 return LinkEnd::Over(reason);
             }
         }
@@ -304,46 +346,8 @@ async fn serve_link(
     *lost_at = None;
 
     let (control_tx, mut control_rx) = mpsc::channel::<TerminalFromAgent>(CONTROL_QUEUED_MAX);
-    let activity = Arc::new(std::sync::Mutex::new(Instant::now()));
-    let out_activity = Arc::clone(&activity);
-    let outbound = async {
-        loop {
-            while let Ok(msg) = control_rx.try_recv() {
-                send_text(&mut sink, &msg).await?;
-            }
-            let next = output.with(|r| r.next(cursor, proto::TERMINAL_CHUNK_BYTES_MAX));
-            match next {
-                Some(entry) => {
-                    cursor = entry.end();
-                    if matches!(entry, Entry::Data { .. })
-                        && let Ok(mut at) = out_activity.lock()
-                    {
-                        *at = Instant::now();
-                    }
-                    match entry.to_frame() {
-                        Frame::Binary(chunk) => sink
-                            .send(Message::Binary(chunk.into()))
-                            .await
-                            .map_err(|e| format!("send: {e}"))?,
-                        Frame::Text(msg) => send_text(&mut sink, &msg).await?,
-                    }
-                    if let Entry::Closed { reason, .. } = entry {
-                        let _ = sink.flush().await;
-                        return Ok::<String, String>(reason);
-                    }
-                }
-                None => {
-                    tokio::select! {
-                        _ = output.changed() => {}
-                        msg = control_rx.recv() => match msg {
-                            Some(msg) => send_text(&mut sink, &msg).await?,
-                            None => return Err("control queue closed".into()),
-                        },
-                    }
-                }
-            }
-        }
-    };
+    let activity = std::sync::Mutex::new(Instant::now());
+    let outbound = send_output(&mut sink, output, cursor, &mut control_rx, &activity);
     let input = handle.input.clone();
     let idle_timeout = ctx.config.idle_timeout;
     let inbound = async {
