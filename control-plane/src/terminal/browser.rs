@@ -534,7 +534,7 @@ async fn serve(
     socket: WebSocket,
     access: Access,
 ) {
-    let streams = state.terminal.streams.clone();
+    let streams = &state.terminal.streams;
     let (mut sink, mut stream) = socket.split();
     // The first attach starts the PTY (at 80×24 until the browser's resize arrives).
     if let Err(e) = streams
@@ -544,150 +544,14 @@ async fn serve(
         let _ = send_json(&mut sink, &ToBrowser::State { state: "degraded" }).await;
         tracing::warn!(error = %e, "attach: store unavailable");
     }
-    let output = async {
-        let mut cursor = loop {
-            match streams.output_end(&session_id).await {
-                Ok(end) => break Cursor::new(offset.min(end)),
-                Err(_) => tokio::time::sleep(STORE_RETRY).await,
-            }
-        };
-        send_json(
-            &mut sink,
-            &ToBrowser::Offset {
-                offset: cursor.at(),
-            },
-        )
-        .await?;
-        let mut emit = Vec::new();
-        let mut shown_state = String::new();
-        let mut shown_recording = match streams.meta(&session_id).await {
-            Ok(Some(meta)) => meta.recording,
-            _ => String::new(),
-        };
-        if state.settings.recording {
-            send_json(
-                &mut sink,
-                &ToBrowser::Recording {
-                    detail: &shown_recording,
-                },
-            )
-            .await?;
-        }
-        let mut last_sent = tokio::time::Instant::now();
-        loop {
-            if last_sent.elapsed() >= PING_INTERVAL {
-                send(&mut sink, Message::Ping(Vec::new().into())).await?;
-                last_sent = tokio::time::Instant::now();
-            }
-            let entries = match streams
-                .read_output(&session_id, cursor.at(), READ_BLOCK)
-                .await
-            {
-                Ok(entries) => entries,
-                Err(e) => {
-                    if shown_state != "degraded" {
-                        tracing::warn!(error = %e, "terminal output unavailable; retrying");
-                        shown_state = "degraded".into();
-                        send_json(&mut sink, &ToBrowser::State { state: "degraded" }).await?;
-                    }
-                    tokio::time::sleep(STORE_RETRY).await;
-                    continue;
-                }
-            };
-            if entries.is_empty() {
-                // Quiet: tell the browser what the session is doing if that changed.
-                let meta = streams.meta(&session_id).await;
-                if let Ok(None) = meta {
-                    // The store answers but no longer knows the session: it lost its data
-                    // (a Redis restarted without persistence). The agent's side is gone with
-                    // it; without this the browser would wait on a silent session forever.
-                    tracing::warn!("the terminal store no longer knows this session; closing it");
-                    return say_closed(&mut sink, LOST_REASON, 1000, "session lost").await;
-                }
-                if let Ok(Some(meta)) = meta {
-                    if meta.recording != shown_recording {
-                        shown_recording = meta.recording.clone();
-                        let detail = &shown_recording;
-                        send_json(&mut sink, &ToBrowser::Recording { detail }).await?;
-                    }
-                    let now = meta.state.as_str();
-                    if now != shown_state {
-                        shown_state = now.to_string();
-                        send_json(&mut sink, &ToBrowser::State { state: now }).await?;
-                    }
-                    if meta.state == SessionState::Closed {
-                        send_json(
-                            &mut sink,
-                            &ToBrowser::Closed {
-                                reason: &meta.reason,
-                            },
-                        )
-                        .await?;
-                        return Ok::<(), String>(());
-                    }
-                }
-                continue;
-            }
-            last_sent = tokio::time::Instant::now();
-            if shown_state == "degraded" {
-                shown_state = "live".into();
-                send_json(&mut sink, &ToBrowser::State { state: "live" }).await?;
-            }
-            for entry in entries {
-                cursor.take(entry, &mut emit);
-            }
-            for entry in emit.drain(..) {
-                match entry {
-                    OutEntry::Data { bytes, .. } => {
-                        TerminalCounters::add(
-                            &state.terminal.counters.output_bytes_total,
-                            bytes.len() as u64,
-                        );
-                        send(&mut sink, Message::Binary(bytes.into())).await?;
-                    }
-                    OutEntry::Skipped { from, to } => {
-                        send_json(&mut sink, &ToBrowser::Skipped { from, to }).await?;
-                    }
-                    OutEntry::Closed { reason, .. } => {
-                        return say_closed(&mut sink, &reason, 1000, "session closed").await;
-                    }
-                }
-            }
-        }
-    };
-    let input = async {
-        while let Some(frame) = stream.next().await {
-            let event = match frame {
-                Ok(Message::Binary(data)) => InEvent::Data(data.to_vec()),
-                Ok(Message::Text(text)) => match serde_json::from_str::<FromBrowser>(&text) {
-                    Ok(FromBrowser::Resize { cols, rows }) => {
-                        let (cols, rows) = clamp_size(cols, rows);
-                        InEvent::Resize { cols, rows }
-                    }
-                    Ok(FromBrowser::Close) => InEvent::Close {
-                        reason: "closed in the browser".into(),
-                    },
-                    Ok(FromBrowser::Unknown) | Err(_) => continue,
-                },
-                Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => continue,
-            };
-            if let Err(e) = streams.append_input(&session_id, event).await {
-                // Keystrokes cannot reach the agent while the store is down; the output
-                // side has told the browser the session is degraded.
-                tracing::warn!(error = %e, "terminal input dropped: store unavailable");
-                TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
-            }
-        }
-    };
     let revoked = tokio::select! {
-        ended = output => {
+        ended = send_to_browser(&state, &session_id, offset, &mut sink) => {
             if let Err(e) = ended {
                 tracing::info!(reason = %e, "browser detached");
             }
             None
         }
-        () = input => {
+        () = take_input(&state, &session_id, &mut stream) => {
             tracing::debug!("browser closed its socket");
             None
         }
@@ -698,5 +562,174 @@ async fn serve(
         // The session goes on (psql keeps running); only this viewer loses it.
         tracing::info!(%reason, "access withdrawn; browser socket closed");
         let _ = say_closed(&mut sink, &reason, 1008, "access withdrawn").await;
+    }
+}
+
+/// What the browser was last told of the session.
+struct Shown {
+    state: String,
+    recording: String,
+}
+
+/// Send the session's output from `offset` on, with its state and recording status as they
+/// change, until the session closes or the browser fails to take it.
+async fn send_to_browser(
+    state: &TerminalContext,
+    session_id: &str,
+    offset: u64,
+    sink: &mut Sink,
+) -> Result<(), String> {
+    let streams = &state.terminal.streams;
+    let mut cursor = loop {
+        match streams.output_end(session_id).await {
+            Ok(end) => break Cursor::new(offset.min(end)),
+            Err(_) => tokio::time::sleep(STORE_RETRY).await,
+        }
+    };
+    send_json(
+        sink,
+        &ToBrowser::Offset {
+            offset: cursor.at(),
+        },
+    )
+    .await?;
+    let mut emit = Vec::new();
+    let mut shown = Shown {
+        state: String::new(),
+        recording: match streams.meta(session_id).await {
+            Ok(Some(meta)) => meta.recording,
+            _ => String::new(),
+        },
+    };
+    if state.settings.recording {
+        let detail = &shown.recording;
+        send_json(sink, &ToBrowser::Recording { detail }).await?;
+    }
+    let mut last_sent = tokio::time::Instant::now();
+    loop {
+        if last_sent.elapsed() >= PING_INTERVAL {
+            send(sink, Message::Ping(Vec::new().into())).await?;
+            last_sent = tokio::time::Instant::now();
+        }
+        let entries = match streams
+            .read_output(session_id, cursor.at(), READ_BLOCK)
+            .await
+        {
+            Ok(entries) => entries,
+            Err(e) => {
+                if shown.state != "degraded" {
+                    tracing::warn!(error = %e, "terminal output unavailable; retrying");
+                    shown.state = "degraded".into();
+                    send_json(sink, &ToBrowser::State { state: "degraded" }).await?;
+                }
+                tokio::time::sleep(STORE_RETRY).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            if quiet(state, session_id, sink, &mut shown).await? {
+                return Ok(());
+            }
+            continue;
+        }
+        last_sent = tokio::time::Instant::now();
+        if shown.state == "degraded" {
+            shown.state = "live".into();
+            send_json(sink, &ToBrowser::State { state: "live" }).await?;
+        }
+        for entry in entries {
+            cursor.take(entry, &mut emit);
+        }
+        for entry in emit.drain(..) {
+            match entry {
+                OutEntry::Data { bytes, .. } => {
+                    TerminalCounters::add(
+                        &state.terminal.counters.output_bytes_total,
+                        bytes.len() as u64,
+                    );
+                    send(sink, Message::Binary(bytes.into())).await?;
+                }
+                OutEntry::Skipped { from, to } => {
+                    send_json(sink, &ToBrowser::Skipped { from, to }).await?;
+                }
+                OutEntry::Closed { reason, .. } => {
+                    return say_closed(sink, &reason, 1000, "session closed").await;
+                }
+            }
+        }
+    }
+}
+
+/// No output for a while: tell the browser what the session is doing if that changed.
+/// `true` when the session is over (the browser was told).
+async fn quiet(
+    state: &TerminalContext,
+    session_id: &str,
+    sink: &mut Sink,
+    shown: &mut Shown,
+) -> Result<bool, String> {
+    let meta = match state.terminal.streams.meta(session_id).await {
+        Ok(Some(meta)) => meta,
+        Ok(None) => {
+            // The store answers but no longer knows the session: it lost its data (a Redis
+            // restarted without persistence). The agent's side is gone with it; without this
+            // the browser would wait on a silent session forever.
+            tracing::warn!("the terminal store no longer knows this session; closing it");
+            say_closed(sink, LOST_REASON, 1000, "session lost").await?;
+            return Ok(true);
+        }
+        Err(_) => return Ok(false),
+    };
+    if meta.recording != shown.recording {
+        shown.recording = meta.recording.clone();
+        let detail = &shown.recording;
+        send_json(sink, &ToBrowser::Recording { detail }).await?;
+    }
+    let now = meta.state.as_str();
+    if now != shown.state {
+        shown.state = now.to_string();
+        send_json(sink, &ToBrowser::State { state: now }).await?;
+    }
+    if meta.state == SessionState::Closed {
+        send_json(
+            sink,
+            &ToBrowser::Closed {
+                reason: &meta.reason,
+            },
+        )
+        .await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Forward the browser's keystrokes, resizes and close to the session until its socket ends.
+async fn take_input(
+    state: &TerminalContext,
+    session_id: &str,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) {
+    while let Some(frame) = stream.next().await {
+        let event = match frame {
+            Ok(Message::Binary(data)) => InEvent::Data(data.to_vec()),
+            Ok(Message::Text(text)) => match serde_json::from_str::<FromBrowser>(&text) {
+                Ok(FromBrowser::Resize { cols, rows }) => {
+                    let (cols, rows) = clamp_size(cols, rows);
+                    InEvent::Resize { cols, rows }
+                }
+                Ok(FromBrowser::Close) => InEvent::Close {
+                    reason: "closed in the browser".into(),
+                },
+                Ok(FromBrowser::Unknown) | Err(_) => continue,
+            },
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        if let Err(e) = state.terminal.streams.append_input(session_id, event).await {
+            // Keystrokes cannot reach the agent while the store is down; the output side has
+            // told the browser the session is degraded.
+            tracing::warn!(error = %e, "terminal input dropped: store unavailable");
+            TerminalCounters::add(&state.terminal.counters.store_failures_total, 1);
+        }
     }
 }
