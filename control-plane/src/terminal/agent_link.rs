@@ -172,23 +172,9 @@ enum End {
 
 async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
     let streams = state.terminal.streams.clone();
-    let settings = state.terminal.settings.clone();
     let (mut sink, mut stream) = socket.split();
-
-    // Where output resumes, and which input is still to be forwarded.
-    let (meta, written_end) = loop {
-        let meta = streams.meta(&session_id).await;
-        let end = streams.output_end(&session_id).await;
-        match (meta, end) {
-            (Ok(Some(meta)), Ok(end)) => break (meta, end),
-            (Ok(None), _) => return,
-            _ => {
-                if state.shutdown.is_cancelled() {
-                    return;
-                }
-                tokio::time::sleep(RETRY_MIN).await;
-            }
-        }
+    let Some((meta, written_end)) = resume_point(&state, &session_id).await else {
+        return;
     };
     let mut input_cursor = meta.input_cursor.clone();
     // Input numbers taken on this link: a copy or a re-read (a cursor set back) is not
@@ -206,65 +192,14 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
             from: written_end,
         }
     } else {
-        // No PTY before a browser attached: wait for its attach in the input stream.
-        let deadline = Instant::now() + settings.attach_timeout;
-        let mut attached = None;
-        let mut closed = None;
-        while attached.is_none() && closed.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match streams
-                .read_input(&session_id, &input_cursor, left.min(INPUT_BLOCK))
-                .await
-            {
-                Ok(events) => {
-                    for entry in events {
-                        input_cursor = entry.id;
-                        if !is_new(&state, &mut gate, entry.seq) {
-                            continue;
-                        }
-                        match entry.event {
-                            InEvent::Attach { cols, rows } => {
-                                attached = Some((cols, rows));
-                                break;
-                            }
-                            InEvent::Close { reason } => {
-                                closed = Some(reason);
-                                break;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                Err(_) => tokio::time::sleep(RETRY_MIN).await,
-            }
-            // Keep the agent's link alive while waiting.
-            if send(&mut sink, &TerminalToAgent::Ping).await.is_err() {
-                return;
-            }
-        }
-        match attached {
-            Some((cols, rows)) => TerminalToAgent::Start {
-                cols,
-                rows,
-                from: 0,
-            },
-            None => {
-                let reason = closed.unwrap_or_else(|| {
-                    format!(
-                        "no browser attached within {} s",
-                        settings.attach_timeout.as_secs()
-                    )
-                });
-                let _ = send(
-                    &mut sink,
-                    &TerminalToAgent::Close {
-                        reason: reason.clone(),
-                    },
-                )
-                .await;
+        match wait_for_attach(&state, &session_id, &mut input_cursor, &mut gate, &mut sink).await {
+            Attach::Start(start) => start,
+            Attach::LinkGone => return,
+            Attach::Over(reason) => {
+                let close = TerminalToAgent::Close {
+                    reason: reason.clone(),
+                };
+                let _ = send(&mut sink, &close).await;
                 let recording = super::recording::close_out(&state, &session_id).await;
                 finish(&state, &session_id, &reason, recording.as_ref()).await;
                 return;
@@ -298,19 +233,115 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         end = input_loop(&state, &streams, &session_id, (input_cursor, gate), &mut sink, recorder) => end,
         () = state.shutdown.cancelled() => End::Lost("control plane shutting down".into()),
     };
+    link_ended(&state, &session_id, end, recorder).await;
+}
+
+/// The session's state and where its stored output ends: what a link resumes from. `None`
+/// when the session is unknown (or the control plane stops while the store does not answer).
+async fn resume_point(
+    state: &TerminalContext,
+    session_id: &str,
+) -> Option<(super::SessionMeta, u64)> {
+    let streams = &state.terminal.streams;
+    loop {
+        let meta = streams.meta(session_id).await;
+        let end = streams.output_end(session_id).await;
+        match (meta, end) {
+            (Ok(Some(meta)), Ok(end)) => return Some((meta, end)),
+            (Ok(None), _) => return None,
+            _ => {
+                if state.shutdown.is_cancelled() {
+                    return None;
+                }
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+    }
+}
+
+/// How waiting for the first browser ended.
+enum Attach {
+    /// A browser attached: start the PTY.
+    Start(TerminalToAgent),
+    /// Closed before any browser attached, or none did in time.
+    Over(String),
+    /// The agent's link went away meanwhile.
+    LinkGone,
+}
+
+/// No PTY exists before a browser attached: wait for its attach in the input stream (up to
+/// the attach timeout), keeping the agent's link alive meanwhile.
+async fn wait_for_attach(
+    state: &TerminalContext,
+    session_id: &str,
+    input_cursor: &mut String,
+    gate: &mut InputGate,
+    sink: &mut Sink,
+) -> Attach {
+    let attach_timeout = state.terminal.settings.attach_timeout;
+    let deadline = Instant::now() + attach_timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Attach::Over(format!(
+                "no browser attached within {} s",
+                attach_timeout.as_secs()
+            ));
+        }
+        match state
+            .terminal
+            .streams
+            .read_input(session_id, input_cursor, left.min(INPUT_BLOCK))
+            .await
+        {
+            Ok(events) => {
+                for entry in events {
+                    *input_cursor = entry.id;
+                    if !is_new(state, gate, entry.seq) {
+                        continue;
+                    }
+                    match entry.event {
+                        InEvent::Attach { cols, rows } => {
+                            return Attach::Start(TerminalToAgent::Start {
+                                cols,
+                                rows,
+                                from: 0,
+                            });
+                        }
+                        InEvent::Close { reason } => return Attach::Over(reason),
+                        _ => {}
+                    }
+                }
+            }
+            Err(_) => tokio::time::sleep(RETRY_MIN).await,
+        }
+        if send(sink, &TerminalToAgent::Ping).await.is_err() {
+            return Attach::LinkGone;
+        }
+    }
+}
+
+/// Record how the link ended: a finished session (its recording first, so the end record
+/// carries its hash; then the close entry), or a lost link the agent may come back to.
+async fn link_ended(
+    state: &TerminalContext,
+    session_id: &str,
+    end: End,
+    recorder: Option<&Recorder>,
+) {
+    let streams = &state.terminal.streams;
     match end {
         End::Closed { reason, close } => {
-            // The recording is finished first, so the session's end record carries its hash.
             let recording = match (&close, recorder) {
                 (Some(close), Some(recorder)) => recorder.finish(close.clone()).await,
                 _ => None,
             };
-            finish(&state, &session_id, &reason, recording.as_ref()).await;
+            finish(state, session_id, &reason, recording.as_ref()).await;
             if let Some(close) = close {
                 let close = [close];
-                let cap = settings.stream_bytes_max;
+                let cap = state.terminal.settings.stream_bytes_max;
                 let _ =
-                    until_stored(&state, || streams.append_output(&session_id, &close, cap)).await;
+                    until_stored(state, || streams.append_output(session_id, &close, cap)).await;
             }
             tracing::info!(%reason, "terminal session over");
         }
@@ -319,7 +350,7 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
             let now_ms = state.world.now_unix_ms();
             let _ = streams
                 .update(
-                    &session_id,
+                    session_id,
                     now_ms,
                     MetaPatch::state(SessionState::Reconnecting),
                 )
