@@ -125,7 +125,7 @@ test: (setup "test")
     step "fresh demo test" just fresh-demo-test
     step "fixtures (docker)" just fixtures-docker-test
     step "schemathesis" just schemathesis
-    # The dev profile builds in about half the time; the same instrumentation finds the same bugs.
+    # A dev-profile build: nothing to optimise, the same coverage instrumentation.
     step "fuzz" just fuzz 15 dev
 
 # The README's demo command from a clean clone in a bare Debian container with only this machine kind's tools; logs in at the printed url.
