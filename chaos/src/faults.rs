@@ -173,9 +173,12 @@ pub fn plan(
             _ => rng.random_range(500..3_000),
         };
         let mut target = rng.random_range(0..targets.max(1));
-        // The first replica is killed only in the first half of the run, so one replica
-        // process lives through the second half for the resource check.
-        if kind == Kind::ReplicaKill && at > duration_ms / 2 {
+        // The first replica is killed only while at least the resource check's life is left
+        // of the run (and never in its second half), so one replica process lives long
+        // enough to be compared.
+        if kind == Kind::ReplicaKill
+            && (at > duration_ms / 2 || at + crate::resources::LIFE_COMPARED_MS > duration_ms)
+        {
             target = 1;
         }
         out.push(Planned {
@@ -278,254 +281,297 @@ async fn crash_launcher(d: &Shared, p: &Planned) -> (bool, String) {
 /// Carry out `p` on the deployment: inject, hold, heal. Locks the deployment only while it
 /// changes something. Returns whether the fault was injected, and a note.
 pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
-    let hold = Duration::from_millis(p.hold_ms);
     match p.kind {
-        Kind::AgentKill => {
-            let i = {
-                let mut g = d.lock().await;
-                let i = agent_index(&g, p.target);
-                g.agents[i].service.kill9().await;
-                i
-            };
-            tokio::time::sleep(hold).await;
-            (true, start_agent(d, i).await)
-        }
-        Kind::AgentPause => {
-            let i = {
-                let mut g = d.lock().await;
-                let i = agent_index(&g, p.target);
-                if let Err(e) = g.agents[i].service.pause() {
-                    return (false, format!("{e:#}"));
-                }
-                i
-            };
-            tokio::time::sleep(hold).await;
-            let mut g = d.lock().await;
-            let note = match g.agents[i].service.resume() {
-                Ok(()) => String::new(),
-                Err(e) => format!("{e:#}"),
-            };
-            (true, note)
-        }
-        Kind::CrashAfterAck | Kind::CrashAfterSpawn => {
-            let point = if p.kind == Kind::CrashAfterAck {
-                CRASH_AFTER_ACK
-            } else {
-                CRASH_AFTER_SPAWN
-            };
-            let i = {
-                let mut g = d.lock().await;
-                let i = agent_index(&g, p.target);
-                let a = &mut g.agents[i];
-                a.service.kill9().await;
-                a.service.set_env(
-                    "OUTPOST_CHAOS_CRASH_AT",
-                    Some(&format!("{point}:{}", p.nth)),
-                );
-                if let Err(e) = a.service.start() {
-                    return (false, format!("start with the crash point: {e:#}"));
-                }
-                i
-            };
-            // Wait (without holding the lock) for the agent to reach the point and die.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-            let mut crashed = false;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let mut g = d.lock().await;
-                if !g.agents[i].service.running() {
-                    crashed = true;
-                    break;
-                }
-            }
-            if !crashed {
-                let mut g = d.lock().await;
-                g.agents[i].service.kill9().await;
-            }
-            let note = start_agent(d, i).await;
-            if crashed {
-                (true, note)
-            } else {
-                (
-                    true,
-                    format!("{point} not reached within 45 s; killed -9 instead {note}"),
-                )
-            }
-        }
+        Kind::AgentKill => kill_agent(d, p).await,
+        Kind::AgentPause => pause_agent(d, p).await,
+        Kind::CrashAfterAck | Kind::CrashAfterSpawn => crash_agent_at(d, p).await,
         Kind::CrashLauncherAfterFork => crash_launcher(d, p).await,
-        Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => {
-            let (inbound, outbound) = match p.kind {
-                Kind::Partition => (true, true),
-                Kind::HalfOpenIn => (true, false),
-                _ => (false, true),
-            };
-            let ns = {
-                let g = d.lock().await;
-                g.agents[agent_index(&g, p.target)].netns.clone()
-            };
-            cut_for(&ns, inbound, outbound, hold).await
+        Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => cut_agent(d, p).await,
+        Kind::Latency | Kind::SlowLink => slow_agent(d, p).await,
+        Kind::DiskFull => fill_disk(d, p).await,
+        Kind::CorruptBuffer => corrupt_buffer(d, p).await,
+        Kind::CorruptTasks => corrupt_tasks(d, p).await,
+        Kind::ReplicaKill => kill_replica(d, p).await,
+        Kind::RedisRestart => restart_redis(d, p).await,
+        Kind::StorageRestart | Kind::StorageKill => restart_storage(d, p).await,
+        Kind::SshCut => cut_ssh(d, p).await,
+    }
+}
+
+/// The AgentKill fault: inject, hold, heal.
+async fn kill_agent(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let i = {
+        let mut g = d.lock().await;
+        let i = agent_index(&g, p.target);
+        g.agents[i].service.kill9().await;
+        i
+    };
+    tokio::time::sleep(hold).await;
+    (true, start_agent(d, i).await)
+}
+
+/// The AgentPause fault: inject, hold, heal.
+async fn pause_agent(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let i = {
+        let mut g = d.lock().await;
+        let i = agent_index(&g, p.target);
+        if let Err(e) = g.agents[i].service.pause() {
+            return (false, format!("{e:#}"));
         }
-        Kind::Latency | Kind::SlowLink => {
-            let proxy = {
-                let g = d.lock().await;
-                std::sync::Arc::clone(&g.agents[agent_index(&g, p.target)].proxy)
-            };
-            let (mode, note) = if p.kind == Kind::Latency {
-                let ms = 200 + p.hold_ms % 1300;
-                (
-                    Mode::Delay(Duration::from_millis(ms)),
-                    format!("{ms} ms per chunk"),
-                )
-            } else {
-                (Mode::Slow(2048), "2 KiB/s".to_string())
-            };
-            proxy.set(mode);
-            tokio::time::sleep(hold).await;
-            proxy.set(Mode::Pass);
-            (true, note)
+        i
+    };
+    tokio::time::sleep(hold).await;
+    let mut g = d.lock().await;
+    let note = match g.agents[i].service.resume() {
+        Ok(()) => String::new(),
+        Err(e) => format!("{e:#}"),
+    };
+    (true, note)
+}
+
+/// The CrashAfterAck and CrashAfterSpawn faults: inject, hold, heal.
+async fn crash_agent_at(d: &Shared, p: &Planned) -> (bool, String) {
+    let point = if p.kind == Kind::CrashAfterAck {
+        CRASH_AFTER_ACK
+    } else {
+        CRASH_AFTER_SPAWN
+    };
+    let i = {
+        let mut g = d.lock().await;
+        let i = agent_index(&g, p.target);
+        let a = &mut g.agents[i];
+        a.service.kill9().await;
+        a.service.set_env(
+            "OUTPOST_CHAOS_CRASH_AT",
+            Some(&format!("{point}:{}", p.nth)),
+        );
+        if let Err(e) = a.service.start() {
+            return (false, format!("start with the crash point: {e:#}"));
         }
-        Kind::DiskFull => {
-            let data = {
-                let g = d.lock().await;
-                g.agents[agent_index(&g, p.target)].data.clone()
-            };
-            let filler = data.join("chaos-filler");
-            // Fill what is free; the write stops at ENOSPC.
-            let written = fill(&filler);
-            tokio::time::sleep(hold).await;
-            let _ = std::fs::remove_file(&filler);
-            (true, format!("{} KiB filler", written / 1024))
-        }
-        Kind::CorruptBuffer => {
-            let mut g = d.lock().await;
-            let i = agent_index(&g, p.target);
-            g.agents[i].service.kill9().await;
-            let path = g.agents[i].data.join("buffer.db");
-            let note = match crate::verdict::snapshot_buffer(&path) {
-                Ok(snap) => {
-                    let note = format!(
-                        "epoch {} with {} rows buffered moved aside",
-                        snap.epoch,
-                        snap.seqs.len()
-                    );
-                    g.lost_to_corruption.push((i, snap));
-                    note
-                }
-                Err(e) => format!("could not read the buffer before corrupting it: {e}"),
-            };
-            let corrupted = corrupt(&path);
-            drop(g);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let restarted = start_agent(d, i).await;
-            match corrupted {
-                Ok(()) => (true, format!("{note} {restarted}")),
-                Err(e) => (false, format!("corrupt {}: {e}", path.display())),
-            }
-        }
-        Kind::CorruptTasks => {
-            let mut g = d.lock().await;
-            let i = agent_index(&g, p.target);
-            g.agents[i].service.kill9().await;
-            let path = g.agents[i].data.join("tasks.db");
-            let before = crate::verdict::read_tasks(&path);
-            let corrupted = corrupt(&path);
-            if corrupted.is_ok() {
-                g.tasks_corrupted.push(crate::verdict::DamagedStore {
-                    agent: i,
-                    at_ms: world::World::real().now_unix_ms(),
-                    before,
-                });
-            }
-            drop(g);
-            let restarted = start_agent(d, i).await;
-            match corrupted {
-                Ok(()) => (true, restarted),
-                Err(e) => (false, format!("corrupt {}: {e}", path.display())),
-            }
-        }
-        Kind::ReplicaKill => {
-            let i;
-            {
-                let mut g = d.lock().await;
-                i = p.target % g.replicas.len();
-                g.replicas[i].kill9().await;
-            }
-            tokio::time::sleep(hold).await;
-            let mut g = d.lock().await;
-            let addr = g.replica_addrs[i].clone();
-            let r = &mut g.replicas[i];
-            if let Err(e) = r.start() {
-                return (true, format!("restart: {e:#}"));
-            }
-            let ready =
-                wait_ready(r, "serving again", || crate::deploy::healthz(addr.clone())).await;
-            (
-                true,
-                ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-            )
-        }
-        Kind::RedisRestart => {
-            {
-                let mut g = d.lock().await;
-                g.redis.kill9().await;
-            }
-            tokio::time::sleep(hold).await;
-            let mut g = d.lock().await;
-            let addr = format!("127.0.0.1:{}", g.redis_port);
-            if let Err(e) = g.redis.start() {
-                return (true, format!("restart: {e:#}"));
-            }
-            let ready = wait_ready(&mut g.redis, "accepting", || accepts(&addr)).await;
-            (
-                true,
-                ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-            )
-        }
-        Kind::StorageRestart | Kind::StorageKill => {
-            {
-                let mut g = d.lock().await;
-                if p.kind == Kind::StorageKill {
-                    g.storage_pg.kill9().await;
-                } else {
-                    // Fast shutdown: sessions are ended, the cluster stops cleanly.
-                    g.storage_pg
-                        .stop(Signal::SIGINT, Duration::from_secs(20))
-                        .await;
-                }
-            }
-            tokio::time::sleep(hold).await;
-            let mut g = d.lock().await;
-            let url = g.storage_url.clone();
-            let psql = g.pg_bin.join("psql");
-            // After a kill -9 the old backends may hold shared memory a moment: retry.
-            let mut last = String::new();
-            for _ in 0..50 {
-                match g.storage_pg.start() {
-                    Ok(()) => {}
-                    Err(e) => last = format!("{e:#}"),
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if g.storage_pg.running() {
-                    break;
-                }
-            }
-            drop(g);
-            match crate::deploy::wait_for_sql(&psql, &url).await {
-                Ok(()) => (true, String::new()),
-                Err(e) => (true, format!("{e:#} {last}")),
-            }
-        }
-        Kind::SshCut => {
-            let ns = {
-                let g = d.lock().await;
-                if g.ssh_hosts.is_empty() {
-                    return (false, "no SSH hosts".into());
-                }
-                g.ssh_hosts[p.target % g.ssh_hosts.len()].netns.clone()
-            };
-            cut_for(&ns, true, true, hold).await
+        i
+    };
+    // Wait (without holding the lock) for the agent to reach the point and die.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut crashed = false;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut g = d.lock().await;
+        if !g.agents[i].service.running() {
+            crashed = true;
+            break;
         }
     }
+    if !crashed {
+        let mut g = d.lock().await;
+        g.agents[i].service.kill9().await;
+    }
+    let note = start_agent(d, i).await;
+    if crashed {
+        (true, note)
+    } else {
+        (
+            true,
+            format!("{point} not reached within 45 s; killed -9 instead {note}"),
+        )
+    }
+}
+
+/// The Partition, HalfOpenIn and HalfOpenOut faults: inject, hold, heal.
+async fn cut_agent(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let (inbound, outbound) = match p.kind {
+        Kind::Partition => (true, true),
+        Kind::HalfOpenIn => (true, false),
+        _ => (false, true),
+    };
+    let ns = {
+        let g = d.lock().await;
+        g.agents[agent_index(&g, p.target)].netns.clone()
+    };
+    cut_for(&ns, inbound, outbound, hold).await
+}
+
+/// The Latency and SlowLink faults: inject, hold, heal.
+async fn slow_agent(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let proxy = {
+        let g = d.lock().await;
+        std::sync::Arc::clone(&g.agents[agent_index(&g, p.target)].proxy)
+    };
+    let (mode, note) = if p.kind == Kind::Latency {
+        let ms = 200 + p.hold_ms % 1300;
+        (
+            Mode::Delay(Duration::from_millis(ms)),
+            format!("{ms} ms per chunk"),
+        )
+    } else {
+        (Mode::Slow(2048), "2 KiB/s".to_string())
+    };
+    proxy.set(mode);
+    tokio::time::sleep(hold).await;
+    proxy.set(Mode::Pass);
+    (true, note)
+}
+
+/// The DiskFull fault: inject, hold, heal.
+async fn fill_disk(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let data = {
+        let g = d.lock().await;
+        g.agents[agent_index(&g, p.target)].data.clone()
+    };
+    let filler = data.join("chaos-filler");
+    // Fill what is free; the write stops at ENOSPC.
+    let written = fill(&filler);
+    tokio::time::sleep(hold).await;
+    let _ = std::fs::remove_file(&filler);
+    (true, format!("{} KiB filler", written / 1024))
+}
+
+/// The CorruptBuffer fault: inject, hold, heal.
+async fn corrupt_buffer(d: &Shared, p: &Planned) -> (bool, String) {
+    let mut g = d.lock().await;
+    let i = agent_index(&g, p.target);
+    g.agents[i].service.kill9().await;
+    let path = g.agents[i].data.join("buffer.db");
+    let note = match crate::verdict::snapshot_buffer(&path) {
+        Ok(snap) => {
+            let note = format!(
+                "epoch {} with {} rows buffered moved aside",
+                snap.epoch,
+                snap.seqs.len()
+            );
+            g.lost_to_corruption.push((i, snap));
+            note
+        }
+        Err(e) => format!("could not read the buffer before corrupting it: {e}"),
+    };
+    let corrupted = corrupt(&path);
+    drop(g);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let restarted = start_agent(d, i).await;
+    match corrupted {
+        Ok(()) => (true, format!("{note} {restarted}")),
+        Err(e) => (false, format!("corrupt {}: {e}", path.display())),
+    }
+}
+
+/// The CorruptTasks fault: inject, hold, heal.
+async fn corrupt_tasks(d: &Shared, p: &Planned) -> (bool, String) {
+    let mut g = d.lock().await;
+    let i = agent_index(&g, p.target);
+    g.agents[i].service.kill9().await;
+    let path = g.agents[i].data.join("tasks.db");
+    let before = crate::verdict::read_tasks(&path);
+    let corrupted = corrupt(&path);
+    if corrupted.is_ok() {
+        g.tasks_corrupted.push(crate::verdict::DamagedStore {
+            agent: i,
+            at_ms: world::World::real().now_unix_ms(),
+            before,
+        });
+    }
+    drop(g);
+    let restarted = start_agent(d, i).await;
+    match corrupted {
+        Ok(()) => (true, restarted),
+        Err(e) => (false, format!("corrupt {}: {e}", path.display())),
+    }
+}
+
+/// The ReplicaKill fault: inject, hold, heal.
+async fn kill_replica(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let i;
+    {
+        let mut g = d.lock().await;
+        i = p.target % g.replicas.len();
+        g.replicas[i].kill9().await;
+    }
+    tokio::time::sleep(hold).await;
+    let mut g = d.lock().await;
+    let addr = g.replica_addrs[i].clone();
+    let r = &mut g.replicas[i];
+    if let Err(e) = r.start() {
+        return (true, format!("restart: {e:#}"));
+    }
+    let ready = wait_ready(r, "serving again", || crate::deploy::healthz(addr.clone())).await;
+    (
+        true,
+        ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+    )
+}
+
+/// The RedisRestart fault: inject, hold, heal.
+async fn restart_redis(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    {
+        let mut g = d.lock().await;
+        g.redis.kill9().await;
+    }
+    tokio::time::sleep(hold).await;
+    let mut g = d.lock().await;
+    let addr = format!("127.0.0.1:{}", g.redis_port);
+    if let Err(e) = g.redis.start() {
+        return (true, format!("restart: {e:#}"));
+    }
+    let ready = wait_ready(&mut g.redis, "accepting", || accepts(&addr)).await;
+    (
+        true,
+        ready.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+    )
+}
+
+/// The StorageRestart and StorageKill faults: inject, hold, heal.
+async fn restart_storage(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    {
+        let mut g = d.lock().await;
+        if p.kind == Kind::StorageKill {
+            g.storage_pg.kill9().await;
+        } else {
+            // Fast shutdown: sessions are ended, the cluster stops cleanly.
+            g.storage_pg
+                .stop(Signal::SIGINT, Duration::from_secs(20))
+                .await;
+        }
+    }
+    tokio::time::sleep(hold).await;
+    let mut g = d.lock().await;
+    let url = g.storage_url.clone();
+    let psql = g.pg_bin.join("psql");
+    // After a kill -9 the old backends may hold shared memory a moment: retry.
+    let mut last = String::new();
+    for _ in 0..50 {
+        match g.storage_pg.start() {
+            Ok(()) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if g.storage_pg.running() {
+            break;
+        }
+    }
+    drop(g);
+    match crate::deploy::wait_for_sql(&psql, &url).await {
+        Ok(()) => (true, String::new()),
+        Err(e) => (true, format!("{e:#} {last}")),
+    }
+}
+
+/// The SshCut fault: inject, hold, heal.
+async fn cut_ssh(d: &Shared, p: &Planned) -> (bool, String) {
+    let hold = Duration::from_millis(p.hold_ms);
+    let ns = {
+        let g = d.lock().await;
+        if g.ssh_hosts.is_empty() {
+            return (false, "no SSH hosts".into());
+        }
+        g.ssh_hosts[p.target % g.ssh_hosts.len()].netns.clone()
+    };
+    cut_for(&ns, true, true, hold).await
 }
 
 /// Cut `ns` (as [`crate::host::Netns::cut`]) for `hold`, then heal it.
@@ -622,6 +668,23 @@ mod tests {
                 .filter(|f| f.kind == Kind::ReplicaKill && f.at_ms > 300_000)
                 .all(|f| f.target == 1)
         );
+    }
+
+    #[test]
+    fn in_short_runs_the_first_replica_keeps_the_resource_checks_life() {
+        for seed in 0..50 {
+            for duration_ms in [90_000, 120_000, 180_000] {
+                let services = plan(seed, 1, &SERVICE_LANE, 2, duration_ms);
+                for f in services.iter().filter(|f| f.kind == Kind::ReplicaKill) {
+                    assert!(
+                        f.target == 1
+                            || f.at_ms + crate::resources::LIFE_COMPARED_MS <= duration_ms,
+                        "seed {seed}, {duration_ms} ms: replica 0 killed at {} ms",
+                        f.at_ms
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub fn marker_processes(markers: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// How long a replica process must have lived for its resources to be compared (ms).
+pub const LIFE_COMPARED_MS: u64 = 90_000;
+
 /// Resource samples per (replica, pid): (ms since start, figures).
 pub type Series = BTreeMap<(usize, i32), Vec<(u64, Proc)>>;
 
@@ -78,7 +81,7 @@ pub fn resource_verdict(series: &Series) -> (Vec<String>, Verdict) {
                 w.iter().map(|p| p.rss_kib as f64).sum::<f64>() / n,
             ))
         };
-        if life < 90_000 {
+        if life < LIFE_COMPARED_MS {
             continue;
         }
         let (Some(early), Some(late)) = (
