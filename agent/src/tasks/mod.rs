@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod command;
 pub mod core;
 pub mod cron;
 pub mod driver;
