@@ -153,6 +153,16 @@ impl Cursor {
     /// what it has seen, a skip from the cursor for any hole before the entry, the unseen tail
     /// of data, a skip that ends past the cursor, the close (at the cursor at least).
     pub fn take(&mut self, entry: Entry, out: &mut Vec<Entry>) {
+        let (from, first) = (self.at, out.len());
+        self.take_unchecked(entry, out);
+        if cfg!(debug_assertions)
+            && let Some(violation) = stitched_wrong(from, self.at, &out[first..])
+        {
+            panic!("terminal cursor invariant violated: {violation}");
+        }
+    }
+
+    fn take_unchecked(&mut self, entry: Entry, out: &mut Vec<Entry>) {
         if self.closed {
             return;
         }
@@ -177,10 +187,13 @@ impl Cursor {
                 if seen > 0 {
                     bytes.drain(..seen.min(bytes.len()));
                 }
-                out.push(Entry::Data {
-                    offset: self.at,
-                    bytes,
-                });
+                // An empty chunk (a malformed frame) only moved the cursor, if anything.
+                if !bytes.is_empty() {
+                    out.push(Entry::Data {
+                        offset: self.at,
+                        bytes,
+                    });
+                }
                 self.at = end;
             }
             Entry::Skipped { to, .. } => {
@@ -198,6 +211,41 @@ impl Cursor {
             }
         }
     }
+}
+
+/// Why `passed`, what a cursor moving from `from` to `to` passed on, is not a contiguous
+/// stretch from `from` to `to`: data and skips that follow each other without a gap or an
+/// overlap, never empty, and nothing after a close.
+fn stitched_wrong(from: u64, to: u64, passed: &[Entry]) -> Option<String> {
+    let mut at = from;
+    for (i, entry) in passed.iter().enumerate() {
+        match entry {
+            Entry::Data { offset, bytes } => {
+                if *offset != at || bytes.is_empty() {
+                    return Some(format!(
+                        "data at {offset} ({} bytes) where {at} was next",
+                        bytes.len()
+                    ));
+                }
+                at += bytes.len() as u64;
+            }
+            Entry::Skipped { from: f, to: t } => {
+                if *f != at || t <= f {
+                    return Some(format!("skip {f}..{t} where {at} was next"));
+                }
+                at = *t;
+            }
+            Entry::Closed { end, .. } => {
+                if *end < at || i + 1 != passed.len() {
+                    return Some(format!(
+                        "close at {end} after {at}, entry {i} of {}",
+                        passed.len()
+                    ));
+                }
+            }
+        }
+    }
+    (at != to).then(|| format!("passed on up to {at} but the cursor is at {to}"))
 }
 
 #[cfg(test)]
@@ -335,5 +383,39 @@ mod tests {
         };
         assert_eq!((d.id(), d.end()), ((13, 0), 13));
         assert!(d.id() < s.id() && s.id() < c.id());
+    }
+
+    #[test]
+    fn an_empty_chunk_passes_on_nothing_but_its_gap() {
+        let mut cursor = Cursor::new(3);
+        let mut out = Vec::new();
+        cursor.take(
+            Entry::Data {
+                offset: 5,
+                bytes: Vec::new(),
+            },
+            &mut out,
+        );
+        assert_eq!(out, vec![Entry::Skipped { from: 3, to: 5 }]);
+        assert_eq!(cursor.at(), 5);
+    }
+
+    #[test]
+    fn the_stitch_check_finds_a_gap_an_overlap_and_a_late_close() {
+        use super::stitched_wrong;
+        assert_eq!(stitched_wrong(0, 4, &[data(0, "ab"), data(2, "cd")]), None);
+        assert!(
+            stitched_wrong(0, 4, &[data(0, "ab"), data(3, "d")]).is_some(),
+            "a gap"
+        );
+        assert!(
+            stitched_wrong(0, 3, &[data(0, "ab"), data(1, "bc")]).is_some(),
+            "an overlap"
+        );
+        let close = Entry::Closed {
+            end: 2,
+            reason: "done".into(),
+        };
+        assert!(stitched_wrong(0, 4, &[data(0, "ab"), close, data(2, "cd")]).is_some());
     }
 }

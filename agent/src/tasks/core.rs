@@ -187,6 +187,73 @@ impl Scheduler {
         self.tasks.get(id)
     }
 
+    /// What must hold between any two calls: each run in flight belongs to a task that is
+    /// queued or doing, a task has at most one run in flight and is in flight only with one,
+    /// the due index is exactly the scheduled tasks' next runs, and run ids are never reused.
+    /// The first violation, in words.
+    pub fn invariant_violation(&self) -> Option<String> {
+        let mut runs_of = BTreeMap::<&str, i64>::new();
+        for (run_id, task_id) in &self.running {
+            if *run_id >= self.next_run_id {
+                return Some(format!(
+                    "run {run_id} is not below the next run id {}",
+                    self.next_run_id
+                ));
+            }
+            match self.tasks.get(task_id) {
+                Some(t) if t.status & status::IN_FLIGHT != 0 => {}
+                Some(t) => {
+                    return Some(format!(
+                        "run {run_id} is in flight but its task {task_id} is {}",
+                        status::name(t.status)
+                    ));
+                }
+                None => return Some(format!("run {run_id} belongs to no known task {task_id}")),
+            }
+            if let Some(other) = runs_of.insert(task_id, *run_id) {
+                return Some(format!(
+                    "task {task_id} has two runs in flight: {other} and {run_id}"
+                ));
+            }
+        }
+        for (id, t) in &self.tasks {
+            if t.status & status::IN_FLIGHT != 0 && !runs_of.contains_key(id.as_str()) {
+                return Some(format!(
+                    "task {id} is {} with no run in flight",
+                    status::name(t.status)
+                ));
+            }
+            let indexed = t.status == status::SCHEDULED && t.next_run_ms.is_some();
+            if indexed
+                && !self
+                    .due
+                    .contains(&(t.next_run_ms.unwrap_or_default(), id.clone()))
+            {
+                return Some(format!("scheduled task {id} is missing from the due index"));
+            }
+        }
+        for (at, id) in &self.due {
+            match self.tasks.get(id) {
+                Some(t) if t.status == status::SCHEDULED && t.next_run_ms == Some(*at) => {}
+                _ => {
+                    return Some(format!(
+                        "the due index holds ({at}, {id}), which is not a scheduled task's next run"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Stop the process on a violated invariant, in debug builds (tests, the simulator).
+    pub fn debug_assert_invariants(&self) {
+        if cfg!(debug_assertions)
+            && let Some(violation) = self.invariant_violation()
+        {
+            panic!("task scheduler invariant violated: {violation}");
+        }
+    }
+
     pub fn running(&self) -> usize {
         self.running.len()
     }

@@ -40,6 +40,8 @@ fn dispatched(effects: &[Effect]) -> Vec<(String, i64)> {
 }
 
 fn status_of(s: &Scheduler, id: &str) -> &'static str {
+    // Every look at a task also checks that the scheduler is consistent.
+    s.debug_assert_invariants();
     status::name(s.task(id).expect("task").status)
 }
 
@@ -502,4 +504,28 @@ fn rescheduling_moves_the_next_run_and_a_running_task_keeps_its_run() {
         s.reschedule(0, "zz", Schedule::Once { at_ms: 0 }),
         Err(RescheduleError::Unknown(_))
     ));
+}
+
+#[test]
+fn the_invariant_check_names_what_is_inconsistent() {
+    let mut s = Scheduler::new(Config::default());
+    let id = "t_1".to_string();
+    s.submit(
+        100,
+        id.clone(),
+        spec(Kind::HealthCheck, Schedule::Once { at_ms: 100 }),
+    )
+    .expect("submitted");
+    assert_eq!(s.invariant_violation(), None);
+    let dispatched = dispatched(&s.tick(100));
+    assert_eq!(dispatched.len(), 1);
+    assert_eq!(s.invariant_violation(), None);
+    // A second run for the same task, as a bug in recovery could make.
+    s.running.insert(s.next_run_id, id.clone());
+    s.next_run_id += 1;
+    let violation = s.invariant_violation().expect("two runs of one task");
+    assert!(violation.contains("two runs in flight"), "{violation}");
+    s.running.clear();
+    let violation = s.invariant_violation().expect("in flight with no run");
+    assert!(violation.contains("no run in flight"), "{violation}");
 }

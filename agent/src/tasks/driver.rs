@@ -184,6 +184,7 @@ pub async fn run(
                 since.insert(job.run_id, now_ms);
             }
         }
+        scheduler.debug_assert_invariants();
         let ended = ended_runs(&effects);
         if !effects.is_empty() || !started.is_empty() {
             // Durable first, then answers and dispatches: nothing unsynced is ever
@@ -651,6 +652,7 @@ async fn recover(
     let live = loaded.tasks.len();
     scheduler.remember_ended(loaded.ended);
     let effects = scheduler.recover(now_ms, loaded.tasks, found.runs, loaded.max_run_id);
+    scheduler.debug_assert_invariants();
     let mut commands = found.adopt;
     commands.extend(pool_commands(&effects));
     let ended = ended_runs(&effects);

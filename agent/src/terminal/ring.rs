@@ -58,6 +58,12 @@ impl OutputRing {
             self.bytes.drain(..over);
             self.start += over as u64;
         }
+        debug_assert!(
+            self.bytes.len() <= self.bytes_max,
+            "output ring invariant violated: {} bytes held, at most {}",
+            self.bytes.len(),
+            self.bytes_max
+        );
     }
 
     /// The session is ending for `reason` and is about to stop the process: output is still
@@ -79,6 +85,62 @@ impl OutputRing {
     /// What a reader whose next wanted byte is `cursor` gets, at most `max` bytes of it;
     /// `None` while there is nothing new.
     pub fn next(&mut self, cursor: u64, max: usize) -> Option<Entry> {
+        let entry = self.next_unchecked(cursor, max);
+        if cfg!(debug_assertions)
+            && let Some(violation) = self.violated_by(cursor, max, entry.as_ref())
+        {
+            panic!("output ring invariant violated: {violation}");
+        }
+        entry
+    }
+
+    /// Why `entry`, given for a reader at `cursor`, breaks what a reader relies on: data
+    /// starts at the cursor, is held here and is at most `max` bytes; a skip starts at the
+    /// cursor and ends at the oldest byte held; the close comes at the end, once closed.
+    fn violated_by(&self, cursor: u64, max: usize, entry: Option<&Entry>) -> Option<String> {
+        match entry {
+            Some(Entry::Data { offset, bytes }) => {
+                let end = offset + bytes.len() as u64;
+                (*offset != cursor
+                    || bytes.is_empty()
+                    || bytes.len() > max
+                    || *offset < self.start
+                    || end > self.end())
+                .then(|| {
+                    format!(
+                        "data {offset}..{end} for a reader at {cursor} (held {}..{}, max {max})",
+                        self.start,
+                        self.end()
+                    )
+                })
+            }
+            Some(Entry::Skipped { from, to }) => {
+                (*from != cursor || *to != self.start || to <= from).then(|| {
+                    format!(
+                        "skip {from}..{to} for a reader at {cursor} (oldest held {})",
+                        self.start
+                    )
+                })
+            }
+            Some(Entry::Closed { end, .. }) => {
+                (*end != self.end() || !self.is_closed() || cursor < self.end()).then(|| {
+                    format!(
+                        "close at {end} for a reader at {cursor} (end {})",
+                        self.end()
+                    )
+                })
+            }
+            None => (cursor < self.end() && cursor >= self.start).then(|| {
+                format!(
+                    "nothing for a reader at {cursor} while {}..{} is held",
+                    self.start,
+                    self.end()
+                )
+            }),
+        }
+    }
+
+    fn next_unchecked(&mut self, cursor: u64, max: usize) -> Option<Entry> {
         if cursor < self.start {
             self.overwritten_total += self.start - cursor;
             return Some(Entry::Skipped {
