@@ -140,6 +140,11 @@ impl OutputRing {
         }
     }
 
+    #[cfg(test)]
+    fn unchecked_next_for_test(&mut self, cursor: u64, max: usize) -> Option<Entry> {
+        self.next_unchecked(cursor, max)
+    }
+
     fn next_unchecked(&mut self, cursor: u64, max: usize) -> Option<Entry> {
         if cursor < self.start {
             self.overwritten_total += self.start - cursor;
@@ -234,6 +239,31 @@ mod tests {
                 end: 3,
                 reason: "psql exited with status 0".into()
             })
+        );
+    }
+
+    #[test]
+    fn the_read_check_names_an_entry_a_reader_could_not_use() {
+        let mut ring = OutputRing::new(8);
+        ring.push(b"0123456789");
+        let fine = ring.unchecked_next_for_test(2, 4);
+        assert_eq!(ring.violated_by(2, 4, fine.as_ref()), None);
+        let late = Entry::Data {
+            offset: 3,
+            bytes: b"3".to_vec(),
+        };
+        assert!(
+            ring.violated_by(2, 4, Some(&late)).is_some(),
+            "not at the cursor"
+        );
+        let short_skip = Entry::Skipped { from: 0, to: 1 };
+        assert!(
+            ring.violated_by(0, 4, Some(&short_skip)).is_some(),
+            "skip must reach the oldest byte"
+        );
+        assert!(
+            ring.violated_by(4, 4, None).is_some(),
+            "nothing although bytes are held"
         );
     }
 }
