@@ -294,12 +294,14 @@ pub fn tasks(
             .iter()
             .filter(|d| d.agent == a.agent && d.at_ms > a.asked_ms)
             .min_by_key(|d| d.at_ms);
-        let store = match damaged {
-            None => store,
+        // A request still in flight when the store was damaged may have been carried out by
+        // the restarted agent, into the store that replaced it: then it is judged there.
+        let (store, replaced_by) = match damaged {
+            None => (store, None),
             Some(d) => match &d.before {
                 Ok(before) => {
                     before_damage += 1;
-                    before
+                    (before, (d.at_ms < a.answered_ms).then_some(store))
                 }
                 Err(_) => {
                     lost_with_store += 1;
@@ -307,9 +309,11 @@ pub fn tasks(
                 }
             },
         };
+        let asked_for = |t: &&TaskRecord| Some(&t.id) == a.id.as_ref() || t.key == a.key;
         let found = store
             .iter()
-            .find(|t| Some(&t.id) == a.id.as_ref() || t.key == a.key);
+            .find(asked_for)
+            .or_else(|| replaced_by.and_then(|s| s.iter().find(asked_for)));
         let Some(task) = found else {
             if a.uncertain {
                 uncertain_absent += 1;
@@ -573,5 +577,51 @@ mod tests {
         // A stored epoch the suite never read cannot be judged.
         let v = metrics(&[("a".into(), Ok(snap("new", 3, &[], 0)), rows, vec![])]);
         assert_eq!(v.outcome, Outcome::Unknown);
+    }
+}
+
+#[cfg(test)]
+mod task_tests {
+    use super::{DamagedStore, Outcome, TaskRecord, tasks};
+    use crate::workload::{AskedTask, TaskShape};
+
+    fn asked(asked_ms: i64, answered_ms: i64) -> AskedTask {
+        AskedTask {
+            agent: 0,
+            key: "once-30".into(),
+            what: TaskShape::Future,
+            id: Some("t_1".into()),
+            uncertain: false,
+            asked_ms,
+            answered_ms,
+        }
+    }
+
+    fn record() -> TaskRecord {
+        TaskRecord {
+            id: "t_1".into(),
+            key: "once-30".into(),
+            status: i64::from(agent::tasks::model::status::SCHEDULED),
+            next_run_ms: Some(1_500 + 3 * 3_600_000),
+            created_ms: 1_500,
+            runs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_task_asked_before_a_damage_and_created_after_it_is_judged_in_the_new_store() {
+        let markers = tempfile::tempdir().expect("temp dir");
+        let damage = vec![DamagedStore {
+            agent: 0,
+            at_ms: 1_000,
+            before: Ok(Vec::new()),
+        }];
+        let after = vec![Ok(vec![record()])];
+        // In flight across the damage: the restarted agent created it.
+        let v = tasks(&[asked(900, 1_600)], &after, &damage, markers.path(), 2_000);
+        assert_eq!(v.outcome, Outcome::Valid, "{:?}", v.evidence);
+        // Answered before the damage: it had to be in the store read before it.
+        let v = tasks(&[asked(800, 900)], &after, &damage, markers.path(), 2_000);
+        assert_eq!(v.outcome, Outcome::Invalid, "{:?}", v.evidence);
     }
 }

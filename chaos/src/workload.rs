@@ -34,6 +34,8 @@ pub struct AskedTask {
     pub uncertain: bool,
     /// When it was asked for (unix ms).
     pub asked_ms: i64,
+    /// When the answer (or its failure) came (unix ms): the request was in flight between.
+    pub answered_ms: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,7 @@ pub async fn ask_task(
         id,
         uncertain,
         asked_ms,
+        answered_ms: world::World::real().now_unix_ms(),
     }
 }
 

@@ -52,6 +52,12 @@ pub fn valid_user_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Whether `password` has an allowed length (checked before anything is stored).
+pub fn valid_password(password: &str) -> bool {
+    password.chars().count() >= auth::PASSWORD_CHARS_MIN
+        && password.len() <= auth::PASSWORD_BYTES_MAX
+}
+
 /// Create user `name` with `role` and `password` (hashed here, on a blocking thread).
 pub async fn create_user(
     world: &World,
@@ -63,9 +69,7 @@ pub async fn create_user(
     if !valid_user_name(name) {
         return Err(AccountError::BadName(name.to_string()));
     }
-    if password.chars().count() < auth::PASSWORD_CHARS_MIN
-        || password.len() > auth::PASSWORD_BYTES_MAX
-    {
+    if !valid_password(&password) {
         return Err(AccountError::BadPassword);
     }
     let salt = world.random_bytes::<16>();

@@ -750,6 +750,10 @@ async fn create_user(
     } else {
         (auth::generate_password(world), true)
     };
+    if !control_plane::accounts::valid_password(&password) {
+        // Before the store is opened: nothing is created for a refused password.
+        bail!("{}", control_plane::accounts::AccountError::BadPassword);
+    }
     let storage = open(world, store).await?;
     let shown = generated.then(|| password.clone());
     control_plane::accounts::create_user(world, &storage, name, role, password).await?;
