@@ -213,19 +213,8 @@ pub async fn run(
     // running; the next agent adopts them.
     pool_shutdown.cancel();
     drop(pool_tx);
-    let mut effects = Vec::new();
     let now_ms = world.now_unix_ms();
-    while let Some(event) = events.recv().await {
-        if let PoolEvent::Finished {
-            task_id,
-            run_id,
-            outcome,
-        } = event
-        {
-            effects.extend(scheduler.finish_one(now_ms, &task_id, run_id, outcome));
-        }
-    }
-    let _ = pool.await;
+    let effects = last_ends(&mut scheduler, events, pool, now_ms).await;
     let ended = ended_runs(&effects);
     commit(&world, &store, now_ms, effects, Vec::new(), None).await?;
     release(&config, &ended, &mut since).await;
@@ -237,6 +226,29 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// What a stopping pool still reports before it ends: the runs that finished meanwhile
+/// (those it watched and were still running keep running, for the next agent to adopt).
+async fn last_ends(
+    scheduler: &mut Scheduler,
+    mut events: mpsc::Receiver<PoolEvent>,
+    pool: tokio::task::JoinHandle<()>,
+    now_ms: i64,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    while let Some(event) = events.recv().await {
+        if let PoolEvent::Finished {
+            task_id,
+            run_id,
+            outcome,
+        } = event
+        {
+            effects.extend(scheduler.finish_one(now_ms, &task_id, run_id, outcome));
+        }
+    }
+    let _ = pool.await;
+    effects
 }
 
 /// Open the task store (moved aside and started empty when it fails its integrity check).

@@ -140,11 +140,6 @@ impl OutputRing {
         }
     }
 
-    #[cfg(test)]
-    fn unchecked_next_for_test(&mut self, cursor: u64, max: usize) -> Option<Entry> {
-        self.next_unchecked(cursor, max)
-    }
-
     fn next_unchecked(&mut self, cursor: u64, max: usize) -> Option<Entry> {
         if cursor < self.start {
             self.overwritten_total += self.start - cursor;
@@ -246,7 +241,7 @@ mod tests {
     fn the_read_check_names_an_entry_a_reader_could_not_use() {
         let mut ring = OutputRing::new(8);
         ring.push(b"0123456789");
-        let fine = ring.unchecked_next_for_test(2, 4);
+        let fine = ring.next_unchecked(2, 4);
         assert_eq!(ring.violated_by(2, 4, fine.as_ref()), None);
         let late = Entry::Data {
             offset: 3,
