@@ -20,6 +20,10 @@ use super::model::{
 use crate::auth::Role;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`PostgresStore::connect`] waits for a database that is not reachable yet.
+const START_PATIENCE: Duration = Duration::from_secs(60);
+/// The pause between two start-up attempts.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// Arbitrary constant shared by all replicas: serializes concurrent migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x006f_7574_706f_7374;
 
@@ -150,8 +154,25 @@ impl PostgresStore {
             client: Arc::new(Mutex::new(None)),
             partitions: Arc::default(),
         };
-        store.client().await?;
-        Ok(store)
+        // A database that is not reachable yet (its container still starting, or a container
+        // network's resolver dropping lookups for a few seconds) is waited for; a refusal by
+        // the server itself (a wrong password, a missing database) fails at once.
+        let deadline = tokio::time::Instant::now() + START_PATIENCE;
+        let mut attempt = 1;
+        loop {
+            match store.client().await {
+                Ok(_) => return Ok(store),
+                Err(StorageError::Backend(why))
+                    if why.starts_with("connect to postgres")
+                        && tokio::time::Instant::now() + RETRY_EVERY < deadline =>
+                {
+                    tracing::warn!(attempt, error = %why, "database not reachable yet; trying again");
+                    tokio::time::sleep(RETRY_EVERY).await;
+                    attempt += 1;
+                }
+                Err(other) => return Err(other),
+            }
+        }
     }
 
     async fn open_client(&self) -> Result<(Client, AbortOnDrop), StorageError> {

@@ -1074,3 +1074,68 @@ async fn a_newer_schema_is_refused_not_downgraded() {
         "{err:#}"
     );
 }
+
+/// Forward every connection accepted on `listener` to `127.0.0.1:to` (a thread per direction).
+fn forward(listener: std::net::TcpListener, to: u16) {
+    for inbound in listener.incoming() {
+        let Ok(inbound) = inbound else { return };
+        let Ok(outbound) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+            return;
+        };
+        for (mut from, mut into) in [
+            (
+                inbound.try_clone().expect("clone"),
+                outbound.try_clone().expect("clone"),
+            ),
+            (outbound, inbound),
+        ] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut into);
+                let _ = into.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    }
+}
+
+/// A database that starts answering only after the replica (or `outpost admin`) started is
+/// waited for, not a start-up failure; one that answers and refuses fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_not_reachable_yet_is_waited_for_and_a_refusal_is_not() {
+    let pg = fixtures::Postgres::start().await.expect("postgres");
+    let url = pg.create_database("late_start").expect("create database");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let late = url.replace(&format!(":{}/", pg.port()), &format!(":{port}/"));
+    let target = pg.port();
+    let opens_later = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
+        forward(listener, target);
+    });
+    let world = World::real();
+    let opened = control_plane::server::open_storage(
+        &world,
+        std::path::Path::new("/nonexistent"),
+        Some(&late),
+    )
+    .await;
+    let storage = opened.expect("the database is waited for until it answers");
+    assert!(storage.list_users().await.expect("list users").is_empty());
+    assert!(!opens_later.is_finished(), "the forwarder still serves");
+
+    let missing = url.replace("/late_start", "/no_such_database");
+    let refused = control_plane::server::open_storage(
+        &world,
+        std::path::Path::new("/nonexistent"),
+        Some(&missing),
+    )
+    .await
+    .err()
+    .expect("a missing database is refused");
+    assert!(
+        format!("{refused:#}").contains("does not exist"),
+        "{refused:#}"
+    );
+}
