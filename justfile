@@ -88,7 +88,7 @@ fixtures-docker-test:
     DOCKER_HOST="unix://$sock" OUTPOST_FIXTURES=docker \
     OUTPOST_FIXTURES_POSTGRES_IMAGE=localhost/outpost-test-postgres:latest \
     OUTPOST_FIXTURES_REDIS_IMAGE=localhost/outpost-test-redis:latest \
-        cargo nextest run -p agent -p control-plane --features fixtures/docker --profile ci \
+        cargo nextest run --workspace --profile ci \
         -E 'test(/^storage::postgres/) | test(browser_and_agent_on_different_replicas_meet_through_redis)'
 
 # Build the browser UI (npm) into control-plane/web/dist; `outpost` embeds it when it is built.
@@ -139,8 +139,8 @@ schemathesis examples="50":
     cargo build --bins
     bash control-plane/tests/schemathesis.sh {{examples}}
 
-# Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each (default
-# 60; PROFILE `dev` builds faster and runs slower), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
+# Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each, one target
+# per core at a time (default 60; PROFILE `dev` builds faster and runs slower), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
 # finds grows target/fuzz-corpus/TARGET; a crash stops the run and is saved under
 # fuzz/artifacts/TARGET (reproduce: `cd fuzz && cargo fuzz run -s none TARGET FILE`).
 fuzz seconds="60" profile="release": web
@@ -154,17 +154,29 @@ fuzz seconds="60" profile="release": web
       *) echo "unknown fuzz profile '{{profile}}': release or dev" >&2; exit 2 ;;
     esac
     cargo fuzz build "${opts[@]}"
-    for target in $(cargo fuzz list); do
-        mkdir -p "../target/fuzz-corpus/$target"
-        printf '%-16s ' "$target"
+    # One target per core at a time; each prints its summary line when it ends.
+    one() {
+        local target=$1 log="../target/fuzz-logs/$1.log"
+        mkdir -p "../target/fuzz-corpus/$target" ../target/fuzz-logs
         cargo fuzz run "${opts[@]}" "$target" "../target/fuzz-corpus/$target" "seeds/$target" -- \
-            -max_total_time={{seconds}} -max_len=65536 -timeout=10 -rss_limit_mb=2048 2>&1 \
-            | grep -E '^Done|SUMMARY|panicked|deadly signal|Test unit written' || true
+            -max_total_time={{seconds}} -max_len=65536 -timeout=10 -rss_limit_mb=2048 > "$log" 2>&1 || true
+        printf '%-16s %s\n' "$target" "$(grep -E '^Done|SUMMARY|panicked|deadly signal|Test unit written' "$log" | tr '\n' ' ')"
+    }
+    running=0
+    for target in $(cargo fuzz list); do
+        if [ "$running" -ge "$(nproc)" ]; then wait -n; running=$((running - 1)); fi
+        one "$target" &
+        running=$((running + 1))
+    done
+    wait
+    found=0
+    for target in $(cargo fuzz list); do
         if ls "artifacts/$target"/* >/dev/null 2>&1; then
-            echo "fuzz target $target found a crash: fuzz/artifacts/$target" >&2
-            exit 1
+            echo "fuzz target $target found a crash: fuzz/artifacts/$target (log: target/fuzz-logs/$target.log)" >&2
+            found=1
         fi
     done
+    exit "$found"
 
 # Run the simulator, e.g. `just sim run --seed 7 --scenario hold --verbose`.
 sim *args:
@@ -249,4 +261,3 @@ fmt-check:
 # Clippy with warnings as errors; clippy.toml enforces the world seam.
 lint:
     cargo clippy --workspace --all-targets -- -D warnings
-    cargo clippy -p fixtures --features docker --all-targets -- -D warnings
