@@ -119,12 +119,16 @@ test: (setup "test")
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     step "sim seeds" just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
     step "sim regressions" just sim regressions --check-determinism
+    # The release build the packaging and appliance tests use runs at the lowest priority
+    # beside the steps that mostly wait (on the chaos run's timers and on containers).
+    background "release build" cargo build --release -p agent -p control-plane --bins
     step "chaos seeds" just chaos-seeds
-    step "packaging test" just packaging-test
-    step "appliance test" just appliance-test
-    step "fresh demo test" just fresh-demo-test
     step "fixtures (docker)" just fixtures-docker-test
     step "schemathesis" just schemathesis
+    step "fresh demo test" just fresh-demo-test
+    step "waiting for the release build" await "release build"
+    step "packaging test" just packaging-test
+    step "appliance test" just appliance-test
     # A dev-profile build: nothing to optimise, the same coverage instrumentation.
     step "fuzz" just fuzz 15 dev
 

@@ -24,8 +24,37 @@ step() {
     fi
 }
 
+# `background NAME COMMAND...` starts COMMAND at the lowest CPU priority, its output in
+# target/steps/NAME.log, so it uses what the wall-bound steps that follow leave idle;
+# `await NAME` waits for it (a step of its own: the time spent waiting) and fails as it did.
+# Its own wall time is a row of the table too.
+declare -A _bg_pid _bg_start
+background() {
+    local name=$1
+    shift
+    mkdir -p target/steps
+    echo "== $name (in the background, log target/steps/$name.log): $*"
+    _bg_start[$name]=$SECONDS
+    ( trap - EXIT; exec nice -n 19 "$@" > "target/steps/$name.log" 2>&1 ) &
+    _bg_pid[$name]=$!
+}
+await() {
+    local name=$1 rc=0
+    wait "${_bg_pid[$name]}" || rc=$?
+    unset "_bg_pid[$name]"
+    _steps_names+=("$name (background)")
+    _steps_secs+=($((SECONDS - ${_bg_start[$name]})))
+    if [ "$rc" != 0 ]; then
+        tail -40 "target/steps/$name.log"
+        echo "$name failed (exit $rc); its log: target/steps/$name.log"
+        return "$rc"
+    fi
+}
+
 _steps_report() {
-    local i total=$(( $(date +%s) - _steps_started ))
+    local i pid total=$(( $(date +%s) - _steps_started ))
+    # A step failed before a background job was awaited: stop it.
+    for pid in "${_bg_pid[@]}"; do kill "$pid" 2>/dev/null || true; done
     echo
     echo "step times (wall):"
     for i in "${!_steps_names[@]}"; do
