@@ -163,20 +163,76 @@ pub async fn terminal_browser(
         if let Ok(mut l) = ledger.lock() {
             l.sessions += 1;
         }
-        let mut offset = 0u64;
-        let mut seen: Option<u64> = None;
+        let mut typist = Typist {
+            me: format!("{tag}-{session}"),
+            session,
+            ledger: Arc::clone(&ledger),
+            started,
+            offset: 0,
+            seen: None,
+            pending: None,
+            prompt_seen: false,
+            pending_since: tokio::time::Instant::now(),
+        };
+        typist.attach_until_ended(&api, &mut n, &stop).await;
+        // The session is over; a statement still unanswered stays unconfirmed (it may or
+        // may not have run, but never twice: the verdict checks the table).
+        let _ = api
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/terminal/sessions/{}", typist.session),
+                None,
+            )
+            .await;
+        sleep_or_stop(&stop, Duration::from_millis(500)).await;
+    }
+}
+
+/// One scripted browser's session: where its output stands, what it typed and what was
+/// answered.
+struct Typist {
+    session: String,
+    /// The session as the typed rows name it (`TAG-SESSION`).
+    me: String,
+    ledger: Arc<Mutex<TerminalLedger>>,
+    started: tokio::time::Instant,
+    offset: u64,
+    /// The last answer read.
+    seen: Option<u64>,
+    /// The statement typed and not answered yet.
+    pending: Option<u64>,
+    prompt_seen: bool,
+    pending_since: tokio::time::Instant,
+}
+
+/// How one attachment ended.
+enum Attachment {
+    /// The session closed (or the run stops).
+    Ended,
+    /// The socket broke or went quiet: attach again.
+    Broken,
+}
+
+/// What a text frame means for the attachment.
+enum Told {
+    Nothing,
+    /// A skipped range (the first-frame check no longer applies).
+    Skipped,
+    Closed,
+}
+
+impl Typist {
+    /// Attach, and attach again after breaks (alternating replicas), until the session ends,
+    /// the run stops or 60 attempts were used.
+    async fn attach_until_ended(&mut self, api: &Api, n: &mut u64, stop: &CancellationToken) {
         let mut attempts_left = 60;
-        let mut pending: Option<u64> = None;
-        let mut prompt_seen = false;
-        let mut pending_since = tokio::time::Instant::now();
-        // One session: attach, reattach after breaks, until it ends or the run stops.
         while !stop.is_cancelled() && attempts_left > 0 {
             let replica = &api.replicas[(attempts_left as usize) % api.replicas.len()];
-            let url = match url::Url::parse(&format!(
-                "ws://{replica}/api/v1/terminal/sessions/{session}/ws?offset={offset}"
-            )) {
-                Ok(u) => u,
-                Err(_) => break,
+            let Ok(url) = url::Url::parse(&format!(
+                "ws://{replica}/api/v1/terminal/sessions/{}/ws?offset={}",
+                self.session, self.offset
+            )) else {
+                break;
             };
             let ws = world::ws_connect(
                 &world::World::real(),
@@ -188,173 +244,200 @@ pub async fn terminal_browser(
             .await;
             let Ok(mut ws) = ws else {
                 attempts_left -= 1;
-                sleep_or_stop(&stop, Duration::from_millis(500)).await;
+                sleep_or_stop(stop, Duration::from_millis(500)).await;
                 continue;
             };
-            if offset > 0
-                && let Ok(mut l) = ledger.lock()
+            if self.offset > 0
+                && let Ok(mut l) = self.ledger.lock()
             {
                 l.reattached += 1;
             }
-            let mut first = true;
-            let mut tail: Vec<u8> = Vec::new();
-            let mut ended = false;
-            let mut last_frame = tokio::time::Instant::now();
-            loop {
-                // Type the next statement once psql is idle and the last one was answered,
-                // at a typist's pace (a few statements a second).
-                if pending.is_none() && prompt_seen {
-                    sleep_or_stop(&stop, TYPING_PAUSE).await;
-                    n += 1;
-                    let sql = format!(
-                        "insert into chaos_typed (session, n) values ('{tag}-{session}', {n}) returning 'ok' || '-' || n;\r"
-                    );
-                    if ws
-                        .send(Message::Binary(sql.into_bytes().into()))
-                        .await
-                        .is_err()
-                    {
-                        // Not typed: the same number is typed again after reattaching.
-                        n -= 1;
-                        break;
-                    }
-                    pending = Some(n);
-                    pending_since = tokio::time::Instant::now();
-                    if let Ok(mut l) = ledger.lock() {
-                        l.typed.push(Typed {
-                            session: format!("{tag}-{session}"),
-                            n,
-                            confirmed: false,
-                        });
-                    }
-                }
-                let frame = tokio::select! {
-                    () = stop.cancelled() => { ended = true; break; }
-                    f = tokio::time::timeout(Duration::from_secs(2), ws.next()) => f,
-                };
-                let frame = match frame {
-                    Ok(Some(Ok(f))) => f,
-                    Err(_) => {
-                        // Quiet. A statement lost on its way (typed into a link that broke)
-                        // is never typed again: it is left unconfirmed, the line is cleared
-                        // with Ctrl+C, and the next number follows.
-                        if pending.is_some() && pending_since.elapsed() > ANSWER_WAIT {
-                            if ws
-                                .send(Message::Binary(b"\x03".to_vec().into()))
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                            pending = None;
-                        }
-                        if last_frame.elapsed() > Duration::from_secs(30) {
-                            break;
-                        }
-                        continue;
-                    }
-                    _ => break,
-                };
-                last_frame = tokio::time::Instant::now();
-                match frame {
-                    Message::Binary(data) => {
-                        offset += data.len() as u64;
-                        if let Ok(mut l) = ledger.lock() {
-                            l.bytes += data.len() as u64;
-                        }
-                        tail.extend_from_slice(&data);
-                        let text = String::from_utf8_lossy(&tail).into_owned();
-                        // Answers in order: a repeat means replayed bytes.
-                        for k in answers(&text) {
-                            if seen.is_some_and(|s| k <= s) {
-                                if let Ok(mut l) = ledger.lock() {
-                                    l.violations.push(format!(
-                                        "session {session}: answer ok-{k} read again after ok-{}",
-                                        seen.unwrap_or(0)
-                                    ));
-                                }
-                            } else {
-                                seen = Some(k);
-                            }
-                            if pending == Some(k) {
-                                pending = None;
-                                if let Ok(mut l) = ledger.lock() {
-                                    l.last_confirmed_ms = started.elapsed().as_millis() as u64;
-                                    let me = format!("{tag}-{session}");
-                                    if let Some(t) = l
-                                        .typed
-                                        .iter_mut()
-                                        .rev()
-                                        .find(|t| t.n == k && t.session == me)
-                                    {
-                                        t.confirmed = true;
-                                    }
-                                }
-                            }
-                        }
-                        if text.contains("=# ") || text.contains("=> ") {
-                            prompt_seen = true;
-                        }
-                        // Keep only what a split answer or prompt could still need.
-                        let keep = tail.len().saturating_sub(32);
-                        tail.drain(..keep);
-                        if let Some(pos) = last_answer_end(&tail) {
-                            tail.drain(..pos);
-                        }
-                    }
-                    Message::Text(text) => {
-                        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        match v["type"].as_str() {
-                            Some("offset") => {
-                                let at = v["offset"].as_u64().unwrap_or(0);
-                                if first
-                                    && at != offset
-                                    && let Ok(mut l) = ledger.lock()
-                                {
-                                    l.violations.push(format!(
-                                        "session {session}: asked for offset {offset}, got {at} without a skipped range"
-                                    ));
-                                }
-                                offset = at;
-                            }
-                            Some("skipped") => {
-                                let from = v["from"].as_u64().unwrap_or(0);
-                                let to = v["to"].as_u64().unwrap_or(0);
-                                if let Ok(mut l) = ledger.lock() {
-                                    l.skipped += to.saturating_sub(from);
-                                }
-                                offset = to;
-                                first = false;
-                                continue;
-                            }
-                            Some("closed") => {
-                                ended = true;
-                                break;
-                            }
-                            _ => {}
-                        }
-                        first = false;
-                    }
-                    Message::Close(_) => break,
-                    _ => {}
-                }
-            }
-            if ended {
+            if let Attachment::Ended = self.attached(&mut ws, n, stop).await {
                 break;
             }
             attempts_left -= 1;
-            sleep_or_stop(&stop, Duration::from_millis(300)).await;
+            sleep_or_stop(stop, Duration::from_millis(300)).await;
         }
-        // The session is over; a statement still unanswered stays unconfirmed (it may or
-        // may not have run, but never twice: the verdict checks the table).
-        let _ = api
-            .call(
-                Method::DELETE,
-                &format!("/api/v1/terminal/sessions/{session}"),
-                None,
-            )
-            .await;
-        sleep_or_stop(&stop, Duration::from_millis(500)).await;
+    }
+
+    /// One attachment: type a statement whenever psql is idle, read output and notices.
+    async fn attached(
+        &mut self,
+        ws: &mut world::WsStream,
+        n: &mut u64,
+        stop: &CancellationToken,
+    ) -> Attachment {
+        let mut first = true;
+        let mut tail: Vec<u8> = Vec::new();
+        let mut last_frame = tokio::time::Instant::now();
+        loop {
+            if self.pending.is_none() && self.prompt_seen && !self.type_next(ws, n, stop).await {
+                return Attachment::Broken;
+            }
+            let frame = tokio::select! {
+                () = stop.cancelled() => return Attachment::Ended,
+                f = tokio::time::timeout(Duration::from_secs(2), ws.next()) => f,
+            };
+            let frame = match frame {
+                Ok(Some(Ok(f))) => f,
+                Err(_) => {
+                    if !self.quiet(ws).await || last_frame.elapsed() > Duration::from_secs(30) {
+                        return Attachment::Broken;
+                    }
+                    continue;
+                }
+                _ => return Attachment::Broken,
+            };
+            last_frame = tokio::time::Instant::now();
+            match frame {
+                Message::Binary(data) => self.output(&data, &mut tail),
+                Message::Text(text) => match self.told(&text, first) {
+                    Told::Closed => return Attachment::Ended,
+                    Told::Skipped => {
+                        first = false;
+                        continue;
+                    }
+                    Told::Nothing => first = false,
+                },
+                Message::Close(_) => return Attachment::Broken,
+                _ => {}
+            }
+        }
+    }
+
+    /// Type the next statement, at a typist's pace (a few statements a second). `false`
+    /// when the socket did not take it (the same number is typed again after reattaching).
+    async fn type_next(
+        &mut self,
+        ws: &mut world::WsStream,
+        n: &mut u64,
+        stop: &CancellationToken,
+    ) -> bool {
+        sleep_or_stop(stop, TYPING_PAUSE).await;
+        let next = *n + 1;
+        let sql = format!(
+            "insert into chaos_typed (session, n) values ('{}', {next}) returning 'ok' || '-' || n;\r",
+            self.me
+        );
+        if ws
+            .send(Message::Binary(sql.into_bytes().into()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        *n = next;
+        self.pending = Some(next);
+        self.pending_since = tokio::time::Instant::now();
+        if let Ok(mut l) = self.ledger.lock() {
+            l.typed.push(Typed {
+                session: self.me.clone(),
+                n: next,
+                confirmed: false,
+            });
+        }
+        true
+    }
+
+    /// No frame for a while. A statement lost on its way (typed into a link that broke) is
+    /// never typed again: it is left unconfirmed, the line is cleared with Ctrl+C, and the
+    /// next number follows. `false` when the socket did not take the Ctrl+C.
+    async fn quiet(&mut self, ws: &mut world::WsStream) -> bool {
+        if self.pending.is_some() && self.pending_since.elapsed() > ANSWER_WAIT {
+            if ws
+                .send(Message::Binary(b"\x03".to_vec().into()))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.pending = None;
+        }
+        true
+    }
+
+    /// Output bytes: answers must come in order (a repeat means replayed bytes); the pending
+    /// statement's answer confirms it; a prompt means psql is idle.
+    fn output(&mut self, data: &[u8], tail: &mut Vec<u8>) {
+        self.offset += data.len() as u64;
+        if let Ok(mut l) = self.ledger.lock() {
+            l.bytes += data.len() as u64;
+        }
+        tail.extend_from_slice(data);
+        let text = String::from_utf8_lossy(tail).into_owned();
+        for k in answers(&text) {
+            self.answered(k);
+        }
+        if text.contains("=# ") || text.contains("=> ") {
+            self.prompt_seen = true;
+        }
+        // Keep only what a split answer or prompt could still need.
+        let keep = tail.len().saturating_sub(32);
+        tail.drain(..keep);
+        if let Some(pos) = last_answer_end(tail) {
+            tail.drain(..pos);
+        }
+    }
+
+    fn answered(&mut self, k: u64) {
+        let session = &self.session;
+        if self.seen.is_some_and(|s| k <= s) {
+            if let Ok(mut l) = self.ledger.lock() {
+                l.violations.push(format!(
+                    "session {session}: answer ok-{k} read again after ok-{}",
+                    self.seen.unwrap_or(0)
+                ));
+            }
+        } else {
+            self.seen = Some(k);
+        }
+        if self.pending == Some(k) {
+            self.pending = None;
+            if let Ok(mut l) = self.ledger.lock() {
+                l.last_confirmed_ms = self.started.elapsed().as_millis() as u64;
+                if let Some(t) = l
+                    .typed
+                    .iter_mut()
+                    .rev()
+                    .find(|t| t.n == k && t.session == self.me)
+                {
+                    t.confirmed = true;
+                }
+            }
+        }
+    }
+
+    /// A text frame: the offset output continues at (on the first frame it must be the one
+    /// asked for), a skipped range, or the close.
+    fn told(&mut self, text: &str, first: bool) -> Told {
+        let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        match v["type"].as_str() {
+            Some("offset") => {
+                let at = v["offset"].as_u64().unwrap_or(0);
+                if first
+                    && at != self.offset
+                    && let Ok(mut l) = self.ledger.lock()
+                {
+                    l.violations.push(format!(
+                        "session {}: asked for offset {}, got {at} without a skipped range",
+                        self.session, self.offset
+                    ));
+                }
+                self.offset = at;
+                Told::Nothing
+            }
+            Some("skipped") => {
+                let from = v["from"].as_u64().unwrap_or(0);
+                let to = v["to"].as_u64().unwrap_or(0);
+                if let Ok(mut l) = self.ledger.lock() {
+                    l.skipped += to.saturating_sub(from);
+                }
+                self.offset = to;
+                Told::Skipped
+            }
+            Some("closed") => Told::Closed,
+            _ => Told::Nothing,
+        }
     }
 }
 

@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::TerminalContext;
+use super::core::{self, Attach, Forward, Forwarded, ToAgent, Waiting};
 use super::recording::{Recorder, Summary};
-use super::{InEvent, InputEntry, MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
+use super::{MetaPatch, OutEntry, SessionState, Streams, TerminalCounters};
 use crate::edge::{ApiError, AuthAgent};
 
 /// Largest frame accepted from an agent (a chunk plus its offset header).
@@ -185,17 +186,13 @@ async fn run(state: TerminalContext, session_id: String, socket: WebSocket) {
         output_end = written_end,
         "agent terminal link connected"
     );
-    let start = if meta.started {
-        TerminalToAgent::Start {
-            cols: 80,
-            rows: 24,
-            from: written_end,
-        }
+    let start = if let Some(resume) = core::resume(meta.started, written_end) {
+        resume
     } else {
         match wait_for_attach(&state, &session_id, &mut input_cursor, &mut gate, &mut sink).await {
-            Attach::Start(start) => start,
-            Attach::LinkGone => return,
-            Attach::Over(reason) => {
+            Attached::Core(Attach::Start(start)) => start,
+            Attached::LinkGone => return,
+            Attached::Core(Attach::Over(reason)) => {
                 let close = TerminalToAgent::Close {
                     reason: reason.clone(),
                 };
@@ -259,64 +256,45 @@ async fn resume_point(
     }
 }
 
-/// How waiting for the first browser ended.
-enum Attach {
-    /// A browser attached: start the PTY.
-    Start(TerminalToAgent),
-    /// Closed before any browser attached, or none did in time.
-    Over(String),
+/// How waiting for the first browser ended, for the link.
+enum Attached {
+    Core(Attach),
     /// The agent's link went away meanwhile.
     LinkGone,
 }
 
-/// No PTY exists before a browser attached: wait for its attach in the input stream (up to
-/// the attach timeout), keeping the agent's link alive meanwhile.
+/// No PTY exists before a browser attached: wait for its attach in the input stream (the
+/// rules are [`Waiting`]'s), keeping the agent's link alive meanwhile.
 async fn wait_for_attach(
     state: &TerminalContext,
     session_id: &str,
     input_cursor: &mut String,
     gate: &mut InputGate,
     sink: &mut Sink,
-) -> Attach {
-    let attach_timeout = state.terminal.settings.attach_timeout;
-    let deadline = Instant::now() + attach_timeout;
+) -> Attached {
+    let waiting = Waiting::new(Instant::now(), state.terminal.settings.attach_timeout);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Attach::Over(format!(
-                "no browser attached within {} s",
-                attach_timeout.as_secs()
-            ));
-        }
+        let Some(read_for) = waiting.read_for(Instant::now(), INPUT_BLOCK) else {
+            return Attached::Core(waiting.timed_out());
+        };
         match state
             .terminal
             .streams
-            .read_input(session_id, input_cursor, left.min(INPUT_BLOCK))
+            .read_input(session_id, input_cursor, read_for)
             .await
         {
             Ok(events) => {
-                for entry in events {
-                    *input_cursor = entry.id;
-                    if !is_new(state, gate, entry.seq) {
-                        continue;
-                    }
-                    match entry.event {
-                        InEvent::Attach { cols, rows } => {
-                            return Attach::Start(TerminalToAgent::Start {
-                                cols,
-                                rows,
-                                from: 0,
-                            });
-                        }
-                        InEvent::Close { reason } => return Attach::Over(reason),
-                        _ => {}
-                    }
+                let mut repeats = Vec::new();
+                let attach = waiting.on_input(events, input_cursor, gate, &mut repeats);
+                count_repeats(state, &repeats);
+                if let Some(attach) = attach {
+                    return Attached::Core(attach);
                 }
             }
             Err(_) => tokio::time::sleep(RETRY_MIN).await,
         }
         if send(sink, &TerminalToAgent::Ping).await.is_err() {
-            return Attach::LinkGone;
+            return Attached::LinkGone;
         }
     }
 }
@@ -462,29 +440,29 @@ async fn output_loop(
     }
 }
 
-/// Whether input number `seq` was not taken on this link yet; a repeat is logged and counted.
-fn is_new(state: &TerminalContext, gate: &mut InputGate, seq: u64) -> bool {
-    let new = gate.take(seq);
-    if !new {
+/// Input numbers already taken on this link (a copy, or a cursor set back): dropped, each
+/// logged and counted.
+fn count_repeats(state: &TerminalContext, repeats: &[u64]) {
+    for &seq in repeats {
         TerminalCounters::add(&state.terminal.counters.input_replays_dropped_total, 1);
         tracing::warn!(
             seq,
             "terminal input entry already forwarded: dropped (a copy, or a cursor set back)"
         );
     }
-    new
 }
 
-/// Store → agent: keystrokes, resizes, close; pings while quiet.
+/// Store → agent: keystrokes, resizes, close; pings while quiet (the rules are
+/// [`Forward`]'s).
 async fn input_loop(
     state: &TerminalContext,
     streams: &Streams,
     session_id: &str,
-    (mut cursor, mut gate): (String, InputGate),
+    (mut cursor, gate): (String, InputGate),
     sink: &mut Sink,
     recorder: Option<&Recorder>,
 ) -> End {
-    let mut last_ping = Instant::now();
+    let mut forward = Forward::new(gate, PING_INTERVAL, Instant::now());
     loop {
         match streams.read_input(session_id, &cursor, INPUT_BLOCK).await {
             Ok(events) if !events.is_empty() => {
@@ -492,12 +470,11 @@ async fn input_loop(
                 // twice), so the stored cursor moves past the batch before any of it is sent.
                 // A link or replica lost mid-batch loses the rest of the batch instead.
                 let last = events.last().map(|e| e.id.clone()).unwrap_or_default();
-                let next = last.clone();
                 if streams
                     .update(
                         session_id,
                         state.world.now_unix_ms(),
-                        MetaPatch::input_cursor(next),
+                        MetaPatch::input_cursor(last.clone()),
                     )
                     .await
                     .is_err()
@@ -507,33 +484,18 @@ async fn input_loop(
                     continue;
                 }
                 cursor = last;
-                for InputEntry { seq, event, .. } in events {
-                    if !is_new(state, &mut gate, seq) {
-                        continue;
-                    }
-                    if let Err(e) = send(sink, &TerminalToAgent::Seq { n: seq }).await {
-                        return End::Lost(e);
-                    }
-                    if let Some(recorder) = recorder {
-                        recorder.input(&event);
-                    }
-                    let sent = match event {
-                        InEvent::Data(data) => {
-                            send_message(sink, Message::Binary(data.into())).await
+                let mut repeats = Vec::new();
+                let forwarded = forward.on_input(events, &mut repeats);
+                count_repeats(state, &repeats);
+                for Forwarded { event, frames } in forwarded {
+                    // Recorded once its number reached the agent, as the agent applies it.
+                    for (i, frame) in frames.into_iter().enumerate() {
+                        if let Err(e) = send_to_agent(sink, frame).await {
+                            return End::Lost(e);
                         }
-                        InEvent::Resize { cols, rows } => {
-                            send(sink, &TerminalToAgent::Resize { cols, rows }).await
+                        if let (0, Some(recorder)) = (i, recorder) {
+                            recorder.input(&event);
                         }
-                        // A later browser attach is only a size hint.
-                        InEvent::Attach { cols, rows } => {
-                            send(sink, &TerminalToAgent::Resize { cols, rows }).await
-                        }
-                        InEvent::Close { reason } => {
-                            send(sink, &TerminalToAgent::Close { reason }).await
-                        }
-                    };
-                    if let Err(e) = sent {
-                        return End::Lost(e);
                     }
                 }
             }
@@ -543,11 +505,17 @@ async fn input_loop(
                 tokio::time::sleep(RETRY_MIN).await;
             }
         }
-        if last_ping.elapsed() >= PING_INTERVAL {
-            last_ping = Instant::now();
-            if let Err(e) = send(sink, &TerminalToAgent::Ping).await {
-                return End::Lost(e);
-            }
+        if let Some(ping) = forward.on_time(Instant::now())
+            && let Err(e) = send_to_agent(sink, ping).await
+        {
+            return End::Lost(e);
         }
+    }
+}
+
+async fn send_to_agent(sink: &mut Sink, frame: ToAgent) -> Result<(), String> {
+    match frame {
+        ToAgent::Frame(frame) => send(sink, &frame).await,
+        ToAgent::Bytes(data) => send_message(sink, Message::Binary(data.into())).await,
     }
 }

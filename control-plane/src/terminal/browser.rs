@@ -12,16 +12,15 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use proto::Command;
-use proto::terminal::Cursor;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::TerminalContext;
+use super::core::{BrowserView, Notice, ToBrowser};
 use super::recording;
 use super::relay::{self, OpenRefusal, OpenRequest};
 use super::{
-    InEvent, MetaPatch, OutEntry, SessionMeta, SessionState, StreamsError, TerminalCounters,
-    clamp_size,
+    InEvent, MetaPatch, SessionMeta, SessionState, StreamsError, TerminalCounters, clamp_size,
 };
 use crate::audit::action;
 use crate::auth::Role;
@@ -440,9 +439,6 @@ pub(crate) enum FromBrowser {
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// Why a session ends when the store no longer knows it.
-const LOST_REASON: &str = "the session was lost: the terminal store (Redis) no longer has it, e.g. after a restart without persistence; open a new terminal";
-
 async fn send(sink: &mut Sink, message: Message) -> Result<(), String> {
     match tokio::time::timeout(BROWSER_SEND_TIMEOUT, sink.send(message)).await {
         Ok(Ok(())) => Ok(()),
@@ -451,43 +447,35 @@ async fn send(sink: &mut Sink, message: Message) -> Result<(), String> {
     }
 }
 
-/// Text frames to the browser (JSON with a `type`); binary frames are output bytes.
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ToBrowser<'a> {
-    /// Output continues at this byte offset (the first frame).
-    Offset { offset: u64 },
-    /// `from..to` will never be shown; output continues at `to`.
-    Skipped { from: u64, to: u64 },
-    /// The session ended; nothing follows.
-    Closed { reason: &'a str },
-    /// What the session is doing: `pending`, `live`, `reconnecting`, `degraded`, `closed`.
-    State { state: &'a str },
-    /// The session is recorded; `detail` is empty while the recording is whole, otherwise
-    /// what it misses or why it is delayed.
-    Recording { detail: &'a str },
-}
-
-async fn send_json(sink: &mut Sink, message: &ToBrowser<'_>) -> Result<(), String> {
-    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-    send(sink, Message::Text(text.into())).await
-}
-
-/// Tell the browser the session is over (`closed` with `reason`), then close the socket with
-/// `code` and `frame_reason`. Fails only if the `closed` frame could not be sent.
-async fn say_closed(
+/// Carry out what the view decided, in order. Output bytes are counted as they go.
+async fn carry_out(
+    state: &TerminalContext,
     sink: &mut Sink,
-    reason: &str,
-    code: u16,
-    frame_reason: &'static str,
+    actions: Vec<ToBrowser>,
 ) -> Result<(), String> {
-    send_json(sink, &ToBrowser::Closed { reason }).await?;
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: frame_reason.into(),
-        })))
-        .await;
+    for action in actions {
+        match action {
+            ToBrowser::Bytes(bytes) => {
+                TerminalCounters::add(
+                    &state.terminal.counters.output_bytes_total,
+                    bytes.len() as u64,
+                );
+                send(sink, Message::Binary(bytes.into())).await?;
+            }
+            ToBrowser::Say(notice) => {
+                let text = serde_json::to_string(&notice).map_err(|e| e.to_string())?;
+                send(sink, Message::Text(text.into())).await?;
+            }
+            ToBrowser::Ping => send(sink, Message::Ping(Vec::new().into())).await?,
+            ToBrowser::Close { code, reason } => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -541,11 +529,15 @@ async fn serve(
         .append_input(&session_id, InEvent::Attach { cols: 80, rows: 24 })
         .await
     {
-        let _ = send_json(&mut sink, &ToBrowser::State { state: "degraded" }).await;
+        let degraded = Notice::State {
+            state: "degraded".into(),
+        };
+        let _ = carry_out(&state, &mut sink, vec![ToBrowser::Say(degraded)]).await;
         tracing::warn!(error = %e, "attach: store unavailable");
     }
+    let mut view = None;
     let revoked = tokio::select! {
-        ended = send_to_browser(&state, &session_id, offset, &mut sink) => {
+        ended = send_to_browser(&state, &session_id, offset, &mut sink, &mut view) => {
             if let Err(e) = ended {
                 tracing::info!(reason = %e, "browser detached");
             }
@@ -561,146 +553,82 @@ async fn serve(
     if let Some(reason) = revoked {
         // The session goes on (psql keeps running); only this viewer loses it.
         tracing::info!(%reason, "access withdrawn; browser socket closed");
-        let _ = say_closed(&mut sink, &reason, 1008, "access withdrawn").await;
+        let told = match view.as_mut() {
+            Some(view) => view.on_access_lost(reason),
+            None => vec![
+                ToBrowser::Say(Notice::Closed { reason }),
+                ToBrowser::Close {
+                    code: 1008,
+                    reason: "access withdrawn",
+                },
+            ],
+        };
+        let _ = carry_out(&state, &mut sink, told).await;
     }
 }
 
-/// What the browser was last told of the session.
-struct Shown {
-    state: String,
-    recording: String,
-}
-
 /// Send the session's output from `offset` on, with its state and recording status as they
-/// change, until the session closes or the browser fails to take it.
+/// change, until the session closes or the browser fails to take it. What to send is the
+/// view's decision ([`BrowserView`]); this reads the store and the clock and sends. `view` is
+/// left for the caller (an access check that ends the socket tells it).
 async fn send_to_browser(
     state: &TerminalContext,
     session_id: &str,
     offset: u64,
     sink: &mut Sink,
+    view: &mut Option<BrowserView>,
 ) -> Result<(), String> {
     let streams = &state.terminal.streams;
-    let mut cursor = loop {
+    let store_end = loop {
         match streams.output_end(session_id).await {
-            Ok(end) => break Cursor::new(offset.min(end)),
+            Ok(end) => break end,
             Err(_) => tokio::time::sleep(STORE_RETRY).await,
         }
     };
-    send_json(
-        sink,
-        &ToBrowser::Offset {
-            offset: cursor.at(),
-        },
-    )
-    .await?;
-    let mut emit = Vec::new();
-    let mut shown = Shown {
-        state: String::new(),
-        recording: match streams.meta(session_id).await {
+    let recording = match state.settings.recording {
+        true => Some(match streams.meta(session_id).await {
             Ok(Some(meta)) => meta.recording,
             _ => String::new(),
-        },
+        }),
+        false => None,
     };
-    if state.settings.recording {
-        let detail = &shown.recording;
-        send_json(sink, &ToBrowser::Recording { detail }).await?;
-    }
-    let mut last_sent = tokio::time::Instant::now();
-    loop {
-        if last_sent.elapsed() >= PING_INTERVAL {
-            send(sink, Message::Ping(Vec::new().into())).await?;
-            last_sent = tokio::time::Instant::now();
+    let now = tokio::time::Instant::now();
+    let (opened, first) = BrowserView::open(offset, store_end, recording, PING_INTERVAL, now);
+    let view = view.insert(opened);
+    carry_out(state, sink, first).await?;
+    while !view.is_over() {
+        if let Some(ping) = view.on_time(tokio::time::Instant::now()) {
+            carry_out(state, sink, vec![ping]).await?;
         }
-        let entries = match streams
-            .read_output(session_id, cursor.at(), READ_BLOCK)
+        let told = match streams
+            .read_output(session_id, view.read_from(), READ_BLOCK)
             .await
         {
-            Ok(entries) => entries,
-            Err(e) => {
-                if shown.state != "degraded" {
-                    tracing::warn!(error = %e, "terminal output unavailable; retrying");
-                    shown.state = "degraded".into();
-                    send_json(sink, &ToBrowser::State { state: "degraded" }).await?;
+            Ok(entries) if entries.is_empty() => match streams.meta(session_id).await {
+                Ok(meta) => {
+                    if meta.is_none() {
+                        tracing::warn!(
+                            "the terminal store no longer knows this session; closing it"
+                        );
+                    }
+                    view.on_quiet(meta.as_ref())
                 }
+                Err(_) => Vec::new(),
+            },
+            Ok(entries) => view.on_output(entries, tokio::time::Instant::now()),
+            Err(e) => {
+                if view.shown_state() != "degraded" {
+                    tracing::warn!(error = %e, "terminal output unavailable; retrying");
+                }
+                let told = view.on_store_error();
+                carry_out(state, sink, told).await?;
                 tokio::time::sleep(STORE_RETRY).await;
                 continue;
             }
         };
-        if entries.is_empty() {
-            if quiet(state, session_id, sink, &mut shown).await? {
-                return Ok(());
-            }
-            continue;
-        }
-        last_sent = tokio::time::Instant::now();
-        if shown.state == "degraded" {
-            shown.state = "live".into();
-            send_json(sink, &ToBrowser::State { state: "live" }).await?;
-        }
-        for entry in entries {
-            cursor.take(entry, &mut emit);
-        }
-        for entry in emit.drain(..) {
-            match entry {
-                OutEntry::Data { bytes, .. } => {
-                    TerminalCounters::add(
-                        &state.terminal.counters.output_bytes_total,
-                        bytes.len() as u64,
-                    );
-                    send(sink, Message::Binary(bytes.into())).await?;
-                }
-                OutEntry::Skipped { from, to } => {
-                    send_json(sink, &ToBrowser::Skipped { from, to }).await?;
-                }
-                OutEntry::Closed { reason, .. } => {
-                    return say_closed(sink, &reason, 1000, "session closed").await;
-                }
-            }
-        }
+        carry_out(state, sink, told).await?;
     }
-}
-
-/// No output for a while: tell the browser what the session is doing if that changed.
-/// `true` when the session is over (the browser was told).
-async fn quiet(
-    state: &TerminalContext,
-    session_id: &str,
-    sink: &mut Sink,
-    shown: &mut Shown,
-) -> Result<bool, String> {
-    let meta = match state.terminal.streams.meta(session_id).await {
-        Ok(Some(meta)) => meta,
-        Ok(None) => {
-            // The store answers but no longer knows the session: it lost its data (a Redis
-            // restarted without persistence). The agent's side is gone with it; without this
-            // the browser would wait on a silent session forever.
-            tracing::warn!("the terminal store no longer knows this session; closing it");
-            say_closed(sink, LOST_REASON, 1000, "session lost").await?;
-            return Ok(true);
-        }
-        Err(_) => return Ok(false),
-    };
-    if meta.recording != shown.recording {
-        shown.recording = meta.recording.clone();
-        let detail = &shown.recording;
-        send_json(sink, &ToBrowser::Recording { detail }).await?;
-    }
-    let now = meta.state.as_str();
-    if now != shown.state {
-        shown.state = now.to_string();
-        send_json(sink, &ToBrowser::State { state: now }).await?;
-    }
-    if meta.state == SessionState::Closed {
-        send_json(
-            sink,
-            &ToBrowser::Closed {
-                reason: &meta.reason,
-            },
-        )
-        .await?;
-        return Ok(true);
-    }
-    Ok(false)
+    Ok(())
 }
 
 /// Forward the browser's keystrokes, resizes and close to the session until its socket ends.

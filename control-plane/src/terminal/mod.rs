@@ -15,6 +15,7 @@
 
 pub mod agent_link;
 pub mod browser;
+pub mod core;
 pub mod keys;
 pub mod recording;
 pub mod relay;
