@@ -150,34 +150,7 @@ impl Report<'_> {
                 );
             }
         }
-        for (i, name) in self.agents.iter().enumerate() {
-            let y = 30.0 + band * (2 + i) as f64;
-            let _ = writeln!(s, r#"<text x="4" y="{}">{name}</text>"#, y + 14.0);
-            // One rectangle per run of equal states.
-            let color = |sample: &Sample| match &sample.agents {
-                None => "#b0b0b0",
-                Some(a) if a.get(i).is_some_and(|a| a.0) => "#40a040",
-                Some(_) => "#c03030",
-            };
-            let mut from = 0;
-            for k in 1..=self.samples.len() {
-                let same =
-                    k < self.samples.len() && color(&self.samples[k]) == color(&self.samples[from]);
-                if same {
-                    continue;
-                }
-                let to = self.samples.get(k).unwrap_or(&self.samples[k - 1]).t_ms;
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{}" fill="{}"/>"#,
-                    x(self.samples[from].t_ms),
-                    (x(to) - x(self.samples[from].t_ms)).max(0.5),
-                    band - 4.0,
-                    color(&self.samples[from])
-                );
-                from = k;
-            }
-        }
+        self.agent_rows(&mut s, &x, band);
         let lag: Vec<(u64, i64)> = self
             .samples
             .iter()
@@ -223,5 +196,37 @@ impl Report<'_> {
         }
         s.push_str("</svg>\n");
         s
+    }
+
+    /// One row per agent: a rectangle per run of equal status (online, offline, unanswered).
+    fn agent_rows(&self, s: &mut String, x: &dyn Fn(u64) -> f64, band: f64) {
+        for (i, name) in self.agents.iter().enumerate() {
+            let y = 30.0 + band * (2 + i) as f64;
+            let _ = writeln!(s, r#"<text x="4" y="{}">{name}</text>"#, y + 14.0);
+            // One rectangle per run of equal states.
+            let color = |sample: &Sample| match &sample.agents {
+                None => "#b0b0b0",
+                Some(a) if a.get(i).is_some_and(|a| a.0) => "#40a040",
+                Some(_) => "#c03030",
+            };
+            let mut from = 0;
+            for k in 1..=self.samples.len() {
+                let same =
+                    k < self.samples.len() && color(&self.samples[k]) == color(&self.samples[from]);
+                if same {
+                    continue;
+                }
+                let to = self.samples.get(k).unwrap_or(&self.samples[k - 1]).t_ms;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="{}" fill="{}"/>"#,
+                    x(self.samples[from].t_ms),
+                    (x(to) - x(self.samples[from].t_ms)).max(0.5),
+                    band - 4.0,
+                    color(&self.samples[from])
+                );
+                from = k;
+            }
+        }
     }
 }

@@ -328,91 +328,9 @@ pub fn tasks(
             continue;
         };
         tasks_checked += 1;
-        let marks = read_markers(markers, &a.key);
-        // Pair starts and ends by pid; intervals of one task must not overlap.
-        let mut open: BTreeMap<u32, u128> = BTreeMap::new();
-        let mut intervals: Vec<(u128, u128)> = Vec::new();
-        for (start, pid, at) in &marks {
-            if *start {
-                open.insert(*pid, *at);
-            } else if let Some(s) = open.remove(pid) {
-                intervals.push((s, *at));
-            }
-        }
-        intervals.sort_unstable();
-        for w in intervals.windows(2) {
-            if w[1].0 < w[0].1 {
-                invalid.push(format!(
-                    "task {}: two runs at once ({} ns overlap)",
-                    a.key,
-                    w[0].1 - w[1].0
-                ));
-            }
-        }
-        let done = task
-            .runs
-            .iter()
-            .filter(|r| r.status == DONE && r.exit_code == Some(0))
-            .count();
-        let not_done = task.runs.len() - done;
-        // A run in flight when its agent stopped for the last time may finish afterwards:
-        // its end is on the host, its outcome not yet in the store.
-        let in_flight = task
-            .runs
-            .iter()
-            .filter(|r| r.status & IN_FLIGHT != 0)
-            .count();
         runs_checked += task.runs.len();
-        if intervals.len() < done || intervals.len() > done + in_flight {
-            invalid.push(format!(
-                "task {}: {} runs completed on the host, {done} recorded as succeeded ({} runs recorded)",
-                a.key,
-                intervals.len(),
-                task.runs.len()
-            ));
-        }
-        if open.len() > not_done {
-            invalid.push(format!(
-                "task {}: {} runs started and never finished on the host, only {not_done} recorded as not succeeded",
-                a.key,
-                open.len()
-            ));
-        }
-        match a.what {
-            // Before the damage it may not have been due yet.
-            TaskShape::OneOff | TaskShape::Periodic | TaskShape::Cron if damaged.is_some() => {}
-            TaskShape::OneOff => {
-                if task.status & TERMINAL == 0 {
-                    invalid.push(format!(
-                        "one-off task {} never finished (status {})",
-                        a.key, task.status
-                    ));
-                }
-            }
-            TaskShape::Future => {
-                let due = task.created_ms + 3 * 3600 * 1000;
-                if task.status != SCHEDULED
-                    || task.next_run_ms.is_none_or(|n| (n - due).abs() > 5_000)
-                    || !task.runs.is_empty()
-                {
-                    invalid.push(format!(
-                        "future task {}: status {} next run {:?}, expected scheduled at {due} with no run",
-                        a.key, task.status, task.next_run_ms
-                    ));
-                }
-            }
-            TaskShape::Periodic | TaskShape::Cron => {
-                if task.status & TERMINAL != 0 {
-                    invalid.push(format!(
-                        "recurring task {} ended (status {})",
-                        a.key, task.status
-                    ));
-                }
-                if task.runs.is_empty() && end_ms > task.created_ms + 120_000 {
-                    invalid.push(format!("recurring task {} never ran", a.key));
-                }
-            }
-        }
+        runs_against_markers(a, task, markers, &mut invalid);
+        state_for_shape(a, task, damaged.is_some(), end_ms, &mut invalid);
     }
     Verdict::new(
         "tasks: every run recorded once, never two at once, future tasks intact",
@@ -423,6 +341,111 @@ pub fn tasks(
         invalid,
         unknown,
     )
+}
+
+/// A task's runs against the markers its command left on the host: never two at once, every
+/// completed run recorded as succeeded, every unfinished one recorded as not.
+fn runs_against_markers(
+    a: &AskedTask,
+    task: &TaskRecord,
+    markers: &Path,
+    invalid: &mut Vec<String>,
+) {
+    let marks = read_markers(markers, &a.key);
+    // Pair starts and ends by pid; intervals of one task must not overlap.
+    let mut open: BTreeMap<u32, u128> = BTreeMap::new();
+    let mut intervals: Vec<(u128, u128)> = Vec::new();
+    for (start, pid, at) in &marks {
+        if *start {
+            open.insert(*pid, *at);
+        } else if let Some(s) = open.remove(pid) {
+            intervals.push((s, *at));
+        }
+    }
+    intervals.sort_unstable();
+    for w in intervals.windows(2) {
+        if w[1].0 < w[0].1 {
+            invalid.push(format!(
+                "task {}: two runs at once ({} ns overlap)",
+                a.key,
+                w[0].1 - w[1].0
+            ));
+        }
+    }
+    let done = task
+        .runs
+        .iter()
+        .filter(|r| r.status == DONE && r.exit_code == Some(0))
+        .count();
+    let not_done = task.runs.len() - done;
+    // A run in flight when its agent stopped for the last time may finish afterwards:
+    // its end is on the host, its outcome not yet in the store.
+    let in_flight = task
+        .runs
+        .iter()
+        .filter(|r| r.status & IN_FLIGHT != 0)
+        .count();
+    if intervals.len() < done || intervals.len() > done + in_flight {
+        invalid.push(format!(
+            "task {}: {} runs completed on the host, {done} recorded as succeeded ({} runs recorded)",
+            a.key,
+            intervals.len(),
+            task.runs.len()
+        ));
+    }
+    if open.len() > not_done {
+        invalid.push(format!(
+            "task {}: {} runs started and never finished on the host, only {not_done} recorded as not succeeded",
+            a.key,
+            open.len()
+        ));
+    }
+}
+
+/// The state a task of its shape must be in at the end: a one-off finished, a future one
+/// still scheduled at its time with no run, a recurring one neither ended nor never run.
+/// A task judged on its store as read before a damage may not have been due yet.
+fn state_for_shape(
+    a: &AskedTask,
+    task: &TaskRecord,
+    damaged: bool,
+    end_ms: i64,
+    invalid: &mut Vec<String>,
+) {
+    match a.what {
+        TaskShape::OneOff | TaskShape::Periodic | TaskShape::Cron if damaged => {}
+        TaskShape::OneOff => {
+            if task.status & TERMINAL == 0 {
+                invalid.push(format!(
+                    "one-off task {} never finished (status {})",
+                    a.key, task.status
+                ));
+            }
+        }
+        TaskShape::Future => {
+            let due = task.created_ms + 3 * 3600 * 1000;
+            if task.status != SCHEDULED
+                || task.next_run_ms.is_none_or(|n| (n - due).abs() > 5_000)
+                || !task.runs.is_empty()
+            {
+                invalid.push(format!(
+                    "future task {}: status {} next run {:?}, expected scheduled at {due} with no run",
+                    a.key, task.status, task.next_run_ms
+                ));
+            }
+        }
+        TaskShape::Periodic | TaskShape::Cron => {
+            if task.status & TERMINAL != 0 {
+                invalid.push(format!(
+                    "recurring task {} ended (status {})",
+                    a.key, task.status
+                ));
+            }
+            if task.runs.is_empty() && end_ms > task.created_ms + 120_000 {
+                invalid.push(format!("recurring task {} never ran", a.key));
+            }
+        }
+    }
 }
 
 /// Invariant 3: terminal bytes in order, gaps only announced, no statement executed twice,

@@ -260,6 +260,28 @@ pub fn simulate_ssh(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     write_known_hosts(&known_hosts, seed)?;
 
     let mut sim = new_sim(seed, plan);
+    add_hosts(&mut sim, seed, &shared, &sessions, &client_key);
+    add_operator(
+        &mut sim,
+        seed,
+        &shared,
+        &ops,
+        client_key,
+        dir.path(),
+        &known_hosts,
+    );
+    drive(&mut sim, plan, &ops, &shared)?;
+    check(&ops, &lock(&shared), sessions.load(Ordering::SeqCst))
+}
+
+/// The SSH servers, one per host, counting their live sessions.
+fn add_hosts(
+    sim: &mut turmoil::Sim<'_>,
+    seed: u64,
+    shared: &SharedState,
+    sessions: &Arc<AtomicI64>,
+    client_key: &PrivateKey,
+) {
     for host in HOSTS {
         let config = Arc::new(server_config(seed, host));
         let (shared, sessions, client_pub) = (
@@ -299,84 +321,114 @@ pub fn simulate_ssh(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             }
         });
     }
+}
 
+/// The operator: runs the planned operations one after another through a pool, recording
+/// each outcome, then closes the pool and stays up while the servers notice.
+fn add_operator(
+    sim: &mut turmoil::Sim<'_>,
+    seed: u64,
+    shared: &SharedState,
+    ops: &[Op],
+    client_key: PrivateKey,
+    dir: &Path,
+    known_hosts: &Path,
+) {
+    let world = host_world(seed, OPERATOR);
+    let (shared, ops) = (shared.clone(), ops.to_vec());
+    let identity = dir.join("id_ed25519");
+    let known_hosts = known_hosts.to_path_buf();
+    sim.client(OPERATOR, async move {
+        let client = Arc::new(Client::new(
+            world.clone(),
+            timeouts(),
+            HostKeyPolicy::Strict,
+        ));
+        client.add_key(&identity, client_key);
+        let pool = Arc::new(Pool::new(client.clone()));
+        for (i, op) in ops.iter().enumerate() {
+            run_op(&world, &pool, &shared, (i, op), &identity, &known_hosts).await?;
+        }
+        pool.close().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lock(&shared).client_live = Some(client.gauges().live());
+        // Stay up while the servers notice clients that vanished behind a held link.
+        tokio::time::sleep(SETTLE).await;
+        Ok(())
+    });
+}
+
+/// One planned operation on its host, its outcome recorded in `shared`.
+async fn run_op(
+    world: &world::World,
+    pool: &Arc<Pool>,
+    shared: &SharedState,
+    (i, op): (usize, &Op),
+    identity: &Path,
+    known_hosts: &Path,
+) -> anyhow::Result<()> {
+    let host = Host {
+        name: HOSTS[op.host].to_string(),
+        address: HOSTS[op.host].to_string(),
+        port: 22,
+        user: "postgres".into(),
+        identity_file: identity.to_path_buf(),
+        known_hosts: known_hosts.to_path_buf(),
+        groups: vec![],
+    };
+    let argv: Vec<String> = vec![
+        "work".into(),
+        i.to_string(),
+        op.total_ms.to_string(),
+        op.chunks.to_string(),
+        op.gap_ms.to_string(),
+        op.exit.to_string(),
+    ];
+    let plan = Arc::new(Plan {
+        op_id: OpId::generate(world),
+        command: command_line(&argv)?,
+        receipts: false,
+        concurrency: 1,
+        budget: ErrorBudget::Unlimited,
+        // The default policy: not_started is retried, nothing else. A pooled
+        // connection that an earlier fault left dead is caught this way.
+        retry: retry(),
+        output_bytes_max: 4096,
+    });
+    lock(shared).current = Some((i, turmoil::sim_elapsed().unwrap_or_default().as_millis()));
+    let (results, _) = fleet::run(
+        pool.clone(),
+        vec![host],
+        plan,
+        None,
+        CancellationToken::new(),
+    )
+    .await;
+    let r = &results[0].report;
+    trace::record(format!(
+        "op {i} on {}: {} in {} ms",
+        HOSTS[op.host],
+        r.outcome,
+        r.elapsed.as_millis()
+    ));
     {
-        let world = host_world(seed, OPERATOR);
-        let (shared, ops) = (shared.clone(), ops.clone());
-        let identity = dir.path().join("id_ed25519");
-        let known_hosts = known_hosts.clone();
-        sim.client(OPERATOR, async move {
-            let client = Arc::new(Client::new(
-                world.clone(),
-                timeouts(),
-                HostKeyPolicy::Strict,
-            ));
-            client.add_key(&identity, client_key);
-            let pool = Arc::new(Pool::new(client.clone()));
-            for (i, op) in ops.iter().enumerate() {
-                let host = Host {
-                    name: HOSTS[op.host].to_string(),
-                    address: HOSTS[op.host].to_string(),
-                    port: 22,
-                    user: "postgres".into(),
-                    identity_file: identity.clone(),
-                    known_hosts: known_hosts.clone(),
-                    groups: vec![],
-                };
-                let argv: Vec<String> = vec![
-                    "work".into(),
-                    i.to_string(),
-                    op.total_ms.to_string(),
-                    op.chunks.to_string(),
-                    op.gap_ms.to_string(),
-                    op.exit.to_string(),
-                ];
-                let plan = Arc::new(Plan {
-                    op_id: OpId::generate(&world),
-                    command: command_line(&argv)?,
-                    receipts: false,
-                    concurrency: 1,
-                    budget: ErrorBudget::Unlimited,
-                    // The default policy: not_started is retried, nothing else. A pooled
-                    // connection that an earlier fault left dead is caught this way.
-                    retry: retry(),
-                    output_bytes_max: 4096,
-                });
-                lock(&shared).current =
-                    Some((i, turmoil::sim_elapsed().unwrap_or_default().as_millis()));
-                let (results, _) = fleet::run(
-                    pool.clone(),
-                    vec![host],
-                    plan,
-                    None,
-                    CancellationToken::new(),
-                )
-                .await;
-                let r = &results[0].report;
-                trace::record(format!(
-                    "op {i} on {}: {} in {} ms",
-                    HOSTS[op.host],
-                    r.outcome,
-                    r.elapsed.as_millis()
-                ));
-                {
-                    let mut s = lock(&shared);
-                    s.current = None;
-                    let error = r.error.clone().unwrap_or_default();
-                    s.done.insert(i, (r.outcome, r.exit_code, r.elapsed, error));
-                }
-                // Let the driver heal the link before the next operation.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            pool.close().await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            lock(&shared).client_live = Some(client.gauges().live());
-            // Stay up while the servers notice clients that vanished behind a held link.
-            tokio::time::sleep(SETTLE).await;
-            Ok(())
-        });
+        let mut s = lock(shared);
+        s.current = None;
+        let error = r.error.clone().unwrap_or_default();
+        s.done.insert(i, (r.outcome, r.exit_code, r.elapsed, error));
     }
+    // Let the driver heal the link before the next operation.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
 
+/// Step the simulation, putting each operation's link fault on and off at its planned time.
+fn drive(
+    sim: &mut turmoil::Sim<'_>,
+    plan: &Schedule,
+    ops: &[Op],
+    shared: &SharedState,
+) -> anyhow::Result<()> {
     let mut faulted: Option<(usize, bool)> = None; // (op, link currently faulty)
     loop {
         let now = sim.elapsed();
@@ -384,7 +436,7 @@ pub fn simulate_ssh(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         if now >= plan.run_for {
             break;
         }
-        let current = lock(&shared).current;
+        let current = lock(shared).current;
         match current {
             Some((i, started_ms)) => {
                 if let Some(f) = ops[i].fault {
@@ -429,7 +481,7 @@ pub fn simulate_ssh(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             break;
         }
     }
-    check(&ops, &lock(&shared), sessions.load(Ordering::SeqCst))
+    Ok(())
 }
 
 fn write_known_hosts(path: &Path, seed: u64) -> anyhow::Result<()> {

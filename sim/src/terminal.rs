@@ -727,72 +727,93 @@ async fn attach(
         let Some(s) = l.sessions.get_mut(session) else {
             return Attach::Gone;
         };
-        let mut violation = None;
-        match frame {
-            Message::Binary(data) => {
-                if !started {
-                    violation = Some("data before the offset frame".to_string());
-                }
-                for (i, b) in data.iter().enumerate() {
-                    let at = s.browser_offset + i as u64;
-                    if *b != byte_at(at) {
-                        violation = Some(format!(
-                            "session {session}: byte at offset {at} is {b}, the PTY wrote {}",
-                            byte_at(at)
-                        ));
-                        break;
-                    }
-                }
-                s.browser_offset += data.len() as u64;
-                s.shown += data.len() as u64;
-                if s.browser_offset > s.produced {
+        match check_frame(session, s, frame, &mut started) {
+            Seen::Fine => {}
+            Seen::Closed(reason) => return Attach::Closed(reason),
+            Seen::Violation(v) => {
+                l.violations.push(v);
+                return Attach::Gone;
+            }
+        }
+    }
+}
+
+/// What one frame to the browser said, checked against what the PTY produced.
+enum Seen {
+    Fine,
+    Closed(String),
+    Violation(String),
+}
+
+/// Check one frame: data only after the offset frame, each byte the one the PTY wrote at its
+/// offset and never past what it produced; the offset frame where the browser asked; a skip
+/// starting exactly where the data stopped.
+fn check_frame(session: &str, s: &mut SessionLedger, frame: Message, started: &mut bool) -> Seen {
+    let mut violation = None;
+    match frame {
+        Message::Binary(data) => {
+            if !*started {
+                violation = Some("data before the offset frame".to_string());
+            }
+            for (i, b) in data.iter().enumerate() {
+                let at = s.browser_offset + i as u64;
+                if *b != byte_at(at) {
                     violation = Some(format!(
-                        "session {session}: the browser is at {} past the {} bytes produced",
-                        s.browser_offset, s.produced
+                        "session {session}: byte at offset {at} is {b}, the PTY wrote {}",
+                        byte_at(at)
                     ));
+                    break;
                 }
             }
-            Message::Text(text) => {
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                match v["type"].as_str() {
-                    Some("offset") => {
-                        let at = v["offset"].as_u64().unwrap_or(0);
-                        if at != s.browser_offset && at != s.produced.min(s.browser_offset) {
-                            // The control plane may start a new view at the live end only when
-                            // asked for an offset past it, which this browser never does.
-                            violation = Some(format!(
-                                "session {session}: asked for {} and was started at {at}",
-                                s.browser_offset
-                            ));
-                        }
-                        started = true;
-                    }
-                    Some("skipped") => {
-                        let (from, to) = (
-                            v["from"].as_u64().unwrap_or(0),
-                            v["to"].as_u64().unwrap_or(0),
-                        );
-                        if from != s.browser_offset || to <= from {
-                            violation = Some(format!(
-                                "session {session}: skipped {from}..{to} announced at offset {}",
-                                s.browser_offset
-                            ));
-                        }
-                        trace::record(format!("browser: skipped {from}..{to}"));
-                        s.skipped += to.saturating_sub(from);
-                        s.browser_offset = to;
-                    }
-                    Some("closed") => {
-                        return Attach::Closed(v["reason"].as_str().unwrap_or("").to_string());
-                    }
-                    _ => {}
-                }
+            s.browser_offset += data.len() as u64;
+            s.shown += data.len() as u64;
+            if s.browser_offset > s.produced {
+                violation = Some(format!(
+                    "session {session}: the browser is at {} past the {} bytes produced",
+                    s.browser_offset, s.produced
+                ));
             }
-            _ => {}
         }
-        if let Some(v) = violation {
-            l.violations.push(v);
-            return Attach::Gone;
+        Message::Text(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            match v["type"].as_str() {
+                Some("offset") => {
+                    let at = v["offset"].as_u64().unwrap_or(0);
+                    if at != s.browser_offset && at != s.produced.min(s.browser_offset) {
+                        // The control plane may start a new view at the live end only when
+                        // asked for an offset past it, which this browser never does.
+                        violation = Some(format!(
+                            "session {session}: asked for {} and was started at {at}",
+                            s.browser_offset
+                        ));
+                    }
+                    *started = true;
+                }
+                Some("skipped") => {
+                    let (from, to) = (
+                        v["from"].as_u64().unwrap_or(0),
+                        v["to"].as_u64().unwrap_or(0),
+                    );
+                    if from != s.browser_offset || to <= from {
+                        violation = Some(format!(
+                            "session {session}: skipped {from}..{to} announced at offset {}",
+                            s.browser_offset
+                        ));
+                    }
+                    trace::record(format!("browser: skipped {from}..{to}"));
+                    s.skipped += to.saturating_sub(from);
+                    s.browser_offset = to;
+                }
+                Some("closed") => {
+                    return Seen::Closed(v["reason"].as_str().unwrap_or("").to_string());
+                }
+                _ => {}
+            }
         }
+        _ => {}
+    }
+    match violation {
+        Some(v) => Seen::Violation(v),
+        None => Seen::Fine,
     }
 }
