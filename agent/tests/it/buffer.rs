@@ -1,5 +1,6 @@
 //! The metrics buffer through the real binary: corruption never blocks start-up.
 
+use fixtures::poll::{until, until_true};
 use std::time::Duration;
 
 use crate::harness::{ControlPlane, Proc, agent_bin, run};
@@ -135,14 +136,13 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
             .unwrap_or(-1)
     };
     let mut agent = start(1);
-    let mut first = Vec::new();
-    for _ in 0..200 {
-        first = cp.metrics("from=0").await.unwrap_or_default();
-        if !first.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let first = until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { cp.metrics("from=0").await.filter(|m| !m.is_empty()) },
+    )
+    .await
+    .unwrap_or_default();
     let kinds: std::collections::BTreeSet<String> = first
         .iter()
         .filter_map(|m| m["type"].as_str().map(str::to_string))
@@ -185,12 +185,13 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
         agent.0.kill().expect("kill -9 agent");
         let _ = agent.0.wait();
         agent = start(round);
-        for _ in 0..200 {
-            if buffered() > before {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let buffered = &buffered;
+        until_true(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async move { buffered() > before },
+        )
+        .await;
         assert!(
             buffered() > before,
             "round {round}: the restarted agent buffers while the control plane is down"
@@ -200,12 +201,12 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
 
     cp.launch();
     cp.wait_healthy().await;
-    for _ in 0..300 {
-        if buffered() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_true(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { buffered() == 0 },
+    )
+    .await;
     assert_eq!(
         buffered(),
         0,

@@ -1,5 +1,6 @@
 //! Runs the real `outpost` and `outpost-agent` binaries in a temp dir.
 
+use fixtures::poll::{until, until_true};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,14 +75,12 @@ impl Proc {
 
     /// Wait for the exit, at most `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        let child = &mut self.0;
+        until(limit, Duration::from_millis(50), || {
+            let exited = child.try_wait().ok().flatten();
+            async move { exited }
+        })
+        .await
     }
 }
 
@@ -266,13 +265,12 @@ impl ControlPlane {
 
     /// Whether counter `name` comes to satisfy `done` within 10 s.
     pub async fn wait_counter(&self, name: &str, done: impl Fn(u64) -> bool) -> bool {
-        for _ in 0..100 {
-            if done(self.counter(name).await) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
+        until_true(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || async { done(self.counter(name).await) },
+        )
+        .await
     }
 
     /// Stored metrics of the first enrolled agent; `query` is the query string, e.g. `from=0`.
@@ -314,17 +312,21 @@ impl ControlPlane {
     }
 
     pub async fn wait_healthy(&self) {
-        for _ in 0..200 {
-            if self
-                .get("/healthz", None)
-                .await
-                .is_some_and(|r| r.status == 200)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("control plane not healthy within 10 s: {}", self.log());
+        let healthy = until_true(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async {
+                self.get("/healthz", None)
+                    .await
+                    .is_some_and(|r| r.status == 200)
+            },
+        )
+        .await;
+        assert!(
+            healthy,
+            "control plane not healthy within 10 s: {}",
+            self.log()
+        );
     }
 
     pub async fn login(&self) -> String {
@@ -399,14 +401,14 @@ impl ControlPlane {
         limit: Duration,
     ) -> Duration {
         let start = tokio::time::Instant::now();
-        while start.elapsed() < limit {
-            if let Some((status, seen)) = self.status(name).await
-                && status == want
-                && seen.is_some_and(|s| s >= since)
-            {
-                return start.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let shown = until_true(limit, Duration::from_millis(50), || async {
+            self.status(name)
+                .await
+                .is_some_and(|(status, seen)| status == want && seen.is_some_and(|s| s >= since))
+        })
+        .await;
+        if shown {
+            return start.elapsed();
         }
         panic!(
             "{name} not {want} since {since:?} within {limit:?}; now {:?}\n{}",

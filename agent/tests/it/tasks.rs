@@ -1,6 +1,7 @@
 //! The task runtime through the real binary: `outpost-agent run` and `outpost-agent tasks …`
 //! over its Unix socket, including kill -9 in the middle of a run.
 
+use fixtures::poll::{until, until_true};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -63,13 +64,14 @@ impl Agent {
             .path()
             .join(format!("agent-{}.log", self.proc.is_some() as u8));
         self.proc = Some(Proc::spawn_with_env(&agent_bin(), &args, &self.env, &log));
-        for _ in 0..200 {
-            if self.tasks(&["list"]).status.success() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
+        let up = until_true(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async { self.tasks(&["list"]).status.success() },
+        )
+        .await;
+        assert!(
+            up,
             "agent API did not come up: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
@@ -116,14 +118,12 @@ impl Agent {
 
     /// Poll until the task's status is `want`.
     async fn wait_status(&self, id: &str, want: &str) -> serde_json::Value {
-        for _ in 0..300 {
+        let shown = until(Duration::from_secs(15), Duration::from_millis(50), || {
             let t = self.show(id);
-            if t["status"] == want {
-                return t;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("task {id} not {want}: {}", self.show(id));
+            async move { (t["status"] == want).then_some(t) }
+        })
+        .await;
+        shown.unwrap_or_else(|| panic!("task {id} not {want}: {}", self.show(id)))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The agent control channel spoken raw, frame by frame.
 
+use fixtures::poll::until;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -287,18 +288,19 @@ async fn the_agent_list_has_its_documented_shape() {
     });
     // The first heartbeat claims the connection; its figures follow in the next batched
     // write: one heartbeat is enough for the list to show them.
-    let mut agents = serde_json::Value::Null;
     heartbeat(&mut ws, 1, figures.clone()).await;
-    for _ in 1..=50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        agents = server.agents(&token).await;
-        let reported = agents
+    let reported = until(Duration::from_millis(2_500), Duration::from_millis(50), || async {
+        let agents = server.agents(&token).await;
+        let shown = agents
             .as_array()
             .is_some_and(|list| list.iter().any(|a| !a["buffer"].is_null()));
-        if reported {
-            break;
-        }
-    }
+        shown.then_some(agents)
+    })
+    .await;
+    let mut agents = match reported {
+        Some(agents) => agents,
+        None => server.agents(&token).await,
+    };
 
     if let Some(list) = agents.as_array_mut() {
         list.sort_by_key(|a| a["name"].as_str().unwrap_or_default().to_string());

@@ -1,6 +1,7 @@
 //! Connection limits of the server loop: a header deadline (slowloris) and a cap on
 //! connections served at once, with refusals counted in `/metrics`.
 
+use fixtures::poll::until_true;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -71,22 +72,18 @@ async fn connections_beyond_max_connections_are_closed_on_accept_and_counted() {
     let addr = server.base.authority().to_string();
     let counters = std::sync::Arc::clone(&server.state.observed.connections);
     // The login's connection may still be counted for a moment after its answer.
-    for _ in 0..100 {
-        if counters.open.load(Ordering::Relaxed) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let open_is = |n: u64| {
+        let counters = &counters;
+        until_true(Duration::from_secs(2), Duration::from_millis(20), move || async move {
+            counters.open.load(Ordering::Relaxed) == n
+        })
+    };
+    open_is(0).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(server.world.net().connect(&addr).await.expect("connect"));
     }
-    for _ in 0..100 {
-        if counters.open.load(Ordering::Relaxed) == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    open_is(4).await;
     assert_eq!(counters.open.load(Ordering::Relaxed), 4);
     let mut fifth = server.world.net().connect(&addr).await.expect("connect");
     let _ = fifth

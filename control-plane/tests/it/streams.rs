@@ -2,6 +2,7 @@
 //! in-process store and a real Redis, plain and over TLS), plus what only a shared store does
 //! (the relay of open requests) and what only a server can do (restart under a live store).
 
+use fixtures::poll::until_true;
 use std::time::Duration;
 
 use control_plane::terminal::relay::{self, OpenRefusal, OpenRequest};
@@ -330,21 +331,22 @@ async fn closed_sessions_expire(streams: &Streams) {
             .expect("finish")
     );
     // Redis expires keys on its own clock; poll up to 5 s rather than guess.
-    for _ in 0..50 {
-        if streams.meta("short").await.expect("meta").is_none() {
-            assert!(
-                streams
-                    .read_output("short", 0, NO_WAIT)
-                    .await
-                    .expect("read")
-                    .is_empty(),
-                "the output expired with the record"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("a session closed with a keep of 1 s was still readable after 5 s");
+    let expired = until_true(Duration::from_secs(5), Duration::from_millis(100), || async {
+        streams.meta("short").await.expect("meta").is_none()
+    })
+    .await;
+    assert!(
+        expired,
+        "a session closed with a keep of 1 s was still readable after 5 s"
+    );
+    assert!(
+        streams
+            .read_output("short", 0, NO_WAIT)
+            .await
+            .expect("read")
+            .is_empty(),
+        "the output expired with the record"
+    );
 }
 
 #[tokio::test]
