@@ -229,18 +229,26 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
     assert_eq!(by_epoch.len(), 1, "one buffer, one epoch");
     // Every heartbeat carries the buffer's figures; the fleet list shows them.
     let epoch = by_epoch.keys().next().cloned().unwrap_or_default();
-    let mut shown = serde_json::Value::Null;
-    for _ in 0..150 {
-        if let Some(r) = cp.api(Method::GET, "/api/v1/agents", None).await {
-            shown = serde_json::from_slice::<serde_json::Value>(&r.body)
-                .map(|v| v[0]["buffer"].clone())
-                .unwrap_or_default();
-            if shown["epoch"] == epoch.as_str() && shown["rows"] == 0 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let buffer_shown = || async {
+        let r = cp.api(Method::GET, "/api/v1/agents", None).await?;
+        serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .map(|v| v[0]["buffer"].clone())
+    };
+    let caught_up = until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            buffer_shown()
+                .await
+                .filter(|b| b["epoch"] == epoch.as_str() && b["rows"] == 0)
+        },
+    )
+    .await;
+    let shown = match caught_up {
+        Some(shown) => shown,
+        None => buffer_shown().await.unwrap_or_default(),
+    };
     assert_eq!(shown["epoch"], epoch.as_str(), "{shown}");
     for key in [
         "size_bytes",
@@ -304,15 +312,13 @@ async fn a_short_record_age_max_drops_and_counts_what_an_outage_made_stale() {
     let world = world::World::real();
 
     let mut agent = start(1);
-    let mut delivered = 0;
-    for _ in 0..200 {
-        delivered = cp.metrics("from=0").await.map(|m| m.len()).unwrap_or(0);
-        if delivered > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(delivered > 0, "metrics flow before the outage");
+    let delivered = until_true(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { cp.metrics("from=0").await.is_some_and(|m| !m.is_empty()) },
+    )
+    .await;
+    assert!(delivered, "metrics flow before the outage");
     let s = stats();
     let expected = s["size_bytes"].as_f64().unwrap_or(0.0) / (2u64 << 20) as f64;
     assert!(
@@ -331,28 +337,30 @@ async fn a_short_record_age_max_drops_and_counts_what_an_outage_made_stale() {
     agent.0.kill().expect("kill -9 agent");
     let _ = agent.0.wait();
     agent = start(2);
-    let mut held = 0;
-    for _ in 0..200 {
-        held = stats()["rows"].as_i64().unwrap_or(0);
-        if held > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = &stats;
+    let held = until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async move { Some(stats()["rows"].as_i64().unwrap_or(0)).filter(|&rows| rows > 0) },
+    )
+    .await
+    .unwrap_or(0);
     assert!(held > 0, "the agent buffers during the outage");
     // Longer than record_age_max.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let stale_before = world.now_unix_ms() - 3_000;
     cp.launch();
     cp.wait_healthy().await;
-    let mut s = stats();
-    for _ in 0..300 {
-        s = stats();
-        if s["rows"] == 0 && s["dropped_total"]["age"].as_i64().unwrap_or(0) >= held {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let emptied = until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async move {
+            let s = stats();
+            (s["rows"] == 0 && s["dropped_total"]["age"].as_i64().unwrap_or(0) >= held).then_some(s)
+        },
+    )
+    .await;
+    let s = emptied.unwrap_or_else(stats);
     assert_eq!(s["rows"], 0, "the buffer empties: {s}");
     assert!(
         s["dropped_total"]["age"].as_i64().unwrap_or(0) >= held,

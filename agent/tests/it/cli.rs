@@ -1,5 +1,6 @@
 //! CLI behaviour: help that teaches, refusals that say what to do.
 
+use fixtures::poll::{until, until_true};
 use std::time::Duration;
 
 use crate::harness::{ControlPlane, agent_bin, outpost_bin, run, stdout};
@@ -239,23 +240,23 @@ async fn the_metrics_listener_reports_buffer_tasks_and_link_and_refuses_public_a
         &dir.path().join("agent.log"),
     );
     let socket = format!("{d}/agent.sock");
-    let mut added = None;
-    for _ in 0..100 {
-        let out = run(
-            &agent_bin(),
-            &["tasks", "add", "command", "--socket", &socket, "--", "true"],
-        );
-        if out.status.success() {
-            added = Some(out);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(added.is_some(), "the agent's task API never answered");
+    let added = until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            run(
+                &agent_bin(),
+                &["tasks", "add", "command", "--socket", &socket, "--", "true"],
+            )
+            .status
+            .success()
+        },
+    )
+    .await;
+    assert!(added, "the agent's task API never answered");
     let url = url::Url::parse(&format!("http://127.0.0.1:{port}/metrics")).expect("url");
-    let mut text = String::new();
-    for _ in 0..100 {
-        if let Ok(r) = world::http_request(
+    let scrape = || async {
+        let r = world::http_request(
             &world::World::real(),
             http::Method::GET,
             &url,
@@ -265,14 +266,23 @@ async fn the_metrics_listener_reports_buffer_tasks_and_link_and_refuses_public_a
             1 << 20,
         )
         .await
-        {
-            text = String::from_utf8_lossy(&r.body).into_owned();
-            if text.contains("outpost_agent_task_runs{status=\"done\"} 1") {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .ok()?;
+        Some(String::from_utf8_lossy(&r.body).into_owned())
+    };
+    let counted = until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            scrape()
+                .await
+                .filter(|text| text.contains("outpost_agent_task_runs{status=\"done\"} 1"))
+        },
+    )
+    .await;
+    let text = match counted {
+        Some(text) => text,
+        None => scrape().await.unwrap_or_default(),
+    };
     for line in [
         "outpost_agent_task_runs{status=\"done\"} 1",
         "outpost_agent_tasks{status=\"done\"} 1",

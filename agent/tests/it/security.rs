@@ -2,6 +2,7 @@
 //! lockout that must end, request bodies that never arrive, one address holding every
 //! connection. (A demoted user's terminal is in `terminal.rs`, beside the other sockets.)
 
+use fixtures::poll::until_true;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,14 +113,12 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
     drop(held);
     // The server frees the held slots when it sees them close, not at once: until then this
     // address is still refused.
-    let mut back = false;
-    for _ in 0..100 {
-        if cp.api(http::Method::GET, "/healthz", None).await.is_some() {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let back = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { cp.api(http::Method::GET, "/healthz", None).await.is_some() },
+    )
+    .await;
     assert!(back, "the address is refused after its connections closed");
     let counted = cp
         .wait_counter("outpost_http_connections_refused_per_address_total", |n| {

@@ -2,6 +2,7 @@
 //! enrolls and runs against `https://` trusting a private CA (`--ca-file`), and refusals when
 //! the certificate is not trusted or the client speaks plain HTTP.
 
+use fixtures::poll::until_true;
 use std::time::Duration;
 
 use crate::harness::{Proc, agent_bin, free_port, outpost_bin, run, stdout};
@@ -62,17 +63,16 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
     );
     let trusting = world::World::real();
     trusting.set_tls_client(world::tls::client_config(&certs.ca).expect("CA"));
-    let mut healthy = false;
-    for _ in 0..100 {
-        if get(&trusting, &format!("{base}/healthz"), None)
-            .await
-            .is_some_and(|r| r.status == 200)
-        {
-            healthy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let healthy = until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            get(&trusting, &format!("{base}/healthz"), None)
+                .await
+                .is_some_and(|r| r.status == 200)
+        },
+    )
+    .await;
     assert!(
         healthy,
         "no HTTPS answer:\n{}",
@@ -221,17 +221,19 @@ async fn an_agent_enrolls_and_connects_over_https_with_a_private_ca() {
     );
     let session: serde_json::Value = serde_json::from_slice(&login.body).expect("json");
     let bearer = session["token"].as_str().expect("token").to_string();
-    let mut online = false;
-    for _ in 0..100 {
-        if let Some(r) = get(&trusting, &format!("{base}/api/v1/agents"), Some(&bearer)).await {
+    let online = until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let Some(r) = get(&trusting, &format!("{base}/api/v1/agents"), Some(&bearer)).await
+            else {
+                return false;
+            };
             let agents: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-            if agents[0]["status"] == "online" {
-                online = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            agents[0]["status"] == "online"
+        },
+    )
+    .await;
     assert!(
         online,
         "the agent did not come online over wss:\n{}",

@@ -289,13 +289,17 @@ async fn the_agent_list_has_its_documented_shape() {
     // The first heartbeat claims the connection; its figures follow in the next batched
     // write: one heartbeat is enough for the list to show them.
     heartbeat(&mut ws, 1, figures.clone()).await;
-    let reported = until(Duration::from_millis(2_500), Duration::from_millis(50), || async {
-        let agents = server.agents(&token).await;
-        let shown = agents
-            .as_array()
-            .is_some_and(|list| list.iter().any(|a| !a["buffer"].is_null()));
-        shown.then_some(agents)
-    })
+    let reported = until(
+        Duration::from_millis(2_500),
+        Duration::from_millis(50),
+        || async {
+            let agents = server.agents(&token).await;
+            let shown = agents
+                .as_array()
+                .is_some_and(|list| list.iter().any(|a| !a["buffer"].is_null()));
+            shown.then_some(agents)
+        },
+    )
     .await;
     let mut agents = match reported {
         Some(agents) => agents,

@@ -74,9 +74,11 @@ async fn connections_beyond_max_connections_are_closed_on_accept_and_counted() {
     // The login's connection may still be counted for a moment after its answer.
     let open_is = |n: u64| {
         let counters = &counters;
-        until_true(Duration::from_secs(2), Duration::from_millis(20), move || async move {
-            counters.open.load(Ordering::Relaxed) == n
-        })
+        until_true(
+            Duration::from_secs(2),
+            Duration::from_millis(20),
+            move || async move { counters.open.load(Ordering::Relaxed) == n },
+        )
     };
     open_is(0).await;
     let mut held = Vec::new();

@@ -331,9 +331,11 @@ async fn closed_sessions_expire(streams: &Streams) {
             .expect("finish")
     );
     // Redis expires keys on its own clock; poll up to 5 s rather than guess.
-    let expired = until_true(Duration::from_secs(5), Duration::from_millis(100), || async {
-        streams.meta("short").await.expect("meta").is_none()
-    })
+    let expired = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async { streams.meta("short").await.expect("meta").is_none() },
+    )
     .await;
     assert!(
         expired,
