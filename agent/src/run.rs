@@ -18,7 +18,7 @@ use crate::link::{LinkConfig, LinkStatus, run_link};
 use crate::tasks::driver::{self, Reader, RuntimeConfig};
 use crate::tasks::pool::PoolConfig;
 use crate::tasks::store::Store;
-use crate::tasks::{api, core};
+use crate::tasks::{api, bridge, core};
 
 use crate::layout::TASKS_FILE;
 
@@ -182,7 +182,7 @@ async fn start_tasks(
     config: &AgentConfig,
     parts: &mut Parts,
     stop: &CancellationToken,
-) -> anyhow::Result<api::Bridge> {
+) -> anyhow::Result<bridge::Bridge> {
     let runtime = runtime_config(world, config);
     let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
     let (ready, recovered) = oneshot::channel();
@@ -210,7 +210,7 @@ async fn start_tasks(
         world: world.clone(),
         store: Arc::new(Mutex::new(reader_store)),
     };
-    let bridge = api::Bridge {
+    let bridge = bridge::Bridge {
         reader,
         requests,
         has_postgres: config.postgres.is_some(),
@@ -225,7 +225,7 @@ async fn start_tasks(
 /// What the parts that need the control plane start from.
 struct Online {
     identity: identity::Identity,
-    bridge: api::Bridge,
+    bridge: bridge::Bridge,
     buffer: crate::buffer::SharedBuffer,
     status: watch::Sender<LinkStatus>,
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use world::{World, WsStream};
 
 use crate::backoff::Backoff;
-use crate::tasks::api::{Bridge, BridgeError};
+use crate::tasks::bridge::{Bridge, BridgeError};
 
 /// Task events per frame.
 const TASK_EVENTS_PER_FRAME: usize = 100;

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use world::{Target, World};
 
-use super::api::{AddRequest, TaskView};
+use super::bridge::{AddRequest, TaskView};
 use super::store::Store;
 
 #[derive(Args, Clone)]

@@ -186,10 +186,11 @@ impl Processes for OsProcesses {
         host_restarted: bool,
     ) -> BoxFuture<Result<Leftover, String>> {
         let (world, dir) = (self.world.clone(), rundir::dir(&self.runs, run_id));
+        let run_uid = self.run_uid;
         Box::pin(async move {
             let shown = dir.display().to_string();
             world
-                .blocking(move || os_leftover(&dir, output_bytes_max, host_restarted))
+                .blocking(move || os_leftover(&dir, output_bytes_max, host_restarted, run_uid))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("run directory {shown}: {e}"))
@@ -281,6 +282,7 @@ fn os_leftover(
     dir: &Path,
     output_bytes_max: usize,
     host_restarted: bool,
+    run_uid: Option<u32>,
 ) -> std::io::Result<Leftover> {
     let ended = |exit: Option<rundir::Exit>, why: &str| {
         let (output, dropped) = rundir::read_output(dir, output_bytes_max, exit.as_ref());
@@ -316,13 +318,32 @@ fn os_leftover(
     let unwatched =
         "its process ended while no agent watched it and left no exit status (killed with SIGKILL)";
     if let Some(exit) = rundir::read_exit(dir) {
+        stop_leftover_group(pid, ticks, run_uid);
         return Ok(ended(Some(exit), unwatched));
     }
     if alive(pid, ticks) {
         return Ok(Leftover::Running { pid, ticks });
     }
+    // The wrapper is gone, but what it started may not be (a wrapper killed while its command
+    // ran leaves the command running in its group): nothing may run that no run accounts for.
+    stop_leftover_group(pid, ticks, run_uid);
     // It may have written its status between the first look and the liveness check.
     Ok(ended(rundir::read_exit(dir), unwatched))
+}
+
+/// Stop whatever an ended run left in its process group (the group's id is its wrapper's
+/// pid), as a watching agent does when the wrapper ends. Nothing is sent when that pid now
+/// names another process: a pid still naming a group is never handed out again, so the
+/// group is empty then.
+fn stop_leftover_group(pid: i32, ticks: Option<u64>, run_uid: Option<u32>) {
+    let ours_or_free = match (super::process::start_ticks(pid), ticks) {
+        (None, _) => true,
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => false,
+    };
+    if ours_or_free {
+        killpg_as(Pid::from_raw(pid), Signal::SIGKILL, run_uid);
+    }
 }
 
 pub enum PoolCommand {
@@ -515,9 +536,9 @@ async fn run_os_process(this: OsProcesses, run: ProcessRun) {
             // The launcher may have forked the wrapper before it failed to answer: the run
             // directory says, and a wrapper that has not claimed it yet never will.
             let left = {
-                let (dir, max) = (dir.clone(), run.output_bytes_max);
+                let (dir, max, run_uid) = (dir.clone(), run.output_bytes_max, this.run_uid);
                 this.world
-                    .blocking(move || os_leftover(&dir, max, false))
+                    .blocking(move || os_leftover(&dir, max, false, run_uid))
                     .await
             };
             match left {

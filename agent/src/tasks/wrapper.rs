@@ -39,6 +39,7 @@ pub fn supervise(
         // must never start.
         return Ok(());
     }
+    crate::crashpoint::pass(crate::crashpoint::WRAPPER_AFTER_CLAIM);
     let Some((program, args)) = argv.split_first() else {
         return rundir::write_exit(
             dir,
@@ -68,6 +69,7 @@ pub fn supervise(
             .stderr(writer);
         command.spawn()
     };
+    crate::crashpoint::pass(crate::crashpoint::WRAPPER_AFTER_SPAWN);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -118,6 +120,7 @@ pub fn supervise(
         dropped: dropped.load(Ordering::SeqCst),
         ..exit
     };
+    crate::crashpoint::pass(crate::crashpoint::WRAPPER_BEFORE_STATUS);
     until_written(|| rundir::write_exit(dir, &exit), std::thread::sleep)
 }
 

@@ -1418,3 +1418,117 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
     }
     agent.kill_9();
 }
+
+/// The processes whose argv holds `marker`.
+fn marked(marker: &str) -> Vec<String> {
+    all_cmdlines()
+        .into_iter()
+        .filter(|(pid, cmd)| cmd.contains(marker) && alive(pid))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The parent pid of `pid`, from /proc.
+fn parent_of(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// A run's wrapper (what supervises its command) dying at each point of its life, with the
+/// agent alive: before the command starts, just after it started, and after it ended but
+/// before its status is written. Each time the run is recorded `aborted` with the reason, it
+/// is never run again, and nothing it started is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_running() {
+    let points: [(&'static str, &str, std::ops::RangeInclusive<usize>); 3] = [
+        ("wrapper.after_claim:1", "sleep 30; true", 0..=0),
+        ("wrapper.after_spawn:1", "sleep 30; true", 0..=1),
+        ("wrapper.before_status:1", "exit 3", 1..=1),
+    ];
+    for (point, then, ran) in points {
+        let agent = Agent::start_with_env(&[], &[("OUTPOST_CHAOS_CRASH_AT", point)]).await;
+        let ledger = agent.dir.path().join("ledger");
+        let marker = format!("wrapper-death-{}", std::process::id());
+        let script = format!("echo ran >> {}; {then}", ledger.display());
+        let id = agent.ok(&["add", "command", "--", "sh", "-c", &script, &marker]);
+        let task = agent.wait_status(&id, "aborted").await;
+        let runs = task["runs"].as_array().cloned().unwrap_or_default();
+        assert_eq!(runs.len(), 1, "{point}: never run again: {task}");
+        assert!(
+            runs[0]["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("without recording an exit status"),
+            "{point}: {task}"
+        );
+        let gone = until_true(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || async { marked(&marker).is_empty() },
+        )
+        .await;
+        assert!(gone, "{point}: left running: {:?}", marked(&marker));
+        let times = std::fs::read_to_string(&ledger)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        assert!(
+            ran.contains(&times),
+            "{point}: the command ran {times} times"
+        );
+    }
+}
+
+/// A run's wrapper and its agent both killed -9 while the command runs: the next agent
+/// records the run `aborted`, never runs it again, and stops the command the dead wrapper
+/// left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() {
+    let mut agent = Agent::start(&[]).await;
+    let marker = format!("wrapper-and-agent-{}", std::process::id());
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "sleep 300; true",
+        &marker,
+    ]);
+    agent.wait_status(&id, "doing").await;
+    let command = until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { marked(&marker).into_iter().next() },
+    )
+    .await
+    .expect("the command runs");
+    let wrapper = parent_of(&command).expect("the command's parent");
+    agent.kill_9();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &wrapper])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    assert!(
+        alive(&command),
+        "the command outlives its wrapper until an agent stops it"
+    );
+    agent.launch().await;
+    let task = agent.wait_status(&id, "aborted").await;
+    assert_eq!(
+        task["runs"].as_array().map(Vec::len),
+        Some(1),
+        "never run again: {task}"
+    );
+    let gone = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { !alive(&command) },
+    )
+    .await;
+    assert!(gone, "the dead wrapper's command is left running: {task}");
+}
