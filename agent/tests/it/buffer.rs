@@ -30,13 +30,13 @@ async fn garbage_over_the_buffer_is_quarantined_and_the_agent_starts_with_a_new_
         serde_json::from_slice(&out.stdout).expect("json")
     };
     let wait_for = |path: std::path::PathBuf| async move {
-        for _ in 0..200 {
-            if path.exists() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("{} never appeared", path.display());
+        let appeared = until_true(
+            Duration::from_secs(5),
+            Duration::from_millis(25),
+            || async { path.exists() },
+        )
+        .await;
+        assert!(appeared, "{} never appeared", path.display());
     };
 
     let missing = run(&agent_bin(), &["buffer", "stats", "--data-dir", &d]);

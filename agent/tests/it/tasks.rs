@@ -493,16 +493,16 @@ async fn a_postgres_password_reaches_psql_in_its_environment_never_in_its_argv()
         "query=SELECT pg_sleep(2)",
     ]);
     agent.wait_status(&id, "doing").await;
-    let mut psql = None;
-    for _ in 0..100 {
-        psql = all_cmdlines()
-            .into_iter()
-            .find(|(_, cmd)| cmd.contains("pg_sleep(2)"));
-        if psql.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let psql = until(
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || async {
+            all_cmdlines()
+                .into_iter()
+                .find(|(_, cmd)| cmd.contains("pg_sleep(2)"))
+        },
+    )
+    .await;
     let (pid, cmd) = psql.expect("psql runs the query");
     for (other, line) in all_cmdlines() {
         assert!(
@@ -727,19 +727,26 @@ async fn remote_tasks_and_history_that_finished_while_the_control_plane_was_down
     agent.wait_status(&task_id, "done").await;
     cp.launch();
     cp.wait_healthy().await;
-    let mut seen = serde_json::Value::Null;
-    for _ in 0..200 {
+    let listed = || async {
         let r = cp.api(Method::GET, &tasks_path, None).await.expect("list");
-        seen = serde_json::from_slice(&r.body).expect("json");
-        if seen
-            .as_array()
-            .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
-            .is_some_and(|t| t["status"] == "done")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")
+    };
+    let done = until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let seen = listed().await;
+            seen.as_array()
+                .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
+                .is_some_and(|t| t["status"] == "done")
+                .then_some(seen)
+        },
+    )
+    .await;
+    let seen = match done {
+        Some(seen) => seen,
+        None => listed().await,
+    };
     let stored = seen
         .as_array()
         .and_then(|a| a.iter().find(|t| t["id"] == task_id.as_str()))
@@ -922,14 +929,17 @@ async fn the_launcher_s_wrappers_record_the_end_and_honour_an_abandoned_claim() 
         "{started}"
     );
     let pid = started["pid"].as_i64().expect("pid").to_string();
-    let mut output = String::new();
-    for _ in 0..100 {
-        output = std::fs::read_to_string(dir.join("output")).unwrap_or_default();
-        if !output.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let output = until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            std::fs::read_to_string(dir.join("output"))
+                .ok()
+                .filter(|o| !o.is_empty())
+        },
+    )
+    .await
+    .unwrap_or_default();
     assert_eq!(output, "start", "the first 5 bytes are kept");
     let claim = std::fs::read_to_string(dir.join("claim")).expect("claim");
     assert!(claim.starts_with(&format!("started {pid} ")), "{claim}");
@@ -1135,12 +1145,12 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     let id = agent.ok(&["add", "command", "--key", "boot", "--", "sh", "-c", &script]);
     agent.wait_status(&id, "doing").await;
     // "doing" is set once the wrapper claimed the run; wait until the command itself ran.
-    for _ in 0..200 {
-        if std::fs::read_to_string(&marker).is_ok_and(|m| m.lines().count() == 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_true(
+        Duration::from_secs(2),
+        Duration::from_millis(10),
+        || async { std::fs::read_to_string(&marker).is_ok_and(|m| m.lines().count() == 1) },
+    )
+    .await;
     agent.kill_9();
     // The "power loss": the run's processes die and its directory is gone.
     let runs = agent.data().join("runs");
@@ -1381,12 +1391,12 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
         "add", "command", "--every", "1s", "--key", "tick", "--", "sleep", "2",
     ]);
     let runs = |agent: &Agent| agent.show(&id)["runs"].as_array().map_or(0, Vec::len);
-    for _ in 0..100 {
-        if runs(&agent) >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { runs(&agent) >= 2 },
+    )
+    .await;
     let filler = disk.fill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let proc = agent.proc.as_mut().expect("started");
@@ -1397,14 +1407,13 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
     );
     std::fs::remove_file(filler).expect("free the disk");
     let before = runs(&agent);
-    let mut after = before;
-    for _ in 0..150 {
-        after = runs(&agent);
-        if after >= before + 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_true(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { runs(&agent) >= before + 2 },
+    )
+    .await;
+    let after = runs(&agent);
     assert!(
         after >= before + 2,
         "runs go on once there is room: {before} → {after}"

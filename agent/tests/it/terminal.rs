@@ -1,6 +1,7 @@
 //! The browser psql terminal end to end: real `outpost` and `outpost-agent`, real Postgres
 //! and psql in a PTY, real Redis, and a WebSocket client speaking the browser protocol.
 
+use fixtures::poll::until_true;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -539,15 +540,15 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
         .await
         .expect("close");
     assert_eq!(r.status, 202);
-    let mut third = None;
-    for _ in 0..100 {
-        let (status, body) = rig.create(&rig.agent_id).await;
-        if status == 201 {
-            third = Some(body);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let third = fixtures::poll::until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let (status, body) = rig.create(&rig.agent_id).await;
+            (status == 201).then_some(body)
+        },
+    )
+    .await;
     assert!(
         third.is_some(),
         "a slot was freed\n{}\n{}",
@@ -568,12 +569,13 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
             .expect("run psql (Debian package postgresql-client)");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    for _ in 0..100 {
-        if sleeping() == "1" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sleeping = &sleeping;
+    until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move { sleeping() == "1" },
+    )
+    .await;
     assert_eq!(sleeping(), "1", "the terminal's backend runs pg_sleep");
     let r = rig
         .cp
@@ -591,12 +593,12 @@ async fn sessions_are_limited_and_refusals_are_json_errors() {
             "socket ended before the closed frame"
         );
     }
-    for _ in 0..100 {
-        if sleeping() == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move { sleeping() == "0" },
+    )
+    .await;
     assert_eq!(
         sleeping(),
         "0",
@@ -1038,14 +1040,12 @@ async fn a_user_holds_at_most_sixteen_terminal_sockets_per_replica() {
 
     // Closing one frees its slot.
     drop(open.pop());
-    let mut reopened = false;
-    for _ in 0..50 {
-        if connect().await.is_ok() {
-            reopened = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reopened = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async { connect().await.is_ok() },
+    )
+    .await;
     assert!(reopened, "a closed socket gave its slot back");
 }
 
@@ -1467,15 +1467,17 @@ async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still
     let wait_status = |id: String, want: &'static str| {
         let tasks = &tasks;
         async move {
-            for _ in 0..600 {
-                let shown: serde_json::Value =
-                    serde_json::from_str(&tasks(&["show", &id, "--json"])).expect("json");
-                if shown["status"] == want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("task {id} is not {want}:\n{}", agent_log());
+            let shown = until_true(
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+                || async {
+                    let shown: serde_json::Value =
+                        serde_json::from_str(&tasks(&["show", &id, "--json"])).expect("json");
+                    shown["status"] == want
+                },
+            )
+            .await;
+            assert!(shown, "task {id} is not {want}:\n{}", agent_log());
         }
     };
     let probe = format!(
@@ -1549,15 +1551,16 @@ async fn with_only_setuid_capabilities_runs_cannot_read_the_credential_and_still
 
 /// Whether, within 5 s, no process matches `pgrep ARGS`.
 async fn none_left(args: &[&str]) -> bool {
-    for _ in 0..100 {
-        let found = std::process::Command::new("pgrep")
-            .args(args)
-            .output()
-            .expect("pgrep (Debian package procps)");
-        if !found.status.success() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            let found = std::process::Command::new("pgrep")
+                .args(args)
+                .output()
+                .expect("pgrep (Debian package procps)");
+            !found.status.success()
+        },
+    )
+    .await
 }

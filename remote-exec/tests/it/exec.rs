@@ -1,5 +1,6 @@
 //! Every outcome class against a real sshd, host key policy, and receipts.
 
+use fixtures::poll::until;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,13 +68,18 @@ async fn receipt_status(client: Arc<Client>, host: &Host, op: &OpId) -> ReceiptS
 
 /// Poll the receipts until they say `finished` (the remote command outlives the transport).
 async fn wait_finished(client: Arc<Client>, host: &Host, op: &OpId) -> i32 {
-    for _ in 0..100 {
-        if let ReceiptStatus::Finished(code) = receipt_status(client.clone(), host, op).await {
-            return code;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("operation {op} never finished on {}", host.name);
+    let finished = until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            match receipt_status(client.clone(), host, op).await {
+                ReceiptStatus::Finished(code) => Some(code),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    finished.unwrap_or_else(|| panic!("operation {op} never finished on {}", host.name))
 }
 
 #[tokio::test]
