@@ -257,22 +257,25 @@ async fn exec_through_the_api_streams_per_host_results_and_is_audited() {
     let started: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(started["hosts"], 2);
     let op_id = started["op_id"].as_str().expect("op_id").to_string();
-    let view = loop {
-        let r = server
-            .request(
-                Method::GET,
-                &format!("/api/v1/exec/{op_id}"),
-                Some(&operator),
-                "",
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK);
-        let view: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-        if view["finished"] == true {
-            break view;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let finished = fixtures::poll::until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(100),
+        || async {
+            let r = server
+                .request(
+                    Method::GET,
+                    &format!("/api/v1/exec/{op_id}"),
+                    Some(&operator),
+                    "",
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            let view: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+            (view["finished"] == true).then_some(view)
+        },
+    )
+    .await;
+    let view = finished.expect("the exec run finishes within 60 s");
     let hosts = view["hosts"].as_array().expect("hosts");
     let db1 = hosts.iter().find(|h| h["host"] == "db1").expect("db1");
     assert_eq!(db1["outcome"], "command_failed");
