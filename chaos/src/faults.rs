@@ -24,6 +24,9 @@ pub enum Kind {
     /// The agent's run launcher kills itself between forking a run's wrapper and telling the
     /// agent; the agent lives on.
     CrashLauncherAfterFork,
+    /// Every run's wrapper kills itself at one of its points (after its claim, after starting
+    /// the command, before writing the status) while the agent lives on.
+    CrashWrapper,
     Partition,
     /// The agent's namespace drops what comes in: it keeps writing into nothing.
     HalfOpenIn,
@@ -41,12 +44,13 @@ pub enum Kind {
     SshCut,
 }
 
-pub const AGENT_LANE: [Kind; 13] = [
+pub const AGENT_LANE: [Kind; 14] = [
     Kind::AgentKill,
     Kind::AgentPause,
     Kind::CrashAfterAck,
     Kind::CrashAfterSpawn,
     Kind::CrashLauncherAfterFork,
+    Kind::CrashWrapper,
     Kind::Partition,
     Kind::HalfOpenIn,
     Kind::HalfOpenOut,
@@ -73,6 +77,7 @@ impl Kind {
             Kind::CrashAfterAck => "crash_after_ack",
             Kind::CrashAfterSpawn => "crash_after_spawn",
             Kind::CrashLauncherAfterFork => "crash_launcher_after_fork",
+            Kind::CrashWrapper => "crash_wrapper",
             Kind::Partition => "partition",
             Kind::HalfOpenIn => "half_open_in",
             Kind::HalfOpenOut => "half_open_out",
@@ -102,6 +107,9 @@ impl Kind {
             }
             Kind::CrashLauncherAfterFork => {
                 "an agent's run launcher dies as if killed -9 after forking a run's wrapper, before it answers (the agent lives on)"
+            }
+            Kind::CrashWrapper => {
+                "an agent's run wrappers die as if killed -9 after their claim, after starting the command, or before writing its status (the agent lives on)"
             }
             Kind::Partition => "drop everything between an agent's namespace and the control plane",
             Kind::HalfOpenIn => "an agent's namespace drops what comes in (it keeps sending)",
@@ -205,12 +213,20 @@ pub struct Done {
 }
 
 /// Crash point names the agent knows (`OUTPOST_CHAOS_CRASH_AT=NAME:N`).
-pub const CRASH_AFTER_ACK: &str = "buffer.after_ack";
-pub const CRASH_AFTER_SPAWN: &str = "task.after_spawn";
-pub const CRASH_LAUNCHER_AFTER_FORK: &str = "launcher.after_fork";
+pub const CRASH_AFTER_ACK: &str = agent::crashpoint::AFTER_ACK;
+pub const CRASH_AFTER_SPAWN: &str = agent::crashpoint::AFTER_SPAWN;
+pub const CRASH_LAUNCHER_AFTER_FORK: &str = agent::crashpoint::AFTER_FORK;
+/// The wrapper's points; a `crash_wrapper` fault takes one by its `nth`.
+const CRASH_WRAPPER_AT: [&str; 3] = [
+    agent::crashpoint::WRAPPER_AFTER_CLAIM,
+    agent::crashpoint::WRAPPER_AFTER_SPAWN,
+    agent::crashpoint::WRAPPER_BEFORE_STATUS,
+];
 
 /// What the agent logs when its run launcher dies under it.
 const LAUNCHER_ENDED: &str = "the run launcher ended";
+/// What the agent logs when a run's wrapper ended without recording the command's end.
+const WRAPPER_DIED: &str = agent::tasks::pool::WRAPPER_DIED;
 
 pub type Shared = std::sync::Arc<tokio::sync::Mutex<Deployment>>;
 
@@ -229,21 +245,18 @@ async fn start_agent(d: &Shared, i: usize) -> String {
     }
 }
 
-/// Restart an agent with its launcher's crash point set, wait for the launcher to die there
-/// (the agent logs it and goes on), then restart the agent gracefully without it, so later
-/// launchers live.
-async fn crash_launcher(d: &Shared, p: &Planned) -> (bool, String) {
-    let seen = |g: &Deployment, i: usize| g.agents[i].service.log_count(LAUNCHER_ENDED);
+/// Restart an agent with a crash point in one of its helper processes (`point`: the run
+/// launcher or the runs' wrappers), wait for a helper to die there (the agent logs `died`
+/// and goes on), hold, then restart the agent gracefully without it, so later helpers live.
+async fn crash_helper(d: &Shared, p: &Planned, point: &str, died: &str) -> (bool, String) {
+    let seen = |g: &Deployment, i: usize| g.agents[i].service.log_count(died);
     let (i, before) = {
         let mut g = d.lock().await;
         let i = agent_index(&g, p.target);
         let before = seen(&g, i);
         let a = &mut g.agents[i];
         a.service.kill9().await;
-        a.service.set_env(
-            "OUTPOST_CHAOS_CRASH_AT",
-            Some(&format!("{CRASH_LAUNCHER_AFTER_FORK}:{}", p.nth)),
-        );
+        a.service.set_env("OUTPOST_CHAOS_CRASH_AT", Some(point));
         if let Err(e) = a.service.start() {
             return (false, format!("start with the crash point: {e:#}"));
         }
@@ -271,10 +284,7 @@ async fn crash_launcher(d: &Shared, p: &Planned) -> (bool, String) {
     if crashed {
         (true, note)
     } else {
-        (
-            true,
-            format!("{CRASH_LAUNCHER_AFTER_FORK} not reached within 45 s {note}"),
-        )
+        (true, format!("{point} not reached within 45 s {note}"))
     }
 }
 
@@ -285,7 +295,15 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
         Kind::AgentKill => kill_agent(d, p).await,
         Kind::AgentPause => pause_agent(d, p).await,
         Kind::CrashAfterAck | Kind::CrashAfterSpawn => crash_agent_at(d, p).await,
-        Kind::CrashLauncherAfterFork => crash_launcher(d, p).await,
+        Kind::CrashLauncherAfterFork => {
+            let point = format!("{CRASH_LAUNCHER_AFTER_FORK}:{}", p.nth);
+            crash_helper(d, p, &point, LAUNCHER_ENDED).await
+        }
+        Kind::CrashWrapper => {
+            // Every wrapper the agent starts meanwhile dies at its first pass.
+            let at = CRASH_WRAPPER_AT[p.nth as usize % CRASH_WRAPPER_AT.len()];
+            crash_helper(d, p, &format!("{at}:1"), WRAPPER_DIED).await
+        }
         Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => cut_agent(d, p).await,
         Kind::Latency | Kind::SlowLink => slow_agent(d, p).await,
         Kind::DiskFull => fill_disk(d, p).await,

@@ -4,7 +4,11 @@
 //! found by the next agent. Each process models the run wrapper's protocol: it exists from the
 //! spawn, claims its run a little later (then the command starts), and never starts if a
 //! recovering agent claimed the run first. Durations, exit codes, hangs and the spawn-to-claim
-//! and spawn-to-report delays come from the seed.
+//! and spawn-to-report delays come from the seed. Some wrappers die (as if killed -9): right
+//! after their claim (the command never starts), while the command runs (the command goes on
+//! in the wrapper's group until an agent stops it), or after it ended but before writing its
+//! status (its real end is lost): the run must then be recorded `aborted`, never run again,
+//! and its command stopped.
 //!
 //! Checked as it goes (see [`SimProcesses::violations`]): a run never gets a second process;
 //! no two runs of one task execute at once; a run is never forgotten while its process runs;
@@ -15,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::tasks::model::{RunOutcome, status};
-use agent::tasks::pool::{BoxFuture, Leftover, PoolEvent, ProcessRun, Processes};
+use agent::tasks::pool::{BoxFuture, Leftover, PoolEvent, ProcessRun, Processes, WRAPPER_DIED};
 
 /// One process as the checks see it.
 #[derive(Clone, Debug)]
@@ -35,17 +39,49 @@ pub struct Proc {
     pub killed_at: Option<Duration>,
     /// Its run's end is in the store and the agent forgot it.
     pub released: bool,
+    /// When its wrapper dies, if it does (see [`WrapperDeath`]).
+    pub wrapper_dies: Option<(Duration, WrapperDeath)>,
+}
+
+/// Where in a run's life its wrapper dies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WrapperDeath {
+    /// Right after its claim: the command never starts.
+    AfterClaim,
+    /// While the command runs: the command goes on in the group.
+    WhileRunning,
+    /// After the command ended, before its status was written.
+    BeforeStatus,
 }
 
 impl Proc {
     /// Whether the command started (by `at`).
     pub fn executed(&self, at: Duration) -> bool {
-        !self.abandoned && self.claim_at <= at
+        !self.abandoned && self.claim_at <= at && !self.dies_as(WrapperDeath::AfterClaim)
     }
 
-    /// Whether it is over at `at` (killed or ended by itself).
+    fn dies_as(&self, how: WrapperDeath) -> bool {
+        self.wrapper_dies.is_some_and(|(_, h)| h == how)
+    }
+
+    /// Whether its wrapper is dead (by `at`), leaving no exit status.
+    pub fn wrapper_dead(&self, at: Duration) -> bool {
+        self.wrapper_dies.is_some_and(|(when, _)| when <= at)
+    }
+
+    /// Its command's real end was lost with its wrapper (which died before anyone began
+    /// stopping the run): the run can only be `aborted`.
+    pub fn status_lost(&self) -> bool {
+        self.wrapper_dies
+            .is_some_and(|(dies, _)| self.term_at.is_none_or(|term| dies <= term))
+    }
+
+    /// Whether it is over at `at` (killed or ended by itself; a command whose wrapper died
+    /// right after its claim never started, so it is over then).
     pub fn over(&self, at: Duration) -> bool {
-        self.killed_at.is_some_and(|k| k <= at) || self.ends_at.is_some_and(|e| e <= at)
+        self.killed_at.is_some_and(|k| k <= at)
+            || self.ends_at.is_some_and(|e| e <= at)
+            || (self.dies_as(WrapperDeath::AfterClaim) && self.wrapper_dead(at))
     }
 
     /// Whether the command runs at `at`.
@@ -195,6 +231,19 @@ impl SimProcesses {
             _ => Some(claim_at + Duration::from_millis(100 + (h >> 8) % 20_000)),
         };
         let exit_code = if (h >> 40).is_multiple_of(5) { 1 } else { 0 };
+        // One wrapper in 16 dies, at one of three places (a mix of its own, so the rest of
+        // the model draws what it drew before).
+        let w = mix(self.seed, "wrapper", run_id);
+        let wrapper_dies = match (w % 16, ends_at) {
+            (0, _) => Some((claim_at, WrapperDeath::AfterClaim)),
+            (1, Some(end)) => Some((claim_at + (end - claim_at) / 2, WrapperDeath::WhileRunning)),
+            (1, None) => Some((
+                claim_at + Duration::from_millis(500 + (w >> 8) % 5_000),
+                WrapperDeath::WhileRunning,
+            )),
+            (2, Some(end)) => Some((end, WrapperDeath::BeforeStatus)),
+            _ => None,
+        };
         let mut t = self.lock();
         let mut found = Vec::new();
         for other in t.procs.values() {
@@ -229,6 +278,7 @@ impl SimProcesses {
             term_at: None,
             killed_at: None,
             released: false,
+            wrapper_dies,
         };
         t.procs.insert(proc.pid, proc.clone());
         t.spawned += 1;
@@ -251,8 +301,13 @@ impl SimProcesses {
         let Some(proc) = self.lock().procs.get(&pid).cloned() else {
             return;
         };
+        // The wrapper ends when the command does, or when it dies.
+        let wrapper_ends = match (proc.ends_at, proc.wrapper_dies) {
+            (Some(end), Some((dies, _))) => Some(end.min(dies)),
+            (end, dies) => end.or(dies.map(|(when, _)| when)),
+        };
         let natural = async {
-            match proc.ends_at {
+            match wrapper_ends {
                 Some(end) => tokio::time::sleep(end.saturating_sub(now())).await,
                 None => std::future::pending().await,
             }
@@ -265,6 +320,19 @@ impl SimProcesses {
             _ = kill.cancelled() => Stop::Killed,
         };
         let outcome = match stop {
+            Stop::Exited(_)
+                if proc
+                    .wrapper_dies
+                    .is_some_and(|(dies, _)| Some(dies) == wrapper_ends) =>
+            {
+                // No status: the run is aborted and what the wrapper left in its group stopped.
+                crate::trace::record(format!(
+                    "run {run_id}: its wrapper died ({:?}); aborted",
+                    proc.wrapper_dies.map(|(_, how)| how)
+                ));
+                self.stop_group(pid);
+                outcome(status::ABORTED, None, Some(WRAPPER_DIED.into()))
+            }
             Stop::Exited(code) => exit_outcome(code),
             Stop::TimedOut => {
                 self.kill_after(pid, grace).await;
@@ -282,6 +350,17 @@ impl SimProcesses {
                 outcome,
             })
             .await;
+    }
+
+    /// SIGKILL to a dead wrapper's group: the command, if it still runs, ends now.
+    fn stop_group(&self, pid: i32) {
+        let at = now();
+        if let Some(p) = self.lock().procs.get_mut(&pid)
+            && !p.over(at)
+        {
+            p.term_at.get_or_insert(at);
+            p.killed_at.get_or_insert(at);
+        }
     }
 
     /// SIGTERM is ignored by a third of processes; SIGKILL after `grace` always works. A
@@ -366,6 +445,21 @@ impl Processes for SimProcesses {
                 // The claim goes to the agent: the command never starts.
                 p.abandoned = true;
                 return Ok(Leftover::NeverStarted);
+            }
+            if p.wrapper_dead(at) {
+                // Its wrapper died and left no status; the command it left is stopped.
+                crate::trace::record(format!(
+                    "run {run_id}: its wrapper died while no agent watched; aborted"
+                ));
+                if !p.over(at) {
+                    p.term_at.get_or_insert(at);
+                    p.killed_at.get_or_insert(at);
+                }
+                return Ok(Leftover::Ended(outcome(
+                    status::ABORTED,
+                    None,
+                    Some(WRAPPER_DIED.into()),
+                )));
             }
             if !p.over(at) {
                 return Ok(Leftover::Running {

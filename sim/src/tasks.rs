@@ -4,7 +4,8 @@
 //! run's process claims it, before its pid is in the store). Checked: a run never gets two
 //! processes and no two runs of a task overlap; nothing runs that no run in flight accounts
 //! for; every run ends with its process's real outcome, or `aborted` when its process never
-//! ran or left no exit status; nothing stays `doing` without a live process; every due one-off
+//! ran or left no exit status (its wrapper may die at any point: then the command it left is
+//! stopped too); nothing stays `doing` without a live process; every due one-off
 //! task ends in a recorded terminal state and was run (no run lost by a restart); periodic
 //! tasks keep running; future tasks survive.
 
@@ -341,8 +342,9 @@ fn final_check(
 }
 
 /// Every run against its process: the store holds each process's real outcome (its exit code
-/// when it ended by itself), `aborted` where the process never ran or was killed while no
-/// agent watched, and `doing` exactly while it runs. Returns how many runs never started.
+/// when it ended by itself), `aborted` where the process never ran, was killed while no agent
+/// watched, or its wrapper died without recording how it ended, and `doing` exactly while it
+/// runs. Returns how many runs never started.
 fn check_runs(
     conn: &rusqlite::Connection,
     processes: &SimProcesses,
@@ -408,6 +410,14 @@ fn check_runs(
                 "run {run_id} of {task_id} is recorded {} while its process still runs",
                 status::name(*st)
             );
+        } else if p.status_lost() {
+            // Its wrapper died without writing the command's end: only `aborted` is honest.
+            if *st != status::ABORTED {
+                anyhow::bail!(
+                    "run {run_id} of {task_id} lost its wrapper (and its status) but is recorded {} ({error:?})",
+                    status::name(*st)
+                );
+            }
         } else if p.ended_naturally() {
             let want = if p.exit_code == 0 {
                 status::DONE

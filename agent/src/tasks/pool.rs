@@ -277,6 +277,10 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Why a run is recorded `aborted` when its wrapper ended and left no exit status (also what
+/// the agent logs then).
+pub const WRAPPER_DIED: &str = "the run's wrapper ended without recording an exit status";
+
 /// [`Processes::leftover`] on a real run directory.
 fn os_leftover(
     dir: &Path,
@@ -621,10 +625,13 @@ async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched) {
     let outcome = match stop {
         Stop::Exited => match exit {
             Some(exit) => exit.outcome(),
-            None => RunOutcome {
-                status: status::ABORTED,
-                ..failed("the run's wrapper ended without recording an exit status".into())
-            },
+            None => {
+                tracing::warn!(run_id, pid, "{WRAPPER_DIED}; its process group was stopped");
+                RunOutcome {
+                    status: status::ABORTED,
+                    ..failed(WRAPPER_DIED.into())
+                }
+            }
         },
         Stop::TimedOut => failed(format!(
             "timed out after {}; process group terminated",
