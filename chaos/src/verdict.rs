@@ -194,6 +194,9 @@ pub fn metrics(agents: &[AgentMetrics]) -> Verdict {
 pub struct RunRecord {
     pub status: i64,
     pub exit_code: Option<i64>,
+    /// Aborted because its wrapper died without writing how the command ended: the command
+    /// may have run to its end on the host.
+    pub end_lost: bool,
 }
 
 /// A task as the agent's store holds it.
@@ -222,6 +225,7 @@ const DONE: i64 = agent::tasks::model::status::DONE as i64;
 const TERMINAL: i64 = agent::tasks::model::status::TERMINAL as i64;
 const SCHEDULED: i64 = agent::tasks::model::status::SCHEDULED as i64;
 const IN_FLIGHT: i64 = agent::tasks::model::status::IN_FLIGHT as i64;
+const ABORTED: i64 = agent::tasks::model::status::ABORTED as i64;
 
 pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
     let conn =
@@ -245,7 +249,7 @@ pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let mut stmt = conn
-        .prepare("SELECT task_id, status, exit_code FROM runs ORDER BY run_id")
+        .prepare("SELECT task_id, status, exit_code, error FROM runs ORDER BY run_id")
         .map_err(|e| e.to_string())?;
     let runs: Vec<(String, RunRecord)> = stmt
         .query_map([], |r| {
@@ -254,6 +258,11 @@ pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
                 RunRecord {
                     status: r.get(1)?,
                     exit_code: r.get(2)?,
+                    end_lost: r.get::<_, i64>(1)? == ABORTED
+                        && r.get::<_, Option<String>>(3)?.is_some_and(|e| {
+                            e == agent::tasks::pool::WRAPPER_DIED
+                                || e == agent::tasks::pool::LEFT_NO_STATUS
+                        }),
                 },
             ))
         })
@@ -379,11 +388,12 @@ fn runs_against_markers(
         .count();
     let not_done = task.runs.len() - done;
     // A run in flight when its agent stopped for the last time may finish afterwards:
-    // its end is on the host, its outcome not yet in the store.
+    // its end is on the host, its outcome not yet in the store. A run whose wrapper died
+    // without writing the end may have completed on the host too (recorded `aborted`).
     let in_flight = task
         .runs
         .iter()
-        .filter(|r| r.status & IN_FLIGHT != 0)
+        .filter(|r| r.status & IN_FLIGHT != 0 || r.end_lost)
         .count();
     if intervals.len() < done || intervals.len() > done + in_flight {
         invalid.push(format!(
@@ -645,6 +655,43 @@ mod task_tests {
         assert_eq!(v.outcome, Outcome::Valid, "{:?}", v.evidence);
         // Answered before the damage: it had to be in the store read before it.
         let v = tasks(&[asked(800, 900)], &after, &damage, markers.path(), 2_000);
+        assert_eq!(v.outcome, Outcome::Invalid, "{:?}", v.evidence);
+    }
+
+    #[test]
+    fn a_run_that_ended_on_the_host_may_be_aborted_only_when_its_wrapper_lost_the_end() {
+        let markers = tempfile::tempdir().expect("temp dir");
+        std::fs::write(markers.path().join("once-30"), "start 7 100\nend 7 200\n")
+            .expect("markers");
+        let aborted = |end_lost| TaskRecord {
+            status: i64::from(agent::tasks::model::status::ABORTED),
+            next_run_ms: None,
+            runs: vec![super::RunRecord {
+                status: super::ABORTED,
+                exit_code: None,
+                end_lost,
+            }],
+            ..record()
+        };
+        let one_off = AskedTask {
+            what: TaskShape::OneOff,
+            ..asked(900, 1_000)
+        };
+        let v = tasks(
+            &[one_off.clone()],
+            &[Ok(vec![aborted(true)])],
+            &[],
+            markers.path(),
+            2_000,
+        );
+        assert_eq!(v.outcome, Outcome::Valid, "{:?}", v.evidence);
+        let v = tasks(
+            &[one_off],
+            &[Ok(vec![aborted(false)])],
+            &[],
+            markers.path(),
+            2_000,
+        );
         assert_eq!(v.outcome, Outcome::Invalid, "{:?}", v.evidence);
     }
 }

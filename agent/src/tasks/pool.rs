@@ -280,6 +280,10 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
 /// Why a run is recorded `aborted` when its wrapper ended and left no exit status (also what
 /// the agent logs then).
 pub const WRAPPER_DIED: &str = "the run's wrapper ended without recording an exit status";
+/// Why a run is recorded `aborted` when a recovering agent found its wrapper gone without an
+/// exit status.
+pub const LEFT_NO_STATUS: &str =
+    "its process ended while no agent watched it and left no exit status (killed with SIGKILL)";
 
 /// [`Processes::leftover`] on a real run directory.
 fn os_leftover(
@@ -319,8 +323,7 @@ fn os_leftover(
         Claim::Abandoned => return Ok(Leftover::NeverStarted),
         Claim::Started { pid, ticks } => (pid, ticks),
     };
-    let unwatched =
-        "its process ended while no agent watched it and left no exit status (killed with SIGKILL)";
+    let unwatched = LEFT_NO_STATUS;
     if let Some(exit) = rundir::read_exit(dir) {
         stop_leftover_group(pid, ticks, run_uid);
         return Ok(ended(Some(exit), unwatched));
