@@ -678,7 +678,7 @@ mod task_tests {
             ..asked(900, 1_000)
         };
         let v = tasks(
-            &[one_off.clone()],
+            std::slice::from_ref(&one_off),
             &[Ok(vec![aborted(true)])],
             &[],
             markers.path(),
