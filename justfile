@@ -127,8 +127,11 @@ test: (setup "test")
     step "schemathesis" just schemathesis
     step "fresh demo test" just fresh-demo-test
     step "waiting for the release build" await "release build"
+    # The fuzz targets' instrumented build likewise, beside the container tests.
+    background "fuzz build" just fuzz-build dev
     step "packaging test" just packaging-test
     step "appliance test" just appliance-test
+    step "waiting for the fuzz build" await "fuzz build"
     # A dev-profile build: nothing to optimise, the same coverage instrumentation.
     step "fuzz" just fuzz 15 dev
 
@@ -143,21 +146,28 @@ schemathesis examples="50":
     cargo build --bins
     bash control-plane/tests/schemathesis.sh {{examples}}
 
+# Build the fuzz targets (PROFILE `release` or `dev`) without running them; `just test` builds
+# them in the background beside the container tests.
+fuzz-build profile="release":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{profile}}" in
+      release|dev) ;;
+      *) echo "unknown fuzz profile '{{profile}}': release or dev" >&2; exit 2 ;;
+    esac
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+    cd fuzz
+    cargo fuzz build -s none --{{profile}} --target-dir ../target/fuzz-{{profile}}
+
 # Fuzz every decoder that reads bytes from outside (fuzz/fuzz_targets), SECONDS each, one target
 # per core at a time (default 60; PROFILE `dev` builds faster and runs slower), on stable Rust with libFuzzer (`cargo fuzz -s none`). Seeds: fuzz/seeds/TARGET; what a run
 # finds grows target/fuzz-corpus/TARGET; a crash stops the run and is saved under
 # fuzz/artifacts/TARGET (reproduce: `cd fuzz && cargo fuzz run -s none TARGET FILE`).
-fuzz seconds="60" profile="release": web
+fuzz seconds="60" profile="release": web (fuzz-build profile)
     #!/usr/bin/env bash
     set -euo pipefail
-    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
     cd fuzz
-    case "{{profile}}" in
-      release) opts=(-s none --release --target-dir ../target/fuzz) ;;
-      dev) opts=(-s none --dev --target-dir ../target/fuzz-dev) ;;
-      *) echo "unknown fuzz profile '{{profile}}': release or dev" >&2; exit 2 ;;
-    esac
-    cargo fuzz build "${opts[@]}"
+    opts=(-s none --{{profile}} --target-dir ../target/fuzz-{{profile}})
     # One target per core at a time; each prints its summary line when it ends.
     one() {
         local target=$1 log="../target/fuzz-logs/$1.log"
