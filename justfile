@@ -115,13 +115,14 @@ test: (setup "test")
     step "lints" just lint
     step "web unit tests" bash -c 'cd control-plane/web && npm test --silent'
     step "build" cargo build --workspace --bins
+    # The release build the packaging and appliance tests use runs at the lowest priority,
+    # on what the steps until then leave idle (tests waiting on their services, the chaos
+    # run's timers, containers).
+    background "release build" cargo build --release -p agent -p control-plane --bins
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     step "sim seeds" just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
     step "sim regressions" just sim regressions --check-determinism
-    # The release build the packaging and appliance tests use runs at the lowest priority
-    # beside the steps that mostly wait (on the chaos run's timers and on containers).
-    background "release build" cargo build --release -p agent -p control-plane --bins
     step "chaos seeds" just chaos-seeds
     step "fixtures (docker)" just fixtures-docker-test
     step "schemathesis" just schemathesis
