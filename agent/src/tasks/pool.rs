@@ -323,10 +323,9 @@ fn os_leftover(
         Claim::Abandoned => return Ok(Leftover::NeverStarted),
         Claim::Started { pid, ticks } => (pid, ticks),
     };
-    let unwatched = LEFT_NO_STATUS;
     if let Some(exit) = rundir::read_exit(dir) {
         stop_leftover_group(pid, ticks, run_uid);
-        return Ok(ended(Some(exit), unwatched));
+        return Ok(ended(Some(exit), LEFT_NO_STATUS));
     }
     if alive(pid, ticks) {
         return Ok(Leftover::Running { pid, ticks });
@@ -335,11 +334,12 @@ fn os_leftover(
     // ran leaves the command running in its group): nothing may run that no run accounts for.
     stop_leftover_group(pid, ticks, run_uid);
     // It may have written its status between the first look and the liveness check.
-    Ok(ended(rundir::read_exit(dir), unwatched))
+    Ok(ended(rundir::read_exit(dir), LEFT_NO_STATUS))
 }
 
 /// Stop whatever an ended run left in its process group (the group's id is its wrapper's
-/// pid), as a watching agent does when the wrapper ends. Nothing is sent when that pid now
+/// pid): a watching agent when the wrapper ends, a recovering one when it finds the wrapper
+/// gone. Nothing is sent when that pid now
 /// names another process: a pid still naming a group is never handed out again, so the
 /// group is empty then.
 fn stop_leftover_group(pid: i32, ticks: Option<u64>, run_uid: Option<u32>) {
@@ -611,9 +611,7 @@ async fn watch(this: OsProcesses, run: ProcessRun, mut target: Watched) {
             let _ = tokio::time::timeout(ADOPTED_KILL_WAIT, target.gone()).await;
         }
         // The wrapper is gone; whatever the command left in its group goes too.
-        Stop::Exited => {
-            killpg_as(Pid::from_raw(pid), Signal::SIGKILL, this.run_uid);
-        }
+        Stop::Exited => stop_leftover_group(pid, target.ticks, this.run_uid),
     }
     let dir = rundir::dir(&this.runs, run_id);
     let recorded = this
