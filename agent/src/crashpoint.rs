@@ -3,8 +3,8 @@
 //! through the point NAME. Without the variable a point costs one load of a cached value.
 //! The suite uses it to hit instants a signal from outside could only hit by luck: between
 //! the control plane's acknowledgement of a batch and the buffer's delete, between a task
-//! process's start and the storing of its pid, between the run launcher's fork and its
-//! answer, and in a run's wrapper before, during and after its command.
+//! process's start and the storing of its pid, and in a run's keeper before, during and after
+//! its command.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,14 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const AFTER_ACK: &str = "buffer.after_ack";
 /// A task's process started; its pid is not stored yet.
 pub const AFTER_SPAWN: &str = "task.after_spawn";
-/// The run launcher forked a run's wrapper and has not told the agent (in the launcher).
-pub const AFTER_FORK: &str = "launcher.after_fork";
-/// A run's wrapper claimed its run; the command is not started yet (in the wrapper).
-pub const WRAPPER_AFTER_CLAIM: &str = "wrapper.after_claim";
-/// A run's wrapper started the command (in the wrapper).
-pub const WRAPPER_AFTER_SPAWN: &str = "wrapper.after_spawn";
-/// The command ended; its wrapper has not written the exit status yet (in the wrapper).
-pub const WRAPPER_BEFORE_STATUS: &str = "wrapper.before_status";
+/// A run keeper recorded its intent to start a run; the command is not started yet (in the
+/// keeper).
+pub const KEEPER_AFTER_INTENT: &str = "keeper.after_intent";
+/// A run keeper started the command and has not recorded its pid (in the keeper).
+pub const KEEPER_AFTER_SPAWN: &str = "keeper.after_spawn";
+/// The command ended; its keeper has not recorded how (in the keeper).
+pub const KEEPER_BEFORE_STATUS: &str = "keeper.before_status";
 
 static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static PASSES: AtomicU64 = AtomicU64::new(0);

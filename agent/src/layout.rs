@@ -14,5 +14,8 @@ pub const TASKS_FILE: &str = "tasks.db";
 pub const BUFFER_FILE: &str = "buffer.db";
 /// The task API's Unix socket.
 pub const SOCKET_FILE: &str = "agent.sock";
-/// The directory of run directories, one per run in flight.
+/// The run keepers' slot files, one per keeper.
+pub const KEEPERS_DIR: &str = "keepers";
+/// Run directories, one per run in flight, left by agents before run keepers (read on
+/// recovery, never written).
 pub const RUNS_DIR: &str = "runs";

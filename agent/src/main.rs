@@ -41,10 +41,14 @@ enum Commands {
     /// server, and the task socket. Exits 1 when anything blocks normal operation. Takes the
     /// same flags as `run`.
     Doctor(DoctorArgs),
-    /// Start the wrappers of task runs for the agent, one JSON line per run on stdin (the
-    /// agent starts this; it is not meant to be run by hand).
+    /// Run task commands for the agent, one at a time, as it asks on stdin (the agent starts
+    /// these; they are not meant to be run by hand).
     #[command(hide = true)]
-    Launcher,
+    Keeper {
+        /// Where the keepers' slot files are (`DATA_DIR/keepers`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Open a pg_dump task's file without following links, then run pg_dump writing to it
     /// (the agent starts this as the run user; it is not meant to be run by hand).
     #[command(hide = true)]
@@ -112,8 +116,8 @@ struct EnrollArgs {
 fn main() -> ExitCode {
     type Work = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
     let work: Work = match Cli::parse().command {
-        // No runtime, no logging, no thread: the launcher forks itself for every run.
-        Commands::Launcher => return launcher(),
+        // No runtime, no logging, no thread: a keeper is a small single-threaded loop.
+        Commands::Keeper { dir } => return keeper(&dir),
         Commands::DumpInto { path, argv } => {
             eprintln!("error: {}", agent::tasks::dumpfile::exec(&path, &argv));
             return ExitCode::FAILURE;
@@ -152,11 +156,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn launcher() -> ExitCode {
-    match agent::tasks::launcher::serve() {
+fn keeper(dir: &std::path::Path) -> ExitCode {
+    match agent::tasks::keeper::serve(dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: run launcher: {e}");
+            eprintln!("error: run keeper: {e}");
             ExitCode::FAILURE
         }
     }

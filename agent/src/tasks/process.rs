@@ -1,4 +1,4 @@
-//! What the agent, the launcher and each run's wrapper share about a run's process: the
+//! What the agent and the run keepers share about a run's process: the
 //! environment it starts with, and how a process is known across pid reuse (its start time)
 //! and found alive. A leaf of `tasks`.
 
@@ -16,6 +16,13 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The parent of process `pid` (field 4 of /proc/PID/stat).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether the process `pid` that started at `ticks` is still alive (not a zombie).

@@ -364,14 +364,24 @@ async fn a_run_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
         Some(1),
         "the future task ran once: {later}"
     );
-    let runs = agent.data().join("runs");
-    let left: Vec<_> = std::fs::read_dir(&runs)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = stale_slots(&agent);
     assert!(
         left.is_empty(),
         "finished runs leave nothing behind: {left:?}"
     );
+}
+
+/// Slot files in the agent's `keepers` directory whose keeper is gone: what finished runs
+/// must not leave behind (a live keeper keeps its slot for its next run).
+fn stale_slots(agent: &Agent) -> Vec<String> {
+    std::fs::read_dir(agent.data().join("keepers"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|name| !name.split('-').next().is_some_and(alive))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,9 +450,8 @@ async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
         let pid = line.split_whitespace().nth(1).expect("pid");
         assert!(!alive(pid), "{line}: still alive after its run ended");
     }
-    let runs = agent.data().join("runs");
-    let left = std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(left, 0, "no run directory is left behind");
+    let left = stale_slots(&agent);
+    assert!(left.is_empty(), "no dead keeper's slot is left behind: {left:?}");
 }
 
 /// Every process's argv, read from /proc (NUL-separated words joined by spaces), by pid.
@@ -887,225 +896,198 @@ async fn the_socket_refuses_other_users_by_mode_and_by_peer_credentials() {
     let _ = agent.ok(&["list"]);
 }
 
-/// The run launcher and its wrappers on their own: a SIGTERM to the run's group stops the
-/// command (whose signal mask is clear, whatever the launcher blocked) while the wrapper stays
-/// to record how it ended; a run a recovering agent gave up never starts; each wrapper's end is
-/// reported after its start; the launcher ends with its stdin and its wrappers live on.
+/// A run keeper on its own: it says hello, runs one command after another in the same
+/// process, each in a process group of its own with no signal blocked (whatever the keeper
+/// blocks), keeps the first `output_max` bytes and counts the rest, reports a command that
+/// cannot start without a start, records each end in its slot, and when its agent is gone
+/// (stdin closed) finishes the run in hand, records it and exits, leaving the unacknowledged
+/// end in its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_launcher_s_wrappers_record_the_end_and_honour_an_abandoned_claim() {
-    use std::io::{BufRead, Write};
+async fn a_keeper_runs_commands_one_after_another_and_records_each_end() {
+    use std::io::{BufRead, Read, Write};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut launcher = std::process::Command::new(agent_bin())
-        .arg("launcher")
+    let dir = tmp.path().join("keepers");
+    let mut keeper = std::process::Command::new(agent_bin())
+        .args(["keeper", "--dir"])
+        .arg(&dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("start the launcher");
-    let mut requests = launcher.stdin.take().expect("stdin");
-    let mut answers = std::io::BufReader::new(launcher.stdout.take().expect("stdout")).lines();
-    let mut next = move || -> serde_json::Value {
-        let line = answers.next().expect("an answer").expect("read");
-        serde_json::from_str(&line).expect("json")
+        .expect("start a keeper");
+    let mut requests = keeper.stdin.take().expect("stdin");
+    let mut answers = std::io::BufReader::new(keeper.stdout.take().expect("stdout"));
+    let mut next = move || -> (serde_json::Value, Vec<u8>) {
+        let mut line = String::new();
+        answers.read_line(&mut line).expect("an answer");
+        let reply: serde_json::Value = serde_json::from_str(&line).expect("json");
+        let mut output = vec![0u8; reply["output"].as_u64().unwrap_or(0) as usize];
+        answers.read_exact(&mut output).expect("output");
+        (reply, output)
     };
-    let mut ask = |id: u64, dir: &Path, argv: &[&str]| {
+    let mut ask = |run_id: i64, output_max: u64, argv: &[&str]| {
         let request = serde_json::json!({
-            "id": id, "dir": dir, "output_max": 5, "argv": argv,
-            "env_clear": true, "env": [["PATH", "/usr/bin:/bin"], ["WHO", "the wrapper"]],
+            "kind": "start", "run_id": run_id, "output_max": output_max, "argv": argv,
+            "env_clear": true, "env": [["PATH", "/usr/bin:/bin"], ["WHO", "the keeper"]],
+            "run_uid": null,
         });
         writeln!(requests, "{request}").expect("send");
     };
+    let slot_file = std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|mut d| d.next())
+        .map(|e| e.expect("entry").path());
+    let (hello, _) = next();
+    assert_eq!(hello["protocol"], 1, "{hello}");
+    let slot_file = slot_file
+        .or_else(|| {
+            std::fs::read_dir(&dir)
+                .ok()?
+                .next()
+                .map(|e| e.expect("entry").path())
+        })
+        .expect("the keeper's slot");
+    let slot = || -> serde_json::Value {
+        let text = std::fs::read_to_string(&slot_file).expect("slot");
+        let line = text.lines().next().expect("header");
+        serde_json::from_str(line.split_once(' ').expect("checksum").1).expect("json")
+    };
+    assert!(
+        slot_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{}-", keeper.id()))),
+        "{slot_file:?}"
+    );
 
-    let dir = tmp.path().join("1");
-    std::fs::create_dir(&dir).expect("run dir");
-    ask(
-        1,
-        &dir,
-        &["sh", "-c", "echo started by $WHO; exec sleep 300"],
-    );
-    let started = next();
-    assert_eq!(
-        (&started["kind"], &started["id"]),
-        (&"started".into(), &1.into()),
-        "{started}"
-    );
+    ask(1, 5, &["sh", "-c", "echo started by $WHO; exec sleep 300"]);
+    let (started, _) = next();
+    assert_eq!(started["kind"], "started", "{started}");
     let pid = started["pid"].as_i64().expect("pid").to_string();
-    let output = until(
-        Duration::from_secs(5),
-        Duration::from_millis(50),
-        || async {
-            std::fs::read_to_string(dir.join("output"))
-                .ok()
-                .filter(|o| !o.is_empty())
-        },
-    )
-    .await
-    .unwrap_or_default();
-    assert_eq!(output, "start", "the first 5 bytes are kept");
-    let claim = std::fs::read_to_string(dir.join("claim")).expect("claim");
-    assert!(claim.starts_with(&format!("started {pid} ")), "{claim}");
+    assert_eq!(slot()["state"], "running");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let pgrp = stat[stat.rfind(')').expect("comm") + 1..]
+        .split_whitespace()
+        .nth(2)
+        .map(str::to_string);
+    assert_eq!(pgrp.as_ref(), Some(&pid), "the command leads its own group");
+    until_true(Duration::from_secs(5), Duration::from_millis(20), || async {
+        std::fs::metadata(&slot_file).is_ok_and(|m| m.len() > 4096)
+    })
+    .await;
     let ok = std::process::Command::new("kill")
         .args(["-TERM", "--", &format!("-{pid}")])
         .status()
         .expect("kill");
     assert!(ok.success());
-    let ended = next();
+    let (ended, output) = next();
     assert_eq!(ended["kind"], "exited", "{ended}");
-    assert_eq!(ended["pid"].as_i64().map(|p| p.to_string()), Some(pid));
-    let status: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("status")).expect("status"))
-            .expect("json");
+    assert_eq!(ended["exit"]["signal"], 15, "{ended}");
+    // "started by the keeper\n" is 22 bytes: 5 kept, the rest counted.
+    assert_eq!(output, b"start");
+    assert_eq!(ended["exit"]["dropped"], 17, "{ended}");
+    assert_eq!(slot()["state"], "ended");
+    assert_eq!(slot()["exit"]["signal"], 15);
+
+    ask(2, 100, &["sh", "-c", "grep SigBlk /proc/self/status"]);
+    assert_eq!(next().0["kind"], "started");
+    let (ended, output) = next();
+    assert_eq!(ended["exit"]["exit_code"], 0, "{ended}");
     assert_eq!(
-        status["signal"], 15,
-        "the wrapper outlived SIGTERM to record it: {status}"
+        String::from_utf8_lossy(&output).trim(),
+        "SigBlk:\t0000000000000000",
+        "the command starts with no signal blocked"
     );
-    // "started by the wrapper\n" is 23 bytes: 5 kept, the rest counted.
-    assert_eq!(status["dropped"], 18, "{status}");
 
-    let abandoned = tmp.path().join("2");
-    let marker = tmp.path().join("never");
-    std::fs::create_dir(&abandoned).expect("run dir");
-    std::fs::write(abandoned.join("claim"), "abandoned\n").expect("claim");
-    ask(2, &abandoned, &["touch", marker.to_str().expect("utf8")]);
-    assert_eq!(next()["kind"], "started");
-    assert_eq!(next()["kind"], "exited");
-    assert!(!marker.exists(), "an abandoned run's command never starts");
-    assert!(!abandoned.join("status").exists());
+    ask(3, 100, &["/nonexistent/program"]);
+    let (refused, _) = next();
+    assert_eq!(refused["kind"], "exited", "no start: {refused}");
+    let error = refused["exit"]["error"].as_str().unwrap_or("");
+    assert!(error.contains("start /nonexistent/program"), "{refused}");
 
-    let lasting = tmp.path().join("3");
-    std::fs::create_dir(&lasting).expect("run dir");
-    ask(3, &lasting, &["sleep", "300"]);
-    let pid = next()["pid"].as_i64().expect("pid").to_string();
+    ask(4, 100, &["sleep", "300"]);
+    let pid = next().0["pid"].as_i64().expect("pid").to_string();
     drop(requests);
-    let status = launcher.wait().expect("wait");
-    assert!(
-        status.success(),
-        "the launcher ends with its stdin: {status}"
-    );
-    assert!(alive(&pid), "its wrapper lives on");
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pid}")])
-        .status();
-}
-
-/// The launcher's pid: the agent's child whose argv is `outpost-agent launcher`.
-fn launcher_of(agent: &Agent) -> Option<String> {
-    let agent_pid = agent.proc.as_ref().expect("running").0.id().to_string();
-    all_cmdlines().into_iter().find_map(|(pid, cmd)| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let parent = stat[stat.rfind(')')? + 1..]
-            .split_whitespace()
-            .nth(1)?
-            .to_string();
-        (cmd.ends_with(" launcher ") && parent == agent_pid).then_some(pid)
+    until_true(Duration::from_secs(5), Duration::from_millis(20), || async {
+        slot()["drained"] == true
     })
-}
-
-/// A launcher killed under a run in flight: the run still ends with its real outcome (watched
-/// through /proc), the next run gets a new launcher, and a stopped agent takes its launcher
-/// along but not its runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_launcher_loses_no_run_and_is_replaced() {
-    let mut agent = Agent::start(&[]).await;
-    let first = agent.ok(&[
-        "add",
-        "command",
-        "--key",
-        "first",
-        "--",
-        "sh",
-        "-c",
-        "sleep 1; echo first; exit 4",
-    ]);
-    agent.wait_status(&first, "doing").await;
-    let launcher = launcher_of(&agent).expect("a launcher runs");
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &launcher])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let task = agent.wait_status(&first, "failed").await;
-    assert_eq!(task["runs"][0]["exit_code"], 4, "its real end: {task}");
-    assert_eq!(agent.ok(&["logs", &first]), "first");
-
-    let second = agent.ok(&["add", "command", "--key", "second", "--", "sleep", "30"]);
-    agent.wait_status(&second, "doing").await;
-    let replaced = launcher_of(&agent).expect("a new launcher runs");
-    assert_ne!(replaced, launcher);
-    let log = agent.dir.path().join("agent-0.log");
-    let log = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(log.contains("the run launcher ended"), "{log}");
-
-    agent.kill_9();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!alive(&replaced), "the launcher ends with its agent");
-    agent.launch().await;
-    assert_eq!(agent.show(&second)["status"], "doing", "the run lives on");
-    agent.ok(&["cancel", &second]);
-    agent.wait_status(&second, "canceled").await;
-}
-
-/// A launcher that dies between its fork and its answer (crash point `launcher.after_fork`,
-/// here in every launcher): each run is then either recorded with its real end, its command
-/// having run once, or recorded as never started, its command never running. Never a run
-/// recorded failed whose command ran anyway.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_launcher_dying_before_it_answers_leaves_no_run_unaccounted() {
-    const RUNS: usize = 6;
-    let agent =
-        Agent::start_with_env(&[], &[("OUTPOST_CHAOS_CRASH_AT", "launcher.after_fork:1")]).await;
-    let ledger = agent.dir.path().join("ledger");
-    let mut ids = Vec::new();
-    for i in 0..RUNS {
-        let script = format!("echo run{i} >> {}; sleep 0.{i}; exit 3", ledger.display());
-        let key = format!("run{i}");
-        let id = agent.ok(&["add", "command", "--key", &key, "--", "sh", "-c", &script]);
-        agent.wait_status(&id, "failed").await;
-        ids.push(id);
-    }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let ledger = std::fs::read_to_string(&ledger).unwrap_or_default();
-    let (mut ran, mut never) = (0, 0);
-    for (i, id) in ids.iter().enumerate() {
-        let task = agent.show(id);
-        let run = &task["runs"][0];
-        let times = ledger.lines().filter(|l| *l == format!("run{i}")).count();
-        if run["exit_code"] == 3 {
-            assert_eq!(
-                times, 1,
-                "recorded with its real end, so it ran once: {task}"
-            );
-            ran += 1;
-        } else {
-            let error = run["error"].as_str().unwrap_or("");
-            assert!(error.contains("start the run's wrapper"), "{task}");
-            assert_eq!(
-                times, 0,
-                "recorded as never started, so it never ran: {task}"
-            );
-            never += 1;
-        }
-    }
-    assert_eq!(ran + never, RUNS);
-    let left = std::fs::read_dir(agent.data().join("runs"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    .await;
+    assert!(alive(&keeper.id().to_string()), "it finishes the run in hand");
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let status = keeper.wait().expect("wait");
+    assert!(status.success(), "it ends after its run: {status}");
+    let left = slot();
     assert_eq!(
-        left, 0,
-        "no run directory is left behind ({ran} ran, {never} never)"
+        (&left["state"], &left["run_id"], &left["exit"]["signal"]),
+        (&"ended".into(), &4.into(), &9.into()),
+        "the unacknowledged end stays in the slot: {left}"
     );
 }
 
-/// A launcher that stops answering (SIGSTOP) is given up after 10 s: its run is recorded as
-/// never started (its directory is claimed so it never will), the launcher is killed, and the
-/// next run gets a new one.
+/// The agent's keepers: its children whose argv is `outpost-agent keeper …`.
+fn keepers_of(agent: &Agent) -> Vec<String> {
+    let agent_pid = agent.proc.as_ref().expect("running").0.id().to_string();
+    all_cmdlines()
+        .into_iter()
+        .filter(|(pid, cmd)| {
+            cmd.contains(" keeper --dir ") && parent_of(pid).as_deref() == Some(&agent_pid)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// A keeper killed under a run in flight: that run is recorded `aborted` with the reason, its
+/// command is stopped, and the next run gets a new keeper; a keeper whose run ended is
+/// reused for the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_launcher_is_replaced_and_its_run_never_starts() {
+async fn a_killed_keeper_aborts_its_run_stops_its_command_and_is_replaced() {
     let agent = Agent::start(&[]).await;
     let first = agent.ok(&["add", "command", "--key", "first", "--", "true"]);
     agent.wait_status(&first, "done").await;
-    let launcher = launcher_of(&agent).expect("a launcher runs");
+    let keeper = keepers_of(&agent).pop().expect("a keeper runs");
+    let marker = format!("killed-keeper-{}", std::process::id());
+    let second = agent.ok(&["add", "command", "--", "sh", "-c", "sleep 300; true", &marker]);
+    agent.wait_status(&second, "doing").await;
+    assert_eq!(keepers_of(&agent), vec![keeper.clone()], "the idle keeper is reused");
+    let command = until(Duration::from_secs(5), Duration::from_millis(50), || async {
+        marked(&marker).into_iter().next()
+    })
+    .await
+    .expect("the command runs");
+    assert_eq!(parent_of(&command).as_deref(), Some(keeper.as_str()));
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &keeper])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let task = agent.wait_status(&second, "aborted").await;
+    let error = task["runs"][0]["error"].as_str().unwrap_or("");
+    assert!(error.contains("keeper ended without recording"), "{task}");
+    let gone = until_true(Duration::from_secs(5), Duration::from_millis(50), || async {
+        marked(&marker).is_empty()
+    })
+    .await;
+    assert!(gone, "the dead keeper's command is left running");
+    let third = agent.ok(&["add", "command", "--key", "third", "--", "true"]);
+    agent.wait_status(&third, "done").await;
+    let now = keepers_of(&agent);
+    assert!(!now.is_empty() && !now.contains(&keeper), "{now:?}");
+    let log = std::fs::read_to_string(agent.dir.path().join("agent-0.log")).unwrap_or_default();
+    assert!(log.contains("a run keeper was lost"), "{log}");
+}
+
+/// A keeper that stops answering (SIGSTOP) is given up after 10 s: it is killed, its run is
+/// recorded as never started (its slot never named it, and a dead keeper starts nothing), and
+/// the next run gets a new keeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_keeper_is_replaced_and_its_run_never_starts() {
+    let agent = Agent::start(&[]).await;
+    let first = agent.ok(&["add", "command", "--key", "first", "--", "true"]);
+    agent.wait_status(&first, "done").await;
+    let keeper = keepers_of(&agent).pop().expect("a keeper runs");
     let signal = |sig: &str, pid: &str| {
         std::process::Command::new("kill")
             .args([sig, pid])
@@ -1113,7 +1095,7 @@ async fn a_hung_launcher_is_replaced_and_its_run_never_starts() {
             .expect("kill")
             .success()
     };
-    assert!(signal("-STOP", &launcher));
+    assert!(signal("-STOP", &keeper));
     let marker = agent.dir.path().join("ran");
     let stuck = agent.ok(&[
         "add",
@@ -1127,12 +1109,13 @@ async fn a_hung_launcher_is_replaced_and_its_run_never_starts() {
     let task = agent.wait_status(&stuck, "failed").await;
     let error = task["runs"][0]["error"].as_str().unwrap_or("");
     assert!(error.contains("did not answer within 10 s"), "{task}");
+    assert!(error.contains("before it started the run"), "{task}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!alive(&launcher), "the hung launcher was killed");
+    assert!(!alive(&keeper), "the hung keeper was killed");
     assert!(!marker.exists(), "the given-up run never ran");
     let next = agent.ok(&["add", "command", "--key", "next", "--", "true"]);
     agent.wait_status(&next, "done").await;
-    assert_ne!(launcher_of(&agent).as_deref(), Some(launcher.as_str()));
+    assert!(!keepers_of(&agent).contains(&keeper));
 }
 
 /// After a reboot a run's unsynced claim may be lost with the power: a run in flight in an
@@ -1144,7 +1127,7 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     let script = format!("echo x >> {}; exec sleep 300", marker.display());
     let id = agent.ok(&["add", "command", "--key", "boot", "--", "sh", "-c", &script]);
     agent.wait_status(&id, "doing").await;
-    // "doing" is set once the wrapper claimed the run; wait until the command itself ran.
+    // "doing" is set once the keeper started the run; wait until the command itself ran.
     until_true(
         Duration::from_secs(2),
         Duration::from_millis(10),
@@ -1152,17 +1135,28 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     )
     .await;
     agent.kill_9();
-    // The "power loss": the run's processes die and its directory is gone.
-    let runs = agent.data().join("runs");
-    for entry in std::fs::read_dir(&runs).expect("runs").flatten() {
-        let claim = std::fs::read_to_string(entry.path().join("claim")).expect("claim");
-        let pid = claim.split_whitespace().nth(1).expect("pid");
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .status()
-            .expect("kill");
-        assert!(killed.success());
-        std::fs::remove_dir_all(entry.path()).expect("remove the run directory");
+    // The "power loss": the run's processes die and the keepers' unsynced slots are gone.
+    let keepers = agent.data().join("keepers");
+    for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let keeper = name.split('-').next().expect("the keeper's pid").to_string();
+        let text = std::fs::read_to_string(entry.path()).expect("slot");
+        let header: serde_json::Value = text
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
+            .expect("header");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &keeper])
+            .status();
+        if let Some(pid) = header["pid"].as_i64() {
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status()
+                .expect("kill");
+            assert!(killed.success());
+        }
+        std::fs::remove_file(entry.path()).expect("remove the slot");
     }
     let db = rusqlite::Connection::open(agent.data().join("tasks.db")).expect("open");
     let stored: String = db
@@ -1419,11 +1413,11 @@ async fn a_full_disk_pauses_the_task_runtime_and_the_agent_stays_up() {
         "runs go on once there is room: {before} → {after}"
     );
     // A run whose command ended while the disk was full is recorded as it ended, never as
-    // killed for want of a status its wrapper could not write.
+    // killed for want of a status its keeper could not write.
     let task = agent.show(&id);
     for run in task["runs"].as_array().into_iter().flatten() {
         let error = run["error"].as_str().unwrap_or_default();
-        assert!(!error.contains("exit status"), "{run}");
+        assert!(!error.contains("without recording"), "{run}");
     }
     agent.kill_9();
 }
@@ -1446,21 +1440,22 @@ fn parent_of(pid: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A run's wrapper (what supervises its command) dying at each point of its life, with the
-/// agent alive: before the command starts, just after it started, and after it ended but
-/// before its status is written. Each time the run is recorded `aborted` with the reason, it
-/// is never run again, and nothing it started is left running.
+/// A run's keeper (what supervises its command) dying at each point of a run, with the agent
+/// alive: after it recorded its intent but before the command starts, just after the command
+/// started but before its pid is recorded (its output pipe's holders are stopped then), and
+/// after it ended but before its end is recorded. Each time the run is recorded `aborted`
+/// with the reason, it is never run again, and nothing it started is left running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrapper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_running() {
+async fn a_keeper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_running() {
     let points: [(&'static str, &str, std::ops::RangeInclusive<usize>); 3] = [
-        ("wrapper.after_claim:1", "sleep 30; true", 0..=0),
-        ("wrapper.after_spawn:1", "sleep 30; true", 0..=1),
-        ("wrapper.before_status:1", "exit 3", 1..=1),
+        ("keeper.after_intent:1", "sleep 30; true", 0..=0),
+        ("keeper.after_spawn:1", "sleep 30; true", 0..=1),
+        ("keeper.before_status:1", "exit 3", 1..=1),
     ];
     for (point, then, ran) in points {
         let agent = Agent::start_with_env(&[], &[("OUTPOST_CHAOS_CRASH_AT", point)]).await;
         let ledger = agent.dir.path().join("ledger");
-        let marker = format!("wrapper-death-{}", std::process::id());
+        let marker = format!("keeper-death-{}", std::process::id());
         let script = format!("echo ran >> {}; {then}", ledger.display());
         let id = agent.ok(&["add", "command", "--", "sh", "-c", &script, &marker]);
         let task = agent.wait_status(&id, "aborted").await;
@@ -1470,7 +1465,7 @@ async fn a_wrapper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_run
             runs[0]["error"]
                 .as_str()
                 .unwrap_or("")
-                .contains("without recording an exit status"),
+                .contains("keeper ended without recording"),
             "{point}: {task}"
         );
         let gone = until_true(
@@ -1491,13 +1486,13 @@ async fn a_wrapper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_run
     }
 }
 
-/// A run's wrapper and its agent both killed -9 while the command runs: the next agent
-/// records the run `aborted`, never runs it again, and stops the command the dead wrapper
+/// A run's keeper and its agent both killed -9 while the command runs: the next agent
+/// records the run `aborted`, never runs it again, and stops the command the dead keeper
 /// left running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrapper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() {
+async fn a_keeper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() {
     let mut agent = Agent::start(&[]).await;
-    let marker = format!("wrapper-and-agent-{}", std::process::id());
+    let marker = format!("keeper-and-agent-{}", std::process::id());
     let id = agent.ok(&[
         "add",
         "command",
@@ -1515,16 +1510,16 @@ async fn a_wrapper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() 
     )
     .await
     .expect("the command runs");
-    let wrapper = parent_of(&command).expect("the command's parent");
+    let keeper = parent_of(&command).expect("the command's parent");
     agent.kill_9();
     let killed = std::process::Command::new("kill")
-        .args(["-KILL", &wrapper])
+        .args(["-KILL", &keeper])
         .status()
         .expect("kill");
     assert!(killed.success());
     assert!(
         alive(&command),
-        "the command outlives its wrapper until an agent stops it"
+        "the command outlives its keeper until an agent stops it"
     );
     agent.launch().await;
     let task = agent.wait_status(&id, "aborted").await;
@@ -1539,5 +1534,5 @@ async fn a_wrapper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() 
         || async { !alive(&command) },
     )
     .await;
-    assert!(gone, "the dead wrapper's command is left running: {task}");
+    assert!(gone, "the dead keeper's command is left running: {task}");
 }
