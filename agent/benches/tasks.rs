@@ -197,7 +197,7 @@ async fn drain_rate() -> f64 {
     drained_rate(dir.path()).await
 }
 
-/// CPU seconds the agent process and its launcher (with the wrappers and commands it reaped)
+/// CPU seconds the agent process and its run keepers (with the commands they reaped)
 /// have used: utime + stime + cutime + cstime of each, from /proc.
 fn cpu_s(agent_pid: u32) -> f64 {
     let ticks = |pid: u32| -> u64 {

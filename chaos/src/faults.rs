@@ -21,12 +21,12 @@ pub enum Kind {
     CrashAfterAck,
     /// The agent kills itself between starting a task's process and storing its pid.
     CrashAfterSpawn,
-    /// The agent's run launcher kills itself between forking a run's wrapper and telling the
-    /// agent; the agent lives on.
-    CrashLauncherAfterFork,
-    /// Every run's wrapper kills itself at one of its points (after its claim, after starting
-    /// the command, before writing the status) while the agent lives on.
-    CrashWrapper,
+    /// A run keeper kills itself between starting a command and recording its pid (its
+    /// `nth` start); the agent lives on.
+    CrashKeeperAfterSpawn,
+    /// Every run keeper kills itself at one of its points (after recording its intent, after
+    /// starting the command, before recording its end) while the agent lives on.
+    CrashKeeper,
     Partition,
     /// The agent's namespace drops what comes in: it keeps writing into nothing.
     HalfOpenIn,
@@ -49,8 +49,8 @@ pub const AGENT_LANE: [Kind; 14] = [
     Kind::AgentPause,
     Kind::CrashAfterAck,
     Kind::CrashAfterSpawn,
-    Kind::CrashLauncherAfterFork,
-    Kind::CrashWrapper,
+    Kind::CrashKeeperAfterSpawn,
+    Kind::CrashKeeper,
     Kind::Partition,
     Kind::HalfOpenIn,
     Kind::HalfOpenOut,
@@ -76,8 +76,8 @@ impl Kind {
             Kind::AgentPause => "agent_pause",
             Kind::CrashAfterAck => "crash_after_ack",
             Kind::CrashAfterSpawn => "crash_after_spawn",
-            Kind::CrashLauncherAfterFork => "crash_launcher_after_fork",
-            Kind::CrashWrapper => "crash_wrapper",
+            Kind::CrashKeeperAfterSpawn => "crash_keeper_after_spawn",
+            Kind::CrashKeeper => "crash_keeper",
             Kind::Partition => "partition",
             Kind::HalfOpenIn => "half_open_in",
             Kind::HalfOpenOut => "half_open_out",
@@ -105,11 +105,11 @@ impl Kind {
             Kind::CrashAfterSpawn => {
                 "an agent dies as if killed -9 after a task's process started, before its pid is stored"
             }
-            Kind::CrashLauncherAfterFork => {
-                "an agent's run launcher dies as if killed -9 after forking a run's wrapper, before it answers (the agent lives on)"
+            Kind::CrashKeeperAfterSpawn => {
+                "an agent's run keeper dies as if killed -9 after starting a command, before recording its pid (the agent lives on)"
             }
-            Kind::CrashWrapper => {
-                "an agent's run wrappers die as if killed -9 after their claim, after starting the command, or before writing its status (the agent lives on)"
+            Kind::CrashKeeper => {
+                "an agent's run keepers die as if killed -9 after recording their intent, after starting the command, or before recording its end (the agent lives on)"
             }
             Kind::Partition => "drop everything between an agent's namespace and the control plane",
             Kind::HalfOpenIn => "an agent's namespace drops what comes in (it keeps sending)",
@@ -215,18 +215,16 @@ pub struct Done {
 /// Crash point names the agent knows (`OUTPOST_CHAOS_CRASH_AT=NAME:N`).
 pub const CRASH_AFTER_ACK: &str = agent::crashpoint::AFTER_ACK;
 pub const CRASH_AFTER_SPAWN: &str = agent::crashpoint::AFTER_SPAWN;
-pub const CRASH_LAUNCHER_AFTER_FORK: &str = agent::crashpoint::AFTER_FORK;
-/// The wrapper's points; a `crash_wrapper` fault takes one by its `nth`.
-const CRASH_WRAPPER_AT: [&str; 3] = [
-    agent::crashpoint::WRAPPER_AFTER_CLAIM,
-    agent::crashpoint::WRAPPER_AFTER_SPAWN,
-    agent::crashpoint::WRAPPER_BEFORE_STATUS,
+pub const CRASH_KEEPER_AFTER_SPAWN: &str = agent::crashpoint::KEEPER_AFTER_SPAWN;
+/// The keeper's points; a `crash_keeper` fault takes one by its `nth`.
+const CRASH_KEEPER_AT: [&str; 3] = [
+    agent::crashpoint::KEEPER_AFTER_INTENT,
+    agent::crashpoint::KEEPER_AFTER_SPAWN,
+    agent::crashpoint::KEEPER_BEFORE_STATUS,
 ];
 
-/// What the agent logs when its run launcher dies under it.
-const LAUNCHER_ENDED: &str = "the run launcher ended";
-/// What the agent logs when a run's wrapper ended without recording the command's end.
-const WRAPPER_DIED: &str = agent::tasks::pool::WRAPPER_DIED;
+/// What the agent logs when a run keeper dies under a run.
+const KEEPER_LOST: &str = agent::tasks::pool::KEEPER_LOST;
 
 pub type Shared = std::sync::Arc<tokio::sync::Mutex<Deployment>>;
 
@@ -245,8 +243,8 @@ async fn start_agent(d: &Shared, i: usize) -> String {
     }
 }
 
-/// Restart an agent with a crash point in one of its helper processes (`point`: the run
-/// launcher or the runs' wrappers), wait for a helper to die there (the agent logs `died`
+/// Restart an agent with a crash point in its helper processes (`point`: in the run
+/// keepers), wait for a helper to die there (the agent logs `died`
 /// and goes on), hold, then restart the agent gracefully without it, so later helpers live.
 async fn crash_helper(d: &Shared, p: &Planned, point: &str, died: &str) -> (bool, String) {
     let seen = |g: &Deployment, i: usize| g.agents[i].service.log_count(died);
@@ -295,14 +293,14 @@ pub async fn carry_out(d: &Shared, p: &Planned) -> (bool, String) {
         Kind::AgentKill => kill_agent(d, p).await,
         Kind::AgentPause => pause_agent(d, p).await,
         Kind::CrashAfterAck | Kind::CrashAfterSpawn => crash_agent_at(d, p).await,
-        Kind::CrashLauncherAfterFork => {
-            let point = format!("{CRASH_LAUNCHER_AFTER_FORK}:{}", p.nth);
-            crash_helper(d, p, &point, LAUNCHER_ENDED).await
+        Kind::CrashKeeperAfterSpawn => {
+            let point = format!("{CRASH_KEEPER_AFTER_SPAWN}:{}", p.nth);
+            crash_helper(d, p, &point, KEEPER_LOST).await
         }
-        Kind::CrashWrapper => {
-            // Every wrapper the agent starts meanwhile dies at its first pass.
-            let at = CRASH_WRAPPER_AT[p.nth as usize % CRASH_WRAPPER_AT.len()];
-            crash_helper(d, p, &format!("{at}:1"), WRAPPER_DIED).await
+        Kind::CrashKeeper => {
+            // Every keeper the agent starts meanwhile dies at its first pass.
+            let at = CRASH_KEEPER_AT[p.nth as usize % CRASH_KEEPER_AT.len()];
+            crash_helper(d, p, &format!("{at}:1"), KEEPER_LOST).await
         }
         Kind::Partition | Kind::HalfOpenIn | Kind::HalfOpenOut => cut_agent(d, p).await,
         Kind::Latency | Kind::SlowLink => slow_agent(d, p).await,

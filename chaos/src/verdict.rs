@@ -194,7 +194,7 @@ pub fn metrics(agents: &[AgentMetrics]) -> Verdict {
 pub struct RunRecord {
     pub status: i64,
     pub exit_code: Option<i64>,
-    /// Aborted because its wrapper died without writing how the command ended: the command
+    /// Aborted because its keeper died without recording how the command ended: the command
     /// may have run to its end on the host.
     pub end_lost: bool,
 }
@@ -260,7 +260,7 @@ pub fn read_tasks(path: &Path) -> Result<Vec<TaskRecord>, String> {
                     exit_code: r.get(2)?,
                     end_lost: r.get::<_, i64>(1)? == ABORTED
                         && r.get::<_, Option<String>>(3)?.is_some_and(|e| {
-                            e == agent::tasks::pool::WRAPPER_DIED
+                            e == agent::tasks::pool::KEEPER_DIED
                                 || e == agent::tasks::pool::LEFT_NO_STATUS
                         }),
                 },
@@ -388,7 +388,7 @@ fn runs_against_markers(
         .count();
     let not_done = task.runs.len() - done;
     // A run in flight when its agent stopped for the last time may finish afterwards:
-    // its end is on the host, its outcome not yet in the store. A run whose wrapper died
+    // its end is on the host, its outcome not yet in the store. A run whose keeper died
     // without writing the end may have completed on the host too (recorded `aborted`).
     let in_flight = task
         .runs

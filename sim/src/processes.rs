@@ -1,14 +1,15 @@
 //! Simulated task processes. The table lives outside every host, so a process outlives the
 //! agent that started it, exactly like a real run after a kill -9 or a shutdown of its agent:
 //! it keeps running, ends by itself while no agent watches (leaving its exit status), and is
-//! found by the next agent. Each process models the run wrapper's protocol: it exists from the
-//! spawn, claims its run a little later (then the command starts), and never starts if a
-//! recovering agent claimed the run first. Durations, exit codes, hangs and the spawn-to-claim
-//! and spawn-to-report delays come from the seed. Some wrappers die (as if killed -9): right
-//! after their claim (the command never starts), while the command runs (the command goes on
-//! in the wrapper's group until an agent stops it), or after it ended but before writing its
-//! status (its real end is lost): the run must then be recorded `aborted`, never run again,
-//! and its command stopped.
+//! found by the next agent. Each process models the run keeper's protocol: the keeper is
+//! handed the run, records its intent a little later (then the command starts); a recovering
+//! agent first lets a previous agent's keepers settle (read what their agent sent), so a run
+//! handed over but not yet picked up starts then and is adopted. Durations, exit codes, hangs
+//! and the hand-to-intent and hand-to-report delays come from the seed. Some keepers die (as
+//! if killed -9): right after recording their intent (the command never starts), while the
+//! command runs (the command goes on in its group until an agent stops it), or after it ended
+//! but before recording its end (its real end is lost): the run must then be recorded
+//! `aborted`, never run again, and its command stopped.
 //!
 //! Checked as it goes (see [`SimProcesses::violations`]): a run never gets a second process;
 //! no two runs of one task execute at once; a run is never forgotten while its process runs;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::tasks::model::{RunOutcome, status};
-use agent::tasks::pool::{BoxFuture, Leftover, PoolEvent, ProcessRun, Processes, WRAPPER_DIED};
+use agent::tasks::pool::{BoxFuture, KEEPER_DIED, Leftover, PoolEvent, ProcessRun, Processes};
 
 /// One process as the checks see it.
 #[derive(Clone, Debug)]
@@ -27,10 +28,8 @@ pub struct Proc {
     pub pid: i32,
     pub task_id: String,
     pub run_id: i64,
-    /// When its wrapper claims the run and starts the command (unless abandoned first).
-    pub claim_at: Duration,
-    /// A recovering agent claimed the run first: the command never started.
-    pub abandoned: bool,
+    /// When its keeper records its intent and starts the command.
+    pub intent_at: Duration,
     /// When it ends by itself; `None`: it hangs until killed.
     pub ends_at: Option<Duration>,
     pub exit_code: i32,
@@ -39,15 +38,15 @@ pub struct Proc {
     pub killed_at: Option<Duration>,
     /// Its run's end is in the store and the agent forgot it.
     pub released: bool,
-    /// When its wrapper dies, if it does (see [`WrapperDeath`]).
-    pub wrapper_dies: Option<(Duration, WrapperDeath)>,
+    /// When its keeper dies, if it does (see [`KeeperDeath`]).
+    pub keeper_dies: Option<(Duration, KeeperDeath)>,
 }
 
-/// Where in a run's life its wrapper dies.
+/// Where in a run's life its keeper dies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WrapperDeath {
-    /// Right after its claim: the command never starts.
-    AfterClaim,
+pub enum KeeperDeath {
+    /// Right after recording its intent: the command never starts.
+    AfterIntent,
     /// While the command runs: the command goes on in the group.
     WhileRunning,
     /// After the command ended, before its status was written.
@@ -57,31 +56,31 @@ pub enum WrapperDeath {
 impl Proc {
     /// Whether the command started (by `at`).
     pub fn executed(&self, at: Duration) -> bool {
-        !self.abandoned && self.claim_at <= at && !self.dies_as(WrapperDeath::AfterClaim)
+        self.intent_at <= at && !self.dies_as(KeeperDeath::AfterIntent)
     }
 
-    fn dies_as(&self, how: WrapperDeath) -> bool {
-        self.wrapper_dies.is_some_and(|(_, h)| h == how)
+    fn dies_as(&self, how: KeeperDeath) -> bool {
+        self.keeper_dies.is_some_and(|(_, h)| h == how)
     }
 
-    /// Whether its wrapper is dead (by `at`), leaving no exit status.
-    pub fn wrapper_dead(&self, at: Duration) -> bool {
-        self.wrapper_dies.is_some_and(|(when, _)| when <= at)
+    /// Whether its keeper is dead (by `at`), leaving no exit status.
+    pub fn keeper_dead(&self, at: Duration) -> bool {
+        self.keeper_dies.is_some_and(|(when, _)| when <= at)
     }
 
-    /// Its command's real end was lost with its wrapper (which died before anyone began
+    /// Its command's real end was lost with its keeper (which died before anyone began
     /// stopping the run): the run can only be `aborted`.
     pub fn status_lost(&self) -> bool {
-        self.wrapper_dies
+        self.keeper_dies
             .is_some_and(|(dies, _)| self.term_at.is_none_or(|term| dies <= term))
     }
 
-    /// Whether it is over at `at` (killed or ended by itself; a command whose wrapper died
-    /// right after its claim never started, so it is over then).
+    /// Whether it is over at `at` (killed or ended by itself; a command whose keeper died
+    /// right after its intent never started, so it is over then).
     pub fn over(&self, at: Duration) -> bool {
         self.killed_at.is_some_and(|k| k <= at)
             || self.ends_at.is_some_and(|e| e <= at)
-            || (self.dies_as(WrapperDeath::AfterClaim) && self.wrapper_dead(at))
+            || (self.dies_as(KeeperDeath::AfterIntent) && self.keeper_dead(at))
     }
 
     /// Whether the command runs at `at`.
@@ -89,9 +88,9 @@ impl Proc {
         self.executed(at) && !self.over(at)
     }
 
-    /// Spawned, not yet claimed, not given up: it will start the command.
+    /// Handed to its keeper, not yet picked up: it will start the command.
     pub fn pending(&self, at: Duration) -> bool {
-        !self.abandoned && at < self.claim_at && !self.over(at)
+        at < self.intent_at && !self.over(at)
     }
 
     /// Ended by itself, before anyone began stopping it: its exit code is its real outcome.
@@ -225,23 +224,23 @@ impl SimProcesses {
     fn spawn(&self, task_id: &str, run_id: i64) -> Proc {
         let h = mix(self.seed, task_id, run_id);
         let start = now();
-        let claim_at = start + Duration::from_millis(1 + (h >> 16) % 40);
+        let intent_at = start + Duration::from_millis(1 + (h >> 16) % 40);
         let ends_at = match h % 10 {
             0 => None, // hangs
-            _ => Some(claim_at + Duration::from_millis(100 + (h >> 8) % 20_000)),
+            _ => Some(intent_at + Duration::from_millis(100 + (h >> 8) % 20_000)),
         };
         let exit_code = if (h >> 40).is_multiple_of(5) { 1 } else { 0 };
-        // One wrapper in 16 dies, at one of three places (a mix of its own, so the rest of
+        // One keeper in 16 dies, at one of three places (a mix of its own, so the rest of
         // the model draws what it drew before).
-        let w = mix(self.seed, "wrapper", run_id);
-        let wrapper_dies = match (w % 16, ends_at) {
-            (0, _) => Some((claim_at, WrapperDeath::AfterClaim)),
-            (1, Some(end)) => Some((claim_at + (end - claim_at) / 2, WrapperDeath::WhileRunning)),
+        let w = mix(self.seed, "keeper", run_id);
+        let keeper_dies = match (w % 16, ends_at) {
+            (0, _) => Some((intent_at, KeeperDeath::AfterIntent)),
+            (1, Some(end)) => Some((intent_at + (end - intent_at) / 2, KeeperDeath::WhileRunning)),
             (1, None) => Some((
-                claim_at + Duration::from_millis(500 + (w >> 8) % 5_000),
-                WrapperDeath::WhileRunning,
+                intent_at + Duration::from_millis(500 + (w >> 8) % 5_000),
+                KeeperDeath::WhileRunning,
             )),
-            (2, Some(end)) => Some((end, WrapperDeath::BeforeStatus)),
+            (2, Some(end)) => Some((end, KeeperDeath::BeforeStatus)),
             _ => None,
         };
         let mut t = self.lock();
@@ -249,8 +248,9 @@ impl SimProcesses {
         for other in t.procs.values() {
             if other.run_id == run_id {
                 found.push(format!(
-                    "run {run_id} got a second process (the first, pid {}, claimed {})",
-                    other.pid, !other.abandoned
+                    "run {run_id} got a second process (the first, pid {}, started {})",
+                    other.pid,
+                    other.executed(start)
                 ));
             } else if other.task_id == task_id && (other.executing(start) || other.pending(start)) {
                 found.push(format!(
@@ -271,14 +271,13 @@ impl SimProcesses {
             pid: t.next_pid,
             task_id: task_id.to_string(),
             run_id,
-            claim_at,
-            abandoned: false,
+            intent_at,
             ends_at,
             exit_code,
             term_at: None,
             killed_at: None,
             released: false,
-            wrapper_dies,
+            keeper_dies,
         };
         t.procs.insert(proc.pid, proc.clone());
         t.spawned += 1;
@@ -301,13 +300,13 @@ impl SimProcesses {
         let Some(proc) = self.lock().procs.get(&pid).cloned() else {
             return;
         };
-        // The wrapper ends when the command does, or when it dies.
-        let wrapper_ends = match (proc.ends_at, proc.wrapper_dies) {
+        // The keeper ends when the command does, or when it dies.
+        let keeper_ends = match (proc.ends_at, proc.keeper_dies) {
             (Some(end), Some((dies, _))) => Some(end.min(dies)),
             (end, dies) => end.or(dies.map(|(when, _)| when)),
         };
         let natural = async {
-            match wrapper_ends {
+            match keeper_ends {
                 Some(end) => tokio::time::sleep(end.saturating_sub(now())).await,
                 None => std::future::pending().await,
             }
@@ -322,16 +321,16 @@ impl SimProcesses {
         let outcome = match stop {
             Stop::Exited(_)
                 if proc
-                    .wrapper_dies
-                    .is_some_and(|(dies, _)| Some(dies) == wrapper_ends) =>
+                    .keeper_dies
+                    .is_some_and(|(dies, _)| Some(dies) == keeper_ends) =>
             {
-                // No status: the run is aborted and what the wrapper left in its group stopped.
+                // No status: the run is aborted and what the keeper left in its group stopped.
                 crate::trace::record(format!(
-                    "run {run_id}: its wrapper died ({:?}); aborted",
-                    proc.wrapper_dies.map(|(_, how)| how)
+                    "run {run_id}: its keeper died ({:?}); aborted",
+                    proc.keeper_dies.map(|(_, how)| how)
                 ));
                 self.stop_group(pid);
-                outcome(status::ABORTED, None, Some(WRAPPER_DIED.into()))
+                outcome(status::ABORTED, None, Some(KEEPER_DIED.into()))
             }
             Stop::Exited(code) => exit_outcome(code),
             Stop::TimedOut => {
@@ -352,7 +351,7 @@ impl SimProcesses {
             .await;
     }
 
-    /// SIGKILL to a dead wrapper's group: the command, if it still runs, ends now.
+    /// SIGKILL to a dead keeper's group: the command, if it still runs, ends now.
     fn stop_group(&self, pid: i32) {
         let at = now();
         if let Some(p) = self.lock().procs.get_mut(&pid)
@@ -441,15 +440,17 @@ impl Processes for SimProcesses {
             let Some(p) = t.procs.values_mut().find(|p| p.run_id == run_id) else {
                 return Ok(Leftover::NeverStarted);
             };
-            if p.abandoned || at < p.claim_at {
-                // The claim goes to the agent: the command never starts.
-                p.abandoned = true;
-                return Ok(Leftover::NeverStarted);
+            if at < p.intent_at {
+                // The agent lets the keeper settle: it picks the run up now.
+                if let Some((when, KeeperDeath::AfterIntent)) = p.keeper_dies.as_mut() {
+                    *when = at;
+                }
+                p.intent_at = at;
             }
-            if p.wrapper_dead(at) {
-                // Its wrapper died and left no status; the command it left is stopped.
+            if p.keeper_dead(at) {
+                // Its keeper died and left no status; the command it left is stopped.
                 crate::trace::record(format!(
-                    "run {run_id}: its wrapper died while no agent watched; aborted"
+                    "run {run_id}: its keeper died while no agent watched; aborted"
                 ));
                 if !p.over(at) {
                     p.term_at.get_or_insert(at);
@@ -458,7 +459,7 @@ impl Processes for SimProcesses {
                 return Ok(Leftover::Ended(outcome(
                     status::ABORTED,
                     None,
-                    Some(WRAPPER_DIED.into()),
+                    Some(KEEPER_DIED.into()),
                 )));
             }
             if !p.over(at) {

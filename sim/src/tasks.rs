@@ -1,10 +1,10 @@
 //! The `tasks` scenario: one agent running the real scheduler, store and worker pool over
 //! simulated processes that outlive it, killed (bounced or crashed with downtime) at random
 //! points while runs are in flight, and also right after a dispatch (before or after the
-//! run's process claims it, before its pid is in the store). Checked: a run never gets two
+//! run's keeper picks it up, before its pid is in the store). Checked: a run never gets two
 //! processes and no two runs of a task overlap; nothing runs that no run in flight accounts
 //! for; every run ends with its process's real outcome, or `aborted` when its process never
-//! ran or left no exit status (its wrapper may die at any point: then the command it left is
+//! ran or left no exit status (its keeper may die at any point: then the command it left is
 //! stopped too); nothing stays `doing` without a live process; every due one-off
 //! task ends in a recorded terminal state and was run (no run lost by a restart); periodic
 //! tasks keep running; future tasks survive.
@@ -218,7 +218,7 @@ impl<'a> Driver<'a> for TasksDriver {
             && self.agent.is_up()
             && self.rng.random_range(0..4) == 0
         {
-            // Now, the run's process exists; its claim and the pool's start report are a few
+            // Now, the run is handed to its keeper; its intent and the pool's start report are a few
             // milliseconds away, the store's pid commit after that.
             if self.rng.random_range(0..2) == 0 {
                 trace::record(
@@ -343,7 +343,7 @@ fn final_check(
 
 /// Every run against its process: the store holds each process's real outcome (its exit code
 /// when it ended by itself), `aborted` where the process never ran, was killed while no agent
-/// watched, or its wrapper died without recording how it ended, and `doing` exactly while it
+/// watched, or its keeper died without recording how it ended, and `doing` exactly while it
 /// runs. Returns how many runs never started.
 fn check_runs(
     conn: &rusqlite::Connection,
@@ -372,7 +372,7 @@ fn check_runs(
         let proc = procs.iter().find(|p| p.run_id == *run_id);
         let ran = proc.filter(|p| p.executed(now));
         let Some(p) = ran else {
-            // Dispatched in the last few milliseconds: its process is not claimed yet.
+            // Dispatched in the last few milliseconds: its keeper has not picked it up yet.
             let starting = proc.is_none_or(|p| p.pending(now));
             if *st & status::IN_FLIGHT != 0 && !starting {
                 anyhow::bail!(
@@ -411,10 +411,10 @@ fn check_runs(
                 status::name(*st)
             );
         } else if p.status_lost() {
-            // Its wrapper died without writing the command's end: only `aborted` is honest.
+            // Its keeper died without writing the command's end: only `aborted` is honest.
             if *st != status::ABORTED {
                 anyhow::bail!(
-                    "run {run_id} of {task_id} lost its wrapper (and its status) but is recorded {} ({error:?})",
+                    "run {run_id} of {task_id} lost its keeper (and its status) but is recorded {} ({error:?})",
                     status::name(*st)
                 );
             }

@@ -80,7 +80,11 @@ pub enum Reply {
         ticks: Option<u64>,
     },
     /// Run `run_id` ended (or could not start: `exit.error`); `output` bytes follow the line.
-    Exited { run_id: i64, exit: Exit, output: u64 },
+    Exited {
+        run_id: i64,
+        exit: Exit,
+        output: u64,
+    },
 }
 
 /// How long output still held open by the command's leftovers is read after it exited.

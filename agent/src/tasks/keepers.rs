@@ -24,8 +24,14 @@ const OUTPUT_ANNOUNCED_MAX: u64 = 65 << 20;
 /// What a keeper said about its run.
 #[derive(Debug)]
 pub enum Heard {
-    Started { pid: i32, ticks: Option<u64> },
-    Exited { exit: Exit, output: Vec<u8> },
+    Started {
+        pid: i32,
+        ticks: Option<u64>,
+    },
+    Exited {
+        exit: Exit,
+        output: Vec<u8>,
+    },
     /// It is gone (or talks nonsense): its slot says what became of the run.
     Gone(String),
 }

@@ -28,8 +28,8 @@ use super::keeper::{Request, STRAGGLERS};
 use super::keepers::{ANSWER_TIMEOUT, Heard, Keepers, Link};
 use super::model::{RunOutcome, status};
 use super::pool::{
-    BoxFuture, KEEPER_DIED, LEFT_NO_STATUS, Leftover, PoolEvent, ProcessRun, Processes, failed,
-    terminate_group,
+    BoxFuture, KEEPER_DIED, KEEPER_LOST, LEFT_NO_STATUS, Leftover, PoolEvent, ProcessRun,
+    Processes, failed, terminate_group,
 };
 use super::process::{alive, parent_of, start_ticks};
 use super::rundir::{self, Claim, Exit};
@@ -107,7 +107,8 @@ impl Processes for OsProcesses {
                 .blocking(move || {
                     let legacy = rundir::dir(&runs, run_id);
                     if legacy.exists() {
-                        let left = legacy_leftover(&legacy, output_bytes_max, host_restarted, run_uid);
+                        let left =
+                            legacy_leftover(&legacy, output_bytes_max, host_restarted, run_uid);
                         return left
                             .map(|l| (l, Some(Found::RunDir)))
                             .map_err(|e| format!("run directory {}: {e}", legacy.display()));
@@ -164,7 +165,9 @@ impl Processes for OsProcesses {
                     files
                         .into_iter()
                         .filter_map(|(run_id, path)| {
-                            remove(&path).err().map(|e| (run_id, path.display().to_string(), e))
+                            remove(&path)
+                                .err()
+                                .map(|e| (run_id, path.display().to_string(), e))
                         })
                         .collect::<Vec<_>>()
                 })
@@ -262,7 +265,8 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
             let _ = run.events.send(finish(outcome)).await;
         }
         Heard::Gone(why) => {
-            let outcome = keeper_lost(&this, &mut link, run.run_id, run.output_bytes_max, &why).await;
+            let outcome =
+                keeper_lost(&this, &mut link, run.run_id, run.output_bytes_max, &why).await;
             let _ = run.events.send(finish(outcome)).await;
         }
     }
@@ -374,7 +378,7 @@ async fn keeper_lost(
     why: &str,
 ) -> RunOutcome {
     link.kill().await;
-    tracing::warn!(run_id, keeper = link.pid, why, "a run keeper was lost; its slot says how the run ended");
+    tracing::warn!(run_id, keeper = link.pid, why, "{KEEPER_LOST}");
     this.note(run_id, Found::Slot(link.slot.clone()));
     let (path, run_uid) = (link.slot.clone(), this.run_uid);
     let read = this
@@ -384,16 +388,25 @@ async fn keeper_lost(
     match read {
         Ok(Ok((Some(header), output))) => match end_of(&header, run_id, false, run_uid) {
             Some(outcome) => with_output(outcome, output, header.dropped),
-            None => failed(format!("its run keeper ended before it started the run ({why})")),
+            None => failed(format!(
+                "its run keeper ended before it started the run ({why})"
+            )),
         },
-        _ => failed(format!("its run keeper ended and its slot is unreadable ({why})")),
+        _ => failed(format!(
+            "its run keeper ended and its slot is unreadable ({why})"
+        )),
     }
 }
 
 /// What a slot says of run `run_id` whose keeper is gone (or, `host_restarted`, whose host
 /// restarted): its recorded end, or `aborted` with whatever still runs its command stopped.
 /// `None`: the run is not in this slot, so it never started.
-fn end_of(header: &Header, run_id: i64, host_restarted: bool, run_uid: Option<u32>) -> Option<RunOutcome> {
+fn end_of(
+    header: &Header,
+    run_id: i64,
+    host_restarted: bool,
+    run_uid: Option<u32>,
+) -> Option<RunOutcome> {
     if header.state.run_id() != Some(run_id) {
         return None;
     }
@@ -446,17 +459,24 @@ fn stop_pipe_holders(pipe: u64, run_uid: Option<u32>) {
         return;
     };
     for entry in procs.filter_map(|e| e.ok()) {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
-        let holds = fds
-            .filter_map(|fd| fd.ok())
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()));
+        let holds = fds.filter_map(|fd| fd.ok()).any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
+        });
         if holds {
-            tracing::warn!(pid, "stopping a process of a run whose keeper died as it started it");
+            tracing::warn!(
+                pid,
+                "stopping a process of a run whose keeper died as it started it"
+            );
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             killpg_as(Pid::from_raw(pid), Signal::SIGKILL, run_uid);
         }
@@ -502,7 +522,10 @@ fn settle(dir: &Path) -> std::io::Result<()> {
                 if let Some((pid, ticks)) = slot::owner(&path)
                     && alive(pid, ticks)
                 {
-                    tracing::warn!(keeper = pid, "a previous agent's run keeper did not settle; killing it");
+                    tracing::warn!(
+                        keeper = pid,
+                        "a previous agent's run keeper did not settle; killing it"
+                    );
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                     while alive(pid, ticks) {
                         std::thread::sleep(step);
@@ -547,9 +570,13 @@ fn slot_leftover(
     {
         return Ok((Leftover::Running { pid, ticks }, found));
     }
-    let outcome = end_of(&header, run_id, host_restarted, run_uid).unwrap_or_else(|| failed(LEFT_NO_STATUS.into()));
+    let outcome = end_of(&header, run_id, host_restarted, run_uid)
+        .unwrap_or_else(|| failed(LEFT_NO_STATUS.into()));
     let output = slot::read_output(&path, output_max);
-    Ok((Leftover::Ended(with_output(outcome, output, header.dropped)), found))
+    Ok((
+        Leftover::Ended(with_output(outcome, output, header.dropped)),
+        found,
+    ))
 }
 
 /// Stop what no run in flight accounts for: slots of runs not in `in_flight` whose keeper or
@@ -565,7 +592,11 @@ fn sweep_slots(dir: &Path, in_flight: &[i64], run_uid: Option<u32>) -> std::io::
             continue;
         }
         if live && let Some((pid, ticks)) = slot::owner(&path) {
-            tracing::error!(keeper = pid, run_id = run, "a run keeper of a run the task store does not have in flight is alive; stopping it");
+            tracing::error!(
+                keeper = pid,
+                run_id = run,
+                "a run keeper of a run the task store does not have in flight is alive; stopping it"
+            );
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             while alive(pid, ticks) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -697,7 +728,10 @@ fn adopted_end(
                 });
             let dropped = header.map_or(0, |h| h.dropped);
             let output = slot::read_output(path, output_max);
-            (with_output(outcome, output, dropped), Some(Found::Slot(path.clone())))
+            (
+                with_output(outcome, output, dropped),
+                Some(Found::Slot(path.clone())),
+            )
         }
         Source::RunDir(dir) => {
             stop_leftover_group(pid, ticks, run_uid);
@@ -771,7 +805,11 @@ async fn sweep_run_dirs(this: &OsProcesses, in_flight: &[i64], grace: Duration) 
         if let Ok(Some(Claim::Started { pid, ticks })) = rundir::read_claim(&dir)
             && alive(pid, ticks)
         {
-            tracing::error!(run_id, pid, "a process of a run the task store does not have in flight is alive; stopping it");
+            tracing::error!(
+                run_id,
+                pid,
+                "a process of a run the task store does not have in flight is alive; stopping it"
+            );
             terminate_group(pid, grace, this.run_uid, || !alive(pid, ticks)).await;
             stopped += 1;
         }

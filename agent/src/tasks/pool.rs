@@ -136,6 +136,8 @@ pub struct ProcessRun {
 /// Why a run is recorded `aborted` when its keeper ended without recording how the command
 /// ended (also what the agent logs then).
 pub const KEEPER_DIED: &str = "the run's keeper ended without recording how the command ended";
+/// What the agent logs when a run keeper it lent died under a run (or stopped answering).
+pub const KEEPER_LOST: &str = "a run keeper was lost; its slot says how the run ended";
 /// Why a run is recorded `aborted` when a recovering agent found its process gone without an
 /// exit status.
 pub const LEFT_NO_STATUS: &str =

@@ -226,7 +226,10 @@ mod tests {
     fn headers_round_trip_and_a_torn_or_newer_one_is_refused() {
         let states = [
             State::Idle,
-            State::Intent { run_id: 7, pipe: 99 },
+            State::Intent {
+                run_id: 7,
+                pipe: 99,
+            },
             State::Running {
                 run_id: 7,
                 pipe: 99,

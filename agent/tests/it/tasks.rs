@@ -451,7 +451,10 @@ async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
         assert!(!alive(pid), "{line}: still alive after its run ended");
     }
     let left = stale_slots(&agent);
-    assert!(left.is_empty(), "no dead keeper's slot is left behind: {left:?}");
+    assert!(
+        left.is_empty(),
+        "no dead keeper's slot is left behind: {left:?}"
+    );
 }
 
 /// Every process's argv, read from /proc (NUL-separated words joined by spaces), by pid.
@@ -970,9 +973,11 @@ async fn a_keeper_runs_commands_one_after_another_and_records_each_end() {
         .nth(2)
         .map(str::to_string);
     assert_eq!(pgrp.as_ref(), Some(&pid), "the command leads its own group");
-    until_true(Duration::from_secs(5), Duration::from_millis(20), || async {
-        std::fs::metadata(&slot_file).is_ok_and(|m| m.len() > 4096)
-    })
+    until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { std::fs::metadata(&slot_file).is_ok_and(|m| m.len() > 4096) },
+    )
     .await;
     let ok = std::process::Command::new("kill")
         .args(["-TERM", "--", &format!("-{pid}")])
@@ -1007,11 +1012,16 @@ async fn a_keeper_runs_commands_one_after_another_and_records_each_end() {
     ask(4, 100, &["sleep", "300"]);
     let pid = next().0["pid"].as_i64().expect("pid").to_string();
     drop(requests);
-    until_true(Duration::from_secs(5), Duration::from_millis(20), || async {
-        slot()["drained"] == true
-    })
+    until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { slot()["drained"] == true },
+    )
     .await;
-    assert!(alive(&keeper.id().to_string()), "it finishes the run in hand");
+    assert!(
+        alive(&keeper.id().to_string()),
+        "it finishes the run in hand"
+    );
     let ok = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pid}")])
         .status()
@@ -1049,12 +1059,26 @@ async fn a_killed_keeper_aborts_its_run_stops_its_command_and_is_replaced() {
     agent.wait_status(&first, "done").await;
     let keeper = keepers_of(&agent).pop().expect("a keeper runs");
     let marker = format!("killed-keeper-{}", std::process::id());
-    let second = agent.ok(&["add", "command", "--", "sh", "-c", "sleep 300; true", &marker]);
+    let second = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "sleep 300; true",
+        &marker,
+    ]);
     agent.wait_status(&second, "doing").await;
-    assert_eq!(keepers_of(&agent), vec![keeper.clone()], "the idle keeper is reused");
-    let command = until(Duration::from_secs(5), Duration::from_millis(50), || async {
-        marked(&marker).into_iter().next()
-    })
+    assert_eq!(
+        keepers_of(&agent),
+        vec![keeper.clone()],
+        "the idle keeper is reused"
+    );
+    let command = until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { marked(&marker).into_iter().next() },
+    )
     .await
     .expect("the command runs");
     assert_eq!(parent_of(&command).as_deref(), Some(keeper.as_str()));
@@ -1066,9 +1090,11 @@ async fn a_killed_keeper_aborts_its_run_stops_its_command_and_is_replaced() {
     let task = agent.wait_status(&second, "aborted").await;
     let error = task["runs"][0]["error"].as_str().unwrap_or("");
     assert!(error.contains("keeper ended without recording"), "{task}");
-    let gone = until_true(Duration::from_secs(5), Duration::from_millis(50), || async {
-        marked(&marker).is_empty()
-    })
+    let gone = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { marked(&marker).is_empty() },
+    )
     .await;
     assert!(gone, "the dead keeper's command is left running");
     let third = agent.ok(&["add", "command", "--key", "third", "--", "true"]);
@@ -1139,7 +1165,11 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     let keepers = agent.data().join("keepers");
     for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        let keeper = name.split('-').next().expect("the keeper's pid").to_string();
+        let keeper = name
+            .split('-')
+            .next()
+            .expect("the keeper's pid")
+            .to_string();
         let text = std::fs::read_to_string(entry.path()).expect("slot");
         let header: serde_json::Value = text
             .lines()
