@@ -23,11 +23,10 @@
 use std::fs::File;
 use std::io::{Read, Write};
 
-use std::os::fd::AsFd;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -113,6 +112,14 @@ struct Current {
 pub fn serve(dir: &Path) -> std::io::Result<()> {
     let mut chld = SigSet::empty();
     chld.add(Signal::SIGCHLD);
+    // Ignored (blocked; every command starts with no signal blocked): a keeper ends when its
+    // work is done, not on a terminal's hangup, a Ctrl+C or a SIGTERM meant for the agent, nor
+    // on the hangup the kernel sends a stopped process whose agent died.
+    let mut ignored = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        ignored.add(sig);
+    }
+    ignored.thread_block().map_err(std::io::Error::other)?;
     chld.thread_block().map_err(std::io::Error::other)?;
     let exits = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(std::io::Error::other)?;
@@ -133,6 +140,7 @@ pub fn serve(dir: &Path) -> std::io::Result<()> {
     loop {
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
+            crate::crashpoint::delay(crate::crashpoint::KEEPER_BEFORE_REQUEST);
             match serde_json::from_slice::<Request>(&line) {
                 Ok(Request::Retire) if keeper.current.is_none() => {
                     let _ = std::fs::remove_file(&keeper.path);
@@ -284,28 +292,14 @@ impl Keeper {
         };
         self.record(State::Intent { run_id, pipe: ino })?;
         crate::crashpoint::pass(crate::crashpoint::KEEPER_AFTER_INTENT);
-        let spawned = {
-            let mut command = Command::new(program);
-            if env.clear {
-                command.env_clear();
-            }
-            command
-                .envs(env.vars.iter().map(|(k, v)| (k, v)))
-                .args(args)
-                .process_group(0)
-                .stdin(Stdio::null())
-                .stdout(writer.try_clone()?)
-                .stderr(writer);
-            command.spawn()
-        };
-        let child = match spawned {
-            Ok(child) => child,
+        let spawned = spawn(program, args, env, &writer);
+        drop(writer);
+        let pid = match spawned {
+            Ok(pid) => pid.as_raw(),
             Err(e) => return self.refuse(run_id, format!("start {program}: {e}")),
         };
         crate::crashpoint::pass(crate::crashpoint::KEEPER_AFTER_SPAWN);
-        let pid = i32::try_from(child.id()).unwrap_or(0);
         // Not reaped before the group is stopped, so the pid stays this command's.
-        drop(child);
         let ticks = super::process::start_ticks(pid);
         self.record(State::Running {
             run_id,
@@ -447,4 +441,81 @@ fn keep(current: &mut Current, slot: &File, bytes: &[u8], used: &mut bool) {
         current.output.extend_from_slice(&bytes[..take]);
     }
     current.dropped += (bytes.len() - take) as u64;
+}
+
+/// Start `program` with `args` and `env` as a process group of its own, with no signal
+/// blocked and default dispositions (whatever this keeper blocks or ignores), stdin from
+/// `/dev/null`, stdout and stderr into `output`. `posix_spawn` (a `vfork` in the C library):
+/// nothing of this process is copied.
+fn spawn(
+    program: &str,
+    args: &[String],
+    env: &super::process::Environment,
+    output: &impl AsRawFd,
+) -> Result<Pid, String> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+    let cstring = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
+    let mut vars: Vec<(String, String)> = if env.clear {
+        Vec::new()
+    } else {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
+    };
+    for (key, value) in &env.vars {
+        vars.retain(|(k, _)| k != key);
+        vars.push((key.clone(), value.clone()));
+    }
+    let path = vars
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let resolved = resolve(program, path.unwrap_or("/usr/bin:/bin"))?;
+    let argv = std::iter::once(program)
+        .chain(args.iter().map(String::as_str))
+        .map(cstring)
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = vars
+        .iter()
+        .map(|(k, v)| cstring(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let os = |e: nix::errno::Errno| std::io::Error::from(e).to_string();
+    let mut actions = PosixSpawnFileActions::init().map_err(os)?;
+    actions.add_dup2(null.as_raw_fd(), 0).map_err(os)?;
+    actions.add_dup2(output.as_raw_fd(), 1).map_err(os)?;
+    actions.add_dup2(output.as_raw_fd(), 2).map_err(os)?;
+    let mut attr = PosixSpawnAttr::init().map_err(os)?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(os)?;
+    attr.set_pgroup(Pid::from_raw(0)).map_err(os)?;
+    attr.set_sigmask(&SigSet::empty()).map_err(os)?;
+    attr.set_sigdefault(&SigSet::all()).map_err(os)?;
+    posix_spawn(resolved.as_c_str(), &actions, &attr, &argv, &envp).map_err(os)
+}
+
+/// `program` as a path to execute: as given when it names a path, else the first executable
+/// file of that name in `path` (the command's own `PATH`, not this keeper's).
+fn resolve(program: &str, path: &str) -> Result<CString, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let found = if program.contains('/') {
+        Some(std::path::PathBuf::from(program))
+    } else {
+        path.split(':')
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| Path::new(dir).join(program))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    };
+    let Some(found) = found else {
+        return Err(format!("not found in PATH ({path})"));
+    };
+    CString::new(found.into_os_string().into_encoded_bytes())
+        .map_err(|_| format!("{program:?} holds a NUL byte"))
 }

@@ -236,13 +236,16 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
         run_uid: this.run_uid,
     };
     let heard = match link.send(&start).await {
-        Ok(()) => match tokio::time::timeout(ANSWER_TIMEOUT, link.next()).await {
-            Ok(heard) => heard,
-            Err(_) => Heard::Gone(format!(
-                "it did not answer within {} s and was stopped",
-                ANSWER_TIMEOUT.as_secs()
-            )),
-        },
+        Ok(()) => {
+            crate::crashpoint::pass(crate::crashpoint::AFTER_HANDOVER);
+            match tokio::time::timeout(ANSWER_TIMEOUT, link.next()).await {
+                Ok(heard) => heard,
+                Err(_) => Heard::Gone(format!(
+                    "it did not answer within {} s and was stopped",
+                    ANSWER_TIMEOUT.as_secs()
+                )),
+            }
+        }
         Err(e) => Heard::Gone(e),
     };
     match heard {

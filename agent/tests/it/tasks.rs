@@ -1566,3 +1566,58 @@ async fn a_keeper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() {
     .await;
     assert!(gone, "the dead keeper's command is left running: {task}");
 }
+
+/// The agent dying right after it handed a run to its keeper, before it heard the run start
+/// (crash point `task.after_handover`), while the keeper is slow to read it (delay point
+/// `keeper.before_request`, 3 s): the next agent waits for the dead agent's keepers to read
+/// all it sent before it decides anything, so it finds the run started, adopts it and
+/// records its real end. The command ran once (an agent that decided at once would have
+/// found no trace of the run and run it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_dying_as_it_hands_a_run_over_has_it_run_once_with_its_real_end() {
+    let mut agent = Agent::start_with_env(
+        &[],
+        &[
+            ("OUTPOST_CHAOS_CRASH_AT", "task.after_handover:1"),
+            ("OUTPOST_CHAOS_DELAY_AT", "keeper.before_request:3000"),
+        ],
+    )
+    .await;
+    let ledger = agent.dir.path().join("ledger");
+    let script = format!("echo ran >> {}; sleep 1; exit 3", ledger.display());
+    // The agent may die before it answers: the task is committed before its run is handed over.
+    let _ = agent.tasks(&[
+        "add", "command", "--key", "handover", "--", "sh", "-c", &script,
+    ]);
+    let pid = agent.proc.as_ref().expect("started").0.id().to_string();
+    let died = until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { !alive(&pid) },
+    )
+    .await;
+    assert!(died, "the agent reached its crash point");
+    agent.kill_9();
+    agent.env.clear();
+    agent.launch().await;
+    let listed: serde_json::Value =
+        serde_json::from_str(&agent.ok(&["list", "--json"])).expect("json");
+    let id = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["key"] == "handover")
+        .and_then(|t| t["id"].as_str())
+        .expect("the task was stored")
+        .to_string();
+    agent.wait_status(&id, "failed").await;
+    // A second run, were there one, would have ended by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let task = agent.show(&id);
+    assert_eq!(task["runs"].as_array().map(Vec::len), Some(1), "{task}");
+    assert_eq!(task["runs"][0]["exit_code"], 3, "its real end: {task}");
+    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
+    assert_eq!(ran.lines().count(), 1, "the command ran once");
+    let left = stale_slots(&agent);
+    assert!(left.is_empty(), "{left:?}");
+}
