@@ -659,7 +659,7 @@ mod task_tests {
     }
 
     #[test]
-    fn a_run_that_ended_on_the_host_may_be_aborted_only_when_its_wrapper_lost_the_end() {
+    fn a_run_that_ended_on_the_host_may_be_aborted_only_when_its_keeper_lost_the_end() {
         let markers = tempfile::tempdir().expect("temp dir");
         std::fs::write(markers.path().join("once-30"), "start 7 100\nend 7 200\n")
             .expect("markers");

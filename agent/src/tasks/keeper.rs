@@ -494,8 +494,32 @@ fn spawn(
     .map_err(os)?;
     attr.set_pgroup(Pid::from_raw(0)).map_err(os)?;
     attr.set_sigmask(&SigSet::empty()).map_err(os)?;
-    attr.set_sigdefault(&SigSet::all()).map_err(os)?;
+    attr.set_sigdefault(&reset_signals()).map_err(os)?;
     posix_spawn(resolved.as_c_str(), &actions, &attr, &argv, &envp).map_err(os)
+}
+
+/// Signals a command gets with their default disposition whatever the keeper inherited (an
+/// ignored one would stay ignored across `exec`: Rust ignores SIGPIPE, `nohup` SIGHUP).
+fn reset_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTERM,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+        Signal::SIGXFSZ,
+        Signal::SIGALRM,
+    ] {
+        set.add(sig);
+    }
+    set
 }
 
 /// `program` as a path to execute: as given when it names a path, else the first executable
