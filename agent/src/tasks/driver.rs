@@ -139,6 +139,7 @@ pub async fn run(
     }
     let mut last_purge = tokio::time::Instant::now();
     let mut callers_remain = true;
+    let mut deferred = DeferredStarts::default();
     loop {
         let mut batch = Vec::new();
         let mut pool_events = Vec::new();
@@ -171,13 +172,24 @@ pub async fn run(
                     let _ = pool_tx.send(command).await;
                 }
             }
-            _ = tokio::time::sleep(wake_in(&world, &scheduler)) => {}
+            _ = tokio::time::sleep(wake_in(&world, &scheduler).min(deferred.wait(&world))) => {}
         }
         let now_ms = world.now_unix_ms();
+        let only_starts = batch.is_empty()
+            && pool_events
+                .iter()
+                .all(|e| matches!(e, PoolEvent::Started { .. }));
         let (mut effects, started) =
             from_pool_events(&mut scheduler, &mut since, pool_events, now_ms);
         let replies = from_requests(&mut scheduler, batch, now_ms, &mut effects);
-        effects.extend(scheduler.tick(now_ms));
+        let ticked = scheduler.tick(now_ms);
+        if only_starts && ticked.is_empty() && deferred.may_wait(now_ms) {
+            // Nothing to answer, dispatch or release: the starts wait for the next commit.
+            deferred.hold(effects, started, now_ms);
+            continue;
+        }
+        effects.extend(ticked);
+        let (effects, started) = deferred.take_before(effects, started);
         let to_pool = pool_commands(&effects);
         for e in &effects {
             if let Effect::Dispatch(job) = e {
@@ -216,7 +228,8 @@ pub async fn run(
     let now_ms = world.now_unix_ms();
     let effects = last_ends(&mut scheduler, events, pool, now_ms).await;
     let ended = ended_runs(&effects);
-    commit(&world, &store, now_ms, effects, Vec::new(), None).await?;
+    let (effects, started) = deferred.take_before(effects, Vec::new());
+    commit(&world, &store, now_ms, effects, started, None).await?;
     release(&config, &ended, &mut since).await;
     let left = scheduler.running();
     if left > 0 {
@@ -271,6 +284,56 @@ async fn open_store(world: &World, config: &RuntimeConfig) -> anyhow::Result<Arc
 
 /// How long the loop may sleep: until the next task is due, capped so that wall-clock jumps
 /// are noticed.
+/// Runs' starts whose commit waits for the next one that must be durable anyway (an answer, a
+/// dispatch, an end), or for [`START_COMMIT_WAIT_MS`]: a start needs no sync of its own,
+/// because a recovering agent finds a started run through its keeper's slot, not through the
+/// pid in the store. In a drain this halves the commits, one per end instead of two per run.
+#[derive(Default)]
+struct DeferredStarts {
+    effects: Vec<Effect>,
+    started: Vec<Started>,
+    due_ms: Option<i64>,
+}
+
+/// How long a start may wait for its commit (the store shows the run `queued` until then).
+const START_COMMIT_WAIT_MS: i64 = 50;
+
+impl DeferredStarts {
+    fn may_wait(&self, now_ms: i64) -> bool {
+        self.due_ms.is_none_or(|due| now_ms < due)
+    }
+
+    fn hold(&mut self, effects: Vec<Effect>, started: Vec<Started>, now_ms: i64) {
+        self.effects.extend(effects);
+        self.started.extend(started);
+        self.due_ms.get_or_insert(now_ms + START_COMMIT_WAIT_MS);
+    }
+
+    /// What waits, then `effects` and `started`: one batch, in order.
+    fn take_before(
+        &mut self,
+        effects: Vec<Effect>,
+        started: Vec<Started>,
+    ) -> (Vec<Effect>, Vec<Started>) {
+        self.due_ms = None;
+        let mut all = std::mem::take(&mut self.effects);
+        all.extend(effects);
+        let mut starts = std::mem::take(&mut self.started);
+        starts.extend(started);
+        (all, starts)
+    }
+
+    /// Until the starts must be committed.
+    fn wait(&self, world: &World) -> Duration {
+        match self.due_ms {
+            Some(due) => {
+                Duration::from_millis(u64::try_from(due - world.now_unix_ms()).unwrap_or(0))
+            }
+            None => IDLE_WAKE,
+        }
+    }
+}
+
 fn wake_in(world: &World, scheduler: &Scheduler) -> Duration {
     match scheduler.next_due_ms() {
         Some(at) => Duration::from_millis(u64::try_from(at - world.now_unix_ms()).unwrap_or(0))

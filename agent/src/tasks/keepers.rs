@@ -154,6 +154,18 @@ impl Keepers {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The pids of the keepers this agent holds (idle, or keeping an end until its commit):
+    /// recovery leaves them alone. Every other live keeper is a previous agent's, or one whose
+    /// run this agent let go of (its pool was restarted).
+    pub fn kept(&self) -> Vec<i32> {
+        let lent = self.lent();
+        lent.idle
+            .iter()
+            .chain(lent.holding.values())
+            .map(|l| l.pid)
+            .collect()
+    }
+
     /// An idle keeper, or a new one.
     pub async fn take(&self) -> Result<Link, String> {
         let idle = self.lent().idle.pop();

@@ -31,7 +31,7 @@ use super::pool::{
     BoxFuture, KEEPER_DIED, KEEPER_LOST, LEFT_NO_STATUS, Leftover, PoolEvent, ProcessRun,
     Processes, failed, terminate_group,
 };
-use super::process::{alive, parent_of, start_ticks};
+use super::process::{alive, start_ticks};
 use super::rundir::{self, Claim, Exit};
 use super::slot::{self, Header, State};
 use crate::signal::killpg_as;
@@ -102,6 +102,7 @@ impl Processes for OsProcesses {
         let this = self.clone();
         Box::pin(async move {
             let (runs, dir, run_uid) = (this.runs.clone(), this.keepers.dir.clone(), this.run_uid);
+            let kept = this.keepers.kept();
             let (left, found) = this
                 .world
                 .blocking(move || {
@@ -114,8 +115,15 @@ impl Processes for OsProcesses {
                             .map_err(|e| format!("run directory {}: {e}", legacy.display()));
                     }
                     let shown = dir.display().to_string();
-                    slot_leftover(&dir, run_id, output_bytes_max, host_restarted, run_uid)
-                        .map_err(|e| format!("run keepers' slots in {shown}: {e}"))
+                    slot_leftover(
+                        &dir,
+                        &kept,
+                        run_id,
+                        output_bytes_max,
+                        host_restarted,
+                        run_uid,
+                    )
+                    .map_err(|e| format!("run keepers' slots in {shown}: {e}"))
                 })
                 .await
                 .map_err(|e| e.to_string())??;
@@ -182,10 +190,10 @@ impl Processes for OsProcesses {
         let this = self.clone();
         Box::pin(async move {
             let (dir, run_uid) = (this.keepers.dir.clone(), this.run_uid);
-            let flight = in_flight.clone();
+            let (flight, kept) = (in_flight.clone(), this.keepers.kept());
             let slots = this
                 .world
-                .blocking(move || sweep_slots(&dir, &flight, run_uid))
+                .blocking(move || sweep_slots(&dir, &kept, &flight, run_uid))
                 .await;
             let mut stopped = match slots {
                 Ok(Ok(n)) => n,
@@ -498,22 +506,22 @@ fn slots(dir: &Path) -> std::io::Result<Vec<(PathBuf, Option<Header>, bool)>> {
         .collect())
 }
 
-/// Whether the slot's keeper is another agent's (a previous one's), not this agent's child.
-fn foreign(path: &Path) -> bool {
-    let me = i32::try_from(std::process::id()).unwrap_or(0);
-    slot::owner(path).is_none_or(|(pid, _)| parent_of(pid) != Some(me))
+/// Whether the slot's keeper is not one this agent holds (`kept`): a previous agent's, or one
+/// whose run this agent let go of.
+fn foreign(path: &Path, kept: &[i32]) -> bool {
+    slot::owner(path).is_none_or(|(pid, _)| !kept.contains(&pid))
 }
 
 /// Let every live keeper of a previous agent read all its agent sent (see the module's doc);
 /// kill those that do not within [`SETTLE_WAIT`].
-fn settle(dir: &Path) -> std::io::Result<()> {
+fn settle(dir: &Path, kept: &[i32]) -> std::io::Result<()> {
     let step = Duration::from_millis(10);
     let mut waited = Duration::ZERO;
     loop {
         let unsettled: Vec<PathBuf> = slots(dir)?
             .into_iter()
             .filter(|(path, header, live)| {
-                *live && foreign(path) && !header.as_ref().is_some_and(|h| h.drained)
+                *live && foreign(path, kept) && !header.as_ref().is_some_and(|h| h.drained)
             })
             .map(|(path, _, _)| path)
             .collect();
@@ -545,13 +553,14 @@ fn settle(dir: &Path) -> std::io::Result<()> {
 /// [`Processes::leftover`] from the keepers' slots.
 fn slot_leftover(
     dir: &Path,
+    kept: &[i32],
     run_id: i64,
     output_max: usize,
     host_restarted: bool,
     run_uid: Option<u32>,
 ) -> std::io::Result<(Leftover, Option<Found>)> {
     if !host_restarted {
-        settle(dir)?;
+        settle(dir, kept)?;
     }
     let mine = slots(dir)?
         .into_iter()
@@ -584,10 +593,15 @@ fn slot_leftover(
 
 /// Stop what no run in flight accounts for: slots of runs not in `in_flight` whose keeper or
 /// command still lives, then the slots themselves. How many keepers had to be stopped.
-fn sweep_slots(dir: &Path, in_flight: &[i64], run_uid: Option<u32>) -> std::io::Result<usize> {
+fn sweep_slots(
+    dir: &Path,
+    kept: &[i32],
+    in_flight: &[i64],
+    run_uid: Option<u32>,
+) -> std::io::Result<usize> {
     let mut stopped = 0;
     for (path, header, live) in slots(dir)? {
-        if !foreign(&path) {
+        if !foreign(&path, kept) {
             continue;
         }
         let run = header.as_ref().and_then(|h| h.state.run_id());
