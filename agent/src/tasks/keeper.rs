@@ -222,9 +222,16 @@ impl Keeper {
     fn send(&mut self, reply: &Reply, bytes: &[u8]) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        line.extend_from_slice(bytes);
+        // One write for a short reply; a long output is not copied again.
+        let small = bytes.len() <= 64 * 1024;
+        if small {
+            line.extend_from_slice(bytes);
+        }
         // The agent may be gone: what it would have read is in the slot.
-        let _ = self.out.write_all(&line);
+        let _ = self.out.write_all(&line).and_then(|()| match small {
+            true => Ok(()),
+            false => self.out.write_all(bytes),
+        });
         Ok(())
     }
 

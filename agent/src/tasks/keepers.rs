@@ -132,6 +132,8 @@ pub struct Keepers {
     /// `DATA_DIR/keepers`, where their slots are.
     pub dir: PathBuf,
     state: Mutex<Lent>,
+    /// The background retirement runs.
+    retiring: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +149,7 @@ impl Keepers {
             exe,
             dir,
             state: Mutex::new(Lent::default()),
+            retiring: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -181,31 +184,54 @@ impl Keepers {
     }
 
     /// Run `run_id`'s end is committed: its keeper (if this agent lent it) is idle again; the
-    /// next `Start` it gets acknowledges the end. Keepers idle too long are retired. Whether
-    /// the run had a keeper here.
-    pub async fn release(&self, run_id: i64) -> bool {
-        let (had, retired) = {
-            let mut lent = self.lent();
-            let had = match lent.holding.remove(&run_id) {
-                Some(mut link) => {
-                    link.idle_since = tokio::time::Instant::now();
-                    lent.idle.push(link);
-                    true
-                }
-                None => false,
-            };
-            // The oldest idle keepers are at the front (taken from the back).
-            let stale = lent
-                .idle
-                .iter()
-                .take_while(|l| l.idle_since.elapsed() >= IDLE_RETIRE)
-                .count();
-            (had, lent.idle.drain(..stale).collect::<Vec<_>>())
-        };
-        for link in retired {
-            link.retire().await;
+    /// next `Start` it gets acknowledges the end. Whether the run had a keeper here.
+    pub fn release(&self, run_id: i64) -> bool {
+        let mut lent = self.lent();
+        match lent.holding.remove(&run_id) {
+            Some(mut link) => {
+                link.idle_since = tokio::time::Instant::now();
+                lent.idle.push(link);
+                true
+            }
+            None => false,
         }
-        had
+    }
+
+    /// Retire the keepers idle for [`IDLE_RETIRE`], until none is idle: run by the agent
+    /// beside its runs (see [`Keepers::retire_idle`]).
+    async fn retire_stale(&self) {
+        loop {
+            let (stale, next) = {
+                let mut lent = self.lent();
+                // The oldest idle keepers are at the front (taken from the back).
+                let n = lent
+                    .idle
+                    .iter()
+                    .take_while(|l| l.idle_since.elapsed() >= IDLE_RETIRE)
+                    .count();
+                let stale: Vec<Link> = lent.idle.drain(..n).collect();
+                (stale, lent.idle.first().map(|l| l.idle_since + IDLE_RETIRE))
+            };
+            for link in stale {
+                link.retire().await;
+            }
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => tokio::time::sleep(IDLE_RETIRE).await,
+            }
+        }
+    }
+
+    /// Start retiring idle keepers in the background (once; the task ends with the runtime).
+    pub fn retire_idle(self: &std::sync::Arc<Self>) {
+        if self
+            .retiring
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let this = std::sync::Arc::clone(self);
+        tokio::spawn(async move { this.retire_stale().await });
     }
 
     async fn spawn(&self) -> Result<Link, String> {

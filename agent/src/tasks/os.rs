@@ -150,7 +150,7 @@ impl Processes for OsProcesses {
         Box::pin(async move {
             let mut files = Vec::new();
             for run_id in run_ids {
-                if this.keepers.release(run_id).await {
+                if this.keepers.release(run_id) {
                     continue;
                 }
                 let found = this
@@ -228,6 +228,7 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
         run_id: run.run_id,
         outcome,
     };
+    this.keepers.retire_idle();
     let mut link = match this.keepers.take().await {
         Ok(link) => link,
         Err(e) => {

@@ -1621,3 +1621,43 @@ async fn an_agent_dying_as_it_hands_a_run_over_has_it_run_once_with_its_real_end
     let left = stale_slots(&agent);
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The cancel that raced adoption: a long command is added and the agent killed -9 right
+/// after each of 8 dispatches and started again; then all 8 tasks are cancelled. Every run
+/// ends `canceled` once, and no process of theirs is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_runs_adopted_right_after_their_dispatch_leaves_nothing_running() {
+    const ROUNDS: usize = 8;
+    let mut agent = Agent::start(&[]).await;
+    let marker = format!("cancel-race-{}", std::process::id());
+    let mut ids = Vec::new();
+    for round in 0..ROUNDS {
+        let key = format!("race{round}");
+        let script = "sleep 300; true";
+        ids.push(agent.ok(&[
+            "add", "command", "--key", &key, "--", "sh", "-c", script, &marker,
+        ]));
+        tokio::time::sleep(Duration::from_millis(3 * round as u64)).await;
+        agent.kill_9();
+        agent.launch().await;
+    }
+    for id in &ids {
+        agent.ok(&["cancel", id]);
+    }
+    for id in &ids {
+        let task = agent.wait_status(id, "canceled").await;
+        let runs = task["runs"].as_array().cloned().unwrap_or_default();
+        assert!(runs.len() <= 2, "{task}");
+    }
+    let gone = until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { marked(&marker).is_empty() },
+    )
+    .await;
+    assert!(
+        gone,
+        "left running after every cancel answered: {:?}",
+        marked(&marker)
+    );
+}
