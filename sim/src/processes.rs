@@ -403,6 +403,7 @@ impl Processes for SimProcesses {
                     run_id: run.run_id,
                     pid: proc.pid,
                     pid_start_ticks: Some(proc.pid as u64),
+                    at_ms: None,
                 })
                 .await;
             this.watch(run, proc.pid).await

@@ -393,12 +393,14 @@ fn from_pool_events(
                 run_id,
                 pid,
                 pid_start_ticks,
+                at_ms,
             } => {
-                since.insert(run_id, now_ms);
+                let started_ms = at_ms.map_or(now_ms, |at| at.min(now_ms));
+                since.insert(run_id, started_ms);
                 effects.extend(scheduler.started(&task_id, run_id));
                 started.push(Started {
                     run_id,
-                    started_ms: now_ms,
+                    started_ms,
                     pid,
                     pid_start_ticks,
                 });

@@ -15,7 +15,8 @@
 //! When the agent is gone (stdin reaches its end) the keeper marks its slot drained, finishes
 //! the run it has, records it and exits; the next agent reads the slot. Per run, in order:
 //! the pipe is made and `intent` written (with the pipe's inode), the command is spawned,
-//! `running` is written (its pid and start time), the output is copied, the command is
+//! `running` is written (its pid and start time; the agent hears of it 20 ms later, or with
+//! the end of a shorter command), the output is copied, the command is
 //! reaped (its group's stragglers get [`STRAGGLERS`] to close the pipe, then SIGKILL) and
 //! `ended` is written. A kill -9 of the keeper at any of these instants leaves a slot that
 //! says which processes may still run the command; see `OsProcesses` in [`super::pool`].
@@ -73,19 +74,28 @@ pub enum Reply {
     /// Ready for runs: the protocol it speaks.
     Hello { protocol: u32 },
     /// Run `run_id`'s command is `pid` (started at `ticks`), leading its own process group.
+    /// Sent [`ANNOUNCE_AFTER`] after the start, if the command still runs then (a short
+    /// command's `Exited` says it all, saving the agent a message and a store update).
     Started {
         run_id: i64,
         pid: i32,
         ticks: Option<u64>,
     },
     /// Run `run_id` ended (or could not start: `exit.error`); `output` bytes follow the line.
+    /// `pid` and `ticks` when no `Started` was sent for it.
     Exited {
         run_id: i64,
         exit: Exit,
         output: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticks: Option<u64>,
     },
 }
 
+/// A command still running this long after its start is announced (`Started`).
+pub const ANNOUNCE_AFTER: Duration = Duration::from_millis(20);
 /// How long output still held open by the command's leftovers is read after it exited.
 pub const STRAGGLERS: Duration = Duration::from_secs(2);
 /// A request line longer than this ends the keeper (argv and environment are the agent's own).
@@ -95,6 +105,9 @@ const REQUEST_BYTES_MAX: usize = 1024 * 1024;
 struct Current {
     run_id: i64,
     pid: Pid,
+    ticks: Option<u64>,
+    /// When to announce the start (monotonic), until it is.
+    announce_at: Option<Duration>,
     run_uid: Option<u32>,
     /// The output pipe's read end, until its end.
     pipe: Option<File>,
@@ -244,12 +257,20 @@ impl Keeper {
     fn wait(&self, input: Option<&File>, exits: &SignalFd) -> std::io::Result<Ready> {
         let current = self.current.as_ref();
         let pipe = current.and_then(|c| c.pipe.as_ref());
-        let timeout = match current.and_then(|c| c.ended_at) {
-            Some(at) => {
-                let left = STRAGGLERS.saturating_sub(monotonic().saturating_sub(at));
-                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-                    .unwrap_or(PollTimeout::NONE)
-            }
+        let now = monotonic();
+        let until = |at: Duration| at.saturating_sub(now);
+        let left = [
+            current
+                .and_then(|c| c.ended_at)
+                .map(|at| until(at + STRAGGLERS)),
+            current.and_then(|c| c.announce_at).map(until),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = match left {
+            Some(left) => PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(PollTimeout::NONE),
             None => PollTimeout::NONE,
         };
         let mut fds = vec![PollFd::new(exits.as_fd(), PollFlags::POLLIN)];
@@ -317,6 +338,8 @@ impl Keeper {
         self.current = Some(Current {
             run_id,
             pid: Pid::from_raw(pid),
+            ticks,
+            announce_at: Some(monotonic() + ANNOUNCE_AFTER),
             run_uid,
             pipe: Some(pipe),
             output_max,
@@ -326,7 +349,7 @@ impl Keeper {
             exit: None,
             ended_at: None,
         });
-        self.send(&Reply::Started { run_id, pid, ticks }, &[])
+        Ok(())
     }
 
     /// End run `run_id` that never started a command.
@@ -344,6 +367,8 @@ impl Keeper {
                 run_id,
                 exit,
                 output: 0,
+                pid: None,
+                ticks: None,
             },
             &[],
         )
@@ -396,7 +421,12 @@ impl Keeper {
             None => false,
         };
         if done {
-            self.finish()?;
+            return self.finish();
+        }
+        if current.announce_at.is_some_and(|at| monotonic() >= at) {
+            current.announce_at = None;
+            let (run_id, pid, ticks) = (current.run_id, current.pid.as_raw(), current.ticks);
+            self.send(&Reply::Started { run_id, pid, ticks }, &[])?;
         }
         Ok(())
     }
@@ -419,10 +449,13 @@ impl Keeper {
             run_id: current.run_id,
             exit: exit.clone(),
         })?;
+        let unannounced = current.announce_at.is_some();
         let reply = Reply::Exited {
             run_id: current.run_id,
             exit,
             output: current.output.len() as u64,
+            pid: unannounced.then_some(current.pid.as_raw()),
+            ticks: current.ticks.filter(|_| unannounced),
         };
         self.send(&reply, &current.output)
     }

@@ -21,6 +21,9 @@ const IDLE_RETIRE: Duration = Duration::from_secs(60);
 /// Output bytes a keeper may announce: the largest limit the config allows, with room.
 const OUTPUT_ANNOUNCED_MAX: u64 = 65 << 20;
 
+/// A command's pid and start ticks.
+pub type StartedAs = (i32, Option<u64>);
+
 /// What a keeper said about its run.
 #[derive(Debug)]
 pub enum Heard {
@@ -28,9 +31,11 @@ pub enum Heard {
         pid: i32,
         ticks: Option<u64>,
     },
+    /// `started`: the command's pid and start ticks, when no `Started` came before.
     Exited {
         exit: Exit,
         output: Vec<u8>,
+        started: Option<StartedAs>,
     },
     /// It is gone (or talks nonsense): its slot says what became of the run.
     Gone(String),
@@ -47,8 +52,8 @@ pub struct Link {
     pub slot: PathBuf,
     /// A reply line read so far (kept here so a read cut short by `select!` loses nothing).
     line: Vec<u8>,
-    /// An `Exited` whose output is still being read: the end and the bytes wanted.
-    exited: Option<(Exit, u64)>,
+    /// An `Exited` whose output is still being read: the end, the bytes wanted, the start.
+    exited: Option<(Exit, u64, Option<StartedAs>)>,
     output: Vec<u8>,
     idle_since: tokio::time::Instant,
 }
@@ -70,7 +75,7 @@ impl Link {
     /// The keeper's next word. Cancel-safe: what was read stays for the next call.
     pub async fn next(&mut self) -> Heard {
         loop {
-            if let Some((_, want)) = &self.exited {
+            if let Some((_, want, _)) = &self.exited {
                 let missing = want.saturating_sub(self.output.len() as u64);
                 if missing > 0 {
                     let mut part = (&mut self.stdout).take(missing);
@@ -79,12 +84,13 @@ impl Link {
                         Ok(_) => continue,
                     }
                 }
-                let Some((exit, _)) = self.exited.take() else {
+                let Some((exit, _, started)) = self.exited.take() else {
                     continue;
                 };
                 return Heard::Exited {
                     exit,
                     output: std::mem::take(&mut self.output),
+                    started,
                 };
             }
             match self.stdout.read_until(b'\n', &mut self.line).await {
@@ -96,9 +102,15 @@ impl Link {
             self.line.clear();
             match reply {
                 Ok(Reply::Started { pid, ticks, .. }) => return Heard::Started { pid, ticks },
-                Ok(Reply::Exited { exit, output, .. }) if output <= OUTPUT_ANNOUNCED_MAX => {
+                Ok(Reply::Exited {
+                    exit,
+                    output,
+                    pid,
+                    ticks,
+                    ..
+                }) if output <= OUTPUT_ANNOUNCED_MAX => {
                     self.output = Vec::with_capacity(output as usize);
-                    self.exited = Some((exit, output));
+                    self.exited = Some((exit, output, pid.map(|pid| (pid, ticks))));
                 }
                 Ok(Reply::Hello { .. }) => {}
                 Ok(other) => return Heard::Gone(format!("it said {other:?}")),

@@ -244,6 +244,8 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
         env: run.env.vars.clone(),
         run_uid: this.run_uid,
     };
+    // The keeper starts the command as soon as it reads this.
+    let handed_ms = this.world.now_unix_ms();
     let heard = match link.send(&start).await {
         Ok(()) => {
             crate::crashpoint::pass(crate::crashpoint::AFTER_HANDOVER);
@@ -267,11 +269,30 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
                     run_id: run.run_id,
                     pid,
                     pid_start_ticks: ticks,
+                    at_ms: Some(handed_ms),
                 })
                 .await;
             supervise(this, run, link, pid).await;
         }
-        Heard::Exited { exit, output } => {
+        Heard::Exited {
+            exit,
+            output,
+            started,
+        } => {
+            if let Some((pid, ticks)) = started {
+                // A command that ended before its start was announced.
+                crate::crashpoint::pass(crate::crashpoint::AFTER_SPAWN);
+                let _ = run
+                    .events
+                    .send(PoolEvent::Started {
+                        task_id: run.task_id.clone(),
+                        run_id: run.run_id,
+                        pid,
+                        pid_start_ticks: ticks,
+                        at_ms: Some(handed_ms),
+                    })
+                    .await;
+            }
             let outcome = with_output(exit.outcome(), output, exit.dropped);
             this.keepers.hold(run.run_id, link);
             let _ = run.events.send(finish(outcome)).await;
@@ -332,7 +353,7 @@ async fn supervise(this: OsProcesses, run: ProcessRun, mut link: Link, pid: i32)
         Stop::TimedOut | Stop::Killed => stop_group(&mut link, pid, grace, this.run_uid).await,
     };
     let outcome = match heard {
-        Heard::Exited { exit, output } => {
+        Heard::Exited { exit, output, .. } => {
             this.keepers.hold(run_id, link);
             let outcome = match why {
                 Some(why) => failed(why),

@@ -167,6 +167,9 @@ pub enum PoolEvent {
         run_id: i64,
         pid: i32,
         pid_start_ticks: Option<u64>,
+        /// When the process started (unix ms), if known better than "now": a keeper reports a
+        /// short command's start with its end.
+        at_ms: Option<i64>,
     },
     Finished {
         task_id: String,
