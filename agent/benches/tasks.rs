@@ -282,6 +282,12 @@ async fn dispatch_lag() -> (i64, i64) {
         .filter_map(Result::ok)
         .collect();
     lags.sort_unstable();
+    if std::env::var("OUTPOST_TASKS_ONLY").as_deref() == Ok("lag") {
+        println!(
+            "worst lags: {:?}",
+            lags.iter().rev().take(8).collect::<Vec<_>>()
+        );
+    }
     let pick = |q: f64| {
         lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
             .copied()
@@ -368,6 +374,12 @@ fn main() {
             "subprocess tasks drained: {:.0}/s",
             rt.block_on(drain_rate())
         );
+        return;
+    }
+    // `OUTPOST_TASKS_ONLY=lag`: only the dispatch lag.
+    if std::env::var("OUTPOST_TASKS_ONLY").as_deref() == Ok("lag") {
+        let (p50, p99) = rt.block_on(dispatch_lag());
+        println!("dispatch lag p50 / p99: {p50} / {p99} ms");
         return;
     }
     let enqueue = rt.block_on(enqueue_rate());

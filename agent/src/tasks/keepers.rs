@@ -181,6 +181,17 @@ impl Keepers {
             .collect()
     }
 
+    /// Start a keeper ahead of the first run, so that run does not wait for one to start.
+    pub async fn warm(&self) {
+        if !self.lent().idle.is_empty() {
+            return;
+        }
+        match self.spawn().await {
+            Ok(link) => self.lent().idle.push(link),
+            Err(error) => tracing::warn!(%error, "start a run keeper ahead of the first run"),
+        }
+    }
+
     /// An idle keeper, or a new one.
     pub async fn take(&self) -> Result<Link, String> {
         let idle = self.lent().idle.pop();

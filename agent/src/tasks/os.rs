@@ -204,6 +204,8 @@ impl Processes for OsProcesses {
                 Err(_) => 0,
             };
             stopped += sweep_run_dirs(&this, &in_flight, grace).await;
+            // Recovery is done: one keeper waits for the first run.
+            this.keepers.warm().await;
             stopped
         })
     }
