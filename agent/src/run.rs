@@ -43,7 +43,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
             data_dir: config.data_dir.clone(),
             run_as: tasks.run_as.clone(),
             policy: Arc::new(tasks.policy.clone()),
-            processes: Arc::new(crate::tasks::pool::OsProcesses::new(
+            processes: Arc::new(crate::tasks::os::OsProcesses::new(
                 world.clone(),
                 &config.data_dir,
                 exe,

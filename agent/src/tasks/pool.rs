@@ -143,8 +143,6 @@ pub const KEEPER_LOST: &str = "a run keeper was lost; its slot says how the run 
 pub const LEFT_NO_STATUS: &str =
     "its process ended while no agent watched it and left no exit status (killed with SIGKILL)";
 
-pub use super::os::OsProcesses;
-
 pub enum PoolCommand {
     Run(Job),
     /// Supervise a run a previous agent left running.
