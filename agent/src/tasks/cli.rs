@@ -80,6 +80,7 @@ pub enum TasksCommand {
         /// Operation signature the task id derives from [default: kind, params, argv, hour].
         #[arg(long)]
         key: Option<String>,
+        /// Print the stored task as JSON (the API's shape) instead of its id.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -90,6 +91,7 @@ pub enum TasksCommand {
     },
     /// List tasks, newest first.
     List {
+        /// Print the tasks as a JSON array (the API's shape) instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -98,6 +100,7 @@ pub enum TasksCommand {
     /// A task and its runs.
     Show {
         id: String,
+        /// Print the task and its runs as JSON (the API's shape).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -106,6 +109,7 @@ pub enum TasksCommand {
     /// Cancel a scheduled task, or stop a running one.
     Cancel {
         id: String,
+        /// Print the task as it is after the cancel, as JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -116,6 +120,7 @@ pub enum TasksCommand {
         id: String,
         #[command(flatten)]
         schedule: ScheduleArgs,
+        /// Print the rescheduled task as JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]

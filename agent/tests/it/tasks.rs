@@ -1664,3 +1664,79 @@ async fn cancelling_runs_adopted_right_after_their_dispatch_leaves_nothing_runni
         marked(&marker)
     );
 }
+
+/// An agent upgraded from a version before run keepers finds a run its predecessor left in a
+/// run directory (`runs/RUN_ID`: the wrapper's claim, output and status): it adopts the
+/// wrapper still running, records the end the wrapper wrote, and removes the directory once
+/// that end is committed. Here the test plays the old wrapper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded() {
+    let mut agent = Agent::start(&[]).await;
+    let marker = format!("old-run-{}", std::process::id());
+    let id = agent.ok(&[
+        "add",
+        "command",
+        "--",
+        "sh",
+        "-c",
+        "sleep 300; true",
+        &marker,
+    ]);
+    let task = agent.wait_status(&id, "doing").await;
+    let run_id = task["runs"][0]["run_id"].as_i64().expect("run id");
+    agent.kill_9();
+    // What the older agent would have left: no keeper, no slot, a run directory.
+    for pid in marked(&marker) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status();
+    }
+    let keepers = agent.data().join("keepers");
+    for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
+        let keeper = entry
+            .file_name()
+            .to_string_lossy()
+            .split('-')
+            .next()
+            .map(str::to_string);
+        if let Some(keeper) = keeper {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &keeper])
+                .status();
+        }
+        std::fs::remove_file(entry.path()).expect("remove the slot");
+    }
+    let dir = agent.data().join("runs").join(run_id.to_string());
+    std::fs::create_dir_all(&dir).expect("run dir");
+    let wrapper = std::process::Command::new("setsid")
+        .args([
+            "sh",
+            "-c",
+            "sleep 1; printf 'old output' > output; \
+             printf '{\"exit_code\":5,\"signal\":null,\"error\":null,\"dropped\":0}' > status",
+        ])
+        .current_dir(&dir)
+        .spawn()
+        .expect("the old wrapper");
+    let pid = wrapper.id().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let ticks = stat[stat.rfind(')').expect("comm") + 1..]
+        .split_whitespace()
+        .nth(19)
+        .expect("start ticks")
+        .to_string();
+    std::fs::write(dir.join("claim"), format!("started {pid} {ticks}\n")).expect("claim");
+    agent.launch().await;
+    let task = agent.wait_status(&id, "failed").await;
+    assert_eq!(task["runs"].as_array().map(Vec::len), Some(1), "{task}");
+    assert_eq!(task["runs"][0]["exit_code"], 5, "the end it wrote: {task}");
+    assert_eq!(agent.ok(&["logs", &id]), "old output");
+    let removed = until_true(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async { !dir.exists() },
+    )
+    .await;
+    assert!(removed, "the run directory outlived its committed end");
+    drop(wrapper);
+}
