@@ -191,11 +191,7 @@ pub async fn run(
         effects.extend(ticked);
         let (effects, started) = deferred.take_before(effects, started);
         let to_pool = pool_commands(&effects);
-        for e in &effects {
-            if let Effect::Dispatch(job) = e {
-                since.insert(job.run_id, now_ms);
-            }
-        }
+        note_dispatches(&effects, &mut since, now_ms);
         scheduler.debug_assert_invariants();
         let ended = ended_runs(&effects);
         if !effects.is_empty() || !started.is_empty() {
@@ -500,6 +496,15 @@ fn pool_commands(effects: &[Effect]) -> Vec<PoolCommand> {
             _ => None,
         })
         .collect()
+}
+
+/// Runs dispatched in this batch are in flight since `now_ms`.
+fn note_dispatches(effects: &[Effect], since: &mut BTreeMap<i64, i64>, now_ms: i64) {
+    for e in effects {
+        if let Effect::Dispatch(job) = e {
+            since.insert(job.run_id, now_ms);
+        }
+    }
 }
 
 fn ended_runs(effects: &[Effect]) -> Vec<i64> {

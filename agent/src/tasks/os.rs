@@ -307,6 +307,19 @@ async fn run_in_keeper(this: OsProcesses, run: ProcessRun) {
     }
 }
 
+/// `outcome`, or, for a run stopped on timeout or request (`why`), that failure with the
+/// outcome's output.
+fn stopped_or(why: Option<String>, outcome: RunOutcome) -> RunOutcome {
+    match why {
+        Some(why) => RunOutcome {
+            output: outcome.output,
+            output_dropped_bytes: outcome.output_dropped_bytes,
+            ..failed(why)
+        },
+        None => outcome,
+    }
+}
+
 fn with_output(outcome: RunOutcome, output: Vec<u8>, dropped: u64) -> RunOutcome {
     RunOutcome {
         output,
@@ -369,14 +382,7 @@ async fn supervise(this: OsProcesses, run: ProcessRun, mut link: Link, pid: i32)
         }
         Heard::Gone(gone) => {
             let lost = keeper_lost(&this, &mut link, run_id, output_bytes_max, &gone).await;
-            match why {
-                Some(why) => RunOutcome {
-                    output: lost.output,
-                    output_dropped_bytes: lost.output_dropped_bytes,
-                    ..failed(why)
-                },
-                None => lost,
-            }
+            stopped_or(why, lost)
         }
     };
     let _ = events
@@ -721,14 +727,7 @@ async fn adopt(this: OsProcesses, run: ProcessRun, pid: i32, ticks: Option<u64>)
     if let Some(found) = found {
         this.note(run_id, found);
     }
-    let outcome = match why {
-        Some(why) => RunOutcome {
-            output: outcome.output,
-            output_dropped_bytes: outcome.output_dropped_bytes,
-            ..failed(why)
-        },
-        None => outcome,
-    };
+    let outcome = stopped_or(why, outcome);
     let _ = events
         .send(PoolEvent::Finished {
             task_id,
