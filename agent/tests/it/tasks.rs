@@ -457,6 +457,37 @@ async fn kill_9_right_after_dispatch_leaves_nothing_unaccounted() {
     );
 }
 
+/// Kill every keeper the (killed) agent left, with the command each was running, and remove
+/// their slots: what a power loss or an agent from before run keepers leaves behind.
+fn lose_keepers(agent: &Agent) {
+    let keepers = agent.data().join("keepers");
+    for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let keeper = name
+            .split('-')
+            .next()
+            .expect("the keeper's pid")
+            .to_string();
+        let text = std::fs::read_to_string(entry.path()).expect("slot");
+        let header: serde_json::Value = text
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
+            .expect("header");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &keeper])
+            .status();
+        if let Some(pid) = header["pid"].as_i64() {
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status()
+                .expect("kill");
+            assert!(killed.success());
+        }
+        std::fs::remove_file(entry.path()).expect("remove the slot");
+    }
+}
+
 /// Every process's argv, read from /proc (NUL-separated words joined by spaces), by pid.
 fn all_cmdlines() -> Vec<(String, String)> {
     std::fs::read_dir("/proc")
@@ -1165,32 +1196,7 @@ async fn runs_from_an_earlier_boot_are_aborted_never_rerun() {
     .await;
     agent.kill_9();
     // The "power loss": the run's processes die and the keepers' unsynced slots are gone.
-    let keepers = agent.data().join("keepers");
-    for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let keeper = name
-            .split('-')
-            .next()
-            .expect("the keeper's pid")
-            .to_string();
-        let text = std::fs::read_to_string(entry.path()).expect("slot");
-        let header: serde_json::Value = text
-            .lines()
-            .next()
-            .and_then(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
-            .expect("header");
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &keeper])
-            .status();
-        if let Some(pid) = header["pid"].as_i64() {
-            let killed = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .status()
-                .expect("kill");
-            assert!(killed.success());
-        }
-        std::fs::remove_file(entry.path()).expect("remove the slot");
-    }
+    lose_keepers(&agent);
     let db = rusqlite::Connection::open(agent.data().join("tasks.db")).expect("open");
     let stored: String = db
         .query_row("SELECT value FROM host WHERE name = 'boot_id'", [], |r| {
@@ -1686,26 +1692,7 @@ async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded
     let run_id = task["runs"][0]["run_id"].as_i64().expect("run id");
     agent.kill_9();
     // What the older agent would have left: no keeper, no slot, a run directory.
-    for pid in marked(&marker) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .status();
-    }
-    let keepers = agent.data().join("keepers");
-    for entry in std::fs::read_dir(&keepers).expect("keepers").flatten() {
-        let keeper = entry
-            .file_name()
-            .to_string_lossy()
-            .split('-')
-            .next()
-            .map(str::to_string);
-        if let Some(keeper) = keeper {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &keeper])
-                .status();
-        }
-        std::fs::remove_file(entry.path()).expect("remove the slot");
-    }
+    lose_keepers(&agent);
     let dir = agent.data().join("runs").join(run_id.to_string());
     std::fs::create_dir_all(&dir).expect("run dir");
     let wrapper = std::process::Command::new("setsid")
