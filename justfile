@@ -31,7 +31,7 @@ demo listen="127.0.0.1:8080": (setup "demo") web
 # from packaging/. VERSION sets the Debian version (default: the crate's, revision 1).
 # Debian packages of outpost-agent and outpost into target/debian/, e.g. `just packages 0.1.0-2`.
 packages version="": web
-    command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
+    command -v cargo-deb >/dev/null || cargo install --debug cargo-deb --locked --version 3.8.0
     cargo build --release -p agent -p control-plane --bins
     cargo deb --no-build -p agent {{ if version == "" { "" } else { "--deb-version " + version } }}
     cargo deb --no-build -p control-plane {{ if version == "" { "" } else { "--deb-version " + version } }}
@@ -111,18 +111,30 @@ test: (setup "test")
     set -euo pipefail
     . scripts/steps.sh
     step "formatting" cargo fmt --all -- --check
+    # What runs beside what: a job in the background only ever shares the machine with steps
+    # that do not care how long they take (a compile) or with steps that mostly wait and have
+    # no deadline a slower machine breaks; never with the container tests (a browser check
+    # timed out beside the fuzz build) and no compile beside the tests (the release build
+    # beside them cost 135 s). The container images mostly wait on Debian's mirror and the
+    # disk, so they are built beside the compile.
+    background "container images" just test-images
     step "web UI" just web
-    step "lints" just lint
     step "web unit tests" bash -c 'cd control-plane/web && npm test --silent'
-    step "build" cargo build --workspace --bins
+    # Lints ride on the one build: clippy-driver compiles the workspace's own crates (code and
+    # all) and lints them as it goes, so nothing is compiled a second time just to be linted.
+    # Every cargo call below inherits this, so they all find that build fresh.
+    . scripts/test-build-env.sh
+    step "build and lints" cargo build --workspace --all-targets
+    step "waiting for the container images" await "container images"
+    # The simulator is deterministic (simulated time), so it runs at the lowest priority beside
+    # the tests, which mostly wait: measured, 25 seeds twice took 114 s there and the tests 93 s
+    # (95 s alone).
+    background "sim seeds and regressions" bash -c './target/debug/sim run --seed 0 --seeds {{sim_seeds}} --check-determinism && ./target/debug/sim regressions --check-determinism'
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
-    step "sim seeds" just sim run --seed 0 --seeds {{sim_seeds}} --check-determinism
-    step "sim regressions" just sim regressions --check-determinism
+    step "waiting for the sim seeds" await "sim seeds and regressions"
     # The release build the packaging and appliance tests use runs at the lowest priority
-    # beside the steps that mostly wait (the chaos run's timers, containers). Nothing builds
-    # beside the tests or the container tests: measured, it slowed the tests by 135 s and a
-    # browser check in the packaging test timed out.
+    # beside the steps that mostly wait (the chaos run's timers, containers).
     background "release build" cargo build --release -p agent -p control-plane --bins
     step "chaos seeds" just chaos-seeds
     step "fixtures (docker)" just fixtures-docker-test
@@ -131,8 +143,16 @@ test: (setup "test")
     step "waiting for the release build" await "release build"
     step "packaging test" just packaging-test
     step "appliance test" just appliance-test
-    # A dev-profile build: nothing to optimise, the same coverage instrumentation.
-    step "fuzz" just fuzz 15 dev
+    # A dev-profile build: nothing to optimise, the same coverage instrumentation. The fuzz
+    # workspace is its own build, so it goes without the lints' compiler wrapper.
+    step "fuzz" env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS just fuzz 15 dev
+
+# Each test builds what is missing itself, so this only moves the work earlier (`just test`).
+# The container images of the packaging, appliance, fixtures and fresh-demo tests that do not hold Outpost's binaries, built offline.
+test-images:
+    deploy/build-images.sh --services
+    bash packaging/test.sh --images
+    bash scripts/fresh-demo-test.sh --image
 
 # The README's demo command from a clean clone in a bare Debian container with only this machine kind's tools; logs in at the printed url.
 fresh-demo-test:
@@ -153,7 +173,7 @@ fuzz-build profile="release":
       release|dev) ;;
       *) echo "unknown fuzz profile '{{profile}}': release or dev" >&2; exit 2 ;;
     esac
-    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+    command -v cargo-fuzz >/dev/null || cargo install --debug cargo-fuzz --locked --version 0.13.2
     cd fuzz
     cargo fuzz build -s none --{{profile}} --target-dir ../target/fuzz-{{profile}}
 

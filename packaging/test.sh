@@ -24,6 +24,28 @@ base=localhost/debian:bookworm
 say() { printf '\n== %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
+# The images this test runs in, built offline; `packaging/test.sh --images` builds only them
+# (`just test` does that early, beside the compile, while the network and the disk are idle).
+build_images() {
+    "$root/scripts/debian-base-image.sh"
+    podman build --pull=never -q -t localhost/outpost-pkgtest-host -f - "$root/packaging" >/dev/null <<EOF
+FROM $base
+RUN apt-get update -q
+EOF
+    podman build --pull=never -q -t localhost/outpost-pkgtest-postgres -f - "$root/packaging" >/dev/null <<EOF
+FROM $base
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends postgresql-15 >/dev/null \
+ && echo "listen_addresses = '*'" >> /etc/postgresql/15/main/postgresql.conf \
+ && echo "host all all 0.0.0.0/0 scram-sha-256" >> /etc/postgresql/15/main/pg_hba.conf
+USER postgres
+CMD ["/usr/lib/postgresql/15/bin/postgres", "-D", "/var/lib/postgresql/15/main", "-c", "config_file=/etc/postgresql/15/main/postgresql.conf"]
+EOF
+}
+if [ "${1:-}" = --images ]; then
+    build_images
+    exit 0
+fi
+
 cleanup() {
     podman rm -f -t 0 "$run-pg" "$run-cp" "$run-agent" >/dev/null 2>&1 || true
     podman network rm -f "$net" >/dev/null 2>&1 || true
@@ -69,19 +91,7 @@ done
 echo "ok"
 
 say "images (offline: debootstrap, podman build --pull=never)"
-"$root/scripts/debian-base-image.sh"
-podman build --pull=never -q -t localhost/outpost-pkgtest-host -f - "$root/packaging" >/dev/null <<EOF
-FROM $base
-RUN apt-get update -q
-EOF
-podman build --pull=never -q -t localhost/outpost-pkgtest-postgres -f - "$root/packaging" >/dev/null <<EOF
-FROM $base
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends postgresql-15 >/dev/null \
- && echo "listen_addresses = '*'" >> /etc/postgresql/15/main/postgresql.conf \
- && echo "host all all 0.0.0.0/0 scram-sha-256" >> /etc/postgresql/15/main/pg_hba.conf
-USER postgres
-CMD ["/usr/lib/postgresql/15/bin/postgres", "-D", "/var/lib/postgresql/15/main", "-c", "config_file=/etc/postgresql/15/main/postgresql.conf"]
-EOF
+build_images
 echo "ok"
 
 say "containers: postgres, control plane, database host"

@@ -41,15 +41,25 @@ cargo_home=${CARGO_HOME:-$HOME/.cargo}
 node_modules=$(cd "$(dirname "$(readlink -f "$(command -v npm)")")/../.." && pwd)
 [ -x /usr/bin/node ] || fail "this host's Node.js is expected at /usr/bin/node"
 
-say "image: bare Debian (debootstrap) with the C toolchain and the libraries this host's Python links"
-"$root/scripts/debian-base-image.sh"
-podman build --pull=never -q -t "$image" -f - "$root/scripts" >/dev/null <<EOF
+# The image this test runs in, built offline; `scripts/fresh-demo-test.sh --image` builds only
+# it (`just test` does that early, beside the compile, while the network and the disk are idle).
+build_image() {
+    "$root/scripts/debian-base-image.sh"
+    podman build --pull=never -q -t "$image" -f - "$root/scripts" >/dev/null <<EOF
 FROM $base
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
     ca-certificates curl git gcc libc6-dev libssl3 libffi8 libsqlite3-0 libbz2-1.0 zlib1g \
     libreadline8 libncursesw6 liblzma5 $python_debs >/dev/null \
  && ln -s $node_modules/npm/bin/npm-cli.js /usr/bin/npm
 EOF
+}
+if [ "${1:-}" = --image ]; then
+    build_image
+    exit 0
+fi
+
+say "image: bare Debian (debootstrap) with the C toolchain and the libraries this host's Python links"
+build_image
 echo "ok"
 
 say "a clean clone of HEAD"

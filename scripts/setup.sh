@@ -97,6 +97,23 @@ if [ ${#missing_debs[@]} -gt 0 ] || $needs_conf; then
     fi
 fi
 
+# The cargo tools compile while apt-get and pip download and unpack (they mostly wait on the
+# network and the disk). Debug builds: they only drive cargo and pack files, and compile in
+# half the time (cargo-deb 23 s against 49 s here, packing at the same speed).
+cargo_log=""
+cargo_pid=""
+if [ ${#missing_cargo[@]} -gt 0 ]; then
+    mkdir -p target
+    cargo_log=target/setup-cargo-install.log
+    (
+        for spec in "${missing_cargo[@]}"; do
+            cargo install --debug --locked "${spec%@*}" --version "${spec#*@}" || exit 1
+        done
+    ) > "$cargo_log" 2>&1 &
+    cargo_pid=$!
+    echo "  (cargo tools building in the background; log: $cargo_log)"
+fi
+
 if [ ${#missing_debs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
@@ -116,7 +133,9 @@ for spec in "${missing_pip[@]}"; do
 done
 # pip puts commands in the interpreter's scripts dir (the justfile puts it on PATH).
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-for spec in "${missing_cargo[@]}"; do
-    cargo install --locked "${spec%@*}" --version "${spec#*@}"
-done
+if [ -n "$cargo_pid" ] && ! wait "$cargo_pid"; then
+    tail -30 "$cargo_log" >&2
+    echo "error: cargo install failed (${missing_cargo[*]}); full log: $cargo_log" >&2
+    exit 1
+fi
 echo "setup ($what): done"
