@@ -126,17 +126,21 @@ test: (setup "test")
     . scripts/test-build-env.sh
     step "build and lints" cargo build --workspace --all-targets
     step "waiting for the container images" await "container images"
-    # The simulator is deterministic (simulated time), so it runs at the lowest priority beside
-    # the tests, which mostly wait: measured, 25 seeds twice took 114 s there and the tests 93 s
-    # (95 s alone).
+    # The tests, the chaos seed and the simulator mostly wait (on Postgres, timers, faults) or
+    # run in simulated time, so they run together: measured side by side, the tests took 94 s
+    # (95 s alone), the chaos seed 141 s and valid (141 s alone), the 25 seeds twice 115 s
+    # (114 s alone); one after another they took 237 s more. The simulator takes what is left.
     background "sim seeds and regressions" bash -c './target/debug/sim run --seed 0 --seeds {{sim_seeds}} --check-determinism && ./target/debug/sim regressions --check-determinism'
+    alongside "chaos seeds" just chaos-seeds
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
+    step "waiting for the chaos seeds" await "chaos seeds"
+    grep -hE '^(== chaos seed|faults injected|  \[|verdict)' "target/steps/chaos seeds.log" || true
     step "waiting for the sim seeds" await "sim seeds and regressions"
     # The release build the packaging and appliance tests use runs at the lowest priority
-    # beside the steps that mostly wait (the chaos run's timers, containers).
+    # beside the steps that mostly wait (containers, the fresh-machine demo); beside the chaos
+    # seed it made that 96 s slower.
     background "release build" cargo build --release -p agent -p control-plane --bins
-    step "chaos seeds" just chaos-seeds
     step "fixtures (docker)" just fixtures-docker-test
     step "schemathesis" just schemathesis
     step "fresh demo test" just fresh-demo-test

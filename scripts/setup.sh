@@ -76,7 +76,7 @@ echo "setup ($what) will install:"
 [ ${#missing_debs[@]} = 0 ] || echo "  Debian packages (apt-get): ${missing_debs[*]}"
 $needs_conf && echo "  /etc/containers/containers.conf (Podman: runc, lowered rlimits)"
 [ ${#missing_pip[@]} = 0 ] || echo "  from PyPI (pip): ${missing_pip[*]}"
-[ ${#missing_cargo[@]} = 0 ] || echo "  from crates.io (cargo install --locked): ${missing_cargo[*]}"
+[ ${#missing_cargo[@]} = 0 ] || echo "  from crates.io (cargo install --debug --locked): ${missing_cargo[*]}"
 $check_only && exit 1
 
 # Root for apt-get and /etc: ourselves, or sudo without a password prompt halfway through.

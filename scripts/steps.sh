@@ -28,16 +28,20 @@ step() {
 # target/steps/NAME.log, so it uses what the wall-bound steps that follow leave idle;
 # `await NAME` waits for it (a step of its own: the time spent waiting) and fails as it did.
 # Its own wall time is a row of the table too.
+# `alongside NAME COMMAND...` is the same at normal priority, for a job that has timers of its
+# own and runs beside steps that mostly wait.
 declare -A _bg_pid _bg_start
-background() {
-    local name=$1
-    shift
+_start_job() {
+    local niceness=$1 name=$2
+    shift 2
     mkdir -p target/steps
     echo "== $name (in the background, log target/steps/$name.log): $*"
     _bg_start[$name]=$SECONDS
-    ( trap - EXIT; exec nice -n 19 "$@" > "target/steps/$name.log" 2>&1 ) &
+    ( trap - EXIT; exec nice -n "$niceness" "$@" > "target/steps/$name.log" 2>&1 ) &
     _bg_pid[$name]=$!
 }
+background() { _start_job 19 "$@"; }
+alongside() { _start_job 0 "$@"; }
 await() {
     local name=$1 rc=0
     wait "${_bg_pid[$name]}" || rc=$?
