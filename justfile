@@ -131,7 +131,7 @@ test: (setup "test")
     # (95 s alone), the chaos seed 141 s and valid (141 s alone), the 25 seeds twice 115 s
     # (114 s alone); one after another they took 237 s more. The simulator takes what is left.
     background "sim seeds and regressions" bash -c './target/debug/sim run --seed 0 --seeds {{sim_seeds}} --check-determinism && ./target/debug/sim regressions --check-determinism'
-    alongside "chaos seeds" just chaos-seeds
+    alongside "chaos seeds" bash scripts/chaos-seeds.sh
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     step "waiting for the chaos seeds" await "chaos seeds"
@@ -227,16 +227,8 @@ chaos *args:
 
 # The chaos seeds CI replays (chaos/seeds: one `SEED DURATION` per line), each to a valid end.
 chaos-seeds:
-    #!/usr/bin/env bash
-    set -euo pipefail
     cargo build -q --bins
-    grep -v '^#' chaos/seeds | while read -r seed duration; do
-        [ -n "$seed" ] || continue
-        echo "== chaos seed $seed for $duration"
-        ./target/debug/outpost-chaos --seed "$seed" --duration "$duration" > "target/chaos-seed-$seed.log" 2>&1 \
-            || { tail -60 "target/chaos-seed-$seed.log"; exit 1; }
-        grep -E '^(faults injected|  \[|verdict)' "target/chaos-seed-$seed.log"
-    done
+    bash scripts/chaos-seeds.sh
 
 # Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal, fleet.
 bench area="sim":
