@@ -114,9 +114,8 @@ test: (setup "test")
     # What runs beside what: a job in the background only ever shares the machine with steps
     # that do not care how long they take (a compile) or with steps that mostly wait and have
     # no deadline a slower machine breaks; never with the container tests (a browser check
-    # timed out beside the fuzz build) and no compile beside the tests (the release build
-    # beside them cost 135 s). The container images mostly wait on Debian's mirror and the
-    # disk, so they are built beside the compile.
+    # timed out beside the fuzz build). The container images mostly wait on Debian's mirror
+    # and the disk, so they are built beside the compile.
     background "container images" just test-images
     step "web UI" just web
     step "web unit tests" bash -c 'cd control-plane/web && npm test --silent'
@@ -126,25 +125,23 @@ test: (setup "test")
     . scripts/test-build-env.sh
     step "build and lints" cargo build --workspace --all-targets
     step "waiting for the container images" await "container images"
-    # The tests, the chaos seed and the simulator mostly wait (on Postgres, timers, faults) or
-    # run in simulated time, so they run together: measured side by side, the tests took 94 s
-    # (95 s alone), the chaos seed 141 s and valid (141 s alone), the 25 seeds twice 115 s
-    # (114 s alone); one after another they took 237 s more. The simulator takes what is left.
+    # The tests and the chaos seed mostly wait (on Postgres, timers, faults), so they run
+    # together, and the release build the packaging and appliance tests need and the simulator
+    # (simulated time) take what they leave idle, the release build first. Measured side by
+    # side: the tests 93 s (95 s alone), the chaos seed 144 s and valid (141 s alone), the 25
+    # seeds twice 115 s (114 s alone); the release build got a third of its work done there.
+    background_first "release build" cargo build --release -p agent -p control-plane --bins
     background "sim seeds and regressions" bash -c './target/debug/sim run --seed 0 --seeds {{sim_seeds}} --check-determinism && ./target/debug/sim regressions --check-determinism'
     alongside "chaos seeds" bash scripts/chaos-seeds.sh
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
     step "waiting for the chaos seeds" await "chaos seeds"
     grep -hE '^(== chaos seed|faults injected|  \[|verdict)' "target/steps/chaos seeds.log" || true
-    step "waiting for the sim seeds" await "sim seeds and regressions"
-    # The release build the packaging and appliance tests use runs at the lowest priority
-    # beside the steps that mostly wait (containers, the fresh-machine demo); beside the chaos
-    # seed it made that 96 s slower.
-    background "release build" cargo build --release -p agent -p control-plane --bins
     step "fixtures (docker)" just fixtures-docker-test
     step "schemathesis" just schemathesis
     step "fresh demo test" just fresh-demo-test
     step "waiting for the release build" await "release build"
+    step "waiting for the sim seeds" await "sim seeds and regressions"
     step "packaging test" just packaging-test
     step "appliance test" just appliance-test
     # A dev-profile build: nothing to optimise, the same coverage instrumentation. The fuzz

@@ -41,6 +41,9 @@ _start_job() {
     _bg_pid[$name]=$!
 }
 background() { _start_job 19 "$@"; }
+# `background_first NAME COMMAND...`: a background job a later step waits for, ahead of the
+# other background jobs in what the steps leave idle (nice 15 against 19: about two thirds).
+background_first() { _start_job 15 "$@"; }
 alongside() { _start_job 0 "$@"; }
 await() {
     local name=$1 rc=0
