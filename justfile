@@ -135,11 +135,10 @@ test: (setup "test")
     alongside "chaos seeds" bash scripts/chaos-seeds.sh
     # A changed or new snapshot fails here; accept it with INSTA_UPDATE=always and review the .snap diff.
     step "tests" env INSTA_UPDATE=no cargo nextest run --workspace --profile ci
-    # The chaos seed outlasts the tests by about 45 s: the two short API steps fill that.
-    step "fixtures (docker)" just fixtures-docker-test
-    step "schemathesis" just schemathesis
     step "waiting for the chaos seeds" await "chaos seeds"
     grep -hE '^(== chaos seed|faults injected|  \[|verdict)' "target/steps/chaos seeds.log" || true
+    step "fixtures (docker)" just fixtures-docker-test
+    step "schemathesis" just schemathesis
     step "fresh demo test" just fresh-demo-test
     step "waiting for the release build" await "release build"
     step "waiting for the sim seeds" await "sim seeds and regressions"
