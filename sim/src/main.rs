@@ -225,12 +225,14 @@ fn child(seed: u64, scenario: Scenario, verbose: bool) -> ChildRun {
     // This very binary, also when a build replaced the file meanwhile (`just test` runs the
     // seeds beside other cargo calls, which link the binaries anew): on Linux
     // `/proc/self/exe` starts the image this process runs, whatever its path now holds.
-    let exe = match std::path::Path::new("/proc/self/exe") {
-        proc_exe if proc_exe.exists() => proc_exe.to_path_buf(),
-        _ => match std::env::current_exe() {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe.to_path_buf()
+    } else {
+        match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => return failed(format!("locate the sim binary: {e}")),
-        },
+        }
     };
     let mut cmd = std::process::Command::new(exe);
     cmd.args([

@@ -125,6 +125,21 @@ impl Agent {
         .await;
         shown.unwrap_or_else(|| panic!("task {id} not {want}: {}", self.show(id)))
     }
+    /// Add a command task that sleeps 300 s with `marker` in its argv (so its processes can
+    /// be found), and wait until it runs.
+    async fn add_marked_sleeper(&self, marker: &str) -> (String, serde_json::Value) {
+        let id = self.ok(&[
+            "add",
+            "command",
+            "--",
+            "sh",
+            "-c",
+            "sleep 300; true",
+            marker,
+        ]);
+        let task = self.wait_status(&id, "doing").await;
+        (id, task)
+    }
 }
 
 fn alive(pid: &str) -> bool {
@@ -1093,16 +1108,7 @@ async fn a_killed_keeper_aborts_its_run_stops_its_command_and_is_replaced() {
     agent.wait_status(&first, "done").await;
     let keeper = keepers_of(&agent).pop().expect("a keeper runs");
     let marker = format!("killed-keeper-{}", std::process::id());
-    let second = agent.ok(&[
-        "add",
-        "command",
-        "--",
-        "sh",
-        "-c",
-        "sleep 300; true",
-        &marker,
-    ]);
-    agent.wait_status(&second, "doing").await;
+    let (second, _) = agent.add_marked_sleeper(&marker).await;
     assert_eq!(
         keepers_of(&agent),
         vec![keeper.clone()],
@@ -1532,16 +1538,7 @@ async fn a_keeper_dying_at_any_point_aborts_its_run_once_and_leaves_nothing_runn
 async fn a_keeper_killed_with_its_agent_leaves_no_orphan_and_its_run_aborted() {
     let mut agent = Agent::start(&[]).await;
     let marker = format!("keeper-and-agent-{}", std::process::id());
-    let id = agent.ok(&[
-        "add",
-        "command",
-        "--",
-        "sh",
-        "-c",
-        "sleep 300; true",
-        &marker,
-    ]);
-    agent.wait_status(&id, "doing").await;
+    let (id, _) = agent.add_marked_sleeper(&marker).await;
     let command = until(
         Duration::from_secs(5),
         Duration::from_millis(50),
@@ -1679,16 +1676,7 @@ async fn cancelling_runs_adopted_right_after_their_dispatch_leaves_nothing_runni
 async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded() {
     let mut agent = Agent::start(&[]).await;
     let marker = format!("old-run-{}", std::process::id());
-    let id = agent.ok(&[
-        "add",
-        "command",
-        "--",
-        "sh",
-        "-c",
-        "sleep 300; true",
-        &marker,
-    ]);
-    let task = agent.wait_status(&id, "doing").await;
+    let (id, task) = agent.add_marked_sleeper(&marker).await;
     let run_id = task["runs"][0]["run_id"].as_i64().expect("run id");
     agent.kill_9();
     // What the older agent would have left: no keeper, no slot, a run directory.
@@ -1705,13 +1693,8 @@ async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded
         .current_dir(&dir)
         .spawn()
         .expect("the old wrapper");
-    let pid = wrapper.id().to_string();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let ticks = stat[stat.rfind(')').expect("comm") + 1..]
-        .split_whitespace()
-        .nth(19)
-        .expect("start ticks")
-        .to_string();
+    let pid = wrapper.id();
+    let ticks = agent::tasks::process::start_ticks(pid as i32).expect("start ticks");
     std::fs::write(dir.join("claim"), format!("started {pid} {ticks}\n")).expect("claim");
     agent.launch().await;
     let task = agent.wait_status(&id, "failed").await;
