@@ -103,8 +103,8 @@ fi
 cargo_log=""
 cargo_pid=""
 if [ ${#missing_cargo[@]} -gt 0 ]; then
-    mkdir -p target
-    cargo_log=target/setup-cargo-install.log
+    cargo_log=$(cd "$(dirname "$0")/.." && pwd)/target/setup-cargo-install.log
+    mkdir -p "$(dirname "$cargo_log")"
     (
         for spec in "${missing_cargo[@]}"; do
             cargo install --debug --locked "${spec%@*}" --version "${spec#*@}" || exit 1
