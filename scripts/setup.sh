@@ -33,6 +33,8 @@ test_debs=(
     iproute2 iptables
     # The packaging and appliance tests: Podman with runc, debootstrap for the offline base image.
     podman runc debootstrap netavark aardvark-dns
+    # pgBackRest, for the backup kinds' tests (a real repository in a temp directory).
+    pgbackrest
     # promtool (the appliance's alert rules); its server is stopped after the install.
     prometheus
 )

@@ -24,6 +24,94 @@ pub struct RawAgentConfig {
     pub metrics: Option<RawMetricsConfig>,
     pub terminal: Option<RawTerminalConfig>,
     pub tasks: Option<RawTasksConfig>,
+    pub backups: Option<RawBackupsConfig>,
+}
+
+/// `[backups]`: what this host grants the pgBackRest task kinds, and the status collection.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackupsConfig {
+    /// The backup tool; `pgbackrest` (the only one this build runs).
+    pub tool: Option<String>,
+    /// The pgBackRest program (default `pgbackrest`, looked up in PATH).
+    pub pgbackrest: Option<PathBuf>,
+    /// pgBackRest's config file (default: its own, /etc/pgbackrest/pgbackrest.conf).
+    pub config: Option<PathBuf>,
+    /// Stanzas the backup kinds may name and whose status is collected (default: none, the
+    /// kinds are off).
+    pub stanzas: Option<Vec<String>>,
+    /// How often `pgbackrest info` is collected (default 5m; 1m to 1h). It is also collected
+    /// after each backup task.
+    pub info_interval: Option<String>,
+    /// The OS user pgBackRest runs as: the data directory's owner, usually `postgres`
+    /// (default: `[tasks] run_as`). Only the backup kinds get its rights.
+    pub run_as: Option<String>,
+}
+
+/// Validated `[backups]`.
+#[derive(Clone, Debug)]
+pub struct BackupsConfig {
+    pub grant: crate::tasks::backup::BackupGrant,
+    pub info_interval: std::time::Duration,
+}
+
+fn validate_backups(raw: RawBackupsConfig) -> anyhow::Result<Option<BackupsConfig>> {
+    match raw.tool.as_deref() {
+        None | Some("pgbackrest") => {}
+        Some(other) => bail!("backups.tool: {other:?} is not supported (use \"pgbackrest\")"),
+    }
+    let stanzas = raw.stanzas.unwrap_or_default();
+    if stanzas.is_empty() {
+        return Ok(None);
+    }
+    if stanzas.len() > 64 {
+        bail!("backups.stanzas: at most 64");
+    }
+    let mut params = std::collections::BTreeMap::new();
+    for stanza in &stanzas {
+        params.insert("stanza".to_string(), stanza.clone());
+        let grant = crate::tasks::backup::BackupGrant {
+            stanzas: stanzas.clone(),
+            ..crate::tasks::backup::BackupGrant::default()
+        };
+        crate::tasks::backup::check(
+            Some(&grant),
+            crate::tasks::model::Kind::PgbackrestCheck,
+            &params,
+        )
+        .map_err(|e| anyhow::anyhow!("backups.stanzas: {e}"))?;
+    }
+    if let Some(config) = &raw.config
+        && !config.is_absolute()
+    {
+        bail!(
+            "backups.config: {} must be an absolute path",
+            config.display()
+        );
+    }
+    let info_interval = match &raw.info_interval {
+        None => std::time::Duration::from_secs(300),
+        Some(v) => humantime::parse_duration(v).with_context(|| {
+            format!("backups.info_interval: {v:?} is not a duration (examples: 5m, 15m)")
+        })?,
+    };
+    if !(std::time::Duration::from_secs(60)..=std::time::Duration::from_secs(3600))
+        .contains(&info_interval)
+    {
+        bail!("backups.info_interval: must be between 1m and 1h");
+    }
+    Ok(Some(BackupsConfig {
+        grant: crate::tasks::backup::BackupGrant {
+            pgbackrest: raw.pgbackrest.unwrap_or_else(|| "pgbackrest".into()),
+            config: raw.config,
+            stanzas,
+            run_as: match raw.run_as.as_deref() {
+                Some(user) => Some(crate::run_as::resolve("backups", Some(user))?),
+                None => None,
+            },
+        },
+        info_interval,
+    }))
 }
 
 /// `[metrics]`: collection and the offline buffer.
@@ -308,6 +396,7 @@ impl RawAgentConfig {
             metrics: self.metrics.or(file.metrics),
             terminal: self.terminal.or(file.terminal),
             tasks: self.tasks.or(file.tasks),
+            backups: self.backups.or(file.backups),
         }
     }
 }
@@ -324,6 +413,8 @@ pub struct AgentConfig {
     pub tasks: TasksConfig,
     pub metrics: MetricsConfig,
     pub terminal: crate::terminal::TerminalConfig,
+    /// `[backups]`, when it grants any stanza.
+    pub backups: Option<BackupsConfig>,
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
@@ -367,13 +458,17 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         }
         None => None,
     };
+    let backups = validate_backups(raw.backups.unwrap_or_default())?;
+    let mut tasks = validate_tasks(raw.tasks.unwrap_or_default())?;
+    tasks.policy.backups = backups.as_ref().map(|b| b.grant.clone());
     Ok(AgentConfig {
         data_dir,
         control_plane,
         postgres: raw.postgres,
         socket,
         tls_client,
-        tasks: validate_tasks(raw.tasks.unwrap_or_default())?,
+        backups,
+        tasks,
         metrics: validate_metrics(raw.metrics.unwrap_or_default())?,
         terminal,
     })

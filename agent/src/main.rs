@@ -58,6 +58,25 @@ enum Commands {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Run a pgBackRest task's command only on the role it names: exits 75 with the reason
+    /// when this host's role is another, else becomes the command (the agent starts this as
+    /// the run user; it is not meant to be run by hand).
+    #[command(hide = true)]
+    BackupGate {
+        /// primary, standby or any.
+        #[arg(long)]
+        run_on: String,
+        /// Where to ask `pg_is_in_recovery()` (password in PGPASSWORD).
+        #[arg(short = 'd')]
+        dsn: Option<String>,
+        /// Run the command as a child and fail when its `verify` output shows a hole
+        /// between archived WAL ranges.
+        #[arg(long)]
+        check_wal_ranges: bool,
+        /// pgBackRest and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -120,6 +139,18 @@ fn main() -> ExitCode {
         Commands::Keeper { dir } => return keeper(&dir),
         Commands::DumpInto { path, argv } => {
             eprintln!("error: {}", agent::tasks::dumpfile::exec(&path, &argv));
+            return ExitCode::FAILURE;
+        }
+        Commands::BackupGate {
+            run_on,
+            dsn,
+            check_wal_ranges,
+            argv,
+        } => {
+            eprintln!(
+                "error: {}",
+                agent::tasks::backup::gate(&run_on, dsn.as_deref(), check_wal_ranges, &argv)
+            );
             return ExitCode::FAILURE;
         }
         Commands::Run(args) => Box::pin(run(args)),

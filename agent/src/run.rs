@@ -22,7 +22,11 @@ use crate::tasks::{api, bridge, core};
 
 use crate::layout::TASKS_FILE;
 
-fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
+fn runtime_config(
+    world: &World,
+    config: &AgentConfig,
+    backup_ended: Arc<tokio::sync::Notify>,
+) -> RuntimeConfig {
     let tasks = &config.tasks;
     let exe = std::env::current_exe().unwrap_or_else(|_| "outpost-agent".into());
     RuntimeConfig {
@@ -51,6 +55,7 @@ fn runtime_config(world: &World, config: &AgentConfig) -> RuntimeConfig {
             )),
         },
         history_retention: tasks.history_retention,
+        backup_ended,
     }
 }
 
@@ -111,7 +116,20 @@ pub async fn run(
     let mut parts = Parts::new();
 
     // The task runtime and its API: they work with or without a control plane.
-    let bridge = start_tasks(&world, &config, &mut parts, &stop).await?;
+    let backup_ended = Arc::new(tokio::sync::Notify::new());
+    let bridge = start_tasks(&world, &config, &mut parts, &stop, backup_ended.clone()).await?;
+    if let Some(backups) = config.backups.clone() {
+        let (world, stop, buffer) = (world.clone(), stop.clone(), buffer.clone());
+        let run_as = backups
+            .grant
+            .run_as
+            .clone()
+            .unwrap_or_else(|| config.tasks.run_as.clone());
+        parts.spawn(async move {
+            crate::buffer::backups::run(world, backups, run_as, buffer, backup_ended, stop).await;
+            ("backup status collector", Ok(()))
+        });
+    }
 
     // Collection never depends on the control plane: it only appends to the buffer.
     match config.postgres.clone() {
@@ -182,8 +200,9 @@ async fn start_tasks(
     config: &AgentConfig,
     parts: &mut Parts,
     stop: &CancellationToken,
+    backup_ended: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<bridge::Bridge> {
-    let runtime = runtime_config(world, config);
+    let runtime = runtime_config(world, config, backup_ended);
     let (requests, requests_rx) = mpsc::channel(driver::REQUESTS_QUEUED_MAX);
     let (ready, recovered) = oneshot::channel();
     {

@@ -92,6 +92,7 @@ fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
             processes: Arc::new(processes.clone()),
         },
         history_retention: Duration::from_secs(30 * 24 * 3600),
+        backup_ended: Arc::default(),
     }
 }
 

@@ -68,6 +68,17 @@ const METRICS: &[Metric] = &[
         min_version: 0,
         sql: "SELECT coalesce(json_object_agg(datname, age(datfrozenxid)), '{}')::text FROM pg_database",
     },
+    // WAL archiving: what was archived and what failed last, and the segments waiting
+    // (`.ready` files; listing them needs pg_monitor, which the agent's role has).
+    Metric {
+        kind: "archiver",
+        min_version: 120000,
+        sql: "SELECT row_to_json(a)::text FROM (SELECT archived_count, last_archived_wal, \
+              (extract(epoch FROM last_archived_time) * 1000)::bigint AS last_archived_ms, failed_count, last_failed_wal, \
+              (extract(epoch FROM last_failed_time) * 1000)::bigint AS last_failed_ms, \
+              (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready') AS ready_count, \
+              current_setting('archive_mode') AS archive_mode FROM pg_stat_archiver) a",
+    },
     Metric {
         kind: "dead_tuples",
         min_version: 0,

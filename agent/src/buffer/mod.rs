@@ -7,6 +7,7 @@
 //! [`store`] is the file, [`SharedBuffer`] the one way into it, [`policy`] the sans-IO rules
 //! of delivery, [`delivery`] and [`collector`] the drivers.
 
+pub mod backups;
 pub mod cli;
 pub mod collector;
 pub mod delivery;

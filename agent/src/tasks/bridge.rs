@@ -134,6 +134,9 @@ pub fn spec_from_request(
     {
         policy.check_dump_path(path)?;
     }
+    if kind.is_backup() {
+        super::backup::check(policy.backups.as_ref(), kind, &req.params)?;
+    }
     if matches!(
         kind,
         Kind::Vacuum | Kind::Analyze | Kind::HealthCheck | Kind::PgDump | Kind::Sql

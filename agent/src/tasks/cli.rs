@@ -59,15 +59,18 @@ pub struct ScheduleArgs {
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum TasksCommand {
     /// Schedule a task. Kinds: vacuum, analyze, health_check, retention_cleanup, pg_dump, sql,
-    /// command (argv after --). Without --at/--in/--every/--cron it runs now.
+    /// command (argv after --), pgbackrest_backup, pgbackrest_check, pgbackrest_verify (stanzas
+    /// granted in [backups]). Without --at/--in/--every/--cron it runs now.
     ///
     /// Examples:
     ///   outpost-agent tasks add vacuum --param database=app --param table=orders --cron '0 3 * * *' --tz Europe/Berlin
     ///   outpost-agent tasks add health_check --every 5m
     ///   outpost-agent tasks add command --in 10m --timeout 30s -- /usr/local/bin/rotate-logs --keep 7
+    ///   outpost-agent tasks add pgbackrest_backup --param stanza=main --param type=full --cron '0 1 * * 0' --timeout 6h
     #[command(verbatim_doc_comment)]
     Add {
-        /// vacuum | analyze | health_check | retention_cleanup | pg_dump | sql | command
+        /// vacuum | analyze | health_check | retention_cleanup | pg_dump | sql | command |
+        /// pgbackrest_backup | pgbackrest_check | pgbackrest_verify
         kind: String,
         /// Task parameter, repeatable: --param database=app
         #[arg(long = "param", value_name = "K=V")]

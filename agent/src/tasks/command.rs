@@ -61,7 +61,12 @@ pub struct Launch {
 pub fn launch_for(spec: &TaskSpec, config: &Setup<'_>) -> Result<Launch, String> {
     let mut password = None;
     let argv = argv_for(spec, config, &mut password)?;
-    let mut launch = as_user(config.run_as, argv)?;
+    let backups = config.policy.backups.as_ref();
+    let run_as = match backups.and_then(|b| b.run_as.as_ref()) {
+        Some(run_as) if spec.kind.is_backup() => run_as,
+        _ => config.run_as,
+    };
+    let mut launch = as_user(run_as, argv)?;
     if let Some(password) = password {
         launch.env.vars.push(("PGPASSWORD".into(), password));
     }
@@ -150,6 +155,13 @@ fn argv_for(
             }
             Ok(argv)
         }
+        Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify => {
+            let dsn = match config.postgres {
+                Some(_) => Some(dsn(None)?),
+                None => None,
+            };
+            super::backup::argv(spec, config.policy.backups.as_ref(), config.agent_exe, dsn)
+        }
         // The agent's own housekeeping on its own store: always as the agent's user.
         Kind::RetentionCleanup => {
             return Ok(vec![
@@ -169,7 +181,7 @@ fn argv_for(
 /// `argv` run with `run_as`'s rights. Another user's run starts from an empty environment
 /// with that user's HOME, SHELL, USER, LOGNAME and a plain PATH (what `setpriv --reset-env`
 /// would set, done here so that `PGPASSWORD` can be added).
-fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Launch, String> {
+pub(crate) fn as_user(run_as: &RunAs, argv: Vec<String>) -> Result<Launch, String> {
     match run_as {
         RunAs::Agent => Ok(Launch {
             argv,

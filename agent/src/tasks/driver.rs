@@ -38,6 +38,8 @@ pub struct RuntimeConfig {
     pub pool: PoolConfig,
     /// Ended tasks older than this are purged.
     pub history_retention: Duration,
+    /// Told when a `pgbackrest_backup` run ends (the backup status is collected again).
+    pub backup_ended: Arc<tokio::sync::Notify>,
 }
 
 pub enum Request {
@@ -179,8 +181,13 @@ pub async fn run(
             && pool_events
                 .iter()
                 .all(|e| matches!(e, PoolEvent::Started { .. }));
-        let (mut effects, started) =
-            from_pool_events(&mut scheduler, &mut since, pool_events, now_ms);
+        let (mut effects, started) = from_pool_events(
+            &mut scheduler,
+            &mut since,
+            pool_events,
+            now_ms,
+            &config.backup_ended,
+        );
         let replies = from_requests(&mut scheduler, batch, now_ms, &mut effects);
         let ticked = scheduler.tick(now_ms);
         if only_starts && ticked.is_empty() && deferred.may_wait(now_ms) {
@@ -379,6 +386,7 @@ fn from_pool_events(
     since: &mut BTreeMap<i64, i64>,
     events: Vec<PoolEvent>,
     now_ms: i64,
+    backup_ended: &tokio::sync::Notify,
 ) -> (Vec<Effect>, Vec<Started>) {
     let mut effects = Vec::new();
     let mut started = Vec::new();
@@ -406,12 +414,26 @@ fn from_pool_events(
                 run_id,
                 mut outcome,
             } => {
-                if outcome.status == super::model::status::FAILED
+                if let Some(task) = scheduler.task(&task_id)
+                    && task.spec.kind.is_backup()
+                    && outcome.exit_code == Some(super::backup::SKIPPED_EXIT)
+                {
+                    // The role gate declined: the reason is the output's first line.
+                    let text = String::from_utf8_lossy(&outcome.output);
+                    outcome.status = super::model::status::SKIPPED;
+                    outcome.error = Some(text.lines().next().unwrap_or("skipped").to_string());
+                } else if outcome.status == super::model::status::FAILED
                     && let Some(task) = scheduler.task(&task_id)
                     && let Some(hint) = task.spec.kind.privilege_hint(&outcome.output)
                 {
                     let error = outcome.error.take().unwrap_or_default();
                     outcome.error = Some(format!("{error}; {hint}"));
+                }
+                if scheduler
+                    .task(&task_id)
+                    .is_some_and(|t| t.spec.kind == super::model::Kind::PgbackrestBackup)
+                {
+                    backup_ended.notify_one();
                 }
                 effects.extend(scheduler.finished(now_ms, &task_id, run_id, outcome));
             }

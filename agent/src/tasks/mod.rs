@@ -2,6 +2,7 @@
 //! pool (subprocess supervisor) that share no memory and talk through bounded queues.
 
 pub mod api;
+pub mod backup;
 pub mod bridge;
 pub mod cli;
 pub mod command;

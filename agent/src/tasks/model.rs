@@ -13,10 +13,13 @@ pub mod status {
     pub const FAILED: u32 = 16;
     pub const ABORTED: u32 = 32;
     pub const CANCELED: u32 = 64;
+    /// The run did not do its work, on purpose, and said why (a backup meant for the primary
+    /// on a host that is a standby now). Not a failure: no retry, no alert.
+    pub const SKIPPED: u32 = 128;
     /// States a restart interrupts.
     pub const IN_FLIGHT: u32 = DOING | QUEUED;
     /// States nothing happens after.
-    pub const TERMINAL: u32 = DONE | FAILED | ABORTED | CANCELED;
+    pub const TERMINAL: u32 = DONE | FAILED | ABORTED | CANCELED | SKIPPED;
 
     pub fn name(s: u32) -> &'static str {
         match s {
@@ -27,6 +30,7 @@ pub mod status {
             FAILED => "failed",
             ABORTED => "aborted",
             CANCELED => "canceled",
+            SKIPPED => "skipped",
             _ => "default",
         }
     }
@@ -41,9 +45,12 @@ pub enum Kind {
     PgDump,
     Sql,
     Command,
+    PgbackrestBackup,
+    PgbackrestCheck,
+    PgbackrestVerify,
 }
 
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 10] = [
     Kind::Vacuum,
     Kind::Analyze,
     Kind::HealthCheck,
@@ -51,6 +58,9 @@ pub const KINDS: [Kind; 7] = [
     Kind::PgDump,
     Kind::Sql,
     Kind::Command,
+    Kind::PgbackrestBackup,
+    Kind::PgbackrestCheck,
+    Kind::PgbackrestVerify,
 ];
 
 impl Kind {
@@ -63,7 +73,19 @@ impl Kind {
             Kind::PgDump => "pg_dump",
             Kind::Sql => "sql",
             Kind::Command => "command",
+            Kind::PgbackrestBackup => "pgbackrest_backup",
+            Kind::PgbackrestCheck => "pgbackrest_check",
+            Kind::PgbackrestVerify => "pgbackrest_verify",
         }
+    }
+
+    /// The pgBackRest kinds: granted per stanza by the host's `[backups]` section, and run
+    /// only on the role their `run_on` names (else recorded `skipped`).
+    pub fn is_backup(self) -> bool {
+        matches!(
+            self,
+            Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify
+        )
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
@@ -78,7 +100,14 @@ impl Kind {
             | Kind::HealthCheck
             | Kind::RetentionCleanup
             | Kind::PgDump => true,
-            Kind::Sql | Kind::Command => false,
+            // A failed backup is looked at, not repeated on its own: another attempt at once
+            // would load the host and the repository again for the same cause; a check or a
+            // verify that failed found something, which a second look finds again.
+            Kind::Sql
+            | Kind::Command
+            | Kind::PgbackrestBackup
+            | Kind::PgbackrestCheck
+            | Kind::PgbackrestVerify => false,
         }
     }
 
@@ -96,6 +125,9 @@ impl Kind {
             Kind::Sql => "a Postgres role with the rights the query uses",
             Kind::RetentionCleanup => "nothing: it is the agent's own housekeeping",
             Kind::Command => "the rights of [tasks] run_as, or of the agent's user",
+            Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify => {
+                "[tasks] run_as set to the user pgBackRest runs as (the data directory's owner, usually postgres) and the stanza listed in [backups] stanzas"
+            }
         }
     }
 
@@ -122,6 +154,9 @@ impl Kind {
             ),
             Kind::Sql => (&["database", "query"], &["database", "query"]),
             Kind::Command => (&[], &[]),
+            Kind::PgbackrestBackup => (&["stanza"], &["stanza", "type", "repo", "run_on"]),
+            Kind::PgbackrestCheck => (&["stanza"], &["stanza", "run_on"]),
+            Kind::PgbackrestVerify => (&["stanza"], &["stanza", "repo", "run_on"]),
         }
     }
 }

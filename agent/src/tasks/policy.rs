@@ -15,6 +15,8 @@ pub struct TaskPolicy {
     /// Directories `pg_dump` may write under (symbolic links resolved when checked); none
     /// turns `pg_dump` off.
     pub dump_dirs: Vec<PathBuf>,
+    /// `[backups]`: the pgBackRest kinds and the stanzas they may name (off when `None`).
+    pub backups: Option<super::backup::BackupGrant>,
 }
 
 impl Default for TaskPolicy {
@@ -23,6 +25,7 @@ impl Default for TaskPolicy {
         TaskPolicy {
             remote_kinds: KINDS.into_iter().collect(),
             dump_dirs: Vec::new(),
+            backups: None,
         }
     }
 }
@@ -99,7 +102,7 @@ mod tests {
     fn remote_kinds_refuse_the_rest_with_the_list() {
         let policy = TaskPolicy {
             remote_kinds: [Kind::Vacuum, Kind::Analyze].into_iter().collect(),
-            dump_dirs: Vec::new(),
+            ..TaskPolicy::default()
         };
         assert!(policy.allow_remote(Kind::Vacuum).is_ok());
         let refused = policy.allow_remote(Kind::Command).expect_err("refused");

@@ -1,5 +1,6 @@
 //! The real binaries, end to end: `outpost serve`, `outpost admin`, `outpost-agent enroll|run`.
 
+mod backups;
 mod buffer;
 mod cli;
 mod doctor;

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use crate::harness::{Proc, agent_bin, run};
 
-struct Agent {
-    dir: tempfile::TempDir,
+pub(crate) struct Agent {
+    pub(crate) dir: tempfile::TempDir,
     proc: Option<Proc>,
     extra: Vec<String>,
     env: Vec<(&'static str, &'static str)>,
 }
 
 impl Agent {
-    async fn start(extra: &[&str]) -> Agent {
+    pub(crate) async fn start(extra: &[&str]) -> Agent {
         Agent::start_with_env(extra, &[]).await
     }
 
@@ -32,11 +32,11 @@ impl Agent {
         agent
     }
 
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.dir.path().join("agent")
     }
 
-    async fn launch(&mut self) {
+    pub(crate) async fn launch(&mut self) {
         let data = self.data();
         let mut args = vec![
             "run".to_string(),
@@ -78,13 +78,13 @@ impl Agent {
     }
 
     /// SIGKILL the agent (its runs live on).
-    fn kill_9(&mut self) {
+    pub(crate) fn kill_9(&mut self) {
         let mut proc = self.proc.take().expect("running");
         proc.0.kill().expect("kill -9");
         let _ = proc.0.wait();
     }
 
-    fn tasks(&self, args: &[&str]) -> Output {
+    pub(crate) fn tasks(&self, args: &[&str]) -> Output {
         let data = self.data();
         let mut all = vec!["tasks"];
         let (before, after) = match args.iter().position(|a| *a == "--") {
@@ -102,7 +102,7 @@ impl Agent {
         run(&agent_bin(), &all)
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.tasks(args);
         assert!(
             out.status.success(),
@@ -112,12 +112,12 @@ impl Agent {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    fn show(&self, id: &str) -> serde_json::Value {
+    pub(crate) fn show(&self, id: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["show", id, "--json"])).expect("json")
     }
 
     /// Poll until the task's status is `want`.
-    async fn wait_status(&self, id: &str, want: &str) -> serde_json::Value {
+    pub(crate) async fn wait_status(&self, id: &str, want: &str) -> serde_json::Value {
         let shown = until(Duration::from_secs(15), Duration::from_millis(50), || {
             let t = self.show(id);
             async move { (t["status"] == want).then_some(t) }

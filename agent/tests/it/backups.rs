@@ -1,0 +1,284 @@
+//! The pgBackRest kinds end to end: Debian's real `pgbackrest`, a real Postgres archiving WAL
+//! into a posix repository in a temp directory, the agent running the kinds as `postgres`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fixtures::poll::until;
+
+use crate::tasks::Agent;
+
+/// Directories pgBackRest uses, owned by `postgres` (the user it runs as, from the tasks and
+/// from `archive_command`), and its config file.
+struct Repo {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    conf: PathBuf,
+}
+
+impl Repo {
+    fn new(pgbackrest: &Path) -> Repo {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("pgbackrest");
+        let (uid, gid) =
+            fixtures::user_ids("postgres").expect("the postgres user (package postgresql)");
+        for sub in ["", "repo", "log", "lock", "spool"] {
+            let path = root.join(sub);
+            std::fs::create_dir_all(&path).expect("mkdir");
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let conf = root.join("pgbackrest.conf");
+        let _ = pgbackrest;
+        Repo {
+            _dir: dir,
+            root,
+            conf,
+        }
+    }
+
+    /// Write the config for stanza `main` on `pg`.
+    fn configure(&self, pg: &fixtures::Postgres) {
+        let r = |sub: &str| self.root.join(sub).display().to_string();
+        let text = format!(
+            "[global]\nrepo1-path={}\nlog-path={}\nlock-path={}\nspool-path={}\nstart-fast=y\n\
+             repo1-retention-full=4\nlog-level-console=info\n\n[main]\npg1-path={}\npg1-port={}\n\
+             pg1-socket-path={}\npg1-user=postgres\n",
+            r("repo"),
+            r("log"),
+            r("lock"),
+            r("spool"),
+            pg.data_dir().expect("local server").display(),
+            pg.port(),
+            pg.socket_dir().expect("local server").display(),
+        );
+        std::fs::write(&self.conf, text).expect("write pgbackrest.conf");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.conf, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+}
+
+/// Poll the task until its status is `want` (backups take seconds, not milliseconds).
+async fn wait_for(agent: &Agent, id: &str, want: &str) -> serde_json::Value {
+    let shown = until(Duration::from_secs(120), Duration::from_millis(200), || {
+        let t = agent.show(id);
+        async move {
+            let status = t["status"].as_str().unwrap_or("").to_string();
+            let ended =
+                ["done", "failed", "aborted", "canceled", "skipped"].contains(&status.as_str());
+            ended.then_some(t)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("task {id} did not end: {}", agent.show(id)));
+    assert_eq!(
+        shown["status"],
+        want,
+        "{id}: {shown}\n{}",
+        agent.ok(&["logs", id])
+    );
+    shown
+}
+
+/// The newest buffered rows of `kind`, parsed.
+fn buffered(agent: &Agent, kind: &str) -> Vec<serde_json::Value> {
+    let conn = rusqlite::Connection::open(agent.data().join("buffer.db")).expect("buffer");
+    let mut stmt = conn
+        .prepare("SELECT data FROM records WHERE kind = ?1 ORDER BY seq DESC")
+        .expect("query");
+    stmt.query_map([kind], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .map(|r| serde_json::from_str(&r.expect("row")).expect("json"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
+    let pgbackrest = fixtures::find_binary("pgbackrest", &[], "pgbackrest").expect("pgbackrest");
+    let repo = Repo::new(&pgbackrest);
+    let archive_command = format!(
+        "{} --config={} --stanza=main archive-push %p",
+        pgbackrest.display(),
+        repo.conf.display()
+    );
+    let pg = fixtures::Postgres::start_local_with(&[
+        ("archive_mode", "on"),
+        ("archive_command", &archive_command),
+        ("wal_level", "replica"),
+    ])
+    .expect("postgres fixture");
+    repo.configure(&pg);
+    let config = repo.root.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tasks]\nrun_as = \"nobody\"\n[metrics]\ninterval = \"10s\"\n\
+             [backups]\nrun_as = \"postgres\"\npgbackrest = \"{}\"\nconfig = \"{}\"\nstanzas = [\"main\"]\ninfo_interval = \"1m\"\n",
+            pgbackrest.display(),
+            repo.conf.display()
+        ),
+    )
+    .expect("agent config");
+    let config = config.display().to_string();
+    let agent = Agent::start(&["--config", &config, "--postgres", &pg.url()]).await;
+
+    // The stanza is made by hand, as the README's set-up does.
+    let created = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(&pgbackrest)
+        .arg(format!("--config={}", repo.conf.display()))
+        .args(["--stanza=main", "stanza-create"])
+        .output()
+        .expect("run runuser (package util-linux)");
+    assert!(
+        created.status.success(),
+        "stanza-create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // Plain tasks keep [tasks] run_as; only the backup kinds run as [backups] run_as.
+    let whoami = agent.ok(&["add", "command", "--", "id", "-un"]);
+    wait_for(&agent, &whoami, "done").await;
+    assert_eq!(agent.ok(&["logs", &whoami]).trim(), "nobody");
+
+    let full = agent.ok(&[
+        "add",
+        "pgbackrest_backup",
+        "--param",
+        "stanza=main",
+        "--param",
+        "type=full",
+    ]);
+    wait_for(&agent, &full, "done").await;
+    let incr = agent.ok(&[
+        "add",
+        "pgbackrest_backup",
+        "--param",
+        "stanza=main",
+        "--param",
+        "type=incr",
+    ]);
+    wait_for(&agent, &incr, "done").await;
+    let check = agent.ok(&["add", "pgbackrest_check", "--param", "stanza=main"]);
+    wait_for(&agent, &check, "done").await;
+
+    // Only granted stanzas, and only on the role the task names.
+    let refused = agent.tasks(&["add", "pgbackrest_backup", "--param", "stanza=other"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("not granted"), "{said}");
+    let standby_only = agent.ok(&[
+        "add",
+        "pgbackrest_backup",
+        "--param",
+        "stanza=main",
+        "--param",
+        "run_on=standby",
+    ]);
+    let skipped = wait_for(&agent, &standby_only, "skipped").await;
+    let reason = skipped["runs"][0]["error"].as_str().unwrap_or("");
+    assert!(reason.contains("this host is a primary"), "{skipped}");
+
+    // After the backups the status names both, with their sizes and times.
+    let status = until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let rows = buffered(&agent, "backup_info");
+        async move {
+            rows.into_iter().find(|row| {
+                row["stanzas"][0]["backups"]
+                    .as_array()
+                    .is_some_and(|b| b.len() >= 2)
+            })
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "no backup_info with two backups: {:?}",
+            buffered(&agent, "backup_info")
+        )
+    });
+    let stanza = &status["stanzas"][0];
+    assert_eq!(stanza["name"], "main");
+    assert_eq!(stanza["status"]["code"], 0, "{stanza}");
+    let types: Vec<&str> = stanza["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["incr", "full"], "newest first: {stanza}");
+    for backup in stanza["backups"].as_array().expect("backups") {
+        assert!(backup["size"].as_u64().unwrap_or(0) > 0, "{backup}");
+        assert!(
+            backup["stop"].as_i64() >= backup["start"].as_i64(),
+            "{backup}"
+        );
+        assert_eq!(backup["error"], false, "{backup}");
+    }
+    assert!(stanza["archive"][0]["max"].is_string(), "{stanza}");
+
+    // WAL archiving, with each metrics round.
+    let archiver = until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let rows = buffered(&agent, "archiver");
+        async move {
+            rows.into_iter()
+                .find(|a| a["archived_count"].as_i64().unwrap_or(0) > 0)
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "no archiver row with archived WAL: {:?}",
+            buffered(&agent, "archiver")
+        )
+    });
+    assert_eq!(archiver["archive_mode"], "on");
+    assert!(archiver["last_archived_wal"].is_string(), "{archiver}");
+
+    // A WAL segment lost from the repository: verify fails and names it.
+    let archive = repo.root.join("repo/archive/main");
+    let segment = find_segment(&archive).expect("an archived WAL segment");
+    std::fs::remove_file(&segment).expect("remove a segment");
+    let verify = agent.ok(&["add", "pgbackrest_verify", "--param", "stanza=main"]);
+    wait_for(&agent, &verify, "failed").await;
+    let name: String = segment
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .chars()
+        .take(24)
+        .collect();
+    let logs = agent.ok(&["logs", &verify]);
+    assert!(logs.contains(&name), "verify names {name}: {logs}");
+    // A finding, not a passing fault: not retried on its own.
+    assert_eq!(
+        agent.show(&verify)["runs"].as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
+/// A WAL segment file from the middle of what is under the archive directory (`…/0000000100000000/<24 hex>-<sha>.gz`).
+fn find_segment(dir: &Path) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if path.is_dir() {
+                stack.push(path);
+            } else if name.len() > 25
+                && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
+                && name.as_bytes()[24] == b'-'
+            {
+                found.push(path);
+            }
+        }
+    }
+    // One in the middle: a gap inside the archived range (a missing first segment only
+    // shortens the range).
+    found.sort();
+    (found.len() >= 3).then(|| found.swap_remove(found.len() / 2))
+}
