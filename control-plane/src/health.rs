@@ -22,6 +22,12 @@ pub struct Health {
     /// Streaming standbys and their largest replay lag.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<Replication>,
+    /// pgBackRest's status of the granted stanzas (`backup_info`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backups: Option<crate::backups::Backups>,
+    /// WAL archiving (`archiver`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archiver: Option<crate::backups::Archiver>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +93,20 @@ pub fn update(stored: Option<&str>, rows: &[MetricRow], now_ms: i64) -> Option<S
                     new.replication = Some(r);
                 }
             }
+            "backup_info" => {
+                if let Some(b) = crate::backups::backups(row)
+                    && new.backups.as_ref().is_none_or(|o| o.ts_ms <= b.ts_ms)
+                {
+                    new.backups = Some(b);
+                }
+            }
+            "archiver" => {
+                if let Some(a) = crate::backups::archiver(row)
+                    && new.archiver.as_ref().is_none_or(|o| o.ts_ms <= a.ts_ms)
+                {
+                    new.archiver = Some(a);
+                }
+            }
             _ => {}
         }
     }
@@ -107,7 +127,28 @@ pub fn update(stored: Option<&str>, rows: &[MetricRow], now_ms: i64) -> Option<S
         (None, None) => true,
         _ => false,
     };
-    if same_xid && same_replication {
+    // Backups: rewritten when anything but the sample time changed, or the summary aged.
+    let same_backups = match (&old.backups, &new.backups) {
+        (Some(a), Some(b)) => a.error == b.error && a.stanzas == b.stanzas && fresh(Some(a.ts_ms)),
+        (None, None) => true,
+        _ => false,
+    };
+    let same_archiver = match (&old.archiver, &new.archiver) {
+        (Some(a), Some(b)) => {
+            let moved = |x: &crate::backups::Archiver| {
+                (
+                    x.archive_mode.clone(),
+                    x.failed_count,
+                    x.last_archived_wal.clone(),
+                    x.ready_count,
+                )
+            };
+            moved(a) == moved(b) && fresh(Some(a.ts_ms))
+        }
+        (None, None) => true,
+        _ => false,
+    };
+    if same_xid && same_replication && same_backups && same_archiver {
         return None;
     }
     serde_json::to_string(&new).ok()

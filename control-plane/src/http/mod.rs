@@ -5,6 +5,7 @@
 
 mod access;
 mod agents;
+mod backups;
 mod deadlines;
 pub(crate) mod metrics;
 mod observe;
@@ -142,6 +143,10 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
             get(agents::list),
+        ),
+        (
+            spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),
+            get(backups::list),
         ),
         (
             spec(

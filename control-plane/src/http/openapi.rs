@@ -152,6 +152,12 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
             "fleet",
         )
         .returns(200, schema::<Vec<super::agents::AgentView>>),
+        ("GET", "/api/v1/backups") => doc(
+            "Every agent's backup status (pgBackRest and WAL archiving) and the risk it runs, worst first: no_backup, rpo_breached, archive_failing, last_failed, unknown, healthy",
+            "backups",
+        )
+        .query(schema::<super::backups::BackupsQuery>)
+        .returns(200, schema::<Vec<super::backups::BackupView>>),
         ("GET", "/api/v1/agents/{id}/tasks") => doc("An agent's tasks, most recently changed first", "tasks")
             .returns(200, schema::<Vec<proto::TaskSnapshot>>),
         ("POST", "/api/v1/agents/{id}/tasks") => doc(

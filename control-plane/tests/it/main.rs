@@ -2,6 +2,7 @@
 
 mod api;
 mod architecture;
+mod backups;
 mod channel;
 mod demo;
 mod exec;
