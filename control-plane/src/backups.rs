@@ -273,10 +273,10 @@ fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> 
             format!(
                 "WAL archiving failing: {} failed last{}",
                 a.last_failed_wal.as_deref().unwrap_or("a segment"),
-                if a.ready_count > 0 {
-                    format!(", {} segments waiting", a.ready_count)
-                } else {
-                    String::new()
+                match a.ready_count {
+                    0 => String::new(),
+                    1 => ", 1 segment waiting".to_string(),
+                    n => format!(", {n} segments waiting"),
                 }
             ),
         ));

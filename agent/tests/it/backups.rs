@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use fixtures::poll::until;
 
+use crate::harness::ControlPlane;
 use crate::tasks::Agent;
 
 /// Directories pgBackRest uses, owned by `postgres` (the user it runs as, from the tasks and
@@ -83,16 +84,30 @@ async fn wait_for(agent: &Agent, id: &str, want: &str) -> serde_json::Value {
     shown
 }
 
-/// The newest buffered rows of `kind`, parsed.
-fn buffered(agent: &Agent, kind: &str) -> Vec<serde_json::Value> {
-    let conn = rusqlite::Connection::open(agent.data().join("buffer.db")).expect("buffer");
-    let mut stmt = conn
-        .prepare("SELECT data FROM records WHERE kind = ?1 ORDER BY seq DESC")
-        .expect("query");
-    stmt.query_map([kind], |r| r.get::<_, String>(0))
-        .expect("rows")
-        .map(|r| serde_json::from_str(&r.expect("row")).expect("json"))
-        .collect()
+/// The records of `kind` the control plane stored for agent `name`, newest first.
+async fn stored(cp: &ControlPlane, name: &str, kind: &str) -> Vec<serde_json::Value> {
+    let r = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("GET /api/v1/agents");
+    let agents: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let Some(id) = agents
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name))
+        .and_then(|x| x["id"].as_str())
+    else {
+        return Vec::new();
+    };
+    let r = cp
+        .api(
+            http::Method::GET,
+            &format!("/api/v1/agents/{id}/metrics?type={kind}&from=0"),
+            None,
+        )
+        .await
+        .expect("GET metrics");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap_or_default();
+    rows.into_iter().rev().map(|r| r["data"].clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +138,12 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
     )
     .expect("agent config");
     let config = config.display().to_string();
-    let agent = Agent::start(&["--config", &config, "--postgres", &pg.url()]).await;
+    let mut agent = Agent::start(&["--config", &config, "--postgres", &pg.url()]).await;
+    // Enrolled, so its records reach a control plane (nothing runs yet: a restart is free).
+    let cp = ControlPlane::start().await;
+    agent.kill_9();
+    cp.enroll_agent("db1", &agent.data().display().to_string());
+    agent.launch().await;
 
     // The stanza is made by hand, as the README's set-up does.
     let created = std::process::Command::new("runuser")
@@ -183,8 +203,9 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
 
     // After the backups the status names both, with their sizes and times.
     let status = until(Duration::from_secs(30), Duration::from_millis(200), || {
-        let rows = buffered(&agent, "backup_info");
+        let cp = &cp;
         async move {
+            let rows = stored(cp, "db1", "backup_info").await;
             rows.into_iter().find(|row| {
                 row["stanzas"][0]["backups"]
                     .as_array()
@@ -193,12 +214,7 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         }
     })
     .await
-    .unwrap_or_else(|| {
-        panic!(
-            "no backup_info with two backups: {:?}",
-            buffered(&agent, "backup_info")
-        )
-    });
+    .unwrap_or_else(|| panic!("no backup_info with two backups stored:\n{}", cp.log()));
     let stanza = &status["stanzas"][0];
     assert_eq!(stanza["name"], "main");
     assert_eq!(stanza["status"]["code"], 0, "{stanza}");
@@ -221,21 +237,68 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
 
     // WAL archiving, with each metrics round.
     let archiver = until(Duration::from_secs(30), Duration::from_millis(200), || {
-        let rows = buffered(&agent, "archiver");
+        let cp = &cp;
         async move {
+            let rows = stored(cp, "db1", "archiver").await;
             rows.into_iter()
                 .find(|a| a["archived_count"].as_i64().unwrap_or(0) > 0)
         }
     })
     .await
-    .unwrap_or_else(|| {
-        panic!(
-            "no archiver row with archived WAL: {:?}",
-            buffered(&agent, "archiver")
-        )
-    });
+    .unwrap_or_else(|| panic!("no archiver record with archived WAL stored:\n{}", cp.log()));
     assert_eq!(archiver["archive_mode"], "on");
     assert!(archiver["last_archived_wal"].is_string(), "{archiver}");
+
+    // The control plane's view: the API, then the Backups page in a real browser.
+    let host = backups_of(&cp, "db1", |h| {
+        h["backups"]["stanzas"][0]["incr"].is_object() && h["archiver"].is_object()
+    })
+    .await;
+    assert_eq!(host["risk"], "healthy", "{host}");
+    let main = &host["backups"]["stanzas"][0];
+    for kind in ["full", "incr"] {
+        assert!(main[kind]["size"].as_u64().unwrap_or(0) > 0, "{host}");
+        assert!(main[kind]["stop_ms"].as_i64().unwrap_or(0) > 0, "{host}");
+    }
+    page(&cp, "healthy");
+
+    // Archiving breaks: the host ranks as failing, on the API and on the page.
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &pg.url(), "-c", sql])
+            .output()
+            .expect("run psql (package postgresql-client)");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The server's archive_command comes from its command line (ALTER SYSTEM cannot change
+    // it): the repository's WAL directory becomes read-only for postgres instead.
+    let wal_dir = repo.root.join("repo/archive/main");
+    let set_mode = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        for entry in walk(&wal_dir) {
+            if entry.is_dir() {
+                std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode))
+                    .expect("chmod");
+            }
+        }
+    };
+    set_mode(0o555);
+    psql("CREATE TABLE churn AS SELECT generate_series(1, 1000) AS n");
+    psql("SELECT pg_switch_wal()");
+    let failing = backups_of(&cp, "db1", |h| h["risk"] == "archive_failing").await;
+    assert!(
+        failing["reasons"][0]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("WAL archiving failing"),
+        "{failing}"
+    );
+    page(&cp, "archive_failing");
+    set_mode(0o750);
 
     // A WAL segment lost from the repository: verify fails and names it.
     let archive = repo.root.join("repo/archive/main");
@@ -259,24 +322,85 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
     );
 }
 
+/// The host `name` from `GET /api/v1/backups` once `ready` holds (metrics flow every 10 s).
+async fn backups_of(
+    cp: &ControlPlane,
+    name: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..300 {
+        let r = cp
+            .api(http::Method::GET, "/api/v1/backups", None)
+            .await
+            .expect("GET /api/v1/backups");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let hosts: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        if let Some(host) = hosts
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == name))
+        {
+            if ready(host) {
+                return host.clone();
+            }
+            last = host.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "{name} never got there in /api/v1/backups: {last}\n{}",
+        cp.log()
+    );
+}
+
+/// The Backups page in headless Chromium shows db1 at `risk` with its full and incremental
+/// backups.
+fn page(cp: &ControlPlane, risk: &str) {
+    let shots = fixtures::browser::screenshots_dir("backups");
+    let url = cp.url();
+    let run = tokio::task::block_in_place(|| {
+        fixtures::browser::run_script(
+            "backups.mjs",
+            &[
+                ("OUTPOST_URL", url.as_str()),
+                ("OUTPOST_USER", "admin"),
+                ("OUTPOST_PASSWORD", "admin-password-1234"),
+                ("OUTPOST_AGENT", "db1"),
+                ("OUTPOST_RISK", risk),
+            ],
+            &shots,
+        )
+    });
+    if let Err(e) = run {
+        panic!("{e:#}\ncontrol plane log:\n{}", cp.log());
+    }
+}
+
+/// `dir` and every directory and file under it.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(entries) = std::fs::read_dir(&all[i]) {
+            all.extend(entries.flatten().map(|e| e.path()));
+        }
+        i += 1;
+    }
+    all
+}
+
 /// A WAL segment file from the middle of what is under the archive directory (`…/0000000100000000/<24 hex>-<sha>.gz`).
 fn find_segment(dir: &Path) -> Option<PathBuf> {
-    let mut stack = vec![dir.to_path_buf()];
-    let mut found = Vec::new();
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).ok()?.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().to_string();
-            if path.is_dir() {
-                stack.push(path);
-            } else if name.len() > 25
+    let mut found: Vec<PathBuf> = walk(dir)
+        .into_iter()
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            path.is_file()
+                && name.len() > 25
                 && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
                 && name.as_bytes()[24] == b'-'
-            {
-                found.push(path);
-            }
-        }
-    }
+        })
+        .collect();
     // One in the middle: a gap inside the archived range (a missing first segment only
     // shortens the range).
     found.sort();

@@ -90,6 +90,28 @@ pub struct AgentView {
     /// wraparound (`xid_age`) and the largest replication lag (`replication`), each with the
     /// time of its sample; `null` until metrics arrive.
     health: Option<serde_json::Value>,
+    /// The risk its backups run and why (as `GET /api/v1/backups` with the default
+    /// objectives); `null` for a host that reports no pgBackRest status (WAL archiving alone
+    /// does not count: a host without `[backups]` is not judged on the fleet page).
+    backup: Option<BackupRisk>,
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct BackupRisk {
+    risk: crate::backups::Risk,
+    reasons: Vec<String>,
+}
+
+fn backup_risk(health: Option<&str>, now_ms: i64) -> Option<BackupRisk> {
+    let health: crate::health::Health = serde_json::from_str(health?).ok()?;
+    health.backups.as_ref()?;
+    let (risk, reasons) = crate::backups::assess(
+        health.backups.as_ref(),
+        health.archiver.as_ref(),
+        now_ms,
+        crate::backups::Objectives::default(),
+    );
+    Some(BackupRisk { risk, reasons })
 }
 
 pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, ApiError> {
@@ -108,6 +130,7 @@ pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, 
                 "offline"
             },
             last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
+            backup: backup_risk(row.health.as_deref(), now_ms),
             id: row.id,
             name: row.name,
             buffer: row

@@ -2,7 +2,7 @@
 // run a command across hosts, read the audit log. Every figure comes from the authenticated
 // API; the role the API reports decides which controls are shown (the API enforces it anyway).
 
-import { $, ago, api, bufferHealth, el, rankFleet, shellQuote, show } from './common.js';
+import { $, ago, api, archiverCell, backupCell, bufferHealth, el, rankFleet, shellQuote, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
@@ -99,6 +99,45 @@ async function fleet() {
     rows.append(tr);
   }
   every(FLEET_REFRESH_MS, () => { if (location.hash.startsWith('#/fleet')) fleet(); });
+}
+
+const RISK_WORDS = {
+  no_backup: 'no valid backup', rpo_breached: 'objective breached', archive_failing: 'archiving failing',
+  last_failed: 'newest backup failed', unknown: 'unknown', healthy: 'healthy',
+};
+
+/** Every host's backups, worst first (`GET /api/v1/backups`); one row per stanza. */
+async function backupsPage() {
+  show('backups');
+  $('where').textContent = '';
+  const r = await api('GET', `/api/v1/backups?rpo=${encodeURIComponent($('backups-rpo').value)}`);
+  if (r.status === 401) { route(); return; }
+  if (r.status !== 200) { $('backups-error').textContent = r.json?.error ?? `backups: ${r.status}`; return; }
+  $('backups-error').textContent = '';
+  const hosts = r.json;
+  const attention = hosts.filter((h) => h.risk !== 'healthy').length;
+  $('backups-summary').textContent = `${attention} of ${hosts.length} hosts need attention.`;
+  const rows = $('backup-rows');
+  rows.replaceChildren();
+  for (const host of hosts) {
+    const stanzas = host.backups?.stanzas?.length ? host.backups.stanzas : [null];
+    for (const stanza of stanzas) {
+      const tr = el('tr', null, { 'data-agent': host.name, 'data-risk': host.risk });
+      const name = el('td');
+      name.append(el('a', host.name, { href: `#/agent/${host.agent_id}` }));
+      const risk = el('td', RISK_WORDS[host.risk] ?? host.risk, host.risk === 'healthy' ? {} : { class: 'warn' });
+      tr.append(
+        name, risk, el('td', stanza ? `${stanza.name}${stanza.running ? ' (backup running)' : ''}` : ''),
+        el('td', backupCell(stanza?.full), { 'data-type': 'full' }),
+        el('td', backupCell(stanza?.diff), { 'data-type': 'diff' }),
+        el('td', backupCell(stanza?.incr), { 'data-type': 'incr' }),
+        el('td', archiverCell(host.archiver)),
+        el('td', host.reasons.join('; ')),
+      );
+      rows.append(tr);
+    }
+  }
+  every(AGENT_REFRESH_MS, () => { if (location.hash.startsWith('#/backups')) backupsPage(); });
 }
 
 async function agentPage(id) {
@@ -361,6 +400,7 @@ async function route() {
   const [, page, arg, extra] = hash.split('/');
   switch (page) {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
+    case 'backups': await backupsPage(); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
     case 'sessions': await sessions(); break;
@@ -387,6 +427,7 @@ $('logout').addEventListener('click', logout);
 $('task-form').addEventListener('submit', createTask);
 $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
+$('backups-rpo').addEventListener('change', () => backupsPage());
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
 $('agent-remove').addEventListener('click', removeAgent);
 $('agent-rekey').addEventListener('click', rekeyAgent);

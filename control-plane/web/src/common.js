@@ -2,7 +2,7 @@
 
 export const $ = (id) => document.getElementById(id);
 
-const PAGES = ['login', 'fleet', 'agent', 'exec', 'audit', 'sessions', 'recordings', 'replay', 'users', 'tokens', 'terminal-view'];
+const PAGES = ['login', 'fleet', 'backups', 'agent', 'exec', 'audit', 'sessions', 'recordings', 'replay', 'users', 'tokens', 'terminal-view'];
 
 export function show(section) {
   for (const id of PAGES) $(id).hidden = id !== section;
@@ -52,6 +52,30 @@ export function bytes(n) {
   return `${v.toFixed(i === 0 ? 0 : v < 10 ? 2 : 1)} ${units[i]}`;
 }
 
+/** Seconds as the largest whole unit that fits: `42 s`, `7 min`, `5 h`, `3 d`. */
+export function span(s) {
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+/** A backup (`/api/v1/backups`) in words: its age, how long it took and its size. */
+export function backupCell(backup, nowMs = Date.now()) {
+  if (!backup) return 'none';
+  return `${span((nowMs - backup.stop_ms) / 1000)} ago, took ${span(backup.duration_s)}, ${bytes(backup.size)}`;
+}
+
+/** WAL archiving (`/api/v1/backups` `archiver`) in words. */
+export function archiverCell(archiver, nowMs = Date.now()) {
+  if (!archiver) return 'not reported';
+  if (archiver.archive_mode === 'off') return 'off';
+  const last = archiver.last_archived_ms ? `last ${span((nowMs - archiver.last_archived_ms) / 1000)} ago` : 'nothing archived yet';
+  const failing = archiver.last_failed_ms && (!archiver.last_archived_ms || archiver.last_failed_ms > archiver.last_archived_ms);
+  const waiting = archiver.ready_count > 0 ? `, ${archiver.ready_count} waiting` : '';
+  return `${failing ? `failing (${archiver.last_failed_wal}); ` : ''}${last}${waiting}`;
+}
+
 /** Delivery lag that earns a warning on the fleet page. */
 export const LAG_WARN_S = 120;
 
@@ -84,6 +108,9 @@ export const REPLICATION_URGENT_S = 600;
 /** A server summary older than this is not trusted (the agent stopped sending metrics). */
 export const HEALTH_STALE_MS = 15 * 60 * 1000;
 
+/** How much each backup risk weighs in the fleet ranking (healthy and unknown: nothing). */
+export const BACKUP_SCORES = { no_backup: 450, rpo_breached: 350, archive_failing: 250, last_failed: 120 };
+
 /**
  * What about an agent needs attention, most urgent first, and a score to rank the fleet by
  * (0: nothing). Offline beats everything; then undelivered metrics, wraparound age and
@@ -109,6 +136,11 @@ export function attention(agent, nowMs = Date.now()) {
   const rep = agent.health?.replication;
   if (fresh(rep) && rep.max_lag_s >= REPLICATION_WARN_S) {
     found.push({ score: (rep.max_lag_s >= REPLICATION_URGENT_S ? 400 : 100) + Math.min(99, Math.floor(rep.max_lag_s / 60)), why: `replication ${Math.round(rep.max_lag_s)} s behind` });
+  }
+  // Backups, as the control plane judged them (GET /api/v1/backups, default objectives).
+  const backup = agent.backup;
+  if (backup && BACKUP_SCORES[backup.risk]) {
+    found.push({ score: BACKUP_SCORES[backup.risk], why: `backups: ${backup.reasons[0]}` });
   }
   found.sort((a, b) => b.score - a.score);
   return { score: found.reduce((sum, f) => sum + f.score, 0), reasons: found.map((f) => f.why) };

@@ -106,3 +106,32 @@ test('the fleet is ranked by what needs attention: offline first, then lag, wrap
   const order = rankFleet([fine, lagging, staleWrap, wrap, offline], now).map((x) => x.agent.name);
   assert.deepEqual(order, ['z-offline', 'b-wrap', 'c-lag', 'a-fine', 'd-stale']);
 });
+
+test('backups and WAL archiving read as age, duration, size and what fails', async () => {
+  const { archiverCell, backupCell, span } = await import('../src/common.js');
+  const now = 1_000_000_000_000;
+  assert.equal(span(42), '42 s');
+  assert.equal(span(7 * 60), '7 min');
+  assert.equal(span(5 * 3600), '5 h');
+  assert.equal(span(3 * 86400), '3 d');
+  assert.equal(backupCell(null, now), 'none');
+  assert.equal(backupCell({ stop_ms: now - 2 * 3600_000, duration_s: 75, size: 52 * 1024 * 1024 }, now), '2 h ago, took 75 s, 52.0 MiB');
+  const ok = { archive_mode: 'on', last_archived_ms: now - 60_000, last_failed_ms: null, ready_count: 0 };
+  assert.equal(archiverCell(ok, now), 'last 60 s ago');
+  const failing = { ...ok, last_failed_ms: now - 1000, last_failed_wal: '00000001000000000000000A', ready_count: 4 };
+  assert.equal(archiverCell(failing, now), 'failing (00000001000000000000000A); last 60 s ago, 4 waiting');
+  assert.equal(archiverCell({ archive_mode: 'off' }, now), 'off');
+  assert.equal(archiverCell(null, now), 'not reported');
+});
+
+test('backup risks join the fleet ranking below offline, above the rest, with the reason', async () => {
+  const { attention, rankFleet } = await import('../src/common.js');
+  const online = { status: 'online', name: 'a' };
+  const none = { ...online, name: 'b', backup: { risk: 'no_backup', reasons: ['main: no valid backup'] } };
+  const healthy = { ...online, name: 'c', backup: { risk: 'healthy', reasons: [] } };
+  assert.deepEqual(attention(none).reasons, ['backups: main: no valid backup']);
+  assert.equal(attention(healthy).score, 0);
+  assert.equal(attention({ ...online, backup: { risk: 'unknown', reasons: ['no backup status received'] } }).score, 0);
+  const order = rankFleet([healthy, { ...online, name: 'd', status: 'offline' }, none]).map((x) => x.agent.name);
+  assert.deepEqual(order, ['d', 'b', 'c']);
+});
