@@ -70,6 +70,17 @@ pub struct Archiver {
     pub ready_count: i64,
 }
 
+impl Archiver {
+    /// A segment failed to archive after the last success.
+    pub fn failing(&self) -> bool {
+        match (self.last_failed_ms, self.last_archived_ms) {
+            (Some(failed), Some(archived)) => failed > archived,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
 fn str_of(v: &serde_json::Value) -> Option<String> {
     v.as_str().map(str::to_string)
 }
@@ -262,12 +273,7 @@ fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> 
         ));
         return found;
     }
-    let failing = match (a.last_failed_ms, a.last_archived_ms) {
-        (Some(failed), Some(archived)) => failed > archived,
-        (Some(_), None) => true,
-        _ => false,
-    };
-    if failing {
+    if a.failing() {
         found.push((
             Risk::ArchiveFailing,
             format!(
@@ -294,6 +300,85 @@ fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> 
         ));
     }
     found
+}
+
+/// The backup gauges of `/metrics`, per agent (and stanza): what the alert rules in
+/// `deploy/alerts` watch. Every family is written, with or without samples, so a scrape
+/// names each series the rules use.
+pub fn write_metrics(
+    out: &mut proto::prometheus::Exposition,
+    agents: &[(&str, crate::health::Health)],
+) {
+    let ms_s = |ms: i64| ms as f64 / 1000.0;
+    out.family(
+        "outpost_backup_last_success_timestamp_seconds",
+        "gauge",
+        "When the newest backup of each type that ended without error stopped (pgBackRest, per agent and stanza).",
+    );
+    for (agent, h) in agents {
+        for s in h.backups.iter().flat_map(|b| &b.stanzas) {
+            for (kind, b) in [("full", &s.full), ("diff", &s.diff), ("incr", &s.incr)] {
+                if let Some(b) = b {
+                    out.sample(
+                        "outpost_backup_last_success_timestamp_seconds",
+                        &[("agent", agent), ("stanza", &s.name), ("type", kind)],
+                        ms_s(b.stop_ms),
+                    );
+                }
+            }
+        }
+    }
+    out.family(
+        "outpost_backup_status_code",
+        "gauge",
+        "pgBackRest's stanza status code (0 ok, 2 no valid backup; see pgbackrest info).",
+    );
+    for (agent, h) in agents {
+        for s in h.backups.iter().flat_map(|b| &b.stanzas) {
+            out.sample(
+                "outpost_backup_status_code",
+                &[("agent", agent), ("stanza", &s.name)],
+                s.code as f64,
+            );
+        }
+    }
+    out.family(
+        "outpost_backup_info_error",
+        "gauge",
+        "1 when the agent's last `pgbackrest info` failed, else 0 (agents that report backup status).",
+    );
+    for (agent, h) in agents {
+        if let Some(b) = &h.backups {
+            let failed = if b.error.is_some() { 1.0 } else { 0.0 };
+            out.sample("outpost_backup_info_error", &[("agent", agent)], failed);
+        }
+    }
+    out.family(
+        "outpost_wal_archive_failing",
+        "gauge",
+        "1 when the agent's server failed to archive a WAL segment after its last success (pg_stat_archiver), else 0.",
+    );
+    out.family(
+        "outpost_wal_archive_ready_segments",
+        "gauge",
+        "WAL segments waiting to be archived on the agent's server.",
+    );
+    for (agent, h) in agents {
+        if let Some(a) = &h.archiver {
+            let failing = a.failing();
+            let labels = [("agent", *agent)];
+            out.sample(
+                "outpost_wal_archive_failing",
+                &labels,
+                if failing { 1.0 } else { 0.0 },
+            );
+            out.sample(
+                "outpost_wal_archive_ready_segments",
+                &labels,
+                a.ready_count as f64,
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,16 @@ async fn write_fleet(state: &Handles, out: &mut Exposition) -> Result<(), ApiErr
         })
         .collect();
     proto::prometheus::write_buffers(out, &buffers);
+    let health: Vec<(&str, crate::health::Health)> = agents
+        .iter()
+        .filter_map(|a| {
+            Some((
+                a.name.as_str(),
+                serde_json::from_str(a.health.as_deref()?).ok()?,
+            ))
+        })
+        .collect();
+    crate::backups::write_metrics(out, &health);
     Ok(())
 }
 

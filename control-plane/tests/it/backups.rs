@@ -171,6 +171,29 @@ async fn hosts_are_ranked_by_backup_risk_with_their_reasons() {
             .contains("2 h old (objective 1 h)")
     );
 
+    // The gauges the alert rules watch (deploy/alerts).
+    let r = server
+        .request(Method::GET, "/metrics", Some(&viewer), "")
+        .await;
+    let text = String::from_utf8_lossy(&r.body);
+    let stop_s = (now_s - 7200) as f64;
+    for line in [
+        "outpost_backup_status_code{agent=\"db-none\",stanza=\"main\"} 2".to_string(),
+        "outpost_backup_status_code{agent=\"db-good\",stanza=\"main\"} 0".to_string(),
+        format!(
+            "outpost_backup_last_success_timestamp_seconds{{agent=\"db-good\",stanza=\"main\",type=\"full\"}} {stop_s}"
+        ),
+        "outpost_wal_archive_failing{agent=\"db-archive\"} 1".to_string(),
+        "outpost_wal_archive_failing{agent=\"db-good\"} 0".to_string(),
+        "outpost_wal_archive_ready_segments{agent=\"db-archive\"} 4".to_string(),
+        "outpost_backup_info_error{agent=\"db-good\"} 0".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no {line:?} in /metrics:\n{text}"
+        );
+    }
+
     let (status, body) = list("?rpo=soon").await;
     assert_eq!(status, 400);
     assert!(
