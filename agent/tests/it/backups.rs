@@ -181,6 +181,30 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         "type=incr",
     ]);
     wait_for(&agent, &incr, "done").await;
+    // The agent killed with kill -9 in the middle of a backup: the next agent adopts it and
+    // records it once, as it ended; nothing starts it again.
+    let adopted = agent.ok(&[
+        "add",
+        "pgbackrest_backup",
+        "--param",
+        "stanza=main",
+        "--param",
+        "type=diff",
+    ]);
+    let doing = until(Duration::from_secs(30), Duration::from_millis(20), || {
+        let t = agent.show(&adopted);
+        async move { (t["status"] == "doing").then_some(t) }
+    })
+    .await
+    .unwrap_or_else(|| panic!("the diff backup never ran: {}", agent.show(&adopted)));
+    agent.kill_9();
+    agent.launch().await;
+    let ended = wait_for(&agent, &adopted, "done").await;
+    assert_eq!(
+        ended["runs"].as_array().map(Vec::len),
+        Some(1),
+        "{ended}\n{doing}"
+    );
     let check = agent.ok(&["add", "pgbackrest_check", "--param", "stanza=main"]);
     wait_for(&agent, &check, "done").await;
 
@@ -209,12 +233,12 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
             rows.into_iter().find(|row| {
                 row["stanzas"][0]["backups"]
                     .as_array()
-                    .is_some_and(|b| b.len() >= 2)
+                    .is_some_and(|b| b.len() >= 3)
             })
         }
     })
     .await
-    .unwrap_or_else(|| panic!("no backup_info with two backups stored:\n{}", cp.log()));
+    .unwrap_or_else(|| panic!("no backup_info with three backups stored:\n{}", cp.log()));
     let stanza = &status["stanzas"][0];
     assert_eq!(stanza["name"], "main");
     assert_eq!(stanza["status"]["code"], 0, "{stanza}");
@@ -224,7 +248,11 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         .iter()
         .map(|b| b["type"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(types, ["incr", "full"], "newest first: {stanza}");
+    assert_eq!(
+        types,
+        ["diff", "incr", "full"],
+        "newest first, each once: {stanza}"
+    );
     for backup in stanza["backups"].as_array().expect("backups") {
         assert!(backup["size"].as_u64().unwrap_or(0) > 0, "{backup}");
         assert!(
