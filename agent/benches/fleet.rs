@@ -8,7 +8,9 @@
 //! Ramp 1,000 → 2,500 → 5,000 → 10,000 agents (`OUTPOST_FLEET_STEPS` to change), on SQLite
 //! storage and then on Postgres. At each step, over a measuring window: heartbeat-ack p50/p99,
 //! ingest acknowledgements p50/p99 and rows/s, refusals (429) and disconnects, the replica's
-//! CPU, RSS and open files, and whether the API showed any connected agent offline. Then a
+//! CPU, RSS and open files, whether the API showed any connected agent offline, and the
+//! Backups page's API (`GET /api/v1/backups`, every agent reporting pgBackRest status and WAL
+//! archiving) next to the fleet list's (`GET /api/v1/agents`), p95 of six calls each. Then a
 //! reconnect storm: kill -9 the replica with the largest fleet connected, restart it, and time
 //! until every agent has its welcome again, with the replica's peak CPU on the way.
 #![allow(clippy::disallowed_methods)] // a load generator measures wall time and owns sockets
@@ -33,7 +35,7 @@ use harness::ControlPlane;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The collector's default interval, and one collection's records (one per statistic).
 const METRICS_EVERY: Duration = Duration::from_secs(15);
-const RECORDS_PER_BATCH: usize = 8;
+const RECORDS_PER_BATCH: usize = 10;
 /// How long each step is measured once every agent of it is connected.
 const WINDOW: Duration = Duration::from_secs(30);
 /// Enrollments and connections started at once while ramping.
@@ -96,9 +98,19 @@ fn batch(agent: &Agent, seq: &mut i64) -> Vec<u8> {
         "xid_age",
         "replication",
         "dead_tuples",
+        "backup_info",
+        "archiver",
     ] {
         *seq += 1;
         let data = match kind {
+            // A host with pgBackRest: one stanza, a week of daily backups (what the agent
+            // sends: the newest first).
+            "backup_info" => backup_info(ts / 1000),
+            "archiver" => format!(
+                r#"{{"archive_mode":"on","archived_count":{},"failed_count":0,"last_archived_wal":"00000001000000000000{:04X}","last_archived_ms":{ts},"last_failed_wal":null,"last_failed_ms":null,"ready_count":0}}"#,
+                *seq,
+                *seq % 0xFFFF
+            ),
             "xid_age" => format!(r#"{{"postgres":{},"app":{}}}"#, 1000 + *seq, 5000 + *seq),
             "replication" => "[]".to_string(),
             "activity" => r#"{"active":3,"idle":12,"idle in transaction":1}"#.to_string(),
@@ -121,6 +133,34 @@ fn batch(agent: &Agent, seq: &mut i64) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(json.as_bytes()).expect("gzip");
     gz.finish().expect("gzip")
+}
+
+/// A `backup_info` record: stanza `main`, a full backup and six incrementals a day apart,
+/// stamped as whole hours so that a steady host's summary does not change between batches.
+fn backup_info(now_s: i64) -> String {
+    let day = 86_400;
+    let last = now_s - now_s % 3600;
+    let backups: Vec<String> = (0..7)
+        .map(|i| {
+            let stop = last - i * day;
+            let kind = if i == 6 { "full" } else { "incr" };
+            format!(
+                r#"{{"label":"B{stop}","type":"{kind}","start":{},"stop":{stop},"size":52000000,"delta":1000000,"repo_size":7000000,"repo_delta":300000,"wal_start":"000000010000000000000003","wal_stop":"000000010000000000000003","error":false,"repo":1}}"#,
+                stop - 120
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"tool":"pgbackrest","stanzas":[{{"name":"main","status":{{"code":0,"message":"ok","backup_running":false}},"archive":[{{"id":"15-1","min":"000000010000000000000001","max":"000000010000000000000009"}}],"backups":[{}],"backups_total":7}}]}}"#,
+        backups.join(",")
+    )
+}
+
+/// Milliseconds one `GET path` took, or `None` when it failed.
+async fn api_ms(cp: &ControlPlane, path: &str) -> Option<f64> {
+    let start = Instant::now();
+    let r = cp.api(http::Method::GET, path, None).await?;
+    (r.status == 200).then(|| start.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn buffer_stats(agent: &Agent) -> proto::BufferStats {
@@ -430,6 +470,9 @@ struct Row {
     refused: u64,
     disconnects: u64,
     offline_shown: usize,
+    /// p95 of `GET /api/v1/backups` and of `GET /api/v1/agents`, ms.
+    backups_p95: f64,
+    agents_p95: f64,
 }
 
 /// One replica through the ramp and the reconnect storm; returns the largest step's row.
@@ -542,6 +585,15 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
             r.offline_shown
         );
     }
+    for r in &rows {
+        println!(
+            "Backups page API at {:>6} agents: p95 {:>7.1} ms (target <= 300 ms); the fleet list in the same window: p95 {:.1} ms ({:.2}x of it)",
+            r.agents,
+            r.backups_p95,
+            r.agents_p95,
+            r.backups_p95 / r.agents_p95
+        );
+    }
     if let Some(r) = rows.last() {
         // The replica's density at the largest step: agents per vCPU it kept busy, agents per
         // GiB it held.
@@ -611,10 +663,19 @@ async fn measure(fleet: &Fleet, cp: &ControlPlane, pids: &[u32], agents: usize) 
     fleet.measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     let mut offline_shown = 0;
+    let (mut backups_us, mut agents_us) = (Vec::new(), Vec::new());
     while start.elapsed() < WINDOW {
         tokio::time::sleep(Duration::from_secs(5)).await;
         offline_shown = offline_shown.max(shown_offline(cp).await);
+        // Failed calls count as the window's length: they are not hidden.
+        let window_ms = WINDOW.as_secs_f64() * 1000.0;
+        let ms = api_ms(cp, "/api/v1/backups").await.unwrap_or(window_ms);
+        backups_us.push((ms * 1000.0) as u64);
+        let ms = api_ms(cp, "/api/v1/agents").await.unwrap_or(window_ms);
+        agents_us.push((ms * 1000.0) as u64);
     }
+    let backups_p95 = percentile(&mut backups_us, 0.95);
+    let agents_p95 = percentile(&mut agents_us, 0.95);
     fleet.measuring.store(false, Ordering::Relaxed);
     let secs = start.elapsed().as_secs_f64();
     let mut samples = fleet.samples.lock().await;
@@ -645,6 +706,8 @@ async fn measure(fleet: &Fleet, cp: &ControlPlane, pids: &[u32], agents: usize) 
                 refused: fleet.counters.refused_429.load(Ordering::Relaxed) - refused0,
                 disconnects: fleet.counters.disconnects.load(Ordering::Relaxed) - disc0,
                 offline_shown,
+                backups_p95,
+                agents_p95,
             }
         })
         .collect();

@@ -46,6 +46,11 @@ pub struct RawBackupsConfig {
     /// The OS user pgBackRest runs as: the data directory's owner, usually `postgres`
     /// (default: `[tasks] run_as`). Only the backup kinds get its rights.
     pub run_as: Option<String>,
+    /// Absolute directories restore drills may restore into (default: none, drills are off).
+    pub restore_scratch_dirs: Option<Vec<PathBuf>>,
+    /// The server programs a drill starts (default: Debian's for the backup's major version,
+    /// /usr/lib/postgresql/VERSION/bin).
+    pub pg_bin: Option<PathBuf>,
 }
 
 /// Validated `[backups]`.
@@ -81,12 +86,24 @@ fn validate_backups(raw: RawBackupsConfig) -> anyhow::Result<Option<BackupsConfi
         )
         .map_err(|e| anyhow::anyhow!("backups.stanzas: {e}"))?;
     }
-    if let Some(config) = &raw.config
-        && !config.is_absolute()
+    for (field, path) in [("config", &raw.config), ("pg_bin", &raw.pg_bin)] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            bail!(
+                "backups.{field}: {} must be an absolute path",
+                path.display()
+            );
+        }
+    }
+    let scratch_dirs = raw.restore_scratch_dirs.unwrap_or_default();
+    if let Some(dir) = scratch_dirs
+        .iter()
+        .find(|d| !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir))
     {
         bail!(
-            "backups.config: {} must be an absolute path",
-            config.display()
+            "backups.restore_scratch_dirs: {} must be an absolute path without ..",
+            dir.display()
         );
     }
     let info_interval = match &raw.info_interval {
@@ -109,6 +126,8 @@ fn validate_backups(raw: RawBackupsConfig) -> anyhow::Result<Option<BackupsConfi
                 Some(user) => Some(crate::run_as::resolve("backups", Some(user))?),
                 None => None,
             },
+            scratch_dirs,
+            pg_bin: raw.pg_bin,
         },
         info_interval,
     }))

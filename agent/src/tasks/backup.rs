@@ -36,7 +36,14 @@ pub struct BackupGrant {
     /// Whose rights pgBackRest runs with (the data directory's owner, usually `postgres`);
     /// `[tasks] run_as` when `None`. Only the backup kinds get these rights.
     pub run_as: Option<crate::run_as::RunAs>,
+    /// Where restore drills may restore (none: drills are off).
+    pub scratch_dirs: Vec<PathBuf>,
+    /// The server programs drills start; Debian's for the backup's version when `None`.
+    pub pg_bin: Option<PathBuf>,
 }
+
+/// Longest check query a drill takes.
+pub const CHECK_BYTES_MAX: usize = 4096;
 
 /// The role a backup kind runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +134,43 @@ pub fn check(
     if let Some(r) = params.get("run_on") {
         RunOn::parse(r)?;
     }
+    if kind == Kind::RestoreDrill {
+        check_drill(grant, params)?;
+    }
     Ok(())
+}
+
+/// A drill's own parameters: its scratch directory (the first listed by default), the backup
+/// label, the check query.
+fn check_drill(
+    grant: &BackupGrant,
+    params: &std::collections::BTreeMap<String, String>,
+) -> Result<PathBuf, String> {
+    if let Some(set) = params.get("set")
+        && (set.is_empty()
+            || set.len() > 64
+            || !set
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)))
+    {
+        return Err(format!(
+            "set {set:?} is not a backup label (e.g. 20261207-010000F)"
+        ));
+    }
+    if let Some(check) = params.get("check")
+        && (check.trim().is_empty() || check.len() > CHECK_BYTES_MAX)
+    {
+        return Err(format!("check must be 1 to {CHECK_BYTES_MAX} bytes of SQL"));
+    }
+    let scratch = match params.get("scratch") {
+        Some(dir) => dir.clone(),
+        None => grant
+            .scratch_dirs
+            .first()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+    };
+    super::drill::check_scratch(&scratch, &grant.scratch_dirs)
 }
 
 /// The gate and pgBackRest's argv for `spec` (checked again here), given the agent binary
@@ -141,6 +184,14 @@ pub fn argv(
     check(grant, spec.kind, &spec.params)?;
     let grant = grant.ok_or("no [backups] grant")?;
     let p = |k: &str| spec.params.get(k).map(String::as_str);
+    if spec.kind == Kind::RestoreDrill {
+        return Ok(drill_argv(
+            spec,
+            grant,
+            agent_exe,
+            check_drill(grant, &spec.params)?,
+        ));
+    }
     let run_on = match p("run_on") {
         Some(r) => RunOn::parse(r)?,
         // Backups and checks go to the primary unless said otherwise; verify only reads the
@@ -185,10 +236,48 @@ pub fn argv(
             argv.insert(4, "--check-wal-ranges".into());
             "verify"
         }
-        other => return Err(format!("{} is not a backup kind", other.name())),
+        other => return Err(format!("{} is not a pgBackRest command", other.name())),
     };
     argv.push(command.into());
     Ok(argv)
+}
+
+/// A drill: the gate (no role asked: the drill touches only its copy) and `restore-drill`.
+fn drill_argv(
+    spec: &TaskSpec,
+    grant: &BackupGrant,
+    exe: &std::path::Path,
+    scratch: PathBuf,
+) -> Vec<String> {
+    let exe = exe.display().to_string();
+    let mut argv = vec![
+        exe.clone(),
+        "backup-gate".into(),
+        "--run-on".into(),
+        "any".into(),
+        "--".into(),
+        exe,
+        "restore-drill".into(),
+        "--stanza".into(),
+        spec.params.get("stanza").cloned().unwrap_or_default(),
+        "--scratch".into(),
+        scratch.display().to_string(),
+        "--pgbackrest".into(),
+        grant.pgbackrest.display().to_string(),
+    ];
+    if let Some(config) = &grant.config {
+        argv.extend(["--config".into(), config.display().to_string()]);
+    }
+    if let Some(bin) = &grant.pg_bin {
+        argv.extend(["--pg-bin".into(), bin.display().to_string()]);
+    }
+    if let Some(set) = spec.params.get("set") {
+        argv.extend(["--set".into(), set.clone()]);
+    }
+    if let Some(check) = spec.params.get("check") {
+        argv.extend(["--check".into(), check.clone()]);
+    }
+    argv
 }
 
 /// `outpost-agent backup-gate --run-on ROLE -d DSN -- PROGRAM ARGS…`: exit with
@@ -396,7 +485,7 @@ mod tests {
             pgbackrest: "/usr/bin/pgbackrest".into(),
             config: Some("/etc/pgbackrest/pgbackrest.conf".into()),
             stanzas: vec!["main".into()],
-            run_as: None,
+            ..BackupGrant::default()
         };
         let spec = TaskSpec {
             kind: Kind::PgbackrestBackup,

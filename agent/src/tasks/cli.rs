@@ -59,8 +59,8 @@ pub struct ScheduleArgs {
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum TasksCommand {
     /// Schedule a task. Kinds: vacuum, analyze, health_check, retention_cleanup, pg_dump, sql,
-    /// command (argv after --), pgbackrest_backup, pgbackrest_check, pgbackrest_verify (stanzas
-    /// granted in [backups]). Without --at/--in/--every/--cron it runs now.
+    /// command (argv after --), pgbackrest_backup, pgbackrest_check, pgbackrest_verify,
+    /// restore_drill (stanzas granted in [backups]). Without --at/--in/--every/--cron it runs now.
     ///
     /// Examples:
     ///   outpost-agent tasks add vacuum --param database=app --param table=orders --cron '0 3 * * *' --tz Europe/Berlin
@@ -70,7 +70,7 @@ pub enum TasksCommand {
     #[command(verbatim_doc_comment)]
     Add {
         /// vacuum | analyze | health_check | retention_cleanup | pg_dump | sql | command |
-        /// pgbackrest_backup | pgbackrest_check | pgbackrest_verify
+        /// pgbackrest_backup | pgbackrest_check | pgbackrest_verify | restore_drill
         kind: String,
         /// Task parameter, repeatable: --param database=app
         #[arg(long = "param", value_name = "K=V")]

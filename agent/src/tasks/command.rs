@@ -155,7 +155,10 @@ fn argv_for(
             }
             Ok(argv)
         }
-        Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify => {
+        Kind::PgbackrestBackup
+        | Kind::PgbackrestCheck
+        | Kind::PgbackrestVerify
+        | Kind::RestoreDrill => {
             let dsn = match config.postgres {
                 Some(_) => Some(dsn(None)?),
                 None => None,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod command;
 pub mod core;
 pub mod cron;
+pub mod drill;
 pub mod driver;
 pub mod dumpfile;
 pub mod keeper;

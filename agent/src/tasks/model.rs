@@ -48,9 +48,10 @@ pub enum Kind {
     PgbackrestBackup,
     PgbackrestCheck,
     PgbackrestVerify,
+    RestoreDrill,
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 11] = [
     Kind::Vacuum,
     Kind::Analyze,
     Kind::HealthCheck,
@@ -61,6 +62,7 @@ pub const KINDS: [Kind; 10] = [
     Kind::PgbackrestBackup,
     Kind::PgbackrestCheck,
     Kind::PgbackrestVerify,
+    Kind::RestoreDrill,
 ];
 
 impl Kind {
@@ -76,6 +78,7 @@ impl Kind {
             Kind::PgbackrestBackup => "pgbackrest_backup",
             Kind::PgbackrestCheck => "pgbackrest_check",
             Kind::PgbackrestVerify => "pgbackrest_verify",
+            Kind::RestoreDrill => "restore_drill",
         }
     }
 
@@ -84,7 +87,10 @@ impl Kind {
     pub fn is_backup(self) -> bool {
         matches!(
             self,
-            Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify
+            Kind::PgbackrestBackup
+                | Kind::PgbackrestCheck
+                | Kind::PgbackrestVerify
+                | Kind::RestoreDrill
         )
     }
 
@@ -107,7 +113,8 @@ impl Kind {
             | Kind::Command
             | Kind::PgbackrestBackup
             | Kind::PgbackrestCheck
-            | Kind::PgbackrestVerify => false,
+            | Kind::PgbackrestVerify
+            | Kind::RestoreDrill => false,
         }
     }
 
@@ -125,7 +132,10 @@ impl Kind {
             Kind::Sql => "a Postgres role with the rights the query uses",
             Kind::RetentionCleanup => "nothing: it is the agent's own housekeeping",
             Kind::Command => "the rights of [tasks] run_as, or of the agent's user",
-            Kind::PgbackrestBackup | Kind::PgbackrestCheck | Kind::PgbackrestVerify => {
+            Kind::PgbackrestBackup
+            | Kind::PgbackrestCheck
+            | Kind::PgbackrestVerify
+            | Kind::RestoreDrill => {
                 "[tasks] run_as set to the user pgBackRest runs as (the data directory's owner, usually postgres) and the stanza listed in [backups] stanzas"
             }
         }
@@ -157,6 +167,7 @@ impl Kind {
             Kind::PgbackrestBackup => (&["stanza"], &["stanza", "type", "repo", "run_on"]),
             Kind::PgbackrestCheck => (&["stanza"], &["stanza", "run_on"]),
             Kind::PgbackrestVerify => (&["stanza"], &["stanza", "repo", "run_on"]),
+            Kind::RestoreDrill => (&["stanza"], &["stanza", "set", "scratch", "check"]),
         }
     }
 }

@@ -23,7 +23,7 @@ impl Repo {
         let root = dir.path().join("pgbackrest");
         let (uid, gid) =
             fixtures::user_ids("postgres").expect("the postgres user (package postgresql)");
-        for sub in ["", "repo", "log", "lock", "spool"] {
+        for sub in ["", "repo", "log", "lock", "spool", "drills"] {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).expect("mkdir");
             std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown");
@@ -131,9 +131,11 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         &config,
         format!(
             "[tasks]\nrun_as = \"nobody\"\n[metrics]\ninterval = \"10s\"\n\
-             [backups]\nrun_as = \"postgres\"\npgbackrest = \"{}\"\nconfig = \"{}\"\nstanzas = [\"main\"]\ninfo_interval = \"1m\"\n",
+             [backups]\nrun_as = \"postgres\"\npgbackrest = \"{}\"\nconfig = \"{}\"\nstanzas = [\"main\"]\ninfo_interval = \"1m\"\n\
+             restore_scratch_dirs = [\"{}\"]\n",
             pgbackrest.display(),
-            repo.conf.display()
+            repo.conf.display(),
+            repo.root.join("drills").display()
         ),
     )
     .expect("agent config");
@@ -328,19 +330,73 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
     page(&cp, "archive_failing");
     set_mode(0o750);
 
-    // A WAL segment lost from the repository: verify fails and names it.
+    // A restore drill: restores the newest backup into the scratch directory, starts it,
+    // checks it, reports its RTO, and leaves nothing behind.
+    let drills = repo.root.join("drills");
+    let drill = agent.ok(&[
+        "add",
+        "restore_drill",
+        "--param",
+        "stanza=main",
+        "--param",
+        "check=SELECT count(*) FROM pg_database",
+    ]);
+    wait_for(&agent, &drill, "done").await;
+    let said = agent.ok(&["logs", &drill]);
+    let report: serde_json::Value = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("drill: "))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no drill report: {said}"));
+    assert_eq!(report["stanza"], "main", "{report}");
+    assert!(report["rto_s"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(report["size"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(
+        report["answer"], "3",
+        "postgres, template0, template1: {report}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&drills)
+        .expect("scratch")
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "the drill left {left:?}");
+    // A scratch directory reached through a link is refused before anything is written.
+    let outside = repo.root.join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let link = drills.join("elsewhere");
+    std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+    let refused = agent.tasks(&[
+        "add",
+        "restore_drill",
+        "--param",
+        "stanza=main",
+        "--param",
+        &format!("scratch={}", link.display()),
+    ]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("symbolic link"), "{why}");
+    assert_eq!(std::fs::read_dir(&outside).expect("outside").count(), 0);
+    std::fs::remove_file(&link).expect("remove the link");
+
+    // A WAL segment lost from the repository (the one the newest backup starts in): verify
+    // and a drill of that backup fail, and both name it.
+    let name = stanza["backups"][0]["wal_start"]
+        .as_str()
+        .expect("the newest backup's first WAL segment")
+        .to_string();
     let archive = repo.root.join("repo/archive/main");
-    let segment = find_segment(&archive).expect("an archived WAL segment");
+    let segment = walk(&archive)
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{name}-")))
+        })
+        .unwrap_or_else(|| panic!("{name} is not in {}", archive.display()));
     std::fs::remove_file(&segment).expect("remove a segment");
     let verify = agent.ok(&["add", "pgbackrest_verify", "--param", "stanza=main"]);
     wait_for(&agent, &verify, "failed").await;
-    let name: String = segment
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("name")
-        .chars()
-        .take(24)
-        .collect();
     let logs = agent.ok(&["logs", &verify]);
     assert!(logs.contains(&name), "verify names {name}: {logs}");
     // A finding, not a passing fault: not retried on its own.
@@ -348,6 +404,15 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         agent.show(&verify)["runs"].as_array().map(Vec::len),
         Some(1)
     );
+    let broken = agent.ok(&["add", "restore_drill", "--param", "stanza=main"]);
+    wait_for(&agent, &broken, "failed").await;
+    let logs = agent.ok(&["logs", &broken]);
+    assert!(logs.contains(&name), "the drill names {name}: {logs}");
+    let left: Vec<_> = std::fs::read_dir(&drills)
+        .expect("scratch")
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "the failed drill left {left:?}");
 }
 
 /// The host `name` from `GET /api/v1/backups` once `ready` holds (metrics flow every 10 s).
@@ -415,22 +480,4 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         i += 1;
     }
     all
-}
-
-/// A WAL segment file from the middle of what is under the archive directory (`…/0000000100000000/<24 hex>-<sha>.gz`).
-fn find_segment(dir: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = walk(dir)
-        .into_iter()
-        .filter(|path| {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            path.is_file()
-                && name.len() > 25
-                && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
-                && name.as_bytes()[24] == b'-'
-        })
-        .collect();
-    // One in the middle: a gap inside the archived range (a missing first segment only
-    // shortens the range).
-    found.sort();
-    (found.len() >= 3).then(|| found.swap_remove(found.len() / 2))
 }
