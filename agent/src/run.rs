@@ -120,13 +120,15 @@ pub async fn run(
     let bridge = start_tasks(&world, &config, &mut parts, &stop, backup_ended.clone()).await?;
     if let Some(backups) = config.backups.clone() {
         let (world, stop, buffer) = (world.clone(), stop.clone(), buffer.clone());
+        let tasks = bridge.reader.clone();
         let run_as = backups
             .grant
             .run_as
             .clone()
             .unwrap_or_else(|| config.tasks.run_as.clone());
         parts.spawn(async move {
-            crate::buffer::backups::run(world, backups, run_as, buffer, backup_ended, stop).await;
+            crate::buffer::backups::run(world, backups, run_as, buffer, backup_ended, tasks, stop)
+                .await;
             ("backup status collector", Ok(()))
         });
     }

@@ -1,8 +1,8 @@
 //! Backup status: what an agent's `backup_info` and `archiver` records say, summarised for the
 //! agent's row (so the Backups page and the fleet ranking read no metrics), and the risk each
 //! host runs, ranked: no valid backup, then the recovery point objective breached, then WAL
-//! archiving failing or lagging, then the newest backup failed, then a status that cannot be
-//! read, then healthy.
+//! archiving failing or lagging, then the newest backup, check, verify or restore drill
+//! failed, then a status that cannot be read, then healthy.
 //!
 //! Pure: rows and `now` in, summaries and verdicts out.
 
@@ -31,6 +31,35 @@ pub struct Stanza {
     pub newest_failed: Option<String>,
     /// The newest archived WAL segment.
     pub wal_max: Option<String>,
+    /// How the newest check, verify and restore drill of the stanza ended (as the agent's
+    /// task store says).
+    pub check: Option<LastRun>,
+    pub verify: Option<LastRun>,
+    pub drill: Option<LastRun>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LastRun {
+    /// `done`, `failed`, `aborted`, `canceled` or `skipped`.
+    pub status: String,
+    /// When it ended, Unix ms.
+    pub at_ms: i64,
+    pub error: Option<String>,
+    /// A drill's measured recovery time: restore start to check end, seconds.
+    pub rto_s: Option<f64>,
+    /// The backup a drill restored.
+    pub set: Option<String>,
+}
+
+fn last_run(v: &serde_json::Value) -> Option<LastRun> {
+    Some(LastRun {
+        status: str_of(&v["status"])?,
+        at_ms: v["at_ms"].as_i64()?,
+        error: str_of(&v["error"]),
+        rto_s: v["rto_s"].as_f64(),
+        set: str_of(&v["set"]),
+    })
 }
 
 /// A backup that completed without error.
@@ -125,6 +154,9 @@ fn stanza(v: &serde_json::Value) -> Option<Stanza> {
         incr: good("incr"),
         newest_failed,
         wal_max,
+        check: last_run(&v["last_runs"]["pgbackrest_check"]),
+        verify: last_run(&v["last_runs"]["pgbackrest_verify"]),
+        drill: last_run(&v["last_runs"]["restore_drill"]),
     })
 }
 
@@ -187,7 +219,8 @@ pub enum Risk {
     Healthy,
     /// The status could not be read, or is old.
     Unknown,
-    /// The newest backup ended in error (a later one may still succeed in time).
+    /// The newest backup ended in error (a later one may still succeed in time), or the last
+    /// check, verify or restore drill failed.
     LastFailed,
     ArchiveFailing,
     RpoBreached,
@@ -260,6 +293,29 @@ fn assess_stanza(s: &Stanza, now_ms: i64, objectives: Objectives) -> Vec<(Risk, 
             Risk::LastFailed,
             format!("{}: the newest backup ({label}) ended in error", s.name),
         ));
+    }
+    for (what, run) in [
+        ("check", &s.check),
+        ("verify", &s.verify),
+        ("restore drill", &s.drill),
+    ] {
+        if let Some(run) = run
+            && (run.status == "failed" || run.status == "aborted")
+        {
+            found.push((
+                Risk::LastFailed,
+                format!(
+                    "{}: the last {what} {} {} h ago{}",
+                    s.name,
+                    run.status,
+                    now_ms.saturating_sub(run.at_ms) / 3_600_000,
+                    run.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
     }
     found
 }
@@ -444,6 +500,29 @@ mod tests {
         assert_eq!(s.diff, None);
         assert_eq!(s.newest_failed.as_deref(), Some("F_I2"));
         assert_eq!(s.wal_max.as_deref(), Some("000000010000000000000009"));
+    }
+
+    #[test]
+    fn a_failed_check_verify_or_drill_is_a_reason_and_a_drill_keeps_its_rto() {
+        let now_ms = 10 * 24 * HOUR_MS;
+        let now_s = now_ms / 1000;
+        let r = row(
+            "backup_info",
+            now_ms,
+            serde_json::json!({"stanzas": [{"name": "main", "status": {"code": 0, "message": "ok"},
+            "backups": [{"label": "F", "type": "full", "start": now_s - 100, "stop": now_s - 60, "size": 1, "error": false}],
+            "last_runs": {
+                "pgbackrest_verify": {"status": "failed", "at_ms": now_ms - 2 * HOUR_MS, "error": "exit code 1"},
+                "restore_drill": {"status": "done", "at_ms": now_ms - HOUR_MS, "error": null, "rto_s": 12.5, "set": "F"},
+            }}]}),
+        );
+        let b = backups(&r).expect("backup_info");
+        let s = &b.stanzas[0];
+        assert_eq!(s.drill.as_ref().and_then(|d| d.rto_s), Some(12.5));
+        assert_eq!(s.check, None);
+        let (risk, why) = assess(Some(&b), None, now_ms, Objectives::default());
+        assert_eq!(risk, Risk::LastFailed);
+        assert_eq!(why, ["main: the last verify failed 2 h ago (exit code 1)"]);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! cannot be read is something to see, not a gap.
 //!
 //! The row is bounded whatever the repository holds: per stanza its status, WAL archive range
-//! and the newest [`BACKUPS_KEPT`] backups with the fields the control plane ranks on.
+//! and the newest [`BACKUPS_KEPT`] backups with the fields the control plane ranks on; and,
+//! from the task store, how the stanza's newest check, verify and restore drill ended (the
+//! drill with its measured RTO).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ pub async fn run(
     run_as: RunAs,
     buffer: SharedBuffer,
     backup_ended: Arc<tokio::sync::Notify>,
+    tasks: crate::tasks::driver::Reader,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(config.info_interval);
@@ -47,7 +50,10 @@ pub async fn run(
             _ = backup_ended.notified() => {}
         }
         let row = match info(&config, &run_as).await {
-            Ok(stanzas) => json!({ "tool": "pgbackrest", "stanzas": stanzas }),
+            Ok(mut stanzas) => {
+                add_last_runs(&mut stanzas, &tasks).await;
+                json!({ "tool": "pgbackrest", "stanzas": stanzas })
+            }
             Err(error) => {
                 tracing::warn!(%error, "pgbackrest info failed; the failure is reported as the backup status");
                 json!({ "tool": "pgbackrest", "error": error })
@@ -59,6 +65,56 @@ pub async fn run(
             tracing::error!(%error, "append the backup status to the metrics buffer");
         }
     }
+}
+
+/// The kinds whose newest run each stanza reports.
+const REPORTED_KINDS: [&str; 3] = ["pgbackrest_check", "pgbackrest_verify", "restore_drill"];
+
+/// Each stanza's newest check, verify and drill run (`last_runs`), from the task store.
+async fn add_last_runs(stanzas: &mut Value, tasks: &crate::tasks::driver::Reader) {
+    let runs = match tasks
+        .with(|store| store.newest_runs_by_stanza(&REPORTED_KINDS))
+        .await
+    {
+        Ok(runs) => runs,
+        Err(error) => {
+            tracing::warn!(%error, "read the backup kinds' last runs");
+            return;
+        }
+    };
+    for stanza in stanzas.as_array_mut().into_iter().flatten() {
+        let name = stanza["name"].as_str().unwrap_or_default().to_string();
+        let mut last = serde_json::Map::new();
+        for (kind, of, status, finished_ms, error, output) in &runs {
+            if *of != name {
+                continue;
+            }
+            let mut run = json!({
+                "status": crate::tasks::model::status::name(*status),
+                "at_ms": finished_ms,
+                "error": error,
+            });
+            if let Some(report) = drill_report(output) {
+                run["rto_s"] = report["rto_s"].clone();
+                run["set"] = report["set"].clone();
+            }
+            last.insert(kind.clone(), run);
+        }
+        stanza["last_runs"] = Value::Object(last);
+    }
+}
+
+/// A drill's `drill: {…}` report line, from the end of its output.
+fn drill_report(output: &[u8]) -> Option<Value> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("drill: "))
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(Value::is_object)
+        })
 }
 
 /// `pgbackrest info` for the granted stanzas, trimmed.

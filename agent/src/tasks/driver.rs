@@ -38,7 +38,8 @@ pub struct RuntimeConfig {
     pub pool: PoolConfig,
     /// Ended tasks older than this are purged.
     pub history_retention: Duration,
-    /// Told when a `pgbackrest_backup` run ends (the backup status is collected again).
+    /// Told when a run of a pgBackRest kind or a drill ends (the backup status is collected
+    /// again).
     pub backup_ended: Arc<tokio::sync::Notify>,
 }
 
@@ -431,7 +432,7 @@ fn from_pool_events(
                 }
                 if scheduler
                     .task(&task_id)
-                    .is_some_and(|t| t.spec.kind == super::model::Kind::PgbackrestBackup)
+                    .is_some_and(|t| t.spec.kind.is_backup())
                 {
                     backup_ended.notify_one();
                 }

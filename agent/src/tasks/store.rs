@@ -475,6 +475,46 @@ impl Store {
         Ok(rows)
     }
 
+    /// The newest ended run of each `kind`, per value of its `stanza` parameter: (kind,
+    /// stanza, status, finished_ms, error, the output's last 4 KiB). Reads at most the newest
+    /// 500 ended runs of those kinds.
+    #[allow(clippy::type_complexity)]
+    pub fn newest_runs_by_stanza(
+        &self,
+        kinds: &[&str],
+    ) -> Result<Vec<(String, String, u32, i64, Option<String>, Vec<u8>)>, StoreError> {
+        let placeholders = vec!["?"; kinds.len()].join(", ");
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT t.kind, COALESCE(json_extract(t.params, '$.stanza'), ''), r.status, r.finished_ms, r.error, \
+                 substr(COALESCE(r.output, x''), -4096) \
+                 FROM runs r JOIN tasks t ON t.id = r.task_id \
+                 WHERE t.kind IN ({placeholders}) AND r.finished_ms IS NOT NULL \
+                 ORDER BY r.finished_ms DESC LIMIT 500"
+            ))
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(kinds.iter()), |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                ))
+            })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let mut seen = std::collections::BTreeSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|row| seen.insert((row.0.clone(), row.1.clone())))
+            .collect())
+    }
+
     /// Captured output of a run, and how many bytes were dropped from it.
     pub fn output(&self, run_id: i64) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         self.conn

@@ -413,6 +413,17 @@ async fn pgbackrest_kinds_back_up_check_verify_and_report_status() {
         .flatten()
         .collect();
     assert!(left.is_empty(), "the failed drill left {left:?}");
+    // Both failures are reasons on the Backups page.
+    let failed = backups_of(&cp, "db1", |h| {
+        h["backups"]["stanzas"][0]["drill"]["status"] == "failed"
+    })
+    .await;
+    let reasons = failed["reasons"].to_string();
+    assert!(reasons.contains("the last verify failed"), "{failed}");
+    assert!(
+        reasons.contains("the last restore drill failed"),
+        "{failed}"
+    );
 }
 
 /// The host `name` from `GET /api/v1/backups` once `ready` holds (metrics flow every 10 s).

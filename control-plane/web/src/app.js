@@ -2,7 +2,7 @@
 // run a command across hosts, read the audit log. Every figure comes from the authenticated
 // API; the role the API reports decides which controls are shown (the API enforces it anyway).
 
-import { $, ago, api, archiverCell, backupCell, bufferHealth, el, rankFleet, shellQuote, show } from './common.js';
+import { $, ago, api, archiverCell, backupCell, bufferHealth, drillCell, el, rankFleet, shellQuote, show } from './common.js';
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
@@ -103,7 +103,7 @@ async function fleet() {
 
 const RISK_WORDS = {
   no_backup: 'no valid backup', rpo_breached: 'objective breached', archive_failing: 'archiving failing',
-  last_failed: 'newest backup failed', unknown: 'unknown', healthy: 'healthy',
+  last_failed: 'a backup, check, verify or drill failed', unknown: 'unknown', healthy: 'healthy',
 };
 
 /** Every host's backups, worst first (`GET /api/v1/backups`); one row per stanza. */
@@ -132,6 +132,7 @@ async function backupsPage() {
         el('td', backupCell(stanza?.diff), { 'data-type': 'diff' }),
         el('td', backupCell(stanza?.incr), { 'data-type': 'incr' }),
         el('td', archiverCell(host.archiver)),
+        el('td', drillCell(stanza?.drill), { 'data-type': 'drill' }),
         el('td', host.reasons.join('; ')),
       );
       rows.append(tr);

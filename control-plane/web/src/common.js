@@ -66,6 +66,14 @@ export function backupCell(backup, nowMs = Date.now()) {
   return `${span((nowMs - backup.stop_ms) / 1000)} ago, took ${span(backup.duration_s)}, ${bytes(backup.size)}`;
 }
 
+/** A stanza's last restore drill in words: its recovery time, or how it failed. */
+export function drillCell(drill, nowMs = Date.now()) {
+  if (!drill) return 'never';
+  const when = `${span((nowMs - drill.at_ms) / 1000)} ago`;
+  if (drill.status === 'done' && drill.rto_s != null) return `restored in ${span(drill.rto_s)} (${drill.set}), ${when}`;
+  return `${drill.status} ${when}`;
+}
+
 /** WAL archiving (`/api/v1/backups` `archiver`) in words. */
 export function archiverCell(archiver, nowMs = Date.now()) {
   if (!archiver) return 'not reported';

@@ -135,3 +135,11 @@ test('backup risks join the fleet ranking below offline, above the rest, with th
   const order = rankFleet([healthy, { ...online, name: 'd', status: 'offline' }, none]).map((x) => x.agent.name);
   assert.deepEqual(order, ['d', 'b', 'c']);
 });
+
+test('a drill reads as its recovery time, or how it ended', async () => {
+  const { drillCell } = await import('../src/common.js');
+  const now = 1_000_000_000_000;
+  assert.equal(drillCell(null, now), 'never');
+  assert.equal(drillCell({ status: 'done', at_ms: now - 3 * 3600_000, rto_s: 42, set: 'F' }, now), 'restored in 42 s (F), 3 h ago');
+  assert.equal(drillCell({ status: 'failed', at_ms: now - 120_000, rto_s: null }, now), 'failed 2 min ago');
+});
