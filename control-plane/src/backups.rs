@@ -363,7 +363,7 @@ fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> 
 /// names each series the rules use.
 pub fn write_metrics(
     out: &mut proto::prometheus::Exposition,
-    agents: &[(&str, crate::health::Health)],
+    agents: &[(&str, Option<Backups>, Option<Archiver>)],
 ) {
     let ms_s = |ms: i64| ms as f64 / 1000.0;
     out.family(
@@ -371,8 +371,8 @@ pub fn write_metrics(
         "gauge",
         "When the newest backup of each type that ended without error stopped (pgBackRest, per agent and stanza).",
     );
-    for (agent, h) in agents {
-        for s in h.backups.iter().flat_map(|b| &b.stanzas) {
+    for (agent, backups, _) in agents {
+        for s in backups.iter().flat_map(|b| &b.stanzas) {
             for (kind, b) in [("full", &s.full), ("diff", &s.diff), ("incr", &s.incr)] {
                 if let Some(b) = b {
                     out.sample(
@@ -389,8 +389,8 @@ pub fn write_metrics(
         "gauge",
         "pgBackRest's stanza status code (0 ok, 2 no valid backup; see pgbackrest info).",
     );
-    for (agent, h) in agents {
-        for s in h.backups.iter().flat_map(|b| &b.stanzas) {
+    for (agent, backups, _) in agents {
+        for s in backups.iter().flat_map(|b| &b.stanzas) {
             out.sample(
                 "outpost_backup_status_code",
                 &[("agent", agent), ("stanza", &s.name)],
@@ -403,8 +403,8 @@ pub fn write_metrics(
         "gauge",
         "1 when the agent's last `pgbackrest info` failed, else 0 (agents that report backup status).",
     );
-    for (agent, h) in agents {
-        if let Some(b) = &h.backups {
+    for (agent, backups, _) in agents {
+        if let Some(b) = backups {
             let failed = if b.error.is_some() { 1.0 } else { 0.0 };
             out.sample("outpost_backup_info_error", &[("agent", agent)], failed);
         }
@@ -419,8 +419,8 @@ pub fn write_metrics(
         "gauge",
         "WAL segments waiting to be archived on the agent's server.",
     );
-    for (agent, h) in agents {
-        if let Some(a) = &h.archiver {
+    for (agent, _, archiver) in agents {
+        if let Some(a) = archiver {
             let failing = a.failing();
             let labels = [("agent", *agent)];
             out.sample(

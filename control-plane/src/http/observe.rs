@@ -60,16 +60,14 @@ async fn write_fleet(state: &Handles, out: &mut Exposition) -> Result<(), ApiErr
         })
         .collect();
     proto::prometheus::write_buffers(out, &buffers);
-    let health: Vec<(&str, crate::health::Health)> = agents
+    let backups: Vec<_> = agents
         .iter()
         .filter_map(|a| {
-            Some((
-                a.name.as_str(),
-                serde_json::from_str(a.health.as_deref()?).ok()?,
-            ))
+            let h: crate::health::Health = serde_json::from_str(a.health.as_deref()?).ok()?;
+            Some((a.name.as_str(), h.backups, h.archiver))
         })
         .collect();
-    crate::backups::write_metrics(out, &health);
+    crate::backups::write_metrics(out, &backups);
     Ok(())
 }
 
