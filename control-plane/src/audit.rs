@@ -50,6 +50,9 @@ pub mod action {
     pub const TASK_CREATED: &str = "task.created";
     pub const TASK_REFUSED: &str = "task.refused";
     pub const TASK_CANCELED: &str = "task.canceled";
+    /// A backup policy was created or deleted (target: its id).
+    pub const BACKUP_POLICY_CREATED: &str = "backup_policy.created";
+    pub const BACKUP_POLICY_DELETED: &str = "backup_policy.deleted";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";
 }

@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod auth;
+pub mod backup_policies;
 pub mod backups;
 pub mod channel;
 pub mod config;

@@ -83,6 +83,12 @@ where
     background.spawn(crate::terminal::relay::run(TerminalContext::from_ref(
         &state,
     )));
+    background.spawn(crate::http::backup_policies::reconcile_forever(
+        crate::handles::Handles::from_ref(&state),
+        TerminalContext::from_ref(&state),
+        state.backup_policies.clone(),
+        state.shutdown.clone(),
+    ));
     let app = crate::http::router(state);
     let tell = {
         let token = token.clone();

@@ -46,6 +46,8 @@ pub struct AppState {
     pub exec_runs: Runs,
     /// Failed logins by user name (lockouts).
     pub logins: Arc<LoginThrottle>,
+    /// What this replica's last backup-policy rounds did per policy and agent.
+    pub backup_policies: crate::http::backup_policies::Outcomes,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
             observed,
             exec_runs: Runs::default(),
             logins,
+            backup_policies: Default::default(),
         }
     }
 
@@ -90,6 +93,12 @@ impl FromRef<AppState> for Handles {
             observed: Arc::clone(&s.observed),
             audit: s.audit.clone(),
         }
+    }
+}
+
+impl FromRef<AppState> for crate::http::backup_policies::Outcomes {
+    fn from_ref(s: &AppState) -> crate::http::backup_policies::Outcomes {
+        s.backup_policies.clone()
     }
 }
 

@@ -492,3 +492,157 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     all
 }
+
+/// The agent's tasks whose key starts with `prefix`: (key, status).
+fn policy_tasks(agent: &Agent, prefix: &str) -> Vec<(String, String)> {
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.ok(&["list", "--json"])).expect("json");
+    let mut found: Vec<(String, String)> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["key"].as_str().is_some_and(|k| k.starts_with(prefix)))
+        .map(|t| {
+            (
+                t["key"].as_str().unwrap_or("").to_string(),
+                t["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_policy_schedules_its_tasks_on_the_agents_it_names_and_deleting_it_cancels_them() {
+    let cp = ControlPlane::start().await;
+    let api = |method: http::Method, path: &str, body: Option<serde_json::Value>| {
+        let (cp, path) = (&cp, path.to_string());
+        async move {
+            let r = cp.api(method, &path, body).await.expect("api");
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            (r.status, v)
+        }
+    };
+    // Created while the agent is not there yet: it gets the tasks when it connects.
+    let policy = serde_json::json!({
+        "name": "nightly", "agents": ["db-*"], "stanza": "main",
+        "full": "0 1 * * 0", "incr": "0 1 * * 1-6", "verify": "0 12 * * *",
+        "tz": "Europe/Berlin",
+    });
+    let (status, created) = api(
+        http::Method::POST,
+        "/api/v1/backup-policies",
+        Some(policy.clone()),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let (status, again) = api(http::Method::POST, "/api/v1/backup-policies", Some(policy)).await;
+    assert_eq!(status, 409, "{again}");
+    let (status, bad) = api(
+        http::Method::POST,
+        "/api/v1/backup-policies",
+        Some(serde_json::json!({"name": "x", "agents": ["*"], "stanza": "main", "incr": "daily"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap_or("").contains("incr"),
+        "{bad}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[tasks]\nrun_as = \"root\"\n[backups]\nstanzas = [\"main\"]\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let mut agent = Agent::start(&["--config", &config]).await;
+    agent.kill_9();
+    cp.enroll_agent("db-1", &agent.data().display().to_string());
+    agent.launch().await;
+
+    let prefix = format!("backup-policy:{id}:");
+    let scheduled = until(Duration::from_secs(60), Duration::from_millis(250), || {
+        let tasks = policy_tasks(&agent, &prefix);
+        async move { (tasks.len() == 3).then_some(tasks) }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the policy's tasks never arrived: {:?}\n{}",
+            policy_tasks(&agent, &prefix),
+            cp.log()
+        )
+    });
+    let keys: Vec<&str> = scheduled.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{prefix}full"),
+            format!("{prefix}incr"),
+            format!("{prefix}verify")
+        ]
+    );
+    assert!(
+        scheduled.iter().all(|(_, s)| s == "scheduled"),
+        "{scheduled:?}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&agent.ok(&["list", "--json"])).expect("json");
+    let full = shown
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["key"] == format!("{prefix}full")))
+        .expect("the full backup task");
+    assert_eq!(full["schedule"], "cron 0 1 * * 0 Europe/Berlin", "{full}");
+
+    // A stanza the host does not grant: the refusal is shown with the policy.
+    let (status, _) = api(
+        http::Method::POST,
+        "/api/v1/backup-policies",
+        Some(serde_json::json!({"name": "other", "agents": ["db-1"], "stanza": "other", "full": "0 2 * * *"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let refused = until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let (_, all) = api(http::Method::GET, "/api/v1/backup-policies", None).await;
+            all.as_array()
+                .and_then(|a| a.iter().find(|p| p["name"] == "other").cloned())
+                .filter(|p| p["agents_reconciled"][0]["error"].is_string())
+        },
+    )
+    .await
+    .expect("the refusal is shown");
+    let error = refused["agents_reconciled"][0]["error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(error.contains("not granted"), "{refused}");
+
+    // Deleting the policy cancels its tasks on the agent.
+    let (status, _) = api(
+        http::Method::DELETE,
+        &format!("/api/v1/backup-policies/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let canceled = until(Duration::from_secs(60), Duration::from_millis(250), || {
+        let tasks = policy_tasks(&agent, &prefix);
+        async move { tasks.iter().all(|(_, s)| s == "canceled").then_some(tasks) }
+    })
+    .await;
+    assert!(canceled.is_some(), "{:?}", policy_tasks(&agent, &prefix));
+    let (status, _) = api(
+        http::Method::DELETE,
+        &format!("/api/v1/backup-policies/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}

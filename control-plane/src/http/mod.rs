@@ -5,6 +5,7 @@
 
 mod access;
 mod agents;
+pub mod backup_policies;
 mod backups;
 mod deadlines;
 pub(crate) mod metrics;
@@ -147,6 +148,30 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),
             get(backups::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/backup-policies",
+                Access::User(Role::Viewer),
+            ),
+            get(backup_policies::list),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/backup-policies",
+                Access::User(Role::Operator),
+            ),
+            post(backup_policies::create),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/backup-policies/{id}",
+                Access::User(Role::Operator),
+            ),
+            delete(backup_policies::delete),
         ),
         (
             spec(

@@ -158,6 +158,21 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         )
         .query(schema::<super::backups::BackupsQuery>)
         .returns(200, schema::<Vec<super::backups::BackupView>>),
+        ("GET", "/api/v1/backup-policies") => doc(
+            "Backup policies, with what this replica's last reconcile did on each selected agent",
+            "backups",
+        )
+        .returns(200, schema::<Vec<super::backup_policies::PolicyView>>),
+        ("POST", "/api/v1/backup-policies") => doc(
+            "Create a backup policy: pgBackRest backups, check, verify and restore drill on cron schedules for the agents it names; the tasks reach each agent when it is connected",
+            "backups",
+        )
+        .request(schema::<crate::backup_policies::PolicySpec>)
+        .returns(201, schema::<super::backup_policies::PolicyView>),
+        ("DELETE", "/api/v1/backup-policies/{id}") => {
+            doc("Delete a backup policy; its tasks are canceled on the agents", "backups")
+                .no_content()
+        }
         ("GET", "/api/v1/agents/{id}/tasks") => doc("An agent's tasks, most recently changed first", "tasks")
             .returns(200, schema::<Vec<proto::TaskSnapshot>>),
         ("POST", "/api/v1/agents/{id}/tasks") => doc(

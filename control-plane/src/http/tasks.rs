@@ -50,7 +50,7 @@ pub async fn list(
 }
 
 /// Send `command` to the agent through whichever replica holds its channel.
-async fn command(
+pub(super) async fn command(
     state: &Handles,
     relay: &TerminalContext,
     agent_id: &str,

@@ -127,6 +127,15 @@ INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
+    // Backup policies: what schedules of pgBackRest tasks the selected agents should hold.
+    r#"
+CREATE TABLE backup_policies (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+"#,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -294,5 +303,14 @@ CREATE TABLE signing_keys (
 INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
 CREATE INDEX audit_by_target ON audit(target, id);
+"#,
+    // Backup policies: what schedules of pgBackRest tasks the selected agents should hold.
+    r#"
+CREATE TABLE backup_policies (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
 "#,
 ];

@@ -18,10 +18,11 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 pub use model::{
-    AgentRow, AuditQuery, AuditRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal,
-    EnrollTokenRow, Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
-    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow,
-    StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
+    AgentRow, AuditQuery, AuditRow, BackupPolicyRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt,
+    EnrollRefusal, EnrollTokenRow, Enrollment, MetricQuery, MetricRow, Pruned,
+    RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow,
+    SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied,
+    UserInfo, UserRow,
 };
 
 /// The storage interface the rest of the control plane uses.
@@ -382,6 +383,21 @@ impl Storage {
     /// Remove recordings whose last event is older than `before_ms`; how many went.
     pub async fn prune_recordings(&self, before_ms: i64) -> Result<u64, StorageError> {
         dispatch!(self.prune_recordings(before_ms))
+    }
+
+    /// Add a backup policy; `false` when one with that name exists.
+    pub async fn create_backup_policy(&self, row: BackupPolicyRow) -> Result<bool, StorageError> {
+        dispatch!(self.create_backup_policy(row))
+    }
+
+    /// Every backup policy, by name.
+    pub async fn backup_policies(&self) -> Result<Vec<BackupPolicyRow>, StorageError> {
+        dispatch!(self.backup_policies())
+    }
+
+    /// Remove backup policy `id`; `false` when there is none.
+    pub async fn delete_backup_policy(&self, id: &str) -> Result<bool, StorageError> {
+        dispatch!(self.delete_backup_policy(id))
     }
 
     /// Store what an agent's newest metrics said about its server (JSON).

@@ -17,6 +17,15 @@ pub enum StorageError {
 }
 
 /// An unexpired login or API token, by its public id (never the secret).
+/// A stored backup policy: its id, unique name, spec (JSON) and creation time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupPolicyRow {
+    pub id: String,
+    pub name: String,
+    pub spec: String,
+    pub created_ms: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenRow {
     /// The first [`TOKEN_ID_LEN`] hex digits of the token's hash.

@@ -12,10 +12,10 @@ use world::World;
 
 use super::migrations;
 use super::model::{
-    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment,
-    MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
-    RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN,
-    TokenRow, UserApplied, UserInfo, UserRow,
+    AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
+    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
+    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
+    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -772,6 +772,50 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(row.get(0))
+    }
+
+    pub async fn create_backup_policy(&self, row: BackupPolicyRow) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO backup_policies (id, name, spec, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+                &[&row.id, &row.name, &row.spec, &row.created_ms],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    pub async fn backup_policies(&self) -> Result<Vec<BackupPolicyRow>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, name, spec, created_ms FROM backup_policies ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| BackupPolicyRow {
+                id: r.get(0),
+                name: r.get(1),
+                spec: r.get(2),
+                created_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn delete_backup_policy(&self, id: &str) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM backup_policies WHERE id = $1", &[&id])
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
     }
 
     pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRow>, StorageError> {

@@ -9,10 +9,10 @@ use world::World;
 
 use super::migrations;
 use super::model::{
-    AgentRow, AuditQuery, AuditRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment,
-    MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
-    RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN,
-    TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
+    AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
+    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
+    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
+    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -714,6 +714,52 @@ impl SqliteStore {
                 |row| row.get(0),
             )
             .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn create_backup_policy(&self, row: BackupPolicyRow) -> Result<bool, StorageError> {
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT INTO backup_policies (id, name, spec, created_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO NOTHING",
+                    params![row.id, row.name, row.spec, row.created_ms],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn backup_policies(&self) -> Result<Vec<BackupPolicyRow>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT id, name, spec, created_ms FROM backup_policies ORDER BY name")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(BackupPolicyRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        spec: r.get(2)?,
+                        created_ms: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn delete_backup_policy(&self, id: &str) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let n = conn
+                .execute("DELETE FROM backup_policies WHERE id = ?1", params![id])
+                .map_err(backend)?;
+            Ok(n == 1)
         })
         .await
     }
