@@ -4,13 +4,51 @@
 //! it stands for have deterministic keys (`backup-policy:ID:WHAT`), so the agent derives the
 //! same task id every time: sending one again changes nothing, and any replica may do it.
 //!
-//! Pure: the spec's rules and the tasks a policy wants on one agent. The reconciler that sends
-//! them is `http::backup_policies`.
+//! The spec's rules, the tasks a policy wants on one agent (pure), and creation (the rules the
+//! API and `outpost admin backup-policy-create` share). The reconciler that sends the tasks is
+//! `http::backup_policies`.
 
 use serde::{Deserialize, Serialize};
 
 /// Every key a policy's task carries starts with this.
 pub const KEY_PREFIX: &str = "backup-policy:";
+/// Policies kept at most.
+pub const POLICIES_MAX: usize = 200;
+
+/// Why a policy was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a backup policy named {0:?} exists")]
+    Exists(String),
+    #[error("at most {POLICIES_MAX} backup policies; delete one first")]
+    TooMany,
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+/// Check `spec` and store it as a new policy.
+pub async fn create(
+    world: &world::World,
+    storage: &crate::storage::Storage,
+    spec: &PolicySpec,
+) -> Result<crate::storage::BackupPolicyRow, CreateError> {
+    spec.validate().map_err(CreateError::Invalid)?;
+    if storage.backup_policies().await?.len() >= POLICIES_MAX {
+        return Err(CreateError::TooMany);
+    }
+    let row = crate::storage::BackupPolicyRow {
+        id: crate::auth::new_id(world, "bp"),
+        name: spec.name.trim().to_string(),
+        spec: serde_json::to_string(spec).map_err(|e| CreateError::Invalid(e.to_string()))?,
+        created_ms: world.now_unix_ms(),
+    };
+    if !storage.create_backup_policy(row.clone()).await? {
+        return Err(CreateError::Exists(row.name));
+    }
+    Ok(row)
+}
 const NAME_BYTES_MAX: usize = 64;
 const AGENTS_MAX: usize = 1000;
 

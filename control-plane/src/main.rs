@@ -292,6 +292,31 @@ struct StoreArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Create a backup policy from a JSON file (the body of POST /api/v1/backup-policies):
+    /// pgBackRest schedules for the agents it names, which every replica then puts on them.
+    ///
+    /// Example file: {"name": "nightly", "agents": ["db-*"], "stanza": "main",
+    /// "tz": "Europe/Berlin", "full": "0 1 * * 0", "incr": "0 1 * * 1-6",
+    /// "verify": "0 12 * * *", "drill": "0 14 * * 6"}
+    #[command(verbatim_doc_comment)]
+    BackupPolicyCreate {
+        /// The policy's JSON; `-` reads standard input.
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List the backup policies: id, name, stanza, agents, schedules.
+    BackupPolicies {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a backup policy; its tasks are canceled on the agents.
+    BackupPolicyDelete {
+        /// The policy's id (`outpost admin backup-policies`).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create a user; prints a generated password unless one is given on stdin.
     CreateUser {
         /// Login name: 1-64 characters of A-Z a-z 0-9 . _ -
@@ -699,6 +724,13 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
         } => set_user(&world, &name, role, disable, enable, store).await,
         AdminCommand::DeleteUser { name, store } => delete_user(&world, &name, store).await,
         AdminCommand::Agents { store } => list_agents(&world, store).await,
+        AdminCommand::BackupPolicyCreate { file, store } => {
+            backup_policy_create(&world, &file, store).await
+        }
+        AdminCommand::BackupPolicies { store } => backup_policies(&world, store).await,
+        AdminCommand::BackupPolicyDelete { id, store } => {
+            backup_policy_delete(&world, &id, store).await
+        }
         AdminCommand::VerifyRecording { session_id, store } => {
             verify_recording(&world, &session_id, store).await
         }
@@ -867,6 +899,102 @@ async fn list_agents(world: &World, store: StoreArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "never".into())
         );
     }
+    Ok(())
+}
+
+/// `outpost admin backup-policy-create`.
+async fn backup_policy_create(
+    world: &World,
+    file: &std::path::Path,
+    store: StoreArgs,
+) -> anyhow::Result<()> {
+    let text = if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .context("read the policy from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?
+    };
+    let spec: control_plane::backup_policies::PolicySpec = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a backup policy", file.display()))?;
+    // The rules before the store is opened: nothing is touched for a refused spec.
+    spec.validate().map_err(anyhow::Error::msg)?;
+    let storage = open(world, store).await?;
+    let row = control_plane::backup_policies::create(world, &storage, &spec).await?;
+    audit(
+        world,
+        &storage,
+        action::BACKUP_POLICY_CREATED,
+        &row.id,
+        serde_json::to_value(&spec).unwrap_or_default(),
+    )
+    .await;
+    println!("created backup policy {} ({})", row.id, row.name);
+    Ok(())
+}
+
+/// `outpost admin backup-policies`.
+async fn backup_policies(world: &World, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    let rows = storage
+        .backup_policies()
+        .await
+        .context("list the backup policies")?;
+    println!(
+        "{:<20}  {:<24}  {:<12}  {:<24}  SCHEDULES",
+        "ID", "NAME", "STANZA", "AGENTS"
+    );
+    for row in rows {
+        let Ok(spec) =
+            serde_json::from_str::<control_plane::backup_policies::PolicySpec>(&row.spec)
+        else {
+            println!("{:<20}  {:<24}  (unreadable spec)", row.id, row.name);
+            continue;
+        };
+        let schedules: Vec<String> = [
+            ("full", &spec.full),
+            ("diff", &spec.diff),
+            ("incr", &spec.incr),
+            ("check", &spec.check),
+            ("verify", &spec.verify),
+            ("drill", &spec.drill),
+        ]
+        .into_iter()
+        .filter_map(|(what, cron)| cron.as_ref().map(|c| format!("{what} '{c}'")))
+        .collect();
+        println!(
+            "{:<20}  {:<24}  {:<12}  {:<24}  {} ({})",
+            row.id,
+            row.name,
+            spec.stanza,
+            spec.agents.join(","),
+            schedules.join(", "),
+            spec.tz.as_deref().unwrap_or("UTC")
+        );
+    }
+    Ok(())
+}
+
+/// `outpost admin backup-policy-delete`.
+async fn backup_policy_delete(world: &World, id: &str, store: StoreArgs) -> anyhow::Result<()> {
+    let storage = open(world, store).await?;
+    if !storage
+        .delete_backup_policy(id)
+        .await
+        .context("delete the backup policy")?
+    {
+        bail!("no backup policy {id} (see `outpost admin backup-policies`)");
+    }
+    audit(
+        world,
+        &storage,
+        action::BACKUP_POLICY_DELETED,
+        id,
+        serde_json::json!({}),
+    )
+    .await;
+    println!("deleted backup policy {id}; every replica cancels its tasks on the agents");
     Ok(())
 }
 

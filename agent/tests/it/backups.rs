@@ -599,14 +599,36 @@ async fn a_backup_policy_schedules_its_tasks_on_the_agents_it_names_and_deleting
         .expect("the full backup task");
     assert_eq!(full["schedule"], "cron 0 1 * * 0 Europe/Berlin", "{full}");
 
-    // A stanza the host does not grant: the refusal is shown with the policy.
-    let (status, _) = api(
-        http::Method::POST,
-        "/api/v1/backup-policies",
-        Some(serde_json::json!({"name": "other", "agents": ["db-1"], "stanza": "other", "full": "0 2 * * *"})),
+    // A stanza the host does not grant, from the CLI this time: the refusal is shown with
+    // the policy.
+    let file = dir.path().join("other.json");
+    std::fs::write(
+        &file,
+        r#"{"name": "other", "agents": ["db-1"], "stanza": "other", "full": "0 2 * * *"}"#,
     )
-    .await;
-    assert_eq!(status, 201);
+    .expect("policy file");
+    let data = cp.data_dir().display().to_string();
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        all.extend(["--data-dir", data.as_str()]);
+        crate::harness::run(&crate::harness::outpost_bin(), &all)
+    };
+    let out = admin(&["backup-policy-create", &file.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin(&["backup-policy-create", &file.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    let listed = String::from_utf8_lossy(&admin(&["backup-policies"]).stdout).to_string();
+    assert!(
+        listed.contains("nightly") && listed.contains("other"),
+        "{listed}"
+    );
+    assert!(listed.contains("full '0 1 * * 0'"), "{listed}");
     let refused = until(
         Duration::from_secs(60),
         Duration::from_millis(250),

@@ -29,8 +29,6 @@ use crate::terminal::TerminalContext;
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(15);
 /// Agents already in order are looked at again this often.
 pub const RECHECK_EVERY: Duration = Duration::from_secs(600);
-/// Policies kept at most.
-const POLICIES_MAX: usize = 200;
 
 /// What the last round did per (policy id, agent name): `None` when all is in place, else the
 /// agent's refusal or why it could not be asked. Replica-local, rebuilt every round.
@@ -115,36 +113,16 @@ pub async fn create(
     Extension(AuthUser(user)): Extension<AuthUser>,
     Json(spec): Json<PolicySpec>,
 ) -> Result<(StatusCode, Json<PolicyView>), ApiError> {
-    spec.validate()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let existing = state
-        .storage
-        .backup_policies()
+    use crate::backup_policies::CreateError;
+    let row = crate::backup_policies::create(&state.world, &state.storage, &spec)
         .await
-        .map_err(ApiError::internal)?;
-    if existing.len() >= POLICIES_MAX {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("at most {POLICIES_MAX} backup policies; delete one first"),
-        ));
-    }
-    let row = BackupPolicyRow {
-        id: crate::auth::new_id(&state.world, "bp"),
-        name: spec.name.trim().to_string(),
-        spec: serde_json::to_string(&spec).map_err(ApiError::internal)?,
-        created_ms: state.world.now_unix_ms(),
-    };
-    if !state
-        .storage
-        .create_backup_policy(row.clone())
-        .await
-        .map_err(ApiError::internal)?
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("a backup policy named {:?} exists", row.name),
-        ));
-    }
+        .map_err(|e| match e {
+            CreateError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            CreateError::Exists(_) | CreateError::TooMany => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            CreateError::Storage(e) => ApiError::internal(e),
+        })?;
     state
         .audit
         .record(
