@@ -599,6 +599,24 @@ async fn a_backup_policy_schedules_its_tasks_on_the_agents_it_names_and_deleting
         .expect("the full backup task");
     assert_eq!(full["schedule"], "cron 0 1 * * 0 Europe/Berlin", "{full}");
 
+    // The Backups page lists it with the agent in place; its form creates and deletes one.
+    let shots = fixtures::browser::screenshots_dir("policies");
+    let url = cp.url();
+    let run = tokio::task::block_in_place(|| {
+        fixtures::browser::run_script(
+            "policies.mjs",
+            &[
+                ("OUTPOST_URL", url.as_str()),
+                ("OUTPOST_USER", "admin"),
+                ("OUTPOST_PASSWORD", "admin-password-1234"),
+            ],
+            &shots,
+        )
+    });
+    if let Err(e) = run {
+        panic!("{e:#}\ncontrol plane log:\n{}", cp.log());
+    }
+
     // A stanza the host does not grant, from the CLI this time: the refusal is shown with
     // the policy.
     let file = dir.path().join("other.json");

@@ -138,7 +138,54 @@ async function backupsPage() {
       rows.append(tr);
     }
   }
+  await policies();
   every(AGENT_REFRESH_MS, () => { if (location.hash.startsWith('#/backups')) backupsPage(); });
+}
+
+const SCHEDULES = ['full', 'diff', 'incr', 'check', 'verify', 'drill'];
+
+/** The backup policies, with what this replica's reconciler did on each agent. */
+async function policies() {
+  const r = await api('GET', '/api/v1/backup-policies');
+  const rows = $('policy-rows');
+  rows.replaceChildren();
+  if (r.status !== 200) { $('policy-error').textContent = r.json?.error ?? `policies: ${r.status}`; return; }
+  for (const p of r.json) {
+    const tr = el('tr', null, { 'data-policy': p.name });
+    const schedules = SCHEDULES.filter((s) => p[s]).map((s) => `${s} ${p[s]}`).join('; ');
+    const done = p.agents_reconciled.map((a) => (a.error ? `${a.agent}: ${a.error}` : `${a.agent}: in place`)).join('; ');
+    tr.append(el('td', p.name), el('td', p.agents.join(', ')), el('td', p.stanza),
+      el('td', `${schedules} (${p.tz ?? 'UTC'})`), el('td', done || 'not yet'));
+    const td = el('td');
+    if (allows('operator')) {
+      td.append(confirmButton('Delete', `Delete policy ${p.name}`, `Delete backup policy ${p.name}? Its tasks are canceled on the agents.`,
+        'policy-error', async () => {
+          const d = await api('DELETE', `/api/v1/backup-policies/${encodeURIComponent(p.id)}`);
+          if (d.status === 204) await policies();
+          return d;
+        }));
+    }
+    tr.append(td);
+    rows.append(tr);
+  }
+}
+
+async function createPolicy(event) {
+  event.preventDefault();
+  const body = {
+    name: $('policy-name').value.trim(),
+    agents: $('policy-agents').value.split(',').map((s) => s.trim()).filter(Boolean),
+    stanza: $('policy-stanza').value.trim(),
+    tz: $('policy-tz').value.trim() || 'UTC',
+  };
+  for (const s of SCHEDULES) {
+    const v = $(`policy-${s}`).value.trim();
+    if (v) body[s] = v;
+  }
+  const r = await api('POST', '/api/v1/backup-policies', body);
+  if (r.status !== 201) { $('policy-error').textContent = r.json?.error ?? `create: ${r.status}`; return; }
+  $('policy-error').textContent = '';
+  await policies();
 }
 
 async function agentPage(id) {
@@ -429,6 +476,7 @@ $('task-form').addEventListener('submit', createTask);
 $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
 $('backups-rpo').addEventListener('change', () => backupsPage());
+$('policy-form').addEventListener('submit', createPolicy);
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
 $('agent-remove').addEventListener('click', removeAgent);
 $('agent-rekey').addEventListener('click', rekeyAgent);
