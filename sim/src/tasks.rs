@@ -7,7 +7,10 @@
 //! ran or left no exit status (its keeper may die at any point: then the command it left is
 //! stopped too); nothing stays `doing` without a live process; every due one-off
 //! task ends in a recorded terminal state and was run (no run lost by a restart); periodic
-//! tasks keep running; future tasks survive.
+//! tasks keep running; future tasks survive. A backup schedule rides along (a pgBackRest
+//! backup and check on cron, granted by the host's `[backups]`): each keeps running across the
+//! restarts, and runs at most once per cron slot plus once per agent start (the `run_once`
+//! missed-run policy: a slot missed while the agent was down runs once, not once per slot).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,8 +36,48 @@ const TASKS: usize = 24;
 /// for one of 3 slots shared by 24 tasks.
 const SETTLE_MS: i64 = 150_000;
 
+/// The backup schedule: (key, kind, cron, time zone, cron period in ms).
+const BACKUPS: [(&str, Kind, &str, &str, i64); 2] = [
+    (
+        "backup-incr",
+        Kind::PgbackrestBackup,
+        "*/2 * * * *",
+        "UTC",
+        120_000,
+    ),
+    (
+        "backup-check",
+        Kind::PgbackrestCheck,
+        "*/3 * * * *",
+        "Europe/Berlin",
+        180_000,
+    ),
+];
+
 /// The tasks the operator submits at every boot (duplicates after the first are refused).
 fn workload(seed: u64) -> Vec<TaskSpec> {
+    let mut tasks = random_tasks(seed);
+    for (key, kind, expr, tz, _) in BACKUPS {
+        let mut params = std::collections::BTreeMap::new();
+        params.insert("stanza".to_string(), "main".to_string());
+        // No Postgres in the simulation to ask for the role: any host runs them.
+        params.insert("run_on".to_string(), "any".to_string());
+        tasks.push(TaskSpec {
+            kind,
+            params,
+            argv: Vec::new(),
+            schedule: Schedule::Cron {
+                expr: expr.into(),
+                tz: tz.into(),
+            },
+            timeout_ms: 15_000,
+            key: key.into(),
+        });
+    }
+    tasks
+}
+
+fn random_tasks(seed: u64) -> Vec<TaskSpec> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7a5c);
     let epoch_ms = (EPOCH_S * 1000) as i64;
     (0..TASKS)
@@ -88,7 +131,14 @@ fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
             agent_exe: "outpost-agent".into(),
             data_dir: dir.to_path_buf(),
             run_as: agent::tasks::pool::RunAs::Agent,
-            policy: Arc::default(),
+            policy: Arc::new(agent::tasks::policy::TaskPolicy {
+                backups: Some(agent::tasks::backup::BackupGrant {
+                    pgbackrest: "pgbackrest".into(),
+                    stanzas: vec!["main".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             processes: Arc::new(processes.clone()),
         },
         history_retention: Duration::from_secs(30 * 24 * 3600),
@@ -157,6 +207,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         spawned: 0,
         quiet_from: plan.quiet_from,
         start_at: None,
+        starts: 1,
     };
     harness::drive(&mut sim, plan, &mut driver)?;
     final_check(
@@ -165,6 +216,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         plan,
         seed,
         sim.elapsed(),
+        driver.starts,
     )
 }
 
@@ -179,6 +231,8 @@ struct TasksDriver {
     quiet_from: Duration,
     /// When the agent killed after a dispatch comes back.
     start_at: Option<Duration>,
+    /// How many times the agent started (the first boot included).
+    starts: i64,
 }
 
 impl<'a> Driver<'a> for TasksDriver {
@@ -189,12 +243,17 @@ impl<'a> Driver<'a> for TasksDriver {
         _now: Duration,
     ) -> anyhow::Result<()> {
         match fault {
-            Fault::BounceAgent { .. } => self.agent.bounce(sim),
+            Fault::BounceAgent { .. } => {
+                self.agent.bounce(sim);
+                self.starts += 1;
+            }
             Fault::CrashAgent { .. } => {
                 self.agent.crash(sim);
             }
             Fault::StartAgent { .. } => {
-                self.agent.start(sim);
+                if self.agent.start(sim) {
+                    self.starts += 1;
+                }
             }
             _ => {}
         }
@@ -208,6 +267,7 @@ impl<'a> Driver<'a> for TasksDriver {
         if self.start_at.is_some_and(|at| at <= now) {
             self.start_at = None;
             if self.agent.start(sim) {
+                self.starts += 1;
                 trace::record("agent started after a kill right after a dispatch".to_string());
             }
         }
@@ -227,6 +287,7 @@ impl<'a> Driver<'a> for TasksDriver {
                         .to_string(),
                 );
                 self.agent.bounce(sim);
+                self.starts += 1;
             } else {
                 let down = Duration::from_millis(self.rng.random_range(10..3_000));
                 trace::record(format!(
@@ -246,6 +307,7 @@ fn final_check(
     plan: &Plan,
     seed: u64,
     now: Duration,
+    starts: i64,
 ) -> anyhow::Result<()> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -330,7 +392,10 @@ fn final_check(
                     anyhow::bail!("periodic task {id} ended ({})", status::name(st));
                 }
             }
-            Schedule::Once { .. } | Schedule::Cron { .. } => {}
+            Schedule::Cron { .. } => {
+                check_cron(&conn, &id, &spec.key, st, end_ms, starts)?;
+            }
+            Schedule::Once { .. } => {}
         }
     }
     let never_started = check_runs(&conn, processes, now)?;
@@ -339,6 +404,49 @@ fn final_check(
         processes.spawned(),
         processes.adopted()
     ));
+    Ok(())
+}
+
+/// A cron backup task: still scheduled, queued recently, and run at most once per slot plus
+/// once per start of the agent after downtime (the `run_once` missed-run policy).
+fn check_cron(
+    conn: &rusqlite::Connection,
+    id: &str,
+    key: &str,
+    st: u32,
+    end_ms: i64,
+    boots: i64,
+) -> anyhow::Result<()> {
+    let Some(&(_, _, _, _, period_ms)) = BACKUPS.iter().find(|b| b.0 == key) else {
+        return Ok(());
+    };
+    if st & status::TERMINAL != 0 {
+        anyhow::bail!("cron task {key} ended ({})", status::name(st));
+    }
+    let (first, last, runs): (Option<i64>, Option<i64>, i64) = conn.query_row(
+        "SELECT min(queued_ms), max(queued_ms), count(*) FROM runs WHERE task_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    if last.is_none_or(|l| end_ms - l > period_ms + SETTLE_MS) {
+        anyhow::bail!(
+            "cron task {key} (every {} s) last queued {:?} ms before the end",
+            period_ms / 1000,
+            last.map(|l| end_ms - l)
+        );
+    }
+    let span = last.unwrap_or(0) - first.unwrap_or(0);
+    let slots = span / period_ms + 1;
+    trace::record(format!(
+        "final: cron {key}: {runs} runs over {} s ({slots} slots, {boots} agent starts)",
+        span / 1000
+    ));
+    if runs > slots + boots {
+        anyhow::bail!(
+            "cron task {key} ran {runs} times over {} s: more than its {slots} slots plus one catch-up per agent start ({boots})",
+            span / 1000
+        );
+    }
     Ok(())
 }
 
