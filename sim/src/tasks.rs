@@ -250,11 +250,7 @@ impl<'a> Driver<'a> for TasksDriver {
             Fault::CrashAgent { .. } => {
                 self.agent.crash(sim);
             }
-            Fault::StartAgent { .. } => {
-                if self.agent.start(sim) {
-                    self.starts += 1;
-                }
-            }
+            Fault::StartAgent { .. } if self.agent.start(sim) => self.starts += 1,
             _ => {}
         }
         Ok(())
