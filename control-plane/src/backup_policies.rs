@@ -86,6 +86,12 @@ pub struct PolicySpec {
     /// Timeout of each backup and drill (default 6h).
     #[serde(default)]
     pub timeout: Option<String>,
+    /// Recovery point objective of the selected hosts on the Backups page (default 26h).
+    #[serde(default)]
+    pub rpo: Option<String>,
+    /// How long WAL may wait to be archived on them (default 15m).
+    #[serde(default)]
+    pub max_archive_lag: Option<String>,
 }
 
 fn cron_ok(expr: &str) -> bool {
@@ -143,11 +149,34 @@ impl PolicySpec {
         {
             return Err(format!("run_on {r:?} must be primary, standby or any"));
         }
-        if let Some(t) = &self.timeout {
-            humantime::parse_duration(t)
-                .map_err(|e| format!("timeout {t:?} is not a duration (e.g. 6h): {e}"))?;
+        for (field, v) in [
+            ("timeout", &self.timeout),
+            ("rpo", &self.rpo),
+            ("max_archive_lag", &self.max_archive_lag),
+        ] {
+            if let Some(v) = v {
+                let d = humantime::parse_duration(v)
+                    .map_err(|e| format!("{field} {v:?} is not a duration (e.g. 6h): {e}"))?;
+                if d.is_zero() {
+                    return Err(format!("{field} must be more than 0"));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The objectives the policy sets for its hosts, over `defaults`.
+    pub fn objectives(&self, defaults: crate::backups::Objectives) -> crate::backups::Objectives {
+        let ms = |v: &Option<String>, default: i64| {
+            v.as_deref()
+                .and_then(|v| humantime::parse_duration(v).ok())
+                .map_or(default, crate::time::duration_ms)
+        };
+        crate::backups::Objectives {
+            rpo_ms: ms(&self.rpo, defaults.rpo_ms),
+            archive_lag_ms: ms(&self.max_archive_lag, defaults.archive_lag_ms),
+            ..defaults
+        }
     }
 
     /// (field, cron) of every schedule set.
@@ -248,6 +277,8 @@ mod tests {
             tz: Some("Europe/Berlin".into()),
             run_on: None,
             timeout: None,
+            rpo: Some("8h".into()),
+            max_archive_lag: None,
         }
     }
 
@@ -332,6 +363,13 @@ mod tests {
                     ..spec()
                 },
                 "run_on",
+            ),
+            (
+                PolicySpec {
+                    rpo: Some("0s".into()),
+                    ..spec()
+                },
+                "rpo",
             ),
             (
                 PolicySpec {

@@ -15,9 +15,10 @@ const OBJECTIVE_MAX: std::time::Duration = std::time::Duration::from_secs(366 * 
 
 #[derive(Deserialize, schemars::JsonSchema)]
 pub struct BackupsQuery {
-    /// Recovery point objective: the newest good backup may be this old (default `26h`).
+    /// Recovery point objective: the newest good backup may be this old (default: the first
+    /// backup policy selecting the host sets it, else `26h`).
     rpo: Option<String>,
-    /// WAL may wait this long to be archived (default `15m`).
+    /// WAL may wait this long to be archived (default: as the policy says, else `15m`).
     max_archive_lag: Option<String>,
 }
 
@@ -61,14 +62,35 @@ pub async fn list(
     Query(q): Query<BackupsQuery>,
 ) -> Result<Json<Vec<BackupView>>, ApiError> {
     let defaults = Objectives::default();
-    let objectives = Objectives {
-        rpo_ms: objective("rpo", q.rpo.as_deref(), defaults.rpo_ms)?,
-        archive_lag_ms: objective(
-            "max_archive_lag",
-            q.max_archive_lag.as_deref(),
-            defaults.archive_lag_ms,
-        )?,
-        ..defaults
+    let asked = (
+        q.rpo
+            .as_deref()
+            .map(|v| objective("rpo", Some(v), defaults.rpo_ms))
+            .transpose()?,
+        q.max_archive_lag
+            .as_deref()
+            .map(|v| objective("max_archive_lag", Some(v), defaults.archive_lag_ms))
+            .transpose()?,
+    );
+    let policies: Vec<crate::backup_policies::PolicySpec> = state
+        .storage
+        .backup_policies()
+        .await
+        .map_err(ApiError::internal)?
+        .iter()
+        .filter_map(|p| serde_json::from_str(&p.spec).ok())
+        .collect();
+    // The request's objectives win; then the first policy (by name) selecting the host.
+    let objectives = |name: &str| {
+        let base = policies
+            .iter()
+            .find(|p| p.selects(name))
+            .map_or(defaults, |p| p.objectives(defaults));
+        Objectives {
+            rpo_ms: asked.0.unwrap_or(base.rpo_ms),
+            archive_lag_ms: asked.1.unwrap_or(base.archive_lag_ms),
+            ..base
+        }
     };
     let rows = state
         .storage
@@ -88,7 +110,7 @@ pub async fn list(
                 health.backups.as_ref(),
                 health.archiver.as_ref(),
                 now_ms,
-                objectives,
+                objectives(&row.name),
             );
             BackupView {
                 status: if state.settings.is_online(&row, now_ms) {

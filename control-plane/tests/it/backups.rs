@@ -194,6 +194,32 @@ async fn hosts_are_ranked_by_backup_risk_with_their_reasons() {
         );
     }
 
+    // A backup policy's objective applies to the hosts it selects, unless the request sets one.
+    let admin = server.token_for("backup-admin", Role::Admin).await;
+    let policy = serde_json::json!({"name": "tight", "agents": ["db-good"], "stanza": "main",
+        "full": "0 * * * *", "rpo": "1h"});
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/backup-policies",
+            Some(&admin),
+            policy.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let (_, hosts) = list("").await;
+    let good = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == "db-good"))
+        .expect("db-good");
+    assert_eq!(good["risk"], "rpo_breached", "{good}");
+    let (_, hosts) = list("?rpo=26h").await;
+    let good = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == "db-good"))
+        .expect("db-good");
+    assert_eq!(good["risk"], "healthy", "{good}");
+
     let (status, body) = list("?rpo=soon").await;
     assert_eq!(status, 400);
     assert!(

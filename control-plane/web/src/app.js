@@ -110,7 +110,8 @@ const RISK_WORDS = {
 async function backupsPage() {
   show('backups');
   $('where').textContent = '';
-  const r = await api('GET', `/api/v1/backups?rpo=${encodeURIComponent($('backups-rpo').value)}`);
+  const rpo = $('backups-rpo').value;
+  const r = await api('GET', rpo ? `/api/v1/backups?rpo=${encodeURIComponent(rpo)}` : '/api/v1/backups');
   if (r.status === 401) { route(); return; }
   if (r.status !== 200) { $('backups-error').textContent = r.json?.error ?? `backups: ${r.status}`; return; }
   $('backups-error').textContent = '';
