@@ -102,6 +102,18 @@ pub struct BackupRisk {
     reasons: Vec<String>,
 }
 
+/// The server summary the fleet page shows: wraparound and replication. The backup
+/// summaries it also holds go to the Backups page (`GET /api/v1/backups`); here they are
+/// only the `backup` verdict, which keeps the fleet list small.
+fn fleet_health(health: Option<&str>) -> Option<serde_json::Value> {
+    let mut value: serde_json::Value = serde_json::from_str(health?).ok()?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("backups");
+        fields.remove("archiver");
+    }
+    Some(value)
+}
+
 fn backup_risk(health: Option<&str>, now_ms: i64) -> Option<BackupRisk> {
     let health: crate::health::Health = serde_json::from_str(health?).ok()?;
     health.backups.as_ref()?;
@@ -137,10 +149,7 @@ pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, 
                 .buffer
                 .as_deref()
                 .and_then(|b| serde_json::from_str(b).ok()),
-            health: row
-                .health
-                .as_deref()
-                .and_then(|h| serde_json::from_str(h).ok()),
+            health: fleet_health(row.health.as_deref()),
         })
         .collect();
     Ok(Json(views))

@@ -171,6 +171,22 @@ async fn hosts_are_ranked_by_backup_risk_with_their_reasons() {
             .contains("2 h old (objective 1 h)")
     );
 
+    // The fleet list carries the verdict, not the summaries (the Backups page has those).
+    let agents = server.agents(&viewer).await;
+    let good_agent = agents
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "db-good"))
+        .expect("db-good");
+    assert_eq!(good_agent["backup"]["risk"], "healthy", "{good_agent}");
+    assert!(
+        good_agent["health"].get("backups").is_none(),
+        "{good_agent}"
+    );
+    assert!(
+        good_agent["health"].get("archiver").is_none(),
+        "{good_agent}"
+    );
+
     // The gauges the alert rules watch (deploy/alerts).
     let r = server
         .request(Method::GET, "/metrics", Some(&viewer), "")
