@@ -72,19 +72,9 @@ fn validate_backups(raw: RawBackupsConfig) -> anyhow::Result<Option<BackupsConfi
     if stanzas.len() > 64 {
         bail!("backups.stanzas: at most 64");
     }
-    let mut params = std::collections::BTreeMap::new();
     for stanza in &stanzas {
-        params.insert("stanza".to_string(), stanza.clone());
-        let grant = crate::tasks::backup::BackupGrant {
-            stanzas: stanzas.clone(),
-            ..crate::tasks::backup::BackupGrant::default()
-        };
-        crate::tasks::backup::check(
-            Some(&grant),
-            crate::tasks::model::Kind::PgbackrestCheck,
-            &params,
-        )
-        .map_err(|e| anyhow::anyhow!("backups.stanzas: {e}"))?;
+        crate::tasks::backup::check_stanza_name(stanza)
+            .map_err(|e| anyhow::anyhow!("backups.stanzas: {e}"))?;
     }
     for (field, path) in [("config", &raw.config), ("pg_bin", &raw.pg_bin)] {
         if let Some(path) = path

@@ -61,23 +61,7 @@ enum Commands {
     /// Restore a backup into a scratch directory, start it, check it, report its RTO, and
     /// remove it (a restore_drill task; the agent starts this as the run user).
     #[command(hide = true)]
-    RestoreDrill {
-        #[arg(long)]
-        stanza: String,
-        /// A backup label [default: the newest good backup].
-        #[arg(long)]
-        set: Option<String>,
-        #[arg(long)]
-        scratch: PathBuf,
-        #[arg(long)]
-        pgbackrest: PathBuf,
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        pg_bin: Option<PathBuf>,
-        #[arg(long, default_value = agent::tasks::drill::DEFAULT_CHECK)]
-        check: String,
-    },
+    RestoreDrill(agent::tasks::drill::Drill),
     /// Run a pgBackRest task's command only on the role it names: exits 75 with the reason
     /// when this host's role is another, else becomes the command (the agent starts this as
     /// the run user; it is not meant to be run by hand).
@@ -173,24 +157,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
-        Commands::RestoreDrill {
-            stanza,
-            set,
-            scratch,
-            pgbackrest,
-            config,
-            pg_bin,
-            check,
-        } => {
-            let drill = agent::tasks::drill::Drill {
-                stanza,
-                set,
-                scratch,
-                pgbackrest,
-                config,
-                pg_bin,
-                check,
-            };
+        Commands::RestoreDrill(drill) => {
             return match agent::tasks::drill::run(&drill) {
                 0 => ExitCode::SUCCESS,
                 _ => ExitCode::FAILURE,

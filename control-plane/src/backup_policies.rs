@@ -121,14 +121,7 @@ impl PolicySpec {
         if self.agents.iter().any(|a| a.is_empty() || a.len() > 128) {
             return Err("agents: each name or pattern is 1 to 128 bytes".into());
         }
-        let stanza_ok = !self.stanza.is_empty()
-            && self.stanza.len() <= 64
-            && !self.stanza.starts_with('-')
-            && self
-                .stanza
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !stanza_ok {
+        if !proto::stanza_name_ok(&self.stanza) {
             return Err(format!(
                 "stanza {:?} is not a stanza name (letters, digits, '-', '_', '.')",
                 self.stanza

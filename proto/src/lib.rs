@@ -41,6 +41,17 @@ pub fn negotiate(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
 
 /// Path of metrics delivery (HTTP POST, JSON [`MetricsBatch`], agent credential).
 pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
+
+/// A pgBackRest stanza name as the backup tasks' `stanza` parameter takes it (the agent checks
+/// it, and so does a control-plane backup policy before it sends one): 1 to 64 letters,
+/// digits, `-`, `_` or `.`, not starting with `-`, so it can never read as an option.
+pub fn stanza_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
 /// Records per delivered batch at most.
 pub const METRICS_BATCH_ROWS_MAX: usize = 10_000;
 /// Bytes of one record's JSON data at most: the control plane refuses a batch holding a larger

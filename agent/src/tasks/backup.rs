@@ -87,13 +87,14 @@ impl RunOn {
     }
 }
 
-/// A stanza name as pgBackRest and a command line take it: letters, digits, `-`, `_`, `.`.
-fn valid_stanza(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+/// `s` as a stanza name ([`proto::stanza_name_ok`]), or why not.
+pub fn check_stanza_name(s: &str) -> Result<(), String> {
+    if proto::stanza_name_ok(s) {
+        return Ok(());
+    }
+    Err(format!(
+        "stanza {s:?} is not a stanza name (letters, digits, '-', '_', '.'; at most 64)"
+    ))
 }
 
 /// Check a backup kind's parameters against the grant; every refusal says what to change.
@@ -104,11 +105,7 @@ pub fn check(
     params: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), String> {
     let stanza = params.get("stanza").map(String::as_str).unwrap_or_default();
-    if !valid_stanza(stanza) {
-        return Err(format!(
-            "stanza {stanza:?} is not a stanza name (letters, digits, '-', '_', '.'; at most 64)"
-        ));
-    }
+    check_stanza_name(stanza)?;
     let Some(grant) = grant.filter(|g| !g.stanzas.is_empty()) else {
         return Err(format!(
             "{} is off on this host: grant it in the agent's config ([backups] stanzas = [\"{stanza}\"])",

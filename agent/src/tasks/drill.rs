@@ -38,18 +38,25 @@ const SPACE_FACTOR: f64 = 1.1;
 /// How long the restored server gets to reach its recovery target.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// What a drill is told on its command line.
-#[derive(Clone, Debug)]
+/// What a drill is told on its command line (`outpost-agent restore-drill`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct Drill {
+    #[arg(long)]
     pub stanza: String,
-    /// A backup label; the newest backup when `None`.
+    /// A backup label [default: the newest good backup].
+    #[arg(long)]
     pub set: Option<String>,
+    #[arg(long)]
     pub scratch: PathBuf,
+    #[arg(long)]
     pub pgbackrest: PathBuf,
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The server programs (`postgres`, `psql`); when `None`, Debian's directory for the
-    /// backup's major version (`/usr/lib/postgresql/VERSION/bin`).
+    /// The server programs (`postgres`, `psql`) [default: Debian's directory for the
+    /// backup's major version, /usr/lib/postgresql/VERSION/bin].
+    #[arg(long)]
     pub pg_bin: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CHECK)]
     pub check: String,
 }
 

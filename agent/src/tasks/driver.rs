@@ -210,13 +210,7 @@ pub async fn run(
         for reply in replies {
             reply();
         }
-        for command in to_pool {
-            if pool_tx.send(command).await.is_err() {
-                tracing::warn!(
-                    "worker pool queue closed; the run is retried after the pool restarts"
-                );
-            }
-        }
+        dispatch(&pool_tx, to_pool).await;
         // Only now that the ends are durable may their traces go; after the dispatches, so
         // removing ended runs' directories never holds up new runs.
         release(&config, &ended, &mut since).await;
@@ -510,6 +504,15 @@ async fn purge_history(
 }
 
 /// What the pool must do for these effects.
+/// Hand the committed dispatches (and kills) to the pool.
+async fn dispatch(pool_tx: &mpsc::Sender<PoolCommand>, commands: Vec<PoolCommand>) {
+    for command in commands {
+        if pool_tx.send(command).await.is_err() {
+            tracing::warn!("worker pool queue closed; the run is retried after the pool restarts");
+        }
+    }
+}
+
 fn pool_commands(effects: &[Effect]) -> Vec<PoolCommand> {
     effects
         .iter()

@@ -9,6 +9,7 @@ use crate::audit::action;
 use crate::auth::{self, SecretKind};
 use crate::edge::ApiError;
 use crate::handles::Handles;
+use crate::health::Health;
 use crate::storage::{EnrollAttempt, EnrollRefusal, Enrollment};
 
 const NAME_BYTES_MAX: usize = 128;
@@ -102,28 +103,32 @@ pub struct BackupRisk {
     reasons: Vec<String>,
 }
 
-/// The server summary the fleet page shows: wraparound and replication. The backup
-/// summaries it also holds go to the Backups page (`GET /api/v1/backups`); here they are
-/// only the `backup` verdict, which keeps the fleet list small.
-fn fleet_health(health: Option<&str>) -> Option<serde_json::Value> {
-    let mut value: serde_json::Value = serde_json::from_str(health?).ok()?;
-    if let Some(fields) = value.as_object_mut() {
-        fields.remove("backups");
-        fields.remove("archiver");
-    }
-    Some(value)
-}
-
-fn backup_risk(health: Option<&str>, now_ms: i64) -> Option<BackupRisk> {
-    let health: crate::health::Health = serde_json::from_str(health?).ok()?;
-    health.backups.as_ref()?;
-    let (risk, reasons) = crate::backups::assess(
-        health.backups.as_ref(),
-        health.archiver.as_ref(),
-        now_ms,
-        crate::backups::Objectives::default(),
-    );
-    Some(BackupRisk { risk, reasons })
+/// What the fleet page shows of an agent's stored server summary, read once: wraparound and
+/// replication, and the backup verdict (with the default objectives; none for a host without
+/// pgBackRest status). The backup summaries themselves stay on `GET /api/v1/backups`, which
+/// keeps the fleet list small.
+fn fleet_health(
+    stored: Option<&str>,
+    now_ms: i64,
+) -> (Option<serde_json::Value>, Option<BackupRisk>) {
+    let Some(health) = stored.and_then(|h| serde_json::from_str::<Health>(h).ok()) else {
+        return (None, None);
+    };
+    let backup = health.backups.as_ref().map(|backups| {
+        let (risk, reasons) = crate::backups::assess(
+            Some(backups),
+            health.archiver.as_ref(),
+            now_ms,
+            crate::backups::Objectives::default(),
+        );
+        BackupRisk { risk, reasons }
+    });
+    let shown = Health {
+        backups: None,
+        archiver: None,
+        ..health
+    };
+    (serde_json::to_value(&shown).ok(), backup)
 }
 
 pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, ApiError> {
@@ -135,21 +140,24 @@ pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, 
     let now_ms = state.world.now_unix_ms();
     let views = rows
         .into_iter()
-        .map(|row| AgentView {
-            status: if state.settings.is_online(&row, now_ms) {
-                "online"
-            } else {
-                "offline"
-            },
-            last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
-            backup: backup_risk(row.health.as_deref(), now_ms),
-            id: row.id,
-            name: row.name,
-            buffer: row
-                .buffer
-                .as_deref()
-                .and_then(|b| serde_json::from_str(b).ok()),
-            health: fleet_health(row.health.as_deref()),
+        .map(|row| {
+            let (health, backup) = fleet_health(row.health.as_deref(), now_ms);
+            AgentView {
+                status: if state.settings.is_online(&row, now_ms) {
+                    "online"
+                } else {
+                    "offline"
+                },
+                last_seen: row.last_seen_ms.map(crate::time::rfc3339_ms),
+                id: row.id,
+                name: row.name,
+                buffer: row
+                    .buffer
+                    .as_deref()
+                    .and_then(|b| serde_json::from_str(b).ok()),
+                health,
+                backup,
+            }
         })
         .collect();
     Ok(Json(views))

@@ -37,10 +37,8 @@ pub struct BackupView {
     archiver: Option<Archiver>,
 }
 
-fn objective(field: &str, v: Option<&str>, default_ms: i64) -> Result<i64, ApiError> {
-    let Some(v) = v else {
-        return Ok(default_ms);
-    };
+/// An objective from the request, in ms.
+fn objective(field: &str, v: &str) -> Result<i64, ApiError> {
     let d = humantime::parse_duration(v).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -63,13 +61,10 @@ pub async fn list(
 ) -> Result<Json<Vec<BackupView>>, ApiError> {
     let defaults = Objectives::default();
     let asked = (
-        q.rpo
-            .as_deref()
-            .map(|v| objective("rpo", Some(v), defaults.rpo_ms))
-            .transpose()?,
+        q.rpo.as_deref().map(|v| objective("rpo", v)).transpose()?,
         q.max_archive_lag
             .as_deref()
-            .map(|v| objective("max_archive_lag", Some(v), defaults.archive_lag_ms))
+            .map(|v| objective("max_archive_lag", v))
             .transpose()?,
     );
     let policies: Vec<crate::backup_policies::PolicySpec> = state

@@ -1,6 +1,17 @@
 //! Versioned schema migrations. A migration is never edited once released: add a new one.
 //! Index `i` of each list brings the schema from version `i` to `i + 1`.
 
+/// Backup policies: what schedules of pgBackRest tasks the selected agents should hold. The
+/// same statement on both backends.
+const BACKUP_POLICIES: &str = r#"
+CREATE TABLE backup_policies (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+"#;
+
 pub const SQLITE: &[&str] = &[
     r#"
 CREATE TABLE users (
@@ -127,15 +138,7 @@ INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
-    // Backup policies: what schedules of pgBackRest tasks the selected agents should hold.
-    r#"
-CREATE TABLE backup_policies (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    spec TEXT NOT NULL,
-    created_ms BIGINT NOT NULL
-);
-"#,
+    BACKUP_POLICIES,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -304,13 +307,5 @@ INSERT INTO signing_keys (id, key_hex, active_from_ms)
     SELECT 1, value, 0 FROM cluster_secrets WHERE name = 'redis_signing_key';
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
-    // Backup policies: what schedules of pgBackRest tasks the selected agents should hold.
-    r#"
-CREATE TABLE backup_policies (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    spec TEXT NOT NULL,
-    created_ms BIGINT NOT NULL
-);
-"#,
+    BACKUP_POLICIES,
 ];
