@@ -53,6 +53,12 @@ pub mod action {
     /// A backup policy was created or deleted (target: its id).
     pub const BACKUP_POLICY_CREATED: &str = "backup_policy.created";
     pub const BACKUP_POLICY_DELETED: &str = "backup_policy.deleted";
+    /// An alert rule override or a notification channel was created or deleted (target: its
+    /// name).
+    pub const ALERT_RULE_CHANGED: &str = "alert_rule.created";
+    pub const ALERT_RULE_DELETED: &str = "alert_rule.deleted";
+    pub const ALERT_CHANNEL_CREATED: &str = "alert_channel.created";
+    pub const ALERT_CHANNEL_DELETED: &str = "alert_channel.deleted";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";
 }

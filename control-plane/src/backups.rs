@@ -260,13 +260,20 @@ pub fn assess(
     (risk, found.into_iter().map(|f| f.1).collect())
 }
 
+impl Stanza {
+    /// When the newest valid backup of any type stopped.
+    pub fn newest_stop_ms(&self) -> Option<i64> {
+        [&self.full, &self.diff, &self.incr]
+            .into_iter()
+            .flatten()
+            .map(|b| b.stop_ms)
+            .max()
+    }
+}
+
 fn assess_stanza(s: &Stanza, now_ms: i64, objectives: Objectives) -> Vec<(Risk, String)> {
     let mut found = Vec::new();
-    let newest = [&s.full, &s.diff, &s.incr]
-        .into_iter()
-        .flatten()
-        .map(|b| b.stop_ms)
-        .max();
+    let newest = s.newest_stop_ms();
     match newest {
         None => found.push((Risk::NoBackup, format!("{}: no valid backup", s.name))),
         Some(stop_ms) if now_ms.saturating_sub(stop_ms) > objectives.rpo_ms => found.push((
@@ -320,7 +327,8 @@ fn assess_stanza(s: &Stanza, now_ms: i64, objectives: Objectives) -> Vec<(Risk, 
     found
 }
 
-fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> {
+/// What is wrong with WAL archiving, worst first (the archiver half of [`assess`]).
+pub fn assess_archiver(a: &Archiver, objectives: Objectives) -> Vec<(Risk, String)> {
     let mut found = Vec::new();
     if a.archive_mode == "off" {
         found.push((

@@ -62,6 +62,13 @@ pub struct RawServeConfig {
     pub recording_failure: Option<String>,
     /// Record keystrokes of every terminal session, default false.
     pub record_input: Option<bool>,
+    /// humantime, default 30s: how long an alert's notice waits for others of its rule.
+    pub alert_group_wait: Option<String>,
+    /// More agents than this firing one rule within the group wait make one digest
+    /// (default 20).
+    pub alert_digest_over: Option<usize>,
+    /// humantime, default 4h: a firing alert is notified again this often.
+    pub alert_repeat: Option<String>,
 }
 
 impl RawServeConfig {
@@ -94,6 +101,9 @@ impl RawServeConfig {
             recording_retention: self.recording_retention.or(file.recording_retention),
             recording_failure: self.recording_failure.or(file.recording_failure),
             record_input: self.record_input.or(file.record_input),
+            alert_group_wait: self.alert_group_wait.or(file.alert_group_wait),
+            alert_digest_over: self.alert_digest_over.or(file.alert_digest_over),
+            alert_repeat: self.alert_repeat.or(file.alert_repeat),
         }
     }
 }
@@ -241,11 +251,31 @@ fn settings_of(raw: &RawServeConfig) -> anyhow::Result<Settings> {
             })?,
         },
         record_input: raw.record_input.unwrap_or(defaults.record_input),
+        alerts: crate::settings::AlertTiming {
+            group_wait: duration(
+                "alert_group_wait",
+                raw.alert_group_wait.as_deref(),
+                defaults.alerts.group_wait,
+            )?,
+            digest_over: raw.alert_digest_over.unwrap_or(defaults.alerts.digest_over),
+            repeat: duration(
+                "alert_repeat",
+                raw.alert_repeat.as_deref(),
+                defaults.alerts.repeat,
+            )?,
+            ..defaults.alerts
+        },
     })
 }
 
 /// Each setting within its bounds, and the inventory loadable.
 fn check_settings(settings: &Settings) -> anyhow::Result<()> {
+    if settings.alerts.group_wait > Duration::from_secs(600) {
+        bail!("alert_group_wait: at most 10m");
+    }
+    if settings.alerts.repeat < Duration::from_secs(60) {
+        bail!("alert_repeat: at least 1m");
+    }
     if settings.max_connections == 0 {
         bail!(
             "max_connections: must be at least 1 (the fleet's size plus browsers and API clients)"

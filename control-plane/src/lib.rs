@@ -7,6 +7,7 @@
 //! [`observe`] (`/metrics`), [`terminal`] (browser psql sessions), [`demo`] (`outpost demo`).
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod backup_policies;

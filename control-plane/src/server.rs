@@ -89,6 +89,11 @@ where
         state.backup_policies.clone(),
         state.shutdown.clone(),
     ));
+    background.spawn(crate::alerts::evaluator::run_forever(
+        crate::handles::Handles::from_ref(&state),
+        crate::auth::new_id(&state.world, "replica"),
+        state.shutdown.clone(),
+    ));
     let app = crate::http::router(state);
     let tell = {
         let token = token.clone();

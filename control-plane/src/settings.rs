@@ -46,6 +46,40 @@ pub struct Settings {
     /// Record every session's keystrokes too (an agent's `[terminal] record_input` asks the
     /// same for its own sessions).
     pub record_input: bool,
+    /// The alert loop's timing and grouping.
+    pub alerts: AlertTiming,
+}
+
+/// How often the alert loop runs, how long its lease lasts, and how notices are grouped.
+#[derive(Clone, Copy, Debug)]
+pub struct AlertTiming {
+    /// How often a replica takes or renews the lease and sends what is due.
+    pub tick: Duration,
+    /// How often the lease holder evaluates the rules.
+    pub evaluate_every: Duration,
+    /// A holder that stops renewing loses the lease after this.
+    pub lease_ttl: Duration,
+    /// How long a transition waits for others of its rule before its notice goes.
+    pub group_wait: Duration,
+    /// More agents than this in one group make one digest.
+    pub digest_over: usize,
+    /// A firing alert is notified again after this long.
+    pub repeat: Duration,
+}
+
+impl Default for AlertTiming {
+    fn default() -> AlertTiming {
+        // A dead holder's lease lapses within 20 s and the other replica asks every 5 s:
+        // taken over within 25 s. First notice: up to 15 s to evaluate, then the group wait.
+        AlertTiming {
+            tick: Duration::from_secs(5),
+            evaluate_every: Duration::from_secs(15),
+            lease_ttl: Duration::from_secs(20),
+            group_wait: Duration::from_secs(30),
+            digest_over: 20,
+            repeat: Duration::from_secs(4 * 3600),
+        }
+    }
 }
 
 /// What a terminal session does when its recording cannot be stored.
@@ -88,6 +122,7 @@ impl Default for Settings {
             recording_retention: Duration::from_secs(90 * 86_400),
             recording_failure: RecordingFailure::FailOpen,
             record_input: false,
+            alerts: AlertTiming::default(),
         }
     }
 }

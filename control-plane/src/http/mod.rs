@@ -5,6 +5,7 @@
 
 mod access;
 mod agents;
+mod alerts;
 pub mod backup_policies;
 mod backups;
 mod deadlines;
@@ -148,6 +149,66 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),
             get(backups::list),
+        ),
+        (
+            spec(Method::GET, "/api/v1/alerts", Access::User(Role::Viewer)),
+            get(alerts::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/alert-rules",
+                Access::User(Role::Viewer),
+            ),
+            get(alerts::rules),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/alert-rules",
+                Access::User(Role::Admin),
+            ),
+            post(alerts::create_override),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/alert-rules/{name}",
+                Access::User(Role::Admin),
+            ),
+            delete(alerts::delete_override),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/alert-channels",
+                Access::User(Role::Viewer),
+            ),
+            get(alerts::channels),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/alert-channels",
+                Access::User(Role::Admin),
+            ),
+            post(alerts::create_channel),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/alert-channels/{name}",
+                Access::User(Role::Admin),
+            ),
+            delete(alerts::delete_channel),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/alert-channels/{name}/test",
+                Access::User(Role::Admin),
+            ),
+            post(alerts::test_channel),
         ),
         (
             spec(

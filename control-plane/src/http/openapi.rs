@@ -158,6 +158,45 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         )
         .query(schema::<super::backups::BackupsQuery>)
         .returns(200, schema::<Vec<super::backups::BackupView>>),
+        ("GET", "/api/v1/alerts") => doc(
+            "Alerts (firing, pending, recently resolved) and their transitions, newest first",
+            "alerts",
+        )
+        .query(schema::<super::alerts::AlertsQuery>)
+        .returns(200, schema::<super::alerts::AlertsView>),
+        ("GET", "/api/v1/alert-rules") => doc(
+            "The built-in alert rules with their default thresholds, and the overrides in force",
+            "alerts",
+        )
+        .returns(200, schema::<super::alerts::RulesView>),
+        ("POST", "/api/v1/alert-rules") => doc(
+            "Override a rule's thresholds, `for` duration or whether it runs, for the agents named",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::rules::RuleOverride>)
+        .returns(201, schema::<crate::alerts::rules::RuleOverride>),
+        ("DELETE", "/api/v1/alert-rules/{name}") => {
+            doc("Delete a rule override", "alerts").no_content()
+        }
+        ("GET", "/api/v1/alert-channels") => doc(
+            "Notification channels (never their secrets)",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<super::alerts::ChannelView>>),
+        ("POST", "/api/v1/alert-channels") => doc(
+            "Add a notification channel: webhook (Alertmanager JSON, HMAC-signed), slack or alertmanager",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::channels::ChannelRequest>)
+        .returns(201, schema::<super::alerts::ChannelCreated>),
+        ("DELETE", "/api/v1/alert-channels/{name}") => {
+            doc("Delete a channel; what its outbox holds is dropped", "alerts").no_content()
+        }
+        ("POST", "/api/v1/alert-channels/{name}/test") => doc(
+            "Send a test notification through a channel now; 502 with the reason when it does not arrive",
+            "alerts",
+        )
+        .returns(200, schema::<super::alerts::TestSent>),
         ("GET", "/api/v1/backup-policies") => doc(
             "Backup policies, with what this replica's last reconcile did on each selected agent",
             "backups",

@@ -12,6 +12,63 @@ CREATE TABLE backup_policies (
 );
 "#;
 
+/// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret
+/// column that the API never returns), each alert's state, its history and the notification
+/// outbox. `$id` is the backend's auto-numbered key.
+macro_rules! alerts_sql {
+    ($id:literal) => {
+        concat!(
+            r#"
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    fence BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
+CREATE TABLE specs (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    secret TEXT,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (kind, id),
+    UNIQUE (kind, name)
+);
+CREATE TABLE alerts (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE TABLE alert_events (
+    id "#,
+            $id,
+            r#",
+    key TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX alert_events_by_time ON alert_events(ts_ms);
+CREATE TABLE notifications (
+    id "#,
+            $id,
+            r#",
+    key TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_ms BIGINT NOT NULL,
+    delivered_ms BIGINT,
+    last_error TEXT,
+    UNIQUE (key, channel)
+);
+CREATE INDEX notifications_pending ON notifications(delivered_ms, id);
+"#
+        )
+    };
+}
+
 pub const SQLITE: &[&str] = &[
     r#"
 CREATE TABLE users (
@@ -139,6 +196,7 @@ INSERT INTO signing_keys (id, key_hex, active_from_ms)
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
     BACKUP_POLICIES,
+    alerts_sql!("INTEGER PRIMARY KEY AUTOINCREMENT"),
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -308,4 +366,5 @@ INSERT INTO signing_keys (id, key_hex, active_from_ms)
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
     BACKUP_POLICIES,
+    alerts_sql!("BIGSERIAL PRIMARY KEY"),
 ];

@@ -18,12 +18,32 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 pub use model::{
-    AgentRow, AuditQuery, AuditRow, BackupPolicyRow, ENROLL_REPLAY_WINDOW_MS, EnrollAttempt,
-    EnrollRefusal, EnrollTokenRow, Enrollment, MetricQuery, MetricRow, Pruned,
-    RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow,
-    SeenRow, SigningKeyRow, StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied,
-    UserInfo, UserRow,
+    AgentRow, AlertCommit, AlertEventRow, AlertRow, AuditQuery, AuditRow, BackupPolicyRow,
+    ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, MetricQuery,
+    MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
+    RecordingQuery, RecordingRow, SeenRow, SendOutcome, SigningKeyRow, SpecRow, StorageError,
+    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
 };
+
+/// The lease statement both the SQLite and the Postgres backend run (their placeholders
+/// differ only in spelling): taken when free, expired or the holder's own; the fence rises
+/// when the holder changes.
+macro_rules! take_lease_sql {
+    ($name:literal, $holder:literal, $expires:literal, $now:literal) => {
+        concat!(
+            "INSERT INTO leases (name, holder, fence, expires_ms) VALUES (",
+            $name,
+            ", ",
+            $holder,
+            ", 1, ",
+            $expires,
+            ") ON CONFLICT (name) DO UPDATE SET fence = CASE WHEN leases.holder = excluded.holder THEN leases.fence ELSE leases.fence + 1 END, holder = excluded.holder, expires_ms = excluded.expires_ms WHERE leases.holder = excluded.holder OR leases.expires_ms < ",
+            $now,
+            " RETURNING fence"
+        )
+    };
+}
+pub(crate) use take_lease_sql;
 
 /// The storage interface the rest of the control plane uses.
 #[derive(Clone)]
@@ -409,5 +429,68 @@ impl Storage {
     /// `agent_seen`. Returns, in order, whether each row's connection still holds its agent.
     pub async fn agents_seen(&self, rows: Vec<SeenRow>) -> Result<Vec<bool>, StorageError> {
         dispatch!(self.agents_seen(rows))
+    }
+
+    /// Take or renew lease `name` for `holder` until `now_ms + ttl_ms`: granted when it is
+    /// free, expired or already `holder`'s. Returns its fence (raised each time the holder
+    /// changes), `None` when another holds it.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StorageError> {
+        dispatch!(self.take_lease(name, holder, now_ms, ttl_ms))
+    }
+
+    /// Add a spec; `false` when one of that kind and name exists.
+    pub async fn create_spec(&self, row: SpecRow) -> Result<bool, StorageError> {
+        dispatch!(self.create_spec(row))
+    }
+
+    /// Every spec of `kind`, by name (with their secrets: callers keep them in).
+    pub async fn specs(&self, kind: &str) -> Result<Vec<SpecRow>, StorageError> {
+        dispatch!(self.specs(kind))
+    }
+
+    /// Remove the spec of `kind` called `name`; `false` when there is none.
+    pub async fn delete_spec(&self, kind: &str, name: &str) -> Result<bool, StorageError> {
+        dispatch!(self.delete_spec(kind, name))
+    }
+
+    /// Every alert's stored state.
+    pub async fn alerts(&self) -> Result<Vec<AlertRow>, StorageError> {
+        dispatch!(self.alerts())
+    }
+
+    /// Write an evaluation round (see [`AlertCommit`]) atomically; `false` when the lease is no
+    /// longer the committer's (nothing was written).
+    pub async fn alert_commit(&self, commit: AlertCommit) -> Result<bool, StorageError> {
+        dispatch!(self.alert_commit(commit))
+    }
+
+    /// Alert transitions, newest first, at most `limit`.
+    pub async fn alert_events(&self, limit: i64) -> Result<Vec<AlertEventRow>, StorageError> {
+        dispatch!(self.alert_events(limit))
+    }
+
+    /// Notifications not delivered yet, oldest first, at most `limit`.
+    pub async fn notifications_pending(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>, StorageError> {
+        dispatch!(self.notifications_pending(limit))
+    }
+
+    /// Record how a send went.
+    pub async fn notification_sent(&self, outcome: SendOutcome) -> Result<(), StorageError> {
+        dispatch!(self.notification_sent(outcome))
+    }
+
+    /// Remove alert history and delivered notifications older than `before_ms`; how many rows
+    /// went.
+    pub async fn prune_alerts(&self, before_ms: i64) -> Result<u64, StorageError> {
+        dispatch!(self.prune_alerts(before_ms))
     }
 }

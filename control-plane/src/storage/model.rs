@@ -275,3 +275,77 @@ pub struct SeenRow {
     /// Buffer figures (JSON), when the heartbeat carried them.
     pub buffer: Option<String>,
 }
+
+/// A named spec of some `kind` (an alert channel, a rule override): JSON, plus a secret the
+/// API never returns (a channel's signing key or URL with its token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecRow {
+    pub kind: String,
+    pub id: String,
+    pub name: String,
+    pub spec: String,
+    pub secret: Option<String>,
+    pub created_ms: i64,
+}
+
+/// One alert's state (JSON, see `alerts::state`) under its key (`RULE/AGENT_ID`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertRow {
+    pub key: String,
+    pub data: String,
+    pub updated_ms: i64,
+}
+
+/// One transition in an alert's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertEventRow {
+    pub id: i64,
+    pub key: String,
+    pub ts_ms: i64,
+    pub data: String,
+}
+
+/// A notification for one channel, in the outbox until a send of it succeeded. `key` is the
+/// idempotency key of the transition (or digest) it carries: one row per key and channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotificationRow {
+    pub id: i64,
+    pub key: String,
+    pub channel: String,
+    pub body: String,
+    pub created_ms: i64,
+    pub attempts: i64,
+    pub next_ms: i64,
+    pub delivered_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// What one evaluation round writes, in one transaction, only while `holder` still holds
+/// lease `lease` with fence `fence` (a replica that lost it writes nothing).
+#[derive(Clone, Debug, Default)]
+pub struct AlertCommit {
+    pub lease: String,
+    pub holder: String,
+    pub fence: i64,
+    pub now_ms: i64,
+    pub alerts: Vec<AlertRow>,
+    /// Alert keys to forget (resolved long ago, or their agent is gone).
+    pub removed: Vec<String>,
+    /// `(key, data)` of each transition, stamped `now_ms`.
+    pub events: Vec<(String, String)>,
+    /// `(key, channel, body)` of each new notification; a key already queued for a channel
+    /// is skipped.
+    pub notifications: Vec<(String, String, String)>,
+}
+
+/// How a send of a notification went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub id: i64,
+    pub attempts: i64,
+    /// Set when the receiver took it.
+    pub delivered_ms: Option<i64>,
+    /// When to try again otherwise.
+    pub next_ms: i64,
+    pub error: Option<String>,
+}

@@ -19,6 +19,8 @@ use super::model::{
 };
 use crate::auth::Role;
 
+mod alerts;
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`PostgresStore::connect`] waits for a database that is not reachable yet.
 const START_PATIENCE: Duration = Duration::from_secs(60);

@@ -16,6 +16,8 @@ use super::model::{
 };
 use crate::auth::Role;
 
+mod alerts;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     world: World,

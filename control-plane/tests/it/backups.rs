@@ -3,28 +3,8 @@
 
 use http::Method;
 
-use crate::harness::Server;
+use crate::harness::{Server, deliver};
 use control_plane::auth::Role;
-
-/// Deliver `records` (`(kind, data)`) as agent `credential`, stamped `ts_ms`.
-async fn deliver(
-    server: &Server,
-    credential: &str,
-    epoch: &str,
-    ts_ms: i64,
-    records: &[(&str, serde_json::Value)],
-) {
-    let records: Vec<serde_json::Value> = records
-        .iter()
-        .enumerate()
-        .map(|(i, (kind, data))| serde_json::json!({"seq": i + 1, "ts_ms": ts_ms, "kind": kind, "data": data}))
-        .collect();
-    let body = serde_json::json!({"epoch": epoch, "records": records}).to_string();
-    let r = server
-        .request(Method::POST, proto::METRICS_PATH, Some(credential), body)
-        .await;
-    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-}
 
 fn info(stanza_code: i64, backups: serde_json::Value) -> serde_json::Value {
     serde_json::json!({"tool": "pgbackrest", "stanzas": [{

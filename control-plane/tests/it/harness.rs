@@ -190,3 +190,23 @@ impl Server {
         }
     }
 }
+
+/// Deliver metric `records` (`(kind, data)`) as agent `credential` would, stamped `ts_ms`.
+pub async fn deliver(
+    server: &Server,
+    credential: &str,
+    epoch: &str,
+    ts_ms: i64,
+    records: &[(&str, serde_json::Value)],
+) {
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (kind, data))| serde_json::json!({"seq": i + 1, "ts_ms": ts_ms, "kind": kind, "data": data}))
+        .collect();
+    let body = serde_json::json!({"epoch": epoch, "records": records}).to_string();
+    let r = server
+        .request(Method::POST, proto::METRICS_PATH, Some(credential), body)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+}

@@ -1,5 +1,6 @@
 //! Control-plane integration tests: real storage backends, a real server on a loopback port.
 
+mod alerts;
 mod api;
 mod architecture;
 mod backups;

@@ -650,6 +650,141 @@ async fn check(s: Storage) {
     assert_eq!(other, "cccc");
 
     recordings(&s).await;
+    alerts(&s).await;
+}
+
+/// The alert lease (one holder, taken over once it lapses, a fence that rises), a round's
+/// commit refused to a holder that lost the lease, the outbox in order with one row per key
+/// and channel, and specs with their secrets.
+async fn alerts(s: &Storage) {
+    use control_plane::storage::{AlertCommit, AlertRow, SendOutcome, SpecRow};
+    let one = s
+        .take_lease("alerts", "r1", 1_000, 500)
+        .await
+        .expect("lease");
+    assert_eq!(one, Some(1));
+    assert_eq!(
+        s.take_lease("alerts", "r2", 1_200, 500)
+            .await
+            .expect("lease"),
+        None
+    );
+    assert_eq!(
+        s.take_lease("alerts", "r1", 1_400, 500)
+            .await
+            .expect("renew"),
+        Some(1)
+    );
+    // r1 stops renewing: its lease ends at 1,900.
+    let two = s
+        .take_lease("alerts", "r2", 2_000, 500)
+        .await
+        .expect("taken over");
+    assert_eq!(two, Some(2), "the fence rises with a new holder");
+    let commit = |holder: &str, fence: i64, key: &str| AlertCommit {
+        lease: "alerts".into(),
+        holder: holder.into(),
+        fence,
+        now_ms: 2_000,
+        alerts: vec![AlertRow {
+            key: key.into(),
+            data: "{}".into(),
+            updated_ms: 2_000,
+        }],
+        removed: vec![],
+        events: vec![
+            (key.into(), "{\"e\":1}".into()),
+            (key.into(), "{\"e\":2}".into()),
+        ],
+        notifications: vec![
+            (format!("{key}:firing"), "ch_a".into(), "1".into()),
+            (format!("{key}:firing"), "ch_b".into(), "2".into()),
+        ],
+    };
+    assert!(
+        !s.alert_commit(commit("r1", 1, "k1")).await.expect("commit"),
+        "r1 lost the lease"
+    );
+    assert!(s.alerts().await.expect("alerts").is_empty());
+    assert!(s.alert_commit(commit("r2", 2, "k2")).await.expect("commit"));
+    assert!(
+        s.alert_commit(commit("r2", 2, "k2")).await.expect("again"),
+        "a replay is harmless"
+    );
+    let alerts = s.alerts().await.expect("alerts");
+    assert_eq!(alerts.len(), 1);
+    let events = s.alert_events(10).await.expect("events");
+    let datas: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(
+        datas,
+        ["{\"e\":2}", "{\"e\":1}", "{\"e\":2}", "{\"e\":1}"],
+        "newest first"
+    );
+    let pending = s.notifications_pending(10).await.expect("pending");
+    let rows: Vec<(&str, &str)> = pending
+        .iter()
+        .map(|n| (n.key.as_str(), n.channel.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [("k2:firing", "ch_a"), ("k2:firing", "ch_b")],
+        "one row per key and channel"
+    );
+    s.notification_sent(SendOutcome {
+        id: pending[0].id,
+        attempts: 1,
+        delivered_ms: Some(2_100),
+        next_ms: 2_100,
+        error: None,
+    })
+    .await
+    .expect("sent");
+    s.notification_sent(SendOutcome {
+        id: pending[1].id,
+        attempts: 1,
+        delivered_ms: None,
+        next_ms: 3_100,
+        error: Some("HTTP 503".into()),
+    })
+    .await
+    .expect("failed");
+    let pending = s.notifications_pending(10).await.expect("pending");
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].attempts, pending[0].next_ms), (1, 3_100));
+    assert_eq!(pending[0].last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(
+        s.prune_alerts(2_101).await.expect("prune"),
+        5,
+        "4 events and the delivered row"
+    );
+
+    let spec = |name: &str| SpecRow {
+        kind: "alert_channel".into(),
+        id: format!("ch_{name}"),
+        name: name.into(),
+        spec: "{}".into(),
+        secret: Some("s3cret".into()),
+        created_ms: 1,
+    };
+    assert!(s.create_spec(spec("ops")).await.expect("create"));
+    assert!(
+        !s.create_spec(SpecRow {
+            id: "ch_other".into(),
+            ..spec("ops")
+        })
+        .await
+        .expect("same name")
+    );
+    let specs = s.specs("alert_channel").await.expect("specs");
+    assert_eq!(specs.len(), 1);
+    assert_eq!(specs[0].secret.as_deref(), Some("s3cret"));
+    assert!(s.specs("alert_rule").await.expect("specs").is_empty());
+    assert!(s.delete_spec("alert_channel", "ops").await.expect("delete"));
+    assert!(
+        !s.delete_spec("alert_channel", "ops")
+            .await
+            .expect("delete again")
+    );
 }
 
 /// Recordings: the head moves only where a chunk starts, searches find chunks by words and

@@ -1,0 +1,448 @@
+//! The alerts API: current alerts and their history, the rules with their overrides, and the
+//! notification channels (`POST …/{name}/test` sends a test notice at once).
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+use crate::alerts::channels::{self, Channel, ChannelRequest, ChannelSpec};
+use crate::alerts::evaluator::OVERRIDE_KIND;
+use crate::alerts::rules::{OVERRIDES_MAX, RULES, RuleOverride, Severity};
+use crate::alerts::state::{Alert, Brief, Notice, Phase, Status};
+use crate::audit::action;
+use crate::edge::{ApiError, AuthUser};
+use crate::handles::Handles;
+use crate::storage::SpecRow;
+
+const HISTORY_DEFAULT: i64 = 100;
+const HISTORY_MAX: i64 = 1000;
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct AlertView {
+    pub key: String,
+    pub rule: String,
+    pub agent_id: String,
+    pub agent: String,
+    pub phase: Phase,
+    pub severity: Severity,
+    pub value: f64,
+    pub summary: String,
+    /// When the condition began to hold.
+    pub since: String,
+    pub fired: Option<String>,
+    pub resolved: Option<String>,
+    /// Transitions whose notice waits (for its group, or a mute).
+    pub unsent: usize,
+}
+
+impl AlertView {
+    fn of(a: Alert) -> AlertView {
+        AlertView {
+            key: a.key(),
+            since: crate::time::rfc3339_ms(a.since_ms),
+            fired: a.fired_ms.map(crate::time::rfc3339_ms),
+            resolved: a.resolved_ms.map(crate::time::rfc3339_ms),
+            unsent: a.unsent.len(),
+            rule: a.rule,
+            agent_id: a.agent_id,
+            agent: a.agent,
+            phase: a.phase,
+            severity: a.severity,
+            value: a.value,
+            summary: a.summary,
+        }
+    }
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct HistoryView {
+    pub at: String,
+    #[serde(flatten)]
+    pub alert: AlertView,
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct AlertsView {
+    /// Firing first, then pending, then recently resolved; worst severity first.
+    pub alerts: Vec<AlertView>,
+    /// Transitions, newest first.
+    pub history: Vec<HistoryView>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+pub struct AlertsQuery {
+    /// Transitions listed, default 100, at most 1000.
+    pub history: Option<i64>,
+}
+
+/// `GET /api/v1/alerts`
+pub async fn list(
+    State(state): State<Handles>,
+    Query(q): Query<AlertsQuery>,
+) -> Result<Json<AlertsView>, ApiError> {
+    let limit = q.history.unwrap_or(HISTORY_DEFAULT);
+    if !(0..=HISTORY_MAX).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("history: 0 to {HISTORY_MAX}"),
+        ));
+    }
+    let mut alerts: Vec<Alert> = state
+        .storage
+        .alerts()
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .filter_map(|r| serde_json::from_str(&r.data).ok())
+        .collect();
+    let rank = |p: Phase| match p {
+        Phase::Firing => 0,
+        Phase::Pending => 1,
+        Phase::Resolved => 2,
+    };
+    alerts.sort_by(|a, b| {
+        (
+            rank(a.phase),
+            std::cmp::Reverse(a.severity),
+            &a.rule,
+            &a.agent,
+        )
+            .cmp(&(
+                rank(b.phase),
+                std::cmp::Reverse(b.severity),
+                &b.rule,
+                &b.agent,
+            ))
+    });
+    let history = state
+        .storage
+        .alert_events(limit)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .filter_map(|e| {
+            Some(HistoryView {
+                at: crate::time::rfc3339_ms(e.ts_ms),
+                alert: AlertView::of(serde_json::from_str(&e.data).ok()?),
+            })
+        })
+        .collect();
+    Ok(Json(AlertsView {
+        alerts: alerts.into_iter().map(AlertView::of).collect(),
+        history,
+    }))
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct RuleView {
+    pub name: &'static str,
+    pub measures: &'static str,
+    pub warning: Option<f64>,
+    pub critical: Option<f64>,
+    pub for_s: u64,
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct RulesView {
+    /// The built-in rules with their default thresholds.
+    pub rules: Vec<RuleView>,
+    /// Admins' changes for some agents, applied in name order.
+    pub overrides: Vec<RuleOverride>,
+}
+
+/// `GET /api/v1/alert-rules`
+pub async fn rules(State(state): State<Handles>) -> Result<Json<RulesView>, ApiError> {
+    let overrides = crate::alerts::evaluator::overrides(&state)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(RulesView {
+        rules: RULES
+            .iter()
+            .map(|r| RuleView {
+                name: r.name,
+                measures: r.measures,
+                warning: r.warning,
+                critical: r.critical,
+                for_s: r.for_s,
+            })
+            .collect(),
+        overrides,
+    }))
+}
+
+/// A spec to store through [`store_spec`].
+struct NewSpec<'a> {
+    kind: &'static str,
+    id_prefix: &'static str,
+    name: &'a str,
+    spec: String,
+    secret: Option<String>,
+    /// Specs of the kind kept at most.
+    max: usize,
+    what: &'static str,
+    audit: &'static str,
+}
+
+/// Store a new spec (refused when its kind is full or the name is taken) and audit it with
+/// its spec (never the secret); its id.
+async fn store_spec(state: &Handles, actor: &str, new: NewSpec<'_>) -> Result<String, ApiError> {
+    let existing = state
+        .storage
+        .specs(new.kind)
+        .await
+        .map_err(ApiError::internal)?;
+    if existing.len() >= new.max {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("at most {} {}s; delete one first", new.max, new.what),
+        ));
+    }
+    let id = crate::auth::new_id(&state.world, new.id_prefix);
+    let details: serde_json::Value = serde_json::from_str(&new.spec).unwrap_or_default();
+    let row = SpecRow {
+        kind: new.kind.into(),
+        id: id.clone(),
+        name: new.name.to_string(),
+        spec: new.spec,
+        secret: new.secret,
+        created_ms: state.world.now_unix_ms(),
+    };
+    if !state
+        .storage
+        .create_spec(row)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("a {} named {:?} exists", new.what, new.name),
+        ));
+    }
+    state
+        .audit
+        .record(actor, new.audit, new.name, details)
+        .await;
+    Ok(id)
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message)
+}
+
+/// `POST /api/v1/alert-rules`: an override.
+pub async fn create_override(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Json(spec): Json<RuleOverride>,
+) -> Result<(StatusCode, Json<RuleOverride>), ApiError> {
+    spec.validate().map_err(bad)?;
+    let spec = RuleOverride {
+        name: spec.name.trim().to_string(),
+        ..spec
+    };
+    let stored = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    store_spec(
+        &state,
+        &user.name,
+        NewSpec {
+            kind: OVERRIDE_KIND,
+            id_prefix: "ar",
+            name: &spec.name,
+            spec: stored,
+            secret: None,
+            max: OVERRIDES_MAX,
+            what: "rule override",
+            audit: action::ALERT_RULE_CHANGED,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(spec)))
+}
+
+/// `DELETE /api/v1/alert-rules/{name}`
+pub async fn delete_override(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_spec(&state, &user.name, OVERRIDE_KIND, &name, "rule override").await
+}
+
+async fn delete_spec(
+    state: &Handles,
+    actor: &str,
+    kind: &str,
+    name: &str,
+    what: &str,
+) -> Result<StatusCode, ApiError> {
+    if !state
+        .storage
+        .delete_spec(kind, name)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {what} named {name:?}"),
+        ));
+    }
+    let act = if kind == OVERRIDE_KIND {
+        action::ALERT_RULE_DELETED
+    } else {
+        action::ALERT_CHANNEL_DELETED
+    };
+    state
+        .audit
+        .record(actor, act, name, serde_json::json!({}))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChannelView {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: ChannelSpec,
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChannelCreated {
+    #[serde(flatten)]
+    pub channel: ChannelView,
+    /// The HMAC key made for a webhook posted without one: shown this once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// `GET /api/v1/alert-channels` (never a secret).
+pub async fn channels(State(state): State<Handles>) -> Result<Json<Vec<ChannelView>>, ApiError> {
+    let rows = state
+        .storage
+        .specs(channels::SPEC_KIND)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        rows.iter()
+            .filter_map(Channel::from_row)
+            .map(|c| ChannelView {
+                id: c.id,
+                spec: c.spec,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /api/v1/alert-channels`
+pub async fn create_channel(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Json(request): Json<ChannelRequest>,
+) -> Result<(StatusCode, Json<ChannelCreated>), ApiError> {
+    let posted_secret = request.secret.is_some();
+    let made = hex::encode(state.world.random_bytes::<24>());
+    let (spec, secret) = request.into_stored(made).map_err(bad)?;
+    let stored = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    let id = store_spec(
+        &state,
+        &user.name,
+        NewSpec {
+            kind: channels::SPEC_KIND,
+            id_prefix: "ch",
+            name: &spec.name,
+            spec: stored,
+            secret: secret.clone(),
+            max: channels::CHANNELS_MAX,
+            what: "channel",
+            audit: action::ALERT_CHANNEL_CREATED,
+        },
+    )
+    .await?;
+    let shown = (spec.kind == channels::Kind::Webhook && !posted_secret)
+        .then_some(secret)
+        .flatten();
+    Ok((
+        StatusCode::CREATED,
+        Json(ChannelCreated {
+            channel: ChannelView { id, spec },
+            secret: shown,
+        }),
+    ))
+}
+
+/// `DELETE /api/v1/alert-channels/{name}`: what its outbox still holds is dropped.
+pub async fn delete_channel(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_spec(&state, &user.name, channels::SPEC_KIND, &name, "channel").await
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct TestSent {
+    pub delivered: bool,
+    /// Why it did not arrive.
+    pub error: Option<String>,
+}
+
+/// A test notice, the same for `outpost notify test` and the API.
+pub fn test_notice(world: &world::World, by: &str) -> Notice {
+    let now_ms = world.now_unix_ms();
+    Notice {
+        key: format!("test:{now_ms}"),
+        rule: "outpost_test".into(),
+        status: Status::Firing,
+        severity: Severity::Warning,
+        digest: false,
+        test: true,
+        alerts: vec![Brief {
+            key: "outpost_test".into(),
+            agent_id: String::new(),
+            agent: "outpost".into(),
+            severity: Severity::Warning,
+            value: 0.0,
+            summary: format!("a test notification sent by {by}"),
+            starts_ms: now_ms,
+            ends_ms: None,
+        }],
+    }
+}
+
+/// `POST /api/v1/alert-channels/{name}/test`: send a test notice now (not through the outbox).
+pub async fn test_channel(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<TestSent>), ApiError> {
+    let channel = state
+        .storage
+        .specs(channels::SPEC_KIND)
+        .await
+        .map_err(ApiError::internal)?
+        .iter()
+        .filter(|r| r.name == name)
+        .find_map(Channel::from_row)
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no channel named {name:?}"))
+        })?;
+    let result = channel
+        .send(
+            &state.world,
+            &test_notice(&state.world, &user.name),
+            channels::SEND_TIMEOUT,
+        )
+        .await;
+    let status = if result.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    Ok((
+        status,
+        Json(TestSent {
+            delivered: result.is_ok(),
+            error: result.err(),
+        }),
+    ))
+}

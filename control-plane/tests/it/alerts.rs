@@ -1,0 +1,248 @@
+//! Alerts end to end: agents deliver metrics as they do, the rules fire and resolve, and the
+//! notifications reach a real HTTP receiver on loopback (one that can refuse for a while).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use http::Method;
+
+use crate::harness::{Server, deliver, fast_settings};
+use control_plane::auth::Role;
+use control_plane::settings::{AlertTiming, Settings};
+
+/// What the receiver took: (key header, signature header, body).
+type Received = Arc<Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+#[derive(Clone, Default)]
+struct Sink {
+    received: Received,
+    /// Requests refused with 503 before any is taken.
+    refuse_first: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+
+async fn take(State(sink): State<Sink>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+    if sink.refuse_first.load(Ordering::SeqCst) > 0 {
+        sink.refuse_first.fetch_sub(1, Ordering::SeqCst);
+        sink.refused.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    sink.received.lock().expect("lock").push((
+        header("x-outpost-key"),
+        header("x-outpost-signature"),
+        body,
+    ));
+    StatusCode::OK
+}
+
+/// A receiver on loopback; its URL.
+async fn start_sink(world: &world::World, sink: Sink) -> String {
+    let listener = world.net().bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(take))
+        .with_state(sink);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/hook")
+}
+
+fn alert_settings(digest_over: usize) -> Settings {
+    Settings {
+        alerts: AlertTiming {
+            tick: Duration::from_millis(100),
+            evaluate_every: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(2),
+            group_wait: Duration::from_millis(300),
+            digest_over,
+            repeat: Duration::from_secs(3600),
+        },
+        ..fast_settings()
+    }
+}
+
+async fn webhook(server: &Server, admin: &str, url: &str, secret: &str) {
+    let body = serde_json::json!({"name": "ops", "kind": "webhook", "url": url, "secret": secret});
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-channels",
+            Some(admin),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}
+
+async fn received_at_least(
+    server: &Server,
+    sink: &Sink,
+    n: usize,
+    within: Duration,
+) -> Vec<(String, String, serde_json::Value)> {
+    let got = fixtures::poll::until(within, Duration::from_millis(50), || async {
+        let r = sink.received.lock().expect("lock").clone();
+        (r.len() >= n).then_some(r)
+    })
+    .await;
+    match got {
+        Some(got) => got,
+        None => {
+            let stored = server.storage.alerts().await.expect("alerts");
+            let outbox = server
+                .storage
+                .notifications_pending(100)
+                .await
+                .expect("outbox");
+            panic!(
+                "the receiver did not get {n} notifications within {within:?}: {:?}\nalerts: {stored:?}\noutbox: {outbox:?}",
+                sink.received.lock().expect("lock")
+            )
+        }
+    }
+}
+
+fn xid(age: i64) -> serde_json::Value {
+    serde_json::json!({ "app": age, "postgres": 1000 })
+}
+
+#[tokio::test]
+async fn a_rule_fires_reaches_a_signed_webhook_and_resolves() {
+    let server = Server::start_with(alert_settings(20)).await;
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let sink = Sink::default();
+    let url = start_sink(&server.world, sink.clone()).await;
+    webhook(&server, &admin, &url, "k3y").await;
+    let (_, db1) = server.enroll("db1").await;
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(15)).await;
+    let (key, signature, body) = &got[0];
+    assert!(
+        key.starts_with("xid_age/") && key.ends_with(":firing"),
+        "{key}"
+    );
+    let raw = serde_json::to_vec(body).expect("json");
+    // The signature covers the bytes sent; serde_json writes the same bytes back here.
+    assert_eq!(
+        signature,
+        &format!(
+            "sha256={}",
+            control_plane::alerts::channels::sign("k3y", &raw)
+        )
+    );
+    assert_eq!(body["version"], "4");
+    assert_eq!(body["status"], "firing");
+    assert_eq!(body["alerts"][0]["labels"]["agent"], "db1");
+    assert_eq!(body["alerts"][0]["labels"]["severity"], "critical");
+
+    deliver(
+        &server,
+        &db1,
+        "e2",
+        now + 1_000,
+        &[("xid_age", xid(500_000_000))],
+    )
+    .await;
+    let got = received_at_least(&server, &sink, 2, Duration::from_secs(15)).await;
+    let (key, _, body) = &got[1];
+    assert!(key.ends_with(":resolved"), "{key}");
+    assert_eq!(body["status"], "resolved");
+    assert_ne!(body["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+
+    let r = server
+        .request(Method::GET, "/api/v1/alerts", Some(&admin), "")
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(v["alerts"][0]["phase"], "resolved", "{v}");
+    let phases: Vec<&str> = v["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|h| h["phase"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(phases, ["resolved", "firing"], "{v}");
+
+    // The channel test goes at once; no secret is ever shown again.
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-channels/ops/test",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = received_at_least(&server, &sink, 3, Duration::from_secs(5)).await;
+    assert!(got[2].0.starts_with("test:"), "{:?}", got[2]);
+    let r = server
+        .request(Method::GET, "/api/v1/alert-channels", Some(&admin), "")
+        .await;
+    assert!(!String::from_utf8_lossy(&r.body).contains("k3y"));
+    assert_eq!(sink.received.lock().expect("lock").len(), 3, "nothing more");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn many_agents_at_once_make_one_digest_and_a_receiver_that_was_down_gets_every_transition_in_order()
+ {
+    let server = Server::start_with(alert_settings(5)).await;
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let sink = Sink::default();
+    sink.refuse_first.store(3, Ordering::SeqCst);
+    let url = start_sink(&server.world, sink.clone()).await;
+    webhook(&server, &admin, &url, "k3y").await;
+    let now = server.world.now_unix_ms();
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        agents.push(server.enroll(&format!("db{i}")).await.1);
+    }
+    for a in &agents {
+        deliver(&server, a, "e1", now, &[("xid_age", xid(1_100_000_000))]).await;
+    }
+    // Resolve them while the receiver still refuses: both transitions wait in the outbox.
+    fixtures::poll::until_true(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { sink.refused.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
+    for a in &agents {
+        deliver(&server, a, "e2", now + 1_000, &[("xid_age", xid(1_000))]).await;
+    }
+    let got = received_at_least(&server, &sink, 2, Duration::from_secs(30)).await;
+    assert_eq!(sink.refused.load(Ordering::SeqCst), 3);
+    let statuses: Vec<(&str, usize)> = got
+        .iter()
+        .map(|(_, _, b)| {
+            (
+                b["status"].as_str().unwrap_or_default(),
+                b["alerts"].as_array().map_or(0, Vec::len),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [("firing", 8), ("resolved", 8)],
+        "one digest each, in order"
+    );
+    assert!(
+        got[0].0.starts_with("digest:xid_age:firing:"),
+        "{}",
+        got[0].0
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sink.received.lock().expect("lock").len(), 2, "nothing more");
+    server.stop().await;
+}
