@@ -18,6 +18,7 @@ pub mod observe;
 pub mod run;
 pub mod run_as;
 pub mod signal;
+pub mod silence;
 pub mod sqlite_file;
 pub mod tasks;
 pub mod terminal;

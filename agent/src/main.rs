@@ -41,6 +41,11 @@ enum Commands {
     /// server, and the task socket. Exits 1 when anything blocks normal operation. Takes the
     /// same flags as `run`.
     Doctor(DoctorArgs),
+    /// Hold back this host's alert notifications for a while, e.g. around a nightly job:
+    /// `outpost-agent silence --for 1h --rule replication_lag --comment "nightly pg_dump"`.
+    /// Alerts are still evaluated and recorded; what still fires when the silence ends is
+    /// sent then. Takes the same flags as `run` (it uses the agent's enrollment).
+    Silence(SilenceArgs),
     /// Run task commands for the agent, one at a time, as it asks on stdin (the agent starts
     /// these; they are not meant to be run by hand).
     #[command(hide = true)]
@@ -90,6 +95,22 @@ struct DoctorArgs {
     /// One JSON array of {check, status, detail, fix}.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SilenceArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// How long, e.g. 30m, 2h (at most 7d).
+    #[arg(long = "for", value_name = "DURATION")]
+    for_: String,
+    /// Only this rule (xid_age, replication_lag, agent_offline, metrics_buffer_full,
+    /// metrics_delivery_failing, backup_rpo, archiving_failing); every rule when absent.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Why, shown with the silence and in the audit log.
+    #[arg(long, default_value = "silenced from the host")]
+    comment: String,
 }
 
 #[derive(Args)]
@@ -165,6 +186,7 @@ fn main() -> ExitCode {
         }
         Commands::Run(args) => Box::pin(run(args)),
         Commands::Doctor(args) => Box::pin(doctor(args)),
+        Commands::Silence(args) => Box::pin(silence(args)),
         Commands::Enroll(args) => Box::pin(enroll(args)),
         Commands::Tasks(command) => Box::pin(agent::tasks::cli::run(command)),
         Commands::Buffer(command) => Box::pin(agent::buffer::cli::run(command)),
@@ -240,6 +262,32 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} check(s) failed");
     }
+    Ok(())
+}
+
+async fn silence(args: SilenceArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.run)?;
+    let world = World::real();
+    if let Some(tls) = &config.tls_client {
+        world.set_tls_client(tls.clone());
+    }
+    let s = agent::silence::silence(
+        &world,
+        &config,
+        &args.for_,
+        args.rule.as_deref(),
+        &args.comment,
+    )
+    .await?;
+    let ends = s["ends_ms"].as_i64().unwrap_or_default();
+    println!(
+        "silenced {} on this host until {} (silence {}; end it early with DELETE /api/v1/silences/{})",
+        s["rule"].as_str().unwrap_or("every rule"),
+        jiff::Timestamp::from_millisecond(ends)
+            .map_or_else(|_| ends.to_string(), |t| t.to_string()),
+        s["id"].as_str().unwrap_or_default(),
+        s["id"].as_str().unwrap_or_default(),
+    );
     Ok(())
 }
 

@@ -59,6 +59,9 @@ pub mod action {
     pub const ALERT_RULE_DELETED: &str = "alert_rule.deleted";
     pub const ALERT_CHANNEL_CREATED: &str = "alert_channel.created";
     pub const ALERT_CHANNEL_DELETED: &str = "alert_channel.deleted";
+    /// A silence was created (by a user or an agent) or ended early (target: its id).
+    pub const SILENCE_CREATED: &str = "silence.created";
+    pub const SILENCE_ENDED: &str = "silence.ended";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";
 }

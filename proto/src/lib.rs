@@ -41,6 +41,9 @@ pub fn negotiate(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
 
 /// Path of metrics delivery (HTTP POST, JSON [`MetricsBatch`], agent credential).
 pub const METRICS_PATH: &str = "/api/v1/agent/metrics";
+/// Where an agent silences its own alerts (`outpost-agent silence`): a JSON body of
+/// `{"for": "1h", "rule": "…", "comment": "…"}` (rule optional).
+pub const SILENCES_PATH: &str = "/api/v1/agent/silences";
 
 /// A pgBackRest stanza name as the backup tasks' `stanza` parameter takes it (the agent checks
 /// it, and so does a control-plane backup policy before it sends one): 1 to 64 letters,

@@ -412,3 +412,63 @@ fn admin_commands_manage_users_and_agents() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no agent \"agt_nope\""));
 }
+
+/// `outpost-agent silence`: the agent's own credential asks the control plane, which records
+/// a silence of this host only; bad input is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_silences_its_own_alerts() {
+    let cp = ControlPlane::start().await;
+    let dir = cp.dir.path().join("agent");
+    let d = dir.to_str().expect("utf8");
+    cp.enroll_agent("db-nightly", d);
+    let silence = |args: &[&str]| {
+        let mut all = vec!["silence", "--data-dir", d];
+        all.extend_from_slice(args);
+        run(&agent_bin(), &all)
+    };
+    let out = silence(&[
+        "--for",
+        "2h",
+        "--rule",
+        "replication_lag",
+        "--comment",
+        "nightly dump",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).starts_with("silenced replication_lag on this host until "),
+        "{}",
+        stdout(&out)
+    );
+    let out = silence(&["--for", "30d"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at most 7d"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = cp
+        .api(http::Method::GET, "/api/v1/silences", None)
+        .await
+        .expect("reachable");
+    let list: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["created_by"], "agent:db-nightly");
+    assert_eq!(list[0]["comment"], "nightly dump");
+    let empty = tempfile::tempdir().expect("dir");
+    let out = run(
+        &agent_bin(),
+        &[
+            "silence",
+            "--data-dir",
+            empty.path().to_str().expect("utf8"),
+            "--for",
+            "1h",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("enroll first"));
+}

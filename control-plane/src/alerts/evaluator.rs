@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channels::{self, Channel};
 use super::rules::{self, Facts, RULES, RuleOverride};
+use super::silences::{self, Silence};
 use super::state::{self, Alert, Grouping, Notice, Observation};
 use crate::handles::Handles;
 use crate::storage::{AlertCommit, AlertRow, NotificationRow, SendOutcome, StorageError};
@@ -116,6 +117,24 @@ pub async fn overrides(h: &Handles) -> Result<Vec<RuleOverride>, StorageError> {
         .collect())
 }
 
+/// Silences in force at `now_ms`; those ended a day ago are removed.
+async fn active_silences(h: &Handles, now_ms: i64) -> Result<Vec<Silence>, StorageError> {
+    let mut active = Vec::new();
+    for row in h.storage.specs(silences::SPEC_KIND).await? {
+        let Ok(s) = serde_json::from_str::<Silence>(&row.spec) else {
+            continue;
+        };
+        if now_ms - s.ends_ms > 86_400_000 {
+            h.storage
+                .delete_spec(silences::SPEC_KIND, &row.name)
+                .await?;
+        } else if s.active(now_ms) {
+            active.push(s);
+        }
+    }
+    Ok(active)
+}
+
 /// Measure every rule on every agent and advance the stored alerts.
 async fn evaluate(
     h: &Handles,
@@ -164,7 +183,9 @@ async fn evaluate(
             });
         }
     }
-    let round = state::advance(stored, observed, now_ms, grouping, &|_| false);
+    let silences = active_silences(h, now_ms).await?;
+    let muted = |a: &Alert| silences.iter().any(|s| s.mutes(a, now_ms));
+    let round = state::advance(stored, observed, now_ms, grouping, &muted);
     let json = |a: &Alert| serde_json::to_string(a).unwrap_or_default();
     let mut notifications = Vec::new();
     for notice in &round.notices {

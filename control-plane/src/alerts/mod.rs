@@ -4,10 +4,12 @@
 //!
 //! * [`rules`]: the built-in rules, their thresholds, admins' overrides, what each measures.
 //! * [`state`]: an alert's life and the notices a round sends (grouped into digests).
+//! * [`silences`]: notices held back for a while, by rule and agents.
 //! * [`channels`]: channel specs, how a notice is written for each kind, and sending it.
 //! * [`evaluator`]: the loop on every replica: take the lease, evaluate, commit, deliver.
 
 pub mod channels;
 pub mod evaluator;
 pub mod rules;
+pub mod silences;
 pub mod state;

@@ -296,8 +296,13 @@ fn flush(
 ) {
     // (rule, status) → alerts with an unsent transition of that status, not muted.
     let mut groups: BTreeMap<(String, Status), Vec<String>> = BTreeMap::new();
-    for (key, a) in all.iter() {
+    for (key, a) in all.iter_mut() {
         if muted(a) {
+            // Held back. An alert that fired and resolved unheard has nothing to tell.
+            if a.phase == Phase::Resolved && a.notified_ms.is_none() && !a.unsent.is_empty() {
+                a.unsent.clear();
+                mark_changed(round, a);
+            }
             continue;
         }
         for u in &a.unsent {
@@ -473,6 +478,46 @@ mod tests {
         assert!(r.notices[0].digest);
         assert_eq!(r.notices[0].alerts.len(), 10);
         assert_eq!(r.notices[0].key, "digest:xid_age:firing:0");
+    }
+
+    #[test]
+    fn what_fired_and_resolved_while_muted_is_never_told_and_what_still_fires_is_told_after() {
+        let c = Some(Severity::Critical);
+        let muted = |_: &Alert| true;
+        let r = advance(
+            BTreeMap::new(),
+            vec![obs("a", c, 0), obs("b", c, 0)],
+            0,
+            quick(),
+            &muted,
+        );
+        let s = stored(&r, BTreeMap::new());
+        let r = advance(
+            s.clone(),
+            vec![obs("a", None, 0), obs("b", c, 0)],
+            1_000,
+            quick(),
+            &muted,
+        );
+        assert!(r.notices.is_empty());
+        let s = stored(&r, s);
+        assert!(
+            s["xid_age/agt_a"].unsent.is_empty(),
+            "a fired and resolved unheard"
+        );
+        let r = advance(
+            s,
+            vec![obs("a", None, 0), obs("b", c, 0)],
+            2_000,
+            quick(),
+            &|_: &Alert| false,
+        );
+        let keys: Vec<&str> = r.notices.iter().map(|n| n.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["xid_age/agt_b:0:firing"],
+            "b still fires when the mute ends"
+        );
     }
 
     #[test]

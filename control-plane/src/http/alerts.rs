@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::alerts::channels::{self, Channel, ChannelRequest, ChannelSpec};
 use crate::alerts::evaluator::OVERRIDE_KIND;
 use crate::alerts::rules::{OVERRIDES_MAX, RULES, RuleOverride, Severity};
+use crate::alerts::silences::{self, Silence, SilenceRequest};
 use crate::alerts::state::{Alert, Brief, Notice, Phase, Status};
 use crate::audit::action;
-use crate::edge::{ApiError, AuthUser};
+use crate::edge::{ApiError, AuthAgent, AuthUser};
 use crate::handles::Handles;
 use crate::storage::SpecRow;
 
@@ -174,7 +175,7 @@ pub async fn rules(State(state): State<Handles>) -> Result<Json<RulesView>, ApiE
 /// A spec to store through [`store_spec`].
 struct NewSpec<'a> {
     kind: &'static str,
-    id_prefix: &'static str,
+    id: String,
     name: &'a str,
     spec: String,
     secret: Option<String>,
@@ -198,7 +199,7 @@ async fn store_spec(state: &Handles, actor: &str, new: NewSpec<'_>) -> Result<St
             format!("at most {} {}s; delete one first", new.max, new.what),
         ));
     }
-    let id = crate::auth::new_id(&state.world, new.id_prefix);
+    let id = new.id;
     let details: serde_json::Value = serde_json::from_str(&new.spec).unwrap_or_default();
     let row = SpecRow {
         kind: new.kind.into(),
@@ -247,7 +248,7 @@ pub async fn create_override(
         &user.name,
         NewSpec {
             kind: OVERRIDE_KIND,
-            id_prefix: "ar",
+            id: crate::auth::new_id(&state.world, "ar"),
             name: &spec.name,
             spec: stored,
             secret: None,
@@ -287,10 +288,10 @@ async fn delete_spec(
             format!("no {what} named {name:?}"),
         ));
     }
-    let act = if kind == OVERRIDE_KIND {
-        action::ALERT_RULE_DELETED
-    } else {
-        action::ALERT_CHANNEL_DELETED
+    let act = match kind {
+        OVERRIDE_KIND => action::ALERT_RULE_DELETED,
+        silences::SPEC_KIND => action::SILENCE_ENDED,
+        _ => action::ALERT_CHANNEL_DELETED,
     };
     state
         .audit
@@ -348,7 +349,7 @@ pub async fn create_channel(
         &user.name,
         NewSpec {
             kind: channels::SPEC_KIND,
-            id_prefix: "ch",
+            id: crate::auth::new_id(&state.world, "ch"),
             name: &spec.name,
             spec: stored,
             secret: secret.clone(),
@@ -445,4 +446,75 @@ pub async fn test_channel(
             error: result.err(),
         }),
     ))
+}
+
+/// `GET /api/v1/silences`: those in force and those ended within the last day, ending first.
+pub async fn list_silences(State(state): State<Handles>) -> Result<Json<Vec<Silence>>, ApiError> {
+    let mut list: Vec<Silence> = state
+        .storage
+        .specs(silences::SPEC_KIND)
+        .await
+        .map_err(ApiError::internal)?
+        .iter()
+        .filter_map(|r| serde_json::from_str(&r.spec).ok())
+        .collect();
+    list.sort_by_key(|s: &Silence| s.ends_ms);
+    Ok(Json(list))
+}
+
+async fn create_silence_as(
+    state: &Handles,
+    actor: String,
+    agent: Option<(String, String)>,
+    request: SilenceRequest,
+) -> Result<(StatusCode, Json<Silence>), ApiError> {
+    let id = crate::auth::new_id(&state.world, "sil");
+    let silence = request
+        .into_silence(id.clone(), state.world.now_unix_ms(), actor.clone(), agent)
+        .map_err(bad)?;
+    let stored = serde_json::to_string(&silence).map_err(ApiError::internal)?;
+    store_spec(
+        state,
+        &actor,
+        NewSpec {
+            kind: silences::SPEC_KIND,
+            id: id.clone(),
+            name: &id,
+            spec: stored,
+            secret: None,
+            max: silences::SILENCES_MAX,
+            what: "silence",
+            audit: action::SILENCE_CREATED,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(silence)))
+}
+
+/// `POST /api/v1/silences`
+pub async fn create_silence(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Json(request): Json<SilenceRequest>,
+) -> Result<(StatusCode, Json<Silence>), ApiError> {
+    create_silence_as(&state, user.name, None, request).await
+}
+
+/// `POST /api/v1/agent/silences`: an agent silences its own alerts (`outpost-agent silence`).
+pub async fn agent_silence(
+    State(state): State<Handles>,
+    Extension(AuthAgent(agent)): Extension<AuthAgent>,
+    Json(request): Json<SilenceRequest>,
+) -> Result<(StatusCode, Json<Silence>), ApiError> {
+    let actor = format!("agent:{}", agent.name);
+    create_silence_as(&state, actor, Some((agent.id, agent.name)), request).await
+}
+
+/// `DELETE /api/v1/silences/{id}`: end it now.
+pub async fn end_silence(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_spec(&state, &user.name, silences::SPEC_KIND, &id, "silence").await
 }

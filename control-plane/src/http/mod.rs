@@ -179,6 +179,26 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             delete(alerts::delete_override),
         ),
         (
+            spec(Method::GET, "/api/v1/silences", Access::User(Role::Viewer)),
+            get(alerts::list_silences),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/silences",
+                Access::User(Role::Operator),
+            ),
+            post(alerts::create_silence),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/silences/{id}",
+                Access::User(Role::Operator),
+            ),
+            delete(alerts::end_silence),
+        ),
+        (
             spec(
                 Method::GET,
                 "/api/v1/alert-channels",
@@ -269,6 +289,10 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::POST, proto::METRICS_PATH, Access::Agent),
             post(metrics::ingest).layer(DefaultBodyLimit::max(metrics::BATCH_BYTES_MAX)),
+        ),
+        (
+            spec(Method::POST, proto::SILENCES_PATH, Access::Agent),
+            post(alerts::agent_silence),
         ),
         (
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),

@@ -178,6 +178,24 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         ("DELETE", "/api/v1/alert-rules/{name}") => {
             doc("Delete a rule override", "alerts").no_content()
         }
+        ("GET", "/api/v1/silences") => doc(
+            "Silences in force, and those ended within the last day",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<crate::alerts::silences::Silence>>),
+        ("POST", "/api/v1/silences") => doc(
+            "Hold back the notices of a rule (or all) on some agents (or all) for up to 7 days; evaluation and history go on, and what still fires when it ends is sent then",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::silences::SilenceRequest>)
+        .returns(201, schema::<crate::alerts::silences::Silence>),
+        ("DELETE", "/api/v1/silences/{id}") => doc("End a silence now", "alerts").no_content(),
+        ("POST", "/api/v1/agent/silences") => doc(
+            "An agent silences its own alerts (outpost-agent silence); `agents` is not taken",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::silences::SilenceRequest>)
+        .returns(201, schema::<crate::alerts::silences::Silence>),
         ("GET", "/api/v1/alert-channels") => doc(
             "Notification channels (never their secrets)",
             "alerts",

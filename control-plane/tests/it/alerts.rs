@@ -112,17 +112,25 @@ async fn received_at_least(
     }
 }
 
+/// A server with fast alert timing and a webhook channel `ops` to a receiver that refuses its
+/// first `refuse_first` requests.
+async fn with_webhook(digest_over: usize, refuse_first: usize) -> (Server, String, Sink) {
+    let server = Server::start_with(alert_settings(digest_over)).await;
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let sink = Sink::default();
+    sink.refuse_first.store(refuse_first, Ordering::SeqCst);
+    let url = start_sink(&server.world, sink.clone()).await;
+    webhook(&server, &admin, &url, "k3y").await;
+    (server, admin, sink)
+}
+
 fn xid(age: i64) -> serde_json::Value {
     serde_json::json!({ "app": age, "postgres": 1000 })
 }
 
 #[tokio::test]
 async fn a_rule_fires_reaches_a_signed_webhook_and_resolves() {
-    let server = Server::start_with(alert_settings(20)).await;
-    let admin = server.token_for("alert-admin", Role::Admin).await;
-    let sink = Sink::default();
-    let url = start_sink(&server.world, sink.clone()).await;
-    webhook(&server, &admin, &url, "k3y").await;
+    let (server, admin, sink) = with_webhook(20, 0).await;
     let (_, db1) = server.enroll("db1").await;
     let now = server.world.now_unix_ms();
     deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
@@ -197,12 +205,7 @@ async fn a_rule_fires_reaches_a_signed_webhook_and_resolves() {
 #[tokio::test]
 async fn many_agents_at_once_make_one_digest_and_a_receiver_that_was_down_gets_every_transition_in_order()
  {
-    let server = Server::start_with(alert_settings(5)).await;
-    let admin = server.token_for("alert-admin", Role::Admin).await;
-    let sink = Sink::default();
-    sink.refuse_first.store(3, Ordering::SeqCst);
-    let url = start_sink(&server.world, sink.clone()).await;
-    webhook(&server, &admin, &url, "k3y").await;
+    let (server, _admin, sink) = with_webhook(5, 3).await;
     let now = server.world.now_unix_ms();
     let mut agents = Vec::new();
     for i in 0..8 {
@@ -244,5 +247,71 @@ async fn many_agents_at_once_make_one_digest_and_a_receiver_that_was_down_gets_e
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(sink.received.lock().expect("lock").len(), 2, "nothing more");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silence_holds_notices_back_and_what_still_fires_is_sent_when_it_ends() {
+    let (server, admin, sink) = with_webhook(20, 0).await;
+    let (_, db1) = server.enroll("db1").await;
+    let (_, db2) = server.enroll("db2").await;
+    // db1 silences itself with its own credential (as `outpost-agent silence` does); a user
+    // silences db2 for every rule.
+    let r = server
+        .request(
+            Method::POST,
+            proto::SILENCES_PATH,
+            Some(&db1),
+            r#"{"for":"3s","rule":"xid_age","comment":"nightly pg_dump"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let mine: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(mine["created_by"], "agent:db1");
+    let r = server
+        .request(
+            Method::POST,
+            proto::SILENCES_PATH,
+            Some(&db1),
+            r#"{"for":"1h","agents":["*"],"comment":"everyone"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 400, "an agent silences only itself");
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/silences",
+            Some(&admin),
+            r#"{"for":"1h","agents":["db2"],"comment":"rebuilding db2"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let db2_silence: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    deliver(&server, &db2, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        sink.received.lock().expect("lock").is_empty(),
+        "both silenced"
+    );
+    // db1's silence ends by itself: its still-firing alert goes then; db2's is ended early.
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].2["alerts"][0]["labels"]["agent"], "db1");
+    let r = server
+        .request(
+            Method::DELETE,
+            &format!(
+                "/api/v1/silences/{}",
+                db2_silence["id"].as_str().expect("id")
+            ),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let got = received_at_least(&server, &sink, 2, Duration::from_secs(10)).await;
+    assert_eq!(got[1].2["alerts"][0]["labels"]["agent"], "db2");
     server.stop().await;
 }
