@@ -69,6 +69,11 @@ pub struct RawServeConfig {
     pub alert_digest_over: Option<usize>,
     /// humantime, default 4h: a firing alert is notified again this often.
     pub alert_repeat: Option<String>,
+    /// humantime, default 15s: how often the rules are evaluated.
+    pub alert_evaluate_every: Option<String>,
+    /// humantime, default 20s: how long the evaluating replica's lease lasts unrenewed (the
+    /// other replica takes over within it and a quarter more).
+    pub alert_lease_ttl: Option<String>,
 }
 
 impl RawServeConfig {
@@ -104,6 +109,8 @@ impl RawServeConfig {
             alert_group_wait: self.alert_group_wait.or(file.alert_group_wait),
             alert_digest_over: self.alert_digest_over.or(file.alert_digest_over),
             alert_repeat: self.alert_repeat.or(file.alert_repeat),
+            alert_evaluate_every: self.alert_evaluate_every.or(file.alert_evaluate_every),
+            alert_lease_ttl: self.alert_lease_ttl.or(file.alert_lease_ttl),
         }
     }
 }
@@ -184,6 +191,11 @@ fn check_urls(raw: &RawServeConfig) -> anyhow::Result<()> {
 /// Every setting from the file and flags, or its default.
 fn settings_of(raw: &RawServeConfig) -> anyhow::Result<Settings> {
     let defaults = Settings::default();
+    let lease_ttl = duration(
+        "alert_lease_ttl",
+        raw.alert_lease_ttl.as_deref(),
+        defaults.alerts.lease_ttl,
+    )?;
     Ok(Settings {
         heartbeat_interval: duration(
             "heartbeat_interval",
@@ -263,7 +275,14 @@ fn settings_of(raw: &RawServeConfig) -> anyhow::Result<Settings> {
                 raw.alert_repeat.as_deref(),
                 defaults.alerts.repeat,
             )?,
-            ..defaults.alerts
+            evaluate_every: duration(
+                "alert_evaluate_every",
+                raw.alert_evaluate_every.as_deref(),
+                defaults.alerts.evaluate_every,
+            )?,
+            lease_ttl,
+            // The lease is renewed four times within its time to live.
+            tick: (lease_ttl / 4).min(defaults.alerts.tick),
         },
     })
 }
@@ -275,6 +294,14 @@ fn check_settings(settings: &Settings) -> anyhow::Result<()> {
     }
     if settings.alerts.repeat < Duration::from_secs(60) {
         bail!("alert_repeat: at least 1m");
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300))
+        .contains(&settings.alerts.evaluate_every)
+    {
+        bail!("alert_evaluate_every: between 1s and 5m");
+    }
+    if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&settings.alerts.lease_ttl) {
+        bail!("alert_lease_ttl: between 2s and 5m");
     }
     if settings.max_connections == 0 {
         bail!(

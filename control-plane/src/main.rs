@@ -187,7 +187,8 @@ struct ServeArgs {
     /// dead_after, session_ttl, metrics_retention, audit_retention, inventory, tls_cert, tls_key, ca_file,
     /// behind_tls_proxy, max_connections, max_connections_per_address, header_timeout,
     /// body_timeout, request_timeout, login_lockout, recording, recording_retention,
-    /// recording_failure, record_input, alert_group_wait, alert_digest_over, alert_repeat.
+    /// recording_failure, record_input, alert_group_wait, alert_digest_over, alert_repeat,
+    /// alert_evaluate_every, alert_lease_ttl.
     /// Flags and OUTPOST_* variables override it.
     #[arg(long, env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,

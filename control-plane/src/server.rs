@@ -91,7 +91,7 @@ where
     ));
     background.spawn(crate::alerts::evaluator::run_forever(
         crate::handles::Handles::from_ref(&state),
-        crate::auth::new_id(&state.world, "replica"),
+        crate::alerts::evaluator::replica_name(&state.world),
         state.shutdown.clone(),
     ));
     let app = crate::http::router(state);

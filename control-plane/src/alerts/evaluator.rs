@@ -38,6 +38,19 @@ fn ms(d: Duration) -> i64 {
     crate::time::duration_ms(d)
 }
 
+/// This replica's name as a lease holder: host, process id and a random part (a restarted
+/// process is another holder), so an operator can tell which replica evaluates.
+pub fn replica_name(world: &world::World) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{host}/{}/{}",
+        std::process::id(),
+        hex::encode(world.random_bytes::<3>())
+    )
+}
+
 /// Run until `shutdown`, as replica `holder`.
 pub async fn run_forever(h: Handles, holder: String, shutdown: CancellationToken) {
     let timing = h.settings.alerts;

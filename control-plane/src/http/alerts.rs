@@ -69,6 +69,17 @@ pub struct AlertsView {
     pub alerts: Vec<AlertView>,
     /// Transitions, newest first.
     pub history: Vec<HistoryView>,
+    /// The replica evaluating the rules (host/pid/…) and until when its lease runs; `null`
+    /// before any replica took it.
+    pub evaluator: Option<EvaluatorView>,
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct EvaluatorView {
+    pub replica: String,
+    pub lease_until: String,
+    /// `false` when the lease ran out: no replica evaluates now.
+    pub live: bool,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -129,9 +140,21 @@ pub async fn list(
             })
         })
         .collect();
+    let now_ms = state.world.now_unix_ms();
+    let evaluator = state
+        .storage
+        .lease(crate::alerts::evaluator::LEASE)
+        .await
+        .map_err(ApiError::internal)?
+        .map(|l| EvaluatorView {
+            replica: l.holder,
+            lease_until: crate::time::rfc3339_ms(l.expires_ms),
+            live: l.expires_ms > now_ms,
+        });
     Ok(Json(AlertsView {
         alerts: alerts.into_iter().map(AlertView::of).collect(),
         history,
+        evaluator,
     }))
 }
 

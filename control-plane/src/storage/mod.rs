@@ -19,10 +19,10 @@ pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AlertCommit, AlertEventRow, AlertRow, AuditQuery, AuditRow, BackupPolicyRow,
-    ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, MetricQuery,
-    MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk, RecordingMatch,
-    RecordingQuery, RecordingRow, SeenRow, SendOutcome, SigningKeyRow, SpecRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
+    ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, LeaseRow,
+    MetricQuery, MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
+    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SendOutcome, SigningKeyRow, SpecRow,
+    StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
 };
 
 /// The lease statement both the SQLite and the Postgres backend run (their placeholders
@@ -442,6 +442,11 @@ impl Storage {
         ttl_ms: i64,
     ) -> Result<Option<i64>, StorageError> {
         dispatch!(self.take_lease(name, holder, now_ms, ttl_ms))
+    }
+
+    /// Who holds lease `name` (perhaps expired), if anyone ever took it.
+    pub async fn lease(&self, name: &str) -> Result<Option<LeaseRow>, StorageError> {
+        dispatch!(self.lease(name))
     }
 
     /// Add a spec; `false` when one of that kind and name exists.

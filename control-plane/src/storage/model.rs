@@ -349,3 +349,11 @@ pub struct SendOutcome {
     pub next_ms: i64,
     pub error: Option<String>,
 }
+
+/// Who holds a lease, and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub holder: String,
+    pub fence: i64,
+    pub expires_ms: i64,
+}

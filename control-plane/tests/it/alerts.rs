@@ -22,9 +22,23 @@ struct Sink {
     /// Requests refused with 503 before any is taken.
     refuse_first: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
+    /// Requests left unanswered (for good) before any is taken: a sender stuck mid-send.
+    hang_first: Arc<AtomicUsize>,
+    /// The key of every request that arrived, taken or not.
+    arrived: Arc<Mutex<Vec<String>>>,
 }
 
 async fn take(State(sink): State<Sink>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+    let key = headers
+        .get("x-outpost-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    sink.arrived.lock().expect("lock").push(key);
+    if sink.hang_first.load(Ordering::SeqCst) > 0 {
+        sink.hang_first.fetch_sub(1, Ordering::SeqCst);
+        std::future::pending::<()>().await;
+    }
     if sink.refuse_first.load(Ordering::SeqCst) > 0 {
         sink.refuse_first.fetch_sub(1, Ordering::SeqCst);
         sink.refused.fetch_add(1, Ordering::SeqCst);
@@ -314,4 +328,138 @@ async fn a_silence_holds_notices_back_and_what_still_fires_is_sent_when_it_ends(
     let got = received_at_least(&server, &sink, 2, Duration::from_secs(10)).await;
     assert_eq!(got[1].2["alerts"][0]["labels"]["agent"], "db2");
     server.stop().await;
+}
+
+/// `outpost serve` on `port` against `database_url`, with fast alert timing.
+fn replica(dir: &std::path::Path, port: u16, database_url: &str) -> std::process::Child {
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "alert_group_wait = \"0s\"\nalert_evaluate_every = \"1s\"\nalert_lease_ttl = \"3s\"\n",
+    )
+    .expect("config");
+    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            database_url,
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{port}")))
+        .env("OUTPOST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start outpost serve")
+}
+
+/// The evaluating replica killed with kill -9 while a notification is on its way: the other
+/// replica takes the lease over and sends it again with the same key, once; the next
+/// transition goes once too, and nothing is left in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_most_once() {
+    use control_plane::auth::{self, SecretKind};
+    let pg = fixtures::Postgres::start().await.expect("postgres");
+    let url = pg.create_database("alert_takeover").expect("database");
+    let world = world::World::real();
+    let dir = tempfile::tempdir().expect("dir");
+    let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
+        .await
+        .expect("storage");
+    let ports = [free_port(), free_port()];
+    let mut replicas: Vec<std::process::Child> = ports
+        .iter()
+        .map(|p| replica(dir.path(), *p, &url))
+        .collect();
+    // Stand-ins for the two replicas behind one proxy: every request goes to the first.
+    let server = Server::connect(&world, &storage, ports[0]).await;
+    let admin = auth::new_secret(&world, SecretKind::ApiToken);
+    let user = control_plane::storage::UserRow {
+        id: auth::new_id(&world, "usr"),
+        name: "alert-admin".into(),
+        role: Role::Admin,
+        password_hash: "unused".into(),
+        created_at_ms: world.now_unix_ms(),
+    };
+    storage.create_user(user.clone()).await.expect("user");
+    let now = world.now_unix_ms();
+    storage
+        .create_api_token(&auth::secret_hash(&admin), &user.id, now, now + 3_600_000)
+        .await
+        .expect("token");
+    let sink = Sink::default();
+    sink.hang_first.store(1, Ordering::SeqCst);
+    let hook = start_sink(&world, sink.clone()).await;
+    webhook(&server, &admin, &hook, "k3y").await;
+    let (_, db1) = server.enroll("db1").await;
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+
+    // The first send hangs: its sender is the lease holder (host/pid/…). Kill it.
+    let arrived = fixtures::poll::until_true(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { !sink.arrived.lock().expect("lock").is_empty() },
+    )
+    .await;
+    assert!(arrived, "no notification was sent");
+    let holder = storage
+        .lease("alerts")
+        .await
+        .expect("lease")
+        .expect("held")
+        .holder;
+    let pid: u32 = holder
+        .split('/')
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("pid in the holder");
+    let victim = replicas
+        .iter()
+        .position(|c| c.id() == pid)
+        .expect("the holder is one of ours");
+    replicas[victim].kill().expect("kill -9");
+    let _ = replicas[victim].wait();
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(20)).await;
+    let first_key = sink.arrived.lock().expect("lock")[0].clone();
+    assert_eq!(got[0].0, first_key, "sent again with the same key");
+    let survivor = storage
+        .lease("alerts")
+        .await
+        .expect("lease")
+        .expect("held")
+        .holder;
+    assert_ne!(survivor, holder, "the other replica took over");
+
+    // The next transition, through the survivor.
+    let server = Server::connect(&world, &storage, ports[1 - victim]).await;
+    deliver(&server, &db1, "e2", now + 1_000, &[("xid_age", xid(1_000))]).await;
+    let got = received_at_least(&server, &sink, 2, Duration::from_secs(20)).await;
+    assert!(got[1].0.ends_with(":resolved"), "{:?}", got[1].0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let arrived = sink.arrived.lock().expect("lock").clone();
+    assert_eq!(
+        arrived.len(),
+        3,
+        "one duplicate, of the send cut short: {arrived:?}"
+    );
+    assert!(
+        storage
+            .notifications_pending(10)
+            .await
+            .expect("outbox")
+            .is_empty()
+    );
+    for mut r in replicas {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("addr").port()
 }

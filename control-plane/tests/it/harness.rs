@@ -76,6 +76,50 @@ impl Server {
         }
     }
 
+    /// A control plane running in another process on `port` over `storage`, once it answers
+    /// `/healthz`: requests go there, nothing is served in-process.
+    pub async fn connect(world: &World, storage: &Storage, port: u16) -> Server {
+        let base = url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+        let health = base.join("/healthz").expect("url");
+        let up =
+            fixtures::poll::until_true(Duration::from_secs(30), Duration::from_millis(100), || {
+                let health = health.clone();
+                async move {
+                    world::http_request(
+                        world,
+                        Method::GET,
+                        &health,
+                        HeaderMap::new(),
+                        Bytes::new(),
+                        Duration::from_secs(2),
+                        4096,
+                    )
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+                }
+            })
+            .await;
+        assert!(
+            up,
+            "the control plane on port {port} did not come up within 30 s"
+        );
+        let shutdown = CancellationToken::new();
+        Server {
+            world: world.clone(),
+            storage: storage.clone(),
+            state: AppState::new(
+                world.clone(),
+                storage.clone(),
+                fast_settings(),
+                shutdown.clone(),
+            ),
+            base,
+            shutdown,
+            task: None,
+            _dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
     /// Create a user with `role` and return an API token for it.
     pub async fn token_for(&self, name: &str, role: Role) -> String {
         let hash = auth::hash_password([1; 16], "a-long-enough-password").expect("hash");

@@ -681,6 +681,12 @@ async fn alerts(s: &Storage) {
         .await
         .expect("taken over");
     assert_eq!(two, Some(2), "the fence rises with a new holder");
+    let held = s.lease("alerts").await.expect("lease").expect("held");
+    assert_eq!(
+        (held.holder.as_str(), held.fence, held.expires_ms),
+        ("r2", 2, 2_500)
+    );
+    assert!(s.lease("nothing").await.expect("lease").is_none());
     let commit = |holder: &str, fence: i64, key: &str| AlertCommit {
         lease: "alerts".into(),
         holder: holder.into(),

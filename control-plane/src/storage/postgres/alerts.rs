@@ -3,7 +3,8 @@
 
 use super::{PostgresStore, backend};
 use crate::storage::model::{
-    AlertCommit, AlertEventRow, AlertRow, NotificationRow, SendOutcome, SpecRow, StorageError,
+    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NotificationRow, SendOutcome, SpecRow,
+    StorageError,
 };
 use crate::storage::take_lease_sql;
 
@@ -25,6 +26,23 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn lease(&self, name: &str) -> Result<Option<LeaseRow>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT holder, fence, expires_ms FROM leases WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| LeaseRow {
+            holder: r.get(0),
+            fence: r.get(1),
+            expires_ms: r.get(2),
+        }))
     }
 
     pub async fn create_spec(&self, row: SpecRow) -> Result<bool, StorageError> {

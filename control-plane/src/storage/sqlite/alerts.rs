@@ -5,7 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, backend};
 use crate::storage::model::{
-    AlertCommit, AlertEventRow, AlertRow, NotificationRow, SendOutcome, SpecRow, StorageError,
+    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NotificationRow, SendOutcome, SpecRow,
+    StorageError,
 };
 use crate::storage::take_lease_sql;
 
@@ -37,6 +38,26 @@ impl SqliteStore {
                 take_lease_sql!("?1", "?2", "?3", "?4"),
                 params![name, holder, now_ms + ttl_ms, now_ms],
                 |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn lease(&self, name: &str) -> Result<Option<LeaseRow>, StorageError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.query_row(
+                "SELECT holder, fence, expires_ms FROM leases WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok(LeaseRow {
+                        holder: r.get(0)?,
+                        fence: r.get(1)?,
+                        expires_ms: r.get(2)?,
+                    })
+                },
             )
             .optional()
             .map_err(backend)
