@@ -227,7 +227,7 @@ chaos-seeds:
     cargo build -q --bins
     bash scripts/chaos-seeds.sh
 
-# Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, ssh, terminal, fleet.
+# Benchmarks, printed next to their targets (README, Benchmarks). Areas: sim, tasks, buffer, alerts, ssh, terminal, fleet.
 bench area="sim":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -246,6 +246,9 @@ bench area="sim":
         ;;
       buffer)
         cargo bench -q -p agent --bench buffer
+        ;;
+      alerts)
+        cargo bench -q -p control-plane --bench alerts
         ;;
       ssh)
         # The peers, installed here so the comparison runs in the same session.
@@ -274,7 +277,7 @@ bench area="sim":
         cargo build -q --release --bins
         cargo bench -q -p agent --bench fleet
         ;;
-      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, ssh, terminal, fleet" >&2; exit 2 ;;
+      *) echo "unknown bench area '{{area}}'; available: sim, tasks, buffer, alerts, ssh, terminal, fleet" >&2; exit 2 ;;
     esac
 
 fmt:

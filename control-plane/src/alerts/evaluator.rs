@@ -90,16 +90,14 @@ async fn tick(
     };
     if last_evaluation.is_none_or(|t| now_ms - t >= ms(timing.evaluate_every)) {
         *last_evaluation = Some(now_ms);
-        let commit = evaluate(h, holder, fence, now_ms, grouping).await?;
-        let notices = commit.notifications.len();
-        if !h.storage.alert_commit(commit).await? {
+        if evaluate_round(h, holder, fence, now_ms, grouping)
+            .await?
+            .is_none()
+        {
             tracing::warn!(
                 "alerts: the lease moved to another replica during the round; its result was not stored"
             );
             return Ok(());
-        }
-        if notices > 0 {
-            tracing::info!(notifications = notices, "alerts: notifications queued");
         }
     }
     if now_ms - *last_prune >= 3_600_000 {
@@ -107,6 +105,26 @@ async fn tick(
         h.storage.prune_alerts(now_ms - HISTORY_MS).await?;
     }
     deliver(h, now_ms + ttl_ms).await
+}
+
+/// One evaluation round as lease holder `holder` with `fence`: measure, advance, commit.
+/// The number of notifications queued, `None` when the lease had moved (nothing stored).
+pub async fn evaluate_round(
+    h: &Handles,
+    holder: &str,
+    fence: i64,
+    now_ms: i64,
+    grouping: Grouping,
+) -> Result<Option<usize>, StorageError> {
+    let commit = evaluate(h, holder, fence, now_ms, grouping).await?;
+    let notices = commit.notifications.len();
+    if !h.storage.alert_commit(commit).await? {
+        return Ok(None);
+    }
+    if notices > 0 {
+        tracing::info!(notifications = notices, "alerts: notifications queued");
+    }
+    Ok(Some(notices))
 }
 
 /// Channels by id.
