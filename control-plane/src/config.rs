@@ -37,7 +37,8 @@ pub struct RawServeConfig {
     /// PEM certificate chain (leaf first) and private key: serve HTTPS instead of HTTP.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// PEM CA certificates trusted for `rediss://` (default: the system's).
+    /// PEM CA certificates trusted for outgoing TLS (`rediss://`, notification channels),
+    /// besides the system's.
     pub ca_file: Option<PathBuf>,
     /// A reverse proxy terminates TLS in front of this replica: browsers see HTTPS, so the
     /// session cookie is `Secure` and answers carry HSTS although this port speaks HTTP.
@@ -368,11 +369,14 @@ fn tls_server(raw: &RawServeConfig) -> anyhow::Result<Option<Arc<world::tls::Ser
     })
 }
 
-/// The trust for outgoing TLS, from `ca_file` when given.
+/// The trust for outgoing TLS: `ca_file` when given, beside the system's CAs (a private
+/// Redis and a public chat service's webhook from one replica).
 fn tls_client(raw: &RawServeConfig) -> anyhow::Result<Option<Arc<world::tls::ClientConfig>>> {
     raw.ca_file
         .as_ref()
-        .map(|path| world::tls::client_config(path).map_err(|e| anyhow::anyhow!("ca_file: {e}")))
+        .map(|path| {
+            world::tls::client_config_with_system(path).map_err(|e| anyhow::anyhow!("ca_file: {e}"))
+        })
         .transpose()
 }
 

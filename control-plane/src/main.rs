@@ -47,6 +47,9 @@ enum Commands {
     /// enrolled agent collecting from that Postgres. Prints `url:`, `user:` and `password:`;
     /// open the url in a browser. Ctrl+C stops everything and deletes the data dir.
     Demo(DemoArgs),
+    /// Alert notifications: channels and a test send.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Exit 0 when the control plane on this host answers /healthz (the image's HEALTHCHECK).
     ///
     /// Exits 1 with the reason when /healthz does not answer 200 with status "ok". The answer
@@ -229,7 +232,8 @@ struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
-    /// PEM CA certificates to trust for rediss:// [default: the system's].
+    /// PEM CA certificates to trust for outgoing TLS (rediss://, notification channels),
+    /// besides the system's.
     #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
     /// Connections served at once, WebSockets included (every agent holds one) [default: 20000].
@@ -290,6 +294,28 @@ struct StoreArgs {
     /// PostgreSQL URL (postgres://user@host/db); when set, SQLite is not used.
     #[arg(long, env = "OUTPOST_DATABASE_URL")]
     database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum NotifyCommand {
+    /// Send a test notification through channel CHANNEL now (not through the outbox) and say
+    /// whether it arrived. Works on the storage directly, like `outpost admin`.
+    ///
+    /// Example: outpost notify test ops --database-url postgres://outpost@db/outpost
+    Test {
+        channel: String,
+        /// PEM CA certificates to trust for the channel's https:// URL, besides the system's.
+        #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// The notification channels (never their secrets), and what each has waiting in the
+    /// outbox.
+    Channels {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -486,6 +512,7 @@ fn main() -> ExitCode {
         match cli.command {
             Commands::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
             Commands::Admin(cmd) => admin(cmd).await.map(|()| ExitCode::SUCCESS),
+            Commands::Notify(cmd) => notify(cmd).await,
             Commands::Exec(args) => exec(args).await,
             Commands::Demo(args) => control_plane::demo::run(
                 World::real(),
@@ -937,6 +964,73 @@ async fn backup_policy_create(
 }
 
 /// `outpost admin backup-policies`.
+async fn notify(cmd: NotifyCommand) -> anyhow::Result<ExitCode> {
+    use control_plane::alerts::channels::{self, Channel};
+    let world = World::real();
+    let (store, wanted) = match cmd {
+        NotifyCommand::Test {
+            channel,
+            ca_file,
+            store,
+        } => {
+            if let Some(path) = &ca_file {
+                let tls = world::tls::client_config_with_system(path)
+                    .map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?;
+                world.set_tls_client(tls);
+            }
+            (store, Some(channel))
+        }
+        NotifyCommand::Channels { store } => (store, None),
+    };
+    let storage = open(&world, store).await?;
+    let list: Vec<Channel> = storage
+        .specs(channels::SPEC_KIND)
+        .await
+        .context("read the channels")?
+        .iter()
+        .filter_map(Channel::from_row)
+        .collect();
+    let Some(wanted) = wanted else {
+        let pending = storage.notifications_pending(10_000).await?;
+        println!(
+            "{:<24}  {:<13}  {:<9}  {:>7}  URL",
+            "NAME", "KIND", "SEVERITY", "WAITING"
+        );
+        for c in &list {
+            let waiting = pending.iter().filter(|n| n.channel == c.id).count();
+            println!(
+                "{:<24}  {:<13}  {:<9}  {:>7}  {}",
+                c.spec.name,
+                serde_json::to_value(c.spec.kind)?
+                    .as_str()
+                    .unwrap_or_default(),
+                c.spec.min_severity.as_str(),
+                waiting,
+                c.spec.url.as_deref().unwrap_or("(secret)")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let channel = list
+        .into_iter()
+        .find(|c| c.spec.name == wanted)
+        .with_context(|| {
+            format!("no channel named {wanted:?}; `outpost notify channels` lists them")
+        })?;
+    let by = format!("outpost notify test on {}", std::process::id());
+    let notice = channels::test_notice(world.now_unix_ms(), &by);
+    match channel.send(&world, &notice, channels::SEND_TIMEOUT).await {
+        Ok(()) => {
+            println!("delivered a test notification to {wanted}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: the test notification did not arrive: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 async fn backup_policies(world: &World, store: StoreArgs) -> anyhow::Result<()> {
     let storage = open(world, store).await?;
     let rows = storage

@@ -73,10 +73,23 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 /// A client configuration trusting the CA certificates in `ca_file` (PEM), e.g. a private CA
 /// or the system bundle ([`SYSTEM_CA_BUNDLE`]).
 pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_of(ca_file, false)
+}
+
+/// As [`client_config`], and the system bundle too when there is one: a private CA for some
+/// peers (a Redis) beside public ones (a chat service's webhooks).
+pub fn client_config_with_system(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_of(ca_file, true)
+}
+
+fn client_config_of(ca_file: &Path, system_too: bool) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(certificates(ca_file)?);
     if added == 0 {
         return Err(file_error(ca_file, "no usable CA certificate in the file"));
+    }
+    if system_too && let Ok(system) = certificates(Path::new(SYSTEM_CA_BUNDLE)) {
+        roots.add_parsable_certificates(system);
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -220,6 +220,28 @@ impl Channel {
     }
 }
 
+/// A test notice (`POST …/test`, `outpost notify test`), sent by `by` at `now_ms`.
+pub fn test_notice(now_ms: i64, by: &str) -> Notice {
+    Notice {
+        key: format!("test:{now_ms}"),
+        rule: "outpost_test".into(),
+        status: Status::Firing,
+        severity: Severity::Warning,
+        digest: false,
+        test: true,
+        alerts: vec![super::state::Brief {
+            key: "outpost_test".into(),
+            agent_id: String::new(),
+            agent: "outpost".into(),
+            severity: Severity::Warning,
+            value: 0.0,
+            summary: format!("a test notification sent by {by}"),
+            starts_ms: now_ms,
+            ends_ms: None,
+        }],
+    }
+}
+
 /// HMAC-SHA256 of `body` with `secret`, in hex: what `X-Outpost-Signature` carries.
 pub fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())

@@ -10,7 +10,7 @@ use crate::alerts::channels::{self, Channel, ChannelRequest, ChannelSpec};
 use crate::alerts::evaluator::OVERRIDE_KIND;
 use crate::alerts::rules::{OVERRIDES_MAX, RULES, RuleOverride, Severity};
 use crate::alerts::silences::{self, Silence, SilenceRequest};
-use crate::alerts::state::{Alert, Brief, Notice, Phase, Status};
+use crate::alerts::state::{Alert, Phase};
 use crate::audit::action;
 use crate::edge::{ApiError, AuthAgent, AuthUser};
 use crate::handles::Handles;
@@ -410,29 +410,6 @@ pub struct TestSent {
     pub error: Option<String>,
 }
 
-/// A test notice, the same for `outpost notify test` and the API.
-pub fn test_notice(world: &world::World, by: &str) -> Notice {
-    let now_ms = world.now_unix_ms();
-    Notice {
-        key: format!("test:{now_ms}"),
-        rule: "outpost_test".into(),
-        status: Status::Firing,
-        severity: Severity::Warning,
-        digest: false,
-        test: true,
-        alerts: vec![Brief {
-            key: "outpost_test".into(),
-            agent_id: String::new(),
-            agent: "outpost".into(),
-            severity: Severity::Warning,
-            value: 0.0,
-            summary: format!("a test notification sent by {by}"),
-            starts_ms: now_ms,
-            ends_ms: None,
-        }],
-    }
-}
-
 /// `POST /api/v1/alert-channels/{name}/test`: send a test notice now (not through the outbox).
 pub async fn test_channel(
     State(state): State<Handles>,
@@ -453,7 +430,7 @@ pub async fn test_channel(
     let result = channel
         .send(
             &state.world,
-            &test_notice(&state.world, &user.name),
+            &channels::test_notice(state.world.now_unix_ms(), &user.name),
             channels::SEND_TIMEOUT,
         )
         .await;

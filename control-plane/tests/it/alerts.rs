@@ -463,3 +463,43 @@ fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
     l.local_addr().expect("addr").port()
 }
+
+/// `outpost notify channels` lists channels without their secrets; `outpost notify test`
+/// sends through one and says whether it arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_test_sends_through_a_channel_from_the_command_line() {
+    let (server, _admin, sink) = with_webhook(20, 0).await;
+    let dir = server.data_dir().to_str().expect("utf8").to_string();
+    let outpost = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(args)
+            .args(["--data-dir", &dir])
+            .output()
+            .expect("run outpost")
+    };
+    let out = outpost(&["notify", "channels"]);
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        listed.contains("ops") && listed.contains("webhook"),
+        "{listed}"
+    );
+    assert!(!listed.contains("k3y"), "no secret: {listed}");
+    let out = outpost(&["notify", "test", "ops"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(5)).await;
+    assert!(got[0].0.starts_with("test:"), "{:?}", got[0]);
+    assert_eq!(got[0].2["alerts"][0]["labels"]["alertname"], "outpost_test");
+    let out = outpost(&["notify", "test", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outpost notify channels"));
+    server.stop().await;
+}

@@ -120,6 +120,11 @@ impl Server {
         }
     }
 
+    /// Its data directory (the SQLite file `outpost admin` and `outpost notify` open).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Create a user with `role` and return an API token for it.
     pub async fn token_for(&self, name: &str, role: Role) -> String {
         let hash = auth::hash_password([1; 16], "a-long-enough-password").expect("hash");
