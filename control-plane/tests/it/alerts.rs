@@ -503,3 +503,30 @@ async fn notify_test_sends_through_a_channel_from_the_command_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("outpost notify channels"));
     server.stop().await;
 }
+
+/// The Alerts page in headless Chromium (control-plane/web/tests/alerts.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_page_shows_alerts_and_makes_and_ends_a_silence() {
+    let (server, _admin, sink) = with_webhook(20, 0).await;
+    let (_, db1) = server.enroll("db1").await;
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    received_at_least(&server, &sink, 1, Duration::from_secs(15)).await;
+    let shots = fixtures::browser::screenshots_dir("alerts");
+    let url = server.base.to_string();
+    let run = tokio::task::block_in_place(|| {
+        fixtures::browser::run_script(
+            "alerts.mjs",
+            &[
+                ("OUTPOST_URL", url.as_str()),
+                ("OUTPOST_USER", "alert-admin"),
+                ("OUTPOST_PASSWORD", "a-long-enough-password"),
+            ],
+            &shots,
+        )
+    });
+    if let Err(e) = run {
+        panic!("{e:#}");
+    }
+    server.stop().await;
+}

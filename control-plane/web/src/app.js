@@ -6,6 +6,7 @@ import { $, ago, api, archiverCell, backupCell, bufferHealth, drillCell, el, ran
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
+import { alertsPage, createChannel, createSilence } from './alerts.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
 const FLEET_REFRESH_MS = 5000;
@@ -440,6 +441,12 @@ async function removeAgent() {
   location.hash = '#/fleet';
 }
 
+/** What the Alerts page needs of the app. */
+const alertsContext = {
+  allows, confirmButton, route: () => route(),
+  every: (fn) => every(AGENT_REFRESH_MS, fn),
+};
+
 async function route() {
   clearInterval(app.timer);
   if (!location.hash.startsWith('#/terminal/')) leaveTerminal();
@@ -450,6 +457,7 @@ async function route() {
   switch (page) {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'backups': await backupsPage(); break;
+    case 'alerts': await alertsPage(alertsContext); break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
     case 'sessions': await sessions(); break;
@@ -478,6 +486,8 @@ $('exec-form').addEventListener('submit', runExec);
 $('range').addEventListener('change', () => app.agent && agentPage(app.agent.id));
 $('backups-rpo').addEventListener('change', () => backupsPage());
 $('policy-form').addEventListener('submit', createPolicy);
+$('silence-form').addEventListener('submit', (e) => createSilence(e, alertsContext));
+$('channel-form').addEventListener('submit', (e) => createChannel(e, alertsContext));
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
 $('agent-remove').addEventListener('click', removeAgent);
 $('agent-rekey').addEventListener('click', rekeyAgent);

@@ -1,0 +1,47 @@
+// Headless Chromium on the Alerts page: the firing alert with its agent, the evaluating
+// replica, the channel tested from its button, a silence made through the form and ended,
+// the rules with their thresholds, and the history. Driven by control-plane/tests/it/alerts.rs,
+// which passes the url and the login.
+import { env, launch, logIn } from './browser.mjs';
+
+const shots = env('OUTPOST_SCREENSHOTS');
+const browser = await launch();
+const page = await browser.newPage({ viewport: { width: 1280, height: 1400 } });
+const errors = [];
+page.on('pageerror', (e) => errors.push(String(e)));
+page.on('dialog', (dialog) => dialog.accept());
+try {
+  await page.goto(env('OUTPOST_URL'));
+  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
+  await page.getByRole('heading', { name: 'Fleet' }).waitFor();
+  await page.getByRole('link', { name: 'Alerts' }).click();
+  const firing = page.locator('#alert-rows tr[data-phase="firing"]');
+  await firing.getByText('db1').waitFor({ timeout: 10000 });
+  await page.getByText(/1 firing, 0 pending; evaluated by /).waitFor();
+  if ((await page.locator('#rule-rows tr').count()) !== 7) throw new Error('not every rule is listed');
+  await page.locator('#history-rows tr[data-phase="firing"]').first().waitFor();
+
+  await page.getByRole('button', { name: 'Test channel ops' }).click();
+  await page.getByText('A test notification reached ops.').waitFor({ timeout: 15000 });
+
+  const form = page.locator('#silence-form');
+  await form.getByLabel('Rule', { exact: true }).selectOption('xid_age');
+  await form.getByLabel('Agents (names or patterns with *, comma-separated)').fill('db1');
+  await form.getByLabel('For (e.g. 2h, at most 7d)').fill('2h');
+  await form.getByLabel('Comment').fill('vacuum freeze running');
+  await form.getByRole('button', { name: 'Create silence' }).click();
+  const silence = page.locator('#silence-rows tr', { hasText: 'vacuum freeze running' });
+  await silence.waitFor({ timeout: 10000 });
+  const error = await page.locator('#silence-error').textContent();
+  if (error) throw new Error(`silence error shown: ${error}`);
+  await page.screenshot({ path: `${shots}/alerts.png`, fullPage: true });
+  await silence.getByRole('button', { name: /^End silence / }).click();
+  await silence.waitFor({ state: 'detached', timeout: 10000 });
+  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
+  console.log('ok: alerts, channel test, silence made and ended, rules and history on the Alerts page');
+} catch (error) {
+  await page.screenshot({ path: `${shots}/failure-alerts.png`, fullPage: true }).catch(() => {});
+  throw error;
+} finally {
+  await browser.close();
+}
