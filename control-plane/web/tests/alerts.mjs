@@ -2,18 +2,9 @@
 // replica, the channel tested from its button, a silence made through the form and ended,
 // the rules with their thresholds, and the history. Driven by control-plane/tests/it/alerts.rs,
 // which passes the url and the login.
-import { env, launch, logIn } from './browser.mjs';
+import { pageTest } from './browser.mjs';
 
-const shots = env('OUTPOST_SCREENSHOTS');
-const browser = await launch();
-const page = await browser.newPage({ viewport: { width: 1280, height: 1400 } });
-const errors = [];
-page.on('pageerror', (e) => errors.push(String(e)));
-page.on('dialog', (dialog) => dialog.accept());
-try {
-  await page.goto(env('OUTPOST_URL'));
-  await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
-  await page.getByRole('heading', { name: 'Fleet' }).waitFor();
+await pageTest('alerts', 1400, async (page, shots) => {
   await page.getByRole('link', { name: 'Alerts' }).click();
   const firing = page.locator('#alert-rows tr[data-phase="firing"]');
   await firing.getByText('db1').waitFor({ timeout: 10000 });
@@ -37,11 +28,5 @@ try {
   await page.screenshot({ path: `${shots}/alerts.png`, fullPage: true });
   await silence.getByRole('button', { name: /^End silence / }).click();
   await silence.waitFor({ state: 'detached', timeout: 10000 });
-  if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
-  console.log('ok: alerts, channel test, silence made and ended, rules and history on the Alerts page');
-} catch (error) {
-  await page.screenshot({ path: `${shots}/failure-alerts.png`, fullPage: true }).catch(() => {});
-  throw error;
-} finally {
-  await browser.close();
-}
+  return 'alerts, channel test, silence made and ended, rules and history on the Alerts page';
+});

@@ -37,3 +37,30 @@ export async function logIn(page, user, password) {
   await page.getByLabel('Password').fill(password);
   await page.getByRole('button', { name: 'Log in' }).click();
 }
+
+/**
+ * A page test: log in (OUTPOST_URL, OUTPOST_USER, OUTPOST_PASSWORD), wait for the fleet, then
+ * run `steps(page, shots)`, which returns what it showed. Dialogs are accepted; an error on the
+ * page fails the test; a failure leaves `failure-NAME.png` in OUTPOST_SCREENSHOTS.
+ */
+export async function pageTest(name, height, steps) {
+  const shots = env('OUTPOST_SCREENSHOTS');
+  const browser = await launch();
+  const page = await browser.newPage({ viewport: { width: 1280, height } });
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  page.on('dialog', (dialog) => dialog.accept());
+  try {
+    await page.goto(env('OUTPOST_URL'));
+    await logIn(page, env('OUTPOST_USER'), env('OUTPOST_PASSWORD'));
+    await page.getByRole('heading', { name: 'Fleet' }).waitFor();
+    const shown = await steps(page, shots);
+    if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`);
+    console.log(`ok: ${shown}`);
+  } catch (error) {
+    await page.screenshot({ path: `${shots}/failure-${name}.png`, fullPage: true }).catch(() => {});
+    throw error;
+  } finally {
+    await browser.close();
+  }
+}

@@ -42,7 +42,7 @@ try {
   });
 
   await step('task', async () => {
-    await page.getByLabel('Kind').selectOption('health_check');
+    await page.getByLabel('Kind', { exact: true }).selectOption('health_check');
     await page.getByRole('button', { name: 'Create task' }).click();
     await page.locator('#task-rows tr', { hasText: 'health_check' }).first().waitFor({ timeout: 15000 });
     const error = await page.locator('#task-error').textContent();
