@@ -62,6 +62,9 @@ pub mod action {
     /// A silence was created (by a user or an agent) or ended early (target: its id).
     pub const SILENCE_CREATED: &str = "silence.created";
     pub const SILENCE_ENDED: &str = "silence.ended";
+    /// A maintenance window was created or deleted (target: its name).
+    pub const WINDOW_CREATED: &str = "window.created";
+    pub const WINDOW_DELETED: &str = "window.deleted";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";
 }

@@ -15,6 +15,7 @@
 //!
 //! Frames are JSON text frames, one message per frame, at most [`FRAME_BYTES_MAX`] bytes.
 
+pub mod cron;
 pub mod prometheus;
 pub mod terminal;
 

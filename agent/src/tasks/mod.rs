@@ -7,7 +7,7 @@ pub mod bridge;
 pub mod cli;
 pub mod command;
 pub mod core;
-pub mod cron;
+pub use proto::cron;
 pub mod drill;
 pub mod driver;
 pub mod dumpfile;

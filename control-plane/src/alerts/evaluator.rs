@@ -148,6 +148,17 @@ pub async fn overrides(h: &Handles) -> Result<Vec<RuleOverride>, StorageError> {
         .collect())
 }
 
+/// Every maintenance window (unreadable ones skipped).
+pub async fn windows(h: &Handles) -> Result<Vec<super::windows::Window>, StorageError> {
+    Ok(h.storage
+        .specs(super::windows::SPEC_KIND)
+        .await?
+        .iter()
+        .filter_map(|r| serde_json::from_str::<super::windows::WindowSpec>(&r.spec).ok())
+        .filter_map(|spec| spec.check().ok())
+        .collect())
+}
+
 /// Silences in force at `now_ms`; those ended a day ago are removed.
 async fn active_silences(h: &Handles, now_ms: i64) -> Result<Vec<Silence>, StorageError> {
     let mut active = Vec::new();
@@ -215,7 +226,10 @@ async fn evaluate(
         }
     }
     let silences = active_silences(h, now_ms).await?;
-    let muted = |a: &Alert| silences.iter().any(|s| s.mutes(a, now_ms));
+    let windows = windows(h).await?;
+    let muted = |a: &Alert| {
+        silences.iter().any(|s| s.mutes(a, now_ms)) || windows.iter().any(|w| w.mutes(a, now_ms))
+    };
     let round = state::advance(stored, observed, now_ms, grouping, &muted);
     let json = |a: &Alert| serde_json::to_string(a).unwrap_or_default();
     let mut notifications = Vec::new();

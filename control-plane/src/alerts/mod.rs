@@ -5,6 +5,7 @@
 //! * [`rules`]: the built-in rules, their thresholds, admins' overrides, what each measures.
 //! * [`state`]: an alert's life and the notices a round sends (grouped into digests).
 //! * [`silences`]: notices held back for a while, by rule and agents.
+//! * [`windows`]: maintenance windows (cron + duration + time zone) that hold notices back.
 //! * [`channels`]: channel specs, how a notice is written for each kind, and sending it.
 //! * [`evaluator`]: the loop on every replica: take the lease, evaluate, commit, deliver.
 
@@ -13,3 +14,4 @@ pub mod evaluator;
 pub mod rules;
 pub mod silences;
 pub mod state;
+pub mod windows;

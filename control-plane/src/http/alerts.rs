@@ -11,6 +11,7 @@ use crate::alerts::evaluator::OVERRIDE_KIND;
 use crate::alerts::rules::{OVERRIDES_MAX, RULES, RuleOverride, Severity};
 use crate::alerts::silences::{self, Silence, SilenceRequest};
 use crate::alerts::state::{Alert, Phase};
+use crate::alerts::windows::{self, WindowSpec};
 use crate::audit::action;
 use crate::edge::{ApiError, AuthAgent, AuthUser};
 use crate::handles::Handles;
@@ -314,6 +315,7 @@ async fn delete_spec(
     let act = match kind {
         OVERRIDE_KIND => action::ALERT_RULE_DELETED,
         silences::SPEC_KIND => action::SILENCE_ENDED,
+        windows::SPEC_KIND => action::WINDOW_DELETED,
         _ => action::ALERT_CHANNEL_DELETED,
     };
     state
@@ -517,4 +519,70 @@ pub async fn end_silence(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     delete_spec(&state, &user.name, silences::SPEC_KIND, &id, "silence").await
+}
+
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct WindowView {
+    #[serde(flatten)]
+    pub spec: WindowSpec,
+    /// Open now.
+    pub open: bool,
+    /// The next five occurrences (the one open now first): `[start, end]`, RFC 3339.
+    pub next: Vec<[String; 2]>,
+}
+
+/// `GET /api/v1/windows`: every maintenance window with its next five occurrences.
+pub async fn list_windows(State(state): State<Handles>) -> Result<Json<Vec<WindowView>>, ApiError> {
+    let now_ms = state.world.now_unix_ms();
+    let list = crate::alerts::evaluator::windows(&state)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        list.into_iter()
+            .map(|w| WindowView {
+                open: w.open_at(now_ms).is_some(),
+                next: w
+                    .next(now_ms, 5)
+                    .into_iter()
+                    .map(|(a, b)| [crate::time::rfc3339_ms(a), crate::time::rfc3339_ms(b)])
+                    .collect(),
+                spec: w.spec,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /api/v1/windows`
+pub async fn create_window(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Json(spec): Json<WindowSpec>,
+) -> Result<(StatusCode, Json<WindowSpec>), ApiError> {
+    let window = spec.check().map_err(bad)?;
+    let stored = serde_json::to_string(&window.spec).map_err(ApiError::internal)?;
+    store_spec(
+        &state,
+        &user.name,
+        NewSpec {
+            kind: windows::SPEC_KIND,
+            id: crate::auth::new_id(&state.world, "win"),
+            name: &window.spec.name,
+            spec: stored,
+            secret: None,
+            max: windows::WINDOWS_MAX,
+            what: "window",
+            audit: action::WINDOW_CREATED,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(window.spec)))
+}
+
+/// `DELETE /api/v1/windows/{name}`
+pub async fn delete_window(
+    State(state): State<Handles>,
+    Extension(AuthUser(user)): Extension<AuthUser>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_spec(&state, &user.name, windows::SPEC_KIND, &name, "window").await
 }

@@ -179,6 +179,26 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             delete(alerts::delete_override),
         ),
         (
+            spec(Method::GET, "/api/v1/windows", Access::User(Role::Viewer)),
+            get(alerts::list_windows),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/windows",
+                Access::User(Role::Operator),
+            ),
+            post(alerts::create_window),
+        ),
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/windows/{name}",
+                Access::User(Role::Operator),
+            ),
+            delete(alerts::delete_window),
+        ),
+        (
             spec(Method::GET, "/api/v1/silences", Access::User(Role::Viewer)),
             get(alerts::list_silences),
         ),

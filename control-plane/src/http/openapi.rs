@@ -178,6 +178,20 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         ("DELETE", "/api/v1/alert-rules/{name}") => {
             doc("Delete a rule override", "alerts").no_content()
         }
+        ("GET", "/api/v1/windows") => doc(
+            "Maintenance windows, each with whether it is open and its next five occurrences",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<super::alerts::WindowView>>),
+        ("POST", "/api/v1/windows") => doc(
+            "Add a maintenance window: a cron start in a time zone and a duration during which the named agents' notices are held back (what still fires at its end is sent then)",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::windows::WindowSpec>)
+        .returns(201, schema::<crate::alerts::windows::WindowSpec>),
+        ("DELETE", "/api/v1/windows/{name}") => {
+            doc("Delete a maintenance window", "alerts").no_content()
+        }
         ("GET", "/api/v1/silences") => doc(
             "Silences in force, and those ended within the last day",
             "alerts",

@@ -530,3 +530,68 @@ async fn the_alerts_page_shows_alerts_and_makes_and_ends_a_silence() {
     }
     server.stop().await;
 }
+
+/// A maintenance window open now holds db1's notice back (db2's goes); the still-firing alert
+/// is sent once the window no longer applies. The window lists its next occurrences.
+#[tokio::test]
+async fn a_maintenance_window_holds_back_the_agents_it_names() {
+    let (server, admin, sink) = with_webhook(20, 0).await;
+    // Opens every minute for a minute: open whenever the test runs.
+    let window = serde_json::json!({"name": "nightly-dump", "cron": "* * * * *", "tz": "Europe/Berlin",
+        "duration": "1m", "agents": ["db1"], "comment": "pg_dump runs"});
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/windows",
+            Some(&admin),
+            window.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/windows",
+            Some(&admin),
+            r#"{"name":"x","cron":"0 25 * * *","duration":"1h","agents":["*"]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("cron:"));
+    let r = server
+        .request(Method::GET, "/api/v1/windows", Some(&admin), "")
+        .await;
+    let listed: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(listed[0]["open"], true, "{listed}");
+    assert_eq!(
+        listed[0]["next"].as_array().map(Vec::len),
+        Some(5),
+        "{listed}"
+    );
+
+    let (_, db1) = server.enroll("db1").await;
+    let (_, db2) = server.enroll("db2").await;
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    deliver(&server, &db2, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(15)).await;
+    assert_eq!(got[0].2["alerts"][0]["labels"]["agent"], "db2");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        sink.received.lock().expect("lock").len(),
+        1,
+        "db1 is held back"
+    );
+    let r = server
+        .request(
+            Method::DELETE,
+            "/api/v1/windows/nightly-dump",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let got = received_at_least(&server, &sink, 2, Duration::from_secs(15)).await;
+    assert_eq!(got[1].2["alerts"][0]["labels"]["agent"], "db1");
+    server.stop().await;
+}

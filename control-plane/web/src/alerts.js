@@ -44,7 +44,7 @@ export async function alertsPage(ctx) {
   $('alerts-summary').textContent = `${firing} firing, ${pending} pending; ${who}.`;
   $('alert-rows').replaceChildren(...alerts.map((a) => alertRow(a)));
   $('history-rows').replaceChildren(...history.map((h) => alertRow(h, h.at)));
-  await Promise.all([silences(ctx), channels(ctx), rules()]);
+  await Promise.all([silences(ctx), windows(ctx), channels(ctx), rules()]);
   ctx.every(() => { if (location.hash.startsWith('#/alerts')) alertsPage(ctx); });
 }
 
@@ -70,6 +70,45 @@ async function silences(ctx) {
     return tr;
   });
   $('silence-rows').replaceChildren(...rows);
+}
+
+async function windows(ctx) {
+  const r = await api('GET', '/api/v1/windows');
+  if (r.status !== 200) { $('window-error').textContent = r.json?.error ?? `windows: ${r.status}`; return; }
+  const rows = r.json.map((w) => {
+    const tr = el('tr', null, { 'data-window': w.name, 'data-open': String(w.open) });
+    const next = w.next.map(([a, b]) => `${a.replace('.000Z', 'Z')} to ${b.slice(11).replace('.000Z', 'Z')}`).join('; ');
+    tr.append(el('td', w.open ? `${w.name} (open now)` : w.name), el('td', w.agents.join(', ')),
+      el('td', w.rules?.join(', ') ?? 'every rule'), el('td', `${w.cron} (${w.tz ?? 'UTC'}) for ${w.duration}`),
+      el('td', next));
+    const td = el('td');
+    if (ctx.allows('operator')) {
+      td.append(ctx.confirmButton('Delete', `Delete window ${w.name}`, `Delete maintenance window ${w.name}?`,
+        'window-error', async () => {
+          const d = await api('DELETE', `/api/v1/windows/${encodeURIComponent(w.name)}`);
+          if (d.status === 204) await windows(ctx);
+          return d;
+        }));
+    }
+    tr.append(td);
+    return tr;
+  });
+  $('window-rows').replaceChildren(...rows);
+}
+
+export async function createWindow(event, ctx) {
+  event.preventDefault();
+  const body = {
+    name: $('window-name').value.trim(),
+    cron: $('window-cron').value.trim(),
+    tz: $('window-tz').value.trim() || 'UTC',
+    duration: $('window-duration').value.trim(),
+    agents: $('window-agents').value.split(',').map((s) => s.trim()).filter(Boolean),
+  };
+  const r = await api('POST', '/api/v1/windows', body);
+  if (r.status !== 201) { $('window-error').textContent = r.json?.error ?? `window: ${r.status}`; return; }
+  $('window-error').textContent = '';
+  await windows(ctx);
 }
 
 async function channels(ctx) {

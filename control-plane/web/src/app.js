@@ -6,7 +6,7 @@ import { $, ago, api, archiverCell, backupCell, bufferHealth, drillCell, el, ran
 import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
-import { alertsPage, createChannel, createSilence } from './alerts.js';
+import { alertsPage, createChannel, createSilence, createWindow } from './alerts.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
 const FLEET_REFRESH_MS = 5000;
@@ -488,6 +488,7 @@ $('backups-rpo').addEventListener('change', () => backupsPage());
 $('policy-form').addEventListener('submit', createPolicy);
 $('silence-form').addEventListener('submit', (e) => createSilence(e, alertsContext));
 $('channel-form').addEventListener('submit', (e) => createChannel(e, alertsContext));
+$('window-form').addEventListener('submit', (e) => createWindow(e, alertsContext));
 $('agent-terminal').addEventListener('click', () => app.agent && openTerminal(app.agent, (m) => { $('agent-error').textContent = m; }));
 $('agent-remove').addEventListener('click', removeAgent);
 $('agent-rekey').addEventListener('click', rekeyAgent);

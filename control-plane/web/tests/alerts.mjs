@@ -25,8 +25,17 @@ await pageTest('alerts', 1400, async (page, shots) => {
   await silence.waitFor({ timeout: 10000 });
   const error = await page.locator('#silence-error').textContent();
   if (error) throw new Error(`silence error shown: ${error}`);
+  const wform = page.locator('#window-form');
+  await wform.getByLabel('Window name').fill('nightly-dump');
+  await wform.getByLabel('Starts (cron)').fill('30 2 * * *');
+  await wform.getByLabel('Time zone').fill('Europe/Berlin');
+  await wform.getByLabel('Lasts').fill('1h');
+  await wform.getByRole('button', { name: 'Create window' }).click();
+  const window = page.locator('#window-rows tr[data-window="nightly-dump"]');
+  await window.waitFor({ timeout: 10000 });
+  if (!/(; .*){4}/.test(await window.locator('td').nth(4).textContent())) throw new Error('no five occurrences');
   await page.screenshot({ path: `${shots}/alerts.png`, fullPage: true });
   await silence.getByRole('button', { name: /^End silence / }).click();
   await silence.waitFor({ state: 'detached', timeout: 10000 });
-  return 'alerts, channel test, silence made and ended, rules and history on the Alerts page';
+  return 'alerts, channel test, silence made and ended, window made with its next five, rules and history on the Alerts page';
 });

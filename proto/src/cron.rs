@@ -2,6 +2,11 @@
 //! an IANA time zone (read from the system's zoneinfo). Fields take `*`, numbers, ranges
 //! `a-b`, lists `a,b` and steps `*/n` / `a-b/n`; day-of-week 0 or 7 is Sunday. When both
 //! day fields are restricted, either may match (classic cron).
+//!
+//! Daylight saving: times are local. A time skipped by a change (02:30 on the night clocks go
+//! forward) moves to the first valid instant after the gap (03:00); a time that occurs twice
+//! (02:30 on the night clocks go back) counts once, at its first occurrence. The agent's
+//! schedules and the control plane's maintenance windows share these rules.
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
@@ -167,8 +172,16 @@ impl Cron {
                 dt = dt.checked_add(1.minute()).ok()?;
                 continue;
             }
-            // A wall time skipped by a DST gap resolves forward; a repeated one to the first.
-            let ts = self.tz.to_ambiguous_timestamp(dt).compatible().ok()?;
+            let ambiguous = self.tz.to_ambiguous_timestamp(dt);
+            let ts = match ambiguous.offset() {
+                // Skipped by a DST gap: the first instant after the gap.
+                jiff::tz::AmbiguousOffset::Gap { .. } => {
+                    let before = ambiguous.earlier().ok()?;
+                    self.tz.following(before).next()?.timestamp()
+                }
+                // Repeated by a fold: its first occurrence (the wall time is visited once).
+                _ => ambiguous.compatible().ok()?,
+            };
             if ts > start {
                 return Some(ts.as_millisecond());
             }
@@ -186,6 +199,59 @@ mod tests {
         s.parse::<jiff::Timestamp>()
             .expect("timestamp")
             .as_millisecond()
+    }
+
+    #[test]
+    fn daylight_saving_in_berlin_2027_a_skipped_start_moves_to_the_gap_end_a_repeated_one_counts_once()
+     {
+        // 2027-03-28: 02:00 CET becomes 03:00 CEST; 02:30 does not exist.
+        let c = Cron::parse("30 2 * * *", "Europe/Berlin").expect("parse");
+        let spring = c.next_after_ms(ms("2027-03-26T12:00:00Z")).expect("next");
+        assert_eq!(
+            spring,
+            ms("2027-03-27T01:30:00Z"),
+            "the day before, as usual"
+        );
+        let gap = c.next_after_ms(spring).expect("next");
+        assert_eq!(
+            gap,
+            ms("2027-03-28T01:00:00Z"),
+            "03:00 CEST, the first valid instant"
+        );
+        assert_eq!(
+            c.next_after_ms(gap),
+            Some(ms("2027-03-29T00:30:00Z")),
+            "02:30 CEST the day after"
+        );
+        // 2027-10-31: 03:00 CEST becomes 02:00 CET; 02:30 happens twice.
+        let fall = c.next_after_ms(ms("2027-10-30T12:00:00Z")).expect("next");
+        assert_eq!(fall, ms("2027-10-31T00:30:00Z"), "the first 02:30 (CEST)");
+        assert_eq!(
+            c.next_after_ms(fall),
+            Some(ms("2027-11-01T01:30:00Z")),
+            "not the second 02:30 (CET): it counts once"
+        );
+        // Every 15 minutes through the gap: one start at 03:00, none twice.
+        let q = Cron::parse("*/15 2-3 * * *", "Europe/Berlin").expect("parse");
+        let mut t = ms("2027-03-28T00:50:00Z");
+        let mut starts = Vec::new();
+        for _ in 0..4 {
+            t = q.next_after_ms(t).expect("next");
+            starts.push(
+                jiff::Timestamp::from_millisecond(t)
+                    .expect("ts")
+                    .to_string(),
+            );
+        }
+        assert_eq!(
+            starts,
+            [
+                "2027-03-28T01:00:00Z",
+                "2027-03-28T01:15:00Z",
+                "2027-03-28T01:30:00Z",
+                "2027-03-28T01:45:00Z"
+            ]
+        );
     }
 
     #[test]
