@@ -595,3 +595,70 @@ async fn a_maintenance_window_holds_back_the_agents_it_names() {
     assert_eq!(got[1].2["alerts"][0]["labels"]["agent"], "db1");
     server.stop().await;
 }
+
+/// 500 agents lose their control plane at once (their last heartbeat at the same time): one
+/// digest listing all 500 goes out, not 500 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_agents_going_offline_at_once_make_one_digest() {
+    let mut settings = alert_settings(20);
+    settings.alerts.group_wait = Duration::from_secs(2);
+    let server = Server::start_with(settings).await;
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let sink = Sink::default();
+    let url = start_sink(&server.world, sink.clone()).await;
+    webhook(&server, &admin, &url, "k3y").await;
+    // Offline after 2 s instead of 5 min, for every agent.
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-rules",
+            Some(&admin),
+            r#"{"name":"fast-offline","rule":"agent_offline","agents":["*"],"critical":2}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let now = server.world.now_unix_ms();
+    for i in 0..500 {
+        let token = format!("tok{i}");
+        server
+            .storage
+            .create_enroll_token(&token, now, now + 60_000)
+            .await
+            .expect("token");
+        let id = format!("agt_{i:03}");
+        server
+            .storage
+            .enroll_agent(control_plane::storage::EnrollAttempt {
+                token_hash: token,
+                enrollment_id: format!("enr{i}"),
+                name: format!("db{i:03}"),
+                new_agent_id: id.clone(),
+                credential_hash: format!("cred{i}"),
+                now_ms: now,
+            })
+            .await
+            .expect("enroll");
+        server
+            .storage
+            .agent_connected(&id, &format!("conn{i}"), now)
+            .await
+            .expect("connected");
+    }
+    // None heartbeats again: all are offline after `dead_after` and fire together.
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got_all = sink.received.lock().expect("lock").clone();
+    assert_eq!(
+        got_all.len(),
+        1,
+        "one message: {:?}",
+        got_all.iter().map(|g| &g.0).collect::<Vec<_>>()
+    );
+    assert!(
+        got[0].0.starts_with("digest:agent_offline:firing:"),
+        "{}",
+        got[0].0
+    );
+    assert_eq!(got[0].2["alerts"].as_array().map(Vec::len), Some(500));
+    server.stop().await;
+}
