@@ -28,6 +28,36 @@ pub struct Health {
     /// WAL archiving (`archiver`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archiver: Option<crate::backups::Archiver>,
+    /// Client connections against `max_connections` (`connections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Connections>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Connections {
+    pub used: i64,
+    pub max: i64,
+    pub ts_ms: i64,
+}
+
+impl Connections {
+    /// The share of `max_connections` in use (0 when the maximum is unknown).
+    pub fn ratio(&self) -> f64 {
+        if self.max > 0 {
+            self.used as f64 / self.max as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+fn connections(row: &MetricRow) -> Option<Connections> {
+    let v: serde_json::Value = serde_json::from_str(&row.data).ok()?;
+    Some(Connections {
+        used: v["used"].as_i64()?,
+        max: v["max"].as_i64()?,
+        ts_ms: row.ts_ms,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,6 +130,13 @@ pub fn update(stored: Option<&str>, rows: &[MetricRow], now_ms: i64) -> Option<S
                     new.backups = Some(b);
                 }
             }
+            "connections" => {
+                if let Some(c) = connections(row)
+                    && new.connections.as_ref().is_none_or(|o| o.ts_ms <= c.ts_ms)
+                {
+                    new.connections = Some(c);
+                }
+            }
             "archiver" => {
                 if let Some(a) = crate::backups::archiver(row)
                     && new.archiver.as_ref().is_none_or(|o| o.ts_ms <= a.ts_ms)
@@ -148,7 +185,15 @@ pub fn update(stored: Option<&str>, rows: &[MetricRow], now_ms: i64) -> Option<S
         (None, None) => true,
         _ => false,
     };
-    if same_xid && same_replication && same_backups && same_archiver {
+    // Connections: rewritten when the share in use moved by a percent or more.
+    let same_connections = match (&old.connections, &new.connections) {
+        (Some(a), Some(b)) => {
+            (a.ratio() * 100.0).floor() == (b.ratio() * 100.0).floor() && fresh(Some(a.ts_ms))
+        }
+        (None, None) => true,
+        _ => false,
+    };
+    if same_xid && same_replication && same_backups && same_archiver && same_connections {
         return None;
     }
     serde_json::to_string(&new).ok()

@@ -46,6 +46,14 @@ const METRICS: &[Metric] = &[
         sql: "SELECT coalesce(json_object_agg(coalesce(state, 'background'), n), '{}')::text \
               FROM (SELECT state, count(*) AS n FROM pg_stat_activity GROUP BY state) t",
     },
+    // How close client connections are to max_connections (the alert rule `connections`).
+    Metric {
+        kind: "connections",
+        min_version: 100000,
+        sql: "SELECT json_build_object('used', (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+              'max', current_setting('max_connections')::int, \
+              'reserved', current_setting('superuser_reserved_connections')::int)::text",
+    },
     Metric {
         kind: "replication",
         min_version: 0,

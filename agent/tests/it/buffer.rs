@@ -154,6 +154,7 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
         "locks",
         "database_size",
         "xid_age",
+        "connections",
     ] {
         assert!(kinds.contains(kind), "{kind} missing from {kinds:?}");
     }
@@ -171,6 +172,12 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
     assert!(
         agents[0]["health"]["replication"]["standbys"] == 0,
         "a server without standbys: {agents}"
+    );
+    let connections = &agents[0]["health"]["connections"];
+    assert!(
+        connections["used"].as_i64().is_some_and(|n| n >= 1)
+            && connections["max"].as_i64().is_some_and(|n| n > 1),
+        "the agent's own connection against max_connections: {agents}"
     );
 
     // Outage: the control plane dies, then the agent dies twice; each start collects once.

@@ -60,6 +60,13 @@ pub const RULES: &[RuleDef] = &[
         for_s: 60,
     },
     RuleDef {
+        name: "connections",
+        measures: "client connections as a share of max_connections (0 to 1)",
+        warning: Some(0.9),
+        critical: Some(0.97),
+        for_s: 120,
+    },
+    RuleDef {
         name: "metrics_buffer_full",
         measures: "how full the agent's metrics buffer is (0 to 1)",
         warning: Some(0.8),
@@ -271,6 +278,20 @@ pub fn measure(name: &str, f: &Facts<'_>, now_ms: i64) -> Option<(f64, String)> 
                 )
             })
         }
+        "connections" => {
+            let c = f.health.as_ref()?.connections.as_ref()?;
+            (fresh(c.ts_ms) && c.max > 0).then(|| {
+                (
+                    c.ratio(),
+                    format!(
+                        "{} of max_connections {} in use ({:.0} %)",
+                        c.used,
+                        c.max,
+                        c.ratio() * 100.0
+                    ),
+                )
+            })
+        }
         "metrics_buffer_full" => {
             let b = f.buffer.as_ref()?;
             Some((
@@ -370,6 +391,38 @@ mod tests {
         assert_eq!(t.severity(1.15e9), Some(Severity::Critical));
         assert_eq!(t.severity(1.05e9), Some(Severity::Warning));
         assert_eq!(t.severity(0.5e9), None);
+    }
+
+    #[test]
+    fn connections_are_judged_against_max_connections() {
+        let row = AgentRow {
+            id: "agt_1".into(),
+            name: "db1".into(),
+            created_at_ms: 0,
+            last_seen_ms: Some(1_000),
+            connected: true,
+            buffer: None,
+            health: None,
+        };
+        let health = Health {
+            connections: Some(crate::health::Connections {
+                used: 92,
+                max: 100,
+                ts_ms: 1_000,
+            }),
+            ..Health::default()
+        };
+        let facts = Facts {
+            row: &row,
+            online: true,
+            health: Some(health),
+            buffer: None,
+        };
+        let (value, summary) = measure("connections", &facts, 2_000).expect("measured");
+        assert_eq!(summary, "92 of max_connections 100 in use (92 %)");
+        let t = thresholds(rule("connections").expect("rule"), &[], "db1");
+        assert_eq!(t.severity(value), Some(Severity::Warning));
+        assert_eq!(t.severity(0.98), Some(Severity::Critical));
     }
 
     #[test]

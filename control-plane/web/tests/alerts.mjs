@@ -9,7 +9,7 @@ await pageTest('alerts', 1400, async (page, shots) => {
   const firing = page.locator('#alert-rows tr[data-phase="firing"]');
   await firing.getByText('db1').waitFor({ timeout: 10000 });
   await page.getByText(/1 firing, 0 pending; evaluated by /).waitFor();
-  if ((await page.locator('#rule-rows tr').count()) !== 7) throw new Error('not every rule is listed');
+  if ((await page.locator('#rule-rows tr').count()) !== 8) throw new Error('not every rule is listed');
   await page.locator('#history-rows tr[data-phase="firing"]').first().waitFor();
 
   await page.getByRole('button', { name: 'Test channel ops' }).click();
