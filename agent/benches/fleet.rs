@@ -399,6 +399,7 @@ async fn enroll(cp: &ControlPlane, first: usize, n: usize) -> Vec<Agent> {
                     token,
                     name: format!("fleet-{:05}", first + i),
                     enrollment_id: format!("enr-fleet-{}", first + i),
+                    labels: Default::default(),
                 })
                 .expect("json");
                 let mut headers = http::HeaderMap::new();

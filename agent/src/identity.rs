@@ -123,6 +123,7 @@ pub async fn enroll(
     control_plane: &str,
     token: &str,
     name: &str,
+    labels: std::collections::BTreeMap<String, String>,
 ) -> Result<Identity, EnrollError> {
     let base = url::Url::parse(control_plane)
         .map_err(|_| EnrollError::BadUrl(control_plane.to_string()))?;
@@ -135,6 +136,7 @@ pub async fn enroll(
         token: token.to_string(),
         name: name.to_string(),
         enrollment_id,
+        labels,
     };
     let body = serde_json::to_vec(&request).map_err(|e| EnrollError::Io(e.to_string()))?;
     let mut headers = http::HeaderMap::new();

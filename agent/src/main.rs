@@ -155,6 +155,10 @@ struct EnrollArgs {
     /// PEM CA certificates to trust for an https:// control plane [default: the system's].
     #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// A label for selectors, KEY=VALUE (repeat it): `--label env=prod --label cluster=main`.
+    /// Keys are a-z, 0-9, _ . - starting with a letter; an admin can change them later.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -348,9 +352,23 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         let tls = world::tls::client_config(path).map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?;
         world.set_tls_client(tls);
     }
-    let id = identity::enroll(&world, &data_dir, &args.control_plane, &args.token, &name)
-        .await
-        .context("enroll")?;
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in &args.labels {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--label {pair:?}: write KEY=VALUE"))?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let id = identity::enroll(
+        &world,
+        &data_dir,
+        &args.control_plane,
+        &args.token,
+        &name,
+        labels,
+    )
+    .await
+    .context("enroll")?;
     println!("agent_id: {}", id.agent_id);
     println!("name: {}", id.name);
     println!("identity: {}", identity::identity_path(&data_dir).display());

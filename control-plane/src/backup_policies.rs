@@ -58,7 +58,8 @@ const AGENTS_MAX: usize = 1000;
 pub struct PolicySpec {
     /// Unique, 1 to 64 printable characters.
     pub name: String,
-    /// Agent names, or patterns where `*` stands for any characters (`["*"]`: every agent).
+    /// Agent names or patterns where `*` stands for any characters (`["*"]`: every agent), or
+    /// labels `KEY=VALUE` (the value may be a pattern).
     pub agents: Vec<String>,
     /// The pgBackRest stanza (the agents must grant it in `[backups] stanzas`).
     pub stanza: String,
@@ -120,6 +121,9 @@ impl PolicySpec {
         }
         if self.agents.iter().any(|a| a.is_empty() || a.len() > 128) {
             return Err("agents: each name or pattern is 1 to 128 bytes".into());
+        }
+        for a in &self.agents {
+            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
         }
         if !proto::stanza_name_ok(&self.stanza) {
             return Err(format!(
@@ -187,9 +191,9 @@ impl PolicySpec {
         .collect()
     }
 
-    /// Whether the policy selects the agent called `name`.
-    pub fn selects(&self, name: &str) -> bool {
-        self.agents.iter().any(|p| matches(p, name))
+    /// Whether the policy selects the agent called `name` with `labels`.
+    pub fn selects(&self, name: &str, labels: &crate::labels::Labels) -> bool {
+        crate::labels::selects(&self.agents, name, labels)
     }
 
     /// The tasks policy `id` wants on one agent: (key, request).
@@ -232,26 +236,6 @@ impl PolicySpec {
     }
 }
 
-/// `pattern` (where `*` is any run of characters) against `name`.
-pub fn matches(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(i) => rest = &rest[i + part.len()..],
-            None => return false,
-        }
-    }
-    first.len() + last.len() <= name.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +261,7 @@ mod tests {
 
     #[test]
     fn patterns_select_agents() {
+        use crate::labels::glob as matches;
         assert!(matches("db-*", "db-1"));
         assert!(matches("*", "anything"));
         assert!(matches("*-eu-*", "db-eu-3"));
@@ -284,7 +269,10 @@ mod tests {
         assert!(!matches("a*a", "a"));
         assert!(matches("exact", "exact") && !matches("exact", "exactly"));
         let s = spec();
-        assert!(s.selects("db-7") && s.selects("reporting") && !s.selects("web-1"));
+        let none = crate::labels::Labels::new();
+        assert!(
+            s.selects("db-7", &none) && s.selects("reporting", &none) && !s.selects("web-1", &none)
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod handles;
 pub mod health;
 pub mod heartbeats;
 pub mod http;
+pub mod labels;
 pub mod observe;
 pub mod server;
 pub mod settings;

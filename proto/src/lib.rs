@@ -98,6 +98,9 @@ pub struct EnrollRequest {
     /// Chosen by the agent once and reused on retries: a retry of the same enrollment (its
     /// answer was lost) gets the same agent id and a fresh credential instead of a refusal.
     pub enrollment_id: String,
+    /// Labels for selectors (`env`, `cluster`, `role`, free keys); absent from older agents.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]

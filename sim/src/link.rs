@@ -293,8 +293,15 @@ async fn enroll_until_done(
             Ok(None) => {}
             Err(e) => tracing::warn!(target: "agent::sim", error = %e, "identity unreadable"),
         }
-        match agent::identity::enroll(world, data_dir, link.control_plane.as_str(), token, name)
-            .await
+        match agent::identity::enroll(
+            world,
+            data_dir,
+            link.control_plane.as_str(),
+            token,
+            name,
+            Default::default(),
+        )
+        .await
         {
             Ok(identity) => return identity,
             Err(e) => {
@@ -439,6 +446,7 @@ impl Checker {
                     last_seen_ms: r.get(3)?,
                     buffer: None,
                     health: None,
+                    labels: None,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

@@ -196,7 +196,9 @@ async fn evaluate(
         .filter_map(|r| Some((r.key, serde_json::from_str(&r.data).ok()?)))
         .collect();
     let mut observed = Vec::with_capacity(agents.len() * RULES.len());
+    let mut labels_of: BTreeMap<&str, crate::labels::Labels> = BTreeMap::new();
     for row in &agents {
+        let labels = crate::labels::of(row.labels.as_deref());
         let facts = Facts {
             row,
             online: h.settings.is_online(row, now_ms),
@@ -210,7 +212,7 @@ async fn evaluate(
                 .and_then(|s| serde_json::from_str(s).ok()),
         };
         for def in RULES {
-            let t = rules::thresholds(def, &overrides, &row.name);
+            let t = rules::thresholds(def, &overrides, &row.name, &labels);
             if !t.enabled {
                 continue;
             }
@@ -224,11 +226,15 @@ async fn evaluate(
                 for_ms: t.for_s as i64 * 1000,
             });
         }
+        labels_of.insert(&row.id, labels);
     }
     let silences = active_silences(h, now_ms).await?;
     let windows = windows(h).await?;
+    let none = crate::labels::Labels::new();
     let muted = |a: &Alert| {
-        silences.iter().any(|s| s.mutes(a, now_ms)) || windows.iter().any(|w| w.mutes(a, now_ms))
+        let labels = labels_of.get(a.agent_id.as_str()).unwrap_or(&none);
+        silences.iter().any(|s| s.mutes(a, now_ms, labels))
+            || windows.iter().any(|w| w.mutes(a, now_ms, labels))
     };
     let round = state::advance(stored, observed, now_ms, grouping, &muted);
     let json = |a: &Alert| serde_json::to_string(a).unwrap_or_default();

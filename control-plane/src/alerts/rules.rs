@@ -143,7 +143,7 @@ pub struct RuleOverride {
     pub name: String,
     /// The built-in rule it changes.
     pub rule: String,
-    /// Agent names, or patterns where `*` stands for any characters (`["*"]`: every agent).
+    /// Agent names or patterns (`*` any characters), or labels `KEY=VALUE`.
     pub agents: Vec<String>,
     #[serde(default)]
     pub enabled: Option<bool>,
@@ -182,6 +182,9 @@ impl RuleOverride {
         if self.agents.iter().any(|a| a.is_empty() || a.len() > 128) {
             return Err("agents: each name or pattern is 1 to 128 bytes".into());
         }
+        for a in &self.agents {
+            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
+        }
         for (field, v) in [("warning", self.warning), ("critical", self.critical)] {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err(format!("{field} must be a number at or above 0"));
@@ -197,19 +200,22 @@ impl RuleOverride {
         Ok(())
     }
 
-    fn selects(&self, agent: &str) -> bool {
-        self.agents
-            .iter()
-            .any(|p| crate::backup_policies::matches(p, agent))
+    fn selects(&self, agent: &str, labels: &crate::labels::Labels) -> bool {
+        crate::labels::selects(&self.agents, agent, labels)
     }
 }
 
 /// The thresholds of `def` on agent `agent` after the overrides (in name order).
-pub fn thresholds(def: &RuleDef, overrides: &[RuleOverride], agent: &str) -> Thresholds {
+pub fn thresholds(
+    def: &RuleDef,
+    overrides: &[RuleOverride],
+    agent: &str,
+    labels: &crate::labels::Labels,
+) -> Thresholds {
     let mut t = Thresholds::default_of(def);
     for o in overrides
         .iter()
-        .filter(|o| o.rule == def.name && o.selects(agent))
+        .filter(|o| o.rule == def.name && o.selects(agent, labels))
     {
         if let Some(e) = o.enabled {
             t.enabled = e;
@@ -382,12 +388,15 @@ mod tests {
             over("a-all", &["*"], Some(1.2e9)),
             over("b-prod", &["prod-*"], Some(1.1e9)),
         ];
-        let t = thresholds(def, &o, "prod-db1");
+        let t = thresholds(def, &o, "prod-db1", &Default::default());
         assert_eq!(
             (t.critical, t.warning, t.for_s),
             (Some(1.1e9), Some(1.0e9), 120)
         );
-        assert_eq!(thresholds(def, &o, "dev-db").critical, Some(1.2e9));
+        assert_eq!(
+            thresholds(def, &o, "dev-db", &Default::default()).critical,
+            Some(1.2e9)
+        );
         assert_eq!(t.severity(1.15e9), Some(Severity::Critical));
         assert_eq!(t.severity(1.05e9), Some(Severity::Warning));
         assert_eq!(t.severity(0.5e9), None);
@@ -403,6 +412,7 @@ mod tests {
             connected: true,
             buffer: None,
             health: None,
+            labels: None,
         };
         let health = Health {
             connections: Some(crate::health::Connections {
@@ -420,7 +430,12 @@ mod tests {
         };
         let (value, summary) = measure("connections", &facts, 2_000).expect("measured");
         assert_eq!(summary, "92 of max_connections 100 in use (92 %)");
-        let t = thresholds(rule("connections").expect("rule"), &[], "db1");
+        let t = thresholds(
+            rule("connections").expect("rule"),
+            &[],
+            "db1",
+            &Default::default(),
+        );
         assert_eq!(t.severity(value), Some(Severity::Warning));
         assert_eq!(t.severity(0.98), Some(Severity::Critical));
     }

@@ -23,7 +23,8 @@ pub struct SilenceRequest {
     /// The rule silenced; every rule when absent.
     #[serde(default)]
     pub rule: Option<String>,
-    /// Agent names or patterns (`*` any characters); every agent when absent. Not taken
+    /// Agent names or patterns (`*` any characters), or labels `KEY=VALUE`; every agent when
+    /// absent. Not taken
     /// from an agent, whose silence covers itself only.
     #[serde(default)]
     pub agents: Option<Vec<String>>,
@@ -90,6 +91,9 @@ impl SilenceRequest {
                 {
                     return Err("agents: 1 to 1000 names or patterns of 1 to 128 bytes".into());
                 }
+                for a in &list {
+                    crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
+                }
                 (list, None)
             }
         };
@@ -111,16 +115,13 @@ impl Silence {
         self.starts_ms <= now_ms && now_ms < self.ends_ms
     }
 
-    /// Whether it holds back `alert`'s notices at `now_ms`.
-    pub fn mutes(&self, alert: &Alert, now_ms: i64) -> bool {
+    /// Whether it holds back `alert`'s notices at `now_ms` (`labels`: the alert's agent's).
+    pub fn mutes(&self, alert: &Alert, now_ms: i64, labels: &crate::labels::Labels) -> bool {
         self.active(now_ms)
             && self.rule.as_ref().is_none_or(|r| *r == alert.rule)
             && match &self.agent_id {
                 Some(id) => *id == alert.agent_id,
-                None => self
-                    .agents
-                    .iter()
-                    .any(|p| crate::backup_policies::matches(p, &alert.agent)),
+                None => crate::labels::selects(&self.agents, &alert.agent, labels),
             }
     }
 }
@@ -162,17 +163,25 @@ mod tests {
         let s = request(Some("xid_age"), Some(&["prod-*"]), "1h")
             .into_silence("sil_1".into(), 1_000, "ann".into(), None)
             .expect("valid");
-        assert!(s.mutes(&alert("xid_age", "prod-db1"), 1_000));
+        assert!(s.mutes(&alert("xid_age", "prod-db1"), 1_000, &Default::default()));
         assert!(
-            !s.mutes(&alert("xid_age", "dev-db1"), 1_000),
+            !s.mutes(&alert("xid_age", "dev-db1"), 1_000, &Default::default()),
             "another agent"
         );
         assert!(
-            !s.mutes(&alert("replication_lag", "prod-db1"), 1_000),
+            !s.mutes(
+                &alert("replication_lag", "prod-db1"),
+                1_000,
+                &Default::default()
+            ),
             "another rule"
         );
         assert!(
-            !s.mutes(&alert("xid_age", "prod-db1"), 1_000 + 3_600_000),
+            !s.mutes(
+                &alert("xid_age", "prod-db1"),
+                1_000 + 3_600_000,
+                &Default::default()
+            ),
             "ended"
         );
         let mine = request(None, None, "30m")
@@ -183,9 +192,9 @@ mod tests {
                 Some(("agt_db9".into(), "db9".into())),
             )
             .expect("valid");
-        assert!(mine.mutes(&alert("backup_rpo", "db9"), 10));
+        assert!(mine.mutes(&alert("backup_rpo", "db9"), 10, &Default::default()));
         assert!(
-            !mine.mutes(&alert("backup_rpo", "db1"), 10),
+            !mine.mutes(&alert("backup_rpo", "db1"), 10, &Default::default()),
             "an agent silences itself only"
         );
     }

@@ -29,7 +29,7 @@ pub struct WindowSpec {
     pub tz: Option<String>,
     /// How long it lasts, e.g. `2h` (at most 24h), in elapsed time.
     pub duration: String,
-    /// Agent names or patterns (`*` any characters).
+    /// Agent names or patterns (`*` any characters), or labels `KEY=VALUE`.
     pub agents: Vec<String>,
     /// The rules it mutes; every rule when absent.
     #[serde(default)]
@@ -76,6 +76,9 @@ impl WindowSpec {
             || self.agents.iter().any(|a| a.is_empty() || a.len() > 128)
         {
             return Err("agents: 1 to 1000 names or patterns of 1 to 128 bytes".into());
+        }
+        for a in &self.agents {
+            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
         }
         if let Some(rules) = &self.rules
             && let Some(bad) = rules.iter().find(|r| super::rules::rule(r).is_none())
@@ -128,19 +131,15 @@ impl Window {
         out
     }
 
-    /// Whether it holds back `alert`'s notices at `now_ms`.
-    pub fn mutes(&self, alert: &Alert, now_ms: i64) -> bool {
+    /// Whether it holds back `alert`'s notices at `now_ms` (`labels`: the alert's agent's).
+    pub fn mutes(&self, alert: &Alert, now_ms: i64, labels: &crate::labels::Labels) -> bool {
         self.open_at(now_ms).is_some()
             && self
                 .spec
                 .rules
                 .as_ref()
                 .is_none_or(|rules| rules.contains(&alert.rule))
-            && self
-                .spec
-                .agents
-                .iter()
-                .any(|p| crate::backup_policies::matches(p, &alert.agent))
+            && crate::labels::selects(&self.spec.agents, &alert.agent, labels)
     }
 }
 

@@ -32,6 +32,8 @@ pub async fn enroll(
             "enrollment_id is missing or too long",
         ));
     }
+    crate::labels::validate(&request.labels)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let credential = auth::new_secret(&state.world, SecretKind::AgentCredential);
     let attempt = EnrollAttempt {
         token_hash: auth::secret_hash(&request.token),
@@ -49,13 +51,22 @@ pub async fn enroll(
     {
         Enrollment::Enrolled { agent_id } => {
             tracing::info!(agent_id = %agent_id, name = ?name, "agent enrolled");
+            // A retry of the same enrollment sets them again.
+            if !request.labels.is_empty() {
+                let labels = serde_json::to_string(&request.labels).map_err(ApiError::internal)?;
+                state
+                    .storage
+                    .set_agent_labels(&agent_id, Some(labels))
+                    .await
+                    .map_err(ApiError::internal)?;
+            }
             state
                 .audit
                 .record(
                     "enrollment token",
                     action::AGENT_ENROLLED,
                     &agent_id,
-                    serde_json::json!({"name": name}),
+                    serde_json::json!({"name": name, "labels": request.labels}),
                 )
                 .await;
             Ok(Json(proto::EnrollResponse {
@@ -95,6 +106,8 @@ pub struct AgentView {
     /// objectives); `null` for a host that reports no pgBackRest status (WAL archiving alone
     /// does not count: a host without `[backups]` is not judged on the fleet page).
     backup: Option<BackupRisk>,
+    /// Its labels, for selectors (`KEY=VALUE` wherever agents are chosen).
+    labels: crate::labels::Labels,
 }
 
 #[derive(Serialize, schemars::JsonSchema)]
@@ -157,8 +170,44 @@ pub async fn list(State(state): State<Handles>) -> Result<Json<Vec<AgentView>>, 
                     .and_then(|b| serde_json::from_str(b).ok()),
                 health,
                 backup,
+                labels: crate::labels::of(row.labels.as_deref()),
             }
         })
         .collect();
     Ok(Json(views))
+}
+
+/// `PUT /api/v1/agents/{id}/labels`: replace an agent's labels (`{}` clears them).
+pub async fn set_labels(
+    State(state): State<Handles>,
+    axum::Extension(crate::edge::AuthUser(user)): axum::Extension<crate::edge::AuthUser>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Json(labels): Json<crate::labels::Labels>,
+) -> Result<Json<crate::labels::Labels>, ApiError> {
+    crate::labels::validate(&labels).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let stored = (!labels.is_empty())
+        .then(|| serde_json::to_string(&labels))
+        .transpose()
+        .map_err(ApiError::internal)?;
+    if !state
+        .storage
+        .set_agent_labels(&id, stored)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent {id}"),
+        ));
+    }
+    state
+        .audit
+        .record(
+            &user.name,
+            action::AGENT_LABELED,
+            &id,
+            serde_json::json!({"labels": labels}),
+        )
+        .await;
+    Ok(Json(labels))
 }

@@ -221,9 +221,10 @@ async fn reconcile(
         if settled.get(&agent.id) == Some(&now) {
             continue;
         }
+        let labels = crate::labels::of(agent.labels.as_deref());
         let wanted: Vec<(String, String, proto::TaskRequest)> = policies
             .iter()
-            .filter(|(_, p)| p.selects(&agent.name))
+            .filter(|(_, p)| p.selects(&agent.name, &labels))
             .flat_map(|(id, p)| {
                 p.tasks(id)
                     .into_iter()

@@ -76,10 +76,10 @@ pub async fn list(
         .filter_map(|p| serde_json::from_str(&p.spec).ok())
         .collect();
     // The request's objectives win; then the first policy (by name) selecting the host.
-    let objectives = |name: &str| {
+    let objectives = |name: &str, labels: &crate::labels::Labels| {
         let base = policies
             .iter()
-            .find(|p| p.selects(name))
+            .find(|p| p.selects(name, labels))
             .map_or(defaults, |p| p.objectives(defaults));
         Objectives {
             rpo_ms: asked.0.unwrap_or(base.rpo_ms),
@@ -105,7 +105,7 @@ pub async fn list(
                 health.backups.as_ref(),
                 health.archiver.as_ref(),
                 now_ms,
-                objectives(&row.name),
+                objectives(&row.name, &crate::labels::of(row.labels.as_deref())),
             );
             BackupView {
                 status: if state.settings.is_online(&row, now_ms) {

@@ -21,7 +21,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, patch, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 
 pub use self::access::{Access, RouteSpec};
@@ -145,6 +145,14 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
             get(agents::list),
+        ),
+        (
+            spec(
+                Method::PUT,
+                "/api/v1/agents/{id}/labels",
+                Access::User(Role::Admin),
+            ),
+            put(agents::set_labels),
         ),
         (
             spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),

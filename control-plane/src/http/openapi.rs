@@ -152,6 +152,12 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
             "fleet",
         )
         .returns(200, schema::<Vec<super::agents::AgentView>>),
+        ("PUT", "/api/v1/agents/{id}/labels") => doc(
+            "Replace an agent's labels (`{}` clears them); selectors everywhere take `KEY=VALUE`",
+            "fleet",
+        )
+        .request(schema::<crate::labels::Labels>)
+        .returns(200, schema::<crate::labels::Labels>),
         ("GET", "/api/v1/backups") => doc(
             "Every agent's backup status (pgBackRest and WAL archiving) and the risk it runs, worst first: no_backup, rpo_breached, archive_failing, last_failed, unknown, healthy",
             "backups",

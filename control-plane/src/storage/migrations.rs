@@ -12,6 +12,9 @@ CREATE TABLE backup_policies (
 );
 "#;
 
+/// Agent labels (`env`, `cluster`, `role`, free keys) as a JSON object, for selectors.
+const AGENT_LABELS: &str = "ALTER TABLE agents ADD COLUMN labels TEXT;";
+
 /// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret
 /// column that the API never returns), each alert's state, its history and the notification
 /// outbox. `$id` is the backend's auto-numbered key.
@@ -197,6 +200,7 @@ CREATE INDEX audit_by_target ON audit(target, id);
 "#,
     BACKUP_POLICIES,
     alerts_sql!("INTEGER PRIMARY KEY AUTOINCREMENT"),
+    AGENT_LABELS,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -367,4 +371,5 @@ CREATE INDEX audit_by_target ON audit(target, id);
 "#,
     BACKUP_POLICIES,
     alerts_sql!("BIGSERIAL PRIMARY KEY"),
+    AGENT_LABELS,
 ];

@@ -420,6 +420,16 @@ impl Storage {
         dispatch!(self.delete_backup_policy(id))
     }
 
+    /// Replace an agent's labels (a JSON object; `None` clears them); `false` when there is no
+    /// such agent.
+    pub async fn set_agent_labels(
+        &self,
+        agent_id: &str,
+        labels: Option<String>,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.set_agent_labels(agent_id, labels))
+    }
+
     /// Store what an agent's newest metrics said about its server (JSON).
     pub async fn set_agent_health(&self, agent_id: &str, health: &str) -> Result<(), StorageError> {
         dispatch!(self.set_agent_health(agent_id, health))

@@ -101,6 +101,8 @@ pub struct AgentRow {
     pub buffer: Option<String>,
     /// What its newest metrics said about its server (JSON, see `health`), if any.
     pub health: Option<String>,
+    /// Its labels (a JSON object of strings, see `labels`), if any were set.
+    pub labels: Option<String>,
 }
 
 /// A new enrollment, as decided by the HTTP edge (ids and secrets already generated).

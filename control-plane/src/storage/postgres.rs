@@ -139,10 +139,12 @@ fn agent_from_row(row: &Row) -> AgentRow {
         connected: row.get(4),
         buffer: row.get(5),
         health: row.get(6),
+        labels: row.get(7),
     }
 }
 
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer, health";
+const AGENT_COLUMNS: &str =
+    "id, name, created_at_ms, last_seen_ms, connected, buffer, health, labels";
 
 impl PostgresStore {
     /// Parse `url` and connect once, so a wrong URL fails at start-up with a clear error.
@@ -1306,6 +1308,23 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    pub async fn set_agent_labels(
+        &self,
+        agent_id: &str,
+        labels: Option<String>,
+    ) -> Result<bool, StorageError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE agents SET labels = $2 WHERE id = $1",
+                &[&agent_id, &labels],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
     }
 
     /// One statement for the whole batch.

@@ -40,7 +40,8 @@ fn conflict_or_backend(e: rusqlite::Error, what: &str) -> StorageError {
 }
 
 const USER_COLUMNS: &str = "id, name, role, password_hash, created_at_ms";
-const AGENT_COLUMNS: &str = "id, name, created_at_ms, last_seen_ms, connected, buffer, health";
+const AGENT_COLUMNS: &str =
+    "id, name, created_at_ms, last_seen_ms, connected, buffer, health, labels";
 
 const RECORDING_COLUMNS: &str = "r.session_id, r.agent_id, r.agent_name, r.user_id, r.username, \
      r.started_ms, r.ended_ms, r.width, r.height, r.input, r.chunks, r.bytes, r.head_hash, \
@@ -98,6 +99,7 @@ fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         connected: row.get::<_, i64>(4)? != 0,
         buffer: row.get(5)?,
         health: row.get(6)?,
+        labels: row.get(7)?,
     })
 }
 
@@ -1177,6 +1179,24 @@ impl SqliteStore {
             )
             .map_err(backend)?;
             Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_agent_labels(
+        &self,
+        agent_id: &str,
+        labels: Option<String>,
+    ) -> Result<bool, StorageError> {
+        let agent_id = agent_id.to_string();
+        self.run(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE agents SET labels = ?2 WHERE id = ?1",
+                    params![agent_id, labels],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
         })
         .await
     }

@@ -662,3 +662,84 @@ async fn five_hundred_agents_going_offline_at_once_make_one_digest() {
     assert_eq!(got[0].2["alerts"].as_array().map(Vec::len), Some(500));
     server.stop().await;
 }
+
+/// Labels set at enrollment or by an admin choose agents: a silence on `env=prod` mutes the
+/// production agent only; bad labels are refused with the reason.
+#[tokio::test]
+async fn labels_choose_agents_for_silences() {
+    let (server, admin, sink) = with_webhook(20, 0).await;
+    let token = server.enroll_token().await;
+    let body = serde_json::json!({"token": token, "name": "db1", "enrollment_id": "enr-db1",
+        "labels": {"env": "prod", "cluster": "main"}});
+    let r = server
+        .request(Method::POST, proto::ENROLL_PATH, None, body.to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let db1: proto::EnrollResponse = serde_json::from_slice(&r.body).expect("json");
+    let (db2_id, db2) = server.enroll("db2").await;
+    let label = |body: &'static str| {
+        let (server, admin, path) = (
+            &server,
+            admin.clone(),
+            format!("/api/v1/agents/{db2_id}/labels"),
+        );
+        async move {
+            server
+                .request(Method::PUT, &path, Some(&admin), body)
+                .await
+                .status
+        }
+    };
+    assert_eq!(label(r#"{"env":"dev"}"#).await, 200);
+    assert_eq!(label(r#"{"Env":"dev"}"#).await, 400, "a key is lower case");
+    let agents = server.agents(&admin).await;
+    let labels: Vec<(String, serde_json::Value)> = agents
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or_default().to_string(),
+                a["labels"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            (
+                "db1".to_string(),
+                serde_json::json!({"cluster": "main", "env": "prod"})
+            ),
+            ("db2".to_string(), serde_json::json!({"env": "dev"})),
+        ]
+    );
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/silences",
+            Some(&admin),
+            r#"{"for":"1h","agents":["env=prod"],"comment":"prod maintenance"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let now = server.world.now_unix_ms();
+    deliver(
+        &server,
+        &db1.credential,
+        "e1",
+        now,
+        &[("xid_age", xid(1_600_000_000))],
+    )
+    .await;
+    deliver(&server, &db2, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    let got = received_at_least(&server, &sink, 1, Duration::from_secs(15)).await;
+    assert_eq!(got[0].2["alerts"][0]["labels"]["agent"], "db2");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        sink.received.lock().expect("lock").len(),
+        1,
+        "db1 (env=prod) is silenced"
+    );
+    server.stop().await;
+}

@@ -210,6 +210,7 @@ async fn enrollment_validates_input_and_refuses_reused_tokens() {
             token: token.clone(),
             name: name.into(),
             enrollment_id: eid.into(),
+            labels: Default::default(),
         })
         .expect("json")
     };

@@ -499,6 +499,7 @@ async fn a_rotated_credential_replaces_the_old_one_for_the_same_agent() {
         token,
         name: "db1".into(),
         enrollment_id: "enr_rotation".into(),
+        labels: Default::default(),
     })
     .expect("json");
     let r = server

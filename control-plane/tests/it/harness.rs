@@ -210,6 +210,7 @@ impl Server {
             token,
             name: name.to_string(),
             enrollment_id: format!("enr_{name}"),
+            labels: Default::default(),
         })
         .expect("json");
         let r = self
