@@ -37,6 +37,8 @@ test_debs=(
     pgbackrest
     # promtool (the appliance's alert rules); its server is stopped after the install.
     prometheus
+    # An SMTP server for the email channel's test (STARTTLS, AUTH); Debian's python3 runs it.
+    python3-aiosmtpd
 )
 containers_conf='[containers]
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]

@@ -6,6 +6,8 @@
 //! * `slack`: a Slack-compatible incoming webhook (`{"text": …}`); its URL is the secret.
 //! * `alertmanager`: `POST {url}/api/v2/alerts` to an existing Alertmanager, which then routes,
 //!   groups and silences as it is configured to.
+//! * `email`: a plain-text mail over SMTP (`smtp://` with STARTTLS, or `smtps://`); the
+//!   password, when there is one, is the secret.
 //!
 //! Every message carries its idempotency key (`X-Outpost-Key`, and the webhook's `groupKey`):
 //! a receiver that keeps the keys it saw drops the one duplicate a replica dying mid-send
@@ -41,6 +43,19 @@ pub enum Kind {
     Webhook,
     Slack,
     Alertmanager,
+    Email,
+}
+
+/// An email channel's addresses and login.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Email {
+    pub from: String,
+    /// 1 to 50 addresses.
+    pub to: Vec<String>,
+    /// Log in as this user (`AUTH PLAIN`, after TLS) with the channel's secret as password.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// A channel as posted.
@@ -51,11 +66,15 @@ pub struct ChannelRequest {
     pub name: String,
     pub kind: Kind,
     /// `http://` or `https://`: the receiver (`webhook`), the incoming-webhook URL (`slack`,
-    /// kept secret), or the Alertmanager's base URL (`alertmanager`).
+    /// kept secret), or the Alertmanager's base URL (`alertmanager`); for `email`,
+    /// `smtp://HOST[:587]` (STARTTLS) or `smtps://HOST[:465]`.
     pub url: String,
-    /// `webhook` only: the HMAC key; made and shown once when absent.
+    /// `webhook`: the HMAC key, made and shown once when absent; `email`: the SMTP password.
     #[serde(default)]
     pub secret: Option<String>,
+    /// `email` only: sender, recipients, login.
+    #[serde(default)]
+    pub email: Option<Email>,
     /// Notices below this severity skip the channel (default `warning`: all).
     #[serde(default)]
     pub min_severity: Option<Severity>,
@@ -69,6 +88,8 @@ pub struct ChannelSpec {
     /// `null` for `slack`, whose URL is its secret.
     pub url: Option<String>,
     pub min_severity: Severity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<Email>,
 }
 
 /// A stored channel, ready to send.
@@ -100,7 +121,12 @@ impl ChannelRequest {
                 "name must be 1 to {NAME_BYTES_MAX} printable bytes"
             ));
         }
-        url_ok(&self.url)?;
+        if self.kind != Kind::Email {
+            url_ok(&self.url)?;
+            if self.email.is_some() {
+                return Err("email: only email channels take it".into());
+            }
+        }
         if self
             .secret
             .as_ref()
@@ -119,9 +145,19 @@ impl ChannelRequest {
             }
             Kind::Alertmanager => {
                 if self.secret.is_some() {
-                    return Err("secret: only webhook channels take one".into());
+                    return Err("secret: only webhook and email channels take one".into());
                 }
                 (Some(self.url.trim_end_matches('/').to_string()), None)
+            }
+            Kind::Email => {
+                let email = self.email.as_ref().ok_or("email: from and to are needed")?;
+                super::smtp::Mailer::from_url(
+                    &self.url,
+                    &email.from,
+                    &email.to,
+                    email.user.as_deref(),
+                )?;
+                (Some(self.url), self.secret)
             }
         };
         Ok((
@@ -130,6 +166,7 @@ impl ChannelRequest {
                 kind: self.kind,
                 url,
                 min_severity,
+                email: self.email,
             },
             secret,
         ))
@@ -161,6 +198,7 @@ impl Channel {
             _ => self.spec.url.clone().ok_or("the channel has no URL")?,
         };
         let (url, body) = match self.spec.kind {
+            Kind::Email => return Err("an email channel sends mail, not HTTP".into()),
             Kind::Webhook => (base, webhook_body(notice, &self.spec.name)),
             Kind::Slack => (base, serde_json::json!({ "text": slack_text(notice) })),
             Kind::Alertmanager => (
@@ -196,6 +234,9 @@ impl Channel {
         notice: &Notice,
         timeout: Duration,
     ) -> Result<(), String> {
+        if self.spec.kind == Kind::Email {
+            return self.mail(world, notice, timeout).await;
+        }
         let (url, headers, body) = self.render(notice, world.now_unix_ms())?;
         let r = world::http_request(
             world,
@@ -217,6 +258,36 @@ impl Channel {
             self.spec.name,
             r.status.as_u16()
         ))
+    }
+}
+
+impl Channel {
+    async fn mail(
+        &self,
+        world: &world::World,
+        notice: &Notice,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let email = self
+            .spec
+            .email
+            .as_ref()
+            .ok_or("the channel has no addresses")?;
+        let url = self.spec.url.as_deref().ok_or("the channel has no URL")?;
+        let mailer =
+            super::smtp::Mailer::from_url(url, &email.from, &email.to, email.user.as_deref())?;
+        let text = slack_text(notice);
+        let subject = text.lines().next().unwrap_or("Outpost").to_string();
+        let mail = super::smtp::Mail {
+            subject: &subject,
+            body: &format!("{text}\n\nkey: {}\n", notice.key),
+            key: &notice.key,
+            now_ms: world.now_unix_ms(),
+        };
+        mailer
+            .send(world, self.secret.as_deref(), &mail, timeout)
+            .await
+            .map_err(|e| format!("{}: {e}", self.spec.name))
     }
 }
 
@@ -372,6 +443,7 @@ mod tests {
             url: url.into(),
             secret: secret.map(str::to_string),
             min_severity: None,
+            email: None,
         }
         .into_stored("made".into())
         .expect("valid");
@@ -420,6 +492,7 @@ mod tests {
                 url: url.into(),
                 secret: secret.map(str::to_string),
                 min_severity: None,
+                email: None,
             }
             .into_stored("m".into())
             .expect_err("refused")

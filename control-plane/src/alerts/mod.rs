@@ -6,6 +6,7 @@
 //! * [`state`]: an alert's life and the notices a round sends (grouped into digests).
 //! * [`silences`]: notices held back for a while, by rule and agents.
 //! * [`windows`]: maintenance windows (cron + duration + time zone) that hold notices back.
+//! * [`smtp`]: email over SMTP (STARTTLS or TLS) for the `email` channel.
 //! * [`channels`]: channel specs, how a notice is written for each kind, and sending it.
 //! * [`evaluator`]: the loop on every replica: take the lease, evaluate, commit, deliver.
 
@@ -13,5 +14,6 @@ pub mod channels;
 pub mod evaluator;
 pub mod rules;
 pub mod silences;
+pub mod smtp;
 pub mod state;
 pub mod windows;

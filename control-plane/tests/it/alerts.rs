@@ -743,3 +743,121 @@ async fn labels_choose_agents_for_silences() {
     );
     server.stop().await;
 }
+
+/// An SMTP server on loopback (aiosmtpd) that wants STARTTLS with a private CA's certificate
+/// and a login; its messages land in `dir/mail`. Returns the port and the process.
+fn smtp_sink(
+    dir: &std::path::Path,
+    certs: &fixtures::tls::TestCerts,
+) -> (u16, std::process::Child) {
+    use std::io::BufRead;
+    let port = free_port();
+    let mail = dir.join("mail");
+    std::fs::create_dir_all(&mail).expect("mail dir");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/smtp_sink.py");
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg(port.to_string())
+        .arg(&certs.cert)
+        .arg(&certs.key)
+        .arg(&mail)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start /usr/bin/python3 (Debian package python3)");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err);
+        panic!("the SMTP sink did not start (Debian package python3-aiosmtpd): {err}");
+    }
+    (port, child)
+}
+
+/// The email channel: STARTTLS to a server with a private CA's certificate, AUTH PLAIN, the
+/// alert as a plain-text mail with its key; a wrong password is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_arrives_by_email_over_starttls_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    let certs = fixtures::tls::TestCerts::generate(dir.path()).expect("certs");
+    let (port, mut sink) = smtp_sink(dir.path(), &certs);
+    let server = Server::start_with(alert_settings(20)).await;
+    server.world.set_tls_client(
+        world::tls::client_config_with_system(&certs.ca).expect("trust the test CA"),
+    );
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let channel = |name: &str, password: &str| {
+        serde_json::json!({"name": name, "kind": "email", "url": format!("smtp://localhost:{port}"),
+            "secret": password, "email": {"from": "outpost@example.org", "to": ["dba@example.org"], "user": "outpost"}})
+        .to_string()
+    };
+    for (name, password) in [("mail", "pw"), ("wrong", "nope")] {
+        let r = server
+            .request(
+                Method::POST,
+                "/api/v1/alert-channels",
+                Some(&admin),
+                channel(name, password),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-channels/wrong/test",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    let said: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert!(
+        said["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("AUTH PLAIN")),
+        "{said}"
+    );
+    let r = server
+        .request(
+            Method::DELETE,
+            "/api/v1/alert-channels/wrong",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+
+    let (_, db1) = server.enroll("db1").await;
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    let first = dir.path().join("mail/0000.eml");
+    let arrived =
+        fixtures::poll::until_true(Duration::from_secs(20), Duration::from_millis(100), || {
+            let first = first.clone();
+            async move { first.exists() }
+        })
+        .await;
+    assert!(
+        arrived,
+        "no mail: outbox {:?}",
+        server.storage.notifications_pending(10).await
+    );
+    let mail = std::fs::read_to_string(&first).expect("mail");
+    assert!(
+        mail.contains("Subject: [FIRING critical] xid_age\r\n"),
+        "{mail}"
+    );
+    assert!(mail.contains("To: dba@example.org\r\n"), "{mail}");
+    assert!(mail.contains("X-Outpost-Key: xid_age/"), "{mail}");
+    assert!(
+        mail.contains("db1: database app is at transaction-ID age 1.60 billion"),
+        "{mail}"
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
+    server.stop().await;
+}

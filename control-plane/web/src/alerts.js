@@ -116,7 +116,8 @@ async function channels(ctx) {
   if (r.status !== 200) { $('channel-error').textContent = r.json?.error ?? `channels: ${r.status}`; return; }
   const rows = r.json.map((c) => {
     const tr = el('tr', null, { 'data-channel': c.name });
-    tr.append(el('td', c.name), el('td', c.kind), el('td', c.url ?? '(secret)'), el('td', c.min_severity));
+    const where = c.kind === 'email' ? `${c.url} to ${c.email?.to?.join(', ') ?? ''}` : (c.url ?? '(secret)');
+    tr.append(el('td', c.name), el('td', c.kind), el('td', where), el('td', c.min_severity));
     const td = el('td');
     if (ctx.allows('admin')) {
       const test = el('button', 'Test', { type: 'button', 'aria-label': `Test channel ${c.name}` });
@@ -184,6 +185,14 @@ export async function createChannel(event, ctx) {
     url: $('channel-url').value.trim(),
     min_severity: $('channel-severity').value,
   };
+  if (body.kind === 'email') {
+    body.email = {
+      from: $('channel-from').value.trim(),
+      to: $('channel-to').value.split(',').map((s) => s.trim()).filter(Boolean),
+    };
+    if ($('channel-user').value.trim()) body.email.user = $('channel-user').value.trim();
+    if ($('channel-password').value) body.secret = $('channel-password').value;
+  }
   const r = await api('POST', '/api/v1/alert-channels', body);
   if (r.status !== 201) { $('channel-error').textContent = r.json?.error ?? `channel: ${r.status}`; return; }
   $('channel-error').textContent = '';
