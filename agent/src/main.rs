@@ -41,8 +41,10 @@ enum Commands {
     /// server, and the task socket. Exits 1 when anything blocks normal operation. Takes the
     /// same flags as `run`.
     Doctor(DoctorArgs),
-    /// Hold back this host's alert notifications for a while, e.g. around a nightly job:
-    /// `outpost-agent silence --for 1h --rule replication_lag --comment "nightly pg_dump"`.
+    /// Hold back this host's alert notifications for a while, e.g. around a nightly job.
+    ///
+    /// Example: outpost-agent silence --for 1h --rule replication_lag --comment "nightly pg_dump"
+    ///
     /// Alerts are still evaluated and recorded; what still fires when the silence ends is
     /// sent then. Takes the same flags as `run` (it uses the agent's enrollment).
     Silence(SilenceArgs),
@@ -104,8 +106,9 @@ struct SilenceArgs {
     /// How long, e.g. 30m, 2h (at most 7d).
     #[arg(long = "for", value_name = "DURATION")]
     for_: String,
-    /// Only this rule (xid_age, replication_lag, agent_offline, metrics_buffer_full,
-    /// metrics_delivery_failing, backup_rpo, archiving_failing); every rule when absent.
+    /// Only this rule (agent_offline, xid_age, replication_lag, connections,
+    /// metrics_buffer_full, metrics_delivery_failing, backup_rpo, archiving_failing); every
+    /// rule when absent.
     #[arg(long)]
     rule: Option<String>,
     /// Why, shown with the silence and in the audit log.

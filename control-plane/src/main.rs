@@ -303,6 +303,7 @@ enum NotifyCommand {
     ///
     /// Example: outpost notify test ops --database-url postgres://outpost@db/outpost
     Test {
+        /// The channel's name (`outpost notify channels` lists them).
         channel: String,
         /// PEM CA certificates to trust for the channel's https:// URL, besides the system's.
         #[arg(long, env = "OUTPOST_CA_FILE", value_name = "FILE")]

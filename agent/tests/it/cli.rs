@@ -25,7 +25,7 @@ fn both_binaries_explain_themselves() {
 /// `--help` is the first thing an operator reads: every change to it is a reviewed diff.
 #[test]
 fn help_texts_are_snapshots() {
-    let cases: [(&str, std::path::PathBuf, &[&str]); 9] = [
+    let cases: [(&str, std::path::PathBuf, &[&str]); 11] = [
         ("outpost_help", outpost_bin(), &["--help"]),
         ("outpost_serve_help", outpost_bin(), &["serve", "--help"]),
         ("outpost_exec_help", outpost_bin(), &["exec", "--help"]),
@@ -39,6 +39,12 @@ fn help_texts_are_snapshots() {
             &["tasks", "add", "--help"],
         ),
         ("agent_buffer_help", agent_bin(), &["buffer", "--help"]),
+        ("agent_silence_help", agent_bin(), &["silence", "--help"]),
+        (
+            "outpost_notify_test_help",
+            outpost_bin(),
+            &["notify", "test", "--help"],
+        ),
     ];
     for (name, bin, args) in cases {
         // clap shows the value of a set `OUTPOST_*` variable in the help: none is set here.
