@@ -20,6 +20,7 @@ pub async fn metrics(
     let mut out = Exposition::default();
     write_process(&state.observed, &mut out);
     write_fleet(&state, &mut out).await?;
+    write_alerts(&state, &mut out).await?;
     write_terminal(&terminal, &mut out).await;
     Ok((
         StatusCode::OK,
@@ -68,6 +69,90 @@ async fn write_fleet(state: &Handles, out: &mut Exposition) -> Result<(), ApiErr
         })
         .collect();
     crate::backups::write_metrics(out, &backups);
+    Ok(())
+}
+
+/// Alerts by rule, severity and state, and each channel's outbox: what waits and for how long
+/// (a receiver that has been down shows here before anyone misses a message).
+async fn write_alerts(state: &Handles, out: &mut Exposition) -> Result<(), ApiError> {
+    use std::collections::BTreeMap;
+    let alerts = state.storage.alerts().await.map_err(ApiError::internal)?;
+    let mut counts: BTreeMap<(String, &'static str, &'static str), u64> = BTreeMap::new();
+    for row in &alerts {
+        let Ok(a) = serde_json::from_str::<crate::alerts::state::Alert>(&row.data) else {
+            continue;
+        };
+        let phase = match a.phase {
+            crate::alerts::state::Phase::Pending => "pending",
+            crate::alerts::state::Phase::Firing => "firing",
+            crate::alerts::state::Phase::Resolved => continue,
+        };
+        *counts
+            .entry((a.rule, a.severity.as_str(), phase))
+            .or_default() += 1;
+    }
+    out.family(
+        "outpost_alerts",
+        "gauge",
+        "Alerts pending or firing, by rule, severity and state.",
+    );
+    for ((rule, severity, state), n) in &counts {
+        out.sample(
+            "outpost_alerts",
+            &[("rule", rule), ("severity", severity), ("state", state)],
+            *n as f64,
+        );
+    }
+    let channels: BTreeMap<String, String> = state
+        .storage
+        .specs(crate::alerts::channels::SPEC_KIND)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|r| (r.id, r.name))
+        .collect();
+    let pending = state
+        .storage
+        .notifications_pending(100_000)
+        .await
+        .map_err(ApiError::internal)?;
+    let now_ms = state.world.now_unix_ms();
+    // Per channel: (waiting, the oldest's creation time).
+    let mut waiting: BTreeMap<&str, (u64, i64)> = channels
+        .values()
+        .map(|name| (name.as_str(), (0, now_ms)))
+        .collect();
+    for n in &pending {
+        if let Some(name) = channels.get(&n.channel) {
+            let w = waiting.entry(name.as_str()).or_insert((0, now_ms));
+            w.0 += 1;
+            w.1 = w.1.min(n.created_ms);
+        }
+    }
+    out.family(
+        "outpost_notifications_pending",
+        "gauge",
+        "Notifications in the outbox not delivered yet, per channel.",
+    );
+    for (name, (n, _)) in &waiting {
+        out.sample(
+            "outpost_notifications_pending",
+            &[("channel", name)],
+            *n as f64,
+        );
+    }
+    out.family(
+        "outpost_notifications_oldest_pending_seconds",
+        "gauge",
+        "Age of each channel's oldest undelivered notification (0 when none waits).",
+    );
+    for (name, (_, oldest)) in &waiting {
+        out.sample(
+            "outpost_notifications_oldest_pending_seconds",
+            &[("channel", name)],
+            (now_ms - oldest).max(0) as f64 / 1000.0,
+        );
+    }
     Ok(())
 }
 

@@ -169,6 +169,15 @@ async fn a_rule_fires_reaches_a_signed_webhook_and_resolves() {
     assert_eq!(body["alerts"][0]["labels"]["agent"], "db1");
     assert_eq!(body["alerts"][0]["labels"]["severity"], "critical");
 
+    let r = server
+        .request(Method::GET, "/metrics", Some(&admin), "")
+        .await;
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains(r#"outpost_alerts{rule="xid_age",severity="critical",state="firing"} 1"#)
+            && text.contains(r#"outpost_notifications_pending{channel="ops"} 0"#),
+        "{text}"
+    );
     deliver(
         &server,
         &db1,
