@@ -39,6 +39,8 @@ test_debs=(
     prometheus
     # An SMTP server for the email channel's test (STARTTLS, AUTH); Debian's python3 runs it.
     python3-aiosmtpd
+    # A real Alertmanager for the alertmanager channel's test (the test starts its own).
+    prometheus-alertmanager
 )
 containers_conf='[containers]
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
@@ -125,6 +127,10 @@ if [ ${#missing_debs[@]} -gt 0 ]; then
     if printf '%s\n' "${missing_debs[@]}" | grep -qx prometheus; then
         # Only promtool is wanted, not a server listening on :9090.
         $sudo systemctl disable --now prometheus >/dev/null 2>&1 || $sudo pkill -x prometheus || true
+    fi
+    if printf '%s\n' "${missing_debs[@]}" | grep -qx prometheus-alertmanager; then
+        # Tests start their own; none listening on :9093.
+        $sudo systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || $sudo pkill -f /usr/bin/prometheus-alertmanager || true
     fi
 fi
 if $needs_conf; then

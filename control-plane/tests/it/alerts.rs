@@ -870,3 +870,109 @@ async fn an_alert_arrives_by_email_over_starttls_with_a_private_ca() {
     let _ = sink.wait();
     server.stop().await;
 }
+
+/// The alertmanager channel against a real Alertmanager (Debian's prometheus-alertmanager):
+/// the firing alert is there with its labels, and its resolution ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alertmanager_receives_the_alert_and_its_end() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n",
+    )
+    .expect("config");
+    let port = free_port();
+    let mut am = std::process::Command::new("/usr/bin/prometheus-alertmanager")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start /usr/bin/prometheus-alertmanager (Debian package prometheus-alertmanager)");
+    let server = Server::start_with(alert_settings(20)).await;
+    let admin = server.token_for("alert-admin", Role::Admin).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let alerts_url = url::Url::parse(&format!("{base}/api/v2/alerts")).expect("url");
+    let world = server.world.clone();
+    let am_alerts = || {
+        let (world, url) = (world.clone(), alerts_url.clone());
+        async move {
+            let r = world::http_request(
+                &world,
+                Method::GET,
+                &url,
+                http::HeaderMap::new(),
+                bytes::Bytes::new(),
+                Duration::from_secs(2),
+                1 << 20,
+            )
+            .await
+            .ok()?;
+            (r.status == 200)
+                .then(|| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+                .flatten()
+        }
+    };
+    let up = fixtures::poll::until(Duration::from_secs(20), Duration::from_millis(100), || {
+        am_alerts()
+    })
+    .await;
+    assert!(up.is_some(), "Alertmanager did not come up on {base}");
+    let body = serde_json::json!({"name": "am", "kind": "alertmanager", "url": base});
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-channels",
+            Some(&admin),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let (_, db1) = server.enroll("db1").await;
+    let now = server.world.now_unix_ms();
+    deliver(&server, &db1, "e1", now, &[("xid_age", xid(1_600_000_000))]).await;
+    let firing = fixtures::poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let list = am_alerts().await?;
+            let a = list
+                .as_array()?
+                .iter()
+                .find(|a| a["labels"]["alertname"] == "xid_age")?
+                .clone();
+            Some(a)
+        },
+    )
+    .await
+    .expect("the alert reached Alertmanager");
+    assert_eq!(firing["labels"]["agent"], "db1");
+    assert_eq!(firing["labels"]["severity"], "critical");
+    assert_eq!(firing["status"]["state"], "active");
+    deliver(&server, &db1, "e2", now + 1_000, &[("xid_age", xid(1_000))]).await;
+    // Resolved: Alertmanager lists only alerts still active by default.
+    let gone = fixtures::poll::until_true(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            am_alerts()
+                .await
+                .and_then(|l| {
+                    l.as_array()
+                        .map(|a| a.iter().all(|x| x["labels"]["alertname"] != "xid_age"))
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert!(gone, "the resolution did not end the alert in Alertmanager");
+    let _ = am.kill();
+    let _ = am.wait();
+    server.stop().await;
+}
