@@ -130,7 +130,7 @@ if [ ${#missing_debs[@]} -gt 0 ]; then
     fi
     if printf '%s\n' "${missing_debs[@]}" | grep -qx prometheus-alertmanager; then
         # Tests start their own; none listening on :9093.
-        $sudo systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || $sudo pkill -f /usr/bin/prometheus-alertmanager || true
+        $sudo systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || $sudo pkill -f '^/usr/bin/prometheus-alertmanager' || true
     fi
 fi
 if $needs_conf; then
