@@ -27,8 +27,8 @@ use crate::storage::{AlertCommit, AlertRow, NotificationRow, SendOutcome, Storag
 pub const LEASE: &str = "alerts";
 /// The spec kind rule overrides are stored under.
 pub const OVERRIDE_KIND: &str = "alert_rule";
-/// Outbox rows looked at per tick.
-const SEND_BATCH: i64 = 500;
+/// Outbox rows looked at per channel per tick.
+const SEND_BATCH: i64 = 200;
 /// Back-off of a failing channel: 1 s doubling up to this.
 const RETRY_MAX_MS: i64 = 60_000;
 /// History and delivered notifications are kept this long.
@@ -270,24 +270,31 @@ async fn evaluate(
 }
 
 /// Send what the outbox holds, each channel's rows in order, the channels side by side; stop
-/// starting sends that could outlast the lease (`held_until_ms`).
+/// starting sends that could outlast the lease (`held_until_ms`). Rows of deleted channels are
+/// closed with the reason.
 async fn deliver(h: &Handles, held_until_ms: i64) -> Result<(), StorageError> {
-    let pending = h.storage.notifications_pending(SEND_BATCH).await?;
-    if pending.is_empty() {
-        return Ok(());
-    }
     let channels = channels(h).await?;
-    let mut per_channel: BTreeMap<String, Vec<NotificationRow>> = BTreeMap::new();
-    for row in pending {
-        per_channel
-            .entry(row.channel.clone())
-            .or_default()
-            .push(row);
+    let mut per_channel: BTreeMap<String, (Option<Channel>, Vec<NotificationRow>)> =
+        BTreeMap::new();
+    for (id, channel) in &channels {
+        let rows = h.storage.channel_pending(id, SEND_BATCH).await?;
+        if !rows.is_empty() {
+            per_channel.insert(id.clone(), (Some(channel.clone()), rows));
+        }
     }
-    let sends = per_channel.into_iter().map(|(id, rows)| {
-        let channel = channels.get(&id).cloned();
-        async move { deliver_channel(h, channel, rows, held_until_ms).await }
-    });
+    // Rows whose channel is gone (read from the whole outbox, a batch at a time).
+    for row in h.storage.notifications_pending(SEND_BATCH).await? {
+        if !channels.contains_key(&row.channel) {
+            per_channel
+                .entry(row.channel.clone())
+                .or_insert((None, Vec::new()))
+                .1
+                .push(row);
+        }
+    }
+    let sends = per_channel
+        .into_values()
+        .map(|(channel, rows)| deliver_channel(h, channel, rows, held_until_ms));
     for r in join_all(sends).await {
         r?;
     }

@@ -498,6 +498,16 @@ impl Storage {
         dispatch!(self.notifications_pending(limit))
     }
 
+    /// Notifications of one channel not delivered yet, oldest first, at most `limit` (so a
+    /// channel with a long backlog never keeps the others' rows from being read).
+    pub async fn channel_pending(
+        &self,
+        channel: &str,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>, StorageError> {
+        dispatch!(self.channel_pending(channel, limit))
+    }
+
     /// Record how a send went.
     pub async fn notification_sent(&self, outcome: SendOutcome) -> Result<(), StorageError> {
         dispatch!(self.notification_sent(outcome))

@@ -736,6 +736,9 @@ async fn alerts(s: &Storage) {
         [("k2:firing", "ch_a"), ("k2:firing", "ch_b")],
         "one row per key and channel"
     );
+    let b = s.channel_pending("ch_b", 10).await.expect("ch_b");
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].channel, "ch_b", "one channel's rows only");
     s.notification_sent(SendOutcome {
         id: pending[0].id,
         attempts: 1,

@@ -8,6 +8,20 @@ use crate::storage::model::{
 };
 use crate::storage::take_lease_sql;
 
+fn notification_from_row(r: &tokio_postgres::Row) -> NotificationRow {
+    NotificationRow {
+        id: r.get(0),
+        key: r.get(1),
+        channel: r.get(2),
+        body: r.get(3),
+        created_ms: r.get(4),
+        attempts: r.get(5),
+        next_ms: r.get(6),
+        delivered_ms: r.get(7),
+        last_error: r.get(8),
+    }
+}
+
 impl PostgresStore {
     pub async fn take_lease(
         &self,
@@ -205,20 +219,24 @@ impl PostgresStore {
             )
             .await
             .map_err(backend)?;
-        Ok(rows
-            .iter()
-            .map(|r| NotificationRow {
-                id: r.get(0),
-                key: r.get(1),
-                channel: r.get(2),
-                body: r.get(3),
-                created_ms: r.get(4),
-                attempts: r.get(5),
-                next_ms: r.get(6),
-                delivered_ms: r.get(7),
-                last_error: r.get(8),
-            })
-            .collect())
+        Ok(rows.iter().map(notification_from_row).collect())
+    }
+
+    pub async fn channel_pending(
+        &self,
+        channel: &str,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL AND channel = $1 ORDER BY id LIMIT $2",
+                &[&channel, &limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(notification_from_row).collect())
     }
 
     pub async fn notification_sent(&self, o: SendOutcome) -> Result<(), StorageError> {

@@ -225,6 +225,26 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn channel_pending(
+        &self,
+        channel: &str,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>, StorageError> {
+        let channel = channel.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL AND channel = ?1 ORDER BY id LIMIT ?2")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![channel, limit], notification_from_row)
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        })
+        .await
+    }
+
     pub async fn notification_sent(&self, o: SendOutcome) -> Result<(), StorageError> {
         self.run(move |conn| {
             conn.execute(
