@@ -50,7 +50,6 @@ pub async fn create(
     Ok(row)
 }
 const NAME_BYTES_MAX: usize = 64;
-const AGENTS_MAX: usize = 1000;
 
 /// What a policy asks for, as posted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -114,17 +113,7 @@ impl PolicySpec {
                 "name must be 1 to {NAME_BYTES_MAX} printable bytes"
             ));
         }
-        if self.agents.is_empty() || self.agents.len() > AGENTS_MAX {
-            return Err(format!(
-                "agents must list 1 to {AGENTS_MAX} names or patterns"
-            ));
-        }
-        if self.agents.iter().any(|a| a.is_empty() || a.len() > 128) {
-            return Err("agents: each name or pattern is 1 to 128 bytes".into());
-        }
-        for a in &self.agents {
-            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
-        }
+        crate::labels::selector_ok(&self.agents)?;
         if !proto::stanza_name_ok(&self.stanza) {
             return Err(format!(
                 "stanza {:?} is not a stanza name (letters, digits, '-', '_', '.')",

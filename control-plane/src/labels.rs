@@ -64,6 +64,31 @@ pub fn entry_ok(entry: &str) -> Result<(), String> {
     }
 }
 
+/// Entries a selector holds at most.
+pub const SELECTOR_ENTRIES_MAX: usize = 1000;
+const ENTRY_BYTES_MAX: usize = 128;
+
+/// Why a selector (the `agents` field wherever agents are chosen) cannot be taken.
+pub fn selector_ok(selector: &[String]) -> Result<(), String> {
+    if selector.is_empty() || selector.len() > SELECTOR_ENTRIES_MAX {
+        return Err(format!(
+            "agents must list 1 to {SELECTOR_ENTRIES_MAX} names or patterns"
+        ));
+    }
+    if selector
+        .iter()
+        .any(|a| a.is_empty() || a.len() > ENTRY_BYTES_MAX)
+    {
+        return Err(format!(
+            "agents: each name or pattern is 1 to {ENTRY_BYTES_MAX} bytes"
+        ));
+    }
+    for entry in selector {
+        entry_ok(entry).map_err(|e| format!("agents: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Whether selector entry `entry` matches the agent `name` with `labels`.
 pub fn matches(entry: &str, name: &str, labels: &Labels) -> bool {
     match entry.split_once('=') {

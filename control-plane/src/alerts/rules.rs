@@ -157,7 +157,6 @@ pub struct RuleOverride {
 }
 
 const NAME_BYTES_MAX: usize = 64;
-const AGENTS_MAX: usize = 1000;
 /// Overrides kept at most.
 pub const OVERRIDES_MAX: usize = 500;
 
@@ -174,17 +173,7 @@ impl RuleOverride {
             let names: Vec<&str> = RULES.iter().map(|r| r.name).collect();
             return Err(format!("rule must be one of {}", names.join(", ")));
         }
-        if self.agents.is_empty() || self.agents.len() > AGENTS_MAX {
-            return Err(format!(
-                "agents must list 1 to {AGENTS_MAX} names or patterns"
-            ));
-        }
-        if self.agents.iter().any(|a| a.is_empty() || a.len() > 128) {
-            return Err("agents: each name or pattern is 1 to 128 bytes".into());
-        }
-        for a in &self.agents {
-            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
-        }
+        crate::labels::selector_ok(&self.agents)?;
         for (field, v) in [("warning", self.warning), ("critical", self.critical)] {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err(format!("{field} must be a number at or above 0"));

@@ -85,15 +85,7 @@ impl SilenceRequest {
             (Some((id, _)), None) => (Vec::new(), Some(id)),
             (None, None) => (vec!["*".to_string()], None),
             (None, Some(list)) => {
-                if list.is_empty()
-                    || list.len() > 1000
-                    || list.iter().any(|a| a.is_empty() || a.len() > 128)
-                {
-                    return Err("agents: 1 to 1000 names or patterns of 1 to 128 bytes".into());
-                }
-                for a in &list {
-                    crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
-                }
+                crate::labels::selector_ok(&list)?;
                 (list, None)
             }
         };

@@ -71,15 +71,7 @@ impl WindowSpec {
         if !(60_000..=LONGEST_MS).contains(&duration_ms) {
             return Err("duration must be between 1m and 24h".into());
         }
-        if self.agents.is_empty()
-            || self.agents.len() > 1000
-            || self.agents.iter().any(|a| a.is_empty() || a.len() > 128)
-        {
-            return Err("agents: 1 to 1000 names or patterns of 1 to 128 bytes".into());
-        }
-        for a in &self.agents {
-            crate::labels::entry_ok(a).map_err(|e| format!("agents: {e}"))?;
-        }
+        crate::labels::selector_ok(&self.agents)?;
         if let Some(rules) = &self.rules
             && let Some(bad) = rules.iter().find(|r| super::rules::rule(r).is_none())
         {

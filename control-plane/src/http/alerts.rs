@@ -291,15 +291,26 @@ pub async fn delete_override(
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete_spec(&state, &user.name, OVERRIDE_KIND, &name, "rule override").await
+    delete_spec(
+        &state,
+        &user.name,
+        OVERRIDE_KIND,
+        &name,
+        "rule override",
+        action::ALERT_RULE_DELETED,
+    )
+    .await
 }
 
+/// Remove the spec of `kind` called `name` (`what` names it in a refusal) and audit it as
+/// `audit`.
 async fn delete_spec(
     state: &Handles,
     actor: &str,
     kind: &str,
     name: &str,
     what: &str,
+    audit: &str,
 ) -> Result<StatusCode, ApiError> {
     if !state
         .storage
@@ -312,15 +323,9 @@ async fn delete_spec(
             format!("no {what} named {name:?}"),
         ));
     }
-    let act = match kind {
-        OVERRIDE_KIND => action::ALERT_RULE_DELETED,
-        silences::SPEC_KIND => action::SILENCE_ENDED,
-        windows::SPEC_KIND => action::WINDOW_DELETED,
-        _ => action::ALERT_CHANNEL_DELETED,
-    };
     state
         .audit
-        .record(actor, act, name, serde_json::json!({}))
+        .record(actor, audit, name, serde_json::json!({}))
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -402,7 +407,15 @@ pub async fn delete_channel(
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete_spec(&state, &user.name, channels::SPEC_KIND, &name, "channel").await
+    delete_spec(
+        &state,
+        &user.name,
+        channels::SPEC_KIND,
+        &name,
+        "channel",
+        action::ALERT_CHANNEL_DELETED,
+    )
+    .await
 }
 
 #[derive(Serialize, schemars::JsonSchema)]
@@ -518,7 +531,15 @@ pub async fn end_silence(
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete_spec(&state, &user.name, silences::SPEC_KIND, &id, "silence").await
+    delete_spec(
+        &state,
+        &user.name,
+        silences::SPEC_KIND,
+        &id,
+        "silence",
+        action::SILENCE_ENDED,
+    )
+    .await
 }
 
 #[derive(Serialize, schemars::JsonSchema)]
@@ -584,5 +605,13 @@ pub async fn delete_window(
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete_spec(&state, &user.name, windows::SPEC_KIND, &name, "window").await
+    delete_spec(
+        &state,
+        &user.name,
+        windows::SPEC_KIND,
+        &name,
+        "window",
+        action::WINDOW_DELETED,
+    )
+    .await
 }

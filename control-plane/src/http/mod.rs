@@ -39,6 +39,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         public_routes(),
         account_routes(),
         agent_routes(),
+        alert_routes(),
         terminal_routes(),
         operation_routes(),
     ]
@@ -123,41 +124,10 @@ fn account_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     ]
 }
 
-/// Agents, their tasks and metrics, and the agents' own channel and delivery.
-fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+/// Alerts: their rules, channels, silences and maintenance windows, and a host silencing
+/// itself.
+fn alert_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     vec![
-        (
-            spec(
-                Method::DELETE,
-                "/api/v1/agents/{id}",
-                Access::User(Role::Admin),
-            ),
-            delete(users::remove_agent),
-        ),
-        (
-            spec(
-                Method::POST,
-                "/api/v1/agents/{id}/rekey",
-                Access::User(Role::Admin),
-            ),
-            post(users::rekey_token),
-        ),
-        (
-            spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
-            get(agents::list),
-        ),
-        (
-            spec(
-                Method::PUT,
-                "/api/v1/agents/{id}/labels",
-                Access::User(Role::Admin),
-            ),
-            put(agents::set_labels),
-        ),
-        (
-            spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),
-            get(backups::list),
-        ),
         (
             spec(Method::GET, "/api/v1/alerts", Access::User(Role::Viewer)),
             get(alerts::list),
@@ -259,6 +229,48 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             post(alerts::test_channel),
         ),
         (
+            spec(Method::POST, proto::SILENCES_PATH, Access::Agent),
+            post(alerts::agent_silence),
+        ),
+    ]
+}
+
+/// Agents, their tasks and metrics, and the agents' own channel and delivery.
+fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
+        (
+            spec(
+                Method::DELETE,
+                "/api/v1/agents/{id}",
+                Access::User(Role::Admin),
+            ),
+            delete(users::remove_agent),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/agents/{id}/rekey",
+                Access::User(Role::Admin),
+            ),
+            post(users::rekey_token),
+        ),
+        (
+            spec(Method::GET, "/api/v1/agents", Access::User(Role::Viewer)),
+            get(agents::list),
+        ),
+        (
+            spec(
+                Method::PUT,
+                "/api/v1/agents/{id}/labels",
+                Access::User(Role::Admin),
+            ),
+            put(agents::set_labels),
+        ),
+        (
+            spec(Method::GET, "/api/v1/backups", Access::User(Role::Viewer)),
+            get(backups::list),
+        ),
+        (
             spec(
                 Method::GET,
                 "/api/v1/backup-policies",
@@ -317,10 +329,6 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::POST, proto::METRICS_PATH, Access::Agent),
             post(metrics::ingest).layer(DefaultBodyLimit::max(metrics::BATCH_BYTES_MAX)),
-        ),
-        (
-            spec(Method::POST, proto::SILENCES_PATH, Access::Agent),
-            post(alerts::agent_silence),
         ),
         (
             spec(Method::GET, proto::CHANNEL_PATH, Access::Agent),

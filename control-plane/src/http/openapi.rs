@@ -77,12 +77,92 @@ pub fn describe(method: &Method, path: &str) -> Option<Doc> {
     let (method, path) = (method.as_str(), path);
     describe_accounts(method, path)
         .or_else(|| describe_fleet(method, path))
+        .or_else(|| describe_alerts(method, path))
         .or_else(|| describe_terminal(method, path))
         .or_else(|| describe_operations(method, path))
 }
 
 /// An upgrade to a WebSocket, as the 101 answer says.
 const WS: &str = "WebSocket upgrade";
+
+/// Alerts: rules, channels, silences and maintenance windows.
+fn describe_alerts(method: &str, path: &str) -> Option<Doc> {
+    let d = match (method, path) {
+        ("GET", "/api/v1/alerts") => doc(
+            "Alerts (firing, pending, recently resolved) and their transitions, newest first",
+            "alerts",
+        )
+        .query(schema::<super::alerts::AlertsQuery>)
+        .returns(200, schema::<super::alerts::AlertsView>),
+        ("GET", "/api/v1/alert-rules") => doc(
+            "The built-in alert rules with their default thresholds, and the overrides in force",
+            "alerts",
+        )
+        .returns(200, schema::<super::alerts::RulesView>),
+        ("POST", "/api/v1/alert-rules") => doc(
+            "Override a rule's thresholds, `for` duration or whether it runs, for the agents named",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::rules::RuleOverride>)
+        .returns(201, schema::<crate::alerts::rules::RuleOverride>),
+        ("DELETE", "/api/v1/alert-rules/{name}") => {
+            doc("Delete a rule override", "alerts").no_content()
+        }
+        ("GET", "/api/v1/windows") => doc(
+            "Maintenance windows, each with whether it is open and its next five occurrences",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<super::alerts::WindowView>>),
+        ("POST", "/api/v1/windows") => doc(
+            "Add a maintenance window: a cron start in a time zone and a duration during which the named agents' notices are held back (what still fires at its end is sent then)",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::windows::WindowSpec>)
+        .returns(201, schema::<crate::alerts::windows::WindowSpec>),
+        ("DELETE", "/api/v1/windows/{name}") => {
+            doc("Delete a maintenance window", "alerts").no_content()
+        }
+        ("GET", "/api/v1/silences") => doc(
+            "Silences in force, and those ended within the last day",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<crate::alerts::silences::Silence>>),
+        ("POST", "/api/v1/silences") => doc(
+            "Hold back the notices of a rule (or all) on some agents (or all) for up to 7 days; evaluation and history go on, and what still fires when it ends is sent then",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::silences::SilenceRequest>)
+        .returns(201, schema::<crate::alerts::silences::Silence>),
+        ("DELETE", "/api/v1/silences/{id}") => doc("End a silence now", "alerts").no_content(),
+        ("POST", "/api/v1/agent/silences") => doc(
+            "An agent silences its own alerts (outpost-agent silence); `agents` is not taken",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::silences::SilenceRequest>)
+        .returns(201, schema::<crate::alerts::silences::Silence>),
+        ("GET", "/api/v1/alert-channels") => doc(
+            "Notification channels (never their secrets)",
+            "alerts",
+        )
+        .returns(200, schema::<Vec<super::alerts::ChannelView>>),
+        ("POST", "/api/v1/alert-channels") => doc(
+            "Add a notification channel: webhook (Alertmanager JSON, HMAC-signed), slack or alertmanager",
+            "alerts",
+        )
+        .request(schema::<crate::alerts::channels::ChannelRequest>)
+        .returns(201, schema::<super::alerts::ChannelCreated>),
+        ("DELETE", "/api/v1/alert-channels/{name}") => {
+            doc("Delete a channel; what its outbox holds is dropped", "alerts").no_content()
+        }
+        ("POST", "/api/v1/alert-channels/{name}/test") => doc(
+            "Send a test notification through a channel now; 502 with the reason when it does not arrive",
+            "alerts",
+        )
+        .returns(200, schema::<super::alerts::TestSent>),
+        _ => return None,
+    };
+    Some(d)
+}
 
 /// Login, tokens and users.
 fn describe_accounts(method: &str, path: &str) -> Option<Doc> {
@@ -164,77 +244,6 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         )
         .query(schema::<super::backups::BackupsQuery>)
         .returns(200, schema::<Vec<super::backups::BackupView>>),
-        ("GET", "/api/v1/alerts") => doc(
-            "Alerts (firing, pending, recently resolved) and their transitions, newest first",
-            "alerts",
-        )
-        .query(schema::<super::alerts::AlertsQuery>)
-        .returns(200, schema::<super::alerts::AlertsView>),
-        ("GET", "/api/v1/alert-rules") => doc(
-            "The built-in alert rules with their default thresholds, and the overrides in force",
-            "alerts",
-        )
-        .returns(200, schema::<super::alerts::RulesView>),
-        ("POST", "/api/v1/alert-rules") => doc(
-            "Override a rule's thresholds, `for` duration or whether it runs, for the agents named",
-            "alerts",
-        )
-        .request(schema::<crate::alerts::rules::RuleOverride>)
-        .returns(201, schema::<crate::alerts::rules::RuleOverride>),
-        ("DELETE", "/api/v1/alert-rules/{name}") => {
-            doc("Delete a rule override", "alerts").no_content()
-        }
-        ("GET", "/api/v1/windows") => doc(
-            "Maintenance windows, each with whether it is open and its next five occurrences",
-            "alerts",
-        )
-        .returns(200, schema::<Vec<super::alerts::WindowView>>),
-        ("POST", "/api/v1/windows") => doc(
-            "Add a maintenance window: a cron start in a time zone and a duration during which the named agents' notices are held back (what still fires at its end is sent then)",
-            "alerts",
-        )
-        .request(schema::<crate::alerts::windows::WindowSpec>)
-        .returns(201, schema::<crate::alerts::windows::WindowSpec>),
-        ("DELETE", "/api/v1/windows/{name}") => {
-            doc("Delete a maintenance window", "alerts").no_content()
-        }
-        ("GET", "/api/v1/silences") => doc(
-            "Silences in force, and those ended within the last day",
-            "alerts",
-        )
-        .returns(200, schema::<Vec<crate::alerts::silences::Silence>>),
-        ("POST", "/api/v1/silences") => doc(
-            "Hold back the notices of a rule (or all) on some agents (or all) for up to 7 days; evaluation and history go on, and what still fires when it ends is sent then",
-            "alerts",
-        )
-        .request(schema::<crate::alerts::silences::SilenceRequest>)
-        .returns(201, schema::<crate::alerts::silences::Silence>),
-        ("DELETE", "/api/v1/silences/{id}") => doc("End a silence now", "alerts").no_content(),
-        ("POST", "/api/v1/agent/silences") => doc(
-            "An agent silences its own alerts (outpost-agent silence); `agents` is not taken",
-            "alerts",
-        )
-        .request(schema::<crate::alerts::silences::SilenceRequest>)
-        .returns(201, schema::<crate::alerts::silences::Silence>),
-        ("GET", "/api/v1/alert-channels") => doc(
-            "Notification channels (never their secrets)",
-            "alerts",
-        )
-        .returns(200, schema::<Vec<super::alerts::ChannelView>>),
-        ("POST", "/api/v1/alert-channels") => doc(
-            "Add a notification channel: webhook (Alertmanager JSON, HMAC-signed), slack or alertmanager",
-            "alerts",
-        )
-        .request(schema::<crate::alerts::channels::ChannelRequest>)
-        .returns(201, schema::<super::alerts::ChannelCreated>),
-        ("DELETE", "/api/v1/alert-channels/{name}") => {
-            doc("Delete a channel; what its outbox holds is dropped", "alerts").no_content()
-        }
-        ("POST", "/api/v1/alert-channels/{name}/test") => doc(
-            "Send a test notification through a channel now; 502 with the reason when it does not arrive",
-            "alerts",
-        )
-        .returns(200, schema::<super::alerts::TestSent>),
         ("GET", "/api/v1/backup-policies") => doc(
             "Backup policies, with what this replica's last reconcile did on each selected agent",
             "backups",
