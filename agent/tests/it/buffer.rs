@@ -220,9 +220,13 @@ async fn metrics_survive_killed_processes_during_an_outage_and_arrive_exactly_on
         "the backlog drains once the control plane is back"
     );
     let all = cp.metrics("from=0").await.expect("metrics");
+    // What was delivered before the outage may still be in the buffer too (stored, but the
+    // control plane died before the agent committed its acknowledgement): it is delivered
+    // again and deduplicated, so the store holds at least each part, and the sequence check
+    // below proves nothing is missing or doubled.
     assert!(
-        all.len() as i64 >= first.len() as i64 + held,
-        "{} stored, {} before + {held} held",
+        all.len() as i64 >= held.max(first.len() as i64),
+        "{} stored, {} before, {held} held",
         all.len(),
         first.len()
     );

@@ -616,16 +616,6 @@ async fn five_hundred_agents_going_offline_at_once_make_one_digest() {
     let sink = Sink::default();
     let url = start_sink(&server.world, sink.clone()).await;
     webhook(&server, &admin, &url, "k3y").await;
-    // Offline after 2 s instead of 5 min, for every agent.
-    let r = server
-        .request(
-            Method::POST,
-            "/api/v1/alert-rules",
-            Some(&admin),
-            r#"{"name":"fast-offline","rule":"agent_offline","agents":["*"],"critical":2}"#,
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let now = server.world.now_unix_ms();
     for i in 0..500 {
         let token = format!("tok{i}");
@@ -653,6 +643,17 @@ async fn five_hundred_agents_going_offline_at_once_make_one_digest() {
             .await
             .expect("connected");
     }
+    // Offline after 2 s instead of 5 min, for every agent. The override comes after the
+    // enrollments, so however long those take, all 500 cross the threshold at one instant.
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/alert-rules",
+            Some(&admin),
+            r#"{"name":"fast-offline","rule":"agent_offline","agents":["*"],"critical":2}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     // None heartbeats again: all are offline after `dead_after` and fire together.
     let got = received_at_least(&server, &sink, 1, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
