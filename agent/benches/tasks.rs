@@ -313,6 +313,8 @@ fn recovery_time() -> Duration {
                 },
                 timeout_ms: 60_000,
                 key: format!("r{i}"),
+                window: None,
+                critical: false,
             };
             effects.extend(s.submit(0, format!("t{i}"), spec).expect("submit"));
             if effects.len() >= 10_000 {

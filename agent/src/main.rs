@@ -23,6 +23,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Commands {
     /// Run the agent daemon until SIGTERM/SIGINT.
     Run(RunArgs),

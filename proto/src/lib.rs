@@ -233,6 +233,38 @@ pub struct TaskRequest {
     pub timeout: Option<String>,
     #[serde(default)]
     pub key: Option<String>,
+    /// Runs start only inside this window (absent: whenever due). Omitted when absent, so
+    /// an agent that predates windows refuses a gated task instead of ignoring its window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<TaskWindow>,
+    /// A failed run of this task raises the `critical_task_failed` alert.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
+}
+
+/// A recurring period a task's runs may start in: a cron start in a time zone and a
+/// duration. Through the control plane only `name` is needed (it fills in the rest from the
+/// window of that name); on a host every field but the optional ones is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskWindow {
+    pub name: String,
+    /// Five-field cron of the window's starts, e.g. `0 1 * * *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// IANA time zone of `cron` (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
+    /// How long each occurrence lasts (elapsed time), e.g. `2h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// No run starts this long before the window ends, e.g. `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<String>,
+    /// A run still going this long after the window ended is stopped (absent: it is let
+    /// finish, and its record says by how much it overran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
 }
 
 /// A task as every interface shows it (local API, control plane API, task events).
@@ -246,6 +278,12 @@ pub struct TaskSnapshot {
     pub created_at: String,
     pub next_run_at: Option<String>,
     pub runs: Vec<RunSnapshot>,
+    /// The window its runs start in, by name (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// A failed run raises the `critical_task_failed` alert.
+    #[serde(default)]
+    pub critical: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]

@@ -72,6 +72,8 @@ fn workload(seed: u64) -> Vec<TaskSpec> {
             },
             timeout_ms: 15_000,
             key: key.into(),
+            window: None,
+            critical: false,
         });
     }
     tasks
@@ -108,6 +110,8 @@ fn random_tasks(seed: u64) -> Vec<TaskSpec> {
                 schedule,
                 timeout_ms: rng.random_range(5_000..15_000),
                 key: format!("task-{i}"),
+                window: None,
+                critical: false,
             }
         })
         .collect()

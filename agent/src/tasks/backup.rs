@@ -491,6 +491,8 @@ mod tests {
             schedule: super::super::model::Schedule::Once { at_ms: 0 },
             timeout_ms: 1000,
             key: String::new(),
+            window: None,
+            critical: false,
         };
         let argv = argv(
             &spec,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{CancelError, RescheduleError, SubmitError, TaskState};
 use super::cron::Cron;
 use super::driver::{Reader, Request as SchedulerRequest};
-use super::model::{KINDS, Kind, Schedule, TaskSpec, status};
+use super::model::{KINDS, Kind, Schedule, TaskSpec, Window, status};
 use super::policy::TaskPolicy;
 
 /// Limits on what a request may carry.
@@ -163,6 +163,7 @@ pub fn spec_from_request(
     if key.len() > KEY_BYTES_MAX {
         return Err(format!("--key is longer than {KEY_BYTES_MAX} bytes"));
     }
+    let window = req.window.as_ref().map(window_from).transpose()?;
     Ok(TaskSpec {
         kind,
         params: req.params,
@@ -170,7 +171,37 @@ pub fn spec_from_request(
         schedule,
         timeout_ms: ms(timeout),
         key,
+        window,
+        critical: req.critical,
     })
+}
+
+/// A request's window, checked; every field is needed here (the control plane fills them in
+/// from a window's name).
+fn window_from(w: &proto::TaskWindow) -> Result<Window, String> {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let (Some(cron), Some(duration)) = (&w.cron, &w.duration) else {
+        return Err(format!(
+            "window {:?} needs its cron and duration here (through the control plane, its name is enough)",
+            w.name
+        ));
+    };
+    let window = Window {
+        name: w.name.clone(),
+        cron: cron.clone(),
+        tz: w.tz.clone().unwrap_or_else(|| "UTC".to_string()),
+        duration_ms: ms(parse_duration("window duration", duration)?),
+        cutoff_ms: match &w.cutoff {
+            Some(c) => ms(parse_duration("window cutoff", c)?),
+            None => 0,
+        },
+        grace_ms: match &w.grace {
+            Some(g) => Some(ms(parse_duration("window grace", g)?)),
+            None => None,
+        },
+    };
+    window.check()?;
+    Ok(window)
 }
 
 /// A task with its runs, as every interface shows it.
@@ -190,6 +221,8 @@ fn task_view(task: TaskState, runs: Vec<super::store::RunRow>) -> TaskView {
         key: task.spec.key,
         created_at: rfc3339(task.created_ms),
         next_run_at: task.next_run_ms.map(rfc3339),
+        window: task.spec.window.as_ref().map(|w| w.name.clone()),
+        critical: task.spec.critical,
         runs: runs
             .into_iter()
             .map(|r| RunView {

@@ -55,6 +55,43 @@ pub struct ScheduleArgs {
     pub tz: Option<String>,
 }
 
+/// A window runs may start in (all of --window, --window-cron and --window-for, or none).
+#[derive(Args, Clone, Debug, Default)]
+pub struct WindowArgs {
+    /// Runs start only inside this window (its name, as reports show it); due runs wait for
+    /// its next opening, missed slots collapse into one run there.
+    #[arg(long, value_name = "NAME", requires_all = ["window_cron", "window_for"])]
+    pub window: Option<String>,
+    /// When the window opens: five-field cron, e.g. '0 1 * * *'.
+    #[arg(long, value_name = "CRON", requires = "window")]
+    pub window_cron: Option<String>,
+    /// IANA time zone of --window-cron [default: UTC].
+    #[arg(long, value_name = "TZ", requires = "window")]
+    pub window_tz: Option<String>,
+    /// How long each opening lasts (elapsed time), e.g. 3h.
+    #[arg(long, value_name = "D", requires = "window")]
+    pub window_for: Option<String>,
+    /// No run starts this long before the window closes, e.g. 30m.
+    #[arg(long, value_name = "D", requires = "window")]
+    pub window_cutoff: Option<String>,
+    /// Stop a run still going this long after the window closed [default: let it finish].
+    #[arg(long, value_name = "D", requires = "window")]
+    pub window_grace: Option<String>,
+}
+
+impl WindowArgs {
+    fn request(self) -> Option<proto::TaskWindow> {
+        Some(proto::TaskWindow {
+            name: self.window?,
+            cron: self.window_cron,
+            tz: self.window_tz,
+            duration: self.window_for,
+            cutoff: self.window_cutoff,
+            grace: self.window_grace,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum TasksCommand {
@@ -67,6 +104,7 @@ pub enum TasksCommand {
     ///   outpost-agent tasks add health_check --every 5m
     ///   outpost-agent tasks add command --in 10m --timeout 30s -- /usr/local/bin/rotate-logs --keep 7
     ///   outpost-agent tasks add pgbackrest_backup --param stanza=main --param type=full --cron '0 1 * * 0' --timeout 6h
+    ///   outpost-agent tasks add vacuum --param database=app --every 1d --window nightly --window-cron '0 1 * * *' --window-tz Europe/Berlin --window-for 3h --window-cutoff 30m --critical
     #[command(verbatim_doc_comment)]
     Add {
         /// vacuum | analyze | health_check | retention_cleanup | pg_dump | sql | command |
@@ -86,6 +124,11 @@ pub enum TasksCommand {
         /// Print the stored task as JSON (the API's shape) instead of its id.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        window: WindowArgs,
+        /// A failed run raises the control plane's critical_task_failed alert.
+        #[arg(long)]
+        critical: bool,
         #[command(flatten)]
         at_where: Where,
         /// The command and its arguments (kind `command`).
@@ -243,6 +286,8 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
             timeout,
             key,
             json,
+            window,
+            critical,
             at_where,
             argv,
         } => {
@@ -257,6 +302,8 @@ pub async fn run(command: TasksCommand) -> anyhow::Result<()> {
                 tz,
                 timeout,
                 key,
+                window: window.request(),
+                critical,
             };
             add(&world, &request, json, &at_where).await?;
         }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::cron::Cron;
-use super::model::{RunOutcome, Schedule, TaskSpec, status};
+use super::model::{RunOutcome, Schedule, TaskSpec, Window, WindowAt, status};
 
 /// What to do with a run that fell due while the agent was down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +136,31 @@ pub struct Scheduler {
     /// signatures stay taken until the history is purged.
     ended: BTreeMap<String, u32>,
     next_run_id: i64,
+    /// Runs started inside a window: run id → when that window ends.
+    window_ends: BTreeMap<i64, i64>,
+}
+
+/// A run that ended `past_ms` after its window did says so in its record (and, stopped by
+/// the window's grace, why it was stopped).
+fn overran(outcome: RunOutcome, w: &Window, past_ms: i64) -> RunOutcome {
+    let past = humantime::format_duration(std::time::Duration::from_secs(
+        u64::try_from(past_ms / 1000).unwrap_or(0),
+    ));
+    let note = match w.grace_ms {
+        Some(grace) if past_ms >= grace && outcome.status != status::DONE => format!(
+            "stopped: still running {past} after window {:?} ended (its grace)",
+            w.name
+        ),
+        _ => format!("ran {past} past the end of window {:?}", w.name),
+    };
+    let error = match outcome.error {
+        Some(e) => format!("{note}; {e}"),
+        None => note,
+    };
+    RunOutcome {
+        error: Some(error),
+        ..outcome
+    }
 }
 
 /// The next time `schedule` fires strictly after `after_ms`.
@@ -180,6 +205,7 @@ impl Scheduler {
             running: BTreeMap::new(),
             ended: BTreeMap::new(),
             next_run_id: 1,
+            window_ends: BTreeMap::new(),
         }
     }
 
@@ -559,6 +585,28 @@ impl Scheduler {
             let Some(task) = self.tasks.get(&id).cloned() else {
                 continue;
             };
+            let window_end = match task.spec.window.as_ref().map(|w| w.at(now_ms)) {
+                None => None,
+                Some(Ok(WindowAt::Open { end_ms })) => Some(end_ms),
+                // Outside its window (or past the cutoff): due again when it next opens, so
+                // slots missed meanwhile collapse into one run there.
+                Some(Ok(WindowAt::Closed { opens_ms })) => {
+                    effects.push(self.replace(TaskState {
+                        next_run_ms: opens_ms,
+                        ..task
+                    }));
+                    continue;
+                }
+                // A window this build cannot read (it was checked when the task was made):
+                // the task waits rather than run outside it.
+                Some(Err(_)) => {
+                    effects.push(self.replace(TaskState {
+                        next_run_ms: None,
+                        ..task
+                    }));
+                    continue;
+                }
+            };
             let run_id = self.next_run_id;
             self.next_run_id += 1;
             self.running.insert(run_id, id.clone());
@@ -566,7 +614,15 @@ impl Scheduler {
                 status: status::QUEUED,
                 ..task
             };
-            let spec = queued.spec.clone();
+            let mut spec = queued.spec.clone();
+            if let (Some(end_ms), Some(w)) = (window_end, &spec.window) {
+                self.window_ends.insert(run_id, end_ms);
+                if let Some(grace) = w.grace_ms {
+                    // Stopped by the run's deadline once the window's grace is over.
+                    let left = end_ms.saturating_add(grace).saturating_sub(now_ms).max(1);
+                    spec.timeout_ms = spec.timeout_ms.min(left);
+                }
+            }
             effects.push(self.replace(queued));
             effects.push(Effect::RunQueued {
                 task_id: id.clone(),
@@ -620,6 +676,7 @@ impl Scheduler {
         if self.running.remove(&run_id).is_none() {
             return Vec::new();
         }
+        let window_end = self.window_ends.remove(&run_id);
         let Some(task) = self.tasks.get(task_id).cloned() else {
             return Vec::new();
         };
@@ -627,6 +684,10 @@ impl Scheduler {
             status::CANCELED
         } else {
             outcome.status
+        };
+        let outcome = match (window_end, &task.spec.window) {
+            (Some(end_ms), Some(w)) if now_ms > end_ms => overran(outcome, w, now_ms - end_ms),
+            _ => outcome,
         };
         let mut effects = vec![Effect::RunEnded {
             task_id: task_id.to_string(),

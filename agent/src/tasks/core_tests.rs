@@ -16,6 +16,8 @@ fn spec(kind: Kind, schedule: Schedule) -> TaskSpec {
         schedule,
         timeout_ms: 60 * S,
         key: "k".into(),
+        window: None,
+        critical: false,
     }
 }
 
@@ -528,4 +530,166 @@ fn the_invariant_check_names_what_is_inconsistent() {
     s.running.clear();
     let violation = s.invariant_violation().expect("in flight with no run");
     assert!(violation.contains("no run in flight"), "{violation}");
+}
+
+/// Every tick of a minute for three days, each run ending a second after it starts: the
+/// times runs were dispatched at.
+fn dispatch_times(task: TaskSpec, from: &str, days: i64) -> Vec<String> {
+    let ms = |s: &str| s.parse::<jiff::Timestamp>().expect("ts").as_millisecond();
+    let mut s = Scheduler::new(Config::default());
+    let start = ms(from);
+    s.submit(start, "t".into(), task).expect("submit");
+    let mut at = Vec::new();
+    let mut now = start;
+    while now < start + days * 86_400 * S {
+        for (id, run) in dispatched(&s.tick(now)) {
+            at.push(
+                jiff::Timestamp::from_millisecond(now)
+                    .expect("ts")
+                    .to_string(),
+            );
+            s.started(&id, run);
+            s.finished(now + S, &id, run, outcome(status::DONE));
+        }
+        s.debug_assert_invariants();
+        now += 60 * S;
+    }
+    at
+}
+
+fn windowed_every_10m(first: &str) -> TaskSpec {
+    let ms = |s: &str| s.parse::<jiff::Timestamp>().expect("ts").as_millisecond();
+    TaskSpec {
+        window: Some(crate::tasks::model::Window {
+            name: "nightly".into(),
+            cron: "30 2 * * *".into(),
+            tz: "Europe/Berlin".into(),
+            duration_ms: 3_600 * S,
+            cutoff_ms: 600 * S,
+            grace_ms: None,
+        }),
+        ..spec(
+            Kind::Command,
+            Schedule::Every {
+                interval_ms: 600 * S,
+                first_ms: ms(first),
+            },
+        )
+    }
+}
+
+/// A task gated by a window (02:30 Berlin time for an hour, no start in its last 10 minutes)
+/// over three days around each 2027 daylight-saving change, with nothing but the agent's own
+/// scheduler (as when it is cut off from the control plane): runs start only inside the
+/// window, slots missed outside it collapse into one run at its opening, the skipped 02:30 of
+/// 28 March opens the window at 03:00, and the repeated 02:30 of 31 October opens it once.
+#[test]
+fn a_window_gated_task_starts_only_inside_its_window_across_daylight_saving() {
+    let runs = |hours: &[&str]| -> Vec<String> { hours.iter().map(|h| h.to_string()).collect() };
+    let spring = dispatch_times(
+        windowed_every_10m("2027-03-26T12:00:00Z"),
+        "2027-03-26T12:00:00Z",
+        3,
+    );
+    assert_eq!(
+        spring,
+        runs(&[
+            // 27 March, CET: 02:30 is 01:30Z; the 02:20Z slot is past the cutoff.
+            "2027-03-27T01:30:00Z",
+            "2027-03-27T01:40:00Z",
+            "2027-03-27T01:50:00Z",
+            "2027-03-27T02:00:00Z",
+            "2027-03-27T02:10:00Z",
+            // 28 March: 02:30 does not exist; the window opens at 03:00 CEST (01:00Z).
+            "2027-03-28T01:00:00Z",
+            "2027-03-28T01:10:00Z",
+            "2027-03-28T01:20:00Z",
+            "2027-03-28T01:30:00Z",
+            "2027-03-28T01:40:00Z",
+            // 29 March, CEST: 02:30 is 00:30Z.
+            "2027-03-29T00:30:00Z",
+            "2027-03-29T00:40:00Z",
+            "2027-03-29T00:50:00Z",
+            "2027-03-29T01:00:00Z",
+            "2027-03-29T01:10:00Z",
+        ])
+    );
+    let autumn = dispatch_times(
+        windowed_every_10m("2027-10-29T12:00:00Z"),
+        "2027-10-29T12:00:00Z",
+        3,
+    );
+    assert_eq!(
+        autumn,
+        runs(&[
+            "2027-10-30T00:30:00Z",
+            "2027-10-30T00:40:00Z",
+            "2027-10-30T00:50:00Z",
+            "2027-10-30T01:00:00Z",
+            "2027-10-30T01:10:00Z",
+            // 31 October: 02:30 happens twice (CEST, then CET); the window opens once.
+            "2027-10-31T00:30:00Z",
+            "2027-10-31T00:40:00Z",
+            "2027-10-31T00:50:00Z",
+            "2027-10-31T01:00:00Z",
+            "2027-10-31T01:10:00Z",
+            // 1 November, CET: 02:30 is 01:30Z.
+            "2027-11-01T01:30:00Z",
+            "2027-11-01T01:40:00Z",
+            "2027-11-01T01:50:00Z",
+            "2027-11-01T02:00:00Z",
+            "2027-11-01T02:10:00Z",
+        ])
+    );
+}
+
+/// A one-off task due outside its window waits for the opening; a run still going when the
+/// window ends is reported, and with a grace its deadline is the window's end plus the grace.
+#[test]
+fn a_window_holds_a_due_run_and_bounds_one_that_overruns() {
+    let ms = |s: &str| s.parse::<jiff::Timestamp>().expect("ts").as_millisecond();
+    let mut task = windowed_every_10m("2027-01-10T12:00:00Z");
+    task.schedule = Schedule::Once {
+        at_ms: ms("2027-01-10T12:00:00Z"),
+    };
+    let mut graced = task.clone();
+    graced.timeout_ms = 2 * 3_600 * S;
+    if let Some(w) = graced.window.as_mut() {
+        w.grace_ms = Some(300 * S);
+    }
+    let mut s = Scheduler::new(Config::default());
+    s.submit(ms("2027-01-10T12:00:00Z"), "t".into(), task)
+        .expect("submit");
+    assert!(dispatched(&s.tick(ms("2027-01-10T12:00:00Z"))).is_empty());
+    assert_eq!(
+        s.task("t").and_then(|t| t.next_run_ms),
+        Some(ms("2027-01-11T01:30:00Z")),
+        "due again when the window opens (02:30 Berlin)"
+    );
+    let effects = s.tick(ms("2027-01-11T01:30:00Z"));
+    assert_eq!(dispatched(&effects), vec![("t".to_string(), 1)]);
+    s.started("t", 1);
+    let ended = s.finished(ms("2027-01-11T02:35:00Z"), "t", 1, outcome(status::DONE));
+    let Effect::RunEnded { outcome: o, .. } = &ended[0] else {
+        panic!("{ended:?}")
+    };
+    assert_eq!(o.status, status::DONE);
+    assert_eq!(
+        o.error.as_deref(),
+        Some("ran 5m past the end of window \"nightly\"")
+    );
+    // With a 5-minute grace, a run started 10 minutes into the window gets at most the 55
+    // minutes left to the end plus the grace.
+    let mut s = Scheduler::new(Config::default());
+    s.submit(ms("2027-01-11T01:40:00Z"), "g".into(), graced)
+        .expect("submit");
+    let effects = s.tick(ms("2027-01-11T01:40:00Z"));
+    let job = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Dispatch(job) => Some(job.clone()),
+            _ => None,
+        })
+        .expect("dispatched inside the window");
+    assert_eq!(job.spec.timeout_ms, 55 * 60 * S);
 }

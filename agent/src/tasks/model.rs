@@ -208,6 +208,82 @@ pub struct TaskSpec {
     pub timeout_ms: i64,
     /// Operation signature the id derives from.
     pub key: String,
+    /// Runs start only inside this window.
+    pub window: Option<Window>,
+    /// A failed run raises the control plane's `critical_task_failed` alert.
+    pub critical: bool,
+}
+
+/// A recurring period runs may start in: starts by a cron expression in a time zone (a start
+/// in a skipped hour moves to the first instant after it, a repeated hour counts once), each
+/// lasting `duration_ms` of elapsed time. No run starts in the last `cutoff_ms`; a run still
+/// going `grace_ms` after the end is stopped, when that is set.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    pub name: String,
+    pub cron: String,
+    pub tz: String,
+    pub duration_ms: i64,
+    #[serde(default)]
+    pub cutoff_ms: i64,
+    #[serde(default)]
+    pub grace_ms: Option<i64>,
+}
+
+/// Where `now` stands against a task's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowAt {
+    /// Open for new runs; the occurrence ends at this time.
+    Open { end_ms: i64 },
+    /// Closed for new runs (outside it, or past its cutoff) until this time; `None` when the
+    /// expression never fires again.
+    Closed { opens_ms: Option<i64> },
+}
+
+impl Window {
+    fn cron(&self) -> Result<super::cron::Cron, String> {
+        super::cron::Cron::parse(&self.cron, &self.tz).map_err(|e| format!("window cron: {e}"))
+    }
+
+    /// Whether a run may start at `now_ms`, and until or from when.
+    pub fn at(&self, now_ms: i64) -> Result<WindowAt, String> {
+        let cron = self.cron()?;
+        // The first start after (now − duration) is the occurrence in force if it is not
+        // after now.
+        match cron.next_after_ms(now_ms - self.duration_ms) {
+            Some(start) if start <= now_ms => {
+                let end_ms = start + self.duration_ms;
+                if now_ms < end_ms - self.cutoff_ms {
+                    Ok(WindowAt::Open { end_ms })
+                } else {
+                    Ok(WindowAt::Closed {
+                        opens_ms: cron.next_after_ms(now_ms),
+                    })
+                }
+            }
+            later => Ok(WindowAt::Closed { opens_ms: later }),
+        }
+    }
+
+    /// Check the fields: a valid expression, a duration of 1 minute to 24 hours, a cutoff
+    /// shorter than the duration, a grace of at most 24 hours.
+    pub fn check(&self) -> Result<(), String> {
+        const DAY_MS: i64 = 24 * 3_600_000;
+        if self.name.is_empty() || self.name.len() > 64 || self.name.chars().any(char::is_control) {
+            return Err("window name must be 1 to 64 printable bytes".into());
+        }
+        self.cron()?;
+        if !(60_000..=DAY_MS).contains(&self.duration_ms) {
+            return Err("window duration must be between 1m and 24h".into());
+        }
+        if self.cutoff_ms < 0 || self.cutoff_ms >= self.duration_ms {
+            return Err("window cutoff must be shorter than its duration".into());
+        }
+        if self.grace_ms.is_some_and(|g| !(0..=DAY_MS).contains(&g)) {
+            return Err("window grace must be between 0s and 24h".into());
+        }
+        Ok(())
+    }
 }
 
 /// How a run ended.

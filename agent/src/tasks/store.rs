@@ -9,7 +9,28 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::core::{Effect, TaskState};
-use super::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
+use super::model::{Kind, RunOutcome, Schedule, TaskSpec, Window, status};
+
+/// The optional parts of a spec, as the `options` column keeps them.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Options {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<Window>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    critical: bool,
+}
+
+fn encode_options(spec: &TaskSpec) -> Result<Option<String>, StoreError> {
+    if spec.window.is_none() && !spec.critical {
+        return Ok(None);
+    }
+    serde_json::to_string(&Options {
+        window: spec.window.clone(),
+        critical: spec.critical,
+    })
+    .map(Some)
+    .map_err(err)
+}
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tasks (
@@ -25,7 +46,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempt INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
     cancel_requested INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL
+    updated_ms INTEGER NOT NULL,
+    -- JSON of the spec's optional parts (its window, whether it is critical); NULL: none.
+    options TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE TABLE IF NOT EXISTS runs (
@@ -157,11 +180,17 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>>
     let params: String = row.get(3)?;
     let argv: String = row.get(4)?;
     let schedule: String = row.get(5)?;
-    let (Some(kind), Ok(params), Ok(argv), Some(schedule)) = (
+    let options: Option<String> = row.get(12)?;
+    let options = match options {
+        None => Ok(Options::default()),
+        Some(json) => serde_json::from_str::<Options>(&json),
+    };
+    let (Some(kind), Ok(params), Ok(argv), Some(schedule), Ok(options)) = (
         Kind::parse(&kind),
         serde_json::from_str::<BTreeMap<String, String>>(&params),
         serde_json::from_str::<Vec<String>>(&argv),
         decode_schedule(&schedule),
+        options,
     ) else {
         return Ok(None);
     };
@@ -174,6 +203,8 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>>
             schedule,
             timeout_ms: row.get(6)?,
             key: row.get(1)?,
+            window: options.window,
+            critical: options.critical,
         },
         status: row.get(7)?,
         next_run_ms: row.get(8)?,
@@ -183,7 +214,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<TaskState>>
     }))
 }
 
-const TASK_COLUMNS: &str = "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested";
+const TASK_COLUMNS: &str = "id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, options";
 
 impl Store {
     /// Open the store at `path` after an integrity check. A file that fails it (or is not a
@@ -215,6 +246,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // Stores from before task options gain the column (NULL: none).
+        if conn.prepare("SELECT options FROM tasks LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE tasks ADD COLUMN options TEXT")
+                .map_err(err)?;
+        }
         Ok(Store { conn })
     }
 
@@ -323,8 +359,8 @@ impl Store {
                 Effect::SaveTask(t) => {
                     cached(
                         &tx,
-                        "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                        "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms, options) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                          ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, schedule = excluded.schedule, \
                          attempt = excluded.attempt, cancel_requested = excluded.cancel_requested, updated_ms = excluded.updated_ms",
                         params![
@@ -341,6 +377,7 @@ impl Store {
                             t.created_ms,
                             i64::from(t.cancel_requested),
                             now_ms,
+                            encode_options(&t.spec)?,
                         ],
                     )?;
                 }
@@ -612,9 +649,9 @@ fn cached(
 
 #[cfg(test)]
 mod tests {
-    use super::{Started, Store};
+    use super::{Connection, SCHEMA, Started, Store};
     use crate::tasks::core::{Config, Effect, Scheduler};
-    use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, status};
+    use crate::tasks::model::{Kind, RunOutcome, Schedule, TaskSpec, Window, status};
 
     fn spec(schedule: Schedule) -> TaskSpec {
         TaskSpec {
@@ -624,7 +661,59 @@ mod tests {
             schedule,
             timeout_ms: 1000,
             key: "sig".into(),
+            window: None,
+            critical: false,
         }
+    }
+
+    /// A task's window and critical mark survive a reopen, and a store from before the
+    /// `options` column gains it, its tasks read as having neither.
+    #[test]
+    fn options_survive_a_reopen_and_an_older_store_gains_the_column() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tasks.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(&SCHEMA.replace(",\n    -- JSON of the spec's optional parts (its window, whether it is critical); NULL: none.\n    options TEXT", ""))
+                .expect("older schema");
+            assert!(
+                conn.prepare("SELECT options FROM tasks").is_err(),
+                "an older store"
+            );
+            conn.execute(
+                "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms) \
+                 VALUES ('old', 'k', 'command', '{}', '[\"true\"]', 'once 0', 1000, 1, 0, 0, 0, 0, 0)",
+                [],
+            )
+            .expect("an older task");
+        }
+        let mut store = Store::open(&path).expect("open migrates");
+        let mut windowed = spec(Schedule::Once { at_ms: 0 });
+        windowed.critical = true;
+        windowed.window = Some(Window {
+            name: "nightly".into(),
+            cron: "0 1 * * *".into(),
+            tz: "Europe/Berlin".into(),
+            duration_ms: 3_600_000,
+            cutoff_ms: 600_000,
+            grace_ms: Some(60_000),
+        });
+        let mut s = Scheduler::new(Config::default());
+        let effects = s.submit(0, "new".into(), windowed.clone()).expect("submit");
+        store.apply(1, &effects, &[]).expect("apply");
+        drop(store);
+        let loaded = Store::open(&path).expect("reopen").load().expect("load");
+        let by_id = |id: &str| {
+            loaded
+                .tasks
+                .iter()
+                .find(|t| t.id == id)
+                .map(|t| t.spec.clone())
+                .expect("task")
+        };
+        assert_eq!(by_id("new"), windowed);
+        let old = by_id("old");
+        assert!(old.window.is_none() && !old.critical, "{old:?}");
     }
 
     #[test]
