@@ -639,9 +639,9 @@ async fn task_events(
     for event in &events {
         state.observed.task_event(&event.task.status);
     }
-    for event in events {
-        match serde_json::to_string(&event.task) {
-            Ok(json) => rows.push((event.task.id, json)),
+    for event in &events {
+        match crate::storage::TaskRecord::of(&event.task) {
+            Ok(record) => rows.push(record),
             Err(e) => return Err(End::Protocol(e.to_string())),
         }
     }

@@ -1710,3 +1710,138 @@ async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded
     assert!(removed, "the run directory outlived its committed end");
     drop(wrapper);
 }
+
+/// A window that gates task runs (effect `allow`) reaches the agent with a task that names it:
+/// the task created outside the window waits for the window's next opening, its agent keeps
+/// the window (so it holds while the control plane is away), and names that are no window,
+/// mute-only windows and windows that do not select the agent are refused with the reason. A
+/// task marked critical whose run fails raises `critical_task_failed` for its agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
+    use crate::harness::ControlPlane;
+    use http::Method;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cp_config = tmp.path().join("outpost.toml");
+    std::fs::write(
+        &cp_config,
+        "alert_evaluate_every = \"1s\"\nalert_group_wait = \"1s\"\n",
+    )
+    .expect("config");
+    let cp =
+        ControlPlane::start_with(&[], &["--config", cp_config.to_str().expect("utf8")], true)
+            .await;
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n")
+        .expect("config");
+    let mut agent = Agent {
+        dir: tempfile::tempdir().expect("tempdir"),
+        proc: None,
+        extra: vec!["--config".into(), config.display().to_string()],
+        env: Vec::new(),
+    };
+    cp.enroll_agent("db1", &agent.data().display().to_string());
+    agent.launch().await;
+    cp.wait_status("db1", "online", Duration::from_secs(10))
+        .await;
+    let agent_id = first_agent_id(&cp).await;
+    let post = |path: String, body: serde_json::Value| {
+        let cp = &cp;
+        async move {
+            let r = cp
+                .api(Method::POST, &path, Some(body))
+                .await
+                .expect("answer");
+            (
+                r.status.as_u16(),
+                String::from_utf8_lossy(&r.body).to_string(),
+            )
+        }
+    };
+    // Twelve hours from now (UTC hours), so the window is closed while the test runs.
+    let hour: u32 = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .hour()
+        .try_into()
+        .expect("hour");
+    let cron = format!("0 {} * * *", (hour + 12) % 24);
+    for (name, effect, agents) in [
+        ("nightly", "allow", "db*"),
+        ("quiet", "mute", "db*"),
+        ("elsewhere", "both", "web*"),
+    ] {
+        let (status, body) = post(
+            "/api/v1/windows".into(),
+            serde_json::json!({"name": name, "cron": cron, "duration": "1h", "agents": [agents],
+                "effect": effect, "cutoff": (effect != "mute").then_some("10m")}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let tasks = format!("/api/v1/agents/{agent_id}/tasks");
+    let task = |window: &str| {
+        serde_json::json!({"kind": "command", "argv": ["true"], "key": format!("gated-{window}"),
+            "window": {"name": window}})
+    };
+    for (window, reason) in [
+        ("nope", "no window named"),
+        ("quiet", "only mutes notices"),
+        ("elsewhere", "does not select agent db1"),
+    ] {
+        let (status, body) = post(tasks.clone(), task(window)).await;
+        assert_eq!(status, 400, "{window}: {body}");
+        assert!(body.contains(reason), "{window}: {body}");
+    }
+    let (status, body) = post(
+        tasks.clone(),
+        serde_json::json!({"kind": "command", "argv": ["true"],
+            "window": {"name": "nightly", "cron": "* * * * *"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("give only its name"), "{body}");
+    let (status, body) = post(tasks.clone(), task("nightly")).await;
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(created["window"], "nightly", "{created}");
+    // Due now, it waits for the window: the agent moved its next run to the opening.
+    let id = created["id"].as_str().expect("id").to_string();
+    let opening = format!("T{:02}:00:00", (hour + 12) % 24);
+    let shown = until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = agent.tasks(&["show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let waits = v["next_run_at"]
+            .as_str()
+            .is_some_and(|next| next.contains(&opening));
+        async move { waits.then_some(v) }
+    })
+    .await;
+    let shown = shown.unwrap_or_else(|| panic!("the run waits for {opening}"));
+    assert_eq!(shown["status"], "scheduled", "{shown}");
+    assert!(shown["runs"].as_array().is_some_and(Vec::is_empty), "{shown}");
+
+    // A critical task whose run fails raises the alert on its agent.
+    let (status, body) = post(
+        tasks.clone(),
+        serde_json::json!({"kind": "command", "argv": ["false"], "key": "must-work", "critical": true}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let firing = until(Duration::from_secs(30), Duration::from_millis(250), || async {
+        let r = cp.api(Method::GET, "/api/v1/alerts", None).await?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        v["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["rule"] == "critical_task_failed" && a["phase"] == "firing")
+            .cloned()
+    })
+    .await;
+    let firing = firing.unwrap_or_else(|| panic!("no critical_task_failed alert: {}", cp.log()));
+    assert_eq!(firing["agent"], "db1", "{firing}");
+    assert!(
+        firing["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("command must-work:")),
+        "{firing}"
+    );
+}

@@ -177,6 +177,9 @@ async fn active_silences(h: &Handles, now_ms: i64) -> Result<Vec<Silence>, Stora
     Ok(active)
 }
 
+/// Failing critical tasks read per round at most (the rule counts what it read).
+const FAILING_READ_MAX: i64 = 10_000;
+
 /// Measure every rule on every agent and advance the stored alerts.
 async fn evaluate(
     h: &Handles,
@@ -195,6 +198,12 @@ async fn evaluate(
         .into_iter()
         .filter_map(|r| Some((r.key, serde_json::from_str(&r.data).ok()?)))
         .collect();
+    let mut failing: BTreeMap<String, Vec<proto::TaskSnapshot>> = BTreeMap::new();
+    for (agent_id, json) in h.storage.failing_critical_tasks(FAILING_READ_MAX).await? {
+        if let Ok(task) = serde_json::from_str(&json) {
+            failing.entry(agent_id).or_default().push(task);
+        }
+    }
     let mut observed = Vec::with_capacity(agents.len() * RULES.len());
     let mut labels_of: BTreeMap<&str, crate::labels::Labels> = BTreeMap::new();
     for row in &agents {
@@ -210,6 +219,7 @@ async fn evaluate(
                 .buffer
                 .as_deref()
                 .and_then(|s| serde_json::from_str(s).ok()),
+            failing: failing.get(&row.id).map_or(&[], Vec::as_slice),
         };
         for def in RULES {
             let t = rules::thresholds(def, &overrides, &row.name, &labels);

@@ -88,6 +88,13 @@ pub const RULES: &[RuleDef] = &[
         for_s: 0,
     },
     RuleDef {
+        name: "critical_task_failed",
+        measures: "tasks marked critical whose latest finished run failed",
+        warning: None,
+        critical: Some(1.0),
+        for_s: 0,
+    },
+    RuleDef {
         name: "archiving_failing",
         measures: "1 while WAL archiving fails or is off",
         warning: None,
@@ -232,6 +239,8 @@ pub struct Facts<'a> {
     pub online: bool,
     pub health: Option<Health>,
     pub buffer: Option<proto::BufferStats>,
+    /// Its tasks marked critical whose latest finished run failed.
+    pub failing: &'a [proto::TaskSnapshot],
 }
 
 /// Figures older than this are not judged (the agent is likely offline, which its own rule
@@ -306,6 +315,7 @@ pub fn measure(name: &str, f: &Facts<'_>, now_ms: i64) -> Option<(f64, String)> 
             ))
         }
         "backup_rpo" => backup_age(f.health.as_ref()?, now_ms),
+        "critical_task_failed" => Some(failing_tasks(f.failing)),
         "archiving_failing" => {
             let a = f.health.as_ref()?.archiver.as_ref()?;
             if !fresh(a.ts_ms) {
@@ -319,6 +329,36 @@ pub fn measure(name: &str, f: &Facts<'_>, now_ms: i64) -> Option<(f64, String)> 
         }
         _ => None,
     }
+}
+
+/// How many critical tasks failed, naming the first few with their errors.
+fn failing_tasks(failing: &[proto::TaskSnapshot]) -> (f64, String) {
+    let named: Vec<String> = failing
+        .iter()
+        .take(3)
+        .map(|t| {
+            let last = t
+                .runs
+                .iter()
+                .filter(|r| r.finished_at.is_some())
+                .max_by_key(|r| r.run_id);
+            let why = last
+                .and_then(|r| r.error.clone())
+                .or_else(|| last.and_then(|r| r.exit_code.map(|c| format!("exit code {c}"))))
+                .unwrap_or_else(|| "failed".into());
+            let key = if t.key.is_empty() { &t.id } else { &t.key };
+            format!("{} {key}: {why}", t.kind)
+        })
+        .collect();
+    let more = failing.len().saturating_sub(named.len());
+    let mut summary = named.join("; ");
+    if more > 0 {
+        summary.push_str(&format!("; and {more} more"));
+    }
+    if summary.is_empty() {
+        summary = "no critical task failing".into();
+    }
+    (failing.len() as f64, summary)
 }
 
 /// Hours since the newest valid backup of the stanza that has gone longest without one.
@@ -416,6 +456,7 @@ mod tests {
             online: true,
             health: Some(health),
             buffer: None,
+            failing: &[],
         };
         let (value, summary) = measure("connections", &facts, 2_000).expect("measured");
         assert_eq!(summary, "92 of max_connections 100 in use (92 %)");
@@ -427,6 +468,57 @@ mod tests {
         );
         assert_eq!(t.severity(value), Some(Severity::Warning));
         assert_eq!(t.severity(0.98), Some(Severity::Critical));
+    }
+
+    /// Only the latest finished run counts: a critical task that failed and then succeeded
+    /// is no longer failing; a cancelled one neither; the summary names task and error.
+    #[test]
+    fn a_critical_task_fails_by_its_latest_finished_run() {
+        let run = |id: i64, status: &str, error: Option<&str>, finished: bool| proto::RunSnapshot {
+            run_id: id,
+            started_at: Some("2027-01-01T00:00:00Z".into()),
+            finished_at: finished.then(|| "2027-01-01T00:01:00Z".into()),
+            status: status.into(),
+            exit_code: Some(1),
+            error: error.map(str::to_string),
+            output_bytes: 0,
+            output_dropped_bytes: 0,
+        };
+        let task = |runs: Vec<proto::RunSnapshot>| proto::TaskSnapshot {
+            id: "tsk_1".into(),
+            kind: "pg_dump".into(),
+            status: "scheduled".into(),
+            schedule: "every 1d".into(),
+            key: "nightly-dump".into(),
+            created_at: "2027-01-01T00:00:00Z".into(),
+            next_run_at: None,
+            runs,
+            window: None,
+            critical: true,
+        };
+        let failed = task(vec![
+            run(1, "done", None, true),
+            run(2, "failed", Some("disk full"), true),
+            run(3, "doing", None, false),
+        ]);
+        assert!(crate::storage::model::failing_critical(&failed));
+        let (value, summary) = failing_tasks(std::slice::from_ref(&failed));
+        assert_eq!(
+            (value, summary.as_str()),
+            (1.0, "pg_dump nightly-dump: disk full")
+        );
+        let recovered = task(vec![run(2, "failed", None, true), run(3, "done", None, true)]);
+        assert!(!crate::storage::model::failing_critical(&recovered));
+        let cancelled = proto::TaskSnapshot {
+            status: "canceled".into(),
+            ..failed.clone()
+        };
+        assert!(!crate::storage::model::failing_critical(&cancelled));
+        let unmarked = proto::TaskSnapshot {
+            critical: false,
+            ..failed
+        };
+        assert!(!crate::storage::model::failing_critical(&unmarked));
     }
 
     #[test]

@@ -119,12 +119,12 @@ impl Silence {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::alerts::rules::Severity;
     use crate::alerts::state::Phase;
 
-    fn alert(rule: &str, agent: &str) -> Alert {
+    pub(in crate::alerts) fn alert(rule: &str, agent: &str) -> Alert {
         Alert {
             rule: rule.into(),
             agent_id: format!("agt_{agent}"),

@@ -1,8 +1,10 @@
-//! Maintenance windows: recurring periods (a cron start in a time zone, and a duration) during
-//! which the notices of the agents they name are held back, like a silence that comes back.
-//! Evaluation and history go on; what still fires when the window ends is sent then. Starts
-//! follow the cron rules for daylight saving (a skipped start moves to the end of the gap, a
-//! repeated one counts once); the duration is elapsed time.
+//! Maintenance windows: recurring periods (a cron start in a time zone, and a duration). A
+//! `mute` window holds back the notices of the agents it names, like a silence that comes
+//! back: evaluation and history go on; what still fires when the window ends is sent then. An
+//! `allow` window gates task runs: a task created with the window's name carries the window to
+//! its agent, which starts its runs only inside it (even while the control plane is away).
+//! `both` does both. Starts follow the cron rules for daylight saving (a skipped start moves
+//! to the end of the gap, a repeated one counts once); the duration is elapsed time.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,13 +36,23 @@ pub struct WindowSpec {
     /// The rules it mutes; every rule when absent.
     #[serde(default)]
     pub rules: Option<Vec<String>>,
-    /// `mute`: notices are held back while it lasts. (Windows that gate task runs on the
-    /// agents are not built yet.)
+    /// `mute`: notices are held back while it lasts; `allow`: tasks created with this
+    /// window's name start runs only inside it; `both`.
     #[serde(default = "mute")]
     pub effect: String,
+    /// `allow`: no run starts this long before the window ends, e.g. `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<String>,
+    /// `allow`: a run still going this long after the window ended is stopped, e.g. `15m`
+    /// (absent: it finishes, and its record says by how much it overran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
     #[serde(default)]
     pub comment: Option<String>,
 }
+
+/// The effects a window may have.
+pub const EFFECTS: [&str; 3] = ["mute", "allow", "both"];
 
 fn mute() -> String {
     "mute".to_string()
@@ -77,11 +89,32 @@ impl WindowSpec {
         {
             return Err(format!("rules: no rule named {bad:?}"));
         }
-        if self.effect != "mute" {
+        if !EFFECTS.contains(&self.effect.as_str()) {
             return Err(format!(
-                "effect {:?}: only \"mute\" is supported (windows that gate task runs are not built yet)",
+                "effect {:?}: use mute (notices held back), allow (task runs gated) or both",
                 self.effect
             ));
+        }
+        let ms_of = |field: &str, v: &Option<String>| -> Result<i64, String> {
+            match v {
+                None => Ok(0),
+                Some(v) => humantime::parse_duration(v)
+                    .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .map_err(|e| format!("{field}: {e} (e.g. 30m)")),
+            }
+        };
+        let cutoff_ms = ms_of("cutoff", &self.cutoff)?;
+        if cutoff_ms >= duration_ms {
+            return Err("cutoff must be shorter than the duration".into());
+        }
+        if ms_of("grace", &self.grace)? > LONGEST_MS {
+            return Err("grace must be at most 24h".into());
+        }
+        if (self.cutoff.is_some() || self.grace.is_some()) && self.effect == "mute" {
+            return Err(
+                "cutoff and grace are for windows that gate task runs (effect allow or both)"
+                    .into(),
+            );
         }
         if self
             .comment
@@ -123,9 +156,27 @@ impl Window {
         out
     }
 
+    /// Whether tasks may be gated by it.
+    pub fn allows(&self) -> bool {
+        self.spec.effect != "mute"
+    }
+
+    /// The window as a task carries it to its agent.
+    pub fn for_task(&self) -> proto::TaskWindow {
+        proto::TaskWindow {
+            name: self.spec.name.clone(),
+            cron: Some(self.spec.cron.clone()),
+            tz: Some(self.spec.tz.clone().unwrap_or_else(|| "UTC".into())),
+            duration: Some(self.spec.duration.clone()),
+            cutoff: self.spec.cutoff.clone(),
+            grace: self.spec.grace.clone(),
+        }
+    }
+
     /// Whether it holds back `alert`'s notices at `now_ms` (`labels`: the alert's agent's).
     pub fn mutes(&self, alert: &Alert, now_ms: i64, labels: &crate::labels::Labels) -> bool {
-        self.open_at(now_ms).is_some()
+        self.spec.effect != "allow"
+            && self.open_at(now_ms).is_some()
             && self
                 .spec
                 .rules
@@ -152,6 +203,8 @@ mod tests {
             agents: vec!["db-*".into()],
             rules: None,
             effect: "mute".into(),
+            cutoff: None,
+            grace: None,
             comment: None,
         }
         .check()
@@ -199,6 +252,27 @@ mod tests {
         assert!(bad(&|s| s.tz = Some("Mars/Olympus".into())).starts_with("cron:"));
         assert!(bad(&|s| s.duration = "2d".into()).contains("between 1m and 24h"));
         assert!(bad(&|s| s.rules = Some(vec!["nope".into()])).starts_with("rules:"));
-        assert!(bad(&|s| s.effect = "allow".into()).contains("only \"mute\""));
+        assert!(bad(&|s| s.effect = "open".into()).contains("use mute"));
+        assert!(bad(&|s| s.cutoff = Some("10m".into())).contains("effect allow or both"));
+        assert!(
+            bad(&|s| {
+                s.effect = "allow".into();
+                s.cutoff = Some("1h".into());
+            })
+            .contains("shorter than the duration")
+        );
+        let mut allow = nightly("0 1 * * *", "1h").spec;
+        allow.effect = "allow".into();
+        allow.cutoff = Some("10m".into());
+        let allow = allow.check().expect("an allow window with a cutoff");
+        assert!(allow.allows());
+        assert!(
+            !allow.mutes(
+                &super::super::silences::tests::alert("xid_age", "db-1"),
+                ms("2027-01-10T00:30:00Z"),
+                &Default::default()
+            ),
+            "an allow window mutes nothing"
+        );
     }
 }

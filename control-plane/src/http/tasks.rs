@@ -95,14 +95,10 @@ pub(super) async fn command(
         }
     };
     // Shown at once; the agent's task events keep it current from here on.
-    let json = serde_json::to_string(&task).map_err(ApiError::internal)?;
+    let record = crate::storage::TaskRecord::of(&task).map_err(ApiError::internal)?;
     state
         .storage
-        .upsert_agent_tasks(
-            agent_id,
-            vec![(task.id.clone(), json)],
-            state.world.now_unix_ms(),
-        )
+        .upsert_agent_tasks(agent_id, vec![record], state.world.now_unix_ms())
         .await
         .map_err(ApiError::internal)?;
     Ok(task)
@@ -113,8 +109,11 @@ pub async fn create(
     State(relay): State<TerminalContext>,
     Extension(AuthUser(user)): Extension<AuthUser>,
     Path(agent_id): Path<String>,
-    Json(task): Json<TaskRequest>,
+    Json(mut task): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<TaskSnapshot>), ApiError> {
+    if let Some(asked) = &task.window {
+        task.window = Some(gating_window(&state, &agent_id, asked).await?);
+    }
     // What will run on the host, exactly as asked (the argv of a command, the parameters of
     // the others, a `sql` task's query among them), recorded before it is sent: if this
     // replica dies while the agent creates the task, the request is on record anyway.
@@ -158,6 +157,50 @@ pub async fn create(
         .record(&user.name, action::TASK_CREATED, &task.id, asked)
         .await;
     Ok((StatusCode::CREATED, Json(task)))
+}
+
+/// The window a task names, as its agent will keep it: one of the stored windows that gate
+/// task runs (effect `allow` or `both`) and select this agent. A task names its window; the
+/// schedule itself comes from the window, so what the admin set is what the host enforces.
+async fn gating_window(
+    state: &Handles,
+    agent_id: &str,
+    asked: &proto::TaskWindow,
+) -> Result<proto::TaskWindow, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    if asked.cron.is_some()
+        || asked.duration.is_some()
+        || asked.tz.is_some()
+        || asked.cutoff.is_some()
+        || asked.grace.is_some()
+    {
+        return Err(bad(
+            "window: give only its name; its schedule comes from the window of that name (POST /api/v1/windows)".into(),
+        ));
+    }
+    let agent = known_agent(state, agent_id).await?;
+    let windows = crate::alerts::evaluator::windows(state)
+        .await
+        .map_err(ApiError::internal)?;
+    let Some(window) = windows.iter().find(|w| w.spec.name == asked.name) else {
+        return Err(bad(format!("window: no window named {:?}", asked.name)));
+    };
+    if !window.allows() {
+        return Err(bad(format!(
+            "window {:?} only mutes notices (effect mute); to gate task runs its effect must be allow or both",
+            asked.name
+        )));
+    }
+    let labels = crate::labels::of(agent.labels.as_deref());
+    if !crate::labels::selects(&window.spec.agents, &agent.name, &labels) {
+        return Err(bad(format!(
+            "window {:?} does not select agent {} (its agents: {})",
+            asked.name,
+            agent.name,
+            window.spec.agents.join(", ")
+        )));
+    }
+    Ok(window.for_task())
 }
 
 pub async fn cancel(

@@ -15,6 +15,11 @@ CREATE TABLE backup_policies (
 /// Agent labels (`env`, `cluster`, `role`, free keys) as a JSON object, for selectors.
 const AGENT_LABELS: &str = "ALTER TABLE agents ADD COLUMN labels TEXT;";
 
+/// Agent tasks whose latest finished run failed while marked critical, for the
+/// `critical_task_failed` rule (found by one indexed read per round).
+const FAILING_CRITICAL: &str = "ALTER TABLE agent_tasks ADD COLUMN failing_critical BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX agent_tasks_failing ON agent_tasks(agent_id) WHERE failing_critical = 1;";
+
 /// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret
 /// column that the API never returns), each alert's state, its history and the notification
 /// outbox. `$id` is the backend's auto-numbered key.
@@ -201,6 +206,7 @@ CREATE INDEX audit_by_target ON audit(target, id);
     BACKUP_POLICIES,
     alerts_sql!("INTEGER PRIMARY KEY AUTOINCREMENT"),
     AGENT_LABELS,
+    FAILING_CRITICAL,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -372,4 +378,5 @@ CREATE INDEX audit_by_target ON audit(target, id);
     BACKUP_POLICIES,
     alerts_sql!("BIGSERIAL PRIMARY KEY"),
     AGENT_LABELS,
+    FAILING_CRITICAL,
 ];

@@ -22,7 +22,7 @@ pub use model::{
     ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, LeaseRow,
     MetricQuery, MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
     RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SendOutcome, SigningKeyRow, SpecRow,
-    StorageError, StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
+    StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
 };
 
 /// The lease statement both the SQLite and the Postgres backend run (their placeholders
@@ -289,10 +289,19 @@ impl Storage {
     pub async fn upsert_agent_tasks(
         &self,
         agent_id: &str,
-        tasks: Vec<(String, String)>,
+        tasks: Vec<TaskRecord>,
         now_ms: i64,
     ) -> Result<(), StorageError> {
         dispatch!(self.upsert_agent_tasks(agent_id, tasks, now_ms))
+    }
+
+    /// Tasks marked critical whose latest finished run failed: (agent id, snapshot JSON), at
+    /// most `limit`.
+    pub async fn failing_critical_tasks(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StorageError> {
+        dispatch!(self.failing_critical_tasks(limit))
     }
 
     /// Store metric rows; a row already stored (same agent, epoch, seq) is skipped. Returns how

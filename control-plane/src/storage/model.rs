@@ -89,6 +89,39 @@ pub struct UserInfo {
     pub created_at_ms: i64,
 }
 
+/// The latest snapshot of one of an agent's tasks, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub task_id: String,
+    /// `proto::TaskSnapshot` as JSON.
+    pub snapshot: String,
+    /// Marked critical, and its latest finished run failed.
+    pub failing_critical: bool,
+}
+
+impl TaskRecord {
+    pub fn of(task: &proto::TaskSnapshot) -> Result<TaskRecord, serde_json::Error> {
+        Ok(TaskRecord {
+            task_id: task.id.clone(),
+            snapshot: serde_json::to_string(task)?,
+            failing_critical: failing_critical(task),
+        })
+    }
+}
+
+/// A task marked critical whose latest finished run failed, timed out or was aborted; a
+/// cancelled task no longer counts.
+pub fn failing_critical(task: &proto::TaskSnapshot) -> bool {
+    task.critical
+        && task.status != "canceled"
+        && task
+            .runs
+            .iter()
+            .filter(|r| r.finished_at.is_some())
+            .max_by_key(|r| r.run_id)
+            .is_some_and(|r| matches!(r.status.as_str(), "failed" | "aborted"))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRow {
     pub id: String,

@@ -15,7 +15,7 @@ use super::model::{
     AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
     Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
     RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow,
+    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -838,25 +838,47 @@ impl PostgresStore {
     pub async fn upsert_agent_tasks(
         &self,
         agent_id: &str,
-        tasks: Vec<(String, String)>,
+        tasks: Vec<TaskRecord>,
         now_ms: i64,
     ) -> Result<(), StorageError> {
         if tasks.is_empty() {
             return Ok(());
         }
-        let (ids, snapshots): (Vec<String>, Vec<String>) = tasks.into_iter().unzip();
+        let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+        let snapshots: Vec<&str> = tasks.iter().map(|t| t.snapshot.as_str()).collect();
+        let failing: Vec<i64> = tasks
+            .iter()
+            .map(|t| i64::from(t.failing_critical))
+            .collect();
         // One statement for the batch: durable as a whole before the ack goes out.
         self.client()
             .await?
             .execute(
-                "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms) \
-                 SELECT $1, t.id, t.snapshot, $4 FROM unnest($2::text[], $3::text[]) AS t(id, snapshot) \
-                 ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_ms = EXCLUDED.updated_ms",
-                &[&agent_id, &ids, &snapshots, &now_ms],
+                "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms, failing_critical) \
+                 SELECT $1, t.id, t.snapshot, $4, t.failing FROM unnest($2::text[], $3::text[], $5::bigint[]) AS t(id, snapshot, failing) \
+                 ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_ms = EXCLUDED.updated_ms, \
+                 failing_critical = EXCLUDED.failing_critical",
+                &[&agent_id, &ids, &snapshots, &now_ms, &failing],
             )
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    pub async fn failing_critical_tasks(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT agent_id, snapshot FROM agent_tasks WHERE failing_critical = 1 ORDER BY agent_id, task_id LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     pub async fn agent_tasks(

@@ -12,7 +12,7 @@ use super::model::{
     AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
     Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
     RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
+    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
 };
 use crate::auth::Role;
 
@@ -785,21 +785,40 @@ impl SqliteStore {
     pub async fn upsert_agent_tasks(
         &self,
         agent_id: &str,
-        tasks: Vec<(String, String)>,
+        tasks: Vec<TaskRecord>,
         now_ms: i64,
     ) -> Result<(), StorageError> {
         let agent_id = agent_id.to_string();
         self.run(move |conn| {
             let tx = conn.transaction().map_err(backend)?;
-            for (task_id, snapshot) in tasks {
+            for t in tasks {
                 tx.execute(
-                    "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms) VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = excluded.snapshot, updated_ms = excluded.updated_ms",
-                    params![agent_id, task_id, snapshot, now_ms],
+                    "INSERT INTO agent_tasks (agent_id, task_id, snapshot, updated_ms, failing_critical) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (agent_id, task_id) DO UPDATE SET snapshot = excluded.snapshot, updated_ms = excluded.updated_ms, \
+                     failing_critical = excluded.failing_critical",
+                    params![agent_id, t.task_id, t.snapshot, now_ms, i64::from(t.failing_critical)],
                 )
                 .map_err(backend)?;
             }
             tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn failing_critical_tasks(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StorageError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT agent_id, snapshot FROM agent_tasks WHERE failing_critical = 1 ORDER BY agent_id, task_id LIMIT ?1")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![limit], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?
+                .collect::<Result<Vec<(String, String)>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
         })
         .await
     }

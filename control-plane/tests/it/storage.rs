@@ -523,16 +523,27 @@ async fn check(s: Storage) {
         .expect("enroll");
     assert!(s.agent_by_credential("cred_rm").await.expect("q").is_some());
     // Task snapshots are pruned by age and by count per agent.
+    // Task t2 is critical and its latest run failed: the one failing critical task, until
+    // pruned.
     for (task, at) in [("t1", 1_000), ("t2", 2_000), ("t3", 3_000)] {
         s.upsert_agent_tasks(
             "agt_rm",
-            vec![(task.to_string(), format!("{{\"id\":\"{task}\"}}"))],
+            vec![control_plane::storage::TaskRecord {
+                task_id: task.to_string(),
+                snapshot: format!("{{\"id\":\"{task}\"}}"),
+                failing_critical: task == "t2",
+            }],
             at,
         )
         .await
         .expect("upsert");
     }
+    assert_eq!(
+        s.failing_critical_tasks(10).await.expect("failing"),
+        vec![("agt_rm".to_string(), r#"{"id":"t2"}"#.to_string())]
+    );
     assert_eq!(s.prune_agent_tasks(1_500, 1).await.expect("prune"), 2);
+    assert!(s.failing_critical_tasks(10).await.expect("failing").is_empty());
     assert_eq!(
         s.agent_tasks("agt_rm", 10).await.expect("tasks"),
         vec![r#"{"id":"t3"}"#.to_string()]
