@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use agent::tasks::core::{Config, MissedRuns};
 use agent::tasks::driver::{self, Request, RuntimeConfig};
-use agent::tasks::model::{Kind, Schedule, TaskSpec, status};
+use agent::tasks::model::{Kind, Schedule, TaskSpec, Window, WindowAt, status};
 use agent::tasks::pool::PoolConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -76,7 +76,58 @@ fn workload(seed: u64) -> Vec<TaskSpec> {
             critical: false,
         });
     }
+    tasks.push(windowed());
     tasks
+}
+
+/// A task due every 10 s but gated by a window (every 2 minutes for 60 s, no start in its
+/// last 15 s): whatever restarts and crashes happen, its runs start only inside the window.
+fn windowed() -> TaskSpec {
+    TaskSpec {
+        kind: Kind::Command,
+        params: Default::default(),
+        argv: vec!["work".into()],
+        schedule: Schedule::Every {
+            interval_ms: 10_000,
+            first_ms: (EPOCH_S * 1000) as i64,
+        },
+        timeout_ms: 15_000,
+        key: "windowed".into(),
+        window: Some(Window {
+            name: "every-other-minute".into(),
+            cron: "*/2 * * * *".into(),
+            tz: "Europe/Berlin".into(),
+            duration_ms: 60_000,
+            cutoff_ms: 15_000,
+            grace_ms: None,
+        }),
+        critical: false,
+    }
+}
+
+/// Every run of a window-gated task was queued while its window was open for new runs, and
+/// one ran in the first opening at least.
+fn check_window(conn: &rusqlite::Connection, id: &str, window: &Window) -> anyhow::Result<()> {
+    let mut stmt = conn.prepare("SELECT run_id, queued_ms FROM runs WHERE task_id = ?1")?;
+    let queued: Vec<(i64, i64)> = stmt
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (run_id, at) in &queued {
+        if !matches!(window.at(*at), Ok(WindowAt::Open { .. })) {
+            anyhow::bail!(
+                "run {run_id} of window-gated task {id} was queued at {at}, outside its window ({:?})",
+                window.at(*at)
+            );
+        }
+    }
+    if queued.is_empty() {
+        anyhow::bail!("window-gated task {id} never ran");
+    }
+    trace::record(format!(
+        "final: window-gated task: {} runs, all inside the window",
+        queued.len()
+    ));
+    Ok(())
 }
 
 fn random_tasks(seed: u64) -> Vec<TaskSpec> {
@@ -352,6 +403,9 @@ fn final_check(
         if stuck > 1 {
             anyhow::bail!("task {id} has {stuck} runs in flight");
         }
+        if let Some(window) = &spec.window {
+            check_window(&conn, &id, window)?;
+        }
         match &spec.schedule {
             Schedule::Once { at_ms } if *at_ms < end_ms - SETTLE_MS => {
                 if st & status::TERMINAL == 0 {
@@ -371,6 +425,8 @@ fn final_check(
                 }
                 terminal += 1;
             }
+            // Its liveness is check_window's: it waits for its window, not its interval.
+            Schedule::Every { .. } if spec.window.is_some() => {}
             Schedule::Every { interval_ms, .. } => {
                 let last: Option<i64> = conn.query_row(
                     "SELECT max(queued_ms) FROM runs WHERE task_id = ?1",

@@ -1728,11 +1728,13 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     )
     .expect("config");
     let cp =
-        ControlPlane::start_with(&[], &["--config", cp_config.to_str().expect("utf8")], true)
-            .await;
+        ControlPlane::start_with(&[], &["--config", cp_config.to_str().expect("utf8")], true).await;
     let config = tmp.path().join("agent.toml");
-    std::fs::write(&config, "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n")
-        .expect("config");
+    std::fs::write(
+        &config,
+        "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n",
+    )
+    .expect("config");
     let mut agent = Agent {
         dir: tempfile::tempdir().expect("tempdir"),
         proc: None,
@@ -1817,7 +1819,10 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     .await;
     let shown = shown.unwrap_or_else(|| panic!("the run waits for {opening}"));
     assert_eq!(shown["status"], "scheduled", "{shown}");
-    assert!(shown["runs"].as_array().is_some_and(Vec::is_empty), "{shown}");
+    assert!(
+        shown["runs"].as_array().is_some_and(Vec::is_empty),
+        "{shown}"
+    );
 
     // A critical task whose run fails raises the alert on its agent.
     let (status, body) = post(
@@ -1826,15 +1831,19 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let firing = until(Duration::from_secs(30), Duration::from_millis(250), || async {
-        let r = cp.api(Method::GET, "/api/v1/alerts", None).await?;
-        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-        v["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["rule"] == "critical_task_failed" && a["phase"] == "firing")
-            .cloned()
-    })
+    let firing = until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let r = cp.api(Method::GET, "/api/v1/alerts", None).await?;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            v["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["rule"] == "critical_task_failed" && a["phase"] == "firing")
+                .cloned()
+        },
+    )
     .await;
     let firing = firing.unwrap_or_else(|| panic!("no critical_task_failed alert: {}", cp.log()));
     assert_eq!(firing["agent"], "db1", "{firing}");

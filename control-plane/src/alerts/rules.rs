@@ -507,7 +507,10 @@ mod tests {
             (value, summary.as_str()),
             (1.0, "pg_dump nightly-dump: disk full")
         );
-        let recovered = task(vec![run(2, "failed", None, true), run(3, "done", None, true)]);
+        let recovered = task(vec![
+            run(2, "failed", None, true),
+            run(3, "done", None, true),
+        ]);
         assert!(!crate::storage::model::failing_critical(&recovered));
         let cancelled = proto::TaskSnapshot {
             status: "canceled".into(),

@@ -17,7 +17,8 @@ const AGENT_LABELS: &str = "ALTER TABLE agents ADD COLUMN labels TEXT;";
 
 /// Agent tasks whose latest finished run failed while marked critical, for the
 /// `critical_task_failed` rule (found by one indexed read per round).
-const FAILING_CRITICAL: &str = "ALTER TABLE agent_tasks ADD COLUMN failing_critical BIGINT NOT NULL DEFAULT 0;
+const FAILING_CRITICAL: &str =
+    "ALTER TABLE agent_tasks ADD COLUMN failing_critical BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX agent_tasks_failing ON agent_tasks(agent_id) WHERE failing_critical = 1;";
 
 /// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret

@@ -12,7 +12,8 @@ use super::model::{
     AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
     Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
     RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow, replay_allowed,
+    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
+    replay_allowed,
 };
 use crate::auth::Role;
 

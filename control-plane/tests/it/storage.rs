@@ -543,7 +543,12 @@ async fn check(s: Storage) {
         vec![("agt_rm".to_string(), r#"{"id":"t2"}"#.to_string())]
     );
     assert_eq!(s.prune_agent_tasks(1_500, 1).await.expect("prune"), 2);
-    assert!(s.failing_critical_tasks(10).await.expect("failing").is_empty());
+    assert!(
+        s.failing_critical_tasks(10)
+            .await
+            .expect("failing")
+            .is_empty()
+    );
     assert_eq!(
         s.agent_tasks("agt_rm", 10).await.expect("tasks"),
         vec![r#"{"id":"t3"}"#.to_string()]
