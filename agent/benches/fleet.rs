@@ -209,6 +209,7 @@ async fn run_agent(fleet: Arc<Fleet>, agent: Agent, stop: Arc<AtomicBool>) {
             protocol_max: 1,
             agent_version: "fleet-bench".into(),
             hostname: format!("fleet-{}", agent.index),
+            labels: Default::default(),
         };
         if ws
             .send(Message::Text(

@@ -25,6 +25,9 @@ pub struct RawAgentConfig {
     pub terminal: Option<RawTerminalConfig>,
     pub tasks: Option<RawTasksConfig>,
     pub backups: Option<RawBackupsConfig>,
+    /// `[labels]`: `env = "prod"`, `cluster = "main"`…, sent to the control plane at each
+    /// connection, where they win over the stored labels for the keys they name.
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[backups]`: what this host grants the pgBackRest task kinds, and the status collection.
@@ -406,6 +409,7 @@ impl RawAgentConfig {
             terminal: self.terminal.or(file.terminal),
             tasks: self.tasks.or(file.tasks),
             backups: self.backups.or(file.backups),
+            labels: self.labels.or(file.labels),
         }
     }
 }
@@ -424,6 +428,8 @@ pub struct AgentConfig {
     pub terminal: crate::terminal::TerminalConfig,
     /// `[backups]`, when it grants any stanza.
     pub backups: Option<BackupsConfig>,
+    /// `[labels]`, checked like the control plane checks labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub fn read_file(path: &Path) -> anyhow::Result<RawAgentConfig> {
@@ -480,7 +486,17 @@ pub fn validate(raw: RawAgentConfig) -> anyhow::Result<AgentConfig> {
         tasks,
         metrics: validate_metrics(raw.metrics.unwrap_or_default())?,
         terminal,
+        labels: validate_labels(raw.labels.unwrap_or_default())?,
     })
+}
+
+/// `[labels]`, checked by the rule the control plane applies (so a bad one fails here, at
+/// start-up, instead of being refused at every connection).
+fn validate_labels(
+    labels: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    proto::labels::validate(&labels).map_err(|e| anyhow::anyhow!("[labels]: {e}"))?;
+    Ok(labels)
 }
 
 #[cfg(test)]

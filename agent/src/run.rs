@@ -303,6 +303,7 @@ fn start_online(
     let mut link = LinkConfig::new(control_plane, identity.credential, identity.name);
     link.tasks = Some(bridge);
     link.buffer = Some(buffer);
+    link.labels = config.labels.clone();
     link.terminals = Some(terminals.clone());
     let running = terminals.clone();
     let (world, stop) = (world.clone(), stop.clone());

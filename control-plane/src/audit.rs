@@ -51,7 +51,8 @@ pub mod action {
     pub const TASK_REFUSED: &str = "task.refused";
     pub const TASK_CANCELED: &str = "task.canceled";
     /// A backup policy was created or deleted (target: its id).
-    /// An admin replaced an agent's labels (target: the agent id).
+    /// An admin replaced an agent's labels, or the agent's config set some (actor
+    /// `agent:NAME`; target: the agent id).
     pub const AGENT_LABELED: &str = "agent.labeled";
     pub const BACKUP_POLICY_CREATED: &str = "backup_policy.created";
     pub const BACKUP_POLICY_DELETED: &str = "backup_policy.deleted";

@@ -61,6 +61,7 @@ pub struct ChannelContext {
     pub settings: Arc<Settings>,
     pub shutdown: CancellationToken,
     pub observed: Arc<Observed>,
+    pub audit: crate::audit::Audit,
 }
 
 /// Live agent channels held by this replica.
@@ -270,7 +271,7 @@ async fn run(state: ChannelContext, agent: AgentRow, socket: WebSocket) {
         socket,
         send_timeout: dead_after,
     };
-    let (version, hostname) = match await_hello(&mut conn, dead_after).await {
+    let (version, hostname, labels) = match await_hello(&mut conn, dead_after).await {
         Ok(v) => v,
         Err(end) => {
             tracing::info!(%end, "channel refused before welcome");
@@ -278,6 +279,9 @@ async fn run(state: ChannelContext, agent: AgentRow, socket: WebSocket) {
             return;
         }
     };
+    if !labels.is_empty() {
+        config_labels(&state, &agent, labels).await;
+    }
     let connection_id = auth::new_id(&state.world, "conn");
     let cancel = state.shutdown.child_token();
     let (commands, mut queue) = mpsc::channel(COMMANDS_QUEUED_MAX);
@@ -345,7 +349,11 @@ async fn next_text(conn: &mut Conn) -> Result<String, End> {
     }
 }
 
-async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String), End> {
+/// What a hello tells: the protocol version agreed, the agent's host name and its config's
+/// labels.
+type Hello = (u32, String, BTreeMap<String, String>);
+
+async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<Hello, End> {
     let text = tokio::time::timeout(deadline, next_text(conn))
         .await
         .map_err(|_| End::Dead)??;
@@ -354,12 +362,13 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
             protocol_min,
             protocol_max,
             hostname,
+            labels,
             ..
         }) => match proto::negotiate(
             (proto::PROTOCOL_MIN, proto::PROTOCOL_MAX),
             (protocol_min, protocol_max),
         ) {
-            Some(version) => Ok((version, hostname)),
+            Some(version) => Ok((version, hostname, labels)),
             None => {
                 let msg = format!(
                     "agent speaks protocol {protocol_min}..={protocol_max}, control plane {}..={}; upgrade the older side",
@@ -382,6 +391,47 @@ async fn await_hello(conn: &mut Conn, deadline: Duration) -> Result<(u32, String
             )))
             .await?;
             Err(End::Protocol(msg.into()))
+        }
+    }
+}
+
+/// The agent's config labels win over its stored ones for the keys they name (an admin
+/// changes the others); stored when that changes anything. A bad set is logged and ignored
+/// (the agent checks its config with the same rule, so only a hand-made client sends one).
+async fn config_labels(
+    state: &ChannelContext,
+    agent: &AgentRow,
+    from_config: crate::labels::Labels,
+) {
+    if let Err(e) = crate::labels::validate(&from_config) {
+        tracing::warn!(agent_id = %agent.id, error = %e, "labels in the agent's hello ignored");
+        return;
+    }
+    let stored = crate::labels::of(agent.labels.as_deref());
+    let mut merged = stored.clone();
+    merged.extend(from_config);
+    if merged == stored {
+        return;
+    }
+    if let Err(e) = crate::labels::validate(&merged) {
+        tracing::warn!(agent_id = %agent.id, error = %e, "labels in the agent's hello ignored");
+        return;
+    }
+    let json = serde_json::to_string(&merged).unwrap_or_default();
+    match state.storage.set_agent_labels(&agent.id, Some(json)).await {
+        Ok(_) => {
+            state
+                .audit
+                .record(
+                    &format!("agent:{}", agent.name),
+                    crate::audit::action::AGENT_LABELED,
+                    &agent.id,
+                    serde_json::json!({"labels": merged, "from": "agent config"}),
+                )
+                .await;
+        }
+        Err(e) => {
+            tracing::warn!(agent_id = %agent.id, error = %e, "the agent's config labels were not stored");
         }
     }
 }

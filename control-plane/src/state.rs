@@ -135,6 +135,7 @@ impl FromRef<AppState> for ChannelContext {
             settings: Arc::clone(&s.settings),
             shutdown: s.shutdown.clone(),
             observed: Arc::clone(&s.observed),
+            audit: s.audit.clone(),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! Frames are JSON text frames, one message per frame, at most [`FRAME_BYTES_MAX`] bytes.
 
 pub mod cron;
+pub mod labels;
 pub mod prometheus;
 pub mod terminal;
 
@@ -127,6 +128,10 @@ pub enum AgentMessage {
         agent_version: String,
         #[serde(default)]
         hostname: String,
+        /// Labels from the agent's config (`[labels]`): at each connection they win over
+        /// the stored ones for the keys they name. Absent from older agents.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        labels: std::collections::BTreeMap<String, String>,
     },
     /// Sent every heartbeat interval; answered by [`ServerMessage::HeartbeatAck`].
     Heartbeat {

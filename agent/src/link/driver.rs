@@ -23,6 +23,8 @@ pub struct LinkConfig {
     pub control_plane: url::Url,
     pub credential: String,
     pub hostname: String,
+    /// `[labels]` from the agent's config, sent with every hello.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Deadline for TCP connect plus WebSocket handshake.
     pub connect_timeout: Duration,
     /// Deadline for the welcome after hello (the control plane states the steady-state
@@ -44,6 +46,7 @@ impl LinkConfig {
             control_plane,
             credential,
             hostname,
+            labels: Default::default(),
             connect_timeout: Duration::from_secs(10),
             welcome_timeout: Duration::from_secs(15),
             backoff_base: Duration::from_millis(500),
@@ -226,6 +229,7 @@ async fn establish(world: &World, config: &LinkConfig, url: &url::Url) -> Result
         protocol_max: proto::PROTOCOL_MAX,
         agent_version: crate::AGENT_VERSION.to_string(),
         hostname: config.hostname.clone(),
+        labels: config.labels.clone(),
     };
     session.send(&hello).await.map_err(End::Failed)?;
     let welcome = match tokio::time::timeout(config.welcome_timeout, session.recv()).await {

@@ -1714,8 +1714,9 @@ async fn a_run_left_in_a_run_directory_by_an_older_agent_is_adopted_and_recorded
 /// A window that gates task runs (effect `allow`) reaches the agent with a task that names it:
 /// the task created outside the window waits for the window's next opening, its agent keeps
 /// the window (so it holds while the control plane is away), and names that are no window,
-/// mute-only windows and windows that do not select the agent are refused with the reason. A
-/// task marked critical whose run fails raises `critical_task_failed` for its agent.
+/// mute-only windows and windows that do not select the agent (by the labels its config set)
+/// are refused with the reason. A task marked critical whose run fails raises
+/// `critical_task_failed` for its agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     use crate::harness::ControlPlane;
@@ -1732,7 +1733,7 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     let config = tmp.path().join("agent.toml");
     std::fs::write(
         &config,
-        "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n",
+        "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n[labels]\nenv = \"prod\"\ncluster = \"main\"\n",
     )
     .expect("config");
     let mut agent = Agent {
@@ -1746,6 +1747,17 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     cp.wait_status("db1", "online", Duration::from_secs(10))
         .await;
     let agent_id = first_agent_id(&cp).await;
+    // The labels in the agent's config reach the control plane with its hello.
+    let r = cp
+        .api(Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("agents");
+    let agents: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(
+        agents[0]["labels"],
+        serde_json::json!({"env": "prod", "cluster": "main"}),
+        "{agents}"
+    );
     let post = |path: String, body: serde_json::Value| {
         let cp = &cp;
         async move {
@@ -1767,9 +1779,9 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         .expect("hour");
     let cron = format!("0 {} * * *", (hour + 12) % 24);
     for (name, effect, agents) in [
-        ("nightly", "allow", "db*"),
+        ("nightly", "allow", "env=prod"),
         ("quiet", "mute", "db*"),
-        ("elsewhere", "both", "web*"),
+        ("elsewhere", "both", "cluster=other"),
     ] {
         let (status, body) = post(
             "/api/v1/windows".into(),

@@ -75,6 +75,7 @@ fn hello(min: u32, max: u32) -> AgentMessage {
         protocol_max: max,
         agent_version: "test".into(),
         hostname: "test-host".into(),
+        labels: Default::default(),
     }
 }
 
