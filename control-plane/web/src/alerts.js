@@ -78,7 +78,9 @@ async function windows(ctx) {
   const rows = r.json.map((w) => {
     const tr = el('tr', null, { 'data-window': w.name, 'data-open': String(w.open) });
     const next = w.next.map(([a, b]) => `${a.replace('.000Z', 'Z')} to ${b.slice(11).replace('.000Z', 'Z')}`).join('; ');
-    tr.append(el('td', w.open ? `${w.name} (open now)` : w.name), el('td', w.agents.join(', ')),
+    const gates = [w.cutoff && `cutoff ${w.cutoff}`, w.grace && `grace ${w.grace}`].filter(Boolean).join(', ');
+    tr.append(el('td', w.open ? `${w.name} (open now)` : w.name),
+      el('td', gates ? `${w.effect} (${gates})` : w.effect), el('td', w.agents.join(', ')),
       el('td', w.rules?.join(', ') ?? 'every rule'), el('td', `${w.cron} (${w.tz ?? 'UTC'}) for ${w.duration}`),
       el('td', next));
     const td = el('td');
@@ -104,7 +106,12 @@ export async function createWindow(event, ctx) {
     tz: $('window-tz').value.trim() || 'UTC',
     duration: $('window-duration').value.trim(),
     agents: $('window-agents').value.split(',').map((s) => s.trim()).filter(Boolean),
+    effect: $('window-effect').value,
   };
+  const cutoff = $('window-cutoff').value.trim();
+  const grace = $('window-grace').value.trim();
+  if (cutoff) body.cutoff = cutoff;
+  if (grace) body.grace = grace;
   const r = await api('POST', '/api/v1/windows', body);
   if (r.status !== 201) { $('window-error').textContent = r.json?.error ?? `window: ${r.status}`; return; }
   $('window-error').textContent = '';

@@ -9,7 +9,7 @@ await pageTest('alerts', 1400, async (page, shots) => {
   const firing = page.locator('#alert-rows tr[data-phase="firing"]');
   await firing.getByText('db1').waitFor({ timeout: 10000 });
   await page.getByText(/1 firing, 0 pending; evaluated by /).waitFor();
-  if ((await page.locator('#rule-rows tr').count()) !== 8) throw new Error('not every rule is listed');
+  if ((await page.locator('#rule-rows tr').count()) !== 9) throw new Error('not every rule is listed');
   await page.locator('#history-rows tr[data-phase="firing"]').first().waitFor();
 
   await page.getByRole('button', { name: 'Test channel ops' }).click();
@@ -30,12 +30,16 @@ await pageTest('alerts', 1400, async (page, shots) => {
   await wform.getByLabel('Starts (cron)').fill('30 2 * * *');
   await wform.getByLabel('Time zone').fill('Europe/Berlin');
   await wform.getByLabel('Lasts').fill('1h');
+  await wform.getByLabel('Effect').selectOption('both');
+  await wform.getByLabel('No run starts this long before the end').fill('20m');
   await wform.getByRole('button', { name: 'Create window' }).click();
   const window = page.locator('#window-rows tr[data-window="nightly-dump"]');
   await window.waitFor({ timeout: 10000 });
-  if (!/(; .*){4}/.test(await window.locator('td').nth(4).textContent())) throw new Error('no five occurrences');
+  const effect = await window.locator('td').nth(1).textContent();
+  if (effect !== 'both (cutoff 20m)') throw new Error(`effect shown: ${effect}`);
+  if (!/(; .*){4}/.test(await window.locator('td').nth(5).textContent())) throw new Error('no five occurrences');
   await page.screenshot({ path: `${shots}/alerts.png`, fullPage: true });
   await silence.getByRole('button', { name: /^End silence / }).click();
   await silence.waitFor({ state: 'detached', timeout: 10000 });
-  return 'alerts, channel test, silence made and ended, window made with its next five, rules and history on the Alerts page';
+  return 'alerts, channel test, silence made and ended, window (mute and gate, with a cutoff) made with its next five, rules and history on the Alerts page';
 });
