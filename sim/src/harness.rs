@@ -127,6 +127,8 @@ pub enum Prepare {
     EnrolledAgent,
     /// An operator user `ops` and an API token for it.
     OperatorToken,
+    /// A webhook alert channel `ops` posting to this URL (signing key `sim-key`).
+    AlertChannel(&'static str),
 }
 
 /// Open (and migrate) the control plane's database in `dir/cp` once, then run `steps` on it; one secret per enrollment
@@ -177,6 +179,20 @@ pub fn prepare(dir: &Path, seed: u64, steps: &[Prepare]) -> anyhow::Result<Vec<S
                         .await?;
                     anyhow::ensure!(matches!(enrolled, Enrollment::Enrolled { .. }), "enroll");
                     secrets.push(credential);
+                }
+                Prepare::AlertChannel(url) => {
+                    let spec = serde_json::json!({"name": "ops", "kind": "webhook", "url": url,
+                        "min_severity": "warning"});
+                    storage
+                        .create_spec(control_plane::storage::SpecRow {
+                            kind: control_plane::alerts::channels::SPEC_KIND.into(),
+                            id: "chn_sim".into(),
+                            name: "ops".into(),
+                            spec: spec.to_string(),
+                            secret: Some("sim-key".into()),
+                            created_ms: now,
+                        })
+                        .await?;
                 }
                 Prepare::OperatorToken => {
                     let user_id = auth::new_id(&world, "usr");
@@ -246,5 +262,39 @@ pub fn drive<'a>(
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
         driver.stepped(sim, now)?;
+    }
+}
+
+/// Enroll (retrying, with a stable enrollment id) until an identity is on disk.
+pub async fn enroll_until_done(
+    world: &World,
+    data_dir: &Path,
+    token: &str,
+    name: &str,
+    link: &agent::link::LinkConfig,
+) -> agent::identity::Identity {
+    let mut backoff = agent::backoff::Backoff::new(link.backoff_base, link.backoff_max);
+    loop {
+        match agent::identity::load(data_dir) {
+            Ok(Some(identity)) => return identity,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(target: "agent::sim", error = %e, "identity unreadable"),
+        }
+        match agent::identity::enroll(
+            world,
+            data_dir,
+            link.control_plane.as_str(),
+            token,
+            name,
+            Default::default(),
+        )
+        .await
+        {
+            Ok(identity) => return identity,
+            Err(e) => {
+                tracing::info!(target: "agent::sim", error = %e, "enrollment failed; retrying");
+                tokio::time::sleep(backoff.next_delay(world.random_u64())).await;
+            }
+        }
     }
 }

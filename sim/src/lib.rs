@@ -5,6 +5,7 @@
 //! (ARCHITECTURE.md, Simulation) are checked every simulated 100 ms; every event is hashed into a trace so the
 //! same seed is proven to replay identically.
 
+pub mod alerts;
 pub mod harness;
 pub mod link;
 pub mod metrics;

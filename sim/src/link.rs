@@ -3,7 +3,7 @@
 //! of the control channel checked every simulated 100 ms.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use world::World;
 
 use crate::harness::{self, CP_PORT, Driver, EPOCH_S, Power, Prepare, host_world, new_sim};
 use crate::scenario::{Fault, Scenario, Schedule, secs};
@@ -80,7 +79,8 @@ pub fn schedule(scenario: Scenario, rng: &mut StdRng) -> Schedule {
             | Scenario::Tasks
             | Scenario::Metrics
             | Scenario::Ssh
-            | Scenario::Terminal => rng.random_range(0..5),
+            | Scenario::Terminal
+            | Scenario::Alerts => rng.random_range(0..5),
         };
         match kind {
             0 => {
@@ -184,7 +184,8 @@ pub fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Resul
                 lock(&shared).agents.insert(i, receiver.clone());
                 // Ends when the link (the sender) goes away with the host.
                 tokio::spawn(record_online_spells(i, receiver, shared.clone()));
-                let identity = enroll_until_done(&world, &data_dir, &token, &name, &link).await;
+                let identity =
+                    harness::enroll_until_done(&world, &data_dir, &token, &name, &link).await;
                 link.credential = identity.credential;
                 link.hostname = name;
                 run_link(world, link, status, CancellationToken::new()).await;
@@ -279,39 +280,6 @@ async fn record_online_spells(
     }
 }
 
-async fn enroll_until_done(
-    world: &World,
-    data_dir: &Path,
-    token: &str,
-    name: &str,
-    link: &LinkConfig,
-) -> agent::identity::Identity {
-    let mut backoff = agent::backoff::Backoff::new(link.backoff_base, link.backoff_max);
-    loop {
-        match agent::identity::load(data_dir) {
-            Ok(Some(identity)) => return identity,
-            Ok(None) => {}
-            Err(e) => tracing::warn!(target: "agent::sim", error = %e, "identity unreadable"),
-        }
-        match agent::identity::enroll(
-            world,
-            data_dir,
-            link.control_plane.as_str(),
-            token,
-            name,
-            Default::default(),
-        )
-        .await
-        {
-            Ok(identity) => return identity,
-            Err(e) => {
-                tracing::info!(target: "agent::sim", error = %e, "enrollment failed; retrying");
-                tokio::time::sleep(backoff.next_delay(world.random_u64())).await;
-            }
-        }
-    }
-}
-
 fn apply(
     sim: &mut turmoil::Sim<'_>,
     fault: &Fault,
@@ -347,8 +315,10 @@ fn apply(
             sim.bounce(agent_host(*agent));
             checker.agent_restarted(*agent, now);
         }
-        // Only the metrics and terminal scenarios inject these.
+        // Only the metrics, terminal and alerts scenarios inject these.
         Fault::DiskCrash { .. }
+        | Fault::SinkDown { .. }
+        | Fault::SinkUp
         | Fault::StoreOutage
         | Fault::StoreBack
         | Fault::PartitionBrowser

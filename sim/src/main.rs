@@ -26,7 +26,7 @@ enum Cmd {
     Run {
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// partition | hold | bounce | mixed | tasks | metrics
+        /// partition | hold | bounce | mixed | tasks | metrics | ssh | terminal | alerts
         #[arg(long)]
         scenario: Option<String>,
         /// How many consecutive seeds to run.

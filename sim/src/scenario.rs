@@ -29,9 +29,13 @@ pub enum Scenario {
     /// browsers, agent link flaps inside and beyond the reconnect window, store outages,
     /// control-plane bounces.
     Terminal,
+    /// Alerts: agents offline longer than the rule allows while the webhook receiver is down
+    /// for an hour (cut off or refusing) and the control plane crashes; every notification
+    /// arrives afterwards, in order, at most once more.
+    Alerts,
 }
 
-pub const ALL: [Scenario; 8] = [
+pub const ALL: [Scenario; 9] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
@@ -40,6 +44,7 @@ pub const ALL: [Scenario; 8] = [
     Scenario::Metrics,
     Scenario::Ssh,
     Scenario::Terminal,
+    Scenario::Alerts,
 ];
 
 impl Scenario {
@@ -53,6 +58,7 @@ impl Scenario {
             Scenario::Metrics => "metrics",
             Scenario::Ssh => "ssh",
             Scenario::Terminal => "terminal",
+            Scenario::Alerts => "alerts",
         }
     }
 
@@ -62,7 +68,7 @@ impl Scenario {
 
     pub fn agents(self) -> usize {
         match self {
-            Scenario::Mixed => 3,
+            Scenario::Mixed | Scenario::Alerts => 3,
             Scenario::Tasks | Scenario::Metrics | Scenario::Ssh | Scenario::Terminal => 1,
             _ => 2,
         }
@@ -101,6 +107,12 @@ pub enum Fault {
     /// The terminal stream store stops answering, then comes back.
     StoreOutage,
     StoreBack,
+    /// The alert receiver goes down (its network cut, or answering 503 when `refuse`), then
+    /// comes back.
+    SinkDown {
+        refuse: bool,
+    },
+    SinkUp,
     /// The browser loses its network, then gets it back.
     PartitionBrowser,
     RepairBrowser,
