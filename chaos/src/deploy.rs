@@ -491,6 +491,13 @@ async fn start_replicas(
         let addr = format!("127.0.0.1:{port}");
         let data = root.join(format!("cp-{i}"));
         std::fs::create_dir_all(&data)?;
+        // Alerts evaluated and grouped within seconds, so a short run sees them fire,
+        // resolve and reach the receiver; a dead evaluator's lease lapses in 8 s.
+        let config = data.join("outpost.toml");
+        std::fs::write(
+            &config,
+            "alert_evaluate_every = \"2s\"\nalert_group_wait = \"3s\"\nalert_lease_ttl = \"8s\"\n",
+        )?;
         let mut service = Service::new(
             &format!("control-plane-{i}"),
             outpost,
@@ -506,6 +513,8 @@ async fn start_replicas(
                 &format!("redis://127.0.0.1:{redis_port}/"),
                 "--inventory",
                 &inventory_path.display().to_string(),
+                "--config",
+                &config.display().to_string(),
             ],
             logs.join(format!("control-plane-{i}.log")),
         );

@@ -35,6 +35,8 @@ struct Workloads {
     execs: Arc<Mutex<Vec<ExecRun>>>,
     samples: Arc<Mutex<Vec<Sample>>>,
     resources: Arc<Mutex<Series>>,
+    /// What the alert receiver took.
+    alerts: workload::AlertSink,
     /// One-off tasks, terminal browsers and fleet exec: they end with `work`.
     loops: Vec<JoinHandle<()>>,
     /// The sampler: it ends with `stop`.
@@ -120,6 +122,8 @@ async fn start_workloads(
             g.receipts.clone(),
         )
     };
+    let alerts = workload::AlertSink::default();
+    workload::start_alert_path(&api, alerts.clone()).await?;
     let asked: Arc<Mutex<Vec<AskedTask>>> = Arc::default();
     for (i, id) in agent_ids.iter().enumerate() {
         let missing = ask_recurring(&api, &asked, id, i, &markers, "", Duration::ZERO).await;
@@ -162,6 +166,7 @@ async fn start_workloads(
         execs,
         samples,
         resources,
+        alerts,
         loops,
         sampler,
     })
@@ -539,6 +544,8 @@ async fn judge(
         let runs = w.execs.lock().map(|l| l.clone()).unwrap_or_default();
         verdicts.push(verdict::exec(&runs, &workload::read_receipts(&w.receipts)));
     }
+    // Alerts.
+    verdicts.push(alert_verdict(&psql, &g.storage_url, &w.alerts, end_ms));
     // Recovery.
     let missing: Vec<String> = recovery
         .iter()
@@ -617,6 +624,41 @@ async fn ask_recurring(
         }
     }
     missing
+}
+
+/// The alert path's verdict from the outbox in storage and what the receiver took.
+fn alert_verdict(psql: &Path, dsn: &str, sink: &workload::AlertSink, end_ms: i64) -> Verdict {
+    let rows = query(
+        psql,
+        dsn,
+        "SELECT id, key, created_ms, delivered_ms FROM notifications ORDER BY id",
+    );
+    let outbox: Result<Vec<verdict::Notification>, String> = rows.and_then(|rows| {
+        rows.iter()
+            .map(|r| {
+                let field = |i: usize| r.get(i).map(String::as_str).unwrap_or("");
+                Some(verdict::Notification {
+                    id: field(0).parse().ok()?,
+                    key: field(1).to_string(),
+                    created_ms: field(2).parse().ok()?,
+                    delivered_ms: field(3).parse().ok(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| "an outbox row that does not parse".to_string())
+    });
+    match outbox {
+        Ok(outbox) => {
+            let taken = sink.taken.lock().map(|t| t.clone()).unwrap_or_default();
+            verdict::alerts(&outbox, &taken, end_ms)
+        }
+        Err(e) => Verdict::new(
+            "alerts: every transition delivered once (at most one duplicate), in order",
+            String::new(),
+            Vec::new(),
+            vec![format!("the outbox could not be read: {e}")],
+        ),
+    }
 }
 
 /// Rows of `sql` run through psql on `dsn`, fields split.

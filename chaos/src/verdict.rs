@@ -543,6 +543,89 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
     )
 }
 
+/// One row of the control plane's notification outbox.
+#[derive(Clone, Debug)]
+pub struct Notification {
+    pub id: i64,
+    pub key: String,
+    pub created_ms: i64,
+    pub delivered_ms: Option<i64>,
+}
+
+/// Rows made this long before the end must have been delivered (the back-off is at most 60 s
+/// and a dead evaluator's lease lapses within seconds).
+const DELIVERY_BOUND_MS: i64 = 90_000;
+
+/// The alert path: every transition the control plane put in its outbox (while faults were
+/// injected too) reached the receiver once, or once plus one duplicate after a replica died
+/// mid-send; in the outbox's order; nothing reached it that the outbox does not hold.
+pub fn alerts(outbox: &[Notification], taken: &[(String, i64)], end_ms: i64) -> Verdict {
+    let mut invalid = Vec::new();
+    let mut times: BTreeMap<&str, usize> = BTreeMap::new();
+    for (key, _) in taken {
+        *times.entry(key.as_str()).or_default() += 1;
+    }
+    let in_outbox: BTreeSet<&str> = outbox.iter().map(|n| n.key.as_str()).collect();
+    for key in times.keys().filter(|k| !in_outbox.contains(*k)) {
+        invalid.push(format!(
+            "the receiver took {key}, which no outbox row holds"
+        ));
+    }
+    let mut delivered = 0;
+    let mut duplicates = 0;
+    for n in outbox {
+        let got = times.get(n.key.as_str()).copied().unwrap_or(0);
+        match n.delivered_ms {
+            None if n.created_ms < end_ms - DELIVERY_BOUND_MS => invalid.push(format!(
+                "notification {} ({}) made {} s before the end was never delivered",
+                n.id,
+                n.key,
+                (end_ms - n.created_ms) / 1000
+            )),
+            None => {}
+            Some(_) if got == 0 => invalid.push(format!(
+                "notification {} ({}) is marked delivered but the receiver never took it",
+                n.id, n.key
+            )),
+            Some(_) => delivered += 1,
+        }
+        if got > 2 {
+            invalid.push(format!(
+                "notification {} ({}) reached the receiver {got} times",
+                n.id, n.key
+            ));
+        }
+        duplicates += got.saturating_sub(1);
+    }
+    // First arrivals follow the outbox's order (one channel).
+    let mut seen = BTreeSet::new();
+    let first: Vec<&str> = taken
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| seen.insert(*k))
+        .collect();
+    let expected: Vec<&str> = outbox
+        .iter()
+        .map(|n| n.key.as_str())
+        .filter(|k| seen.contains(k))
+        .collect();
+    if first != expected {
+        invalid.push(format!(
+            "the receiver took the keys out of the outbox's order: took {first:?}, outbox {expected:?}"
+        ));
+    }
+    Verdict::new(
+        "alerts: every transition delivered once (at most one duplicate), in order",
+        format!(
+            "{} outbox rows, {delivered} delivered, {} taken, {duplicates} duplicates",
+            outbox.len(),
+            taken.len()
+        ),
+        invalid,
+        Vec::new(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::{BufferSnapshot, Outcome, Stored, metrics};
@@ -693,5 +776,53 @@ mod task_tests {
             2_000,
         );
         assert_eq!(v.outcome, Outcome::Invalid, "{:?}", v.evidence);
+    }
+}
+
+#[cfg(test)]
+mod alert_tests {
+    use super::{Notification, Outcome, alerts};
+
+    #[test]
+    fn the_alert_path_allows_one_duplicate_in_order_and_nothing_else() {
+        let row = |id: i64, key: &str, delivered: bool| Notification {
+            id,
+            key: key.into(),
+            created_ms: 1_000 * id,
+            delivered_ms: delivered.then_some(1_000 * id + 10),
+        };
+        let outbox = [row(1, "a", true), row(2, "b", true), row(3, "c", false)];
+        let took = |keys: &[&str]| -> Vec<(String, i64)> {
+            keys.iter().map(|k| (k.to_string(), 0)).collect()
+        };
+        // "c" was made 1 s before the end: still within the delivery bound.
+        let ok = alerts(&outbox, &took(&["a", "b", "b"]), 4_000);
+        assert_eq!(ok.outcome, Outcome::Valid, "{:?}", ok.evidence);
+        let twice_more = alerts(&outbox, &took(&["a", "b", "b", "b"]), 4_000);
+        assert_eq!(twice_more.outcome, Outcome::Invalid);
+        let reordered = alerts(&outbox, &took(&["b", "a"]), 4_000);
+        assert!(
+            reordered.evidence[0].contains("order"),
+            "{:?}",
+            reordered.evidence
+        );
+        let lost = alerts(&outbox, &took(&["a", "b"]), 200_000);
+        assert!(
+            lost.evidence[0].contains("never delivered"),
+            "{:?}",
+            lost.evidence
+        );
+        let phantom = alerts(&outbox, &took(&["a", "b", "z"]), 4_000);
+        assert!(
+            phantom.evidence[0].contains("no outbox row"),
+            "{:?}",
+            phantom.evidence
+        );
+        let unmarked = alerts(&outbox, &took(&["a"]), 4_000);
+        assert!(
+            unmarked.evidence[0].contains("never took it"),
+            "{:?}",
+            unmarked.evidence
+        );
     }
 }

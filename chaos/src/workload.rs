@@ -587,3 +587,64 @@ mod tests {
         assert_eq!(last_answer_end(b" ok-12\r\nINSERT"), Some(6));
     }
 }
+
+/// The alert receiver: a webhook endpoint on loopback that keeps the idempotency key of every
+/// notification it takes, with when (unix ms).
+#[derive(Clone, Default)]
+pub struct AlertSink {
+    pub taken: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+async fn take_alert(
+    axum::extract::State(sink): axum::extract::State<AlertSink>,
+    headers: http::HeaderMap,
+) -> StatusCode {
+    let key = headers
+        .get("x-outpost-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let at = world::World::real().now_unix_ms();
+    if let Ok(mut taken) = sink.taken.lock() {
+        taken.push((key, at));
+    }
+    StatusCode::OK
+}
+
+/// Start the receiver, and point the control plane at it: a webhook channel, `agent_offline`
+/// as soon as an agent is offline and `metrics_delivery_failing` at the first failed
+/// delivery, so the faults make alerts that fire and resolve within the run.
+pub async fn start_alert_path(api: &Api, sink: AlertSink) -> anyhow::Result<()> {
+    let listener = world::World::real().net().bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(take_alert))
+        .with_state(sink);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("chaos: the alert receiver stopped: {e}");
+        }
+    });
+    for (path, body) in [
+        (
+            "/api/v1/alert-channels",
+            json!({"name": "chaos", "kind": "webhook", "url": url, "secret": "chaos-signing-key"}),
+        ),
+        (
+            "/api/v1/alert-rules",
+            json!({"name": "chaos-offline", "rule": "agent_offline", "agents": ["*"], "critical": 1}),
+        ),
+        (
+            "/api/v1/alert-rules",
+            json!({"name": "chaos-delivery", "rule": "metrics_delivery_failing", "agents": ["*"],
+                "warning": 1, "for": "0s"}),
+        ),
+    ] {
+        match api.call(Method::POST, path, Some(body)).await {
+            Ok((StatusCode::CREATED, _)) => {}
+            Ok((status, answer)) => anyhow::bail!("POST {path}: {status} {answer}"),
+            Err(e) => anyhow::bail!("POST {path}: {e}"),
+        }
+    }
+    Ok(())
+}
