@@ -292,6 +292,14 @@ async fn prune_forever(
             Ok(rows) => tracing::info!(rows, "removed old task snapshots of agents"),
             Err(error) => tracing::warn!(%error, "task snapshot pruning failed; retrying later"),
         }
+        match storage
+            .prune_exec_runs(now_ms.saturating_sub(crate::exec::api::RUNS_KEPT_MS))
+            .await
+        {
+            Ok(0) => {}
+            Ok(runs) => tracing::info!(runs, "removed exec runs older than 30 days"),
+            Err(error) => tracing::warn!(%error, "exec run pruning failed; retrying later"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(RETENTION_EVERY) => {}

@@ -163,6 +163,7 @@ impl FromRef<AppState> for ExecContext {
             background: s.background.clone(),
             runs: s.exec_runs.clone(),
             audit: s.audit.clone(),
+            storage: s.storage.clone(),
         }
     }
 }

@@ -4,8 +4,12 @@
 //!
 //! The run is the same supervised SSH execution as `outpost exec`: layered timeouts,
 //! classified outcomes, receipts on the hosts, retries only when safe, strict host keys.
-//! Runs live in this replica's memory (the last [`RUNS_KEPT`]); the receipts on the hosts and
-//! the audit log are the durable record, and `outpost exec status OP_ID` reads the receipts.
+//! Runs are written to storage as they happen (the run when it starts, each changed host at
+//! most every [`FLUSH_EVERY`], the end), so any replica answers `GET`, also after the replica
+//! running it died: a run whose replica stopped writing for [`ABANDONED_AFTER`] is shown
+//! ended, its unfinished hosts `uncertain`, and `outpost exec status OP_ID` reconciles them
+//! from the receipts on the hosts. The replica running a run keeps it in memory too, for
+//! admission and the freshest output.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +28,7 @@ use world::World;
 use crate::audit::{Audit, action};
 use crate::edge::{ApiError, AuthUser};
 use crate::settings::Settings;
+use crate::storage::{ExecRunRow, Storage};
 
 /// What the exec routes and their runs use.
 #[derive(Clone)]
@@ -35,10 +40,15 @@ pub struct ExecContext {
     pub background: TaskTracker,
     pub runs: Runs,
     pub audit: Audit,
+    pub storage: Storage,
 }
 
-/// Finished runs kept for `GET`; the oldest finished run goes first.
-pub const RUNS_KEPT: usize = 50;
+/// How often a running run's changed hosts (and its heartbeat) are written.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A run not written for this long lost its replica.
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// Exec runs are kept this long.
+pub const RUNS_KEPT_MS: i64 = 30 * crate::time::DAY_MS;
 /// Runs at once on one replica.
 const RUNNING_MAX: usize = 4;
 /// Hosts one run works on at once.
@@ -70,30 +80,69 @@ pub struct Started {
     hosts: usize,
 }
 
-/// One host of a run, as the page shows it.
-#[derive(Clone, Serialize, schemars::JsonSchema)]
-pub struct HostView {
+/// One host of a run in progress here, its output as captured (converted to text whole when
+/// shown, so a character split across two chunks stays intact).
+#[derive(Clone)]
+struct HostView {
     host: String,
-    /// `null` while it runs; then `ok`, `command_failed`, `not_started`, `uncertain`, `timed_out`.
     outcome: Option<&'static str>,
     attempts: u32,
     exit_code: Option<i32>,
     error: Option<String>,
     duration_ms: Option<u64>,
-    #[serde(serialize_with = "text")]
-    #[schemars(with = "String")]
     stdout: Captured,
-    #[serde(serialize_with = "text")]
-    #[schemars(with = "String")]
     stderr: Captured,
-    /// Output bytes beyond what is kept per stream, both streams (derived from them in `show`).
+}
+
+/// A run in progress on this replica, with the hosts changed since its last write.
+#[derive(Clone)]
+struct LiveRun {
+    op_id: String,
+    user: String,
+    argv: Vec<String>,
+    started_ms: i64,
+    hosts: Vec<HostView>,
+    dirty: std::collections::BTreeSet<String>,
+}
+
+/// What a run was asked to do, as stored (its hosts are rows of their own).
+#[derive(Serialize, Deserialize)]
+struct StoredRun {
+    user: String,
+    argv: Vec<String>,
+}
+
+/// One host of a run, as `GET` shows it and storage keeps it.
+#[derive(Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HostOut {
+    host: String,
+    /// `null` while it runs; then `ok`, `command_failed`, `not_started`, `uncertain`, `timed_out`.
+    outcome: Option<String>,
+    attempts: u32,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    duration_ms: Option<u64>,
+    /// Output as text (invalid UTF-8 replaced).
+    stdout: String,
+    stderr: String,
+    /// Output bytes beyond what is kept per stream, both streams.
     truncated_bytes: u64,
 }
 
-/// Captured output as text (invalid UTF-8 replaced), converted whole so a character split
-/// across two chunks stays intact.
-fn text<S: serde::Serializer>(out: &Captured, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&String::from_utf8_lossy(&out.bytes))
+impl HostOut {
+    fn of(h: &HostView) -> HostOut {
+        HostOut {
+            host: h.host.clone(),
+            outcome: h.outcome.map(str::to_string),
+            attempts: h.attempts,
+            exit_code: h.exit_code,
+            error: h.error.clone(),
+            duration_ms: h.duration_ms,
+            stdout: String::from_utf8_lossy(&h.stdout.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&h.stderr.bytes).into_owned(),
+            truncated_bytes: h.stdout.truncated_bytes + h.stderr.truncated_bytes,
+        }
+    }
 }
 
 #[derive(Clone, Serialize, schemars::JsonSchema)]
@@ -103,15 +152,93 @@ pub struct RunView {
     argv: Vec<String>,
     started_at: String,
     finished: bool,
-    hosts: Vec<HostView>,
+    /// The replica running it stopped before it ended: its unfinished hosts are `uncertain`
+    /// (`outpost exec status OP_ID` reads what the hosts' receipts say).
+    abandoned: bool,
+    hosts: Vec<HostOut>,
 }
 
-/// Runs started through this replica, by op id.
+impl LiveRun {
+    fn view(&self) -> RunView {
+        RunView {
+            op_id: self.op_id.clone(),
+            user: self.user.clone(),
+            argv: self.argv.clone(),
+            started_at: crate::time::rfc3339_ms(self.started_ms),
+            finished: false,
+            abandoned: false,
+            hosts: self.hosts.iter().map(HostOut::of).collect(),
+        }
+    }
+
+    /// The write that brings storage up to date: the changed hosts (all of them when
+    /// `finished_ms` is given), which are then no longer changed.
+    fn take_write(&mut self, now_ms: i64, finished_ms: Option<i64>) -> ExecRunRow {
+        let hosts = self
+            .hosts
+            .iter()
+            .filter(|h| finished_ms.is_some() || self.dirty.contains(&h.host))
+            .map(|h| {
+                let json = serde_json::to_string(&HostOut::of(h)).unwrap_or_default();
+                (h.host.clone(), json)
+            })
+            .collect();
+        self.dirty.clear();
+        ExecRunRow {
+            op_id: self.op_id.clone(),
+            run: serde_json::to_string(&StoredRun {
+                user: self.user.clone(),
+                argv: self.argv.clone(),
+            })
+            .unwrap_or_default(),
+            started_ms: self.started_ms,
+            updated_ms: now_ms,
+            finished_ms,
+            hosts,
+        }
+    }
+}
+
+/// A stored run as `GET` shows it; `now_ms` decides whether it was abandoned.
+fn stored_view(row: ExecRunRow, now_ms: i64) -> RunView {
+    let asked: StoredRun = serde_json::from_str(&row.run).unwrap_or(StoredRun {
+        user: String::new(),
+        argv: Vec::new(),
+    });
+    let abandoned = row.finished_ms.is_none()
+        && now_ms.saturating_sub(row.updated_ms) > ABANDONED_AFTER.as_millis() as i64;
+    let hosts = row
+        .hosts
+        .iter()
+        .filter_map(|(_, json)| serde_json::from_str::<HostOut>(json).ok())
+        .map(|mut h| {
+            if abandoned && h.outcome.is_none() {
+                h.outcome = Some("uncertain".into());
+                h.error = Some(format!(
+                    "the replica running this stopped before the host finished; `outpost exec status {}` reads the host's receipt",
+                    row.op_id
+                ));
+            }
+            h
+        })
+        .collect();
+    RunView {
+        op_id: row.op_id,
+        user: asked.user,
+        argv: asked.argv,
+        started_at: crate::time::rfc3339_ms(row.started_ms),
+        finished: row.finished_ms.is_some() || abandoned,
+        abandoned,
+        hosts,
+    }
+}
+
+/// Runs in progress on this replica, by op id.
 #[derive(Clone, Default)]
-pub struct Runs(Arc<Mutex<BTreeMap<String, RunView>>>);
+pub struct Runs(Arc<Mutex<BTreeMap<String, LiveRun>>>);
 
 impl Runs {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RunView>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, LiveRun>) -> T) -> T {
         let mut runs = self
             .0
             .lock()
@@ -121,11 +248,11 @@ impl Runs {
 
     fn host(&self, op_id: &str, host: &str, f: impl FnOnce(&mut HostView)) {
         self.with(|runs| {
-            if let Some(h) = runs
-                .get_mut(op_id)
-                .and_then(|r| r.hosts.iter_mut().find(|h| h.host == host))
+            if let Some(run) = runs.get_mut(op_id)
+                && let Some(h) = run.hosts.iter_mut().find(|h| h.host == host)
             {
                 f(h);
+                run.dirty.insert(host.to_string());
             }
         });
     }
@@ -167,10 +294,17 @@ pub async fn start(
     let client = client_for(&state.world, command_timeout, &hosts)?;
     let op_id = OpId::generate(&state.world);
     let now_ms = state.world.now_unix_ms();
-    admit(
-        &state.runs,
-        new_view(&op_id, &user.name, &request.argv, &hosts, now_ms),
-    )?;
+    let mut live = new_run(&op_id, &user.name, &request.argv, &hosts, now_ms);
+    let first_write = live.take_write(now_ms, None);
+    admit(&state.runs, live)?;
+    // On record before it starts: every replica can answer for it from here on.
+    if let Err(e) = state.storage.exec_write(first_write).await {
+        state.runs.with(|runs| runs.remove(op_id.as_str()));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the run could not be recorded, so it was not started: {e}"),
+        ));
+    }
     state
         .audit
         .record(
@@ -244,20 +378,19 @@ fn client_for(
     Ok(client)
 }
 
-/// A run's view before any host answered.
-fn new_view(
+/// A run before any host answered.
+fn new_run(
     op_id: &OpId,
     user: &str,
     argv: &[String],
     hosts: &[remote_exec::Host],
     now_ms: i64,
-) -> RunView {
-    RunView {
+) -> LiveRun {
+    LiveRun {
         op_id: op_id.to_string(),
         user: user.to_string(),
         argv: argv.to_vec(),
-        started_at: crate::time::rfc3339_ms(now_ms),
-        finished: false,
+        started_ms: now_ms,
         hosts: hosts
             .iter()
             .map(|h| HostView {
@@ -269,31 +402,20 @@ fn new_view(
                 duration_ms: None,
                 stdout: Captured::default(),
                 stderr: Captured::default(),
-                truncated_bytes: 0,
             })
             .collect(),
+        // The first write holds every host.
+        dirty: hosts.iter().map(|h| h.name.clone()).collect(),
     }
 }
 
-/// Keep `view` among the runs, unless [`RUNNING_MAX`] are in progress; the oldest finished
-/// runs make room beyond [`RUNS_KEPT`].
-fn admit(runs: &Runs, view: RunView) -> Result<(), ApiError> {
+/// Keep `run` among the runs in progress here, unless [`RUNNING_MAX`] are.
+fn admit(runs: &Runs, run: LiveRun) -> Result<(), ApiError> {
     let admitted = runs.with(|runs| {
-        if runs.values().filter(|r| !r.finished).count() >= RUNNING_MAX {
+        if runs.len() >= RUNNING_MAX {
             return false;
         }
-        while runs.len() >= RUNS_KEPT {
-            let Some(oldest) = runs
-                .values()
-                .filter(|r| r.finished)
-                .min_by(|a, b| a.started_at.cmp(&b.started_at))
-                .map(|r| r.op_id.clone())
-            else {
-                break;
-            };
-            runs.remove(&oldest);
-        }
-        runs.insert(view.op_id.clone(), view);
+        runs.insert(run.op_id.clone(), run);
         true
     });
     if admitted {
@@ -306,7 +428,8 @@ fn admit(runs: &Runs, view: RunView) -> Result<(), ApiError> {
     }
 }
 
-/// The run itself: progress events update the view as they come.
+/// The run itself: progress events update the view as they come, a writer brings storage up
+/// to date every [`FLUSH_EVERY`], and the end is written with every host's final word.
 async fn run(
     state: ExecContext,
     user: String,
@@ -334,34 +457,40 @@ async fn run(
                         };
                         out.push(&bytes, fleet::OUTPUT_BYTES_MAX);
                     }),
-                    Event::Finished(_) => {}
+                    Event::Finished(r) => runs.host(&id, &r.host.clone(), |h| finish(h, &r)),
                 }
             }
         })
     };
+    let writing = CancellationToken::new();
+    let writer = tokio::spawn(write_while_running(
+        state.clone(),
+        id.clone(),
+        writing.clone(),
+    ));
     let pool = Arc::new(Pool::new(client));
     // Ends with the control plane: running commands get TERM, no more hosts start.
     let cancel: CancellationToken = state.shutdown.child_token();
     let (results, summary) = fleet::run(pool.clone(), hosts, plan, Some(tx), cancel).await;
     let _ = progress.await;
+    writing.cancel();
+    let _ = writer.await;
     pool.close().await;
     // The final word per host: the results hold the whole captured output.
-    runs.with(|all| {
-        if let Some(view) = all.get_mut(&id) {
-            for r in &results {
-                if let Some(h) = view.hosts.iter_mut().find(|h| h.host == r.host) {
-                    h.outcome = Some(r.report.outcome.as_str());
-                    h.attempts = r.attempts;
-                    h.exit_code = r.report.exit_code;
-                    h.error = r.report.error.clone();
-                    h.duration_ms = u64::try_from(r.report.elapsed.as_millis()).ok();
-                    h.stdout = r.stdout.clone();
-                    h.stderr = r.stderr.clone();
-                }
+    let now_ms = state.world.now_unix_ms();
+    let last = runs.with(|all| {
+        let run = all.get_mut(&id)?;
+        for r in &results {
+            if let Some(h) = run.hosts.iter_mut().find(|h| h.host == r.host) {
+                finish(h, r);
             }
-            view.finished = true;
         }
+        Some(run.take_write(now_ms, Some(now_ms)))
     });
+    if let Some(last) = last {
+        write_end(&state, last).await;
+    }
+    runs.with(|all| all.remove(&id));
     let by_outcome: BTreeMap<&str, usize> = summary
         .by_outcome
         .iter()
@@ -378,26 +507,83 @@ async fn run(
         .await;
 }
 
-/// `GET /api/v1/exec/{op_id}`.
+/// A host's final word: outcome, attempts, exit code, error, duration and all its output.
+fn finish(h: &mut HostView, r: &fleet::HostResult) {
+    h.outcome = Some(r.report.outcome.as_str());
+    h.attempts = r.attempts;
+    h.exit_code = r.report.exit_code;
+    h.error = r.report.error.clone();
+    h.duration_ms = u64::try_from(r.report.elapsed.as_millis()).ok();
+    h.stdout = r.stdout.clone();
+    h.stderr = r.stderr.clone();
+}
+
+/// Every [`FLUSH_EVERY`] while the run goes: its changed hosts and its heartbeat. A failed
+/// write leaves the hosts changed, for the next one.
+async fn write_while_running(state: ExecContext, id: String, done: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(FLUSH_EVERY) => {}
+        }
+        let now_ms = state.world.now_unix_ms();
+        let Some(write) = state
+            .runs
+            .with(|all| all.get_mut(&id).map(|r| r.take_write(now_ms, None)))
+        else {
+            return;
+        };
+        let changed: Vec<String> = write.hosts.iter().map(|(h, _)| h.clone()).collect();
+        if let Err(e) = state.storage.exec_write(write).await {
+            tracing::warn!(op_id = %id, error = %e, "exec run progress not written; trying again");
+            state.runs.with(|all| {
+                if let Some(r) = all.get_mut(&id) {
+                    r.dirty.extend(changed);
+                }
+            });
+        }
+    }
+}
+
+/// The end of a run, written until it lands (storage may be away for a while); given up only
+/// when the control plane stops, and then the run reads as abandoned.
+async fn write_end(state: &ExecContext, last: ExecRunRow) {
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        match state.storage.exec_write(last.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(op_id = %last.op_id, error = %e, "exec run end not written; trying again");
+            }
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+/// `GET /api/v1/exec/{op_id}`: from memory when it runs here, else from storage.
 pub async fn show(
     State(state): State<ExecContext>,
     Path(op_id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
-    state
-        .runs
-        .with(|runs| runs.get(&op_id).cloned())
-        .map(|mut run| {
-            for h in &mut run.hosts {
-                h.truncated_bytes = h.stdout.truncated_bytes + h.stderr.truncated_bytes;
-            }
-            Json(run)
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no exec run {op_id} on this control plane (runs are kept in memory, the last {RUNS_KEPT}); `outpost exec status {op_id}` reads the hosts' receipts"
-                ),
-            )
-        })
+    if let Some(view) = state.runs.with(|runs| runs.get(&op_id).map(LiveRun::view)) {
+        return Ok(Json(view));
+    }
+    match state
+        .storage
+        .exec_read(&op_id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(row) => Ok(Json(stored_view(row, state.world.now_unix_ms()))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no exec run {op_id} (runs are kept 30 days); `outpost exec status {op_id}` reads the hosts' receipts"
+            ),
+        )),
+    }
 }

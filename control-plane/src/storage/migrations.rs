@@ -21,6 +21,25 @@ const FAILING_CRITICAL: &str =
     "ALTER TABLE agent_tasks ADD COLUMN failing_critical BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX agent_tasks_failing ON agent_tasks(agent_id) WHERE failing_critical = 1;";
 
+/// Fleet exec runs through the API: one row per run (its request as JSON, when it started,
+/// when the replica running it last wrote, when it finished) and one per host (its view as
+/// JSON), so any replica answers for a run, also after the one running it died.
+const EXEC_RUNS: &str = r#"
+CREATE TABLE exec_runs (
+    op_id TEXT PRIMARY KEY,
+    run TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    finished_ms BIGINT
+);
+CREATE TABLE exec_hosts (
+    op_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    view TEXT NOT NULL,
+    PRIMARY KEY (op_id, host)
+);
+"#;
+
 /// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret
 /// column that the API never returns), each alert's state, its history and the notification
 /// outbox. `$id` is the backend's auto-numbered key.
@@ -208,6 +227,7 @@ CREATE INDEX audit_by_target ON audit(target, id);
     alerts_sql!("INTEGER PRIMARY KEY AUTOINCREMENT"),
     AGENT_LABELS,
     FAILING_CRITICAL,
+    EXEC_RUNS,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -380,4 +400,5 @@ CREATE INDEX audit_by_target ON audit(target, id);
     alerts_sql!("BIGSERIAL PRIMARY KEY"),
     AGENT_LABELS,
     FAILING_CRITICAL,
+    EXEC_RUNS,
 ];

@@ -19,10 +19,11 @@ pub use sqlite::SqliteStore;
 
 pub use model::{
     AgentRow, AlertCommit, AlertEventRow, AlertRow, AuditQuery, AuditRow, BackupPolicyRow,
-    ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, LeaseRow,
-    MetricQuery, MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
-    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SendOutcome, SigningKeyRow, SpecRow,
-    StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
+    ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, ExecRunRow,
+    LeaseRow, MetricQuery, MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
+    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SendOutcome,
+    SigningKeyRow, SpecRow, StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow,
+    UserApplied, UserInfo, UserRow,
 };
 
 /// The lease statement both the SQLite and the Postgres backend run (their placeholders
@@ -293,6 +294,22 @@ impl Storage {
         now_ms: i64,
     ) -> Result<(), StorageError> {
         dispatch!(self.upsert_agent_tasks(agent_id, tasks, now_ms))
+    }
+
+    /// Write a fleet exec run: inserted on its first write (with `run`), then its times and
+    /// the given hosts' views, in one transaction.
+    pub async fn exec_write(&self, row: ExecRunRow) -> Result<(), StorageError> {
+        dispatch!(self.exec_write(row))
+    }
+
+    /// A fleet exec run with every host's view.
+    pub async fn exec_read(&self, op_id: &str) -> Result<Option<ExecRunRow>, StorageError> {
+        dispatch!(self.exec_read(op_id))
+    }
+
+    /// Remove exec runs started before `before_ms`; how many.
+    pub async fn prune_exec_runs(&self, before_ms: i64) -> Result<u64, StorageError> {
+        dispatch!(self.prune_exec_runs(before_ms))
     }
 
     /// Tasks marked critical whose latest finished run failed: (agent id, snapshot JSON), at

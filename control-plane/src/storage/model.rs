@@ -89,6 +89,20 @@ pub struct UserInfo {
     pub created_at_ms: i64,
 }
 
+/// A fleet exec run as stored: its request (JSON), times, and each host's view (JSON).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecRunRow {
+    pub op_id: String,
+    /// Kept from the first write; later writes update the times and hosts.
+    pub run: String,
+    pub started_ms: i64,
+    /// When the replica running it last wrote (its heartbeat while it runs).
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// (host, view): all of them when read, the changed ones when written.
+    pub hosts: Vec<(String, String)>,
+}
+
 /// The latest snapshot of one of an agent's tasks, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskRecord {

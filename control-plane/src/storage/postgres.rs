@@ -13,9 +13,9 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
-    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
-    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
+    Enrollment, ExecRunRow, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
+    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow,
+    StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
 };
 use crate::auth::Role;
 
@@ -863,6 +863,80 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    pub async fn exec_write(&self, row: ExecRunRow) -> Result<(), StorageError> {
+        let (hosts, views): (Vec<String>, Vec<String>) = row.hosts.into_iter().unzip();
+        // One statement, so the run and its hosts land together.
+        self.client()
+            .await?
+            .execute(
+                "WITH run AS (INSERT INTO exec_runs (op_id, run, started_ms, updated_ms, finished_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (op_id) DO UPDATE SET \
+                 updated_ms = EXCLUDED.updated_ms, finished_ms = EXCLUDED.finished_ms) \
+                 INSERT INTO exec_hosts (op_id, host, view) \
+                 SELECT $1, h.host, h.view FROM unnest($6::text[], $7::text[]) AS h(host, view) \
+                 ON CONFLICT (op_id, host) DO UPDATE SET view = EXCLUDED.view",
+                &[
+                    &row.op_id,
+                    &row.run,
+                    &row.started_ms,
+                    &row.updated_ms,
+                    &row.finished_ms,
+                    &hosts,
+                    &views,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    pub async fn exec_read(&self, op_id: &str) -> Result<Option<ExecRunRow>, StorageError> {
+        let client = self.client().await?;
+        let Some(run) = client
+            .query_opt(
+                "SELECT run, started_ms, updated_ms, finished_ms FROM exec_runs WHERE op_id = $1",
+                &[&op_id],
+            )
+            .await
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        let hosts = client
+            .query(
+                "SELECT host, view FROM exec_hosts WHERE op_id = $1 ORDER BY host",
+                &[&op_id],
+            )
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(Some(ExecRunRow {
+            op_id: op_id.to_string(),
+            run: run.get(0),
+            started_ms: run.get(1),
+            updated_ms: run.get(2),
+            finished_ms: run.get(3),
+            hosts,
+        }))
+    }
+
+    pub async fn prune_exec_runs(&self, before_ms: i64) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM exec_hosts WHERE op_id IN (SELECT op_id FROM exec_runs WHERE started_ms < $1)",
+                &[&before_ms],
+            )
+            .await
+            .map_err(backend)?;
+        client
+            .execute("DELETE FROM exec_runs WHERE started_ms < $1", &[&before_ms])
+            .await
+            .map_err(backend)
     }
 
     pub async fn failing_critical_tasks(

@@ -10,9 +10,9 @@ use world::World;
 use super::migrations;
 use super::model::{
     AgentRow, AuditQuery, AuditRow, BackupPolicyRow, EnrollAttempt, EnrollRefusal, EnrollTokenRow,
-    Enrollment, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX, RecordingChunk,
-    RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow, StorageError,
-    StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
+    Enrollment, ExecRunRow, MetricQuery, MetricRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
+    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SigningKeyRow,
+    StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
     replay_allowed,
 };
 use crate::auth::Role;
@@ -802,6 +802,79 @@ impl SqliteStore {
                 .map_err(backend)?;
             }
             tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn exec_write(&self, row: ExecRunRow) -> Result<(), StorageError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            tx.execute(
+                "INSERT INTO exec_runs (op_id, run, started_ms, updated_ms, finished_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (op_id) DO UPDATE SET updated_ms = excluded.updated_ms, finished_ms = excluded.finished_ms",
+                params![row.op_id, row.run, row.started_ms, row.updated_ms, row.finished_ms],
+            )
+            .map_err(backend)?;
+            for (host, view) in &row.hosts {
+                tx.execute(
+                    "INSERT INTO exec_hosts (op_id, host, view) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (op_id, host) DO UPDATE SET view = excluded.view",
+                    params![row.op_id, host, view],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    pub async fn exec_read(&self, op_id: &str) -> Result<Option<ExecRunRow>, StorageError> {
+        let op_id = op_id.to_string();
+        self.run(move |conn| {
+            let run = conn
+                .query_row(
+                    "SELECT run, started_ms, updated_ms, finished_ms FROM exec_runs WHERE op_id = ?1",
+                    params![op_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some((run, started_ms, updated_ms, finished_ms)) = run else {
+                return Ok(None);
+            };
+            let mut stmt = conn
+                .prepare("SELECT host, view FROM exec_hosts WHERE op_id = ?1 ORDER BY host")
+                .map_err(backend)?;
+            let hosts = stmt
+                .query_map(params![op_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?
+                .collect::<Result<Vec<(String, String)>, _>>()
+                .map_err(backend)?;
+            Ok(Some(ExecRunRow {
+                op_id,
+                run,
+                started_ms,
+                updated_ms,
+                finished_ms,
+                hosts,
+            }))
+        })
+        .await
+    }
+
+    pub async fn prune_exec_runs(&self, before_ms: i64) -> Result<u64, StorageError> {
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            tx.execute(
+                "DELETE FROM exec_hosts WHERE op_id IN (SELECT op_id FROM exec_runs WHERE started_ms < ?1)",
+                params![before_ms],
+            )
+            .map_err(backend)?;
+            let n = tx
+                .execute("DELETE FROM exec_runs WHERE started_ms < ?1", params![before_ms])
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(n as u64)
         })
         .await
     }

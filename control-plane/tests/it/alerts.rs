@@ -339,33 +339,6 @@ async fn a_silence_holds_notices_back_and_what_still_fires_is_sent_when_it_ends(
     server.stop().await;
 }
 
-/// `outpost serve` on `port` against `database_url`, with fast alert timing.
-fn replica(dir: &std::path::Path, port: u16, database_url: &str) -> std::process::Child {
-    let config = dir.join("serve.toml");
-    std::fs::write(
-        &config,
-        "alert_group_wait = \"0s\"\nalert_evaluate_every = \"1s\"\nalert_lease_ttl = \"3s\"\n",
-    )
-    .expect("config");
-    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--database-url",
-            database_url,
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join(format!("data-{port}")))
-        .env("OUTPOST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start outpost serve")
-}
-
 /// The evaluating replica killed with kill -9 while a notification is on its way: the other
 /// replica takes the lease over and sends it again with the same key, once; the next
 /// transition goes once too, and nothing is left in the outbox.
@@ -379,10 +352,10 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
     let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
         .await
         .expect("storage");
-    let ports = [free_port(), free_port()];
+    let ports = [crate::harness::free_port(), crate::harness::free_port()];
     let mut replicas: Vec<std::process::Child> = ports
         .iter()
-        .map(|p| replica(dir.path(), *p, &url))
+        .map(|p| crate::harness::replica(dir.path(), *p, &url, &[]))
         .collect();
     // Stand-ins for the two replicas behind one proxy: every request goes to the first.
     let server = Server::connect(&world, &storage, ports[0]).await;
@@ -466,11 +439,6 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
         let _ = r.kill();
         let _ = r.wait();
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
-    l.local_addr().expect("addr").port()
 }
 
 /// `outpost notify channels` lists channels without their secrets; `outpost notify test`
@@ -761,7 +729,7 @@ fn smtp_sink(
     certs: &fixtures::tls::TestCerts,
 ) -> (u16, std::process::Child) {
     use std::io::BufRead;
-    let port = free_port();
+    let port = crate::harness::free_port();
     let mail = dir.join("mail");
     std::fs::create_dir_all(&mail).expect("mail dir");
     let script =
@@ -883,7 +851,7 @@ async fn an_alertmanager_receives_the_alert_and_its_end() {
         "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n",
     )
     .expect("config");
-    let port = free_port();
+    let port = crate::harness::free_port();
     let mut am = std::process::Command::new("/usr/bin/prometheus-alertmanager")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(

@@ -346,3 +346,98 @@ async fn the_exec_page_shows_output_live_and_outcomes_per_host() {
     }
     server.stop().await;
 }
+
+/// Exec runs are in storage as they happen: a second replica shows a run's live output while
+/// the first runs it, and after the first is killed with kill -9 the run reads as abandoned,
+/// its unfinished host `uncertain` with the way to its receipt, from the replica that is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_run_outlives_the_replica_that_ran_it() {
+    use control_plane::auth::Role;
+    use http::{Method, StatusCode};
+    let (_sshd, _dir, inv) = setup().await;
+    let pg = fixtures::Postgres::start().await.expect("postgres");
+    let url = pg.create_database("exec_takeover").expect("database");
+    let world = world::World::real();
+    let dir = tempfile::tempdir().expect("dir");
+    let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
+        .await
+        .expect("storage");
+    let ports = [crate::harness::free_port(), crate::harness::free_port()];
+    let mut replicas: Vec<std::process::Child> = ports
+        .iter()
+        .map(|p| crate::harness::replica(dir.path(), *p, &url, &["--inventory", &inv]))
+        .collect();
+    let first = crate::harness::Server::connect(&world, &storage, ports[0]).await;
+    let second = crate::harness::Server::connect(&world, &storage, ports[1]).await;
+    let token = crate::harness::token_in(&storage, &world, "ops", Role::Operator).await;
+    let r = first
+        .request(
+            Method::POST,
+            "/api/v1/exec",
+            Some(&token),
+            r#"{"argv":["sh","-c","echo begun; sleep 120"]}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let started: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let path = format!("/api/v1/exec/{}", started["op_id"].as_str().expect("op_id"));
+    let view_on_second = || async {
+        let r = second.request(Method::GET, &path, Some(&token), "").await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")
+    };
+    let host = |view: &serde_json::Value, name: &str| {
+        view["hosts"]
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["host"] == name).cloned())
+            .unwrap_or_default()
+    };
+    let live = fixtures::poll::until(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        || async {
+            let view = view_on_second().await;
+            (host(&view, "db1")["stdout"] == "begun\n"
+                && host(&view, "db2")["outcome"] == "not_started")
+                .then_some(view)
+        },
+    )
+    .await;
+    let live = match live {
+        Some(live) => live,
+        None => panic!(
+            "the other replica shows the run's output while it runs: {}",
+            view_on_second().await
+        ),
+    };
+    assert_eq!(live["finished"], false, "{live}");
+    assert_eq!(host(&live, "db1")["outcome"], serde_json::Value::Null);
+
+    replicas[0].kill().expect("kill -9 the replica running it");
+    let _ = replicas[0].wait();
+    let abandoned = fixtures::poll::until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(500),
+        || async {
+            let view = view_on_second().await;
+            (view["finished"] == true).then_some(view)
+        },
+    )
+    .await
+    .expect("the run reads as ended once its replica stopped writing");
+    assert_eq!(abandoned["abandoned"], true, "{abandoned}");
+    let db1 = host(&abandoned, "db1");
+    assert_eq!(db1["outcome"], "uncertain", "{db1}");
+    assert_eq!(db1["stdout"], "begun\n", "{db1}");
+    assert!(
+        db1["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("outpost exec status")),
+        "{db1}"
+    );
+    assert_eq!(host(&abandoned, "db2")["outcome"], "not_started");
+    for mut r in replicas {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+}

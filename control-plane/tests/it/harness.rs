@@ -260,3 +260,61 @@ pub async fn deliver(
         .await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
 }
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("addr").port()
+}
+
+/// `outpost serve` on `port` against `database_url` (a replica of a pair sharing it), with
+/// fast alert timing and `extra` flags.
+pub fn replica(
+    dir: &std::path::Path,
+    port: u16,
+    database_url: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "alert_group_wait = \"0s\"\nalert_evaluate_every = \"1s\"\nalert_lease_ttl = \"3s\"\n",
+    )
+    .expect("config");
+    std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            database_url,
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{port}")))
+        .args(extra)
+        .env("OUTPOST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start outpost serve")
+}
+
+/// An API token of a new user `name` with `role`, made directly in `storage`.
+pub async fn token_in(storage: &Storage, world: &World, name: &str, role: Role) -> String {
+    let token = auth::new_secret(world, SecretKind::ApiToken);
+    let user = UserRow {
+        id: auth::new_id(world, "usr"),
+        name: name.into(),
+        role,
+        password_hash: "unused".into(),
+        created_at_ms: world.now_unix_ms(),
+    };
+    storage.create_user(user.clone()).await.expect("user");
+    let now = world.now_unix_ms();
+    storage
+        .create_api_token(&auth::secret_hash(&token), &user.id, now, now + 3_600_000)
+        .await
+        .expect("token");
+    token
+}

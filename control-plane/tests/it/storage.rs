@@ -549,6 +549,47 @@ async fn check(s: Storage) {
             .expect("failing")
             .is_empty()
     );
+    // Exec runs: the first write holds the request; later ones change times and hosts only.
+    let exec = |updated_ms: i64, finished_ms: Option<i64>, hosts: &[(&str, &str)]| {
+        control_plane::storage::ExecRunRow {
+            op_id: "op_1".into(),
+            run: if updated_ms == 1_000 {
+                "asked"
+            } else {
+                "ignored"
+            }
+            .into(),
+            started_ms: 1_000,
+            updated_ms,
+            finished_ms,
+            hosts: hosts
+                .iter()
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect(),
+        }
+    };
+    s.exec_write(exec(1_000, None, &[("db1", "v1"), ("db2", "v1")]))
+        .await
+        .expect("first write");
+    s.exec_write(exec(2_000, Some(2_000), &[("db2", "v2")]))
+        .await
+        .expect("end");
+    let read = s.exec_read("op_1").await.expect("read").expect("stored");
+    assert_eq!(
+        (read.run.as_str(), read.updated_ms, read.finished_ms),
+        ("asked", 2_000, Some(2_000))
+    );
+    assert_eq!(
+        read.hosts,
+        vec![
+            ("db1".to_string(), "v1".to_string()),
+            ("db2".to_string(), "v2".to_string())
+        ]
+    );
+    assert!(s.exec_read("op_none").await.expect("read").is_none());
+    assert_eq!(s.prune_exec_runs(1_000).await.expect("prune"), 0);
+    assert_eq!(s.prune_exec_runs(1_001).await.expect("prune"), 1);
+    assert!(s.exec_read("op_1").await.expect("read").is_none());
     assert_eq!(
         s.agent_tasks("agt_rm", 10).await.expect("tasks"),
         vec![r#"{"id":"t3"}"#.to_string()]
