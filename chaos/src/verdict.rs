@@ -511,6 +511,13 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
     for run in runs {
         if run.outcomes.is_empty() {
             unknown += 1;
+            // Runs are in storage: a started run is shown ended (or abandoned) by a replica.
+            if let Some(op) = &run.op_id {
+                invalid.push(format!(
+                    "exec {} ({op}) was never shown ended by any replica within 120 s",
+                    run.token
+                ));
+            }
             continue;
         }
         for (host, outcome) in &run.outcomes {
@@ -535,7 +542,7 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
     Verdict::new(
         "exec: outcomes agree with the hosts' receipts",
         format!(
-            "{} runs ({unknown} lost with their replica), outcomes {outcomes:?}",
+            "{} runs ({unknown} never shown ended by any replica), outcomes {outcomes:?}",
             runs.len()
         ),
         invalid,

@@ -483,11 +483,13 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
 pub struct ExecRun {
     pub token: String,
     pub op_id: Option<String>,
-    /// host → outcome (`ok`, `not_started`, …); empty when the run's replica died first.
+    /// host → outcome (`ok`, `not_started`, `uncertain` when its replica died, …); empty when
+    /// no replica showed the run ended within 120 s.
     pub outcomes: BTreeMap<String, String>,
 }
 
-/// Start an exec through the next replica and follow it there to its end.
+/// Start an exec through the next replica and follow it to its end through any replica (runs
+/// are in storage: the other replica answers when the starting one died).
 pub async fn exec_once(api: &Api, token: &str, receipts: &Path, replica: usize) -> ExecRun {
     let script = format!(
         "echo \"$0\" >> {}/\"$OUTPOST_CHAOS_HOST\"",
@@ -520,24 +522,19 @@ pub async fn exec_once(api: &Api, token: &str, receipts: &Path, replica: usize) 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match api
-            .call_on(&target, Method::GET, &format!("/api/v1/exec/{op}"), None)
+        // Storage or a replica may be away for a moment: ask again until the deadline.
+        if let Ok((s, v)) = api
+            .call(Method::GET, &format!("/api/v1/exec/{op}"), None)
             .await
+            && s.is_success()
+            && v["finished"] == true
         {
-            Ok((s, v)) if s.is_success() => {
-                if v["finished"] == true {
-                    for h in v["hosts"].as_array().into_iter().flatten() {
-                        if let (Some(host), Some(outcome)) =
-                            (h["host"].as_str(), h["outcome"].as_str())
-                        {
-                            run.outcomes.insert(host.to_string(), outcome.to_string());
-                        }
-                    }
-                    return run;
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                if let (Some(host), Some(outcome)) = (h["host"].as_str(), h["outcome"].as_str()) {
+                    run.outcomes.insert(host.to_string(), outcome.to_string());
                 }
             }
-            // The replica died with the run: what happened on the hosts is unknown to it.
-            Ok(_) | Err(_) => return run,
+            return run;
         }
     }
     run

@@ -25,6 +25,7 @@ pub mod heartbeats;
 pub mod http;
 pub mod labels;
 pub mod observe;
+pub mod rollouts;
 pub mod server;
 pub mod settings;
 pub mod state;

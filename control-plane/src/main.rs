@@ -50,6 +50,9 @@ enum Commands {
     /// Alert notifications: channels and a test send.
     #[command(subcommand)]
     Notify(NotifyCommand),
+    /// Rollouts: a change carried over agents in waves.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Exit 0 when the control plane on this host answers /healthz (the image's HEALTHCHECK).
     ///
     /// Exits 1 with the reason when /healthz does not answer 200 with status "ok". The answer
@@ -320,6 +323,41 @@ enum NotifyCommand {
 }
 
 #[derive(Subcommand)]
+enum RolloutCommand {
+    /// The dry run of a rollout file: the waves it makes of the agents it selects now, the
+    /// hosts in each (in order), and the failure that halts each wave and the whole rollout.
+    /// Nothing runs. Works on the storage directly, like `outpost admin`.
+    ///
+    /// Example rollout.toml:
+    ///   name = "minor-upgrade"
+    ///   agents = ["env=prod"]
+    ///   waves = [1, "1%", "10%", "100%"]
+    ///   max_in_flight = 20
+    ///   max_errors = "2%"          # per wave: N or P% of the wave
+    ///   max_errors_total = 10
+    ///   soak = "10m"
+    ///   replicas_first = true      # role=replica|standby first, role=primary last
+    ///   approve_after_canary = true
+    ///   offline = "wait"           # or "skip"
+    ///   offline_deadline = "1h"
+    ///   [task]
+    ///   kind = "command"
+    ///   argv = ["/usr/local/bin/upgrade-minor"]
+    ///   timeout = "30m"
+    #[command(verbatim_doc_comment)]
+    Plan {
+        /// The rollout file (TOML).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Print the plan as JSON (the API's shape).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
     /// Create a backup policy from a JSON file (the body of POST /api/v1/backup-policies):
     /// pgBackRest schedules for the agents it names, which every replica then puts on them.
@@ -514,6 +552,7 @@ fn main() -> ExitCode {
             Commands::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
             Commands::Admin(cmd) => admin(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Notify(cmd) => notify(cmd).await,
+            Commands::Rollout(cmd) => rollout(cmd).await.map(|()| ExitCode::SUCCESS),
             Commands::Exec(args) => exec(args).await,
             Commands::Demo(args) => control_plane::demo::run(
                 World::real(),
@@ -682,6 +721,32 @@ async fn exec(args: Box<ExecArgs>) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+/// `outpost rollout plan`.
+async fn rollout(cmd: RolloutCommand) -> anyhow::Result<()> {
+    let RolloutCommand::Plan { file, json, store } = cmd;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("read the rollout file {}", file.display()))?;
+    let spec: control_plane::rollouts::RolloutSpec =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let world = World::real();
+    let storage = open(&world, store).await?;
+    let rows = storage.list_agents().await.context("read the agents")?;
+    let agents = control_plane::rollouts::Target::all(
+        &rows,
+        &control_plane::settings::Settings::default(),
+        world.now_unix_ms(),
+    );
+    let plan = spec
+        .plan(&agents)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", plan.describe());
+    }
+    Ok(())
 }
 
 async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::storage::Storage> {

@@ -12,6 +12,7 @@ mod deadlines;
 pub(crate) mod metrics;
 mod observe;
 pub mod openapi;
+pub mod rollouts;
 mod sessions;
 mod tasks;
 mod users;
@@ -277,6 +278,14 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
                 Access::User(Role::Viewer),
             ),
             get(backup_policies::list),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/rollouts/dry-run",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::dry_run),
         ),
         (
             spec(

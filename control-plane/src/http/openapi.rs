@@ -255,6 +255,12 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         )
         .request(schema::<crate::backup_policies::PolicySpec>)
         .returns(201, schema::<super::backup_policies::PolicyView>),
+        ("POST", "/api/v1/rollouts/dry-run") => doc(
+            "The waves a rollout spec makes of the agents it selects now: the hosts in each wave, in order, and the failure that halts each wave and the whole rollout. Nothing runs",
+            "rollouts",
+        )
+        .request(schema::<crate::rollouts::RolloutSpec>)
+        .returns(200, schema::<crate::rollouts::Plan>),
         ("DELETE", "/api/v1/backup-policies/{id}") => {
             doc("Delete a backup policy; its tasks are canceled on the agents", "backups")
                 .no_content()

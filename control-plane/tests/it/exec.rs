@@ -441,3 +441,120 @@ async fn an_exec_run_outlives_the_replica_that_ran_it() {
         let _ = r.wait();
     }
 }
+
+/// A rollout's dry run, through the API and `outpost rollout plan`: the waves it makes of the
+/// agents its selector picks (replicas first), the failure that halts each, and refusals that
+/// name the field; viewers may not ask.
+#[tokio::test]
+async fn a_rollout_dry_run_shows_its_waves_through_the_api_and_the_cli() {
+    use control_plane::auth::Role;
+    use http::{Method, StatusCode};
+    let server = crate::harness::Server::start().await;
+    let operator = server.token_for("ops", Role::Operator).await;
+    let viewer = server.token_for("look", Role::Viewer).await;
+    for i in 0..12 {
+        let (id, _) = server.enroll(&format!("db{i:02}")).await;
+        let role = if i % 3 == 0 { "primary" } else { "replica" };
+        let labels = format!(r#"{{"env":"prod","role":"{role}"}}"#);
+        server
+            .storage
+            .set_agent_labels(&id, Some(labels))
+            .await
+            .expect("labels");
+    }
+    server.enroll("web1").await;
+    let spec = serde_json::json!({
+        "name": "minor-upgrade", "agents": ["env=prod"], "waves": [1, "10%", "100%"],
+        "max_errors": "20%", "replicas_first": true,
+        "task": {"kind": "command", "argv": ["/usr/local/bin/upgrade-minor"]},
+    });
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/rollouts/dry-run",
+            Some(&viewer),
+            spec.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/rollouts/dry-run",
+            Some(&operator),
+            spec.to_string(),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let waves = plan["waves"].as_array().expect("waves");
+    let sizes: Vec<usize> = waves
+        .iter()
+        .map(|w| w["hosts"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes, [1, 2, 9], "{plan}");
+    assert_eq!(plan["targets"], 12, "web1 is not selected");
+    assert_eq!(waves[0]["hosts"][0]["role"], "replica", "replicas first");
+    assert_eq!(waves[2]["errors_tolerated"], 1, "20 % of 9, rounded down");
+    let mut bad = spec.clone();
+    bad["waves"] = serde_json::json!(["150%"]);
+    let r = server
+        .request(
+            Method::POST,
+            "/api/v1/rollouts/dry-run",
+            Some(&operator),
+            bad.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&r.body).contains("waves:"));
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("rollout.toml");
+    std::fs::write(
+        &file,
+        "name = \"minor-upgrade\"\nagents = [\"env=prod\"]\nwaves = [1, \"10%\", \"100%\"]\nmax_errors = 1\n[task]\nkind = \"command\"\nargv = [\"/usr/local/bin/upgrade-minor\"]\n",
+    )
+    .expect("rollout file");
+    let data_dir = server.data_dir().display().to_string();
+    let file_s = file.display().to_string();
+    let out = run(&["rollout", "plan", "-f", &file_s, "--data-dir", &data_dir]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("rollout minor-upgrade: 12 agents in 3 waves, at most 10 at once\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wave 3: 9 hosts; halts at failure 2: "),
+        "{text}"
+    );
+    let out = run(&[
+        "rollout",
+        "plan",
+        "-f",
+        &file_s,
+        "--data-dir",
+        &data_dir,
+        "--json",
+    ]);
+    assert_eq!(json(&out)["targets"], 12);
+    std::fs::write(&file, "name = \"x\"\nagents = [\"*\"]\n").expect("rollout file");
+    let out = run(&["rollout", "plan", "-f", &file_s, "--data-dir", &data_dir]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("task"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.stop().await;
+}
