@@ -162,19 +162,58 @@ pub async fn windows(h: &Handles) -> Result<Vec<super::windows::Window>, Storage
 /// Silences in force at `now_ms`; those ended a day ago are removed.
 async fn active_silences(h: &Handles, now_ms: i64) -> Result<Vec<Silence>, StorageError> {
     let mut active = Vec::new();
-    for row in h.storage.specs(silences::SPEC_KIND).await? {
-        let Ok(s) = serde_json::from_str::<Silence>(&row.spec) else {
-            continue;
-        };
+    for (name, s) in stored_silences(h).await? {
         if now_ms - s.ends_ms > 86_400_000 {
-            h.storage
-                .delete_spec(silences::SPEC_KIND, &row.name)
-                .await?;
+            h.storage.delete_spec(silences::SPEC_KIND, &name).await?;
         } else if s.active(now_ms) {
             active.push(s);
         }
     }
     Ok(active)
+}
+
+/// Every stored silence that reads, by its spec name.
+async fn stored_silences(h: &Handles) -> Result<Vec<(String, Silence)>, StorageError> {
+    Ok(h.storage
+        .specs(silences::SPEC_KIND)
+        .await?
+        .into_iter()
+        .filter_map(|row| Some((row.name, serde_json::from_str::<Silence>(&row.spec).ok()?)))
+        .collect())
+}
+
+/// What holds notices back at `now_ms`: the silences in force and the windows (read only).
+pub async fn muting(
+    h: &Handles,
+    now_ms: i64,
+) -> Result<(Vec<Silence>, Vec<super::windows::Window>), StorageError> {
+    let silences = stored_silences(h)
+        .await?
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.active(now_ms))
+        .collect();
+    Ok((silences, windows(h).await?))
+}
+
+/// Why `a`'s notices are held back at `now_ms`, if they are: `silence ID` or `window NAME`.
+pub fn muted_by(
+    a: &Alert,
+    now_ms: i64,
+    labels: &crate::labels::Labels,
+    silences: &[Silence],
+    windows: &[super::windows::Window],
+) -> Option<String> {
+    silences
+        .iter()
+        .find(|s| s.mutes(a, now_ms, labels))
+        .map(|s| format!("silence {}", s.id))
+        .or_else(|| {
+            windows
+                .iter()
+                .find(|w| w.mutes(a, now_ms, labels))
+                .map(|w| format!("window {}", w.spec.name))
+        })
 }
 
 /// Failing critical tasks read per round at most (the rule counts what it read).
@@ -243,8 +282,7 @@ async fn evaluate(
     let none = crate::labels::Labels::new();
     let muted = |a: &Alert| {
         let labels = labels_of.get(a.agent_id.as_str()).unwrap_or(&none);
-        silences.iter().any(|s| s.mutes(a, now_ms, labels))
-            || windows.iter().any(|w| w.mutes(a, now_ms, labels))
+        muted_by(a, now_ms, labels, &silences, &windows).is_some()
     };
     let round = state::advance(stored, observed, now_ms, grouping, &muted);
     let json = |a: &Alert| serde_json::to_string(a).unwrap_or_default();

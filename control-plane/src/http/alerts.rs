@@ -36,6 +36,8 @@ pub struct AlertView {
     pub resolved: Option<String>,
     /// Transitions whose notice waits (for its group, or a mute).
     pub unsent: usize,
+    /// What holds its notices back now (`silence ID` or `window NAME`); `null` when nothing.
+    pub muted_by: Option<String>,
 }
 
 impl AlertView {
@@ -46,6 +48,7 @@ impl AlertView {
             fired: a.fired_ms.map(crate::time::rfc3339_ms),
             resolved: a.resolved_ms.map(crate::time::rfc3339_ms),
             unsent: a.unsent.len(),
+            muted_by: None,
             rule: a.rule,
             agent_id: a.agent_id,
             agent: a.agent,
@@ -152,8 +155,36 @@ pub async fn list(
             lease_until: crate::time::rfc3339_ms(l.expires_ms),
             live: l.expires_ms > now_ms,
         });
+    let (silences, windows) = crate::alerts::evaluator::muting(&state, now_ms)
+        .await
+        .map_err(ApiError::internal)?;
+    let labels: std::collections::BTreeMap<String, crate::labels::Labels> = state
+        .storage
+        .list_agents()
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|row| (row.id, crate::labels::of(row.labels.as_deref())))
+        .collect();
+    let none = crate::labels::Labels::new();
+    let alerts = alerts
+        .into_iter()
+        .map(|a| {
+            let muted_by = crate::alerts::evaluator::muted_by(
+                &a,
+                now_ms,
+                labels.get(&a.agent_id).unwrap_or(&none),
+                &silences,
+                &windows,
+            );
+            AlertView {
+                muted_by,
+                ..AlertView::of(a)
+            }
+        })
+        .collect();
     Ok(Json(AlertsView {
-        alerts: alerts.into_iter().map(AlertView::of).collect(),
+        alerts,
         history,
         evaluator,
     }))

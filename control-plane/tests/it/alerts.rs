@@ -319,6 +319,26 @@ async fn a_silence_holds_notices_back_and_what_still_fires_is_sent_when_it_ends(
         sink.received.lock().expect("lock").is_empty(),
         "both silenced"
     );
+    // The alerts say what holds them back.
+    let r = server
+        .request(Method::GET, "/api/v1/alerts", Some(&admin), "")
+        .await;
+    let listed: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let muted: std::collections::BTreeMap<String, String> = listed["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a["agent"].as_str()?.into(), a["muted_by"].as_str()?.into())))
+        .collect();
+    assert_eq!(
+        muted.get("db2").map(String::as_str),
+        Some(format!("silence {}", db2_silence["id"].as_str().unwrap_or("")).as_str()),
+        "{listed}"
+    );
+    assert!(
+        muted.get("db1").is_some_and(|m| m.starts_with("silence ")),
+        "{listed}"
+    );
     // db1's silence ends by itself: its still-firing alert goes then; db2's is ended early.
     let got = received_at_least(&server, &sink, 1, Duration::from_secs(10)).await;
     assert_eq!(got[0].2["alerts"][0]["labels"]["agent"], "db1");

@@ -18,7 +18,8 @@ function alertRow(a, at) {
   const tr = el('tr', null, { 'data-alert': a.key, 'data-phase': a.phase });
   const agent = el('td');
   agent.append(el('a', a.agent, { href: `#/agent/${a.agent_id}` }));
-  const first = at ? el('td', at) : el('td', a.phase, a.phase === 'firing' ? { class: 'warn' } : {});
+  const phase = a.muted_by ? `${a.phase} (muted: ${a.muted_by})` : a.phase;
+  const first = at ? el('td', at) : el('td', phase, a.phase === 'firing' && !a.muted_by ? { class: 'warn' } : {});
   const cells = at
     ? [first, el('td', a.phase), el('td', a.severity), el('td', a.rule), agent, el('td', a.summary)]
     : [first, el('td', a.severity), el('td', a.rule), agent, el('td', a.summary), el('td', ago(a.fired ?? a.since))];
