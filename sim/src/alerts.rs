@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use agent::link::{LinkConfig, LinkStatus, run_link};
 use control_plane::settings::{AlertTiming, Settings};
-use control_plane::state::AppState;
 use rand::Rng;
 use rand::rngs::StdRng;
 use tokio::sync::watch;
@@ -43,13 +42,6 @@ struct Sink {
 }
 
 type Shared = Arc<Mutex<Sink>>;
-
-fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Sink> {
-    match shared.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 fn agent_host(i: usize) -> String {
     format!("agent{}", i + 1)
@@ -114,7 +106,7 @@ async fn take(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut sink = lock(&shared);
+    let mut sink = harness::lock(&shared);
     if sink.refusing {
         sink.refused += 1;
         return axum::http::StatusCode::SERVICE_UNAVAILABLE;
@@ -137,24 +129,7 @@ pub fn simulate_alerts(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     )?;
     let shared: Shared = Arc::default();
     let mut sim = new_sim(seed, plan);
-    {
-        let world = host_world(seed, "cp");
-        let data_dir = dir.path().join("cp");
-        sim.host("cp", move || {
-            let (world, data_dir) = (world.clone(), data_dir.clone());
-            async move {
-                let storage = control_plane::server::open_storage(&world, &data_dir, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let listener = world.net().bind(&format!("0.0.0.0:{CP_PORT}")).await?;
-                let state = AppState::new(world, storage, settings(), CancellationToken::new());
-                control_plane::server::run(state, listener, std::future::pending())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(())
-            }
-        });
-    }
+    harness::control_plane_host(&mut sim, seed, dir.path().join("cp"), settings());
     {
         let world = host_world(seed, "sink");
         let shared = shared.clone();
@@ -228,10 +203,10 @@ impl<'a> Driver<'a> for AlertsDriver {
         _now: Duration,
     ) -> anyhow::Result<()> {
         match fault {
-            Fault::SinkDown { refuse: true } => lock(&self.shared).refusing = true,
+            Fault::SinkDown { refuse: true } => harness::lock(&self.shared).refusing = true,
             Fault::SinkDown { refuse: false } => sim.partition("cp", "sink"),
             Fault::SinkUp => {
-                lock(&self.shared).refusing = false;
+                harness::lock(&self.shared).refusing = false;
                 sim.repair("cp", "sink");
             }
             Fault::Partition { agent } | Fault::Repair { agent } => {
@@ -264,7 +239,7 @@ fn final_check(db: &std::path::Path, shared: &Shared) -> anyhow::Result<()> {
     let rows: Vec<Row> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<Result<_, _>>()?;
-    let sink = lock(shared);
+    let sink = harness::lock(shared);
     let epoch_ms = (EPOCH_S * 1000) as i64;
     let ms = |d: Duration| epoch_ms + i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let (down_ms, up_ms) = (ms(DOWN_AT), ms(DOWN_AT + OUTAGE));

@@ -298,3 +298,39 @@ pub async fn enroll_until_done(
         }
     }
 }
+
+/// The control plane as simulated host `cp`: its storage in `data_dir` (prepared by
+/// [`prepare`]), serving on [`CP_PORT`] with `settings`, started again after each crash.
+pub fn control_plane_host(
+    sim: &mut turmoil::Sim<'_>,
+    seed: u64,
+    data_dir: std::path::PathBuf,
+    settings: control_plane::settings::Settings,
+) {
+    let world = host_world(seed, "cp");
+    sim.host("cp", move || {
+        let (world, data_dir, settings) = (world.clone(), data_dir.clone(), settings.clone());
+        async move {
+            let storage = control_plane::server::open_storage(&world, &data_dir, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let listener = world.net().bind(&format!("0.0.0.0:{CP_PORT}")).await?;
+            let state = control_plane::state::AppState::new(
+                world,
+                storage,
+                settings,
+                tokio_util::sync::CancellationToken::new(),
+            );
+            control_plane::server::run(state, listener, std::future::pending())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+    });
+}
+
+/// The lock of state a scenario's hosts and its driver share; a panic elsewhere does not
+/// hide it.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

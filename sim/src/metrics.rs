@@ -16,7 +16,6 @@ use std::time::Duration;
 use agent::buffer::delivery::{DeliveryConfig, run_delivery};
 use agent::buffer::{Buffer, Limits, SharedBuffer};
 use control_plane::settings::Settings;
-use control_plane::state::AppState;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -103,29 +102,7 @@ pub fn simulate_metrics(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
     let buffer_path = dir.path().join("agent1").join("buffer.db");
     std::fs::create_dir_all(dir.path().join("agent1"))?;
     let mut sim = new_sim(seed, plan);
-    {
-        let world = host_world(seed, "cp");
-        let data_dir = dir.path().join("cp");
-        sim.host("cp", move || {
-            let (world, data_dir) = (world.clone(), data_dir.clone());
-            async move {
-                let storage = control_plane::server::open_storage(&world, &data_dir, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let listener = world.net().bind(&format!("0.0.0.0:{CP_PORT}")).await?;
-                let state = AppState::new(
-                    world,
-                    storage,
-                    Settings::default(),
-                    CancellationToken::new(),
-                );
-                control_plane::server::run(state, listener, std::future::pending())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(())
-            }
-        });
-    }
+    harness::control_plane_host(&mut sim, seed, dir.path().join("cp"), Settings::default());
     {
         let world = host_world(seed, "agent1");
         let (path, ledger, state, vfs_name) = (

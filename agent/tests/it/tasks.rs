@@ -679,6 +679,23 @@ async fn postgres_kinds_run_through_the_configured_server() {
 }
 
 /// The id of the one agent enrolled with `cp`.
+/// Agent `db1` with the config file `config`, enrolled with `cp` and online: the agent and
+/// its id.
+async fn online_with_config(cp: &crate::harness::ControlPlane, config: &Path) -> (Agent, String) {
+    let mut agent = Agent {
+        dir: tempfile::tempdir().expect("tempdir"),
+        proc: None,
+        extra: vec!["--config".into(), config.display().to_string()],
+        env: Vec::new(),
+    };
+    cp.enroll_agent("db1", &agent.data().display().to_string());
+    agent.launch().await;
+    cp.wait_status("db1", "online", Duration::from_secs(10))
+        .await;
+    let agent_id = first_agent_id(cp).await;
+    (agent, agent_id)
+}
+
 async fn first_agent_id(cp: &crate::harness::ControlPlane) -> String {
     let listed = cp
         .api(http::Method::GET, "/api/v1/agents", None)
@@ -1316,17 +1333,7 @@ async fn the_hosts_policy_limits_what_the_control_plane_may_run_there() {
         ),
     )
     .expect("config");
-    let mut agent = Agent {
-        dir: tempfile::tempdir().expect("tempdir"),
-        proc: None,
-        extra: vec!["--config".into(), config.display().to_string()],
-        env: Vec::new(),
-    };
-    cp.enroll_agent("db1", &agent.data().display().to_string());
-    agent.launch().await;
-    cp.wait_status("db1", "online", Duration::from_secs(10))
-        .await;
-    let agent_id = first_agent_id(&cp).await;
+    let (agent, agent_id) = online_with_config(&cp, &config).await;
     let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
     let add = |body: serde_json::Value| {
         let (cp, path) = (&cp, tasks_path.clone());
@@ -1736,17 +1743,7 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         "[tasks]\nrun_as = \"root\"\n[terminal]\nenabled = false\n[labels]\nenv = \"prod\"\ncluster = \"main\"\n",
     )
     .expect("config");
-    let mut agent = Agent {
-        dir: tempfile::tempdir().expect("tempdir"),
-        proc: None,
-        extra: vec!["--config".into(), config.display().to_string()],
-        env: Vec::new(),
-    };
-    cp.enroll_agent("db1", &agent.data().display().to_string());
-    agent.launch().await;
-    cp.wait_status("db1", "online", Duration::from_secs(10))
-        .await;
-    let agent_id = first_agent_id(&cp).await;
+    let (agent, agent_id) = online_with_config(&cp, &config).await;
     // The labels in the agent's config reach the control plane with its hello.
     let r = cp
         .api(Method::GET, "/api/v1/agents", None)

@@ -364,35 +364,11 @@ async fn a_silence_holds_notices_back_and_what_still_fires_is_sent_when_it_ends(
 /// transition goes once too, and nothing is left in the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_most_once() {
-    use control_plane::auth::{self, SecretKind};
-    let pg = fixtures::Postgres::start().await.expect("postgres");
-    let url = pg.create_database("alert_takeover").expect("database");
-    let world = world::World::real();
-    let dir = tempfile::tempdir().expect("dir");
-    let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
-        .await
-        .expect("storage");
-    let ports = [crate::harness::free_port(), crate::harness::free_port()];
-    let mut replicas: Vec<std::process::Child> = ports
-        .iter()
-        .map(|p| crate::harness::replica(dir.path(), *p, &url, &[]))
-        .collect();
+    let mut pair = crate::harness::Pair::start("alert_takeover", &[], Role::Admin).await;
     // Stand-ins for the two replicas behind one proxy: every request goes to the first.
-    let server = Server::connect(&world, &storage, ports[0]).await;
-    let admin = auth::new_secret(&world, SecretKind::ApiToken);
-    let user = control_plane::storage::UserRow {
-        id: auth::new_id(&world, "usr"),
-        name: "alert-admin".into(),
-        role: Role::Admin,
-        password_hash: "unused".into(),
-        created_at_ms: world.now_unix_ms(),
-    };
-    storage.create_user(user.clone()).await.expect("user");
+    let server = pair.server(0).await;
+    let (world, admin) = (pair.world.clone(), pair.token.clone());
     let now = world.now_unix_ms();
-    storage
-        .create_api_token(&auth::secret_hash(&admin), &user.id, now, now + 3_600_000)
-        .await
-        .expect("token");
     let sink = Sink::default();
     sink.hang_first.store(1, Ordering::SeqCst);
     let hook = start_sink(&world, sink.clone()).await;
@@ -408,7 +384,8 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
     )
     .await;
     assert!(arrived, "no notification was sent");
-    let holder = storage
+    let holder = pair
+        .storage
         .lease("alerts")
         .await
         .expect("lease")
@@ -419,16 +396,18 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
         .nth(1)
         .and_then(|p| p.parse().ok())
         .expect("pid in the holder");
-    let victim = replicas
+    let victim = pair
+        .replicas
         .iter()
         .position(|c| c.id() == pid)
         .expect("the holder is one of ours");
-    replicas[victim].kill().expect("kill -9");
-    let _ = replicas[victim].wait();
+    pair.replicas[victim].kill().expect("kill -9");
+    let _ = pair.replicas[victim].wait();
     let got = received_at_least(&server, &sink, 1, Duration::from_secs(20)).await;
     let first_key = sink.arrived.lock().expect("lock")[0].clone();
     assert_eq!(got[0].0, first_key, "sent again with the same key");
-    let survivor = storage
+    let survivor = pair
+        .storage
         .lease("alerts")
         .await
         .expect("lease")
@@ -437,7 +416,7 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
     assert_ne!(survivor, holder, "the other replica took over");
 
     // The next transition, through the survivor.
-    let server = Server::connect(&world, &storage, ports[1 - victim]).await;
+    let server = pair.server(1 - victim).await;
     deliver(&server, &db1, "e2", now + 1_000, &[("xid_age", xid(1_000))]).await;
     let got = received_at_least(&server, &sink, 2, Duration::from_secs(20)).await;
     assert!(got[1].0.ends_with(":resolved"), "{:?}", got[1].0);
@@ -449,16 +428,12 @@ async fn the_evaluating_replica_killed_mid_send_loses_nothing_and_duplicates_at_
         "one duplicate, of the send cut short: {arrived:?}"
     );
     assert!(
-        storage
+        pair.storage
             .notifications_pending(10)
             .await
             .expect("outbox")
             .is_empty()
     );
-    for mut r in replicas {
-        let _ = r.kill();
-        let _ = r.wait();
-    }
 }
 
 /// `outpost notify channels` lists channels without their secrets; `outpost notify test`

@@ -355,21 +355,10 @@ async fn an_exec_run_outlives_the_replica_that_ran_it() {
     use control_plane::auth::Role;
     use http::{Method, StatusCode};
     let (_sshd, _dir, inv) = setup().await;
-    let pg = fixtures::Postgres::start().await.expect("postgres");
-    let url = pg.create_database("exec_takeover").expect("database");
-    let world = world::World::real();
-    let dir = tempfile::tempdir().expect("dir");
-    let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
-        .await
-        .expect("storage");
-    let ports = [crate::harness::free_port(), crate::harness::free_port()];
-    let mut replicas: Vec<std::process::Child> = ports
-        .iter()
-        .map(|p| crate::harness::replica(dir.path(), *p, &url, &["--inventory", &inv]))
-        .collect();
-    let first = crate::harness::Server::connect(&world, &storage, ports[0]).await;
-    let second = crate::harness::Server::connect(&world, &storage, ports[1]).await;
-    let token = crate::harness::token_in(&storage, &world, "ops", Role::Operator).await;
+    let mut pair =
+        crate::harness::Pair::start("exec_takeover", &["--inventory", &inv], Role::Operator).await;
+    let (first, second) = (pair.server(0).await, pair.server(1).await);
+    let token = pair.token.clone();
     let r = first
         .request(
             Method::POST,
@@ -413,8 +402,10 @@ async fn an_exec_run_outlives_the_replica_that_ran_it() {
     assert_eq!(live["finished"], false, "{live}");
     assert_eq!(host(&live, "db1")["outcome"], serde_json::Value::Null);
 
-    replicas[0].kill().expect("kill -9 the replica running it");
-    let _ = replicas[0].wait();
+    pair.replicas[0]
+        .kill()
+        .expect("kill -9 the replica running it");
+    let _ = pair.replicas[0].wait();
     let abandoned = fixtures::poll::until(
         std::time::Duration::from_secs(60),
         std::time::Duration::from_millis(500),
@@ -436,10 +427,6 @@ async fn an_exec_run_outlives_the_replica_that_ran_it() {
         "{db1}"
     );
     assert_eq!(host(&abandoned, "db2")["outcome"], "not_started");
-    for mut r in replicas {
-        let _ = r.kill();
-        let _ = r.wait();
-    }
 }
 
 /// A rollout's dry run, through the API and `outpost rollout plan`: the waves it makes of the

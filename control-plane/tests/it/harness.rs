@@ -318,3 +318,56 @@ pub async fn token_in(storage: &Storage, world: &World, name: &str, role: Role) 
         .expect("token");
     token
 }
+
+/// Two `outpost serve` replicas sharing a database on a real Postgres, with `extra` flags,
+/// and an API token of a user with `role`; a `Server` handle talks to the first.
+pub struct Pair {
+    pub _pg: fixtures::Postgres,
+    pub world: World,
+    pub storage: Storage,
+    pub ports: [u16; 2],
+    pub replicas: Vec<std::process::Child>,
+    pub token: String,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    pub async fn start(database: &str, extra: &[&str], role: Role) -> Pair {
+        let pg = fixtures::Postgres::start().await.expect("postgres");
+        let url = pg.create_database(database).expect("database");
+        let world = World::real();
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = control_plane::server::open_storage(&world, dir.path(), Some(&url))
+            .await
+            .expect("storage");
+        let ports = [free_port(), free_port()];
+        let replicas = ports
+            .iter()
+            .map(|p| replica(dir.path(), *p, &url, extra))
+            .collect();
+        let token = token_in(&storage, &world, "pair-user", role).await;
+        Pair {
+            _pg: pg,
+            world,
+            storage,
+            ports,
+            replicas,
+            token,
+            _dir: dir,
+        }
+    }
+
+    /// A handle on replica `i`, once it answers.
+    pub async fn server(&self, i: usize) -> Server {
+        Server::connect(&self.world, &self.storage, self.ports[i]).await
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
