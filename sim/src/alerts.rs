@@ -16,9 +16,7 @@ use rand::rngs::StdRng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{
-    self, CP_PORT, Driver, EPOCH_S, LinkFaults, Power, Prepare, host_world, new_sim,
-};
+use crate::harness::{self, CP_PORT, Driver, EPOCH_S, LinkFaults, Power, Prepare, host_world};
 use crate::scenario::{Fault, Schedule, secs};
 use crate::trace;
 
@@ -128,7 +126,8 @@ pub fn simulate_alerts(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         ],
     )?;
     let shared: Shared = Arc::default();
-    let mut sim = new_sim(seed, plan);
+    // Its deadlines are seconds (evaluation every 5 s, back-off from 1 s): 50 ms steps.
+    let mut sim = harness::new_sim_ticking(seed, plan, Duration::from_millis(50));
     harness::control_plane_host(&mut sim, seed, dir.path().join("cp"), settings());
     {
         let world = host_world(seed, "sink");

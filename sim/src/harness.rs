@@ -21,11 +21,17 @@ const TICK: Duration = Duration::from_millis(10);
 /// The simulation every scenario runs in: seeded, at the fixed epoch, a little longer than
 /// the plan so the driver, not turmoil, decides when it ends.
 pub fn new_sim<'a>(seed: u64, plan: &Schedule) -> turmoil::Sim<'a> {
+    new_sim_ticking(seed, plan, TICK)
+}
+
+/// [`new_sim`] with steps of `tick`: a scenario whose deadlines are seconds and whose run is
+/// an hour takes coarser steps.
+pub fn new_sim_ticking<'a>(seed: u64, plan: &Schedule, tick: Duration) -> turmoil::Sim<'a> {
     turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
         .simulation_duration(plan.run_for + Duration::from_secs(10))
-        .tick_duration(TICK)
+        .tick_duration(tick)
         .build()
 }
 
