@@ -9,7 +9,9 @@ await pageTest('alerts', 1400, async (page, shots) => {
   const firing = page.locator('#alert-rows tr[data-phase="firing"]');
   await firing.getByText('db1').waitFor({ timeout: 10000 });
   await page.getByText(/1 firing, 0 pending; evaluated by /).waitFor();
-  if ((await page.locator('#rule-rows tr').count()) !== 9) throw new Error('not every rule is listed');
+  // The rules table is filled by its own request: wait for it rather than count at once.
+  await page.waitForFunction(() => document.querySelectorAll('#rule-rows tr').length === 9, null, { timeout: 10000 })
+    .catch(() => { throw new Error('not every rule is listed'); });
   await page.locator('#history-rows tr[data-phase="firing"]').first().waitFor();
 
   await page.getByRole('button', { name: 'Test channel ops' }).click();
