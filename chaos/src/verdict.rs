@@ -510,13 +510,13 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
     let mut outcomes = BTreeMap::<String, usize>::new();
     for run in runs {
         if run.outcomes.is_empty() {
-            unknown += 1;
-            // Runs are in storage: a started run is shown ended (or abandoned) by a replica.
-            if let Some(op) = &run.op_id {
-                invalid.push(format!(
+            match &run.op_id {
+                // Runs are in storage: a started run is shown ended (or abandoned) by a replica.
+                Some(op) => invalid.push(format!(
                     "exec {} ({op}) was never shown ended by any replica within 120 s",
                     run.token
-                ));
+                )),
+                None => unknown += 1,
             }
             continue;
         }
@@ -542,7 +542,7 @@ pub fn exec(runs: &[ExecRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdi
     Verdict::new(
         "exec: outcomes agree with the hosts' receipts",
         format!(
-            "{} runs ({unknown} never shown ended by any replica), outcomes {outcomes:?}",
+            "{} runs asked for ({unknown} not accepted: no replica or storage answered the request), outcomes {outcomes:?}",
             runs.len()
         ),
         invalid,
