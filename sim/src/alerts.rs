@@ -9,12 +9,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent::link::{LinkConfig, LinkStatus, run_link};
+use agent::link::{LinkConfig, LinkStatus};
 use control_plane::settings::{AlertTiming, Settings};
 use rand::Rng;
 use rand::rngs::StdRng;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::{self, CP_PORT, Driver, EPOCH_S, LinkFaults, Power, Prepare, host_world};
 use crate::scenario::{Fault, Schedule, secs};
@@ -22,6 +21,8 @@ use crate::trace;
 
 const AGENTS: usize = 3;
 const SINK_PORT: u16 = 9000;
+/// The webhook channel's URL on the simulated network: host `sink`, [`SINK_PORT`].
+const SINK_URL: &str = "http://sink:9000/hook";
 /// How long the receiver is down.
 const OUTAGE: Duration = Duration::from_secs(3600);
 /// The receiver goes down once every agent has had time to enroll.
@@ -122,7 +123,7 @@ pub fn simulate_alerts(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         seed,
         &[
             Prepare::EnrollTokens(AGENTS),
-            Prepare::AlertChannel(format_sink_url()),
+            Prepare::AlertChannel(SINK_URL),
         ],
     )?;
     let shared: Shared = Arc::default();
@@ -157,14 +158,10 @@ pub fn simulate_alerts(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
         sim.host(name.clone().as_str(), move || {
             let (world, data_dir, token, name) =
                 (world.clone(), data_dir.clone(), token.clone(), name.clone());
-            let mut link = link_defaults.clone();
+            let link = link_defaults.clone();
             async move {
                 let (status, _receiver) = watch::channel(LinkStatus::Connecting { attempt: 0 });
-                let identity =
-                    harness::enroll_until_done(&world, &data_dir, &token, &name, &link).await;
-                link.credential = identity.credential;
-                link.hostname = name;
-                run_link(world, link, status, CancellationToken::new()).await;
+                harness::run_enrolled_link(world, &data_dir, &token, name, link, status).await;
                 Ok(())
             }
         });
@@ -181,11 +178,6 @@ pub fn simulate_alerts(seed: u64, plan: &Schedule) -> anyhow::Result<()> {
             .join(control_plane::server::SQLITE_FILE),
         &shared,
     )
-}
-
-/// The channel's URL on the simulated network.
-fn format_sink_url() -> &'static str {
-    "http://sink:9000/hook"
 }
 
 struct AlertsDriver {

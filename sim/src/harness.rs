@@ -271,6 +271,28 @@ pub fn drive<'a>(
     }
 }
 
+/// An agent host's life: enroll with `token` as `name` (see [`enroll_until_done`]), then keep
+/// its control link up, publishing its state on `status`.
+pub async fn run_enrolled_link(
+    world: World,
+    data_dir: &Path,
+    token: &str,
+    name: String,
+    mut link: agent::link::LinkConfig,
+    status: tokio::sync::watch::Sender<agent::link::LinkStatus>,
+) {
+    let identity = enroll_until_done(&world, data_dir, token, &name, &link).await;
+    link.credential = identity.credential;
+    link.hostname = name;
+    agent::link::run_link(
+        world,
+        link,
+        status,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+}
+
 /// Enroll (retrying, with a stable enrollment id) until an identity is on disk.
 pub async fn enroll_until_done(
     world: &World,

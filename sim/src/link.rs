@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent::link::{LinkConfig, LinkStatus, run_link};
+use agent::link::{LinkConfig, LinkStatus};
 use control_plane::settings::Settings;
 use control_plane::state::AppState;
 use control_plane::storage::AgentRow;
@@ -178,17 +178,13 @@ pub fn simulate(seed: u64, scenario: Scenario, plan: &Schedule) -> anyhow::Resul
                 token.clone(),
                 name.clone(),
             );
-            let mut link = link_defaults.clone();
+            let link = link_defaults.clone();
             async move {
                 let (status, receiver) = watch::channel(LinkStatus::Connecting { attempt: 0 });
                 lock(&shared).agents.insert(i, receiver.clone());
                 // Ends when the link (the sender) goes away with the host.
                 tokio::spawn(record_online_spells(i, receiver, shared.clone()));
-                let identity =
-                    harness::enroll_until_done(&world, &data_dir, &token, &name, &link).await;
-                link.credential = identity.credential;
-                link.hostname = name;
-                run_link(world, link, status, CancellationToken::new()).await;
+                harness::run_enrolled_link(world, &data_dir, &token, name, link, status).await;
                 Ok(())
             }
         });

@@ -217,6 +217,18 @@ impl ControlPlane {
         self.api_as(&self.token, method, path, body).await
     }
 
+    /// `POST path` with the admin token: the status and the body as text.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, String) {
+        let r = self
+            .api(http::Method::POST, path, Some(body))
+            .await
+            .expect("control plane reachable");
+        (
+            r.status.as_u16(),
+            String::from_utf8_lossy(&r.body).to_string(),
+        )
+    }
+
     /// As [`ControlPlane::api`], with another login's token.
     pub async fn api_as(
         &self,

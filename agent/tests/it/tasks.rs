@@ -1335,19 +1335,7 @@ async fn the_hosts_policy_limits_what_the_control_plane_may_run_there() {
     .expect("config");
     let (agent, agent_id) = online_with_config(&cp, &config).await;
     let tasks_path = format!("/api/v1/agents/{agent_id}/tasks");
-    let add = |body: serde_json::Value| {
-        let (cp, path) = (&cp, tasks_path.clone());
-        async move {
-            let r = cp
-                .api(Method::POST, &path, Some(body))
-                .await
-                .expect("answer");
-            (
-                r.status.as_u16(),
-                String::from_utf8_lossy(&r.body).to_string(),
-            )
-        }
-    };
+    let add = |body: serde_json::Value| cp.post(&tasks_path, body);
 
     let (status, body) = add(serde_json::json!({"kind": "health_check"})).await;
     assert_eq!(status, 400, "{body}");
@@ -1755,19 +1743,6 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         serde_json::json!({"env": "prod", "cluster": "main"}),
         "{agents}"
     );
-    let post = |path: String, body: serde_json::Value| {
-        let cp = &cp;
-        async move {
-            let r = cp
-                .api(Method::POST, &path, Some(body))
-                .await
-                .expect("answer");
-            (
-                r.status.as_u16(),
-                String::from_utf8_lossy(&r.body).to_string(),
-            )
-        }
-    };
     // Twelve hours from now (UTC hours), so the window is closed while the test runs.
     let hour: u32 = jiff::Timestamp::now()
         .to_zoned(jiff::tz::TimeZone::UTC)
@@ -1780,12 +1755,13 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         ("quiet", "mute", "db*"),
         ("elsewhere", "both", "cluster=other"),
     ] {
-        let (status, body) = post(
-            "/api/v1/windows".into(),
-            serde_json::json!({"name": name, "cron": cron, "duration": "1h", "agents": [agents],
+        let (status, body) = cp
+            .post(
+                "/api/v1/windows",
+                serde_json::json!({"name": name, "cron": cron, "duration": "1h", "agents": [agents],
                 "effect": effect, "cutoff": (effect != "mute").then_some("10m")}),
-        )
-        .await;
+            )
+            .await;
         assert_eq!(status, 201, "{body}");
     }
     let tasks = format!("/api/v1/agents/{agent_id}/tasks");
@@ -1798,19 +1774,20 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         ("quiet", "only mutes notices"),
         ("elsewhere", "does not select agent db1"),
     ] {
-        let (status, body) = post(tasks.clone(), task(window)).await;
+        let (status, body) = cp.post(&tasks, task(window)).await;
         assert_eq!(status, 400, "{window}: {body}");
         assert!(body.contains(reason), "{window}: {body}");
     }
-    let (status, body) = post(
-        tasks.clone(),
-        serde_json::json!({"kind": "command", "argv": ["true"],
+    let (status, body) = cp
+        .post(
+            &tasks,
+            serde_json::json!({"kind": "command", "argv": ["true"],
             "window": {"name": "nightly", "cron": "* * * * *"}}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("give only its name"), "{body}");
-    let (status, body) = post(tasks.clone(), task("nightly")).await;
+    let (status, body) = cp.post(&tasks, task("nightly")).await;
     assert_eq!(status, 201, "{body}");
     let created: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(created["window"], "nightly", "{created}");
@@ -1834,8 +1811,9 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
     );
 
     // A critical task whose run fails raises the alert on its agent.
-    let (status, body) = post(
-        tasks.clone(),
+    let (status, body) = cp
+        .post(
+        &tasks,
         serde_json::json!({"kind": "command", "argv": ["false"], "key": "must-work", "critical": true}),
     )
     .await;

@@ -158,14 +158,20 @@ pub async fn list(
     let (silences, windows) = crate::alerts::evaluator::muting(&state, now_ms)
         .await
         .map_err(ApiError::internal)?;
-    let labels: std::collections::BTreeMap<String, crate::labels::Labels> = state
-        .storage
-        .list_agents()
-        .await
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .map(|row| (row.id, crate::labels::of(row.labels.as_deref())))
-        .collect();
+    // Labels matter only to a silence or window; without any, the agents are not read.
+    let labels: std::collections::BTreeMap<String, crate::labels::Labels> =
+        if silences.is_empty() && windows.is_empty() {
+            Default::default()
+        } else {
+            state
+                .storage
+                .list_agents()
+                .await
+                .map_err(ApiError::internal)?
+                .into_iter()
+                .map(|row| (row.id, crate::labels::of(row.labels.as_deref())))
+                .collect()
+        };
     let none = crate::labels::Labels::new();
     let alerts = alerts
         .into_iter()

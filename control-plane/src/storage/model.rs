@@ -89,6 +89,10 @@ pub struct UserInfo {
     pub created_at_ms: i64,
 }
 
+/// The columns of a notification row, in the order both backends read them.
+pub(crate) const NOTIFICATION_COLUMNS: &str =
+    "id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error";
+
 /// A fleet exec run as stored: its request (JSON), times, and each host's view (JSON).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecRunRow {

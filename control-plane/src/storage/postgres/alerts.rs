@@ -3,8 +3,8 @@
 
 use super::{PostgresStore, backend};
 use crate::storage::model::{
-    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NotificationRow, SendOutcome, SpecRow,
-    StorageError,
+    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NOTIFICATION_COLUMNS, NotificationRow,
+    SendOutcome, SpecRow, StorageError,
 };
 use crate::storage::take_lease_sql;
 
@@ -214,7 +214,7 @@ impl PostgresStore {
             .client()
             .await?
             .query(
-                "SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL ORDER BY id LIMIT $1",
+                &format!("SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE delivered_ms IS NULL ORDER BY id LIMIT $1"),
                 &[&limit],
             )
             .await
@@ -231,7 +231,7 @@ impl PostgresStore {
             .client()
             .await?
             .query(
-                "SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL AND channel = $1 ORDER BY id LIMIT $2",
+                &format!("SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE delivered_ms IS NULL AND channel = $1 ORDER BY id LIMIT $2"),
                 &[&channel, &limit],
             )
             .await

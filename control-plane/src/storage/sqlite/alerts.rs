@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, backend};
 use crate::storage::model::{
-    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NotificationRow, SendOutcome, SpecRow,
-    StorageError,
+    AlertCommit, AlertEventRow, AlertRow, LeaseRow, NOTIFICATION_COLUMNS, NotificationRow,
+    SendOutcome, SpecRow, StorageError,
 };
 use crate::storage::take_lease_sql;
 
@@ -213,7 +213,7 @@ impl SqliteStore {
     ) -> Result<Vec<NotificationRow>, StorageError> {
         self.run(move |conn| {
             let mut stmt = conn
-                .prepare("SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL ORDER BY id LIMIT ?1")
+                .prepare(&format!("SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE delivered_ms IS NULL ORDER BY id LIMIT ?1"))
                 .map_err(backend)?;
             let rows = stmt
                 .query_map(params![limit], notification_from_row)
@@ -233,7 +233,7 @@ impl SqliteStore {
         let channel = channel.to_string();
         self.run(move |conn| {
             let mut stmt = conn
-                .prepare("SELECT id, key, channel, body, created_ms, attempts, next_ms, delivered_ms, last_error FROM notifications WHERE delivered_ms IS NULL AND channel = ?1 ORDER BY id LIMIT ?2")
+                .prepare(&format!("SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE delivered_ms IS NULL AND channel = ?1 ORDER BY id LIMIT ?2"))
                 .map_err(backend)?;
             let rows = stmt
                 .query_map(params![channel, limit], notification_from_row)
