@@ -33,6 +33,8 @@ fn runtime_config(
         db_path: config.data_dir.join(TASKS_FILE),
         core: core::Config {
             concurrency_max: tasks.concurrency_max,
+            // One more run per slot waits ready, so an ending run's slot is taken at once.
+            dispatch_ahead: tasks.concurrency_max,
             retries_max: tasks.retries_max,
             missed: tasks.missed,
             ..core::Config::default()

@@ -13,7 +13,8 @@
 //!
 //! Checked as it goes (see [`SimProcesses::violations`]): a run never gets a second process;
 //! no two runs of one task execute at once; a run is never forgotten while its process runs;
-//! nothing runs that no run in flight accounts for.
+//! nothing runs that no run in flight accounts for; no more new runs are supervised at once
+//! than the pool has slots (runs dispatched ahead wait for one).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -111,6 +112,37 @@ struct Table {
     violations: Vec<String>,
     spawned: u64,
     adopted: u64,
+    /// Runs an agent's pool supervises now (started or adopted, not yet reported ended).
+    supervised: usize,
+    /// The pool's slots: new runs supervised at once, at most.
+    slots: Option<usize>,
+}
+
+/// One run supervised; counted off when its supervision ends or is dropped with its agent.
+struct Supervision(SimProcesses);
+
+impl Supervision {
+    fn begin(processes: &SimProcesses, new_run: i64) -> Supervision {
+        let mut t = processes.lock();
+        t.supervised += 1;
+        if new_run >= 0
+            && let Some(slots) = t.slots
+            && t.supervised > slots
+        {
+            let at_once = t.supervised;
+            t.violations.push(format!(
+                "run {new_run} started while {} others were supervised: more than the pool's {slots} slots",
+                at_once - 1
+            ));
+        }
+        Supervision(processes.clone())
+    }
+}
+
+impl Drop for Supervision {
+    fn drop(&mut self) {
+        self.0.lock().supervised -= 1;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -169,6 +201,12 @@ impl SimProcesses {
                 ..Table::default()
             })),
         }
+    }
+
+    /// Check that at most `slots` new runs are supervised at once.
+    pub fn with_slots(self, slots: usize) -> SimProcesses {
+        self.lock().slots = Some(slots);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -391,6 +429,7 @@ impl Processes for SimProcesses {
     fn run(&self, run: ProcessRun) -> BoxFuture<()> {
         let this = self.clone();
         Box::pin(async move {
+            let _supervision = Supervision::begin(&this, run.run_id);
             let proc = this.spawn(&run.task_id, run.run_id);
             // The pool learns the pid a little after the spawn: a kill of the agent in between
             // leaves a process the store does not know the pid of.
@@ -424,6 +463,7 @@ impl Processes for SimProcesses {
                 return;
             }
             this.lock().adopted += 1;
+            let _supervision = Supervision::begin(&this, -1);
             this.watch(run, pid).await
         })
     }

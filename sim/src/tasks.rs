@@ -168,11 +168,15 @@ fn random_tasks(seed: u64) -> Vec<TaskSpec> {
         .collect()
 }
 
+/// Commands at once on the simulated agent (as many more wait dispatched ahead).
+const CONCURRENCY_MAX: usize = 3;
+
 fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
     RuntimeConfig {
         db_path: dir.join("tasks.db"),
         core: Config {
-            concurrency_max: 3,
+            concurrency_max: CONCURRENCY_MAX,
+            dispatch_ahead: CONCURRENCY_MAX,
             retries_max: 2,
             retry_base_ms: 1_000,
             missed: MissedRuns::RunOnce,
@@ -232,7 +236,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         .tempdir()?;
     let data = dir.path().join("agent1");
     std::fs::create_dir_all(&data)?;
-    let processes = SimProcesses::new(seed);
+    let processes = SimProcesses::new(seed).with_slots(CONCURRENCY_MAX);
     let mut sim = new_sim(seed, plan);
     {
         let world = host_world(seed, "agent1");

@@ -18,7 +18,13 @@ pub enum MissedRuns {
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Runs whose commands execute at once, at most.
     pub concurrency_max: usize,
+    /// Runs dispatched beyond `concurrency_max`, waiting in the pool for a free slot, so that a
+    /// slot freed by an ending run is taken at once instead of after the end's commit. Tasks
+    /// with a maintenance window are never dispatched ahead (their deadline counts from the
+    /// dispatch).
+    pub dispatch_ahead: usize,
     pub retries_max: u32,
     pub retry_base_ms: i64,
     pub missed: MissedRuns,
@@ -28,6 +34,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             concurrency_max: 4,
+            dispatch_ahead: 0,
             retries_max: 3,
             retry_base_ms: 10_000,
             missed: MissedRuns::RunOnce,
@@ -82,6 +89,9 @@ pub enum Effect {
     Dispatch(Job),
     /// Stop a run in flight (cancellation).
     Kill { task_id: String, run_id: i64 },
+    /// Forget a run whose process provably never started (it was dispatched, or waited for a
+    /// slot, when the agent stopped): nothing ran, so nothing is recorded; its task runs again.
+    RunWithdrawn { task_id: String, run_id: i64 },
     /// Record how a run ended.
     RunEnded {
         task_id: String,
@@ -286,10 +296,21 @@ impl Scheduler {
 
     /// When the earliest scheduled task is due, if any can start (a free slot).
     pub fn next_due_ms(&self) -> Option<i64> {
-        if self.running.len() >= self.config.concurrency_max {
+        let (at, id) = self.due.first()?;
+        if self.running.len() >= self.dispatch_max(id) {
             return None;
         }
-        self.due.first().map(|(at, _)| *at)
+        Some(*at)
+    }
+
+    /// How many runs may be in flight for task `id` to be dispatched.
+    fn dispatch_max(&self, id: &str) -> usize {
+        let windowed = self.tasks.get(id).is_some_and(|t| t.spec.window.is_some());
+        if windowed {
+            self.config.concurrency_max
+        } else {
+            self.config.concurrency_max + self.config.dispatch_ahead
+        }
     }
 
     fn index(&mut self, task: &TaskState) {
@@ -338,8 +359,8 @@ impl Scheduler {
     /// in flight (run id, task id) and what the driver found of each: a run still running is
     /// adopted (it stays `doing`, holds its slot, and its task does not run again until it
     /// ends; a cancellation asked before the stop is carried out); a run that ended while no
-    /// agent watched gets its real outcome; a run whose process never started is recorded
-    /// `aborted` and its task runs again at once, since it provably never ran.
+    /// agent watched gets its real outcome; a run whose process never started is withdrawn
+    /// (it leaves no record: nothing ran) and its task runs again at once.
     pub fn recover(
         &mut self,
         now_ms: i64,
@@ -421,21 +442,9 @@ impl Scheduler {
                 let Some(task) = self.tasks.get(task_id).cloned() else {
                     return Vec::new();
                 };
-                let mut effects = vec![Effect::RunEnded {
+                let mut effects = vec![Effect::RunWithdrawn {
                     task_id: task_id.to_string(),
                     run_id,
-                    finished_ms: now_ms,
-                    outcome: RunOutcome {
-                        status: status::ABORTED,
-                        exit_code: None,
-                        error: Some(
-                            "never started: the agent stopped before the run's process began; \
-                             the task runs again"
-                                .into(),
-                        ),
-                        output: Vec::new(),
-                        output_dropped_bytes: 0,
-                    },
                 }];
                 let next = if task.cancel_requested {
                     TaskState {
@@ -574,11 +583,10 @@ impl Scheduler {
     /// Start every due task there is room for: earliest first.
     pub fn tick(&mut self, now_ms: i64) -> Vec<Effect> {
         let mut effects = Vec::new();
-        while self.running.len() < self.config.concurrency_max {
-            let Some((at, id)) = self.due.first().cloned() else {
-                break;
-            };
-            if at > now_ms {
+        while let Some((at, id)) = self.due.first().cloned() {
+            // Earliest first: a windowed task at the head waits for a free slot, and what is
+            // due after it waits too.
+            if at > now_ms || self.running.len() >= self.dispatch_max(&id) {
                 break;
             }
             self.due.remove(&(at, id.clone()));

@@ -164,6 +164,57 @@ fn concurrency_is_capped_and_freed_slots_are_reused() {
     assert_eq!(s.running(), 2);
 }
 
+/// With `dispatch_ahead`, as many runs again as there are slots are dispatched (they wait in
+/// the pool), earliest first; a task with a window is never dispatched ahead, and what is due
+/// after it waits behind it.
+#[test]
+fn runs_are_dispatched_ahead_except_windowed_ones() {
+    let mut s = Scheduler::new(Config {
+        concurrency_max: 2,
+        dispatch_ahead: 2,
+        ..Config::default()
+    });
+    let ms = |t: &str| t.parse::<jiff::Timestamp>().expect("ts").as_millisecond();
+    // 02:40 Berlin on 1 June: inside the nightly window.
+    let now = ms("2027-06-01T00:40:00Z");
+    for i in 0..3 {
+        s.submit(
+            0,
+            format!("t{i}"),
+            spec(Kind::Command, Schedule::Once { at_ms: i }),
+        )
+        .expect("submit");
+    }
+    let mut windowed = windowed_every_10m("2027-06-01T00:00:00Z");
+    windowed.schedule = Schedule::Once { at_ms: 3 };
+    s.submit(0, "w".into(), windowed).expect("submit");
+    s.submit(
+        0,
+        "t4".into(),
+        spec(Kind::Command, Schedule::Once { at_ms: 4 }),
+    )
+    .expect("submit");
+    let first = dispatched(&s.tick(now));
+    let names = |d: &[(String, i64)]| d.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&first),
+        vec!["t0", "t1", "t2"],
+        "the window holds the rest"
+    );
+    assert_eq!(
+        s.next_due_ms(),
+        None,
+        "nothing to wake for while every slot is taken"
+    );
+    let next = dispatched(&s.finished(now, "t0", first[0].1, outcome(status::DONE)));
+    assert!(next.is_empty(), "still no free slot: {next:?}");
+    let next = dispatched(&s.tick(now));
+    assert!(next.is_empty(), "still no free slot: {next:?}");
+    let last = s.finished(now, "t1", first[1].1, outcome(status::DONE));
+    assert_eq!(names(&dispatched(&last)), vec!["w", "t4"]);
+    s.debug_assert_invariants();
+}
+
 #[test]
 fn cancellation_of_scheduled_running_and_finished_tasks() {
     let mut s = Scheduler::new(Config::default());
@@ -325,13 +376,14 @@ fn recovery_adopts_live_runs_records_real_ends_and_reruns_what_never_started() {
         .collect();
     assert_eq!(
         ended,
-        vec![
-            (4, "failed"),
-            (5, "aborted"),
-            (6, "aborted"),
-            (7, "aborted")
-        ],
+        vec![(4, "failed"), (5, "aborted"), (6, "aborted")],
         "ended runs keep their real outcome; adopted ones are not ended"
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::RunWithdrawn { run_id: 7, .. })),
+        "a run that never started is withdrawn, not recorded"
     );
     assert_eq!(status_of(&s, "live"), "doing", "a live run is adopted");
     assert_eq!(status_of(&s, "ended"), "failed", "its real outcome");

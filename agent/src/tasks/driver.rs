@@ -2,8 +2,9 @@
 //! events, commits each batch's effects in one transaction (group commit), and only then
 //! answers callers and hands runs to the pool. Runs outlive the agent: at shutdown they are
 //! left running, and recovery at start-up adopts every run a previous agent left that still
-//! runs, records the real outcome of those that ended meanwhile, and runs again the ones whose
-//! process provably never started (see [`super::rundir`]).
+//! runs, records the real outcome of those that ended meanwhile, and withdraws (no record:
+//! nothing ran) and runs again the ones whose process provably never started, such as runs
+//! dispatched ahead that still waited for a slot (see [`super::rundir`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -537,7 +538,7 @@ fn ended_runs(effects: &[Effect]) -> Vec<i64> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::RunEnded { run_id, .. } => Some(*run_id),
+            Effect::RunEnded { run_id, .. } | Effect::RunWithdrawn { run_id, .. } => Some(*run_id),
             _ => None,
         })
         .collect()
@@ -654,11 +655,12 @@ fn start_pool(
     mpsc::Receiver<PoolEvent>,
     tokio::task::JoinHandle<()>,
 ) {
-    let queue = config.core.concurrency_max * 2 + 16;
+    let queue = (config.core.concurrency_max + config.core.dispatch_ahead) * 2 + 16;
     let (tx, rx) = mpsc::channel(queue);
     let (events_tx, events) = mpsc::channel(queue);
     let handle = tokio::spawn(pool::run_pool(
         config.pool.clone(),
+        config.core.concurrency_max,
         rx,
         events_tx,
         shutdown.clone(),

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 
 use crate::signal::killpg_as;
 use nix::unistd::Pid;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -255,15 +255,51 @@ async fn run_job(
     }
 }
 
-/// Run jobs until `commands` closes or `shutdown` fires. On shutdown the runs in flight are
-/// left running, unreported: the next agent adopts them.
+/// Wait for one of the pool's slots. A run dispatched ahead waits here; `None` when it is
+/// canceled first (reported `canceled`, its command never started) or the agent stops (it
+/// never started: the next agent runs it again).
+async fn slot_for(
+    slots: &Arc<Semaphore>,
+    job: &Job,
+    kill: &CancellationToken,
+    shutdown: &CancellationToken,
+    events: &mpsc::Sender<PoolEvent>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    tokio::select! {
+        permit = slots.clone().acquire_owned() => permit.ok(),
+        _ = shutdown.cancelled() => None,
+        _ = kill.cancelled() => {
+            let outcome = RunOutcome {
+                status: status::CANCELED,
+                ..failed("canceled while it waited for a free slot; its command never started".into())
+            };
+            let _ = events
+                .send(PoolEvent::Finished {
+                    task_id: job.task_id.clone(),
+                    run_id: job.run_id,
+                    outcome,
+                })
+                .await;
+            None
+        }
+    }
+}
+
+/// Run jobs until `commands` closes or `shutdown` fires, at most `slots` commands at once
+/// (runs dispatched beyond that wait for a slot). On shutdown the runs in flight are left
+/// running, unreported: the next agent adopts them.
 pub async fn run_pool(
     config: PoolConfig,
+    slots: usize,
     mut commands: mpsc::Receiver<PoolCommand>,
     events: mpsc::Sender<PoolEvent>,
     shutdown: CancellationToken,
 ) {
     let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(slots));
     let mut jobs = JoinSet::new();
     let mut kills: BTreeMap<i64, CancellationToken> = BTreeMap::new();
     loop {
@@ -291,9 +327,21 @@ pub async fn run_pool(
                 let kill = CancellationToken::new();
                 kills.insert(job.run_id, kill.clone());
                 let run_id = job.run_id;
-                let run = run_job(job, config.clone(), kill, shutdown.clone(), events.clone(), adopted);
+                // An adopted run's command already runs: it takes a slot if one is free (here,
+                // in order: adoptions come before new runs) and never waits for one.
+                let adopted_permit = adopted.and_then(|_| slots.clone().try_acquire_owned().ok());
+                let (config, slots) = (config.clone(), slots.clone());
+                let (shutdown, events) = (shutdown.clone(), events.clone());
                 jobs.spawn(async move {
-                    run.await;
+                    let permit = match adopted {
+                        Some(_) => adopted_permit,
+                        None => match slot_for(&slots, &job, &kill, &shutdown, &events).await {
+                            Some(permit) => Some(permit),
+                            None => return run_id,
+                        },
+                    };
+                    run_job(job, config, kill, shutdown, events, adopted).await;
+                    drop(permit);
                     run_id
                 });
             }

@@ -297,9 +297,12 @@ impl Store {
             .map_err(err)?;
         let max_run_id: i64 = self
             .conn
-            .query_row("SELECT COALESCE(MAX(run_id), 0) FROM runs", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT max(COALESCE((SELECT MAX(run_id) FROM runs), 0), \
+                 COALESCE((SELECT value FROM counters WHERE name = 'run_id'), 0))",
+                [],
+                |r| r.get(0),
+            )
             .map_err(err)?;
         Ok(Loaded {
             tasks,
@@ -344,7 +347,9 @@ impl Store {
         for effect in effects {
             let changed = match effect {
                 Effect::SaveTask(t) => Some(&t.id),
-                Effect::RunEnded { task_id, .. } => Some(task_id),
+                Effect::RunEnded { task_id, .. } | Effect::RunWithdrawn { task_id, .. } => {
+                    Some(task_id)
+                }
                 _ => None,
             };
             if let Some(task_id) = changed {
@@ -390,6 +395,19 @@ impl Store {
                         &tx,
                         "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
                         params![run_id, task_id, status::QUEUED, queued_ms],
+                    )?;
+                }
+                Effect::RunWithdrawn { run_id, .. } => {
+                    cached(
+                        &tx,
+                        "DELETE FROM runs WHERE run_id = ?1 AND status = ?2",
+                        params![run_id, status::QUEUED],
+                    )?;
+                    // Run ids are never given twice, not even a withdrawn run's.
+                    cached(
+                        &tx,
+                        "INSERT INTO counters (name, value) VALUES ('run_id', ?1) ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                        params![run_id],
                     )?;
                 }
                 Effect::RunEnded {
@@ -716,29 +734,35 @@ mod tests {
         assert!(old.window.is_none() && !old.critical, "{old:?}");
     }
 
+    /// A store at `path` with task `t1` (one-off, due at once) and `more` submitted, and the
+    /// first tick's dispatches committed.
+    fn submitted_and_dispatched(
+        path: &std::path::Path,
+        more: Vec<(&str, TaskSpec)>,
+    ) -> (Store, Scheduler) {
+        let mut store = Store::open(path).expect("open");
+        let mut s = Scheduler::new(Config::default());
+        let mut effects = s
+            .submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 }))
+            .expect("submit");
+        for (id, spec) in more {
+            effects.extend(s.submit(0, id.into(), spec).expect("submit"));
+        }
+        effects.extend(s.tick(10));
+        store.apply(10, &effects, &[]).expect("apply");
+        (store, s)
+    }
+
     #[test]
     fn state_survives_a_reopen_and_recovery_finds_interrupted_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tasks.db");
         {
-            let mut store = Store::open(&path).expect("open");
-            let mut s = Scheduler::new(Config::default());
-            let mut effects = s
-                .submit(0, "t1".into(), spec(Schedule::Once { at_ms: 0 }))
-                .expect("submit");
-            effects.extend(
-                s.submit(
-                    0,
-                    "t2".into(),
-                    spec(Schedule::Every {
-                        interval_ms: 60_000,
-                        first_ms: 3_600_000,
-                    }),
-                )
-                .expect("submit"),
-            );
-            effects.extend(s.tick(10));
-            store.apply(10, &effects, &[]).expect("apply");
+            let every = spec(Schedule::Every {
+                interval_ms: 60_000,
+                first_ms: 3_600_000,
+            });
+            let (mut store, mut s) = submitted_and_dispatched(&path, vec![("t2", every)]);
             store
                 .apply(
                     20,
@@ -768,6 +792,31 @@ mod tests {
             })
         );
         assert_eq!(t2.status, status::SCHEDULED);
+    }
+
+    /// A run that never started is withdrawn: its row goes, its task is due again, and its id
+    /// is never given to another run.
+    #[test]
+    fn a_withdrawn_run_leaves_no_row_and_its_id_is_not_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tasks.db");
+        submitted_and_dispatched(&path, Vec::new());
+        let mut store = Store::open(&path).expect("reopen");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.interrupted.len(), 1);
+        let mut s = Scheduler::new(Config::default());
+        let effects = s.recover(
+            20,
+            loaded.tasks,
+            vec![(1, "t1".into(), super::super::core::Found::NeverStarted)],
+            loaded.max_run_id,
+        );
+        store.apply(20, &effects, &[]).expect("withdraw");
+        assert!(store.runs("t1").expect("runs").is_empty(), "no record");
+        let loaded = store.load().expect("load");
+        assert!(loaded.interrupted.is_empty());
+        assert_eq!(loaded.tasks[0].status, status::SCHEDULED);
+        assert_eq!(loaded.max_run_id, 1, "the withdrawn id stays taken");
     }
 
     #[test]

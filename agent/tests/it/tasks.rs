@@ -1841,3 +1841,65 @@ async fn windows_gate_runs_on_the_agent_and_a_failed_critical_task_alerts() {
         "{firing}"
     );
 }
+
+/// A run dispatched ahead (the agent keeps one ready per slot) waits for a free slot: its
+/// command does not start while the slot is taken, not after a kill -9 of the agent either
+/// (the next agent withdraws it, leaving no record, and runs it again once a slot is free: the
+/// adopted run still holds it), and a cancel
+/// while it waits ends it `canceled` with its command never started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_a_slot_never_starts_early_and_cancels_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "[tasks]\nrun_as = \"root\"\nconcurrency_max = 1\n").expect("config");
+    let mut agent = Agent::start(&["--config", config.to_str().expect("utf8")]).await;
+    let (long, _) = agent.add_marked_sleeper("slot-holder").await;
+    let marker = tmp.path().join("waiter-ran");
+    let script = format!("touch {}", marker.display());
+    let waiter = agent.ok(&[
+        "add", "command", "--key", "waiter", "--", "sh", "-c", &script,
+    ]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        agent.show(&waiter)["status"],
+        "queued",
+        "{}",
+        agent.show(&waiter)
+    );
+    assert!(!marker.exists(), "the waiting run's command started");
+
+    agent.kill_9();
+    agent.launch().await;
+    agent.wait_status(&long, "doing").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !marker.exists(),
+        "the waiting run's command started after the restart"
+    );
+
+    agent.ok(&["cancel", &waiter]);
+    let task = agent.wait_status(&waiter, "canceled").await;
+    let runs = task["runs"].as_array().expect("runs");
+    assert_eq!(
+        runs.len(),
+        1,
+        "the run withdrawn at the restart left no record: {task}"
+    );
+    assert_eq!(runs[0]["status"], "canceled", "{task}");
+    assert!(
+        runs[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("never started"),
+        "{task}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "a canceled waiting run's command started");
+    assert_eq!(
+        agent.show(&long)["status"],
+        "doing",
+        "the slot holder is untouched"
+    );
+    agent.ok(&["cancel", &long]);
+    agent.wait_status(&long, "canceled").await;
+}
