@@ -68,6 +68,14 @@ pub mod action {
     /// A maintenance window was created or deleted (target: its name).
     pub const WINDOW_CREATED: &str = "window.created";
     pub const WINDOW_DELETED: &str = "window.deleted";
+    /// A rollout was created, paused, resumed, approved, aborted or retried by an operator
+    /// (target: its id), or the driver started a wave, halted it or finished it (actor
+    /// `rollout-driver`).
+    pub const ROLLOUT_CREATED: &str = "rollout.created";
+    pub const ROLLOUT_CONTROLLED: &str = "rollout.controlled";
+    pub const ROLLOUT_WAVE: &str = "rollout.wave";
+    pub const ROLLOUT_HALTED: &str = "rollout.halted";
+    pub const ROLLOUT_DONE: &str = "rollout.done";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_FINISHED: &str = "exec.finished";
 }

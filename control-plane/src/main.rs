@@ -289,7 +289,7 @@ struct ServeArgs {
     behind_tls_proxy: bool,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct StoreArgs {
     /// Directory for the embedded SQLite database and other state [default: ./outpost-data].
     #[arg(long, env = "OUTPOST_DATA_DIR")]
@@ -352,6 +352,65 @@ enum RolloutCommand {
         /// Print the plan as JSON (the API's shape).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Start a rollout of FILE (the format `plan` shows): planned against the agents now and
+    /// driven wave by wave by the running control-plane replicas, each host running the task
+    /// once. Prints the rollout's id. Works on the storage directly, like `outpost admin`.
+    Create {
+        /// The rollout file (TOML).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// A rollout's state, its current wave and every host's outcome; without ID, every
+    /// rollout, newest first.
+    Status {
+        /// The rollout's id (`ro_…`).
+        id: Option<String>,
+        /// Print again every 2 s until the rollout has nothing left to run or collect.
+        #[arg(long)]
+        watch: bool,
+        /// Print as JSON (the API's shape).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Start no more hosts; tasks in flight run to their end and are recorded.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Continue a paused rollout.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Let a rollout waiting after its canary wave go on (`approve_after_canary`).
+    Approve {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// End a rollout: no more hosts start. Tasks in flight run to their end unless
+    /// --cancel-running.
+    Abort {
+        id: String,
+        /// Cancel the hosts' tasks in flight too.
+        #[arg(long)]
+        cancel_running: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Run the failed hosts again (each under a new task key) and continue from the earliest
+    /// wave with one; a halted rollout runs again.
+    RetryFailed {
+        id: String,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -723,15 +782,83 @@ async fn exec(args: Box<ExecArgs>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `outpost rollout plan`.
+/// `outpost rollout …`.
 async fn rollout(cmd: RolloutCommand) -> anyhow::Result<()> {
-    let RolloutCommand::Plan { file, json, store } = cmd;
-    let text = std::fs::read_to_string(&file)
+    use control_plane::rollouts::driver;
+    let world = World::real();
+    let (what, id, cancel_running, store) = match cmd {
+        RolloutCommand::Plan { file, json, store } => {
+            let (_, plan) = rollout_plan(&world, &file, store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan.describe());
+            }
+            return Ok(());
+        }
+        RolloutCommand::Create { file, store } => {
+            let storage = open(&world, store.clone()).await?;
+            let (spec, plan) = rollout_plan(&world, &file, store).await?;
+            print!("{}", plan.describe());
+            let who = cli_user();
+            let loaded = driver::create(&storage, &world, spec, plan, &who).await?;
+            let id = loaded.rollout.id.clone();
+            audit(
+                &world,
+                &storage,
+                action::ROLLOUT_CREATED,
+                &id,
+                driver::created_detail(&loaded),
+            )
+            .await;
+            println!(
+                "rollout {id} created; the control plane drives it (`outpost rollout status {id} --watch`)"
+            );
+            return Ok(());
+        }
+        RolloutCommand::Status {
+            id,
+            watch,
+            json,
+            store,
+        } => {
+            let storage = open(&world, store).await?;
+            return rollout_status(&storage, id.as_deref(), watch, json).await;
+        }
+        RolloutCommand::Pause { id, store } => ("pause", id, false, store),
+        RolloutCommand::Resume { id, store } => ("resume", id, false, store),
+        RolloutCommand::Approve { id, store } => ("approve", id, false, store),
+        RolloutCommand::Abort {
+            id,
+            cancel_running,
+            store,
+        } => ("abort", id, cancel_running, store),
+        RolloutCommand::RetryFailed { id, store } => ("retry-failed", id, false, store),
+    };
+    let storage = open(&world, store).await?;
+    let (loaded, detail) =
+        driver::control(&storage, &world, &id, what, &cli_user(), cancel_running)
+            .await
+            .map_err(|e| anyhow::anyhow!("rollout {id}: {e}"))?;
+    audit(&world, &storage, action::ROLLOUT_CONTROLLED, &id, detail).await;
+    print!("{}", driver::describe(&loaded, false));
+    Ok(())
+}
+
+/// The spec in `file` and its plan against the stored agents now.
+async fn rollout_plan(
+    world: &World,
+    file: &std::path::Path,
+    store: StoreArgs,
+) -> anyhow::Result<(
+    control_plane::rollouts::RolloutSpec,
+    control_plane::rollouts::Plan,
+)> {
+    let text = std::fs::read_to_string(file)
         .with_context(|| format!("read the rollout file {}", file.display()))?;
     let spec: control_plane::rollouts::RolloutSpec =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let world = World::real();
-    let storage = open(&world, store).await?;
+    let storage = open(world, store).await?;
     let rows = storage.list_agents().await.context("read the agents")?;
     let agents = control_plane::rollouts::Target::all(
         &rows,
@@ -741,12 +868,65 @@ async fn rollout(cmd: RolloutCommand) -> anyhow::Result<()> {
     let plan = spec
         .plan(&agents)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
-    } else {
-        print!("{}", plan.describe());
+    Ok((spec, plan))
+}
+
+/// `outpost rollout status`.
+async fn rollout_status(
+    storage: &control_plane::storage::Storage,
+    id: Option<&str>,
+    watch: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use control_plane::rollouts::driver::Loaded;
+    let Some(id) = id else {
+        for row in storage.rollouts(false, 200).await? {
+            let (row, hosts) = storage
+                .rollout(&row.id)
+                .await?
+                .context("rollout vanished")?;
+            let loaded = Loaded::from_rows(&row, &hosts).map_err(anyhow::Error::msg)?;
+            print!(
+                "{}",
+                control_plane::rollouts::driver::describe(&loaded, false)
+            );
+        }
+        return Ok(());
+    };
+    loop {
+        let (row, hosts) = storage
+            .rollout(id)
+            .await?
+            .with_context(|| format!("no rollout {id}"))?;
+        let loaded = Loaded::from_rows(&row, &hosts).map_err(anyhow::Error::msg)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"rollout": loaded.rollout, "hosts": loaded.hosts})
+                )?
+            );
+        } else {
+            print!(
+                "{}",
+                control_plane::rollouts::driver::describe(&loaded, true)
+            );
+        }
+        if !watch || !loaded.active() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        println!();
     }
-    Ok(())
+}
+
+/// The Unix user running this command, as the audit log names it.
+fn cli_user() -> String {
+    let who = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
+    format!("cli:{who}")
 }
 
 async fn open(world: &World, store: StoreArgs) -> anyhow::Result<control_plane::storage::Storage> {
@@ -782,12 +962,8 @@ async fn audit(
     target: &str,
     detail: serde_json::Value,
 ) {
-    let who = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map_or_else(|| format!("uid {}", nix::unistd::getuid()), |u| u.name);
     control_plane::audit::Audit::new(world.clone(), storage.clone(), Default::default())
-        .record(&format!("cli:{who}"), action, target, detail)
+        .record(&cli_user(), action, target, detail)
         .await;
 }
 

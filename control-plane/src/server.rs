@@ -89,6 +89,12 @@ where
         state.backup_policies.clone(),
         state.shutdown.clone(),
     ));
+    background.spawn(crate::rollouts::driver::run_forever(
+        crate::handles::Handles::from_ref(&state),
+        TerminalContext::from_ref(&state),
+        crate::alerts::evaluator::replica_name(&state.world),
+        state.shutdown.clone(),
+    ));
     background.spawn(crate::alerts::evaluator::run_forever(
         crate::handles::Handles::from_ref(&state),
         crate::alerts::evaluator::replica_name(&state.world),

@@ -453,6 +453,16 @@ impl WireError {
     }
 }
 
+/// The id an agent gives the task with `key`: the same key always gives the same id, so a
+/// sender that lost the answer knows which task its request made (a second request with the
+/// key is refused as a duplicate of it).
+pub fn task_id(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("t_{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{AgentMessage, Command, ErrorCode, ServerMessage, negotiate};

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use world::World;
@@ -61,14 +60,7 @@ pub enum Request {
 }
 
 /// The id a signature maps to: the same signature always gives the same id.
-pub fn task_id(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    format!("t_{}", hex_lower(&digest[..8]))
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use proto::task_id;
 
 /// The default operation signature: kind, parameters, argv and the hour of the first run,
 /// e.g. `vacuum:database=app:table=orders:2026-11-22T03`.

@@ -6,6 +6,7 @@ mod cli;
 mod doctor;
 mod harness;
 mod link;
+mod rollouts;
 mod security;
 mod tasks;
 mod terminal;

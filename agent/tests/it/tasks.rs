@@ -682,18 +682,30 @@ async fn postgres_kinds_run_through_the_configured_server() {
 /// Agent `db1` with the config file `config`, enrolled with `cp` and online: the agent and
 /// its id.
 async fn online_with_config(cp: &crate::harness::ControlPlane, config: &Path) -> (Agent, String) {
-    let mut agent = Agent {
-        dir: tempfile::tempdir().expect("tempdir"),
-        proc: None,
-        extra: vec!["--config".into(), config.display().to_string()],
-        env: Vec::new(),
-    };
-    cp.enroll_agent("db1", &agent.data().display().to_string());
-    agent.launch().await;
-    cp.wait_status("db1", "online", Duration::from_secs(10))
-        .await;
+    let agent = Agent::online(cp, "db1", config).await;
     let agent_id = first_agent_id(cp).await;
     (agent, agent_id)
+}
+
+impl Agent {
+    /// Agent `name` with the config file `config`, enrolled with `cp` and online.
+    pub(crate) async fn online(
+        cp: &crate::harness::ControlPlane,
+        name: &str,
+        config: &Path,
+    ) -> Agent {
+        let mut agent = Agent {
+            dir: tempfile::tempdir().expect("tempdir"),
+            proc: None,
+            extra: vec!["--config".into(), config.display().to_string()],
+            env: Vec::new(),
+        };
+        cp.enroll_agent(name, &agent.data().display().to_string());
+        agent.launch().await;
+        cp.wait_status(name, "online", Duration::from_secs(10))
+            .await;
+        agent
+    }
 }
 
 async fn first_agent_id(cp: &crate::harness::ControlPlane) -> String {

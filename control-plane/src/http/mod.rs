@@ -290,6 +290,34 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(
                 Method::POST,
+                "/api/v1/rollouts",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::create),
+        ),
+        (
+            spec(Method::GET, "/api/v1/rollouts", Access::User(Role::Viewer)),
+            get(rollouts::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/rollouts/{id}",
+                Access::User(Role::Viewer),
+            ),
+            get(rollouts::show),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/rollouts/{id}/{action}",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::control),
+        ),
+        (
+            spec(
+                Method::POST,
                 "/api/v1/backup-policies",
                 Access::User(Role::Operator),
             ),

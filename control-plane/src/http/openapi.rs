@@ -261,6 +261,28 @@ fn describe_fleet(method: &str, path: &str) -> Option<Doc> {
         )
         .request(schema::<crate::rollouts::RolloutSpec>)
         .returns(200, schema::<crate::rollouts::Plan>),
+        ("POST", "/api/v1/rollouts") => doc(
+            "Start a rollout: the spec is planned against the agents now and driven wave by wave, each host running the task once (key rollout:{id}:{agent}); halts when a wave's or the total error budget is spent or a health gate fails",
+            "rollouts",
+        )
+        .request(schema::<crate::rollouts::RolloutSpec>)
+        .returns(201, schema::<super::rollouts::RolloutView>),
+        ("GET", "/api/v1/rollouts") => doc(
+            "Rollouts, newest first, with their state, wave and hosts counted by state",
+            "rollouts",
+        )
+        .returns(200, schema::<Vec<super::rollouts::RolloutView>>),
+        ("GET", "/api/v1/rollouts/{id}") => doc(
+            "A rollout with every host: its wave, state (pending, dispatched, ok, failed, refused_by_policy, offline, canceled, not_started), task and detail",
+            "rollouts",
+        )
+        .returns(200, schema::<super::rollouts::RolloutView>),
+        ("POST", "/api/v1/rollouts/{id}/{action}") => doc(
+            "Control a rollout: pause (no host starts; runs in flight go on), resume, approve (after the canary), abort (body {\"cancel_running\": true} also cancels the tasks in flight), retry-failed (failed hosts run again under a new key). 409 when the action does not apply to the rollout's state",
+            "rollouts",
+        )
+        .request(schema::<super::rollouts::AbortBody>)
+        .returns(200, schema::<super::rollouts::RolloutView>),
         ("DELETE", "/api/v1/backup-policies/{id}") => {
             doc("Delete a backup policy; its tasks are canceled on the agents", "backups")
                 .no_content()

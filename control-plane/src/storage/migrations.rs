@@ -40,6 +40,28 @@ CREATE TABLE exec_hosts (
 );
 "#;
 
+/// Rollouts: one row per rollout (its spec, plan and progress as JSON, and a version every
+/// write raises: a write that read an older version is refused and read again) and one per
+/// target host (its wave and its state as JSON).
+const ROLLOUTS: &str = r#"
+CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    active BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+CREATE INDEX rollouts_active ON rollouts(active);
+CREATE TABLE rollout_hosts (
+    rollout_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    wave BIGINT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, agent_id)
+);
+"#;
+
 /// Alerts: the evaluator's lease, named specs (alert channels and rule overrides; a secret
 /// column that the API never returns), each alert's state, its history and the notification
 /// outbox. `$id` is the backend's auto-numbered key.
@@ -228,6 +250,7 @@ CREATE INDEX audit_by_target ON audit(target, id);
     AGENT_LABELS,
     FAILING_CRITICAL,
     EXEC_RUNS,
+    ROLLOUTS,
 ];
 
 pub const POSTGRES: &[&str] = &[
@@ -401,4 +424,5 @@ CREATE INDEX audit_by_target ON audit(target, id);
     AGENT_LABELS,
     FAILING_CRITICAL,
     EXEC_RUNS,
+    ROLLOUTS,
 ];

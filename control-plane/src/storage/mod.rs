@@ -21,9 +21,9 @@ pub use model::{
     AgentRow, AlertCommit, AlertEventRow, AlertRow, AuditQuery, AuditRow, BackupPolicyRow,
     ENROLL_REPLAY_WINDOW_MS, EnrollAttempt, EnrollRefusal, EnrollTokenRow, Enrollment, ExecRunRow,
     LeaseRow, MetricQuery, MetricRow, NotificationRow, Pruned, RECORDING_SEARCH_WORDS_MAX,
-    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, SeenRow, SendOutcome,
-    SigningKeyRow, SpecRow, StorageError, StoredMetric, TOKEN_ID_LEN, TaskRecord, TokenRow,
-    UserApplied, UserInfo, UserRow,
+    RecordingChunk, RecordingMatch, RecordingQuery, RecordingRow, RolloutHostRow, RolloutRow,
+    SeenRow, SendOutcome, SigningKeyRow, SpecRow, StorageError, StoredMetric, TOKEN_ID_LEN,
+    TaskRecord, TokenRow, UserApplied, UserInfo, UserRow,
 };
 
 /// The lease statement both the SQLite and the Postgres backend run (their placeholders
@@ -465,6 +465,51 @@ impl Storage {
     /// `agent_seen`. Returns, in order, whether each row's connection still holds its agent.
     pub async fn agents_seen(&self, rows: Vec<SeenRow>) -> Result<Vec<bool>, StorageError> {
         dispatch!(self.agents_seen(rows))
+    }
+
+    /// Store a new rollout with its hosts.
+    pub async fn rollout_insert(
+        &self,
+        row: RolloutRow,
+        hosts: Vec<RolloutHostRow>,
+    ) -> Result<(), StorageError> {
+        dispatch!(self.rollout_insert(row, hosts))
+    }
+
+    /// Write a rollout's state and its changed hosts, if its version is still `row.version`
+    /// (then raised by one); `false` when another write came first (nothing was written).
+    pub async fn rollout_write(
+        &self,
+        row: RolloutRow,
+        hosts: Vec<RolloutHostRow>,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self.rollout_write(row, hosts))
+    }
+
+    /// A rollout and every host of it.
+    pub async fn rollout(
+        &self,
+        id: &str,
+    ) -> Result<Option<(RolloutRow, Vec<RolloutHostRow>)>, StorageError> {
+        dispatch!(self.rollout(id))
+    }
+
+    /// Rollouts, newest first, at most `limit` (`active_only`: those the driver still works).
+    pub async fn rollouts(
+        &self,
+        active_only: bool,
+        limit: i64,
+    ) -> Result<Vec<RolloutRow>, StorageError> {
+        dispatch!(self.rollouts(active_only, limit))
+    }
+
+    /// The stored snapshot of task `task_id` of agent `agent_id`, if any.
+    pub async fn agent_task(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+    ) -> Result<Option<String>, StorageError> {
+        dispatch!(self.agent_task(agent_id, task_id))
     }
 
     /// Take or renew lease `name` for `holder` until `now_ms + ttl_ms`: granted when it is

@@ -107,6 +107,27 @@ pub struct ExecRunRow {
     pub hosts: Vec<(String, String)>,
 }
 
+/// A rollout as stored: its state as JSON ([`crate::rollouts::Rollout`]), whether the driver
+/// still has work in it, and the version its last write made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutRow {
+    pub id: String,
+    pub data: String,
+    pub active: bool,
+    /// Read: the stored version. Written: the version the write read (it fails otherwise).
+    pub version: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One target host of a rollout: its wave and its state as JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutHostRow {
+    pub agent_id: String,
+    pub wave: i64,
+    pub data: String,
+}
+
 /// The latest snapshot of one of an agent's tasks, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskRecord {

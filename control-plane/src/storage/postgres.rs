@@ -20,6 +20,7 @@ use super::model::{
 use crate::auth::Role;
 
 mod alerts;
+mod rollouts;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`PostgresStore::connect`] waits for a database that is not reachable yet.

@@ -18,6 +18,7 @@ use super::model::{
 use crate::auth::Role;
 
 mod alerts;
+mod rollouts;
 
 #[derive(Clone)]
 pub struct SqliteStore {

@@ -708,6 +708,7 @@ async fn check(s: Storage) {
 
     recordings(&s).await;
     alerts(&s).await;
+    rollouts(&s).await;
 }
 
 /// The alert lease (one holder, taken over once it lapses, a fence that rises), a round's
@@ -855,6 +856,57 @@ async fn alerts(s: &Storage) {
 
 /// Recordings: the head moves only where a chunk starts, searches find chunks by words and
 /// owner, retention removes whole recordings.
+/// Rollouts: inserted with their hosts, written only at the version read (a stale write
+/// changes nothing), listed newest first and by activity.
+async fn rollouts(s: &Storage) {
+    use control_plane::storage::{RolloutHostRow, RolloutRow};
+    let row = |id: &str, version: i64, data: &str, active: bool| RolloutRow {
+        id: id.into(),
+        data: data.into(),
+        active,
+        version,
+        created_ms: 1_000,
+        updated_ms: 1_000,
+    };
+    let host = |agent: &str, data: &str| RolloutHostRow {
+        agent_id: agent.into(),
+        wave: 1,
+        data: data.into(),
+    };
+    s.rollout_insert(
+        row("ro_1", 0, "{}", true),
+        vec![host("a1", "p"), host("a2", "p")],
+    )
+    .await
+    .expect("insert");
+    assert!(
+        s.rollout_write(row("ro_1", 0, "{\"s\":1}", true), vec![host("a1", "ok")])
+            .await
+            .expect("write")
+    );
+    assert!(
+        !s.rollout_write(row("ro_1", 0, "{\"s\":2}", false), vec![host("a2", "ok")])
+            .await
+            .expect("stale write"),
+        "a write that read an older version is refused"
+    );
+    let (stored, hosts) = s.rollout("ro_1").await.expect("read").expect("there");
+    assert_eq!(
+        (stored.version, stored.data.as_str(), stored.active),
+        (1, "{\"s\":1}", true)
+    );
+    let datas: Vec<&str> = hosts.iter().map(|h| h.data.as_str()).collect();
+    assert_eq!(datas, ["ok", "p"], "only the written host changed");
+    assert!(
+        s.rollout_write(row("ro_1", 1, "{}", false), Vec::new())
+            .await
+            .expect("write")
+    );
+    assert!(s.rollouts(true, 10).await.expect("active").is_empty());
+    assert_eq!(s.rollouts(false, 10).await.expect("all").len(), 1);
+    assert!(s.rollout("ro_2").await.expect("read").is_none());
+}
+
 async fn recordings(s: &Storage) {
     use control_plane::storage::{RecordingQuery, RecordingRow};
     use control_plane::terminal::OutEntry;

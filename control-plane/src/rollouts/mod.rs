@@ -4,6 +4,8 @@
 //! it makes of the agents it selects, with the number of failures that halts each wave and the
 //! whole rollout. `outpost rollout plan` and `POST /api/v1/rollouts/dry-run` print it.
 //!
+//! The rollout itself, durable and driven under a lease, is [`driver`].
+//!
 //! Waves are sizes in order, each a count (`1`) or a share of the targets (`"10%"`, rounded
 //! up, at least one host); each takes that many of the hosts not yet in a wave, and the last
 //! takes all that are left. Error budgets use the exec rule: `N` failures tolerated, or `P%`
@@ -13,6 +15,8 @@ use remote_exec::fleet::ErrorBudget;
 use serde::{Deserialize, Serialize};
 
 use crate::labels::Labels;
+
+pub mod driver;
 
 /// Waves one rollout has at most.
 const WAVES_MAX: usize = 20;
@@ -82,6 +86,7 @@ fn default_waves() -> Vec<WaveSize> {
 /// One agent as the plan sees it.
 #[derive(Clone, Debug)]
 pub struct Target {
+    pub id: String,
     pub name: String,
     pub labels: Labels,
     pub online: bool,
@@ -96,6 +101,7 @@ impl Target {
     ) -> Vec<Target> {
         rows.iter()
             .map(|row| Target {
+                id: row.id.clone(),
                 name: row.name.clone(),
                 labels: crate::labels::of(row.labels.as_deref()),
                 online: settings.is_online(row, now_ms),
@@ -105,9 +111,10 @@ impl Target {
 }
 
 /// One planned host.
-#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlannedHost {
     pub agent: String,
+    pub agent_id: String,
     /// Its `role` label, if any.
     pub role: Option<String>,
     /// Its `cluster` label: at most one host of a cluster runs at a time.
@@ -115,7 +122,7 @@ pub struct PlannedHost {
     pub online: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlannedWave {
     pub wave: usize,
     pub hosts: Vec<PlannedHost>,
@@ -124,7 +131,7 @@ pub struct PlannedWave {
 }
 
 /// What a rollout would do, as the dry run prints it.
-#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Plan {
     pub name: String,
     pub targets: usize,
@@ -280,6 +287,7 @@ impl RolloutSpec {
                     .iter()
                     .map(|t| PlannedHost {
                         agent: t.name.clone(),
+                        agent_id: t.id.clone(),
                         role: t.labels.get("role").cloned(),
                         cluster: t.labels.get("cluster").cloned(),
                         online: t.online,
@@ -378,6 +386,7 @@ mod tests {
     fn fleet(n: usize) -> Vec<Target> {
         (0..n)
             .map(|i| Target {
+                id: format!("a{i:03}"),
                 name: format!("db{i:03}"),
                 labels: [
                     (

@@ -1,0 +1,773 @@
+//! The rollout driver: every replica runs [`run_forever`]; a rollout is driven by the replica
+//! holding its lease (`rollout:{id}`, 15 s, renewed each step), and another takes over within
+//! one lease when that one dies. Everything a step decides is written with the rollout's
+//! version: a write that read an older state (an operator's pause, another replica's step) is
+//! refused and the step is taken again from storage, so nothing is decided twice.
+//!
+//! Each host is given the rollout's task with the key `rollout:{id}:{agent}` (`…:{attempt}`
+//! after `retry-failed`); the agent's task runtime refuses a second task with a key it holds,
+//! and a task's id follows from its key ([`proto::task_id`]), so a step that dies between the
+//! send and its write finds the task again instead of running it twice. A host's outcome is
+//! its task's, as the agent reports it (stored on the agent's task list).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use proto::{Command, CommandResult, TaskSnapshot};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{Plan, RolloutSpec};
+use crate::channel::CommandError;
+use crate::handles::Handles;
+use crate::storage::{AgentRow, RolloutHostRow, RolloutRow, Storage};
+use crate::terminal::TerminalContext;
+use crate::terminal::relay::send_anywhere;
+
+/// A rollout's lease lasts this long; a dead driver's rollout is taken over after it.
+pub const LEASE_MS: i64 = 15_000;
+/// How often each replica steps the rollouts it may drive.
+const STEP_EVERY: Duration = Duration::from_secs(1);
+/// Active rollouts one replica looks at per round, at most.
+const ACTIVE_MAX: i64 = 100;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Running,
+    /// No host is started; runs in flight go on and are recorded.
+    Paused,
+    /// The first wave ended well; the next waits for an operator.
+    AwaitingApproval,
+    /// A budget was spent or a gate failed: the reason says which.
+    Halted,
+    Aborted,
+    Done,
+}
+
+impl State {
+    /// Whether hosts may still be started (after `resume` or `approve` for the paused ones).
+    fn open(self) -> bool {
+        matches!(
+            self,
+            State::Running | State::Paused | State::AwaitingApproval
+        )
+    }
+}
+
+/// A rollout as stored and shown.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Rollout {
+    pub id: String,
+    pub spec: RolloutSpec,
+    pub plan: Plan,
+    pub state: State,
+    /// The wave being run (1-based).
+    pub wave: usize,
+    pub wave_started_ms: i64,
+    /// Set when the current wave's last host ended: the next starts after it.
+    pub soak_until_ms: Option<i64>,
+    /// Why it halted, or who paused or aborted it.
+    pub reason: Option<String>,
+    /// `abort --cancel-running`: the hosts' tasks in flight are canceled too.
+    pub cancel_running: bool,
+    pub created_by: String,
+    pub created_ms: i64,
+    pub ended_ms: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Pending,
+    /// Its task was given to the agent; the outcome comes with the agent's task reports.
+    Dispatched,
+    Ok,
+    Failed,
+    /// The host's policy refused the task (`[tasks] remote_kinds`, a bad parameter).
+    RefusedByPolicy,
+    /// Offline when its wave came (`skip`) or past `offline_deadline` (`wait`): not charged
+    /// to the error budget.
+    Offline,
+    Canceled,
+    /// Its wave never came (the rollout halted or was aborted first).
+    NotStarted,
+}
+
+impl HostState {
+    /// Charged to the error budget.
+    pub fn failed(self) -> bool {
+        matches!(self, HostState::Failed | HostState::RefusedByPolicy)
+    }
+}
+
+/// One target host as stored and shown.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Host {
+    pub agent: String,
+    pub agent_id: String,
+    pub wave: usize,
+    pub cluster: Option<String>,
+    pub state: HostState,
+    /// 0, then one more per `retry-failed` that retried it.
+    pub attempt: u32,
+    pub task_id: Option<String>,
+    pub detail: Option<String>,
+    pub dispatched_ms: Option<i64>,
+    pub ended_ms: Option<i64>,
+}
+
+impl Host {
+    /// The key of this host's task: a host never runs one attempt twice.
+    pub fn key(&self, rollout_id: &str) -> String {
+        match self.attempt {
+            0 => format!("rollout:{rollout_id}:{}", self.agent),
+            n => format!("rollout:{rollout_id}:{}:{n}", self.agent),
+        }
+    }
+
+    fn end(&mut self, state: HostState, detail: Option<String>, now_ms: i64) {
+        self.state = state;
+        self.detail = detail;
+        self.ended_ms = Some(now_ms);
+    }
+}
+
+/// A rollout with its hosts, as read at `version`.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub rollout: Rollout,
+    pub hosts: Vec<Host>,
+    pub version: i64,
+}
+
+impl Loaded {
+    pub fn from_rows(row: &RolloutRow, hosts: &[RolloutHostRow]) -> Result<Loaded, String> {
+        let rollout: Rollout =
+            serde_json::from_str(&row.data).map_err(|e| format!("rollout {}: {e}", row.id))?;
+        let hosts = hosts
+            .iter()
+            .map(|h| serde_json::from_str(&h.data).map_err(|e| format!("rollout host: {e}")))
+            .collect::<Result<Vec<Host>, String>>()?;
+        Ok(Loaded {
+            rollout,
+            hosts,
+            version: row.version,
+        })
+    }
+
+    /// Whether the driver still has work here: hosts to start, or outcomes to collect.
+    pub fn active(&self) -> bool {
+        self.rollout.state.open() || self.hosts.iter().any(|h| h.state == HostState::Dispatched)
+    }
+
+    /// The rows to write: the rollout and the hosts in `changed` (indexes).
+    pub fn rows(
+        &self,
+        now_ms: i64,
+        changed: &BTreeSet<usize>,
+    ) -> (RolloutRow, Vec<RolloutHostRow>) {
+        let row = RolloutRow {
+            id: self.rollout.id.clone(),
+            data: serde_json::to_string(&self.rollout).unwrap_or_default(),
+            active: self.active(),
+            version: self.version,
+            created_ms: self.rollout.created_ms,
+            updated_ms: now_ms,
+        };
+        let hosts = changed
+            .iter()
+            .filter_map(|i| self.hosts.get(*i))
+            .map(|h| RolloutHostRow {
+                agent_id: h.agent_id.clone(),
+                wave: h.wave as i64,
+                data: serde_json::to_string(h).unwrap_or_default(),
+            })
+            .collect();
+        (row, hosts)
+    }
+
+    /// Failures charged in wave `wave`, and over the whole rollout.
+    pub fn failures(&self, wave: usize) -> (usize, usize) {
+        let failed = |h: &&Host| h.state.failed();
+        (
+            self.hosts
+                .iter()
+                .filter(|h| h.wave == wave)
+                .filter(failed)
+                .count(),
+            self.hosts.iter().filter(failed).count(),
+        )
+    }
+}
+
+/// A new rollout from its spec and plan: wave 1 running, every host pending.
+pub fn new_rollout(
+    id: String,
+    spec: RolloutSpec,
+    plan: Plan,
+    created_by: String,
+    now_ms: i64,
+) -> Loaded {
+    let hosts = plan
+        .waves
+        .iter()
+        .flat_map(|w| {
+            w.hosts.iter().map(|h| Host {
+                agent: h.agent.clone(),
+                agent_id: h.agent_id.clone(),
+                wave: w.wave,
+                cluster: h.cluster.clone(),
+                state: HostState::Pending,
+                attempt: 0,
+                task_id: None,
+                detail: None,
+                dispatched_ms: None,
+                ended_ms: None,
+            })
+        })
+        .collect();
+    Loaded {
+        rollout: Rollout {
+            id,
+            spec,
+            plan,
+            state: State::Running,
+            wave: 1,
+            wave_started_ms: now_ms,
+            soak_until_ms: None,
+            reason: None,
+            cancel_running: false,
+            created_by,
+            created_ms: now_ms,
+            ended_ms: None,
+        },
+        hosts,
+        version: 0,
+    }
+}
+
+/// Step every active rollout this replica may drive, until `shutdown`.
+pub async fn run_forever(
+    state: Handles,
+    relay: TerminalContext,
+    holder: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Err(error) = round(&state, &relay, &holder).await {
+            tracing::warn!(%error, "rollouts: a round failed; tried again next round");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(STEP_EVERY) => {}
+        }
+    }
+}
+
+async fn round(state: &Handles, relay: &TerminalContext, holder: &str) -> Result<(), String> {
+    let active = state
+        .storage
+        .rollouts(true, ACTIVE_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    for row in active {
+        let now_ms = state.world.now_unix_ms();
+        let lease = format!("rollout:{}", row.id);
+        let held = state
+            .storage
+            .take_lease(&lease, holder, now_ms, LEASE_MS)
+            .await
+            .map_err(|e| e.to_string())?;
+        if held.is_none() {
+            continue;
+        }
+        if let Err(error) = step(state, relay, &row.id).await {
+            tracing::warn!(rollout = %row.id, %error, "rollout step failed; taken again next round");
+        }
+    }
+    Ok(())
+}
+
+/// One step of rollout `id`: collect outcomes, judge the budgets, start hosts, advance.
+pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<(), String> {
+    let Some((row, host_rows)) = state.storage.rollout(id).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let mut r = Loaded::from_rows(&row, &host_rows)?;
+    let now_ms = state.world.now_unix_ms();
+    let agents = state
+        .storage
+        .list_agents()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut changed = BTreeSet::new();
+    let before = (r.rollout.state, r.rollout.wave);
+    collect(state, relay, &mut r, &mut changed, now_ms).await?;
+    if r.rollout.state == State::Running {
+        judge(&mut r, now_ms);
+    }
+    if r.rollout.state == State::Running {
+        start_hosts(state, relay, &mut r, &agents, &mut changed, now_ms).await;
+        advance(state, &mut r, &agents, now_ms);
+    }
+    if !r.rollout.state.open() {
+        for (i, h) in r.hosts.iter_mut().enumerate() {
+            if h.state == HostState::Pending {
+                h.end(HostState::NotStarted, None, now_ms);
+                changed.insert(i);
+            }
+        }
+    }
+    let (row, hosts) = r.rows(now_ms, &changed);
+    let written = state
+        .storage
+        .rollout_write(row, hosts)
+        .await
+        .map_err(|e| e.to_string())?;
+    if written && (r.rollout.state, r.rollout.wave) != before {
+        record_transition(state, &r.rollout).await;
+    }
+    Ok(())
+}
+
+/// Outcomes of the hosts whose task was given: what the agent reported last. With
+/// `abort --cancel-running`, their tasks are canceled first.
+async fn collect(
+    state: &Handles,
+    relay: &TerminalContext,
+    r: &mut Loaded,
+    changed: &mut BTreeSet<usize>,
+    now_ms: i64,
+) -> Result<(), String> {
+    let cancel = r.rollout.state == State::Aborted && r.rollout.cancel_running;
+    for (i, h) in r.hosts.iter_mut().enumerate() {
+        let (HostState::Dispatched, Some(task_id)) = (h.state, h.task_id.clone()) else {
+            continue;
+        };
+        if cancel {
+            let _ = send_anywhere(
+                relay,
+                &h.agent_id,
+                Command::TaskCancel {
+                    task_id: task_id.clone(),
+                },
+            )
+            .await;
+        }
+        let Some(json) = state
+            .storage
+            .agent_task(&h.agent_id, &task_id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            continue;
+        };
+        let Ok(task) = serde_json::from_str::<TaskSnapshot>(&json) else {
+            continue;
+        };
+        let last_error = || task.runs.iter().find_map(|run| run.error.clone());
+        let ended = match task.status.as_str() {
+            "done" | "skipped" => Some((HostState::Ok, None)),
+            "failed" | "aborted" => Some((
+                HostState::Failed,
+                Some(last_error().unwrap_or_else(|| format!("the task {}", task.status))),
+            )),
+            "canceled" => Some((HostState::Canceled, last_error())),
+            _ => None,
+        };
+        if let Some((to, detail)) = ended {
+            h.end(to, detail, now_ms);
+            changed.insert(i);
+        }
+    }
+    Ok(())
+}
+
+/// Halt when the wave's or the rollout's failures exceed what is tolerated.
+fn judge(r: &mut Loaded, now_ms: i64) {
+    let wave = r.rollout.wave;
+    let (in_wave, total) = r.failures(wave);
+    let tolerated = r
+        .rollout
+        .plan
+        .waves
+        .get(wave - 1)
+        .map_or(0, |w| w.errors_tolerated);
+    let reason = if in_wave > tolerated {
+        Some(format!(
+            "wave {wave}: {in_wave} hosts failed, more than the {tolerated} tolerated"
+        ))
+    } else {
+        r.rollout
+            .plan
+            .errors_tolerated_total
+            .filter(|t| total > *t)
+            .map(|t| format!("{total} hosts failed in all, more than the {t} tolerated"))
+    };
+    if let Some(reason) = reason {
+        r.rollout.state = State::Halted;
+        r.rollout.reason = Some(reason);
+        r.rollout.ended_ms = Some(now_ms);
+    }
+}
+
+/// Give the wave's pending hosts their task, up to `max_in_flight` at once and one host per
+/// cluster at a time; offline hosts wait (until the deadline) or are skipped.
+async fn start_hosts(
+    state: &Handles,
+    relay: &TerminalContext,
+    r: &mut Loaded,
+    agents: &[AgentRow],
+    changed: &mut BTreeSet<usize>,
+    now_ms: i64,
+) {
+    let wave = r.rollout.wave;
+    let plan = &r.rollout.plan;
+    let mut in_flight = r
+        .hosts
+        .iter()
+        .filter(|h| h.state == HostState::Dispatched)
+        .count();
+    let mut busy: BTreeSet<String> = r
+        .hosts
+        .iter()
+        .filter(|h| h.state == HostState::Dispatched)
+        .filter_map(|h| h.cluster.clone())
+        .collect();
+    let deadline = r.rollout.wave_started_ms + plan.offline_deadline_s as i64 * 1000;
+    let skip_offline = plan.offline == "skip";
+    let (max_in_flight, rollout_id, task) = (
+        plan.max_in_flight,
+        r.rollout.id.clone(),
+        r.rollout.spec.task.clone(),
+    );
+    for (i, h) in r.hosts.iter_mut().enumerate() {
+        if in_flight >= max_in_flight {
+            break;
+        }
+        if h.wave != wave || h.state != HostState::Pending {
+            continue;
+        }
+        if h.cluster.as_ref().is_some_and(|c| busy.contains(c)) {
+            continue;
+        }
+        let online = agents
+            .iter()
+            .find(|a| a.id == h.agent_id)
+            .is_some_and(|a| state.settings.is_online(a, now_ms));
+        if !online {
+            if skip_offline || now_ms >= deadline {
+                h.end(
+                    HostState::Offline,
+                    Some("offline when its wave came".into()),
+                    now_ms,
+                );
+                changed.insert(i);
+            }
+            continue;
+        }
+        let key = h.key(&rollout_id);
+        let mut request = task.clone();
+        request.key = Some(key.clone());
+        match send_anywhere(
+            relay,
+            &h.agent_id,
+            Command::TaskAdd {
+                task: Box::new(request),
+            },
+        )
+        .await
+        {
+            Ok(CommandResult::Task { task }) => dispatched(h, task.id, now_ms),
+            Ok(_) => continue,
+            Err(CommandError::Refused(e)) if e.message.contains("already exists") => {
+                dispatched(h, proto::task_id(&key), now_ms);
+            }
+            Err(CommandError::Refused(e)) => {
+                h.end(HostState::RefusedByPolicy, Some(e.message), now_ms);
+            }
+            // Not delivered (or not known to be): tried again next step; the key keeps a
+            // task that did arrive from running twice.
+            Err(_) => continue,
+        }
+        changed.insert(i);
+        if h.state == HostState::Dispatched {
+            in_flight += 1;
+            if let Some(c) = &h.cluster {
+                busy.insert(c.clone());
+            }
+        }
+    }
+}
+
+fn dispatched(h: &mut Host, task_id: String, now_ms: i64) {
+    h.state = HostState::Dispatched;
+    h.task_id = Some(task_id);
+    h.dispatched_ms = Some(now_ms);
+}
+
+/// When the wave's hosts have all ended: soak, check the gate, then the next wave (or wait
+/// for approval after the canary, or end).
+fn advance(state: &Handles, r: &mut Loaded, agents: &[AgentRow], now_ms: i64) {
+    let wave = r.rollout.wave;
+    let open = r
+        .hosts
+        .iter()
+        .any(|h| h.wave == wave && matches!(h.state, HostState::Pending | HostState::Dispatched));
+    if open {
+        return;
+    }
+    let soak_until = *r
+        .rollout
+        .soak_until_ms
+        .get_or_insert(now_ms + r.rollout.plan.soak_s as i64 * 1000);
+    if now_ms < soak_until {
+        return;
+    }
+    // The gate: every host the wave changed is still online after the soak.
+    let down: Vec<&str> = r
+        .hosts
+        .iter()
+        .filter(|h| h.wave == wave && h.state == HostState::Ok)
+        .filter(|h| {
+            !agents
+                .iter()
+                .find(|a| a.id == h.agent_id)
+                .is_some_and(|a| state.settings.is_online(a, now_ms))
+        })
+        .map(|h| h.agent.as_str())
+        .collect();
+    if !down.is_empty() {
+        r.rollout.state = State::Halted;
+        r.rollout.reason = Some(format!(
+            "health gate after wave {wave}: offline since the change: {}",
+            down.join(", ")
+        ));
+        r.rollout.ended_ms = Some(now_ms);
+        return;
+    }
+    let waves = r.rollout.plan.waves.len();
+    if wave >= waves {
+        r.rollout.state = State::Done;
+        r.rollout.ended_ms = Some(now_ms);
+        return;
+    }
+    r.rollout.wave = wave + 1;
+    r.rollout.wave_started_ms = now_ms;
+    r.rollout.soak_until_ms = None;
+    if wave == 1 && r.rollout.spec.approve_after_canary {
+        r.rollout.state = State::AwaitingApproval;
+        r.rollout.reason = Some("the canary wave ended well; waiting for approval".into());
+    }
+}
+
+/// A wave's start or a halt, in the audit log (operators' own actions are recorded by the
+/// API).
+async fn record_transition(state: &Handles, r: &Rollout) {
+    let what = match r.state {
+        State::Halted => crate::audit::action::ROLLOUT_HALTED,
+        State::Done => crate::audit::action::ROLLOUT_DONE,
+        _ => crate::audit::action::ROLLOUT_WAVE,
+    };
+    state
+        .audit
+        .record(
+            "rollout-driver",
+            what,
+            &r.id,
+            serde_json::json!({"state": r.state, "wave": r.wave, "reason": r.reason}),
+        )
+        .await;
+}
+
+/// Store a new rollout of `spec` as planned (`plan`), created by `user`.
+pub async fn create(
+    storage: &Storage,
+    world: &world::World,
+    spec: RolloutSpec,
+    plan: Plan,
+    user: &str,
+) -> Result<Loaded, crate::storage::StorageError> {
+    let now_ms = world.now_unix_ms();
+    let id = crate::auth::new_id(world, "ro");
+    let loaded = new_rollout(id, spec, plan, user.to_string(), now_ms);
+    let every: BTreeSet<usize> = (0..loaded.hosts.len()).collect();
+    let (row, hosts) = loaded.rows(now_ms, &every);
+    storage.rollout_insert(row, hosts).await?;
+    tracing::info!(rollout = %loaded.rollout.id, %user, hosts = loaded.hosts.len(), "rollout created");
+    Ok(loaded)
+}
+
+/// What the audit log keeps of a new rollout.
+pub fn created_detail(r: &Loaded) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.rollout.plan.name,
+        "targets": r.hosts.len(),
+        "waves": r.rollout.plan.waves.len(),
+        "task": r.rollout.spec.task,
+    })
+}
+
+/// Why an operator's action was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such rollout")]
+    NotFound,
+    #[error("{0}")]
+    NotNow(String),
+    #[error("the rollout kept changing under this request; try again")]
+    Busy,
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+/// Writes an operator's action tries when the driver keeps writing first.
+const CONTROL_TRIES: usize = 10;
+
+/// Apply an operator's action (`pause`, `resume`, `approve`, `abort`, `retry-failed`) to
+/// rollout `id`, written with the version it read (read again when the driver wrote first).
+/// The rollout as written and what the audit log keeps of the action.
+pub async fn control(
+    storage: &Storage,
+    world: &world::World,
+    id: &str,
+    what: &str,
+    user: &str,
+    cancel_running: bool,
+) -> Result<(Loaded, serde_json::Value), ControlError> {
+    for _ in 0..CONTROL_TRIES {
+        let (row, hosts) = storage.rollout(id).await?.ok_or(ControlError::NotFound)?;
+        let mut loaded = Loaded::from_rows(&row, &hosts).map_err(ControlError::NotNow)?;
+        let now_ms = world.now_unix_ms();
+        let changed =
+            apply(&mut loaded, what, user, cancel_running, now_ms).map_err(ControlError::NotNow)?;
+        let (row, hosts) = loaded.rows(now_ms, &changed);
+        if storage.rollout_write(row, hosts).await? {
+            loaded.version += 1;
+            let detail = serde_json::json!({
+                "action": what,
+                "state": loaded.rollout.state,
+                "wave": loaded.rollout.wave,
+                "cancel_running": cancel_running,
+                "hosts_retried": changed.len(),
+            });
+            return Ok((loaded, detail));
+        }
+    }
+    Err(ControlError::Busy)
+}
+
+/// Apply an operator's action; the hosts it changed, or why it does not apply now.
+pub fn apply(
+    r: &mut Loaded,
+    what: &str,
+    user: &str,
+    cancel_running: bool,
+    now_ms: i64,
+) -> Result<BTreeSet<usize>, String> {
+    let ro = &mut r.rollout;
+    let state = ro.state;
+    let not_now = || format!("cannot {what} a rollout that is {}", name_of(state));
+    let mut changed = BTreeSet::new();
+    match what {
+        "pause" if matches!(state, State::Running | State::AwaitingApproval) => {
+            ro.state = State::Paused;
+            ro.reason = Some(format!("paused by {user}"));
+        }
+        "resume" if state == State::Paused => {
+            ro.state = State::Running;
+            ro.reason = None;
+        }
+        "approve" if state == State::AwaitingApproval => {
+            ro.state = State::Running;
+            ro.reason = Some(format!("approved by {user}"));
+            ro.wave_started_ms = now_ms;
+        }
+        "abort" if !matches!(state, State::Aborted | State::Done) => {
+            ro.state = State::Aborted;
+            ro.reason = Some(format!("aborted by {user}"));
+            ro.cancel_running = cancel_running;
+            ro.ended_ms = Some(now_ms);
+        }
+        "retry-failed" if state != State::Aborted => {
+            for (i, h) in r.hosts.iter_mut().enumerate() {
+                if h.state.failed() {
+                    h.state = HostState::Pending;
+                    h.attempt += 1;
+                    h.task_id = None;
+                    h.detail = None;
+                    h.dispatched_ms = None;
+                    h.ended_ms = None;
+                    changed.insert(i);
+                }
+            }
+            let Some(first) = changed.iter().map(|i| r.hosts[*i].wave).min() else {
+                return Err("no host failed: nothing to retry".into());
+            };
+            let ro = &mut r.rollout;
+            if first < ro.wave || state != State::Running {
+                ro.wave = first.min(ro.wave);
+                ro.wave_started_ms = now_ms;
+                ro.soak_until_ms = None;
+            }
+            ro.state = State::Running;
+            ro.reason = Some(format!("failed hosts retried by {user}"));
+            ro.ended_ms = None;
+        }
+        "pause" | "resume" | "approve" | "abort" | "retry-failed" => return Err(not_now()),
+        other => {
+            return Err(format!(
+                "unknown action {other:?}: pause, resume, approve, abort or retry-failed"
+            ));
+        }
+    }
+    Ok(changed)
+}
+
+/// A state's name as the API spells it.
+pub fn name_of<T: Serialize>(v: T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// A rollout as text: one line of state, the hosts counted by state, and (`hosts`) a line per
+/// host that started or ended.
+pub fn describe(r: &Loaded, hosts: bool) -> String {
+    let ro = &r.rollout;
+    let mut out = format!(
+        "{} {}: {}, wave {} of {}",
+        ro.id,
+        ro.plan.name,
+        name_of(ro.state),
+        ro.wave.min(ro.plan.waves.len()),
+        ro.plan.waves.len()
+    );
+    if let Some(reason) = &ro.reason {
+        out.push_str(&format!(" ({reason})"));
+    }
+    out.push('\n');
+    let mut counts = std::collections::BTreeMap::new();
+    for h in &r.hosts {
+        *counts.entry(name_of(h.state)).or_insert(0usize) += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    out.push_str(&format!("  hosts: {}\n", counts.join(", ")));
+    if hosts {
+        for h in r.hosts.iter().filter(|h| h.state != HostState::Pending) {
+            out.push_str(&format!(
+                "  wave {} {}: {}",
+                h.wave,
+                h.agent,
+                name_of(h.state)
+            ));
+            if let Some(detail) = &h.detail {
+                out.push_str(&format!(" ({detail})"));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
