@@ -309,7 +309,13 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
     }
     if r.rollout.state == State::Running {
         start_hosts(state, relay, &mut r, &agents, &mut changed, now_ms).await;
-        advance(state, &mut r, &agents, now_ms);
+        let online = |agent_id: &str| {
+            agents
+                .iter()
+                .find(|a| a.id == agent_id)
+                .is_some_and(|a| state.settings.is_online(a, now_ms))
+        };
+        advance(&mut r, online, now_ms);
     }
     if !r.rollout.state.open() {
         for (i, h) in r.hosts.iter_mut().enumerate() {
@@ -484,11 +490,12 @@ async fn start_hosts(
             Err(CommandError::Refused(e)) if e.message.contains("already exists") => {
                 dispatched(h, proto::task_id(&key), now_ms);
             }
-            Err(CommandError::Refused(e)) => {
+            Err(CommandError::Refused(e)) if e.code == proto::ErrorCode::Refused => {
                 h.end(HostState::RefusedByPolicy, Some(e.message), now_ms);
             }
-            // Not delivered (or not known to be): tried again next step; the key keeps a
-            // task that did arrive from running twice.
+            // Not delivered (or not known to be), or the agent cannot take tasks now (its
+            // task runtime is down): tried again next step; the key keeps a task that did
+            // arrive from running twice.
             Err(_) => continue,
         }
         changed.insert(i);
@@ -509,7 +516,7 @@ fn dispatched(h: &mut Host, task_id: String, now_ms: i64) {
 
 /// When the wave's hosts have all ended: soak, check the gate, then the next wave (or wait
 /// for approval after the canary, or end).
-fn advance(state: &Handles, r: &mut Loaded, agents: &[AgentRow], now_ms: i64) {
+fn advance(r: &mut Loaded, online: impl Fn(&str) -> bool, now_ms: i64) {
     let wave = r.rollout.wave;
     let open = r
         .hosts
@@ -530,12 +537,7 @@ fn advance(state: &Handles, r: &mut Loaded, agents: &[AgentRow], now_ms: i64) {
         .hosts
         .iter()
         .filter(|h| h.wave == wave && h.state == HostState::Ok)
-        .filter(|h| {
-            !agents
-                .iter()
-                .find(|a| a.id == h.agent_id)
-                .is_some_and(|a| state.settings.is_online(a, now_ms))
-        })
+        .filter(|h| !online(&h.agent_id))
         .map(|h| h.agent.as_str())
         .collect();
     if !down.is_empty() {
@@ -770,4 +772,139 @@ pub fn describe(r: &Loaded, hosts: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollouts::Target;
+
+    /// A rollout of `waves` over db1..db`n` (ids a1..), every host pending.
+    fn rollout(n: usize, extra: &str) -> Loaded {
+        let spec: RolloutSpec = toml::from_str(&format!(
+            "name = \"t\"\nagents = [\"db*\"]\n{extra}\n[task]\nkind = \"command\"\nargv = [\"true\"]\n"
+        ))
+        .expect("spec");
+        let targets: Vec<Target> = (1..=n)
+            .map(|i| Target {
+                id: format!("a{i}"),
+                name: format!("db{i:02}"),
+                labels: Default::default(),
+                online: true,
+            })
+            .collect();
+        let plan = spec.plan(&targets).expect("plan");
+        new_rollout("ro_t".into(), spec, plan, "alice".into(), 0)
+    }
+
+    fn set(r: &mut Loaded, wave: usize, to: HostState, count: usize) {
+        for h in r.hosts.iter_mut().filter(|h| h.wave == wave).take(count) {
+            h.state = to;
+        }
+    }
+
+    #[test]
+    fn a_wave_halts_at_the_failure_past_its_budget_and_the_total_budget_too() {
+        let mut r = rollout(
+            100,
+            "waves = [1, \"10%\", \"100%\"]\nmax_errors = 1\nmax_errors_total = 2",
+        );
+        r.rollout.wave = 2;
+        set(&mut r, 2, HostState::Failed, 1);
+        judge(&mut r, 5);
+        assert_eq!(r.rollout.state, State::Running, "one failure is tolerated");
+        set(&mut r, 2, HostState::Failed, 2);
+        judge(&mut r, 5);
+        assert_eq!(r.rollout.state, State::Halted);
+        assert_eq!(
+            r.rollout.reason.as_deref(),
+            Some("wave 2: 2 hosts failed, more than the 1 tolerated")
+        );
+        // Offline hosts are not charged; refusals by the host's policy are.
+        let mut r = rollout(
+            100,
+            "waves = [1, \"10%\", \"100%\"]\nmax_errors = 5\nmax_errors_total = 2",
+        );
+        r.rollout.wave = 3;
+        set(&mut r, 3, HostState::Offline, 10);
+        set(&mut r, 2, HostState::RefusedByPolicy, 2);
+        judge(&mut r, 5);
+        assert_eq!(r.rollout.state, State::Running);
+        r.hosts
+            .iter_mut()
+            .find(|h| h.wave == 3)
+            .expect("host")
+            .state = HostState::Failed;
+        judge(&mut r, 5);
+        assert_eq!(
+            r.rollout.reason.as_deref(),
+            Some("3 hosts failed in all, more than the 2 tolerated")
+        );
+    }
+
+    #[test]
+    fn an_ended_wave_soaks_passes_its_gate_and_the_canary_waits_for_approval() {
+        let mut r = rollout(
+            10,
+            "waves = [1, \"100%\"]\nsoak = \"10s\"\napprove_after_canary = true",
+        );
+        set(&mut r, 1, HostState::Ok, 1);
+        advance(&mut r, |_| true, 1_000);
+        assert_eq!((r.rollout.wave, r.rollout.soak_until_ms), (1, Some(11_000)));
+        advance(&mut r, |_| true, 10_999);
+        assert_eq!(r.rollout.wave, 1, "still soaking");
+        advance(&mut r, |_| true, 11_000);
+        assert_eq!(
+            (r.rollout.wave, r.rollout.state),
+            (2, State::AwaitingApproval)
+        );
+        assert!(apply(&mut r, "resume", "bob", false, 12_000).is_err());
+        apply(&mut r, "approve", "bob", false, 12_000).expect("approve");
+        assert_eq!(
+            (r.rollout.state, r.rollout.wave_started_ms),
+            (State::Running, 12_000)
+        );
+        set(&mut r, 2, HostState::Ok, 9);
+        advance(&mut r, |id| id != "a5", 13_000);
+        advance(&mut r, |id| id != "a5", 23_000);
+        assert_eq!(
+            r.rollout.state,
+            State::Halted,
+            "a host went offline after the change"
+        );
+        assert!(
+            r.rollout.reason.as_deref().unwrap_or("").contains("db05"),
+            "{:?}",
+            r.rollout.reason
+        );
+    }
+
+    #[test]
+    fn retry_failed_rewinds_to_the_earliest_failed_wave_under_new_keys() {
+        let mut r = rollout(10, "waves = [2, 3, \"100%\"]");
+        set(&mut r, 1, HostState::Ok, 1);
+        set(&mut r, 1, HostState::Failed, 1);
+        r.rollout.wave = 3;
+        r.rollout.state = State::Halted;
+        let failed = r
+            .hosts
+            .iter()
+            .position(|h| h.state == HostState::Failed)
+            .expect("one");
+        let key = r.hosts[failed].key("ro_t");
+        let changed = apply(&mut r, "retry-failed", "bob", false, 50).expect("retry");
+        assert_eq!(changed.into_iter().collect::<Vec<_>>(), vec![failed]);
+        let h = &r.hosts[failed];
+        assert_eq!((h.state, h.attempt), (HostState::Pending, 1));
+        assert_ne!(h.key("ro_t"), key, "a retry is a new task");
+        assert_eq!((r.rollout.state, r.rollout.wave), (State::Running, 1));
+        assert!(
+            apply(&mut r, "retry-failed", "bob", false, 60).is_err(),
+            "nothing failed now"
+        );
+        apply(&mut r, "abort", "bob", true, 70).expect("abort");
+        assert!(r.rollout.cancel_running);
+        assert!(apply(&mut r, "resume", "bob", false, 80).is_err());
+        assert!(apply(&mut r, "speed-up", "bob", false, 80).is_err());
+    }
 }
