@@ -545,3 +545,88 @@ async fn a_rollout_dry_run_shows_its_waves_through_the_api_and_the_cli() {
     );
     server.stop().await;
 }
+
+/// A rollout is driven by one replica under its lease; killed with -9, the other replica
+/// takes the lease over and finishes the rollout (here: two offline agents waited for until
+/// the offline deadline, then reported offline), and the driver's end is in the audit log.
+#[tokio::test]
+async fn a_rollout_goes_on_when_the_replica_driving_it_is_killed() {
+    use control_plane::auth::Role;
+    use http::{Method, StatusCode};
+    let mut pair = crate::harness::Pair::start("rollout_takeover", &[], Role::Operator).await;
+    let (first, second) = (pair.server(0).await, pair.server(1).await);
+    let token = pair.token.clone();
+    first.enroll("db1").await;
+    first.enroll("db2").await;
+    let r = first
+        .request(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&token),
+            r#"{"name":"takeover","agents":["db*"],"waves":["100%"],"offline":"wait","offline_deadline":"25s","task":{"kind":"command","argv":["true"]}}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let created: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    let id = created["id"].as_str().expect("id").to_string();
+    let lease = format!("rollout:{id}");
+    let holder = fixtures::poll::until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(100),
+        || async {
+            pair.storage
+                .lease(&lease)
+                .await
+                .expect("lease")
+                .map(|l| l.holder)
+        },
+    )
+    .await
+    .expect("a replica drives the rollout");
+    let pids: Vec<String> = pair
+        .replicas
+        .iter()
+        .map(|c| format!("/{}/", c.id()))
+        .collect();
+    let pid_of = |i: usize| pids[i].clone();
+    let driving = usize::from(!holder.contains(&pid_of(0)));
+    assert!(holder.contains(&pid_of(driving)), "{holder}");
+    pair.replicas[driving]
+        .kill()
+        .expect("kill -9 the driving replica");
+    let _ = pair.replicas[driving].wait();
+    let other = if driving == 0 { &second } else { &first };
+    let path = format!("/api/v1/rollouts/{id}");
+    let done = fixtures::poll::until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(500),
+        || async {
+            let r = other.request(Method::GET, &path, Some(&token), "").await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            (v["state"] == "done").then_some(v)
+        },
+    )
+    .await
+    .expect("the other replica finished the rollout");
+    assert_eq!(done["counts"]["offline"], 2, "{done}");
+    let now = pair
+        .storage
+        .lease(&lease)
+        .await
+        .expect("lease")
+        .expect("held");
+    assert!(now.holder.contains(&pid_of(1 - driving)), "{now:?}");
+    assert!(now.fence > 1, "the fence rose with the new holder: {now:?}");
+    let audit = pair
+        .storage
+        .audit_list(control_plane::storage::AuditQuery {
+            action: Some("rollout.done".into()),
+            target: Some(id.clone()),
+            before_id: None,
+            limit: 10,
+        })
+        .await
+        .expect("audit");
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0].actor, "rollout-driver", "{audit:?}");
+}
