@@ -460,24 +460,11 @@ async fn backups_of(
 /// The Backups page in headless Chromium shows db1 at `risk` with its full and incremental
 /// backups.
 fn page(cp: &ControlPlane, risk: &str) {
-    let shots = fixtures::browser::screenshots_dir("backups");
-    let url = cp.url();
-    let run = tokio::task::block_in_place(|| {
-        fixtures::browser::run_script(
-            "backups.mjs",
-            &[
-                ("OUTPOST_URL", url.as_str()),
-                ("OUTPOST_USER", "admin"),
-                ("OUTPOST_PASSWORD", "admin-password-1234"),
-                ("OUTPOST_AGENT", "db1"),
-                ("OUTPOST_RISK", risk),
-            ],
-            &shots,
-        )
-    });
-    if let Err(e) = run {
-        panic!("{e:#}\ncontrol plane log:\n{}", cp.log());
-    }
+    cp.page_test(
+        "backups.mjs",
+        "backups",
+        &[("OUTPOST_AGENT", "db1"), ("OUTPOST_RISK", risk)],
+    );
 }
 
 /// `dir` and every directory and file under it.
@@ -600,22 +587,7 @@ async fn a_backup_policy_schedules_its_tasks_on_the_agents_it_names_and_deleting
     assert_eq!(full["schedule"], "cron 0 1 * * 0 Europe/Berlin", "{full}");
 
     // The Backups page lists it with the agent in place; its form creates and deletes one.
-    let shots = fixtures::browser::screenshots_dir("policies");
-    let url = cp.url();
-    let run = tokio::task::block_in_place(|| {
-        fixtures::browser::run_script(
-            "policies.mjs",
-            &[
-                ("OUTPOST_URL", url.as_str()),
-                ("OUTPOST_USER", "admin"),
-                ("OUTPOST_PASSWORD", "admin-password-1234"),
-            ],
-            &shots,
-        )
-    });
-    if let Err(e) = run {
-        panic!("{e:#}\ncontrol plane log:\n{}", cp.log());
-    }
+    cp.page_test("policies.mjs", "policies", &[]);
 
     // A stanza the host does not grant, from the CLI this time: the refusal is shown with
     // the policy.

@@ -112,6 +112,25 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Run the page test `script` (control-plane/web/tests) in headless Chromium against this
+    /// control plane, logged in as the admin, with `env` besides; screenshots go under
+    /// `shots`. Panics with the script's error and the control plane's log.
+    pub fn page_test(&self, script: &str, shots: &str, env: &[(&str, &str)]) {
+        let shots = fixtures::browser::screenshots_dir(shots);
+        let url = self.url();
+        let mut all = vec![
+            ("OUTPOST_URL", url.as_str()),
+            ("OUTPOST_USER", "admin"),
+            ("OUTPOST_PASSWORD", "admin-password-1234"),
+        ];
+        all.extend_from_slice(env);
+        let run =
+            tokio::task::block_in_place(|| fixtures::browser::run_script(script, &all, &shots));
+        if let Err(e) = run {
+            panic!("{e:#}\ncontrol plane log:\n{}", self.log());
+        }
+    }
+
     pub async fn start() -> ControlPlane {
         ControlPlane::start_with(&[], &[], true).await
     }

@@ -104,13 +104,8 @@ async fn a_rollout_runs_in_waves_halts_on_its_budget_and_a_retry_after_the_fix_f
         )
         .await;
     assert_eq!(status, 409, "resume is not approve: {body}");
-    let (status, body) = cp
-        .post(
-            &format!("/api/v1/rollouts/{id}/approve"),
-            serde_json::json!({}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    // Approved in the browser: the Rollouts page shows waves × hosts and the controls.
+    cp.page_test("rollouts.mjs", "rollouts", &[]);
 
     let v = wait_rollout(&cp, &id, "halted with its wave ended", |v| {
         v["state"] == "halted" && v["counts"]["dispatched"].is_null()
@@ -212,6 +207,6 @@ async fn a_rollout_runs_in_waves_halts_on_its_budget_and_a_retry_after_the_fix_f
     assert_eq!(
         audit.as_array().map(Vec::len),
         Some(3),
-        "approve, retry-failed, abort: {audit}"
+        "approve (in the browser), retry-failed, abort: {audit}"
     );
 }

@@ -7,6 +7,7 @@ import { drawCharts } from './charts.js';
 import { attachTerminal, leaveTerminal, openTerminal } from './terminal.js';
 import { leaveReplay, recordingsPage, replayPage, replayState, wireReplay } from './player.js';
 import { alertsPage, createChannel, createSilence, createWindow } from './alerts.js';
+import { rolloutPage, rolloutsPage } from './rollouts.js';
 
 const ROLES = ['viewer', 'operator', 'admin'];
 const FLEET_REFRESH_MS = 5000;
@@ -458,6 +459,10 @@ async function route() {
     case 'agent': await agentPage(decodeURIComponent(arg ?? '')); break;
     case 'backups': await backupsPage(); break;
     case 'alerts': await alertsPage(alertsContext); break;
+    case 'rollouts':
+      if (arg) await rolloutPage(alertsContext, decodeURIComponent(arg));
+      else await rolloutsPage(alertsContext);
+      break;
     case 'exec': show('exec'); $('where').textContent = ''; break;
     case 'audit': await audit(); break;
     case 'sessions': await sessions(); break;

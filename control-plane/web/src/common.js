@@ -2,7 +2,7 @@
 
 export const $ = (id) => document.getElementById(id);
 
-const PAGES = ['login', 'fleet', 'backups', 'alerts', 'agent', 'exec', 'audit', 'sessions', 'recordings', 'replay', 'users', 'tokens', 'terminal-view'];
+const PAGES = ['login', 'fleet', 'backups', 'alerts', 'agent', 'rollouts', 'exec', 'audit', 'sessions', 'recordings', 'replay', 'users', 'tokens', 'terminal-view'];
 
 export function show(section) {
   for (const id of PAGES) $(id).hidden = id !== section;
