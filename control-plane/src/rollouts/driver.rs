@@ -707,6 +707,14 @@ pub fn apply(
             let Some(first) = changed.iter().map(|i| r.hosts[*i].wave).min() else {
                 return Err("no host failed: nothing to retry".into());
             };
+            // The waves a halt kept from starting come again too.
+            for (i, h) in r.hosts.iter_mut().enumerate() {
+                if h.state == HostState::NotStarted {
+                    h.state = HostState::Pending;
+                    h.ended_ms = None;
+                    changed.insert(i);
+                }
+            }
             let ro = &mut r.rollout;
             if first < ro.wave || state != State::Running {
                 ro.wave = first.min(ro.wave);
@@ -880,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_failed_rewinds_to_the_earliest_failed_wave_under_new_keys() {
+    fn retry_failed_rewinds_to_the_earliest_failed_wave_under_new_keys_and_reopens_later_waves() {
         let mut r = rollout(10, "waves = [2, 3, \"100%\"]");
         set(&mut r, 1, HostState::Ok, 1);
         set(&mut r, 1, HostState::Failed, 1);
@@ -892,8 +900,21 @@ mod tests {
             .position(|h| h.state == HostState::Failed)
             .expect("one");
         let key = r.hosts[failed].key("ro_t");
+        // The halt kept the last wave from starting.
+        set(&mut r, 3, HostState::NotStarted, 10);
         let changed = apply(&mut r, "retry-failed", "bob", false, 50).expect("retry");
-        assert_eq!(changed.into_iter().collect::<Vec<_>>(), vec![failed]);
+        let later: Vec<usize> = (0..r.hosts.len())
+            .filter(|i| r.hosts[*i].wave == 3)
+            .collect();
+        assert_eq!(
+            changed.into_iter().collect::<Vec<_>>(),
+            [vec![failed], later.clone()].concat()
+        );
+        assert!(
+            later
+                .iter()
+                .all(|i| r.hosts[*i].state == HostState::Pending && r.hosts[*i].attempt == 0)
+        );
         let h = &r.hosts[failed];
         assert_eq!((h.state, h.attempt), (HostState::Pending, 1));
         assert_ne!(h.key("ro_t"), key, "a retry is a new task");
