@@ -360,85 +360,7 @@ impl Store {
                     params![task_id, seq],
                 )?;
             }
-            match effect {
-                Effect::SaveTask(t) => {
-                    cached(
-                        &tx,
-                        "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms, options) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
-                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, schedule = excluded.schedule, \
-                         attempt = excluded.attempt, cancel_requested = excluded.cancel_requested, updated_ms = excluded.updated_ms",
-                        params![
-                            t.id,
-                            t.spec.key,
-                            t.spec.kind.name(),
-                            serde_json::to_string(&t.spec.params).map_err(err)?,
-                            serde_json::to_string(&t.spec.argv).map_err(err)?,
-                            encode_schedule(&t.spec.schedule),
-                            t.spec.timeout_ms,
-                            t.status,
-                            t.next_run_ms,
-                            t.attempt,
-                            t.created_ms,
-                            i64::from(t.cancel_requested),
-                            now_ms,
-                            encode_options(&t.spec)?,
-                        ],
-                    )?;
-                }
-                Effect::RunQueued {
-                    task_id,
-                    run_id,
-                    queued_ms,
-                } => {
-                    cached(
-                        &tx,
-                        "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
-                        params![run_id, task_id, status::QUEUED, queued_ms],
-                    )?;
-                }
-                Effect::RunWithdrawn { run_id, .. } => {
-                    cached(
-                        &tx,
-                        "DELETE FROM runs WHERE run_id = ?1 AND status = ?2",
-                        params![run_id, status::QUEUED],
-                    )?;
-                    // Run ids are never given twice, not even a withdrawn run's.
-                    cached(
-                        &tx,
-                        "INSERT INTO counters (name, value) VALUES ('run_id', ?1) ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
-                        params![run_id],
-                    )?;
-                }
-                Effect::RunEnded {
-                    run_id,
-                    finished_ms,
-                    outcome,
-                    ..
-                } => {
-                    let RunOutcome {
-                        status: st,
-                        exit_code,
-                        error,
-                        output,
-                        output_dropped_bytes,
-                    } = outcome;
-                    cached(
-                        &tx,
-                        "UPDATE runs SET status = ?1, finished_ms = ?2, exit_code = ?3, error = ?4, output = ?5, output_dropped_bytes = ?6 WHERE run_id = ?7",
-                        params![
-                            st,
-                            finished_ms,
-                            exit_code,
-                            error,
-                            output,
-                            *output_dropped_bytes as i64,
-                            run_id
-                        ],
-                    )?;
-                }
-                Effect::Dispatch(_) | Effect::Kill { .. } => {}
-            }
+            write_effect(&tx, effect, now_ms)?;
         }
         if seq != seq_before {
             cached(
@@ -650,6 +572,94 @@ impl Store {
         tx.commit().map_err(err)?;
         Ok(ids)
     }
+}
+
+/// One effect's rows in the transaction `tx`.
+fn write_effect(
+    tx: &rusqlite::Transaction<'_>,
+    effect: &Effect,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    match effect {
+        Effect::SaveTask(t) => {
+            cached(
+                tx,
+                "INSERT INTO tasks (id, key, kind, params, argv, schedule, timeout_ms, status, next_run_ms, attempt, created_ms, cancel_requested, updated_ms, options) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, next_run_ms = excluded.next_run_ms, schedule = excluded.schedule, \
+                 attempt = excluded.attempt, cancel_requested = excluded.cancel_requested, updated_ms = excluded.updated_ms",
+                params![
+                    t.id,
+                    t.spec.key,
+                    t.spec.kind.name(),
+                    serde_json::to_string(&t.spec.params).map_err(err)?,
+                    serde_json::to_string(&t.spec.argv).map_err(err)?,
+                    encode_schedule(&t.spec.schedule),
+                    t.spec.timeout_ms,
+                    t.status,
+                    t.next_run_ms,
+                    t.attempt,
+                    t.created_ms,
+                    i64::from(t.cancel_requested),
+                    now_ms,
+                    encode_options(&t.spec)?,
+                ],
+            )?;
+        }
+        Effect::RunQueued {
+            task_id,
+            run_id,
+            queued_ms,
+        } => {
+            cached(
+                tx,
+                "INSERT INTO runs (run_id, task_id, status, queued_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![run_id, task_id, status::QUEUED, queued_ms],
+            )?;
+        }
+        Effect::RunWithdrawn { run_id, .. } => {
+            cached(
+                tx,
+                "DELETE FROM runs WHERE run_id = ?1 AND status = ?2",
+                params![run_id, status::QUEUED],
+            )?;
+            // Run ids are never given twice, not even a withdrawn run's.
+            cached(
+                tx,
+                "INSERT INTO counters (name, value) VALUES ('run_id', ?1) ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                params![run_id],
+            )?;
+        }
+        Effect::RunEnded {
+            run_id,
+            finished_ms,
+            outcome,
+            ..
+        } => {
+            let RunOutcome {
+                status: st,
+                exit_code,
+                error,
+                output,
+                output_dropped_bytes,
+            } = outcome;
+            cached(
+                tx,
+                "UPDATE runs SET status = ?1, finished_ms = ?2, exit_code = ?3, error = ?4, output = ?5, output_dropped_bytes = ?6 WHERE run_id = ?7",
+                params![
+                    st,
+                    finished_ms,
+                    exit_code,
+                    error,
+                    output,
+                    *output_dropped_bytes as i64,
+                    run_id
+                ],
+            )?;
+        }
+        Effect::Dispatch(_) | Effect::Kill { .. } => {}
+    }
+    Ok(())
 }
 
 /// Run `sql` through the connection's statement cache: the same few statements run for every

@@ -40,6 +40,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         public_routes(),
         account_routes(),
         agent_routes(),
+        rollout_routes(),
         alert_routes(),
         terminal_routes(),
         operation_routes(),
@@ -237,6 +238,48 @@ fn alert_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
 }
 
 /// Agents, their tasks and metrics, and the agents' own channel and delivery.
+/// Rollouts: the dry run, creation, status and an operator's controls.
+fn rollout_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
+    vec![
+        (
+            spec(
+                Method::POST,
+                "/api/v1/rollouts/dry-run",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::dry_run),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/rollouts",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::create),
+        ),
+        (
+            spec(Method::GET, "/api/v1/rollouts", Access::User(Role::Viewer)),
+            get(rollouts::list),
+        ),
+        (
+            spec(
+                Method::GET,
+                "/api/v1/rollouts/{id}",
+                Access::User(Role::Viewer),
+            ),
+            get(rollouts::show),
+        ),
+        (
+            spec(
+                Method::POST,
+                "/api/v1/rollouts/{id}/{action}",
+                Access::User(Role::Operator),
+            ),
+            post(rollouts::control),
+        ),
+    ]
+}
+
 fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     vec![
         (
@@ -278,42 +321,6 @@ fn agent_routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
                 Access::User(Role::Viewer),
             ),
             get(backup_policies::list),
-        ),
-        (
-            spec(
-                Method::POST,
-                "/api/v1/rollouts/dry-run",
-                Access::User(Role::Operator),
-            ),
-            post(rollouts::dry_run),
-        ),
-        (
-            spec(
-                Method::POST,
-                "/api/v1/rollouts",
-                Access::User(Role::Operator),
-            ),
-            post(rollouts::create),
-        ),
-        (
-            spec(Method::GET, "/api/v1/rollouts", Access::User(Role::Viewer)),
-            get(rollouts::list),
-        ),
-        (
-            spec(
-                Method::GET,
-                "/api/v1/rollouts/{id}",
-                Access::User(Role::Viewer),
-            ),
-            get(rollouts::show),
-        ),
-        (
-            spec(
-                Method::POST,
-                "/api/v1/rollouts/{id}/{action}",
-                Access::User(Role::Operator),
-            ),
-            post(rollouts::control),
         ),
         (
             spec(

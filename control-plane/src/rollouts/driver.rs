@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Plan, RolloutSpec};
 use crate::channel::CommandError;
 use crate::handles::Handles;
-use crate::storage::{AgentRow, RolloutHostRow, RolloutRow, Storage};
+use crate::storage::{RolloutHostRow, RolloutRow, Storage};
 use crate::terminal::TerminalContext;
 use crate::terminal::relay::send_anywhere;
 
@@ -296,11 +296,16 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
     };
     let mut r = Loaded::from_rows(&row, &host_rows)?;
     let now_ms = state.world.now_unix_ms();
-    let agents = state
+    // The agents online now, read once for the step.
+    let online: BTreeSet<String> = state
         .storage
         .list_agents()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|a| state.settings.is_online(a, now_ms))
+        .map(|a| a.id)
+        .collect();
     let mut changed = BTreeSet::new();
     let before = (r.rollout.state, r.rollout.wave);
     collect(state, relay, &mut r, &mut changed, now_ms).await?;
@@ -308,14 +313,8 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
         judge(&mut r, now_ms);
     }
     if r.rollout.state == State::Running {
-        start_hosts(state, relay, &mut r, &agents, &mut changed, now_ms).await;
-        let online = |agent_id: &str| {
-            agents
-                .iter()
-                .find(|a| a.id == agent_id)
-                .is_some_and(|a| state.settings.is_online(a, now_ms))
-        };
-        advance(&mut r, online, now_ms);
+        start_hosts(relay, &mut r, &online, &mut changed, now_ms).await;
+        advance(&mut r, |agent_id| online.contains(agent_id), now_ms);
     }
     if !r.rollout.state.open() {
         for (i, h) in r.hosts.iter_mut().enumerate() {
@@ -421,10 +420,9 @@ fn judge(r: &mut Loaded, now_ms: i64) {
 /// Give the wave's pending hosts their task, up to `max_in_flight` at once and one host per
 /// cluster at a time; offline hosts wait (until the deadline) or are skipped.
 async fn start_hosts(
-    state: &Handles,
     relay: &TerminalContext,
     r: &mut Loaded,
-    agents: &[AgentRow],
+    online: &BTreeSet<String>,
     changed: &mut BTreeSet<usize>,
     now_ms: i64,
 ) {
@@ -458,11 +456,7 @@ async fn start_hosts(
         if h.cluster.as_ref().is_some_and(|c| busy.contains(c)) {
             continue;
         }
-        let online = agents
-            .iter()
-            .find(|a| a.id == h.agent_id)
-            .is_some_and(|a| state.settings.is_online(a, now_ms));
-        if !online {
+        if !online.contains(&h.agent_id) {
             if skip_offline || now_ms >= deadline {
                 h.end(
                     HostState::Offline,
