@@ -27,7 +27,24 @@ pub fn new_sim<'a>(seed: u64, plan: &Schedule) -> turmoil::Sim<'a> {
 /// [`new_sim`] with steps of `tick`: a scenario whose deadlines are seconds and whose run is
 /// an hour takes coarser steps.
 pub fn new_sim_ticking<'a>(seed: u64, plan: &Schedule, tick: Duration) -> turmoil::Sim<'a> {
+    new_sim_sized(seed, plan, tick, TCP_CAPACITY)
+}
+
+/// turmoil's default TCP capacity per host: pending connections on a listener, and segments
+/// buffered per socket.
+const TCP_CAPACITY: usize = 64;
+
+/// [`new_sim_ticking`] with room for `tcp_capacity` pending connections on a listener (and
+/// segments per socket): a fleet of agents all dialing one control plane needs more than
+/// the default.
+pub fn new_sim_sized<'a>(
+    seed: u64,
+    plan: &Schedule,
+    tick: Duration,
+    tcp_capacity: usize,
+) -> turmoil::Sim<'a> {
     turmoil::Builder::new()
+        .tcp_capacity(tcp_capacity)
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
         .simulation_duration(plan.run_for + Duration::from_secs(10))
@@ -131,6 +148,9 @@ pub enum Prepare {
     EnrollTokens(usize),
     /// `agent1` enrolled already (id `agt_sim`): its credential.
     EnrolledAgent,
+    /// This many agents enrolled already, named [`agent_name`]`(i)` with id `agt_sim{i}`:
+    /// their credentials, in order.
+    EnrolledAgents(usize),
     /// An operator user `ops` and an API token for it.
     OperatorToken,
     /// A webhook alert channel `ops` posting to this URL (signing key `sim-key`).
@@ -168,23 +188,13 @@ pub fn prepare(dir: &Path, seed: u64, steps: &[Prepare]) -> anyhow::Result<Vec<S
                     }
                 }
                 Prepare::EnrolledAgent => {
-                    let token = auth::new_secret(&world, SecretKind::EnrollToken);
-                    storage
-                        .create_enroll_token(&auth::secret_hash(&token), now, now + 3_600_000)
-                        .await?;
-                    let credential = auth::new_secret(&world, SecretKind::AgentCredential);
-                    let enrolled = storage
-                        .enroll_agent(EnrollAttempt {
-                            token_hash: auth::secret_hash(&token),
-                            enrollment_id: "sim".into(),
-                            name: "agent1".into(),
-                            new_agent_id: "agt_sim".into(),
-                            credential_hash: auth::secret_hash(&credential),
-                            now_ms: now,
-                        })
-                        .await?;
-                    anyhow::ensure!(matches!(enrolled, Enrollment::Enrolled { .. }), "enroll");
-                    secrets.push(credential);
+                    secrets.push(enroll(&world, &storage, "agent1", "").await?);
+                }
+                Prepare::EnrolledAgents(n) => {
+                    for i in 0..n {
+                        secrets
+                            .push(enroll(&world, &storage, &agent_name(i), &i.to_string()).await?);
+                    }
                 }
                 Prepare::AlertChannel(url) => {
                     let spec = serde_json::json!({"name": "ops", "kind": "webhook", "url": url,
@@ -227,6 +237,42 @@ pub fn prepare(dir: &Path, seed: u64, steps: &[Prepare]) -> anyhow::Result<Vec<S
         })?;
     }
     Ok(secrets)
+}
+
+/// The name of the `i`-th of [`Prepare::EnrolledAgents`] (0-based): `agent001` on, so names
+/// sort as the agents are numbered.
+pub fn agent_name(i: usize) -> String {
+    format!("agent{:03}", i + 1)
+}
+
+/// Enroll agent `name` (id `agt_sim{suffix}`) as its first start would: its credential.
+async fn enroll(
+    world: &World,
+    storage: &control_plane::storage::Storage,
+    name: &str,
+    suffix: &str,
+) -> anyhow::Result<String> {
+    let now = world.now_unix_ms();
+    let token = auth::new_secret(world, SecretKind::EnrollToken);
+    storage
+        .create_enroll_token(&auth::secret_hash(&token), now, now + 3_600_000)
+        .await?;
+    let credential = auth::new_secret(world, SecretKind::AgentCredential);
+    let enrolled = storage
+        .enroll_agent(EnrollAttempt {
+            token_hash: auth::secret_hash(&token),
+            enrollment_id: format!("sim{suffix}"),
+            name: name.into(),
+            new_agent_id: format!("agt_sim{suffix}"),
+            credential_hash: auth::secret_hash(&credential),
+            now_ms: now,
+        })
+        .await?;
+    anyhow::ensure!(
+        matches!(enrolled, Enrollment::Enrolled { .. }),
+        "enroll {name}"
+    );
+    Ok(credential)
 }
 
 /// A scenario's side of the fault loop.

@@ -10,6 +10,7 @@ pub mod harness;
 pub mod link;
 pub mod metrics;
 pub mod processes;
+pub mod rollouts;
 pub mod run;
 pub mod scenario;
 pub mod ssh;

@@ -80,7 +80,8 @@ pub fn schedule(scenario: Scenario, rng: &mut StdRng) -> Schedule {
             | Scenario::Metrics
             | Scenario::Ssh
             | Scenario::Terminal
-            | Scenario::Alerts => rng.random_range(0..5),
+            | Scenario::Alerts
+            | Scenario::Rollouts => rng.random_range(0..5),
         };
         match kind {
             0 => {

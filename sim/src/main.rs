@@ -26,7 +26,7 @@ enum Cmd {
     Run {
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// partition | hold | bounce | mixed | tasks | metrics | ssh | terminal | alerts
+        /// partition | hold | bounce | mixed | tasks | metrics | ssh | terminal | alerts | rollouts
         #[arg(long)]
         scenario: Option<String>,
         /// How many consecutive seeds to run.

@@ -116,6 +116,9 @@ struct Table {
     supervised: usize,
     /// The pool's slots: new runs supervised at once, at most.
     slots: Option<usize>,
+    /// Set by [`SimProcesses::decided`]: no process hangs and no keeper dies; a process fails
+    /// (exit code 1) exactly when its task id is listed here.
+    decided: Option<std::collections::BTreeSet<String>>,
 }
 
 /// One run supervised; counted off when its supervision ends or is dropped with its agent.
@@ -209,6 +212,14 @@ impl SimProcesses {
         self
     }
 
+    /// Processes whose fate the scenario chose: each ends by itself within 1 to 12 s, no
+    /// keeper dies, and a process fails (exit code 1) exactly when its task id is in
+    /// `failing`. For scenarios that check what is built on the task runtime.
+    pub fn decided(self, failing: std::collections::BTreeSet<String>) -> SimProcesses {
+        self.lock().decided = Some(failing);
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         match self.table.lock() {
             Ok(g) => g,
@@ -263,15 +274,26 @@ impl SimProcesses {
         let h = mix(self.seed, task_id, run_id);
         let start = now();
         let intent_at = start + Duration::from_millis(1 + (h >> 16) % 40);
-        let ends_at = match h % 10 {
-            0 => None, // hangs
+        let decided = self
+            .lock()
+            .decided
+            .as_ref()
+            .map(|failing| failing.contains(task_id));
+        let ends_at = match (h % 10, decided) {
+            (_, Some(_)) => Some(intent_at + Duration::from_millis(1_000 + (h >> 8) % 11_000)),
+            (0, None) => None, // hangs
             _ => Some(intent_at + Duration::from_millis(100 + (h >> 8) % 20_000)),
         };
-        let exit_code = if (h >> 40).is_multiple_of(5) { 1 } else { 0 };
+        let exit_code = match decided {
+            Some(fails) => i32::from(fails),
+            None if (h >> 40).is_multiple_of(5) => 1,
+            None => 0,
+        };
         // One keeper in 16 dies, at one of three places (a mix of its own, so the rest of
-        // the model draws what it drew before).
+        // the model draws what it drew before); none where the fate was decided.
         let w = mix(self.seed, "keeper", run_id);
         let keeper_dies = match (w % 16, ends_at) {
+            _ if decided.is_some() => None,
             (0, _) => Some((intent_at, KeeperDeath::AfterIntent)),
             (1, Some(end)) => Some((intent_at + (end - intent_at) / 2, KeeperDeath::WhileRunning)),
             (1, None) => Some((

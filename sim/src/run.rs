@@ -29,6 +29,7 @@ pub fn schedule(scenario: Scenario, seed: u64) -> Schedule {
         Scenario::Ssh => crate::ssh::schedule(),
         Scenario::Terminal => crate::terminal::schedule(&mut rng),
         Scenario::Alerts => crate::alerts::schedule(&mut rng),
+        Scenario::Rollouts => crate::rollouts::schedule(&mut rng),
         Scenario::Partition | Scenario::Hold | Scenario::Bounce | Scenario::Mixed => {
             crate::link::schedule(scenario, &mut rng)
         }
@@ -44,6 +45,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, echo: bool) -> Outcome {
         Scenario::Ssh => crate::ssh::simulate_ssh(seed, &plan),
         Scenario::Terminal => crate::terminal::simulate_terminal(seed, &plan),
         Scenario::Alerts => crate::alerts::simulate_alerts(seed, &plan),
+        Scenario::Rollouts => crate::rollouts::simulate_rollouts(seed, &plan),
         Scenario::Partition | Scenario::Hold | Scenario::Bounce | Scenario::Mixed => {
             crate::link::simulate(seed, scenario, &plan)
         }

@@ -33,9 +33,13 @@ pub enum Scenario {
     /// for an hour (cut off or refusing) and the control plane crashes; every notification
     /// arrives afterwards, in order, at most once more.
     Alerts,
+    /// Rollouts: one rollout over 200 agents' real task runtimes, halting on a wave's error
+    /// budget or finishing, with the driving control plane crashed mid-wave, agents cut off
+    /// before and during their wave; every host runs the action at most once.
+    Rollouts,
 }
 
-pub const ALL: [Scenario; 9] = [
+pub const ALL: [Scenario; 10] = [
     Scenario::Partition,
     Scenario::Hold,
     Scenario::Bounce,
@@ -45,6 +49,7 @@ pub const ALL: [Scenario; 9] = [
     Scenario::Ssh,
     Scenario::Terminal,
     Scenario::Alerts,
+    Scenario::Rollouts,
 ];
 
 impl Scenario {
@@ -59,6 +64,7 @@ impl Scenario {
             Scenario::Ssh => "ssh",
             Scenario::Terminal => "terminal",
             Scenario::Alerts => "alerts",
+            Scenario::Rollouts => "rollouts",
         }
     }
 
@@ -69,6 +75,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed | Scenario::Alerts => 3,
+            Scenario::Rollouts => crate::rollouts::AGENTS,
             Scenario::Tasks | Scenario::Metrics | Scenario::Ssh | Scenario::Terminal => 1,
             _ => 2,
         }

@@ -171,7 +171,7 @@ fn random_tasks(seed: u64) -> Vec<TaskSpec> {
 /// Commands at once on the simulated agent (as many more wait dispatched ahead).
 const CONCURRENCY_MAX: usize = 3;
 
-fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
+pub(crate) fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
     RuntimeConfig {
         db_path: dir.join("tasks.db"),
         core: Config {

@@ -210,3 +210,61 @@ async fn a_rollout_runs_in_waves_halts_on_its_budget_and_a_retry_after_the_fix_f
         "approve (in the browser), retry-failed, abort: {audit}"
     );
 }
+
+/// The health gate after a wave: a task of the canary's own that fails after the rollout's
+/// task was given to it (here a command due a few seconds later) halts the rollout at the
+/// gate, naming the host and the task; the next wave never starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_on_the_canary_after_the_change_halts_the_rollout_at_its_gate() {
+    let cp = ControlPlane::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "[tasks]\nrun_as = \"root\"\n").expect("config");
+    let _db1 = Agent::online(&cp, "db1", &config).await;
+    let _db2 = Agent::online(&cp, "db2", &config).await;
+    let listed = cp
+        .api(http::Method::GET, "/api/v1/agents", None)
+        .await
+        .expect("list");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).expect("json");
+    let db1 = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "db1"))
+        .and_then(|a| a["id"].as_str())
+        .expect("db1's id")
+        .to_string();
+    let (status, body) = cp
+        .post(
+            &format!("/api/v1/agents/{db1}/tasks"),
+            serde_json::json!({"kind": "command", "argv": ["false"], "in": "4s", "key": "nightly-check"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp
+        .post(
+            "/api/v1/rollouts",
+            serde_json::json!({
+                "name": "gated",
+                "agents": ["db*"],
+                "waves": [1, "100%"],
+                "soak": "8s",
+                "gate_wait": "0s",
+                "task": {"kind": "command", "argv": ["true"]},
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let v = wait_rollout(&cp, &id, "halted at its gate", |v| v["state"] == "halted").await;
+    let reason = v["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("health gate after wave 1")
+            && reason.contains("db1: its task nightly-check (command) failed since the change"),
+        "{v}"
+    );
+    assert_eq!(host(&v, "db1")["state"], "ok", "{v}");
+    assert_eq!(host(&v, "db2")["state"], "not_started", "{v}");
+}

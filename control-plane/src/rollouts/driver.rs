@@ -314,7 +314,12 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
     }
     if r.rollout.state == State::Running {
         start_hosts(relay, &mut r, &online, &mut changed, now_ms).await;
-        advance(&mut r, |agent_id| online.contains(agent_id), now_ms);
+        let gate = if gate_due(&r, now_ms) {
+            Some(gate_check(state, &r, &online).await?)
+        } else {
+            None
+        };
+        advance(&mut r, gate.as_deref(), now_ms);
     }
     if !r.rollout.state.open() {
         for (i, h) in r.hosts.iter_mut().enumerate() {
@@ -508,15 +513,78 @@ fn dispatched(h: &mut Host, task_id: String, now_ms: i64) {
     h.dispatched_ms = Some(now_ms);
 }
 
-/// When the wave's hosts have all ended: soak, check the gate, then the next wave (or wait
-/// for approval after the canary, or end).
-fn advance(r: &mut Loaded, online: impl Fn(&str) -> bool, now_ms: i64) {
+/// Whether the current wave has ended and soaked: its gate is to be checked.
+fn gate_due(r: &Loaded, now_ms: i64) -> bool {
+    !wave_open(r) && r.rollout.soak_until_ms.is_some_and(|until| now_ms >= until)
+}
+
+fn wave_open(r: &Loaded) -> bool {
     let wave = r.rollout.wave;
-    let open = r
+    r.hosts
+        .iter()
+        .any(|h| h.wave == wave && matches!(h.state, HostState::Pending | HostState::Dispatched))
+}
+
+/// Task history read per host for the gate, at most.
+const GATE_TASKS_READ: i64 = 200;
+
+/// The health gate after a wave: each host the wave changed must be online, and no task of
+/// its own may have failed since the rollout's task was given to it. What fails it, one
+/// line per host.
+async fn gate_check(
+    state: &Handles,
+    r: &Loaded,
+    online: &BTreeSet<String>,
+) -> Result<Vec<String>, String> {
+    let mut failing = Vec::new();
+    for h in r
         .hosts
         .iter()
-        .any(|h| h.wave == wave && matches!(h.state, HostState::Pending | HostState::Dispatched));
-    if open {
+        .filter(|h| h.wave == r.rollout.wave && h.state == HostState::Ok)
+    {
+        if !online.contains(&h.agent_id) {
+            failing.push(format!("{}: offline since the change", h.agent));
+            continue;
+        }
+        let since = h.dispatched_ms.unwrap_or(r.rollout.wave_started_ms);
+        let tasks = state
+            .storage
+            .agent_tasks(&h.agent_id, GATE_TASKS_READ)
+            .await
+            .map_err(|e| e.to_string())?;
+        let failed = tasks
+            .iter()
+            .filter_map(|json| serde_json::from_str::<TaskSnapshot>(json).ok())
+            .filter(|t| h.task_id.as_deref() != Some(t.id.as_str()))
+            .find(|t| t.runs.iter().any(|run| failed_since(run, since)));
+        if let Some(t) = failed {
+            failing.push(format!(
+                "{}: its task {} ({}) failed since the change",
+                h.agent,
+                if t.key.is_empty() { &t.id } else { &t.key },
+                t.kind
+            ));
+        }
+    }
+    Ok(failing)
+}
+
+/// A run that failed (or was aborted) after `since_ms`.
+fn failed_since(run: &proto::RunSnapshot, since_ms: i64) -> bool {
+    matches!(run.status.as_str(), "failed" | "aborted")
+        && run
+            .finished_at
+            .as_deref()
+            .and_then(|t| crate::time::parse_ms("finished_at", t).ok())
+            .is_some_and(|ms| ms >= since_ms)
+}
+
+/// When the wave's hosts have all ended: soak, then the gate (`gate`: what fails it, checked
+/// once the soak is over, [`gate_due`]); the rollout waits up to `gate_wait` for it to pass,
+/// then halts; past it, the next wave (or wait for approval after the canary, or end).
+fn advance(r: &mut Loaded, gate: Option<&[String]>, now_ms: i64) {
+    let wave = r.rollout.wave;
+    if wave_open(r) {
         return;
     }
     let soak_until = *r
@@ -526,23 +594,26 @@ fn advance(r: &mut Loaded, online: impl Fn(&str) -> bool, now_ms: i64) {
     if now_ms < soak_until {
         return;
     }
-    // The gate: every host the wave changed is still online after the soak.
-    let down: Vec<&str> = r
-        .hosts
-        .iter()
-        .filter(|h| h.wave == wave && h.state == HostState::Ok)
-        .filter(|h| !online(&h.agent_id))
-        .map(|h| h.agent.as_str())
-        .collect();
-    if !down.is_empty() {
+    let Some(failing) = gate else {
+        // Checked on the next step.
+        return;
+    };
+    if !failing.is_empty() {
+        let wait_until = soak_until + r.rollout.plan.gate_wait_s as i64 * 1000;
+        let what = failing.join("; ");
+        if now_ms < wait_until {
+            r.rollout.reason = Some(format!(
+                "health gate after wave {wave}: waiting up to {} s more for: {what}",
+                (wait_until - now_ms + 999) / 1000
+            ));
+            return;
+        }
         r.rollout.state = State::Halted;
-        r.rollout.reason = Some(format!(
-            "health gate after wave {wave}: offline since the change: {}",
-            down.join(", ")
-        ));
+        r.rollout.reason = Some(format!("health gate after wave {wave}: {what}"));
         r.rollout.ended_ms = Some(now_ms);
         return;
     }
+    r.rollout.reason = None;
     let waves = r.rollout.plan.waves.len();
     if wave >= waves {
         r.rollout.state = State::Done;
@@ -851,11 +922,13 @@ mod tests {
             "waves = [1, \"100%\"]\nsoak = \"10s\"\napprove_after_canary = true",
         );
         set(&mut r, 1, HostState::Ok, 1);
-        advance(&mut r, |_| true, 1_000);
+        advance(&mut r, None, 1_000);
         assert_eq!((r.rollout.wave, r.rollout.soak_until_ms), (1, Some(11_000)));
-        advance(&mut r, |_| true, 10_999);
+        assert!(!gate_due(&r, 10_999));
+        advance(&mut r, Some(&[]), 10_999);
         assert_eq!(r.rollout.wave, 1, "still soaking");
-        advance(&mut r, |_| true, 11_000);
+        assert!(gate_due(&r, 11_000));
+        advance(&mut r, Some(&[]), 11_000);
         assert_eq!(
             (r.rollout.wave, r.rollout.state),
             (2, State::AwaitingApproval)
@@ -867,12 +940,19 @@ mod tests {
             (State::Running, 12_000)
         );
         set(&mut r, 2, HostState::Ok, 9);
-        advance(&mut r, |id| id != "a5", 13_000);
-        advance(&mut r, |id| id != "a5", 23_000);
+        advance(&mut r, None, 13_000);
+        let down = ["db05: offline since the change".to_string()];
+        // The gate waits (5 minutes by default) for the host to come back.
+        advance(&mut r, Some(&down), 23_000);
+        assert_eq!(r.rollout.state, State::Running, "{:?}", r.rollout.reason);
+        assert!(r.rollout.reason.as_deref().unwrap_or("").contains("300 s"));
+        advance(&mut r, Some(&down), 23_000 + 299_999);
+        assert_eq!(r.rollout.state, State::Running);
+        advance(&mut r, Some(&down), 23_000 + 300_000);
         assert_eq!(
             r.rollout.state,
             State::Halted,
-            "a host went offline after the change"
+            "a host stayed offline after the change"
         );
         assert!(
             r.rollout.reason.as_deref().unwrap_or("").contains("db05"),

@@ -73,6 +73,18 @@ pub struct RolloutSpec {
     /// How long `wait` waits for an offline host, e.g. `1h` (default 1h).
     #[serde(default)]
     pub offline_deadline: Option<String>,
+    /// How long the health gate after a wave waits for its hosts to pass (back online, no
+    /// new task failure) before it halts the rollout, e.g. `5m` (default 5m; `0s` halts at
+    /// the first check).
+    #[serde(default)]
+    pub gate_wait: Option<String>,
+}
+
+/// The health gate's wait when the spec gives none.
+const GATE_WAIT_S: u64 = 300;
+
+fn default_gate_wait_s() -> u64 {
+    GATE_WAIT_S
 }
 
 fn default_waves() -> Vec<WaveSize> {
@@ -144,6 +156,9 @@ pub struct Plan {
     /// `wait` or `skip`.
     pub offline: String,
     pub offline_deadline_s: u64,
+    /// How long the gate after a wave waits for its hosts to pass before halting.
+    #[serde(default = "default_gate_wait_s")]
+    pub gate_wait_s: u64,
     /// Targets offline now.
     pub offline_now: usize,
 }
@@ -243,6 +258,7 @@ impl RolloutSpec {
             }
         }
         duration_s("offline_deadline", &self.offline_deadline, 3600)?;
+        duration_s("gate_wait", &self.gate_wait, GATE_WAIT_S)?;
         Ok(())
     }
 
@@ -310,6 +326,7 @@ impl RolloutSpec {
             approve_after_canary: self.approve_after_canary,
             offline: self.offline.clone().unwrap_or_else(|| "wait".into()),
             offline_deadline_s: duration_s("offline_deadline", &self.offline_deadline, 3600)?,
+            gate_wait_s: duration_s("gate_wait", &self.gate_wait, GATE_WAIT_S)?,
             offline_now: targets.iter().filter(|t| !t.online).count(),
         })
     }
