@@ -13,6 +13,12 @@
 //! archiving) next to the fleet list's (`GET /api/v1/agents`), p95 of six calls each. Then a
 //! reconnect storm: kill -9 the replica with the largest fleet connected, restart it, and time
 //! until every agent has its welcome again, with the replica's peak CPU on the way.
+//!
+//! At the step with `OUTPOST_FLEET_ROLLOUT` agents (default 5,000; 0: none), a rollout of a
+//! `command` task over all of them (a canary, 10 %, the rest; 500 at once): the simulated
+//! agents take the task as the real one does (a second one with the same key is refused)
+//! and report it done 0.5 to 1.5 s later. Measured: when each wave's first task arrives after
+//! the previous wave's last report, and `GET /api/v1/rollouts/{id}` p95 while it runs.
 #![allow(clippy::disallowed_methods)] // a load generator measures wall time and owns sockets
 
 #[path = "../tests/it/harness.rs"]
@@ -58,9 +64,19 @@ struct Counters {
     rows_acked: AtomicU64,
 }
 
+/// When the simulated agents were given a rollout's task and reported it done, by agent.
+#[derive(Default)]
+struct RolloutSeen {
+    given: std::collections::BTreeMap<usize, Instant>,
+    /// The same, in Unix milliseconds (to compare with the control plane's times).
+    given_ms: std::collections::BTreeMap<usize, i64>,
+    reported: std::collections::BTreeMap<usize, Instant>,
+}
+
 struct Fleet {
     /// Replicas; agent `i` uses `urls[i % len]`.
     urls: Vec<String>,
+    rollout: std::sync::Mutex<RolloutSeen>,
     samples: Mutex<Samples>,
     counters: Counters,
     /// Measuring: latencies are kept.
@@ -187,6 +203,10 @@ async fn run_agent(fleet: Arc<Fleet>, agent: Agent, stop: Arc<AtomicBool>) {
     // The first heartbeat and delivery at a random phase, as a fleet started over time would be.
     let phase = Duration::from_millis(u64::from_le_bytes(world.random_bytes::<8>()) % 5000);
     let mut next_metrics = Instant::now() + METRICS_EVERY.mul_f64((agent.index % 15) as f64 / 15.0);
+    // Its task runtime: the keys it holds, and the tasks that ended, to report.
+    let mut keys = std::collections::BTreeSet::new();
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<proto::TaskSnapshot>();
+    let mut event_seq = 0i64;
     while !stop.load(Ordering::Relaxed) {
         let ws = world::ws_connect(
             &world,
@@ -266,12 +286,23 @@ async fn run_agent(fleet: Arc<Fleet>, agent: Agent, stop: Arc<AtomicBool>) {
                                 fleet.samples.lock().await.heartbeat_us.push(at.elapsed().as_micros() as u64);
                             }
                         }
-                        Ok(proto::ServerMessage::Command { id, .. }) => {
-                            let ack = proto::AgentMessage::CommandAck { id, ok: false, result: None, error: Some(proto::WireError::new(proto::ErrorCode::Unavailable, "fleet bench agent")) };
+                        Ok(proto::ServerMessage::Command { id, command }) => {
+                            let ack = match command {
+                                proto::Command::TaskAdd { task } => task_added(&fleet, &agent, id, &task, &mut keys, &ended_tx),
+                                _ => proto::AgentMessage::CommandAck { id, ok: false, result: None, error: Some(proto::WireError::new(proto::ErrorCode::Unavailable, "fleet bench agent")) },
+                            };
                             let _ = ws.send(Message::Text(serde_json::to_string(&ack).expect("json").into())).await;
                         }
                         _ => {}
                     }
+                }
+                Some(task) = ended_rx.recv(), if welcomed => {
+                    event_seq += 1;
+                    let events = proto::AgentMessage::TaskEvents { events: vec![proto::TaskEvent { seq: event_seq, task }] };
+                    if ws.send(Message::Text(serde_json::to_string(&events).expect("json").into())).await.is_err() {
+                        break true;
+                    }
+                    fleet.rollout.lock().expect("lock").reported.insert(agent.index, Instant::now());
                 }
             }
         };
@@ -285,6 +316,173 @@ async fn run_agent(fleet: Arc<Fleet>, agent: Agent, stop: Arc<AtomicBool>) {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("{t:.3}"))
+        .unwrap_or_default()
+}
+
+/// A simulated agent takes task `task` (command `id`) as the real one does: refused when it
+/// holds the key already, else queued at once and done 0.5 to 1.5 s later (sent on `ended`).
+fn task_added(
+    fleet: &Fleet,
+    agent: &Agent,
+    id: u64,
+    task: &proto::TaskRequest,
+    keys: &mut std::collections::BTreeSet<String>,
+    ended: &tokio::sync::mpsc::UnboundedSender<proto::TaskSnapshot>,
+) -> proto::AgentMessage {
+    let key = task.key.clone().unwrap_or_default();
+    if !keys.insert(key.clone()) {
+        let error = proto::WireError::new(
+            proto::ErrorCode::Refused,
+            format!("a task with key {key:?} already exists"),
+        );
+        return proto::AgentMessage::CommandAck {
+            id,
+            ok: false,
+            result: None,
+            error: Some(error),
+        };
+    }
+    let now = now_ms();
+    {
+        let mut seen = fleet.rollout.lock().expect("lock");
+        seen.given.insert(agent.index, Instant::now());
+        seen.given_ms.insert(agent.index, now);
+    }
+    let took = 500 + (u64::from_le_bytes(World::real().random_bytes::<8>()) % 1000) as i64;
+    let snapshot = |status: &str, runs: Vec<proto::RunSnapshot>| proto::TaskSnapshot {
+        id: proto::task_id(&key),
+        kind: task.kind.clone(),
+        status: status.into(),
+        schedule: "once".into(),
+        key: key.clone(),
+        created_at: rfc3339(now),
+        next_run_at: None,
+        runs,
+        window: None,
+        critical: false,
+    };
+    let done = snapshot(
+        "done",
+        vec![proto::RunSnapshot {
+            run_id: 1,
+            started_at: Some(rfc3339(now)),
+            finished_at: Some(rfc3339(now + took)),
+            status: "done".into(),
+            exit_code: Some(0),
+            error: None,
+            output_bytes: 0,
+            output_dropped_bytes: 0,
+        }],
+    );
+    let ended = ended.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(took as u64)).await;
+        let _ = ended.send(done);
+    });
+    let queued = snapshot("queued", Vec::new());
+    proto::AgentMessage::CommandAck {
+        id,
+        ok: true,
+        result: Some(proto::CommandResult::Task { task: queued }),
+        error: None,
+    }
+}
+
+/// A rollout over the whole fleet (see the module's doc): its figures, printed.
+async fn rollout_over(fleet: &Fleet, cp: &ControlPlane, label: &str, agents: usize) {
+    const IN_FLIGHT: usize = 500;
+    let (status, body) = cp
+        .post(
+            "/api/v1/rollouts",
+            serde_json::json!({
+                "name": "bench",
+                "agents": ["fleet-*"],
+                "waves": [1, "10%", "100%"],
+                "max_in_flight": IN_FLIGHT,
+                "max_errors": "1%",
+                "task": {"kind": "command", "argv": ["true"]},
+            }),
+        )
+        .await;
+    if status != 201 {
+        eprintln!("{label}: the rollout was refused ({status}): {body}");
+        return;
+    }
+    let created: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let id = created["id"].as_str().expect("id").to_string();
+    let waves: Vec<Vec<usize>> = created["plan"]["waves"]
+        .as_array()
+        .expect("waves")
+        .iter()
+        .map(|w| {
+            w["hosts"]
+                .as_array()
+                .expect("hosts")
+                .iter()
+                .filter_map(|h| h["agent"].as_str()?.strip_prefix("fleet-")?.parse().ok())
+                .collect()
+        })
+        .collect();
+    let start = Instant::now();
+    let path = format!("/api/v1/rollouts/{id}");
+    let mut reads = Vec::new();
+    let mut state = String::new();
+    let mut last_started_ms = 0i64;
+    while start.elapsed() < Duration::from_secs(900) {
+        let t = Instant::now();
+        if let Some(r) = cp.api(http::Method::GET, &path, None).await
+            && r.status == 200
+        {
+            reads.push(t.elapsed().as_secs_f64() * 1000.0);
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            state = v["state"].as_str().unwrap_or("").to_string();
+            last_started_ms = v["wave_started_ms"].as_i64().unwrap_or(0);
+            if state == "done" || state == "halted" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = start.elapsed();
+    let seen = fleet.rollout.lock().expect("lock");
+    let mut gaps = Vec::new();
+    for pair in waves.windows(2) {
+        let last = pair[0].iter().filter_map(|i| seen.reported.get(i)).max();
+        let first = pair[1].iter().filter_map(|i| seen.given.get(i)).min();
+        gaps.push(match (last, first) {
+            (Some(l), Some(f)) => format!("{:.2} s", f.saturating_duration_since(*l).as_secs_f64()),
+            _ => "never".into(),
+        });
+    }
+    // The last wave started in the step whose gate passed: its first task after that step began.
+    let last_first_ms = waves
+        .last()
+        .and_then(|w| w.iter().filter_map(|i| seen.given_ms.get(i)).min())
+        .map(|ms| ms - last_started_ms);
+    let given = seen.given.len();
+    let mut us: Vec<u64> = reads.iter().map(|ms| (ms * 1000.0) as u64).collect();
+    let p95 = percentile(&mut us, 0.95);
+    let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
+    eprintln!(
+        "{label} rollout over {agents} agents (waves {}, {IN_FLIGHT} at once, tasks of 0.5-1.5 s): {state} in {:.1} s, {given} hosts given the task ({:.0}/s)",
+        sizes.join("/"),
+        took.as_secs_f64(),
+        given as f64 / took.as_secs_f64()
+    );
+    eprintln!(
+        "{label} rollout: next wave's first task after the previous wave's last report (its collection, the gate and the dispatch): {}; the last wave's first task {} ms after the start of the step whose gate passed (target: next wave <= 2 s after its gate passes)",
+        gaps.join(", "),
+        last_first_ms.map_or("?".to_string(), |ms| ms.to_string())
+    );
+    eprintln!(
+        "{label} rollout: GET /api/v1/rollouts/{{id}} p95 {p95:.1} ms over {} reads while it ran (target <= 300 ms)",
+        reads.len()
+    );
 }
 
 async fn deliver(fleet: &Fleet, url: &url::Url, credential: &str, body: Vec<u8>) {
@@ -493,6 +691,7 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
     let fleet = Arc::new(Fleet {
         urls: vec![cp.url()],
         samples: Mutex::new(Samples::default()),
+        rollout: Default::default(),
         counters: Counters::default(),
         measuring: AtomicBool::new(false),
     });
@@ -520,6 +719,9 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
             row.offline_shown
         );
         rows.push(row);
+        if target == rollout_at() {
+            rollout_over(&fleet, &cp, label, target).await;
+        }
     }
 
     // Reconnect storm: kill -9 with the whole fleet connected, restart, time every welcome.
@@ -623,6 +825,14 @@ async fn run_backend(label: &str, storage: &[&str], steps: &[usize]) -> Option<R
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     rows.pop()
+}
+
+/// The step at which a rollout over the fleet is measured (`OUTPOST_FLEET_ROLLOUT`).
+fn rollout_at() -> usize {
+    std::env::var("OUTPOST_FLEET_ROLLOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000)
 }
 
 /// Enroll agents `from..to`, start them, and wait until all are welcomed.
@@ -733,6 +943,7 @@ async fn run_pair(storage: &[&str], redis_url: &str, per_replica: usize, single:
     let fleet = Arc::new(Fleet {
         urls: replicas.iter().map(|cp| cp.url()).collect(),
         samples: Mutex::new(Samples::default()),
+        rollout: Default::default(),
         counters: Counters::default(),
         measuring: AtomicBool::new(false),
     });

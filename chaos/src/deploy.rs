@@ -87,6 +87,7 @@ impl Deployment {
         let receipts = root.join("receipts");
         std::fs::create_dir_all(&markers)?;
         std::fs::create_dir_all(&receipts)?;
+        std::fs::create_dir_all(root.join(crate::workload::ROLLOUT_RECEIPTS))?;
 
         eprintln!("chaos: Postgres for storage, Redis, the monitored Postgres …");
         let (storage_pg, storage_url) = start_storage(&pg_bin, root, &logs).await?;
@@ -612,6 +613,8 @@ async fn start_agents(
             logs.join(format!("{name}.log")),
         )
         .in_netns(&netns.name);
+        // Task commands inherit it: a rollout's command says which agent ran it.
+        service.set_env("OUTPOST_CHAOS_AGENT", Some(&name));
         service.start()?;
         all.push(Agent {
             index,

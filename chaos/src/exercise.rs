@@ -15,7 +15,7 @@ use crate::faults::{self, Done, Kind, Shared};
 use crate::report::{Report, Sample};
 use crate::resources::{self, Series};
 use crate::verdict::{self, Outcome, Verdict};
-use crate::workload::{self, AskedTask, ExecRun, TaskShape, TerminalLedger};
+use crate::workload::{self, AskedTask, ExecRun, RolloutRun, TaskShape, TerminalLedger};
 use crate::{Args, RECOVERY_BOUND, api};
 
 /// Milliseconds since `started`.
@@ -33,6 +33,9 @@ struct Workloads {
     asked: Arc<Mutex<Vec<AskedTask>>>,
     terminal: Arc<Mutex<TerminalLedger>>,
     execs: Arc<Mutex<Vec<ExecRun>>>,
+    rollouts: Arc<Mutex<Vec<RolloutRun>>>,
+    /// Where rollouts' commands leave their receipts.
+    rollout_receipts: std::path::PathBuf,
     samples: Arc<Mutex<Vec<Sample>>>,
     resources: Arc<Mutex<Series>>,
     /// What the alert receiver took.
@@ -152,6 +155,12 @@ async fn start_workloads(
         args.ssh_hosts,
         work,
     ));
+    let rollouts: Arc<Mutex<Vec<RolloutRun>>> = Arc::default();
+    let rollout_receipts = receipts
+        .parent()
+        .unwrap_or(&receipts)
+        .join(workload::ROLLOUT_RECEIPTS);
+    loops.push(spawn_rollout_loop(&api, &rollouts, &rollout_receipts, work));
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let resources: Arc<Mutex<Series>> = Arc::default();
     let sampler = spawn_sampler(&api, &samples, &resources, d, &agent_ids, started, stop);
@@ -164,6 +173,8 @@ async fn start_workloads(
         asked,
         terminal,
         execs,
+        rollouts,
+        rollout_receipts,
         samples,
         resources,
         alerts,
@@ -237,6 +248,35 @@ fn spawn_exec_loop(
             tokio::select! {
                 () = work.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+    })
+}
+
+/// A rollout over every agent every 40 s, alternating replicas; they overlap the faults.
+fn spawn_rollout_loop(
+    api: &Arc<api::Api>,
+    rollouts: &Arc<Mutex<Vec<RolloutRun>>>,
+    receipts: &Path,
+    work: &CancellationToken,
+) -> JoinHandle<()> {
+    let (api, rollouts, receipts, work) = (
+        Arc::clone(api),
+        Arc::clone(rollouts),
+        receipts.to_path_buf(),
+        work.clone(),
+    );
+    tokio::spawn(async move {
+        let mut k = 0usize;
+        while !work.is_cancelled() {
+            let run = workload::rollout_once(&api, &format!("rollout-{k}"), &receipts, k).await;
+            if let Ok(mut l) = rollouts.lock() {
+                l.push(run);
+            }
+            k += 1;
+            tokio::select! {
+                () = work.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(40)) => {}
             }
         }
     })
@@ -544,6 +584,14 @@ async fn judge(
         let runs = w.execs.lock().map(|l| l.clone()).unwrap_or_default();
         verdicts.push(verdict::exec(&runs, &workload::read_receipts(&w.receipts)));
     }
+    // Rollouts: read as the replicas show them now (before the agents were stopped, the
+    // last ones had their 8 s to report).
+    let mut rollout_runs = w.rollouts.lock().map(|l| l.clone()).unwrap_or_default();
+    workload::rollouts_read(&w.api, &mut rollout_runs).await;
+    verdicts.push(verdict::rollouts(
+        &rollout_runs,
+        &workload::read_receipts(&w.rollout_receipts),
+    ));
     // Alerts.
     verdicts.push(alert_verdict(&psql, &g.storage_url, &w.alerts, end_ms));
     // Recovery.

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::workload::{AskedTask, ExecRun, TaskShape, TerminalLedger, read_markers};
+use crate::workload::{AskedTask, ExecRun, RolloutRun, TaskShape, TerminalLedger, read_markers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -832,4 +832,65 @@ mod alert_tests {
             unmarked.evidence
         );
     }
+}
+
+/// Rollouts: every target host ran a rollout's command at most once, and its recorded outcome
+/// agrees with its receipts (`ok`: it ran; never given or offline: it did not; a failed or
+/// canceled run may have written before it was stopped).
+pub fn rollouts(runs: &[RolloutRun], receipts: &BTreeMap<String, Vec<String>>) -> Verdict {
+    let mut invalid = Vec::new();
+    let mut unknown = Vec::new();
+    let mut states = BTreeMap::<String, usize>::new();
+    let mut hosts = BTreeMap::<String, usize>::new();
+    for run in runs {
+        let Some(id) = &run.id else {
+            continue;
+        };
+        if run.hosts.is_empty() {
+            unknown.push(format!(
+                "rollout {} ({id}): no replica showed it",
+                run.token
+            ));
+            continue;
+        }
+        *states.entry(run.state.clone()).or_default() += 1;
+        for (host, state) in &run.hosts {
+            *hosts.entry(state.clone()).or_default() += 1;
+            let ran = receipts
+                .get(host)
+                .map_or(0, |r| r.iter().filter(|t| **t == run.token).count());
+            if ran > 1 {
+                invalid.push(format!(
+                    "{host}: rollout {} ({id}) ran its command {ran} times",
+                    run.token
+                ));
+            }
+            match state.as_str() {
+                "ok" if ran == 0 => invalid.push(format!(
+                    "{host}: rollout {} ({id}) recorded ok without a receipt",
+                    run.token
+                )),
+                "offline" | "not_started" | "refused_by_policy" if ran > 0 => {
+                    invalid.push(format!(
+                        "{host}: rollout {} ({id}) recorded {state} but the command ran",
+                        run.token
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    let accepted = runs.iter().filter(|r| r.id.is_some()).count();
+    if accepted == 0 {
+        unknown.push("no rollout was accepted".to_string());
+    }
+    Verdict::new(
+        "rollouts: each host ran the command at most once, as recorded",
+        format!(
+            "{} rollouts asked for, {accepted} accepted; rollouts by state {states:?}; hosts by state {hosts:?}",
+            runs.len()
+        ),
+        invalid,
+        unknown,
+    )
 }

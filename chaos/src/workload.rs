@@ -645,3 +645,73 @@ pub async fn start_alert_path(api: &Api, sink: AlertSink) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Where rollouts' commands leave their receipts (beside `receipts`): one file per agent, one
+/// line per run, the rollout's token.
+pub const ROLLOUT_RECEIPTS: &str = "rollout-receipts";
+
+/// One rollout over every agent and what the control plane showed of it at the end.
+#[derive(Clone, Debug)]
+pub struct RolloutRun {
+    pub token: String,
+    pub id: Option<String>,
+    /// Its state (`running`, `done`, `halted`, …) and each host's (agent name → state), as
+    /// read at the end; empty when no replica answered.
+    pub state: String,
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// Start a rollout over every agent through the next replica: a canary then the rest, two at
+/// once, failures tolerated (faults fail runs; the ledger is what is judged), offline agents
+/// waited for a minute. Its command appends the token to the agent's receipt file.
+pub async fn rollout_once(api: &Api, token: &str, receipts: &Path, replica: usize) -> RolloutRun {
+    let script = format!(
+        "echo \"$0\" >> {}/\"$OUTPOST_CHAOS_AGENT\"",
+        receipts.display()
+    );
+    let body = json!({
+        "name": token,
+        "agents": ["chaos-a*"],
+        "waves": [1, "100%"],
+        "max_in_flight": 2,
+        "max_errors": "100%",
+        "soak": "2s",
+        "gate_wait": "20s",
+        "offline": "wait",
+        "offline_deadline": "60s",
+        "task": {"kind": "command", "argv": ["sh", "-c", script, token], "timeout": "30s"},
+    });
+    let target = api.replicas[replica % api.replicas.len()].clone();
+    let id = match api
+        .call_on(&target, Method::POST, "/api/v1/rollouts", Some(body))
+        .await
+    {
+        Ok((StatusCode::CREATED, v)) => v["id"].as_str().map(str::to_string),
+        _ => None,
+    };
+    RolloutRun {
+        token: token.to_string(),
+        id,
+        state: String::new(),
+        hosts: BTreeMap::new(),
+    }
+}
+
+/// Read each rollout's end state through any replica.
+pub async fn rollouts_read(api: &Api, runs: &mut [RolloutRun]) {
+    for run in runs.iter_mut() {
+        let Some(id) = &run.id else { continue };
+        if let Ok((s, v)) = api
+            .call(Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+            .await
+            && s.is_success()
+        {
+            run.state = v["state"].as_str().unwrap_or("").to_string();
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                if let (Some(agent), Some(state)) = (h["agent"].as_str(), h["state"].as_str()) {
+                    run.hosts.insert(agent.to_string(), state.to_string());
+                }
+            }
+        }
+    }
+}

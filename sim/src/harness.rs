@@ -408,3 +408,45 @@ pub fn control_plane_host(
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// The task runtime of a simulated agent in `dir`, over `processes`: `concurrency` commands
+/// at once (as many more dispatched ahead), two retries from 1 s, missed runs run once, and
+/// the pgBackRest kinds granted for stanza `main`.
+pub fn task_runtime(
+    dir: &Path,
+    processes: &crate::processes::SimProcesses,
+    concurrency: usize,
+) -> agent::tasks::driver::RuntimeConfig {
+    use std::sync::Arc;
+    agent::tasks::driver::RuntimeConfig {
+        db_path: dir.join("tasks.db"),
+        core: agent::tasks::core::Config {
+            concurrency_max: concurrency,
+            dispatch_ahead: concurrency,
+            retries_max: 2,
+            retry_base_ms: 1_000,
+            missed: agent::tasks::core::MissedRuns::RunOnce,
+        },
+        pool: agent::tasks::pool::PoolConfig {
+            grace: Duration::from_secs(2),
+            output_bytes_max: 1024,
+            postgres: None,
+            psql: "psql".into(),
+            pg_dump: "pg_dump".into(),
+            agent_exe: "outpost-agent".into(),
+            data_dir: dir.to_path_buf(),
+            run_as: agent::tasks::pool::RunAs::Agent,
+            policy: Arc::new(agent::tasks::policy::TaskPolicy {
+                backups: Some(agent::tasks::backup::BackupGrant {
+                    pgbackrest: "pgbackrest".into(),
+                    stanzas: vec!["main".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            processes: Arc::new(processes.clone()),
+        },
+        history_retention: Duration::from_secs(30 * 24 * 3600),
+        backup_ended: Arc::default(),
+    }
+}

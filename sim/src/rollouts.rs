@@ -139,6 +139,7 @@ fn spec() -> RolloutSpec {
         offline: Some("wait".into()),
         offline_deadline: Some("4m".into()),
         gate_wait: None,
+        max_replication_lag: None,
     }
 }
 
@@ -272,7 +273,7 @@ async fn run_agent(
     processes: SimProcesses,
     mut link: LinkConfig,
 ) -> anyhow::Result<()> {
-    let config = crate::tasks::runtime_config(data_dir, &processes);
+    let config = harness::task_runtime(data_dir, &processes, 3);
     let db = config.db_path.clone();
     let (requests, requests_rx) = mpsc::channel(64);
     let (ready, recovered) = oneshot::channel();

@@ -75,7 +75,7 @@ impl Scenario {
     pub fn agents(self) -> usize {
         match self {
             Scenario::Mixed | Scenario::Alerts => 3,
-            Scenario::Rollouts => crate::rollouts::AGENTS,
+            Scenario::Rollouts => 200,
             Scenario::Tasks | Scenario::Metrics | Scenario::Ssh | Scenario::Terminal => 1,
             _ => 2,
         }

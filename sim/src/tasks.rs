@@ -13,13 +13,10 @@
 //! missed-run policy: a slot missed while the agent was down runs once, not once per slot).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use agent::tasks::core::{Config, MissedRuns};
-use agent::tasks::driver::{self, Request, RuntimeConfig};
+use agent::tasks::driver::{self, Request};
 use agent::tasks::model::{Kind, Schedule, TaskSpec, Window, WindowAt, status};
-use agent::tasks::pool::PoolConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
@@ -171,40 +168,6 @@ fn random_tasks(seed: u64) -> Vec<TaskSpec> {
 /// Commands at once on the simulated agent (as many more wait dispatched ahead).
 const CONCURRENCY_MAX: usize = 3;
 
-pub(crate) fn runtime_config(dir: &Path, processes: &SimProcesses) -> RuntimeConfig {
-    RuntimeConfig {
-        db_path: dir.join("tasks.db"),
-        core: Config {
-            concurrency_max: CONCURRENCY_MAX,
-            dispatch_ahead: CONCURRENCY_MAX,
-            retries_max: 2,
-            retry_base_ms: 1_000,
-            missed: MissedRuns::RunOnce,
-        },
-        pool: PoolConfig {
-            grace: Duration::from_secs(2),
-            output_bytes_max: 1024,
-            postgres: None,
-            psql: "psql".into(),
-            pg_dump: "pg_dump".into(),
-            agent_exe: "outpost-agent".into(),
-            data_dir: dir.to_path_buf(),
-            run_as: agent::tasks::pool::RunAs::Agent,
-            policy: Arc::new(agent::tasks::policy::TaskPolicy {
-                backups: Some(agent::tasks::backup::BackupGrant {
-                    pgbackrest: "pgbackrest".into(),
-                    stanzas: vec!["main".into()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            processes: Arc::new(processes.clone()),
-        },
-        history_retention: Duration::from_secs(30 * 24 * 3600),
-        backup_ended: Arc::default(),
-    }
-}
-
 async fn submit_all(
     requests: mpsc::Sender<Request>,
     ready: oneshot::Receiver<()>,
@@ -244,7 +207,7 @@ pub fn simulate_tasks(seed: u64, plan: &Plan) -> anyhow::Result<()> {
         sim.host("agent1", move || {
             let (world, config, specs) = (
                 world.clone(),
-                runtime_config(&data, &processes),
+                harness::task_runtime(&data, &processes, CONCURRENCY_MAX),
                 workload(seed),
             );
             async move {

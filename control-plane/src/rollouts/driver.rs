@@ -10,9 +10,10 @@
 //! send and its write finds the task again instead of running it twice. A host's outcome is
 //! its task's, as the agent reports it (stored on the agent's task list).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use proto::{Command, CommandResult, TaskSnapshot};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +116,12 @@ pub struct Host {
     pub detail: Option<String>,
     pub dispatched_ms: Option<i64>,
     pub ended_ms: Option<i64>,
+    /// When its task was first sent without a known answer (lost on the way there or back):
+    /// it is sent again while the rollout runs (the key makes that safe); once the rollout
+    /// has closed, the host is not recorded `not_started` before its agent has had time to
+    /// report the task, should it have arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_uncertain_ms: Option<i64>,
 }
 
 impl Host {
@@ -158,7 +165,11 @@ impl Loaded {
 
     /// Whether the driver still has work here: hosts to start, or outcomes to collect.
     pub fn active(&self) -> bool {
-        self.rollout.state.open() || self.hosts.iter().any(|h| h.state == HostState::Dispatched)
+        self.rollout.state.open()
+            || self.hosts.iter().any(|h| {
+                h.state == HostState::Dispatched
+                    || (h.state == HostState::Pending && h.sent_uncertain_ms.is_some())
+            })
     }
 
     /// The rows to write: the rollout and the hosts in `changed` (indexes).
@@ -224,6 +235,7 @@ pub fn new_rollout(
                 detail: None,
                 dispatched_ms: None,
                 ended_ms: None,
+                sent_uncertain_ms: None,
             })
         })
         .collect();
@@ -296,16 +308,18 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
     };
     let mut r = Loaded::from_rows(&row, &host_rows)?;
     let now_ms = state.world.now_unix_ms();
-    // The agents online now, read once for the step.
-    let online: BTreeSet<String> = state
+    // The agents online now and their replication lags, read once for the step.
+    let agents = state
         .storage
         .list_agents()
         .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
+        .map_err(|e| e.to_string())?;
+    let online: BTreeSet<String> = agents
+        .iter()
         .filter(|a| state.settings.is_online(a, now_ms))
-        .map(|a| a.id)
+        .map(|a| a.id.clone())
         .collect();
+    let lags = replication_lags(&agents);
     let mut changed = BTreeSet::new();
     let before = (r.rollout.state, r.rollout.wave);
     collect(state, relay, &mut r, &mut changed, now_ms).await?;
@@ -314,20 +328,24 @@ pub async fn step(state: &Handles, relay: &TerminalContext, id: &str) -> Result<
     }
     if r.rollout.state == State::Running {
         start_hosts(relay, &mut r, &online, &mut changed, now_ms).await;
+        if !wave_open(&r) {
+            let soak_ms = r.rollout.plan.soak_s as i64 * 1000;
+            r.rollout.soak_until_ms.get_or_insert(now_ms + soak_ms);
+        }
         let gate = if gate_due(&r, now_ms) {
-            Some(gate_check(state, &r, &online).await?)
+            Some(gate_check(state, &r, &online, &lags).await?)
         } else {
             None
         };
+        let wave = r.rollout.wave;
         advance(&mut r, gate.as_deref(), now_ms);
+        // The next wave starts in the step its gate passed.
+        if r.rollout.state == State::Running && r.rollout.wave != wave {
+            start_hosts(relay, &mut r, &online, &mut changed, now_ms).await;
+        }
     }
     if !r.rollout.state.open() {
-        for (i, h) in r.hosts.iter_mut().enumerate() {
-            if h.state == HostState::Pending {
-                h.end(HostState::NotStarted, None, now_ms);
-                changed.insert(i);
-            }
-        }
+        close_pending(state, &mut r, &mut changed, now_ms).await?;
     }
     let (row, hosts) = r.rows(now_ms, &changed);
     let written = state
@@ -433,7 +451,7 @@ async fn start_hosts(
 ) {
     let wave = r.rollout.wave;
     let plan = &r.rollout.plan;
-    let mut in_flight = r
+    let in_flight = r
         .hosts
         .iter()
         .filter(|h| h.state == HostState::Dispatched)
@@ -451,8 +469,10 @@ async fn start_hosts(
         r.rollout.id.clone(),
         r.rollout.spec.task.clone(),
     );
+    // The hosts to start now, chosen in order; then their tasks are sent at once.
+    let mut chosen = Vec::new();
     for (i, h) in r.hosts.iter_mut().enumerate() {
-        if in_flight >= max_in_flight {
+        if in_flight + chosen.len() >= max_in_flight {
             break;
         }
         if h.wave != wave || h.state != HostState::Pending {
@@ -472,42 +492,107 @@ async fn start_hosts(
             }
             continue;
         }
-        let key = h.key(&rollout_id);
-        let mut request = task.clone();
-        request.key = Some(key.clone());
-        match send_anywhere(
-            relay,
-            &h.agent_id,
-            Command::TaskAdd {
-                task: Box::new(request),
-            },
-        )
-        .await
-        {
+        if let Some(c) = &h.cluster {
+            busy.insert(c.clone());
+        }
+        chosen.push((i, h.agent_id.clone(), h.key(&rollout_id)));
+    }
+    let sent: Vec<_> = futures_util::stream::iter(chosen)
+        .map(|(i, agent_id, key)| {
+            let mut request = task.clone();
+            request.key = Some(key.clone());
+            async move {
+                let command = Command::TaskAdd {
+                    task: Box::new(request),
+                };
+                (i, key, send_anywhere(relay, &agent_id, command).await)
+            }
+        })
+        .buffer_unordered(SENDS_AT_ONCE)
+        .collect()
+        .await;
+    for (i, key, answer) in sent {
+        let h = &mut r.hosts[i];
+        match answer {
             Ok(CommandResult::Task { task }) => dispatched(h, task.id, now_ms),
             Ok(_) => continue,
             Err(CommandError::Refused(e)) if e.message.contains("already exists") => {
                 dispatched(h, proto::task_id(&key), now_ms);
             }
             Err(CommandError::Refused(e)) if e.code == proto::ErrorCode::Refused => {
+                h.sent_uncertain_ms = None;
                 h.end(HostState::RefusedByPolicy, Some(e.message), now_ms);
             }
-            // Not delivered (or not known to be), or the agent cannot take tasks now (its
-            // task runtime is down): tried again next step; the key keeps a task that did
-            // arrive from running twice.
-            Err(_) => continue,
-        }
-        changed.insert(i);
-        if h.state == HostState::Dispatched {
-            in_flight += 1;
-            if let Some(c) = &h.cluster {
-                busy.insert(c.clone());
+            // The agent answered that it cannot take tasks now (its task runtime is down):
+            // tried again next step; so is a command this replica never sent (too many queued).
+            Err(CommandError::Refused(_) | CommandError::Busy) => continue,
+            // Not delivered, or not known to be: tried again next step (the key keeps a task
+            // that did arrive from running twice).
+            Err(_) => {
+                if h.sent_uncertain_ms.is_none() {
+                    h.sent_uncertain_ms = Some(now_ms);
+                    changed.insert(i);
+                }
+                continue;
             }
         }
+        changed.insert(i);
     }
 }
 
+/// Tasks a step sends to agents at once.
+const SENDS_AT_ONCE: usize = 64;
+
+/// How long a closed rollout waits for an agent to report a task whose sending was uncertain
+/// before recording the host `not_started`.
+const UNCERTAIN_WAIT_MS: i64 = 5 * 60_000;
+
+/// Once a rollout has closed (halted, aborted, done), its pending hosts never start: each is
+/// `not_started`, except one whose task may have arrived: it is followed like any given
+/// task once its agent reports it, and `not_started` only when none came within
+/// [`UNCERTAIN_WAIT_MS`].
+async fn close_pending(
+    state: &Handles,
+    r: &mut Loaded,
+    changed: &mut BTreeSet<usize>,
+    now_ms: i64,
+) -> Result<(), String> {
+    let rollout_id = r.rollout.id.clone();
+    for (i, h) in r.hosts.iter_mut().enumerate() {
+        if h.state != HostState::Pending {
+            continue;
+        }
+        if let Some(sent_ms) = h.sent_uncertain_ms {
+            let task_id = proto::task_id(&h.key(&rollout_id));
+            let reported = state
+                .storage
+                .agent_task(&h.agent_id, &task_id)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some();
+            if reported {
+                dispatched(h, task_id, sent_ms);
+                changed.insert(i);
+                continue;
+            }
+            if now_ms < sent_ms + UNCERTAIN_WAIT_MS {
+                continue;
+            }
+            h.end(
+                HostState::NotStarted,
+                Some("its task was sent without an answer and its agent never reported it".into()),
+                now_ms,
+            );
+        } else {
+            h.end(HostState::NotStarted, None, now_ms);
+        }
+        changed.insert(i);
+    }
+    Ok(())
+}
+
 fn dispatched(h: &mut Host, task_id: String, now_ms: i64) {
+    h.sent_uncertain_ms = None;
     h.state = HostState::Dispatched;
     h.task_id = Some(task_id);
     h.dispatched_ms = Some(now_ms);
@@ -528,13 +613,26 @@ fn wave_open(r: &Loaded) -> bool {
 /// Task history read per host for the gate, at most.
 const GATE_TASKS_READ: i64 = 200;
 
-/// The health gate after a wave: each host the wave changed must be online, and no task of
-/// its own may have failed since the rollout's task was given to it. What fails it, one
-/// line per host.
+/// Each agent's largest streaming-replication lag in seconds, from the server summary its
+/// newest metrics left on its row (agents without standbys have none).
+fn replication_lags(agents: &[crate::storage::AgentRow]) -> BTreeMap<String, f64> {
+    agents
+        .iter()
+        .filter_map(|a| {
+            let health: crate::health::Health = serde_json::from_str(a.health.as_deref()?).ok()?;
+            Some((a.id.clone(), health.replication?.max_lag_s))
+        })
+        .collect()
+}
+
+/// The health gate after a wave: each host the wave changed must be online, its replication
+/// lag within `max_replication_lag` when the spec sets one, and no task of its own may have
+/// failed since the rollout's task was given to it. What fails it, one line per host.
 async fn gate_check(
     state: &Handles,
     r: &Loaded,
     online: &BTreeSet<String>,
+    lags: &BTreeMap<String, f64>,
 ) -> Result<Vec<String>, String> {
     let mut failing = Vec::new();
     for h in r
@@ -544,6 +642,16 @@ async fn gate_check(
     {
         if !online.contains(&h.agent_id) {
             failing.push(format!("{}: offline since the change", h.agent));
+            continue;
+        }
+        if let (Some(bound), Some(lag)) =
+            (r.rollout.plan.max_replication_lag_s, lags.get(&h.agent_id))
+            && *lag > bound as f64
+        {
+            failing.push(format!(
+                "{}: replication lag {lag:.0} s, more than the {bound} s allowed",
+                h.agent
+            ));
             continue;
         }
         let since = h.dispatched_ms.unwrap_or(r.rollout.wave_started_ms);
@@ -766,6 +874,7 @@ pub fn apply(
                     h.detail = None;
                     h.dispatched_ms = None;
                     h.ended_ms = None;
+                    h.sent_uncertain_ms = None;
                     changed.insert(i);
                 }
             }
@@ -959,6 +1068,74 @@ mod tests {
             "{:?}",
             r.rollout.reason
         );
+    }
+
+    #[test]
+    fn the_gate_reads_replication_lags_from_the_agents_rows_and_failed_runs_after_the_change() {
+        let row = |id: &str, health: Option<&str>| crate::storage::AgentRow {
+            id: id.into(),
+            name: id.into(),
+            created_at_ms: 0,
+            last_seen_ms: None,
+            connected: true,
+            buffer: None,
+            health: health.map(str::to_string),
+            labels: None,
+        };
+        let lags = replication_lags(&[
+            row(
+                "a1",
+                Some(r#"{"replication":{"standbys":2,"max_lag_s":42.5,"ts_ms":1}}"#),
+            ),
+            row("a2", Some("{}")),
+            row("a3", None),
+        ]);
+        assert_eq!(
+            lags.into_iter().collect::<Vec<_>>(),
+            [("a1".to_string(), 42.5)]
+        );
+        let spec: RolloutSpec = toml::from_str(
+            "name = \"t\"\nagents = [\"*\"]\nmax_replication_lag = \"30s\"\n[task]\nkind = \"command\"\n",
+        )
+        .expect("spec");
+        let target = Target {
+            id: "a1".into(),
+            name: "db1".into(),
+            labels: Default::default(),
+            online: true,
+        };
+        assert_eq!(
+            spec.plan(&[target]).expect("plan").max_replication_lag_s,
+            Some(30)
+        );
+        let run = |status: &str, finished: Option<&str>| proto::RunSnapshot {
+            run_id: 1,
+            started_at: None,
+            finished_at: finished.map(str::to_string),
+            status: status.into(),
+            exit_code: None,
+            error: None,
+            output_bytes: 0,
+            output_dropped_bytes: 0,
+        };
+        let change_ms = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert!(failed_since(
+            &run("failed", Some("2026-01-01T00:00:01Z")),
+            change_ms
+        ));
+        assert!(failed_since(
+            &run("aborted", Some("2026-01-01T00:00:00Z")),
+            change_ms
+        ));
+        assert!(!failed_since(
+            &run("failed", Some("2025-12-31T23:59:59Z")),
+            change_ms
+        ));
+        assert!(!failed_since(
+            &run("done", Some("2026-01-01T00:00:01Z")),
+            change_ms
+        ));
+        assert!(!failed_since(&run("failed", None), change_ms));
     }
 
     #[test]

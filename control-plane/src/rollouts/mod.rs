@@ -78,6 +78,10 @@ pub struct RolloutSpec {
     /// the first check).
     #[serde(default)]
     pub gate_wait: Option<String>,
+    /// The gate also requires each host the wave changed to report (in its metrics) a
+    /// largest streaming-replication lag of at most this, e.g. `30s` (default: not checked).
+    #[serde(default)]
+    pub max_replication_lag: Option<String>,
 }
 
 /// The health gate's wait when the spec gives none.
@@ -159,6 +163,9 @@ pub struct Plan {
     /// How long the gate after a wave waits for its hosts to pass before halting.
     #[serde(default = "default_gate_wait_s")]
     pub gate_wait_s: u64,
+    /// The gate's bound on each changed host's replication lag (`null`: not checked).
+    #[serde(default)]
+    pub max_replication_lag_s: Option<u64>,
     /// Targets offline now.
     pub offline_now: usize,
 }
@@ -259,6 +266,7 @@ impl RolloutSpec {
         }
         duration_s("offline_deadline", &self.offline_deadline, 3600)?;
         duration_s("gate_wait", &self.gate_wait, GATE_WAIT_S)?;
+        duration_s("max_replication_lag", &self.max_replication_lag, 0)?;
         Ok(())
     }
 
@@ -327,6 +335,10 @@ impl RolloutSpec {
             offline: self.offline.clone().unwrap_or_else(|| "wait".into()),
             offline_deadline_s: duration_s("offline_deadline", &self.offline_deadline, 3600)?,
             gate_wait_s: duration_s("gate_wait", &self.gate_wait, GATE_WAIT_S)?,
+            max_replication_lag_s: match &self.max_replication_lag {
+                None => None,
+                lag => Some(duration_s("max_replication_lag", lag, 0)?),
+            },
             offline_now: targets.iter().filter(|t| !t.online).count(),
         })
     }
