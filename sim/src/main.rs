@@ -26,9 +26,13 @@ enum Cmd {
     Run {
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// partition | hold | bounce | mixed | tasks | metrics | ssh | terminal | alerts | rollouts
+        /// One or more (comma-separated) of: partition, hold, bounce, mixed, tasks, metrics, ssh,
+        /// terminal, alerts, rollouts
         #[arg(long)]
         scenario: Option<String>,
+        /// Every scenario but these (comma-separated), e.g. `--except rollouts`.
+        #[arg(long, conflicts_with = "scenario")]
+        except: Option<String>,
         /// How many consecutive seeds to run.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
@@ -92,20 +96,33 @@ fn main() -> ExitCode {
         Cmd::Run {
             seed,
             scenario,
+            except,
             seeds,
             ..
         } => {
-            let scenarios = match scenario.as_deref() {
-                None => ALL.to_vec(),
-                Some(name) => match Scenario::parse(name) {
-                    Some(s) => vec![s],
-                    None => {
-                        eprintln!(
-                            "error: unknown scenario {name:?}; use one of: partition, hold, bounce, mixed"
-                        );
-                        return ExitCode::from(2);
-                    }
-                },
+            let named = |list: &str| -> Result<Vec<Scenario>, String> {
+                list.split(',')
+                    .map(|name| {
+                        Scenario::parse(name.trim()).ok_or_else(|| {
+                            let all: Vec<&str> = ALL.iter().map(|s| s.name()).collect();
+                            format!("unknown scenario {name:?}; use one of: {}", all.join(", "))
+                        })
+                    })
+                    .collect()
+            };
+            let scenarios = match (scenario.as_deref(), except.as_deref()) {
+                (Some(list), _) => named(list),
+                (None, Some(list)) => {
+                    named(list).map(|out| ALL.into_iter().filter(|s| !out.contains(s)).collect())
+                }
+                (None, None) => Ok(ALL.to_vec()),
+            };
+            let scenarios = match scenarios {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
             };
             (*seed..seed.saturating_add(*seeds))
                 .flat_map(|s| scenarios.iter().map(move |c| (s, *c)))
